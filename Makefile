@@ -1,0 +1,57 @@
+# bootenv: the two commands a new user needs are `make demo` and `make test`.
+# Each installs what it needs (Debian packages, a venv in .venv) by itself.
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST := $(PY) -m pytest
+APT_PACKAGES := python3 python3-venv python3-pip python3-parted python3-pyudev python3-zstandard \
+	python3-requests python3-cffi-backend e2fsprogs tar zstd cpio debootstrap kexec-tools \
+	busybox-static qemu-system-x86 qemu-utils ipxe-qemu ovmf dosfstools util-linux
+
+.PHONY: deps check test lint unit root vm demo bench clean
+
+deps: $(VENV)/.stamp
+
+$(VENV)/.stamp: pyproject.toml Makefile
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing Debian packages: $$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root to install: $$missing" >&2; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	# System site packages give the venv Debian's pyparted, pyudev, zstandard and requests.
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(PY) -m pip install -q --disable-pip-version-check 'pytest>=7' 'hypothesis>=6' 'ruff>=0.4' 'mypy>=1.8'
+	touch $@
+
+lint: deps
+	$(PY) -m ruff format --check bootenv tests
+	$(PY) -m ruff check bootenv tests
+	$(PY) -m mypy --strict
+
+unit: deps
+	$(PYTEST) -q -m "not root and not vm"
+
+# The fast tier: lint, types and pure unit tests, in seconds.
+check: lint unit
+
+# Everything: lint, unit, root (loop devices, debootstrap) and vm (QEMU) tiers.
+test: lint
+	$(PYTEST) -q
+
+root: deps
+	$(PYTEST) -q -m root
+
+vm: deps
+	$(PYTEST) -q -m vm
+
+demo: deps
+	@echo "make demo: the netboot demo is not built yet (issue #5)" >&2; exit 1
+
+bench: deps
+	@echo "make bench: the benchmark harness is not built yet (issue #6)" >&2; exit 1
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,3 @@
+from bootenv.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,24 @@
+"""The build cache outside the repository (~/.cache/bootenv), keyed by inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """Where debootstrap downloads and built trees are kept between runs."""
+    env = os.environ.get("BOOTENV_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "bootenv"
+
+
+def input_key(inputs: object) -> str:
+    """A short stable key for a JSON-serialisable description of a build's inputs."""
+    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,272 @@
+"""`bootenv capture`: turn a gold machine's root tree into one composite image."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import zstandard
+
+from bootenv.assign import plan_split
+from bootenv.blockmap import pack_image
+from bootenv.dpkg import STATUS, Database, read_database, render_status
+from bootenv.errors import FatalError, UserError
+from bootenv.exclude import Exclusions
+from bootenv.fsimage import BLOCK_SIZE, image_size_for, make_ext4, tree_usage
+from bootenv.log import Progress, step
+from bootenv.manifest import MANIFEST, Component, Manifest, OsImage, RootFs, Source
+from bootenv.run import run, which
+from bootenv.split import COMPONENT_STATUS_DIR, OS, ComponentSpec, Split
+from bootenv.store import BlobWriter, write_blob
+from bootenv.tarstream import tar_create, tar_extract, write_list
+from bootenv.walk import Entry, Kind, scan
+
+log = logging.getLogger(__name__)
+
+WANTS_DIR = "/etc/systemd/system/"
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    root: Path
+    output: Path
+    components: tuple[ComponentSpec, ...] = ()
+    auto: bool = False
+    excludes: tuple[str, ...] = ()
+    force: bool = False
+    single: bool = False
+    stop_services: tuple[str, ...] = ()
+    level: int = 3
+
+
+@dataclass(frozen=True)
+class CaptureResult:
+    manifest: Manifest
+    split: Split
+    excluded: int
+
+
+def capture(cfg: CaptureConfig) -> CaptureResult:
+    """Plan the split, then pack every sub-image into a temp dir renamed into place."""
+    root = cfg.root.resolve()
+    if not root.is_dir():
+        raise UserError(f"{cfg.root} is not a directory")
+    output = cfg.output.absolute()
+    if output.exists() and not cfg.force:
+        raise UserError(f"{output} already exists", hint="pass --force to replace it")
+    if cfg.stop_services and root != Path("/"):
+        raise UserError("--stop only applies when capturing the live system (ROOT=/)")
+    db = read_database(root)
+    specs = cfg.components + (propose_components(db, cfg.components) if cfg.auto else ())
+    if not specs:
+        log.info("No components given: the image will hold the OS sub-image only")
+    exclusions = Exclusions().with_patterns(cfg.excludes + _inside(root, output))
+    with step(f"Scanning {root}"):
+        entries = scan(root)
+    split = plan_split(db, specs, entries, exclusions)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        partial = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+        stack.callback(shutil.rmtree, partial, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=".work-", dir=partial))
+        stack.enter_context(_quiesced(cfg.stop_services))
+        manifest = _pack_all(cfg, root, db, split, entries, partial, work)
+        shutil.rmtree(work)
+        (partial / MANIFEST).write_text(manifest.to_json())
+        _replace_dir(partial, output)
+    return CaptureResult(manifest, split, len(split.excluded))
+
+
+def _inside(root: Path, output: Path) -> tuple[str, ...]:
+    """Exclude the output (and its partial siblings) when it lies inside ROOT."""
+    try:
+        rel = output.parent.resolve().relative_to(root)
+    except ValueError:
+        return ()
+    base = "/" + str(rel) if str(rel) != "." else ""
+    return (f"{base}/{output.name}", f"{base}/{output.name}/*", f"{base}/.{output.name}.partial-*")
+
+
+def _replace_dir(new: Path, output: Path) -> None:
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        output.rename(old)
+        new.rename(output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(output)
+
+
+@contextmanager
+def _quiesced(services: tuple[str, ...]) -> Iterator[None]:
+    """Stop the listed services for a consistent capture, and start them again after."""
+    stopped: list[str] = []
+    try:
+        for svc in services:
+            with step(f"Stopping {svc} for a consistent capture"):
+                run([which("systemctl"), "stop", svc])
+            stopped.append(svc)
+        yield
+    finally:
+        for svc in reversed(stopped):
+            run([which("systemctl"), "start", svc], check=False)
+
+
+def propose_components(db: Database, given: tuple[ComponentSpec, ...]) -> tuple[ComponentSpec, ...]:
+    """`--auto`: one component per non-base package that ships a systemd service."""
+    from bootenv.split import base_packages
+
+    base = base_packages(db)
+    taken = {p for s in given for p in s.packages} | {s.name for s in given}
+    out = []
+    for name in sorted(db.packages):
+        if name in base or name in taken:
+            continue
+        if any(p.endswith(".service") and "/systemd/system/" in p for p in db.files.get(name, ())):
+            out.append(ComponentSpec(name.replace("+", "-").replace(".", "-").lower(), (name,)))
+    log.info("--auto proposes: %s", ", ".join(f"{s.name}={s.packages[0]}" for s in out) or "nothing")
+    return tuple(out)
+
+
+def _pack_all(
+    cfg: CaptureConfig, root: Path, db: Database, split: Split, entries: list[Entry], out: Path, work: Path
+) -> Manifest:
+    sizes = {e.path: e.size for e in entries}
+    components = []
+    for name in sorted(n for n in split.files if n != OS):
+        components.append(_pack_component(cfg, root, db, split, name, sizes, out, work))
+    os_image, rootfs = _pack_os(cfg, root, db, split, sizes, out, work, single=False)
+    single = None
+    if cfg.single:
+        single, _ = _pack_os(cfg, root, db, split, sizes, out, work, single=True)
+    return Manifest(_source(root, db), rootfs, os_image, tuple(components), single)
+
+
+def _source(root: Path, db: Database) -> Source:
+    def read(rel: str) -> str:
+        try:
+            return (root / rel).read_text(errors="replace").strip()
+        except OSError:
+            return ""
+
+    release = ""
+    for line in read("etc/os-release").splitlines():
+        if line.startswith("PRETTY_NAME="):
+            release = line.partition("=")[2].strip('"')
+    kernels = sorted(p.name for p in (root / "lib/modules").glob("*")) if (root / "lib/modules").is_dir() else []
+    arch = db.packages["dpkg"].arch if "dpkg" in db.packages else ""
+    return Source(
+        hostname=read("etc/hostname"),
+        os_release=release,
+        architecture=arch,
+        kernel=kernels[-1] if kernels else "",
+        captured_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+
+
+def _list(split: Split, image: str) -> list[str]:
+    return sorted(set(split.dirs[image]) | set(split.files[image]))
+
+
+def _pack_component(
+    cfg: CaptureConfig, root: Path, db: Database, split: Split, name: str,
+    sizes: dict[str, int], out: Path, work: Path,
+) -> Component:
+    pkgs = split.packages(name)
+    frag = work / f"frag-{name}"
+    status_rel = f"{COMPONENT_STATUS_DIR}/{name}.status"
+    (frag / status_rel.lstrip("/")).parent.mkdir(parents=True)
+    (frag / status_rel.lstrip("/")).write_text(render_status([db.packages[p].stanza for p in pkgs]))
+    listing = work / f"{name}.list"
+    write_list(listing, _list(split, name))
+    total = sum(sizes.get(p, 0) for p in split.files[name])
+    with step(f"Packing component {name} ({len(pkgs)} packages, {len(split.files[name])} files)"):
+        tar = tar_create(root, listing, extra=((frag, "." + status_rel),))
+        with BlobWriter(out, "tar.zst") as blob:
+            raw = _compress(tar.stdout, blob, cfg.level, Progress(f"packing {name}", total))
+            tar.wait_ok(ok_codes=(0, 1))  # 1: a file changed while being read (live capture)
+            data = blob.finish(raw)
+    units = sorted(
+        {p.rsplit("/", 1)[1] for p in split.files[name] if p.startswith(WANTS_DIR) and ".wants/" in p}
+    )
+    return Component(name, data, pkgs, split.depends[name], len(split.files[name]), tuple(units))
+
+
+def _compress(src: object, blob: BlobWriter, level: int, progress: Progress) -> int:
+    cctx = zstandard.ZstdCompressor(level=level, threads=-1)
+    raw = 0
+    read = getattr(src, "read")
+    with cctx.stream_writer(blob, closefd=False) as z:
+        while chunk := read(1 << 20):
+            z.write(chunk)
+            raw += len(chunk)
+            progress.update(len(chunk))
+    progress.close()
+    return raw
+
+
+def _pack_os(
+    cfg: CaptureConfig, root: Path, db: Database, split: Split, sizes: dict[str, int],
+    out: Path, work: Path, *, single: bool,
+) -> tuple[OsImage, RootFs]:
+    what = "single image" if single else "OS sub-image"
+    images = list(split.files) if single else [OS]
+    paths = sorted({p for i in images for p in (*split.dirs[i], *split.files[i])})
+    staging = work / ("single" if single else "os")
+    staging.mkdir()
+    listing = work / f"{staging.name}.list"
+    write_list(listing, paths)
+    with step(f"Copying the {what} tree ({len(paths)} entries)"):
+        src = tar_create(root, listing)
+        dst = tar_extract(staging, stdin=src.popen.stdout.fileno() if src.popen.stdout else None)
+        if src.popen.stdout:
+            src.popen.stdout.close()
+        dst.wait_ok()
+        src.wait_ok(ok_codes=(0, 1))
+    if not single:
+        _rewrite_status(staging, db, split.packages(OS))
+    used, inodes = tree_usage(staging)
+    size = image_size_for(used, inodes)
+    image = work / f"{staging.name}.img"
+    with step(f"Building the {what} ext4 filesystem ({size >> 20} MiB)"):
+        make_ext4(staging, image, size)
+    shutil.rmtree(staging)
+    with step(f"Compressing the {what}"):
+        with BlobWriter(out, "img.zst") as blob:
+            bmap = pack_image(image, blob, block_size=BLOCK_SIZE, level=cfg.level)
+            data = blob.finish(bmap.mapped)
+    image.unlink()
+    bmap_blob = write_blob(out, "bmap.json", bmap.to_json().encode())
+    pkgs = tuple(sorted(db.packages)) if single else split.packages(OS)
+    nfiles = sum(len(split.files[i]) for i in images)
+    rootfs = RootFs(type="ext4", image_size=size, min_size=size, block_size=BLOCK_SIZE)
+    return OsImage(data, bmap_blob, pkgs, nfiles), rootfs
+
+
+def _rewrite_status(staging: Path, db: Database, os_pkgs: tuple[str, ...]) -> None:
+    """The OS image's dpkg status lists only the OS packages (and not-installed records)."""
+    status = staging / STATUS
+    if not status.exists():
+        raise FatalError(f"{STATUS} vanished from the staged OS tree")
+    st = status.stat()
+    stanzas = [db.packages[p].stanza for p in os_pkgs] + list(db.other_stanzas)
+    tmp = status.with_name(".status.bootenv")
+    tmp.write_text(render_status(stanzas), errors="surrogateescape")
+    os.chown(tmp, st.st_uid, st.st_gid)
+    os.chmod(tmp, st.st_mode & 0o7777)
+    os.replace(tmp, status)
+    os.utime(status, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def count_kinds(entries: list[Entry]) -> dict[Kind, int]:
+    counts: dict[Kind, int] = {}
+    for e in entries:
+        counts[e.kind] = counts.get(e.kind, 0) + 1
+    return counts

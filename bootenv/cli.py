@@ -1,0 +1,155 @@
+"""The command line: parse arguments at the edge, run one verb, catch errors once.
+
+Exit codes: 0 success, 1 failure, 2 usage or input error, 3 transient failure (network)
+after retries, 4 verification failure (hash or size mismatch), 5 an external command
+failed, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from bootenv import __version__
+from bootenv.errors import BootenvError, UserError
+from bootenv.log import human_bytes, setup_logging
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(message, hint=f"see `{self.prog} --help`")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="verbose log and tracebacks")
+    parser = _Parser(prog="bootenv", description=__doc__, parents=[common])
+    parser.add_argument("--version", action="version", version=f"bootenv {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    verbs.required = True
+
+    p = verbs.add_parser("capture", parents=[common], help="capture a gold machine as a composite image")
+    p.add_argument("root", type=Path, metavar="ROOT", help="the gold machine's root: / or a tree")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR")
+    p.add_argument("--component", action="append", default=[], metavar="NAME=PKG[,PKG|/PATH...]")
+    p.add_argument("--auto", action="store_true", help="one component per non-base service package")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="also leave out paths")
+    p.add_argument("--single", action="store_true", help="also write the classic one-piece image")
+    p.add_argument("--stop", action="append", default=[], metavar="SERVICE", help="quiesce (live /)")
+    p.add_argument("--level", type=int, default=3, choices=range(1, 20), metavar="1-19")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(handler=cmd_capture)
+
+    p = verbs.add_parser("inspect", parents=[common], help="show a composite image's contents")
+    p.add_argument("image", metavar="DIR|URL")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args_list
+    setup_logging(debug=debug)
+    try:
+        args = build_parser().parse_args(args_list)
+        handler: Handler = args.handler
+        return handler(args)
+    except BootenvError as exc:
+        if debug:
+            log.exception("failed")
+        print(f"bootenv: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("bootenv: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if debug:
+            log.exception("failed")
+        print(f"bootenv: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def summary_rows(manifest: object) -> list[list[str]]:
+    from bootenv.manifest import Manifest
+
+    assert isinstance(manifest, Manifest)
+    rows = [["sub-image", "packages", "files", "raw", "compressed", "ratio", "depends"]]
+
+    def row(name: str, pkgs: int, files: int, raw: int, size: int, deps: str) -> None:
+        ratio = f"{raw / size:.1f}x" if size else "-"
+        rows.append([name, str(pkgs), str(files), human_bytes(raw), human_bytes(size), ratio, deps])
+
+    m = manifest
+    row("os", len(m.os.packages), m.os.files, m.os.data.raw_size, m.os.data.size, "-")
+    for c in m.components:
+        row(c.name, len(c.packages), c.files, c.data.raw_size, c.data.size, ",".join(c.depends) or "-")
+    if m.single:
+        row("(single)", len(m.single.packages), m.single.files, m.single.data.raw_size, m.single.data.size, "-")
+    return rows
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from bootenv.capture import CaptureConfig, capture
+    from bootenv.split import parse_component_arg
+
+    cfg = CaptureConfig(
+        root=args.root,
+        output=args.output,
+        components=tuple(parse_component_arg(a) for a in args.component),
+        auto=args.auto,
+        excludes=tuple(args.exclude),
+        force=args.force,
+        single=args.single,
+        stop_services=tuple(args.stop),
+        level=args.level,
+    )
+    result = capture(cfg)
+    if args.json:
+        print(result.manifest.to_json(), end="")
+    else:
+        print(_table(summary_rows(result.manifest)))
+        print(f"{result.excluded} paths excluded on purpose; image written to {args.output}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from bootenv.source import load_manifest
+
+    manifest = load_manifest(args.image)
+    if args.json:
+        print(manifest.to_json(), end="")
+        return 0
+    s = manifest.source
+    print(f"image of {s.hostname or '?'}: {s.os_release}, {s.architecture}, kernel {s.kernel}, captured {s.captured_at}")
+    print(f"root filesystem: {manifest.rootfs.type}, at least {human_bytes(manifest.rootfs.min_size)}")
+    print(_table(summary_rows(manifest)))
+    for c in manifest.components:
+        print(f"{c.name}: {' '.join(c.packages)}")
+        if c.units:
+            print(f"{' ' * len(c.name)}  units: {' '.join(c.units)}")
+    return 0
+
+
+def _json(data: object) -> str:
+    return json.dumps(data, indent=2)

@@ -1,0 +1,148 @@
+"""Read a root tree's dpkg database: installed packages, their relations and their files.
+
+Parsing is pure (text in, dataclasses out); `read_database` is the thin reader.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from bootenv.errors import UserError
+
+STATUS = Path("var/lib/dpkg/status")
+INFO = Path("var/lib/dpkg/info")
+
+_SCRIPT_PATH = re.compile(r"(?<![\w$}])(/(?:etc|var|srv|opt)(?:/[A-Za-z0-9._+@-]+)+)")
+SCRIPTS = ("preinst", "postinst", "config")
+_REL_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9+.\-]*)(?::[a-z0-9-]+)?")
+
+
+@dataclass(frozen=True)
+class Package:
+    """One installed package as recorded in dpkg's status file."""
+
+    name: str
+    arch: str
+    priority: str
+    multi_arch: str
+    depends: tuple[tuple[str, ...], ...]  # AND of OR-groups of package names
+    provides: tuple[str, ...]
+    recommends: tuple[tuple[str, ...], ...]
+    stanza: str  # the exact status paragraph, for rewriting the database
+
+    @property
+    def info_prefix(self) -> str:
+        """The file-name prefix of this package's files in /var/lib/dpkg/info."""
+        if self.multi_arch == "same":
+            return f"{self.name}:{self.arch}"
+        return self.name
+
+
+@dataclass(frozen=True)
+class Database:
+    """The installed packages of a tree and the paths each one owns."""
+
+    packages: dict[str, Package]
+    files: dict[str, tuple[str, ...]]  # package name -> absolute paths it owns
+    other_stanzas: tuple[str, ...]  # status paragraphs of packages not installed
+    script_paths: dict[str, frozenset[str]]  # package -> paths its maintainer scripts name
+
+
+def parse_stanzas(text: str) -> list[str]:
+    """Split a deb822 file into paragraphs, keeping each paragraph's exact text."""
+    return [p.strip("\n") for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def parse_fields(stanza: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    key = ""
+    for line in stanza.splitlines():
+        if line[:1] in (" ", "\t") and key:
+            fields[key] += "\n" + line.strip()
+        elif ":" in line:
+            key, _, value = line.partition(":")
+            key = key.strip().lower()
+            fields[key] = value.strip()
+    return fields
+
+
+def parse_relations(value: str) -> tuple[tuple[str, ...], ...]:
+    """`a (>= 1) | b, c:any` -> (("a", "b"), ("c",)); versions and arches are dropped."""
+    groups: list[tuple[str, ...]] = []
+    for group in value.split(","):
+        names = []
+        for alt in group.split("|"):
+            m = _REL_NAME.match(alt)
+            if m:
+                names.append(m.group(1))
+        if names:
+            groups.append(tuple(names))
+    return tuple(groups)
+
+
+def parse_status(text: str) -> tuple[dict[str, Package], tuple[str, ...]]:
+    """Return the installed packages and the paragraphs of everything else."""
+    installed: dict[str, Package] = {}
+    others: list[str] = []
+    for stanza in parse_stanzas(text):
+        f = parse_fields(stanza)
+        name = f.get("package", "")
+        if not name:
+            raise UserError("dpkg status has a paragraph without a Package field")
+        if f.get("status", "").split()[-1:] != ["installed"]:
+            others.append(stanza)
+            continue
+        depends = parse_relations(f.get("pre-depends", "")) + parse_relations(f.get("depends", ""))
+        provides = tuple(g[0] for g in parse_relations(f.get("provides", "")))
+        installed[name] = Package(
+            name=name,
+            arch=f.get("architecture", "all"),
+            priority=f.get("priority", "optional"),
+            multi_arch=f.get("multi-arch", "no"),
+            depends=depends,
+            provides=provides,
+            recommends=parse_relations(f.get("recommends", "")),
+            stanza=stanza,
+        )
+    return installed, tuple(others)
+
+
+def read_database(root: Path) -> Database:
+    """Read the dpkg database of the tree at `root`."""
+    status = root / STATUS
+    if not status.is_file():
+        raise UserError(
+            f"{root} has no dpkg database ({STATUS} is missing)",
+            hint="ROOT must be the root of a Debian-family system",
+        )
+    packages, others = parse_status(status.read_text(errors="surrogateescape"))
+    files: dict[str, tuple[str, ...]] = {}
+    scripts: dict[str, frozenset[str]] = {}
+    for pkg in packages.values():
+        found: set[str] = set()
+        for kind in SCRIPTS:
+            try:
+                found |= parse_script_paths((root / INFO / f"{pkg.info_prefix}.{kind}").read_bytes())
+            except FileNotFoundError:
+                pass
+        scripts[pkg.name] = frozenset(found)
+        lst = root / INFO / f"{pkg.info_prefix}.list"
+        try:
+            lines = lst.read_bytes().decode(errors="surrogateescape").splitlines()
+        except FileNotFoundError:
+            lines = []
+        files[pkg.name] = tuple(line for line in lines if line.startswith("/") and line != "/.")
+    return Database(packages=packages, files=files, other_stanzas=others, script_paths=scripts)
+
+
+def parse_script_paths(script: bytes) -> set[str]:
+    """Literal absolute paths under /etc, /var, /srv or /opt that a maintainer script names."""
+    text = script.decode(errors="replace")
+    return {m.group(1).rstrip(".") for m in _SCRIPT_PATH.finditer(text)}
+
+
+def render_status(stanzas: list[str]) -> str:
+    """Join status paragraphs back into a dpkg status file."""
+    return "".join(s + "\n\n" for s in stanzas)

@@ -1,0 +1,67 @@
+"""What capture leaves out on purpose: runtime state, machine identity, logs, caches.
+
+Patterns are shell globs on absolute paths where `*` also matches `/`. A rule that is
+`files_only` keeps the directories (with their owners and modes, which services need,
+e.g. /var/log/apache2) and drops everything else below them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    reason: str
+    files_only: bool = False
+
+    def matches(self, path: str, is_dir: bool) -> bool:
+        if self.files_only and is_dir:
+            return False
+        return fnmatchcase(path, self.pattern)
+
+
+DEFAULT_RULES: tuple[Rule, ...] = (
+    Rule("/proc/*", "runtime state"),
+    Rule("/sys/*", "runtime state"),
+    Rule("/dev/*", "runtime state"),
+    Rule("/run/*", "runtime state"),
+    Rule("/tmp/*", "runtime state"),
+    Rule("/var/tmp/*", "runtime state"),
+    Rule("/var/run/*", "runtime state"),
+    Rule("/var/lock/*", "runtime state"),
+    Rule("/lost+found/*", "fsck leftovers"),
+    Rule("/swapfile", "swap"),
+    Rule("/etc/machine-id", "machine identity"),
+    Rule("/var/lib/dbus/machine-id", "machine identity"),
+    Rule("/etc/ssh/ssh_host_*", "machine identity"),
+    Rule("/var/lib/systemd/random-seed", "machine identity"),
+    Rule("/var/lib/systemd/credential.secret", "machine identity"),
+    Rule("/var/lib/dhcp/*.leases", "machine identity"),
+    Rule("/var/lib/systemd/network/*", "machine identity"),
+    Rule("/var/log/*", "logs", files_only=True),
+    Rule("/var/cache/apt/*", "apt cache", files_only=True),
+    Rule("/var/lib/apt/lists/*", "apt cache", files_only=True),
+    Rule("/var/cache/debconf/*-old", "backup"),
+    Rule("/var/lib/dpkg/*-old", "backup"),
+    Rule("/etc/*.dpkg-old", "backup"),
+    Rule("/var/backups/*", "backup", files_only=True),
+)
+
+
+@dataclass(frozen=True)
+class Exclusions:
+    rules: tuple[Rule, ...] = DEFAULT_RULES
+
+    def with_patterns(self, patterns: tuple[str, ...]) -> Exclusions:
+        extra = tuple(Rule(p, "excluded by --exclude") for p in patterns)
+        return Exclusions(self.rules + extra)
+
+    def reason(self, path: str, is_dir: bool) -> str | None:
+        """The reason `path` is left out, or None if it is captured."""
+        for rule in self.rules:
+            if rule.matches(path, is_dir):
+                return rule.reason
+        return None

@@ -1,0 +1,227 @@
+"""The composite image manifest (format v1): frozen dataclasses and a strict parser.
+
+The manifest is the one file a provisioner trusts first: every sub-image is pinned by
+size and sha256, and the file names are content hashes. See docs/FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bootenv.errors import UserError
+
+FORMAT = "bootenv-composite"
+VERSION = 1
+MANIFEST = "manifest.json"
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+_FILE = re.compile(r"^[0-9a-f]{64}\.[a-z]+(\.[a-z]+)?$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class ManifestError(UserError):
+    """The manifest is malformed, or from a format this bootenv does not know."""
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A file of the composite image, pinned by its content hash."""
+
+    file: str
+    sha256: str
+    size: int  # bytes of the file as stored (compressed)
+    raw_size: int  # bytes after decompression
+
+
+@dataclass(frozen=True)
+class Source:
+    hostname: str
+    os_release: str
+    architecture: str
+    kernel: str
+    captured_at: str
+
+
+@dataclass(frozen=True)
+class RootFs:
+    type: str
+    image_size: int  # size of the filesystem image (the OS sub-image before growing)
+    min_size: int  # smallest partition the image fits in
+    block_size: int
+
+
+@dataclass(frozen=True)
+class OsImage:
+    data: Blob  # zstd stream of the mapped ranges, in offset order
+    blockmap: Blob  # JSON block map (see blockmap.py)
+    packages: tuple[str, ...]
+    files: int
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    data: Blob  # zstd-compressed pax tar archive
+    packages: tuple[str, ...]
+    depends: tuple[str, ...]
+    files: int
+    units: tuple[str, ...]  # systemd units enabled on the gold machine
+
+
+@dataclass(frozen=True)
+class Manifest:
+    source: Source
+    rootfs: RootFs
+    os: OsImage
+    components: tuple[Component, ...]
+    single: OsImage | None = None  # the classic homogeneous image, if captured
+
+    def component(self, name: str) -> Component:
+        for comp in self.components:
+            if comp.name == name:
+                return comp
+        names = ", ".join(c.name for c in self.components) or "none"
+        raise UserError(f"unknown component {name!r}", hint=f"available: {names}")
+
+    def blobs(self) -> list[Blob]:
+        out = [self.os.data, self.os.blockmap] + [c.data for c in self.components]
+        if self.single:
+            out += [self.single.data, self.single.blockmap]
+        return out
+
+    def to_json(self) -> str:
+        body = {"format": FORMAT, "version": VERSION, **asdict(self)}
+        if self.single is None:
+            del body["single"]
+        return json.dumps(body, indent=2, sort_keys=False) + "\n"
+
+
+def parse_manifest(text: str | bytes) -> Manifest:
+    """Parse and validate a manifest; any problem is a one-line ManifestError."""
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
+    doc = _obj(doc, "manifest", {"format": str, "version": int, "source": dict, "rootfs": dict,
+                                  "os": dict, "components": list}, {"single": dict})
+    if doc["format"] != FORMAT:
+        raise ManifestError(f"not a bootenv composite image (format {doc['format']!r})")
+    if doc["version"] != VERSION:
+        raise ManifestError(
+            f"unsupported manifest version {doc['version']}", hint=f"this bootenv reads version {VERSION}"
+        )
+    source = Source(**_obj(doc["source"], "source", {f: str for f in Source.__dataclass_fields__}))
+    rootfs = RootFs(**_obj(doc["rootfs"], "rootfs",
+                           {"type": str, "image_size": int, "min_size": int, "block_size": int}))
+    if rootfs.type != "ext4" or rootfs.block_size not in (1024, 2048, 4096):
+        raise ManifestError(f"unsupported root filesystem {rootfs.type}/{rootfs.block_size}")
+    if not 0 < rootfs.min_size or rootfs.image_size < rootfs.min_size:
+        raise ManifestError("rootfs sizes are inconsistent")
+    components = tuple(_component(c, i) for i, c in enumerate(doc["components"]))
+    _check_components(components)
+    single = _os_image(doc["single"], "single") if "single" in doc else None
+    return Manifest(source, rootfs, _os_image(doc["os"], "os"), components, single)
+
+
+def _obj(value: Any, where: str, required: dict[str, type], optional: dict[str, type] | None = None) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ManifestError(f"{where} must be an object")
+    optional = optional or {}
+    unknown = set(value) - set(required) - set(optional)
+    if unknown:
+        raise ManifestError(f"unknown key {sorted(unknown)[0]!r} in {where}")
+    for key, typ in {**required, **optional}.items():
+        if key not in value:
+            if key in required:
+                raise ManifestError(f"missing key {key!r} in {where}")
+            continue
+        ok = isinstance(value[key], typ) and not (typ is int and isinstance(value[key], bool))
+        if not ok:
+            raise ManifestError(f"{where}.{key} must be {typ.__name__}")
+        if typ is int and value[key] < 0:
+            raise ManifestError(f"{where}.{key} must not be negative")
+    return value
+
+
+def _blob(value: Any, where: str) -> Blob:
+    d = _obj(value, where, {"file": str, "sha256": str, "size": int, "raw_size": int})
+    if not _HEX.match(d["sha256"]) or not _FILE.match(d["file"]) or not d["file"].startswith(d["sha256"]):
+        raise ManifestError(f"{where} must be named by its sha256 (got {d['file']!r})")
+    return Blob(**d)
+
+
+def _strings(value: list[Any], where: str) -> tuple[str, ...]:
+    if not all(isinstance(v, str) for v in value):
+        raise ManifestError(f"{where} must be a list of strings")
+    return tuple(value)
+
+
+def _os_image(value: Any, where: str) -> OsImage:
+    d = _obj(value, where, {"data": dict, "blockmap": dict, "packages": list, "files": int})
+    return OsImage(_blob(d["data"], f"{where}.data"), _blob(d["blockmap"], f"{where}.blockmap"),
+                   _strings(d["packages"], f"{where}.packages"), d["files"])
+
+
+def _component(value: Any, index: int) -> Component:
+    where = f"components[{index}]"
+    d = _obj(value, where, {"name": str, "data": dict, "packages": list, "depends": list,
+                             "files": int, "units": list})
+    if not _NAME.match(d["name"]) or d["name"] in ("os", "all", "none"):
+        raise ManifestError(f"{where}.name {d['name']!r} is not a valid component name")
+    return Component(d["name"], _blob(d["data"], f"{where}.data"), _strings(d["packages"], where),
+                     _strings(d["depends"], where), d["files"], _strings(d["units"], where))
+
+
+def _check_components(components: tuple[Component, ...]) -> None:
+    names = [c.name for c in components]
+    if len(set(names)) != len(names):
+        raise ManifestError("a component name appears twice")
+    graph = {c.name: c.depends for c in components}
+    for comp in components:
+        for dep in comp.depends:
+            if dep not in graph:
+                raise ManifestError(f"component {comp.name} depends on unknown component {dep}")
+    visiting: set[str] = set()
+    done: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in done:
+            return
+        if name in visiting:
+            raise ManifestError(f"component dependencies form a cycle through {name}")
+        visiting.add(name)
+        for dep in graph[name]:
+            visit(dep)
+        visiting.discard(name)
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
+
+
+def resolve_components(manifest: Manifest, wanted: str | list[str]) -> tuple[list[str], list[str]]:
+    """Expand `all`, `none` or a list of names with their dependencies.
+
+    Returns (components in dependency order, the ones added as dependencies).
+    """
+    if wanted == "all":
+        names = [c.name for c in manifest.components]
+    elif wanted == "none":
+        names = []
+    else:
+        names = list(wanted)
+    order: list[str] = []
+
+    def add(name: str) -> None:
+        comp = manifest.component(name)
+        for dep in comp.depends:
+            add(dep)
+        if name not in order:
+            order.append(name)
+
+    for name in names:
+        add(name)
+    added = [n for n in order if n not in names]
+    return order, added

@@ -1,0 +1,190 @@
+"""Where a composite image lives: a local directory or an HTTP(S) URL.
+
+HTTP reads resume with Range requests after a dropped connection, with bounded
+retries and exponential backoff. A reader never holds more than one chunk in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from bootenv.errors import RetryableError, UserError, VerificationError
+from bootenv.manifest import MANIFEST, Manifest, parse_manifest
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+
+
+class Source(Protocol):
+    def read_bytes(self, name: str) -> bytes: ...
+
+    def open(self, name: str, size: int) -> BinaryIO: ...
+
+    def describe(self, name: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 6
+    backoff: float = 0.5  # seconds, doubled after each failure
+    max_backoff: float = 8.0
+    timeout: float = 30.0  # connect and read timeout
+
+    def delay(self, attempt: int) -> float:
+        return float(min(self.backoff * (2**attempt), self.max_backoff))
+
+
+class DirSource:
+    def __init__(self, path: Path) -> None:
+        if not (path / MANIFEST).is_file():
+            raise UserError(f"{path} is not a composite image (no {MANIFEST})")
+        self.path = path
+
+    def read_bytes(self, name: str) -> bytes:
+        try:
+            return (self.path / name).read_bytes()
+        except FileNotFoundError as exc:
+            raise UserError(f"{self.path / name} is missing from the image") from exc
+
+    def open(self, name: str, size: int) -> BinaryIO:
+        try:
+            return open(self.path / name, "rb")
+        except FileNotFoundError as exc:
+            raise UserError(f"{self.path / name} is missing from the image") from exc
+
+    def describe(self, name: str) -> str:
+        return str(self.path / name)
+
+
+class HttpSource:
+    def __init__(self, url: str, policy: RetryPolicy | None = None) -> None:
+        import requests
+
+        self.base = url.rstrip("/") + "/"
+        self.policy = policy or RetryPolicy()
+        self.session = requests.Session()
+
+    def read_bytes(self, name: str) -> bytes:
+        with HttpReader(self.session, self.base + name, None, self.policy) as r:
+            return r.read()
+
+    def open(self, name: str, size: int) -> BinaryIO:
+        return HttpReader(self.session, self.base + name, size, self.policy)  # type: ignore[return-value]
+
+    def describe(self, name: str) -> str:
+        return self.base + name
+
+
+class HttpReader:
+    """A forward-only reader of one URL that resumes from where it was cut off."""
+
+    def __init__(self, session: object, url: str, size: int | None, policy: RetryPolicy) -> None:
+        self.session = session
+        self.url = url
+        self.size = size
+        self.policy = policy
+        self.pos = 0
+        self._resp: object | None = None
+        self._failures = 0
+
+    def _connect(self) -> None:
+        import requests
+
+        headers = {"Range": f"bytes={self.pos}-"} if self.pos else {}
+        try:
+            resp = self.session.get(self.url, headers=headers, stream=True, timeout=self.policy.timeout)  # type: ignore[attr-defined]
+        except requests.RequestException as exc:
+            raise RetryableError(f"cannot fetch {self.url}: {type(exc).__name__}") from exc
+        if resp.status_code == 404:
+            resp.close()
+            raise UserError(f"{self.url} not found (404)")
+        if resp.status_code >= 500 or resp.status_code == 429:
+            resp.close()
+            raise RetryableError(f"{self.url}: HTTP {resp.status_code}")
+        if self.pos and resp.status_code != 206:
+            resp.close()
+            raise VerificationError(f"{self.url}: server ignored the Range request (HTTP {resp.status_code})")
+        if resp.status_code not in (200, 206):
+            resp.close()
+            raise UserError(f"{self.url}: HTTP {resp.status_code}")
+        length = resp.headers.get("Content-Length")
+        if self.size is not None and length is not None and int(length) != self.size - self.pos:
+            resp.close()
+            raise VerificationError(
+                f"{self.url}: server says {int(length) + self.pos} bytes, the manifest says {self.size}"
+            )
+        self._resp = resp
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            parts = []
+            while chunk := self.read(CHUNK):
+                parts.append(chunk)
+            return b"".join(parts)
+        if self.size is not None and self.pos >= self.size:
+            return b""
+        while True:
+            try:
+                if self._resp is None:
+                    self._connect()
+                data: bytes = self._resp.raw.read(n)  # type: ignore[attr-defined]
+            except (RetryableError, OSError, _urllib3_errors()) as exc:
+                self._drop()
+                self._retry_or_raise(exc)
+                continue
+            if data or self.size is None or self.pos >= self.size:
+                self.pos += len(data)
+                if self.size is not None and self.pos > self.size:
+                    raise VerificationError(f"{self.url} is longer than the manifest says")
+                return data
+            # EOF before the expected size: the connection was cut. Resume.
+            self._drop()
+            self._retry_or_raise(RetryableError(f"{self.url}: connection closed at byte {self.pos}"))
+
+    def _retry_or_raise(self, exc: BaseException) -> None:
+        self._failures += 1
+        if self._failures >= self.policy.attempts:
+            raise RetryableError(
+                f"giving up on {self.url} after {self._failures} attempts at byte {self.pos}: {exc}"
+            ) from exc
+        delay = self.policy.delay(self._failures - 1)
+        log.warning("%s: %s; resuming at byte %d in %.1f s", self.url, exc, self.pos, delay)
+        time.sleep(delay)
+
+    def _drop(self) -> None:
+        if self._resp is not None:
+            self._resp.close()  # type: ignore[attr-defined]
+            self._resp = None
+
+    def close(self) -> None:
+        self._drop()
+
+    def __enter__(self) -> HttpReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _urllib3_errors() -> type[Exception]:
+    from urllib3.exceptions import HTTPError
+
+    return HTTPError
+
+
+def open_source(location: str) -> Source:
+    if location.startswith(("http://", "https://")):
+        return HttpSource(location)
+    path = Path(location)
+    if not path.is_dir():
+        raise UserError(f"{location} is neither a directory nor an http(s) URL")
+    return DirSource(path)
+
+
+def load_manifest(location: str) -> Manifest:
+    return parse_manifest(open_source(location).read_bytes(MANIFEST))

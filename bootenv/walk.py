@@ -1,0 +1,70 @@
+"""Scan a root tree into a flat, sorted list of entries (the only I/O of planning)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+
+class Kind(StrEnum):
+    FILE = "file"
+    DIR = "dir"
+    SYMLINK = "symlink"
+    FIFO = "fifo"
+    SOCKET = "socket"
+    CHAR = "char"
+    BLOCK = "block"
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str  # absolute inside the tree: "/etc/hostname"; "/" is the root itself
+    kind: Kind
+    size: int = 0
+    target: str | None = None  # symlink target, as stored
+    mountpoint: bool = False  # another filesystem is mounted here; not descended
+
+
+def _kind(mode: int) -> Kind:
+    for test, kind in (
+        (stat.S_ISDIR, Kind.DIR),
+        (stat.S_ISLNK, Kind.SYMLINK),
+        (stat.S_ISREG, Kind.FILE),
+        (stat.S_ISFIFO, Kind.FIFO),
+        (stat.S_ISSOCK, Kind.SOCKET),
+        (stat.S_ISCHR, Kind.CHAR),
+        (stat.S_ISBLK, Kind.BLOCK),
+    ):
+        if test(mode):
+            return kind
+    raise ValueError(f"unknown file type {mode:o}")
+
+
+def scan(root: Path) -> list[Entry]:
+    """Every entry below `root` on the same filesystem, parents before children."""
+    root_dev = os.lstat(root).st_dev
+    entries = [Entry("/", Kind.DIR)]
+    entries.extend(_scan_dir(str(root), "", root_dev))
+    return entries
+
+
+def _scan_dir(top: str, rel: str, root_dev: int) -> Iterator[Entry]:
+    with os.scandir(top + rel or "/") as it:
+        children = sorted(it, key=lambda e: e.name)
+    for child in children:
+        path = f"{rel}/{child.name}"
+        st = child.stat(follow_symlinks=False)
+        kind = _kind(st.st_mode)
+        if kind is Kind.DIR:
+            other_fs = st.st_dev != root_dev
+            yield Entry(path, kind, mountpoint=other_fs)
+            if not other_fs:
+                yield from _scan_dir(top, path, root_dev)
+        elif kind is Kind.SYMLINK:
+            yield Entry(path, kind, target=os.readlink(top + path))
+        else:
+            yield Entry(path, kind, size=st.st_size if kind is Kind.FILE else 0)
