@@ -1,0 +1,114 @@
+"""Shared fixtures and the test tiers.
+
+- Unit tests (no marker) may not start processes: `bootenv.run` is blocked unless a
+  test is marked `root` or `vm`, or asks for the `allow_run` fixture.
+- `root` tests need root (loop devices, debootstrap, chroot); they skip, saying why,
+  when the machine lacks that ability.
+- `vm` tests boot QEMU (TCG).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import bootenv
+from bootenv import run as run_mod
+
+PKG_DIR = Path(bootenv.__file__).parent
+
+
+class UnexpectedCommand(AssertionError):
+    pass
+
+
+def _blocked(argv: list[str], **_: object) -> object:
+    raise UnexpectedCommand(f"unit test tried to run a command: {argv}")
+
+
+@pytest.fixture(autouse=True)
+def _no_subprocess(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    marks = {m.name for m in request.node.iter_markers()}
+    if marks & {"root", "vm"} or "allow_run" in request.fixturenames:
+        return
+    monkeypatch.setattr(run_mod, "_spawn", _blocked)
+    monkeypatch.setattr(run_mod, "_popen", _blocked)
+
+
+@pytest.fixture
+def allow_run() -> None:
+    """Lets a unit test run real (fast, local) tools such as tar or mke2fs."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Tests under tests/root and tests/vm get their tier marker from the directory.
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        if "root" in parts and not item.get_closest_marker("root"):
+            item.add_marker(pytest.mark.root)
+        if "vm" in parts and not item.get_closest_marker("vm"):
+            item.add_marker(pytest.mark.vm)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (loop devices, chroot, debootstrap)")
+
+
+def require_tools(*tools: str) -> None:
+    for tool in tools:
+        if not (shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")):
+            pytest.skip(f"{tool} is not installed (run `make deps`)")
+
+
+@pytest.fixture(scope="session")
+def gold_tree() -> Path:
+    """The LAMP gold machine (debootstrap, cached in ~/.cache/bootenv)."""
+    require_root()
+    require_tools("debootstrap", "chroot")
+    from bootenv.gold import gold_tree as build
+
+    return build()
+
+
+def code_key() -> str:
+    """Changes whenever bootenv's source changes, so cached images are rebuilt."""
+    h = hashlib.sha256()
+    for path in sorted(PKG_DIR.rglob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+GOLD_COMPONENTS = ("apache=apache2", "mysql=mariadb-server", "php=php,libapache2-mod-php,php-mysql")
+
+
+@pytest.fixture(scope="session")
+def gold_image(gold_tree: Path) -> Path:
+    """The gold machine captured with components apache, mysql and php (and --single)."""
+    from bootenv.cache import cache_root
+    from bootenv.capture import CaptureConfig, capture
+    from bootenv.split import parse_component_arg
+
+    out = cache_root() / "images" / f"{gold_tree.name}-{code_key()}"
+    if not (out / "manifest.json").exists():
+        capture(
+            CaptureConfig(
+                root=gold_tree,
+                output=out,
+                components=tuple(parse_component_arg(c) for c in GOLD_COMPONENTS),
+                single=True,
+                force=True,
+            )
+        )
+    return out
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
