@@ -127,13 +127,9 @@ class _Decider:
         tree: _Tree,
     ) -> None:
         self.tree = tree
-        self.claims = sorted(
-            ((p, s.name) for s in specs for p in s.paths), key=lambda c: -len(c[0])
-        )
+        self.claims = sorted(((p, s.name) for s in specs for p in s.paths), key=lambda c: -len(c[0]))
         self.script_claims = _script_claims(db, package_owner)
-        self.info_owner = {
-            pkg.info_prefix: package_owner[pkg.name] for pkg in db.packages.values()
-        }
+        self.info_owner = {pkg.info_prefix: package_owner[pkg.name] for pkg in db.packages.values()}
         owners: dict[str, set[str]] = {}
         for pkg, paths in db.files.items():
             for path in paths:
@@ -146,8 +142,9 @@ class _Decider:
     def image(self, path: str) -> str:
         found = self.memo.get(path)
         if found is None:
-            found = self._decide(path)
-            self.memo[path] = found
+            decided = self._decide(path)
+            self.memo[path] = decided
+            return decided
         return found
 
     def _decide(self, path: str) -> str:
@@ -166,9 +163,9 @@ class _Decider:
             if OS in owners or len(owners) > 1:
                 return OS
             return next(iter(owners))
-        claim = self.script_claims.get(path)
-        if claim is not None:
-            return claim
+        script_claim = self.script_claims.get(path)
+        if script_claim is not None:
+            return script_claim
         if path in self.tree.links:
             target = self.tree.resolve(path)
             if target != path and target not in self.tree.links:

@@ -13,11 +13,15 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 from bootenv.manifest import ManifestError
 
 MAX_RANGE = 8 << 20  # split long extents so each range is verified soon after it lands
+
+
+class Writable(Protocol):
+    def write(self, data: bytes, /) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -108,14 +112,14 @@ def plan_ranges(extents: list[tuple[int, int]], block_size: int, size: int) -> l
     return out
 
 
-def pack_image(image: Path, out: BinaryIO, *, block_size: int, level: int = 3) -> BlockMap:
+def pack_image(image: Path, out: Writable, *, block_size: int, level: int = 3) -> BlockMap:
     """Compress the mapped ranges of `image` into `out`; return the block map."""
     import zstandard
 
     size = image.stat().st_size
     cctx = zstandard.ZstdCompressor(level=level, threads=-1)
     ranges: list[Range] = []
-    with open(image, "rb") as src, cctx.stream_writer(out, closefd=False) as zout:
+    with open(image, "rb") as src, cctx.stream_writer(out, closefd=False) as zout:  # type: ignore[arg-type]
         extents = list(data_extents(src.fileno(), size))
         for off, length in plan_ranges(extents, block_size, size):
             src.seek(off)

@@ -11,6 +11,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
 import zstandard
 
@@ -160,7 +161,9 @@ def _source(root: Path, db: Database) -> Source:
     for line in read("etc/os-release").splitlines():
         if line.startswith("PRETTY_NAME="):
             release = line.partition("=")[2].strip('"')
-    kernels = sorted(p.name for p in (root / "lib/modules").glob("*")) if (root / "lib/modules").is_dir() else []
+    kernels = (
+        sorted(p.name for p in (root / "lib/modules").glob("*")) if (root / "lib/modules").is_dir() else []
+    )
     arch = db.packages["dpkg"].arch if "dpkg" in db.packages else ""
     return Source(
         hostname=read("etc/hostname"),
@@ -176,8 +179,14 @@ def _list(split: Split, image: str) -> list[str]:
 
 
 def _pack_component(
-    cfg: CaptureConfig, root: Path, db: Database, split: Split, name: str,
-    sizes: dict[str, int], out: Path, work: Path,
+    cfg: CaptureConfig,
+    root: Path,
+    db: Database,
+    split: Split,
+    name: str,
+    sizes: dict[str, int],
+    out: Path,
+    work: Path,
 ) -> Component:
     pkgs = split.packages(name)
     frag = work / f"frag-{name}"
@@ -199,11 +208,11 @@ def _pack_component(
     return Component(name, data, pkgs, split.depends[name], len(split.files[name]), tuple(units))
 
 
-def _compress(src: object, blob: BlobWriter, level: int, progress: Progress) -> int:
+def _compress(src: IO[bytes], blob: BlobWriter, level: int, progress: Progress) -> int:
     cctx = zstandard.ZstdCompressor(level=level, threads=-1)
     raw = 0
-    read = getattr(src, "read")
-    with cctx.stream_writer(blob, closefd=False) as z:
+    read = src.read
+    with cctx.stream_writer(blob, closefd=False) as z:  # type: ignore[arg-type]
         while chunk := read(1 << 20):
             z.write(chunk)
             raw += len(chunk)
@@ -213,8 +222,15 @@ def _compress(src: object, blob: BlobWriter, level: int, progress: Progress) -> 
 
 
 def _pack_os(
-    cfg: CaptureConfig, root: Path, db: Database, split: Split, sizes: dict[str, int],
-    out: Path, work: Path, *, single: bool,
+    cfg: CaptureConfig,
+    root: Path,
+    db: Database,
+    split: Split,
+    sizes: dict[str, int],
+    out: Path,
+    work: Path,
+    *,
+    single: bool,
 ) -> tuple[OsImage, RootFs]:
     what = "single image" if single else "OS sub-image"
     images = list(split.files) if single else [OS]
@@ -238,10 +254,9 @@ def _pack_os(
     with step(f"Building the {what} ext4 filesystem ({size >> 20} MiB)"):
         make_ext4(staging, image, size)
     shutil.rmtree(staging)
-    with step(f"Compressing the {what}"):
-        with BlobWriter(out, "img.zst") as blob:
-            bmap = pack_image(image, blob, block_size=BLOCK_SIZE, level=cfg.level)
-            data = blob.finish(bmap.mapped)
+    with step(f"Compressing the {what}"), BlobWriter(out, "img.zst") as blob:
+        bmap = pack_image(image, blob, block_size=BLOCK_SIZE, level=cfg.level)
+        data = blob.finish(bmap.mapped)
     image.unlink()
     bmap_blob = write_blob(out, "bmap.json", bmap.to_json().encode())
     pkgs = tuple(sorted(db.packages)) if single else split.packages(OS)

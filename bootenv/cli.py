@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="verbose log and tracebacks")
     parser = _Parser(prog="bootenv", description=__doc__, parents=[common])
     parser.add_argument("--version", action="version", version=f"bootenv {__version__}")
@@ -83,7 +83,9 @@ def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
-        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        cells = [
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -105,7 +107,14 @@ def summary_rows(manifest: object) -> list[list[str]]:
     for c in m.components:
         row(c.name, len(c.packages), c.files, c.data.raw_size, c.data.size, ",".join(c.depends) or "-")
     if m.single:
-        row("(single)", len(m.single.packages), m.single.files, m.single.data.raw_size, m.single.data.size, "-")
+        row(
+            "(single)",
+            len(m.single.packages),
+            m.single.files,
+            m.single.data.raw_size,
+            m.single.data.size,
+            "-",
+        )
     return rows
 
 
@@ -141,7 +150,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(manifest.to_json(), end="")
         return 0
     s = manifest.source
-    print(f"image of {s.hostname or '?'}: {s.os_release}, {s.architecture}, kernel {s.kernel}, captured {s.captured_at}")
+    print(f"image of {s.hostname or '?'}: {s.os_release}, {s.architecture}, kernel {s.kernel}")
+    print(f"captured {s.captured_at}")
     print(f"root filesystem: {manifest.rootfs.type}, at least {human_bytes(manifest.rootfs.min_size)}")
     print(_table(summary_rows(manifest)))
     for c in manifest.components:

@@ -5,6 +5,7 @@ Parsing is pure (text in, dataclasses out); `read_database` is the thin reader.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,10 +124,8 @@ def read_database(root: Path) -> Database:
     for pkg in packages.values():
         found: set[str] = set()
         for kind in SCRIPTS:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 found |= parse_script_paths((root / INFO / f"{pkg.info_prefix}.{kind}").read_bytes())
-            except FileNotFoundError:
-                pass
         scripts[pkg.name] = frozenset(found)
         lst = root / INFO / f"{pkg.info_prefix}.list"
         try:

@@ -77,9 +77,7 @@ def apt_mirror(sources_dir: Path = Path("/etc/apt")) -> str:
 def gold_tree(spec: GoldSpec | None = None) -> Path:
     """Return the cached gold tree, building it with debootstrap if needed (root only)."""
     spec = spec or GoldSpec(mirror=apt_mirror())
-    key = input_key(
-        {"v": BUILDER_VERSION, "suite": spec.suite, "pkgs": spec.packages, "extras": GOLD_EXTRAS}
-    )
+    key = input_key({"v": BUILDER_VERSION, "suite": spec.suite, "pkgs": spec.packages, "extras": GOLD_EXTRAS})
     root = cache_root()
     tree = root / f"gold-{spec.suite}-{key}"
     done = root / f"{tree.name}.complete"

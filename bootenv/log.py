@@ -79,9 +79,7 @@ class Progress:
             width = 30
             filled = int(width * min(pct, 100.0) / 100)
             bar = "#" * filled + "-" * (width - filled)
-            sys.stderr.write(
-                f"\r{self.label} [{bar}] {pct:5.1f}% {self._fmt(self.done)} {rate_s}   "
-            )
+            sys.stderr.write(f"\r{self.label} [{bar}] {pct:5.1f}% {self._fmt(self.done)} {rate_s}   ")
             sys.stderr.flush()
         else:
             log.info("%s: %.0f%% (%s, %s)", self.label, pct, self._fmt(self.done), rate_s)

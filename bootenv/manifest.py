@@ -104,8 +104,12 @@ def parse_manifest(text: str | bytes) -> Manifest:
         doc = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
-    doc = _obj(doc, "manifest", {"format": str, "version": int, "source": dict, "rootfs": dict,
-                                  "os": dict, "components": list}, {"single": dict})
+    doc = _obj(
+        doc,
+        "manifest",
+        {"format": str, "version": int, "source": dict, "rootfs": dict, "os": dict, "components": list},
+        {"single": dict},
+    )
     if doc["format"] != FORMAT:
         raise ManifestError(f"not a bootenv composite image (format {doc['format']!r})")
     if doc["version"] != VERSION:
@@ -113,11 +117,12 @@ def parse_manifest(text: str | bytes) -> Manifest:
             f"unsupported manifest version {doc['version']}", hint=f"this bootenv reads version {VERSION}"
         )
     source = Source(**_obj(doc["source"], "source", {f: str for f in Source.__dataclass_fields__}))
-    rootfs = RootFs(**_obj(doc["rootfs"], "rootfs",
-                           {"type": str, "image_size": int, "min_size": int, "block_size": int}))
+    rootfs = RootFs(
+        **_obj(doc["rootfs"], "rootfs", {"type": str, "image_size": int, "min_size": int, "block_size": int})
+    )
     if rootfs.type != "ext4" or rootfs.block_size not in (1024, 2048, 4096):
         raise ManifestError(f"unsupported root filesystem {rootfs.type}/{rootfs.block_size}")
-    if not 0 < rootfs.min_size or rootfs.image_size < rootfs.min_size:
+    if not rootfs.min_size > 0 or rootfs.image_size < rootfs.min_size:
         raise ManifestError("rootfs sizes are inconsistent")
     components = tuple(_component(c, i) for i, c in enumerate(doc["components"]))
     _check_components(components)
@@ -125,7 +130,9 @@ def parse_manifest(text: str | bytes) -> Manifest:
     return Manifest(source, rootfs, _os_image(doc["os"], "os"), components, single)
 
 
-def _obj(value: Any, where: str, required: dict[str, type], optional: dict[str, type] | None = None) -> dict[str, Any]:
+def _obj(
+    value: Any, where: str, required: dict[str, type], optional: dict[str, type] | None = None
+) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ManifestError(f"{where} must be an object")
     optional = optional or {}
@@ -160,18 +167,31 @@ def _strings(value: list[Any], where: str) -> tuple[str, ...]:
 
 def _os_image(value: Any, where: str) -> OsImage:
     d = _obj(value, where, {"data": dict, "blockmap": dict, "packages": list, "files": int})
-    return OsImage(_blob(d["data"], f"{where}.data"), _blob(d["blockmap"], f"{where}.blockmap"),
-                   _strings(d["packages"], f"{where}.packages"), d["files"])
+    return OsImage(
+        _blob(d["data"], f"{where}.data"),
+        _blob(d["blockmap"], f"{where}.blockmap"),
+        _strings(d["packages"], f"{where}.packages"),
+        d["files"],
+    )
 
 
 def _component(value: Any, index: int) -> Component:
     where = f"components[{index}]"
-    d = _obj(value, where, {"name": str, "data": dict, "packages": list, "depends": list,
-                             "files": int, "units": list})
+    d = _obj(
+        value,
+        where,
+        {"name": str, "data": dict, "packages": list, "depends": list, "files": int, "units": list},
+    )
     if not _NAME.match(d["name"]) or d["name"] in ("os", "all", "none"):
         raise ManifestError(f"{where}.name {d['name']!r} is not a valid component name")
-    return Component(d["name"], _blob(d["data"], f"{where}.data"), _strings(d["packages"], where),
-                     _strings(d["depends"], where), d["files"], _strings(d["units"], where))
+    return Component(
+        d["name"],
+        _blob(d["data"], f"{where}.data"),
+        _strings(d["packages"], where),
+        _strings(d["depends"], where),
+        d["files"],
+        _strings(d["units"], where),
+    )
 
 
 def _check_components(components: tuple[Component, ...]) -> None:

@@ -132,7 +132,7 @@ class HttpReader:
             try:
                 if self._resp is None:
                     self._connect()
-                data: bytes = self._resp.raw.read(n)  # type: ignore[attr-defined]
+                data: bytes = self._resp.raw.read(n)  # type: ignore[union-attr]
             except (RetryableError, OSError, _urllib3_errors()) as exc:
                 self._drop()
                 self._retry_or_raise(exc)
@@ -174,7 +174,8 @@ class HttpReader:
 def _urllib3_errors() -> type[Exception]:
     from urllib3.exceptions import HTTPError
 
-    return HTTPError
+    err: type[Exception] = HTTPError
+    return err
 
 
 def open_source(location: str) -> Source:

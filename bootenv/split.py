@@ -15,8 +15,6 @@ from dataclasses import dataclass
 
 from bootenv.dpkg import INFO, STATUS, Database, Package
 from bootenv.errors import UserError
-from bootenv.exclude import Exclusions
-from bootenv.walk import Entry, Kind
 
 OS = "os"
 BASE_PRIORITIES = ("required", "important", "standard")
@@ -189,7 +187,10 @@ def assign_packages(
 
 
 def _closure_of(
-    resolver: Resolver, name: str, seeds: Mapping[str, set[str]], seed_owner: Mapping[str, str],
+    resolver: Resolver,
+    name: str,
+    seeds: Mapping[str, set[str]],
+    seed_owner: Mapping[str, str],
     stop: frozenset[str],
 ) -> set[str]:
     others = frozenset(p for p, o in seed_owner.items() if o != name)
@@ -197,8 +198,11 @@ def _closure_of(
 
 
 def _component_depends(
-    db: Database, resolver: Resolver, seeds: Mapping[str, set[str]],
-    seed_owner: Mapping[str, str], closures: Mapping[str, set[str]],
+    db: Database,
+    resolver: Resolver,
+    seeds: Mapping[str, set[str]],
+    seed_owner: Mapping[str, str],
+    closures: Mapping[str, set[str]],
 ) -> dict[str, set[str]]:
     direct: dict[str, set[str]] = {n: set() for n in seeds}
     for name, closure in closures.items():
@@ -206,7 +210,7 @@ def _component_depends(
             p = db.packages[pkg]
             for group in p.depends + p.recommends:
                 dep = resolver.satisfier(group)
-                if dep in seed_owner and seed_owner[dep] != name:
+                if dep is not None and dep in seed_owner and seed_owner[dep] != name:
                     direct[name].add(seed_owner[dep])
     cycle = _find_cycle({a: {b: set() for b in bs} for a, bs in direct.items()})
     if cycle:

@@ -23,12 +23,12 @@ from bootenv import run as run_mod
 PKG_DIR = Path(bootenv.__file__).parent
 
 
-class UnexpectedCommand(AssertionError):
+class UnexpectedCommandError(AssertionError):
     pass
 
 
 def _blocked(argv: list[str], **_: object) -> object:
-    raise UnexpectedCommand(f"unit test tried to run a command: {argv}")
+    raise UnexpectedCommandError(f"unit test tried to run a command: {argv}")
 
 
 @pytest.fixture(autouse=True)
