@@ -68,6 +68,9 @@ class HttpSource:
         self.base = url.rstrip("/") + "/"
         self.policy = policy or RetryPolicy()
         self.session = requests.Session()
+        # The blobs are already compressed; a transparently gzipped answer would make
+        # byte offsets (Range) and Content-Length meaningless.
+        self.session.headers["Accept-Encoding"] = "identity"
 
     def read_bytes(self, name: str) -> bytes:
         with HttpReader(self.session, self.base + name, None, self.policy) as r:
@@ -81,7 +84,14 @@ class HttpSource:
 
 
 class HttpReader:
-    """A forward-only reader of one URL that resumes from where it was cut off."""
+    """A forward-only reader of one URL that resumes from where it was cut off.
+
+    A dropped connection, a stall longer than the timeout or a 5xx answer is retried
+    with a Range request from the exact byte offset reached, so whatever consumes the
+    stream (a decompressor) never notices. Failures are counted per lack of progress:
+    `policy.attempts` failures in a row without a single new byte give up with a
+    RetryableError. A length that disagrees with the manifest is fatal.
+    """
 
     def __init__(self, session: object, url: str, size: int | None, policy: RetryPolicy) -> None:
         self.session = session
@@ -89,8 +99,10 @@ class HttpReader:
         self.size = size
         self.policy = policy
         self.pos = 0
+        self.resumes = 0  # connections after the first, for the log and the tests
         self._resp: object | None = None
         self._failures = 0
+        self._skip = 0  # bytes to discard: the server ignored our Range request
 
     def _connect(self) -> None:
         import requests
@@ -100,25 +112,38 @@ class HttpReader:
             resp = self.session.get(self.url, headers=headers, stream=True, timeout=self.policy.timeout)  # type: ignore[attr-defined]
         except requests.RequestException as exc:
             raise RetryableError(f"cannot fetch {self.url}: {type(exc).__name__}") from exc
-        if resp.status_code == 404:
+        try:
+            self._check(resp)
+        except BaseException:
             resp.close()
-            raise UserError(f"{self.url} not found (404)")
-        if resp.status_code >= 500 or resp.status_code == 429:
-            resp.close()
-            raise RetryableError(f"{self.url}: HTTP {resp.status_code}")
-        if self.pos and resp.status_code != 206:
-            resp.close()
-            raise VerificationError(f"{self.url}: server ignored the Range request (HTTP {resp.status_code})")
-        if resp.status_code not in (200, 206):
-            resp.close()
-            raise UserError(f"{self.url}: HTTP {resp.status_code}")
-        length = resp.headers.get("Content-Length")
-        if self.size is not None and length is not None and int(length) != self.size - self.pos:
-            resp.close()
-            raise VerificationError(
-                f"{self.url}: server says {int(length) + self.pos} bytes, the manifest says {self.size}"
-            )
+            raise
         self._resp = resp
+
+    def _check(self, resp: object) -> None:
+        status: int = resp.status_code  # type: ignore[attr-defined]
+        headers = resp.headers  # type: ignore[attr-defined]
+        if status == 404:
+            raise UserError(f"{self.url} not found (404)")
+        if status >= 500 or status in (408, 429):
+            raise RetryableError(f"{self.url}: HTTP {status}")
+        if status == 416 and self.size is not None:
+            raise VerificationError(f"{self.url} is shorter than the manifest says ({self.size} bytes)")
+        if status not in (200, 206) or (status == 206 and not self.pos):
+            raise UserError(f"{self.url}: unexpected HTTP {status}")
+        if headers.get("Content-Encoding", "identity") != "identity":
+            raise VerificationError(f"{self.url}: server re-encoded the blob ({headers['Content-Encoding']})")
+        start = 0
+        if status == 206:
+            start = _range_start(headers.get("Content-Range", ""))
+            if start != self.pos:
+                raise VerificationError(f"{self.url}: asked for byte {self.pos}, server sent from {start}")
+        # A server without Range support restarts from 0; skip what we already have.
+        self._skip = self.pos - start
+        length = headers.get("Content-Length")
+        if self.size is not None and length is not None and int(length) + start != self.size:
+            raise VerificationError(
+                f"{self.url}: server says {int(length) + start} bytes, the manifest says {self.size}"
+            )
 
     def read(self, n: int = -1) -> bytes:
         if n < 0:
@@ -126,25 +151,39 @@ class HttpReader:
             while chunk := self.read(CHUNK):
                 parts.append(chunk)
             return b"".join(parts)
-        if self.size is not None and self.pos >= self.size:
+        if n == 0 or (self.size is not None and self.pos >= self.size):
             return b""
         while True:
             try:
                 if self._resp is None:
                     self._connect()
-                data: bytes = self._resp.raw.read(n)  # type: ignore[union-attr]
+                data = self._read_raw(n)
             except (RetryableError, OSError, _urllib3_errors()) as exc:
                 self._drop()
                 self._retry_or_raise(exc)
                 continue
-            if data or self.size is None or self.pos >= self.size:
+            if data or self.size is None:
                 self.pos += len(data)
+                if data:
+                    self._failures = 0
                 if self.size is not None and self.pos > self.size:
                     raise VerificationError(f"{self.url} is longer than the manifest says")
                 return data
             # EOF before the expected size: the connection was cut. Resume.
             self._drop()
             self._retry_or_raise(RetryableError(f"{self.url}: connection closed at byte {self.pos}"))
+
+    def _read_raw(self, n: int) -> bytes:
+        raw = self._resp.raw  # type: ignore[union-attr]
+        while self._skip:
+            dropped: bytes = raw.read(min(self._skip, CHUNK))
+            if not dropped:
+                return b""
+            self._skip -= len(dropped)
+        if self.size is not None:
+            n = min(n, self.size - self.pos + 1)  # one extra byte reveals an over-long body
+        data: bytes = raw.read(n)
+        return data
 
     def _retry_or_raise(self, exc: BaseException) -> None:
         self._failures += 1
@@ -154,6 +193,7 @@ class HttpReader:
             ) from exc
         delay = self.policy.delay(self._failures - 1)
         log.warning("%s: %s; resuming at byte %d in %.1f s", self.url, exc, self.pos, delay)
+        self.resumes += 1
         time.sleep(delay)
 
     def _drop(self) -> None:
@@ -169,6 +209,13 @@ class HttpReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _range_start(content_range: str) -> int:
+    """The first byte of `bytes START-END/TOTAL`; -1 if the header is malformed."""
+    unit, _, spec = content_range.partition(" ")
+    first = spec.partition("-")[0]
+    return int(first) if unit == "bytes" and first.isdigit() else -1
 
 
 def _urllib3_errors() -> type[Exception]:

@@ -1,0 +1,348 @@
+"""Stream an OS sub-image onto a disk, a partition or a regular file.
+
+The chain is source (HTTP with Range resume, or a file) → sha256 of the compressed
+stream → zstd → per-range sha256 → pwrite at the range's offset. Holes of the block map
+are never written. Memory stays flat: one chunk buffer and the held-back header.
+
+Fail safe, after coreos-installer: the first MiB of the image (the ext4 superblock is at
+byte 1024) is held back in memory and written only once every range and the whole
+compressed stream have verified. The first write of all wipes that MiB on the target,
+so an interrupted write, even a power cut, never leaves a mountable filesystem, and
+any failure after the first write wipes it again before the error propagates.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import mmap
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import BinaryIO, Literal, Protocol
+
+import zstandard
+
+from bootenv.blockdev import Destination, device_size, is_block, open_destination
+from bootenv.blockmap import BlockMap, Range, parse_blockmap
+from bootenv.errors import BootenvError, FatalError, UserError, VerificationError
+from bootenv.log import Progress, human_bytes, step
+from bootenv.manifest import MANIFEST, Blob, Manifest, OsImage, parse_manifest
+from bootenv.source import Source, open_source
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4 << 20  # decompressed bytes per write
+READ = 1 << 20  # compressed bytes per network read
+HEADER = 1 << 20  # held back until everything verified
+ALIGN = 4096  # O_DIRECT offset/length alignment (covers 512- and 4096-byte sectors)
+
+Which = Literal["os", "single"]
+
+
+class HasFileno(Protocol):
+    def fileno(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    device: str
+    which: str
+    bytes_written: int  # data bytes of the image written (the block map's ranges)
+    image_size: int
+    ranges: int
+    compressed: int  # bytes read from the source
+    seconds: float
+    direct: bool  # O_DIRECT was used for the bulk of the data
+
+    @property
+    def throughput(self) -> float:
+        """Image bytes (data and holes) laid down per second."""
+        return self.image_size / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"wrote {human_bytes(self.bytes_written)} of a {human_bytes(self.image_size)} image "
+            f"to {self.device} ({self.ranges} ranges, {human_bytes(self.compressed)} read) "
+            f"in {self.seconds:.1f} s, {human_bytes(self.throughput)}/s"
+        )
+
+
+class HashingReader:
+    """Reads exactly `blob.size` bytes, hashing them; `verify()` checks size and sha256."""
+
+    def __init__(self, raw: BinaryIO, blob: Blob, name: str) -> None:
+        self.raw = raw
+        self.blob = blob
+        self.name = name
+        self.count = 0
+        self._hash = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.blob.size - self.count
+        if n < 0 or n > left:
+            n = left
+        data = self.raw.read(n) if n else b""
+        self._hash.update(data)
+        self.count += len(data)
+        return data
+
+    def verify(self) -> None:
+        while self.read(READ):  # whatever zstd left unread (there should be nothing)
+            pass
+        if self.count != self.blob.size:
+            raise VerificationError(f"{self.name} is truncated: {self.count} of {self.blob.size} bytes")
+        if self.raw.read(1):
+            raise VerificationError(f"{self.name} is longer than the manifest says ({self.blob.size} bytes)")
+        if self._hash.hexdigest() != self.blob.sha256:
+            raise VerificationError(f"{self.name} does not match its sha256 in the manifest")
+
+
+class Target:
+    """pwrite()s to an fd, with O_DIRECT for aligned writes when asked to.
+
+    The first write wipes the header region; `wipe()` makes the target unmountable.
+    """
+
+    def __init__(self, fd: int, *, direct: bool, is_block: bool) -> None:
+        self.fd = fd
+        self.direct = direct
+        self.is_block = is_block
+        self.touched = False
+        self.written = 0
+        self._flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        self._direct_on = False
+
+    def _set_direct(self, on: bool) -> None:
+        if on != self._direct_on:
+            flags = self._flags | os.O_DIRECT if on else self._flags
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags)
+            self._direct_on = on
+
+    def write(self, buf: memoryview, offset: int) -> None:
+        if not self.touched:
+            self.touched = True
+            self.wipe(sync=False)
+        aligned = len(buf) - len(buf) % ALIGN if self.direct and offset % ALIGN == 0 else 0
+        if aligned:
+            self._set_direct(True)
+            self._pwrite_all(buf[:aligned], offset)
+        if aligned < len(buf):
+            self._set_direct(False)
+            self._pwrite_all(buf[aligned:], offset + aligned)
+        self.written += len(buf)
+
+    def _pwrite_all(self, buf: memoryview, offset: int) -> None:
+        while buf:
+            try:
+                n = os.pwrite(self.fd, buf, offset)
+            except OSError as exc:
+                raise FatalError(f"write at byte {offset} failed: {exc.strerror}") from exc
+            buf = buf[n:]
+            offset += n
+
+    def wipe(self, *, sync: bool = True) -> None:
+        """Zero the first MiB (boot sector, partition table, ext4 superblock).
+
+        A regular file with nothing there is left sparse: there is nothing to wipe.
+        """
+        self._set_direct(False)
+        if self.is_block or _has_data(self.fd, HEADER):
+            size = device_size(self.fd)
+            zeros = memoryview(bytes(min(HEADER, size)))
+            self._pwrite_all(zeros, 0)
+        if sync:
+            self.sync()
+
+    def sync(self) -> None:
+        self._set_direct(False)
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise FatalError(f"flushing the written image failed: {exc.strerror}") from exc
+
+
+def _has_data(fd: int, end: int) -> bool:
+    try:
+        return os.lseek(fd, 0, os.SEEK_DATA) < end
+    except OSError:  # ENXIO: no data at all
+        return False
+
+
+def load_blockmap(source: Source, image: OsImage) -> BlockMap:
+    """Fetch the block map and check it against its pin and the data blob."""
+    name = image.blockmap.file
+    with source.open(name, image.blockmap.size) as f:
+        reader = HashingReader(f, image.blockmap, source.describe(name))
+        parts = []
+        while chunk := reader.read(READ):
+            parts.append(chunk)
+        reader.verify()
+    text = b"".join(parts)
+    bmap = parse_blockmap(text)
+    if bmap.mapped != image.data.raw_size:
+        raise VerificationError(
+            f"block map maps {bmap.mapped} bytes, the manifest says {image.data.raw_size}",
+        )
+    return bmap
+
+
+def _image(manifest: Manifest, which: Which) -> OsImage:
+    if which == "os":
+        return manifest.os
+    if manifest.single is None:
+        raise UserError("this image has no single (homogeneous) image", hint="capture it with --single")
+    return manifest.single
+
+
+@contextmanager
+def _aligned_buffer(size: int) -> Iterator[memoryview]:
+    # An anonymous mapping is page-aligned, which O_DIRECT requires of the buffer.
+    buf = mmap.mmap(-1, size)
+    view = memoryview(buf)
+    try:
+        yield view
+    finally:
+        view.release()
+        buf.close()
+
+
+def write_os(
+    source: Source,
+    manifest: Manifest,
+    dest: int | HasFileno,
+    *,
+    which: Which = "os",
+    progress: bool = True,
+    direct: bool | None = None,
+    name: str | None = None,
+) -> WriteResult:
+    """Write the OS (or single) image of `manifest` from `source` onto `dest`.
+
+    `dest` is an fd or file object; a regular file must already be at least the image
+    size (open_destination grows it). `direct=None` uses O_DIRECT on block devices only.
+    """
+    fd = dest if isinstance(dest, int) else dest.fileno()
+    label = name or f"fd {fd}"
+    image = _image(manifest, which)
+    bmap = load_blockmap(source, image)
+    if which == "os" and bmap.image_size != manifest.rootfs.image_size:
+        raise VerificationError("the block map's image size disagrees with the manifest")
+    block = is_block(fd)
+    size = device_size(fd)
+    if size < bmap.image_size:
+        raise UserError(f"{label} is too small: {size} bytes, the image needs {bmap.image_size}")
+    target = Target(fd, direct=block if direct is None else direct, is_block=block)
+    start = time.monotonic()
+    compressed = 0
+    try:
+        with source.open(image.data.file, image.data.size) as raw:
+            reader = HashingReader(raw, image.data, source.describe(image.data.file))
+            header = _stream(reader, bmap, target, label if progress else None)
+            reader.verify()
+            compressed = reader.count
+        # Everything verified: now, and only now, make the filesystem visible.
+        for offset, data in header:
+            target.write(memoryview(data), offset)
+        target.sync()
+    except BaseException as exc:
+        if target.touched:
+            _wipe_after(target, label, exc)
+        raise
+    return WriteResult(
+        label,
+        which,
+        target.written,
+        bmap.image_size,
+        len(bmap.ranges),
+        compressed,
+        time.monotonic() - start,
+        target.direct,
+    )
+
+
+def _wipe_after(target: Target, label: str, exc: BaseException) -> None:
+    log.error("writing %s failed (%s); wiping its first MiB so it cannot be mounted", label, exc)
+    try:
+        target.wipe()
+    except (OSError, BootenvError) as wipe_exc:
+        log.error("could not wipe %s: %s", label, wipe_exc)
+
+
+def _stream(
+    reader: HashingReader, bmap: BlockMap, target: Target, label: str | None
+) -> list[tuple[int, bytes]]:
+    """Decompress and write every range except the header; return the held-back pieces."""
+    bar = Progress(f"writing {label}", bmap.mapped) if label else None
+    header: list[tuple[int, bytes]] = []
+    dctx = zstandard.ZstdDecompressor()
+    try:
+        with (
+            dctx.stream_reader(reader, read_size=READ, read_across_frames=True, closefd=False) as zin,  # type: ignore[arg-type]
+            _aligned_buffer(CHUNK) as buf,
+        ):
+            for rng in bmap.ranges:
+                _write_range(zin, rng, buf, target, header, bar)
+            if zin.read(1):
+                raise VerificationError(f"{reader.name} holds more data than its block map")
+    except zstandard.ZstdError as exc:
+        raise VerificationError(f"{reader.name} is not a valid zstd stream: {exc}") from exc
+    finally:
+        if bar:
+            bar.close()
+    return header
+
+
+def _write_range(
+    zin: zstandard.ZstdDecompressionReader,
+    rng: Range,
+    buf: memoryview,
+    target: Target,
+    header: list[tuple[int, bytes]],
+    bar: Progress | None,
+) -> None:
+    digest = hashlib.sha256()
+    offset, left = rng.offset, rng.length
+    while left:
+        want = min(left, len(buf))
+        got = 0
+        while got < want:
+            n = zin.readinto(buf[got:want])
+            if not n:
+                raise VerificationError(f"the OS image stream ended early, in the range at byte {offset}")
+            got += n
+        chunk = buf[:got]
+        digest.update(chunk)
+        held = max(0, min(HEADER - offset, got))
+        if held:
+            header.append((offset, bytes(chunk[:held])))
+        if held < got:
+            target.write(chunk[held:], offset + held)
+        offset += got
+        left -= got
+        if bar:
+            bar.update(got)
+    if digest.hexdigest() != rng.sha256:
+        raise VerificationError(f"range at byte {rng.offset} ({rng.length} bytes) does not match its sha256")
+
+
+def write_os_path(location: str, device: str, *, which: Which = "os", progress: bool = True) -> WriteResult:
+    """`bootenv write-os`: open the image and the destination, check, stream, verify."""
+    source = open_source(location)
+    manifest = parse_manifest(source.read_bytes(MANIFEST))
+    image = _image(manifest, which)
+    bmap = load_blockmap(source, image)
+    with (
+        open_destination(device, bmap.image_size, mapped=bmap.mapped) as dest,
+        step(f"Streaming the {which} image to {device}"),
+    ):
+        return _write_dest(source, manifest, dest, which, progress)
+
+
+def _write_dest(
+    source: Source, manifest: Manifest, dest: Destination, which: Which, progress: bool
+) -> WriteResult:
+    return write_os(source, manifest, dest.fd, which=which, progress=progress, name=dest.path)
