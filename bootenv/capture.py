@@ -24,7 +24,7 @@ from bootenv.fsimage import BLOCK_SIZE, image_size_for, make_ext4, tree_usage
 from bootenv.log import Progress, step
 from bootenv.manifest import MANIFEST, Component, Manifest, OsImage, RootFs, Source
 from bootenv.run import run, which
-from bootenv.split import COMPONENT_STATUS_DIR, OS, ComponentSpec, Split
+from bootenv.split import COMPONENT_STATUS_DIR, OS, ComponentSpec, Split, validate_specs
 from bootenv.store import BlobWriter, write_blob
 from bootenv.tarstream import tar_create, tar_extract, write_list
 from bootenv.walk import Entry, Kind, scan
@@ -68,6 +68,7 @@ def capture(cfg: CaptureConfig) -> CaptureResult:
     specs = cfg.components + (propose_components(db, cfg.components) if cfg.auto else ())
     if not specs:
         log.info("No components given: the image will hold the OS sub-image only")
+    validate_specs(specs, db)
     exclusions = Exclusions().with_patterns(cfg.excludes + _inside(root, output))
     with step(f"Scanning {root}"):
         entries = scan(root)

@@ -54,7 +54,10 @@ class CommandError(FatalError):
     exit_code = 5
 
     def __init__(self, argv: list[str], returncode: int, stderr: str) -> None:
-        last = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
+        lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+        # GNU tools end with a generic summary line; the cause is the line before it.
+        useful = [ln for ln in lines if "Exiting with failure status" not in ln]
+        last = (useful or lines or ["no output"])[-1]
         super().__init__(f"{argv[0]} exited with {returncode}: {last}")
         self.argv = argv
         self.returncode = returncode

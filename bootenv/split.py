@@ -152,8 +152,8 @@ def assign_packages(
        of B's named packages. A cycle is an error.
     4. A package in the closures of two components goes to the one the other depends on;
        if neither depends on the other it goes to the OS, so each stays independent.
-    5. A package no component names but which depends on a component's packages (an
-       add-on) joins that component.
+    5. A package no component needs but which depends on or recommends a component's
+       named packages (an add-on, e.g. a module) joins that component (first by name).
     """
     base = base_packages(db)
     resolver = Resolver(db.packages)
@@ -169,7 +169,8 @@ def assign_packages(
             break
         moved = False
         for pkg in sorted(leftover):
-            reach = resolver.closure([pkg], stop=stop)
+            reach = set(resolver.closure([pkg], stop=stop))
+            reach |= {resolver.satisfier(g) for g in db.packages[pkg].recommends} - {None}
             hit = sorted({seed_owner[p] for p in reach if p in seed_owner})
             if hit:
                 seeds[hit[0]].add(pkg)

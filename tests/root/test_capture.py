@@ -1,0 +1,197 @@
+"""Capture on real trees: the synthetic gold machine and the real LAMP gold machine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bootenv.capture import CaptureConfig, capture
+from bootenv.cli import main
+from bootenv.exclude import Exclusions
+from bootenv.run import run
+from bootenv.split import ComponentSpec
+from bootenv.walk import Kind, scan
+from tests.conftest import require_root
+from tests.imagetools import archive_members, describe, load, mounted, restore_fs, tree_files
+from tests.unit.fakeroot import make_tree
+
+SPECS = (
+    ComponentSpec("web", ("httpd",)),
+    ComponentSpec("db", ("dbserver",)),
+    ComponentSpec("php", ("modphp",)),
+)
+
+
+@pytest.fixture(autouse=True)
+def _root() -> None:
+    require_root()
+
+
+def test_synthetic_capture_round_trip(tmp_path: Path) -> None:
+    gold = make_tree(tmp_path / "gold", with_socket=True)
+    os.chown(gold / "var/lib/dbdata", 999, 998)
+    os.chmod(gold / "usr/sbin/dbd", 0o4755)
+    os.setxattr(gold / "usr/sbin/httpd", "user.bootenv", b"kept")
+    out = tmp_path / "image"
+    result = capture(CaptureConfig(root=gold, output=out, components=SPECS, single=True))
+    m = load(out)
+    assert m == result.manifest
+    assert [c.name for c in m.components] == ["db", "php", "web"]
+    assert m.component("php").depends == ("web",)
+    assert "/etc/systemd/system/multi-user.target.wants/httpd.service" in {
+        "/" + t.name.lstrip("./") for t in archive_members(out / m.component("web").data.file)
+    }
+    assert m.component("web").units == ("httpd.service",)
+    # Content-addressed: every blob is named by its hash; nothing else is in the dir.
+    assert sorted(p.name for p in out.iterdir()) == sorted([b.file for b in m.blobs()] + ["manifest.json"])
+
+    fs = tmp_path / "os.img"
+    restore_fs(out, m.os, fs)
+    run(["e2fsck", "-fn", fs])
+    with mounted(fs, tmp_path / "mnt") as mnt:
+        assert describe(mnt / "usr/bin/curl") == describe(gold / "usr/bin/curl")
+        assert (mnt / "usr/bin/curl").stat().st_ino == (mnt / "usr/bin/curl-hardlink").stat().st_ino
+        assert (mnt / "etc/control.fifo").is_fifo()
+        assert not (mnt / "usr/sbin/httpd").exists()  # a component file
+        assert not (mnt / "etc/machine-id").exists()  # excluded identity
+        assert not (mnt / "etc/agent.sock").exists()  # sockets are skipped
+        assert (mnt / "var/log").is_dir() and not (mnt / "var/log/syslog").exists()
+        assert os.path.exists(os.fsencode(str(mnt / "etc")) + b"/odd \xff name\nx")
+        status = (mnt / "var/lib/dpkg/status").read_text()
+        assert "Package: curl\n" in status and "Package: httpd\n" not in status
+        assert "Package: gone\n" in status  # not-installed records stay with the OS
+
+    with mounted(tmp_path / "single.img", tmp_path / "mnt2") if False else _single(out, m, tmp_path) as mnt:
+        assert (mnt / "usr/sbin/httpd").exists()
+        assert "Package: httpd\n" in (mnt / "var/lib/dpkg/status").read_text()
+
+
+def _single(out: Path, m: object, tmp_path: Path):  # type: ignore[no-untyped-def]
+    from bootenv.manifest import Manifest
+
+    assert isinstance(m, Manifest) and m.single is not None
+    restore_fs(out, m.single, tmp_path / "single.img")
+    return mounted(tmp_path / "single.img", tmp_path / "mnt2")
+
+
+def test_existing_output_is_refused_without_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gold = make_tree(tmp_path / "gold")
+    out = tmp_path / "image"
+    out.mkdir()
+    (out / "keep").write_text("precious")
+    code = main(["capture", str(gold), "-o", str(out), "--component", "web=httpd"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"bootenv: error: {out} already exists (hint: pass --force to replace it)"
+    ]
+    assert (out / "keep").read_text() == "precious"
+    assert main(["capture", str(gold), "-o", str(out), "--component", "web=httpd", "--force"]) == 0
+    assert not (out / "keep").exists()
+
+
+def test_bad_input_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gold = make_tree(tmp_path / "gold")
+    out = tmp_path / "image"
+    for args, msg in [
+        (["--component", "web=htpd"], "is not installed (hint: did you mean httpd, httpd-bin?)"),
+        (["--component", "a=httpd", "--component", "b=httpd"], "claimed by both"),
+    ]:
+        assert main(["capture", str(gold), "-o", str(out), *args]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["capture", str(tmp_path), "-o", str(out)]) == 2
+    assert "no dpkg database" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gold"]
+
+
+def test_failure_midway_leaves_no_partial_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gold = make_tree(tmp_path / "gold")
+    (gold / "usr/big.bin").write_bytes(os.urandom(6 << 20))  # incompressible
+    small = tmp_path / "small"
+    small.mkdir()
+    run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", small])
+    try:
+        code = main(["capture", str(gold), "-o", str(small / "image"), "--component", "web=httpd"])
+        err = capsys.readouterr().err
+        assert code != 0
+        assert "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith("bootenv: error: ")
+        assert "No space left on device" in err
+        assert list(small.iterdir()) == []
+    finally:
+        run(["umount", small])
+
+
+def test_debug_shows_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["capture", str(tmp_path), "-o", str(tmp_path / "o"), "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_gold_every_file_in_exactly_one_sub_image(gold_tree: Path, gold_image: Path, tmp_path: Path) -> None:
+    m = load(gold_image)
+    members: dict[str, set[str]] = {}
+    for comp in m.components:
+        for t in archive_members(gold_image / comp.data.file):
+            if not t.isdir():
+                members.setdefault("/" + t.name.removeprefix("./"), set()).add(comp.name)
+    fs = tmp_path / "os.img"
+    restore_fs(gold_image, m.os, fs)
+    with mounted(fs, tmp_path / "mnt") as mnt:
+        for path in tree_files(mnt):
+            if path != "/lost+found":
+                members.setdefault(path, set()).add("os")
+    rules = Exclusions()
+    checked = 0
+    for entry in scan(gold_tree):
+        if entry.kind is Kind.DIR:
+            continue
+        homes = members.pop(entry.path, set())
+        excluded = rules.reason(entry.path, False) or entry.kind is Kind.SOCKET
+        assert len(homes) + bool(excluded) == 1, (entry.path, homes, excluded)
+        checked += 1
+    # What is left was made by capture: the per-component dpkg status fragments.
+    assert set(members) == {f"/var/lib/bootenv/dpkg/{c.name}.status" for c in m.components}
+    assert checked > 10000
+
+
+@pytest.mark.parametrize("component", ["mysql", "php"])
+def test_gold_restored_os_plus_component_is_identical(
+    gold_tree: Path, gold_image: Path, tmp_path: Path, component: str
+) -> None:
+    m = load(gold_image)
+    fs = tmp_path / "os.img"
+    restore_fs(gold_image, m.os, fs)
+    out = tmp_path / "comp"
+    out.mkdir()
+    run(
+        [
+            "tar",
+            "--zstd",
+            "-xpf",
+            gold_image / m.component(component).data.file,
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+            "-C",
+            out,
+        ]
+    )
+    compared = 0
+    with mounted(fs, tmp_path / "mnt") as mnt:
+        for base in (mnt, out):
+            for path, real in tree_files(base).items():
+                if path in ("/var/lib/dpkg/status", "/lost+found") or path.startswith("/var/lib/bootenv/"):
+                    continue
+                assert describe(real) == describe(gold_tree / path.lstrip("/")), path
+                compared += 1
+    assert compared > 10000
+    caps = (
+        os.getxattr(out / "usr/bin/ping", "security.capability") if (out / "usr/bin/ping").exists() else None
+    )
+    assert caps is None or caps == os.getxattr(gold_tree / "usr/bin/ping", "security.capability")
+    # The mysql data directory made by the postinst travels with mysql, with its owner.
+    if component == "mysql":
+        assert describe(out / "var/lib/mysql/ibdata1") == describe(gold_tree / "var/lib/mysql/ibdata1")
+        assert "Package: mariadb-server\n" in (out / "var/lib/bootenv/dpkg/mysql.status").read_text()

@@ -1,0 +1,119 @@
+"""The manifest format: round trip, strict parsing, dependency expansion."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from bootenv.errors import UserError
+from bootenv.manifest import (
+    Blob,
+    Component,
+    Manifest,
+    ManifestError,
+    OsImage,
+    RootFs,
+    Source,
+    parse_manifest,
+    resolve_components,
+)
+
+
+def blob(ch: str, suffix: str = "tar.zst") -> Blob:
+    return Blob(file=f"{ch * 64}.{suffix}", sha256=ch * 64, size=10, raw_size=20)
+
+
+def make_manifest() -> Manifest:
+    os_image = OsImage(blob("a", "img.zst"), blob("b", "bmap.json"), ("base-files", "dpkg"), 100)
+    comps = (
+        Component("apache", blob("c"), ("apache2",), (), 10, ("apache2.service",)),
+        Component("php", blob("d"), ("php",), ("apache",), 5, ()),
+        Component("mysql", blob("e"), ("mariadb-server",), (), 7, ("mariadb.service",)),
+    )
+    return Manifest(
+        Source("gold", "Debian GNU/Linux 12 (bookworm)", "amd64", "6.1.0-50-amd64", "2026-11-25T00:00:00Z"),
+        RootFs("ext4", 1 << 30, 1 << 30, 4096),
+        os_image,
+        comps,
+    )
+
+
+def doc() -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(make_manifest().to_json())
+    return result
+
+
+def test_round_trip() -> None:
+    m = make_manifest()
+    assert parse_manifest(m.to_json()) == m
+    assert parse_manifest(m.to_json().encode()) == m
+
+
+def test_records_what_the_issue_asks_for() -> None:
+    d = doc()
+    assert d["format"] == "bootenv-composite" and d["version"] == 1
+    assert set(d["source"]) == {"hostname", "os_release", "architecture", "kernel", "captured_at"}
+    assert set(d["rootfs"]) == {"type", "image_size", "min_size", "block_size"}
+    comp = d["components"][1]
+    assert comp["depends"] == ["apache"] and comp["files"] == 5
+    assert set(comp["data"]) == {"file", "sha256", "size", "raw_size"}
+
+
+def edit(path: str, value: Any) -> str:
+    d = doc()
+    node: Any = d
+    keys = path.split(".")
+    for key in keys[:-1]:
+        node = node[int(key)] if key.isdigit() else node[key]
+    last = keys[-1]
+    if value is KeyError:
+        del node[last]
+    else:
+        node[int(last) if last.isdigit() else last] = value
+    return json.dumps(d)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("version", 2, "unsupported manifest version 2"),
+        ("format", "other", "not a bootenv composite image"),
+        ("extra", 1, "unknown key 'extra' in manifest"),
+        ("source.hostname", 5, "source.hostname must be str"),
+        ("rootfs.min_size", -1, "must not be negative"),
+        ("rootfs.image_size", True, "must be int"),
+        ("rootfs.type", "xfs", "unsupported root filesystem"),
+        ("os.files", KeyError, "missing key 'files' in os"),
+        ("components.0.name", "../etc", "not a valid component name"),
+        ("components.0.name", "php", "appears twice"),
+        ("components.0.depends", ["php"], "cycle"),
+        ("components.0.depends", ["nope"], "unknown component nope"),
+        ("components.0.data.file", "../../etc/passwd", "named by its sha256"),
+        ("components.0.data.sha256", "x" * 64, "named by its sha256"),
+        ("components.0.packages", [1], "list of strings"),
+        ("components", {}, "components must be list"),
+    ],
+)
+def test_hostile_manifests(path: str, value: Any, message: str) -> None:
+    with pytest.raises(ManifestError) as err:
+        parse_manifest(edit(path, value))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["", "{", "[]", "null", "\xff", '{"format": 1}'])
+def test_garbage(text: str) -> None:
+    with pytest.raises(ManifestError):
+        parse_manifest(text)
+
+
+def test_resolve_components() -> None:
+    m = make_manifest()
+    assert resolve_components(m, ["php"]) == (["apache", "php"], ["apache"])
+    assert resolve_components(m, ["mysql"]) == (["mysql"], [])
+    assert resolve_components(m, "all")[0] == ["apache", "php", "mysql"]
+    assert resolve_components(m, "none") == ([], [])
+    with pytest.raises(UserError, match="available: apache, php, mysql"):
+        resolve_components(m, ["nginx"])
