@@ -170,7 +170,10 @@ def assign_packages(
         moved = False
         for pkg in sorted(leftover):
             reach = set(resolver.closure([pkg], stop=stop))
-            reach |= {resolver.satisfier(g) for g in db.packages[pkg].recommends} - {None}
+            for group in db.packages[pkg].recommends:
+                rec = resolver.satisfier(group)
+                if rec is not None:
+                    reach.add(rec)
             hit = sorted({seed_owner[p] for p in reach if p in seed_owner})
             if hit:
                 seeds[hit[0]].add(pkg)
