@@ -104,18 +104,22 @@ def parse_manifest(text: str | bytes) -> Manifest:
         doc = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ManifestError("manifest must be an object")
+    # Format and version first: a newer manifest should say so, not "unknown key".
+    if doc.get("format") != FORMAT:
+        raise ManifestError(f"not a bootenv composite image (format {doc.get('format')!r})")
+    if doc.get("version") != VERSION:
+        raise ManifestError(
+            f"unsupported manifest version {doc.get('version')!r}",
+            hint=f"this bootenv reads version {VERSION}",
+        )
     doc = _obj(
         doc,
         "manifest",
         {"format": str, "version": int, "source": dict, "rootfs": dict, "os": dict, "components": list},
         {"single": dict},
     )
-    if doc["format"] != FORMAT:
-        raise ManifestError(f"not a bootenv composite image (format {doc['format']!r})")
-    if doc["version"] != VERSION:
-        raise ManifestError(
-            f"unsupported manifest version {doc['version']}", hint=f"this bootenv reads version {VERSION}"
-        )
     source = Source(**_obj(doc["source"], "source", {f: str for f in Source.__dataclass_fields__}))
     rootfs = RootFs(
         **_obj(doc["rootfs"], "rootfs", {"type": str, "image_size": int, "min_size": int, "block_size": int})

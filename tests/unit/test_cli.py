@@ -1,0 +1,85 @@
+"""The CLI edge: one-line errors, exit codes, inspect over a directory and over HTTP."""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from bootenv.cli import main
+from tests.unit.test_manifest import make_manifest
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "img"
+    d.mkdir()
+    (d / "manifest.json").write_text(make_manifest().to_json())
+    return d
+
+
+@pytest.fixture
+def served(image_dir: Path) -> Iterator[str]:
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(image_dir))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_inspect_dir(image_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(image_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "Debian GNU/Linux 12 (bookworm)" in out
+    assert "php" in out and "apache" in out
+    assert "units: apache2.service" in out
+
+
+def test_inspect_url_json(served: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", served, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [c["name"] for c in doc["components"]] == ["apache", "php", "mysql"]
+
+
+def test_inspect_missing_url(served: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", served + "nope/"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bootenv: error: ") and "404" in err and err.count("\n") == 1
+
+
+def test_inspect_not_an_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "not a composite image" in capsys.readouterr().err
+
+
+def test_inspect_bad_manifest(image_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (image_dir / "manifest.json").write_text('{"format": "bootenv-composite", "version": 9}')
+    assert main(["inspect", str(image_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "unsupported manifest version 9" in err and "Traceback" not in err
+
+
+def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["frobnicate"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bootenv: error: ")
+    assert main(["capture", "/nonexistent", "-o", "/tmp/x"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_debug_shows_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(tmp_path), "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
