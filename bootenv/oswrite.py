@@ -13,6 +13,7 @@ any failure after the first write wipes it again before the error propagates.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -206,8 +207,10 @@ def _aligned_buffer(size: int) -> Iterator[memoryview]:
     try:
         yield view
     finally:
-        view.release()
-        buf.close()
+        # Slices may still be alive in a traceback's frames; the GC then unmaps it.
+        with contextlib.suppress(BufferError):
+            view.release()
+            buf.close()
 
 
 def write_os(
@@ -239,15 +242,17 @@ def write_os(
     start = time.monotonic()
     compressed = 0
     try:
-        with source.open(image.data.file, image.data.size) as raw:
-            reader = HashingReader(raw, image.data, source.describe(image.data.file))
-            header = _stream(reader, bmap, target, label if progress else None)
-            reader.verify()
-            compressed = reader.count
-        # Everything verified: now, and only now, make the filesystem visible.
-        for offset, data in header:
-            target.write(memoryview(data), offset)
-        target.sync()
+        with _aligned_buffer(HEADER) as held:
+            pieces: list[tuple[int, int]] = []  # (offset, length) kept in `held`
+            with source.open(image.data.file, image.data.size) as raw:
+                reader = HashingReader(raw, image.data, source.describe(image.data.file))
+                _stream(reader, bmap, target, Held(held, pieces), label if progress else None)
+                reader.verify()
+                compressed = reader.count
+            # Everything verified: now, and only now, make the filesystem visible.
+            for offset, length in pieces:
+                target.write(held[offset : offset + length], offset)
+            target.sync()
     except BaseException as exc:
         if target.touched:
             _wipe_after(target, label, exc)
@@ -272,12 +277,17 @@ def _wipe_after(target: Target, label: str, exc: BaseException) -> None:
         log.error("could not wipe %s: %s", label, wipe_exc)
 
 
-def _stream(
-    reader: HashingReader, bmap: BlockMap, target: Target, label: str | None
-) -> list[tuple[int, bytes]]:
-    """Decompress and write every range except the header; return the held-back pieces."""
+@dataclass(frozen=True)
+class Held:
+    """The first MiB of the image, kept in an aligned buffer until everything verified."""
+
+    buf: memoryview
+    pieces: list[tuple[int, int]]
+
+
+def _stream(reader: HashingReader, bmap: BlockMap, target: Target, header: Held, label: str | None) -> None:
+    """Decompress and write every range, except the header's, which go to `header`."""
     bar = Progress(f"writing {label}", bmap.mapped) if label else None
-    header: list[tuple[int, bytes]] = []
     dctx = zstandard.ZstdDecompressor()
     try:
         with (
@@ -293,7 +303,6 @@ def _stream(
     finally:
         if bar:
             bar.close()
-    return header
 
 
 def _write_range(
@@ -301,7 +310,7 @@ def _write_range(
     rng: Range,
     buf: memoryview,
     target: Target,
-    header: list[tuple[int, bytes]],
+    header: Held,
     bar: Progress | None,
 ) -> None:
     digest = hashlib.sha256()
@@ -318,7 +327,8 @@ def _write_range(
         digest.update(chunk)
         held = max(0, min(HEADER - offset, got))
         if held:
-            header.append((offset, bytes(chunk[:held])))
+            header.buf[offset : offset + held] = chunk[:held]
+            header.pieces.append((offset, held))
         if held < got:
             target.write(chunk[held:], offset + held)
         offset += got

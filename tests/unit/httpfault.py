@@ -1,0 +1,179 @@
+"""A fault-injecting HTTP server for tests, bound to 127.0.0.1 on a free port.
+
+It serves a directory with Range support (HTTP/1.1, keep-alive) and, per file name,
+can drop the connection at byte X, stall, answer 5xx bursts, flip a byte, pretend the
+file is shorter, lie about Content-Length, or ignore Range requests. Every request is
+recorded so that tests can assert how the client behaved.
+
+    with FaultServer(directory) as srv:
+        srv.faults["blob.zst"] = Fault(drops=[1000, 5000])
+        fetch(srv.url + "blob.zst")
+        assert [r.start for r in srv.requests] == [0, 1000, 5000]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+@dataclass
+class Fault:
+    """What to do wrong when serving one file. Offsets are absolute file offsets."""
+
+    drops: list[int] = field(default_factory=list)  # each: cut the connection there, once
+    drop_always: int | None = None  # cut every response at this offset (a persistent fault)
+    stall_at: int | None = None  # pause once before sending this byte ...
+    stall_seconds: float = 0.0  # ... for this long
+    errors: int = 0  # answer this many requests with `status` first (-1: forever)
+    status: int = 503
+    corrupt_at: int | None = None  # flip this byte (every time)
+    truncate: int | None = None  # serve only this many bytes, with honest headers
+    length_delta: int = 0  # add this to Content-Length (a lie)
+    ignore_range: bool = False  # answer 200 with the whole file to a Range request
+
+
+@dataclass(frozen=True)
+class Request:
+    path: str
+    start: int  # first byte asked for (0 without Range)
+    status: int
+
+
+class FaultServer:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.faults: dict[str, Fault] = {}
+        self.requests: list[Request] = []
+        self._lock = threading.Lock()
+        handler = type("Handler", (_Handler,), {"server_ref": self})
+        self.httpd = _Server(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05})
+
+    def record(self, req: Request) -> None:
+        with self._lock:
+            self.requests.append(req)
+
+    def requests_for(self, name: str) -> list[Request]:
+        return [r for r in self.requests if r.path == name]
+
+    def __enter__(self) -> FaultServer:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client that hangs up on a faulty answer is the point of the exercise.
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_ref: FaultServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        srv = self.server_ref
+        name = self.path.lstrip("/")
+        fault = srv.faults.get(name, Fault())
+        path = srv.root / name
+        if "/" in name or not path.is_file():
+            return self._status(name, 0, 404)
+        match = _RANGE.match(self.headers.get("Range", "") or "")
+        start = int(match.group(1)) if match else 0
+        if fault.errors:
+            if fault.errors > 0:
+                fault.errors -= 1
+            return self._status(name, start, fault.status)
+        data = path.read_bytes()
+        if fault.truncate is not None:
+            data = data[: fault.truncate]
+        if fault.corrupt_at is not None and fault.corrupt_at < len(data):
+            data = (
+                data[: fault.corrupt_at]
+                + bytes([data[fault.corrupt_at] ^ 0xFF])
+                + data[fault.corrupt_at + 1 :]
+            )
+        if match and fault.ignore_range:
+            start = 0
+            match = None
+        if start >= len(data) and match:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return srv.record(Request(name, start, 416))
+        status = 206 if match else 200
+        self.send_response(status)
+        if match:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start + fault.length_delta))
+        self.end_headers()
+        srv.record(Request(name, start, status))
+        self._body(data, start, fault)
+
+    def _status(self, name: str, start: int, status: int) -> None:
+        body = f"{status}\n".encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.server_ref.record(Request(name, start, status))
+
+    def _body(self, data: bytes, start: int, fault: Fault) -> None:
+        end = len(data)
+        cuts = [d for d in fault.drops if d >= start]
+        if fault.drop_always is not None and fault.drop_always >= start:
+            cuts.append(fault.drop_always)
+        cut = min(cuts, default=None)
+        if cut is not None:
+            end = cut
+            if cut in fault.drops:
+                fault.drops.remove(cut)
+        pos = start
+        try:
+            if fault.stall_at is not None and start <= fault.stall_at < end:
+                self.wfile.write(data[pos : fault.stall_at])
+                self.wfile.flush()
+                pos = fault.stall_at
+                stall, fault.stall_at = fault.stall_seconds, None
+                time.sleep(stall)
+            while pos < end:
+                nxt = min(end, pos + (256 << 10))
+                self.wfile.write(data[pos:nxt])
+                pos = nxt
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            return
+        if end < len(data) or fault.length_delta:
+            # Cut (or lied): the client must not reuse this connection.
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)

@@ -1,0 +1,496 @@
+"""The OS streaming writer on sparse files, from a directory and from a faulty HTTP server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from bootenv import cli
+from bootenv.blockdev import _mounted_devnos, check_fits, check_not_in_use, open_destination
+from bootenv.blockmap import BlockMap, Range, data_extents, pack_image, parse_blockmap
+from bootenv.errors import RetryableError, UserError, VerificationError
+from bootenv.manifest import MANIFEST, Manifest, OsImage, RootFs, Source, parse_manifest
+from bootenv.oswrite import HEADER, WriteResult, write_os
+from bootenv.source import DirSource, HttpSource, RetryPolicy
+from bootenv.store import BlobWriter, write_blob
+from tests.unit.httpfault import Fault, FaultServer
+
+MiB = 1 << 20
+SIZE = 24 * MiB
+FAST = RetryPolicy(attempts=4, backoff=0.001, max_backoff=0.002, timeout=2.0)
+
+
+@dataclass(frozen=True)
+class Built:
+    dir: Path
+    manifest: Manifest
+    raw: bytes  # the whole OS image, holes included
+    single_raw: bytes
+    bmap: BlockMap
+
+
+def _chunk(rng: random.Random, n: int) -> bytes:
+    """Half random, half repetitive: compressed blocks and raw blocks both occur."""
+    half = n // 2
+    text = (b"bootenv %d " % rng.randrange(1000)) * (n // 8)
+    return rng.randbytes(half) + text[: n - half]
+
+
+def _sparse_image(path: Path, layout: list[tuple[int, bytes]], size: int) -> bytes:
+    raw = bytearray(size)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, data in layout:
+            f.seek(off)
+            f.write(data)
+            raw[off : off + len(data)] = data
+    return bytes(raw)
+
+
+def _pack(out: Path, img: Path) -> tuple[OsImage, BlockMap]:
+    with BlobWriter(out, "img.zst") as blob:
+        bmap = pack_image(img, blob, block_size=4096)
+        data = blob.finish(bmap.mapped)
+    bmap_blob = write_blob(out, "bmap.json", bmap.to_json().encode())
+    return OsImage(data, bmap_blob, ("base-files",), 3), bmap
+
+
+def build_image(tmp: Path, seed: int = 1) -> Built:
+    rng = random.Random(seed)
+    layout = [
+        (0, rng.randbytes(8192)),  # boot sector and "superblock": held back
+        (MiB - 4096, _chunk(rng, 16384)),  # straddles the held-back MiB
+        (2 * MiB, _chunk(rng, 9 * MiB)),  # longer than a range: split in two
+        (13 * MiB, bytes(8192)),  # written zeros are data, not a hole
+        (20 * MiB, _chunk(rng, 4096)),
+        (SIZE - 4096, rng.randbytes(4096)),  # the very last block
+    ]
+    out = tmp / "image"
+    out.mkdir()
+    raw = _sparse_image(tmp / "os.img", layout, SIZE)
+    os_image, bmap = _pack(out, tmp / "os.img")
+    single_raw = _sparse_image(
+        tmp / "single.img", [(0, rng.randbytes(4096)), (5 * MiB, _chunk(rng, MiB))], SIZE
+    )
+    single, _ = _pack(out, tmp / "single.img")
+    manifest = Manifest(
+        Source("gold", "Debian 12", "amd64", "6.1", "2024-01-01T00:00:00Z"),
+        RootFs("ext4", SIZE, SIZE, 4096),
+        os_image,
+        (),
+        single,
+    )
+    (out / MANIFEST).write_text(manifest.to_json())
+    return Built(out, manifest, raw, single_raw, bmap)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    return build_image(tmp_path_factory.mktemp("osimg"))
+
+
+@pytest.fixture(scope="module")
+def server(built: Built) -> Iterator[FaultServer]:
+    with FaultServer(built.dir) as srv:
+        yield srv
+
+
+@pytest.fixture
+def srv(server: FaultServer) -> FaultServer:
+    server.faults.clear()
+    server.requests.clear()
+    return server
+
+
+def data_name(b: Built) -> str:
+    return b.manifest.os.data.file
+
+
+def write_to(path: Path, b: Built, source: object, **kw: object) -> WriteResult:
+    with open_destination(str(path), SIZE) as dest:
+        return write_os(source, b.manifest, dest.fd, progress=False, name=str(path), **kw)  # type: ignore[arg-type]
+
+
+def merged(ranges: tuple[Range, ...]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for r in ranges:
+        if out and out[-1][0] + out[-1][1] == r.offset:
+            out[-1][1] += r.length
+        else:
+            out.append([r.offset, r.length])
+    return [(o, n) for o, n in out]
+
+
+def assert_image(path: Path, raw: bytes, bmap: BlockMap) -> None:
+    data = path.read_bytes()
+    assert len(data) == len(raw)
+    assert hashlib.sha256(data).digest() == hashlib.sha256(raw).digest()
+    with open(path, "rb") as f:
+        extents = list(data_extents(f.fileno(), len(raw)))
+    assert extents == merged(bmap.ranges), "holes were written or data is missing"
+
+
+def first_mib(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(HEADER)
+
+
+def http(srv: FaultServer, policy: RetryPolicy = FAST) -> HttpSource:
+    return HttpSource(srv.url, policy)
+
+
+# --- from a directory -------------------------------------------------------------
+
+
+def test_writes_data_and_keeps_holes(built: Built, tmp_path: Path) -> None:
+    out = tmp_path / "disk.img"
+    result = write_to(out, built, DirSource(built.dir))
+    assert_image(out, built.raw, built.bmap)
+    assert result.bytes_written == built.bmap.mapped == built.manifest.os.data.raw_size
+    assert result.compressed == built.manifest.os.data.size
+    assert result.ranges == len(built.bmap.ranges) == 7
+    assert result.image_size == SIZE
+
+
+def test_single_image(built: Built, tmp_path: Path) -> None:
+    out = tmp_path / "disk.img"
+    assert built.manifest.single is not None
+    result = write_to(out, built, DirSource(built.dir), which="single")
+    bmap = parse_blockmap((built.dir / built.manifest.single.blockmap.file).read_bytes())
+    assert_image(out, built.single_raw, bmap)
+    assert result.which == "single"
+
+
+def test_direct_io_path(built: Built, tmp_path: Path) -> None:
+    probe = tmp_path / "probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
+    except OSError:
+        pytest.skip("the temp filesystem does not support O_DIRECT")
+    os.close(fd)
+    out = tmp_path / "disk.img"
+    result = write_to(out, built, DirSource(built.dir), direct=True)
+    assert result.direct
+    assert_image(out, built.raw, built.bmap)
+
+
+def test_regular_file_is_created_sparse_and_grown(built: Built, tmp_path: Path) -> None:
+    out = tmp_path / "disk.img"
+    out.write_bytes(b"")
+    write_to(out, built, DirSource(built.dir))
+    assert out.stat().st_size == SIZE
+    assert out.stat().st_blocks * 512 < SIZE  # still sparse
+
+
+def test_destination_too_small_is_untouched(built: Built, tmp_path: Path) -> None:
+    out = tmp_path / "small.img"
+    old = b"\x5a" * HEADER + bytes(MiB)
+    out.write_bytes(old)
+    with open(out, "r+b") as f, pytest.raises(UserError, match="too small"):
+        write_os(DirSource(built.dir), built.manifest, f, progress=False)
+    assert out.read_bytes() == old
+
+
+def test_truncated_blob_on_disk(built: Built, tmp_path: Path) -> None:
+    copy = _copy_image(built, tmp_path)
+    blob = copy / data_name(built)
+    blob.write_bytes(blob.read_bytes()[:-100])
+    out = tmp_path / "disk.img"
+    with pytest.raises(VerificationError):
+        write_to(out, built, DirSource(copy))
+    assert first_mib(out) == bytes(HEADER)
+
+
+def test_longer_blob_on_disk(built: Built, tmp_path: Path) -> None:
+    copy = _copy_image(built, tmp_path)
+    with open(copy / data_name(built), "ab") as f:
+        f.write(b"extra")
+    with pytest.raises(VerificationError, match="longer"):
+        write_to(tmp_path / "disk.img", built, DirSource(copy))
+
+
+def _copy_image(built: Built, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in built.dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    return copy
+
+
+def _repin(
+    copy: Path, manifest: Manifest, *, data: bytes | None = None, bmap: bytes | None = None
+) -> Manifest:
+    """Replace the OS data or block map, pinning the new content (the capture was bad)."""
+    os_image = manifest.os
+    if data is not None:
+        (copy / os_image.data.file).unlink()
+        os_image = replace(
+            os_image, data=replace(write_blob(copy, "img.zst", data), raw_size=os_image.data.raw_size)
+        )
+    if bmap is not None:
+        (copy / os_image.blockmap.file).unlink()
+        os_image = replace(os_image, blockmap=write_blob(copy, "bmap.json", bmap))
+    new = replace(manifest, os=os_image)
+    (copy / MANIFEST).write_text(new.to_json())
+    return new
+
+
+def test_bad_zstd_frame_is_fatal(built: Built, tmp_path: Path) -> None:
+    copy = _copy_image(built, tmp_path)
+    data = bytearray((copy / data_name(built)).read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64
+    data[0:4] = b"XXXX"  # not a zstd magic
+    manifest = _repin(copy, built.manifest, data=bytes(data))
+    out = tmp_path / "disk.img"
+    with open_destination(str(out), SIZE) as dest, pytest.raises(VerificationError, match="zstd"):
+        write_os(DirSource(copy), manifest, dest.fd, progress=False)
+    assert first_mib(out) == bytes(HEADER)
+
+
+def test_range_hash_mismatch_wipes_the_header(built: Built, tmp_path: Path) -> None:
+    copy = _copy_image(built, tmp_path)
+    bmap = built.bmap
+    bad = replace(bmap, ranges=(*bmap.ranges[:-1], replace(bmap.ranges[-1], sha256="0" * 64)))
+    manifest = _repin(copy, built.manifest, bmap=bad.to_json().encode())
+    out = tmp_path / "disk.img"
+    old_os = b"\x53\xef" * (HEADER // 2)  # a previous install's header
+    with open(out, "wb") as f:
+        f.write(old_os)
+    with open_destination(str(out), SIZE) as dest, pytest.raises(VerificationError, match="range at byte"):
+        write_os(DirSource(copy), manifest, dest.fd, progress=False)
+    assert first_mib(out) == bytes(HEADER)
+    with open(out, "rb") as f:  # the ranges before the bad one did land
+        f.seek(2 * MiB)
+        assert f.read(MiB) == built.raw[2 * MiB : 3 * MiB]
+
+
+def test_missing_single_is_a_user_error(built: Built, tmp_path: Path) -> None:
+    manifest = replace(built.manifest, single=None)
+    with open_destination(str(tmp_path / "d.img"), SIZE) as dest, pytest.raises(UserError, match="single"):
+        write_os(DirSource(built.dir), manifest, dest.fd, which="single")
+
+
+# --- over HTTP, with faults -------------------------------------------------------
+
+
+def test_http_clean(built: Built, srv: FaultServer, tmp_path: Path) -> None:
+    out = tmp_path / "disk.img"
+    result = write_to(out, built, http(srv))
+    assert_image(out, built.raw, built.bmap)
+    assert result.compressed == built.manifest.os.data.size
+    assert [r.start for r in srv.requests_for(data_name(built))] == [0]
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_dropped_connection_resumes_at_the_exact_offset(
+    built: Built, srv: FaultServer, tmp_path: Path, seed: int
+) -> None:
+    rng = random.Random(seed)
+    size = built.manifest.os.data.size
+    drops = sorted(rng.sample(range(1, size), rng.randint(1, 3)))
+    if seed == 0:
+        drops = [1, 2, size - 1]  # the edges
+    srv.faults[data_name(built)] = Fault(drops=list(drops))
+    out = tmp_path / "disk.img"
+    write_to(out, built, http(srv))
+    assert_image(out, built.raw, built.bmap)
+    reqs = srv.requests_for(data_name(built))
+    assert [r.start for r in reqs] == [0, *drops]
+    assert [r.status for r in reqs] == [200] + [206] * len(drops)
+
+
+def test_many_drops_each_making_progress_do_not_exhaust_retries(
+    built: Built, srv: FaultServer, tmp_path: Path
+) -> None:
+    size = built.manifest.os.data.size
+    drops = [size * i // 12 for i in range(1, 12)]  # 11 cuts, only 4 attempts allowed
+    srv.faults[data_name(built)] = Fault(drops=drops)
+    out = tmp_path / "disk.img"
+    write_to(out, built, http(srv))
+    assert_image(out, built.raw, built.bmap)
+
+
+def test_server_ignoring_range_is_skipped_forward(built: Built, srv: FaultServer, tmp_path: Path) -> None:
+    size = built.manifest.os.data.size
+    srv.faults[data_name(built)] = Fault(drops=[size // 3, size // 2], ignore_range=True)
+    out = tmp_path / "disk.img"
+    write_to(out, built, http(srv))
+    assert_image(out, built.raw, built.bmap)
+    assert [r.status for r in srv.requests_for(data_name(built))] == [200, 200, 200]
+
+
+def test_stall_longer_than_timeout_resumes(built: Built, srv: FaultServer, tmp_path: Path) -> None:
+    at = built.manifest.os.data.size // 2
+    srv.faults[data_name(built)] = Fault(stall_at=at, stall_seconds=1.5)
+    out = tmp_path / "disk.img"
+    write_to(out, built, http(srv, replace(FAST, timeout=0.3)))
+    assert_image(out, built.raw, built.bmap)
+    # urllib3 drops a partly read chunk on a timeout, so the resume may start earlier.
+    starts = [r.start for r in srv.requests_for(data_name(built))]
+    assert len(starts) == 2 and 0 < starts[1] <= at
+
+
+def test_5xx_burst_then_success(built: Built, srv: FaultServer, tmp_path: Path) -> None:
+    srv.faults[data_name(built)] = Fault(errors=3, status=503)
+    out = tmp_path / "disk.img"
+    write_to(out, built, http(srv))
+    assert_image(out, built.raw, built.bmap)
+    assert [r.status for r in srv.requests_for(data_name(built))] == [503, 503, 503, 200]
+
+
+def test_persistent_5xx_gives_up_after_bounded_attempts(
+    built: Built, srv: FaultServer, tmp_path: Path
+) -> None:
+    srv.faults[data_name(built)] = Fault(errors=-1, status=502)
+    out = tmp_path / "disk.img"
+    out.write_bytes(b"old")
+    with pytest.raises(RetryableError, match="after 4 attempts"):
+        write_to(out, built, http(srv))
+    assert len(srv.requests_for(data_name(built))) == FAST.attempts
+    assert out.read_bytes()[:3] == b"old"  # nothing was written
+
+
+def test_persistent_cut_gives_up_and_leaves_no_filesystem(
+    built: Built, srv: FaultServer, tmp_path: Path
+) -> None:
+    cut = built.manifest.os.data.size - 10
+    srv.faults[data_name(built)] = Fault(drop_always=cut)
+    out = tmp_path / "disk.img"
+    with pytest.raises(RetryableError, match=f"at byte {cut}"):
+        write_to(out, built, http(srv))
+    assert first_mib(out) == bytes(HEADER)
+    with open(out, "rb") as f:  # most of the image landed, the header never did
+        f.seek(2 * MiB)
+        assert f.read(MiB) == built.raw[2 * MiB : 3 * MiB]
+
+
+@pytest.mark.parametrize("where", [0.0, 0.001, 0.3, 0.5, 0.9, 1.0])
+def test_corrupt_byte_is_fatal_and_leaves_no_filesystem(
+    built: Built, srv: FaultServer, tmp_path: Path, where: float
+) -> None:
+    size = built.manifest.os.data.size
+    srv.faults[data_name(built)] = Fault(corrupt_at=min(int(size * where), size - 1))
+    out = tmp_path / "disk.img"
+    with pytest.raises(VerificationError):
+        write_to(out, built, http(srv))
+    assert first_mib(out) == bytes(HEADER)
+
+
+def test_truncated_file_on_server_is_fatal(built: Built, srv: FaultServer, tmp_path: Path) -> None:
+    srv.faults[data_name(built)] = Fault(truncate=built.manifest.os.data.size // 2)
+    out = tmp_path / "disk.img"
+    with pytest.raises(VerificationError, match="manifest says"):
+        write_to(out, built, http(srv))
+    assert first_mib(out) == bytes(HEADER)
+    assert len(srv.requests_for(data_name(built))) == 1  # fatal: no retry
+
+
+def test_truncated_after_resume_is_fatal(built: Built, srv: FaultServer, tmp_path: Path) -> None:
+    size = built.manifest.os.data.size
+    # The connection drops, and by the time we resume the file has shrunk below our offset.
+    srv.faults[data_name(built)] = Fault(drops=[size // 2])
+    out = tmp_path / "disk.img"
+    source = http(srv)
+    reader = source.open(data_name(built), size)
+    first = reader.read(size)  # up to the cut
+    assert len(first) == size // 2
+    srv.faults[data_name(built)] = Fault(truncate=size // 4)
+    with pytest.raises(VerificationError, match="shorter"):
+        reader.read(1 << 20)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("delta", [-1, 1, 1000])
+def test_content_length_lie_is_fatal_before_writing(
+    built: Built, srv: FaultServer, tmp_path: Path, delta: int
+) -> None:
+    srv.faults[data_name(built)] = Fault(length_delta=delta)
+    out = tmp_path / "disk.img"
+    out.write_bytes(b"old")
+    with pytest.raises(VerificationError, match="the manifest says"):
+        write_to(out, built, http(srv))
+    assert out.read_bytes()[:3] == b"old"
+
+
+def test_tampered_block_map_is_refused(built: Built, srv: FaultServer, tmp_path: Path) -> None:
+    srv.faults[built.manifest.os.blockmap.file] = Fault(corrupt_at=20)
+    with pytest.raises(VerificationError, match="sha256"):
+        write_to(tmp_path / "disk.img", built, http(srv))
+    assert srv.requests_for(data_name(built)) == []
+
+
+# --- the command line and the block-device checks ---------------------------------
+
+
+def test_cli_write_os_json(
+    built: Built, srv: FaultServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "disk.img"
+    assert cli.main(["write-os", "--image", srv.url, "--device", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["bytes_written"] == built.bmap.mapped and doc["image_size"] == SIZE
+    assert_image(out, built.raw, built.bmap)
+
+
+def test_cli_write_os_summary_and_single(
+    built: Built, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "disk.img"
+    assert cli.main(["write-os", "--image", str(built.dir), "--device", str(out), "--single"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("wrote ") and "24.0 MiB image" in line and "\n" not in line
+
+
+def test_cli_failure_is_one_line(
+    built: Built, srv: FaultServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    srv.faults[data_name(built)] = Fault(corrupt_at=1000)
+    rc = cli.main(["write-os", "--image", srv.url, "--device", str(tmp_path / "d.img")])
+    err = capsys.readouterr().err
+    assert rc == VerificationError.exit_code
+    lines = [ln for ln in err.splitlines() if ln.startswith("bootenv:")]
+    assert len(lines) == 1 and "Traceback" not in err
+
+
+def test_parse_mountinfo() -> None:
+    info = (
+        "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+        "40 22 7:3 / /mnt/x rw - ext4 /dev/loop3 rw\n"
+        "41 22 0:5 / /dev rw - devtmpfs udev rw\n"
+    )
+    mounts = _mounted_devnos(info)
+    assert mounts[os.makedev(7, 3)] == "/mnt/x"
+    assert mounts[os.makedev(254, 0)] == "/"
+
+
+def test_mounted_device_is_refused() -> None:
+    dev = os.makedev(250, 77)  # no such device in sysfs: only the mount table matters
+    info = "40 22 250:77 / /srv/data rw - ext4 /dev/fake rw\n"
+    with pytest.raises(UserError, match="mounted at /srv/data"):
+        check_not_in_use("/dev/fake", dev, info)
+    check_not_in_use("/dev/fake", os.makedev(250, 78), info)
+
+
+def test_running_root_is_refused() -> None:
+    root = os.stat("/").st_dev
+    if not os.major(root):
+        pytest.skip("the root filesystem is not on a block device here")
+    with pytest.raises(UserError):
+        check_not_in_use("/dev/root", root, "")
+
+
+def test_check_fits() -> None:
+    check_fits("/dev/x", 100, 100)
+    with pytest.raises(UserError, match="too small"):
+        check_fits("/dev/x", 99, 100)
+
+
+def test_manifest_roundtrip_of_helper(built: Built) -> None:
+    assert parse_manifest((built.dir / MANIFEST).read_text()) == built.manifest
