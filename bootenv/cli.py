@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", metavar="DIR|URL")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_inspect)
+
+    p = verbs.add_parser("write-os", parents=[common], help="stream the OS sub-image onto a disk or file")
+    p.add_argument("--image", required=True, metavar="DIR|URL", help="the composite image")
+    p.add_argument("--device", required=True, metavar="PATH", help="a disk, a partition or a regular file")
+    p.add_argument("--single", action="store_true", help="write the classic one-piece image instead")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=cmd_write_os)
     return parser
 
 
@@ -158,6 +165,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"{c.name}: {' '.join(c.packages)}")
         if c.units:
             print(f"{' ' * len(c.name)}  units: {' '.join(c.units)}")
+    return 0
+
+
+def cmd_write_os(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from bootenv.oswrite import write_os_path
+
+    result = write_os_path(args.image, args.device, which="single" if args.single else "os")
+    if args.json:
+        print(_json({**asdict(result), "throughput": round(result.throughput)}))
+    else:
+        print(result.summary())
     return 0
 
 
