@@ -13,10 +13,14 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bootenv import __version__
 from bootenv.errors import BootenvError, UserError
 from bootenv.log import human_bytes, setup_logging
+
+if TYPE_CHECKING:
+    from bootenv.signing import Trust
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=cmd_capture)
 
+    p = verbs.add_parser("keygen", parents=[common], help="create an ed25519 signing key")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="KEY", help="writes KEY and KEY.pub")
+    p.set_defaults(handler=cmd_keygen)
+
+    p = verbs.add_parser("sign", parents=[common], help="sign a composite image's manifest")
+    p.add_argument("image", type=Path, metavar="DIR")
+    p.add_argument("--key", type=Path, required=True, metavar="KEY")
+    p.set_defaults(handler=cmd_sign)
+
+    p = verbs.add_parser("verify", parents=[common], help="check an image's signature and every blob")
+    p.add_argument("image", metavar="DIR|URL")
+    add_trust_options(p)
+    p.add_argument("--manifest-only", action="store_true", help="check the signature only")
+    p.set_defaults(handler=cmd_verify)
+
     p = verbs.add_parser("inspect", parents=[common], help="show a composite image's contents")
     p.add_argument("image", metavar="DIR|URL")
     p.add_argument("--json", action="store_true")
@@ -61,6 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_write_os)
     return parser
+
+
+def add_trust_options(p: argparse.ArgumentParser) -> None:
+    """--trust / --fingerprint / --insecure, shared by every verb that reads an image."""
+    p.add_argument("--trust", action="append", default=[], type=Path, metavar="KEY.pub")
+    p.add_argument("--fingerprint", action="append", default=[], metavar="sha256:HEX")
+    p.add_argument("--insecure", action="store_true", help="accept unsigned images (loudly)")
+
+
+def trust_from_args(args: argparse.Namespace) -> Trust:
+    from bootenv.signing import Trust, parse_fingerprint, read_public_key
+
+    return Trust(
+        keys=tuple(read_public_key(p) for p in args.trust),
+        fingerprints=tuple(parse_fingerprint(f) for f in args.fingerprint),
+        insecure=args.insecure,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,6 +182,44 @@ def cmd_capture(args: argparse.Namespace) -> int:
     else:
         print(_table(summary_rows(result.manifest)))
         print(f"{result.excluded} paths excluded on purpose; image written to {args.output}")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from bootenv.signing import keygen
+
+    fp = keygen(args.output)
+    print(f"wrote {args.output} and {args.output}.pub; fingerprint {fp}")
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from bootenv.manifest import MANIFEST, parse_manifest
+    from bootenv.signing import SIGNATURE, sign
+
+    manifest = args.image / MANIFEST
+    try:
+        raw = manifest.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {manifest}: {exc.strerror}") from exc
+    parse_manifest(raw)
+    sig = sign(raw, args.key)
+    tmp = args.image / f".{SIGNATURE}.tmp"
+    tmp.write_bytes(sig)
+    tmp.replace(args.image / SIGNATURE)
+    print(f"signed {manifest}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from bootenv.trusted import open_trusted, verify_blob
+
+    source, manifest = open_trusted(args.image, trust_from_args(args))
+    if not args.manifest_only:
+        for blob in manifest.blobs():
+            verify_blob(source, blob)
+    what = "manifest" if args.manifest_only else f"manifest and {len(manifest.blobs())} blobs"
+    print(f"{args.image}: {what} verified")
     return 0
 
 

@@ -1,0 +1,163 @@
+"""Ed25519 signatures over the manifest. The manifest pins every blob's sha256, so one
+signature covers the whole composite image.
+
+Files: `KEY` (PKCS#8 PEM private key, mode 0600), `KEY.pub` (one line:
+`ed25519 <base64 raw key>`), and the image's `manifest.json.sig`:
+{"algorithm": "ed25519", "public_key": "<base64>", "signature": "<base64>"}.
+A key is trusted by its public key file or pinned by its fingerprint
+(`sha256:<hex of sha256(raw public key)>`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from bootenv.errors import UserError, VerificationError
+
+log = logging.getLogger(__name__)
+
+SIGNATURE = "manifest.json.sig"
+ALGORITHM = "ed25519"
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What a provisioner accepts: raw public keys and/or pinned fingerprints."""
+
+    keys: tuple[bytes, ...] = ()
+    fingerprints: tuple[str, ...] = ()
+    insecure: bool = False
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.keys or self.fingerprints)
+
+
+def fingerprint(public_key: bytes) -> str:
+    return "sha256:" + hashlib.sha256(public_key).hexdigest()
+
+
+def parse_fingerprint(text: str) -> str:
+    fp = text.strip().lower()
+    hexpart = fp.removeprefix("sha256:")
+    if len(hexpart) != 64 or any(c not in "0123456789abcdef" for c in hexpart):
+        raise UserError(f"bad key fingerprint {text!r}", hint="use sha256:<64 hex digits>")
+    return "sha256:" + hexpart
+
+
+def keygen(path: Path) -> str:
+    """Write a new private key at `path` and its public key at `path.pub`."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    pub_path = path.with_name(path.name + ".pub")
+    for p in (path, pub_path):
+        if p.exists():
+            raise UserError(f"{p} already exists", hint="refusing to overwrite a key")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    pub_path.write_text(f"{ALGORITHM} {base64.b64encode(raw).decode()}\n")
+    return fingerprint(raw)
+
+
+def read_public_key(path: Path) -> bytes:
+    try:
+        algo, _, b64 = path.read_text().strip().partition(" ")
+    except OSError as exc:
+        raise UserError(f"cannot read public key {path}: {exc.strerror}") from exc
+    raw = _b64(b64, f"public key {path}")
+    if algo != ALGORITHM or len(raw) != 32:
+        raise UserError(f"{path} is not a bootenv ed25519 public key")
+    return raw
+
+
+def sign(manifest: bytes, key_path: Path) -> bytes:
+    """The signature file's content for these exact manifest bytes."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load private key {key_path}: {exc}") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise UserError(f"{key_path} is not an ed25519 private key")
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    doc = {
+        "algorithm": ALGORITHM,
+        "public_key": base64.b64encode(raw).decode(),
+        "signature": base64.b64encode(key.sign(manifest)).decode(),
+    }
+    return (json.dumps(doc, indent=2) + "\n").encode()
+
+
+def verify(manifest: bytes, signature: bytes | None, trust: Trust) -> str | None:
+    """Check the manifest's signature against the trusted keys.
+
+    Returns the signer's fingerprint, or None when verification is off (--insecure).
+    Raises VerificationError for a bad or untrusted signature, UserError when unsigned.
+    """
+    if signature is None:
+        if trust.insecure:
+            _loud_warning("the image is NOT signed")
+            return None
+        raise VerificationError(
+            f"the image is not signed (no {SIGNATURE})",
+            hint="sign it with `bootenv sign`, or pass --insecure / bootenv.insecure=1",
+        )
+    try:
+        doc = json.loads(signature)
+        ok = isinstance(doc, dict) and set(doc) == {"algorithm", "public_key", "signature"}
+        ok = ok and doc["algorithm"] == ALGORITHM
+    except (ValueError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise VerificationError(f"{SIGNATURE} is malformed")
+    raw = _b64(doc["public_key"], "signature key")
+    sig = _b64(doc["signature"], "signature")
+    fp = fingerprint(raw)
+    if not trust.configured:
+        if trust.insecure:
+            _loud_warning(f"no trusted key configured; signer {fp} is not checked")
+            return None
+        raise UserError("no trusted key configured", hint="pass --trust KEY.pub or --fingerprint FP")
+    if raw not in trust.keys and fp not in trust.fingerprints:
+        raise VerificationError(f"the image is signed by an untrusted key {fp}")
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        Ed25519PublicKey.from_public_bytes(raw).verify(sig, manifest)
+    except (InvalidSignature, ValueError) as exc:
+        raise VerificationError("the manifest signature does not verify: the image was altered") from exc
+    log.info("Manifest signature verified (key %s)", fp)
+    return fp
+
+
+def _b64(text: object, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise VerificationError(f"{what} is not base64 text")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise VerificationError(f"{what} is not valid base64") from exc
+
+
+def _loud_warning(what: str) -> None:
+    bar = "!" * 72
+    log.warning("%s", bar)
+    log.warning("!! INSECURE: %s; image verification is OFF", what)
+    log.warning("%s", bar)

@@ -1,0 +1,41 @@
+"""Open a composite image and check its signature before anything else is read."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from bootenv.errors import UserError, VerificationError
+from bootenv.log import Progress
+from bootenv.manifest import MANIFEST, Blob, Manifest, parse_manifest
+from bootenv.signing import SIGNATURE, Trust, verify
+from bootenv.source import Source, open_source
+
+log = logging.getLogger(__name__)
+
+
+def open_trusted(location: str, trust: Trust) -> tuple[Source, Manifest]:
+    """The image's source and its manifest, once the signature checks out."""
+    source = open_source(location)
+    raw = source.read_bytes(MANIFEST)
+    try:
+        signature: bytes | None = source.read_bytes(SIGNATURE)
+    except UserError:
+        signature = None
+    verify(raw, signature, trust)
+    return source, parse_manifest(raw)
+
+
+def verify_blob(source: Source, blob: Blob) -> None:
+    """Stream one blob and check its size and sha256 (constant memory)."""
+    digest = hashlib.sha256()
+    size = 0
+    progress = Progress(f"verifying {blob.file[:12]}", blob.size)
+    with source.open(blob.file, blob.size) as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+            progress.update(len(chunk))
+    progress.close()
+    if size != blob.size or digest.hexdigest() != blob.sha256:
+        raise VerificationError(f"{source.describe(blob.file)} does not match the manifest (size or sha256)")
