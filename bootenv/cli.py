@@ -79,6 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single", action="store_true", help="write the classic one-piece image instead")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_write_os)
+
+    p = verbs.add_parser("layout", parents=[common], help="lay out component sub-images in a root tree")
+    p.add_argument("--image", required=True, metavar="DIR|URL", help="the composite image")
+    p.add_argument("--components", required=True, metavar="a,b|all|none")
+    p.add_argument("--root", type=Path, required=True, metavar="PATH", help="/ or a mounted tree")
+    p.add_argument("--streams", type=int, default=0, metavar="N", help="parallel streams (default: auto)")
+    p.add_argument("--callback", metavar="URL", help="POST JSON progress events here (best effort)")
+    add_trust_options(p)
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=cmd_layout)
+
+    p = verbs.add_parser("conflicts", parents=[common], help="review and resolve layout conflicts")
+    p.add_argument("action", choices=("list", "show", "resolve"))
+    p.add_argument("id", nargs="?", metavar="ID")
+    p.add_argument("--root", type=Path, required=True, metavar="PATH")
+    p.add_argument("--keep", choices=("existing", "incoming", "merged"))
+    p.add_argument("--file", type=Path, metavar="F", help="resolve with this file's content")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_conflicts)
     return parser
 
 
@@ -252,6 +271,90 @@ def cmd_write_os(args: argparse.Namespace) -> int:
         print(_json({**asdict(result), "throughput": round(result.throughput)}))
     else:
         print(result.summary())
+    return 0
+
+
+def cmd_layout(args: argparse.Namespace) -> int:
+    from bootenv.layout import LayoutConfig, layout, parse_components
+
+    cfg = LayoutConfig(
+        image=args.image,
+        components=parse_components(args.components),
+        root=args.root,
+        streams=args.streams,
+        callback=args.callback,
+        trust=trust_from_args(args),
+    )
+    result = layout(cfg)
+    if args.json:
+        print(_json(result.to_dict()))
+        return 0 if result.ok else 1
+    if result.added:
+        print(f"added as dependencies: {', '.join(result.added)}")
+    rows = [["component", "status", "files", "bytes", "identical", "merged", "conflicts", "seconds"]]
+    for c in result.components:
+        rows.append(
+            [
+                c.name,
+                c.status,
+                str(c.files),
+                human_bytes(c.bytes),
+                str(c.identical),
+                str(len(c.merged)),
+                str(len(c.conflicts)),
+                f"{c.seconds:.1f}",
+            ]
+        )
+    print(_table(rows) if result.components else "no components to lay out")
+    for c in result.components:
+        if c.error:
+            print(f"{c.name}: FAILED: {c.error}")
+        for w in c.warnings:
+            print(f"{c.name}: warning: {w}")
+    if any(c.conflicts for c in result.components):
+        print(f"conflicts kept both versions: see `bootenv conflicts list --root {args.root}`")
+    for note in result.notes:
+        print(f"activation: {note}")
+    return 0 if result.ok else 1
+
+
+def cmd_conflicts(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from bootenv import conflicts
+
+    root = args.root.absolute()
+    if args.action == "list":
+        found = conflicts.load_all(root)
+        if args.json:
+            print(_json([asdict(c) for c in found]))
+        elif not found:
+            print("no conflicts")
+        else:
+            rows = [["id", "component", "path", "reason", "resolution"]]
+            for c in found:
+                res = (c.resolution or {}).get("keep", "open")
+                rows.append([c.id, c.component, "/" + c.path, c.reason, str(res)])
+            print(_table(rows))
+        return 0
+    if not args.id:
+        raise UserError(f"conflicts {args.action} needs an ID", hint="see `bootenv conflicts list`")
+    if args.action == "show":
+        c = conflicts.load(root, args.id)
+        if args.json:
+            print(_json({**asdict(c), "diff": conflicts.diff(root, c)}))
+            return 0
+        print(f"conflict {c.id}: /{c.path} from component {c.component} ({c.reason})")
+        print(f"existing: {_json(c.existing)}")
+        print(f"incoming (kept in /{c.stored}): {_json(c.incoming)}")
+        print(conflicts.diff(root, c) or "(no text diff)", end="")
+        if c.resolution:
+            print(f"\nresolved: {c.resolution}")
+        return 0
+    if args.keep is None and args.file is None:
+        raise UserError("resolve needs --keep existing|incoming|merged or --file F")
+    done = conflicts.resolve(root, args.id, args.keep, args.file)
+    print(_json(asdict(done)) if args.json else f"conflict {done.id} resolved: {done.resolution}")
     return 0
 
 

@@ -1,0 +1,78 @@
+"""Merge a laid-out component's dpkg status paragraphs into the target's database.
+
+The component archive carries /var/lib/bootenv/dpkg/<component>.status (its packages'
+status paragraphs) and the packages' /var/lib/dpkg/info files as ordinary members. This
+adds the paragraphs to /var/lib/dpkg/status: a paragraph for the same package and
+architecture is replaced where it stands, a new one is appended, so running it twice
+changes nothing. The file is replaced atomically, keeping its owner and mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+from bootenv.dpkg import STATUS, parse_fields, parse_stanzas, render_status
+from bootenv.split import COMPONENT_STATUS_DIR
+
+log = logging.getLogger(__name__)
+
+
+def _key(stanza: str) -> tuple[str, str]:
+    f = parse_fields(stanza)
+    return f.get("package", ""), f.get("architecture", "")
+
+
+def merged_status(current: str, incoming: str) -> str:
+    """Pure: `current` with `incoming`'s paragraphs replaced in place or appended."""
+    stanzas = parse_stanzas(current)
+    index = {_key(s): i for i, s in enumerate(stanzas)}
+    for stanza in parse_stanzas(incoming):
+        key = _key(stanza)
+        if key in index:
+            stanzas[index[key]] = stanza
+        else:
+            index[key] = len(stanzas)
+            stanzas.append(stanza)
+    return render_status(stanzas)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read().decode("utf-8", "surrogateescape")
+
+
+def merge_component_status(root: Path, component: str) -> list[str]:
+    """Merge `component`'s paragraphs into ROOT's status; return its package names."""
+    src = root / COMPONENT_STATUS_DIR.lstrip("/") / f"{component}.status"
+    incoming = _read(src)
+    if incoming is None:
+        log.info("%s: no dpkg status paragraphs in the archive", component)
+        return []
+    status = root / STATUS
+    current = _read(status)
+    text = merged_status(current or "", incoming)
+    names = [_key(s)[0] for s in parse_stanzas(incoming)]
+    if text == current:
+        return names
+    st = os.lstat(status) if current is not None else None
+    status.parent.mkdir(parents=True, exist_ok=True)
+    tmp = status.with_name(".status.bootenv-tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(text.encode("utf-8", "surrogateescape"))
+        f.flush()
+        if st is not None:
+            if os.geteuid() == 0:
+                os.fchown(f.fileno(), st.st_uid, st.st_gid)
+            os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
+        os.fsync(f.fileno())
+    os.replace(tmp, status)
+    log.info("%s: %d packages added to the dpkg database", component, len(names))
+    return names

@@ -1,0 +1,174 @@
+"""The shared-path rule: what happens when a stream finds a path already taken.
+
+A stream never overwrites what another stream or the OS image put in place. When it
+finds its path taken:
+
+- **Identical** (same type; same bytes, symlink target or device number): nothing.
+- **Mergeable text config**: both versions are regular files under `/etc`, at most
+  1 MiB, and neither holds a NUL byte. The result is the concatenation of the OS
+  version (the *base*, if the OS had the file) followed by every component's version
+  in component-name order, each piece ending in a newline, a piece equal to the base or
+  to an earlier piece included once. It depends only on *which* components provided
+  the file, never on the order they arrived, so parallel and sequential layouts agree.
+- **Anything else** (binaries, differing types): a conflict, see `conflicts.py`.
+
+To rebuild the merge whatever the arrival order, every version is recorded under
+`/var/lib/bootenv/layout/merge/<hash of path>/` (the base and one part per component,
+each written atomically) and the file is rebuilt from the records under a per-path
+lock. A part recorded twice is the same part, so a re-run after a crash never appends
+anything twice. A component that *places* a new text file under /etc first leaves an
+empty marker naming itself and the content's hash, so whoever merges into it later can
+tell a component's file from the OS's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+STATE = Path("var/lib/bootenv/layout")
+MAX_MERGE = 1 << 20
+
+
+@dataclass(frozen=True)
+class Meta:
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+
+
+def is_candidate(relpath: str, data: bytes) -> bool:
+    """True when `data` at `relpath` could be merged (the other side is checked too)."""
+    return relpath.startswith("etc/") and len(data) <= MAX_MERGE and b"\0" not in data
+
+
+def concatenate(base: bytes | None, parts: dict[str, bytes]) -> bytes:
+    """The merge of a base and per-component parts, in component-name order."""
+    pieces: list[bytes] = []
+    for piece in ([base] if base is not None else []) + [parts[k] for k in sorted(parts)]:
+        if piece in pieces:
+            continue
+        pieces.append(piece)
+    out = bytearray()
+    for piece in pieces:
+        if out and not out.endswith(b"\n"):
+            out += b"\n"
+        out += piece
+    return bytes(out)
+
+
+def path_key(relpath: str) -> str:
+    return hashlib.sha256(relpath.encode(errors="surrogateescape")).hexdigest()[:32]
+
+
+def content_key(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+class MergeState:
+    """The records of mergeable shared paths under ROOT/var/lib/bootenv/layout."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.owners = root / STATE / "owners"
+        self.merge = root / STATE / "merge"
+        self.owners.mkdir(parents=True, exist_ok=True)
+        self.merge.mkdir(parents=True, exist_ok=True)
+
+    def mark(self, relpath: str, component: str, data: bytes, *, placed: bool) -> None:
+        """Leave a marker that `component` provides `data` at `relpath` (first kind wins)."""
+        name = f"{path_key(relpath)}.{component}.{content_key(data)}"
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(self.owners / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            try:
+                os.write(fd, b"placed" if placed else b"")
+            finally:
+                os.close(fd)
+
+    def _markers(self, relpath: str, data: bytes) -> dict[str, bool]:
+        """Components that marked exactly this content at `relpath`: name -> placed."""
+        prefix = path_key(relpath) + "."
+        suffix = "." + content_key(data)
+        out: dict[str, bool] = {}
+        for entry in os.scandir(self.owners):
+            if entry.name.startswith(prefix) and entry.name.endswith(suffix):
+                comp = entry.name[len(prefix) : -len(suffix)]
+                with open(entry.path, "rb") as f:
+                    out[comp] = f.read() == b"placed"
+        return out
+
+    def initialized(self, relpath: str) -> bool:
+        return (self.merge / path_key(relpath) / "init").exists()
+
+    @contextlib.contextmanager
+    def locked(self, relpath: str) -> Iterator[Path]:
+        d = self.merge / path_key(relpath)
+        d.mkdir(exist_ok=True)
+        fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield d
+        finally:
+            os.close(fd)
+
+    def merge_into(
+        self,
+        relpath: str,
+        component: str,
+        data: bytes,
+        meta: Meta,
+        read_existing: Callable[[], tuple[bytes, Meta]],
+        apply: Callable[[bytes, Meta], None],
+    ) -> bool:
+        """Record `component`'s version and rebuild the file; True if it changed.
+
+        `read_existing` returns the file in place; `apply` atomically replaces it. Both
+        run under the per-path lock, so concurrent streams merge one at a time.
+        """
+        with self.locked(relpath) as d:
+            current, cur_meta = read_existing()
+            if not (d / "init").exists():
+                owners = self._markers(relpath, current)
+                if any(owners.values()):
+                    for comp in owners:
+                        self._save(d, f"part.{comp}", current, cur_meta)
+                else:
+                    self._save(d, "base", current, cur_meta)
+                _atomic_write(d / "path", relpath.encode(errors="surrogateescape"))
+                _atomic_write(d / "init", b"")
+            self._save(d, f"part.{component}", data, meta)
+            content, merged_meta = self._rebuild(d)
+            if content == current:
+                return False
+            apply(content, merged_meta)
+            return True
+
+    def _save(self, d: Path, name: str, data: bytes, meta: Meta) -> None:
+        _atomic_write(d / name, data)
+        _atomic_write(d / f"{name}.meta", json.dumps(asdict(meta)).encode())
+
+    def _rebuild(self, d: Path) -> tuple[bytes, Meta]:
+        base = (d / "base").read_bytes() if (d / "base").exists() else None
+        parts: dict[str, bytes] = {}
+        for entry in sorted(os.listdir(d)):
+            if entry.startswith("part.") and not entry.endswith((".meta", ".tmp")):
+                meta_file = d / f"{entry}.meta"
+                if meta_file.exists():  # the part is complete once its meta is there
+                    parts[entry[5:]] = (d / entry).read_bytes()
+        first = "base" if base is not None else f"part.{sorted(parts)[0]}"
+        meta = Meta(**json.loads((d / f"{first}.meta").read_bytes()))
+        return concatenate(base, parts), meta
