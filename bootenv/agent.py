@@ -1,0 +1,306 @@
+"""`bootenv agent`: provision this machine's disk from a composite image, then hand off.
+
+read config → manifest → choose the disk → preflight (nothing written yet) →
+partition → stream the OS onto the root partition → configure the target → hand off.
+
+Every step is timed and posted to the callback (best effort). If anything fails after
+the disk was touched, its partition table and filesystem signatures are wiped so the
+machine can never boot a half-written OS; the error goes to the callback and the
+console, and the agent exits non-zero (the ramdisk then drops to a shell; it never
+reboots, so a failure cannot become a reboot loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bootenv import bootloader, handoff, target
+from bootenv.blockdev import (
+    check_file_not_attached,
+    check_not_in_use,
+    device_size,
+    open_destination,
+    sector_size,
+)
+from bootenv.cmdline import AgentConfig, DiskKind, Handoff
+from bootenv.disks import DiskChoice, choose_disk, log_choice, read_disks
+from bootenv.errors import BootenvError, FatalError, UserError
+from bootenv.log import step
+from bootenv.manifest import Manifest, resolve_components
+from bootenv.oswrite import write_os
+from bootenv.partition import (
+    MiB,
+    PartitionPlan,
+    Role,
+    apply_plan,
+    partition_node,
+    plan_partitions,
+    required_size,
+    wait_for_node,
+)
+from bootenv.run import run, which
+from bootenv.signing import Trust, read_public_key
+from bootenv.source import Source
+from bootenv.trusted import open_trusted
+
+log = logging.getLogger(__name__)
+
+CALLBACK_TIMEOUT = 5.0
+TRUSTED_DIR = Path("/etc/bootenv/trusted")  # the ramdisk's built-in signing keys (*.pub)
+
+
+@dataclass
+class Report:
+    """Timings of the steps so far, posted to the callback after each one."""
+
+    callback: str | None
+    hostname: str = ""
+    steps: list[dict[str, object]] = field(default_factory=list)
+
+    def post(self, event: str, **extra: object) -> None:
+        if not self.callback:
+            return
+        body = {"event": event, "hostname": self.hostname, "steps": self.steps, **extra}
+        try:
+            import requests
+
+            requests.post(self.callback, json=body, timeout=CALLBACK_TIMEOUT)
+        except Exception as exc:  # best effort: a dead callback must not stop provisioning
+            log.warning("could not post %s to the callback: %s", event, exc)
+
+    @contextmanager
+    def step(self, name: str, title: str) -> Iterator[None]:
+        start = time.monotonic()
+        with step(title):
+            yield
+        self.steps.append({"step": name, "seconds": round(time.monotonic() - start, 3)})
+        self.post("step", step=name)
+
+
+@dataclass(frozen=True)
+class AgentResult:
+    disk: str
+    plan: PartitionPlan
+    identity: target.Identity
+    components: tuple[str, ...]
+    kexec: handoff.KexecSpec | None
+
+
+def run_agent(cfg: AgentConfig, *, ramdisk_cmdline: str = "") -> AgentResult:
+    """Provision the disk; the caller hands off (see `finish`)."""
+    ident = target.new_identity(cfg.hostname)
+    report = Report(cfg.callback, ident.hostname)
+    try:
+        return _provision(cfg, ident, report, ramdisk_cmdline)
+    except BootenvError as exc:
+        log.error("provisioning failed: %s", exc)
+        report.post("failed", error=str(exc))
+        raise
+    except Exception as exc:
+        log.error("provisioning failed: %s: %s", type(exc).__name__, exc)
+        report.post("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _provision(cfg: AgentConfig, ident: target.Identity, report: Report, cmdline: str) -> AgentResult:
+    with report.step("manifest", f"Reading and verifying the image manifest from {cfg.image}"):
+        source, manifest = open_trusted(cfg.image, trust(cfg))
+        components, _ = resolve_components(manifest, cfg.wanted_components)
+    min_root = manifest.rootfs.min_size
+    with report.step("disk", "Choosing the disk"):
+        choice = _choose(cfg, required_size(min_root, 4096))
+        log_choice(choice)
+        disk = choice.disk.devnode
+    with report.step("preflight", f"Checking {disk} before writing"):
+        plan = preflight(disk, min_root)
+        bootloader.check_available()
+    with ExitStack() as stack:
+        try:
+            kexec = _write_disk(cfg, disk, plan, manifest, source, ident, report, cmdline, stack)
+        except BaseException:
+            stack.close()  # detach offset loop devices before wiping the whole disk
+            wipe_disk(disk, plan)
+            raise
+    report.post("done", disk=disk, components=components)
+    return AgentResult(disk, plan, ident, tuple(components), kexec)
+
+
+def trust(cfg: AgentConfig, trusted_dir: Path = TRUSTED_DIR) -> Trust:
+    """Keys built into the ramdisk, plus a fingerprint pinned on the command line."""
+    keys = tuple(read_public_key(p) for p in sorted(trusted_dir.glob("*.pub")))
+    return Trust(keys=keys, fingerprints=(cfg.trust,) if cfg.trust else (), insecure=cfg.insecure)
+
+
+def _choose(cfg: AgentConfig, min_size: int) -> DiskChoice:
+    disks = read_disks()
+    if cfg.disk.kind is DiskKind.DEVICE and not any(d.devnode == cfg.disk.value for d in disks):
+        raise UserError(f"bootenv.disk={cfg.disk.value}: no such disk")
+    return choose_disk(disks, cfg.disk, min_size)
+
+
+def preflight(disk: str, min_root: int) -> PartitionPlan:
+    """Every check that must pass before the first write; returns the partition plan."""
+    try:
+        st = os.stat(disk)
+    except FileNotFoundError as exc:
+        raise UserError(f"{disk} does not exist") from exc
+    if stat.S_ISBLK(st.st_mode):
+        check_not_in_use(disk, st.st_rdev)
+        flags = os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC
+    elif stat.S_ISREG(st.st_mode):
+        check_file_not_attached(disk)
+        flags = os.O_RDONLY | os.O_CLOEXEC
+    else:
+        raise UserError(f"{disk} is neither a disk nor a disk image file")
+    try:
+        fd = os.open(disk, flags)
+    except OSError as exc:
+        raise UserError(f"{disk} is in use (mounted or claimed): {exc.strerror}") from exc
+    try:
+        size, sector = device_size(fd), sector_size(fd)
+    finally:
+        os.close(fd)
+    return plan_partitions(size, sector, min_root)
+
+
+def _write_disk(
+    cfg: AgentConfig,
+    disk: str,
+    plan: PartitionPlan,
+    manifest: Manifest,
+    source: Source,
+    ident: target.Identity,
+    report: Report,
+    cmdline: str,
+    stack: ExitStack,
+) -> handoff.KexecSpec | None:
+    with report.step("partition", f"Partitioning {disk} (GPT: BIOS boot, ESP, root)"):
+        run([which("wipefs"), "-a", disk])
+        apply_plan(disk, plan)
+        parts = partition_devices(disk, plan, stack)
+    root_dev, esp_dev = parts[Role.ROOT], parts[Role.ESP]
+    with report.step("write-os", f"Streaming the OS sub-image to {root_dev}"):
+        bmap_size = manifest.rootfs.image_size
+        with open_destination(root_dev, bmap_size) as dest:
+            result = write_os(source, manifest, dest.fd, name=root_dev)
+        log.info("%s", result.summary())
+    with report.step("filesystems", "Growing the root filesystem, making the ESP"):
+        target.prepare_root_fs(root_dev, ident)
+        target.make_esp(esp_dev, ident)
+    handoff_file = target.LayoutHandoff(
+        image=cfg.image,
+        components=tuple(resolve_components(manifest, cfg.wanted_components)[0]),
+        callback=cfg.callback,
+        hostname=ident.hostname,
+        insecure=cfg.insecure,
+        trust=cfg.trust,
+    )
+    kexec = None
+    with target.mounted(root_dev) as root:
+        with report.step("configure", "Configuring the target (identity, first boot, layout)"):
+            target.configure(root, ident, handoff_file, cfg.ssh_key)
+        with report.step("runtime", "Bringing bootenv's runtime into the target"):
+            from bootenv.runtime import install_runtime
+
+            install_runtime(root)
+        with report.step("bootloader", "Installing grub for BIOS and UEFI"):
+            _install_bootloader(disk, plan, root, esp_dev, ident, cmdline)
+        if cfg.handoff is Handoff.KEXEC:
+            kexec = handoff.kexec_spec(root, ident.root_uuid, cmdline)
+            handoff.load(kexec)
+        run([which("sync")])
+    return kexec
+
+
+def _install_bootloader(
+    disk: str, plan: PartitionPlan, root: Path, esp_dev: str, ident: target.Identity, cmdline: str
+) -> None:
+    files = handoff.find_kernel(root)
+    # The /vmlinuz symlinks follow kernel upgrades (Debian keeps them current).
+    kernel = "/vmlinuz" if (root / "vmlinuz").is_symlink() else files.kernel
+    initrd = "/initrd.img" if files.initrd and (root / "initrd.img").is_symlink() else files.initrd
+    args = handoff.kernel_args(ident.root_uuid, cmdline)
+    cfg_text = bootloader.grub_cfg_text(ident.root_uuid, kernel, initrd, args, f"{ident.hostname} (bootenv)")
+    bootloader.copy_modules(root)
+    (root / "boot/grub/grub.cfg").write_text(cfg_text)
+    bootloader.install_bios(disk, root, ident.root_uuid, plan.bios.offset, plan.bios.size)
+    bootloader.install_efi(esp_dev, ident.root_uuid)
+
+
+def partition_devices(disk: str, plan: PartitionPlan, stack: ExitStack) -> dict[Role, str]:
+    """The partitions' device nodes; offset loop devices where the kernel shows none.
+
+    A disk image file, or a loop device attached without partition scanning, has no
+    partition nodes: there we attach each partition with losetup --offset/--sizelimit.
+    """
+    out: dict[Role, str] = {}
+    is_blk = stat.S_ISBLK(os.stat(disk).st_mode)
+    for p in plan.partitions:
+        node = partition_node(disk, p.number)
+        if is_blk and wait_for_node(node, timeout=0 if _no_partscan(disk) else 10.0):
+            out[p.role] = node
+            continue
+        loop = run(
+            [
+                which("losetup"),
+                "--find",
+                "--show",
+                "--offset",
+                str(p.offset),
+                "--sizelimit",
+                str(p.size),
+                disk,
+            ]
+        )
+        dev = loop.stdout.decode().strip()
+        stack.callback(run, [which("losetup"), "--detach", dev], check=False)
+        out[p.role] = dev
+    return out
+
+
+def _no_partscan(disk: str) -> bool:
+    name = Path(disk).name
+    flag = Path(f"/sys/block/{name}/loop/partscan")
+    return flag.exists() and flag.read_text().strip() == "0"
+
+
+def wipe_disk(disk: str, plan: PartitionPlan) -> None:
+    """Leave the disk unbootable: no partition table, no filesystem signatures."""
+    log.error("wiping %s so that it cannot boot a half-written system", disk)
+    try:
+        fd = os.open(disk, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.error("cannot open %s to wipe it: %s", disk, exc)
+        return
+    try:
+        zero = bytes(MiB)
+        size = plan.disk_size
+        # The primary and backup GPT, the MBR, and every partition's superblocks.
+        for offset in (0, max(0, size - MiB), *(p.offset for p in plan.partitions)):
+            os.pwrite(fd, zero, offset)
+        os.fsync(fd)
+    except OSError as exc:
+        log.error("could not wipe %s: %s", disk, exc)
+    finally:
+        os.close(fd)
+    try:
+        run([which("wipefs"), "-a", disk], check=False)
+    except BootenvError as exc:
+        log.error("wipefs: %s", exc)
+
+
+def finish(cfg: AgentConfig, result: AgentResult) -> None:
+    """Hand off to the installed system (does not return for kexec/reboot)."""
+    if cfg.handoff is Handoff.NONE:
+        log.info("bootenv.handoff=none: staying in the ramdisk")
+        return
+    if cfg.handoff is Handoff.KEXEC and result.kexec is None:
+        raise FatalError("no kernel was loaded for kexec")
+    handoff.execute(cfg.handoff)

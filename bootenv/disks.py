@@ -1,0 +1,195 @@
+"""Which disk to install on: a pure rule over DiskInfo records, and a thin pyudev reader.
+
+The rule (also in docs/AGENT.md):
+
+1. A disk is never chosen if it is removable, read-only, smaller than the image needs,
+   a virtual device (loop, ram, zram, optical, device-mapper, md), mounted or holding
+   the running root or the boot media, or held by another device (RAID, LVM).
+2. `bootenv.disk=/dev/X`, `serial:S` or `path:P` picks that one disk, and fails (with
+   the reason) if rule 1 rejects it.
+3. `auto` picks, among the rest: non-rotational disks first, then the smallest disk
+   that fits, then the one with the lowest stable path (udev's ID_PATH, else the
+   device name). So the same hardware always gets the same choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from bootenv.cmdline import DiskKind, DiskSelector
+from bootenv.errors import UserError
+from bootenv.log import human_bytes
+
+log = logging.getLogger(__name__)
+
+VIRTUAL_PREFIXES = ("loop", "ram", "zram", "sr", "fd", "dm-", "md", "nbd")
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    devnode: str  # /dev/sda
+    size: int  # bytes
+    rotational: bool = False
+    removable: bool = False
+    read_only: bool = False
+    serial: str = ""  # ID_SERIAL
+    serial_short: str = ""  # ID_SERIAL_SHORT
+    id_path: str = ""  # ID_PATH, e.g. pci-0000:00:04.0
+    model: str = ""
+    mounts: tuple[str, ...] = ()  # mount points of the disk or its partitions
+    holders: tuple[str, ...] = ()  # md/dm devices built on it
+    boot: bool = False  # holds the running root or the media we booted from
+
+    @property
+    def name(self) -> str:
+        return self.devnode.rsplit("/", 1)[-1]
+
+    def describe(self) -> str:
+        bits = [self.devnode, human_bytes(self.size)]
+        bits += [x for x in (self.model, self.serial_short or self.serial) if x]
+        return " ".join(bits)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    disk: DiskInfo
+    reason: str
+
+
+@dataclass(frozen=True)
+class DiskChoice:
+    disk: DiskInfo
+    rejected: tuple[Rejection, ...]
+
+
+def rejection(disk: DiskInfo, min_size: int) -> str | None:
+    """Why `disk` may never be installed on, or None if it may."""
+    if disk.name.startswith(VIRTUAL_PREFIXES):
+        return "virtual device"
+    if disk.boot:
+        return "holds the running root or the boot media"
+    if disk.removable:
+        return "removable"
+    if disk.read_only:
+        return "read-only"
+    if disk.size == 0:
+        return "no medium (size 0)"
+    if disk.size < min_size:
+        return f"too small ({human_bytes(disk.size)} < {human_bytes(min_size)})"
+    if disk.mounts:
+        return f"mounted at {', '.join(disk.mounts)}"
+    if disk.holders:
+        return f"in use by {', '.join(disk.holders)}"
+    return None
+
+
+def _matches(disk: DiskInfo, sel: DiskSelector) -> bool:
+    if sel.kind is DiskKind.DEVICE:
+        return disk.devnode == sel.value
+    if sel.kind is DiskKind.SERIAL:
+        return sel.value in (disk.serial, disk.serial_short)
+    if sel.kind is DiskKind.PATH:
+        return sel.value in (disk.id_path, f"/dev/disk/by-path/{disk.id_path}")
+    return True
+
+
+def sort_key(disk: DiskInfo) -> tuple[bool, int, str]:
+    return (disk.rotational, disk.size, disk.id_path or disk.devnode)
+
+
+def choose_disk(disks: list[DiskInfo], sel: DiskSelector, min_size: int) -> DiskChoice:
+    """Apply the rule above; every disk not chosen comes back with the reason why."""
+    rejected: list[Rejection] = []
+    ok: list[DiskInfo] = []
+    for disk in sorted(disks, key=lambda d: d.devnode):
+        if not _matches(disk, sel):
+            rejected.append(Rejection(disk, f"not {sel}"))
+            continue
+        reason = rejection(disk, min_size)
+        if reason:
+            rejected.append(Rejection(disk, reason))
+        else:
+            ok.append(disk)
+    if not ok:
+        detail = "; ".join(f"{r.disk.devnode}: {r.reason}" for r in rejected) or "no disks found"
+        raise UserError(f"no disk to install on ({sel}): {detail}")
+    if sel.kind is not DiskKind.AUTO and len(ok) > 1:
+        names = ", ".join(d.devnode for d in ok)
+        raise UserError(f"bootenv.disk={sel} matches several disks: {names}")
+    ok.sort(key=sort_key)
+    chosen = ok[0]
+    rejected += [Rejection(d, f"{chosen.devnode} is preferred") for d in ok[1:]]
+    return DiskChoice(chosen, tuple(rejected))
+
+
+def _mounted(mountinfo: str) -> dict[tuple[int, int], list[str]]:
+    out: dict[tuple[int, int], list[str]] = {}
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) > 4 and ":" in fields[2]:
+            major, minor = fields[2].split(":")
+            out.setdefault((int(major), int(minor)), []).append(fields[4])
+    return out
+
+
+BOOT_MOUNTS = ("/", "/run/initramfs/live", "/run/live/medium", "/cdrom", "/boot", "/boot/efi")
+
+
+def read_disks(mountinfo: str | None = None) -> list[DiskInfo]:
+    """Every whole disk udev knows, with what the rule needs to know about it."""
+    import pyudev
+
+    info = mountinfo if mountinfo is not None else Path("/proc/self/mountinfo").read_text()
+    mounted = _mounted(info)
+    root_dev = os.stat("/").st_dev
+    root = (os.major(root_dev), os.minor(root_dev))
+    context = pyudev.Context()
+    disks = []
+    for dev in context.list_devices(subsystem="block", DEVTYPE="disk"):
+        if not dev.device_node:
+            continue
+        family = [dev, *context.list_devices(subsystem="block", DEVTYPE="partition", parent=dev)]
+        mounts: list[str] = []
+        holders: list[str] = []
+        boot = False
+        for member in family:
+            num = (os.major(member.device_number), os.minor(member.device_number))
+            boot = boot or (num == root and root[0] != 0)
+            mounts += mounted.get(num, [])
+            hold = Path(member.sys_path) / "holders"
+            if hold.is_dir():
+                holders += sorted(p.name for p in hold.iterdir())
+        disks.append(
+            DiskInfo(
+                devnode=dev.device_node,
+                size=int(_attr(dev, "size") or 0) * 512,  # sysfs counts 512-byte units
+                rotational=_attr(dev, "queue/rotational") == "1",
+                removable=_attr(dev, "removable") == "1",
+                read_only=_attr(dev, "ro") == "1",
+                serial=dev.properties.get("ID_SERIAL", ""),
+                serial_short=dev.properties.get("ID_SERIAL_SHORT", ""),
+                id_path=dev.properties.get("ID_PATH", ""),
+                model=dev.properties.get("ID_MODEL", ""),
+                mounts=tuple(sorted(set(mounts))),
+                holders=tuple(holders),
+                boot=boot or any(m in BOOT_MOUNTS for m in mounts),
+            )
+        )
+    return disks
+
+
+def _attr(dev: object, name: str) -> str:
+    try:
+        value = dev.attributes.asstring(name)  # type: ignore[attr-defined]
+    except (KeyError, UnicodeDecodeError):
+        return ""
+    return str(value).strip()
+
+
+def log_choice(choice: DiskChoice) -> None:
+    log.info("Installing on %s", choice.disk.describe())
+    for r in choice.rejected:
+        log.info("  not %s: %s", r.disk.devnode, r.reason)

@@ -1,0 +1,97 @@
+"""Leaving the ramdisk: kexec into the target's own kernel, or reboot.
+
+`kexec_spec` is pure: it finds the target's kernel and initrd under its /boot and
+builds the command line (root=UUID=..., plus the console= arguments the ramdisk was
+booted with, so the target logs where the ramdisk did). `load` and `execute` do the
+I/O; the kernel is loaded while the target is still mounted, and executed after it
+was unmounted.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from bootenv.cmdline import Handoff, split_cmdline
+from bootenv.errors import FatalError
+from bootenv.run import run, which
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONSOLES = ("console=tty0", "console=ttyS0,115200n8")
+INHERITED = ("console", "earlyprintk", "nomodeset")
+
+
+@dataclass(frozen=True)
+class KernelFiles:
+    kernel: str  # path inside the target, e.g. /boot/vmlinuz-6.1.0-50-amd64
+    initrd: str | None
+    version: str
+
+
+@dataclass(frozen=True)
+class KexecSpec:
+    kernel: Path  # on the mounted target
+    initrd: Path | None
+    cmdline: str
+
+
+def _version_key(version: str) -> list[tuple[int, str]]:
+    return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.\-+~]", version)]
+
+
+def find_kernel(root: Path) -> KernelFiles:
+    """The newest kernel under the target's /boot, and its initrd if there is one."""
+    boot = root / "boot"
+    versions = [p.name.removeprefix("vmlinuz-") for p in boot.glob("vmlinuz-*") if p.is_file()]
+    if not versions:
+        raise FatalError("the OS image has no kernel in /boot (vmlinuz-*)", hint="install linux-image-*")
+    version = max(versions, key=_version_key)
+    initrd = boot / f"initrd.img-{version}"
+    return KernelFiles(
+        f"/boot/vmlinuz-{version}", f"/boot/initrd.img-{version}" if initrd.is_file() else None, version
+    )
+
+
+def kernel_args(root_uuid: str, ramdisk_cmdline: str = "") -> tuple[str, ...]:
+    """The target's kernel arguments: its root by UUID, and the ramdisk's consoles."""
+    inherited = []
+    for param, value in split_cmdline(ramdisk_cmdline):
+        if param in INHERITED:
+            inherited.append(param if value is None else f"{param}={value}")
+    return (f"root=UUID={root_uuid}", "ro", *(inherited or DEFAULT_CONSOLES))
+
+
+def kexec_spec(root: Path, root_uuid: str, ramdisk_cmdline: str = "") -> KexecSpec:
+    files = find_kernel(root)
+    return KexecSpec(
+        kernel=root / files.kernel.lstrip("/"),
+        initrd=root / files.initrd.lstrip("/") if files.initrd else None,
+        cmdline=" ".join(kernel_args(root_uuid, ramdisk_cmdline)),
+    )
+
+
+def kexec_load_argv(spec: KexecSpec) -> list[str]:
+    argv = ["kexec", "-l", str(spec.kernel), f"--command-line={spec.cmdline}"]
+    if spec.initrd:
+        argv.append(f"--initrd={spec.initrd}")
+    return argv
+
+
+def load(spec: KexecSpec) -> None:
+    """Load the target kernel (while its filesystem is still mounted)."""
+    argv = kexec_load_argv(spec)
+    run([which("kexec"), *argv[1:]])
+
+
+def execute(mode: Handoff) -> None:
+    """Hand over: jump into the loaded kernel, or reboot. Does not return on success."""
+    if mode is Handoff.KEXEC:
+        log.info("kexec into the installed system")
+        run([which("kexec"), "-e"])
+        raise FatalError("kexec -e returned")
+    if mode is Handoff.REBOOT:
+        log.info("rebooting into the installed system")
+        run([which("reboot"), "-f"])

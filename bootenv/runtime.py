@@ -1,0 +1,120 @@
+"""Bring bootenv's own Python runtime from the ramdisk into the target (/opt/bootenv).
+
+A gold machine may have no Python at all, or another version without zstandard, so
+the layout service must not use the target's. We copy the ramdisk's interpreter, its
+standard library, bootenv and its dependencies, and every shared library they link
+(found with ldd), including the dynamic loader. The unit runs the interpreter through
+that loader with --library-path, so even the target's libc is not needed:
+
+    /opt/bootenv/lib/ld-linux-x86-64.so.2 --library-path /opt/bootenv/lib \\
+        /opt/bootenv/bin/python3 -m bootenv layout ...
+
+The layout service removes /opt/bootenv once the layout succeeded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+
+from bootenv.errors import FatalError
+from bootenv.run import run, which
+
+log = logging.getLogger(__name__)
+
+RUNTIME = "/opt/bootenv"
+LOADER = "ld-linux-x86-64.so.2"
+# bootenv and what it imports at run time; optional ones are copied when present.
+PACKAGES = ("bootenv", "zstandard", "requests", "urllib3", "idna", "certifi", "charset_normalizer")
+OPTIONAL = ("chardet", "cryptography", "cffi", "_cffi_backend", "six")
+STDLIB_SKIP = (
+    *("test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data"),
+    *("site-packages", "dist-packages", "__phello__", "config-3*"),
+)
+_LDD = re.compile(r"^\s*(?:(\S+) => )?(/\S+) \(0x[0-9a-f]+\)\s*$")
+
+
+def python_argv(runtime: str = RUNTIME) -> list[str]:
+    """The command that starts the bundled interpreter on the target."""
+    return [
+        f"{runtime}/lib/{LOADER}",
+        "--library-path",
+        f"{runtime}/lib",
+        f"{runtime}/bin/python3",
+        "-s",
+    ]
+
+
+def python_env(runtime: str = RUNTIME) -> dict[str, str]:
+    return {"PYTHONHOME": runtime, "PYTHONPATH": f"{runtime}/site", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def unit_environment(runtime: str = RUNTIME) -> str:
+    return " ".join(f"{k}={v}" for k, v in python_env(runtime).items())
+
+
+def parse_ldd(text: str) -> list[str]:
+    """The absolute paths of the libraries in `ldd` output (all files' sections)."""
+    out = []
+    for line in text.splitlines():
+        m = _LDD.match(line)
+        if m:
+            out.append(m.group(2))
+    return out
+
+
+def _copy_module(name: str, site: Path) -> bool:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        return False
+    origin = Path(spec.origin)
+    if spec.submodule_search_locations:
+        shutil.copytree(
+            origin.parent, site / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    else:
+        shutil.copy2(origin, site / origin.name)
+    return True
+
+
+def install_runtime(target: Path) -> Path:
+    """Copy the running interpreter and bootenv into `target`/opt/bootenv."""
+    dest = target / RUNTIME.lstrip("/")
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "bin").mkdir(parents=True)
+    lib = dest / "lib"
+    site = dest / "site"
+    site.mkdir()
+    exe = Path(os.path.realpath(sys.executable))
+    shutil.copy2(exe, dest / "bin/python3")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    shutil.copytree(stdlib, lib / stdlib.name, symlinks=False, ignore=shutil.ignore_patterns(*STDLIB_SKIP))
+    for name in PACKAGES:
+        if not _copy_module(name, site):
+            raise FatalError(f"cannot bring {name} into the target: it is not importable here")
+    for name in OPTIONAL:
+        _copy_module(name, site)
+    _copy_libraries(dest, [exe, *sorted(p for p in dest.rglob("*.so*") if p.is_file())])
+    if not (lib / LOADER).exists():
+        raise FatalError(f"the dynamic loader {LOADER} was not found by ldd")
+    return dest
+
+
+def _copy_libraries(dest: Path, elves: list[Path]) -> None:
+    proc = run([which("ldd"), *elves], check=False)
+    libs = sorted(set(parse_ldd(proc.stdout.decode(errors="replace"))))
+    for path in libs:
+        if path.startswith(str(dest)):
+            continue
+        name = Path(path).name
+        target = dest / "lib" / name
+        if not target.exists():
+            shutil.copy2(os.path.realpath(path), target)
+    log.info("runtime: %d shared libraries copied", len(libs))

@@ -1,0 +1,257 @@
+"""Post-write configuration of the target: its filesystem, identity and first boot.
+
+The text of every file we write is built by a pure function (fstab, hosts, the
+layout hand-off, the units), and the `configure` step only places them. The order
+matters: the root filesystem gets its new UUID and is grown *before* it is mounted
+(tune2fs -U rewrites the metadata checksums only on an unmounted filesystem, and
+both tools want a freshly checked one).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bootenv.run import run, which
+from bootenv.runtime import RUNTIME, python_argv, unit_environment
+
+log = logging.getLogger(__name__)
+
+LAYOUT_JSON = "/etc/bootenv/layout.json"
+LAYOUT_UNIT = "bootenv-layout.service"
+SSH_UNIT = "bootenv-ssh-keygen.service"
+UNIT_DIR = "/etc/systemd/system"
+WANTS = f"{UNIT_DIR}/multi-user.target.wants"
+ESP_MOUNT = "/boot/efi"
+
+
+@dataclass(frozen=True)
+class Identity:
+    root_uuid: str  # the root filesystem's new UUID
+    esp_id: str  # the ESP's vfat volume id, as 8 hex digits (fstab writes XXXX-XXXX)
+    hostname: str
+
+    @property
+    def esp_uuid(self) -> str:
+        return f"{self.esp_id[:4]}-{self.esp_id[4:]}".upper()
+
+
+@dataclass(frozen=True)
+class LayoutHandoff:
+    image: str
+    components: tuple[str, ...]
+    callback: str | None
+    hostname: str
+    insecure: bool = False
+    trust: str | None = None
+
+
+def new_identity(hostname: str | None) -> Identity:
+    """Fresh UUIDs for this machine; the host name defaults to one derived from them."""
+    root = str(uuid.uuid4())
+    return Identity(root, secrets.token_hex(4), hostname or f"bootenv-{root[:8]}")
+
+
+def fstab_text(ident: Identity) -> str:
+    return (
+        "# Written by bootenv at provisioning time: filesystems by UUID.\n"
+        "# <file system>  <mount point>  <type>  <options>  <dump>  <pass>\n"
+        f"UUID={ident.root_uuid}  /  ext4  errors=remount-ro  0  1\n"
+        # nofail: a damaged ESP must not keep a BIOS-booted machine from coming up.
+        f"UUID={ident.esp_uuid}  {ESP_MOUNT}  vfat  umask=0077,nofail  0  2\n"
+    )
+
+
+def hosts_text(old: str, hostname: str) -> str:
+    """/etc/hosts with the image's 127.0.1.1 line replaced by this machine's name."""
+    short = hostname.split(".", maxsplit=1)[0]
+    names = hostname if short == hostname else f"{hostname} {short}"
+    lines = [line for line in old.splitlines() if not line.startswith("127.0.1.1")]
+    if not any(line.split()[:1] == ["127.0.0.1"] for line in lines):
+        lines.insert(0, "127.0.0.1\tlocalhost")
+    idx = next((i + 1 for i, line in enumerate(lines) if line.startswith("127.0.0.1")), 0)
+    lines.insert(idx, f"127.0.1.1\t{names}")
+    return "\n".join(lines) + "\n"
+
+
+def layout_json(handoff: LayoutHandoff) -> str:
+    body = {
+        "version": 1,
+        "image": handoff.image,
+        "components": list(handoff.components),
+        "callback": handoff.callback,
+        "hostname": handoff.hostname,
+        "insecure": handoff.insecure,
+        "trust": handoff.trust,
+    }
+    return json.dumps(body, indent=2) + "\n"
+
+
+# Runs after the layout succeeded: the hand-off is kept for the record, the unit is
+# disabled, and bootenv's runtime (which the gold machine never had) is removed.
+_CLEANUP = (
+    "import os, shutil; "
+    f"os.replace('{LAYOUT_JSON}', '{LAYOUT_JSON}.done'); "
+    f"os.unlink('{WANTS}/{LAYOUT_UNIT}'); "
+    f"shutil.rmtree('{RUNTIME}')"
+)
+
+
+def layout_argv(handoff: LayoutHandoff) -> list[str]:
+    """The `bootenv layout` command the unit runs, from the hand-off's settings."""
+    argv = ["layout", "--image", handoff.image, "--components", ",".join(handoff.components) or "none"]
+    argv += ["--root", "/"]
+    if handoff.callback:
+        argv += ["--callback", handoff.callback]
+    if handoff.trust:
+        argv += ["--fingerprint", handoff.trust]
+    if handoff.insecure:
+        argv.append("--insecure")
+    return argv
+
+
+def _systemd_quote(word: str) -> str:
+    # % starts a specifier in unit files, and words with spaces need quotes.
+    word = word.replace("%", "%%")
+    return f'"{word}"' if any(c.isspace() or c in "\\\"';" for c in word) else word
+
+
+def layout_unit_text(handoff: LayoutHandoff) -> str:
+    py = " ".join(python_argv())
+    args = " ".join(_systemd_quote(a) for a in layout_argv(handoff))
+    return (
+        "# Written by bootenv: lays out the component sub-images on first boot, with\n"
+        f"# bootenv's own Python runtime in {RUNTIME} (brought from the ramdisk, so it\n"
+        "# does not depend on what the image has installed), then removes that runtime.\n"
+        f"# The same settings are in {LAYOUT_JSON}.\n"
+        "[Unit]\n"
+        "Description=bootenv: lay out the component sub-images\n"
+        "Wants=network-online.target\n"
+        "After=network-online.target local-fs.target\n"
+        f"ConditionPathExists={LAYOUT_JSON}\n"
+        f"ConditionPathExists={RUNTIME}/bin/python3\n"
+        "\n"
+        "[Service]\n"
+        "Type=oneshot\n"
+        f"Environment={unit_environment()}\n"
+        f"ExecStart={py} -m bootenv {args}\n"
+        f'ExecStartPost={py} -c "{_CLEANUP}"\n'
+        "TimeoutStartSec=2h\n"
+        "StandardOutput=journal+console\n"
+        "StandardError=journal+console\n"
+        "\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+
+
+def ssh_keygen_unit_text() -> str:
+    return (
+        "# Written by bootenv: every machine generates its own SSH host keys on first boot.\n"
+        "[Unit]\n"
+        "Description=bootenv: generate this machine's SSH host keys\n"
+        "Before=ssh.service sshd.service\n"
+        "ConditionFileIsExecutable=/usr/bin/ssh-keygen\n"
+        "ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key\n"
+        "\n"
+        "[Service]\n"
+        "Type=oneshot\n"
+        "ExecStart=/usr/bin/ssh-keygen -A\n"
+        "RemainAfterExit=yes\n"
+        "\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n"
+    )
+
+
+def prepare_root_fs(device: str, ident: Identity) -> None:
+    """Check the written filesystem, give it its new UUID, and grow it to the partition."""
+    # -p fixes only what is safe; exit code 1 means "errors corrected".
+    proc = run([which("e2fsck"), "-f", "-p", device], check=False)
+    if proc.returncode not in (0, 1):
+        run([which("e2fsck"), "-f", "-n", device])  # raises with e2fsck's own message
+    run([which("tune2fs"), "-U", ident.root_uuid, device])
+    run([which("resize2fs"), device])
+
+
+def make_esp(device: str, ident: Identity) -> None:
+    run([which("mkfs.vfat"), "-F", "32", "-n", "EFI", "-i", ident.esp_id, device])
+
+
+@contextmanager
+def mounted(device: str, *, options: str = "") -> Iterator[Path]:
+    """Mount `device` on a temporary directory for the duration of the block."""
+    where = Path(tempfile.mkdtemp(prefix="bootenv-target-"))
+    argv: list[str | Path] = [which("mount"), *(["-o", options] if options else []), device, where]
+    try:
+        run(argv)
+        try:
+            yield where
+        finally:
+            run([which("umount"), where])
+    finally:
+        where.rmdir()
+
+
+def _write(root: Path, rel: str, text: str, mode: int = 0o644) -> None:
+    path = root / rel.lstrip("/")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.bootenv")
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _enable(root: Path, unit: str) -> None:
+    link = root / WANTS.lstrip("/") / unit
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(f"{UNIT_DIR}/{unit}")
+
+
+def configure(root: Path, ident: Identity, handoff: LayoutHandoff, ssh_key: str | None) -> None:
+    """Give the mounted target its own identity and its first-boot work."""
+    _write(root, "/etc/fstab", fstab_text(ident))
+    (root / ESP_MOUNT.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    _write(root, "/etc/hostname", ident.hostname + "\n")
+    hosts = root / "etc/hosts"
+    _write(root, "/etc/hosts", hosts_text(hosts.read_text() if hosts.exists() else "", ident.hostname))
+    # An empty machine-id makes systemd generate a fresh one on first boot.
+    _write(root, "/etc/machine-id", "", 0o444)
+    for stale in ("var/lib/dbus/machine-id", "var/lib/systemd/random-seed"):
+        p = root / stale
+        if p.is_file() and not p.is_symlink():
+            p.unlink()
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    _write(root, f"{UNIT_DIR}/{SSH_UNIT}", ssh_keygen_unit_text())
+    _enable(root, SSH_UNIT)
+    if ssh_key:
+        _authorize(root, ssh_key)
+    _write(root, LAYOUT_JSON, layout_json(handoff), 0o600)
+    _write(root, f"{UNIT_DIR}/{LAYOUT_UNIT}", layout_unit_text(handoff))
+    _enable(root, LAYOUT_UNIT)
+
+
+def _authorize(root: Path, key: str) -> None:
+    ssh = root / "root/.ssh"
+    ssh.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(ssh, 0o700)
+    path = ssh / "authorized_keys"
+    old = path.read_text() if path.exists() else ""
+    if key not in old.splitlines():
+        _write(
+            root,
+            "/root/.ssh/authorized_keys",
+            old + ("" if not old or old.endswith("\n") else "\n") + key + "\n",
+            0o600,
+        )
