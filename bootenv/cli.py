@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", type=Path, metavar="F", help="resolve with this file's content")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_conflicts)
+
+    p = verbs.add_parser("agent", parents=[common], help="provision this machine's disk (ramdisk agent)")
+    p.add_argument("--cmdline", type=Path, default=Path("/proc/cmdline"), metavar="FILE")
+    for key in ("image", "components", "disk", "callback", "handoff", "hostname", "ssh-key", "trust"):
+        p.add_argument(f"--{key}", metavar="VALUE", help=f"overrides bootenv.{key.replace('-', '_')}=")
+    p.add_argument("--insecure", action="store_true", help="overrides bootenv.insecure (loudly)")
+    p.set_defaults(handler=cmd_agent)
     return parser
 
 
@@ -355,6 +362,28 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
         raise UserError("resolve needs --keep existing|incoming|merged or --file F")
     done = conflicts.resolve(root, args.id, args.keep, args.file)
     print(_json(asdict(done)) if args.json else f"conflict {done.id} resolved: {done.resolution}")
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from bootenv.agent import finish, run_agent
+    from bootenv.cmdline import FLAGS, KEYS, parse_cmdline
+
+    try:
+        text = args.cmdline.read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read {args.cmdline}: {exc.strerror}") from exc
+    overrides: dict[str, str | None] = {
+        k: getattr(args, k) for k in KEYS if k not in FLAGS and getattr(args, k, None)
+    }
+    if args.insecure:
+        overrides["insecure"] = "1"
+    cfg = parse_cmdline(text, overrides)
+    if cfg.debug and not args.debug:
+        setup_logging(debug=True)
+    result = run_agent(cfg, ramdisk_cmdline=text)
+    print(f"provisioned {result.disk} as {result.identity.hostname} (root UUID {result.identity.root_uuid})")
+    finish(cfg, result)
     return 0
 
 
