@@ -25,8 +25,9 @@ from bootenv.log import Progress, step
 from bootenv.manifest import MANIFEST, Component, Manifest, OsImage, RootFs, Source
 from bootenv.run import run, which
 from bootenv.split import COMPONENT_STATUS_DIR, OS, ComponentSpec, Split, validate_specs
+from bootenv.staging import stage
 from bootenv.store import BlobWriter, write_blob
-from bootenv.tarstream import tar_create, tar_extract, write_list
+from bootenv.tarstream import tar_create, write_list
 from bootenv.walk import Entry, Kind, scan
 
 log = logging.getLogger(__name__)
@@ -238,15 +239,9 @@ def _pack_os(
     paths = sorted({p for i in images for p in (*split.dirs[i], *split.files[i])})
     staging = work / ("single" if single else "os")
     staging.mkdir()
-    listing = work / f"{staging.name}.list"
-    write_list(listing, paths)
-    with step(f"Copying the {what} tree ({len(paths)} entries)"):
-        src = tar_create(root, listing)
-        dst = tar_extract(staging, stdin=src.popen.stdout.fileno() if src.popen.stdout else None)
-        if src.popen.stdout:
-            src.popen.stdout.close()
-        dst.wait_ok()
-        src.wait_ok(ok_codes=(0, 1))
+    with step(f"Staging the {what} tree ({len(paths)} entries)"):
+        method = stage(root, paths, staging, work)
+    log.info("Staged with %s", method)
     if not single:
         _rewrite_status(staging, db, split.packages(OS))
     used, inodes = tree_usage(staging)
@@ -272,6 +267,7 @@ def _rewrite_status(staging: Path, db: Database, os_pkgs: tuple[str, ...]) -> No
     if not status.exists():
         raise FatalError(f"{STATUS} vanished from the staged OS tree")
     st = status.stat()
+    parent = status.parent.stat()
     stanzas = [db.packages[p].stanza for p in os_pkgs] + list(db.other_stanzas)
     tmp = status.with_name(".status.bootenv")
     tmp.write_text(render_status(stanzas), errors="surrogateescape")
@@ -279,6 +275,7 @@ def _rewrite_status(staging: Path, db: Database, os_pkgs: tuple[str, ...]) -> No
     os.chmod(tmp, st.st_mode & 0o7777)
     os.replace(tmp, status)
     os.utime(status, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.utime(status.parent, ns=(parent.st_atime_ns, parent.st_mtime_ns))
 
 
 def count_kinds(entries: list[Entry]) -> dict[Kind, int]:
