@@ -195,3 +195,31 @@ def test_gold_restored_os_plus_component_is_identical(
     if component == "mysql":
         assert describe(out / "var/lib/mysql/ibdata1") == describe(gold_tree / "var/lib/mysql/ibdata1")
         assert "Package: mariadb-server\n" in (out / "var/lib/bootenv/dpkg/mysql.status").read_text()
+
+
+@pytest.mark.parametrize("other_fs", [False, True])
+def test_staging_is_exact_with_links_or_tar(tmp_path: Path, other_fs: bool) -> None:
+    from bootenv.staging import stage
+
+    gold = make_tree(tmp_path / "gold")
+    os.chown(gold / "var/lib/dbdata", 999, 998)
+    os.setxattr(gold / "etc/httpd", "user.dir", b"meta")
+    paths = ["/", *sorted("/" + str(p.relative_to(gold)) for p in gold.rglob("*"))]
+    where = tmp_path / "fs"
+    where.mkdir()
+    if other_fs:
+        run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", where])
+    try:
+        staging = where / "staging"
+        staging.mkdir()
+        method = stage(gold, paths, staging, tmp_path)
+        assert method == ("tar copy" if other_fs else "hard links")
+        for path in paths[1:]:
+            rel = path.lstrip("/")
+            assert describe(staging / rel) == describe(gold / rel), path
+            if (gold / rel).is_dir() and not (gold / rel).is_symlink():
+                assert os.lstat(staging / rel).st_mtime_ns == os.lstat(gold / rel).st_mtime_ns, path
+        assert os.getxattr(staging / "etc/httpd", "user.dir") == b"meta"
+    finally:
+        if other_fs:
+            run(["umount", where])
