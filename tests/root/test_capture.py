@@ -63,17 +63,11 @@ def test_synthetic_capture_round_trip(tmp_path: Path) -> None:
         assert "Package: curl\n" in status and "Package: httpd\n" not in status
         assert "Package: gone\n" in status  # not-installed records stay with the OS
 
-    with mounted(tmp_path / "single.img", tmp_path / "mnt2") if False else _single(out, m, tmp_path) as mnt:
+    assert m.single is not None
+    restore_fs(out, m.single, tmp_path / "single.img")
+    with mounted(tmp_path / "single.img", tmp_path / "mnt2") as mnt:
         assert (mnt / "usr/sbin/httpd").exists()
         assert "Package: httpd\n" in (mnt / "var/lib/dpkg/status").read_text()
-
-
-def _single(out: Path, m: object, tmp_path: Path):  # type: ignore[no-untyped-def]
-    from bootenv.manifest import Manifest
-
-    assert isinstance(m, Manifest) and m.single is not None
-    restore_fs(out, m.single, tmp_path / "single.img")
-    return mounted(tmp_path / "single.img", tmp_path / "mnt2")
 
 
 def test_existing_output_is_refused_without_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
