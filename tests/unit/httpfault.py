@@ -14,6 +14,8 @@ recorded so that tests can assert how the client behaved.
 from __future__ import annotations
 
 import contextlib
+import mmap
+import os
 import re
 import socket
 import sys
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
@@ -80,6 +83,27 @@ class FaultServer:
         self._thread.join()
 
 
+class Buffer(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key: slice, /) -> bytes: ...
+
+
+class _Window:
+    """The first `n` bytes of a buffer: a file that looks truncated."""
+
+    def __init__(self, data: Buffer, n: int) -> None:
+        self.data = data
+        self.n = min(n, len(data))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: slice, /) -> bytes:
+        start, stop, _ = key.indices(self.n)
+        return self.data[start:stop]
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
@@ -111,31 +135,33 @@ class _Handler(BaseHTTPRequestHandler):
             if fault.errors > 0:
                 fault.errors -= 1
             return self._status(name, start, fault.status)
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return self._serve(name, fault, b"", match, start)
+            # A mapping, not a read: the gold OS image is hundreds of MB.
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return self._serve(name, fault, data, match, start)
+
+    def _serve(self, name: str, fault: Fault, data: Buffer, match: re.Match[str] | None, start: int) -> None:
         if fault.truncate is not None:
-            data = data[: fault.truncate]
-        if fault.corrupt_at is not None and fault.corrupt_at < len(data):
-            data = (
-                data[: fault.corrupt_at]
-                + bytes([data[fault.corrupt_at] ^ 0xFF])
-                + data[fault.corrupt_at + 1 :]
-            )
+            data = _Window(data, fault.truncate)
         if match and fault.ignore_range:
             start = 0
             match = None
-        if start >= len(data) and match:
+        size = len(data)
+        if start >= size and match:
             self.send_response(416)
-            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.send_header("Content-Range", f"bytes */{size}")
             self.send_header("Content-Length", "0")
             self.end_headers()
-            return srv.record(Request(name, start, 416))
+            return self.server_ref.record(Request(name, start, 416))
         status = 206 if match else 200
         self.send_response(status)
         if match:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Length", str(len(data) - start + fault.length_delta))
+            self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+        self.send_header("Content-Length", str(size - start + fault.length_delta))
         self.end_headers()
-        srv.record(Request(name, start, status))
+        self.server_ref.record(Request(name, start, status))
         self._body(data, start, fault)
 
     def _status(self, name: str, start: int, status: int) -> None:
@@ -146,7 +172,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
         self.server_ref.record(Request(name, start, status))
 
-    def _body(self, data: bytes, start: int, fault: Fault) -> None:
+    def _chunk(self, data: Buffer, pos: int, end: int, fault: Fault) -> bytes:
+        chunk = data[pos:end]
+        bad = fault.corrupt_at
+        if bad is not None and pos <= bad < end:
+            chunk = chunk[: bad - pos] + bytes([chunk[bad - pos] ^ 0xFF]) + chunk[bad - pos + 1 :]
+        return chunk
+
+    def _body(self, data: Buffer, start: int, fault: Fault) -> None:
         end = len(data)
         cuts = [d for d in fault.drops if d >= start]
         if fault.drop_always is not None and fault.drop_always >= start:
@@ -159,14 +192,14 @@ class _Handler(BaseHTTPRequestHandler):
         pos = start
         try:
             if fault.stall_at is not None and start <= fault.stall_at < end:
-                self.wfile.write(data[pos : fault.stall_at])
+                self.wfile.write(self._chunk(data, pos, fault.stall_at, fault))
                 self.wfile.flush()
                 pos = fault.stall_at
                 stall, fault.stall_at = fault.stall_seconds, None
                 time.sleep(stall)
             while pos < end:
                 nxt = min(end, pos + (256 << 10))
-                self.wfile.write(data[pos:nxt])
+                self.wfile.write(self._chunk(data, pos, nxt, fault))
                 pos = nxt
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):

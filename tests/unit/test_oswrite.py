@@ -67,7 +67,7 @@ def build_image(tmp: Path, seed: int = 1) -> Built:
     layout = [
         (0, rng.randbytes(8192)),  # boot sector and "superblock": held back
         (MiB - 4096, _chunk(rng, 16384)),  # straddles the held-back MiB
-        (2 * MiB, _chunk(rng, 9 * MiB)),  # longer than a range: split in two
+        (2 * MiB, _chunk(rng, 8 * MiB + 65536)),  # longer than a range: split in two
         (13 * MiB, bytes(8192)),  # written zeros are data, not a hole
         (20 * MiB, _chunk(rng, 4096)),
         (SIZE - 4096, rng.randbytes(4096)),  # the very last block
