@@ -1,0 +1,187 @@
+"""The admin's catalog: which image x component combinations the boot menu offers.
+
+A catalog is a JSON or TOML file (by suffix) with these keys, and no others:
+
+    title = "ACME datacenter"          # optional menu title
+    timeout = 10                       # seconds before the default is booted; 0 waits forever
+    default = "lamp-mysql"             # an entry id, or "local" (boot from local disk)
+    [[entries]]
+    id = "lamp-mysql"                  # optional: derived from image and components
+    title = "LAMP: OS + MySQL"
+    image = "lamp"                     # a directory under --images holding manifest.json
+    components = ["mysql"]             # or "all", "none", "a,b"
+    kernel_args = ""                   # optional extra kernel arguments for the ramdisk
+
+Without a catalog file, `serve` looks for DIR/catalog.json or DIR/catalog.toml, and
+otherwise offers, for each image, "OS only", "OS + <component>" each, and "all".
+Every image and component named is checked against the image's manifest when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bootenv.errors import UserError
+from bootenv.machines import check_components, check_image
+from bootenv.manifest import MANIFEST, Manifest, parse_manifest
+
+LOCAL = "local"
+_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_TITLE = re.compile(r"^[^\x00-\x1f\x7f$]{1,80}$")  # iPXE would expand ${...} in a title
+_TOP = {"title": str, "timeout": (int, float), "default": str, "entries": list}
+_ENTRY = {"id": str, "title": str, "image": str, "components": (str, list), "kernel_args": str}
+
+
+class CatalogError(UserError):
+    """The catalog file is malformed or names an image or component that doesn't exist."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    title: str
+    image: str
+    components: str  # "all", "none" or "a,b"
+    kernel_args: str = ""
+
+
+@dataclass(frozen=True)
+class Catalog:
+    entries: tuple[Entry, ...]
+    default: str = LOCAL  # an entry id or "local"
+    timeout: float = 10.0  # seconds; 0 waits for a key press
+    title: str = "bootenv: choose what to install"
+
+    def entry(self, entry_id: str) -> Entry:
+        for e in self.entries:
+            if e.id == entry_id:
+                return e
+        raise CatalogError(f"no catalog entry {entry_id!r}")
+
+
+def load_catalog(images: Path, path: Path | None = None) -> Catalog:
+    """The catalog from `path`, DIR/catalog.{json,toml}, or generated from the images."""
+    if path is None:
+        for name in ("catalog.json", "catalog.toml"):
+            if (images / name).is_file():
+                path = images / name
+                break
+    if path is None:
+        return default_catalog(images)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CatalogError(f"cannot read the catalog {path}: {exc}") from exc
+    catalog = parse_catalog(text, toml=path.suffix == ".toml", where=str(path))
+    check_catalog(catalog, images)
+    return catalog
+
+
+def parse_catalog(text: str, *, toml: bool = False, where: str = "catalog") -> Catalog:
+    try:
+        doc: Any = tomllib.loads(text) if toml else json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise CatalogError(f"{where} is not valid {'TOML' if toml else 'JSON'}: {exc}") from exc
+    _keys(doc, _TOP, {"entries"}, where)
+    entries = tuple(_entry(e, i, where) for i, e in enumerate(doc["entries"]))
+    ids = [e.id for e in entries]
+    dup = next((i for i in ids if ids.count(i) > 1), None)
+    if dup is not None or LOCAL in ids:
+        raise CatalogError(f"{where}: entry id {dup or LOCAL!r} is used twice or reserved")
+    default = doc.get("default", entries[0].id if entries else LOCAL)
+    if default != LOCAL and default not in ids:
+        raise CatalogError(f"{where}: default {default!r} is not an entry id or 'local'")
+    timeout = float(doc.get("timeout", 10))
+    if not 0 <= timeout <= 3600:
+        raise CatalogError(f"{where}: timeout must be between 0 and 3600 seconds")
+    title = doc.get("title", Catalog.title)
+    if not _TITLE.match(title):
+        raise CatalogError(f"{where}: the title must be one line of at most 80 characters, without $")
+    return Catalog(entries, default, timeout, title)
+
+
+def _keys(doc: object, spec: dict[str, Any], required: set[str], where: str) -> None:
+    if not isinstance(doc, dict):
+        raise CatalogError(f"{where} must be an object")
+    unknown = set(doc) - set(spec)
+    if unknown:
+        raise CatalogError(f"{where}: unknown key {sorted(unknown)[0]!r}", hint=f"known: {', '.join(spec)}")
+    for key in required - set(doc):
+        raise CatalogError(f"{where}: missing key {key!r}")
+    for key, typ in spec.items():
+        if key in doc and (not isinstance(doc[key], typ) or isinstance(doc[key], bool)):
+            raise CatalogError(f"{where}: {key} has the wrong type")
+
+
+def _entry(doc: object, index: int, where: str) -> Entry:
+    here = f"{where}: entries[{index}]"
+    _keys(doc, _ENTRY, {"title", "image", "components"}, here)
+    assert isinstance(doc, dict)
+    comps = doc["components"]
+    if isinstance(comps, list):
+        if not comps or not all(isinstance(c, str) for c in comps):
+            raise CatalogError(f"{here}: components must be a non-empty list of names, 'all' or 'none'")
+        comps = ",".join(comps)
+    try:
+        image = check_image(doc["image"])
+        comps = check_components(comps)
+    except UserError as exc:
+        raise CatalogError(f"{here}: {exc.message}") from exc
+    entry_id = doc.get("id") or _slug(f"{image}-{comps}")
+    if not _ID.match(entry_id):
+        raise CatalogError(f"{here}: id {entry_id!r} must be lowercase letters, digits, - and _")
+    if not _TITLE.match(doc["title"]):
+        raise CatalogError(f"{here}: the title must be one line of at most 80 characters, without $")
+    kernel_args = doc.get("kernel_args", "")
+    if any(c in kernel_args for c in "\n$\"'"):
+        raise CatalogError(f"{here}: kernel_args must not hold newlines, quotes or $")
+    return Entry(entry_id, doc["title"], image, comps, kernel_args)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9_-]+", "-", text.lower()).strip("-")[:63] or "entry"
+
+
+def _manifest(images: Path, image: str) -> Manifest:
+    path = images / image / MANIFEST
+    try:
+        return parse_manifest(path.read_bytes())
+    except FileNotFoundError:
+        raise CatalogError(f"image {image!r} not found: no {path}") from None
+
+
+def check_catalog(catalog: Catalog, images: Path) -> None:
+    """Every local image exists and has the components its entries name."""
+    for e in catalog.entries:
+        if e.image.startswith(("http://", "https://")):
+            continue  # served from elsewhere (a CDN or nginx); checked by the agent
+        manifest = _manifest(images, e.image)
+        if e.components not in ("all", "none"):
+            for name in e.components.split(","):
+                try:
+                    manifest.component(name)
+                except UserError as exc:
+                    raise CatalogError(f"catalog entry {e.id!r}: {exc}") from exc
+
+
+def default_catalog(images: Path) -> Catalog:
+    """One entry per image for the OS alone, each component, and all components."""
+    entries: list[Entry] = []
+    dirs = sorted(p for p in images.iterdir() if (p / MANIFEST).is_file()) if images.is_dir() else []
+    for d in dirs:
+        name = d.name
+        try:
+            manifest = _manifest(images, check_image(name))
+        except UserError:
+            continue  # a name iPXE can't carry, or a broken image: not offered
+        entries.append(Entry(_slug(f"{name}-none"), f"{name}: OS only", name, "none"))
+        for c in manifest.components:
+            entries.append(Entry(_slug(f"{name}-{c.name}"), f"{name}: OS + {c.name}", name, c.name))
+        if manifest.components:
+            entries.append(Entry(_slug(f"{name}-all"), f"{name}: all", name, "all"))
+    return Catalog(tuple(entries), default=LOCAL)

@@ -1,0 +1,381 @@
+"""The provisioning state of one machine: a pure state machine driven by callback events.
+
+    assigned -> provisioning -> os_written -> os_booted -> components_laid_out -> done
+                      \\______________\\____________\\_______________\\___________> failed
+
+A machine moves only forward. An event may skip states (a lost callback must not wedge
+a machine), but an event that would move it backwards, or out of `done`/`failed`, is an
+*invalid transition*: it is recorded on the machine and in the events log, and the state
+does not change. Nothing here raises on a well-formed event; only malformed input raises
+(`EventError`), and the server answers that with 400.
+
+The event format that the agent and the layout service post is documented in
+docs/SERVE.md ("Callback events").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Any
+
+from bootenv.errors import UserError
+
+_MAC = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_TEXT = 4096  # characters of one message, path or step name
+
+
+class EventError(UserError):
+    """A callback event is malformed."""
+
+
+class State(StrEnum):
+    ASSIGNED = "assigned"
+    PROVISIONING = "provisioning"
+    OS_WRITTEN = "os_written"
+    OS_BOOTED = "os_booted"
+    COMPONENTS_LAID_OUT = "components_laid_out"
+    DONE = "done"
+    FAILED = "failed"
+
+
+ORDER = (
+    State.ASSIGNED,
+    State.PROVISIONING,
+    State.OS_WRITTEN,
+    State.OS_BOOTED,
+    State.COMPONENTS_LAID_OUT,
+    State.DONE,
+)
+FINAL = (State.DONE, State.FAILED)
+# States in which the OS is on the disk: the machine boots from it, never reinstalls.
+INSTALLED = (State.OS_WRITTEN, State.OS_BOOTED, State.COMPONENTS_LAID_OUT, State.DONE)
+
+
+class Kind(StrEnum):
+    """What an event says. Milestone kinds move the state; the others are the timeline."""
+
+    START = "start"  # the agent is up: -> provisioning
+    STEP = "step"  # a named step started, finished or failed (with its timing)
+    PROGRESS = "progress"  # bytes or files done of a step
+    CONFLICT = "conflict"  # the layout kept both versions of a path
+    OS_WRITTEN = "os_written"  # the OS sub-image is on the disk and verified
+    OS_BOOTED = "os_booted"  # the target OS is running (the layout service started)
+    COMPONENTS_LAID_OUT = "components_laid_out"
+    DONE = "done"  # everything finished
+    ERROR = "error"  # fatal unless "fatal": false -> failed
+
+
+MILESTONES: dict[Kind, State] = {
+    Kind.START: State.PROVISIONING,
+    Kind.OS_WRITTEN: State.OS_WRITTEN,
+    Kind.OS_BOOTED: State.OS_BOOTED,
+    Kind.COMPONENTS_LAID_OUT: State.COMPONENTS_LAID_OUT,
+    Kind.DONE: State.DONE,
+}
+# A finished step with one of these names implies the milestone, so a sender that only
+# reports steps still drives the state.
+STEP_MILESTONES: dict[str, State] = {
+    "write-os": State.OS_WRITTEN,
+    "layout": State.COMPONENTS_LAID_OUT,
+}
+
+
+class StepStatus(StrEnum):
+    START = "start"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: Kind
+    source: str = "agent"  # "agent" or "layout"
+    step: str | None = None
+    status: StepStatus | None = None
+    component: str | None = None
+    elapsed: float | None = None  # seconds the step took, by the sender's clock
+    bytes: int | None = None
+    total: int | None = None
+    files: int | None = None
+    path: str | None = None
+    message: str | None = None
+    fatal: bool = True
+    data: Mapping[str, Any] | None = None  # free-form extras, stored as sent
+
+
+@dataclass(frozen=True)
+class Mark:
+    """One entry of a machine's timeline: it entered `state` at `at` (epoch seconds)."""
+
+    state: State
+    at: float
+
+
+@dataclass(frozen=True)
+class Machine:
+    mac: str
+    image: str  # an image name under the images dir, or an http(s) URL
+    components: str  # "all", "none" or "a,b"
+    state: State
+    timeline: tuple[Mark, ...]
+    hostname: str | None = None
+    entry: str | None = None  # the catalog entry chosen from the menu, if any
+    kernel_args: str = ""  # extra kernel arguments for the ramdisk
+    error: str | None = None
+    conflicts: int = 0
+    invalid: int = 0  # events that asked for a transition the machine can't make
+    events: int = 0
+    updated: float = 0.0
+
+    @property
+    def started(self) -> float:
+        return self.timeline[0].at if self.timeline else self.updated
+
+    def reached(self, state: State) -> float | None:
+        for mark in self.timeline:
+            if mark.state is state:
+                return mark.at
+        return None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    machine: Machine
+    changed: bool  # the state moved
+    invalid: str | None = None  # why a requested transition was refused
+
+
+def normalize_mac(text: str) -> str:
+    """`52-54-00-AB-CD-EF`, `525400abcdef` and `52:54:00:ab:cd:ef` -> the last form."""
+    mac = text.strip().lower()
+    if not _MAC.match(mac):
+        raise UserError(f"{text!r} is not a MAC address", hint="write it as 52:54:00:12:34:56")
+    digits = mac.replace(":", "").replace("-", "")
+    return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+
+
+def check_image(image: str) -> str:
+    if image.startswith(("http://", "https://")):
+        if any(c.isspace() or c in "$\"'" for c in image):
+            raise UserError(f"image URL {image!r} has characters iPXE or the kernel cannot pass")
+        return image
+    if not _IMAGE.match(image) or ".." in image:
+        raise UserError(f"{image!r} is not an image name (a directory under --images) or an http(s) URL")
+    return image
+
+
+def check_components(text: str) -> str:
+    """`all`, `none` or comma-separated component names, normalised."""
+    if text in ("all", "none"):
+        return text
+    names = [n.strip() for n in text.split(",")]
+    for name in names:
+        if not _NAME.match(name) or name in ("os", "all", "none"):
+            raise UserError(f"{name!r} is not a component name", hint="use a,b or all or none")
+    if len(set(names)) != len(names):
+        raise UserError("a component is named twice")
+    return ",".join(names)
+
+
+def assign(
+    mac: str,
+    image: str,
+    components: str,
+    *,
+    now: float,
+    hostname: str | None = None,
+    entry: str | None = None,
+    kernel_args: str = "",
+) -> Machine:
+    """A fresh assignment: the machine will be provisioned on its next network boot."""
+    if any(c in kernel_args for c in "\n$\"'"):
+        raise UserError("kernel arguments must not hold newlines, quotes or $")
+    return Machine(
+        mac=normalize_mac(mac),
+        image=check_image(image),
+        components=check_components(components),
+        state=State.ASSIGNED,
+        timeline=(Mark(State.ASSIGNED, now),),
+        hostname=hostname,
+        entry=entry,
+        kernel_args=kernel_args,
+        updated=now,
+    )
+
+
+def target_state(event: Event) -> State | None:
+    """The state an event asks for, if it is a milestone."""
+    if event.kind is Kind.ERROR:
+        return State.FAILED if event.fatal else None
+    if event.kind is Kind.STEP and event.step is not None:
+        if event.status is StepStatus.FAILED and event.fatal:
+            return State.FAILED
+        if event.status is StepStatus.DONE and event.step in STEP_MILESTONES:
+            return STEP_MILESTONES[event.step]
+        return _activity(event)
+    if event.kind in (Kind.PROGRESS, Kind.CONFLICT):
+        return _activity(event)
+    return MILESTONES.get(event.kind)
+
+
+def _activity(event: Event) -> State:
+    """The state that activity implies: the agent runs in the ramdisk, layout in the OS."""
+    return State.PROVISIONING if event.source == "agent" else State.OS_BOOTED
+
+
+def _is_chatter(event: Event) -> bool:
+    """Activity that only implies a state; it never counts as an invalid transition."""
+    if event.kind in (Kind.PROGRESS, Kind.CONFLICT):
+        return True
+    return event.kind is Kind.STEP and event.status is StepStatus.START
+
+
+def apply(machine: Machine, event: Event, *, now: float) -> Outcome:
+    """The machine after `event`. Never raises: refused transitions are recorded."""
+    m = replace(
+        machine,
+        events=machine.events + 1,
+        updated=now,
+        conflicts=machine.conflicts + (1 if event.kind is Kind.CONFLICT else 0),
+    )
+    target = target_state(event)
+    if target is None or target is m.state:
+        return Outcome(m, changed=False)
+    why = _refusal(m.state, target)
+    if why is not None:
+        # Activity that merely implies an earlier state is normal chatter (the agent's
+        # kexec step after os_written); only a milestone or a failure that can't be
+        # applied counts as invalid.
+        if _is_chatter(event) or (
+            event.kind is Kind.STEP and target is not State.FAILED and event.step not in STEP_MILESTONES
+        ):
+            return Outcome(m, changed=False)
+        return Outcome(replace(m, invalid=m.invalid + 1), changed=False, invalid=why)
+    error = m.error
+    if target is State.FAILED:
+        error = event.message or (f"step {event.step} failed" if event.step else "failed")
+    return Outcome(
+        replace(m, state=target, timeline=(*m.timeline, Mark(target, now)), error=error),
+        changed=True,
+    )
+
+
+def _refusal(current: State, target: State) -> str | None:
+    if current in FINAL:
+        return f"{current.value} is final; cannot go to {target.value} (re-assign the machine)"
+    if target is State.FAILED:
+        return None
+    if ORDER.index(target) < ORDER.index(current):
+        return f"cannot go back from {current.value} to {target.value}"
+    return None
+
+
+def parse_event(doc: object) -> Event:
+    """Validate a decoded JSON callback body; anything wrong is one EventError line."""
+    if not isinstance(doc, dict):
+        raise EventError("an event must be a JSON object")
+    unknown = set(doc) - _FIELDS.keys() - {"event", "time"}
+    if unknown:
+        raise EventError(f"unknown key {sorted(unknown)[0]!r} in event", hint="put extras under 'data'")
+    try:
+        kind = Kind(str(doc.get("event")))
+    except ValueError:
+        raise EventError(
+            f"unknown event {doc.get('event')!r}", hint=f"one of {', '.join(k.value for k in Kind)}"
+        ) from None
+    values: dict[str, Any] = {}
+    for key, typ in _FIELDS.items():
+        if key not in doc or doc[key] is None:
+            continue
+        values[key] = _field(key, doc[key], typ)
+    if "source" in values and values["source"] not in ("agent", "layout"):
+        raise EventError("event source must be 'agent' or 'layout'")
+    if "status" in values:
+        try:
+            values["status"] = StepStatus(values["status"])
+        except ValueError:
+            raise EventError("step status must be start, done or failed") from None
+    if kind is Kind.STEP and ("step" not in values or "status" not in values):
+        raise EventError("a step event needs 'step' and 'status'")
+    if "component" in values and not _NAME.match(values["component"]):
+        raise EventError(f"{values['component']!r} is not a component name")
+    return Event(kind=kind, **values)
+
+
+_FIELDS: dict[str, type] = {
+    "source": str,
+    "step": str,
+    "status": str,
+    "component": str,
+    "elapsed": float,
+    "bytes": int,
+    "total": int,
+    "files": int,
+    "path": str,
+    "message": str,
+    "fatal": bool,
+    "data": dict,
+}
+
+
+def _field(key: str, value: object, typ: type) -> object:
+    if typ is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok or not math.isfinite(float(value)) or float(value) < 0:  # type: ignore[arg-type]
+            raise EventError(f"event {key} must be a non-negative number")
+        return float(value)  # type: ignore[arg-type]
+    if typ is int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise EventError(f"event {key} must be a non-negative integer")
+        return value
+    if not isinstance(value, typ):
+        raise EventError(f"event {key} must be {'an object' if typ is dict else typ.__name__}")
+    if isinstance(value, str) and (len(value) > MAX_TEXT or "\x00" in value):
+        raise EventError(f"event {key} is too long or holds a NUL")
+    return value
+
+
+def to_dict(machine: Machine) -> dict[str, Any]:
+    """The JSON form stored on disk and printed by `bootenv machines --json`."""
+    return {
+        "mac": machine.mac,
+        "image": machine.image,
+        "components": machine.components,
+        "state": machine.state.value,
+        "timeline": [{"state": m.state.value, "at": m.at} for m in machine.timeline],
+        "hostname": machine.hostname,
+        "entry": machine.entry,
+        "kernel_args": machine.kernel_args,
+        "error": machine.error,
+        "conflicts": machine.conflicts,
+        "invalid": machine.invalid,
+        "events": machine.events,
+        "updated": machine.updated,
+    }
+
+
+def from_dict(doc: Mapping[str, Any]) -> Machine:
+    try:
+        return Machine(
+            mac=normalize_mac(doc["mac"]),
+            image=str(doc["image"]),
+            components=str(doc["components"]),
+            state=State(doc["state"]),
+            timeline=tuple(Mark(State(m["state"]), float(m["at"])) for m in doc["timeline"]),
+            hostname=doc.get("hostname"),
+            entry=doc.get("entry"),
+            kernel_args=str(doc.get("kernel_args", "")),
+            error=doc.get("error"),
+            conflicts=int(doc.get("conflicts", 0)),
+            invalid=int(doc.get("invalid", 0)),
+            events=int(doc.get("events", 0)),
+            updated=float(doc.get("updated", 0.0)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"machine record is damaged: {exc}") from exc

@@ -1,0 +1,187 @@
+"""iPXE scripts, generated from frozen inputs: pure functions, text out.
+
+- `entry_script`: what every iPXE client fetches first; it chains to its own script.
+- `menu_script`: the datacenter menu for machines nobody assigned.
+- `provision_script`: boots the ramdisk with the agent's kernel arguments, no key press.
+- `local_script`: boots from the local disk, so a provisioned machine never reinstalls.
+- `message_script`: says why nothing happens (failed, unknown image), then boots locally.
+
+Every value that goes into a script was validated upstream (MACs, image names, titles
+without `$`); `_safe` checks again, because iPXE expands `${...}` anywhere in a line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from bootenv.catalog import LOCAL, Catalog
+
+MAC_VAR = "${net0/mac}"  # the booting NIC's MAC, expanded by iPXE
+RAMDISK_KERNEL = "vmlinuz"
+RAMDISK_INITRD = "initramfs.img"
+CONSOLE = "console=tty0 console=ttyS0,115200n8"
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    """Everything the ramdisk's kernel command line carries for one machine."""
+
+    base_url: str  # where iPXE reaches bootenv serve, e.g. http://10.0.2.2:8080
+    mac: str
+    image_url: str
+    components: str  # "all", "none" or "a,b"
+    hostname: str | None = None
+    kernel_args: str = ""
+    boot_url: str | None = None  # where vmlinuz and initramfs.img are; default BASE/boot
+
+    @property
+    def callback_url(self) -> str:
+        return f"{self.base_url}/callback/{self.mac}"
+
+    def kernel_cmdline(self) -> str:
+        # initrd= names the initrd for the kernel's EFI stub: without it a UEFI boot
+        # through iPXE's `kernel`/`initrd` starts with no initramfs at all.
+        args = [
+            f"initrd={RAMDISK_INITRD}",
+            CONSOLE,
+            f"bootenv.image={self.image_url}",
+            f"bootenv.components={self.components}",
+            f"bootenv.callback={self.callback_url}",
+        ]
+        if self.hostname:
+            args.append(f"bootenv.hostname={self.hostname}")
+        if self.kernel_args:
+            args.append(self.kernel_args)
+        return " ".join(args)
+
+
+def _safe(text: str) -> str:
+    if "${" in text or "\n" in text or "\r" in text:
+        raise ValueError(f"refusing to put {text!r} into an iPXE script")
+    return text
+
+
+def entry_script(base_url: str) -> str:
+    """`/ipxe/boot.ipxe`: chain to this machine's own script, retrying a flaky network."""
+    base = _safe(base_url)
+    return f"""#!ipxe
+# bootenv entry script: every client asks for its own script by MAC address.
+set bootenv-tries:int32 0
+:retry
+chain --autofree {base}/ipxe/machine?mac={MAC_VAR} && exit ||
+isset ${{bootenv-local}} && exit 1 ||
+inc bootenv-tries
+iseq ${{bootenv-tries}} 5 && goto give_up ||
+echo bootenv: cannot reach {base}, retrying in 5 s
+sleep 5
+goto retry
+:give_up
+echo bootenv: {base} does not answer; booting from local disk
+{_local_lines()}"""
+
+
+def _local_lines() -> str:
+    # Under UEFI `sanboot --drive 0x80` is unreliable; `exit 1` hands control back to
+    # the firmware, which boots the next entry of its boot order: the disk.
+    # `bootenv-local` tells the entry script that this `exit 1` is on purpose, not a
+    # network failure to retry.
+    return (
+        "set bootenv-local 1\n"
+        "iseq ${platform} efi && exit 1 ||\n"
+        "sanboot --no-describe --drive 0x80 || exit 1\n"
+    )
+
+
+def local_script(mac: str, reason: str) -> str:
+    return f"""#!ipxe
+# bootenv: {_safe(mac)} boots from its local disk
+echo bootenv: {_safe(reason)}; booting from local disk
+{_local_lines()}"""
+
+
+def message_script(mac: str, message: str, *, wait: int = 10) -> str:
+    """Show a problem on the console for `wait` seconds, then boot from local disk."""
+    return f"""#!ipxe
+# bootenv: {_safe(mac)}
+echo bootenv: {_safe(message)}
+sleep {int(wait)}
+{_local_lines()}"""
+
+
+def provision_script(spec: BootSpec) -> str:
+    """Boot the ramdisk for `spec`, with no key press."""
+    boot = _safe(spec.boot_url or f"{spec.base_url}/boot")
+    cmdline = _safe(spec.kernel_cmdline())
+    what = spec.components if spec.components not in ("all", "none") else f"{spec.components} components"
+    return f"""#!ipxe
+# bootenv: provision {_safe(spec.mac)}
+echo bootenv: installing {_safe(spec.image_url)} ({_safe(what)}) on {_safe(spec.mac)}
+imgfree
+set bootenv-tries:int32 0
+:retry
+kernel {boot}/{RAMDISK_KERNEL} {cmdline} || goto failed
+initrd --name {RAMDISK_INITRD} {boot}/{RAMDISK_INITRD} || goto failed
+boot || goto failed
+:failed
+imgfree
+inc bootenv-tries
+iseq ${{bootenv-tries}} 3 && goto give_up ||
+echo bootenv: could not load the ramdisk, retrying in 5 s
+sleep 5
+goto retry
+:give_up
+echo bootenv: the ramdisk did not load; check {boot}/ answers
+prompt --timeout 60000 Press a key for the iPXE shell || reboot
+shell
+"""
+
+
+def menu_script(catalog: Catalog, base_url: str, *, mac: str | None = None) -> str:
+    """The boot menu: one item per catalog entry, local disk, and the iPXE shell.
+
+    Choosing an entry chains to `/ipxe/select/<entry>?mac=...`, which records the
+    choice as the machine's assignment, so that once provisioned it boots locally.
+    """
+    base = _safe(base_url)
+    lines = [
+        "#!ipxe",
+        "# bootenv menu, generated from the catalog",
+        ":menu",
+        f"menu {_safe(catalog.title)} ({mac or MAC_VAR})",
+    ]
+    if catalog.entries:
+        lines.append("item --gap Install")
+    for i, e in enumerate(catalog.entries):
+        lines.append(f"item e{i} {_safe(e.title)}")
+    lines += [
+        "item --gap Other",
+        f"item {LOCAL} Boot from local disk",
+        "item shell iPXE shell",
+    ]
+    default = LOCAL
+    for i, e in enumerate(catalog.entries):
+        if e.id == catalog.default:
+            default = f"e{i}"
+    timeout_ms = round(catalog.timeout * 1000)
+    lines.append(
+        f"choose --default {default} --timeout {timeout_ms} target && goto ${{target}} || goto {LOCAL}"
+    )
+    for i, e in enumerate(catalog.entries):
+        lines += [
+            f":e{i}",
+            f"chain {base}/ipxe/select/{quote(e.id)}?mac={MAC_VAR} || goto failed",
+            "goto menu",
+        ]
+    lines += [
+        f":{LOCAL}",
+        _local_lines().rstrip("\n"),
+        ":shell",
+        "shell",
+        "goto menu",
+        ":failed",
+        "echo bootenv: that entry did not boot",
+        "prompt --timeout 10000 Press a key to return to the menu ||",
+        "goto menu",
+    ]
+    return "\n".join(lines) + "\n"

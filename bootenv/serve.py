@@ -1,0 +1,441 @@
+"""`bootenv serve`: images, the ramdisk, iPXE scripts and the callback endpoint over HTTP.
+
+    GET  /images/<image>/<file>      static, with single-range support (206, 416), HEAD
+    GET  /boot/vmlinuz               the ramdisk kernel and initramfs.img (--boot DIR)
+    GET  /ipxe/boot.ipxe             the entry script: chains to /ipxe/machine?mac=...
+    GET  /ipxe/machine?mac=MAC       this machine's script: provision, local disk or menu
+    GET  /ipxe/select/<entry>?mac=   a menu choice: assign the entry, then provision
+    POST /callback/<mac>             a JSON event from the agent or the layout service
+    GET  /api/machines[/<mac>]       the state store, as JSON (what `bootenv machines` shows)
+
+One thread per connection, so a slow client never blocks another; every socket has a
+timeout, request bodies are bounded, and no path resolves outside the served dirs. For
+a rack of machines, serve /images and /boot from nginx and keep this for the scripts
+and the state (docs/SERVE.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import ipaddress
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from bootenv import menu
+from bootenv.catalog import Catalog, CatalogError, load_catalog
+from bootenv.errors import UserError
+from bootenv.machines import (
+    FINAL,
+    INSTALLED,
+    EventError,
+    Machine,
+    Mark,
+    State,
+    assign,
+    normalize_mac,
+    parse_event,
+    to_dict,
+)
+from bootenv.manifest import MANIFEST, parse_manifest
+from bootenv.state import Store
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024  # bytes of one callback event
+CLIENT_TIMEOUT = 60.0  # seconds a client may stay silent mid-request
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    images: Path
+    state: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    boot: Path | None = None
+    catalog: Path | None = None
+    public_url: str | None = None  # the URL iPXE clients use to reach this server
+    max_body: int = MAX_BODY
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`127.0.0.1:8080`, `:8080` or `8080` -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        raise UserError(f"--listen {text}: expected ADDRESS:PORT, e.g. 127.0.0.1:8080") from None
+    if not 0 <= number <= 65535:
+        raise UserError(f"--listen {text}: port out of range")
+    return host, number
+
+
+class UnsatisfiableError(Exception):
+    """The range lies outside the file: answer 416."""
+
+
+def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
+    """The inclusive byte range a `Range` header asks for, or None for the whole file.
+
+    Only one range is served; a multi-range or malformed header is ignored (RFC 9110
+    allows that) and the whole file is sent with 200.
+    """
+    if not value:
+        return None
+    unit, _, spec = value.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first.isdigit() or last.isdigit()):
+        return None
+    if not first.isdigit():  # suffix: the last N bytes
+        if not last.isdigit():
+            return None
+        length = int(last)
+        if length == 0 or size == 0:
+            raise UnsatisfiableError
+        return max(size - length, 0), size - 1
+    start = int(first)
+    if last and not last.isdigit():
+        return None
+    end = int(last) if last else size - 1
+    if end < start:
+        return None
+    if start >= size:
+        raise UnsatisfiableError
+    return start, min(end, size - 1)
+
+
+def resolve_under(root: Path, rel: str) -> Path | None:
+    """`root/rel` if it stays inside root after decoding and resolving symlinks."""
+    rel = unquote(rel)
+    if "\x00" in rel or "\\" in rel:
+        return None
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return None
+    base = root.resolve()
+    path = base.joinpath(*parts).resolve()
+    return path if path.is_relative_to(base) else None
+
+
+class BootenvServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.store = Store(config.state)
+        self._catalog_lock = threading.Lock()
+        self._catalog = load_catalog(config.images, config.catalog)  # fail fast on a bad one
+        super().__init__((config.host, config.port), Handler)
+        host, port = str(self.server_address[0]), int(self.server_address[1])
+        self.base_url = (config.public_url or f"http://{host}:{port}").rstrip("/")
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def catalog(self) -> Catalog:
+        """The catalog, re-read on every menu so edits apply; a broken edit keeps the old one."""
+        with self._catalog_lock:
+            try:
+                self._catalog = load_catalog(self.config.images, self.config.catalog)
+            except (UserError, OSError) as exc:
+                log.warning("catalog: %s; still serving the previous one", exc)
+            return self._catalog
+
+    def machine_script(self, mac: str) -> str:
+        machine = self.store.get(mac)
+        if machine is None or not machine.image:
+            if machine is not None and machine.state in INSTALLED:
+                return menu.local_script(mac, f"{mac} is {machine.state.value}")
+            return menu.menu_script(self.catalog(), self.base_url, mac=mac)
+        if machine.state in INSTALLED:
+            return menu.local_script(mac, f"{mac} is provisioned ({machine.state.value})")
+        if machine.state is State.FAILED:
+            return menu.message_script(
+                mac,
+                f"provisioning {mac} failed: {_oneline(machine.error)}. Re-run bootenv assign to retry",
+                wait=30,
+            )
+        problem = self._check_image(machine)
+        if problem:
+            return menu.message_script(mac, problem, wait=30)
+        return menu.provision_script(self.boot_spec(machine))
+
+    def boot_spec(self, machine: Machine) -> menu.BootSpec:
+        image = machine.image
+        if not image.startswith(("http://", "https://")):
+            image = f"{self.base_url}/images/{image}"
+        return menu.BootSpec(
+            base_url=self.base_url,
+            mac=machine.mac,
+            image_url=image,
+            components=machine.components,
+            hostname=machine.hostname,
+            kernel_args=machine.kernel_args,
+        )
+
+    def _check_image(self, machine: Machine) -> str | None:
+        if machine.image.startswith(("http://", "https://")):
+            return None
+        try:
+            manifest = parse_manifest((self.config.images / machine.image / MANIFEST).read_bytes())
+            if machine.components not in ("all", "none"):
+                for name in machine.components.split(","):
+                    manifest.component(name)
+        except FileNotFoundError:
+            return f"image {machine.image} is not in the images directory"
+        except UserError as exc:
+            return f"image {machine.image}: {_oneline(exc.message)}"
+        return None
+
+    def select(self, entry_id: str, mac: str) -> str:
+        """A menu choice: record it as the assignment (unless one exists), then provision."""
+        existing = self.store.get(mac)
+        if existing is None or (not existing.image and existing.state not in INSTALLED):
+            try:
+                entry = self.catalog().entry(entry_id)
+            except CatalogError as exc:
+                return menu.message_script(mac, exc.message)
+            machine = assign(
+                mac, entry.image, entry.components, now=_now(), entry=entry.id, kernel_args=entry.kernel_args
+            )
+            self.store.put(machine, note={"received": _now(), "event": "assigned", "entry": entry.id})
+            log.info("%s chose %r from the menu", mac, entry.title)
+        return self.machine_script(mac)
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+def _oneline(text: str | None) -> str:
+    clean = " ".join((text or "unknown error").split())
+    return clean.replace("${", "$ {")[:200]
+
+
+def _unknown_machine(mac: str, now: float) -> Machine:
+    """A callback from a machine nobody assigned (booted by hand): track it anyway."""
+    return Machine(mac, "", "", State.ASSIGNED, (Mark(State.ASSIGNED, now),), updated=now)
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: BootenvServer
+    protocol_version = "HTTP/1.1"
+    timeout = CLIENT_TIMEOUT
+    server_version = "bootenv"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def do_HEAD(self) -> None:
+        self._get(head=True)
+
+    def do_GET(self) -> None:
+        self._get(head=False)
+
+    def _get(self, *, head: bool) -> None:
+        url = urlsplit(self.path)
+        path, query = url.path, parse_qs(url.query)
+        srv = self.server
+        try:
+            if path.startswith("/images/"):
+                self._static(srv.config.images, path[len("/images/") :], head)
+            elif path.startswith("/boot/") and srv.config.boot is not None:
+                self._static(srv.config.boot, path[len("/boot/") :], head)
+            elif path == "/ipxe/boot.ipxe":
+                self._text(menu.entry_script(srv.base_url), head)
+            elif path == "/ipxe/machine" or path.startswith("/ipxe/machine/"):
+                mac = self._mac(query.get("mac", [path.rpartition("/")[2]])[0])
+                self._text(srv.machine_script(mac), head)
+            elif path.startswith("/ipxe/select/"):
+                mac = self._mac(query.get("mac", [""])[0])
+                self._text(srv.select(unquote(path[len("/ipxe/select/") :]), mac), head)
+            elif path == "/api/machines":
+                self._json(HTTPStatus.OK, [to_dict(m) for m in srv.store.all()], head)
+            elif path.startswith("/api/machines/"):
+                mac = self._mac(unquote(path[len("/api/machines/") :]))
+                machine = srv.store.get(mac)
+                if machine is None:
+                    raise _AnswerError(HTTPStatus.NOT_FOUND, f"no machine {mac}")
+                body = {"machine": to_dict(machine), "events": srv.store.events(mac)}
+                self._json(HTTPStatus.OK, body, head)
+            else:
+                raise _AnswerError(HTTPStatus.NOT_FOUND, "not found")
+        except _AnswerError as answer:
+            self._json(answer.status, {"error": answer.message}, head)
+
+    def do_POST(self) -> None:
+        path = urlsplit(self.path).path
+        try:
+            if not path.startswith("/callback/"):
+                raise _AnswerError(HTTPStatus.NOT_FOUND, "not found")
+            mac = self._mac(unquote(path[len("/callback/") :]))
+            doc = self._body()
+            try:
+                if not isinstance(doc, dict):
+                    raise EventError("an event must be a JSON object")
+                event = parse_event(doc)
+            except EventError as exc:
+                raise _AnswerError(HTTPStatus.BAD_REQUEST, str(exc)) from exc
+            outcome = self.server.store.update(mac, event, doc, create=_unknown_machine)
+            m = outcome.machine
+            if outcome.changed:
+                log.info(
+                    "%s: %s", mac, m.state.value + (f" ({m.error})" if m.state in FINAL and m.error else "")
+                )
+            self._json(
+                HTTPStatus.OK,
+                {"state": m.state.value, "changed": outcome.changed, "invalid": outcome.invalid},
+            )
+        except _AnswerError as answer:
+            self._json(answer.status, {"error": answer.message})
+
+    def _mac(self, text: str) -> str:
+        try:
+            return normalize_mac(text)
+        except UserError as exc:
+            raise _AnswerError(HTTPStatus.BAD_REQUEST, exc.message) from exc
+
+    def _body(self) -> object:
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding") or length is None or not length.isdigit():
+            self.close_connection = True
+            raise _AnswerError(HTTPStatus.LENGTH_REQUIRED, "a callback needs a Content-Length")
+        if int(length) > self.server.config.max_body:
+            self.close_connection = True  # the unread body must not be parsed as a request
+            raise _AnswerError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {self.server.config.max_body} bytes"
+            )
+        data = self.rfile.read(int(length))
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise _AnswerError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {exc}") from exc
+
+    def _text(self, text: str, head: bool = False) -> None:
+        self._send(HTTPStatus.OK, text.encode(), "text/plain; charset=utf-8", head)
+
+    def _json(self, status: HTTPStatus, body: object, head: bool = False) -> None:
+        self._send(status, (json.dumps(body, indent=1) + "\n").encode(), "application/json", head)
+
+    def _send(self, status: HTTPStatus, data: bytes, ctype: str, head: bool) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if not head:
+            self.wfile.write(data)
+
+    def _static(self, root: Path, rel: str, head: bool) -> None:
+        path = resolve_under(root, rel)
+        if path is None:
+            raise _AnswerError(HTTPStatus.FORBIDDEN, "path leaves the served directory")
+        try:
+            f = open(path, "rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise _AnswerError(HTTPStatus.NOT_FOUND, "not found") from None
+        with f:
+            st = os.fstat(f.fileno())
+            if not _is_regular(st.st_mode):
+                raise _AnswerError(HTTPStatus.NOT_FOUND, "not found")
+            self._send_file(f, st.st_size, st.st_mtime, head)
+
+    def _send_file(self, f: Any, size: int, mtime: float, head: bool) -> None:
+        etag = f'"{int(mtime * 1e6):x}-{size:x}"'
+        modified = email.utils.formatdate(mtime, usegmt=True)
+        header = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
+        if if_range and if_range not in (etag, modified):
+            header = None  # the file changed since the client's first part: send it whole
+        try:
+            span = parse_range(header, size)
+        except UnsatisfiableError:
+            self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
+            self.send_header("Content-Range", f"bytes */{size}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        start, end = span if span else (0, size - 1)
+        length = end - start + 1 if size else 0
+        self.send_response(HTTPStatus.PARTIAL_CONTENT if span else HTTPStatus.OK)
+        if span:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header(
+            "Content-Type", "application/json" if f.name.endswith(".json") else "application/octet-stream"
+        )
+        self.send_header("Content-Length", str(length))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", etag)
+        self.send_header("Last-Modified", modified)
+        self.end_headers()
+        if head or not length:
+            return
+        try:
+            self.connection.sendfile(f, start, length)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError) as exc:
+            log.debug("%s: client went away: %s", self.address_string(), exc)
+            self.close_connection = True
+
+
+def _is_regular(mode: int) -> bool:
+    import stat
+
+    return stat.S_ISREG(mode)
+
+
+class _AnswerError(Exception):
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def make_server(config: ServeConfig) -> BootenvServer:
+    if not config.images.is_dir():
+        raise UserError(f"--images {config.images} is not a directory")
+    if config.boot is not None:
+        for name in (menu.RAMDISK_KERNEL, menu.RAMDISK_INITRD):
+            if not (config.boot / name).is_file():
+                log.warning("--boot %s has no %s: assigned machines will not boot", config.boot, name)
+    try:
+        server = BootenvServer(config)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from exc
+    if not ipaddress.ip_address(config.host).is_loopback:
+        log.warning("listening on %s: anyone on that network can read the state and post events", config.host)
+    return server
+
+
+@contextlib.contextmanager
+def running(config: ServeConfig) -> Iterator[BootenvServer]:
+    """A server answering in a background thread, stopped on exit (tests, `make demo`)."""
+    server = make_server(config)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -1,0 +1,147 @@
+"""The durable machine store under `--state DIR`.
+
+    DIR/machines/52-54-00-12-34-56.json    the machine record, replaced atomically
+    DIR/events/52-54-00-12-34-56.jsonl     every event received, append-only
+    DIR/locks/52-54-00-12-34-56.lock       serialises updates (threads and processes)
+
+A record is written to a temp file in the same directory, fsynced, renamed over the old
+one and the directory fsynced, so a power cut leaves either the old or the new record,
+never a torn one. `bootenv assign` and `bootenv serve` may run at the same time: every
+update holds the machine's flock, and the server reads the record on every request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from bootenv.errors import UserError
+from bootenv.machines import Event, Machine, Outcome, apply, from_dict, normalize_mac, to_dict
+
+log = logging.getLogger(__name__)
+
+
+def _stem(mac: str) -> str:
+    return normalize_mac(mac).replace(":", "-")
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        for sub in ("machines", "events", "locks"):
+            try:
+                (root / sub).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UserError(f"cannot create the state directory {root / sub}: {exc}") from exc
+
+    def _record(self, mac: str) -> Path:
+        return self.root / "machines" / f"{_stem(mac)}.json"
+
+    def _events(self, mac: str) -> Path:
+        return self.root / "events" / f"{_stem(mac)}.jsonl"
+
+    @contextlib.contextmanager
+    def _locked(self, mac: str) -> Iterator[None]:
+        fd = os.open(self.root / "locks" / f"{_stem(mac)}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing drops the lock
+
+    def get(self, mac: str) -> Machine | None:
+        path = self._record(mac)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            return from_dict(json.loads(text))
+        except ValueError as exc:
+            raise UserError(f"{path} is damaged: {exc}") from exc
+
+    def all(self) -> list[Machine]:
+        out = []
+        for path in sorted((self.root / "machines").glob("*.json")):
+            machine = self.get(path.stem)
+            if machine is not None:
+                out.append(machine)
+        return out
+
+    def put(self, machine: Machine, *, note: dict[str, Any] | None = None) -> None:
+        """Store a record (an assignment); `note` goes to the events log."""
+        with self._locked(machine.mac):
+            self._write(machine)
+            if note is not None:
+                self._append(machine.mac, note)
+
+    def update(
+        self, mac: str, event: Event, raw: dict[str, Any], *, create: Callable[[str, float], Machine]
+    ) -> Outcome:
+        """Apply an event to a machine (made by `create` if unknown) and log it durably."""
+        mac = normalize_mac(mac)
+        now = time.time()
+        with self._locked(mac):
+            machine = self.get(mac) or create(mac, now)
+            outcome = apply(machine, event, now=now)
+            entry: dict[str, Any] = {"received": now, **raw, "state": outcome.machine.state.value}
+            if outcome.invalid:
+                entry["invalid"] = outcome.invalid
+                log.warning("%s: invalid transition: %s", mac, outcome.invalid)
+            self._append(mac, entry)
+            self._write(outcome.machine)
+        return outcome
+
+    def events(self, mac: str) -> list[dict[str, Any]]:
+        try:
+            lines = self._events(mac).read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                log.warning("%s: skipping a torn line in the events log", mac)  # a power cut mid-append
+        return out
+
+    def _write(self, machine: Machine) -> None:
+        path = self._record(machine.mac)
+        data = json.dumps(to_dict(machine), indent=2) + "\n"
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(path.parent)
+
+    def _append(self, mac: str, entry: dict[str, Any]) -> None:
+        line = json.dumps(entry, separators=(",", ":")) + "\n"
+        fd = os.open(self._events(mac), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
