@@ -278,7 +278,10 @@ class TreeWriter:
 
     def _setxattr(self, target: int | str, key: str, value: bytes) -> None:
         try:
-            os.setxattr(target, key, value, follow_symlinks=False)
+            if isinstance(target, int):
+                os.setxattr(target, key, value)
+            else:
+                os.setxattr(target, key, value, follow_symlinks=False)
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
                 raise

@@ -310,7 +310,8 @@ def activate(root: Path, units: list[str]) -> list[str]:
         proc = run([systemctl, "enable", "--now", *units], check=False)
         notes.append(f"started {' '.join(units)}" if proc.returncode == 0 else "starting units failed")
         return notes
-    missing = [u for u in units if not list((root / "etc/systemd/system").glob(f"*.wants/{u}"))]
+    wants = list((root / "etc/systemd/system").glob("*.wants"))
+    missing = [u for u in units if not any(os.path.lexists(d / u) for d in wants)]
     if missing:
         proc = run([systemctl, f"--root={root}", "enable", *missing], check=False)
         notes.append(

@@ -56,12 +56,9 @@ def concatenate(base: bytes | None, parts: dict[str, bytes]) -> bytes:
         if piece in pieces:
             continue
         pieces.append(piece)
-    out = bytearray()
-    for piece in pieces:
-        if out and not out.endswith(b"\n"):
-            out += b"\n"
-        out += piece
-    return bytes(out)
+    if len(pieces) == 1:
+        return pieces[0]
+    return b"".join(p if p.endswith(b"\n") or not p else p + b"\n" for p in pieces)
 
 
 def path_key(relpath: str) -> str:

@@ -1,0 +1,281 @@
+"""`bootenv layout` into temp roots: files, shared paths, dpkg, verification, callback."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+
+from bootenv import conflicts
+from bootenv.cli import main
+from bootenv.errors import UserError
+from bootenv.layout import LayoutConfig, LayoutResult, layout
+from tests.hostile.kit import MTIME, Comp, d, f, hard, make_image, snapshot, special, sym
+
+ELF_A = b"\x7fELF\x02\x01\x01\0" + b"A" * 64
+ELF_B = b"\x7fELF\x02\x01\x01\0" + b"B" * 64
+
+
+def status(pkg: str) -> str:
+    return f"Package: {pkg}\nStatus: install ok installed\nArchitecture: amd64\nVersion: 1.0\n"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Path, list[str]]] = []
+
+    def __call__(self, root: Path, units: list[str]) -> list[str]:
+        self.calls.append((root, units))
+        return ["recorded"]
+
+
+def run(
+    image: Path, root: Path, comps: str | tuple[str, ...], streams: int = 1, **kw: object
+) -> LayoutResult:
+    act = kw.pop("activator", None) or Recorder()
+    return layout(LayoutConfig(str(image), comps, root, streams=streams), activator=act, **kw)  # type: ignore[arg-type]
+
+
+def web() -> Comp:
+    return Comp(
+        "web",
+        [
+            d("etc"),
+            d("etc/web"),
+            f("etc/web/web.conf", "listen 80\n"),
+            d("usr"),
+            d("usr/bin"),
+            f("usr/bin/webd", ELF_A, mode=0o4755, uid=0, gid=0),
+            f("usr/bin/helper", "#!/bin/sh\n", mode=0o2750, uid=33, gid=33),
+            hard("usr/bin/webd-hl", "./usr/bin/webd"),
+            sym("usr/bin/web", "webd"),
+            d("var"),
+            d("var/lib"),
+            d("var/lib/web", mode=0o700, uid=33, gid=33),
+            special("var/lib/web/fifo", b"6"),
+            f("var/lib/web/tagged", "x", **{"SCHILY.xattr.user.bootenv": "yes"}),
+        ],
+        units=("web.service",),
+        packages=("webd",),
+        status=status("webd"),
+    )
+
+
+def test_one_component_exact_metadata(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img", [web()])
+    root = tmp_path / "root"
+    root.mkdir()
+    act = Recorder()
+    res = run(image, root, ("web",), activator=act)
+    assert res.ok and res.components[0].status == "done"
+    assert (root / "etc/web/web.conf").read_text() == "listen 80\n"
+    st = (root / "usr/bin/webd").stat()
+    assert stat.S_IMODE(st.st_mode) == 0o4755 and st.st_mtime == MTIME
+    helper = (root / "usr/bin/helper").stat()
+    assert stat.S_IMODE(helper.st_mode) == 0o2750
+    if os.geteuid() == 0:
+        assert (helper.st_uid, helper.st_gid) == (33, 33)
+        assert (root / "var/lib/web").stat().st_uid == 33
+    assert stat.S_IMODE((root / "var/lib/web").stat().st_mode) == 0o700
+    assert (root / "usr/bin/webd-hl").stat().st_ino == st.st_ino
+    assert os.readlink(root / "usr/bin/web") == "webd"
+    assert stat.S_ISFIFO((root / "var/lib/web/fifo").lstat().st_mode)
+    assert os.getxattr(root / "var/lib/web/tagged", "user.bootenv") == b"yes"
+    assert "Package: webd" in (root / "var/lib/dpkg/status").read_text()
+    assert act.calls == [(root, ["web.service"])]
+    leftovers = [p for p in root.rglob(".bootenv~*")]
+    assert leftovers == []
+
+
+def three(tmp_path: Path) -> Path:
+    base = Comp(
+        "base", [d("opt"), d("opt/base"), f("opt/base/lib.so", ELF_A)], packages=("b",), status=status("b")
+    )
+    mid = Comp("mid", [d("opt"), d("opt/mid"), f("opt/mid/m", "m\n")], depends=("base",), status=status("m"))
+    top = Comp("top", [d("opt"), d("opt/top"), f("opt/top/t", "t\n")], depends=("mid",), status=status("t"))
+    return make_image(tmp_path / "img", [base, mid, top])
+
+
+def test_dependencies_are_pulled_in_and_reported(tmp_path: Path) -> None:
+    image = three(tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    res = run(image, root, ("top",))
+    assert res.added == ("base", "mid")
+    assert {c.name for c in res.components} == {"base", "mid", "top"}
+    assert (root / "opt/base/lib.so").read_bytes() == ELF_A
+
+
+def test_none_lays_out_nothing(tmp_path: Path) -> None:
+    image = three(tmp_path)
+    res = run(image, tmp_path, "none")
+    assert res.components == () and not (tmp_path / "opt").exists()
+
+
+def test_unknown_component_lists_available(tmp_path: Path) -> None:
+    image = three(tmp_path)
+    with pytest.raises(UserError) as err:
+        run(image, tmp_path, ("nope",))
+    assert "nope" in str(err.value) and "base, mid, top" in str(err.value)
+
+
+def test_parallel_equals_sequential(tmp_path: Path) -> None:
+    image = three(tmp_path)
+    trees = []
+    for streams in (1, 3):
+        root = tmp_path / f"root{streams}"
+        root.mkdir()
+        assert run(image, root, "all", streams=streams).ok
+        trees.append(snapshot(root))
+    assert trees[0] == trees[1]
+
+
+def shared_image(tmp_path: Path) -> Path:
+    a = Comp(
+        "a",
+        [d("etc"), f("etc/shared.conf", "from a\n"), d("usr"), f("usr/same", "same\n"), f("usr/tool", ELF_A)],
+    )
+    b = Comp(
+        "b",
+        [d("etc"), f("etc/shared.conf", "from b"), d("usr"), f("usr/same", "same\n"), f("usr/tool", ELF_B)],
+    )
+    c = Comp("c", [d("etc"), f("etc/shared.conf", "from a\n")])
+    return make_image(tmp_path / "img", [a, b, c])
+
+
+def test_identical_shared_file_is_left_alone(tmp_path: Path) -> None:
+    image = shared_image(tmp_path)
+    res = run(image, tmp_path / "r" if (tmp_path / "r").mkdir() is None else tmp_path, ("a", "b"))
+    root = tmp_path / "r"
+    assert (root / "usr/same").read_text() == "same\n"
+    assert sum(c.identical for c in res.components) >= 1
+
+
+@pytest.mark.parametrize("os_base", [False, True])
+def test_text_config_concatenation_is_order_independent(tmp_path: Path, os_base: bool) -> None:
+    image = shared_image(tmp_path)
+    results = []
+    for order in (["a", "b", "c"], ["c", "b", "a"], ["b", "c", "a"]):
+        root = tmp_path / "-".join(order)
+        (root / "etc").mkdir(parents=True)
+        if os_base:
+            (root / "etc/shared.conf").write_text("# os\n")
+        for name in order:  # one component per run: the arrival order is forced
+            run(image, root, (name,))
+        results.append((root / "etc/shared.conf").read_text())
+    expected = ("# os\n" if os_base else "") + "from a\nfrom b\n"
+    assert results == [expected] * 3
+    # all at once, in parallel, gives the same
+    root = tmp_path / "parallel"
+    (root / "etc").mkdir(parents=True)
+    if os_base:
+        (root / "etc/shared.conf").write_text("# os\n")
+    run(image, root, "all", streams=3)
+    assert (root / "etc/shared.conf").read_text() == expected
+
+
+def test_binary_conflict_keeps_both_and_resolves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    image = shared_image(tmp_path)
+    root = tmp_path / "root"
+    (root / "usr").mkdir(parents=True)
+    (root / "usr/tool").write_bytes(b"os tool")
+    res = run(image, root, ("a",))
+    assert (root / "usr/tool").read_bytes() == b"os tool"
+    assert (root / "var/lib/bootenv/conflicts/a/usr/tool").read_bytes() == ELF_A
+    (cid,) = res.components[0].conflicts
+    rec = conflicts.load(root, cid)
+    assert rec.path == "usr/tool" and rec.existing["size"] == 7 and rec.incoming["size"] == len(ELF_A)
+    run(image, root, ("a",))  # a re-run keeps one record
+    assert [c.id for c in conflicts.load_all(root)] == [cid]
+    assert main(["conflicts", "list", "--root", str(root)]) == 0
+    assert cid in capsys.readouterr().out
+    assert main(["conflicts", "resolve", cid, "--keep", "incoming", "--root", str(root)]) == 0
+    assert (root / "usr/tool").read_bytes() == ELF_A
+    assert conflicts.load(root, cid).resolution["keep"] == "incoming"  # type: ignore[index]
+
+
+def test_text_conflict_show_has_a_diff(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img", [Comp("x", [d("usr"), f("usr/notes.txt", "one\ntwo\n")])])
+    root = tmp_path / "root"
+    (root / "usr").mkdir(parents=True)
+    (root / "usr/notes.txt").write_text("one\n")
+    (cid,) = run(image, root, ("x",)).components[0].conflicts
+    text = conflicts.diff(root, conflicts.load(root, cid))
+    assert "+two" in text
+    conflicts.resolve(root, cid, "merged", None)
+    assert (root / "usr/notes.txt").read_text() == "one\none\ntwo\n"
+
+
+def test_dpkg_status_merged_once(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img", [web()])
+    root = tmp_path / "root"
+    (root / "var/lib/dpkg").mkdir(parents=True)
+    (root / "var/lib/dpkg/status").write_text(status("base-files") + "\n")
+    run(image, root, ("web",))
+    first = (root / "var/lib/dpkg/status").read_text()
+    # forget the journal: the whole component is laid out and merged again
+    for p in (root / "var/lib/bootenv/layout/state").iterdir():
+        p.unlink()
+    run(image, root, ("web",))
+    text = (root / "var/lib/dpkg/status").read_text()
+    assert text == first and text.count("Package: webd") == 1 and text.startswith("Package: base-files")
+
+
+def test_corrupt_blob_is_not_activated(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img", [web()])
+    manifest = json.loads((image / "manifest.json").read_text())
+    blob = image / manifest["components"][0]["data"]["file"]
+    data = bytearray(blob.read_bytes())
+    data[-5] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    root = tmp_path / "root"
+    root.mkdir()
+    act = Recorder()
+    res = run(image, root, ("web",), activator=act)
+    assert not res.ok and res.components[0].status == "failed"
+    assert act.calls == [] and not (root / "var/lib/dpkg/status").exists()
+
+
+def test_callback_receives_events(tmp_path: Path) -> None:
+    got: list[dict[str, object]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        image = three(tmp_path)
+        cfg = LayoutConfig(
+            str(image), "all", tmp_path, streams=2, callback=f"http://127.0.0.1:{server.server_port}/"
+        )
+        layout(cfg, activator=Recorder())
+    finally:
+        server.shutdown()
+    kinds = [e["event"] for e in got]
+    assert kinds.count("start") == 3 and kinds.count("done") == 3 and kinds[-1] == "result"
+    assert [e["seq"] for e in got] == sorted(e["seq"] for e in got)  # type: ignore[type-var]
+
+
+def test_cli_layout_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bootenv.layout as lay
+
+    monkeypatch.setattr(lay, "activate", Recorder())
+    image = three(tmp_path)
+    rc = main(["layout", "--image", str(image), "--components", "top", "--root", str(tmp_path), "--insecure"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "added as dependencies: base, mid" in out and "top" in out
