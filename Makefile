@@ -40,7 +40,7 @@ check: lint unit
 
 # Everything: lint, unit, root (loop devices, debootstrap) and vm (QEMU) tiers.
 test: lint
-	$(PYTEST) -q
+	BOOTENV_FUZZ=thorough $(PYTEST) -q
 
 root: deps
 	$(PYTEST) -q -m root

@@ -57,6 +57,8 @@ def parse_blockmap(text: str | bytes) -> BlockMap:
     """Parse a block map strictly: ranges sorted, aligned, inside the image, not overlapping."""
     try:
         doc: Any = json.loads(text)
+    except RecursionError as exc:
+        raise ManifestError("block map is nested too deeply") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise ManifestError(f"block map is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict) or set(doc) != {"version", "image_size", "block_size", "ranges"}:

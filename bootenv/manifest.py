@@ -16,6 +16,7 @@ from bootenv.errors import UserError
 FORMAT = "bootenv-composite"
 VERSION = 1
 MANIFEST = "manifest.json"
+MAX_MANIFEST = 16 << 20
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 _FILE = re.compile(r"^[0-9a-f]{64}\.[a-z]+(\.[a-z]+)?$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -100,8 +101,12 @@ class Manifest:
 
 def parse_manifest(text: str | bytes) -> Manifest:
     """Parse and validate a manifest; any problem is a one-line ManifestError."""
+    if len(text) > MAX_MANIFEST:
+        raise ManifestError(f"manifest is larger than {MAX_MANIFEST >> 20} MiB")
     try:
         doc = json.loads(text)
+    except RecursionError as exc:
+        raise ManifestError("manifest is nested too deeply") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise ManifestError(f"manifest is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):

@@ -16,11 +16,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 import bootenv
 from bootenv import run as run_mod
 
 PKG_DIR = Path(bootenv.__file__).parent
+
+# `make check` fuzzes briefly; `make test` (BOOTENV_FUZZ=thorough) long enough to matter.
+settings.register_profile("quick", max_examples=60)
+settings.register_profile("thorough", max_examples=2000)
+settings.load_profile(os.environ.get("BOOTENV_FUZZ", "quick"))
 
 
 class UnexpectedCommandError(AssertionError):
