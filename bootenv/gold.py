@@ -40,7 +40,8 @@ GOLD_PACKAGES = (
 # What the admin "tuned" on the gold machine: files no package owns.
 GOLD_EXTRAS = {
     "var/www/html/info.php": "<?php echo 'bootenv gold ' . PHP_VERSION . \"\\n\"; ?>\n",
-    "etc/mysql/mariadb.conf.d/60-bootenv-gold.cnf": "[mysqld]\nmax_connections = 64\n",
+    # Listen on all addresses so the demo can check MariaDB answers through QEMU's hostfwd.
+    "etc/mysql/mariadb.conf.d/60-bootenv-gold.cnf": "[mysqld]\nmax_connections = 64\nbind-address = 0.0.0.0\n",
     "etc/systemd/network/10-dhcp.network": "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n",
     "etc/hostname": "gold\n",
 }
