@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from bootenv.cache import cache_root, input_key
+from bootenv.cache import cache_root, input_key, locked
 from bootenv.errors import UserError
 from bootenv.log import step
 from bootenv.run import run, which
@@ -41,7 +41,9 @@ GOLD_PACKAGES = (
 GOLD_EXTRAS = {
     "var/www/html/info.php": "<?php echo 'bootenv gold ' . PHP_VERSION . \"\\n\"; ?>\n",
     # Listen on all addresses so the demo can check MariaDB answers through QEMU's hostfwd.
-    "etc/mysql/mariadb.conf.d/60-bootenv-gold.cnf": "[mysqld]\nmax_connections = 64\nbind-address = 0.0.0.0\n",
+    "etc/mysql/mariadb.conf.d/60-bootenv-gold.cnf": (
+        "[mysqld]\nmax_connections = 64\nbind-address = 0.0.0.0\n"
+    ),
     "etc/systemd/network/10-dhcp.network": "[Match]\nName=en* eth*\n\n[Network]\nDHCP=yes\n",
     "etc/hostname": "gold\n",
 }
@@ -79,6 +81,11 @@ def gold_tree(spec: GoldSpec | None = None) -> Path:
     """Return the cached gold tree, building it with debootstrap if needed (root only)."""
     spec = spec or GoldSpec(mirror=apt_mirror())
     key = input_key({"v": BUILDER_VERSION, "suite": spec.suite, "pkgs": spec.packages, "extras": GOLD_EXTRAS})
+    with locked(f"gold-{key}"):
+        return _build(spec, key)
+
+
+def _build(spec: GoldSpec, key: str) -> Path:
     root = cache_root()
     tree = root / f"gold-{spec.suite}-{key}"
     done = root / f"{tree.name}.complete"
