@@ -144,11 +144,12 @@ def menu_script(catalog: Catalog, base_url: str, *, mac: str | None = None) -> s
     choice as the machine's assignment, so that once provisioned it boots locally.
     """
     base = _safe(base_url)
+    who = _safe(mac) if mac else MAC_VAR
     lines = [
         "#!ipxe",
         "# bootenv menu, generated from the catalog",
         ":menu",
-        f"menu {_safe(catalog.title)} ({mac or MAC_VAR})",
+        f"menu {_safe(catalog.title)} ({who})",
     ]
     if catalog.entries:
         lines.append("item --gap Install")
@@ -170,7 +171,7 @@ def menu_script(catalog: Catalog, base_url: str, *, mac: str | None = None) -> s
     for i, e in enumerate(catalog.entries):
         lines += [
             f":e{i}",
-            f"chain {base}/ipxe/select/{quote(e.id)}?mac={MAC_VAR} || goto failed",
+            f"chain {base}/ipxe/select/{quote(e.id)}?mac={who} || goto failed",
             "goto menu",
         ]
     lines += [

@@ -111,12 +111,11 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
     start = int(first)
     if last and not last.isdigit():
         return None
-    end = int(last) if last else size - 1
-    if end < start:
-        return None
+    if last and int(last) < start:
+        return None  # malformed: ignored
     if start >= size:
         raise UnsatisfiableError
-    return start, min(end, size - 1)
+    return start, min(int(last), size - 1) if last else size - 1
 
 
 def resolve_under(root: Path, rel: str) -> Path | None:

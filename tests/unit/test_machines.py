@@ -1,0 +1,215 @@
+"""The machine state machine, event validation, and the durable store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bootenv.errors import UserError
+from bootenv.machines import (
+    ORDER,
+    EventError,
+    Kind,
+    Machine,
+    State,
+    apply,
+    assign,
+    from_dict,
+    normalize_mac,
+    parse_event,
+    to_dict,
+)
+from bootenv.serve import _unknown_machine
+from bootenv.state import Store
+
+MAC = "52:54:00:12:34:56"
+
+
+def fresh() -> Machine:
+    return assign(MAC, "lamp", "mysql", now=100.0)
+
+
+def feed(machine: Machine, *docs: dict[str, Any]) -> Machine:
+    for i, doc in enumerate(docs):
+        machine = apply(machine, parse_event(doc), now=101.0 + i).machine
+    return machine
+
+
+HAPPY = [
+    {"event": "start"},
+    {"event": "step", "step": "partition", "status": "start"},
+    {"event": "step", "step": "partition", "status": "done", "elapsed": 0.4},
+    {"event": "progress", "step": "write-os", "bytes": 10, "total": 100},
+    {"event": "os_written", "elapsed": 23.5},
+    {"event": "step", "step": "kexec", "status": "start"},
+    {"event": "os_booted", "source": "layout"},
+    {"event": "step", "source": "layout", "step": "mysql", "status": "start", "component": "mysql"},
+    {"event": "conflict", "source": "layout", "component": "mysql", "path": "/etc/x.conf"},
+    {"event": "components_laid_out", "source": "layout"},
+    {"event": "done", "source": "layout"},
+]
+
+
+def test_the_happy_path_walks_every_state_in_order() -> None:
+    machine = fresh()
+    states = [machine.state]
+    for doc in HAPPY:
+        machine = feed(machine, doc)
+        if machine.state is not states[-1]:
+            states.append(machine.state)
+    assert tuple(states) == ORDER
+    assert [m.state for m in machine.timeline] == list(ORDER)
+    assert machine.conflicts == 1
+    assert machine.invalid == 0
+    assert machine.events == len(HAPPY)
+    assert machine.reached(State.OS_WRITTEN) == 101.0 + 0  # each feed restarts its clock at 101
+
+
+def test_steps_alone_drive_the_state() -> None:
+    machine = feed(
+        fresh(),
+        {"event": "step", "step": "write-os", "status": "start"},
+        {"event": "step", "step": "write-os", "status": "done"},
+        {"event": "progress", "source": "layout", "step": "mysql", "bytes": 5},
+        {"event": "step", "source": "layout", "step": "layout", "status": "done"},
+    )
+    assert [m.state for m in machine.timeline] == [
+        State.ASSIGNED,
+        State.PROVISIONING,
+        State.OS_WRITTEN,
+        State.OS_BOOTED,
+        State.COMPONENTS_LAID_OUT,
+    ]
+
+
+def test_a_lost_callback_does_not_wedge_the_machine() -> None:
+    machine = feed(fresh(), {"event": "os_written"})
+    assert machine.state is State.OS_WRITTEN
+    assert machine.invalid == 0
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [{"event": "error", "message": "disk too small"}, {"event": "step", "step": "x", "status": "failed"}],
+)
+def test_failure_from_any_live_state(doc: dict[str, Any]) -> None:
+    for n in range(len(HAPPY) - 1):
+        machine = feed(fresh(), *HAPPY[:n], doc)
+        assert machine.state is State.FAILED
+        assert machine.error
+    machine = feed(fresh(), {"event": "error", "message": "retrying", "fatal": False})
+    assert machine.state is State.ASSIGNED
+
+
+def test_invalid_transitions_are_recorded_not_raised() -> None:
+    machine = feed(fresh(), {"event": "os_booted"})
+    out = apply(machine, parse_event({"event": "os_written"}), now=200.0)
+    assert out.invalid and "back" in out.invalid
+    assert out.machine.state is State.OS_BOOTED
+    assert out.machine.invalid == 1
+    done = feed(fresh(), {"event": "done"})
+    out = apply(done, parse_event({"event": "error", "message": "late"}), now=300.0)
+    assert out.machine.state is State.DONE and out.invalid and "final" in out.invalid
+    failed = feed(fresh(), {"event": "error"})
+    assert apply(failed, parse_event({"event": "done"}), now=1.0).machine.state is State.FAILED
+
+
+def test_chatter_that_implies_an_earlier_state_is_not_invalid() -> None:
+    machine = feed(fresh(), {"event": "os_written"}, {"event": "step", "step": "kexec", "status": "start"})
+    assert machine.state is State.OS_WRITTEN
+    assert machine.invalid == 0
+
+
+@given(st.lists(st.sampled_from([k.value for k in Kind]), max_size=30))
+def test_any_event_sequence_only_moves_forward(kinds: list[str]) -> None:
+    machine = fresh()
+    for kind in kinds:
+        doc: dict[str, Any] = {"event": kind}
+        if kind == "step":
+            doc |= {"step": "write-os", "status": "done"}
+        before = machine.state
+        machine = apply(machine, parse_event(doc), now=1.0).machine
+        if before in (State.DONE, State.FAILED):
+            assert machine.state is before
+        elif machine.state is not State.FAILED:
+            assert ORDER.index(machine.state) >= ORDER.index(before)
+    marks = [m.state for m in machine.timeline]
+    assert len(marks) == len(set(marks))
+    assert from_dict(json.loads(json.dumps(to_dict(machine)))) == machine
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ([], "JSON object"),
+        ({"event": "reboot"}, "unknown event"),
+        ({}, "unknown event"),
+        ({"event": "start", "colour": 1}, "unknown key 'colour'"),
+        ({"event": "step", "step": "x"}, "needs 'step' and 'status'"),
+        ({"event": "step", "step": "x", "status": "paused"}, "status"),
+        ({"event": "progress", "bytes": -1}, "non-negative"),
+        ({"event": "progress", "bytes": True}, "non-negative"),
+        ({"event": "progress", "elapsed": float("nan")}, "non-negative"),
+        ({"event": "start", "source": "bios"}, "source"),
+        ({"event": "conflict", "component": "../x"}, "component name"),
+        ({"event": "error", "message": "x" * 5000}, "too long"),
+        ({"event": "error", "data": []}, "an object"),
+    ],
+)
+def test_malformed_events_are_refused(doc: object, message: str) -> None:
+    with pytest.raises(EventError, match=message):
+        parse_event(doc)
+
+
+@pytest.mark.parametrize(
+    "text", ["52:54:00:12:34:56", "52-54-00-12-34-56", "525400123456", " 52:54:00:12:34:56"]
+)
+def test_mac_forms_normalise(text: str) -> None:
+    assert normalize_mac(text.upper()) == MAC
+
+
+@pytest.mark.parametrize("text", ["", "52:54:00:12:34", "52:54:00:12:34:5g", "52:54-00:12:34:56", "x" * 17])
+def test_malformed_macs_are_refused(text: str) -> None:
+    with pytest.raises(UserError):
+        normalize_mac(text)
+
+
+@pytest.mark.parametrize(
+    ("image", "components"), [("../x", "all"), ("lamp", "a b"), ("lamp", "a,a"), ("http://x/$y", "all")]
+)
+def test_bad_assignments_are_refused(image: str, components: str) -> None:
+    with pytest.raises(UserError):
+        assign(MAC, image, components, now=0.0)
+
+
+def test_store_keeps_records_and_an_append_only_event_log(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.put(fresh(), note={"event": "assigned"})
+    for doc in HAPPY[:5]:
+        store.update(MAC.upper(), parse_event(doc), doc, create=_unknown_machine)
+    again = Store(tmp_path)  # a restarted server sees the same state
+    machine = again.get(MAC)
+    assert machine is not None and machine.state is State.OS_WRITTEN
+    events = again.events(MAC)
+    assert [e["event"] for e in events] == ["assigned"] + [d["event"] for d in HAPPY[:5]]
+    assert events[-1]["state"] == "os_written"
+    assert not [p for p in (tmp_path / "machines").iterdir() if p.name.startswith(".")]  # no temp left
+    # A torn last line (power cut mid-append) is skipped, not fatal.
+    with open(tmp_path / "events" / "52-54-00-12-34-56.jsonl", "a") as f:
+        f.write('{"event": "prog')
+    assert len(again.events(MAC)) == 6
+    assert [m.mac for m in again.all()] == [MAC]
+
+
+def test_store_tracks_a_machine_nobody_assigned(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    out = store.update(
+        "aa:bb:cc:dd:ee:ff", parse_event({"event": "start"}), {"event": "start"}, create=_unknown_machine
+    )
+    assert out.machine.state is State.PROVISIONING
+    assert out.machine.image == ""

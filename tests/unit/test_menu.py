@@ -1,0 +1,204 @@
+"""iPXE script generation and catalog parsing: pure functions, text out."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from bootenv.catalog import LOCAL, Catalog, CatalogError, Entry, load_catalog, parse_catalog
+from bootenv.menu import BootSpec, entry_script, local_script, menu_script, message_script, provision_script
+from tests.serveimage import make_image
+
+BASE = "http://10.0.2.2:8080"
+MAC = "52:54:00:12:34:56"
+
+CATALOG = Catalog(
+    entries=(
+        Entry("lamp-mysql", "LAMP: OS + MySQL", "lamp", "mysql"),
+        Entry("lamp-web", "LAMP: OS + Apache + PHP", "lamp", "apache,php"),
+        Entry("lamp-all", "LAMP: all", "lamp", "all"),
+    ),
+    default="lamp-web",
+    timeout=7.5,
+    title="ACME rack 4",
+)
+
+
+def labels(script: str) -> set[str]:
+    return {line[1:] for line in script.splitlines() if line.startswith(":")}
+
+
+def gotos(script: str) -> set[str]:
+    return set(re.findall(r"goto ([a-z0-9_]+)", script))
+
+
+def test_every_script_is_ipxe_and_every_goto_has_its_label() -> None:
+    spec = BootSpec(BASE, MAC, f"{BASE}/images/lamp", "mysql")
+    scripts = [
+        entry_script(BASE),
+        menu_script(CATALOG, BASE),
+        provision_script(spec),
+        local_script(MAC, "done"),
+        message_script(MAC, "failed"),
+    ]
+    for script in scripts:
+        assert script.startswith("#!ipxe\n")
+        assert gotos(script) <= labels(script), script
+
+
+def test_entry_script_chains_by_mac() -> None:
+    script = entry_script(BASE)
+    assert f"chain --autofree {BASE}/ipxe/machine?mac=${{net0/mac}}" in script
+
+
+def test_menu_has_one_item_per_entry_plus_local_disk_with_default_and_timeout() -> None:
+    script = menu_script(CATALOG, BASE)
+    items = re.findall(r"^item (?!--gap)(\S+) (.+)$", script, re.M)
+    assert items == [
+        ("e0", "LAMP: OS + MySQL"),
+        ("e1", "LAMP: OS + Apache + PHP"),
+        ("e2", "LAMP: all"),
+        ("local", "Boot from local disk"),
+        ("shell", "iPXE shell"),
+    ]
+    assert "choose --default e1 --timeout 7500 target && goto ${target} || goto local" in script
+    assert f"chain {BASE}/ipxe/select/lamp-web?mac=${{net0/mac}} || goto failed" in script
+    assert "menu ACME rack 4" in script
+
+
+def test_menu_for_a_known_mac_names_it_and_defaults_to_local_disk() -> None:
+    catalog = Catalog(CATALOG.entries, default=LOCAL, timeout=0)
+    script = menu_script(catalog, BASE, mac=MAC)
+    assert f"?mac={MAC} " in script
+    assert "choose --default local --timeout 0 target" in script
+
+
+def test_provision_script_boots_the_ramdisk_with_the_agent_arguments_without_a_key_press() -> None:
+    spec = BootSpec(BASE, MAC, f"{BASE}/images/lamp", "apache,php", hostname="web1", kernel_args="quiet")
+    script = provision_script(spec)
+    kernel = next(line for line in script.splitlines() if line.startswith("kernel "))
+    assert kernel.split()[1] == f"{BASE}/boot/vmlinuz"
+    args = kernel.split(" || ")[0].split()[2:]
+    assert "initrd=initramfs.img" in args
+    assert "console=ttyS0,115200n8" in args
+    assert f"bootenv.image={BASE}/images/lamp" in args
+    assert "bootenv.components=apache,php" in args
+    assert f"bootenv.callback={BASE}/callback/{MAC}" in args
+    assert "bootenv.hostname=web1" in args
+    assert args[-1] == "quiet"
+    assert f"initrd --name initramfs.img {BASE}/boot/initramfs.img" in script
+    assert "\nboot || goto failed\n" in script
+    for waits in ("choose", "prompt --timeout 0", "menu"):
+        assert not re.search(rf"^{waits}\b", script.split(":failed")[0], re.M)
+
+
+def test_local_script_boots_the_disk_under_bios_and_exits_to_firmware_under_uefi() -> None:
+    script = local_script(MAC, "provisioned")
+    assert "sanboot --no-describe --drive 0x80 || exit 1" in script
+    assert "iseq ${platform} efi && exit 1 ||" in script
+
+
+@pytest.mark.parametrize("bad", ["${evil}", "two\nlines"])
+def test_values_that_ipxe_would_expand_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        local_script(MAC, bad)
+    with pytest.raises(ValueError):
+        provision_script(BootSpec(BASE, MAC, f"{BASE}/images/lamp", "all", kernel_args=bad))
+
+
+CATALOG_JSON = {
+    "title": "ACME",
+    "timeout": 5,
+    "default": "mysql",
+    "entries": [
+        {"id": "mysql", "title": "LAMP: OS + MySQL", "image": "lamp", "components": ["mysql"]},
+        {"title": "LAMP: all", "image": "lamp", "components": "all"},
+    ],
+}
+
+
+def test_catalog_json_and_toml_parse_alike() -> None:
+    toml = """
+title = "ACME"
+timeout = 5
+default = "mysql"
+[[entries]]
+id = "mysql"
+title = "LAMP: OS + MySQL"
+image = "lamp"
+components = ["mysql"]
+[[entries]]
+title = "LAMP: all"
+image = "lamp"
+components = "all"
+"""
+    a = parse_catalog(json.dumps(CATALOG_JSON))
+    b = parse_catalog(toml, toml=True)
+    assert a == b
+    assert [e.id for e in a.entries] == ["mysql", "lamp-all"]
+    assert a.entry("mysql").components == "mysql"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"colour": "blue"}, "unknown key 'colour'"),
+        ({"default": "nope"}, "default 'nope'"),
+        ({"timeout": -1}, "timeout"),
+        ({"timeout": True}, "wrong type"),
+        ({"title": "${x}"}, "title"),
+        (
+            {"entries": [{"title": "x", "image": "lamp", "components": "all", "extra": 1}]},
+            "unknown key 'extra'",
+        ),
+        ({"entries": [{"title": "x", "image": "../etc", "components": "all"}]}, "image name"),
+        ({"entries": [{"title": "x", "image": "lamp", "components": "my sql"}]}, "component name"),
+        ({"entries": [{"title": "x", "image": "lamp", "components": []}]}, "non-empty"),
+        ({"entries": [{"title": "x", "image": "lamp"}]}, "missing key 'components'"),
+        (
+            {"entries": [{"id": "a", "title": "x", "image": "l", "components": "all"}] * 2, "default": "a"},
+            "twice",
+        ),
+    ],
+)
+def test_bad_catalogs_are_refused(edit: dict[str, object], message: str) -> None:
+    with pytest.raises(CatalogError, match=re.escape(message)):
+        parse_catalog(json.dumps({**CATALOG_JSON, **edit}))
+
+
+def test_catalog_is_checked_against_the_images(tmp_path: Path) -> None:
+    make_image(tmp_path)
+    (tmp_path / "catalog.json").write_text(json.dumps(CATALOG_JSON))
+    assert load_catalog(tmp_path).default == "mysql"
+    bad = {
+        **CATALOG_JSON,
+        "default": "local",
+        "entries": [{"title": "x", "image": "lamp", "components": ["redis"]}],
+    }
+    (tmp_path / "catalog.json").write_text(json.dumps(bad))
+    with pytest.raises(CatalogError, match="unknown component 'redis'"):
+        load_catalog(tmp_path)
+    missing = {
+        **CATALOG_JSON,
+        "default": "local",
+        "entries": [{"title": "x", "image": "gone", "components": "all"}],
+    }
+    (tmp_path / "catalog.json").write_text(json.dumps(missing))
+    with pytest.raises(CatalogError, match="'gone' not found"):
+        load_catalog(tmp_path)
+
+
+def test_without_a_catalog_each_image_offers_os_each_component_and_all(tmp_path: Path) -> None:
+    make_image(tmp_path)
+    catalog = load_catalog(tmp_path)
+    assert [e.title for e in catalog.entries] == [
+        "lamp: OS only",
+        "lamp: OS + apache",
+        "lamp: OS + mysql",
+        "lamp: OS + php",
+        "lamp: all",
+    ]
+    assert catalog.default == LOCAL  # an unknown machine is never wiped without a choice

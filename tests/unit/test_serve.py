@@ -1,0 +1,320 @@
+"""`bootenv serve` on 127.0.0.1, port 0, in a thread: files, ranges, scripts, callbacks."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bootenv.machines import State, assign
+from bootenv.serve import BootenvServer, ServeConfig, parse_listen, parse_range, running
+from bootenv.state import Store
+from tests.serveimage import make_image
+
+MAC = "52:54:00:12:34:56"
+OTHER = "52:54:00:ab:cd:ef"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[BootenvServer]:
+    images, boot = tmp_path / "images", tmp_path / "boot"
+    make_image(images)
+    boot.mkdir()
+    (boot / "vmlinuz").write_bytes(b"K" * 1000)
+    (boot / "initramfs.img").write_bytes(b"I" * 3000)
+    (tmp_path / "secret").write_text("top secret")
+    (images / "catalog.json").write_text(
+        json.dumps(
+            {
+                "default": "mysql",
+                "timeout": 3,
+                "entries": [
+                    {"id": "mysql", "title": "LAMP: OS + MySQL", "image": "lamp", "components": ["mysql"]},
+                    {"id": "all", "title": "LAMP: all", "image": "lamp", "components": "all"},
+                ],
+            }
+        )
+    )
+    config = ServeConfig(images=images, state=tmp_path / "state", port=0, boot=boot)
+    with running(config) as srv:
+        yield srv
+
+
+def request(
+    srv: BootenvServer,
+    method: str,
+    path: str,
+    *,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def get(srv: BootenvServer, path: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    return request(srv, "GET", path, headers={k.replace("_", "-"): v for k, v in headers.items()})
+
+
+def post(srv: BootenvServer, mac: str, event: Any) -> tuple[int, dict[str, Any]]:
+    status, _, data = request(
+        srv,
+        "POST",
+        f"/callback/{mac}",
+        body=json.dumps(event).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    return status, json.loads(data)
+
+
+def blob(srv: BootenvServer, name: str = "mysql") -> tuple[str, bytes]:
+    manifest = json.loads((srv.config.images / "lamp" / "manifest.json").read_text())
+    comp = next(c for c in manifest["components"] if c["name"] == name)
+    path = f"/images/lamp/{comp['data']['file']}"
+    return path, (srv.config.images / "lamp" / comp["data"]["file"]).read_bytes()
+
+
+def test_whole_file_and_head(server: BootenvServer) -> None:
+    path, data = blob(server)
+    status, headers, body = get(server, path)
+    assert status == 200 and body == data
+    assert headers["Accept-Ranges"] == "bytes" and int(headers["Content-Length"]) == len(data)
+    status, headers, body = request(server, "HEAD", path)
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) == len(data)
+
+
+@pytest.mark.parametrize(
+    ("spec", "start", "end"),
+    [
+        ("0-0", 0, 0),
+        ("100-199", 100, 199),
+        ("1000-", 1000, None),
+        ("-500", -500, None),
+        ("5-999999999", 5, None),
+    ],
+)
+def test_single_ranges_are_byte_exact(server: BootenvServer, spec: str, start: int, end: int | None) -> None:
+    path, data = blob(server)
+    expected = data[start : None if end is None else end + 1]
+    status, headers, body = get(server, path, Range=f"bytes={spec}")
+    assert status == 206
+    assert body == expected
+    first = start if start >= 0 else len(data) + start
+    assert headers["Content-Range"] == f"bytes {first}-{first + len(expected) - 1}/{len(data)}"
+    assert int(headers["Content-Length"]) == len(expected)
+
+
+@pytest.mark.parametrize("spec", ["bytes=999999999-", "bytes=-0"])
+def test_unsatisfiable_ranges_get_416(server: BootenvServer, spec: str) -> None:
+    path, data = blob(server)
+    status, headers, body = get(server, path, Range=spec)
+    assert status == 416
+    assert headers["Content-Range"] == f"bytes */{len(data)}"
+    assert body == b""
+
+
+@pytest.mark.parametrize("spec", ["bytes=0-1,5-6", "items=0-5", "bytes=9-2", "bytes=x-y"])
+def test_other_range_headers_get_the_whole_file(server: BootenvServer, spec: str) -> None:
+    path, data = blob(server)
+    status, _, body = get(server, path, Range=spec)
+    assert status == 200 and body == data
+
+
+def test_if_range_with_a_stale_validator_sends_the_whole_file(server: BootenvServer) -> None:
+    path, data = blob(server)
+    _, headers, _ = request(server, "HEAD", path)
+    assert get(server, path, Range="bytes=0-9", If_Range=headers["ETag"])[0] == 206
+    status, _, body = get(server, path, Range="bytes=0-9", If_Range='"stale"')
+    assert status == 200 and body == data
+
+
+def test_range_parser_edges() -> None:
+    assert parse_range(None, 10) is None
+    assert parse_range("bytes=-20", 10) == (0, 9)
+    assert parse_range("bytes=9-", 10) == (9, 9)
+
+
+def test_keep_alive_serves_several_ranges_on_one_connection(server: BootenvServer) -> None:
+    path, data = blob(server)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    for start in range(0, len(data), 16384):
+        conn.request("GET", path, headers={"Range": f"bytes={start}-{start + 16383}"})
+        resp = conn.getresponse()
+        assert resp.status == 206
+        assert resp.read() == data[start : start + 16384]
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/images/../secret",
+        "/images/lamp/../../secret",
+        "/images/%2e%2e/secret",
+        "/images/lamp/%2E%2E/%2e%2e/secret",
+        "/boot/..%2fsecret",
+        "/images/..%5csecret",
+    ],
+)
+def test_traversal_is_refused(server: BootenvServer, path: str) -> None:
+    status, _, body = get(server, path)
+    assert status in (403, 404)
+    assert b"top secret" not in body
+
+
+def test_symlinks_out_of_the_images_are_refused(server: BootenvServer) -> None:
+    (server.config.images / "lamp" / "escape").symlink_to(server.config.images.parent / "secret")
+    status, _, body = get(server, "/images/lamp/escape")
+    assert status == 403 and b"top secret" not in body
+
+
+def test_directories_and_missing_files_are_404(server: BootenvServer) -> None:
+    assert get(server, "/images/lamp")[0] == 404
+    assert get(server, "/images/lamp/nope")[0] == 404
+    assert get(server, "/nowhere")[0] == 404
+
+
+def test_boot_files_are_served(server: BootenvServer) -> None:
+    assert get(server, "/boot/vmlinuz")[2] == b"K" * 1000
+    status, _, body = get(server, "/boot/initramfs.img", Range="bytes=2990-")
+    assert status == 206 and body == b"I" * 10
+
+
+def test_entry_script_chains_to_the_machine_script(server: BootenvServer) -> None:
+    status, headers, body = get(server, "/ipxe/boot.ipxe")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    assert f"chain --autofree {server.base_url}/ipxe/machine?mac=${{net0/mac}}" in body.decode()
+
+
+def script(srv: BootenvServer, mac: str) -> str:
+    status, _, body = get(srv, f"/ipxe/machine?mac={mac}")
+    assert status == 200
+    text = body.decode()
+    assert text.startswith("#!ipxe\n")
+    return text
+
+
+def test_unknown_machine_gets_the_menu(server: BootenvServer) -> None:
+    text = script(server, OTHER)
+    assert "\nmenu " in text
+    assert "item e0 LAMP: OS + MySQL" in text
+    assert "choose --default e0 --timeout 3000" in text
+
+
+def test_assigned_machine_gets_the_ramdisk_without_a_key_press(server: BootenvServer) -> None:
+    Store(server.config.state).put(assign(MAC, "lamp", "apache,php", now=time.time(), hostname="web1"))
+    text = script(server, MAC.upper().replace(":", "-"))
+    base = server.base_url
+    assert f"kernel {base}/boot/vmlinuz initrd=initramfs.img " in text
+    assert f"bootenv.image={base}/images/lamp bootenv.components=apache,php" in text
+    assert f"bootenv.callback={base}/callback/{MAC}" in text
+    assert "bootenv.hostname=web1" in text
+    assert "\nmenu " not in text and "\nchoose " not in text
+
+
+def test_assignment_to_a_missing_image_or_component_says_so(server: BootenvServer) -> None:
+    store = Store(server.config.state)
+    store.put(assign(MAC, "gone", "all", now=0.0))
+    assert "image gone is not in the images directory" in script(server, MAC)
+    store.put(assign(MAC, "lamp", "redis", now=0.0))
+    assert "unknown component 'redis'" in script(server, MAC)
+
+
+def test_callbacks_move_the_state_and_a_provisioned_machine_boots_locally(server: BootenvServer) -> None:
+    Store(server.config.state).put(assign(MAC, "lamp", "mysql", now=time.time()))
+    assert post(server, MAC, {"event": "start"}) == (
+        200,
+        {"state": "provisioning", "changed": True, "invalid": None},
+    )
+    assert "kernel " in script(server, MAC)  # rebooted mid-install: install again
+    assert post(server, MAC, {"event": "step", "step": "write-os", "status": "done", "elapsed": 20.5})[1][
+        "state"
+    ] == ("os_written")
+    text = script(server, MAC)
+    assert "sanboot --no-describe --drive 0x80" in text and "kernel " not in text
+    for event in ("os_booted", "components_laid_out", "done"):
+        assert post(server, MAC, {"event": event, "source": "layout"})[1]["state"] == event
+    status, answer = post(server, MAC, {"event": "os_written"})
+    assert status == 200 and answer["changed"] is False and "final" in answer["invalid"]
+    assert "sanboot" in script(server, MAC)
+    status, _, body = get(server, f"/api/machines/{MAC}")
+    doc = json.loads(body)
+    assert doc["machine"]["state"] == "done"
+    assert [m["state"] for m in doc["machine"]["timeline"]] == [
+        s.value for s in State if s is not State.FAILED
+    ]
+    assert [e["event"] for e in doc["events"]][-1] == "os_written"
+    assert doc["events"][-1]["invalid"]
+
+
+def test_a_failed_machine_is_not_reinstalled_in_a_loop(server: BootenvServer) -> None:
+    Store(server.config.state).put(assign(MAC, "lamp", "mysql", now=time.time()))
+    post(server, MAC, {"event": "error", "message": "no disk big enough"})
+    text = script(server, MAC)
+    assert "no disk big enough" in text and "kernel " not in text
+
+
+def test_menu_choice_assigns_the_machine(server: BootenvServer) -> None:
+    status, _, body = get(server, f"/ipxe/select/all?mac={OTHER}")
+    assert status == 200 and "bootenv.components=all" in body.decode()
+    machine = Store(server.config.state).get(OTHER)
+    assert machine is not None and machine.entry == "all" and machine.state is State.ASSIGNED
+    post(server, OTHER, {"event": "os_written"})
+    assert "sanboot" in get(server, f"/ipxe/select/mysql?mac={OTHER}")[2].decode()  # no reinstall
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/callback/not-a-mac", b'{"event": "start"}', 400),
+        (f"/callback/{MAC}", b"{not json", 400),
+        (f"/callback/{MAC}", b'{"event": "reboot"}', 400),
+        (f"/callback/{MAC}", b'["start"]', 400),
+        ("/elsewhere", b"{}", 404),
+    ],
+)
+def test_bad_callbacks_are_refused(server: BootenvServer, path: str, body: bytes, status: int) -> None:
+    got, _, data = request(server, "POST", path, body=body)
+    assert got == status
+    assert "error" in json.loads(data)
+    assert Store(server.config.state).get(MAC) is None
+
+
+def test_callback_bodies_are_bounded(server: BootenvServer) -> None:
+    big = json.dumps({"event": "error", "data": {"x": "y" * 100_000}}).encode()
+    assert request(server, "POST", f"/callback/{MAC}", body=big)[0] == 413
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(f"POST /callback/{MAC} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert s.recv(100).startswith(b"HTTP/1.1 411")
+
+
+def test_a_silent_client_does_not_block_others(server: BootenvServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as stalled:
+        stalled.sendall(b"GET /images/lamp/manifest.json HTTP/1.1\r\n")  # never finishes
+        started = time.monotonic()
+        assert get(server, "/ipxe/boot.ipxe")[0] == 200
+        assert time.monotonic() - started < 5
+
+
+def test_machines_api_lists_everyone(server: BootenvServer) -> None:
+    post(server, OTHER, {"event": "start"})
+    doc = json.loads(get(server, "/api/machines")[2])
+    assert [(m["mac"], m["state"]) for m in doc] == [(OTHER, "provisioning")]
+
+
+@pytest.mark.parametrize(
+    ("text", "want"), [("127.0.0.1:8080", ("127.0.0.1", 8080)), ("9000", ("127.0.0.1", 9000))]
+)
+def test_parse_listen(text: str, want: tuple[str, int]) -> None:
+    assert parse_listen(text) == want
