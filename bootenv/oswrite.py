@@ -27,7 +27,7 @@ from typing import BinaryIO, Literal, Protocol
 
 import zstandard
 
-from bootenv.blockdev import Destination, device_size, is_block, open_destination
+from bootenv.blockdev import device_size, is_block, open_destination
 from bootenv.blockmap import BlockMap, Range, parse_blockmap
 from bootenv.errors import BootenvError, FatalError, UserError, VerificationError
 from bootenv.log import Progress, human_bytes, step
@@ -105,13 +105,16 @@ class HashingReader:
 class Target:
     """pwrite()s to an fd, with O_DIRECT for aligned writes when asked to.
 
-    The first write wipes the header region; `wipe()` makes the target unmountable.
+    The first write wipes the header region (and, on a block device, the last MiB past
+    the image, where GPT backups and md/LVM metadata live); `wipe()` makes the target
+    unmountable.
     """
 
-    def __init__(self, fd: int, *, direct: bool, is_block: bool) -> None:
+    def __init__(self, fd: int, *, direct: bool, is_block: bool, image_size: int) -> None:
         self.fd = fd
         self.direct = direct
         self.is_block = is_block
+        self.image_size = image_size
         self.touched = False
         self.written = 0
         self._flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -127,6 +130,8 @@ class Target:
         if not self.touched:
             self.touched = True
             self.wipe(sync=False)
+            if self.is_block:
+                self._wipe_tail()
         aligned = len(buf) - len(buf) % ALIGN if self.direct and offset % ALIGN == 0 else 0
         if aligned:
             self._set_direct(True)
@@ -157,6 +162,12 @@ class Target:
             self._pwrite_all(zeros, 0)
         if sync:
             self.sync()
+
+    def _wipe_tail(self) -> None:
+        size = device_size(self.fd)
+        start = max(size - HEADER, self.image_size)
+        if start < size:
+            self._pwrite_all(memoryview(bytes(size - start)), start)
 
     def sync(self) -> None:
         self._set_direct(False)
@@ -222,6 +233,7 @@ def write_os(
     progress: bool = True,
     direct: bool | None = None,
     name: str | None = None,
+    bmap: BlockMap | None = None,
 ) -> WriteResult:
     """Write the OS (or single) image of `manifest` from `source` onto `dest`.
 
@@ -231,14 +243,16 @@ def write_os(
     fd = dest if isinstance(dest, int) else dest.fileno()
     label = name or f"fd {fd}"
     image = _image(manifest, which)
-    bmap = load_blockmap(source, image)
+    bmap = bmap or load_blockmap(source, image)
     if which == "os" and bmap.image_size != manifest.rootfs.image_size:
         raise VerificationError("the block map's image size disagrees with the manifest")
     block = is_block(fd)
     size = device_size(fd)
     if size < bmap.image_size:
         raise UserError(f"{label} is too small: {size} bytes, the image needs {bmap.image_size}")
-    target = Target(fd, direct=block if direct is None else direct, is_block=block)
+    target = Target(
+        fd, direct=block if direct is None else direct, is_block=block, image_size=bmap.image_size
+    )
     start = time.monotonic()
     compressed = 0
     try:
@@ -349,10 +363,4 @@ def write_os_path(location: str, device: str, *, which: Which = "os", progress: 
         open_destination(device, bmap.image_size, mapped=bmap.mapped) as dest,
         step(f"Streaming the {which} image to {device}"),
     ):
-        return _write_dest(source, manifest, dest, which, progress)
-
-
-def _write_dest(
-    source: Source, manifest: Manifest, dest: Destination, which: Which, progress: bool
-) -> WriteResult:
-    return write_os(source, manifest, dest.fd, which=which, progress=progress, name=dest.path)
+        return write_os(source, manifest, dest.fd, which=which, progress=progress, name=dest.path, bmap=bmap)

@@ -67,6 +67,15 @@ def sparse(path: Path, size: int, head: bytes = b"") -> Path:
     return path
 
 
+def garbage(path: Path, size: int) -> Path:
+    block = os.urandom(MiB)
+    with open(path, "wb") as f:
+        for _ in range(size // MiB):
+            f.write(block)
+        f.truncate(size)
+    return path
+
+
 def write_os(image: Path | str, device: str | Path, capsys: pytest.CaptureFixture[str], *extra: str) -> dict:  # type: ignore[type-arg]
     rc = main(["write-os", "--image", str(image), "--device", str(device), "--json", *extra])
     out = capsys.readouterr()
@@ -114,7 +123,8 @@ def test_write_os_to_loop_device_over_http(
     from tests.unit.httpfault import Fault, FaultServer
 
     manifest = load(gold_image)
-    backing = sparse(tmp_path / "backing.img", manifest.rootfs.image_size + 64 * MiB, b"\xaa" * (4 * MiB))
+    # A reused disk: garbage everywhere, so the holes the writer skips are not zeros.
+    backing = garbage(tmp_path / "backing.img", manifest.rootfs.image_size + 64 * MiB)
     with ExitStack() as stack:
         srv = stack.enter_context(FaultServer(gold_image))
         size = manifest.os.data.size
@@ -126,6 +136,9 @@ def test_write_os_to_loop_device_over_http(
         run(["e2fsck", "-fn", dev])
         mnt = stack.enter_context(mounted_ro(dev, tmp_path / "mnt"))
         assert assert_matches_gold(mnt, gold_tree, full=False) > 500
+    with open(backing, "rb") as f:  # stale signatures at the end of the disk are gone
+        f.seek(-MiB, os.SEEK_END)
+        assert f.read() == bytes(MiB)
 
 
 def test_too_small_device_is_refused_untouched(
