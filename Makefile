@@ -28,8 +28,8 @@ $(VENV)/.stamp: pyproject.toml Makefile
 	touch $@
 
 lint: deps
-	$(PY) -m ruff format --check bootenv tests
-	$(PY) -m ruff check bootenv tests
+	$(PY) -m ruff format --check bootenv tests bench
+	$(PY) -m ruff check bootenv tests bench
 	$(PY) -m mypy --strict
 
 unit: deps
@@ -51,8 +51,10 @@ vm: deps
 demo: deps
 	@echo "make demo: the netboot demo is not built yet (issue #5)" >&2; exit 1
 
+# Benchmarks: ratios measured side by side in one run (not part of `make test`).
 bench: deps
-	@echo "make bench: the benchmark harness is not built yet (issue #6)" >&2; exit 1
+	$(PY) -m pip install -q --disable-pip-version-check matplotlib
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

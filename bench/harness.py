@@ -1,0 +1,150 @@
+"""Measuring: wall time and peak RSS of commands, repeated runs, medians, reports."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Sample:
+    seconds: float
+    max_rss_kb: int
+
+
+@dataclass(frozen=True)
+class Stats:
+    median: float
+    min: float
+    max: float
+    runs: int
+
+    @staticmethod
+    def of(values: Sequence[float]) -> Stats:
+        return Stats(statistics.median(values), min(values), max(values), len(values))
+
+
+@dataclass
+class Result:
+    """One benchmark: named measurements, the ratio that matters, and its target."""
+
+    name: str
+    what: str
+    measurements: dict[str, Stats] = field(default_factory=dict)
+    ratio: float | None = None
+    ratio_label: str = ""
+    target: str = ""
+    passed: bool | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def measure(argv: Sequence[str], *, shell: bool = False, env: dict[str, str] | None = None) -> Sample:
+    """Run a command once; return its wall time and peak RSS (of the process tree's largest)."""
+    start = time.monotonic()
+    cmd: str | Sequence[str] = " ".join(argv) if shell else list(argv)
+    proc = subprocess.Popen(cmd, shell=shell, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.monotonic() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{shlex.join(argv) if not shell else cmd} failed ({proc.returncode}): {err[-500:]}"
+        )
+    return Sample(elapsed, usage.ru_maxrss)
+
+
+def repeat(
+    runs: int, prepare: Callable[[], None], argv: Sequence[str], *, shell: bool = False
+) -> list[Sample]:
+    samples = []
+    for _ in range(runs):
+        prepare()
+        samples.append(measure(argv, shell=shell))
+    return samples
+
+
+def seconds(samples: Sequence[Sample]) -> Stats:
+    return Stats.of([s.seconds for s in samples])
+
+
+def drop_caches() -> None:
+    """Start each run cold, so runs are comparable (needs root; best effort)."""
+    os.sync()
+    with contextlib.suppress(OSError):
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def table(results: Sequence[Result]) -> str:
+    rows = [["benchmark", "measurement", "median", "min", "max", "ratio", "target", "ok"]]
+    for r in results:
+        first = True
+        for key, st in r.measurements.items():
+            rows.append(
+                [
+                    r.name if first else "",
+                    key,
+                    f"{st.median:.3f}",
+                    f"{st.min:.3f}",
+                    f"{st.max:.3f}",
+                    f"{r.ratio:.2f} {r.ratio_label}" if first and r.ratio is not None else "",
+                    r.target if first else "",
+                    ("yes" if r.passed else "NO") if first and r.passed is not None else "",
+                ]
+            )
+            first = False
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    out = []
+    for i, row in enumerate(rows):
+        out.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    for r in results:
+        for note in r.notes:
+            out.append(f"* {r.name}: {note}")
+    return "\n".join(out)
+
+
+def save(results: Sequence[Result], directory: Path, meta: dict[str, object]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    path = directory / f"bench-{stamp}.json"
+    path.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    (directory / "latest.json").write_text(path.read_text())
+    return path
+
+
+def chart(results: Sequence[Result], path: Path) -> Path | None:
+    """A bar chart of the ratios against their targets (matplotlib, if installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart", file=sys.stderr)
+        return None
+    shown = [r for r in results if r.ratio is not None]
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(shown) + 1.5))
+    names = [f"{r.name}\n{r.ratio_label}" for r in shown]
+    colors = ["tab:green" if r.passed else "tab:red" for r in shown]
+    ax.barh(names, [r.ratio or 0 for r in shown], color=colors)
+    for i, r in enumerate(shown):
+        ax.text((r.ratio or 0) + 0.02, i, f"{r.ratio:.2f}  (target {r.target})", va="center", fontsize=8)
+    ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ratio (measured side by side in one run)")
+    ax.set_title("bootenv benchmarks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,66 @@
+"""`make bench`: run the benchmarks, print a table, save JSON and a chart."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from bench import scenarios
+from bench.harness import chart, save, table
+from bootenv.cache import cache_root
+from bootenv.gold import gold_tree
+from bootenv.log import setup_logging
+from bootenv.serve import ServeConfig, running
+
+ALL = {
+    "os-stream": scenarios.os_stream,
+    "memory": scenarios.memory,
+    "capture": scenarios.capture_speed,
+}
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--only", action="append", choices=sorted(ALL), help="run only these (repeatable)")
+    args = p.parse_args()
+    setup_logging()
+    logging.getLogger("bootenv").setLevel(logging.WARNING)
+    gold = gold_tree()
+    images = cache_root() / "bench" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    name = scenarios.gold_image(gold, images)
+    results = []
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-", dir=cache_root()) as work,
+        running(ServeConfig(images=images, state=Path(work) / "state", port=0)) as server,
+    ):
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        env = scenarios.Env(Path(work), images, url, gold, name, args.runs)
+        for key, fn in ALL.items():
+            if args.only and key not in args.only:
+                continue
+            start = time.monotonic()
+            print(f"== {key}: {fn.__doc__.splitlines()[0] if fn.__doc__ else ''}", flush=True)
+            results.append(fn(env))
+            print(f"   ({time.monotonic() - start:.0f} s)", flush=True)
+    print(table(results))
+    meta = {
+        "host": platform.node(),
+        "cpus": __import__("os").cpu_count(),
+        "runs": args.runs,
+        "time": time.time(),
+    }
+    path = save(results, RESULTS, meta)
+    png = chart(results, RESULTS / "chart.png")
+    print(f"results: {path}" + (f", chart: {png}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

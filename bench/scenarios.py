@@ -1,0 +1,183 @@
+"""The benchmarks of issue #6, each measured side by side in one run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.harness import Result, Stats, drop_caches, measure, repeat, seconds
+from bootenv.blockmap import pack_image
+from bootenv.cache import cache_root, locked
+from bootenv.manifest import Manifest, OsImage, RootFs, Source, parse_manifest
+from bootenv.store import BlobWriter, write_blob
+
+BOOTENV = str(Path(sys.executable).with_name("bootenv"))
+COMPONENTS = ("apache=apache2", "mysql=mariadb-server", "php=php,libapache2-mod-php,php-mysql")
+
+
+@dataclass(frozen=True)
+class Env:
+    work: Path  # scratch space on the disk under test
+    images: Path  # served at {url}/images/
+    url: str
+    gold: Path
+    gold_image: str  # name under images/
+    runs: int
+
+
+def gold_image(gold: Path, images: Path) -> str:
+    """Capture the gold machine (with --single) once per code version; cached."""
+    from bootenv.capture import CaptureConfig, capture
+    from bootenv.split import parse_component_arg
+    from tests.conftest import code_key
+
+    name = f"{gold.name}-{code_key()}"
+    out = images / name
+    with locked(f"bench-{name}"):
+        if not (out / "manifest.json").exists():
+            specs = tuple(parse_component_arg(c) for c in COMPONENTS)
+            capture(CaptureConfig(root=gold, output=out, components=specs, single=True, force=True))
+    return name
+
+
+def load(env: Env, name: str) -> Manifest:
+    return parse_manifest((env.images / name / "manifest.json").read_bytes())
+
+
+def _fresh(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    drop_caches()
+
+
+def dense_baseline(env: Env, name: str) -> str:
+    """The classic image for the pipeline: the whole filesystem, zstd -3, dense."""
+    dense = f"{name}-dense"
+    out = env.images / dense / "image.raw.zst"
+    if out.exists():
+        return dense
+    out.parent.mkdir(parents=True, exist_ok=True)
+    raw = env.work / "restore.img"
+    measure([BOOTENV, "write-os", "--image", str(env.images / name), "--device", str(raw), "--insecure"])
+    measure(["zstd", "-q", "-3", "-T0", "-f", str(raw), "-o", str(out)])
+    raw.unlink()
+    return dense
+
+
+def os_stream(env: Env) -> Result:
+    """1. write-os from HTTP against curl | zstd -dc | dd on the same image."""
+    m = load(env, env.gold_image)
+    dense = dense_baseline(env, env.gold_image)
+    target = env.work / "target.img"
+    url = f"{env.url}/images/{env.gold_image}"
+    ours, theirs = [], []
+    for _ in range(env.runs):
+        ours += repeat(
+            1,
+            lambda: _fresh(target),
+            [BOOTENV, "write-os", "--image", url, "--device", str(target), "--insecure"],
+        )
+        pipe = (
+            f"curl -sf {env.url}/images/{dense}/image.raw.zst | zstd -dcq | "
+            f"dd of={target} bs=4M iflag=fullblock oflag=direct status=none"
+        )
+        theirs += repeat(1, lambda: _fresh(target), [pipe], shell=True)
+    target.unlink(missing_ok=True)
+    a, b = seconds(ours), seconds(theirs)
+    r = Result(
+        "os-stream",
+        "write-os vs curl|zstd -dc|dd, same image, HTTP on 127.0.0.1",
+        {"bootenv write-os (s)": a, "curl|zstd|dd (s)": b},
+    )
+    r.ratio, r.ratio_label, r.target = b.median / a.median, "x pipeline throughput", ">= 1.0"
+    r.passed = r.ratio >= 1.0
+    bmap_mapped = m.os.data.raw_size
+    r.notes.append(
+        f"bytes written {bmap_mapped >> 20} MiB of a {m.rootfs.image_size >> 20} MiB image "
+        f"({100 * bmap_mapped / m.rootfs.image_size:.0f}%); the pipeline writes all of it"
+    )
+    return r
+
+
+@contextmanager
+def synthetic_os(env: Env, data_bytes: int) -> Iterator[Path]:
+    """A composite image whose OS sub-image maps `data_bytes` of compressible data."""
+    d = cache_root() / "bench" / f"synthetic-os-{data_bytes >> 20}M"
+    with locked(f"bench-synthetic-{data_bytes}"):
+        if not (d / "manifest.json").exists():
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+            img = env.work / "synthetic.img"
+            size = data_bytes * 2
+            block = os.urandom(1 << 16)
+            with open(img, "wb") as f:
+                f.truncate(size)
+                for off in range(0, data_bytes, 1 << 20):
+                    f.seek(off * 2)  # data and holes alternate, 1 MiB each
+                    f.write((block[: (off >> 20) % 4096 + 1] + block) * 16)
+            with BlobWriter(d, "img.zst") as out:
+                bmap = pack_image(img, out, block_size=4096)
+                data = out.finish(bmap.mapped)
+            img.unlink()
+            bm = write_blob(d, "bmap.json", bmap.to_json().encode())
+            m = Manifest(
+                Source("synthetic", "none", "amd64", "", "now"),
+                RootFs("ext4", size, size, 4096),
+                OsImage(data, bm, (), 0),
+                (),
+            )
+            (d / "manifest.json").write_text(m.to_json())
+    yield d
+
+
+def memory(env: Env) -> Result:
+    """5. Peak RSS of write-os for a 1 GB and a 4 GB image."""
+    rss: dict[str, Stats] = {}
+    medians = {}
+    for gb in (1, 4):
+        with synthetic_os(env, gb << 30) as image:
+            target = env.work / f"mem-{gb}.img"
+            samples = repeat(
+                env.runs,
+                lambda t=target: _fresh(t),  # type: ignore[misc]
+                [BOOTENV, "write-os", "--image", str(image), "--device", str(target), "--insecure"],
+            )
+            target.unlink(missing_ok=True)
+            mib = [s.max_rss_kb / 1024 for s in samples]
+            rss[f"write-os {gb} GB: peak RSS (MiB)"] = Stats.of(mib)
+            rss[f"write-os {gb} GB: time (s)"] = seconds(samples)
+            medians[gb] = Stats.of(mib).median
+    r = Result("memory", "peak RSS of write-os, 4 GB vs 1 GB image", rss)
+    r.ratio, r.ratio_label, r.target = medians[4] / medians[1], "x (4 GB / 1 GB)", "<= 1.1, < 150 MiB"
+    r.passed = r.ratio <= 1.1 and medians[4] < 150
+    return r
+
+
+def capture_speed(env: Env) -> Result:
+    """6. bootenv capture against tar -c | zstd -T0 of the same tree."""
+    out = env.work / "cap"
+    ours, theirs = [], []
+    args = [a for c in COMPONENTS for a in ("--component", c)]
+    for _ in range(env.runs):
+        ours += repeat(1, drop_caches, [BOOTENV, "capture", str(env.gold), "-o", str(out), "--force", *args])
+        theirs += repeat(
+            1,
+            drop_caches,
+            [f"tar -C {env.gold} -cf - . | zstd -q -3 -T0 -f -o {env.work}/tar.zst"],
+            shell=True,
+        )
+    shutil.rmtree(out, ignore_errors=True)
+    (env.work / "tar.zst").unlink(missing_ok=True)
+    a, b = seconds(ours), seconds(theirs)
+    r = Result(
+        "capture",
+        "capture vs tar -c | zstd -T0, same gold tree",
+        {"bootenv capture (s)": a, "tar|zstd -T0 (s)": b},
+    )
+    r.ratio, r.ratio_label, r.target = b.median / a.median, "x tar|zstd throughput", ">= 0.8"
+    r.passed = r.ratio >= 0.8
+    return r
