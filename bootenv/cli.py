@@ -105,7 +105,37 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{key}", metavar="VALUE", help=f"overrides bootenv.{key.replace('-', '_')}=")
     p.add_argument("--insecure", action="store_true", help="overrides bootenv.insecure (loudly)")
     p.set_defaults(handler=cmd_agent)
+
+    add_serve_verbs(verbs, common)
     return parser
+
+
+def add_serve_verbs(verbs: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
+    state_help = "the machine state directory (default: $BOOTENV_STATE or /var/lib/bootenv)"
+    p = verbs.add_parser("serve", parents=[common], help="serve images, iPXE menus and callbacks")
+    p.add_argument(
+        "--images", type=Path, required=True, metavar="DIR", help="composite images, one per subdir"
+    )
+    p.add_argument("--listen", default="127.0.0.1:8080", metavar="ADDR:PORT")
+    p.add_argument("--state", type=Path, metavar="DIR", help=state_help)
+    p.add_argument("--boot", type=Path, metavar="DIR", help="holds the ramdisk's vmlinuz and initramfs.img")
+    p.add_argument("--catalog", type=Path, metavar="FILE", help="menu entries (JSON or TOML)")
+    p.add_argument("--public-url", metavar="URL", help="how iPXE clients reach this server")
+    p.set_defaults(handler=cmd_serve)
+
+    p = verbs.add_parser("assign", parents=[common], help="provision a machine on its next network boot")
+    p.add_argument("mac", metavar="MAC")
+    p.add_argument("image", metavar="IMAGE", help="an image name under serve's --images, or a URL")
+    p.add_argument("--components", required=True, metavar="a,b|all|none")
+    p.add_argument("--hostname", metavar="NAME")
+    p.add_argument("--kernel-args", default="", metavar="ARGS", help="extra ramdisk kernel arguments")
+    p.add_argument("--state", type=Path, metavar="DIR", help=state_help)
+    p.set_defaults(handler=cmd_assign)
+
+    p = verbs.add_parser("machines", parents=[common], help="each machine's state and timeline")
+    p.add_argument("--state", type=Path, metavar="DIR", help=state_help)
+    p.add_argument("--json", action="store_true", help="records and every event received")
+    p.set_defaults(handler=cmd_machines)
 
 
 def add_trust_options(p: argparse.ArgumentParser) -> None:
@@ -384,6 +414,73 @@ def cmd_agent(args: argparse.Namespace) -> int:
     result = run_agent(cfg, ramdisk_cmdline=text)
     print(f"provisioned {result.disk} as {result.identity.hostname} (root UUID {result.identity.root_uuid})")
     finish(cfg, result)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bootenv.serve import ServeConfig, check_public_url, make_server, parse_listen
+    from bootenv.state import default_state_dir
+
+    host, port = parse_listen(args.listen)
+    config = ServeConfig(
+        images=args.images,
+        state=args.state or default_state_dir(),
+        host=host,
+        port=port,
+        boot=args.boot,
+        catalog=args.catalog,
+        public_url=check_public_url(args.public_url) if args.public_url else None,
+    )
+    server = make_server(config)
+    print(f"serving {args.images} on http://{host}:{server.port}/", flush=True)
+    print(f"iPXE clients: chain {server.base_url}/ipxe/boot.ipxe; state in {config.state}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    import time
+
+    from bootenv.machines import assign
+    from bootenv.state import Store, default_state_dir
+
+    machine = assign(
+        args.mac,
+        args.image,
+        args.components,
+        now=time.time(),
+        hostname=args.hostname,
+        kernel_args=args.kernel_args,
+    )
+    store = Store(args.state or default_state_dir())
+    previous = store.get(machine.mac)
+    note = {"received": time.time(), "event": "assigned", "image": machine.image}
+    if previous is not None:
+        note["previous_state"] = previous.state.value
+    store.put(machine, note=note)
+    print(f"{machine.mac}: {machine.image} ({machine.components}) installs on its next network boot")
+    return 0
+
+
+def cmd_machines(args: argparse.Namespace) -> int:
+    from bootenv.machines import to_dict
+    from bootenv.state import Store, default_state_dir, timeline_rows
+
+    store = Store(args.state or default_state_dir())
+    machines = store.all()
+    if args.json:
+        print(_json([{**to_dict(m), "log": store.events(m.mac)} for m in machines]))
+        return 0
+    if not machines:
+        print("no machines yet (bootenv assign MAC IMAGE --components ...)")
+        return 0
+    print(_table(timeline_rows(machines)))
+    for m in machines:
+        if m.error or m.invalid:
+            print(f"{m.mac}: {m.error or ''}{f' ({m.invalid} invalid transitions)' if m.invalid else ''}")
     return 0
 
 

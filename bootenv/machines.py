@@ -60,7 +60,7 @@ INSTALLED = (State.OS_WRITTEN, State.OS_BOOTED, State.COMPONENTS_LAID_OUT, State
 class Kind(StrEnum):
     """What an event says. Milestone kinds move the state; the others are the timeline."""
 
-    START = "start"  # the agent is up: -> provisioning
+    START = "start"  # the agent (-> provisioning) or the layout service (-> os_booted) is up
     STEP = "step"  # a named step started, finished or failed (with its timing)
     PROGRESS = "progress"  # bytes or files done of a step
     CONFLICT = "conflict"  # the layout kept both versions of a path
@@ -72,7 +72,6 @@ class Kind(StrEnum):
 
 
 MILESTONES: dict[Kind, State] = {
-    Kind.START: State.PROVISIONING,
     Kind.OS_WRITTEN: State.OS_WRITTEN,
     Kind.OS_BOOTED: State.OS_BOOTED,
     Kind.COMPONENTS_LAID_OUT: State.COMPONENTS_LAID_OUT,
@@ -106,6 +105,7 @@ class Event:
     path: str | None = None
     message: str | None = None
     fatal: bool = True
+    seq: int | None = None
     data: Mapping[str, Any] | None = None  # free-form extras, stored as sent
 
 
@@ -219,7 +219,7 @@ def target_state(event: Event) -> State | None:
         if event.status is StepStatus.DONE and event.step in STEP_MILESTONES:
             return STEP_MILESTONES[event.step]
         return _activity(event)
-    if event.kind in (Kind.PROGRESS, Kind.CONFLICT):
+    if event.kind in (Kind.START, Kind.PROGRESS, Kind.CONFLICT):
         return _activity(event)
     return MILESTONES.get(event.kind)
 
@@ -231,7 +231,7 @@ def _activity(event: Event) -> State:
 
 def _is_chatter(event: Event) -> bool:
     """Activity that only implies a state; it never counts as an invalid transition."""
-    if event.kind in (Kind.PROGRESS, Kind.CONFLICT):
+    if event.kind in (Kind.START, Kind.PROGRESS, Kind.CONFLICT):
         return True
     return event.kind is Kind.STEP and event.status is StepStatus.START
 
@@ -320,6 +320,7 @@ _FIELDS: dict[str, type] = {
     "path": str,
     "message": str,
     "fatal": bool,
+    "seq": int,  # the sender's sequence number, for ordering the log
     "data": dict,
 }
 

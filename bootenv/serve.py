@@ -83,6 +83,16 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, number
 
 
+def check_public_url(url: str) -> str:
+    """The base URL written into iPXE scripts and kernel arguments."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise UserError(f"--public-url {url}: expected http://HOST[:PORT][/PREFIX]")
+    if any(c.isspace() or c in "$\"'" for c in url):
+        raise UserError(f"--public-url {url}: no spaces, quotes or $")
+    return url.rstrip("/")
+
+
 class UnsatisfiableError(Exception):
     """The range lies outside the file: answer 416."""
 
@@ -133,6 +143,7 @@ def resolve_under(root: Path, rel: str) -> Path | None:
 
 class BootenvServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # a rack powering on at once
     block_on_close = False
 
     def __init__(self, config: ServeConfig) -> None:

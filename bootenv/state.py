@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bootenv.errors import UserError
-from bootenv.machines import Event, Machine, Outcome, apply, from_dict, normalize_mac, to_dict
+from bootenv.machines import Event, Machine, Outcome, State, apply, from_dict, normalize_mac, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +145,29 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def default_state_dir() -> Path:
+    """`$BOOTENV_STATE`, else /var/lib/bootenv."""
+    return Path(os.environ.get("BOOTENV_STATE") or "/var/lib/bootenv")
+
+
+TIMELINE = (
+    State.PROVISIONING,
+    State.OS_WRITTEN,
+    State.OS_BOOTED,
+    State.COMPONENTS_LAID_OUT,
+    State.DONE,
+)
+
+
+def timeline_rows(machines: list[Machine]) -> list[list[str]]:
+    """`bootenv machines`: one row per machine, each milestone as seconds since assignment."""
+    rows = [["mac", "state", "image", "components", *[s.value for s in TIMELINE], "conflicts"]]
+    for m in machines:
+        marks = []
+        for s in TIMELINE:
+            at = m.reached(s)
+            marks.append("-" if at is None else f"+{at - m.started:.1f}s")
+        rows.append([m.mac, m.state.value, m.image or "?", m.components or "?", *marks, str(m.conflicts)])
+    return rows
