@@ -144,5 +144,6 @@ def outside_listing(base: Path, root: Path) -> set[str]:
         if Path(dirpath) == root or root in Path(dirpath).parents:
             continue
         for n in dirnames + filenames:
-            found.add(str(Path(dirpath, n).relative_to(base)))
+            if Path(dirpath, n) != root:
+                found.add(str(Path(dirpath, n).relative_to(base)))
     return found

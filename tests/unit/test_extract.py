@@ -1,0 +1,87 @@
+"""The streaming pax reader and the ACL/xattr helpers, on archives built in Python."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from bootenv.extract import acl_xattr
+from bootenv.paxread import ArchiveError, PaxReader, safe_name
+from tests.hostile.kit import d, f, hard, sym, tar_bytes
+
+
+def test_reader_matches_tarfile() -> None:
+    long = "usr/share/" + "deep/" * 40 + "file.txt"
+    members = [
+        d("usr"),
+        f(long, "x" * 1000, mode=0o4755, uid=7, gid=8),
+        sym("usr/l", "../target"),
+        hard("usr/h", "./" + long),
+    ]
+    members.append(f("usr/caps", b"\x7fELF", **{"SCHILY.xattr.security.capability": "c"}))
+    data = tar_bytes(members)
+    reader = PaxReader(io.BytesIO(data), chunk=700)
+    got = []
+    for m in reader:
+        got.append((m.name, m.kind, m.mode, m.uid, m.gid, m.linkname, reader.read_all()))
+    assert got[0] == ("usr", "dir", 0o755, 0, 0, "", b"")
+    assert got[1] == (long, "file", 0o4755, 7, 8, "", b"x" * 1000)
+    assert got[2][:2] == ("usr/l", "symlink") and got[2][5] == "../target"
+    assert got[3][1] == "hardlink" and got[3][5] == long
+    assert [t.name.removeprefix("./") for t in tarfile.open(fileobj=io.BytesIO(data))] == [g[0] for g in got]
+
+
+def test_xattrs_are_read_from_pax_records() -> None:
+    reader = PaxReader(io.BytesIO(tar_bytes([f("a", "1", **{"SCHILY.xattr.user.k": "v"})])))
+    (m,) = list(reader)
+    assert m.xattrs == (("user.k", b"v"),)
+
+
+def test_sparse_1_0_member() -> None:
+    sparse_map = b"2\n0\n4\n8192\n3\n".ljust(512, b"\0")
+    body = sparse_map + b"headtail"
+    member = f("GNUSparseFile.0/s", body)
+    member.pax_headers = {
+        "GNU.sparse.major": "1",
+        "GNU.sparse.minor": "0",
+        "GNU.sparse.name": "./var/s",
+        "GNU.sparse.realsize": "8195",
+    }
+    reader = PaxReader(io.BytesIO(tar_bytes([member])))
+    m = next(iter(reader))
+    assert m.name == "var/s" and m.sparse == ((0, 4), (8192, 3)) and m.realsize == 8195
+    assert reader.read_all() == b"headtail"
+
+
+@pytest.mark.parametrize("bad", ["/etc/passwd", "../x", "a/../../x", "a\0b", "x" * 300])
+def test_unsafe_names_are_refused(bad: str) -> None:
+    with pytest.raises(ArchiveError):
+        safe_name(bad)
+
+
+def test_safe_names_are_normalised() -> None:
+    assert safe_name("./etc//apache2/./x") == "etc/apache2/x"
+    assert safe_name("./") == ""
+
+
+def test_truncated_archive_is_an_error() -> None:
+    data = tar_bytes([f("a", "x" * 5000)])
+    reader = PaxReader(io.BytesIO(data[:2048]))
+    with pytest.raises(ArchiveError):
+        for _ in reader:
+            reader.read_all()
+
+
+def test_corrupt_header_checksum_is_an_error() -> None:
+    data = bytearray(tar_bytes([f("a", "x")]))
+    data[0] ^= 1
+    with pytest.raises(ArchiveError):
+        list(PaxReader(io.BytesIO(bytes(data))))
+
+
+def test_acl_text_to_xattr() -> None:
+    value = acl_xattr("user::rw-,user:1000:rwx,group::r--,mask::rwx,other::r--")
+    assert value[:4] == (2).to_bytes(4, "little") and len(value) == 4 + 5 * 8
+    assert (1000).to_bytes(4, "little") in value

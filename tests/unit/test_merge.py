@@ -1,0 +1,43 @@
+"""The shared-path rule's pure parts: what is mergeable and how pieces concatenate."""
+
+from __future__ import annotations
+
+import itertools
+
+from bootenv.dpkgmerge import merged_status
+from bootenv.merge import concatenate, is_candidate
+
+
+def test_candidates_are_text_under_etc() -> None:
+    assert is_candidate("etc/apache2/ports.conf", b"Listen 80\n")
+    assert not is_candidate("usr/lib/x.so", b"text")
+    assert not is_candidate("etc/ld.so.cache", b"bin\0ary")
+    assert not is_candidate("etc/huge", b"x" * ((1 << 20) + 1))
+
+
+def test_concatenation_is_base_then_parts_by_name() -> None:
+    parts = {"php": b"php\n", "apache": b"apache"}
+    assert concatenate(b"os\n", parts) == b"os\napache\nphp\n"
+    assert concatenate(None, parts) == b"apache\nphp\n"
+
+
+def test_duplicates_and_base_copies_appear_once() -> None:
+    assert concatenate(b"os\n", {"a": b"os\n", "b": b"b\n", "c": b"b\n"}) == b"os\nb\n"
+    assert concatenate(None, {"a": b"same\n", "b": b"same\n"}) == b"same\n"
+
+
+def test_result_does_not_depend_on_insertion_order() -> None:
+    items = [("c", b"3"), ("a", b"1"), ("b", b"2")]
+    results = {concatenate(b"0", dict(p)) for p in itertools.permutations(items)}
+    assert results == {b"0\n1\n2\n3\n"}
+
+
+def test_dpkg_status_merge_replaces_in_place_and_appends() -> None:
+    current = "Package: a\nStatus: install ok installed\n\nPackage: b\nStatus: deinstall ok config-files\n\n"
+    incoming = (
+        "Package: b\nStatus: install ok installed\nVersion: 2\n\nPackage: c\nStatus: install ok installed\n"
+    )
+    once = merged_status(current, incoming)
+    assert once.index("Package: a") < once.index("Package: b") < once.index("Package: c")
+    assert "config-files" not in once and once.count("Package: b") == 1
+    assert merged_status(once, incoming) == once
