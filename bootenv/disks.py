@@ -3,10 +3,11 @@
 The rule (also in docs/AGENT.md):
 
 1. A disk is never chosen if it is removable, read-only, smaller than the image needs,
-   a virtual device (loop, ram, zram, optical, device-mapper, md), mounted or holding
-   the running root or the boot media, or held by another device (RAID, LVM).
+   mounted or holding the running root or the boot media, or held by another device
+   (RAID, LVM).
 2. `bootenv.disk=/dev/X`, `serial:S` or `path:P` picks that one disk, and fails (with
-   the reason) if rule 1 rejects it.
+   the reason) if rule 1 rejects it. Only a disk named this way may be a virtual
+   device (loop, ram, zram, optical, device-mapper, md, nbd).
 3. `auto` picks, among the rest: non-rotational disks first, then the smallest disk
    that fits, then the one with the lowest stable path (udev's ID_PATH, else the
    device name). So the same hardware always gets the same choice.
@@ -65,9 +66,12 @@ class DiskChoice:
     rejected: tuple[Rejection, ...]
 
 
-def rejection(disk: DiskInfo, min_size: int) -> str | None:
-    """Why `disk` may never be installed on, or None if it may."""
-    if disk.name.startswith(VIRTUAL_PREFIXES):
+def rejection(disk: DiskInfo, min_size: int, *, auto: bool = True) -> str | None:
+    """Why `disk` may not be installed on, or None if it may.
+
+    Virtual devices (a loop device, an md array) are only taken when named explicitly.
+    """
+    if auto and disk.name.startswith(VIRTUAL_PREFIXES):
         return "virtual device"
     if disk.boot:
         return "holds the running root or the boot media"
@@ -108,13 +112,14 @@ def choose_disk(disks: list[DiskInfo], sel: DiskSelector, min_size: int) -> Disk
         if not _matches(disk, sel):
             rejected.append(Rejection(disk, f"not {sel}"))
             continue
-        reason = rejection(disk, min_size)
+        reason = rejection(disk, min_size, auto=sel.kind is DiskKind.AUTO)
         if reason:
             rejected.append(Rejection(disk, reason))
         else:
             ok.append(disk)
     if not ok:
-        detail = "; ".join(f"{r.disk.devnode}: {r.reason}" for r in rejected) or "no disks found"
+        relevant = [r for r in rejected if _matches(r.disk, sel)]
+        detail = "; ".join(f"{r.disk.devnode}: {r.reason}" for r in relevant) or "no such disk"
         raise UserError(f"no disk to install on ({sel}): {detail}")
     if sel.kind is not DiskKind.AUTO and len(ok) > 1:
         names = ", ".join(d.devnode for d in ok)

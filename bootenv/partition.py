@@ -153,7 +153,11 @@ def apply_plan(path: str, plan: PartitionPlan) -> None:
     # commitToDevice, not commit: the kernel is told separately (below), so that a disk
     # whose partitions the kernel cannot show (a loop device without partscan) still works.
     disk.commitToDevice()
-    device.sync()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     if stat.S_ISBLK(os.stat(path).st_mode):
         reread(path)
 

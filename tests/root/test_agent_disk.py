@@ -1,0 +1,236 @@
+"""The agent on a real (loop) disk: partition, stream the gold OS, configure, install grub.
+
+Partition nodes from `losetup -P` do not appear without udev, so each partition is
+checked through its own `losetup --offset/--sizelimit` device, as the agent does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from bootenv.agent import run_agent
+from bootenv.bootloader import GRUB_LIB
+from bootenv.cmdline import parse_cmdline
+from bootenv.errors import UserError
+from bootenv.partition import MiB, apply_plan, plan_partitions, required_size
+from bootenv.runtime import python_argv, python_env
+from bootenv.source import load_manifest
+from tests.conftest import require_root, require_tools
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBootenvTestKeyOnlyForTheAgentRootTest0000 me@host"
+BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
+ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+
+
+def sh(*argv: str | Path, env: dict[str, str] | None = None) -> str:
+    return subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True, env=env).stdout
+
+
+@contextmanager
+def loop(path: Path, *args: str) -> Iterator[str]:
+    dev = sh("losetup", "--find", "--show", *args, path).strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "--detach", dev], check=False)
+
+
+@contextmanager
+def mounted(dev: str, where: Path, *opts: str) -> Iterator[Path]:
+    where.mkdir(parents=True, exist_ok=True)
+    sh("mount", *opts, dev, where)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", where], check=False)
+
+
+@contextmanager
+def callback_server() -> Iterator[tuple[str, list[dict[str, object]]]]:
+    events: list[dict[str, object]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            events.append(json.loads(body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/events", events
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def disk_file(path: Path, size: int, *, scribble: bool = True) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        if scribble:  # something to notice if it were overwritten
+            f.write(os.urandom(MiB))
+            f.seek(size - MiB)
+            f.write(os.urandom(MiB))
+    return path
+
+
+@pytest.fixture
+def tools() -> None:
+    require_root()
+    require_tools("losetup", "sfdisk", "parted", "mkfs.vfat", "mcopy", "e2fsck", "resize2fs", "wipefs")
+
+
+def test_partition_plan_on_4k_sector_loop(tools: None, tmp_path: Path) -> None:
+    path = disk_file(tmp_path / "disk4k.img", 1024 * MiB, scribble=False)
+    with loop(path, "--sector-size", "4096") as dev:
+        plan = plan_partitions(1024 * MiB, 4096, 100 * MiB)
+        apply_plan(dev, plan)
+        dump = json.loads(sh("sfdisk", "--json", dev))["partitiontable"]
+    assert dump["label"] == "gpt"
+    assert dump["sectorsize"] == 4096
+    starts = [p["start"] for p in dump["partitions"]]
+    assert starts == [256, 512, 66048]  # 1 MiB, 2 MiB, 258 MiB in 4 KiB sectors
+    assert [p["type"] for p in dump["partitions"][:2]] == [BIOS_BOOT, ESP]
+    assert all(p["start"] * 4096 % MiB == 0 and p["size"] * 4096 % MiB == 0 for p in dump["partitions"])
+
+
+def test_agent_provisions_a_disk(tools: None, gold_image: Path, tmp_path: Path) -> None:
+    manifest = load_manifest(str(gold_image))
+    size = required_size(manifest.rootfs.min_size) + 512 * MiB
+    path = disk_file(tmp_path / "disk.img", size)
+    with callback_server() as (url, events), loop(path) as dev:
+        text = (
+            f"console=ttyS0,115200n8 bootenv.image={gold_image} bootenv.disk={dev} bootenv.handoff=none "
+            f"bootenv.hostname=web1.example.org bootenv.components=apache bootenv.callback={url} "
+            f"bootenv.insecure bootenv.ssh_key={KEY.replace(' ', '%20')}"
+        )
+        result = run_agent(parse_cmdline(text), ramdisk_cmdline=text)
+    plan, ident = result.plan, result.identity
+    assert result.components == ("apache",)
+
+    # The partition table, as sfdisk and parted see it.
+    dump = json.loads(sh("sfdisk", "--json", path))["partitiontable"]
+    assert dump["label"] == "gpt"
+    assert [(p["start"], p["size"]) for p in dump["partitions"]] == [
+        (p.start, p.length) for p in plan.partitions
+    ]
+    assert [p["type"] for p in dump["partitions"][:2]] == [BIOS_BOOT, ESP]
+    printed = sh("parted", "-m", "-s", path, "unit", "s", "print").splitlines()
+    assert "bios_grub" in printed[2] and "esp" in printed[3]
+
+    with loop(path, "--offset", str(plan.root.offset), "--sizelimit", str(plan.root.size)) as rootdev:
+        sh("e2fsck", "-f", "-n", rootdev)
+        head = sh("dumpe2fs", "-h", rootdev)
+        fields = dict(line.split(":", 1) for line in head.splitlines() if ":" in line)
+        assert fields["Filesystem UUID"].strip() == ident.root_uuid
+        blocks = int(fields["Block count"]) * int(fields["Block size"])
+        assert plan.root.size - blocks < 4096 * 8  # grown to fill the partition
+        assert blocks > manifest.rootfs.image_size
+        with mounted(rootdev, tmp_path / "root", "-o", "ro") as root:
+            _check_target(root, ident.root_uuid, ident.esp_uuid, url)
+    with loop(path, "--offset", str(plan.esp.offset), "--sizelimit", str(plan.esp.size)) as espdev:
+        listing = sh("mdir", "-i", espdev, "::/EFI/BOOT", env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
+        assert "BOOTX64" in listing and "EFI" in listing
+        assert sh("blkid", "-o", "value", "-s", "UUID", espdev).strip() == ident.esp_uuid
+    _check_bios_boot(path, plan.bios.offset)
+
+    names = [e.get("step") for e in events if e["event"] == "step"]
+    assert names[:2] == ["manifest", "disk"]
+    for name in ("partition", "write-os", "configure", "runtime", "bootloader"):
+        assert name in names
+    assert events[-1]["event"] == "done"
+    assert all(isinstance(s["seconds"], float) for s in events[-1]["steps"])  # type: ignore[union-attr]
+
+
+def _check_target(root: Path, root_uuid: str, esp_uuid: str, url: str) -> None:
+    fstab = (root / "etc/fstab").read_text()
+    assert f"UUID={root_uuid}  /  ext4" in fstab
+    assert f"UUID={esp_uuid}  /boot/efi  vfat" in fstab
+    assert (root / "etc/machine-id").read_bytes() == b""
+    assert (root / "etc/hostname").read_text() == "web1.example.org\n"
+    assert "127.0.1.1\tweb1.example.org web1" in (root / "etc/hosts").read_text()
+    assert not list((root / "etc/ssh").glob("ssh_host_*"))
+    assert (root / "root/.ssh/authorized_keys").read_text() == KEY + "\n"
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    for unit in ("bootenv-layout.service", "bootenv-ssh-keygen.service"):
+        assert (root / "etc/systemd/system" / unit).is_file()
+        assert os.readlink(wants / unit) == f"/etc/systemd/system/{unit}"
+    handoff = json.loads((root / "etc/bootenv/layout.json").read_text())
+    assert handoff["components"] == ["apache"] and handoff["callback"] == url
+    grub = (root / "boot/grub/grub.cfg").read_text()
+    assert f"root=UUID={root_uuid}" in grub and "console=ttyS0,115200n8" in grub
+    if not (GRUB_LIB / "i386-pc").is_dir():
+        pytest.skip("grub-pc-bin is not installed")
+    assert (root / "boot/grub/i386-pc/core.img").is_file()
+    assert (root / "boot/grub/i386-pc/normal.mod").is_file()
+    assert (root / "boot/grub/x86_64-efi/linux.mod").is_file()
+    # The runtime brought from "the ramdisk" runs inside the target without its Python.
+    assert not (root / "usr/bin/python3").exists()
+    code = "import bootenv.cli, zstandard, requests; print('runtime ok')"
+    out = sh("chroot", root, *python_argv(), "-c", code, env={**python_env(), "PATH": "/usr/bin:/bin"})
+    assert out.strip() == "runtime ok"
+
+
+def _check_bios_boot(path: Path, bios_offset: int) -> None:
+    boot_img = (GRUB_LIB / "i386-pc/boot.img").read_bytes()
+    with open(path, "rb") as f:
+        mbr = f.read(512)
+        f.seek(bios_offset)
+        core = f.read(MiB)
+    assert mbr[0x68:0x1B8] == boot_img[0x68:0x1B8]  # grub's boot code
+    assert struct.unpack_from("<Q", mbr, 0x5C)[0] == bios_offset // 512
+    assert mbr[0x1C2] == 0xEE and mbr[0x1FE:] == b"\x55\xaa"  # still a protective MBR
+    diskboot = (GRUB_LIB / "i386-pc/diskboot.img").read_bytes()
+    assert core[:0x1E0] == diskboot[:0x1E0]
+    start, length, seg = struct.unpack_from("<QHH", core, 0x1F4)
+    assert (start, seg) == (bios_offset // 512 + 1, 0x820) and 0 < length < 2048
+
+
+def test_too_small_disk_is_refused_untouched(tools: None, gold_image: Path, tmp_path: Path) -> None:
+    manifest = load_manifest(str(gold_image))
+    path = disk_file(tmp_path / "small.img", required_size(manifest.rootfs.min_size) - 4 * MiB)
+    before = sha(path)
+    with loop(path) as dev:
+        text = f"bootenv.image={gold_image} bootenv.disk={dev} bootenv.handoff=none bootenv.insecure"
+        with pytest.raises(UserError, match="too small"):
+            run_agent(parse_cmdline(text))
+    assert sha(path) == before
+
+
+def test_mounted_disk_is_refused_untouched(tools: None, gold_image: Path, tmp_path: Path) -> None:
+    manifest = load_manifest(str(gold_image))
+    path = disk_file(
+        tmp_path / "busy.img", required_size(manifest.rootfs.min_size) + 64 * MiB, scribble=False
+    )
+    sh("mkfs.ext4", "-q", "-F", path)
+    with loop(path) as dev:
+        with mounted(dev, tmp_path / "busy", "-o", "ro,noload"):
+            before = sha(path)
+            text = f"bootenv.image={gold_image} bootenv.disk={dev} bootenv.handoff=none bootenv.insecure"
+            with pytest.raises(UserError, match="mounted"):
+                run_agent(parse_cmdline(text))
+        assert sha(path) == before

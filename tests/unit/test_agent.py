@@ -1,0 +1,161 @@
+"""Agent orchestration: preflight before any write, wipe and report after a failure."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from bootenv import agent, bootloader
+from bootenv.cmdline import parse_cmdline
+from bootenv.disks import DiskChoice, DiskInfo
+from bootenv.errors import FatalError, UserError
+from bootenv.manifest import Blob, Manifest, OsImage, RootFs, Source
+from bootenv.partition import MiB, plan_partitions, required_size
+
+ROOT_MIN = 64 * MiB
+BLOB = Blob("0" * 64 + ".img.zst", "0" * 64, 1, 1)
+MANIFEST = Manifest(
+    Source("gold", "Debian", "amd64", "6.1", "now"),
+    RootFs("ext4", ROOT_MIN, ROOT_MIN, 4096),
+    OsImage(BLOB, BLOB, (), 0),
+    (),
+)
+
+
+@pytest.fixture
+def events() -> Iterator[tuple[str, list[dict[str, object]]]]:
+    got: list[dict[str, object]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/cb", got
+    server.shutdown()
+    server.server_close()
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fake_disk(tmp_path: Path, size: int) -> Path:
+    """A sparse disk image with random bytes wherever the agent might write."""
+    path = tmp_path / "disk.img"
+    plan = plan_partitions(max(size, required_size(ROOT_MIN)), 512, ROOT_MIN)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset in (0, size - MiB, plan.esp.offset, plan.root.offset):
+            if offset + MiB <= size:
+                os.pwrite(f.fileno(), os.urandom(MiB), offset)
+    return path
+
+
+def setup(monkeypatch: pytest.MonkeyPatch, disk: Path) -> list[str]:
+    wiped: list[str] = []
+    monkeypatch.setattr(agent, "open_trusted", lambda image, trust: (None, MANIFEST))
+    info = DiskInfo(str(disk), disk.stat().st_size)
+    monkeypatch.setattr(agent, "_choose", lambda cfg, need: DiskChoice(info, ()))
+    monkeypatch.setattr(bootloader, "check_available", lambda: None)
+    monkeypatch.setattr(agent, "wipe_disk", lambda d, plan: wiped.append(d))
+    return wiped
+
+
+def test_preflight_plans_a_disk_file(tmp_path: Path) -> None:
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(1024 * MiB)
+    plan = agent.preflight(str(path), ROOT_MIN)
+    assert plan == plan_partitions(1024 * MiB, 512, ROOT_MIN)
+
+
+def test_preflight_refuses_what_is_not_a_disk(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        agent.preflight(str(tmp_path / "nope"), ROOT_MIN)
+    with pytest.raises(UserError, match="neither a disk"):
+        agent.preflight(str(tmp_path), ROOT_MIN)
+
+
+def test_too_small_disk_is_refused_before_any_write(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, events: tuple[str, list[dict[str, object]]]
+) -> None:
+    url, got = events
+    disk = fake_disk(tmp_path, required_size(ROOT_MIN) - MiB)
+    before = digest(disk)
+    wiped = setup(monkeypatch, disk)
+    written: list[str] = []
+    monkeypatch.setattr(agent, "_write_disk", lambda *a: written.append("x"))
+    cfg = parse_cmdline(f"bootenv.image=/img bootenv.callback={url}")
+    with pytest.raises(UserError, match="too small"):
+        agent.run_agent(cfg)
+    assert digest(disk) == before
+    assert written == [] and wiped == []
+    assert got[-1]["event"] == "failed" and "too small" in str(got[-1]["error"])
+    assert [s["step"] for s in got[-1]["steps"]] == ["manifest", "disk"]  # type: ignore[union-attr, index]
+
+
+def test_failure_after_touching_the_disk_wipes_and_reports(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, events: tuple[str, list[dict[str, object]]]
+) -> None:
+    url, got = events
+    disk = fake_disk(tmp_path, required_size(ROOT_MIN))
+    wiped = setup(monkeypatch, disk)
+
+    def broken(*args: object) -> None:
+        raise FatalError("the network fell over")
+
+    monkeypatch.setattr(agent, "_write_disk", broken)
+    cfg = parse_cmdline(f"bootenv.image=/img bootenv.callback={url} bootenv.hostname=h1")
+    with pytest.raises(FatalError, match="network fell over"):
+        agent.run_agent(cfg)
+    assert wiped == [str(disk)]
+    assert got[-1]["event"] == "failed" and got[-1]["hostname"] == "h1"
+    assert [e.get("step") for e in got[:-1]] == ["manifest", "disk", "preflight"]
+
+
+def test_wipe_disk_zeroes_tables_and_signatures(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    size = required_size(ROOT_MIN)
+    disk = fake_disk(tmp_path, size)
+    plan = plan_partitions(size, 512, ROOT_MIN)
+    ran: list[list[str]] = []
+    monkeypatch.setattr(agent, "run", lambda argv, **kw: ran.append([str(a) for a in argv]))
+    monkeypatch.setattr(agent, "which", lambda tool: tool)
+    agent.wipe_disk(str(disk), plan)
+    with open(disk, "rb") as f:
+        for offset in (0, size - MiB, plan.bios.offset, plan.esp.offset, plan.root.offset):
+            assert os.pread(f.fileno(), MiB, offset) == bytes(MiB)
+    assert ran == [["wipefs", "-a", str(disk)]]
+
+
+def test_callback_is_best_effort() -> None:
+    report = agent.Report("http://127.0.0.1:9/nobody-listens")
+    report.post("step")  # must not raise
+    agent.Report(None).post("step")
+
+
+def test_trust_reads_builtin_keys(tmp_path: Path) -> None:
+    import base64
+
+    (tmp_path / "ops.pub").write_text("ed25519 " + base64.b64encode(b"k" * 32).decode() + "\n")
+    fp = "sha256:" + "1" * 64
+    cfg = parse_cmdline(f"bootenv.image=/img bootenv.trust={fp}")
+    trust = agent.trust(cfg, tmp_path)
+    assert trust.keys == (b"k" * 32,) and trust.fingerprints == (fp,) and not trust.insecure

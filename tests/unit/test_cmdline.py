@@ -1,0 +1,152 @@
+"""The kernel command line → AgentConfig: every key, the kernel's quoting, bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from bootenv.cmdline import (
+    AgentConfig,
+    CmdlineError,
+    DiskKind,
+    DiskSelector,
+    Handoff,
+    parse_cmdline,
+    split_cmdline,
+)
+
+IMG = "bootenv.image=http://10.0.2.2:8080/img"
+FP = "sha256:" + "ab" * 32
+
+
+def test_all_keys() -> None:
+    cfg = parse_cmdline(
+        "BOOT_IMAGE=/vmlinuz console=ttyS0 quiet "
+        f"{IMG} bootenv.components=apache,php bootenv.disk=serial:QM0001 "
+        "bootenv.callback=http://10.0.2.2:9000/cb bootenv.handoff=reboot bootenv.hostname=web1.example.org "
+        "bootenv.ssh_key=ssh-ed25519%20AAAAC3Nza%20me@host bootenv.debug bootenv.shell=0 "
+        f"bootenv.insecure=yes bootenv.trust={FP.upper().replace('SHA256', 'sha256')}\n"
+    )
+    assert cfg == AgentConfig(
+        image="http://10.0.2.2:8080/img",
+        components=("apache", "php"),
+        disk=DiskSelector(DiskKind.SERIAL, "QM0001"),
+        callback="http://10.0.2.2:9000/cb",
+        handoff=Handoff.REBOOT,
+        hostname="web1.example.org",
+        ssh_key="ssh-ed25519 AAAAC3Nza me@host",
+        debug=True,
+        shell=False,
+        insecure=True,
+        trust=FP,
+    )
+
+
+def test_defaults() -> None:
+    cfg = parse_cmdline(IMG)
+    assert cfg.components is None and cfg.wanted_components == "all"
+    assert cfg.disk == DiskSelector() and str(cfg.disk) == "auto"
+    assert cfg.handoff is Handoff.KEXEC
+    assert (cfg.callback, cfg.hostname, cfg.ssh_key, cfg.trust) == (None, None, None, None)
+    assert not (cfg.debug or cfg.shell or cfg.insecure)
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("all", None),
+        ("none", ()),
+        ("mysql", ("mysql",)),
+    ],
+)
+def test_components(text: str, want: tuple[str, ...] | None) -> None:
+    cfg = parse_cmdline(f"{IMG} bootenv.components={text}")
+    assert cfg.components == want
+    assert cfg.wanted_components == ("all" if want is None else list(want))
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "value"),
+    [
+        ("auto", DiskKind.AUTO, ""),
+        ("/dev/nvme0n1", DiskKind.DEVICE, "/dev/nvme0n1"),
+        ("serial:S3Z9NX0K", DiskKind.SERIAL, "S3Z9NX0K"),
+        ("path:pci-0000:00:04.0", DiskKind.PATH, "pci-0000:00:04.0"),
+    ],
+)
+def test_disk(text: str, kind: DiskKind, value: str) -> None:
+    sel = parse_cmdline(f"{IMG} bootenv.disk={text}").disk
+    assert (sel.kind, sel.value) == (kind, value)
+    assert str(sel) == text
+
+
+def test_split_like_the_kernel() -> None:
+    assert split_cmdline('a "b=c d" e="f g" h=i" "j k="" "l" -- n=o') == [
+        ("a", None),
+        ("b", "c d"),
+        ("e", "f g"),
+        ("h", 'i" "j'),
+        ("k", ""),
+        ("l", None),
+    ]
+    # An unterminated quote runs to the end of the line, as in the kernel.
+    assert split_cmdline('m=" x -- y') == [("m", " x -- y")]
+    assert split_cmdline("  x=1\t\ny  ") == [("x", "1"), ("y", None)]
+    assert split_cmdline("") == []
+
+
+def test_quoted_values_reach_the_config() -> None:
+    cfg = parse_cmdline(f'{IMG} "bootenv.ssh_key=ssh-rsa AAAAB3 root@admin" bootenv.hostname="db1"')
+    assert cfg.ssh_key == "ssh-rsa AAAAB3 root@admin"
+    assert cfg.hostname == "db1"
+
+
+def test_after_double_dash_belongs_to_init() -> None:
+    cfg = parse_cmdline(f"{IMG} -- bootenv.bogus=1 bootenv.handoff=none")
+    assert cfg.handoff is Handoff.KEXEC
+
+
+def test_overrides_replace_the_cmdline() -> None:
+    cfg = parse_cmdline(f"{IMG} bootenv.handoff=reboot", {"handoff": "none", "disk": "/dev/sdb"})
+    assert cfg.handoff is Handoff.NONE and cfg.disk.value == "/dev/sdb"
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (f"{IMG} bootenv.imag=http://x/", "unknown kernel parameter bootenv.imag"),
+        (f"{IMG} bootenv.disk=auto bootenv.disk=/dev/sda", "given twice"),
+        ("bootenv.components=all", "bootenv.image is missing"),
+        ("bootenv.image=ftp://host/img", "not an http"),
+        ("bootenv.image=", "needs a value"),
+        (f"{IMG} bootenv.disk=sda", "not auto, /dev/X"),
+        (f"{IMG} bootenv.disk=uuid:1234", "not auto, /dev/X"),
+        (f"{IMG} bootenv.disk=/dev/../etc/passwd", "not auto, /dev/X"),
+        (f"{IMG} bootenv.handoff=poweroff", "not one of kexec, reboot, none"),
+        (f"{IMG} bootenv.hostname=-bad-", "not a valid host name"),
+        (f"{IMG} bootenv.hostname=a_b", "not a valid host name"),
+        (f"{IMG} bootenv.hostname=" + "a" * 64, "not a valid host name"),
+        (f"{IMG} bootenv.components=apache,,php", "not a component name"),
+        (f"{IMG} bootenv.components=Apache", "not a component name"),
+        (f"{IMG} bootenv.components=a,a", "twice"),
+        (f"{IMG} bootenv.components=os", "not a component name"),
+        (f"{IMG} bootenv.ssh_key=hello", "not one SSH public key"),
+        (f"{IMG} bootenv.ssh_key=ssh-ed25519%20AAA%0Assh-rsa%20BBB", "not one SSH public key"),
+        (f"{IMG} bootenv.debug=maybe", "not a boolean"),
+        (f"{IMG} bootenv.callback=not-a-url", "not an http"),
+        (f"{IMG} bootenv.trust=deadbeef", "not a key fingerprint"),
+        (f"{IMG} bootenv.callback", "needs a value"),
+    ],
+)
+def test_bad_input_is_one_clear_error(text: str, match: str) -> None:
+    with pytest.raises(CmdlineError, match=match) as info:
+        parse_cmdline(text)
+    assert info.value.exit_code == 2
+
+
+def test_unknown_override_is_an_error() -> None:
+    with pytest.raises(CmdlineError, match="unknown agent setting"):
+        parse_cmdline(IMG, {"colour": "blue"})
+
+
+def test_local_directory_image_is_accepted() -> None:
+    assert parse_cmdline("bootenv.image=/srv/images/lamp").image == "/srv/images/lamp"

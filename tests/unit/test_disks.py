@@ -1,0 +1,121 @@
+"""Disk choice on fake udev data: every rejection has its reason, the winner is stable."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from bootenv.cmdline import DiskKind, DiskSelector, parse_disk
+from bootenv.disks import DiskInfo, choose_disk, rejection
+from bootenv.errors import UserError
+
+GiB = 1 << 30
+NEED = 10 * GiB
+
+
+def disk(name: str, size: int = 100 * GiB, **kw: object) -> DiskInfo:
+    return DiskInfo(devnode=f"/dev/{name}", size=size, **kw)  # type: ignore[arg-type]
+
+
+FLEET = [
+    disk("sda", 500 * GiB, rotational=True, id_path="pci-0000:00:1f.2-ata-1", serial="HDD_A"),
+    disk("sdb", 16 * GiB, removable=True, id_path="pci-0000:00:14.0-usb-0:1:1.0-scsi-0:0:0:0"),
+    disk("sdc", 200 * GiB, read_only=True, id_path="pci-0000:00:1f.2-ata-3"),
+    disk("sdd", 4 * GiB, id_path="pci-0000:00:1f.2-ata-4"),
+    disk("sde", 64 * GiB, boot=True, mounts=("/run/initramfs/live",), id_path="pci-0000:00:1f.2-ata-5"),
+    disk("nvme0n1", 960 * GiB, id_path="pci-0000:03:00.0-nvme-1", serial_short="S4EWNX0N"),
+    disk("nvme1n1", 480 * GiB, id_path="pci-0000:04:00.0-nvme-1", serial_short="S4EWNX0M"),
+    disk("loop0", 50 * GiB),
+    disk("sr0", 1 * GiB, removable=True),
+    disk("sdf", 300 * GiB, mounts=("/mnt/data",), id_path="pci-0000:00:1f.2-ata-6"),
+    disk("sdg", 300 * GiB, holders=("md0",), id_path="pci-0000:00:1f.2-ata-7"),
+]
+
+
+def reasons(choice_rejected: tuple[object, ...]) -> dict[str, str]:
+    return {r.disk.name: r.reason for r in choice_rejected}  # type: ignore[attr-defined]
+
+
+def test_auto_prefers_smallest_non_rotational_that_fits() -> None:
+    choice = choose_disk(FLEET, DiskSelector(), NEED)
+    assert choice.disk.name == "nvme1n1"
+    why = reasons(choice.rejected)
+    assert why["sda"] == "/dev/nvme1n1 is preferred"
+    assert why["nvme0n1"] == "/dev/nvme1n1 is preferred"
+    assert why["sdb"] == "removable"
+    assert why["sdc"] == "read-only"
+    assert why["sdd"].startswith("too small (4.0 GiB")
+    assert why["sde"] == "holds the running root or the boot media"
+    assert why["loop0"] == "virtual device"
+    assert why["sr0"] == "virtual device"
+    assert why["sdf"] == "mounted at /mnt/data"
+    assert why["sdg"] == "in use by md0"
+    assert len(choice.rejected) == len(FLEET) - 1
+
+
+def test_choice_is_deterministic_whatever_the_order() -> None:
+    rng = random.Random(7)
+    for _ in range(20):
+        fleet = FLEET[:]
+        rng.shuffle(fleet)
+        assert choose_disk(fleet, DiskSelector(), NEED).disk.name == "nvme1n1"
+
+
+def test_rotational_disk_when_it_is_the_only_one() -> None:
+    assert choose_disk([FLEET[0], FLEET[1]], DiskSelector(), NEED).disk.name == "sda"
+
+
+def test_equal_disks_are_ordered_by_stable_path() -> None:
+    a = disk("sdb", 100 * GiB, id_path="pci-0000:00:1f.2-ata-2")
+    b = disk("sda", 100 * GiB, id_path="pci-0000:00:1f.2-ata-9")
+    assert choose_disk([b, a], DiskSelector(), NEED).disk.name == "sdb"
+    c = disk("vdb")
+    d = disk("vda")
+    assert choose_disk([c, d], DiskSelector(), NEED).disk.name == "vda"
+
+
+@pytest.mark.parametrize(
+    ("sel", "want"),
+    [
+        ("/dev/sda", "sda"),
+        ("serial:S4EWNX0N", "nvme0n1"),
+        ("serial:HDD_A", "sda"),
+        ("path:pci-0000:00:1f.2-ata-1", "sda"),
+        ("path:/dev/disk/by-path/pci-0000:04:00.0-nvme-1", "nvme1n1"),
+    ],
+)
+def test_explicit_selection(sel: str, want: str) -> None:
+    choice = choose_disk(FLEET, parse_disk(sel), NEED)
+    assert choice.disk.name == want
+    assert all(r.reason.startswith("not ") for r in choice.rejected)
+
+
+def test_explicit_choice_still_obeys_the_safety_rules() -> None:
+    for name, why in (("sdb", "removable"), ("sde", "boot media"), ("sdd", "too small"), ("sdf", "mounted")):
+        with pytest.raises(UserError, match=why) as info:
+            choose_disk(FLEET, DiskSelector(DiskKind.DEVICE, f"/dev/{name}"), NEED)
+        assert "not /dev/" not in str(info.value)  # only the relevant reason is shown
+
+
+def test_explicit_virtual_device_is_allowed() -> None:
+    assert choose_disk(FLEET, DiskSelector(DiskKind.DEVICE, "/dev/loop0"), NEED).disk.name == "loop0"
+
+
+def test_no_match_and_no_candidates() -> None:
+    with pytest.raises(UserError, match="no such disk"):
+        choose_disk(FLEET, DiskSelector(DiskKind.SERIAL, "NOPE"), NEED)
+    with pytest.raises(UserError, match=r"/dev/sdb: removable; /dev/sdd: too small"):
+        choose_disk([FLEET[1], FLEET[3]], DiskSelector(), NEED)
+    with pytest.raises(UserError, match="no such disk"):
+        choose_disk([], DiskSelector(), NEED)
+
+
+def test_ambiguous_serial_is_refused() -> None:
+    twins = [disk("sda", serial="X"), disk("sdb", serial="X")]
+    with pytest.raises(UserError, match="matches several disks"):
+        choose_disk(twins, DiskSelector(DiskKind.SERIAL, "X"), NEED)
+
+
+def test_empty_card_reader() -> None:
+    assert rejection(disk("sdh", 0), NEED) == "no medium (size 0)"
