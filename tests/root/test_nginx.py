@@ -1,0 +1,184 @@
+"""A real nginx (Debian's nginx-light) serves the images; bootenv serve keeps scripts and state.
+
+nginx and `bootenv serve` both bind 127.0.0.1 on free ports and are stopped by the test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bootenv.machines import State, assign
+from bootenv.nginxconf import NginxSite, render
+from bootenv.run import Stream, popen, which
+from bootenv.serve import BootenvServer, ServeConfig, running
+from bootenv.state import Store
+from tests.conftest import require_root
+from tests.serveimage import make_image
+
+MAC = "52:54:00:12:34:56"
+MiB = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Rack:
+    nginx_port: int
+    bootenv: BootenvServer
+    images: Path
+
+
+def wait_for_port(port: int, log: Path, deadline: float = 15.0) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    pytest.skip(f"nginx did not start: {log.read_text() if log.exists() else 'no error log'}")
+
+
+@pytest.fixture
+def rack(tmp_path: Path) -> Iterator[Rack]:
+    require_root()
+    try:
+        nginx = which("nginx")
+    except Exception:
+        pytest.skip("nginx is not installed: `make deps` installs Debian's nginx-light")
+    images, boot, prefix = tmp_path / "images", tmp_path / "boot", tmp_path / "nginx"
+    make_image(images, components={"apache": 3 * MiB + 17, "mysql": 5 * MiB + 3, "php": 2 * MiB})
+    boot.mkdir()
+    (boot / "vmlinuz").write_bytes(b"K" * 4096)
+    (boot / "initramfs.img").write_bytes(b"I" * 8192)
+    for sub in ("tmp", "tmp/client_body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"):
+        (prefix / sub).mkdir(parents=True)
+    port = free_port()
+    with ExitStack() as stack:
+        # bootenv serve behind nginx: scripts must point iPXE at nginx's address.
+        server = stack.enter_context(
+            running(
+                ServeConfig(
+                    images=images,
+                    state=tmp_path / "state",
+                    port=0,
+                    boot=boot,
+                    public_url=f"http://127.0.0.1:{port}",
+                )
+            )
+        )
+        site = NginxSite(
+            images=images,
+            listen=f"127.0.0.1:{port}",
+            bootenv=f"127.0.0.1:{server.port}",
+            boot=boot,
+            prefix=prefix,
+            user="root",  # pytest's tmp dirs are private to root
+            workers=2,
+        )
+        conf = prefix / "nginx.conf"
+        conf.write_text(render(site))
+        proc = popen([nginx, "-p", prefix, "-c", conf, "-e", prefix / "error.log"], stdout=None)
+        stack.callback(stop_nginx, proc)
+        wait_for_port(port, prefix / "error.log")
+        yield Rack(port, server, images)
+
+
+def stop_nginx(proc: Stream) -> None:
+    """SIGTERM: the master stops its workers (a SIGKILL would orphan them)."""
+    if proc.popen.poll() is None:
+        proc.popen.terminate()
+        with suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(timeout=10)
+    proc.kill()
+
+
+def fetch(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def test_parallel_range_requests_fetch_every_component_byte_exact(rack: Rack) -> None:
+    status, _, body = fetch(rack.nginx_port, "/images/lamp/manifest.json")
+    assert status == 200
+    manifest = json.loads(body)
+    comps = manifest["components"]
+    piece = 512 * 1024
+    jobs = []
+    for c in comps:
+        size = c["data"]["size"]
+        for start in range(0, size, piece):
+            jobs.append((c["name"], f"/images/lamp/{c['data']['file']}", start, min(start + piece, size) - 1))
+
+    def get_range(job: tuple[str, str, int, int]) -> tuple[str, int, bytes]:
+        name, path, start, end = job
+        status, headers, data = fetch(rack.nginx_port, path, {"Range": f"bytes={start}-{end}"})
+        assert status == 206, (status, headers)
+        assert headers["Content-Range"].startswith(f"bytes {start}-{end}/")
+        assert "Content-Encoding" not in headers
+        return name, start, data
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        pieces = list(pool.map(get_range, jobs))
+    assert len(pieces) > 3 * len(comps)  # really in parallel pieces, not one request each
+    for c in comps:
+        parts = sorted((start, data) for name, start, data in pieces if name == c["name"])
+        whole = b"".join(data for _, data in parts)
+        assert len(whole) == c["data"]["size"]
+        assert hashlib.sha256(whole).hexdigest() == c["data"]["sha256"]
+
+
+def test_nginx_answers_like_bootenv_serve(rack: Rack) -> None:
+    comp = json.loads((rack.images / "lamp" / "manifest.json").read_text())["components"][0]
+    path = f"/images/lamp/{comp['data']['file']}"
+    status, headers, _ = fetch(rack.nginx_port, path, {"Range": "bytes=999999999-"})
+    assert status == 416
+    status, headers, _ = fetch(rack.nginx_port, path)
+    assert status == 200 and "immutable" in headers["Cache-Control"]
+    assert "immutable" not in fetch(rack.nginx_port, "/images/lamp/manifest.json")[1]["Cache-Control"]
+    assert fetch(rack.nginx_port, "/images/../nginx/nginx.conf")[0] in (400, 403, 404)
+    assert fetch(rack.nginx_port, "/boot/initramfs.img", {"Range": "bytes=-2"})[2] == b"II"
+
+
+def test_the_agent_reader_streams_a_component_through_nginx(rack: Rack) -> None:
+    from bootenv.source import HttpSource
+
+    comp = json.loads((rack.images / "lamp" / "manifest.json").read_text())["components"][1]
+    src = HttpSource(f"http://127.0.0.1:{rack.nginx_port}/images/lamp")
+    with src.open(comp["data"]["file"], comp["data"]["size"]) as reader:  # type: ignore[attr-defined]
+        data = reader.read()
+    assert hashlib.sha256(data).hexdigest() == comp["data"]["sha256"]
+
+
+def test_scripts_and_callbacks_pass_through_nginx_to_bootenv(rack: Rack) -> None:
+    Store(rack.bootenv.config.state).put(assign(MAC, "lamp", "mysql", now=time.time()))
+    status, _, body = fetch(rack.nginx_port, f"/ipxe/machine?mac={MAC}")
+    assert status == 200
+    assert f"bootenv.image=http://127.0.0.1:{rack.nginx_port}/images/lamp" in body.decode()
+    conn = http.client.HTTPConnection("127.0.0.1", rack.nginx_port, timeout=10)
+    conn.request("POST", f"/callback/{MAC}", body=b'{"event": "os_written"}')
+    assert conn.getresponse().status == 200
+    conn.close()
+    machine = Store(rack.bootenv.config.state).get(MAC)
+    assert machine is not None and machine.state is State.OS_WRITTEN
+    assert "sanboot" in fetch(rack.nginx_port, f"/ipxe/machine?mac={MAC}")[2].decode()
