@@ -26,6 +26,7 @@ from bootenv.log import human_bytes
 
 log = logging.getLogger(__name__)
 
+MiB = 1 << 20
 VIRTUAL_PREFIXES = ("loop", "ram", "zram", "sr", "fd", "dm-", "md", "nbd")
 
 
@@ -82,7 +83,7 @@ def rejection(disk: DiskInfo, min_size: int, *, auto: bool = True) -> str | None
     if disk.size == 0:
         return "no medium (size 0)"
     if disk.size < min_size:
-        return f"too small ({human_bytes(disk.size)} < {human_bytes(min_size)})"
+        return f"too small ({disk.size // MiB} MiB, the image needs {-(-min_size // MiB)} MiB)"
     if disk.mounts:
         return f"mounted at {', '.join(disk.mounts)}"
     if disk.holders:

@@ -191,7 +191,14 @@ def _check_target(root: Path, root_uuid: str, esp_uuid: str, url: str) -> None:
     # The runtime brought from "the ramdisk" runs inside the target without its Python.
     assert not (root / "usr/bin/python3").exists()
     code = "import bootenv.cli, zstandard, requests; print('runtime ok')"
-    out = sh("chroot", root, *python_argv(), "-c", code, env={**python_env(), "PATH": "/usr/bin:/bin"})
+    out = sh(
+        "chroot",
+        root,
+        *python_argv(),
+        "-c",
+        code,
+        env={**python_env(), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+    )
     assert out.strip() == "runtime ok"
 
 

@@ -45,7 +45,7 @@ def test_auto_prefers_smallest_non_rotational_that_fits() -> None:
     assert why["nvme0n1"] == "/dev/nvme1n1 is preferred"
     assert why["sdb"] == "removable"
     assert why["sdc"] == "read-only"
-    assert why["sdd"].startswith("too small (4.0 GiB")
+    assert why["sdd"] == "too small (4096 MiB, the image needs 10240 MiB)"
     assert why["sde"] == "holds the running root or the boot media"
     assert why["loop0"] == "virtual device"
     assert why["sr0"] == "virtual device"
