@@ -22,7 +22,9 @@ import ipaddress
 import json
 import logging
 import os
+import stat
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -34,6 +36,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from bootenv import menu
 from bootenv.catalog import Catalog, CatalogError, load_catalog
 from bootenv.errors import UserError
+from bootenv.httpfiles import UnsatisfiableError, parse_range, resolve_under
 from bootenv.machines import (
     FINAL,
     INSTALLED,
@@ -91,54 +94,6 @@ def check_public_url(url: str) -> str:
     if any(c.isspace() or c in "$\"'" for c in url):
         raise UserError(f"--public-url {url}: no spaces, quotes or $")
     return url.rstrip("/")
-
-
-class UnsatisfiableError(Exception):
-    """The range lies outside the file: answer 416."""
-
-
-def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
-    """The inclusive byte range a `Range` header asks for, or None for the whole file.
-
-    Only one range is served; a multi-range or malformed header is ignored (RFC 9110
-    allows that) and the whole file is sent with 200.
-    """
-    if not value:
-        return None
-    unit, _, spec = value.strip().partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
-        return None
-    first, dash, last = spec.strip().partition("-")
-    if not dash or not (first.isdigit() or last.isdigit()):
-        return None
-    if not first.isdigit():  # suffix: the last N bytes
-        if not last.isdigit():
-            return None
-        length = int(last)
-        if length == 0 or size == 0:
-            raise UnsatisfiableError
-        return max(size - length, 0), size - 1
-    start = int(first)
-    if last and not last.isdigit():
-        return None
-    if last and int(last) < start:
-        return None  # malformed: ignored
-    if start >= size:
-        raise UnsatisfiableError
-    return start, min(int(last), size - 1) if last else size - 1
-
-
-def resolve_under(root: Path, rel: str) -> Path | None:
-    """`root/rel` if it stays inside root after decoding and resolving symlinks."""
-    rel = unquote(rel)
-    if "\x00" in rel or "\\" in rel:
-        return None
-    parts = [p for p in rel.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        return None
-    base = root.resolve()
-    path = base.joinpath(*parts).resolve()
-    return path if path.is_relative_to(base) else None
 
 
 class BootenvServer(ThreadingHTTPServer):
@@ -231,8 +186,6 @@ class BootenvServer(ThreadingHTTPServer):
 
 
 def _now() -> float:
-    import time
-
     return time.time()
 
 
@@ -367,7 +320,7 @@ class Handler(BaseHTTPRequestHandler):
             raise _AnswerError(HTTPStatus.NOT_FOUND, "not found") from None
         with f:
             st = os.fstat(f.fileno())
-            if not _is_regular(st.st_mode):
+            if not stat.S_ISREG(st.st_mode):
                 raise _AnswerError(HTTPStatus.NOT_FOUND, "not found")
             self._send_file(f, st.st_size, st.st_mtime, head)
 
@@ -406,12 +359,6 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, TimeoutError) as exc:
             log.debug("%s: client went away: %s", self.address_string(), exc)
             self.close_connection = True
-
-
-def _is_regular(mode: int) -> bool:
-    import stat
-
-    return stat.S_ISREG(mode)
 
 
 class _AnswerError(Exception):

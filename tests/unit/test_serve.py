@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from bootenv.httpfiles import parse_range
 from bootenv.machines import State, assign
-from bootenv.serve import BootenvServer, ServeConfig, parse_listen, parse_range, running
+from bootenv.serve import BootenvServer, ServeConfig, parse_listen, running
 from bootenv.state import Store
 from tests.serveimage import make_image
 

@@ -1,0 +1,57 @@
+"""Static files over HTTP: single byte ranges and paths that cannot leave their root.
+
+Pure helpers for `bootenv serve`; nginx does the same job at scale (docs/SERVE.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import unquote
+
+
+class UnsatisfiableError(Exception):
+    """The range lies outside the file: answer 416."""
+
+
+def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
+    """The inclusive byte range a `Range` header asks for, or None for the whole file.
+
+    Only one range is served; a multi-range or malformed header is ignored (RFC 9110
+    allows that) and the whole file is sent with 200.
+    """
+    if not value:
+        return None
+    unit, _, spec = value.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash or not (first.isdigit() or last.isdigit()):
+        return None
+    if not first.isdigit():  # suffix: the last N bytes
+        if not last.isdigit():
+            return None
+        length = int(last)
+        if length == 0 or size == 0:
+            raise UnsatisfiableError
+        return max(size - length, 0), size - 1
+    start = int(first)
+    if last and not last.isdigit():
+        return None
+    if last and int(last) < start:
+        return None  # malformed: ignored
+    if start >= size:
+        raise UnsatisfiableError
+    return start, min(int(last), size - 1) if last else size - 1
+
+
+def resolve_under(root: Path, rel: str) -> Path | None:
+    """`root/rel` if it stays inside root after decoding and resolving symlinks."""
+    rel = unquote(rel)
+    if "\x00" in rel or "\\" in rel:
+        return None
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return None
+    base = root.resolve()
+    path = base.joinpath(*parts).resolve()
+    return path if path.is_relative_to(base) else None
