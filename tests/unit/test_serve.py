@@ -319,3 +319,28 @@ def test_machines_api_lists_everyone(server: BootenvServer) -> None:
 )
 def test_parse_listen(text: str, want: tuple[str, int]) -> None:
     assert parse_listen(text) == want
+
+
+def test_cli_assign_then_machines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bootenv.cli import main
+
+    state = str(tmp_path / "state")
+    assert main(["assign", "52-54-00-12-34-56", "lamp", "--components", "mysql", "--state", state]) == 0
+    assert main(["assign", "nope", "lamp", "--components", "all", "--state", state]) == 2
+    capsys.readouterr()
+    assert main(["machines", "--state", state]) == 0
+    out = capsys.readouterr().out
+    assert MAC in out and "assigned" in out and "mysql" in out
+    assert main(["machines", "--state", state, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc[0]["state"] == "assigned" and doc[0]["log"][0]["event"] == "assigned"
+
+
+def test_nginx_config_serves_images_and_proxies_the_rest() -> None:
+    from bootenv.nginxconf import NginxSite, render
+
+    conf = render(NginxSite(Path("/srv/images"), "0.0.0.0:80", "127.0.0.1:8080", boot=Path("/srv/boot")))
+    assert "alias /srv/images/;" in conf and "alias /srv/boot/;" in conf
+    assert "proxy_pass http://127.0.0.1:8080;" in conf
+    assert "client_max_body_size 64k;" in conf
+    assert conf.count("{") == conf.count("}")
