@@ -48,8 +48,12 @@ root: deps
 vm: deps
 	$(PYTEST) -q -m vm
 
+# The main job: netboot a QEMU VM through iPXE and provision it from a captured LAMP image.
+# Override the combination with e.g. `make demo COMPONENTS=apache,php` (or mysql, all, none).
+COMPONENTS ?= all
+FIRMWARE ?= bios
 demo: deps
-	@echo "make demo: the netboot demo is not built yet (issue #5)" >&2; exit 1
+	$(PY) -m bootenv.demo --components $(COMPONENTS) --firmware $(FIRMWARE)
 
 # Benchmarks: ratios measured side by side in one run (not part of `make test`).
 bench: deps
