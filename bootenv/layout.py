@@ -26,6 +26,7 @@ from typing import Any, BinaryIO, Protocol
 
 import zstandard
 
+from bootenv.callback import Callback, Event
 from bootenv.dpkgmerge import merge_component_status
 from bootenv.errors import BootenvError, UserError, VerificationError
 from bootenv.extract import TreeWriter
@@ -42,7 +43,6 @@ from bootenv.trusted import open_trusted
 log = logging.getLogger(__name__)
 
 MAX_STREAMS = 4
-Event = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,9 @@ def layout(
     if added:
         log.info("Added as dependencies: %s", ", ".join(added))
     comps = sorted((manifest.component(n) for n in order), key=lambda c: c.name)
-    poster = _Poster(cfg.callback, emit)
+    poster = Callback(cfg.callback, "layout", emit=emit)
+    if root.resolve() == Path("/"):
+        poster.post("os_booted")  # the layout service runs in the freshly booted OS
     try:
         results = _run_streams(cfg.image, comps, root, cfg.streams, poster)
         journal = Journal(root)
@@ -126,9 +128,9 @@ def layout(
                     journal.set(comp.name, comp.data.sha256, "dpkg")
                 res = ComponentResult(**{**asdict(res), "packages": pkgs})
             final.append(res)
-            poster.post({"event": "done", **_brief(res)})
+            poster.send(_brief(res))
             for cid in res.conflicts:
-                poster.post({"event": "conflict", "component": res.name, "id": cid})
+                poster.post("conflict", component=res.name, fatal=False, data={"id": cid})
         good = [c for c, r in zip(comps, final, strict=True) if r.status != "failed"]
         units = [u for c in good for u in c.units]
         with step(f"Activating {', '.join(c.name for c in good) or 'nothing'}"):
@@ -136,21 +138,32 @@ def layout(
         for c in good:
             journal.set(c.name, c.data.sha256, "done")
         result = LayoutResult(tuple(final), tuple(added), tuple(notes))
-        poster.post({"event": "result", **result.to_dict()})
+        if result.ok:
+            poster.post("components_laid_out", data={"notes": list(notes)})
+            poster.post("done")
+        else:
+            failed = [c.name for c in final if c.status == "failed"]
+            poster.post("error", message=f"layout failed: {', '.join(failed)}")
         return result
     finally:
         poster.close()
 
 
 def _brief(r: ComponentResult) -> Event:
-    return {
+    """A component's end, as a step event naming the component."""
+    event: Event = {
+        "event": "step",
+        "step": "component",
+        "status": "failed" if r.status == "failed" else "done",
         "component": r.name,
-        "status": r.status,
         "files": r.files,
         "bytes": r.bytes,
-        "conflicts": len(r.conflicts),
-        "error": r.error,
+        "elapsed": r.seconds,
+        "data": {"result": r.status, "conflicts": len(r.conflicts)},
     }
+    if r.error:
+        event["message"] = r.error[:4000]
+    return event
 
 
 def default_streams(n: int) -> int:
@@ -158,12 +171,12 @@ def default_streams(n: int) -> int:
 
 
 def _run_streams(
-    image: str, comps: list[Component], root: Path, streams: int, poster: _Poster
+    image: str, comps: list[Component], root: Path, streams: int, poster: Callback
 ) -> list[ComponentResult]:
     streams = streams or default_streams(len(comps))
     privileged = os.geteuid() == 0
     if streams <= 1 or len(comps) <= 1:
-        _SINK[:] = [poster.post]
+        _SINK[:] = [poster.send]
         try:
             return [_stream(image, c, root, privileged) for c in comps]
         finally:
@@ -186,10 +199,10 @@ def _run_streams(
         pump.join()
 
 
-def _pump(events: Any, poster: _Poster, stop: threading.Event) -> None:
+def _pump(events: Any, poster: Callback, stop: threading.Event) -> None:
     while True:
         try:
-            poster.post(events.get(timeout=0.1))
+            poster.send(events.get(timeout=0.1))
         except queue.Empty:
             if stop.is_set():
                 return
@@ -232,7 +245,15 @@ def _stream(image: str, comp: Component, root: Path, privileged: bool) -> Compon
     if journal.reached(comp.name, comp.data.sha256, "files"):
         log.info("%s: already laid out by an earlier run", comp.name)
         return ComponentResult(comp.name, "resumed")
-    _emit({"event": "start", "component": comp.name, "size": comp.data.size})
+    _emit(
+        {
+            "event": "step",
+            "step": "component",
+            "status": "start",
+            "component": comp.name,
+            "total": comp.data.size,
+        }
+    )
     log.info("%s: laying out %d files (%s)", comp.name, comp.files, human_bytes(comp.data.raw_size))
     writer = TreeWriter(root, comp.name, privileged=privileged, merge=MergeState(root))
     try:
@@ -319,35 +340,3 @@ def activate(root: Path, units: list[str]) -> list[str]:
         )
     notes.append("not the running system: units start at next boot")
     return notes
-
-
-class _Poster:
-    """Best-effort JSON events to a callback URL, in order, from one thread."""
-
-    def __init__(self, url: str | None, emit: Callable[[Event], None] | None) -> None:
-        self.url = url
-        self.emit = emit
-        self.seq = 0
-        self._lock = threading.Lock()
-        self._session: Any = None
-
-    def post(self, event: Event) -> None:
-        with self._lock:
-            self.seq += 1
-            event = {"seq": self.seq, "time": time.time(), **event}
-            if self.emit is not None:
-                self.emit(event)
-            if not self.url:
-                return
-            try:
-                import requests
-
-                if self._session is None:
-                    self._session = requests.Session()
-                self._session.post(self.url, json=event, timeout=2)
-            except Exception as exc:  # best effort: a dead callback must not stop a layout
-                log.debug("callback %s failed: %s", self.url, exc)
-
-    def close(self) -> None:
-        if self._session is not None:
-            self._session.close()

@@ -15,6 +15,7 @@ from bootenv import conflicts
 from bootenv.cli import main
 from bootenv.errors import UserError
 from bootenv.layout import LayoutConfig, LayoutResult, layout
+from bootenv.machines import StepStatus, parse_event
 from tests.hostile.kit import MTIME, Comp, d, f, hard, make_image, snapshot, special, sym
 
 ELF_A = b"\x7fELF\x02\x01\x01\0" + b"A" * 64
@@ -264,9 +265,15 @@ def test_callback_receives_events(tmp_path: Path) -> None:
         layout(cfg, activator=Recorder())
     finally:
         server.shutdown()
-    kinds = [e["event"] for e in got]
-    assert kinds.count("start") == 3 and kinds.count("done") == 3 and kinds[-1] == "result"
-    assert [e["seq"] for e in got] == sorted(e["seq"] for e in got)  # type: ignore[type-var]
+    # Every event is one `bootenv serve` accepts (the callback contract).
+    events = [parse_event(e) for e in got]
+    assert all(e.source == "layout" for e in events)
+    starts = [e.component for e in events if e.step == "component" and e.status == StepStatus.START]
+    ends = [e.component for e in events if e.step == "component" and e.status == StepStatus.DONE]
+    assert sorted(starts) == sorted(ends) == ["base", "mid", "top"]
+    assert [e.kind.value for e in events][-2:] == ["components_laid_out", "done"]
+    times = [float(str(e["time"])) for e in got]
+    assert times == sorted(times)
 
 
 def test_cli_layout_summary(
