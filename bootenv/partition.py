@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from bootenv.errors import FatalError, UserError
 from bootenv.log import human_bytes
@@ -135,6 +136,22 @@ def apply_plan(path: str, plan: PartitionPlan) -> None:
     import parted
 
     device = parted.getDevice(path)
+    try:
+        _write_table(parted, device, path, plan)
+    finally:
+        # libparted caches devices by path: a loop device re-attached later with
+        # another sector size would otherwise keep the old geometry.
+        device.removeFromCache()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if stat.S_ISBLK(os.stat(path).st_mode):
+        reread(path)
+
+
+def _write_table(parted: Any, device: Any, path: str, plan: PartitionPlan) -> None:
     if device.sectorSize != plan.sector_size:
         raise FatalError(f"{path} has {device.sectorSize}-byte sectors, the plan {plan.sector_size}")
     if device.length * device.sectorSize < plan.disk_size:
@@ -150,16 +167,9 @@ def apply_plan(path: str, plan: PartitionPlan) -> None:
             part.setFlag(parted.PARTITION_BIOS_GRUB)
         elif p.role is Role.ESP:
             part.setFlag(parted.PARTITION_BOOT)  # on GPT, "boot" is the ESP type GUID
-    # commitToDevice, not commit: the kernel is told separately (below), so that a disk
+    # commitToDevice, not commit: apply_plan tells the kernel separately, so that a disk
     # whose partitions the kernel cannot show (a loop device without partscan) still works.
     disk.commitToDevice()
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if stat.S_ISBLK(os.stat(path).st_mode):
-        reread(path)
 
 
 def reread(path: str) -> None:
