@@ -159,3 +159,31 @@ def test_trust_reads_builtin_keys(tmp_path: Path) -> None:
     cfg = parse_cmdline(f"bootenv.image=/img bootenv.trust={fp}")
     trust = agent.trust(cfg, tmp_path)
     assert trust.keys == (b"k" * 32,) and trust.fingerprints == (fp,) and not trust.insecure
+
+
+def test_cli_agent_reads_the_cmdline_file_and_overrides(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from bootenv import cli, target
+    from bootenv.cmdline import AgentConfig, Handoff
+
+    seen: list[tuple[AgentConfig, str]] = []
+    handed: list[Handoff] = []
+    plan = plan_partitions(required_size(ROOT_MIN), 512, ROOT_MIN)
+    ident = target.Identity("u" * 36, "1a2b3c4d", "web1")
+
+    def fake_run(cfg: AgentConfig, *, ramdisk_cmdline: str = "") -> agent.AgentResult:
+        seen.append((cfg, ramdisk_cmdline))
+        return agent.AgentResult("/dev/vda", plan, ident, (), None)
+
+    monkeypatch.setattr(agent, "run_agent", fake_run)
+    monkeypatch.setattr(agent, "finish", lambda cfg, result: handed.append(cfg.handoff))
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("console=ttyS0 bootenv.image=http://10.0.2.2/img bootenv.handoff=reboot\n")
+    code = cli.main(["agent", "--cmdline", str(cmdline), "--disk", "/dev/vda", "--ssh-key", "ssh-rsa AAA x"])
+    assert code == 0
+    cfg, text = seen[0]
+    assert (cfg.image, cfg.disk.value, cfg.ssh_key) == ("http://10.0.2.2/img", "/dev/vda", "ssh-rsa AAA x")
+    assert text.startswith("console=ttyS0") and handed == [Handoff.REBOOT]
+    cmdline.write_text("bootenv.image=http://10.0.2.2/img bootenv.colour=blue\n")
+    assert cli.main(["agent", "--cmdline", str(cmdline)]) == 2
