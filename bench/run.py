@@ -18,6 +18,9 @@ from bootenv.serve import ServeConfig, running
 
 ALL = {
     "os-stream": scenarios.os_stream,
+    "layout": scenarios.layout_speed,
+    "parallel": scenarios.parallel_scaling,
+    "split-vs-single": scenarios.split_vs_single,
     "memory": scenarios.memory,
     "capture": scenarios.capture_speed,
 }

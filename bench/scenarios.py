@@ -181,3 +181,152 @@ def capture_speed(env: Env) -> Result:
     r.ratio, r.ratio_label, r.target = b.median / a.median, "x tar|zstd throughput", ">= 0.8"
     r.passed = r.ratio >= 0.8
     return r
+
+
+def _fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    drop_caches()
+
+
+def _layout_argv(image: str, components: str, root: Path, streams: int) -> list[str]:
+    return [
+        BOOTENV,
+        "layout",
+        "--image",
+        image,
+        "--components",
+        components,
+        "--root",
+        str(root),
+        "--streams",
+        str(streams),
+        "--insecure",
+    ]
+
+
+def layout_speed(env: Env) -> Result:
+    """2. Files/s of bootenv layout for one component against zstd -dc | tar -x."""
+    m = load(env, env.gold_image)
+    comp = m.component("mysql")
+    blob = env.images / env.gold_image / comp.data.file
+    root = env.work / "layout-root"
+    ours, theirs = [], []
+    for _ in range(env.runs):
+        ours += repeat(
+            1, lambda: _fresh_dir(root), _layout_argv(str(env.images / env.gold_image), "mysql", root, 1)
+        )
+        tar = (
+            f"zstd -dcq {blob} | tar -x -C {root} --numeric-owner --same-owner --same-permissions "
+            "--xattrs --xattrs-include='*'"
+        )
+        theirs += repeat(1, lambda: _fresh_dir(root), [tar], shell=True)
+    shutil.rmtree(root, ignore_errors=True)
+    a, b = seconds(ours), seconds(theirs)
+    r = Result(
+        "layout",
+        f"one component (mysql, {comp.files} files, {comp.data.raw_size >> 20} MiB) vs tar -x",
+        {
+            "bootenv layout (s)": a,
+            "zstd -dc | tar -x (s)": b,
+            "bootenv files/s": Stats.of([comp.files / s.seconds for s in ours]),
+            "tar files/s": Stats.of([comp.files / s.seconds for s in theirs]),
+        },
+    )
+    r.ratio, r.ratio_label, r.target = b.median / a.median, "x GNU tar files/s", ">= 0.7"
+    r.passed = r.ratio >= 0.7
+    r.notes.append("bootenv's time includes verifying the sha256, the dpkg merge and ldconfig")
+    return r
+
+
+def parallel_scaling(env: Env) -> Result:
+    """3. N components laid out with 1..N streams, uncapped and with 50 MB/s per connection."""
+    from bench.throttle import cpu_count, serve
+
+    m = load(env, env.gold_image)
+    n = len(m.components)
+    root = env.work / "scaling-root"
+    measurements: dict[str, Stats] = {}
+    ratios = {}
+    for label, cap in (("loopback", None), ("50 MB/s per connection", 50e6)):
+        with serve(env.images, per_connection=cap) as url:
+            image = f"{url}/{env.gold_image}"
+            times = {}
+            for streams in range(1, n + 1):
+                st = seconds(
+                    repeat(env.runs, lambda: _fresh_dir(root), _layout_argv(image, "all", root, streams))
+                )
+                measurements[f"{label}: {streams} stream(s) (s)"] = st
+                times[streams] = st.median
+            ratios[label] = times[1] / times[n]
+    shutil.rmtree(root, ignore_errors=True)
+    cores = cpu_count()
+    r = Result("parallel", f"{n} components, 1..{n} streams ({cores} cores)", measurements)
+    r.ratio = ratios["loopback"]
+    r.ratio_label = f"x speedup, {n} streams vs 1 (loopback)"
+    want = 0.7 * min(n, cores)
+    r.target = f">= {want:.1f} (loopback), >= {0.8 * n:.1f} (capped)"
+    r.passed = ratios["loopback"] >= want and ratios["50 MB/s per connection"] >= 0.8 * n
+    r.notes.append(f"capped speedup {ratios['50 MB/s per connection']:.2f}x (target >= {0.8 * n:.1f})")
+    return r
+
+
+def split_vs_single(env: Env) -> Result:
+    """4. Time to OS bootable and total: split image vs the classic single image."""
+    from bench.throttle import serve
+
+    m = load(env, env.gold_image)
+    assert m.single is not None
+    os_bytes = m.os.data.size
+    total_bytes = os_bytes + sum(c.data.size for c in m.components)
+    disk = env.work / "split-disk.img"
+    mnt = env.work / "split-mnt"
+    measurements: dict[str, Stats] = {}
+    summary = {}
+    for label, cap in (("loopback", None), ("1 Gb/s host cap", 125e6)):
+        with serve(env.images, per_host=cap) as url:
+            image = f"{url}/{env.gold_image}"
+            os_t, single_t, total_t = [], [], []
+            for _ in range(env.runs):
+                _fresh(disk)
+                os_t.append(
+                    measure([BOOTENV, "write-os", "--image", image, "--device", str(disk), "--insecure"])
+                )
+                mnt.mkdir(exist_ok=True)
+                measure(["mount", "-o", "loop", str(disk), str(mnt)])
+                try:
+                    lay = measure(_layout_argv(image, "all", mnt, 0))
+                finally:
+                    measure(["umount", str(mnt)])
+                total_t.append(os_t[-1].seconds + lay.seconds)
+                _fresh(disk)
+                single_t.append(
+                    measure(
+                        [
+                            BOOTENV,
+                            "write-os",
+                            "--image",
+                            image,
+                            "--device",
+                            str(disk),
+                            "--single",
+                            "--insecure",
+                        ]
+                    )
+                )
+            a, b, c = seconds(os_t), seconds(single_t), Stats.of(total_t)
+            measurements[f"{label}: split, OS bootable (s)"] = a
+            measurements[f"{label}: split, total (s)"] = c
+            measurements[f"{label}: single image (s)"] = b
+            summary[label] = (a.median / b.median, c.median / b.median)
+    disk.unlink(missing_ok=True)
+    bound = os_bytes / total_bytes + 0.1
+    r = Result("split-vs-single", "split-image provisioning vs one homogeneous image", measurements)
+    r.ratio = summary["1 Gb/s host cap"][0]
+    r.ratio_label = "x single: time to OS bootable (1 Gb/s)"
+    r.target = f"<= {bound:.2f}; total <= 1.0 (capped)"
+    r.passed = all(v[0] <= bound for v in summary.values()) and summary["1 Gb/s host cap"][1] <= 1.0
+    for label, (boot, total) in summary.items():
+        r.notes.append(f"{label}: OS bootable at {boot:.2f}x, total {total:.2f}x the single image")
+    r.notes.append(f"OS is {100 * os_bytes / total_bytes:.0f}% of the compressed bytes")
+    return r
