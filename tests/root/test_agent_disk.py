@@ -22,7 +22,7 @@ import pytest
 from bootenv.agent import run_agent
 from bootenv.bootloader import GRUB_LIB
 from bootenv.cmdline import parse_cmdline
-from bootenv.errors import UserError
+from bootenv.errors import UserError, VerificationError
 from bootenv.partition import MiB, apply_plan, plan_partitions, required_size
 from bootenv.runtime import python_argv, python_env
 from bootenv.source import load_manifest
@@ -241,3 +241,31 @@ def test_mounted_disk_is_refused_untouched(tools: None, gold_image: Path, tmp_pa
             with pytest.raises(UserError, match="mounted"):
                 run_agent(parse_cmdline(text))
         assert sha(path) == before
+
+
+def test_corrupt_image_leaves_the_disk_unbootable(tools: None, gold_image: Path, tmp_path: Path) -> None:
+    manifest = load_manifest(str(gold_image))
+    bad = tmp_path / "bad-image"
+    bad.mkdir()
+    for f in gold_image.iterdir():
+        if f.name == manifest.os.data.file:
+            data = bytearray(f.read_bytes())
+            data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the OS stream
+            (bad / f.name).write_bytes(data)
+        elif f.is_file():
+            os.link(f, bad / f.name)
+    path = disk_file(tmp_path / "disk.img", required_size(manifest.rootfs.min_size) + 64 * MiB)
+    with callback_server() as (url, events), loop(path) as dev:
+        text = f"bootenv.image={bad} bootenv.disk={dev} bootenv.handoff=none bootenv.insecure "
+        text += f"bootenv.callback={url}"
+        with pytest.raises(VerificationError):
+            run_agent(parse_cmdline(text))
+    plan = plan_partitions(path.stat().st_size, 512, manifest.rootfs.min_size)
+    # No partition table, no filesystem signature: nothing can boot or mount it.
+    assert subprocess.run(["sfdisk", "--dump", path], check=False, capture_output=True).returncode != 0
+    assert sh("wipefs", "--no-act", "--noheadings", path).strip() == ""
+    with open(path, "rb") as f:
+        for offset in (0, plan.root.offset, path.stat().st_size - MiB):
+            assert os.pread(f.fileno(), MiB, offset) == bytes(MiB)
+    assert events[-1]["event"] == "failed" and "sha256" in str(events[-1]["error"])
+    assert "write-os" not in [e.get("step") for e in events]
