@@ -10,7 +10,7 @@ APT_PACKAGES := nginx-light python3 python3-venv python3-pip python3-parted pyth
 	busybox-static qemu-system-x86 qemu-utils ipxe-qemu ovmf dosfstools util-linux \
 	grub-pc-bin grub-efi-amd64-bin grub2-common mtools parted python3-cryptography fdisk
 
-.PHONY: deps check test lint unit root vm demo bench clean
+.PHONY: deps check test lint unit root vm demo bench clean initramfs
 
 deps: $(VENV)/.stamp
 
@@ -59,6 +59,10 @@ demo: deps
 bench: deps
 	$(PY) -m pip install -q --disable-pip-version-check matplotlib
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# The netboot ramdisk (vmlinuz + initramfs.img) in build/ramdisk, cached by its inputs.
+initramfs: deps
+	$(PY) -m bootenv build-ramdisk -o build/ramdisk
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

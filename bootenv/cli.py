@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="overrides bootenv.insecure (loudly)")
     p.set_defaults(handler=cmd_agent)
 
+    p = verbs.add_parser("build-ramdisk", parents=[common], help="build the netboot kernel and initramfs")
+    p.add_argument("-o", "--output", type=Path, default=Path("build/ramdisk"), metavar="DIR")
+    p.set_defaults(handler=cmd_build_ramdisk)
+
     add_serve_verbs(verbs, common)
     return parser
 
@@ -414,6 +418,18 @@ def cmd_agent(args: argparse.Namespace) -> int:
     result = run_agent(cfg, ramdisk_cmdline=text)
     print(f"provisioned {result.disk} as {result.identity.hostname} (root UUID {result.identity.root_uuid})")
     finish(cfg, result)
+    return 0
+
+
+def cmd_build_ramdisk(args: argparse.Namespace) -> int:
+    from bootenv.ramdisk import SIZE_LIMIT, build_ramdisk
+
+    rd = build_ramdisk(output=args.output)
+    note = "cached" if rd.cached else "built"
+    print(f"{rd.vmlinuz}  kernel {rd.kernel_version} ({human_bytes(rd.vmlinuz.stat().st_size)})")
+    print(f"{rd.initramfs}  {human_bytes(rd.size)} zstd cpio ({note}, key {rd.key})")
+    if rd.size > SIZE_LIMIT:
+        print(f"warning: the initramfs is over the {human_bytes(SIZE_LIMIT)} target", file=sys.stderr)
     return 0
 
 
