@@ -1,0 +1,292 @@
+"""The pure half of the ramdisk builder: cache keys, module closure, trim rule, file plans."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from bootenv.errors import UserError
+from bootenv.ramdisk import default_initramfs_dir
+from bootenv.ramdisk_plan import (
+    PYTHON_DIR,
+    RamdiskInputs,
+    base_key,
+    cpio_list,
+    drop_modules,
+    drop_path,
+    load_inputs,
+    module_name,
+    overlay_plan,
+    package_sources,
+    parse_list,
+    parse_module_index,
+    ramdisk_key,
+    select_modules,
+)
+
+INPUTS = RamdiskInputs(
+    suite="bookworm",
+    packages=("python3", "udev"),
+    modules=("ext4", "virtio_blk"),
+    modules_load=("ext4",),
+    init=b"#!/bin/sh\necho hi\n",
+    udhcpc_script=b"#!/bin/sh\n",
+    sources=(("bootenv/__init__.py", b""), ("bootenv/cli.py", b"x = 1\n")),
+)
+
+
+# --- inputs and cache keys ------------------------------------------------------------------
+
+
+def test_keys_are_stable() -> None:
+    same = dataclasses.replace(INPUTS, packages=tuple(INPUTS.packages))
+    assert base_key(INPUTS) == base_key(same)
+    assert ramdisk_key(INPUTS) == ramdisk_key(same)
+    assert len(ramdisk_key(INPUTS)) == 16
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"packages": ("python3", "udev", "busybox")},
+        {"modules": ("ext4",)},
+        {"suite": "trixie"},
+    ],
+)
+def test_package_and_module_lists_change_both_keys(change: dict[str, object]) -> None:
+    other = dataclasses.replace(INPUTS, **change)  # type: ignore[arg-type]
+    assert base_key(other) != base_key(INPUTS)
+    assert ramdisk_key(other) != ramdisk_key(INPUTS)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"init": b"#!/bin/sh\necho bye\n"},
+        {"udhcpc_script": b"#!/bin/sh\nexit 0\n"},
+        {"modules_load": ("ext4", "vfat")},
+        {"sources": (("bootenv/__init__.py", b""), ("bootenv/cli.py", b"x = 2\n"))},
+        {"sources": (("bootenv/__init__.py", b""),)},
+        {"sources": (("bootenv/__init__.py", b""), ("bootenv/cli2.py", b"x = 1\n"))},
+    ],
+)
+def test_init_and_sources_change_only_the_final_key(change: dict[str, object]) -> None:
+    other = dataclasses.replace(INPUTS, **change)  # type: ignore[arg-type]
+    # The slow debootstrap stage is reused; only the small overlay is repacked.
+    assert base_key(other) == base_key(INPUTS)
+    assert ramdisk_key(other) != ramdisk_key(INPUTS)
+
+
+def test_parse_list_drops_comments_and_blanks() -> None:
+    assert parse_list("# head\npython3\n\n  udev  # the daemon\n#x\n") == ("python3", "udev")
+
+
+def test_package_sources_skip_caches(tmp_path: Path) -> None:
+    pkg = tmp_path / "bootenv"
+    (pkg / "sub" / "__pycache__").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "m.py").write_text("y = 2\n")
+    (pkg / "sub" / "__pycache__" / "m.cpython-311.pyc").write_bytes(b"\0")
+    (pkg / "stale.pyc").write_bytes(b"\0")
+    assert package_sources(pkg) == (("bootenv/__init__.py", b""), ("bootenv/sub/m.py", b"y = 2\n"))
+
+
+def test_source_edit_changes_key(tmp_path: Path) -> None:
+    pkg = tmp_path / "bootenv"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("a = 1\n")
+    first = dataclasses.replace(INPUTS, sources=package_sources(pkg))
+    assert ramdisk_key(dataclasses.replace(INPUTS, sources=package_sources(pkg))) == ramdisk_key(first)
+    (pkg / "a.py").write_text("a = 2\n")
+    assert ramdisk_key(dataclasses.replace(INPUTS, sources=package_sources(pkg))) != ramdisk_key(first)
+
+
+def test_repo_inputs_load() -> None:
+    here = Path(__file__).resolve().parents[2]
+    inputs = load_inputs(default_initramfs_dir(), here / "bootenv")
+    assert {"python3", "python3-cffi-backend", "busybox", "linux-image-amd64"} <= set(inputs.packages)
+    assert {"virtio_blk", "virtio_net", "nvme", "ahci", "ext4", "vfat"} <= set(inputs.modules)
+    assert set(inputs.modules_load) <= set(inputs.modules)
+    assert inputs.init.startswith(b"#!/bin/sh")
+    assert any(name == "bootenv/cli.py" for name, _ in inputs.sources)
+
+
+def test_missing_input_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"packages\.txt"):
+        load_inputs(tmp_path, tmp_path)
+
+
+# --- module selection -----------------------------------------------------------------------
+
+MODULES_DEP = """\
+kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko
+kernel/lib/crc16.ko:
+kernel/fs/mbcache.ko:
+kernel/fs/jbd2/jbd2.ko:
+kernel/crypto/crc32c_generic.ko:
+kernel/arch/x86/crypto/crc32c-intel.ko:
+kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+kernel/drivers/virtio/virtio_ring.ko:
+kernel/drivers/virtio/virtio.ko:
+kernel/fs/nls/nls_iso8859-1.ko:
+kernel/drivers/net/wireless/foo/foo.ko: kernel/net/wireless/cfg80211.ko
+kernel/net/wireless/cfg80211.ko:
+kernel/sound/snd.ko:
+"""
+SOFTDEP = """\
+# Soft dependencies extracted from modules themselves.
+softdep ext4 pre: crypto-crc32c
+softdep jbd2 pre: crypto-crc32c
+softdep snd post: snd-extra
+"""
+ALIAS = """\
+alias crypto-crc32c crc32c_generic
+alias crypto-crc32c crc32c_intel
+alias pci:v00001AF4d00001001sv*sd*bc*sc*i* virtio_blk
+"""
+BUILTIN = "kernel/net/packet/af_packet.ko\nkernel/drivers/virtio/virtio_pci.ko\n"
+
+
+def test_module_name_normalises() -> None:
+    assert module_name("kernel/fs/nls/nls_iso8859-1.ko") == "nls_iso8859_1"
+    assert module_name("kernel/arch/x86/crypto/crc32c-intel.ko.xz") == "crc32c_intel"
+    assert module_name("a/b/ext4.ko.zst") == "ext4"
+
+
+def test_closure_follows_deps_and_softdep_aliases() -> None:
+    index = parse_module_index(MODULES_DEP, SOFTDEP, ALIAS, BUILTIN)
+    sel = select_modules(index, ["ext4"])
+    assert sel.keep == (
+        "kernel/arch/x86/crypto/crc32c-intel.ko",
+        "kernel/crypto/crc32c_generic.ko",
+        "kernel/fs/ext4/ext4.ko",
+        "kernel/fs/jbd2/jbd2.ko",
+        "kernel/fs/mbcache.ko",
+        "kernel/lib/crc16.ko",
+    )
+    assert sel.missing == () and sel.builtin == ()
+
+
+def test_dash_and_underscore_are_the_same_module() -> None:
+    index = parse_module_index(MODULES_DEP, SOFTDEP, ALIAS, BUILTIN)
+    assert select_modules(index, ["nls_iso8859-1"]).keep == ("kernel/fs/nls/nls_iso8859-1.ko",)
+    assert select_modules(index, ["nls_iso8859_1"]).keep == ("kernel/fs/nls/nls_iso8859-1.ko",)
+
+
+def test_builtin_and_missing_are_reported_not_kept() -> None:
+    index = parse_module_index(MODULES_DEP, SOFTDEP, ALIAS, BUILTIN)
+    sel = select_modules(index, ["af_packet", "virtio_pci", "ice", "virtio_blk"])
+    assert sel.builtin == ("af_packet", "virtio_pci")
+    assert sel.missing == ("ice",)
+    assert sel.keep == (
+        "kernel/drivers/block/virtio_blk.ko",
+        "kernel/drivers/virtio/virtio.ko",
+        "kernel/drivers/virtio/virtio_ring.ko",
+    )
+
+
+def test_wildcard_aliases_never_pull_in_modules() -> None:
+    index = parse_module_index(MODULES_DEP, SOFTDEP, ALIAS, BUILTIN)
+    assert not any("*" in a for a in index.aliases)
+
+
+def test_drop_modules_is_everything_not_kept() -> None:
+    index = parse_module_index(MODULES_DEP, SOFTDEP, ALIAS, BUILTIN)
+    sel = select_modules(index, ["virtio_blk"])
+    dropped = drop_modules(index.deps.keys(), sel.keep)
+    assert "kernel/sound/snd.ko" in dropped
+    assert "kernel/net/wireless/cfg80211.ko" in dropped
+    assert not set(dropped) & set(sel.keep)
+    assert set(dropped) | set(sel.keep) == set(index.deps)
+
+
+# --- trim rule ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "usr/share/doc/python3/copyright",
+        "usr/share/man/man1/ls.1.gz",
+        "usr/share/locale/de/LC_MESSAGES/coreutils.mo",
+        "var/lib/apt/lists/deb.debian.org_debian_dists_bookworm_InRelease",
+        "var/cache/apt/pkgcache.bin",
+        "boot/vmlinuz-6.1.0-50-amd64",
+        "boot/initrd.img-6.1.0-50-amd64",
+        "usr/lib/python3.11/test/test_os.py",
+        "usr/lib/udev/hwdb.bin",
+        "usr/lib/udev/hwdb.d/20-pci-vendor-model.hwdb",
+        "usr/lib/grub/x86_64-efi/monolithic/grubnetx64.efi",
+        "etc/ssl/openssl.cnf.dpkg-old",
+        "usr/lib/modules/6.1.0-50-amd64/build",
+    ],
+)
+def test_trim_drops(path: str) -> None:
+    assert drop_path(path)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        # The directories themselves stay, empty: tools write there.
+        "boot",
+        "var/log",
+        "var/cache/apt",
+        "usr/bin/python3.11",
+        "usr/lib/python3.11/os.py",
+        "usr/lib/python3.11/__pycache__/os.cpython-311.pyc",
+        "usr/lib/python3/dist-packages/parted/__init__.py",
+        "usr/lib/grub/i386-pc/boot.img",
+        "usr/lib/grub/x86_64-efi/ext2.mod",
+        "usr/lib/udev/rules.d/60-persistent-storage.rules",
+        "usr/lib/modules/6.1.0-50-amd64/modules.dep",
+        "usr/share/doc-base",  # a prefix of a dropped dir, but not inside it
+        "etc/bootenv/modules",
+    ],
+)
+def test_trim_keeps(path: str) -> None:
+    assert not drop_path(path)
+
+
+# --- archive plans --------------------------------------------------------------------------
+
+
+def test_cpio_list_puts_parents_first(tmp_path: Path) -> None:
+    for rel in ("a/b/c.txt", "a-b/d.txt", "a/z.txt", "top.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    (tmp_path / "link").symlink_to("a/z.txt")
+    (tmp_path / "empty").mkdir()
+    names = cpio_list(tmp_path)
+    assert names[0] == "."
+    assert set(names) == {
+        ".",
+        "a",
+        "a/b",
+        "a/b/c.txt",
+        "a-b",
+        "a-b/d.txt",
+        "a/z.txt",
+        "top.txt",
+        "link",
+        "empty",
+    }
+    for i, name in enumerate(names[1:], 1):
+        parent = name.rpartition("/")[0]
+        if parent:
+            assert names.index(parent) < i, name
+    assert names == cpio_list(tmp_path)  # deterministic
+
+
+def test_overlay_plan() -> None:
+    plan = {f.path: f for f in overlay_plan(INPUTS)}
+    assert plan["init"].mode == 0o755 and plan["init"].data == INPUTS.init
+    assert plan["etc/bootenv/udhcpc.script"].mode == 0o755
+    assert plan["etc/bootenv/modules"].data == b"ext4\nvirtio_blk\n"
+    assert plan["etc/bootenv/modules-load"].data == b"ext4\n"
+    assert plan[f"{PYTHON_DIR}/bootenv/cli.py"].data == b"x = 1\n"
+    assert f"{PYTHON_DIR}/bootenv/__init__.py" in plan
+    assert list(plan) == sorted(plan)
+    assert all(not p.startswith("/") and ".." not in p.split("/") for p in plan)
