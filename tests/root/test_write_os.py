@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from bootenv.cli import main
 from bootenv.errors import UserError, VerificationError
-from bootenv.run import run
+from bootenv.run import popen, run
 from tests.conftest import require_root, require_tools
 from tests.imagetools import describe, load, tree_files
 
@@ -197,5 +198,28 @@ def test_failed_write_leaves_no_mountable_filesystem(
         assert run(["e2fsck", "-fn", dev], check=False).returncode != 0  # ... gone
         probe = run(["blkid", "-p", dev], check=False)
         assert probe.returncode != 0 and b"ext4" not in probe.stdout
+    with open(backing, "rb") as f:
+        assert f.read(MiB) == bytes(MiB)
+
+
+def test_power_cut_mid_write_leaves_no_mountable_filesystem(gold_image: Path, tmp_path: Path) -> None:
+    """kill -9 in the middle of a write: no cleanup code runs, yet nothing mounts."""
+    from tests.unit.httpfault import Fault, FaultServer
+
+    manifest = load(gold_image)
+    backing = sparse(tmp_path / "disk.img", manifest.rootfs.image_size)
+    with ExitStack() as stack:
+        dev = stack.enter_context(loop_device(backing))
+        run([sys.executable, "-m", "bootenv", "write-os", "--image", gold_image, "--device", dev])
+        run(["e2fsck", "-fn", dev])  # a good OS to begin with
+        srv = stack.enter_context(FaultServer(gold_image))
+        srv.faults[manifest.os.data.file] = Fault(stall_at=manifest.os.data.size // 2, stall_seconds=20)
+        proc = popen([sys.executable, "-m", "bootenv", "write-os", "--image", srv.url, "--device", dev])
+        stack.callback(proc.kill)
+        assert srv.stalled.wait(60), "the writer never got halfway"
+        proc.kill()  # SIGKILL
+        assert run(["e2fsck", "-fn", dev], check=False).returncode != 0
+        probe = run(["blkid", "-p", dev], check=False)
+        assert b"ext4" not in probe.stdout
     with open(backing, "rb") as f:
         assert f.read(MiB) == bytes(MiB)

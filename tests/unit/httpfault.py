@@ -58,6 +58,7 @@ class FaultServer:
         self.root = root
         self.faults: dict[str, Fault] = {}
         self.requests: list[Request] = []
+        self.stalled = threading.Event()  # set when a stall begins: the client is mid-stream
         self._lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"server_ref": self})
         self.httpd = _Server(("127.0.0.1", 0), handler)
@@ -196,6 +197,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 pos = fault.stall_at
                 stall, fault.stall_at = fault.stall_seconds, None
+                self.server_ref.stalled.set()
                 time.sleep(stall)
             while pos < end:
                 nxt = min(end, pos + (256 << 10))
