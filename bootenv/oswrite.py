@@ -132,6 +132,9 @@ class Target:
             self.wipe(sync=False)
             if self.is_block:
                 self._wipe_tail()
+            # The old superblock must be gone from the disk itself before new data lands,
+            # or a power cut could leave the old filesystem over a half-new one.
+            self.sync()
         aligned = len(buf) - len(buf) % ALIGN if self.direct and offset % ALIGN == 0 else 0
         if aligned:
             self._set_direct(True)
@@ -263,7 +266,9 @@ def write_os(
                 _stream(reader, bmap, target, Held(held, pieces), label if progress else None)
                 reader.verify()
                 compressed = reader.count
-            # Everything verified: now, and only now, make the filesystem visible.
+            # Everything verified: now, and only now, make the filesystem visible. The
+            # data goes to the disk first, so the superblock never lands before it.
+            target.sync()
             for offset, length in pieces:
                 target.write(held[offset : offset + length], offset)
             target.sync()

@@ -151,27 +151,29 @@ class _Handler(BaseHTTPRequestHandler):
             match = None
         size = len(data)
         if start >= size and match:
+            self.server_ref.record(Request(name, start, 416))
             self.send_response(416)
             self.send_header("Content-Range", f"bytes */{size}")
             self.send_header("Content-Length", "0")
             self.end_headers()
-            return self.server_ref.record(Request(name, start, 416))
+            return None
         status = 206 if match else 200
+        # Record before answering: a test may look as soon as its client has the answer.
+        self.server_ref.record(Request(name, start, status))
         self.send_response(status)
         if match:
             self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
         self.send_header("Content-Length", str(size - start + fault.length_delta))
         self.end_headers()
-        self.server_ref.record(Request(name, start, status))
         self._body(data, start, fault)
 
     def _status(self, name: str, start: int, status: int) -> None:
+        self.server_ref.record(Request(name, start, status))
         body = f"{status}\n".encode()
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-        self.server_ref.record(Request(name, start, status))
 
     def _chunk(self, data: Buffer, pos: int, end: int, fault: Fault) -> bytes:
         chunk = data[pos:end]
