@@ -198,7 +198,12 @@ def reread(path: str) -> None:
 
 
 def settle(timeout: float = 30.0) -> None:
-    """Wait for udev to finish creating device nodes (skipped where udev is absent)."""
+    """Wait for udev to finish creating device nodes (skipped where udev is absent).
+
+    The kernel announces the new partitions with uevents, and udev creates /dev/sdX3
+    (and its by-uuid links) asynchronously: using the node before the queue drained
+    races with udev, which may also still hold the disk open.
+    """
     from bootenv.blockdev import settle as udev_settle
     from bootenv.run import which
 
