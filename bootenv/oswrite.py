@@ -61,8 +61,8 @@ class WriteResult:
 
     @property
     def throughput(self) -> float:
-        """Image bytes (data and holes) laid down per second."""
-        return self.image_size / self.seconds if self.seconds > 0 else 0.0
+        """Data bytes written per second (holes cost nothing, so they do not count)."""
+        return self.bytes_written / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
         return (
