@@ -3,7 +3,8 @@
 read config → manifest → choose the disk → preflight (nothing written yet) →
 partition → stream the OS onto the root partition → configure the target → hand off.
 
-Every step is timed and posted to the callback (best effort). If anything fails after
+Every step is timed and posted to the callback (best effort, in the schema of
+`bootenv serve`'s /callback: see bootenv/callback.py). If anything fails after
 the disk was touched, its partition table and filesystem signatures are wiped so the
 machine can never boot a half-written OS; the error goes to the callback and the
 console, and the agent exits non-zero (the ramdisk then drops to a shell; it never
@@ -15,10 +16,9 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from bootenv import bootloader, handoff, target
@@ -29,6 +29,7 @@ from bootenv.blockdev import (
     open_destination,
     sector_size,
 )
+from bootenv.callback import Callback
 from bootenv.cmdline import AgentConfig, DiskKind, Handoff
 from bootenv.disks import DiskChoice, choose_disk, log_choice, read_disks
 from bootenv.errors import BootenvError, FatalError, UserError
@@ -56,32 +57,27 @@ CALLBACK_TIMEOUT = 5.0
 TRUSTED_DIR = Path("/etc/bootenv/trusted")  # the ramdisk's built-in signing keys (*.pub)
 
 
-@dataclass
 class Report:
-    """Timings of the steps so far, posted to the callback after each one."""
+    """Timed steps, in the log and posted to the callback in `bootenv serve`'s schema."""
 
-    callback: str | None
-    hostname: str = ""
-    steps: list[dict[str, object]] = field(default_factory=list)
+    def __init__(self, callback: str | None, hostname: str = "") -> None:
+        self.callback = Callback(callback, "agent")
+        self.hostname = hostname
 
-    def post(self, event: str, **extra: object) -> None:
-        if not self.callback:
-            return
-        body = {"event": event, "hostname": self.hostname, "steps": self.steps, **extra}
-        try:
-            import requests
+    def post(self, event: str, **fields: object) -> None:
+        self.callback.post(event, **fields)
 
-            requests.post(self.callback, json=body, timeout=CALLBACK_TIMEOUT)
-        except Exception as exc:  # best effort: a dead callback must not stop provisioning
-            log.warning("could not post %s to the callback: %s", event, exc)
+    @property
+    def timings(self) -> dict[str, float]:
+        return dict(self.callback.timings)
 
     @contextmanager
     def step(self, name: str, title: str) -> Iterator[None]:
-        start = time.monotonic()
-        with step(title):
+        with step(title), self.callback.step(name):
             yield
-        self.steps.append({"step": name, "seconds": round(time.monotonic() - start, 3)})
-        self.post("step", step=name)
+
+    def close(self) -> None:
+        self.callback.close()
 
 
 @dataclass(frozen=True)
@@ -97,16 +93,16 @@ def run_agent(cfg: AgentConfig, *, ramdisk_cmdline: str = "") -> AgentResult:
     """Provision the disk; the caller hands off (see `finish`)."""
     ident = target.new_identity(cfg.hostname)
     report = Report(cfg.callback, ident.hostname)
+    report.post("start", data={"hostname": ident.hostname, "image": cfg.image})
     try:
         return _provision(cfg, ident, report, ramdisk_cmdline)
-    except BootenvError as exc:
-        log.error("provisioning failed: %s", exc)
-        report.post("failed", error=str(exc))
-        raise
     except Exception as exc:
-        log.error("provisioning failed: %s: %s", type(exc).__name__, exc)
-        report.post("failed", error=f"{type(exc).__name__}: {exc}")
+        message = str(exc) if isinstance(exc, BootenvError) else f"{type(exc).__name__}: {exc}"
+        log.error("provisioning failed: %s", message)
+        report.post("error", message=message, fatal=True, data={"timings": report.timings})
         raise
+    finally:
+        report.close()
 
 
 def _provision(cfg: AgentConfig, ident: target.Identity, report: Report, cmdline: str) -> AgentResult:
@@ -128,7 +124,13 @@ def _provision(cfg: AgentConfig, ident: target.Identity, report: Report, cmdline
             stack.close()  # detach offset loop devices before wiping the whole disk
             wipe_disk(disk, plan)
             raise
-    report.post("done", disk=disk, components=components)
+    # Not "done": that is the layout service's, once the components are in place.
+    report.post(
+        "step",
+        step="handoff",
+        status="start",
+        data={"disk": disk, "mode": cfg.handoff.value, "components": components, "timings": report.timings},
+    )
     return AgentResult(disk, plan, ident, tuple(components), kexec)
 
 

@@ -158,12 +158,16 @@ def test_agent_provisions_a_disk(tools: None, gold_image: Path, tmp_path: Path) 
         assert sh("blkid", "-o", "value", "-s", "UUID", espdev).strip() == ident.esp_uuid
     _check_bios_boot(path, plan.bios.offset)
 
-    names = [e.get("step") for e in events if e["event"] == "step"]
-    assert names[:2] == ["manifest", "disk"]
-    for name in ("partition", "write-os", "configure", "runtime", "bootloader"):
-        assert name in names
-    assert events[-1]["event"] == "done"
-    assert all(isinstance(s["seconds"], float) for s in events[-1]["steps"])  # type: ignore[union-attr]
+    from bootenv.machines import parse_event
+
+    assert all(parse_event(e).source == "agent" for e in events)  # serve's schema
+    done = [e["step"] for e in events if e["event"] == "step" and e["status"] == "done"]
+    steps = ["manifest", "disk", "preflight", "partition", "write-os", "filesystems"]
+    assert done == [*steps, "configure", "runtime", "bootloader"]
+    assert all(isinstance(e["elapsed"], float) for e in events if e.get("status") == "done")
+    last = events[-1]
+    assert (last["step"], last["status"]) == ("handoff", "start")
+    assert list(last["data"]["timings"]) == done  # type: ignore[index]
 
 
 def _check_target(root: Path, root_uuid: str, esp_uuid: str, url: str) -> None:
@@ -267,5 +271,6 @@ def test_corrupt_image_leaves_the_disk_unbootable(tools: None, gold_image: Path,
     with open(path, "rb") as f:
         for offset in (0, plan.root.offset, path.stat().st_size - MiB):
             assert os.pread(f.fileno(), MiB, offset) == bytes(MiB)
-    assert events[-1]["event"] == "failed" and "sha256" in str(events[-1]["error"])
-    assert "write-os" not in [e.get("step") for e in events]
+    assert events[-1]["event"] == "error" and "sha256" in str(events[-1]["message"])
+    failed = [e["step"] for e in events if e.get("status") == "failed"]
+    assert failed == ["write-os"]

@@ -49,6 +49,13 @@ def events() -> Iterator[tuple[str, list[dict[str, object]]]]:
     server.server_close()
 
 
+def all_valid(events: list[dict[str, object]]) -> bool:
+    """Every event the agent posts is one `bootenv serve` accepts."""
+    from bootenv.machines import parse_event
+
+    return all(parse_event(e).source == "agent" for e in events)
+
+
 def digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -108,8 +115,10 @@ def test_too_small_disk_is_refused_before_any_write(
         agent.run_agent(cfg)
     assert digest(disk) == before
     assert written == [] and wiped == []
-    assert got[-1]["event"] == "failed" and "too small" in str(got[-1]["error"])
-    assert [s["step"] for s in got[-1]["steps"]] == ["manifest", "disk"]  # type: ignore[union-attr, index]
+    assert got[-1]["event"] == "error" and got[-1]["fatal"] is True
+    assert "too small" in str(got[-1]["message"])
+    assert list(got[-1]["data"]["timings"]) == ["manifest", "disk"]  # type: ignore[index]
+    assert all_valid(got)
 
 
 def test_failure_after_touching_the_disk_wipes_and_reports(
@@ -127,8 +136,11 @@ def test_failure_after_touching_the_disk_wipes_and_reports(
     with pytest.raises(FatalError, match="network fell over"):
         agent.run_agent(cfg)
     assert wiped == [str(disk)]
-    assert got[-1]["event"] == "failed" and got[-1]["hostname"] == "h1"
-    assert [e.get("step") for e in got[:-1]] == ["manifest", "disk", "preflight"]
+    assert got[0]["event"] == "start" and got[0]["data"] == {"hostname": "h1", "image": "/img"}
+    assert got[-1]["event"] == "error" and got[-1]["message"] == "the network fell over"
+    done = [e["step"] for e in got if e["event"] == "step" and e["status"] == "done"]
+    assert done == ["manifest", "disk", "preflight"]
+    assert all_valid(got)
 
 
 def test_wipe_disk_zeroes_tables_and_signatures(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
