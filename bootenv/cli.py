@@ -35,7 +35,14 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="verbose log and tracebacks")
-    parser = _Parser(prog="bootenv", description=__doc__, parents=[common])
+    parser = _Parser(
+        prog="bootenv",
+        description="Provision bare-metal and virtual servers from composite images.",
+        epilog="Exit codes: 0 ok, 1 failure, 2 usage or input error, 3 network failure after "
+        "retries, 4 verification failure, 5 an external command failed, 130 interrupted. "
+        "See docs/CLI.md.",
+        parents=[common],
+    )
     parser.add_argument("--version", action="version", version=f"bootenv {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     verbs.required = True
