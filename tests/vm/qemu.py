@@ -23,8 +23,18 @@ from types import TracebackType
 
 from bootenv.run import Stream, popen
 
-OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
-OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
+OVMF_CANDIDATES = (
+    (Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS_4M.fd")),
+    (Path("/usr/share/OVMF/OVMF_CODE.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd")),
+)
+
+
+def ovmf() -> tuple[Path, Path]:
+    """OVMF's code and variable-store templates (the ovmf package)."""
+    for code, vars_ in OVMF_CANDIDATES:
+        if code.exists() and vars_.exists():
+            return code, vars_
+    raise FileNotFoundError("OVMF firmware not found: install the ovmf package (`make deps`)")
 
 
 class VmError(AssertionError):
@@ -86,7 +96,7 @@ def qemu_argv(cfg: QemuConfig, workdir: Path) -> list[str]:
     if cfg.uefi:
         argv += [
             "-drive",
-            f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+            f"if=pflash,format=raw,readonly=on,file={ovmf()[0]}",
             "-drive",
             f"if=pflash,format=raw,file={workdir / 'OVMF_VARS.fd'}",
         ]
@@ -113,7 +123,7 @@ class Qemu:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path.unlink(missing_ok=True)
         if self.cfg.uefi:
-            shutil.copyfile(OVMF_VARS, self.workdir / "OVMF_VARS.fd")
+            shutil.copyfile(ovmf()[1], self.workdir / "OVMF_VARS.fd")
         self.started = time.monotonic()
         self._proc = popen(
             qemu_argv(self.cfg, self.workdir), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
@@ -133,9 +143,11 @@ class Qemu:
     def console(self) -> str:
         """Everything the VM wrote to its serial console so far."""
         try:
-            return self.log_path.read_bytes().decode(errors="replace")
+            text = self.log_path.read_bytes().decode(errors="replace")
         except FileNotFoundError:
             return ""
+        # The guest's tty turns \n into \r\n; patterns should not have to care.
+        return text.replace("\r\n", "\n")
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.popen.poll() is None
