@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, metavar="DIR|URL", help="the composite image")
     p.add_argument("--device", required=True, metavar="PATH", help="a disk, a partition or a regular file")
     p.add_argument("--single", action="store_true", help="write the classic one-piece image instead")
+    add_trust_options(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_write_os)
 
@@ -314,7 +315,9 @@ def cmd_write_os(args: argparse.Namespace) -> int:
 
     from bootenv.oswrite import write_os_path
 
-    result = write_os_path(args.image, args.device, which="single" if args.single else "os")
+    result = write_os_path(
+        args.image, args.device, which="single" if args.single else "os", trust=trust_from_args(args)
+    )
     if args.json:
         print(_json({**asdict(result), "throughput": round(result.throughput)}))
     else:

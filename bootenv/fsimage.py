@@ -43,8 +43,10 @@ def make_ext4(tree: Path, image: Path, size: int, *, label: str = "bootenv-root"
     """Create `image` as an ext4 filesystem of `size` bytes populated from `tree`."""
     with open(image, "wb") as f:
         f.truncate(size)
-    # lazy_itable_init/lazy_journal_init keep the image sparse: the kernel zeroes the
-    # inode tables in the background, and an empty journal needs no zeroing.
+    # lazy_itable_init keeps the image sparse: the kernel zeroes unused inode tables in
+    # the background and never trusts them before that. The journal, though, is zeroed
+    # here (lazy_journal_init=0): it becomes mapped data (zeros compress to nothing), so
+    # a reused disk's stale journal blocks can never be replayed into the new filesystem.
     run(
         [
             which("mke2fs"),
@@ -59,7 +61,7 @@ def make_ext4(tree: Path, image: Path, size: int, *, label: str = "bootenv-root"
             "-m",
             "1",
             "-E",
-            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+            "lazy_itable_init=1,lazy_journal_init=0,nodiscard",
             "-d",
             tree,
             image,

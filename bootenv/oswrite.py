@@ -32,7 +32,9 @@ from bootenv.blockmap import BlockMap, Range, parse_blockmap
 from bootenv.errors import BootenvError, FatalError, UserError, VerificationError
 from bootenv.log import Progress, human_bytes, step
 from bootenv.manifest import MANIFEST, Blob, Manifest, OsImage, parse_manifest
+from bootenv.signing import Trust
 from bootenv.source import Source, open_source
+from bootenv.trusted import open_trusted
 
 log = logging.getLogger(__name__)
 
@@ -358,10 +360,18 @@ def _write_range(
         raise VerificationError(f"range at byte {rng.offset} ({rng.length} bytes) does not match its sha256")
 
 
-def write_os_path(location: str, device: str, *, which: Which = "os", progress: bool = True) -> WriteResult:
-    """`bootenv write-os`: open the image and the destination, check, stream, verify."""
-    source = open_source(location)
-    manifest = parse_manifest(source.read_bytes(MANIFEST))
+def write_os_path(
+    location: str, device: str, *, which: Which = "os", progress: bool = True, trust: Trust | None = None
+) -> WriteResult:
+    """`bootenv write-os`: check the signature, open the destination, stream, verify.
+
+    `trust=None` skips the signature check (the caller checked it, or a test).
+    """
+    if trust is None:
+        source = open_source(location)
+        manifest = parse_manifest(source.read_bytes(MANIFEST))
+    else:
+        source, manifest = open_trusted(location, trust)
     image = _image(manifest, which)
     bmap = load_blockmap(source, image)
     with (

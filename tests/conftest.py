@@ -97,12 +97,14 @@ GOLD_COMPONENTS = ("apache=apache2", "mysql=mariadb-server", "php=php,libapache2
 @pytest.fixture(scope="session")
 def gold_image(gold_tree: Path) -> Path:
     """The gold machine captured with components apache, mysql and php (and --single)."""
-    from bootenv.cache import cache_root
+    from bootenv.cache import cache_root, locked
     from bootenv.capture import CaptureConfig, capture
     from bootenv.split import parse_component_arg
 
     out = cache_root() / "images" / f"{gold_tree.name}-{code_key()}"
-    if not (out / "manifest.json").exists():
+    with locked(f"image-{out.name}"):
+        if (out / "manifest.json").exists():
+            return out
         capture(
             CaptureConfig(
                 root=gold_tree,
@@ -112,7 +114,7 @@ def gold_image(gold_tree: Path) -> Path:
                 force=True,
             )
         )
-    return out
+        return out
 
 
 @pytest.fixture

@@ -78,7 +78,7 @@ def garbage(path: Path, size: int) -> Path:
 
 
 def write_os(image: Path | str, device: str | Path, capsys: pytest.CaptureFixture[str], *extra: str) -> dict:  # type: ignore[type-arg]
-    rc = main(["write-os", "--image", str(image), "--device", str(device), "--json", *extra])
+    rc = main(["write-os", "--insecure", "--image", str(image), "--device", str(device), "--json", *extra])
     out = capsys.readouterr()
     assert rc == 0, out.err
     result: dict = json.loads(out.out)  # type: ignore[type-arg]
@@ -149,7 +149,7 @@ def test_too_small_device_is_refused_untouched(
     head = os.urandom(2 * MiB)
     backing = sparse(tmp_path / "small.img", manifest.rootfs.image_size - MiB, head)
     with loop_device(backing) as dev:
-        rc = main(["write-os", "--image", str(gold_image), "--device", dev])
+        rc = main(["write-os", "--insecure", "--image", str(gold_image), "--device", dev])
         err = capsys.readouterr().err
     assert rc == UserError.exit_code
     assert "too small" in err and "Traceback" not in err
@@ -165,7 +165,7 @@ def test_mounted_device_is_refused_untouched(
     run(["mke2fs", "-q", "-t", "ext4", backing])
     before = backing.read_bytes()
     with loop_device(backing) as dev, mounted_ro(dev, tmp_path / "mnt"):
-        rc = main(["write-os", "--image", str(gold_image), "--device", dev])
+        rc = main(["write-os", "--insecure", "--image", str(gold_image), "--device", dev])
         err = capsys.readouterr().err
     assert rc == UserError.exit_code and "in use" in err
     assert backing.read_bytes() == before
@@ -192,7 +192,7 @@ def test_failed_write_leaves_no_mountable_filesystem(
     with loop_device(backing) as dev:
         write_os(gold_image, dev, capsys)
         run(["e2fsck", "-fn", dev])  # a good, mountable OS ...
-        rc = main(["write-os", "--image", str(bad), "--device", dev])
+        rc = main(["write-os", "--insecure", "--image", str(bad), "--device", dev])
         err = capsys.readouterr().err
         assert rc == VerificationError.exit_code, err
         assert run(["e2fsck", "-fn", dev], check=False).returncode != 0  # ... gone
@@ -210,11 +210,25 @@ def test_power_cut_mid_write_leaves_no_mountable_filesystem(gold_image: Path, tm
     backing = sparse(tmp_path / "disk.img", manifest.rootfs.image_size)
     with ExitStack() as stack:
         dev = stack.enter_context(loop_device(backing))
-        run([sys.executable, "-m", "bootenv", "write-os", "--image", gold_image, "--device", dev])
+        run(
+            [
+                sys.executable,
+                "-m",
+                "bootenv",
+                "write-os",
+                "--insecure",
+                "--image",
+                gold_image,
+                "--device",
+                dev,
+            ]
+        )
         run(["e2fsck", "-fn", dev])  # a good OS to begin with
         srv = stack.enter_context(FaultServer(gold_image))
         srv.faults[manifest.os.data.file] = Fault(stall_at=manifest.os.data.size // 2, stall_seconds=20)
-        proc = popen([sys.executable, "-m", "bootenv", "write-os", "--image", srv.url, "--device", dev])
+        proc = popen(
+            [sys.executable, "-m", "bootenv", "write-os", "--insecure", "--image", srv.url, "--device", dev]
+        )
         stack.callback(proc.kill)
         assert srv.stalled.wait(60), "the writer never got halfway"
         proc.kill()  # SIGKILL

@@ -448,7 +448,7 @@ def test_cli_write_os_json(
     built: Built, srv: FaultServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "disk.img"
-    assert cli.main(["write-os", "--image", srv.url, "--device", str(out), "--json"]) == 0
+    assert cli.main(["write-os", "--insecure", "--image", srv.url, "--device", str(out), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["bytes_written"] == built.bmap.mapped and doc["image_size"] == SIZE
     assert_image(out, built.raw, built.bmap)
@@ -458,7 +458,9 @@ def test_cli_write_os_summary_and_single(
     built: Built, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "disk.img"
-    assert cli.main(["write-os", "--image", str(built.dir), "--device", str(out), "--single"]) == 0
+    assert (
+        cli.main(["write-os", "--insecure", "--image", str(built.dir), "--device", str(out), "--single"]) == 0
+    )
     line = capsys.readouterr().out.strip()
     assert line.startswith("wrote ") and "24.0 MiB image" in line and "\n" not in line
 
@@ -467,7 +469,7 @@ def test_cli_failure_is_one_line(
     built: Built, srv: FaultServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     srv.faults[data_name(built)] = Fault(corrupt_at=1000)
-    rc = cli.main(["write-os", "--image", srv.url, "--device", str(tmp_path / "d.img")])
+    rc = cli.main(["write-os", "--insecure", "--image", srv.url, "--device", str(tmp_path / "d.img")])
     err = capsys.readouterr().err
     assert rc == VerificationError.exit_code
     lines = [ln for ln in err.splitlines() if ln.startswith("bootenv:")]
@@ -509,3 +511,25 @@ def test_check_fits() -> None:
 
 def test_manifest_roundtrip_of_helper(built: Built) -> None:
     assert parse_manifest((built.dir / MANIFEST).read_text()) == built.manifest
+
+
+def test_cli_refuses_unsigned_and_untrusted_images(
+    built: Built, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bootenv.signing import keygen
+
+    out = tmp_path / "disk.img"
+    assert cli.main(["write-os", "--image", str(built.dir), "--device", str(out)]) == 4
+    assert "not signed" in capsys.readouterr().err
+    assert not out.exists()  # refused before the destination was even created
+    key, other = tmp_path / "k", tmp_path / "other"
+    keygen(key)
+    keygen(other)
+    assert cli.main(["sign", str(built.dir), "--key", str(key)]) == 0
+    rc = cli.main(["write-os", "--image", str(built.dir), "--device", str(out), "--trust", f"{other}.pub"])
+    assert rc == 4 and "untrusted key" in capsys.readouterr().err
+    assert not out.exists()
+    assert (
+        cli.main(["write-os", "--image", str(built.dir), "--device", str(out), "--trust", f"{key}.pub"]) == 0
+    )
+    assert_image(out, built.raw, built.bmap)
