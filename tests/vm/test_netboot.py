@@ -93,3 +93,41 @@ def test_unknown_machine_gets_the_menu_and_its_default_under_uefi(the_lab: Lab) 
         assert machine.state is State.DONE, machine.error
         assert machine.entry == MENU_DEFAULT  # chosen by the menu's timeout, no key pressed
         assert machine.components == "mysql"
+
+
+def _root_partition_files(disk: Path, paths: tuple[str, ...]) -> dict[str, bytes]:
+    """Read files from a provisioned disk's root partition (the last one), read-only."""
+    import json
+
+    from bootenv.run import run
+
+    table = json.loads(run(["sfdisk", "--json", disk]).stdout)["partitiontable"]
+    sector = int(table.get("sectorsize", 512))
+    last = table["partitions"][-1]
+    offset, size = int(last["start"]) * sector, int(last["size"]) * sector
+    loop = run(
+        ["losetup", "--find", "--show", "--read-only", f"--offset={offset}", f"--sizelimit={size}", disk]
+    )
+    dev = loop.stdout.decode().strip()
+    mnt = disk.with_suffix(".mnt")
+    mnt.mkdir(exist_ok=True)
+    try:
+        run(["mount", "-o", "ro", dev, mnt])
+        try:
+            return {p: (mnt / p.lstrip("/")).read_bytes() for p in paths}
+        finally:
+            run(["umount", mnt])
+    finally:
+        run(["losetup", "-d", dev])
+
+
+def test_two_machines_from_one_image_have_their_own_identity(the_lab: Lab) -> None:
+    disks = [the_lab.work / "a1.img", the_lab.work / "b2.img"]
+    if not all(d.exists() for d in disks):
+        pytest.skip("needs both provisioned disks from the tests above")
+    paths = ("/etc/machine-id", "/etc/hostname", "/etc/ssh/ssh_host_ed25519_key.pub")
+    a, b = (_root_partition_files(d, paths) for d in disks)
+    for path in paths:
+        assert a[path].strip() and b[path].strip(), path  # each was made on first boot
+        assert a[path] != b[path], path
+    assert a["/etc/hostname"].strip() == b"db1"
