@@ -44,6 +44,7 @@ from bootenv.ramdisk_plan import (
     parse_module_index,
     ramdisk_key,
     select_modules,
+    stale_builds,
 )
 from bootenv.run import popen, run, which
 
@@ -52,6 +53,9 @@ log = logging.getLogger(__name__)
 # Measured on the ramdisk tree (175 MB): -12 --long=24 gives 49 MB in 20 s; -19 gives 44 MB
 # in 2-6 min on 2 cores. The kernel decompresses a 16 MiB window without trouble.
 ZSTD_LEVEL = 12
+# Every edit of bootenv makes a new (small, 50 MB) final build; keep only the latest few.
+KEEP_BUILDS = 4
+KEEP_BASES = 2
 SIZE_LIMIT = 60 * 1000 * 1000
 
 
@@ -195,12 +199,18 @@ def pack(root: Path, out: Path, *, level: int = ZSTD_LEVEL) -> None:
             raise
 
 
-def build_base(inputs: RamdiskInputs, mirror: str) -> Path:
+def build_base(inputs: RamdiskInputs, mirror: str | None = None) -> Path:
     """The cached base stage: vmlinuz, base.cpio.zst and kernel.txt."""
     final = cache_root() / f"ramdisk-base-{base_key(inputs)}"
     if (final / "base.cpio.zst").exists():
         log.info("Reusing cached ramdisk base %s", final)
         return final
+    if os.geteuid() != 0:
+        raise UserError("building the ramdisk base needs root (debootstrap, chroot)", hint="run as root")
+    if mirror is None:
+        from bootenv.gold import apt_mirror
+
+        mirror = apt_mirror()
     with _staging(final) as out:
         tree = out / "tree"
         _debootstrap(inputs, tree, mirror)
@@ -215,6 +225,7 @@ def build_base(inputs: RamdiskInputs, mirror: str) -> Path:
             pack(tree, out / "base.cpio.zst")
         (out / "kernel.txt").write_text(version + "\n")
         shutil.rmtree(tree)
+    _prune(final, KEEP_BASES)
     return final
 
 
@@ -248,12 +259,6 @@ def build_ramdisk(
     if cached:
         log.info("Reusing cached ramdisk %s", final)
     else:
-        if os.geteuid() != 0:
-            raise UserError("building the ramdisk needs root (debootstrap, chroot)", hint="run as root")
-        if mirror is None:
-            from bootenv.gold import apt_mirror
-
-            mirror = apt_mirror()
         base = build_base(inputs, mirror)
         with _staging(final) as out, step("Packing the ramdisk overlay (init, bootenv)"):
             _write_overlay(inputs, out / "overlay")
@@ -266,6 +271,7 @@ def build_ramdisk(
             (out / "overlay.cpio.zst").unlink()
             shutil.copy2(base / "vmlinuz", out / "vmlinuz")
             shutil.copy2(base / "kernel.txt", out / "kernel.txt")
+        _prune(final, KEEP_BUILDS)
     result = Ramdisk(
         vmlinuz=final / "vmlinuz",
         initramfs=final / "initramfs.img",
@@ -278,6 +284,20 @@ def build_ramdisk(
     if output is not None:
         result = _export(result, output)
     return result
+
+
+def _prune(current: Path, keep: int) -> None:
+    """Remove all but the `keep` newest finished builds of the same stage as `current`."""
+    base = current.name.startswith("ramdisk-base-")
+    builds = {
+        p.name: p.stat().st_mtime
+        for p in current.parent.glob("ramdisk-*")
+        if p.is_dir() and p.name.startswith("ramdisk-base-") == base and ".tmp-" not in p.name
+    }
+    for name in stale_builds(builds, keep):
+        if name != current.name:
+            log.debug("removing old ramdisk build %s", name)
+            shutil.rmtree(current.parent / name, ignore_errors=True)
 
 
 def _export(ramdisk: Ramdisk, output: Path) -> Ramdisk:
