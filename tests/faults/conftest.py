@@ -1,0 +1,64 @@
+"""Fixtures of the fault-injection suite: fast retries, a recorded backoff, a clean tree."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import bootenv.source as source_mod
+from bootenv.source import RetryPolicy
+from tests.faults.helpers import FAST, build_image, run_layout, tree
+from tests.unit.httpfault import FaultServer
+
+
+@dataclass(frozen=True)
+class _FastPolicy(RetryPolicy):
+    attempts: int = FAST.attempts
+    backoff: float = FAST.backoff
+    max_backoff: float = FAST.max_backoff
+    timeout: float = FAST.timeout
+
+
+class SleepLog:
+    """Stands in for bootenv.source's `time`: records each backoff delay, then sleeps it."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        time.sleep(seconds)
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> SleepLog:
+    """Every HttpSource made during the test (layout's own included) retries fast."""
+    monkeypatch.setattr(source_mod, "RetryPolicy", _FastPolicy)
+    sleeps = SleepLog()
+    monkeypatch.setattr(source_mod, "time", sleeps)
+    return sleeps
+
+
+@dataclass(frozen=True)
+class Image:
+    dir: Path
+    clean: dict[str, tuple[object, ...]]  # the tree of an undisturbed layout of "all"
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
+    base = tmp_path_factory.mktemp("faults")
+    img = build_image(base / "img")
+    res, act = run_layout(str(img), base / "clean")
+    assert res.ok and [c.status for c in res.components] == ["done", "done"]
+    return Image(img, tree(base / "clean"))
+
+
+@pytest.fixture
+def srv(image: Image) -> Iterator[FaultServer]:
+    with FaultServer(image.dir) as server:
+        yield server

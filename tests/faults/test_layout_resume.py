@@ -1,0 +1,53 @@
+"""Connections cut at random offsets while `layout` streams: Range resume, same tree.
+
+write-os has the same property proven at 24 seeds in
+tests/unit/test_oswrite.py::test_dropped_connection_resumes_at_the_exact_offset.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.faults.conftest import Image
+from tests.faults.helpers import blob_of, run_layout, tree
+from tests.unit.httpfault import Fault, FaultServer
+
+SEEDS = range(24)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cut_at_random_offsets_resumes_to_the_clean_tree(
+    image: Image, srv: FaultServer, tmp_path: Path, seed: int
+) -> None:
+    rng = random.Random(seed)
+    cuts: dict[str, list[int]] = {}
+    for name in ("good", "bad"):
+        file, size = blob_of(image.dir, name)
+        drops = sorted(rng.sample(range(1, size), rng.randint(1, 3)))
+        if seed == 0:
+            drops = [1, size // 2, size - 1]  # the edges: first byte, last byte
+        cuts[file] = drops
+        srv.faults[file] = Fault(drops=list(drops))
+    streams = 1 + seed % 2  # in-process and in parallel stream processes
+    res, act = run_layout(srv.url, tmp_path / "root", streams=streams)
+    assert res.ok, [c.error for c in res.components]
+    assert tree(tmp_path / "root") == image.clean
+    assert act.calls == [(tmp_path / "root", ["bad.service", "good.service"])]
+    for file, drops in cuts.items():
+        reqs = srv.requests_for(file)
+        assert [r.start for r in reqs] == [0, *drops], "each resume asks for the exact byte it lost"
+        assert [r.status for r in reqs] == [200] + [206] * len(drops)
+
+
+def test_server_ignoring_range_after_a_cut_still_gives_the_clean_tree(
+    image: Image, srv: FaultServer, tmp_path: Path
+) -> None:
+    file, size = blob_of(image.dir, "good")
+    srv.faults[file] = Fault(drops=[size // 3, 2 * size // 3], ignore_range=True)
+    res, _ = run_layout(srv.url, tmp_path / "root")
+    assert res.ok
+    assert tree(tmp_path / "root") == image.clean
+    assert [r.status for r in srv.requests_for(file)] == [200, 200, 200]
