@@ -1,0 +1,154 @@
+"""Server restarts, stalls and 5xx answers during `layout`: bounded retries, then a clear end."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bootenv.cli import main
+from bootenv.errors import RetryableError
+from bootenv.source import HttpSource
+from tests.faults.conftest import Image, SleepLog
+from tests.faults.helpers import FAST, RestartableServer, blob_of, run_layout, tree
+from tests.unit.httpfault import Fault
+
+
+def test_server_restart_mid_stream_completes(image: Image, tmp_path: Path) -> None:
+    file, size = blob_of(image.dir, "good")
+    at = size // 2
+    first = RestartableServer(image.dir)
+    first.faults[file] = Fault(stall_at=at, stall_seconds=2.0)  # holds the stream open mid-way
+    second: list[RestartableServer] = []
+
+    def restart() -> None:
+        if not first.stalled.wait(30):
+            return  # the layout failed to reach the stall; its assertions say so
+        first.stop()  # cuts the connection in flight; the port refuses for a moment
+        second.append(RestartableServer(image.dir, first.port).__enter__())
+
+    first.__enter__()
+    orchestrator = threading.Thread(target=restart)
+    orchestrator.start()
+    try:
+        res, _ = run_layout(first.url, tmp_path / "root")
+    finally:
+        orchestrator.join()
+        if not second:
+            first.stop()
+        for s in second:
+            s.__exit__(None, None, None)
+    assert res.ok, [c.error for c in res.components]
+    assert tree(tmp_path / "root") == image.clean
+    assert [r.start for r in first.requests_for(file)] == [0]
+    resumed = second[0].requests_for(file)
+    assert [(r.start, r.status) for r in resumed] == [(at, 206)], "resumed on the new server where it was cut"
+
+
+def test_stall_longer_than_the_timeout_is_retried(
+    image: Image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    file, size = blob_of(image.dir, "bad")
+    at = size // 3
+    with RestartableServer(image.dir) as srv:
+        srv.faults[file] = Fault(stall_at=at, stall_seconds=1.5)
+        short = replace(FAST, timeout=0.3)
+        monkeypatch.setattr("bootenv.source.RetryPolicy", lambda: short)
+        res, _ = run_layout(srv.url, tmp_path / "root")
+    assert res.ok, [c.error for c in res.components]
+    assert tree(tmp_path / "root") == image.clean
+    starts = [r.start for r in srv.requests_for(file)]
+    # urllib3 drops a partly read chunk on a timeout, so the resume may start earlier.
+    assert len(starts) >= 2 and starts == sorted(starts) and starts[1] <= at
+    assert any("timed out" in r.getMessage() for r in caplog.records)
+
+
+def test_5xx_burst_is_retried_with_doubling_backoff(
+    image: Image, tmp_path: Path, fast_retries: SleepLog
+) -> None:
+    file, _ = blob_of(image.dir, "good")
+    with RestartableServer(image.dir) as srv:
+        srv.faults[file] = Fault(errors=3, status=503)
+        res, _ = run_layout(srv.url, tmp_path / "root")
+    assert res.ok
+    assert tree(tmp_path / "root") == image.clean
+    assert [r.status for r in srv.requests_for(file)] == [503, 503, 503, 200]
+    assert fast_retries.delays == [FAST.delay(0), FAST.delay(1), FAST.delay(2)]
+    assert fast_retries.delays == [0.01, 0.02, 0.04]
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 429])
+def test_persistent_5xx_gives_up_with_one_line(
+    image: Image, tmp_path: Path, fast_retries: SleepLog, status: int
+) -> None:
+    file, _ = blob_of(image.dir, "bad")
+    with RestartableServer(image.dir) as srv:
+        srv.faults[file] = Fault(errors=-1, status=status)
+        res, act = run_layout(srv.url, tmp_path / "root")
+    assert not res.ok
+    (bad,) = [c for c in res.components if c.name == "bad"]
+    assert bad.status == "failed" and bad.error is not None
+    assert "giving up" in bad.error and f"HTTP {status}" in bad.error and "\n" not in bad.error
+    assert len(srv.requests_for(file)) == FAST.attempts  # bounded
+    assert fast_retries.delays == [FAST.delay(i) for i in range(FAST.attempts - 1)]
+    assert act.calls == [(tmp_path / "root", ["good.service"])]  # the healthy one goes on
+
+
+def test_persistent_cut_gives_up_then_a_rerun_converges(image: Image, tmp_path: Path) -> None:
+    file, size = blob_of(image.dir, "bad")
+    cut = size * 2 // 3
+    root = tmp_path / "root"
+    with RestartableServer(image.dir) as srv:
+        srv.faults[file] = Fault(drop_always=cut)
+        res, act = run_layout(srv.url, root)
+        (bad,) = [c for c in res.components if c.name == "bad"]
+        assert bad.status == "failed" and f"at byte {cut}" in (bad.error or "")
+        assert [r.start for r in srv.requests_for(file)] == [0] + [cut] * (FAST.attempts - 1)
+        assert "pkg-bad" not in (root / "var/lib/dpkg/status").read_text()
+        # The network heals: the re-run finishes the component and equals a clean run.
+        del srv.faults[file]
+        res, act = run_layout(srv.url, root)
+    assert res.ok and {c.name: c.status for c in res.components} == {"good": "resumed", "bad": "done"}
+    got, want = tree(root), dict(image.clean)
+    # dpkg's status is merged as components succeed, so the paragraphs' order follows
+    # the runs (the order means nothing to dpkg); everything else is byte-identical.
+    status = "var/lib/dpkg/status"
+    assert paragraphs(got.pop(status)) == paragraphs(want.pop(status))
+    assert got == want
+    assert act.calls == [(root, ["bad.service", "good.service"])]
+
+
+def paragraphs(entry: tuple[object, ...]) -> list[bytes]:
+    body = entry[4]
+    assert isinstance(body, bytes)
+    return sorted(p for p in body.split(b"\n\n") if p.strip())
+
+
+def test_the_reader_raises_one_retryable_error(image: Image) -> None:
+    file, size = blob_of(image.dir, "good")
+    with RestartableServer(image.dir) as srv:
+        srv.faults[file] = Fault(errors=-1, status=503)
+        reader = HttpSource(srv.url, FAST).open(file, size)
+        with pytest.raises(RetryableError) as err:
+            reader.read(1024)
+    assert str(err.value).count("\n") == 0 and "after 4 attempts at byte 0" in str(err.value)
+
+
+def test_cli_reports_a_dead_server_in_one_line(
+    image: Image, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bootenv.layout as lay
+
+    monkeypatch.setattr(lay, "activate", lambda root, units: [])
+    file, _ = blob_of(image.dir, "good")
+    root = tmp_path / "root"
+    root.mkdir()
+    with RestartableServer(image.dir) as srv:
+        srv.faults[file] = Fault(errors=-1, status=503)
+        rc = main(["layout", "--image", srv.url, "--components", "good", "--root", str(root), "--insecure"])
+    captured = capsys.readouterr()
+    assert rc != 0
+    assert "Traceback" not in captured.out + captured.err
+    assert any("giving up" in line for line in (captured.out + captured.err).splitlines())
