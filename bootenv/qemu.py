@@ -54,7 +54,9 @@ def ovmf_code() -> tuple[Path, Path]:
 
 def qemu_argv(spec: VmSpec, qemu: str = "qemu-system-x86_64", ovmf: Path | None = None) -> list[str]:
     """The QEMU command line for a spec (TCG: /dev/kvm is not usable on our machines)."""
-    argv = [qemu, "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", str(spec.memory_mb)]
+    # The default CPU model: with "-cpu max", zstd and OpenSSL pick AVX code paths that
+    # TCG emulates slowly.
+    argv = [qemu, "-machine", "q35", "-accel", "tcg", "-m", str(spec.memory_mb)]
     argv += ["-smp", str(spec.cpus), "-nodefaults", "-display", "none"]
     argv += ["-serial", f"file:{spec.console_log}", "-monitor", "none"]
     if spec.firmware == "uefi":

@@ -235,8 +235,18 @@ DROP_DIRS = (
 DROP_SUFFIXES = (".dpkg-old", ".dpkg-bak", ".dpkg-dist", "-old")
 
 
+# Kept inside dropped directories: mtools (the agent fills the ESP with it) converts
+# names through code page 850, and fails with "Cannot initialize" without these.
+KEEP = frozenset(
+    "usr/lib/x86_64-linux-gnu/gconv/" + name
+    for name in ("gconv-modules", "gconv-modules.cache", "IBM850.so", "IBM437.so")
+)
+
+
 def drop_path(rel: str) -> bool:
     """True if the ramdisk does not need this path (relative to the root, POSIX)."""
+    if rel in KEEP or rel.startswith("usr/lib/x86_64-linux-gnu/gconv/gconv-modules.d"):
+        return False
     for d in DROP_DIRS:
         if rel == d or rel.startswith(d + "/"):
             # Keep the directories themselves (empty) so that tools which write there work.

@@ -21,10 +21,10 @@ def test_netboot_bios(tmp_path: Path) -> None:
     )
     argv = qemu_argv(spec)
     joined = " ".join(argv)
-    assert (
-        "-enable-kvm" not in argv
-        and argv[argv.index("-accel") : argv.index("-accel") + 2] == ["-accel", "tcg"]
-    )
+    assert "-enable-kvm" not in argv and argv[argv.index("-accel") : argv.index("-accel") + 2] == [
+        "-accel",
+        "tcg",
+    ]
     assert "-boot n" in joined
     netdev = argv[argv.index("-netdev") + 1]
     assert netdev.startswith("user,id=n0,")  # user networking only: no tap, no bridge

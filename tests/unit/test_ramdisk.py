@@ -298,3 +298,12 @@ def test_stale_builds_keeps_the_newest() -> None:
     assert stale_builds(builds, keep=2) == ["ramdisk-a", "ramdisk-d"]
     assert stale_builds(builds, keep=4) == []
     assert stale_builds({}, keep=1) == []
+
+
+def test_trim_keeps_the_code_page_mtools_needs() -> None:
+    from bootenv.ramdisk_plan import drop_path
+
+    gconv = "usr/lib/x86_64-linux-gnu/gconv/"
+    for kept in ("IBM850.so", "IBM437.so", "gconv-modules", "gconv-modules.cache", "gconv-modules.d/x.conf"):
+        assert not drop_path(gconv + kept), kept
+    assert drop_path(gconv + "EBCDIC-FI-SE.so")
