@@ -78,8 +78,15 @@ def _sha(data: bytes) -> str:
 
 def base_key(inputs: RamdiskInputs) -> str:
     """Key of the slow part (debootstrap, trim, compress): packages and modules only."""
+    trim = [DROP_DIRS, sorted(KEEP), DROP_SUFFIXES]  # the trim rules shape the base too
     return input_key(
-        {"v": BUILDER_VERSION, "suite": inputs.suite, "pkgs": inputs.packages, "mods": inputs.modules}
+        {
+            "v": BUILDER_VERSION,
+            "suite": inputs.suite,
+            "pkgs": inputs.packages,
+            "mods": inputs.modules,
+            "trim": trim,
+        }
     )
 
 
