@@ -58,16 +58,21 @@ def acl_xattr(text: str) -> bytes:
         if len(fields) < 3 or fields[0] not in _ACL_TAGS:
             continue
         tag_obj, tag_named = _ACL_TAGS[fields[0]]
-        qual = fields[3] if len(fields) > 3 and fields[3].isdigit() else fields[1]
+        # isdigit() alone accepts "²", which int() refuses; ids are 32-bit.
+        qual = fields[3] if len(fields) > 3 and _is_id(fields[3]) else fields[1]
         perm = sum(bit for ch, bit in zip(fields[2][:3], (4, 2, 1), strict=False) if ch != "-")
-        if qual and not qual.isdigit():
-            raise ArchiveError(f"ACL names a user by name ({qual}); capture uses numeric ids")
+        if qual and not _is_id(qual):
+            raise ArchiveError(f"ACL names a user by name or a bad id ({qual[:40]}); capture uses ids")
         tag, ident = (tag_named, int(qual)) if qual else (tag_obj, 0xFFFFFFFF)
         entries.append((tag, ident, perm))
     out = (2).to_bytes(4, "little")
     for tag, ident, perm in sorted(entries):
         out += tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + ident.to_bytes(4, "little")
     return out
+
+
+def _is_id(text: str) -> bool:
+    return text.isascii() and text.isdigit() and int(text) < 0xFFFFFFFF
 
 
 @dataclass
@@ -323,6 +328,10 @@ class TreeWriter:
             self.merge.mark(m.name, self.component, data, placed=False)
 
     def _merge(self, m: Member, pfd: int, base: str, data: bytes) -> None:
+        # A run killed between writing the merged file and renaming it left this behind;
+        # the merge itself is recorded, so it may not be applied again below.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{TMP_PREFIX}{self.component}~merge", dir_fd=pfd)
         def read_existing() -> tuple[bytes, Meta]:
             st = os.lstat(base, dir_fd=pfd)
             return _read(pfd, base, limit=1 << 30) or b"", Meta(

@@ -20,6 +20,8 @@ from bootenv.errors import FatalError
 BLOCK = 512
 MAX_HEADER = 1 << 20  # a pax or long-name header larger than this is hostile
 MAX_REALSIZE = 1 << 42  # 4 TiB: the largest sparse file we agree to create
+_ID_LIMIT = (1 << 32) - 1  # uid, gid, device major/minor: 32 bits, and -1 means "unchanged"
+_NS_LIMIT = 1 << 63  # mtime in ns: a signed 64-bit time
 
 KINDS = {
     b"0": "file",
@@ -36,6 +38,12 @@ KINDS = {
 
 class ArchiveError(FatalError):
     """The archive is malformed or hostile."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        # Messages quote names from the archive, which may hold newlines or escapes:
+        # keep the error one line and the terminal safe.
+        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+        super().__init__(shown, hint=hint)
 
 
 @dataclass(frozen=True)
@@ -267,16 +275,25 @@ class PaxReader:
                 raise ArchiveError(f"sparse member {name} claims {realsize} bytes")
             sparse, used = self._sparse_map(realsize)
             self._left -= used
+        uid = _int(pax["uid"]) if "uid" in pax else _num(block[108:116])
+        gid = _int(pax["gid"]) if "gid" in pax else _num(block[116:124])
+        rdev = (_num(block[329:337]), _num(block[337:345]))
+        # Values the kernel cannot take would surface as OverflowError/ValueError from
+        # os.chown, os.utime, os.makedev or os.symlink: refuse them here, as hostile.
+        if not all(0 <= n < _ID_LIMIT for n in (uid, gid, *rdev)) or not -_NS_LIMIT < mtime_ns < _NS_LIMIT:
+            raise ArchiveError(f"member {name[:60]!r} has an owner, device or mtime out of range")
+        if "\0" in link or any("\0" in k for k, _ in xattrs):
+            raise ArchiveError(f"member {name[:60]!r} has a NUL byte in its link target or an xattr name")
         return Member(
             name=safe_name(name),
             kind=kind,
             mode=_num(block[100:108]) & 0o7777,
-            uid=_int(pax["uid"]) if "uid" in pax else _num(block[108:116]),
-            gid=_int(pax["gid"]) if "gid" in pax else _num(block[116:124]),
+            uid=uid,
+            gid=gid,
             mtime_ns=mtime_ns,
             size=size,
             linkname=safe_name(link) if kind == "hardlink" else link,
-            rdev=(_num(block[329:337]), _num(block[337:345])),
+            rdev=rdev,
             xattrs=xattrs,
             acls=acls,
             sparse=sparse,
@@ -287,13 +304,19 @@ class PaxReader:
         """GNU sparse 1.0: decimal lines at the start of the data, padded to a block."""
         text = b""
         used = 0
-        while text.count(b"\n") < 1 or text.count(b"\n") < 1 + 2 * int(text.split(b"\n", 1)[0] or 0):
-            if used >= MAX_HEADER or self._left - used < BLOCK:
-                raise ArchiveError("sparse map overruns its member")
-            text += self._fill(BLOCK)
-            used += BLOCK
-        fields = [int(x) for x in text.split(b"\n")[: 1 + 2 * int(text.split(b"\n", 1)[0])]]
-        pairs = tuple(zip(fields[1::2], fields[2::2], strict=True))
+        try:
+            while text.count(b"\n") < 1 or text.count(b"\n") < 1 + 2 * int(text.split(b"\n", 1)[0] or 0):
+                if used >= MAX_HEADER or self._left - used < BLOCK:
+                    raise ArchiveError("sparse map overruns its member")
+                text += self._fill(BLOCK)
+                used += BLOCK
+            count = int(text.split(b"\n", 1)[0])
+            if count < 0:
+                raise ValueError(count)
+            fields = [int(x) for x in text.split(b"\n")[: 1 + 2 * count]]
+            pairs = tuple(zip(fields[1::2], fields[2::2], strict=True))
+        except ValueError as exc:  # not decimal numbers, or a negative count
+            raise ArchiveError("malformed sparse map") from exc
         end = 0
         for off, length in pairs:
             if off < end or off + length > realsize or length < 0:
