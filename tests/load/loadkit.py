@@ -135,7 +135,7 @@ def _client(index: int, url: str, workdir: str, start: float, conn: object) -> N
         for comp in manifest.components:
             h = hashlib.sha256()
             path = out / comp.data.file
-            with source.open(comp.data.file, comp.data.size) as reader, open(path, "wb") as sink:  # type: ignore[attr-defined]
+            with source.open(comp.data.file, comp.data.size) as reader, open(path, "wb") as sink:
                 while chunk := reader.read(MiB):
                     sink.write(chunk)
                     h.update(chunk)
