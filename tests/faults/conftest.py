@@ -53,7 +53,7 @@ class Image:
 def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
     base = tmp_path_factory.mktemp("faults")
     img = build_image(base / "img")
-    res, act = run_layout(str(img), base / "clean")
+    res, _ = run_layout(str(img), base / "clean")
     assert res.ok and [c.status for c in res.components] == ["done", "done"]
     return Image(img, tree(base / "clean"))
 

@@ -7,6 +7,7 @@ FaultServer, with a fast RetryPolicy so that retries and backoff take millisecon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import socket
@@ -49,7 +50,9 @@ def component(name: str, seed: int, files: int = 60) -> Comp:
         members.append(f(f"{where}/f{i:03d}", body, mode=(0o640, 0o755, 0o4755, 0o600)[i % 4]))
         if i % 9 == 0:
             members.append(sym(f"opt/{name}/l{i:03d}", f"f{i:03d}"))
-    return Comp(name, members, units=(f"{name}.service",), packages=(f"pkg-{name}",), status=status(f"pkg-{name}"))
+    return Comp(
+        name, members, units=(f"{name}.service",), packages=(f"pkg-{name}",), status=status(f"pkg-{name}")
+    )
 
 
 def build_image(directory: Path, names: tuple[str, ...] = ("good", "bad"), seed: int = 7) -> Path:
@@ -87,15 +90,20 @@ class RestartableServer(FaultServer):
         super().__init__(root)
         handler = self.httpd.RequestHandlerClass
         self.httpd.server_close()
-        self.httpd = _ConnTracking(("127.0.0.1", port), handler)
+        self.tracking = _ConnTracking(("127.0.0.1", port), handler)
+        self.httpd = self.tracking
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
         self.port = int(self.httpd.server_address[1])
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05})
 
+    def __enter__(self) -> RestartableServer:
+        super().__enter__()
+        return self
+
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-        self.httpd.cut_all()
+        self.tracking.cut_all()
         self._thread.join()
 
 
@@ -115,8 +123,5 @@ class _ConnTracking(_Server):
     def cut_all(self) -> None:
         with self._conns_lock:
             for conn in self.conns:
-                try:
+                with contextlib.suppress(OSError):  # already closed by its handler
                     conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass  # already closed by its handler
-

@@ -59,7 +59,9 @@ def assert_bad_not_activated(root: Path, image: Image, res_act: tuple[object, ob
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_wrong_bytes_on_the_wire_are_detected(image: Image, srv: FaultServer, tmp_path: Path, seed: int) -> None:
+def test_wrong_bytes_on_the_wire_are_detected(
+    image: Image, srv: FaultServer, tmp_path: Path, seed: int
+) -> None:
     file, size = blob_of(image.dir, "bad")
     kind, fault = fault_for(seed, size)
     srv.faults[file] = fault
