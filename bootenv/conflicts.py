@@ -102,6 +102,14 @@ def write_record(root: Path, conflict: Conflict) -> None:
     os.replace(tmp, path)
 
 
+def clean_stale(root: Path) -> None:
+    """Remove record temp files a killed run left behind (called before a layout runs)."""
+    d = root / RECORDS
+    if d.is_dir():
+        for stale in d.glob(".*.json.tmp.*"):
+            stale.unlink(missing_ok=True)
+
+
 def load_all(root: Path) -> list[Conflict]:
     d = root / RECORDS
     if not d.is_dir():

@@ -332,6 +332,7 @@ class TreeWriter:
         # the merge itself is recorded, so it may not be applied again below.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"{TMP_PREFIX}{self.component}~merge", dir_fd=pfd)
+
         def read_existing() -> tuple[bytes, Meta]:
             st = os.lstat(base, dir_fd=pfd)
             return _read(pfd, base, limit=1 << 30) or b"", Meta(

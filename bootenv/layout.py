@@ -27,6 +27,7 @@ from typing import Any, BinaryIO, Protocol
 import zstandard
 
 from bootenv.callback import Callback, Event
+from bootenv.conflicts import clean_stale
 from bootenv.dpkgmerge import merge_component_status
 from bootenv.errors import BootenvError, UserError, VerificationError
 from bootenv.extract import TreeWriter
@@ -113,6 +114,7 @@ def layout(
     if added:
         log.info("Added as dependencies: %s", ", ".join(added))
     comps = sorted((manifest.component(n) for n in order), key=lambda c: c.name)
+    clean_stale(root)  # a killed run's half-written conflict records
     poster = Callback(cfg.callback, "layout", emit=emit)
     if root.resolve() == Path("/"):
         poster.post("os_booted")  # the layout service runs in the freshly booted OS

@@ -1,0 +1,362 @@
+"""The verbs' handlers: each turns parsed arguments into a call and prints the result.
+
+Heavy modules are imported inside the handlers, so `bootenv --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bootenv.errors import UserError
+from bootenv.log import human_bytes, setup_logging
+
+if TYPE_CHECKING:
+    from bootenv.signing import Trust
+
+log = logging.getLogger(__name__)
+
+
+def add_trust_options(p: argparse.ArgumentParser) -> None:
+    """--trust / --fingerprint / --insecure, shared by every verb that reads an image."""
+    p.add_argument("--trust", action="append", default=[], type=Path, metavar="KEY.pub")
+    p.add_argument("--fingerprint", action="append", default=[], metavar="sha256:HEX")
+    p.add_argument("--insecure", action="store_true", help="accept unsigned images (loudly)")
+
+
+def trust_from_args(args: argparse.Namespace) -> Trust:
+    from bootenv.signing import Trust, parse_fingerprint, read_public_key
+
+    return Trust(
+        keys=tuple(read_public_key(p) for p in args.trust),
+        fingerprints=tuple(parse_fingerprint(f) for f in args.fingerprint),
+        insecure=args.insecure,
+    )
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def summary_rows(manifest: object) -> list[list[str]]:
+    from bootenv.manifest import Manifest
+
+    assert isinstance(manifest, Manifest)
+    rows = [["sub-image", "packages", "files", "raw", "compressed", "ratio", "depends"]]
+
+    def row(name: str, pkgs: int, files: int, raw: int, size: int, deps: str) -> None:
+        ratio = f"{raw / size:.1f}x" if size else "-"
+        rows.append([name, str(pkgs), str(files), human_bytes(raw), human_bytes(size), ratio, deps])
+
+    m = manifest
+    row("os", len(m.os.packages), m.os.files, m.os.data.raw_size, m.os.data.size, "-")
+    for c in m.components:
+        row(c.name, len(c.packages), c.files, c.data.raw_size, c.data.size, ",".join(c.depends) or "-")
+    if m.single:
+        row(
+            "(single)",
+            len(m.single.packages),
+            m.single.files,
+            m.single.data.raw_size,
+            m.single.data.size,
+            "-",
+        )
+    return rows
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from bootenv.capture import CaptureConfig, capture
+    from bootenv.split import parse_component_arg
+
+    cfg = CaptureConfig(
+        root=args.root,
+        output=args.output,
+        components=tuple(parse_component_arg(a) for a in args.component),
+        auto=args.auto,
+        excludes=tuple(args.exclude),
+        force=args.force,
+        single=args.single,
+        stop_services=tuple(args.stop),
+        level=args.level,
+    )
+    result = capture(cfg)
+    if args.json:
+        print(result.manifest.to_json(), end="")
+    else:
+        print(_table(summary_rows(result.manifest)))
+        print(f"{result.excluded} paths excluded on purpose; image written to {args.output}")
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from bootenv.signing import keygen
+
+    fp = keygen(args.output)
+    print(f"wrote {args.output} and {args.output}.pub; fingerprint {fp}")
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    from bootenv.manifest import MANIFEST, parse_manifest
+    from bootenv.signing import SIGNATURE, sign
+
+    manifest = args.image / MANIFEST
+    try:
+        raw = manifest.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {manifest}: {exc.strerror}") from exc
+    parse_manifest(raw)
+    sig = sign(raw, args.key)
+    tmp = args.image / f".{SIGNATURE}.tmp"
+    tmp.write_bytes(sig)
+    tmp.replace(args.image / SIGNATURE)
+    print(f"signed {manifest}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from bootenv.trusted import open_trusted, verify_blob
+
+    source, manifest = open_trusted(args.image, trust_from_args(args))
+    if not args.manifest_only:
+        for blob in manifest.blobs():
+            verify_blob(source, blob)
+    what = "manifest" if args.manifest_only else f"manifest and {len(manifest.blobs())} blobs"
+    print(f"{args.image}: {what} verified")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from bootenv.source import load_manifest
+
+    manifest = load_manifest(args.image)
+    if args.json:
+        print(manifest.to_json(), end="")
+        return 0
+    s = manifest.source
+    print(f"image of {s.hostname or '?'}: {s.os_release}, {s.architecture}, kernel {s.kernel}")
+    print(f"captured {s.captured_at}")
+    print(f"root filesystem: {manifest.rootfs.type}, at least {human_bytes(manifest.rootfs.min_size)}")
+    print(_table(summary_rows(manifest)))
+    for c in manifest.components:
+        print(f"{c.name}: {' '.join(c.packages)}")
+        if c.units:
+            print(f"{' ' * len(c.name)}  units: {' '.join(c.units)}")
+    return 0
+
+
+def cmd_write_os(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from bootenv.oswrite import write_os_path
+
+    result = write_os_path(
+        args.image, args.device, which="single" if args.single else "os", trust=trust_from_args(args)
+    )
+    if args.json:
+        print(_json({**asdict(result), "throughput": round(result.throughput)}))
+    else:
+        print(result.summary())
+    return 0
+
+
+def cmd_layout(args: argparse.Namespace) -> int:
+    from bootenv.layout import LayoutConfig, layout, parse_components
+
+    cfg = LayoutConfig(
+        image=args.image,
+        components=parse_components(args.components),
+        root=args.root,
+        streams=args.streams,
+        callback=args.callback,
+        trust=trust_from_args(args),
+    )
+    result = layout(cfg)
+    if args.json:
+        print(_json(result.to_dict()))
+        return 0 if result.ok else 1
+    if result.added:
+        print(f"added as dependencies: {', '.join(result.added)}")
+    rows = [["component", "status", "files", "bytes", "identical", "merged", "conflicts", "seconds"]]
+    for c in result.components:
+        rows.append(
+            [
+                c.name,
+                c.status,
+                str(c.files),
+                human_bytes(c.bytes),
+                str(c.identical),
+                str(len(c.merged)),
+                str(len(c.conflicts)),
+                f"{c.seconds:.1f}",
+            ]
+        )
+    print(_table(rows) if result.components else "no components to lay out")
+    for c in result.components:
+        if c.error:
+            print(f"{c.name}: FAILED: {c.error}")
+        for w in c.warnings:
+            print(f"{c.name}: warning: {w}")
+    if any(c.conflicts for c in result.components):
+        print(f"conflicts kept both versions: see `bootenv conflicts list --root {args.root}`")
+    for note in result.notes:
+        print(f"activation: {note}")
+    return 0 if result.ok else 1
+
+
+def cmd_conflicts(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from bootenv import conflicts
+
+    root = args.root.absolute()
+    if args.action == "list":
+        found = conflicts.load_all(root)
+        if args.json:
+            print(_json([asdict(c) for c in found]))
+        elif not found:
+            print("no conflicts")
+        else:
+            rows = [["id", "component", "path", "reason", "resolution"]]
+            for c in found:
+                res = (c.resolution or {}).get("keep", "open")
+                rows.append([c.id, c.component, "/" + c.path, c.reason, str(res)])
+            print(_table(rows))
+        return 0
+    if not args.id:
+        raise UserError(f"conflicts {args.action} needs an ID", hint="see `bootenv conflicts list`")
+    if args.action == "show":
+        c = conflicts.load(root, args.id)
+        if args.json:
+            print(_json({**asdict(c), "diff": conflicts.diff(root, c)}))
+            return 0
+        print(f"conflict {c.id}: /{c.path} from component {c.component} ({c.reason})")
+        print(f"existing: {_json(c.existing)}")
+        print(f"incoming (kept in /{c.stored}): {_json(c.incoming)}")
+        print(conflicts.diff(root, c) or "(no text diff)", end="")
+        if c.resolution:
+            print(f"\nresolved: {c.resolution}")
+        return 0
+    if args.keep is None and args.file is None:
+        raise UserError("resolve needs --keep existing|incoming|merged or --file F")
+    done = conflicts.resolve(root, args.id, args.keep, args.file)
+    print(_json(asdict(done)) if args.json else f"conflict {done.id} resolved: {done.resolution}")
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from bootenv.agent import finish, run_agent
+    from bootenv.cmdline import FLAGS, KEYS, parse_cmdline
+
+    try:
+        text = args.cmdline.read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read {args.cmdline}: {exc.strerror}") from exc
+    overrides: dict[str, str | None] = {
+        k: getattr(args, k) for k in KEYS if k not in FLAGS and getattr(args, k, None)
+    }
+    if args.insecure:
+        overrides["insecure"] = "1"
+    cfg = parse_cmdline(text, overrides)
+    if cfg.debug and not args.debug:
+        setup_logging(debug=True)
+    result = run_agent(cfg, ramdisk_cmdline=text)
+    print(f"provisioned {result.disk} as {result.identity.hostname} (root UUID {result.identity.root_uuid})")
+    finish(cfg, result)
+    return 0
+
+
+def cmd_build_ramdisk(args: argparse.Namespace) -> int:
+    from bootenv.ramdisk import SIZE_LIMIT, build_ramdisk
+
+    rd = build_ramdisk(output=args.output)
+    note = "cached" if rd.cached else "built"
+    print(f"{rd.vmlinuz}  kernel {rd.kernel_version} ({human_bytes(rd.vmlinuz.stat().st_size)})")
+    print(f"{rd.initramfs}  {human_bytes(rd.size)} zstd cpio ({note}, key {rd.key})")
+    if rd.size > SIZE_LIMIT:
+        print(f"warning: the initramfs is over the {human_bytes(SIZE_LIMIT)} target", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bootenv.serve import ServeConfig, check_public_url, make_server, parse_listen
+    from bootenv.state import default_state_dir
+
+    host, port = parse_listen(args.listen)
+    config = ServeConfig(
+        images=args.images,
+        state=args.state or default_state_dir(),
+        host=host,
+        port=port,
+        boot=args.boot,
+        catalog=args.catalog,
+        public_url=check_public_url(args.public_url) if args.public_url else None,
+    )
+    server = make_server(config)
+    print(f"serving {args.images} on http://{host}:{server.port}/", flush=True)
+    print(f"iPXE clients: chain {server.base_url}/ipxe/boot.ipxe; state in {config.state}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    import time
+
+    from bootenv.machines import assign
+    from bootenv.state import Store, default_state_dir
+
+    machine = assign(
+        args.mac,
+        args.image,
+        args.components,
+        now=time.time(),
+        hostname=args.hostname,
+        kernel_args=args.kernel_args,
+    )
+    store = Store(args.state or default_state_dir())
+    previous = store.get(machine.mac)
+    note = {"received": time.time(), "event": "assigned", "image": machine.image}
+    if previous is not None:
+        note["previous_state"] = previous.state.value
+    store.put(machine, note=note)
+    print(f"{machine.mac}: {machine.image} ({machine.components}) installs on its next network boot")
+    return 0
+
+
+def cmd_machines(args: argparse.Namespace) -> int:
+    from bootenv.machines import to_dict
+    from bootenv.state import Store, default_state_dir, timeline_rows
+
+    store = Store(args.state or default_state_dir())
+    machines = store.all()
+    if args.json:
+        print(_json([{**to_dict(m), "log": store.events(m.mac)} for m in machines]))
+        return 0
+    if not machines:
+        print("no machines yet (bootenv assign MAC IMAGE --components ...)")
+        return 0
+    print(_table(timeline_rows(machines)))
+    for m in machines:
+        if m.error or m.invalid:
+            print(f"{m.mac}: {m.error or ''}{f' ({m.invalid} invalid transitions)' if m.invalid else ''}")
+    return 0
+
+
+def _json(data: object) -> str:
+    return json.dumps(data, indent=2)
