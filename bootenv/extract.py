@@ -322,12 +322,9 @@ class TreeWriter:
         )
 
     def _identical_text(self, m: Member, pfd: int, base: str, data: bytes) -> None:
-        if self.merge.initialized(m.name):
-            self._merge(m, pfd, base, data)
-        else:
-            self.merge.mark(m.name, self.component, data, placed=False)
+        self._merge(m, pfd, base, data, identical=True)
 
-    def _merge(self, m: Member, pfd: int, base: str, data: bytes) -> None:
+    def _merge(self, m: Member, pfd: int, base: str, data: bytes, *, identical: bool = False) -> None:
         # A run killed between writing the merged file and renaming it left this behind;
         # the merge itself is recorded, so it may not be applied again below.
         with contextlib.suppress(FileNotFoundError):
@@ -355,6 +352,10 @@ class TreeWriter:
             os.rename(tmp, base, src_dir_fd=pfd, dst_dir_fd=pfd)  # the merge replaces on purpose
 
         mine = Meta(m.mode, m.uid, m.gid, m.mtime_ns)
+        if identical:
+            if self.merge.identical(m.name, self.component, data, mine, read_existing, apply):
+                self.stats.merged.append(m.name)
+            return
         if self.merge.merge_into(m.name, self.component, data, mine, read_existing, apply):
             log.info("%s: merged its version of /%s", self.component, m.name)
         self.stats.merged.append(m.name)

@@ -44,6 +44,7 @@ from bootenv.trusted import open_trusted
 log = logging.getLogger(__name__)
 
 MAX_STREAMS = 4
+FAILED_UNIT = "failed to start: "  # activation note of a unit that is not active
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,12 @@ class LayoutResult:
     notes: tuple[str, ...]  # what activation did or skipped
 
     @property
+    def failed_units(self) -> tuple[str, ...]:
+        return tuple(n[len(FAILED_UNIT) :] for n in self.notes if n.startswith(FAILED_UNIT))
+
+    @property
     def ok(self) -> bool:
-        return all(c.status != "failed" for c in self.components)
+        return all(c.status != "failed" for c in self.components) and not self.failed_units
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, **asdict(self)}
@@ -145,6 +150,7 @@ def layout(
             poster.post("done")
         else:
             failed = [c.name for c in final if c.status == "failed"]
+            failed += [f"unit {u}" for u in result.failed_units]
             poster.post("error", message=f"layout failed: {', '.join(failed)}")
         return result
     finally:
@@ -330,8 +336,19 @@ def activate(root: Path, units: list[str]) -> list[str]:
         return [*notes, "systemctl not found: units not started"]
     if live:
         run([systemctl, "daemon-reload"], check=False)
-        proc = run([systemctl, "enable", "--now", *units], check=False)
-        notes.append(f"started {' '.join(units)}" if proc.returncode == 0 else "starting units failed")
+        run([systemctl, "enable", "--now", *units], check=False)
+        for unit in units:
+            if run([systemctl, "is-active", "--quiet", unit], check=False).returncode == 0:
+                notes.append(f"started {unit}")
+                continue
+            notes.append(f"{FAILED_UNIT}{unit}")
+            # The unit's own words, where the admin watching the console will see them.
+            try:
+                journal = run(["journalctl", "-u", unit, "-n", "25", "--no-pager", "-o", "cat"], check=False)
+            except BootenvError:
+                continue
+            for line in journal.stdout.decode(errors="replace").splitlines():
+                log.warning("%s: %s", unit, line)
         return notes
     wants = list((root / "etc/systemd/system").glob("*.wants"))
     missing = [u for u in units if not any(os.path.lexists(d / u) for d in wants)]

@@ -89,12 +89,17 @@ class MergeState:
     def mark(self, relpath: str, component: str, data: bytes, *, placed: bool) -> None:
         """Leave a marker that `component` provides `data` at `relpath` (first kind wins)."""
         name = f"{path_key(relpath)}.{component}.{content_key(data)}"
-        with contextlib.suppress(FileExistsError):
-            fd = os.open(self.owners / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            try:
-                os.write(fd, b"placed" if placed else b"")
-            finally:
-                os.close(fd)
+        # Written whole, then linked into place: a reader never sees a marker without
+        # its kind (an empty file read mid-write would pass a component's file for the
+        # OS's). link() fails if the marker exists, so the first kind still wins.
+        tmp = self.owners / f".{name}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(b"placed" if placed else b"")
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, self.owners / name)
+        finally:
+            tmp.unlink()
 
     def _markers(self, relpath: str, data: bytes) -> dict[str, bool]:
         """Components that marked exactly this content at `relpath`: name -> placed."""
@@ -102,7 +107,7 @@ class MergeState:
         suffix = "." + content_key(data)
         out: dict[str, bool] = {}
         for entry in os.scandir(self.owners):
-            if entry.name.startswith(prefix) and entry.name.endswith(suffix):
+            if entry.name.startswith(prefix) and entry.name.endswith(suffix):  # not ".tmp"
                 comp = entry.name[len(prefix) : -len(suffix)]
                 with open(entry.path, "rb") as f:
                     out[comp] = f.read() == b"placed"
@@ -137,22 +142,52 @@ class MergeState:
         run under the per-path lock, so concurrent streams merge one at a time.
         """
         with self.locked(relpath) as d:
-            current, cur_meta = read_existing()
-            if not (d / "init").exists():
-                owners = self._markers(relpath, current)
-                if any(owners.values()):
-                    for comp in owners:
-                        self._save(d, f"part.{comp}", current, cur_meta)
-                else:
-                    self._save(d, "base", current, cur_meta)
-                _atomic_write(d / "path", relpath.encode(errors="surrogateescape"))
-                _atomic_write(d / "init", b"")
-            self._save(d, f"part.{component}", data, meta)
-            content, merged_meta = self._rebuild(d)
-            if content == current:
-                return False
-            apply(content, merged_meta)
-            return True
+            return self._merge_locked(d, relpath, component, data, meta, read_existing, apply)
+
+    def identical(
+        self,
+        relpath: str,
+        component: str,
+        data: bytes,
+        meta: Meta,
+        read_existing: Callable[[], tuple[bytes, Meta]],
+        apply: Callable[[bytes, Meta], None],
+    ) -> bool:
+        """`component` brings exactly what is in place: merge it if a merge has begun,
+        else only mark it. Under the lock, so a merge starting at the same moment either
+        sees the mark or is seen here (otherwise that version could be left out)."""
+        with self.locked(relpath) as d:
+            if (d / "init").exists():
+                return self._merge_locked(d, relpath, component, data, meta, read_existing, apply)
+            self.mark(relpath, component, data, placed=False)
+            return False
+
+    def _merge_locked(
+        self,
+        d: Path,
+        relpath: str,
+        component: str,
+        data: bytes,
+        meta: Meta,
+        read_existing: Callable[[], tuple[bytes, Meta]],
+        apply: Callable[[bytes, Meta], None],
+    ) -> bool:
+        current, cur_meta = read_existing()
+        if not (d / "init").exists():
+            owners = self._markers(relpath, current)
+            if any(owners.values()):
+                for comp in owners:
+                    self._save(d, f"part.{comp}", current, cur_meta)
+            else:
+                self._save(d, "base", current, cur_meta)
+            _atomic_write(d / "path", relpath.encode(errors="surrogateescape"))
+            _atomic_write(d / "init", b"")
+        self._save(d, f"part.{component}", data, meta)
+        content, merged_meta = self._rebuild(d)
+        if content == current:
+            return False
+        apply(content, merged_meta)
+        return True
 
     def _save(self, d: Path, name: str, data: bytes, meta: Meta) -> None:
         _atomic_write(d / name, data)

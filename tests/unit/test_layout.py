@@ -286,3 +286,21 @@ def test_cli_layout_summary(
     rc = main(["layout", "--image", str(image), "--components", "top", "--root", str(tmp_path), "--insecure"])
     out = capsys.readouterr().out
     assert rc == 0 and "added as dependencies: base, mid" in out and "top" in out
+
+
+def test_a_unit_that_fails_to_start_fails_the_layout(tmp_path: Path) -> None:
+    from bootenv.layout import FAILED_UNIT
+
+    image = three(tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    got: list[dict[str, object]] = []
+
+    def activator(root: Path, units: list[str]) -> list[str]:
+        return ["ldconfig done", f"{FAILED_UNIT}mariadb.service"]
+
+    res = layout(LayoutConfig(str(image), "all", root), activator=activator, emit=got.append)
+    assert res.failed_units == ("mariadb.service",) and not res.ok
+    assert all(c.status == "done" for c in res.components)  # the files are in place
+    last = parse_event(got[-1])
+    assert last.kind.value == "error" and "unit mariadb.service" in (last.message or "")
