@@ -9,6 +9,7 @@ goes to the log and, best effort, to a callback URL as JSON events.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -336,7 +337,20 @@ def activate(root: Path, units: list[str]) -> list[str]:
         return [*notes, "systemctl not found: units not started"]
     if live:
         run([systemctl, "daemon-reload"], check=False)
-        run([systemctl, "enable", "--now", *units], check=False)
+        # What a package's postinst would have done: the runtime directories
+        # (tmpfiles.d, e.g. /run/mysqld) and system users (sysusers.d) of the new files.
+        # Boot ran systemd-tmpfiles before the component's configuration existed.
+        for tool in ("systemd-sysusers", "systemd-tmpfiles"):
+            args = ["--create"] if tool == "systemd-tmpfiles" else []
+            with contextlib.suppress(BootenvError):
+                run([which(tool), *args], check=False)
+        run([systemctl, "enable", *units], check=False)
+        # Sockets first, as at boot (sockets.target comes before multi-user.target): a
+        # socket refuses to start once its service is already running.
+        sockets = [u for u in units if u.endswith(".socket")]
+        for batch in (sockets, [u for u in units if u not in sockets]):
+            if batch:
+                run([systemctl, "start", *batch], check=False)
         for unit in units:
             if run([systemctl, "is-active", "--quiet", unit], check=False).returncode == 0:
                 notes.append(f"started {unit}")
