@@ -20,7 +20,7 @@ from bootenv.blockmap import pack_image
 from bootenv.dpkg import STATUS, Database, read_database, render_status
 from bootenv.errors import FatalError, UserError
 from bootenv.exclude import Exclusions
-from bootenv.fsimage import BLOCK_SIZE, image_size_for, make_ext4, tree_usage
+from bootenv.fsimage import BLOCK_SIZE, check_ext4, image_size_for, make_ext4, tree_usage
 from bootenv.log import Progress, step
 from bootenv.manifest import MANIFEST, Component, Manifest, OsImage, RootFs, Source
 from bootenv.run import run, which
@@ -250,9 +250,16 @@ def _pack_os(
     with step(f"Building the {what} ext4 filesystem ({size >> 20} MiB)"):
         make_ext4(staging, image, size)
     shutil.rmtree(staging)
-    with step(f"Compressing the {what}"), BlobWriter(out, "img.zst") as blob:
-        bmap = pack_image(image, blob, block_size=BLOCK_SIZE, level=cfg.level)
-        data = blob.finish(bmap.mapped)
+    fsck = check_ext4(image)  # verifies the new filesystem while it is compressed
+    try:
+        with step(f"Compressing the {what}"), BlobWriter(out, "img.zst") as blob:
+            bmap = pack_image(image, blob, block_size=BLOCK_SIZE, level=cfg.level)
+            data = blob.finish(bmap.mapped)
+    except BaseException:
+        fsck.kill()
+        raise
+    with step(f"Checking the {what} filesystem"):
+        fsck.wait_ok()
     image.unlink()
     bmap_blob = write_blob(out, "bmap.json", bmap.to_json().encode())
     pkgs = tuple(sorted(db.packages)) if single else split.packages(OS)

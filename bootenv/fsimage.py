@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from pathlib import Path
 
-from bootenv.run import run, which
+from bootenv.run import Stream, popen, run, which
 
 log = logging.getLogger(__name__)
 
@@ -68,4 +69,9 @@ def make_ext4(tree: Path, image: Path, size: int, *, label: str = "bootenv-root"
             f"{size // 1024}k",
         ]
     )
-    run([which("e2fsck"), "-f", "-n", image])
+
+
+def check_ext4(image: Path) -> Stream:
+    """Start a read-only `e2fsck -fn` of `image`; the caller runs it alongside other work
+    (capture compresses the image meanwhile) and calls `wait_ok()`."""
+    return popen([which("e2fsck"), "-f", "-n", image], stdout=subprocess.DEVNULL)
