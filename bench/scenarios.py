@@ -211,31 +211,35 @@ def layout_speed(env: Env) -> Result:
     comp = m.component("mysql")
     blob = env.images / env.gold_image / comp.data.file
     root = env.work / "layout-root"
-    ours, theirs = [], []
+    ours, theirs, synced = [], [], []
+    tar = (
+        f"zstd -dcq {blob} | tar -x -C {root} --numeric-owner --same-owner --same-permissions "
+        "--xattrs --xattrs-include='*'"
+    )
+    argv = _layout_argv(str(env.images / env.gold_image), "mysql", root, 1)
     for _ in range(env.runs):
-        ours += repeat(
-            1, lambda: _fresh_dir(root), _layout_argv(str(env.images / env.gold_image), "mysql", root, 1)
-        )
-        tar = (
-            f"zstd -dcq {blob} | tar -x -C {root} --numeric-owner --same-owner --same-permissions "
-            "--xattrs --xattrs-include='*'"
-        )
+        ours += repeat(1, lambda: _fresh_dir(root), argv)
         theirs += repeat(1, lambda: _fresh_dir(root), [tar], shell=True)
+        synced += repeat(1, lambda: _fresh_dir(root), [f"{tar} && sync -f {root}"], shell=True)
     shutil.rmtree(root, ignore_errors=True)
-    a, b = seconds(ours), seconds(theirs)
+    a, b, c = seconds(ours), seconds(theirs), seconds(synced)
     r = Result(
         "layout",
         f"one component (mysql, {comp.files} files, {comp.data.raw_size >> 20} MiB) vs tar -x",
         {
             "bootenv layout (s)": a,
             "zstd -dc | tar -x (s)": b,
+            "zstd -dc | tar -x && sync -f (s)": c,
             "bootenv files/s": Stats.of([comp.files / s.seconds for s in ours]),
             "tar files/s": Stats.of([comp.files / s.seconds for s in theirs]),
         },
     )
     r.ratio, r.ratio_label, r.target = b.median / a.median, "x GNU tar files/s", ">= 0.7"
     r.passed = r.ratio >= 0.7
-    r.notes.append("bootenv's time includes verifying the sha256, the dpkg merge and ldconfig")
+    r.notes.append(
+        "bootenv's time includes verifying the sha256, the dpkg merge, ldconfig and a syncfs that makes "
+        f"the files durable before its journal says so; against tar -x && sync: {c.median / a.median:.2f}x"
+    )
     return r
 
 
