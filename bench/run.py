@@ -23,6 +23,7 @@ ALL = {
     "split-vs-single": scenarios.split_vs_single,
     "memory": scenarios.memory,
     "capture": scenarios.capture_speed,
+    "load": scenarios.load_test,
 }
 RESULTS = Path(__file__).parent / "results"
 

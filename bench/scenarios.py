@@ -334,3 +334,30 @@ def split_vs_single(env: Env) -> Result:
         r.notes.append(f"{label}: OS bootable at {boot:.2f}x, total {total:.2f}x the single image")
     r.notes.append(f"OS is {100 * os_bytes / total_bytes:.0f}% of the compressed bytes")
     return r
+
+
+def load_test(env: Env) -> Result:
+    """Load: 32 clients stream an image from `bootenv serve`; 200 agents post events."""
+    from bootenv.serve import ServeConfig, running
+    from tests.load.loadkit import build_image, post_events, stream_clients
+
+    images = env.work / "load-images"
+    built = build_image(images, os_size=64 << 20)
+    with running(ServeConfig(images=images, state=env.work / "load-state", port=0)) as server:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        streamed = stream_clients(f"{url}/images/lamp", built, env.work / "load-clients", clients=32)
+        posted = post_events(url, agents=200, events=10)
+    shutil.rmtree(images, ignore_errors=True)
+    shutil.rmtree(env.work / "load-clients", ignore_errors=True)
+    mib_s = streamed.bytes / (1 << 20) / streamed.seconds
+    r = Result(
+        "load",
+        "32 streaming clients and 200 posting agents against bootenv serve",
+        {
+            "32 clients, aggregate MiB/s": Stats.of([mib_s]),
+            "200 agents, events/s": Stats.of([posted.agents * posted.events / posted.seconds]),
+        },
+    )
+    r.passed = not (streamed.errors or streamed.mismatches or posted.failures)
+    r.notes += [streamed.summary(), posted.summary()]
+    return r
