@@ -71,7 +71,12 @@ def qemu_argv(spec: VmSpec, qemu: str = "qemu-system-x86_64", ovmf: Path | None 
         netdev += f",bootfile={spec.bootfile}"
     for host, guest in spec.hostfwd:
         netdev += f",hostfwd=tcp:127.0.0.1:{host}-:{guest}"
-    argv += ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=n0,mac={spec.mac}"]
+    # Boot order by bootindex, which SeaBIOS and OVMF both honour (OVMF ignores -boot, and
+    # leaves out of its boot list any device without a bootindex once one has it).
+    nic = f"virtio-net-pci,netdev=n0,mac={spec.mac}"
+    if spec.netboot:
+        nic += ",bootindex=0"
+    argv += ["-netdev", netdev, "-device", nic]
     if spec.disk is not None:
         argv += ["-drive", f"file={spec.disk},if=none,id=d0,format=raw,cache=unsafe"]
         argv += ["-device", "virtio-blk-pci,drive=d0,bootindex=1"]

@@ -30,7 +30,9 @@ def test_netboot_bios(tmp_path: Path) -> None:
     assert netdev.startswith("user,id=n0,")  # user networking only: no tap, no bridge
     assert f"tftp={tmp_path / 'tftp'}" in netdev and "bootfile=boot.ipxe" in netdev
     assert "hostfwd=tcp:127.0.0.1:8080-:80" in netdev and "hostfwd=tcp:127.0.0.1:3307-:3306" in netdev
-    assert "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56" in argv
+    # The NIC boots first (OVMF follows bootindex, not -boot), then the disk.
+    assert "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,bootindex=0" in argv
+    assert "virtio-blk-pci,drive=d0,bootindex=1" in argv
     assert f"file={tmp_path / 'disk.img'},if=none,id=d0,format=raw,cache=unsafe" in argv
     assert "pflash" not in joined
 
