@@ -255,7 +255,7 @@ class PaxReader:
         sparse = None
         realsize = 0
         if pax.get("GNU.sparse.major") == b"1":
-            name = _text(pax.get("GNU.sparse.name", name.encode()))
+            name = _text(pax.get("GNU.sparse.name", name.encode("utf-8", "surrogateescape")))
             realsize = _int(pax.get("GNU.sparse.realsize", b"0"))
         elif "GNU.sparse.map" in pax or "GNU.sparse.offset" in pax:
             raise ArchiveError(f"old GNU sparse format (0.x) is not supported: {name}")

@@ -265,6 +265,8 @@ REGRESSIONS: dict[str, bytes] = {
     # ValueError from int("²"): str.isdigit() accepts superscripts
     "acl-superscript-id": _with_pax(**{"SCHILY.acl.access": "user:::²".encode()}),
     # OverflowError from int.to_bytes(4): an ACL id over 32 bits
+    # UnicodeEncodeError: a non-UTF-8 pax path re-encoded for a GNU sparse 1.0 member
+    "sparse-name-not-utf8": _with_pax(**{"path": b"\x80", "GNU.sparse.major": b"1"}),
     "acl-huge-id": _with_pax(**{"SCHILY.acl.access": b"user::rw-,user:99999999999:r--,mask::r--,other::---"}),
     # ValueError from the sparse map's int(): not numbers, or a negative count
     "sparse-map-letters": _sparse(b"1\nab\n5\n"),
@@ -279,10 +281,17 @@ REGRESSIONS: dict[str, bytes] = {
 }
 
 
+# Inputs that once crashed the reader but are legitimate archives: laying them out is fine.
+MAY_SUCCEED = {"sparse-name-not-utf8"}
+
+
 @pytest.mark.parametrize("case", sorted(REGRESSIONS))
 def test_regressions(tmp_path: Path, case: str) -> None:
     data = REGRESSIONS[case]
     read_only(data)
     for privileged in (False, os.geteuid() == 0):
         error = lay_out(data, _base(tmp_path), privileged=privileged)
+        if case in MAY_SUCCEED:
+            assert error is None or "\n" not in error, f"{case}: a clean result or one line"
+            continue
         assert error is not None and "\n" not in error, f"{case}: refused in one line"
