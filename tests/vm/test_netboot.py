@@ -112,7 +112,9 @@ def _root_partition_files(disk: Path, paths: tuple[str, ...]) -> dict[str, bytes
     mnt = disk.with_suffix(".mnt")
     mnt.mkdir(exist_ok=True)
     try:
-        run(["mount", "-o", "ro", dev, mnt])
+        # noload: the VM was killed with the filesystem mounted; replaying its journal
+        # would need a writable device.
+        run(["mount", "-o", "ro,noload", dev, mnt])
         try:
             return {p: (mnt / p.lstrip("/")).read_bytes() for p in paths}
         finally:
