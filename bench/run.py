@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from bench import scenarios
-from bench.harness import chart, save, table
+from bench.harness import Result, chart, save, table
 from bootenv.cache import cache_root
 from bootenv.gold import gold_tree
 from bootenv.log import setup_logging
@@ -51,7 +51,13 @@ def main() -> int:
                 continue
             start = time.monotonic()
             print(f"== {key}: {fn.__doc__.splitlines()[0] if fn.__doc__ else ''}", flush=True)
-            results.append(fn(env))
+            try:
+                results.append(fn(env))
+            except Exception as exc:  # one broken benchmark must not lose the others' numbers
+                failed = Result(key, "did not complete")
+                failed.passed = False
+                failed.notes.append(f"failed: {str(exc)[:300]}")
+                results.append(failed)
             print(f"   ({time.monotonic() - start:.0f} s)", flush=True)
     print(table(results))
     meta = {
