@@ -17,6 +17,7 @@ from bootenv.manifest import Manifest, OsImage, RootFs, Source, parse_manifest
 from bootenv.store import BlobWriter, write_blob
 
 BOOTENV = str(Path(sys.executable).with_name("bootenv"))
+CAPPED = "10 MB/s per connection"
 COMPONENTS = ("apache=apache2", "mysql=mariadb-server", "php=php,libapache2-mod-php,php-mysql")
 
 
@@ -244,7 +245,7 @@ def layout_speed(env: Env) -> Result:
 
 
 def parallel_scaling(env: Env) -> Result:
-    """3. N components laid out with 1..N streams, uncapped and with 50 MB/s per connection."""
+    """3. N components laid out with 1..N streams, uncapped and with a per-connection cap."""
     from bench.throttle import cpu_count, serve
 
     m = load(env, env.gold_image)
@@ -252,7 +253,9 @@ def parallel_scaling(env: Env) -> Result:
     root = env.work / "scaling-root"
     measurements: dict[str, Stats] = {}
     ratios = {}
-    for label, cap in (("loopback", None), ("50 MB/s per connection", 50e6)):
+    # 10 MB/s per connection: a WAN-like link where the network, not the CPU, binds (at
+    # 50 MB/s the largest component is still CPU-bound on 2 cores).
+    for label, cap in (("loopback", None), (CAPPED, 10e6)):
         with serve(env.images, per_connection=cap) as url:
             image = f"{url}/{env.gold_image}"
             times = {}
@@ -270,8 +273,13 @@ def parallel_scaling(env: Env) -> Result:
     r.ratio_label = f"x speedup, {n} streams vs 1 (loopback)"
     want = 0.7 * min(n, cores)
     r.target = f">= {want:.1f} (loopback), >= {0.8 * n:.1f} (capped)"
-    r.passed = ratios["loopback"] >= want and ratios["50 MB/s per connection"] >= 0.8 * n
-    r.notes.append(f"capped speedup {ratios['50 MB/s per connection']:.2f}x (target >= {0.8 * n:.1f})")
+    r.passed = ratios["loopback"] >= want and ratios[CAPPED] >= 0.8 * n
+    r.notes.append(f"capped speedup {ratios[CAPPED]:.2f}x (target >= {0.8 * n:.1f})")
+    sizes = sorted(c.data.size for c in m.components)
+    r.notes.append(
+        f"the largest component is {100 * sizes[-1] / sum(sizes):.0f}% of the bytes, which bounds any "
+        f"speedup at {sum(sizes) / sizes[-1]:.2f}x when the network binds"
+    )
     return r
 
 
@@ -347,6 +355,7 @@ def load_test(env: Env) -> Result:
     built = build_image(images, os_size=64 << 20)
     with running(ServeConfig(images=images, state=env.work / "load-state", port=0)) as server:
         url = f"http://127.0.0.1:{server.server_address[1]}"
+        (env.work / "load-clients").mkdir(exist_ok=True)
         streamed = stream_clients(f"{url}/images/lamp", built, env.work / "load-clients", clients=32)
         posted = post_events(url, agents=200, events=10)
     shutil.rmtree(images, ignore_errors=True)
