@@ -352,13 +352,13 @@ class TreeWriter:
             os.rename(tmp, base, src_dir_fd=pfd, dst_dir_fd=pfd)  # the merge replaces on purpose
 
         mine = Meta(m.mode, m.uid, m.gid, m.mtime_ns)
-        if identical:
-            if self.merge.identical(m.name, self.component, data, mine, read_existing, apply):
-                self.stats.merged.append(m.name)
-            return
-        if self.merge.merge_into(m.name, self.component, data, mine, read_existing, apply):
+        changed = self.merge.merge_into(
+            m.name, self.component, data, mine, read_existing, apply, identical=identical
+        )
+        if changed:
             log.info("%s: merged its version of /%s", self.component, m.name)
-        self.stats.merged.append(m.name)
+        if changed or not identical:
+            self.stats.merged.append(m.name)
 
     def _conflict(self, m: Member, pfd: int, base: str, tmp: str | None, reason: str) -> None:
         cid = conflict_id(self.component, m.name)

@@ -135,59 +135,37 @@ class MergeState:
         meta: Meta,
         read_existing: Callable[[], tuple[bytes, Meta]],
         apply: Callable[[bytes, Meta], None],
+        *,
+        identical: bool = False,
     ) -> bool:
         """Record `component`'s version and rebuild the file; True if it changed.
 
         `read_existing` returns the file in place; `apply` atomically replaces it. Both
-        run under the per-path lock, so concurrent streams merge one at a time.
+        run under the per-path lock, so concurrent streams merge one at a time. When the
+        component brings exactly what is in place (`identical`), its version is only
+        marked unless a merge has begun; deciding that under the lock means a merge
+        starting at the same moment either sees the mark or is seen here.
         """
         with self.locked(relpath) as d:
-            return self._merge_locked(d, relpath, component, data, meta, read_existing, apply)
-
-    def identical(
-        self,
-        relpath: str,
-        component: str,
-        data: bytes,
-        meta: Meta,
-        read_existing: Callable[[], tuple[bytes, Meta]],
-        apply: Callable[[bytes, Meta], None],
-    ) -> bool:
-        """`component` brings exactly what is in place: merge it if a merge has begun,
-        else only mark it. Under the lock, so a merge starting at the same moment either
-        sees the mark or is seen here (otherwise that version could be left out)."""
-        with self.locked(relpath) as d:
-            if (d / "init").exists():
-                return self._merge_locked(d, relpath, component, data, meta, read_existing, apply)
-            self.mark(relpath, component, data, placed=False)
-            return False
-
-    def _merge_locked(
-        self,
-        d: Path,
-        relpath: str,
-        component: str,
-        data: bytes,
-        meta: Meta,
-        read_existing: Callable[[], tuple[bytes, Meta]],
-        apply: Callable[[bytes, Meta], None],
-    ) -> bool:
-        current, cur_meta = read_existing()
-        if not (d / "init").exists():
-            owners = self._markers(relpath, current)
-            if any(owners.values()):
-                for comp in owners:
-                    self._save(d, f"part.{comp}", current, cur_meta)
-            else:
-                self._save(d, "base", current, cur_meta)
-            _atomic_write(d / "path", relpath.encode(errors="surrogateescape"))
-            _atomic_write(d / "init", b"")
-        self._save(d, f"part.{component}", data, meta)
-        content, merged_meta = self._rebuild(d)
-        if content == current:
-            return False
-        apply(content, merged_meta)
-        return True
+            if identical and not (d / "init").exists():
+                self.mark(relpath, component, data, placed=False)
+                return False
+            current, cur_meta = read_existing()
+            if not (d / "init").exists():
+                owners = self._markers(relpath, current)
+                if any(owners.values()):
+                    for comp in owners:
+                        self._save(d, f"part.{comp}", current, cur_meta)
+                else:
+                    self._save(d, "base", current, cur_meta)
+                _atomic_write(d / "path", relpath.encode(errors="surrogateescape"))
+                _atomic_write(d / "init", b"")
+            self._save(d, f"part.{component}", data, meta)
+            content, merged_meta = self._rebuild(d)
+            if content == current:
+                return False
+            apply(content, merged_meta)
+            return True
 
     def _save(self, d: Path, name: str, data: bytes, meta: Meta) -> None:
         _atomic_write(d / name, data)
