@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -27,26 +23,6 @@ MANIFEST = Manifest(
     OsImage(BLOB, BLOB, (), 0),
     (),
 )
-
-
-@pytest.fixture
-def events() -> Iterator[tuple[str, list[dict[str, object]]]]:
-    got: list[dict[str, object]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/cb", got
-    server.shutdown()
-    server.server_close()
 
 
 def all_valid(events: list[dict[str, object]]) -> bool:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -242,36 +240,17 @@ def test_corrupt_blob_is_not_activated(tmp_path: Path) -> None:
     assert act.calls == [] and not (root / "var/lib/dpkg/status").exists()
 
 
-def test_callback_receives_events(tmp_path: Path) -> None:
-    got: list[dict[str, object]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        image = three(tmp_path)
-        cfg = LayoutConfig(
-            str(image), "all", tmp_path, streams=2, callback=f"http://127.0.0.1:{server.server_port}/"
-        )
-        layout(cfg, activator=Recorder())
-    finally:
-        server.shutdown()
+def test_callback_receives_events(tmp_path: Path, events: tuple[str, list[dict[str, object]]]) -> None:
+    url, got = events
+    image = three(tmp_path)
+    layout(LayoutConfig(str(image), "all", tmp_path, streams=2, callback=url), activator=Recorder())
     # Every event is one `bootenv serve` accepts (the callback contract).
-    events = [parse_event(e) for e in got]
-    assert all(e.source == "layout" for e in events)
-    starts = [e.component for e in events if e.step == "component" and e.status == StepStatus.START]
-    ends = [e.component for e in events if e.step == "component" and e.status == StepStatus.DONE]
+    parsed = [parse_event(e) for e in got]
+    assert all(e.source == "layout" for e in parsed)
+    starts = [e.component for e in parsed if e.step == "component" and e.status == StepStatus.START]
+    ends = [e.component for e in parsed if e.step == "component" and e.status == StepStatus.DONE]
     assert sorted(starts) == sorted(ends) == ["base", "mid", "top"]
-    assert [e.kind.value for e in events][-2:] == ["components_laid_out", "done"]
+    assert [e.kind.value for e in parsed][-2:] == ["components_laid_out", "done"]
     times = [float(str(e["time"])) for e in got]
     assert times == sorted(times)
 
