@@ -52,7 +52,7 @@ def main() -> int:
             start = time.monotonic()
             print(f"== {key}: {fn.__doc__.splitlines()[0] if fn.__doc__ else ''}", flush=True)
             try:
-                results.append(fn(env))
+                results += scenarios.rows(fn(env))
             except Exception as exc:  # one broken benchmark must not lose the others' numbers
                 failed = Result(key, "did not complete")
                 failed.passed = False

@@ -1,15 +1,27 @@
-"""A smoke test of the benchmark harness on tiny inputs (no timings are asserted)."""
+"""Smoke tests of the benchmark harness and the synthetic gold tree on tiny inputs (no timings)."""
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import requests
+import zstandard
 
 from bench.harness import Result, Stats, measure, save, table
+from bench.scenarios import fetch_units, rows, stream_bound
+from bench.synthetic import Plan, SyntheticSpec, make_pool, plan, status_text, synthetic_tree
 from bench.throttle import serve
+from bootenv.assign import plan_split
+from bootenv.dpkg import INFO, Database, parse_script_paths, parse_status, read_database
+from bootenv.exclude import Exclusions
+from bootenv.split import Split, parse_component_arg
+from bootenv.walk import Entry, Kind, scan
 
 
 def test_measure_table_and_save(tmp_path: Path) -> None:
@@ -34,3 +46,79 @@ def test_throttled_server_serves_ranges(tmp_path: Path) -> None:
         part = requests.get(f"{url}/blob", headers={"Range": "bytes=1000-"}, timeout=10)
         assert part.status_code == 206 and part.content == data[1000:]
         assert requests.get(f"{url}/../etc/passwd", timeout=10).status_code == 404
+
+
+def _split_of(p: Plan, entries: list[Entry]) -> Split:
+    """The split capture would plan for `p`, from the plan alone (no tree on disk)."""
+    packages, others = parse_status(status_text(p.packages))
+    files = {pkg.name: pkg.owns for pkg in p.packages}
+    scripts = {pkg.name: frozenset(parse_script_paths(pkg.postinst.encode())) for pkg in p.packages}
+    db = Database(packages, files, others, scripts)
+    specs = tuple(parse_component_arg(c) for c in p.components)
+    return plan_split(db, specs, entries, Exclusions())
+
+
+def test_synthetic_plan_has_the_promised_shape() -> None:
+    p = plan(SyntheticSpec())
+    assert plan(SyntheticSpec()) == p  # deterministic
+    assert 35_000 <= p.files <= 45_000 and 2.7e9 <= p.bytes <= 3.3e9
+    kinds = {"dir": Kind.DIR, "file": Kind.FILE, "hardlink": Kind.FILE, "symlink": Kind.SYMLINK}
+    sizes = {n.path: n.size for n in p.nodes}
+    entries = [Entry("/", Kind.DIR)] + [
+        Entry(n.path, kinds[n.kind], n.size, n.target if n.kind == "symlink" else None) for n in p.nodes
+    ]
+    split = _split_of(p, entries)
+    gb = {image: sum(sizes[f] for f in files) / 1e9 for image, files in split.files.items()}
+    assert 0.7 <= gb["os"] <= 1.0 and 1.1 <= gb["db"] <= 1.4
+    assert 0.4 <= gb["web"] <= 0.6 and 0.3 <= gb["app"] <= 0.5
+    assert len(split.files["web"]) >= 10_000 and len(split.files["os"]) >= 14_000
+    assert split.package_owner == {pkg.name: pkg.image for pkg in p.packages}
+    # The data dirs go with their components (rule 4), the doubly owned config to the OS.
+    assert split.image_of("/var/lib/synthdb/ibdata0") == "db"
+    assert split.image_of("/etc/systemd/system/multi-user.target.wants/synthweb.service") == "web"
+    assert split.image_of("/etc/synth/common.conf") == "os"
+    assert "/etc/synth" in split.dirs["web"] and "/etc/synth" in split.dirs["app"]
+
+
+def test_synthetic_tree_is_built_once_and_dpkg_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BOOTENV_CACHE", str(tmp_path))
+    spec = SyntheticSpec(scale=0.001)
+    tree = synthetic_tree(spec)
+    assert tree.parent == tmp_path / "bench" and tree.with_name(tree.name + ".complete").exists()
+    stamp = (tree / "var/lib/dpkg/status").stat().st_mtime_ns
+    assert synthetic_tree(spec) == tree
+    assert (tree / "var/lib/dpkg/status").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    p = plan(spec)
+    db = read_database(tree)
+    assert sorted(db.packages) == sorted(pkg.name for pkg in p.packages)
+    assert db.packages["libc6"].info_prefix == "libc6:amd64"
+    assert "/var/lib/synthdb" in db.script_paths["synthdb-server"]
+    entries = scan(tree)
+    assert _split_of(p, entries).package_owner == {pkg.name: pkg.image for pkg in p.packages}
+    assert {e.path for e in entries} == {"/"} | {n.path for n in p.nodes} | {
+        f"/var/lib/dpkg/{name}" for name in ("status", *(f"info/{i}" for i in os.listdir(tree / INFO)))
+    }
+    for n in p.nodes:
+        st = os.lstat(f"{tree}{n.path}")
+        if n.kind == "file":
+            assert st.st_size == (len(n.text.encode()) if n.text is not None else n.size), n.path
+            assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (n.mode, n.uid, n.gid), n.path
+        if n.kind == "hardlink":
+            assert st.st_ino == os.stat(f"{tree}{n.target}").st_ino
+    assert stat.S_IMODE((tree / "etc/synth").stat().st_mode) == 0o750
+    pool = make_pool(spec.seed)
+    assert 2.0 <= len(pool) / len(zstandard.ZstdCompressor(level=3).compress(pool)) <= 3.5
+
+
+def test_stream_bound_uses_chunks_when_the_manifest_has_them() -> None:
+    assert stream_bound([63, 20, 17], 3) == pytest.approx(100 / 63)  # the largest binds
+    assert stream_bound([10] * 9, 3) == pytest.approx(3.0)  # the streams bind
+    whole = SimpleNamespace(data=SimpleNamespace(size=90))
+    chunked = SimpleNamespace(
+        data=SimpleNamespace(size=90), chunks=[SimpleNamespace(size=s) for s in (40, 50)]
+    )
+    assert fetch_units(whole) == [90]  # type: ignore[arg-type]
+    assert fetch_units(chunked) == [40, 50]  # type: ignore[arg-type]
+    assert rows([Result("a", "")]) == [Result("a", "")] and rows(Result("b", "")) == [Result("b", "")]
