@@ -1,7 +1,9 @@
 """`bootenv agent`: provision this machine's disk from a composite image, then hand off.
 
-read config → manifest → choose the disk → preflight (nothing written yet) →
-partition → stream the OS onto the root partition → configure the target → hand off.
+read config → manifest → plan (which image, which components) → choose the disk →
+preflight (nothing written yet) → partition → stream the OS onto the root partition →
+configure the target → hand off. With `bootenv.single` the agent writes the classic
+one-piece image instead, and the first-boot layout lays out nothing (see `plan_install`).
 
 Every step is timed and posted to the callback (best effort, in the schema of
 `bootenv serve`'s /callback: see bootenv/callback.py). If anything fails after
@@ -29,13 +31,14 @@ from bootenv.blockdev import (
     open_destination,
     sector_size,
 )
+from bootenv.blockmap import BlockMap
 from bootenv.callback import Callback
 from bootenv.cmdline import AgentConfig, DiskKind, Handoff
 from bootenv.disks import DiskChoice, choose_disk, log_choice, read_disks
 from bootenv.errors import BootenvError, FatalError, UserError
 from bootenv.log import step
-from bootenv.manifest import Manifest, resolve_components
-from bootenv.oswrite import write_os
+from bootenv.manifest import Manifest, OsImage, resolve_components
+from bootenv.oswrite import Which, load_blockmap, write_os
 from bootenv.partition import (
     MiB,
     PartitionPlan,
@@ -81,6 +84,34 @@ class Report:
 
 
 @dataclass(frozen=True)
+class InstallPlan:
+    """What the agent writes, and what the first-boot layout lays out afterwards."""
+
+    which: Which  # "os": the OS sub-image; "single": the classic one-piece image
+    image: OsImage
+    layout: tuple[str, ...]  # components the layout service lays out on first boot
+    installed: tuple[str, ...]  # components the machine has once done
+
+    def describe(self) -> str:
+        return "single image" if self.which == "single" else "OS sub-image"
+
+
+def plan_install(cfg: AgentConfig, manifest: Manifest) -> InstallPlan:
+    """The split image's OS plus the chosen components, or the single image as it is.
+
+    The single image already holds every component, so the layout service gets none:
+    it still runs once on first boot, to report `os_booted` and `done`, which keeps the
+    server's timeline the same shape for both kinds of image.
+    """
+    if cfg.single:
+        if manifest.single is None:
+            raise UserError("bootenv.single: this image has no single image", hint="capture it with --single")
+        return InstallPlan("single", manifest.single, (), tuple(c.name for c in manifest.components))
+    components = tuple(resolve_components(manifest, cfg.wanted_components)[0])
+    return InstallPlan("os", manifest.os, components, components)
+
+
+@dataclass(frozen=True)
 class AgentResult:
     disk: str
     plan: PartitionPlan
@@ -108,8 +139,11 @@ def run_agent(cfg: AgentConfig, *, ramdisk_cmdline: str = "") -> AgentResult:
 def _provision(cfg: AgentConfig, ident: target.Identity, report: Report, cmdline: str) -> AgentResult:
     with report.step("manifest", f"Reading and verifying the image manifest from {cfg.image}"):
         source, manifest = open_trusted(cfg.image, trust(cfg))
-        components, _ = resolve_components(manifest, cfg.wanted_components)
-    min_root = manifest.rootfs.min_size
+        install = plan_install(cfg, manifest)
+        # The manifest's rootfs sizes are the OS sub-image's; the single image's own
+        # size is in its block map.
+        bmap = load_blockmap(source, install.image) if install.which == "single" else None
+    min_root = bmap.image_size if bmap else manifest.rootfs.min_size
     with report.step("disk", "Choosing the disk"):
         choice = _choose(cfg, required_size(min_root, 4096))
         log_choice(choice)
@@ -119,7 +153,9 @@ def _provision(cfg: AgentConfig, ident: target.Identity, report: Report, cmdline
         bootloader.check_available()
     with ExitStack() as stack:
         try:
-            kexec = _write_disk(cfg, disk, plan, manifest, source, ident, report, cmdline, stack)
+            kexec = _write_disk(
+                cfg, disk, plan, Image(manifest, source, install, bmap), ident, report, cmdline, stack
+            )
         except BaseException:
             stack.close()  # detach offset loop devices before wiping the whole disk
             wipe_disk(disk, plan)
@@ -129,9 +165,15 @@ def _provision(cfg: AgentConfig, ident: target.Identity, report: Report, cmdline
         "step",
         step="handoff",
         status="start",
-        data={"disk": disk, "mode": cfg.handoff.value, "components": components, "timings": report.timings},
+        data={
+            "disk": disk,
+            "mode": cfg.handoff.value,
+            "image": install.which,
+            "components": list(install.installed),
+            "timings": report.timings,
+        },
     )
-    return AgentResult(disk, plan, ident, tuple(components), kexec)
+    return AgentResult(disk, plan, ident, install.installed, kexec)
 
 
 def trust(cfg: AgentConfig, trusted_dir: Path = TRUSTED_DIR) -> Trust:
@@ -172,12 +214,21 @@ def preflight(disk: str, min_root: int) -> PartitionPlan:
     return plan_partitions(size, sector, min_root)
 
 
+@dataclass(frozen=True)
+class Image:
+    """The opened image and what to write from it."""
+
+    manifest: Manifest
+    source: Source
+    install: InstallPlan
+    bmap: BlockMap | None  # loaded ahead (the single image); None: write_os loads it
+
+
 def _write_disk(
     cfg: AgentConfig,
     disk: str,
     plan: PartitionPlan,
-    manifest: Manifest,
-    source: Source,
+    image: Image,
     ident: target.Identity,
     report: Report,
     cmdline: str,
@@ -188,17 +239,21 @@ def _write_disk(
         apply_plan(disk, plan)
         parts = partition_devices(disk, plan, stack)
     root_dev, esp_dev = parts[Role.ROOT], parts[Role.ESP]
-    with report.step("write-os", f"Streaming the OS sub-image to {root_dev}"):
-        bmap_size = manifest.rootfs.image_size
-        with open_destination(root_dev, bmap_size) as dest:
-            result = write_os(source, manifest, dest.fd, name=root_dev)
+    install = image.install
+    # Named write-os for both images: serve marks the machine os_written when it is done.
+    with report.step("write-os", f"Streaming the {install.describe()} to {root_dev}"):
+        size = image.bmap.image_size if image.bmap else image.manifest.rootfs.image_size
+        with open_destination(root_dev, size) as dest:
+            result = write_os(
+                image.source, image.manifest, dest.fd, which=install.which, name=root_dev, bmap=image.bmap
+            )
         log.info("%s", result.summary())
     with report.step("filesystems", "Growing the root filesystem, making the ESP"):
         target.prepare_root_fs(root_dev, ident)
         target.make_esp(esp_dev, ident)
     handoff_file = target.LayoutHandoff(
         image=cfg.image,
-        components=tuple(resolve_components(manifest, cfg.wanted_components)[0]),
+        components=install.layout,
         callback=cfg.callback,
         hostname=ident.hostname,
         insecure=cfg.insecure,

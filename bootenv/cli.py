@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     for key in ("image", "components", "disk", "callback", "handoff", "hostname", "ssh-key", "trust"):
         p.add_argument(f"--{key}", metavar="VALUE", help=f"overrides bootenv.{key.replace('-', '_')}=")
     p.add_argument("--insecure", action="store_true", help="overrides bootenv.insecure (loudly)")
+    p.add_argument("--single", action="store_true", help="overrides bootenv.single: write the single image")
     p.set_defaults(handler=cmd_agent)
 
     p = verbs.add_parser("build-ramdisk", parents=[common], help="build the netboot kernel and initramfs")

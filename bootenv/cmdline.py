@@ -68,6 +68,7 @@ class AgentConfig:
     shell: bool = False
     insecure: bool = False
     trust: str | None = None
+    single: bool = False  # write the classic one-piece image; lay out no components
 
     @property
     def wanted_components(self) -> str | list[str]:
@@ -87,8 +88,9 @@ KEYS = (
     "shell",
     "insecure",
     "trust",
+    "single",
 )
-FLAGS = ("debug", "shell", "insecure")
+FLAGS = ("debug", "shell", "insecure", "single")
 
 
 def split_cmdline(text: str) -> list[tuple[str, str | None]]:
@@ -175,9 +177,17 @@ def _build(raw: dict[str, str | None]) -> AgentConfig:
             f"{PREFIX}image is missing", hint="add bootenv.image=URL to the kernel command line"
         )
     callback = value("callback")
+    components = _components(value("components"))
+    single = _flag(raw, "single")
+    if single and components is not None:
+        # The single image holds every component: a subset cannot be left out of it.
+        raise CmdlineError(
+            f"{PREFIX}single holds every component; {PREFIX}components must be all",
+            hint=f"drop {PREFIX}single to lay out only some components",
+        )
     return AgentConfig(
         image=_url(image, "image", allow_dir=True),
-        components=_components(value("components")),
+        components=components,
         disk=parse_disk(value("disk") or "auto"),
         callback=_url(callback, "callback") if callback else None,
         handoff=_choice(Handoff, value("handoff") or "kexec", "handoff"),
@@ -187,6 +197,7 @@ def _build(raw: dict[str, str | None]) -> AgentConfig:
         shell=_flag(raw, "shell"),
         insecure=_flag(raw, "insecure"),
         trust=_trust(value("trust")),
+        single=single,
     )
 
 

@@ -270,6 +270,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     }
     if args.insecure:
         overrides["insecure"] = "1"
+    if args.single:
+        overrides["single"] = "1"
     cfg = parse_cmdline(text, overrides)
     if cfg.debug and not args.debug:
         setup_logging(debug=True)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from bootenv import agent, bootloader
+from bootenv.blockmap import BlockMap
 from bootenv.cmdline import parse_cmdline
 from bootenv.disks import DiskChoice, DiskInfo
 from bootenv.errors import FatalError, UserError
-from bootenv.manifest import Blob, Manifest, OsImage, RootFs, Source
+from bootenv.manifest import Blob, Component, Manifest, OsImage, RootFs, Source
 from bootenv.partition import MiB, plan_partitions, required_size
 
 ROOT_MIN = 64 * MiB
@@ -22,6 +24,17 @@ MANIFEST = Manifest(
     RootFs("ext4", ROOT_MIN, ROOT_MIN, 4096),
     OsImage(BLOB, BLOB, (), 0),
     (),
+)
+
+
+SINGLE = OsImage(Blob("1" * 64 + ".img.zst", "1" * 64, 1, 1), BLOB, ("apache2", "base-files"), 9)
+LAMP = replace(
+    MANIFEST,
+    components=(
+        Component("apache", BLOB, ("apache2",), (), 1, ("apache2.service",)),
+        Component("php", BLOB, ("php",), ("apache",), 1, ()),
+    ),
+    single=SINGLE,
 )
 
 
@@ -175,3 +188,83 @@ def test_cli_agent_reads_the_cmdline_file_and_overrides(
     assert text.startswith("console=ttyS0") and handed == [Handoff.REBOOT]
     cmdline.write_text("bootenv.image=http://10.0.2.2/img bootenv.colour=blue\n")
     assert cli.main(["agent", "--cmdline", str(cmdline)]) == 2
+
+
+def test_plan_split_writes_the_os_and_lays_out_the_chosen_components() -> None:
+    plan = agent.plan_install(parse_cmdline("bootenv.image=/img bootenv.components=php"), LAMP)
+    assert (plan.which, plan.image) == ("os", LAMP.os)
+    assert plan.layout == plan.installed == ("apache", "php")  # php needs apache
+    none = agent.plan_install(parse_cmdline("bootenv.image=/img bootenv.components=none"), LAMP)
+    assert none.layout == none.installed == ()
+
+
+def test_plan_single_writes_the_single_image_and_lays_out_nothing() -> None:
+    plan = agent.plan_install(parse_cmdline("bootenv.image=/img bootenv.single=1"), LAMP)
+    assert (plan.which, plan.image) == ("single", SINGLE)
+    assert plan.layout == ()  # the layout service only reports os_booted and done
+    assert plan.installed == ("apache", "php")
+    assert plan.describe() == "single image"
+
+
+def test_single_mode_without_a_single_image_stops_before_the_disk(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, events: tuple[str, list[dict[str, object]]]
+) -> None:
+    url, got = events
+    disk = fake_disk(tmp_path, required_size(ROOT_MIN))
+    before = digest(disk)
+    wiped = setup(monkeypatch, disk)  # MANIFEST has no single image
+    cfg = parse_cmdline(f"bootenv.image=/img bootenv.single bootenv.callback={url}")
+    with pytest.raises(UserError, match="has no single image") as info:
+        agent.run_agent(cfg)
+    assert "\n" not in str(info.value)
+    assert digest(disk) == before and wiped == []
+    assert (got[-2]["step"], got[-2]["status"]) == ("manifest", "failed")
+    assert got[-1]["event"] == "error" and "no single image" in str(got[-1]["message"])
+    assert all_valid(got)
+
+
+def test_single_mode_sizes_the_disk_by_the_single_image(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, events: tuple[str, list[dict[str, object]]]
+) -> None:
+    """The single image is bigger than the OS sub-image; the disk must fit it."""
+    url, _ = events
+    disk = fake_disk(tmp_path, required_size(ROOT_MIN))  # fits the OS sub-image only
+    wiped = setup(monkeypatch, disk)
+    monkeypatch.setattr(agent, "open_trusted", lambda image, trust: (None, LAMP))
+    asked: list[OsImage] = []
+
+    def blockmap(source: object, image: OsImage) -> BlockMap:
+        asked.append(image)
+        return BlockMap(2 * ROOT_MIN, 4096, ())
+
+    monkeypatch.setattr(agent, "load_blockmap", blockmap)
+    cfg = parse_cmdline(f"bootenv.image=/img bootenv.single bootenv.callback={url}")
+    with pytest.raises(UserError, match="too small"):
+        agent.run_agent(cfg)
+    assert asked == [SINGLE] and wiped == []
+
+
+def test_single_mode_writes_the_single_image_and_reports_like_split(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, events: tuple[str, list[dict[str, object]]]
+) -> None:
+    url, got = events
+    disk = fake_disk(tmp_path, required_size(2 * ROOT_MIN))
+    setup(monkeypatch, disk)
+    monkeypatch.setattr(agent, "open_trusted", lambda image, trust: (None, LAMP))
+    bmap = BlockMap(2 * ROOT_MIN, 4096, ())
+    monkeypatch.setattr(agent, "load_blockmap", lambda source, image: bmap)
+    seen: list[agent.Image] = []
+
+    def write_disk(cfg: object, disk: str, plan: object, image: agent.Image, *rest: object) -> None:
+        seen.append(image)
+
+    monkeypatch.setattr(agent, "_write_disk", write_disk)
+    result = agent.run_agent(parse_cmdline(f"bootenv.image=/img bootenv.single bootenv.callback={url}"))
+    assert seen[0].install.which == "single" and seen[0].bmap is bmap
+    assert result.components == ("apache", "php")
+    assert result.plan.root.size >= 2 * ROOT_MIN
+    last = got[-1]
+    assert (last["step"], last["status"]) == ("handoff", "start")
+    assert last["data"]["image"] == "single"  # type: ignore[index]
+    assert last["data"]["components"] == ["apache", "php"]  # type: ignore[index]
+    assert all_valid(got)

@@ -47,7 +47,29 @@ def test_defaults() -> None:
     assert cfg.disk == DiskSelector() and str(cfg.disk) == "auto"
     assert cfg.handoff is Handoff.KEXEC
     assert (cfg.callback, cfg.hostname, cfg.ssh_key, cfg.trust) == (None, None, None, None)
-    assert not (cfg.debug or cfg.shell or cfg.insecure)
+    assert not (cfg.debug or cfg.shell or cfg.insecure or cfg.single)
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("bootenv.single", True),
+        ("bootenv.single=1", True),
+        ("bootenv.single=on", True),
+        ("bootenv.single=0", False),
+        ("bootenv.single=no", False),
+        ("bootenv.single=1 bootenv.components=all", True),
+    ],
+)
+def test_single(text: str, want: bool) -> None:
+    cfg = parse_cmdline(f"{IMG} {text}")
+    assert cfg.single is want
+    assert cfg.components is None  # the single image holds every component
+
+
+def test_single_override() -> None:
+    assert parse_cmdline(IMG, {"single": "1"}).single
+    assert not parse_cmdline(f"{IMG} bootenv.single", {"single": "0"}).single
 
 
 @pytest.mark.parametrize(
@@ -135,6 +157,10 @@ def test_overrides_replace_the_cmdline() -> None:
         (f"{IMG} bootenv.callback=not-a-url", "not an http"),
         (f"{IMG} bootenv.trust=deadbeef", "not a key fingerprint"),
         (f"{IMG} bootenv.callback", "needs a value"),
+        (f"{IMG} bootenv.single=maybe", "not a boolean"),
+        (f"{IMG} bootenv.single bootenv.components=mysql", "components must be all"),
+        (f"{IMG} bootenv.single bootenv.components=none", "components must be all"),
+        (f"{IMG} bootenv.single bootenv.single=0", "given twice"),
     ],
 )
 def test_bad_input_is_one_clear_error(text: str, match: str) -> None:
