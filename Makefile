@@ -49,11 +49,12 @@ vm: deps
 	$(PYTEST) -q -m vm
 
 # The main job: netboot a QEMU VM through iPXE and provision it from a captured LAMP image.
-# Override the combination with e.g. `make demo COMPONENTS=apache,php` (or mysql, all, none).
+# Override the combination with e.g. `make demo COMPONENTS=apache,php` (or mysql, all, none);
+# `make demo SINGLE=1` writes the classic one-piece image (every component) instead.
 COMPONENTS ?= all
 FIRMWARE ?= bios
 demo: deps
-	$(PY) -m bootenv.demo --components $(COMPONENTS) --firmware $(FIRMWARE)
+	$(PY) -m bootenv.demo --components $(COMPONENTS) --firmware $(FIRMWARE) $(if $(SINGLE),--single)
 
 # Benchmarks: ratios measured side by side in one run (not part of `make test`).
 bench: deps

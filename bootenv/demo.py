@@ -3,6 +3,7 @@
 1. build (or reuse) the gold machine and capture it, signed with a demo key;
 2. build (or reuse) the ramdisk, start `bootenv serve` on 127.0.0.1;
 3. assign the VM's MAC, netboot it (-boot n, QEMU's TFTP, HTTP to the server);
+   with --single the agent writes the classic one-piece image instead of the split one;
 4. print the live timeline, then a table of timings, and check the services answer.
 Everything started here is stopped on exit, whatever happens.
 """
@@ -21,13 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from bootenv.errors import BootenvError
-from bootenv.lab import IMAGE, follow, lab, new_disk, vm_spec
+from bootenv.errors import BootenvError, UserError
+from bootenv.lab import IMAGE, Timeline, lab, provision, timeline
 from bootenv.log import setup_logging
-from bootenv.machines import Machine, State, assign
+from bootenv.machines import Machine, State
 from bootenv.manifest import Manifest, parse_manifest, resolve_components
-from bootenv.qemu import Vm, free_port
-from bootenv.state import Store
 
 log = logging.getLogger(__name__)
 
@@ -39,46 +38,42 @@ class DemoConfig:
     components: str = "all"
     firmware: Literal["bios", "uefi"] = "bios"
     timeout: float = 1800.0
+    single: bool = False  # write the single image (it holds every component)
 
 
 def run_demo(cfg: DemoConfig) -> int:
+    if cfg.single and cfg.components != "all":
+        raise UserError("--single writes every component: leave --components at all")
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bootenv-demo-")))
         the_lab = stack.enter_context(lab(work))
-        the_lab.store.put(
-            assign(
+        what = "single image (all components)" if cfg.single else f"components: {cfg.components}"
+        print(f"VM {MAC} netbooting ({cfg.firmware}); {what}", flush=True)
+
+        def show(seconds: float, ev: dict[str, Any]) -> None:
+            print(f"  +{seconds:7.1f}s  {_describe(ev)}", flush=True)
+
+        run = stack.enter_context(
+            provision(
+                the_lab,
+                "demo",
                 MAC,
-                IMAGE,
                 cfg.components,
-                now=time.time(),
+                single=cfg.single,
+                firmware=cfg.firmware,
                 hostname="demo-web1",
-                kernel_args=the_lab.trust_args(),
+                timeout=cfg.timeout,
+                on_event=show,
             )
         )
-        http_port, sql_port = free_port(), free_port()
-        spec = vm_spec(
-            the_lab,
-            "demo",
-            new_disk(work / "disk.img"),
-            mac=MAC,
-            firmware=cfg.firmware,
-            hostfwd=((http_port, 80), (sql_port, 3306)),
-        )
-        t0 = time.time()
-        vm = stack.enter_context(Vm(spec))
-        print(f"VM {MAC} netbooting ({cfg.firmware}); components: {cfg.components}", flush=True)
-
-        def show(ev: dict[str, Any]) -> None:
-            print(f"  +{float(ev.get('received', t0)) - t0:7.1f}s  {_describe(ev)}", flush=True)
-
-        machine = follow(the_lab.store, MAC, vm, timeout=cfg.timeout, on_event=show)
-        print(report(the_lab.store, machine, t0))
+        machine = run.machine
+        print(report(timeline(the_lab.store, machine, run.t0), machine))
         ok = machine.state is State.DONE
         if ok:
             manifest = parse_manifest((the_lab.images / IMAGE / "manifest.json").read_bytes())
-            ok = check_services(chosen(manifest, machine.components), http_port, sql_port)
+            ok = check_services(chosen(manifest, machine.components), run.http_port, run.sql_port)
         if not ok:
-            print("console log tail:\n" + "\n".join(vm.console().splitlines()[-25:]), file=sys.stderr)
+            print("console log tail:\n" + "\n".join(run.vm.console().splitlines()[-25:]), file=sys.stderr)
         return 0 if ok else 1
 
 
@@ -97,21 +92,18 @@ def _describe(ev: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def report(store: Store, machine: Machine, t0: float) -> str:
+def report(tl: Timeline, machine: Machine) -> str:
     """The final table: time to each milestone after power-on, and the conflicts."""
+
+    def secs(at: float | None) -> str:
+        return f"{at:.1f}" if at is not None else "-"
+
     rows = [("milestone", "seconds after power-on")]
-    for state, label in (
-        (State.PROVISIONING, "agent running (PXE done)"),
-        (State.OS_WRITTEN, "OS written"),
-        (State.OS_BOOTED, "OS booted"),
-    ):
-        at = machine.reached(state)
-        rows.append((label, f"{at - t0:.1f}" if at else "-"))
-    for ev in store.events(machine.mac):
-        if ev.get("source") == "layout" and ev.get("step") == "component" and ev.get("status") == "done":
-            rows.append((f"component {ev['component']} ready", f"{float(ev['received']) - t0:.1f}"))
-    done = machine.reached(State.DONE)
-    rows.append(("total (done)", f"{done - t0:.1f}" if done else "-"))
+    rows.append(("agent running (PXE done)", secs(tl.agent)))
+    rows.append(("OS written", secs(tl.os_written)))
+    rows.append(("OS booted", secs(tl.os_booted)))
+    rows += [(f"component {name} ready", secs(at)) for name, at in tl.components]
+    rows.append(("total (done)", secs(tl.done)))
     rows.append(("conflicts", str(machine.conflicts)))
     if machine.error:
         rows.append(("error", machine.error))
@@ -122,7 +114,17 @@ def report(store: Store, machine: Machine, t0: float) -> str:
 
 
 def check_services(components: list[str], http_port: int, sql_port: int) -> bool:
-    """Ask the VM's services, through QEMU's 127.0.0.1 forwards."""
+    """Ask the VM's services, through QEMU's 127.0.0.1 forwards, and print the answers."""
+    results = [(name, retry(check)) for name, check in service_checks(components, http_port, sql_port)]
+    for name, ok in results:
+        print(f"service check: {name}: {'ok' if ok else 'FAILED'}")
+    return all(ok for _, ok in results)
+
+
+def service_checks(
+    components: list[str], http_port: int, sql_port: int
+) -> list[tuple[str, Callable[[], bool]]]:
+    """One check per service the chosen components bring: (name, does it answer)."""
     import requests
 
     checks: list[tuple[str, Callable[[], bool]]] = []
@@ -132,10 +134,7 @@ def check_services(components: list[str], http_port: int, sql_port: int) -> bool
         checks.append((f"HTTP GET {path}", lambda: want in requests.get(url, timeout=5).text))
     if "mysql" in components:
         checks.append(("MariaDB handshake", lambda: b"MariaDB" in greeting(sql_port)))
-    results = [(name, retry(check)) for name, check in checks]
-    for name, ok in results:
-        print(f"service check: {name}: {'ok' if ok else 'FAILED'}")
-    return all(ok for _, ok in results)
+    return checks
 
 
 def greeting(port: int) -> bytes:
@@ -158,12 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bootenv-demo", description=__doc__)
     p.add_argument("--components", default="all", help="a,b | all | none (default: all)")
     p.add_argument("--firmware", choices=("bios", "uefi"), default="bios")
+    p.add_argument("--single", action="store_true", help="write the single image (every component)")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
     setup_logging(debug=args.debug)
     try:
-        return run_demo(DemoConfig(components=args.components, firmware=args.firmware, timeout=args.timeout))
+        return run_demo(
+            DemoConfig(
+                components=args.components, firmware=args.firmware, timeout=args.timeout, single=args.single
+            )
+        )
     except BootenvError as exc:
         if args.debug:
             log.exception("demo failed")

@@ -1,8 +1,9 @@
 """A netboot lab on one host: a signed LAMP image, the ramdisk, `bootenv serve` on
 127.0.0.1, QEMU's TFTP serving iPXE's chainload script, and VMs that netboot from it.
 
-Used by `make demo` and the VM tests. Everything is a context manager; the images and
-the ramdisk are cached in ~/.cache/bootenv by their inputs.
+Used by `make demo`, the VM tests and the QEMU timeline benchmark (bench/timeline.py).
+Everything is a context manager; the images and the ramdisk are cached in
+~/.cache/bootenv by their inputs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Literal
 from bootenv.cache import cache_root, input_key, locked
 from bootenv.errors import FatalError
 from bootenv.log import step
-from bootenv.machines import Machine, State
+from bootenv.machines import Machine, State, assign
 from bootenv.qemu import Vm, VmSpec, free_port, ovmf_code
 from bootenv.state import Store
 
@@ -34,6 +35,7 @@ EMBED_URL = "http://192.0.2.10:8080"  # the placeholder in ipxe/embed.ipxe
 GUEST_HOST = "10.0.2.2"  # the host's loopback as QEMU's user network shows it to the guest
 MENU_TIMEOUT = 3  # seconds before the menu boots its default
 MENU_DEFAULT = "lamp-mysql"
+SINGLE_ARG = "bootenv.single=1"  # the agent writes the classic one-piece image
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class Lab:
     def trust_args(self) -> str:
         return f"bootenv.trust={self.fingerprint}"
 
+    def kernel_args(self, *, single: bool = False) -> str:
+        return f"{self.trust_args()} {SINGLE_ARG}" if single else self.trust_args()
+
 
 def _code_key() -> str:
     h = hashlib.sha256()
@@ -61,7 +66,8 @@ def _code_key() -> str:
 
 
 def prepare_image(images: Path) -> str:
-    """Capture and sign the LAMP gold image (cached); return the signer's fingerprint."""
+    """Capture and sign the LAMP gold image, with its single image (cached); return the
+    signer's fingerprint."""
     from bootenv.capture import CaptureConfig, capture
     from bootenv.gold import gold_tree
     from bootenv.signing import SIGNATURE, fingerprint, keygen, read_public_key, sign
@@ -79,7 +85,7 @@ def prepare_image(images: Path) -> str:
         wanted = input_key({"gold": gold.name, "code": _code_key()})
         if not stamp.exists() or stamp.read_text() != wanted:
             specs = tuple(parse_component_arg(c) for c in COMPONENTS)
-            capture(CaptureConfig(root=gold, output=out, components=specs, force=True))
+            capture(CaptureConfig(root=gold, output=out, components=specs, single=True, force=True))
             (out / SIGNATURE).write_bytes(sign((out / "manifest.json").read_bytes(), key))
             stamp.write_text(wanted)
         (images / "catalog.json").write_text(json.dumps(_catalog(fp), indent=2) + "\n")
@@ -87,11 +93,13 @@ def prepare_image(images: Path) -> str:
 
 
 def _catalog(fp: str) -> dict[str, Any]:
-    """The boot menu the admin declared: three LAMP combinations, MySQL by default."""
+    """The boot menu the admin declared: three LAMP combinations, MySQL by default, and
+    the same LAMP machine from its single image."""
     args = f"bootenv.trust={fp}"
 
-    def entry(eid: str, title: str, comps: list[str] | str) -> dict[str, Any]:
-        return {"id": eid, "title": title, "image": IMAGE, "components": comps, "kernel_args": args}
+    def entry(eid: str, title: str, comps: list[str] | str, extra: str = "") -> dict[str, Any]:
+        kargs = f"{args} {extra}" if extra else args
+        return {"id": eid, "title": title, "image": IMAGE, "components": comps, "kernel_args": kargs}
 
     return {
         "title": "bootenv lab",
@@ -101,6 +109,7 @@ def _catalog(fp: str) -> dict[str, Any]:
             entry("lamp-mysql", "LAMP: OS + MySQL", ["mysql"]),
             entry("lamp-web", "LAMP: OS + Apache + PHP", ["apache", "php"]),
             entry("lamp-all", "LAMP: all", "all"),
+            entry("lamp-single", "LAMP: all, from the single image", "all", SINGLE_ARG),
         ],
     }
 
@@ -166,6 +175,89 @@ def vm_spec(
         firmware=firmware,
         uefi_vars=uefi_vars,
     )
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    """One netboot run: the machine's final record and its VM, still running."""
+
+    machine: Machine
+    vm: Vm
+    t0: float  # epoch seconds at power-on
+    http_port: int  # 127.0.0.1 ports QEMU forwards to the guest's 80 and 3306
+    sql_port: int
+
+
+@contextmanager
+def provision(
+    the_lab: Lab,
+    name: str,
+    mac: str,
+    components: str,
+    *,
+    single: bool = False,
+    firmware: Literal["bios", "uefi"] = "bios",
+    hostname: str | None = None,
+    timeout: float,
+    on_event: Callable[[float, dict[str, Any]], None] | None = None,
+) -> Iterator[Provisioned]:
+    """Assign `mac`, power on a fresh VM that netboots, and follow it to done or failed.
+
+    `on_event` gets each event with its time in seconds after power-on. The VM keeps
+    running inside the block (to check its services) and is killed on exit.
+    """
+    the_lab.store.put(
+        assign(
+            mac,
+            IMAGE,
+            components,
+            now=time.time(),
+            hostname=hostname,
+            kernel_args=the_lab.kernel_args(single=single),
+        )
+    )
+    http_port, sql_port = free_port(), free_port()
+    spec = vm_spec(
+        the_lab,
+        name,
+        new_disk(the_lab.work / f"{name}.img"),
+        mac=mac,
+        firmware=firmware,
+        hostfwd=((http_port, 80), (sql_port, 3306)),
+    )
+    t0 = time.time()
+
+    def relative(ev: dict[str, Any]) -> None:
+        if on_event is not None:
+            on_event(float(ev.get("received", t0)) - t0, ev)
+
+    with Vm(spec) as vm:
+        machine = follow(the_lab.store, mac, vm, timeout=timeout, on_event=relative)
+        yield Provisioned(machine, vm, t0, http_port, sql_port)
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Seconds after power-on at which a machine reached each milestone (None: never)."""
+
+    agent: float | None  # the agent is up: DHCP, iPXE and the ramdisk's boot are behind
+    os_written: float | None  # the OS (or single) image is on the disk, verified
+    os_booted: float | None  # the installed OS runs (its layout service started)
+    components: tuple[tuple[str, float], ...]  # each component laid out, in order
+    done: float | None
+
+
+def timeline(store: Store, machine: Machine, t0: float) -> Timeline:
+    def at(state: State) -> float | None:
+        mark = machine.reached(state)
+        return mark - t0 if mark else None
+
+    comps = tuple(
+        (str(ev["component"]), float(ev["received"]) - t0)
+        for ev in store.events(machine.mac)
+        if ev.get("source") == "layout" and ev.get("step") == "component" and ev.get("status") == "done"
+    )
+    return Timeline(at(State.PROVISIONING), at(State.OS_WRITTEN), at(State.OS_BOOTED), comps, at(State.DONE))
 
 
 def follow(

@@ -274,3 +274,49 @@ def test_corrupt_image_leaves_the_disk_unbootable(tools: None, gold_image: Path,
     assert events[-1]["event"] == "error" and "sha256" in str(events[-1]["message"])
     failed = [e["step"] for e in events if e.get("status") == "failed"]
     assert failed == ["write-os"]
+
+
+def test_agent_single_image_holds_every_component(
+    tools: None, gold_image: Path, gold_tree: Path, tmp_path: Path
+) -> None:
+    """bootenv.single writes the one-piece image: the components' files are on the disk
+    as written, and the first-boot layout has nothing to lay out."""
+    from bootenv.oswrite import load_blockmap
+    from bootenv.source import open_source
+
+    manifest = load_manifest(str(gold_image))
+    assert manifest.single is not None
+    single_size = load_blockmap(open_source(str(gold_image)), manifest.single).image_size
+    assert single_size > manifest.rootfs.min_size
+    path = disk_file(tmp_path / "disk.img", required_size(single_size) + 256 * MiB)
+    with callback_server() as (url, events), loop(path) as dev:
+        text = (
+            f"bootenv.image={gold_image} bootenv.disk={dev} bootenv.handoff=none bootenv.insecure "
+            f"bootenv.single=1 bootenv.hostname=lamp1 bootenv.callback={url}"
+        )
+        result = run_agent(parse_cmdline(text), ramdisk_cmdline=text)
+    assert result.components == ("apache", "mysql", "php")
+    files = ("usr/sbin/apache2", "usr/sbin/mariadbd", "usr/lib/apache2/modules/libphp8.2.so")
+    plan = result.plan
+    with loop(path, "--offset", str(plan.root.offset), "--sizelimit", str(plan.root.size)) as rootdev:
+        sh("e2fsck", "-f", "-n", rootdev)
+        with mounted(rootdev, tmp_path / "root", "-o", "ro") as root:
+            for rel in files:
+                got = root / rel
+                assert got.is_file() and not got.is_symlink(), rel
+                assert sha(got) == sha(gold_tree / rel), rel
+            status = (root / "var/lib/dpkg/status").read_text()
+            for pkg in ("apache2", "mariadb-server", "libapache2-mod-php8.2"):
+                assert f"Package: {pkg}\n" in status, pkg
+            handoff = json.loads((root / "etc/bootenv/layout.json").read_text())
+            assert handoff["components"] == []  # the layout service only reports
+            unit = (root / "etc/systemd/system/bootenv-layout.service").read_text()
+            assert "--components none" in unit
+            assert (root / "etc/hostname").read_text() == "lamp1\n"
+
+    done = [e["step"] for e in events if e["event"] == "step" and e["status"] == "done"]
+    steps = ["manifest", "disk", "preflight", "partition", "write-os", "filesystems"]
+    assert done == [*steps, "configure", "runtime", "bootloader"]  # the same steps as split
+    last = events[-1]
+    assert (last["step"], last["status"]) == ("handoff", "start")
+    assert last["data"]["image"] == "single"  # type: ignore[index]
