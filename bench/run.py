@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import scenarios
+from bench import scenarios, timeline
 from bench.harness import Result, chart, save, table
 from bootenv.cache import cache_root
 from bootenv.gold import gold_tree
@@ -24,6 +24,7 @@ ALL = {
     "memory": scenarios.memory,
     "capture": scenarios.capture_speed,
     "load": scenarios.load_test,
+    "qemu-timeline": timeline.qemu_timeline,
 }
 RESULTS = Path(__file__).parent / "results"
 

@@ -251,13 +251,13 @@ def test_corrupt_image_leaves_the_disk_unbootable(tools: None, gold_image: Path,
     manifest = load_manifest(str(gold_image))
     bad = tmp_path / "bad-image"
     bad.mkdir()
-    for f in gold_image.iterdir():
-        if f.name == manifest.os.data.file:
-            data = bytearray(f.read_bytes())
+    for blob in gold_image.iterdir():
+        if blob.name == manifest.os.data.file:
+            data = bytearray(blob.read_bytes())
             data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the OS stream
-            (bad / f.name).write_bytes(data)
-        elif f.is_file():
-            os.link(f, bad / f.name)
+            (bad / blob.name).write_bytes(data)
+        elif blob.is_file():
+            os.link(blob, bad / blob.name)
     path = disk_file(tmp_path / "disk.img", required_size(manifest.rootfs.min_size) + 64 * MiB)
     with callback_server() as (url, events), loop(path) as dev:
         text = f"bootenv.image={bad} bootenv.disk={dev} bootenv.handoff=none bootenv.insecure "

@@ -1,0 +1,124 @@
+"""7. The `make demo` timeline in QEMU: the split image against the single image.
+
+Each run netboots fresh VMs through iPXE from one `bootenv serve`, ramdisk and signed
+LAMP image (bootenv.lab, exactly as `make demo` does): first the split image with every
+component (the OS sub-image, kexec, then the first-boot service lays out apache, mysql
+and php), then the single image (`bootenv.single=1`: one block stream holding
+everything; the first-boot service only reports). The milestones come from the
+callback events `bootenv serve` records; "services answer" is when HTTP GET /info.php
+and the MariaDB handshake first succeed through QEMU's 127.0.0.1 forwards after done.
+Under TCG absolute times mean little, so every milestone and phase is also given as a
+split/single ratio.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import scenarios
+from bench.harness import Result, Stats, drop_caches
+from bootenv.demo import chosen, retry, service_checks
+from bootenv.errors import FatalError
+from bootenv.lab import IMAGE, Lab, lab, provision, timeline
+from bootenv.machines import State
+from bootenv.manifest import parse_manifest
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = 1800.0  # seconds for one VM to reach done (TCG: about 5 minutes)
+KINDS = ("split", "single")
+# (key, label): milestones in seconds after power-on, in the order they happen.
+MILESTONES = (
+    ("agent", "agent up (PXE done)"),
+    ("os_written", "OS written"),
+    ("os_booted", "OS booted"),
+    ("done", "done"),
+    ("ready", "services answer"),
+)
+# Phases between consecutive milestones (power-on is 0).
+PHASES = (
+    ("pxe", "PXE + ramdisk", "", "agent"),
+    ("write", "write", "agent", "os_written"),
+    ("boot", "configure + kexec + boot", "os_written", "os_booted"),
+    ("layout", "first-boot layout", "os_booted", "done"),
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One VM's milestones, in seconds after power-on."""
+
+    kind: str
+    at: dict[str, float]
+
+    def phase(self, start: str, end: str) -> float:
+        return self.at[end] - (self.at[start] if start else 0.0)
+
+
+def qemu_timeline(env: scenarios.Env) -> Result:
+    """7. The demo's netboot timeline in QEMU (TCG): split image (all) vs single image."""
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="timeline-", dir=env.work) as work, lab(Path(work)) as the_lab:
+        for n in range(env.runs):
+            for kind in KINDS:
+                drop_caches()
+                runs.append(_netboot(the_lab, kind, n))
+                log.info("%s run %d: %s", kind, n + 1, runs[-1].at)
+    return summarize(runs)
+
+
+def _netboot(the_lab: Lab, kind: str, n: int) -> Run:
+    name = f"{kind}-{n}"
+    # A fresh MAC per VM: a machine that is done boots from its disk, and its events
+    # must not mix with the next run's.
+    mac = f"52:54:00:7e:{n:02x}:{KINDS.index(kind):02x}"
+    manifest = parse_manifest((the_lab.images / IMAGE / "manifest.json").read_bytes())
+    try:
+        with provision(
+            the_lab, name, mac, "all", single=kind == "single", hostname=f"lamp-{kind}", timeout=TIMEOUT
+        ) as run:
+            if run.machine.state is not State.DONE:
+                raise FatalError(f"{kind}: provisioning failed: {run.machine.error}")
+            checks = service_checks(chosen(manifest, "all"), run.http_port, run.sql_port)
+            failed = [what for what, check in checks if not retry(check)]
+            if failed:
+                raise FatalError(f"{kind}: no answer from {', '.join(failed)}")
+            ready = time.time() - run.t0
+            tl = timeline(the_lab.store, run.machine, run.t0)
+    finally:
+        (the_lab.work / f"{name}.img").unlink(missing_ok=True)  # 8 GB sparse, GBs written
+    at = {"agent": tl.agent, "os_written": tl.os_written, "os_booted": tl.os_booted, "done": tl.done}
+    missing = [k for k, v in at.items() if v is None]
+    if missing:
+        raise FatalError(f"{kind}: the timeline has no {', '.join(missing)}")
+    return Run(kind, {**{k: v for k, v in at.items() if v is not None}, "ready": ready})
+
+
+def summarize(runs: list[Run]) -> Result:
+    """Milestones and phases of both kinds, their medians' ratios split/single."""
+    r = Result("qemu-timeline", "make demo's netboot timeline in QEMU (TCG), split (all) vs single image")
+    medians: dict[str, dict[str, float]] = {}
+    for kind in KINDS:
+        mine = [run for run in runs if run.kind == kind]
+        values: dict[str, list[float]] = {}
+        for key, label in MILESTONES:
+            values[label] = [run.at[key] for run in mine]
+        for _, label, start, end in PHASES:
+            values[f"phase {label}"] = [run.phase(start, end) for run in mine]
+        for label, vals in values.items():
+            stats = Stats.of(vals)
+            r.measurements[f"{kind}: {label} (s)"] = stats
+            medians.setdefault(label, {})[kind] = stats.median
+    for label, m in medians.items():
+        ratio = m["split"] / m["single"] if m["single"] > 0 else float("inf")
+        r.notes.append(f"{label}: split {m['split']:.1f} s, single {m['single']:.1f} s = {ratio:.2f}x")
+    booted = medians["OS booted"]
+    r.ratio = booted["split"] / booted["single"]
+    r.ratio_label = "x single: time to OS booted"
+    r.target = "< 1.0"
+    r.passed = r.ratio < 1.0
+    return r

@@ -1,0 +1,36 @@
+"""Benchmark 7's summary: milestones and phases of both images, ratios split/single."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.timeline import Run, summarize
+
+
+def run(kind: str, agent: float, written: float, booted: float, done: float, ready: float) -> Run:
+    at = {"agent": agent, "os_written": written, "os_booted": booted, "done": done, "ready": ready}
+    return Run(kind, at)
+
+
+def test_summary_reports_both_kinds_and_the_ratios() -> None:
+    r = summarize(
+        [
+            run("split", 40, 90, 200, 260, 262),
+            run("single", 40, 110, 250, 252, 254),
+            run("split", 50, 100, 210, 270, 272),
+            run("single", 44, 120, 240, 244, 246),
+        ]
+    )
+    assert r.measurements["split: OS booted (s)"].median == 205
+    assert r.measurements["single: OS booted (s)"].median == 245
+    assert r.measurements["split: phase write (s)"].median == 50
+    assert r.measurements["single: phase first-boot layout (s)"].median == 3
+    assert r.measurements["split: services answer (s)"].runs == 2
+    assert r.ratio == pytest.approx(205 / 245) and r.passed is True
+    assert "OS written: split 95.0 s, single 115.0 s = 0.83x" in r.notes
+    assert any(n.startswith("services answer: split 267.0 s, single 250.0 s") for n in r.notes)
+
+
+def test_a_split_image_that_boots_later_fails_the_target() -> None:
+    r = summarize([run("split", 40, 90, 300, 360, 361), run("single", 40, 110, 250, 252, 254)])
+    assert r.ratio == pytest.approx(1.2) and r.passed is False
