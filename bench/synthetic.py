@@ -408,6 +408,10 @@ def synthetic_tree(spec: SyntheticSpec | None = None, base: Path | None = None) 
         if done.exists() and tree.is_dir():
             return tree
         shutil.rmtree(tree, ignore_errors=True)
+        for marker in base.glob("synthetic-gold-*.complete"):  # an older generator's tree: GBs
+            if marker.read_text().strip() != str(VERSION):
+                shutil.rmtree(marker.with_suffix(""), ignore_errors=True)
+                marker.unlink()
         build(plan(spec), tree, spec.seed)
         done.write_text(f"{VERSION}\n")
     return tree
@@ -424,7 +428,9 @@ def synthetic_image(images: Path, spec: SyntheticSpec | None = None) -> str:
     out = images / name
     with locked(f"bench-{name}"):
         if not (out / "manifest.json").exists():
-            for stale in images.glob(f"{tree.name}-*"):  # an older code version's capture: GBs
+            # Older captures are GBs each: keep the two newest (another checkout may use them).
+            others = sorted(images.glob("synthetic-gold-*"), key=lambda d: d.stat().st_mtime)
+            for stale in others[:-2]:
                 shutil.rmtree(stale, ignore_errors=True)
             specs = tuple(parse_component_arg(c) for c in COMPONENTS)
             capture(CaptureConfig(root=tree, output=out, components=specs, single=True, force=True))

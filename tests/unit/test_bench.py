@@ -85,7 +85,11 @@ def test_synthetic_tree_is_built_once_and_dpkg_reads_it(
 ) -> None:
     monkeypatch.setenv("BOOTENV_CACHE", str(tmp_path))
     spec = SyntheticSpec(scale=0.001)
+    old = tmp_path / "bench/synthetic-gold-0123456789abcdef"  # an older generator's tree
+    old.mkdir(parents=True)
+    old.with_name(old.name + ".complete").write_text("0\n")
     tree = synthetic_tree(spec)
+    assert not old.exists() and not old.with_name(old.name + ".complete").exists()
     assert tree.parent == tmp_path / "bench" and tree.with_name(tree.name + ".complete").exists()
     stamp = (tree / "var/lib/dpkg/status").stat().st_mtime_ns
     assert synthetic_tree(spec) == tree
