@@ -5,21 +5,20 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
-
-import zstandard
 
 from bootenv.assign import plan_split
 from bootenv.blockmap import pack_image
 from bootenv.dpkg import STATUS, Database, read_database, render_status
 from bootenv.errors import FatalError, UserError
 from bootenv.exclude import Exclusions
+from bootenv.frames import compress_tar
 from bootenv.fsimage import BLOCK_SIZE, check_ext4, image_size_for, make_ext4, tree_usage
 from bootenv.log import Progress, step
 from bootenv.manifest import MANIFEST, Component, Manifest, OsImage, RootFs, Source
@@ -176,8 +175,23 @@ def _source(root: Path, db: Database) -> Source:
     )
 
 
-def _list(split: Split, image: str) -> list[str]:
-    return sorted(set(split.dirs[image]) | set(split.files[image]))
+def archive_order(root: Path, split: Split, image: str) -> list[str]:
+    """A component's members for chunking: every directory first (parents before
+    children), then the files, with each hard-linked group kept together."""
+    dirs = sorted(set(split.dirs[image]))
+    files = sorted(set(split.files[image]) - set(dirs))
+    group: dict[tuple[int, int], str] = {}
+    keyed = []
+    for path in files:
+        key = path
+        try:
+            st = os.lstat(f"{root}{path}")
+        except OSError:
+            st = None  # vanished in a live capture: tar will say so
+        if st is not None and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            key = group.setdefault((st.st_dev, st.st_ino), path)
+        keyed.append((key, path))
+    return dirs + [path for _, path in sorted(keyed)]
 
 
 def _pack_component(
@@ -196,31 +210,20 @@ def _pack_component(
     (frag / status_rel.lstrip("/")).parent.mkdir(parents=True)
     (frag / status_rel.lstrip("/")).write_text(render_status([db.packages[p].stanza for p in pkgs]))
     listing = work / f"{name}.list"
-    write_list(listing, _list(split, name))
+    write_list(listing, archive_order(root, split, name))
     total = sum(sizes.get(p, 0) for p in split.files[name])
     with step(f"Packing component {name} ({len(pkgs)} packages, {len(split.files[name])} files)"):
         tar = tar_create(root, listing, extra=((frag, "." + status_rel),))
         with BlobWriter(out, "tar.zst") as blob:
-            raw = _compress(tar.stdout, blob, cfg.level, Progress(f"packing {name}", total))
+            progress = Progress(f"packing {name}", total)
+            raw, chunks = compress_tar(tar.stdout, blob, level=cfg.level, progress=progress.update)
+            progress.close()
             tar.wait_ok(ok_codes=(0, 1))  # 1: a file changed while being read (live capture)
             data = blob.finish(raw)
     units = sorted(
         {p.rsplit("/", 1)[1] for p in split.files[name] if p.startswith(WANTS_DIR) and ".wants/" in p}
     )
-    return Component(name, data, pkgs, split.depends[name], len(split.files[name]), tuple(units))
-
-
-def _compress(src: IO[bytes], blob: BlobWriter, level: int, progress: Progress) -> int:
-    cctx = zstandard.ZstdCompressor(level=level, threads=-1)
-    raw = 0
-    read = src.read
-    with cctx.stream_writer(blob, closefd=False) as z:  # type: ignore[arg-type]
-        while chunk := read(1 << 20):
-            z.write(chunk)
-            raw += len(chunk)
-            progress.update(len(chunk))
-    progress.close()
-    return raw
+    return Component(name, data, pkgs, split.depends[name], len(split.files[name]), tuple(units), chunks)
 
 
 def _pack_os(

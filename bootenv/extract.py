@@ -88,9 +88,22 @@ class Stats:
 class TreeWriter:
     """Places the members of one component's archive under `root`."""
 
-    def __init__(self, root: Path, component: str, *, privileged: bool, merge: MergeState) -> None:
+    def __init__(
+        self,
+        root: Path,
+        component: str,
+        *,
+        privileged: bool,
+        merge: MergeState,
+        piece: int = 0,
+        redirect: tuple[str, ...] = (),
+    ) -> None:
         self.root = root
         self.component = component
+        # Pieces (chunks) of one component are laid out by parallel streams: their temp
+        # names must differ. Piece 0 holds every directory; later pieces make none.
+        self.piece = piece
+        self._tag = f"{component}~" if piece == 0 else f"{component}~{piece}."
         self.privileged = privileged
         self.merge = merge
         self.root_fd = os.open(root, DIR_FLAGS)
@@ -98,7 +111,7 @@ class TreeWriter:
         self._seen: set[str] = set()
         self._placed: dict[str, str] = {}  # hardlink targets: name -> where it is now
         self._created_dirs: list[tuple[str, int]] = []
-        self._redirect: set[str] = set()  # dirs that conflicted: their contents go to the store
+        self._redirect = set(redirect)  # dirs that conflicted: their contents go to the store
         self._index = 0
         self._xattr_warned = False
         self.stats = Stats()
@@ -168,10 +181,12 @@ class TreeWriter:
                 raise ArchiveError(f"refused: /{m.name} is bootenv's own state")
         if m.kind == "hardlink" and m.linkname not in self._placed:
             raise ArchiveError(f"refused: hardlink /{m.name} -> /{m.linkname} outside this archive")
+        if m.kind == "dir" and self.piece > 0:
+            raise ArchiveError(f"refused: directory /{m.name} outside the archive's first chunk")
 
     def _place_at(self, m: Member, reader: PaxReader, parent: str, base: str, *, store: bool) -> None:
         pfd = self.dir_fd(parent)
-        tmp = f"{TMP_PREFIX}{self.component}~{self._index}"
+        tmp = f"{TMP_PREFIX}{self._tag}{self._index}"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=pfd)  # left by a run that was killed
         if m.kind == "dir":
@@ -328,7 +343,7 @@ class TreeWriter:
         # A run killed between writing the merged file and renaming it left this behind;
         # the merge itself is recorded, so it may not be applied again below.
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{TMP_PREFIX}{self.component}~merge", dir_fd=pfd)
+            os.unlink(f"{TMP_PREFIX}{self._tag}merge", dir_fd=pfd)
 
         def read_existing() -> tuple[bytes, Meta]:
             st = os.lstat(base, dir_fd=pfd)
@@ -337,7 +352,7 @@ class TreeWriter:
             )
 
         def apply(content: bytes, meta: Meta) -> None:
-            tmp = f"{TMP_PREFIX}{self.component}~merge"
+            tmp = f"{TMP_PREFIX}{self._tag}merge"
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=pfd)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=pfd)
@@ -385,9 +400,19 @@ class TreeWriter:
             store,
         )
 
-    def finish(self) -> None:
-        """Directory mtimes last: laying out their contents changed them."""
-        for name, mtime in reversed(self._created_dirs):
+    @property
+    def created_dirs(self) -> list[tuple[str, int]]:
+        """The directories this writer made, with the mtimes they should end with."""
+        return list(self._created_dirs)
+
+    @property
+    def redirected(self) -> tuple[str, ...]:
+        return tuple(sorted(self._redirect))
+
+    def finish(self, created: list[tuple[str, int]] | None = None) -> None:
+        """Directory mtimes last: laying out their contents changed them. `created`:
+        the directories of the component's first piece, once every piece is in."""
+        for name, mtime in reversed(self._created_dirs if created is None else created):
             parent, _, base = name.rpartition("/")
             with contextlib.suppress(OSError):
                 os.utime(

@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -31,7 +31,7 @@ from bootenv.callback import Callback, Event
 from bootenv.conflicts import clean_stale
 from bootenv.dpkgmerge import merge_component_status
 from bootenv.errors import BootenvError, UserError, VerificationError
-from bootenv.extract import TreeWriter
+from bootenv.extract import Stats, TreeWriter
 from bootenv.journal import Journal, syncfs
 from bootenv.log import human_bytes, step
 from bootenv.manifest import Component, resolve_components
@@ -39,7 +39,7 @@ from bootenv.merge import MergeState
 from bootenv.paxread import PaxReader
 from bootenv.run import run, which
 from bootenv.signing import Trust
-from bootenv.source import load_manifest, open_source
+from bootenv.source import Source, load_manifest, open_source
 from bootenv.trusted import open_trusted
 
 log = logging.getLogger(__name__)
@@ -179,49 +179,184 @@ def default_streams(n: int) -> int:
     return max(1, min(n, MAX_STREAMS))
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """What one stream did with one piece (chunk) of a component."""
+
+    component: str
+    index: int
+    stats: Stats | None  # None: failed
+    error: str | None = None
+    created: tuple[tuple[str, int], ...] = ()  # piece 0: the directories it made
+    redirect: tuple[str, ...] = ()  # piece 0: directories that conflicted
+
+
+class _Inline:
+    """An executor that runs each job at once, in this process: the one-stream case."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # re-raised by result(), as a pool would
+            fut.set_exception(exc)
+        return fut
+
+
 def _run_streams(
     image: str, comps: list[Component], root: Path, streams: int, poster: Callback
 ) -> list[ComponentResult]:
-    streams = streams or default_streams(len(comps))
+    """Lay out every piece of every component on `streams` processes.
+
+    A component's first piece (its directories) goes first; its other pieces then join
+    the queue, so a large component is spread over all the streams. When a component's
+    pieces are all in, one more job restores its directory mtimes, syncs the filesystem
+    and records it in the journal.
+    """
+    pieces = sum(len(c.pieces()) for c in comps)
+    streams = streams or default_streams(pieces)
     privileged = os.geteuid() == 0
-    if streams <= 1 or len(comps) <= 1:
-        _SINK[:] = [poster.send]
+    progress = _ProgressSum(poster.send)
+    if streams <= 1 or pieces <= 1:
+        _SINK[:] = [progress]
         try:
-            return [_stream(image, c, root, privileged) for c in comps]
+            return _schedule(_Inline(), image, comps, root, privileged)
         finally:
             _SINK.clear()
     ctx = get_context("fork")
     events: Any = ctx.Queue()
     stop = threading.Event()
-    pump = threading.Thread(target=_pump, args=(events, poster, stop), daemon=True)
+    pump = threading.Thread(target=_pump, args=(events, progress, stop), daemon=True)
     pump.start()
     try:
         with ProcessPoolExecutor(
             streams, mp_context=ctx, initializer=_init_worker, initargs=(events,)
         ) as pool:
-            futures: list[Future[ComponentResult]] = [
-                pool.submit(_stream, image, c, root, privileged) for c in comps
-            ]
-            return [f.result() for f in futures]
+            return _schedule(pool, image, comps, root, privileged)
     finally:
         stop.set()
         pump.join()
 
 
-def _pump(events: Any, poster: Callback, stop: threading.Event) -> None:
+def _schedule(
+    pool: ProcessPoolExecutor | _Inline, image: str, comps: list[Component], root: Path, privileged: bool
+) -> list[ComponentResult]:
+    journal = Journal(root)
+    results: dict[str, ComponentResult] = {}
+    got: dict[str, dict[int, _Piece]] = {c.name: {} for c in comps}
+    started: dict[str, float] = {}
+    jobs: dict[Future[Any], tuple[str, Component, int]] = {}
+    for comp in comps:
+        if journal.reached(comp.name, comp.data.sha256, "files"):
+            log.info("%s: already laid out by an earlier run", comp.name)
+            results[comp.name] = ComponentResult(comp.name, "resumed")
+            continue
+        started[comp.name] = time.monotonic()
+        jobs[pool.submit(_lay_out_piece, image, comp, 0, root, privileged, ())] = ("piece", comp, 0)
+    while jobs:
+        done, _ = wait(list(jobs), return_when=FIRST_COMPLETED)
+        for fut in done:
+            kind, comp, index = jobs.pop(fut)
+            took = time.monotonic() - started[comp.name]
+            if kind == "final":
+                try:
+                    fut.result()
+                except OSError as exc:
+                    results[comp.name] = ComponentResult(comp.name, "failed", error=str(exc), seconds=took)
+                else:
+                    results[comp.name] = _done(comp, got[comp.name], took)
+                continue
+            piece: _Piece = fut.result()
+            got[comp.name][index] = piece
+            if piece.stats is None:
+                if comp.name not in results:
+                    results[comp.name] = ComponentResult(comp.name, "failed", error=piece.error, seconds=took)
+                for other, (_, c, _) in list(jobs.items()):
+                    if c.name == comp.name and other.cancel():
+                        del jobs[other]
+                continue
+            count = len(comp.pieces())
+            if index == 0:
+                for i in range(1, count):
+                    job = pool.submit(_lay_out_piece, image, comp, i, root, privileged, piece.redirect)
+                    jobs[job] = ("piece", comp, i)
+            if comp.name not in results and len(got[comp.name]) == count:
+                jobs[pool.submit(_finish, comp, root, privileged, got[comp.name][0].created)] = (
+                    "final",
+                    comp,
+                    0,
+                )
+    return [results[c.name] for c in comps]
+
+
+def _done(comp: Component, pieces: dict[int, _Piece], took: float) -> ComponentResult:
+    total = Stats()
+    for _, piece in sorted(pieces.items()):
+        assert piece.stats is not None
+        s = piece.stats
+        total.files += s.files
+        total.bytes += s.bytes
+        total.identical += s.identical
+        total.merged += s.merged
+        total.conflicts += s.conflicts
+        total.warnings += s.warnings
+    log.info("%s: %d files, %s in %.1f s", comp.name, total.files, human_bytes(total.bytes), took)
+    return ComponentResult(
+        comp.name,
+        "done",
+        total.files,
+        total.bytes,
+        total.identical,
+        tuple(total.merged),
+        tuple(total.conflicts),
+        tuple(total.warnings),
+        seconds=took,
+    )
+
+
+def _finish(comp: Component, root: Path, privileged: bool, created: tuple[tuple[str, int], ...]) -> None:
+    """Every piece is in: directory mtimes, then durable, then the journal says so."""
+    writer = TreeWriter(root, comp.name, privileged=privileged, merge=MergeState(root))
+    try:
+        writer.finish(list(created))
+    finally:
+        writer.close()
+    syncfs(root)
+    Journal(root).set(comp.name, comp.data.sha256, "files")
+
+
+class _ProgressSum:
+    """Turn per-piece progress into per-component totals before they are posted."""
+
+    def __init__(self, send: Callable[[Event], None]) -> None:
+        self.send = send
+        self.pieces: dict[tuple[str, int], tuple[int, int]] = {}
+
+    def __call__(self, event: Event) -> None:
+        if event.get("event") == "progress" and "piece" in event:
+            name = event["component"]
+            self.pieces[(name, event.pop("piece"))] = (event["files"], event["bytes"])
+            mine = [v for (n, _), v in self.pieces.items() if n == name]
+            event = {**event, "files": sum(f for f, _ in mine), "bytes": sum(b for _, b in mine)}
+        self.send(event)
+
+
+def _pump(events: Any, sink: Callable[[Event], None], stop: threading.Event) -> None:
     while True:
         try:
-            poster.send(events.get(timeout=0.1))
+            sink(events.get(timeout=0.1))
         except queue.Empty:
             if stop.is_set():
                 return
 
 
 _SINK: list[Callable[[Event], None]] = []  # where a stream's events go (set per process)
+_SOURCES: dict[str, Source] = {}  # one source (one HTTP session) per image per process
 
 
 def _init_worker(events: Any) -> None:
     _SINK[:] = [events.put]
+    _SOURCES.clear()  # a forked session's connections belong to the parent
     # A stream must not outlive the layout that started it (kill -9 of the parent).
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -247,62 +382,52 @@ class _Hashing:
         return data
 
 
-def _stream(image: str, comp: Component, root: Path, privileged: bool) -> ComponentResult:
-    """One stream: fetch, decompress, verify and lay out one component."""
-    start = time.monotonic()
-    journal = Journal(root)
-    if journal.reached(comp.name, comp.data.sha256, "files"):
-        log.info("%s: already laid out by an earlier run", comp.name)
-        return ComponentResult(comp.name, "resumed")
-    _emit(
-        {
-            "event": "step",
-            "step": "component",
-            "status": "start",
-            "component": comp.name,
-            "total": comp.data.size,
-        }
+def _lay_out_piece(
+    image: str, comp: Component, index: int, root: Path, privileged: bool, redirect: tuple[str, ...]
+) -> _Piece:
+    """One stream's job: fetch, decompress, verify and lay out one piece of a component."""
+    pieces = comp.pieces()
+    chunk = pieces[index]
+    if index == 0:
+        _emit(
+            {
+                "event": "step",
+                "step": "component",
+                "status": "start",
+                "component": comp.name,
+                "total": comp.data.size,
+            }
+        )
+        log.info("%s: laying out %d files (%s)", comp.name, comp.files, human_bytes(comp.data.raw_size))
+    writer = TreeWriter(
+        root, comp.name, privileged=privileged, merge=MergeState(root), piece=index, redirect=redirect
     )
-    log.info("%s: laying out %d files (%s)", comp.name, comp.files, human_bytes(comp.data.raw_size))
-    writer = TreeWriter(root, comp.name, privileged=privileged, merge=MergeState(root))
     try:
-        src = open_source(image).open(comp.data.file, comp.data.size)
+        if image not in _SOURCES:
+            _SOURCES[image] = open_source(image)
+        offset = chunk.offset if comp.chunks else None
+        src = _SOURCES[image].open(comp.data.file, chunk.size, offset)
         try:
             hashing = _Hashing(src)
-            _lay_out(comp, hashing, writer)
+            _lay_out(comp, index, hashing, writer, partial=index < len(pieces) - 1)
         finally:
             src.close()
-        if hashing.size != comp.data.size or hashing.sha.hexdigest() != comp.data.sha256:
+        if hashing.size != chunk.size or hashing.sha.hexdigest() != chunk.sha256:
             raise VerificationError(f"{comp.name}: sub-image does not match its sha256; not activated")
-        writer.finish()
     except (BootenvError, OSError, zstandard.ZstdError) as exc:
         log.error("%s: %s", comp.name, exc)
-        return ComponentResult(comp.name, "failed", error=str(exc), seconds=time.monotonic() - start)
+        return _Piece(comp.name, index, None, error=str(exc))
     finally:
         writer.close()
-    syncfs(root)
-    journal.set(comp.name, comp.data.sha256, "files")
-    s = writer.stats
-    took = time.monotonic() - start
-    log.info("%s: %d files, %s in %.1f s", comp.name, s.files, human_bytes(s.bytes), took)
-    return ComponentResult(
-        comp.name,
-        "done",
-        s.files,
-        s.bytes,
-        s.identical,
-        tuple(s.merged),
-        tuple(s.conflicts),
-        tuple(s.warnings),
-        seconds=took,
-    )
+    return _Piece(comp.name, index, writer.stats, None, tuple(writer.created_dirs), writer.redirected)
 
 
-def _lay_out(comp: Component, src: _Hashing, writer: TreeWriter) -> None:
+def _lay_out(comp: Component, index: int, src: _Hashing, writer: TreeWriter, *, partial: bool) -> None:
     dctx = zstandard.ZstdDecompressor()
+    limit = comp.pieces()[index].raw_size
     try:
-        with dctx.stream_reader(src, read_size=1 << 20, closefd=False) as z:  # type: ignore[arg-type]
-            reader = PaxReader(z, limit=comp.data.raw_size)
+        with dctx.stream_reader(src, read_size=1 << 20, read_across_frames=True, closefd=False) as z:  # type: ignore[arg-type]
+            reader = PaxReader(z, limit=limit, partial=partial)
             last = time.monotonic()
             for member in reader:
                 writer.place(member, reader)
@@ -310,7 +435,15 @@ def _lay_out(comp: Component, src: _Hashing, writer: TreeWriter) -> None:
                 if now - last >= 1.0:
                     last = now
                     s = writer.stats
-                    _emit({"event": "progress", "component": comp.name, "files": s.files, "bytes": s.bytes})
+                    _emit(
+                        {
+                            "event": "progress",
+                            "component": comp.name,
+                            "piece": index,
+                            "files": s.files,
+                            "bytes": s.bytes,
+                        }
+                    )
             reader.drain()
     except zstandard.ZstdError as exc:
         raise VerificationError(f"{comp.name}: corrupt zstd stream: {exc}") from exc

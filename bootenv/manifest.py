@@ -17,6 +17,7 @@ FORMAT = "bootenv-composite"
 VERSION = 1
 MANIFEST = "manifest.json"
 MAX_MANIFEST = 16 << 20
+MAX_CHUNKS = 1 << 16
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 _FILE = re.compile(r"^[0-9a-f]{64}\.[a-z]+(\.[a-z]+)?$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -62,6 +63,17 @@ class OsImage:
 
 
 @dataclass(frozen=True)
+class Chunk:
+    """One independently fetchable piece of a component archive: a whole zstd frame
+    holding whole tar members, at `offset` in the blob."""
+
+    offset: int
+    size: int  # compressed bytes (the HTTP range)
+    raw_size: int  # tar bytes after decompression
+    sha256: str  # of the compressed bytes
+
+
+@dataclass(frozen=True)
 class Component:
     name: str
     data: Blob  # zstd-compressed pax tar archive
@@ -69,6 +81,11 @@ class Component:
     depends: tuple[str, ...]
     files: int
     units: tuple[str, ...]  # systemd units enabled on the gold machine
+    chunks: tuple[Chunk, ...] = ()  # empty: the archive is one piece
+
+    def pieces(self) -> tuple[Chunk, ...]:
+        """The units a layout stream fetches: the chunks, or the whole blob as one."""
+        return self.chunks or (Chunk(0, self.data.size, self.data.raw_size, self.data.sha256),)
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,9 @@ class Manifest:
         body = {"format": FORMAT, "version": VERSION, **asdict(self)}
         if self.single is None:
             del body["single"]
+        for comp in body["components"]:
+            if not comp["chunks"]:
+                del comp["chunks"]
         return json.dumps(body, indent=2, sort_keys=False) + "\n"
 
 
@@ -190,17 +210,40 @@ def _component(value: Any, index: int) -> Component:
         value,
         where,
         {"name": str, "data": dict, "packages": list, "depends": list, "files": int, "units": list},
+        {"chunks": list},
     )
     if not _NAME.match(d["name"]) or d["name"] in ("os", "all", "none"):
         raise ManifestError(f"{where}.name {d['name']!r} is not a valid component name")
+    data = _blob(d["data"], f"{where}.data")
     return Component(
         d["name"],
-        _blob(d["data"], f"{where}.data"),
+        data,
         _strings(d["packages"], where),
         _strings(d["depends"], where),
         d["files"],
         _strings(d["units"], where),
+        _chunks(d.get("chunks", []), data, f"{where}.chunks"),
     )
+
+
+def _chunks(value: list[Any], data: Blob, where: str) -> tuple[Chunk, ...]:
+    """Chunks tile the blob exactly: in order, contiguous, none empty."""
+    if len(value) > MAX_CHUNKS:
+        raise ManifestError(f"{where} has more than {MAX_CHUNKS} chunks")
+    out = []
+    offset = raw = 0
+    for i, item in enumerate(value):
+        c = Chunk(**_obj(item, f"{where}[{i}]", {"offset": int, "size": int, "raw_size": int, "sha256": str}))
+        if not _HEX.match(c.sha256):
+            raise ManifestError(f"{where}[{i}].sha256 is not a sha256")
+        if c.offset != offset or c.size == 0:
+            raise ManifestError(f"{where}[{i}] does not follow the previous chunk")
+        offset += c.size
+        raw += c.raw_size
+        out.append(c)
+    if out and (offset != data.size or raw != data.raw_size):
+        raise ManifestError(f"{where} do not add up to the archive's size")
+    return tuple(out)
 
 
 def _check_components(components: tuple[Component, ...]) -> None:

@@ -124,8 +124,11 @@ def _text(value: bytes) -> str:
 class PaxReader:
     """Iterate members of a tar stream; read each member's data with `chunks()`."""
 
-    def __init__(self, stream: BinaryIO, *, limit: int | None = None, chunk: int = 1 << 20) -> None:
+    def __init__(
+        self, stream: BinaryIO, *, limit: int | None = None, chunk: int = 1 << 20, partial: bool = False
+    ) -> None:
         self._stream = stream
+        self._partial = partial  # a chunk of an archive: may end at a member boundary
         self._chunk = chunk
         self._buf = b""
         self._pos = 0
@@ -163,6 +166,12 @@ class PaxReader:
         out = self._buf[self._pos : self._pos + n]
         self._pos += len(out)
         return out
+
+    def _at_end(self) -> bool:
+        if self._pos < len(self._buf):
+            return False
+        self._buf, self._pos = self._stream.read(self._chunk), 0
+        return not self._buf
 
     def chunks(self) -> Iterator[bytes]:
         """The current member's remaining data."""
@@ -205,6 +214,8 @@ class PaxReader:
         longlink: str | None = None
         while True:
             self._skip()
+            if self._partial and self._at_end():
+                return
             block = self._fill(BLOCK)
             if block == bytes(BLOCK):
                 return

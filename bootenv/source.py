@@ -23,7 +23,10 @@ CHUNK = 1 << 20
 class Source(Protocol):
     def read_bytes(self, name: str) -> bytes: ...
 
-    def open(self, name: str, size: int) -> BinaryIO: ...
+    def open(self, name: str, size: int, offset: int | None = None) -> BinaryIO:
+        """A reader of the whole blob `name` (`size` bytes), or of the window of `size`
+        bytes at `offset` (a chunk)."""
+        ...
 
     def describe(self, name: str) -> str: ...
 
@@ -51,11 +54,15 @@ class DirSource:
         except FileNotFoundError as exc:
             raise UserError(f"{self.path / name} is missing from the image") from exc
 
-    def open(self, name: str, size: int) -> BinaryIO:
+    def open(self, name: str, size: int, offset: int | None = None) -> BinaryIO:
         try:
-            return open(self.path / name, "rb")
+            f = open(self.path / name, "rb")
         except FileNotFoundError as exc:
             raise UserError(f"{self.path / name} is missing from the image") from exc
+        if offset is None:
+            return f  # the whole file: trailing bytes still reach the hash check
+        f.seek(offset)
+        return _Window(f, size)  # type: ignore[return-value]
 
     def describe(self, name: str) -> str:
         return str(self.path / name)
@@ -76,8 +83,9 @@ class HttpSource:
         with HttpReader(self.session, self.base + name, None, self.policy) as r:
             return r.read()
 
-    def open(self, name: str, size: int) -> BinaryIO:
-        return HttpReader(self.session, self.base + name, size, self.policy)  # type: ignore[return-value]
+    def open(self, name: str, size: int, offset: int | None = None) -> BinaryIO:
+        reader = HttpReader(self.session, self.base + name, size, self.policy, start=offset)
+        return reader  # type: ignore[return-value]
 
     def describe(self, name: str) -> str:
         return self.base + name
@@ -93,12 +101,17 @@ class HttpReader:
     RetryableError. A length that disagrees with the manifest is fatal.
     """
 
-    def __init__(self, session: object, url: str, size: int | None, policy: RetryPolicy) -> None:
+    def __init__(
+        self, session: object, url: str, size: int | None, policy: RetryPolicy, *, start: int | None = None
+    ) -> None:
         self.session = session
         self.url = url
-        self.size = size
+        self.size = size  # bytes wanted from `start` (None: to the end)
         self.policy = policy
-        self.pos = 0
+        self.window = start is not None  # a chunk of the URL, not all of it
+        self.start = start or 0  # first byte of the URL this reader covers
+        self.pos = 0  # bytes read, from `start`
+        self._bounded = True  # the response ends where we do (else stop reading at `size`)
         self.resumes = 0  # connections after the first, for the log and the tests
         self._resp: object | None = None
         self._failures = 0
@@ -107,7 +120,12 @@ class HttpReader:
     def _connect(self) -> None:
         import requests
 
-        headers = {"Range": f"bytes={self.pos}-"} if self.pos else {}
+        first = self.start + self.pos
+        headers = {}
+        if self.window and self.size is not None:
+            headers["Range"] = f"bytes={first}-{self.start + self.size - 1}"
+        elif first:
+            headers["Range"] = f"bytes={first}-"
         try:
             resp = self.session.get(self.url, headers=headers, stream=True, timeout=self.policy.timeout)  # type: ignore[attr-defined]
         except requests.RequestException as exc:
@@ -128,22 +146,27 @@ class HttpReader:
             raise RetryableError(f"{self.url}: HTTP {status}")
         if status == 416 and self.size is not None:
             raise VerificationError(f"{self.url} is shorter than the manifest says ({self.size} bytes)")
-        if status not in (200, 206) or (status == 206 and not self.pos):
+        first = self.start + self.pos
+        if status not in (200, 206) or (status == 206 and not (first or self.window)):
             raise UserError(f"{self.url}: unexpected HTTP {status}")
         if headers.get("Content-Encoding", "identity") != "identity":
             raise VerificationError(f"{self.url}: server re-encoded the blob ({headers['Content-Encoding']})")
         start = 0
         if status == 206:
             start = _range_start(headers.get("Content-Range", ""))
-            if start != self.pos:
-                raise VerificationError(f"{self.url}: asked for byte {self.pos}, server sent from {start}")
+            if start != first:
+                raise VerificationError(f"{self.url}: asked for byte {first}, server sent from {start}")
         # A server without Range support restarts from 0; skip what we already have.
-        self._skip = self.pos - start
+        self._skip = first - start
         length = headers.get("Content-Length")
-        if self.size is not None and length is not None and int(length) + start != self.size:
-            raise VerificationError(
-                f"{self.url}: server says {int(length) + start} bytes, the manifest says {self.size}"
-            )
+        if self.size is None or length is None:
+            return
+        end, want = int(length) + start, self.start + self.size
+        # A whole blob must be exactly as long as the manifest says; for a chunk, a
+        # server that ignored the range sends more, which we stop reading.
+        self._bounded = end == want
+        if end < want or (end > want and not self.window):
+            raise VerificationError(f"{self.url}: server says {end} bytes, the manifest says {want}")
 
     def read(self, n: int = -1) -> bytes:
         if n < 0:
@@ -181,7 +204,8 @@ class HttpReader:
                 return b""
             self._skip -= len(dropped)
         if self.size is not None:
-            n = min(n, self.size - self.pos + 1)  # one extra byte reveals an over-long body
+            # One extra byte reveals an over-long body, unless the body goes on by design.
+            n = min(n, self.size - self.pos + (1 if self._bounded else 0))
         data: bytes = raw.read(n)
         return data
 
@@ -205,6 +229,29 @@ class HttpReader:
         self._drop()
 
     def __enter__(self) -> HttpReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Window:
+    """At most `size` bytes of an open file, from where it is positioned."""
+
+    def __init__(self, f: BinaryIO, size: int) -> None:
+        self._f = f
+        self._left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n < 0 else min(n, self._left)
+        data = self._f.read(n)
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> _Window:
         return self
 
     def __exit__(self, *exc: object) -> None:

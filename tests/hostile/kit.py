@@ -16,7 +16,8 @@ from pathlib import Path
 
 import zstandard
 
-from bootenv.manifest import Blob, Component, Manifest, OsImage, RootFs, Source
+from bootenv.frames import compress_tar
+from bootenv.manifest import Blob, Chunk, Component, Manifest, OsImage, RootFs, Source
 
 MTIME = 1_700_000_000
 
@@ -94,16 +95,27 @@ class Comp:
     status: str = ""  # dpkg status paragraphs; added as var/lib/bootenv/dpkg/<name>.status
 
 
-def make_image(directory: Path, comps: list[Comp]) -> Path:
+def make_image(directory: Path, comps: list[Comp], *, chunk: int = 0) -> Path:
+    """A composite image of `comps`; with `chunk`, archives are cut into chunks of about
+    that many tar bytes, as capture does (directories first, in their own chunk)."""
     directory.mkdir(parents=True, exist_ok=True)
     components = []
     for c in comps:
         members = list(c.members)
         if c.status:
             members.append(f(f"var/lib/bootenv/dpkg/{c.name}.status", c.status))
-        raw = tar_bytes(members)
-        data = blob(directory, zstandard.ZstdCompressor().compress(raw), "tar.zst", len(raw))
-        components.append(Component(c.name, data, c.packages, c.depends, len(c.members), c.units))
+        chunks: tuple[Chunk, ...] = ()
+        if chunk:
+            members = sorted((m for m in members if m.isdir()), key=lambda m: m.name) + [
+                m for m in members if not m.isdir()
+            ]
+            out = io.BytesIO()
+            raw_size, chunks = compress_tar(io.BytesIO(tar_bytes(members)), out, level=3, target=chunk)
+            data = blob(directory, out.getvalue(), "tar.zst", raw_size)
+        else:
+            raw = tar_bytes(members)
+            data = blob(directory, zstandard.ZstdCompressor().compress(raw), "tar.zst", len(raw))
+        components.append(Component(c.name, data, c.packages, c.depends, len(c.members), c.units, chunks))
     os_data = blob(directory, b"os", "img.zst", 2)
     bmap = blob(directory, b"{}", "bmap.json", 2)
     manifest = Manifest(

@@ -158,14 +158,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return None
         status = 206 if match else 200
+        stop = min(int(match.group(2)) + 1, size) if match and match.group(2) else size
         # Record before answering: a test may look as soon as its client has the answer.
         self.server_ref.record(Request(name, start, status))
         self.send_response(status)
         if match:
-            self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
-        self.send_header("Content-Length", str(size - start + fault.length_delta))
+            self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
+        self.send_header("Content-Length", str(stop - start + fault.length_delta))
         self.end_headers()
-        self._body(data, start, fault)
+        self._body(data, start, stop, fault)
 
     def _status(self, name: str, start: int, status: int) -> None:
         self.server_ref.record(Request(name, start, status))
@@ -182,10 +183,10 @@ class _Handler(BaseHTTPRequestHandler):
             chunk = chunk[: bad - pos] + bytes([chunk[bad - pos] ^ 0xFF]) + chunk[bad - pos + 1 :]
         return chunk
 
-    def _body(self, data: Buffer, start: int, fault: Fault) -> None:
-        end = len(data)
-        cuts = [d for d in fault.drops if d >= start]
-        if fault.drop_always is not None and fault.drop_always >= start:
+    def _body(self, data: Buffer, start: int, stop: int, fault: Fault) -> None:
+        end = stop
+        cuts = [d for d in fault.drops if start <= d < stop]
+        if fault.drop_always is not None and start <= fault.drop_always < stop:
             cuts.append(fault.drop_always)
         cut = min(cuts, default=None)
         if cut is not None:
@@ -209,7 +210,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
             return
-        if end < len(data) or fault.length_delta:
+        if end < stop or fault.length_delta:
             # Cut (or lied): the client must not reuse this connection.
             self.close_connection = True
             with contextlib.suppress(OSError):

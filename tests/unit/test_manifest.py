@@ -10,6 +10,7 @@ import pytest
 from bootenv.errors import UserError
 from bootenv.manifest import (
     Blob,
+    Chunk,
     Component,
     Manifest,
     ManifestError,
@@ -30,7 +31,15 @@ def make_manifest() -> Manifest:
     comps = (
         Component("apache", blob("c"), ("apache2",), (), 10, ("apache2.service",)),
         Component("php", blob("d"), ("php",), ("apache",), 5, ()),
-        Component("mysql", blob("e"), ("mariadb-server",), (), 7, ("mariadb.service",)),
+        Component(
+            "mysql",
+            blob("e"),
+            ("mariadb-server",),
+            (),
+            7,
+            ("mariadb.service",),
+            (Chunk(0, 4, 5, "1" * 64), Chunk(4, 6, 15, "2" * 64)),
+        ),
     )
     return Manifest(
         Source("gold", "Debian GNU/Linux 12 (bookworm)", "amd64", "6.1.0-50-amd64", "2026-11-25T00:00:00Z"),
@@ -48,6 +57,16 @@ def doc() -> dict[str, Any]:
 def test_round_trip() -> None:
     m = make_manifest()
     assert parse_manifest(m.to_json()) == m
+    d = doc()
+    assert "chunks" not in d["components"][0]  # one piece: no table
+    assert [c["offset"] for c in d["components"][2]["chunks"]] == [0, 4]
+
+
+def test_pieces_of_an_unchunked_component_is_the_whole_blob() -> None:
+    m = make_manifest()
+    apache, mysql = m.component("apache"), m.component("mysql")
+    assert apache.pieces() == (Chunk(0, 10, 20, "c" * 64),)
+    assert mysql.pieces() == mysql.chunks
     assert parse_manifest(m.to_json().encode()) == m
 
 
@@ -94,6 +113,13 @@ def edit(path: str, value: Any) -> str:
         ("components.0.data.sha256", "x" * 64, "named by its sha256"),
         ("components.0.packages", [1], "list of strings"),
         ("components", {}, "components must be list"),
+        ("components.2.chunks.1.offset", 5, "does not follow the previous chunk"),
+        ("components.2.chunks.1.size", 0, "does not follow the previous chunk"),
+        ("components.2.chunks.1.size", 7, "do not add up to the archive's size"),
+        ("components.2.chunks.1.raw_size", 1, "do not add up to the archive's size"),
+        ("components.2.chunks.0.sha256", "zz", "is not a sha256"),
+        ("components.2.chunks.0.extra", 1, "unknown key 'extra' in components[2].chunks[0]"),
+        ("components.2.chunks", {}, "components[2].chunks must be list"),
     ],
 )
 def test_hostile_manifests(path: str, value: Any, message: str) -> None:

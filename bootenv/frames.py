@@ -1,0 +1,160 @@
+"""Compress a tar stream into zstd frames cut at member boundaries: the chunks of a component.
+
+A component archive is one file that any zstd and tar can read end to end, but it is
+also a sequence of independent frames, each holding whole tar members, recorded in the
+manifest with their offset, size and sha256. A layout stream can fetch one frame with
+an HTTP range, check its hash, and lay its members out without the rest: so a large
+component is spread over every stream, not tied to one.
+
+Where frames are cut:
+- right after the last directory (capture puts directories first), so the first chunk
+  is the directory skeleton and later chunks never have to create a directory;
+- never before a hard link (capture keeps a hard link next to its target), so a link
+  always finds its target in the same chunk;
+- otherwise once a frame holds `target` bytes of tar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO, Protocol
+
+import zstandard
+
+from bootenv.manifest import Chunk
+from bootenv.paxread import BLOCK, ArchiveError, parse_pax
+
+DEFAULT_TARGET = 16 << 20
+_NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
+_HEADERS = (b"x", b"g", b"L", b"K")
+
+
+class Sink(Protocol):
+    def write(self, data: bytes | bytearray | memoryview) -> int: ...
+
+
+@dataclass
+class _Counting:
+    """Forward compressed bytes to the sink, hashing and counting the current chunk."""
+
+    sink: Sink
+    offset: int = 0
+    size: int = 0
+    sha: hashlib._Hash = field(default_factory=hashlib.sha256)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.sink.write(data)
+
+    def cut(self, raw_size: int) -> Chunk:
+        chunk = Chunk(self.offset, self.size, raw_size, self.sha.hexdigest())
+        self.offset += self.size
+        self.size = 0
+        self.sha = hashlib.sha256()
+        return chunk
+
+
+def compress_tar(
+    src: IO[bytes],
+    sink: Sink,
+    *,
+    level: int,
+    target: int = DEFAULT_TARGET,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[int, tuple[Chunk, ...]]:
+    """Compress the tar stream `src` into `sink` as chunked frames; return (raw size, chunks)."""
+    counting = _Counting(sink)
+    cctx = zstandard.ZstdCompressor(level=level, threads=-1)
+    writer = cctx.stream_writer(counting, closefd=False)  # type: ignore[arg-type]
+    chunks: list[Chunk] = []
+    raw = 0  # tar bytes in the current frame
+    total = 0
+    pending = bytearray()  # read ahead of the member being copied
+    cuttable = True  # a global pax header would apply to later chunks: never cut after one
+    in_dirs = False
+
+    def take(n: int) -> bytes:
+        while len(pending) < n:
+            data = src.read(max(1 << 20, n - len(pending)))
+            if not data:
+                raise ArchiveError("tar stream is truncated")
+            pending.extend(data)
+        out = bytes(pending[:n])
+        del pending[:n]
+        return out
+
+    def emit(data: bytes) -> None:
+        nonlocal raw, total
+        writer.write(data)
+        raw += len(data)
+        total += len(data)
+        if progress:
+            progress(len(data))
+
+    def cut() -> None:
+        nonlocal raw
+        if raw:
+            writer.flush(zstandard.FLUSH_FRAME)
+            chunks.append(counting.cut(raw))
+            raw = 0
+
+    while True:
+        # One member: its extended headers, its own header, its data.
+        header = take(BLOCK)
+        if header == bytes(BLOCK):  # end of archive: the rest (zero padding) ends the last chunk
+            emit(header)
+            while rest := src.read(1 << 20):
+                emit(bytes(pending) + rest)
+                pending.clear()
+            if pending:
+                emit(bytes(pending))
+                pending.clear()
+            break
+        member = [header]
+        pax: dict[str, bytes] = {}
+        while header[156:157] in _HEADERS:
+            size = _size(header)
+            body = take(_padded(size))
+            member.append(body)
+            if header[156:157] == b"x":
+                pax = parse_pax(body[:size])
+            elif header[156:157] == b"g":
+                cuttable = False
+            header = take(BLOCK)
+            member.append(header)
+        typeflag = header[156:157]
+        size = 0 if typeflag in _NO_DATA else _size(header)
+        if "size" in pax and typeflag not in _NO_DATA:
+            size = int(pax["size"])
+        is_dir = typeflag == b"5"
+        if cuttable and typeflag != b"1" and ((in_dirs and not is_dir) or raw >= target):
+            cut()
+        in_dirs = is_dir
+        for part in member:
+            emit(part)
+        left = _padded(size)
+        while left:
+            data = take(min(left, 1 << 20))
+            emit(data)
+            left -= len(data)
+    writer.flush(zstandard.FLUSH_FRAME)
+    if raw:
+        chunks.append(counting.cut(raw))
+    if len(chunks) == 1:
+        return total, ()  # one piece: the blob itself says it all
+    return total, tuple(chunks)
+
+
+def _size(header: bytes) -> int:
+    field_ = header[124:136]
+    if field_[0] & 0x80:  # base-256
+        return int.from_bytes(field_[1:], "big")
+    text = field_.split(b"\0", 1)[0].strip(b" \0")
+    return int(text, 8) if text else 0
+
+
+def _padded(size: int) -> int:
+    return size + (-size % BLOCK)

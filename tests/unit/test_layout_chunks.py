@@ -1,0 +1,183 @@
+"""Chunked components: every piece on any stream, verified alone, the same tree as one piece."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from bootenv.journal import Journal
+from bootenv.manifest import Chunk, Component, Manifest, OsImage, RootFs, Source, parse_manifest
+from tests.faults.helpers import component, run_layout
+from tests.hostile.kit import MTIME, Comp, blob, d, f, hard, make_image, snapshot
+from tests.unit.httpfault import Fault, FaultServer
+
+COUNTS: list[int] = []  # files placed and merged, laid out whole
+CHUNK = 24 << 10  # a few files per chunk: dozens of chunks for two small components
+
+
+def comps() -> list[Comp]:
+    return [component("good", 7, files=80), component("bad", 8, files=80)]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, tuple[object, ...]]]:
+    base = tmp_path_factory.mktemp("chunks")
+    whole = make_image(base / "whole", comps())
+    chunked = make_image(base / "chunked", comps(), chunk=CHUNK)
+    res, _ = run_layout(str(whole), base / "ref")
+    assert res.ok
+    COUNTS[:] = [sum(c.files for c in res.components), sum(len(c.merged) for c in res.components)]
+    return whole, chunked, snapshot(base / "ref")
+
+
+def manifest(image: Path) -> Manifest:
+    return parse_manifest((image / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_chunked_layout_is_the_tree_of_the_whole_archive(
+    images: tuple[Path, Path, dict[str, tuple[object, ...]]], tmp_path: Path, streams: int
+) -> None:
+    _, chunked, ref = images
+    m = manifest(chunked)
+    assert all(len(c.chunks) >= 8 for c in m.components)
+    res, act = run_layout(str(chunked), tmp_path / "root", streams=streams)
+    assert res.ok, [c.error for c in res.components]
+    assert snapshot(tmp_path / "root") == ref
+    # As many as in one piece (which component placed the shared config first may vary).
+    assert sum(c.files for c in res.components) == COUNTS[0]
+    assert sum(len(c.merged) for c in res.components) == COUNTS[1]
+    # Directory mtimes are restored once every piece is in, not after the first.
+    assert (tmp_path / "root/opt/good/sub").stat().st_mtime == MTIME
+    assert (tmp_path / "root/opt/bad").stat().st_mtime == MTIME
+    assert act.calls and not list((tmp_path / "root").rglob(".bootenv~*"))
+    for c in m.components:
+        assert Journal(tmp_path / "root").reached(c.name, c.data.sha256, "done")
+
+
+def test_streams_fetch_each_chunk_with_a_range_request(
+    images: tuple[Path, Path, dict[str, tuple[object, ...]]], tmp_path: Path
+) -> None:
+    _, chunked, ref = images
+    m = manifest(chunked)
+    with FaultServer(chunked) as srv:
+        res, _ = run_layout(srv.url, tmp_path / "root", streams=3)
+    assert res.ok, [c.error for c in res.components]
+    assert snapshot(tmp_path / "root") == ref
+    for c in m.components:
+        got = sorted((r.start, r.status) for r in srv.requests_for(c.data.file))
+        assert got == [(k.offset, 206) for k in c.chunks]
+
+
+def test_a_cut_inside_a_chunk_resumes_inside_that_chunk(
+    images: tuple[Path, Path, dict[str, tuple[object, ...]]], tmp_path: Path
+) -> None:
+    _, chunked, ref = images
+    comp = manifest(chunked).component("good")
+    k = comp.chunks[3]
+    cut = k.offset + k.size // 2
+    with FaultServer(chunked) as srv:
+        srv.faults[comp.data.file] = Fault(drops=[cut])
+        res, _ = run_layout(srv.url, tmp_path / "root", streams=2)
+    assert res.ok, [c.error for c in res.components]
+    assert snapshot(tmp_path / "root") == ref
+    assert (cut, 206) in [(r.start, r.status) for r in srv.requests_for(comp.data.file)]
+
+
+def test_a_server_that_ignores_ranges_still_gives_the_right_bytes(
+    images: tuple[Path, Path, dict[str, tuple[object, ...]]], tmp_path: Path
+) -> None:
+    _, chunked, ref = images
+    with FaultServer(chunked) as srv:
+        for c in manifest(chunked).components:
+            srv.faults[c.data.file] = Fault(ignore_range=True)
+        res, _ = run_layout(srv.url, tmp_path / "root", streams=2)
+    assert res.ok, [c.error for c in res.components]
+    assert snapshot(tmp_path / "root") == ref
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_a_corrupt_chunk_fails_its_component_only(
+    images: tuple[Path, Path, dict[str, tuple[object, ...]]], tmp_path: Path, streams: int
+) -> None:
+    _, chunked, _ = images
+    comp = manifest(chunked).component("bad")
+    k = comp.chunks[len(comp.chunks) // 2]
+    with FaultServer(chunked) as srv:
+        srv.faults[comp.data.file] = Fault(corrupt_at=k.offset + k.size // 2)
+        res, act = run_layout(srv.url, tmp_path / "root", streams=streams)
+    by = {c.name: c for c in res.components}
+    assert by["good"].status == "done" and by["bad"].status == "failed"
+    assert by["bad"].error and ("sha256" in by["bad"].error or "corrupt" in by["bad"].error)
+    assert act.calls == [(tmp_path / "root", ["good.service"])]
+    journal = Journal(tmp_path / "root")
+    assert journal.phase("bad", comp.data.sha256) is None
+    assert journal.reached("good", manifest(chunked).component("good").data.sha256, "done")
+
+
+def _members(members: list[tarfile.TarInfo], *, last: bool) -> bytes:
+    out = b""
+    for ti in members:
+        data = getattr(ti, "data", b"") or b""
+        out += ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape") + data + bytes(-len(data) % 512)
+    return out + (bytes(1024) if last else b"")
+
+
+def hand_chunked(directory: Path, parts: list[list[tarfile.TarInfo]]) -> Path:
+    """An image whose one component has exactly these chunks (not as capture would cut)."""
+    directory.mkdir()
+    frames = [_members(p, last=i == len(parts) - 1) for i, p in enumerate(parts)]
+    packed = [zstandard.ZstdCompressor().compress(fr) for fr in frames]
+    chunks, offset = [], 0
+    for fr, z in zip(frames, packed, strict=True):
+        chunks.append(Chunk(offset, len(z), len(fr), hashlib.sha256(z).hexdigest()))
+        offset += len(z)
+    data = blob(directory, b"".join(packed), "tar.zst", sum(len(fr) for fr in frames))
+    comp = Component("x", data, ("x",), (), 3, (), tuple(chunks))
+    m = Manifest(
+        Source("gold", "Debian", "amd64", "6.1", "2024-01-01T00:00:00Z"),
+        RootFs("ext4", 1 << 20, 1 << 20, 4096),
+        OsImage(blob(directory, b"os", "img.zst", 2), blob(directory, b"{}", "bmap.json", 2), (), 1),
+        (comp,),
+    )
+    (directory / "manifest.json").write_text(m.to_json())
+    assert json.loads(m.to_json())["components"][0]["chunks"]
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("parts", "refusal"),
+    [
+        ([[d("a")], [f("a/x", "1"), d("b")], [f("b/y", "2")]], "outside the archive's first chunk"),
+        ([[d("a")], [f("a/x", "1")], [hard("a/z", "./a/x")]], "outside this archive"),
+    ],
+    ids=["directory-in-a-later-chunk", "hardlink-across-chunks"],
+)
+def test_chunks_capture_would_not_make_are_refused(
+    tmp_path: Path, parts: list[list[tarfile.TarInfo]], refusal: str
+) -> None:
+    image = hand_chunked(tmp_path / "img", parts)
+    res, act = run_layout(str(image), tmp_path / "root")
+    assert res.components[0].status == "failed"
+    assert refusal in (res.components[0].error or "")
+    assert act.calls == []
+
+
+def test_a_hand_cut_archive_that_follows_the_rules_lays_out(tmp_path: Path) -> None:
+    parts = [
+        [d("a"), d("a/b", mode=0o700)],
+        [f("a/x", "1"), hard("a/y", "./a/x")],
+        [f("a/b/z", io.BytesIO(b"2").read())],
+    ]
+    image = hand_chunked(tmp_path / "img", parts)
+    res, _ = run_layout(str(image), tmp_path / "root", streams=3)
+    assert res.ok, [c.error for c in res.components]
+    root = tmp_path / "root"
+    assert (root / "a/x").stat().st_ino == (root / "a/y").stat().st_ino
+    assert (root / "a/b/z").read_bytes() == b"2" and (root / "a/b").stat().st_mode & 0o777 == 0o700
