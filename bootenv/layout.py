@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import io
 import logging
 import os
 import queue
@@ -34,7 +35,7 @@ from bootenv.errors import BootenvError, UserError, VerificationError
 from bootenv.extract import Stats, TreeWriter
 from bootenv.journal import Journal, syncfs
 from bootenv.log import human_bytes, step
-from bootenv.manifest import Component, resolve_components
+from bootenv.manifest import Chunk, Component, resolve_components
 from bootenv.merge import MergeState
 from bootenv.paxread import PaxReader
 from bootenv.run import run, which
@@ -45,6 +46,7 @@ from bootenv.trusted import open_trusted
 log = logging.getLogger(__name__)
 
 MAX_STREAMS = 4
+VERIFY_FIRST = 32 << 20  # a chunk up to this size is verified before any of its files is placed
 FAILED_UNIT = "failed to start: "  # activation note of a unit that is not active
 
 
@@ -409,17 +411,29 @@ def _lay_out_piece(
         src = _SOURCES[image].open(comp.data.file, chunk.size, offset)
         try:
             hashing = _Hashing(src)
-            _lay_out(comp, index, hashing, writer, partial=index < len(pieces) - 1)
+            if offset is not None and chunk.size <= VERIFY_FIRST:
+                # A chunk is small: have all of it and check it before placing a file.
+                body = hashing.read(chunk.size + 1)
+                while len(body) <= chunk.size and (more := hashing.read(chunk.size + 1 - len(body))):
+                    body += more
+                _check(comp, chunk, hashing)
+                _lay_out(comp, index, _Hashing(io.BytesIO(body)), writer, partial=index < len(pieces) - 1)
+            else:
+                _lay_out(comp, index, hashing, writer, partial=index < len(pieces) - 1)
         finally:
             src.close()
-        if hashing.size != chunk.size or hashing.sha.hexdigest() != chunk.sha256:
-            raise VerificationError(f"{comp.name}: sub-image does not match its sha256; not activated")
+        _check(comp, chunk, hashing)
     except (BootenvError, OSError, zstandard.ZstdError) as exc:
         log.error("%s: %s", comp.name, exc)
         return _Piece(comp.name, index, None, error=str(exc))
     finally:
         writer.close()
     return _Piece(comp.name, index, writer.stats, None, tuple(writer.created_dirs), writer.redirected)
+
+
+def _check(comp: Component, chunk: Chunk, hashing: _Hashing) -> None:
+    if hashing.size != chunk.size or hashing.sha.hexdigest() != chunk.sha256:
+        raise VerificationError(f"{comp.name}: sub-image does not match its sha256; not activated")
 
 
 def _lay_out(comp: Component, index: int, src: _Hashing, writer: TreeWriter, *, partial: bool) -> None:

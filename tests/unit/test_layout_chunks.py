@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import zstandard
 
 from bootenv.journal import Journal
 from bootenv.manifest import Chunk, Component, Manifest, OsImage, RootFs, Source, parse_manifest
+from bootenv.paxread import PaxReader
 from tests.faults.helpers import component, run_layout
 from tests.hostile.kit import MTIME, Comp, blob, d, f, hard, make_image, snapshot
 from tests.unit.httpfault import Fault, FaultServer
@@ -118,6 +120,16 @@ def test_a_corrupt_chunk_fails_its_component_only(
     assert act.calls == [(tmp_path / "root", ["good.service"])]
     journal = Journal(tmp_path / "root")
     assert journal.phase("bad", comp.data.sha256) is None
+    # The chunk was checked before any of its files was placed: none of them is there.
+    blob_bytes = (chunked / comp.data.file).read_bytes()[k.offset : k.offset + k.size]
+    reader = PaxReader(
+        io.BytesIO(zstandard.ZstdDecompressor().decompressobj().decompress(blob_bytes)), partial=True
+    )
+    names = []
+    for m in reader:
+        names.append(m.name)
+        reader.read_all()
+    assert names and not [n for n in names if os.path.lexists(tmp_path / "root" / n)]
     assert journal.reached("good", manifest(chunked).component("good").data.sha256, "done")
 
 
