@@ -103,7 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True, metavar="DIR|URL", help="the composite image")
     p.add_argument("--components", required=True, metavar="a,b|all|none")
     p.add_argument("--root", type=Path, required=True, metavar="PATH", help="/ or a mounted tree")
-    p.add_argument("--streams", type=int, default=0, metavar="N", help="parallel streams (default: auto)")
+    p.add_argument(
+        "--streams",
+        type=int,
+        default=0,
+        metavar="N",
+        help="parallel streams (default 0: one per chunk, up to 4)",
+    )
     p.add_argument("--callback", metavar="URL", help="POST JSON progress events here (best effort)")
     add_trust_options(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from bootenv.manifest import parse_manifest
 from tests.faults.conftest import Image
-from tests.faults.helpers import blob_of, run_layout, tree
+from tests.faults.helpers import blob_of, component, run_layout, tree
+from tests.hostile.kit import make_image
 from tests.unit.httpfault import Fault, FaultServer
 
 SEEDS = range(24)
@@ -51,3 +53,33 @@ def test_server_ignoring_range_after_a_cut_still_gives_the_clean_tree(
     assert res.ok
     assert tree(tmp_path / "root") == image.clean
     assert [r.status for r in srv.requests_for(file)] == [200, 200, 200]
+
+
+@pytest.fixture(scope="module")
+def chunked(image: Image, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same components, cut into chunks of about 16 KiB of tar (dozens per blob)."""
+    return make_image(
+        tmp_path_factory.mktemp("chunked") / "img", [component(n, 7) for n in ("good", "bad")], chunk=16 << 10
+    )
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_cuts_inside_chunks_resume_inside_the_chunk_to_the_clean_tree(
+    image: Image, chunked: Path, tmp_path: Path, seed: int
+) -> None:
+    rng = random.Random(seed)
+    m = parse_manifest((chunked / "manifest.json").read_text())
+    expected: dict[str, list[int]] = {}
+    with FaultServer(chunked) as srv:
+        for comp in m.components:
+            assert len(comp.chunks) > 5
+            drops = sorted(rng.sample(range(1, comp.data.size), rng.randint(1, 4)))
+            srv.faults[comp.data.file] = Fault(drops=list(drops))
+            expected[comp.data.file] = sorted([c.offset for c in comp.chunks] + drops)
+        res, _ = run_layout(srv.url, tmp_path / "root", streams=1 + seed % 3)
+    assert res.ok, [c.error for c in res.components]
+    assert tree(tmp_path / "root") == image.clean
+    for file, starts in expected.items():
+        reqs = srv.requests_for(file)
+        assert sorted(r.start for r in reqs) == starts, "one range per chunk, one resume per cut"
+        assert {r.status for r in reqs} == {206}
