@@ -3,8 +3,8 @@
 The component archive carries /var/lib/bootenv/dpkg/<component>.status (its packages'
 status paragraphs) and the packages' /var/lib/dpkg/info files as ordinary members. This
 adds the paragraphs to /var/lib/dpkg/status: a paragraph for the same package and
-architecture is replaced where it stands, a new one is appended, so running it twice
-changes nothing. The file is replaced atomically, keeping its owner and mode.
+architecture is replaced, a new one is added, and the file is kept sorted by package as
+dpkg keeps it, so running it twice, or in another order, changes nothing. The file is replaced atomically, keeping its owner and mode.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ def _key(stanza: str) -> tuple[str, str]:
 
 
 def merged_status(current: str, incoming: str) -> str:
-    """Pure: `current` with `incoming`'s paragraphs replaced in place or appended."""
+    """Pure: `current` with `incoming`'s paragraphs added or replaced, sorted by package
+    and architecture as dpkg writes it: the result does not depend on the order in which
+    components are merged (a re-run after a failure gives the file a clean run gives)."""
     stanzas = parse_stanzas(current)
     index = {_key(s): i for i, s in enumerate(stanzas)}
     for stanza in parse_stanzas(incoming):
@@ -36,7 +38,7 @@ def merged_status(current: str, incoming: str) -> str:
         else:
             index[key] = len(stanzas)
             stanzas.append(stanza)
-    return render_status(stanzas)
+    return render_status(sorted(stanzas, key=_key))
 
 
 def _read(path: Path) -> str | None:

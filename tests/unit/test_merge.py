@@ -41,3 +41,23 @@ def test_dpkg_status_merge_replaces_in_place_and_appends() -> None:
     assert once.index("Package: a") < once.index("Package: b") < once.index("Package: c")
     assert "config-files" not in once and once.count("Package: b") == 1
     assert merged_status(once, incoming) == once
+
+
+def test_dpkg_status_is_the_same_whatever_order_components_merge_in() -> None:
+    base = (
+        "Package: base-files\nStatus: install ok installed\n\nPackage: zlib1g\nStatus: install ok installed\n"
+    )
+    comps = {
+        "apache": "Package: apache2\nStatus: install ok installed\n",
+        "mysql": "Package: mariadb-server\nStatus: install ok installed\n\nPackage: libaio1\nStatus: install ok installed\n",
+        "php": "Package: php8.2\nStatus: install ok installed\n",
+    }
+    results = set()
+    for order in itertools.permutations(comps):
+        text = base
+        for name in order:
+            text = merged_status(text, comps[name])
+        results.add(text)
+    assert len(results) == 1
+    packages = [line[9:] for line in results.pop().splitlines() if line.startswith("Package: ")]
+    assert packages == sorted(packages) and len(packages) == 6
