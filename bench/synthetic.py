@@ -4,7 +4,7 @@ Issue #6 asks for every benchmark figure on the LAMP gold image *and* on a large
 This builds that larger one deterministically (seeded PRNG) and captures it with three
 components of different shapes:
 
-  os   ~0.8 GB, ~15k files  required/important/standard packages (kernel modules, firmware,
+  os   ~0.8 GB, ~16k files  required/important/standard packages (kernel modules, firmware,
                             locales, docs) plus an optional package no component claims
   db   ~1.2 GB, ~5k files   a server binary, plugins, many small files, and a data directory
                             of large files its postinst names (split rule 4)
@@ -15,7 +15,7 @@ web and app both depend on `libsynthshared` and both own `/etc/synth/common.conf
 shared library and the doubly owned config go to the OS (split rules 3 and 5), while each
 component carries `/etc/synth` (mode 0750, group adm) for its own config file, so two
 streams meet on the same directory. Content is partly compressible (zstd -3 gets about
-2-3x): slices of a pool that mixes random blocks with word text.
+2.6x): slices of a pool that mixes random blocks with word text.
 
 Plan, then apply: `plan()` is pure and cheap at full size; `build()` writes a plan;
 `synthetic_tree()` and `synthetic_image()` cache both under cache_root()/bench/.
@@ -40,8 +40,8 @@ VERSION = 2  # bump whenever the generator's output changes
 MTIME = 1_700_000_000  # every file's mtime: a fixed date, so the tree is reproducible
 POOL = 16 << 20
 PIECE = 16 << 10
-RANDOM_SHARE = 0.28
-MB = 1 << 20  # of the pool's pieces: the rest is word text, so zstd gets ~2.5x
+RANDOM_SHARE = 0.28  # of the pool's pieces: the rest is word text, so zstd -3 gets ~2.6x
+MB = 1 << 20
 
 
 @dataclass(frozen=True)
