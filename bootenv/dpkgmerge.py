@@ -4,7 +4,8 @@ The component archive carries /var/lib/bootenv/dpkg/<component>.status (its pack
 status paragraphs) and the packages' /var/lib/dpkg/info files as ordinary members. This
 adds the paragraphs to /var/lib/dpkg/status: a paragraph for the same package and
 architecture is replaced, a new one is added, and the file is kept sorted by package as
-dpkg keeps it, so running it twice, or in another order, changes nothing. The file is replaced atomically, keeping its owner and mode.
+dpkg keeps it, so running it twice, or in another order, changes nothing. The file is
+replaced atomically, keeping its owner and mode.
 """
 
 from __future__ import annotations

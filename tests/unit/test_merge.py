@@ -49,7 +49,10 @@ def test_dpkg_status_is_the_same_whatever_order_components_merge_in() -> None:
     )
     comps = {
         "apache": "Package: apache2\nStatus: install ok installed\n",
-        "mysql": "Package: mariadb-server\nStatus: install ok installed\n\nPackage: libaio1\nStatus: install ok installed\n",
+        "mysql": (
+            "Package: mariadb-server\nStatus: install ok installed\n\n"
+            "Package: libaio1\nStatus: install ok installed\n"
+        ),
         "php": "Package: php8.2\nStatus: install ok installed\n",
     }
     results = set()
