@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.harness import Result, Sample, Stats, drop_caches, measure, repeat, seconds
-from bench.synthetic import synthetic_image, synthetic_os
+from bench.synthetic import synthetic_component, synthetic_image, synthetic_os
 from bootenv.cache import locked
 from bootenv.manifest import Component, Manifest, parse_manifest
 
@@ -158,10 +158,24 @@ def os_stream(env: Env) -> Result:
 
 
 def memory(env: Env) -> Result:
-    """5. Peak RSS of write-os for a 1 GB and a 4 GB image."""
+    """5. Peak RSS of write-os and layout for a 1 GB and a 4 GB image."""
     rss: dict[str, Stats] = {}
-    medians = {}
+    medians: dict[tuple[str, int], float] = {}
     for gb in (1, 4):
+        image = synthetic_component(gb << 30)
+        root = env.work / f"mem-root-{gb}"
+        for streams in (1, 2):
+            samples = repeat(
+                env.runs,
+                lambda r=root: _fresh_dir(r),  # type: ignore[misc]
+                _layout_argv(str(image), "big", root, streams),
+            )
+            mib = [s.max_rss_kb / 1024 for s in samples]
+            what = f"layout {gb} GB, {streams} stream{'s' if streams > 1 else ''}"
+            rss[f"{what}: peak RSS per process (MiB)"] = Stats.of(mib)
+            rss[f"{what}: time (s)"] = seconds(samples)
+            medians[(f"layout/{streams}", gb)] = Stats.of(mib).median
+        shutil.rmtree(root, ignore_errors=True)
         image = synthetic_os(env.work, gb << 30)
         target = env.work / f"mem-{gb}.img"
         samples = repeat(
@@ -173,10 +187,17 @@ def memory(env: Env) -> Result:
         mib = [s.max_rss_kb / 1024 for s in samples]
         rss[f"write-os {gb} GB: peak RSS (MiB)"] = Stats.of(mib)
         rss[f"write-os {gb} GB: time (s)"] = seconds(samples)
-        medians[gb] = Stats.of(mib).median
-    r = Result("memory", "peak RSS of write-os, 4 GB vs 1 GB image", rss)
-    r.ratio, r.ratio_label, r.target = medians[4] / medians[1], "x (4 GB / 1 GB)", "<= 1.1, < 150 MiB"
-    r.passed = r.ratio <= 1.1 and medians[4] < 150
+        medians[("write-os", gb)] = Stats.of(mib).median
+    r = Result("memory", "peak RSS of write-os and layout, 4 GB vs 1 GB image", rss)
+    ratios = {what: medians[(what, 4)] / medians[(what, 1)] for what, gb in medians if gb == 1}
+    worst = max(ratios, key=lambda k: ratios[k])
+    r.ratio, r.ratio_label, r.target = ratios[worst], f"x (4 GB / 1 GB), worst: {worst}", "<= 1.1, < 150 MiB"
+    r.passed = all(v <= 1.1 for v in ratios.values()) and all(m < 150 for m in medians.values())
+    r.notes.append(
+        "4 GB / 1 GB: "
+        + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+        + "; layout's RSS is per process (its parent and each stream stay under the figure)"
+    )
     return r
 
 

@@ -24,16 +24,20 @@ Plan, then apply: `plan()` is pure and cheap at full size; `build()` writes a pl
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import shutil
 import string
+import tarfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bootenv.blockmap import pack_image
 from bootenv.cache import cache_root, input_key, locked
-from bootenv.manifest import Manifest, OsImage, RootFs, Source
+from bootenv.frames import compress_tar
+from bootenv.manifest import Component, Manifest, OsImage, RootFs, Source
 from bootenv.store import BlobWriter, write_blob
 
 VERSION = 2  # bump whenever the generator's output changes
@@ -465,3 +469,49 @@ def synthetic_os(work: Path, data_bytes: int) -> Path:
             )
             (d / "manifest.json").write_text(m.to_json())
     return d
+
+
+def synthetic_component(data_bytes: int) -> Path:
+    """For the memory benchmark: an image with one component "big" whose archive holds
+    `data_bytes` of file data in 16 MiB files, chunked as capture chunks it (cached)."""
+    d = cache_root() / "bench" / f"synthetic-component-{data_bytes >> 20}M-v{SYNTHETIC_COMPONENT_VERSION}"
+    with locked(f"bench-synthetic-component-{data_bytes}"):
+        if (d / "manifest.json").exists():
+            return d
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        size = 16 << 20
+        r, w = os.pipe()
+        writer = threading.Thread(target=_tar_of_files, args=(w, data_bytes // size, size))
+        writer.start()
+        with os.fdopen(r, "rb") as src, BlobWriter(d, "tar.zst") as out:
+            raw, chunks = compress_tar(src, out, level=3)
+            data = out.finish(raw)
+        writer.join()
+        files = data_bytes // size
+        m = Manifest(
+            Source("synthetic", "none", "amd64", "", "now"),
+            RootFs("ext4", 1 << 20, 1 << 20, 4096),
+            OsImage(write_blob(d, "img.zst", b""), write_blob(d, "bmap.json", b"{}"), (), 0),
+            (Component("big", data, (), (), files + 2, (), chunks),),
+        )
+        (d / "manifest.json").write_text(m.to_json())
+    return d
+
+
+SYNTHETIC_COMPONENT_VERSION = 2
+
+
+def _tar_of_files(fd: int, count: int, size: int) -> None:
+    """Write a pax tar of ./big/fNNNN (`count` files of `size` bytes) to the pipe `fd`."""
+    with os.fdopen(fd, "wb") as pipe, tarfile.open(fileobj=pipe, mode="w|", format=tarfile.PAX_FORMAT) as tf:
+        for name, kind in (("./", tarfile.DIRTYPE), ("./big", tarfile.DIRTYPE)):
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.mode = kind, 0o755
+            tf.addfile(ti)
+        for i in range(count):
+            ti = tarfile.TarInfo(f"./big/f{i:04d}")
+            ti.size, ti.mode = size, 0o644
+            # Incompressible: each chunk is as large on the wire as on disk, the worst
+            # case for a stream that holds a chunk to verify it before placing its files.
+            tf.addfile(ti, io.BytesIO(os.urandom(size)))
