@@ -47,12 +47,20 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
 
-def measure(argv: Sequence[str], *, shell: bool = False, env: dict[str, str] | None = None) -> Sample:
-    """Run a command once; return its wall time and peak RSS (of the process tree's largest)."""
+def measure(
+    argv: Sequence[str],
+    *,
+    shell: bool = False,
+    env: dict[str, str] | None = None,
+    stdout: Path | None = None,
+) -> Sample:
+    """Run a command once; return its wall time and peak RSS (of the process tree's largest).
+    Its output is discarded, or written to `stdout`."""
     start = time.monotonic()
     cmd: str | Sequence[str] = " ".join(argv) if shell else list(argv)
-    proc = subprocess.Popen(cmd, shell=shell, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    with open(stdout or os.devnull, "wb") as out:
+        proc = subprocess.Popen(cmd, shell=shell, stdout=out, stderr=subprocess.PIPE, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.monotonic() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""

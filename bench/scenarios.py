@@ -8,6 +8,7 @@ bench/synthetic.py). A failure on one input is reported as that row and spares t
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -372,6 +373,7 @@ def _split_vs_single(env: Env, inp: Input) -> Result:
         with serve(env.images, per_host=cap) as url:
             image = f"{url}/{inp.image}"
             os_t, single_t, total_t = [], [], []
+            ready: dict[str, list[float]] = {}  # OS bootable, then each component laid out
             for _ in range(env.runs):
                 _fresh(disk)
                 with open(disk, "wb") as f:
@@ -379,16 +381,21 @@ def _split_vs_single(env: Env, inp: Input) -> Result:
                 os_t.append(_write_os(image, disk))
                 mnt.mkdir(exist_ok=True)
                 measure(["mount", "-o", "loop", str(disk), str(mnt)])
+                report = env.work / "layout.json"
                 try:
-                    lay = measure(_layout_argv(image, "all", mnt, 0))
+                    lay = measure([*_layout_argv(image, "all", mnt, 0), "--json"], stdout=report)
                 finally:
                     measure(["umount", str(mnt)])
                 total_t.append(os_t[-1].seconds + lay.seconds)
+                for comp in json.loads(report.read_text())["components"]:
+                    ready.setdefault(comp["name"], []).append(os_t[-1].seconds + comp["seconds"])
                 _fresh(disk)
                 single = [BOOTENV, "write-os", "--image", image, "--device", str(disk), "--single"]
                 single_t.append(measure([*single, "--insecure"]))
             a, b, c = seconds(os_t), seconds(single_t), Stats.of(total_t)
             measurements[f"{label}: split, OS bootable (s)"] = a
+            for name, times in sorted(ready.items()):
+                measurements[f"{label}: split, {name} ready (s)"] = Stats.of(times)
             measurements[f"{label}: split, total (s)"] = c
             measurements[f"{label}: single image (s)"] = b
             summary[label] = (a.median / b.median, c.median / b.median)
