@@ -33,6 +33,10 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_OPEN_DIRS = 256
 _RENAME_NOREPLACE = 1
 _libc = ctypes.CDLL(None, use_errno=True)
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+WRITEBACK_MIN = 64 << 10  # files at least this big start their writeback when closed
 _ACL_TAGS = {"user": (1, 2), "group": (4, 8), "mask": (0x10, 0x10), "other": (0x20, 0x20)}
 
 
@@ -252,6 +256,11 @@ class TreeWriter:
                 else:
                     for chunk in reader.chunks():
                         _write_all(fd, chunk)
+                if m.size >= WRITEBACK_MIN:
+                    # Start writing the data out now, while the next files are unpacked:
+                    # the syncfs before the journal records the component then has
+                    # little left to flush (dpkg does the same).
+                    _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
                 self._meta(fd, m)
             finally:
                 os.close(fd)

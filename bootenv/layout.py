@@ -38,6 +38,7 @@ from bootenv.log import human_bytes, step
 from bootenv.manifest import Chunk, Component, resolve_components
 from bootenv.merge import MergeState
 from bootenv.paxread import PaxReader
+from bootenv.prefetch import Prefetch
 from bootenv.run import run, which
 from bootenv.signing import Trust
 from bootenv.source import Source, load_manifest, open_source
@@ -440,8 +441,11 @@ def _lay_out(comp: Component, index: int, src: _Hashing, writer: TreeWriter, *, 
     dctx = zstandard.ZstdDecompressor()
     limit = comp.pieces()[index].raw_size
     try:
-        with dctx.stream_reader(src, read_size=1 << 20, read_across_frames=True, closefd=False) as z:  # type: ignore[arg-type]
-            reader = PaxReader(z, limit=limit, partial=partial)
+        with (
+            dctx.stream_reader(src, read_size=1 << 20, read_across_frames=True, closefd=False) as z,  # type: ignore[arg-type]
+            Prefetch(z) as ahead,
+        ):
+            reader = PaxReader(ahead, limit=limit, partial=partial)  # type: ignore[arg-type]
             last = time.monotonic()
             for member in reader:
                 writer.place(member, reader)
