@@ -144,7 +144,7 @@ def chart(results: Sequence[Result], path: Path) -> Path | None:
     shown = [r for r in results if r.ratio is not None]
     fig, ax = plt.subplots(figsize=(10, 0.6 * len(shown) + 1.5))
     names = [f"{r.name}\n{r.ratio_label}" for r in shown]
-    colors = ["tab:green" if r.passed else "tab:red" for r in shown]
+    colors = ["tab:gray" if r.passed is None else "tab:green" if r.passed else "tab:red" for r in shown]
     ax.barh(names, [r.ratio or 0 for r in shown], color=colors)
     for i, r in enumerate(shown):
         ax.text((r.ratio or 0) + 0.02, i, f"{r.ratio:.2f}  (target {r.target})", va="center", fontsize=8)

@@ -125,6 +125,8 @@ def summarize(runs: list[Run]) -> Result:
     booted = medians["OS booted"]
     r.ratio = booted["split"] / booted["single"]
     r.ratio_label = "x single: time to OS booted"
-    r.target = "< 1.0"
-    r.passed = r.ratio < 1.0
+    # The issue asks for this timeline "reported as ratios": under TCG the write is a small
+    # part of the boot, so it carries no pass/fail target of its own.
+    r.target = "reported"
+    r.passed = None
     return r

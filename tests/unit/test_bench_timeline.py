@@ -26,7 +26,7 @@ def test_summary_reports_both_kinds_and_the_ratios() -> None:
     assert r.measurements["split: phase write (s)"].median == 50
     assert r.measurements["single: phase first-boot layout (s)"].median == 3
     assert r.measurements["split: services answer (s)"].runs == 2
-    assert r.ratio == pytest.approx(205 / 245) and r.passed is True
+    assert r.ratio == pytest.approx(205 / 245) and r.passed is None  # reported, not judged
     assert "OS written: split 95.0 s, single 115.0 s = 0.83x" in r.notes
     assert any(n.startswith("services answer: split 267.0 s, single 250.0 s") for n in r.notes)
     assert "phase first-boot layout: split 60.0 s, single 3.0 s = 20.00x" in r.notes
@@ -37,6 +37,6 @@ def test_no_ratio_over_a_near_zero_single_phase() -> None:
     assert "phase first-boot layout: split 100.0 s, single 0.1 s = no ratio" in r.notes
 
 
-def test_a_split_image_that_boots_later_fails_the_target() -> None:
+def test_a_split_image_that_boots_later_is_reported_as_such() -> None:
     r = summarize([run("split", 40, 90, 300, 360, 361), run("single", 40, 110, 250, 252, 254)])
-    assert r.ratio == pytest.approx(1.2) and r.passed is False
+    assert r.ratio == pytest.approx(1.2) and r.target == "reported"
