@@ -19,6 +19,7 @@ from pathlib import Path
 class Sample:
     seconds: float
     max_rss_kb: int
+    cpu: float = 0.0  # user + system seconds of the command and its children
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def measure(
         raise RuntimeError(
             f"{shlex.join(argv) if not shell else cmd} failed ({proc.returncode}): {err[-500:]}"
         )
-    return Sample(elapsed, usage.ru_maxrss)
+    return Sample(elapsed, usage.ru_maxrss, usage.ru_utime + usage.ru_stime)
 
 
 def repeat(

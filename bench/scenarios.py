@@ -259,7 +259,7 @@ def _layout_speed(env: Env, inp: Input) -> Result:
     comp = load(env, inp.image).component(inp.component)
     blob = env.images / inp.image / comp.data.file
     root = env.work / "layout-root"
-    ours, theirs, synced = [], [], []
+    ours, theirs, synced, spread = [], [], [], []
     tar = (
         f"zstd -dcq {blob} | tar -x -C {root} --numeric-owner --same-owner --same-permissions "
         "--xattrs --xattrs-include='*'"
@@ -269,8 +269,11 @@ def _layout_speed(env: Env, inp: Input) -> Result:
         ours += repeat(1, lambda: _fresh_dir(root), argv)
         theirs += repeat(1, lambda: _fresh_dir(root), [tar], shell=True)
         synced += repeat(1, lambda: _fresh_dir(root), [f"{tar} && sync -f {root}"], shell=True)
+        spread += repeat(
+            1, lambda: _fresh_dir(root), _layout_argv(str(env.images / inp.image), inp.component, root, 0)
+        )
     shutil.rmtree(root, ignore_errors=True)
-    a, b, c = seconds(ours), seconds(theirs), seconds(synced)
+    a, b, c, d = seconds(ours), seconds(theirs), seconds(synced), seconds(spread)
     r = Result(
         "layout" + inp.suffix,
         f"one component ({inp.component}, {comp.files} files, {comp.data.raw_size >> 20} MiB) vs tar -x",
@@ -278,6 +281,9 @@ def _layout_speed(env: Env, inp: Input) -> Result:
             "bootenv layout (s)": a,
             "zstd -dc | tar -x (s)": b,
             "zstd -dc | tar -x && sync -f (s)": c,
+            "bootenv layout, its chunks on all streams (s)": d,
+            "bootenv CPU (user+sys, s)": Stats.of([s.cpu for s in ours]),
+            "tar CPU (user+sys, s)": Stats.of([s.cpu for s in theirs]),
             "bootenv files/s": Stats.of([comp.files / s.seconds for s in ours]),
             "tar files/s": Stats.of([comp.files / s.seconds for s in theirs]),
         },
@@ -287,6 +293,10 @@ def _layout_speed(env: Env, inp: Input) -> Result:
     r.notes.append(
         "bootenv's time includes verifying the sha256, the dpkg merge, ldconfig and a syncfs that makes "
         f"the files durable before its journal says so; against tar -x && sync: {c.median / a.median:.2f}x"
+    )
+    r.notes.append(
+        f"one component's chunks spread over the default streams: {b.median / d.median:.2f}x tar "
+        f"({len(comp.pieces())} chunks)"
     )
     return r
 
@@ -321,23 +331,30 @@ def _parallel_scaling(env: Env, inp: Input) -> Result:
     root = env.work / "scaling-root"
     measurements: dict[str, Stats] = {}
     ratios = {}
+    busy: dict[tuple[str, int], float] = {}  # cores kept busy: CPU seconds / wall seconds
     capped = f"{inp.cap / 1e6:.0f} MB/s per connection"
     for label, cap in (("loopback", None), (capped, inp.cap)):
         with serve(env.images, per_connection=cap) as url:
             image = f"{url}/{inp.image}"
             times = {}
             for streams in range(1, n + 1):
-                st = seconds(
-                    repeat(env.runs, lambda: _fresh_dir(root), _layout_argv(image, "all", root, streams))
-                )
+                runs = repeat(env.runs, lambda: _fresh_dir(root), _layout_argv(image, "all", root, streams))
+                st = seconds(runs)
                 measurements[f"{label}: {streams} stream(s) (s)"] = st
                 times[streams] = st.median
+                busy[(label, streams)] = Stats.of([s.cpu / s.seconds for s in runs]).median
             ratios[label] = times[1] / times[n]
     shutil.rmtree(root, ignore_errors=True)
     cores = cpu_count()
     r = Result("parallel" + inp.suffix, f"{n} components, 1..{n} streams ({cores} cores)", measurements)
     r.ratio = ratios["loopback"]
     r.ratio_label = f"x speedup, {n} streams vs 1 (loopback)"
+    r.notes.append(
+        "cores kept busy on loopback (CPU s / wall s): "
+        + ", ".join(f"{k} stream(s) {busy[('loopback', k)]:.2f}" for k in range(1, n + 1))
+        + f"; no number of streams gets more than {cores} / {busy[('loopback', 1)]:.2f} = "
+        f"{cores / busy[('loopback', 1)]:.2f}x over one stream here"
+    )
     want = 0.7 * min(n, cores)
     r.target = f">= {want:.1f} (loopback), >= {0.8 * n:.1f} (capped)"
     r.passed = ratios["loopback"] >= want and ratios[capped] >= 0.8 * n

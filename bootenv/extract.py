@@ -18,14 +18,17 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from bootenv.conflicts import Conflict, conflict_id, describe, stored_path, write_record
 from bootenv.merge import MergeState, Meta, is_candidate
 from bootenv.paxread import ArchiveError, Member, PaxReader
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TMP_PREFIX = ".bootenv~"
 OWN = "var/lib/bootenv"
@@ -191,8 +194,6 @@ class TreeWriter:
     def _place_at(self, m: Member, reader: PaxReader, parent: str, base: str, *, store: bool) -> None:
         pfd = self.dir_fd(parent)
         tmp = f"{TMP_PREFIX}{self._tag}{self._index}"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=pfd)  # left by a run that was killed
         if m.kind == "dir":
             self._make_dir(m, pfd, tmp, base, parent, store=store)
             return
@@ -201,21 +202,25 @@ class TreeWriter:
             data = reader.read_all()
             if not store and is_candidate(m.name, data) and not _exists(base, pfd):
                 self.merge.mark(m.name, self.component, data, placed=True)
+        moved = False  # once the temp name is renamed, there is nothing to clean up
         try:
             self._make(m, reader, pfd, tmp, data)
             if store:
                 os.rename(tmp, base, src_dir_fd=pfd, dst_dir_fd=pfd)
+                moved = True
                 return
             try:
                 rename_noreplace(pfd, tmp, pfd, base)
+                moved = True
                 self._placed[m.name] = m.name
                 self.stats.files += 1
                 self.stats.bytes += m.size
             except FileExistsError:
                 self._shared(m, pfd, tmp, base, data)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp, dir_fd=pfd)
+            if not moved:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=pfd)
 
     def _make_dir(self, m: Member, pfd: int, tmp: str, base: str, parent: str, *, store: bool) -> None:
         try:
@@ -230,7 +235,7 @@ class TreeWriter:
             self._conflict(m, pfd, base, None, "a directory where something else is")
             self._redirect.add(m.name)
             return
-        os.mkdir(tmp, 0o700, dir_fd=pfd)
+        _fresh(pfd, tmp, lambda: os.mkdir(tmp, 0o700, dir_fd=pfd))
         fd = os.open(tmp, DIR_FLAGS, dir_fd=pfd)
         try:
             self._meta(fd, m)
@@ -245,9 +250,8 @@ class TreeWriter:
 
     def _make(self, m: Member, reader: PaxReader, pfd: int, tmp: str, data: bytes | None) -> None:
         if m.kind == "file":
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd
-            )
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = _fresh(pfd, tmp, lambda: os.open(tmp, flags, 0o600, dir_fd=pfd))
             try:
                 if data is not None:
                     _write_all(fd, data)
@@ -266,16 +270,21 @@ class TreeWriter:
                 os.close(fd)
             return
         if m.kind == "symlink":
-            os.symlink(m.linkname, tmp, dir_fd=pfd)
+            _fresh(pfd, tmp, lambda: os.symlink(m.linkname, tmp, dir_fd=pfd))
         elif m.kind == "hardlink":
             src_parent, _, src_base = self._placed[m.linkname].rpartition("/")
-            os.link(src_base, tmp, src_dir_fd=self.dir_fd(src_parent), dst_dir_fd=pfd, follow_symlinks=False)
+            sfd = self.dir_fd(src_parent)
+            _fresh(
+                pfd,
+                tmp,
+                lambda: os.link(src_base, tmp, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False),
+            )
             return  # a hardlink shares its target's metadata
         elif m.kind == "fifo":
-            os.mkfifo(tmp, 0o600, dir_fd=pfd)
+            _fresh(pfd, tmp, lambda: os.mkfifo(tmp, 0o600, dir_fd=pfd))
         else:
             kind = stat.S_IFCHR if m.kind == "chr" else stat.S_IFBLK
-            os.mknod(tmp, kind | 0o600, os.makedev(*m.rdev), dir_fd=pfd)
+            _fresh(pfd, tmp, lambda: os.mknod(tmp, kind | 0o600, os.makedev(*m.rdev), dir_fd=pfd))
         self._path_meta(pfd, tmp, m)
 
     # -- metadata ----------------------------------------------------------------
@@ -427,6 +436,19 @@ class TreeWriter:
                 os.utime(
                     base, ns=(mtime, mtime), dir_fd=self.dir_fd(parent, create=False), follow_symlinks=False
                 )
+
+
+def _fresh(pfd: int, tmp: str, make: Callable[[], T]) -> T:
+    """Create a temp entry with `make`; if a killed run left one under that name, remove
+    it and create again (one syscall in the common case, not an unlink before each)."""
+    try:
+        return make()
+    except FileExistsError:
+        try:
+            os.unlink(tmp, dir_fd=pfd)
+        except IsADirectoryError:
+            os.rmdir(tmp, dir_fd=pfd)  # a temp directory is renamed before anything goes in it
+        return make()
 
 
 def _exists(name: str, dir_fd: int) -> bool:

@@ -26,7 +26,7 @@ import zstandard
 from bootenv.manifest import Chunk
 from bootenv.paxread import BLOCK, ArchiveError, parse_pax
 
-DEFAULT_TARGET = 16 << 20
+DEFAULT_TARGET = 8 << 20
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
 _HEADERS = (b"x", b"g", b"L", b"K")
 
