@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import heapq
 import io
 import logging
 import os
@@ -223,7 +224,7 @@ def _run_streams(
     if streams <= 1 or pieces <= 1:
         _SINK[:] = [progress]
         try:
-            return _schedule(_Inline(), image, comps, root, privileged)
+            return _schedule(_Inline(), 1, image, comps, root, privileged)
         finally:
             _SINK.clear()
     ctx = get_context("fork")
@@ -235,27 +236,48 @@ def _run_streams(
         with ProcessPoolExecutor(
             streams, mp_context=ctx, initializer=_init_worker, initargs=(events,)
         ) as pool:
-            return _schedule(pool, image, comps, root, privileged)
+            return _schedule(pool, streams, image, comps, root, privileged)
     finally:
         stop.set()
         pump.join()
 
 
 def _schedule(
-    pool: ProcessPoolExecutor | _Inline, image: str, comps: list[Component], root: Path, privileged: bool
+    pool: ProcessPoolExecutor | _Inline,
+    width: int,
+    image: str,
+    comps: list[Component],
+    root: Path,
+    privileged: bool,
 ) -> list[ComponentResult]:
+    """Keep `width` jobs running, the largest ready piece first (so no big piece starts
+    last); a component's first piece and its final job go ahead of any piece."""
     journal = Journal(root)
     results: dict[str, ComponentResult] = {}
     got: dict[str, dict[int, _Piece]] = {c.name: {} for c in comps}
     started: dict[str, float] = {}
     jobs: dict[Future[Any], tuple[str, Component, int]] = {}
-    for comp in comps:
+    ready: list[tuple[int, int, str, Component, int, tuple[str, ...]]] = []  # a heap
+    urgent = -(1 << 62)
+
+    def dispatch() -> None:
+        while ready and len(jobs) < width:
+            _, _, kind, comp, index, redirect = heapq.heappop(ready)
+            if kind == "final":
+                job = pool.submit(_finish, comp, root, privileged, got[comp.name][0].created)
+            else:
+                job = pool.submit(_lay_out_piece, image, comp, index, root, privileged, redirect)
+            jobs[job] = (kind, comp, index)
+
+    for order, comp in enumerate(comps):
         if journal.reached(comp.name, comp.data.sha256, "files"):
             log.info("%s: already laid out by an earlier run", comp.name)
             results[comp.name] = ComponentResult(comp.name, "resumed")
             continue
         started[comp.name] = time.monotonic()
-        jobs[pool.submit(_lay_out_piece, image, comp, 0, root, privileged, ())] = ("piece", comp, 0)
+        heapq.heappush(ready, (urgent, order, "piece", comp, 0, ()))
+    dispatch()
+    seq = len(comps)
     while jobs:
         done, _ = wait(list(jobs), return_when=FIRST_COMPLETED)
         for fut in done:
@@ -274,21 +296,18 @@ def _schedule(
             if piece.stats is None:
                 if comp.name not in results:
                     results[comp.name] = ComponentResult(comp.name, "failed", error=piece.error, seconds=took)
-                for other, (_, c, _) in list(jobs.items()):
-                    if c.name == comp.name and other.cancel():
-                        del jobs[other]
+                ready[:] = [r for r in ready if r[3].name != comp.name]
+                heapq.heapify(ready)
                 continue
-            count = len(comp.pieces())
+            pieces = comp.pieces()
             if index == 0:
-                for i in range(1, count):
-                    job = pool.submit(_lay_out_piece, image, comp, i, root, privileged, piece.redirect)
-                    jobs[job] = ("piece", comp, i)
-            if comp.name not in results and len(got[comp.name]) == count:
-                jobs[pool.submit(_finish, comp, root, privileged, got[comp.name][0].created)] = (
-                    "final",
-                    comp,
-                    0,
-                )
+                for i in range(1, len(pieces)):
+                    seq += 1
+                    heapq.heappush(ready, (-pieces[i].size, seq, "piece", comp, i, piece.redirect))
+            if comp.name not in results and len(got[comp.name]) == len(pieces):
+                seq += 1
+                heapq.heappush(ready, (urgent, seq, "final", comp, 0, ()))
+        dispatch()
     return [results[c.name] for c in comps]
 
 
