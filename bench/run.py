@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import platform
 import tempfile
@@ -32,6 +33,9 @@ RESULTS = Path(__file__).parent / "results"
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument(
+        "--vm-runs", type=int, default=1, help="pairs of QEMU runs for qemu-timeline (each pair ~10 min)"
+    )
     p.add_argument("--only", action="append", choices=sorted(ALL), help="run only these (repeatable)")
     args = p.parse_args()
     setup_logging()
@@ -52,8 +56,9 @@ def main() -> int:
                 continue
             start = time.monotonic()
             print(f"== {key}: {fn.__doc__.splitlines()[0] if fn.__doc__ else ''}", flush=True)
+            runs = args.vm_runs if key == "qemu-timeline" else args.runs
             try:
-                results += scenarios.rows(fn(env))
+                results += scenarios.rows(fn(dataclasses.replace(env, runs=runs)))
             except Exception as exc:  # one broken benchmark must not lose the others' numbers
                 failed = Result(key, "did not complete")
                 failed.passed = False
@@ -65,6 +70,7 @@ def main() -> int:
         "host": platform.node(),
         "cpus": __import__("os").cpu_count(),
         "runs": args.runs,
+        "vm_runs": args.vm_runs,
         "time": time.time(),
     }
     path = save(results, RESULTS, meta)
