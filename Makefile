@@ -8,7 +8,7 @@ PYTEST := $(PY) -m pytest
 APT_PACKAGES := nginx-light python3 python3-venv python3-pip python3-parted python3-pyudev python3-zstandard \
 	python3-requests python3-cffi-backend e2fsprogs tar zstd cpio debootstrap kexec-tools \
 	busybox-static qemu-system-x86 qemu-utils ipxe-qemu ovmf dosfstools util-linux \
-	grub-pc-bin grub-efi-amd64-bin grub2-common mtools parted python3-cryptography fdisk
+	grub-pc-bin grub-efi-amd64-bin grub2-common mtools parted python3-cryptography fdisk time
 
 .PHONY: deps check test lint unit root vm demo bench clean initramfs
 

@@ -9,10 +9,13 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+TIME = "/usr/bin/time"  # GNU time (Debian package `time`)
 
 
 @dataclass(frozen=True)
@@ -55,21 +58,27 @@ def measure(
     env: dict[str, str] | None = None,
     stdout: Path | None = None,
 ) -> Sample:
-    """Run a command once; return its wall time and peak RSS (of the process tree's largest).
-    Its output is discarded, or written to `stdout`."""
-    start = time.monotonic()
-    cmd: str | Sequence[str] = " ".join(argv) if shell else list(argv)
-    with open(stdout or os.devnull, "wb") as out:
-        proc = subprocess.Popen(cmd, shell=shell, stdout=out, stderr=subprocess.PIPE, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.monotonic() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{shlex.join(argv) if not shell else cmd} failed ({proc.returncode}): {err[-500:]}"
+    """Run a command once; return its wall time, peak RSS (of the process tree's largest)
+    and CPU time. Its output is discarded, or written to `stdout`.
+
+    The command runs under GNU time, not straight from this process: a child forked from
+    Python and then exec'd is charged the parent's resident pages as its peak RSS (the
+    kernel keeps the high-water mark across exec), which would hide the command's own.
+    """
+    cmd = ["sh", "-c", " ".join(argv)] if shell else list(argv)
+    with tempfile.NamedTemporaryFile(prefix="bench-time-") as report, open(stdout or os.devnull, "wb") as out:
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            [TIME, "-f", "%M %U %S", "-o", report.name, *cmd], stdout=out, stderr=subprocess.PIPE, env=env
         )
-    return Sample(elapsed, usage.ru_maxrss, usage.ru_utime + usage.ru_stime)
+        _, err_bytes = proc.communicate()
+        elapsed = time.monotonic() - start
+        fields = Path(report.name).read_text().split("\n")
+    if proc.returncode != 0:
+        err = err_bytes.decode(errors="replace")
+        raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}): {err[-500:]}")
+    rss, user, system = [line for line in fields if line.strip()][-1].split()
+    return Sample(elapsed, int(rss), float(user) + float(system))
 
 
 def repeat(
