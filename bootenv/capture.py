@@ -8,6 +8,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -141,10 +142,17 @@ def _pack_all(
     cfg: CaptureConfig, root: Path, db: Database, split: Split, entries: list[Entry], out: Path, work: Path
 ) -> Manifest:
     sizes = {e.path: e.size for e in entries}
-    components = []
-    for name in sorted(n for n in split.files if n != OS):
-        components.append(_pack_component(cfg, root, db, split, name, sizes, out, work))
-    os_image, rootfs = _pack_os(cfg, root, db, split, sizes, out, work, single=False)
+    names = sorted(n for n in split.files if n != OS)
+    # The components (tar and zstd: CPU) are packed on a thread while the OS image is
+    # staged and built (mke2fs -d: mostly one core and the disk): they overlap.
+    with ThreadPoolExecutor(1, thread_name_prefix="pack") as pool:
+        packing = pool.submit(
+            lambda: [_pack_component(cfg, root, db, split, n, sizes, out, work) for n in names]
+        )
+        try:
+            os_image, rootfs = _pack_os(cfg, root, db, split, sizes, out, work, single=False)
+        finally:
+            components = packing.result()  # waits; a failure on either side is raised
     single = None
     if cfg.single:
         single, _ = _pack_os(cfg, root, db, split, sizes, out, work, single=True)

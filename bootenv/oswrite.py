@@ -32,6 +32,7 @@ from bootenv.blockmap import BlockMap, Range, parse_blockmap
 from bootenv.errors import BootenvError, FatalError, UserError, VerificationError
 from bootenv.log import Progress, human_bytes, step
 from bootenv.manifest import MANIFEST, Blob, Manifest, OsImage, parse_manifest
+from bootenv.prefetch import Prefetch
 from bootenv.signing import Trust
 from bootenv.source import Source, open_source
 from bootenv.trusted import open_trusted
@@ -313,11 +314,12 @@ def _stream(reader: HashingReader, bmap: BlockMap, target: Target, header: Held,
     try:
         with (
             dctx.stream_reader(reader, read_size=READ, read_across_frames=True, closefd=False) as zin,  # type: ignore[arg-type]
+            Prefetch(zin) as ahead,  # decompress on a thread while this one hashes and writes
             _aligned_buffer(CHUNK) as buf,
         ):
             for rng in bmap.ranges:
-                _write_range(zin, rng, buf, target, header, bar)
-            if zin.read(1):
+                _write_range(ahead, rng, buf, target, header, bar)
+            if ahead.read(1):
                 raise VerificationError(f"{reader.name} holds more data than its block map")
     except zstandard.ZstdError as exc:
         raise VerificationError(f"{reader.name} is not a valid zstd stream: {exc}") from exc
@@ -327,7 +329,7 @@ def _stream(reader: HashingReader, bmap: BlockMap, target: Target, header: Held,
 
 
 def _write_range(
-    zin: zstandard.ZstdDecompressionReader,
+    zin: Prefetch,
     rng: Range,
     buf: memoryview,
     target: Target,
@@ -340,7 +342,9 @@ def _write_range(
         want = min(left, len(buf))
         got = 0
         while got < want:
-            n = zin.readinto(buf[got:want])
+            data = zin.read(want - got)
+            n = len(data)
+            buf[got : got + n] = data
             if not n:
                 raise VerificationError(f"the OS image stream ended early, in the range at byte {offset}")
             got += n
