@@ -32,6 +32,7 @@ from bootenv.commands import (
 )
 from bootenv.errors import BootenvError, UserError
 from bootenv.log import setup_logging
+from bootenv.prefetch import steady_memory
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list
     setup_logging(debug=debug)
+    steady_memory()
     try:
         args = build_parser().parse_args(args_list)
         handler: Handler = args.handler

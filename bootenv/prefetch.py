@@ -9,12 +9,24 @@ An error on the reader thread is raised to the caller at the read that would hav
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import queue
 import threading
 from types import TracebackType
 from typing import Protocol
 
 BLOCK = 1 << 20
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def steady_memory() -> None:
+    """Keep large buffers (the 1 MiB blocks) in mmap'ed memory that goes back to the
+    system when freed. glibc otherwise raises its mmap threshold after the first such
+    free and serves later blocks from the heap, whose peak then wanders from run to run
+    (measured: layout's peak RSS 48-56 MiB by chance; with this, 48 MiB for 1 and 4 GB)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 128 << 10)
 
 
 class Readable(Protocol):
