@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import platform
 import tempfile
@@ -11,7 +12,7 @@ import time
 from pathlib import Path
 
 from bench import scenarios, timeline
-from bench.harness import Result, chart, save, table
+from bench.harness import Result, Stats, chart, save, table
 from bootenv.cache import cache_root
 from bootenv.gold import gold_tree
 from bootenv.log import setup_logging
@@ -37,7 +38,22 @@ def main() -> int:
         "--vm-runs", type=int, default=1, help="pairs of QEMU runs for qemu-timeline (each pair ~10 min)"
     )
     p.add_argument("--only", action="append", choices=sorted(ALL), help="run only these (repeatable)")
+    p.add_argument(
+        "--chart",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="only draw chart.png from these result files (a later file's rows replace an earlier's)",
+    )
     args = p.parse_args()
+    if args.chart:
+        rows: dict[str, Result] = {}
+        for file in args.chart:
+            for row in json.loads(file.read_text())["results"]:
+                stats = {k: Stats(**v) for k, v in row.pop("measurements").items()}
+                rows[row["name"]] = Result(**row, measurements=stats)
+        print(f"chart: {chart(list(rows.values()), RESULTS / 'chart.png')}")
+        return 0
     setup_logging()
     logging.getLogger("bootenv").setLevel(logging.WARNING)
     gold = gold_tree()
