@@ -94,10 +94,10 @@ def plan_split(
             dirs[image].add(entry.path)
         else:
             files[image].append(entry.path)
-            dirs[image].update(_ancestors(entry.path))
+            _add_ancestors(dirs[image], entry.path)
     for image in list(dirs):
         for d in list(dirs[image]):
-            dirs[image].update(_ancestors(d))
+            _add_ancestors(dirs[image], d)
         dirs[image].add("/")
     return Split(
         package_owner=package_owner,
@@ -109,13 +109,13 @@ def plan_split(
     )
 
 
-def _ancestors(path: str) -> list[str]:
-    out = []
+def _add_ancestors(dirs: set[str], path: str) -> None:
+    """Add `path`'s ancestors (not "/") to `dirs`, up to the first one already there: that
+    one's own ancestors are added when it is (or was) added itself."""
     parent = posixpath.dirname(path)
-    while parent != "/":
-        out.append(parent)
+    while parent != "/" and parent not in dirs:
+        dirs.add(parent)
         parent = posixpath.dirname(parent)
-    return out
 
 
 class _Decider:

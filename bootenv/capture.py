@@ -14,15 +14,24 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bootenv import readahead
 from bootenv.assign import plan_split
-from bootenv.blockmap import pack_image
+from bootenv.blockmap import BlockMap, pack_image
 from bootenv.dpkg import STATUS, Database, read_database, render_status
 from bootenv.errors import FatalError, UserError
 from bootenv.exclude import Exclusions
 from bootenv.frames import compress_tar
-from bootenv.fsimage import BLOCK_SIZE, check_ext4, image_size_for, make_ext4, tree_usage
+from bootenv.fsimage import (
+    BLOCK_SIZE,
+    check_ext4,
+    image_size_for,
+    in_memory,
+    make_ext4,
+    mem_available,
+    scratch_image,
+)
 from bootenv.log import Progress, step
-from bootenv.manifest import MANIFEST, Component, Manifest, OsImage, RootFs, Source
+from bootenv.manifest import MANIFEST, Blob, Component, Manifest, OsImage, RootFs, Source
 from bootenv.run import run, which
 from bootenv.split import COMPONENT_STATUS_DIR, OS, ComponentSpec, Split, validate_specs
 from bootenv.staging import stage
@@ -46,6 +55,7 @@ class CaptureConfig:
     single: bool = False
     stop_services: tuple[str, ...] = ()
     level: int = 3
+    scratch: str = "auto"  # where the OS image is built: auto, memory or disk (fsimage.in_memory)
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,7 @@ def _pack_all(
     cfg: CaptureConfig, root: Path, db: Database, split: Split, entries: list[Entry], out: Path, work: Path
 ) -> Manifest:
     sizes = {e.path: e.size for e in entries}
+    regular = {e.path: e.size for e in entries if e.kind is Kind.FILE}
     names = sorted(n for n in split.files if n != OS)
     # The components (tar and zstd: CPU) are packed on a thread while the OS image is
     # staged and built (mke2fs -d: mostly one core and the disk): they overlap.
@@ -150,12 +161,12 @@ def _pack_all(
             lambda: [_pack_component(cfg, root, db, split, n, sizes, out, work) for n in names]
         )
         try:
-            os_image, rootfs = _pack_os(cfg, root, db, split, sizes, out, work, single=False)
+            os_image, rootfs = _pack_os(cfg, root, db, split, regular, out, work, single=False)
         finally:
             components = packing.result()  # waits; a failure on either side is raised
     single = None
     if cfg.single:
-        single, _ = _pack_os(cfg, root, db, split, sizes, out, work, single=True)
+        single, _ = _pack_os(cfg, root, db, split, regular, out, work, single=True)
     return Manifest(_source(root, db), rootfs, os_image, tuple(components), single)
 
 
@@ -239,7 +250,7 @@ def _pack_os(
     root: Path,
     db: Database,
     split: Split,
-    sizes: dict[str, int],
+    regular: dict[str, int],
     out: Path,
     work: Path,
     *,
@@ -250,33 +261,47 @@ def _pack_os(
     paths = sorted({p for i in images for p in (*split.dirs[i], *split.files[i])})
     staging = work / ("single" if single else "os")
     staging.mkdir()
-    with step(f"Staging the {what} tree ({len(paths)} entries)"):
-        method = stage(root, paths, staging, work)
-    log.info("Staged with %s", method)
-    if not single:
-        _rewrite_status(staging, db, split.packages(OS))
-    used, inodes = tree_usage(staging)
-    size = image_size_for(used, inodes)
-    image = work / f"{staging.name}.img"
-    with step(f"Building the {what} ext4 filesystem ({size >> 20} MiB)"):
-        make_ext4(staging, image, size)
-    shutil.rmtree(staging)
-    fsck = check_ext4(image)  # verifies the new filesystem while it is compressed
-    try:
-        with step(f"Compressing the {what}"), BlobWriter(out, "img.zst") as blob:
-            bmap = pack_image(image, blob, block_size=BLOCK_SIZE, level=cfg.level)
-            data = blob.finish(bmap.mapped)
-    except BaseException:
-        fsck.kill()
-        raise
-    with step(f"Checking the {what} filesystem"):
-        fsck.wait_ok()
-    image.unlink()
+    # mke2fs -d reads every file of the tree: the disk reads them ahead meanwhile.
+    warm = readahead.plan([(p, regular[p]) for p in paths if p in regular], mem_available() // 4)
+    with readahead.Readahead(root, warm):
+        with step(f"Staging the {what} tree ({len(paths)} entries)"):
+            staged = stage(root, paths, staging, work)
+        log.info("Staged with %s", staged.method)
+        if not single:
+            _rewrite_status(staging, db, split.packages(OS))
+        size = image_size_for(staged.used, staged.inodes)
+        memory = in_memory(cfg.scratch, size, mem_available())
+        with scratch_image(work / f"{staging.name}.img", memory=memory) as image:
+            where = "in memory" if memory else "on disk"
+            with step(f"Building the {what} ext4 filesystem ({size >> 20} MiB, {where})"):
+                make_ext4(staging, image, size)
+            bmap, data = _compress_image(cfg, image, staging, out, what)
     bmap_blob = write_blob(out, "bmap.json", bmap.to_json().encode())
     pkgs = tuple(sorted(db.packages)) if single else split.packages(OS)
     nfiles = sum(len(split.files[i]) for i in images)
     rootfs = RootFs(type="ext4", image_size=size, min_size=size, block_size=BLOCK_SIZE)
     return OsImage(data, bmap_blob, pkgs, nfiles), rootfs
+
+
+def _compress_image(
+    cfg: CaptureConfig, image: Path, staging: Path, out: Path, what: str
+) -> tuple[BlockMap, Blob]:
+    """Compress the built image while e2fsck checks it and the staged tree is removed
+    (unlinks on another thread: they overlap the compression)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="rmtree") as bg:
+        removed = bg.submit(shutil.rmtree, staging)
+        fsck = check_ext4(image)
+        try:
+            with step(f"Compressing the {what}"), BlobWriter(out, "img.zst") as blob:
+                bmap = pack_image(image, blob, block_size=BLOCK_SIZE, level=cfg.level)
+                data = blob.finish(bmap.mapped)
+        except BaseException:
+            fsck.kill()
+            raise
+        with step(f"Checking the {what} filesystem"):
+            fsck.wait_ok()
+        removed.result()
+    return bmap, data
 
 
 def _rewrite_status(staging: Path, db: Database, os_pkgs: tuple[str, ...]) -> None:

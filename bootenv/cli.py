@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single", action="store_true", help="also write the classic one-piece image")
     p.add_argument("--stop", action="append", default=[], metavar="SERVICE", help="quiesce (live /)")
     p.add_argument("--level", type=int, default=3, choices=range(1, 20), metavar="1-19")
+    p.add_argument(
+        "--scratch",
+        default="auto",
+        choices=("auto", "memory", "disk"),
+        help="build the OS image in memory or on disk (auto: in memory if it fits twice)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(handler=cmd_capture)

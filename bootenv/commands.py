@@ -91,6 +91,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
         single=args.single,
         stop_services=tuple(args.stop),
         level=args.level,
+        scratch=args.scratch,
     )
     result = capture(cfg)
     if args.json:

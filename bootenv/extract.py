@@ -26,6 +26,7 @@ from typing import TypeVar
 from bootenv.conflicts import Conflict, conflict_id, describe, stored_path, write_record
 from bootenv.merge import MergeState, Meta, is_candidate
 from bootenv.paxread import ArchiveError, Member, PaxReader
+from bootenv.writeback import start_writeback
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -36,9 +37,6 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_OPEN_DIRS = 256
 _RENAME_NOREPLACE = 1
 _libc = ctypes.CDLL(None, use_errno=True)
-_SYNC_FILE_RANGE_WRITE = 2
-_sync_file_range = _libc.sync_file_range
-_sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 WRITEBACK_MIN = 64 << 10  # files at least this big start their writeback when closed
 _ACL_TAGS = {"user": (1, 2), "group": (4, 8), "mask": (0x10, 0x10), "other": (0x20, 0x20)}
 
@@ -264,7 +262,7 @@ class TreeWriter:
                     # Start writing the data out now, while the next files are unpacked:
                     # the syncfs before the journal records the component then has
                     # little left to flush (dpkg does the same).
-                    _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+                    start_writeback(fd)
                 self._meta(fd, m)
             finally:
                 os.close(fd)

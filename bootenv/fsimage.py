@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bootenv.run import Stream, popen, run, which
@@ -29,6 +31,50 @@ def tree_usage(root: Path) -> tuple[int, int]:
             inodes += 1
             used += max(st.st_blocks * 512, BLOCK_SIZE)
     return used, inodes
+
+
+SCRATCH_MODES = ("auto", "memory", "disk")
+
+
+def in_memory(mode: str, size: int, available: int) -> bool:
+    """Build an image of `size` bytes in memory? "auto": when that leaves at least half
+    of the memory available now (pure)."""
+    if mode not in SCRATCH_MODES:
+        raise ValueError(f"scratch mode {mode!r}")
+    return mode == "memory" or (mode == "auto" and 2 * size <= available)
+
+
+def mem_available() -> int:
+    """MemAvailable from /proc/meminfo, in bytes (0 when unknown)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+@contextmanager
+def scratch_image(fallback: Path, *, memory: bool) -> Iterator[Path]:
+    """A path for a temporary image file, which child processes (mke2fs, e2fsck) can open.
+
+    In memory, it is an anonymous memfd named through /proc: no tmpfs size limit applies,
+    and the kernel frees it when this process ends, even by kill -9. On disk, it is
+    `fallback`, removed at the end.
+    """
+    if memory:
+        fd = os.memfd_create(fallback.name)
+        try:
+            yield Path(f"/proc/{os.getpid()}/fd/{fd}")
+        finally:
+            os.close(fd)
+    else:
+        try:
+            yield fallback
+        finally:
+            fallback.unlink(missing_ok=True)
 
 
 def image_size_for(used: int, inodes: int) -> int:

@@ -13,8 +13,10 @@ import errno
 import logging
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
+from bootenv.fsimage import BLOCK_SIZE, tree_usage
 from bootenv.tarstream import tar_create, tar_extract, write_list
 
 log = logging.getLogger(__name__)
@@ -22,11 +24,17 @@ log = logging.getLogger(__name__)
 _FALLBACK = (errno.EXDEV, errno.EROFS, errno.EPERM, errno.EACCES, errno.EMLINK)
 
 
-def stage(root: Path, paths: list[str], staging: Path, work: Path) -> str:
-    """Populate `staging` with `paths` (sorted, parents first); return the method used."""
+@dataclass(frozen=True)
+class Staged:
+    method: str  # "hard links" or "tar copy"
+    used: int  # bytes the tree allocates (fsimage.tree_usage)
+    inodes: int
+
+
+def stage(root: Path, paths: list[str], staging: Path, work: Path) -> Staged:
+    """Populate `staging` with `paths` (sorted, parents first); say how, and its usage."""
     try:
-        _link_farm(root, paths, staging)
-        return "hard links"
+        return Staged("hard links", *_link_farm(root, paths, staging))
     except OSError as exc:
         if exc.errno not in _FALLBACK:
             raise
@@ -39,18 +47,26 @@ def stage(root: Path, paths: list[str], staging: Path, work: Path) -> str:
     src.stdout.close()
     dst.wait_ok()
     src.wait_ok(ok_codes=(0, 1))  # 1: a file changed while being read (live capture)
-    return "tar copy"
+    return Staged("tar copy", *tree_usage(staging))
 
 
-def _link_farm(root: Path, paths: list[str], staging: Path) -> None:
+def _link_farm(root: Path, paths: list[str], staging: Path) -> tuple[int, int]:
+    """Link every file, make every directory; return the tree's usage as tree_usage()
+    counts it, from the stats the links needed anyway (no second walk)."""
     src_root = str(root)
     dst_root = str(staging)
     dirs: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    used = 0
     for path in paths:
         if path == "/":
             dirs.append(path)
             continue
-        if stat.S_ISDIR(os.lstat(src_root + path).st_mode):
+        st = os.lstat(src_root + path)
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            used += max(st.st_blocks * 512, BLOCK_SIZE)
+        if stat.S_ISDIR(st.st_mode):
             os.mkdir(dst_root + path, 0o700)
             dirs.append(path)
         else:
@@ -59,6 +75,7 @@ def _link_farm(root: Path, paths: list[str], staging: Path) -> None:
     for path in reversed(dirs):
         rel = "" if path == "/" else path
         _copy_dir_meta(src_root + rel, dst_root + rel)
+    return used, len(seen)
 
 
 def _copy_dir_meta(src: str, dst: str) -> None:

@@ -9,10 +9,17 @@ from pathlib import Path
 from types import TracebackType
 
 from bootenv.manifest import Blob
+from bootenv.writeback import start_writeback
+
+WRITEBACK_EVERY = 8 << 20  # start the disk on what was written, every this many bytes
 
 
 class BlobWriter:
-    """A file-like sink that hashes what it is given and names the result by its hash."""
+    """A file-like sink that hashes what it is given and names the result by its hash.
+
+    The data is written back as it comes (writeback.py), so the fsync in `finish` waits
+    for the last few MiB only, not for the whole blob.
+    """
 
     def __init__(self, directory: Path, suffix: str) -> None:
         self.directory = directory
@@ -22,12 +29,18 @@ class BlobWriter:
         self._tmp = Path(name)
         self._hash = hashlib.sha256()
         self.size = 0
+        self._queued = 0  # bytes whose writeback was started
         self.blob: Blob | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self._hash.update(data)
         self.size += len(data)
-        return self._file.write(data)
+        n = self._file.write(data)
+        if self.size - self._queued >= WRITEBACK_EVERY:
+            self._file.flush()
+            start_writeback(self._file.fileno(), self._queued, self.size - self._queued)
+            self._queued = self.size
+        return n
 
     def flush(self) -> None:
         self._file.flush()

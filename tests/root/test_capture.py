@@ -29,13 +29,14 @@ def _root() -> None:
     require_root()
 
 
-def test_synthetic_capture_round_trip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("scratch", ["memory", "disk"])
+def test_synthetic_capture_round_trip(tmp_path: Path, scratch: str) -> None:
     gold = make_tree(tmp_path / "gold", with_socket=True)
     os.chown(gold / "var/lib/dbdata", 999, 998)
     os.chmod(gold / "usr/sbin/dbd", 0o4755)
     os.setxattr(gold / "usr/sbin/httpd", "user.bootenv", b"kept")
     out = tmp_path / "image"
-    result = capture(CaptureConfig(root=gold, output=out, components=SPECS, single=True))
+    result = capture(CaptureConfig(root=gold, output=out, components=SPECS, single=True, scratch=scratch))
     m = load(out)
     assert m == result.manifest
     assert [c.name for c in m.components] == ["db", "php", "web"]
@@ -193,6 +194,7 @@ def test_gold_restored_os_plus_component_is_identical(
 
 @pytest.mark.parametrize("other_fs", [False, True])
 def test_staging_is_exact_with_links_or_tar(tmp_path: Path, other_fs: bool) -> None:
+    from bootenv.fsimage import tree_usage
     from bootenv.staging import stage
 
     gold = make_tree(tmp_path / "gold")
@@ -206,8 +208,11 @@ def test_staging_is_exact_with_links_or_tar(tmp_path: Path, other_fs: bool) -> N
     try:
         staging = where / "staging"
         staging.mkdir()
-        method = stage(gold, paths, staging, tmp_path)
-        assert method == ("tar copy" if other_fs else "hard links")
+        staged = stage(gold, paths, staging, tmp_path)
+        assert staged.method == ("tar copy" if other_fs else "hard links")
+        # The link farm counts usage from the gold's stats; a walk of the staged tree
+        # agrees (make_tree's directories are small, so their blocks are equal too).
+        assert (staged.used, staged.inodes) == tree_usage(staging)
         for path in paths[1:]:
             rel = path.lstrip("/")
             assert describe(staging / rel) == describe(gold / rel), path

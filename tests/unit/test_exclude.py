@@ -1,0 +1,40 @@
+"""Exclusions: the one-regex matcher says what the rules, tried in order, say."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from bootenv.exclude import DEFAULT_RULES, Exclusions, Rule
+
+
+def _by_rules(rules: tuple[Rule, ...], path: str, is_dir: bool) -> str | None:
+    return next((r.reason for r in rules if r.matches(path, is_dir)), None)
+
+
+PARTS = "var log etc ssh ssh_host_rsa_key proc 1 tmp srv cache x.log lib dpkg"
+PARTS += " status-old apt lists a*b [x] backups dev"
+
+
+def _paths(rng: random.Random, n: int) -> list[str]:
+    parts = PARTS.split()
+    return ["/" + "/".join(rng.choice(parts) for _ in range(rng.randint(1, 5))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("extra", [(), ("/srv/*/cache", "/opt/*.log", "/var/log/*")])
+def test_reason_matches_the_rules_in_order(extra: tuple[str, ...]) -> None:
+    ex = Exclusions().with_patterns(extra)
+    rng = random.Random(7)
+    paths = [*_paths(rng, 3000), "/proc/1", "/var/log/apache2", "/etc/ssh/ssh_host_ed25519_key"]
+    for path in paths:
+        for is_dir in (False, True):
+            assert ex.reason(path, is_dir) == _by_rules(ex.rules, path, is_dir), (path, is_dir)
+
+
+def test_files_only_rules_keep_directories_and_the_first_rule_wins() -> None:
+    ex = Exclusions((Rule("/var/log/*", "logs", files_only=True), Rule("/var/*", "var")))
+    assert ex.reason("/var/log/apache2", True) == "var"  # logs keeps dirs; the next rule takes it
+    assert ex.reason("/var/log/syslog", False) == "logs"
+    assert Exclusions(()).reason("/anything", False) is None
+    assert Exclusions(DEFAULT_RULES).reason("/etc/hostname", False) is None
