@@ -1,10 +1,13 @@
 """`bootenv layout`: lay out component sub-images in a root tree, with parallel streams.
 
 Each stream is a process (CPU-bound tar parsing does not scale with threads) that
-fetches, decompresses, verifies and lays out one component at a time (extract.py).
-When every stream is done, the parent merges the dpkg status of the components that
-verified, in name order, and activates them: ldconfig, daemon-reload, units. Progress
-goes to the log and, best effort, to a callback URL as JSON events.
+decompresses and lays out one piece of a component at a time (extract.py): a chunk, or
+the whole blob when it has none. The parent schedules the pieces (largest first) and
+fetches and verifies the chunks ahead of the streams (fetchahead.py); a stream fetches
+an unchunked blob itself, hashing it as it streams. When every stream is done, the
+parent merges the dpkg status of the components that verified, in name order, and
+activates them: ldconfig, daemon-reload, units. Progress goes to the log and, best
+effort, to a callback URL as JSON events.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import heapq
 import io
 import logging
 import os
@@ -34,6 +36,7 @@ from bootenv.conflicts import clean_stale
 from bootenv.dpkgmerge import merge_component_status
 from bootenv.errors import BootenvError, UserError, VerificationError
 from bootenv.extract import Stats, TreeWriter
+from bootenv.fetchahead import FetchAhead
 from bootenv.journal import Journal, syncfs
 from bootenv.log import human_bytes, step
 from bootenv.manifest import Chunk, Component, resolve_components
@@ -236,6 +239,7 @@ def _run_streams(
         with ProcessPoolExecutor(
             streams, mp_context=ctx, initializer=_init_worker, initargs=(events,)
         ) as pool:
+            pool.submit(os.getpid).result()  # fork every stream now, before a fetch thread runs
             return _schedule(pool, streams, image, comps, root, privileged)
     finally:
         stop.set()
@@ -251,64 +255,152 @@ def _schedule(
     privileged: bool,
 ) -> list[ComponentResult]:
     """Keep `width` jobs running, the largest ready piece first (so no big piece starts
-    last); a component's first piece and its final job go ahead of any piece."""
-    journal = Journal(root)
-    results: dict[str, ComponentResult] = {}
-    got: dict[str, dict[int, _Piece]] = {c.name: {} for c in comps}
-    started: dict[str, float] = {}
-    jobs: dict[Future[Any], tuple[str, Component, int]] = {}
-    ready: list[tuple[int, int, str, Component, int, tuple[str, ...]]] = []  # a heap
-    urgent = -(1 << 62)
+    last); a component's first piece and its final job go ahead of any piece. A chunk
+    that is verified before it is laid out is fetched ahead (fetchahead.py) and handed
+    to a stream once it is in."""
+    ahead = FetchAhead(image, width)
+    try:
+        return _Scheduler(pool, width, image, root, privileged, ahead).run(comps)
+    finally:
+        ahead.close()
 
-    def dispatch() -> None:
-        while ready and len(jobs) < width:
-            _, _, kind, comp, index, redirect = heapq.heappop(ready)
-            if kind == "final":
-                job = pool.submit(_finish, comp, root, privileged, got[comp.name][0].created)
+
+_Ready = tuple[int, int, str, Component, int, tuple[str, ...]]  # priority, seq, kind, comp, index, redirect
+_URGENT = -(1 << 62)
+
+
+class _Scheduler:
+    def __init__(
+        self,
+        pool: ProcessPoolExecutor | _Inline,
+        width: int,
+        image: str,
+        root: Path,
+        privileged: bool,
+        ahead: FetchAhead,
+    ) -> None:
+        self.pool, self.width, self.image, self.root = pool, width, image, root
+        self.privileged, self.ahead = privileged, ahead
+        self.results: dict[str, ComponentResult] = {}
+        self.got: dict[str, dict[int, _Piece]] = {}
+        self.started: dict[str, float] = {}
+        self.jobs: dict[Future[Any], tuple[str, Component, int]] = {}
+        self.ready: list[_Ready] = []
+        self.seq = 0
+
+    def push(
+        self, priority: int, kind: str, comp: Component, index: int, redirect: tuple[str, ...] = ()
+    ) -> None:
+        self.seq += 1
+        self.ready.append((priority, self.seq, kind, comp, index, redirect))
+
+    def run(self, comps: list[Component]) -> list[ComponentResult]:
+        journal = Journal(self.root)
+        for comp in comps:
+            self.got[comp.name] = {}
+            if journal.reached(comp.name, comp.data.sha256, "files"):
+                log.info("%s: already laid out by an earlier run", comp.name)
+                self.results[comp.name] = ComponentResult(comp.name, "resumed")
+                continue
+            self.started[comp.name] = time.monotonic()
+            self.push(_URGENT, "piece", comp, 0)
+        self.dispatch()
+        while self.jobs or self.ready:
+            waitable = [*self.jobs, *self.ahead.pending()]
+            if not waitable:  # the fetches finished since dispatch() looked: it starts them now
+                before = len(self.ready)
+                self.dispatch()
+                assert self.jobs or len(self.ready) < before, "ready work that nothing will start"
+                continue
+            done, _ = wait(waitable, return_when=FIRST_COMPLETED)
+            for fut in done:
+                if fut in self.jobs:
+                    self.finished(fut)
+            self.dispatch()
+        return [self.results[c.name] for c in comps]
+
+    def dispatch(self) -> None:
+        """Start what can start, in priority order; then fetch the next chunks ahead."""
+        self.ready.sort()
+        waiting = []
+        for entry in self.ready:
+            if entry[3].name in self.results:
+                continue  # its component failed meanwhile
+            if len(self.jobs) >= self.width or not self.start(entry):
+                waiting.append(entry)
+        self.ready = [e for e in waiting if e[3].name not in self.results]
+        self.fetch_ahead()
+
+    def fetch_ahead(self) -> None:
+        for _, _, kind, comp, index, _ in sorted(self.ready):
+            if kind != "piece" or not _fetched_first(comp, index) or self.ahead.get((comp.name, index)):
+                continue
+            if not self.ahead.room(comp.pieces()[index].size):
+                break
+            self.ahead.start(comp, index)
+
+    def start(self, entry: _Ready) -> bool:
+        _, _, kind, comp, index, redirect = entry
+        if kind == "final":
+            job = self.pool.submit(_finish, comp, self.root, self.privileged, self.got[comp.name][0].created)
+        elif not _fetched_first(comp, index):
+            job = self.pool.submit(
+                _lay_out_piece, self.image, comp, index, self.root, self.privileged, redirect
+            )
+        else:
+            fetch = self.ahead.get((comp.name, index))
+            if fetch is None or not fetch.done():
+                return False
+            exc = fetch.exception()
+            if exc is not None:
+                if not isinstance(exc, (BootenvError, OSError)):
+                    raise exc
+                log.error("%s: %s", comp.name, exc)
+                self.fail(comp, str(exc))
+                return True
+            path = self.ahead.hand_over((comp.name, index)).path
+            self.fetch_ahead()  # before submit: the one-stream executor runs the job right here
+            job = self.pool.submit(
+                _lay_out_piece, self.image, comp, index, self.root, self.privileged, redirect, path
+            )
+        self.jobs[job] = (kind, comp, index)
+        return True
+
+    def fail(self, comp: Component, error: str | None) -> None:
+        if comp.name not in self.results:
+            took = time.monotonic() - self.started[comp.name]
+            self.results[comp.name] = ComponentResult(comp.name, "failed", error=error, seconds=took)
+        self.ready = [r for r in self.ready if r[3].name != comp.name]
+        self.ahead.drop(comp.name)
+
+    def finished(self, fut: Future[Any]) -> None:
+        kind, comp, index = self.jobs.pop(fut)
+        took = time.monotonic() - self.started[comp.name]
+        if kind == "final":
+            try:
+                fut.result()
+            except OSError as exc:
+                self.results[comp.name] = ComponentResult(comp.name, "failed", error=str(exc), seconds=took)
             else:
-                job = pool.submit(_lay_out_piece, image, comp, index, root, privileged, redirect)
-            jobs[job] = (kind, comp, index)
+                self.results[comp.name] = _done(comp, self.got[comp.name], took)
+            return
+        self.ahead.release((comp.name, index))
+        piece: _Piece = fut.result()
+        self.got[comp.name][index] = piece
+        if piece.stats is None:
+            self.fail(comp, piece.error)
+            return
+        pieces = comp.pieces()
+        if index == 0:
+            for i in range(1, len(pieces)):
+                self.push(-pieces[i].size, "piece", comp, i, piece.redirect)
+        if comp.name not in self.results and len(self.got[comp.name]) == len(pieces):
+            self.push(_URGENT, "final", comp, 0)
 
-    for order, comp in enumerate(comps):
-        if journal.reached(comp.name, comp.data.sha256, "files"):
-            log.info("%s: already laid out by an earlier run", comp.name)
-            results[comp.name] = ComponentResult(comp.name, "resumed")
-            continue
-        started[comp.name] = time.monotonic()
-        heapq.heappush(ready, (urgent, order, "piece", comp, 0, ()))
-    dispatch()
-    seq = len(comps)
-    while jobs:
-        done, _ = wait(list(jobs), return_when=FIRST_COMPLETED)
-        for fut in done:
-            kind, comp, index = jobs.pop(fut)
-            took = time.monotonic() - started[comp.name]
-            if kind == "final":
-                try:
-                    fut.result()
-                except OSError as exc:
-                    results[comp.name] = ComponentResult(comp.name, "failed", error=str(exc), seconds=took)
-                else:
-                    results[comp.name] = _done(comp, got[comp.name], took)
-                continue
-            piece: _Piece = fut.result()
-            got[comp.name][index] = piece
-            if piece.stats is None:
-                if comp.name not in results:
-                    results[comp.name] = ComponentResult(comp.name, "failed", error=piece.error, seconds=took)
-                ready[:] = [r for r in ready if r[3].name != comp.name]
-                heapq.heapify(ready)
-                continue
-            pieces = comp.pieces()
-            if index == 0:
-                for i in range(1, len(pieces)):
-                    seq += 1
-                    heapq.heappush(ready, (-pieces[i].size, seq, "piece", comp, i, piece.redirect))
-            if comp.name not in results and len(got[comp.name]) == len(pieces):
-                seq += 1
-                heapq.heappush(ready, (urgent, seq, "final", comp, 0, ()))
-        dispatch()
-    return [results[c.name] for c in comps]
+
+def _fetched_first(comp: Component, index: int) -> bool:
+    """Is this piece a chunk small enough to be fetched and verified before layout?"""
+    return bool(comp.chunks) and comp.pieces()[index].size <= VERIFY_FIRST
 
 
 def _done(comp: Component, pieces: dict[int, _Piece], took: float) -> ComponentResult:
@@ -405,9 +497,16 @@ class _Hashing:
 
 
 def _lay_out_piece(
-    image: str, comp: Component, index: int, root: Path, privileged: bool, redirect: tuple[str, ...]
+    image: str,
+    comp: Component,
+    index: int,
+    root: Path,
+    privileged: bool,
+    redirect: tuple[str, ...],
+    fetched: str | None = None,
 ) -> _Piece:
-    """One stream's job: fetch, decompress, verify and lay out one piece of a component."""
+    """One stream's job: fetch, decompress, verify and lay out one piece of a component.
+    `fetched`: the chunk's bytes, already fetched and verified (fetchahead.py)."""
     pieces = comp.pieces()
     chunk = pieces[index]
     if index == 0:
@@ -425,6 +524,10 @@ def _lay_out_piece(
         root, comp.name, privileged=privileged, merge=MergeState(root), piece=index, redirect=redirect
     )
     try:
+        if fetched is not None:
+            with open(fetched, "rb") as f:
+                _lay_out(comp, index, _Hashing(f), writer, partial=index < len(pieces) - 1)
+            return _Piece(comp.name, index, writer.stats, None, tuple(writer.created_dirs), writer.redirected)
         if image not in _SOURCES:
             _SOURCES[image] = open_source(image)
         offset = chunk.offset if comp.chunks else None

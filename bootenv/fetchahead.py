@@ -1,0 +1,123 @@
+"""Fetch component chunks ahead of the streams that lay them out.
+
+A stream that fetched its own chunk held its connection idle while it wrote the chunk's
+files, and wrote nothing while it waited for the next chunk. Here the layout process
+fetches chunks on `width` threads (one connection each), into memory (a memfd), and
+checks each one's size and sha256 before a stream is given it, by path
+(/proc/<pid>/fd/<n>, which a forked stream can open). Downloads go on while the streams
+write files, and still no file of a chunk is placed before the chunk is verified.
+
+Chunks fetched (or being fetched) and not yet handed over wait in memory, on top of the
+ones the streams are laying out: one per stream, and a second per stream while they hold
+less than AHEAD_BYTES per stream (so a stream that syncs or merges does not stop the
+downloads). Memory stays bounded by a few chunks per stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from bootenv.errors import VerificationError
+from bootenv.manifest import Component
+from bootenv.source import Source, open_source
+
+log = logging.getLogger(__name__)
+
+READ = 1 << 20
+AHEAD_BYTES = 16 << 20  # per stream, for the second chunk ahead
+Key = tuple[str, int]  # (component, chunk index)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    fd: int
+    path: str  # what a stream opens
+
+
+class FetchAhead:
+    def __init__(self, image: str, width: int) -> None:
+        self._image = image
+        self._width = width
+        self._pool = ThreadPoolExecutor(width, thread_name_prefix="fetch")
+        self._local = threading.local()
+        self._futures: dict[Key, Future[Fetched]] = {}
+        self._handed: set[Key] = set()  # given to a stream, not yet released
+        self._sizes: dict[Key, int] = {}
+
+    def get(self, key: Key) -> Future[Fetched] | None:
+        return self._futures.get(key)
+
+    def room(self, size: int) -> bool:
+        """May a chunk of `size` bytes be fetched ahead now?"""
+        waiting = [k for k in self._futures if k not in self._handed]
+        held = sum(self._sizes[k] for k in waiting)
+        return len(waiting) < self._width or (
+            len(waiting) < 2 * self._width and held + size <= AHEAD_BYTES * self._width
+        )
+
+    def pending(self) -> list[Future[Fetched]]:
+        return [f for f in self._futures.values() if not f.done()]
+
+    def start(self, comp: Component, index: int) -> None:
+        self._sizes[(comp.name, index)] = comp.pieces()[index].size
+        self._futures[(comp.name, index)] = self._pool.submit(self._fetch, comp, index)
+
+    def hand_over(self, key: Key) -> Fetched:
+        self._handed.add(key)
+        return self._futures[key].result()
+
+    def release(self, key: Key) -> None:
+        """Free a chunk's memory: its stream is done with it, or nobody will want it."""
+        self._handed.discard(key)
+        self._sizes.pop(key, None)
+        fut = self._futures.pop(key, None)
+        if fut is not None and not fut.cancel():
+            fut.add_done_callback(_close)
+
+    def drop(self, component: str) -> None:
+        for key in [k for k in self._futures if k[0] == component]:
+            self.release(key)
+
+    def close(self) -> None:
+        for key in list(self._futures):
+            self.release(key)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _source(self) -> Source:
+        src: Source | None = getattr(self._local, "source", None)
+        if src is None:
+            src = self._local.source = open_source(self._image)  # one connection per thread
+        return src
+
+    def _fetch(self, comp: Component, index: int) -> Fetched:
+        chunk = comp.pieces()[index]
+        fd = os.memfd_create(f"{comp.name}.{index}")
+        try:
+            sha = hashlib.sha256()
+            size = 0
+            src = self._source().open(comp.data.file, chunk.size, chunk.offset)
+            try:
+                while size <= chunk.size and (data := src.read(READ)):
+                    sha.update(data)
+                    size += len(data)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+            finally:
+                src.close()
+            if size != chunk.size or sha.hexdigest() != chunk.sha256:
+                raise VerificationError(f"{comp.name}: sub-image does not match its sha256; not activated")
+        except BaseException:
+            os.close(fd)
+            raise
+        return Fetched(fd, f"/proc/{os.getpid()}/fd/{fd}")
+
+
+def _close(fut: Future[Fetched]) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        os.close(fut.result().fd)

@@ -1,0 +1,89 @@
+"""FetchAhead: a chunk is in memory and verified before it is handed over; memory is bounded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bootenv.errors import VerificationError
+from bootenv.fetchahead import AHEAD_BYTES, FetchAhead
+from bootenv.manifest import Component, parse_manifest
+from tests.faults.helpers import component
+from tests.hostile.kit import make_image
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image(tmp_path_factory.mktemp("fa") / "img", [component("good", 7, files=40)], chunk=8 << 10)
+
+
+def _names(path: str, memfd: str) -> bool:
+    try:
+        return os.readlink(path).startswith(memfd)
+    except FileNotFoundError:
+        return False
+
+
+def comp_of(image: Path) -> Component:
+    return parse_manifest((image / "manifest.json").read_text()).component("good")
+
+
+def test_a_chunk_is_fetched_into_memory_and_freed_on_release(image: Path) -> None:
+    comp = comp_of(image)
+    blob = (image / comp.data.file).read_bytes()
+    fds = len(os.listdir("/proc/self/fd"))
+    ahead = FetchAhead(str(image), 2)
+    try:
+        for i in range(len(comp.chunks)):
+            ahead.start(comp, i)
+        for i, chunk in enumerate(comp.chunks):
+            fetched = ahead.hand_over((comp.name, i))
+            assert _names(fetched.path, f"/memfd:good.{i} ")
+            with open(fetched.path, "rb") as f:  # what a stream opens
+                assert f.read() == blob[chunk.offset : chunk.offset + chunk.size]
+            ahead.release((comp.name, i))
+            assert not _names(fetched.path, f"/memfd:good.{i} ")  # closed (its number may be reused)
+    finally:
+        ahead.close()
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_chunk_that_does_not_match_its_sha256_is_never_handed_over(image: Path, tmp_path: Path) -> None:
+    comp = comp_of(image)
+    bad = tmp_path / "img"
+    bad.mkdir()
+    for p in image.iterdir():
+        (bad / p.name).write_bytes(p.read_bytes())
+    k = comp.chunks[2]
+    data = bytearray((bad / comp.data.file).read_bytes())
+    data[k.offset + k.size // 2] ^= 0xFF
+    (bad / comp.data.file).write_bytes(bytes(data))
+    fds = len(os.listdir("/proc/self/fd"))
+    ahead = FetchAhead(str(bad), 1)
+    try:
+        ahead.start(comp, 2)
+        ahead.start(comp, 1)
+        with pytest.raises(VerificationError, match="sha256"):
+            ahead.hand_over((comp.name, 2))
+        assert ahead.hand_over((comp.name, 1)).path  # the others are fine
+    finally:
+        ahead.close()
+    assert len(os.listdir("/proc/self/fd")) == fds  # no memfd left open
+
+
+def test_room_one_chunk_per_stream_and_a_second_while_small(image: Path) -> None:
+    comp = comp_of(image)
+    ahead = FetchAhead(str(image), 1)
+    try:
+        assert ahead.room(AHEAD_BYTES * 4)  # the first one ahead, whatever its size
+        ahead.start(comp, 1)
+        assert ahead.room(comp.chunks[2].size)
+        assert not ahead.room(AHEAD_BYTES)  # a second, but not a big one
+        ahead.start(comp, 2)
+        assert not ahead.room(1)  # never a third
+        ahead.hand_over((comp.name, 1))  # a stream took one: room again
+        assert ahead.room(comp.chunks[3].size)
+    finally:
+        ahead.close()
