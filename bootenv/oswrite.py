@@ -36,6 +36,7 @@ from bootenv.prefetch import Prefetch
 from bootenv.signing import Trust
 from bootenv.source import Source, open_source
 from bootenv.trusted import open_trusted
+from bootenv.writeback import start_writeback
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,9 @@ class Target:
         if aligned < len(buf):
             self._set_direct(False)
             self._pwrite_all(buf[aligned:], offset + aligned)
+            # Buffered (a regular file): have the disk take it now, not all at the final
+            # fsync (measured on LAMP: that fsync alone took 1.2 s of 4.2).
+            start_writeback(self.fd, offset + aligned, len(buf) - aligned)
         self.written += len(buf)
 
     def _pwrite_all(self, buf: memoryview, offset: int) -> None:
