@@ -407,8 +407,9 @@ def _split_vs_single(env: Env, inp: Input) -> Result:
                 for comp in json.loads(report.read_text())["components"]:
                     ready.setdefault(comp["name"], []).append(os_t[-1].seconds + comp["seconds"])
                 _fresh(disk)
-                single = [BOOTENV, "write-os", "--image", image, "--device", str(disk), "--single"]
-                single_t.append(measure([*single, "--insecure"]))
+                with open(disk, "wb") as f:
+                    f.truncate(disk_size)
+                single_t.append(_write_os(image, disk, "--single"))
             a, b, c = seconds(os_t), seconds(single_t), Stats.of(total_t)
             measurements[f"{label}: split, OS bootable (s)"] = a
             for name, times in sorted(ready.items()):
@@ -431,9 +432,10 @@ def _split_vs_single(env: Env, inp: Input) -> Result:
     return r
 
 
-def _write_os(image: str, disk: Path) -> Sample:
-    """write-os, then grow the filesystem as the agent does before booting it."""
-    wrote = measure([BOOTENV, "write-os", "--image", image, "--device", str(disk), "--insecure"])
+def _write_os(image: str, disk: Path, *args: str) -> Sample:
+    """write-os, then grow the filesystem as the agent does before booting it (either
+    image: the agent's prepare_root_fs grows the single image too)."""
+    wrote = measure([BOOTENV, "write-os", "--image", image, "--device", str(disk), "--insecure", *args])
     grow = measure(["resize2fs", "-f", str(disk)])
     return Sample(wrote.seconds + grow.seconds, max(wrote.max_rss_kb, grow.max_rss_kb))
 
