@@ -303,9 +303,7 @@ def _layout_speed(env: Env, inp: Input) -> Result:
 
 def fetch_units(comp: Component) -> list[int]:
     """The compressed sizes a stream fetches independently: the chunks, or the whole component."""
-    chunks: Sequence[object] = getattr(comp, "chunks", ())
-    sizes = [int(getattr(c, "size", 0)) for c in chunks]
-    return sizes if sizes and all(sizes) else [comp.data.size]
+    return [p.size for p in comp.pieces()]
 
 
 def stream_bound(units: Sequence[int], streams: int) -> float:

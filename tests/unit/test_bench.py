@@ -6,8 +6,8 @@ import json
 import os
 import stat
 import sys
+from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import requests
@@ -20,6 +20,7 @@ from bench.throttle import serve
 from bootenv.assign import plan_split
 from bootenv.dpkg import INFO, Database, parse_script_paths, parse_status, read_database
 from bootenv.exclude import Exclusions
+from bootenv.manifest import Blob, Chunk, Component
 from bootenv.split import Split, parse_component_arg
 from bootenv.walk import Entry, Kind, scan
 
@@ -119,10 +120,9 @@ def test_synthetic_tree_is_built_once_and_dpkg_reads_it(
 def test_stream_bound_uses_chunks_when_the_manifest_has_them() -> None:
     assert stream_bound([63, 20, 17], 3) == pytest.approx(100 / 63)  # the largest binds
     assert stream_bound([10] * 9, 3) == pytest.approx(3.0)  # the streams bind
-    whole = SimpleNamespace(data=SimpleNamespace(size=90))
-    chunked = SimpleNamespace(
-        data=SimpleNamespace(size=90), chunks=[SimpleNamespace(size=s) for s in (40, 50)]
-    )
-    assert fetch_units(whole) == [90]  # type: ignore[arg-type]
-    assert fetch_units(chunked) == [40, 50]  # type: ignore[arg-type]
+    data = Blob("x.tar.zst", "0" * 64, 90, 300)
+    whole = Component("c", data, ("p",), (), 3, ())
+    chunked = replace(whole, chunks=(Chunk(0, 40, 100, "1" * 64), Chunk(40, 50, 200, "2" * 64)))
+    assert fetch_units(whole) == [90]
+    assert fetch_units(chunked) == [40, 50]
     assert rows([Result("a", "")]) == [Result("a", "")] and rows(Result("b", "")) == [Result("b", "")]
