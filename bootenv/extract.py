@@ -227,7 +227,13 @@ class TreeWriter:
             st = None
         if st is not None:
             if stat.S_ISDIR(st.st_mode):
-                return  # directories merge; the existing one keeps its metadata
+                # Directories merge; the existing one keeps its metadata. A run killed
+                # between making this member's temp and renaming it left the temp (empty:
+                # nothing goes in before the rename), and another stream made the
+                # directory since: clear the temp here, or nothing would.
+                with contextlib.suppress(OSError):
+                    os.rmdir(tmp, dir_fd=pfd)
+                return
             if store:
                 return
             self._conflict(m, pfd, base, None, "a directory where something else is")

@@ -21,8 +21,9 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import BinaryIO
 
-from bootenv.errors import VerificationError
+from bootenv.errors import FatalError, VerificationError
 from bootenv.manifest import Component
 from bootenv.source import Source, open_source
 
@@ -37,6 +38,16 @@ Key = tuple[str, int]  # (component, chunk index)
 class Fetched:
     fd: int
     path: str  # what a stream opens
+    ino: int  # the memfd's inode: a stream checks it opened this one and no other
+
+
+def open_fetched(path: str, ino: int) -> BinaryIO:
+    """Open a chunk handed over by path, and make sure it is that chunk's memfd."""
+    f = open(path, "rb")
+    if os.fstat(f.fileno()).st_ino != ino:
+        f.close()
+        raise FatalError(f"{path} is not the fetched chunk any more")
+    return f
 
 
 class FetchAhead:
@@ -47,6 +58,7 @@ class FetchAhead:
         self._local = threading.local()
         self._futures: dict[Key, Future[Fetched]] = {}
         self._handed: set[Key] = set()  # given to a stream, not yet released
+        self._stop = threading.Event()
         self._sizes: dict[Key, int] = {}
 
     def get(self, key: Key) -> Future[Fetched] | None:
@@ -59,9 +71,6 @@ class FetchAhead:
         return len(waiting) < self._width or (
             len(waiting) < 2 * self._width and held + size <= AHEAD_BYTES * self._width
         )
-
-    def pending(self) -> list[Future[Fetched]]:
-        return [f for f in self._futures.values() if not f.done()]
 
     def start(self, comp: Component, index: int) -> None:
         self._sizes[(comp.name, index)] = comp.pieces()[index].size
@@ -80,10 +89,20 @@ class FetchAhead:
             fut.add_done_callback(_close)
 
     def drop(self, component: str) -> None:
-        for key in [k for k in self._futures if k[0] == component]:
+        """A component failed: free its chunks that no stream has (a stream's chunk is
+        released when its job ends; closing it now could hand its fd number to another)."""
+        for key in [k for k in self._futures if k[0] == component and k not in self._handed]:
             self.release(key)
 
+    def waitable(self) -> list[Future[Fetched]]:
+        """The fetches of chunks no stream has yet, done or not: a done one means a stream
+        can be given it now."""
+        return [f for k, f in self._futures.items() if k not in self._handed]
+
     def close(self) -> None:
+        """Stop fetching (a running fetch ends at its next read) and free every chunk. The
+        streams must be done: call this after their pool has shut down."""
+        self._stop.set()
         for key in list(self._futures):
             self.release(key)
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -102,7 +121,7 @@ class FetchAhead:
             size = 0
             src = self._source().open(comp.data.file, chunk.size, chunk.offset)
             try:
-                while size <= chunk.size and (data := src.read(READ)):
+                while size <= chunk.size and not self._stop.is_set() and (data := src.read(READ)):
                     sha.update(data)
                     size += len(data)
                     view = memoryview(data)
@@ -115,7 +134,7 @@ class FetchAhead:
         except BaseException:
             os.close(fd)
             raise
-        return Fetched(fd, f"/proc/{os.getpid()}/fd/{fd}")
+        return Fetched(fd, f"/proc/{os.getpid()}/fd/{fd}", os.fstat(fd).st_ino)
 
 
 def _close(fut: Future[Fetched]) -> None:

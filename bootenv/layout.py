@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import io
 import logging
 import os
 import queue
@@ -36,7 +35,7 @@ from bootenv.conflicts import clean_stale
 from bootenv.dpkgmerge import merge_component_status
 from bootenv.errors import BootenvError, UserError, VerificationError
 from bootenv.extract import Stats, TreeWriter
-from bootenv.fetchahead import FetchAhead
+from bootenv.fetchahead import FetchAhead, open_fetched
 from bootenv.journal import Journal, syncfs
 from bootenv.log import human_bytes, step
 from bootenv.manifest import Chunk, Component, resolve_components
@@ -224,12 +223,24 @@ def _run_streams(
     streams = streams or default_streams(pieces)
     privileged = os.geteuid() == 0
     progress = _ProgressSum(poster.send)
-    if streams <= 1 or pieces <= 1:
-        _SINK[:] = [progress]
-        try:
-            return _schedule(_Inline(), 1, image, comps, root, privileged)
-        finally:
-            _SINK.clear()
+    width = 1 if streams <= 1 or pieces <= 1 else streams
+    # The fetches stop only once the streams are done (the pool below has shut down):
+    # a stream may still be reading a chunk the parent holds.
+    ahead = FetchAhead(image, width)
+    try:
+        if width == 1:
+            _SINK[:] = [progress]
+            try:
+                return _Scheduler(_Inline(), 1, image, root, privileged, ahead).run(comps)
+            finally:
+                _SINK.clear()
+        return _run_pool(_Scheduler(None, width, image, root, privileged, ahead), comps, progress)
+    finally:
+        ahead.close()
+
+
+def _run_pool(sched: _Scheduler, comps: list[Component], progress: _ProgressSum) -> list[ComponentResult]:
+    """Run `sched` on `sched.width` stream processes (forked before any fetch thread runs)."""
     ctx = get_context("fork")
     events: Any = ctx.Queue()
     stop = threading.Event()
@@ -237,32 +248,14 @@ def _run_streams(
     pump.start()
     try:
         with ProcessPoolExecutor(
-            streams, mp_context=ctx, initializer=_init_worker, initargs=(events,)
+            sched.width, mp_context=ctx, initializer=_init_worker, initargs=(events,)
         ) as pool:
             pool.submit(os.getpid).result()  # fork every stream now, before a fetch thread runs
-            return _schedule(pool, streams, image, comps, root, privileged)
+            sched.pool = pool
+            return sched.run(comps)
     finally:
         stop.set()
         pump.join()
-
-
-def _schedule(
-    pool: ProcessPoolExecutor | _Inline,
-    width: int,
-    image: str,
-    comps: list[Component],
-    root: Path,
-    privileged: bool,
-) -> list[ComponentResult]:
-    """Keep `width` jobs running, the largest ready piece first (so no big piece starts
-    last); a component's first piece and its final job go ahead of any piece. A chunk
-    that is verified before it is laid out is fetched ahead (fetchahead.py) and handed
-    to a stream once it is in."""
-    ahead = FetchAhead(image, width)
-    try:
-        return _Scheduler(pool, width, image, root, privileged, ahead).run(comps)
-    finally:
-        ahead.close()
 
 
 _Ready = tuple[int, int, str, Component, int, tuple[str, ...]]  # priority, seq, kind, comp, index, redirect
@@ -270,16 +263,22 @@ _URGENT = -(1 << 62)
 
 
 class _Scheduler:
+    """Keep `width` jobs running, the largest ready piece first (so no big piece starts
+    last); a component's first piece and its final job go ahead of any piece. A chunk
+    that is verified before it is laid out is fetched ahead (fetchahead.py) and handed
+    to a stream once it is in."""
+
     def __init__(
         self,
-        pool: ProcessPoolExecutor | _Inline,
+        pool: ProcessPoolExecutor | _Inline | None,
         width: int,
         image: str,
         root: Path,
         privileged: bool,
         ahead: FetchAhead,
     ) -> None:
-        self.pool, self.width, self.image, self.root = pool, width, image, root
+        self.pool: ProcessPoolExecutor | _Inline | None = pool
+        self.width, self.image, self.root = width, image, root
         self.privileged, self.ahead = privileged, ahead
         self.results: dict[str, ComponentResult] = {}
         self.got: dict[str, dict[int, _Piece]] = {}
@@ -306,8 +305,10 @@ class _Scheduler:
             self.push(_URGENT, "piece", comp, 0)
         self.dispatch()
         while self.jobs or self.ready:
-            waitable = [*self.jobs, *self.ahead.pending()]
-            if not waitable:  # the fetches finished since dispatch() looked: it starts them now
+            # A free stream waits for a job to end or a chunk to be in (one that already
+            # is returns at once, and dispatch() starts it).
+            waitable = [*self.jobs, *(self.ahead.waitable() if len(self.jobs) < self.width else ())]
+            if not waitable:
                 before = len(self.ready)
                 self.dispatch()
                 assert self.jobs or len(self.ready) < before, "ready work that nothing will start"
@@ -340,6 +341,7 @@ class _Scheduler:
             self.ahead.start(comp, index)
 
     def start(self, entry: _Ready) -> bool:
+        assert self.pool is not None
         _, _, kind, comp, index, redirect = entry
         if kind == "final":
             job = self.pool.submit(_finish, comp, self.root, self.privileged, self.got[comp.name][0].created)
@@ -358,10 +360,17 @@ class _Scheduler:
                 log.error("%s: %s", comp.name, exc)
                 self.fail(comp, str(exc))
                 return True
-            path = self.ahead.hand_over((comp.name, index)).path
+            got = self.ahead.hand_over((comp.name, index))
             self.fetch_ahead()  # before submit: the one-stream executor runs the job right here
             job = self.pool.submit(
-                _lay_out_piece, self.image, comp, index, self.root, self.privileged, redirect, path
+                _lay_out_piece,
+                self.image,
+                comp,
+                index,
+                self.root,
+                self.privileged,
+                redirect,
+                (got.path, got.ino),
             )
         self.jobs[job] = (kind, comp, index)
         return True
@@ -503,10 +512,11 @@ def _lay_out_piece(
     root: Path,
     privileged: bool,
     redirect: tuple[str, ...],
-    fetched: str | None = None,
+    fetched: tuple[str, int] | None = None,
 ) -> _Piece:
-    """One stream's job: fetch, decompress, verify and lay out one piece of a component.
-    `fetched`: the chunk's bytes, already fetched and verified (fetchahead.py)."""
+    """One stream's job: decompress and lay out one piece of a component. `fetched`: the
+    path and inode of the chunk's bytes, fetched and verified already (fetchahead.py);
+    without it, the stream fetches the piece itself and verifies it as it streams."""
     pieces = comp.pieces()
     chunk = pieces[index]
     if index == 0:
@@ -525,7 +535,7 @@ def _lay_out_piece(
     )
     try:
         if fetched is not None:
-            with open(fetched, "rb") as f:
+            with open_fetched(*fetched) as f:
                 _lay_out(comp, index, _Hashing(f), writer, partial=index < len(pieces) - 1)
             return _Piece(comp.name, index, writer.stats, None, tuple(writer.created_dirs), writer.redirected)
         if image not in _SOURCES:
@@ -534,15 +544,7 @@ def _lay_out_piece(
         src = _SOURCES[image].open(comp.data.file, chunk.size, offset)
         try:
             hashing = _Hashing(src)
-            if offset is not None and chunk.size <= VERIFY_FIRST:
-                # A chunk is small: have all of it and check it before placing a file.
-                body = hashing.read(chunk.size + 1)
-                while len(body) <= chunk.size and (more := hashing.read(chunk.size + 1 - len(body))):
-                    body += more
-                _check(comp, chunk, hashing)
-                _lay_out(comp, index, _Hashing(io.BytesIO(body)), writer, partial=index < len(pieces) - 1)
-            else:
-                _lay_out(comp, index, hashing, writer, partial=index < len(pieces) - 1)
+            _lay_out(comp, index, hashing, writer, partial=index < len(pieces) - 1)
         finally:
             src.close()
         _check(comp, chunk, hashing)

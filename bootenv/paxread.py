@@ -238,7 +238,9 @@ class PaxReader:
                 continue
             if typeflag not in KINDS:
                 raise ArchiveError(f"unsupported tar member type {typeflag!r}")
-            yield self._member(block, typeflag, size, {**self._global, **pax}, longname, longlink)
+            yield self._member(
+                block, typeflag, size, {**self._global, **pax} if self._global else pax, longname, longlink
+            )
             pax, longname, longlink = {}, None, None
 
     def _member(
@@ -272,12 +274,7 @@ class PaxReader:
             raise ArchiveError(f"old GNU sparse format (0.x) is not supported: {name}")
         mtime = pax.get("mtime")
         mtime_ns = _mtime_ns(mtime) if mtime else _num(block[136:148]) * 10**9
-        xattrs = tuple(sorted((k[13:], v) for k, v in pax.items() if k.startswith("SCHILY.xattr.")))
-        acls = tuple(
-            (k[11:], _text(v))
-            for k, v in sorted(pax.items())
-            if k in ("SCHILY.acl.access", "SCHILY.acl.default")
-        )
+        xattrs, acls = _schily(pax)
         if kind == "dir":
             size = 0  # GNU tar never stores data for a directory
         self._start_data(size)
@@ -334,6 +331,19 @@ class PaxReader:
                 raise ArchiveError("sparse map is out of order or out of bounds")
             end = off + length
         return pairs, used
+
+
+def _schily(pax: dict[str, bytes]) -> tuple[tuple[tuple[str, bytes], ...], tuple[tuple[str, str], ...]]:
+    """The xattrs and ACLs of a member's pax records, each sorted by name (one pass)."""
+    xattrs, acls = [], []
+    for k, v in pax.items():
+        if not k.startswith("SCHILY."):
+            continue
+        if k.startswith("SCHILY.xattr."):
+            xattrs.append((k[13:], v))
+        elif k in ("SCHILY.acl.access", "SCHILY.acl.default"):
+            acls.append((k[11:], _text(v)))
+    return tuple(sorted(xattrs)), tuple(sorted(acls))
 
 
 def _int(value: bytes) -> int:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import tarfile
+from pathlib import Path
 
 import pytest
 
-from bootenv.extract import acl_xattr
+from bootenv.extract import TMP_PREFIX, TreeWriter, acl_xattr
+from bootenv.merge import MergeState
 from bootenv.paxread import ArchiveError, PaxReader, safe_name
 from tests.hostile.kit import d, f, hard, sym, tar_bytes
 
@@ -85,3 +87,20 @@ def test_acl_text_to_xattr() -> None:
     value = acl_xattr("user::rw-,user:1000:rwx,group::r--,mask::rwx,other::r--")
     assert value[:4] == (2).to_bytes(4, "little") and len(value) == 4 + 5 * 8
     assert (1000).to_bytes(4, "little") in value
+
+
+def test_a_stale_temp_of_a_directory_another_stream_made_is_cleared(tmp_path: Path) -> None:
+    # A run killed between making a directory's temp and renaming it leaves the temp;
+    # on the re-run another component made the directory first. The temp must go.
+    (tmp_path / "opt/x").mkdir(parents=True)
+    stale = tmp_path / f"opt/{TMP_PREFIX}beta~2"  # member 2 of beta's first piece
+    stale.mkdir()
+    writer = TreeWriter(tmp_path, "beta", privileged=False, merge=MergeState(tmp_path))
+    try:
+        reader = PaxReader(io.BytesIO(tar_bytes([d("opt"), d("opt/x"), f("opt/x/y", "1")])))
+        for m in reader:
+            writer.place(m, reader)
+    finally:
+        writer.close()
+    assert sorted(p.name for p in (tmp_path / "opt").iterdir()) == ["x"]
+    assert (tmp_path / "opt/x/y").read_text() == "1"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bootenv.errors import VerificationError
-from bootenv.fetchahead import AHEAD_BYTES, FetchAhead
+from bootenv.errors import FatalError, VerificationError
+from bootenv.fetchahead import AHEAD_BYTES, FetchAhead, open_fetched
 from bootenv.manifest import Component, parse_manifest
 from tests.faults.helpers import component
 from tests.hostile.kit import make_image
@@ -87,3 +87,33 @@ def test_room_one_chunk_per_stream_and_a_second_while_small(image: Path) -> None
         assert ahead.room(comp.chunks[3].size)
     finally:
         ahead.close()
+
+
+def test_dropping_a_failed_component_keeps_the_chunks_its_streams_hold(image: Path) -> None:
+    comp = comp_of(image)
+    ahead = FetchAhead(str(image), 2)
+    try:
+        ahead.start(comp, 1)
+        ahead.start(comp, 2)
+        held = ahead.hand_over((comp.name, 1))  # a stream is laying this one out
+        waiting = ahead.get((comp.name, 2))
+        assert waiting is not None
+        fd2 = waiting.result().fd
+        ahead.drop(comp.name)  # another chunk of the component failed
+        # The stream's chunk stays open until its job ends (its number must not be reused
+        # by a new memfd, which the stream would then open instead); the other is freed.
+        assert _names(held.path, "/memfd:good.1 ")
+        assert not _names(f"/proc/self/fd/{fd2}", "/memfd:good.2 ")
+        with open_fetched(held.path, held.ino) as f:
+            assert len(f.read()) == comp.chunks[1].size
+        ahead.release((comp.name, 1))
+        assert not _names(held.path, "/memfd:good.1 ")
+    finally:
+        ahead.close()
+
+
+def test_a_stream_refuses_a_path_that_is_not_its_chunk_any_more(image: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.write_bytes(b"x")
+    with pytest.raises(FatalError, match="not the fetched chunk"):
+        open_fetched(str(other), other.stat().st_ino + 1)
