@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from bench import scenarios, timeline
-from bench.harness import Result, Stats, chart, save, table
+from bench.harness import Result, Stats, chart, fresh_ext4, save, table
 from bootenv.cache import cache_root
 from bootenv.gold import gold_tree
 from bootenv.log import setup_logging
@@ -74,7 +74,8 @@ def main() -> int:
             print(f"== {key}: {fn.__doc__.splitlines()[0] if fn.__doc__ else ''}", flush=True)
             runs = args.vm_runs if key == "qemu-timeline" else args.runs
             try:
-                results += scenarios.rows(fn(dataclasses.replace(env, runs=runs)))
+                with fresh_ext4(Path(work) / "target.fs", Path(work) / "target") as target:
+                    results += scenarios.rows(fn(dataclasses.replace(env, runs=runs, target=target)))
             except Exception as exc:  # one broken benchmark must not lose the others' numbers
                 failed = Result(key, "did not complete")
                 failed.passed = False

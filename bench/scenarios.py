@@ -34,6 +34,7 @@ class Env:
     gold_image: str  # name under images/
     runs: int
     synthetic_image: str = ""  # name under images/; "" builds and captures it when first needed
+    target: Path = Path()  # a fresh ext4 (harness.fresh_ext4): where layouts and streams write
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def os_stream(env: Env) -> Result:
     """1. write-os from HTTP against curl | zstd -dc | dd on the same image."""
     m = load(env, env.gold_image)
     dense = dense_baseline(env, env.gold_image)
-    target = env.work / "target.img"
+    target = env.target / "target.img"
     url = f"{env.url}/images/{env.gold_image}"
     ours, theirs = [], []
     for _ in range(env.runs):
@@ -164,7 +165,7 @@ def memory(env: Env) -> Result:
     medians: dict[tuple[str, int], float] = {}
     for gb in (1, 4):
         image = synthetic_component(gb << 30)
-        root = env.work / f"mem-root-{gb}"
+        root = env.target / f"mem-root-{gb}"
         for streams in (1, 2):
             samples = repeat(
                 env.runs,
@@ -178,7 +179,7 @@ def memory(env: Env) -> Result:
             medians[(f"layout/{streams}", gb)] = Stats.of(mib).median
         shutil.rmtree(root, ignore_errors=True)
         image = synthetic_os(env.work, gb << 30)
-        target = env.work / f"mem-{gb}.img"
+        target = env.target / f"mem-{gb}.img"
         samples = repeat(
             env.runs,
             lambda t=target: _fresh(t),  # type: ignore[misc]
@@ -258,7 +259,7 @@ def layout_speed(env: Env) -> list[Result]:
 def _layout_speed(env: Env, inp: Input) -> Result:
     comp = load(env, inp.image).component(inp.component)
     blob = env.images / inp.image / comp.data.file
-    root = env.work / "layout-root"
+    root = env.target / "layout-root"
     ours, theirs, synced, spread = [], [], [], []
     tar = (
         f"zstd -dcq {blob} | tar -x -C {root} --numeric-owner --same-owner --same-permissions "
@@ -326,7 +327,7 @@ def _parallel_scaling(env: Env, inp: Input) -> Result:
 
     m = load(env, inp.image)
     n = len(m.components)
-    root = env.work / "scaling-root"
+    root = env.target / "scaling-root"
     measurements: dict[str, Stats] = {}
     ratios = {}
     busy: dict[tuple[str, int], float] = {}  # cores kept busy: CPU seconds / wall seconds
@@ -378,7 +379,7 @@ def _split_vs_single(env: Env, inp: Input) -> Result:
     assert m.single is not None
     os_bytes = m.os.data.size
     total_bytes = os_bytes + sum(c.data.size for c in m.components)
-    disk = env.work / "split-disk.img"
+    disk = env.target / "split-disk.img"
     # Room for the components once the OS is grown, and for the single image.
     disk_size = max(8 << 30, 2 * (m.rootfs.image_size + sum(c.data.raw_size for c in m.components)))
     mnt = env.work / "split-mnt"
