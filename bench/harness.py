@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ class Sample:
     seconds: float
     max_rss_kb: int
     cpu: float = 0.0  # user + system seconds of the command and its children
+    shmem_kb: int = 0  # peak growth of the machine's shared memory (memfds, tmpfs) meanwhile
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,11 @@ def measure(
     kernel keeps the high-water mark across exec), which would hide the command's own.
     """
     cmd = ["sh", "-c", " ".join(argv)] if shell else list(argv)
-    with tempfile.NamedTemporaryFile(prefix="bench-time-") as report, open(stdout or os.devnull, "wb") as out:
+    with (
+        tempfile.NamedTemporaryFile(prefix="bench-time-") as report,
+        open(stdout or os.devnull, "wb") as out,
+        _ShmemPeak() as shmem,
+    ):
         start = time.monotonic()
         proc = subprocess.Popen(
             [TIME, "-f", "%M %U %S", "-o", report.name, *cmd], stdout=out, stderr=subprocess.PIPE, env=env
@@ -78,7 +84,37 @@ def measure(
         err = err_bytes.decode(errors="replace")
         raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}): {err[-500:]}")
     rss, user, system = [line for line in fields if line.strip()][-1].split()
-    return Sample(elapsed, int(rss), float(user) + float(system))
+    return Sample(elapsed, int(rss), float(user) + float(system), shmem.peak_kb)
+
+
+class _ShmemPeak:
+    """The peak growth of Shmem (/proc/meminfo) while a command runs, sampled every 20 ms:
+    memory a process holds in memfds or tmpfs, which its RSS does not show."""
+
+    def __init__(self) -> None:
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _ShmemPeak:
+        self._base = _shmem_kb()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak_kb = max(self.peak_kb, _shmem_kb() - self._base)
+
+
+def _shmem_kb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Shmem:"):
+            return int(line.split()[1])
+    return 0
 
 
 def repeat(
