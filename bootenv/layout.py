@@ -1,8 +1,8 @@
 """`bootenv layout`: lay out component sub-images in a root tree, with parallel streams.
 
 Each stream is a process (CPU-bound tar parsing does not scale with threads) that
-decompresses and lays out one piece of a component at a time (extract.py): a chunk, or
-the whole blob when it has none. The parent schedules the pieces (largest first) and
+decompresses and lays out one piece of a component at a time (stream.py, extract.py): a
+chunk, or the whole blob when it has none. The parent schedules the pieces (largest first) and
 fetches and verifies the chunks ahead of the streams (fetchahead.py); a stream fetches
 an unchunked blob itself, hashing it as it streams. When every stream is done, the
 parent merges the dpkg status of the components that verified, in name order, and
@@ -13,12 +13,9 @@ effort, to a callback URL as JSON events.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import hashlib
 import logging
 import os
 import queue
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -26,25 +23,23 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
-import zstandard
-
+from bootenv import stream
 from bootenv.callback import Callback, Event
 from bootenv.conflicts import clean_stale
 from bootenv.dpkgmerge import merge_component_status
-from bootenv.errors import BootenvError, UserError, VerificationError
+from bootenv.errors import BootenvError, UserError
 from bootenv.extract import Stats, TreeWriter
-from bootenv.fetchahead import FetchAhead, open_fetched
+from bootenv.fetchahead import FetchAhead
 from bootenv.journal import Journal, syncfs
 from bootenv.log import human_bytes, step
-from bootenv.manifest import Chunk, Component, resolve_components
+from bootenv.manifest import Component, resolve_components
 from bootenv.merge import MergeState
-from bootenv.paxread import PaxReader
-from bootenv.prefetch import Prefetch
 from bootenv.run import run, which
 from bootenv.signing import Trust
-from bootenv.source import Source, load_manifest, open_source
+from bootenv.source import load_manifest
+from bootenv.stream import Piece
 from bootenv.trusted import open_trusted
 
 log = logging.getLogger(__name__)
@@ -185,18 +180,6 @@ def default_streams(n: int) -> int:
     return max(1, min(n, MAX_STREAMS))
 
 
-@dataclass(frozen=True)
-class _Piece:
-    """What one stream did with one piece (chunk) of a component."""
-
-    component: str
-    index: int
-    stats: Stats | None  # None: failed
-    error: str | None = None
-    created: tuple[tuple[str, int], ...] = ()  # piece 0: the directories it made
-    redirect: tuple[str, ...] = ()  # piece 0: directories that conflicted
-
-
 class _Inline:
     """An executor that runs each job at once, in this process: the one-stream case."""
 
@@ -229,11 +212,11 @@ def _run_streams(
     ahead = FetchAhead(image, width)
     try:
         if width == 1:
-            _SINK[:] = [progress]
+            stream.SINK[:] = [progress]
             try:
                 return _Scheduler(_Inline(), 1, image, root, privileged, ahead).run(comps)
             finally:
-                _SINK.clear()
+                stream.SINK.clear()
         return _run_pool(_Scheduler(None, width, image, root, privileged, ahead), comps, progress)
     finally:
         ahead.close()
@@ -248,7 +231,7 @@ def _run_pool(sched: _Scheduler, comps: list[Component], progress: _ProgressSum)
     pump.start()
     try:
         with ProcessPoolExecutor(
-            sched.width, mp_context=ctx, initializer=_init_worker, initargs=(events,)
+            sched.width, mp_context=ctx, initializer=stream.init_worker, initargs=(events,)
         ) as pool:
             pool.submit(os.getpid).result()  # fork every stream now, before a fetch thread runs
             sched.pool = pool
@@ -281,7 +264,7 @@ class _Scheduler:
         self.width, self.image, self.root = width, image, root
         self.privileged, self.ahead = privileged, ahead
         self.results: dict[str, ComponentResult] = {}
-        self.got: dict[str, dict[int, _Piece]] = {}
+        self.got: dict[str, dict[int, Piece]] = {}
         self.started: dict[str, float] = {}
         self.jobs: dict[Future[Any], tuple[str, Component, int]] = {}
         self.ready: list[_Ready] = []
@@ -347,7 +330,7 @@ class _Scheduler:
             job = self.pool.submit(_finish, comp, self.root, self.privileged, self.got[comp.name][0].created)
         elif not _fetched_first(comp, index):
             job = self.pool.submit(
-                _lay_out_piece, self.image, comp, index, self.root, self.privileged, redirect
+                stream.lay_out_piece, self.image, comp, index, self.root, self.privileged, redirect
             )
         else:
             fetch = self.ahead.get((comp.name, index))
@@ -363,7 +346,7 @@ class _Scheduler:
             got = self.ahead.hand_over((comp.name, index))
             self.fetch_ahead()  # before submit: the one-stream executor runs the job right here
             job = self.pool.submit(
-                _lay_out_piece,
+                stream.lay_out_piece,
                 self.image,
                 comp,
                 index,
@@ -394,7 +377,7 @@ class _Scheduler:
                 self.results[comp.name] = _done(comp, self.got[comp.name], took)
             return
         self.ahead.release((comp.name, index))
-        piece: _Piece = fut.result()
+        piece: Piece = fut.result()
         self.got[comp.name][index] = piece
         if piece.stats is None:
             self.fail(comp, piece.error)
@@ -412,7 +395,7 @@ def _fetched_first(comp: Component, index: int) -> bool:
     return bool(comp.chunks) and comp.pieces()[index].size <= VERIFY_FIRST
 
 
-def _done(comp: Component, pieces: dict[int, _Piece], took: float) -> ComponentResult:
+def _done(comp: Component, pieces: dict[int, Piece], took: float) -> ComponentResult:
     total = Stats()
     for _, piece in sorted(pieces.items()):
         assert piece.stats is not None
@@ -471,126 +454,6 @@ def _pump(events: Any, sink: Callable[[Event], None], stop: threading.Event) -> 
         except queue.Empty:
             if stop.is_set():
                 return
-
-
-_SINK: list[Callable[[Event], None]] = []  # where a stream's events go (set per process)
-_SOURCES: dict[str, Source] = {}  # one source (one HTTP session) per image per process
-
-
-def _init_worker(events: Any) -> None:
-    _SINK[:] = [events.put]
-    _SOURCES.clear()  # a forked session's connections belong to the parent
-    # A stream must not outlive the layout that started it (kill -9 of the parent).
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _emit(event: Event) -> None:
-    for sink in _SINK:
-        sink(event)
-
-
-class _Hashing:
-    """Hash and count the compressed bytes as they stream past."""
-
-    def __init__(self, raw: BinaryIO) -> None:
-        self.raw = raw
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.sha.update(data)
-        self.size += len(data)
-        return data
-
-
-def _lay_out_piece(
-    image: str,
-    comp: Component,
-    index: int,
-    root: Path,
-    privileged: bool,
-    redirect: tuple[str, ...],
-    fetched: tuple[str, int] | None = None,
-) -> _Piece:
-    """One stream's job: decompress and lay out one piece of a component. `fetched`: the
-    path and inode of the chunk's bytes, fetched and verified already (fetchahead.py);
-    without it, the stream fetches the piece itself and verifies it as it streams."""
-    pieces = comp.pieces()
-    chunk = pieces[index]
-    if index == 0:
-        _emit(
-            {
-                "event": "step",
-                "step": "component",
-                "status": "start",
-                "component": comp.name,
-                "total": comp.data.size,
-            }
-        )
-        log.info("%s: laying out %d files (%s)", comp.name, comp.files, human_bytes(comp.data.raw_size))
-    writer = TreeWriter(
-        root, comp.name, privileged=privileged, merge=MergeState(root), piece=index, redirect=redirect
-    )
-    try:
-        if fetched is not None:
-            with open_fetched(*fetched) as f:
-                _lay_out(comp, index, _Hashing(f), writer, partial=index < len(pieces) - 1)
-            return _Piece(comp.name, index, writer.stats, None, tuple(writer.created_dirs), writer.redirected)
-        if image not in _SOURCES:
-            _SOURCES[image] = open_source(image)
-        offset = chunk.offset if comp.chunks else None
-        src = _SOURCES[image].open(comp.data.file, chunk.size, offset)
-        try:
-            hashing = _Hashing(src)
-            _lay_out(comp, index, hashing, writer, partial=index < len(pieces) - 1)
-        finally:
-            src.close()
-        _check(comp, chunk, hashing)
-    except (BootenvError, OSError, zstandard.ZstdError) as exc:
-        log.error("%s: %s", comp.name, exc)
-        return _Piece(comp.name, index, None, error=str(exc))
-    finally:
-        writer.close()
-    return _Piece(comp.name, index, writer.stats, None, tuple(writer.created_dirs), writer.redirected)
-
-
-def _check(comp: Component, chunk: Chunk, hashing: _Hashing) -> None:
-    if hashing.size != chunk.size or hashing.sha.hexdigest() != chunk.sha256:
-        raise VerificationError(f"{comp.name}: sub-image does not match its sha256; not activated")
-
-
-def _lay_out(comp: Component, index: int, src: _Hashing, writer: TreeWriter, *, partial: bool) -> None:
-    dctx = zstandard.ZstdDecompressor()
-    limit = comp.pieces()[index].raw_size
-    try:
-        with (
-            dctx.stream_reader(src, read_size=1 << 20, read_across_frames=True, closefd=False) as z,  # type: ignore[arg-type]
-            Prefetch(z) as ahead,
-        ):
-            reader = PaxReader(ahead, limit=limit, partial=partial)  # type: ignore[arg-type]
-            last = time.monotonic()
-            for member in reader:
-                writer.place(member, reader)
-                now = time.monotonic()
-                if now - last >= 1.0:
-                    last = now
-                    s = writer.stats
-                    _emit(
-                        {
-                            "event": "progress",
-                            "component": comp.name,
-                            "piece": index,
-                            "files": s.files,
-                            "bytes": s.bytes,
-                        }
-                    )
-            reader.drain()
-    except zstandard.ZstdError as exc:
-        raise VerificationError(f"{comp.name}: corrupt zstd stream: {exc}") from exc
-    while src.read(1 << 20):
-        pass  # trailing bytes still count towards the hash
 
 
 def activate(root: Path, units: list[str]) -> list[str]:

@@ -1,0 +1,166 @@
+"""What one layout stream does: decompress and lay out one piece of a component.
+
+A stream is a process of layout's pool (or, for one stream, the layout process itself).
+Its job gets a piece: a chunk the parent has fetched and verified already (by path, see
+fetchahead.py), or a whole blob it fetches and hashes itself as it streams. It reports
+progress as events through `SINK` and returns a `Piece`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import zstandard
+
+from bootenv.callback import Event
+from bootenv.errors import BootenvError, VerificationError
+from bootenv.extract import Stats, TreeWriter
+from bootenv.fetchahead import open_fetched
+from bootenv.log import human_bytes
+from bootenv.manifest import Chunk, Component
+from bootenv.merge import MergeState
+from bootenv.paxread import PaxReader
+from bootenv.prefetch import Prefetch
+from bootenv.source import Source, open_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What one stream did with one piece (chunk) of a component."""
+
+    component: str
+    index: int
+    stats: Stats | None  # None: failed
+    error: str | None = None
+    created: tuple[tuple[str, int], ...] = ()  # piece 0: the directories it made
+    redirect: tuple[str, ...] = ()  # piece 0: directories that conflicted
+
+
+SINK: list[Callable[[Event], None]] = []  # where a stream's events go (set per process)
+_SOURCES: dict[str, Source] = {}  # one source (one HTTP session) per image per process
+
+
+def init_worker(events: Any) -> None:
+    SINK[:] = [events.put]
+    _SOURCES.clear()  # a forked session's connections belong to the parent
+    # A stream must not outlive the layout that started it (kill -9 of the parent).
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _emit(event: Event) -> None:
+    for sink in SINK:
+        sink(event)
+
+
+class _Hashing:
+    """Hash and count the compressed bytes as they stream past."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+
+def lay_out_piece(
+    image: str,
+    comp: Component,
+    index: int,
+    root: Path,
+    privileged: bool,
+    redirect: tuple[str, ...],
+    fetched: tuple[str, int] | None = None,
+) -> Piece:
+    """One stream's job: decompress and lay out one piece of a component. `fetched`: the
+    path and inode of the chunk's bytes, fetched and verified already (fetchahead.py);
+    without it, the stream fetches the piece itself and verifies it as it streams."""
+    pieces = comp.pieces()
+    chunk = pieces[index]
+    if index == 0:
+        _emit(
+            {
+                "event": "step",
+                "step": "component",
+                "status": "start",
+                "component": comp.name,
+                "total": comp.data.size,
+            }
+        )
+        log.info("%s: laying out %d files (%s)", comp.name, comp.files, human_bytes(comp.data.raw_size))
+    writer = TreeWriter(
+        root, comp.name, privileged=privileged, merge=MergeState(root), piece=index, redirect=redirect
+    )
+    try:
+        if fetched is not None:
+            with open_fetched(*fetched) as f:
+                _lay_out(comp, index, _Hashing(f), writer, partial=index < len(pieces) - 1)
+            return Piece(comp.name, index, writer.stats, None, tuple(writer.created_dirs), writer.redirected)
+        if image not in _SOURCES:
+            _SOURCES[image] = open_source(image)
+        offset = chunk.offset if comp.chunks else None
+        src = _SOURCES[image].open(comp.data.file, chunk.size, offset)
+        try:
+            hashing = _Hashing(src)
+            _lay_out(comp, index, hashing, writer, partial=index < len(pieces) - 1)
+        finally:
+            src.close()
+        _check(comp, chunk, hashing)
+    except (BootenvError, OSError, zstandard.ZstdError) as exc:
+        log.error("%s: %s", comp.name, exc)
+        return Piece(comp.name, index, None, error=str(exc))
+    finally:
+        writer.close()
+    return Piece(comp.name, index, writer.stats, None, tuple(writer.created_dirs), writer.redirected)
+
+
+def _check(comp: Component, chunk: Chunk, hashing: _Hashing) -> None:
+    if hashing.size != chunk.size or hashing.sha.hexdigest() != chunk.sha256:
+        raise VerificationError(f"{comp.name}: sub-image does not match its sha256; not activated")
+
+
+def _lay_out(comp: Component, index: int, src: _Hashing, writer: TreeWriter, *, partial: bool) -> None:
+    dctx = zstandard.ZstdDecompressor()
+    limit = comp.pieces()[index].raw_size
+    try:
+        with (
+            dctx.stream_reader(src, read_size=1 << 20, read_across_frames=True, closefd=False) as z,  # type: ignore[arg-type]
+            Prefetch(z) as ahead,
+        ):
+            reader = PaxReader(ahead, limit=limit, partial=partial)  # type: ignore[arg-type]
+            last = time.monotonic()
+            for member in reader:
+                writer.place(member, reader)
+                now = time.monotonic()
+                if now - last >= 1.0:
+                    last = now
+                    s = writer.stats
+                    _emit(
+                        {
+                            "event": "progress",
+                            "component": comp.name,
+                            "piece": index,
+                            "files": s.files,
+                            "bytes": s.bytes,
+                        }
+                    )
+            reader.drain()
+    except zstandard.ZstdError as exc:
+        raise VerificationError(f"{comp.name}: corrupt zstd stream: {exc}") from exc
+    while src.read(1 << 20):
+        pass  # trailing bytes still count towards the hash
