@@ -258,12 +258,12 @@ class TreeWriter:
             fd = _fresh(pfd, tmp, lambda: os.open(tmp, flags, 0o600, dir_fd=pfd))
             try:
                 if data is not None:
-                    _write_all(fd, data)
+                    write_all(fd, data)
                 elif m.sparse is not None:
                     _write_sparse(fd, reader, m)
                 else:
                     for chunk in reader.chunks():
-                        _write_all(fd, chunk)
+                        write_all(fd, chunk)
                 if m.size >= WRITEBACK_MIN:
                     # Start writing the data out now, while the next files are unpacked:
                     # the syncfs before the journal records the component then has
@@ -379,7 +379,7 @@ class TreeWriter:
                 os.unlink(tmp, dir_fd=pfd)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=pfd)
             try:
-                _write_all(fd, content)
+                write_all(fd, content)
                 if self.privileged:
                     os.fchown(fd, meta.uid, meta.gid)
                 os.fchmod(fd, meta.mode)
@@ -463,7 +463,7 @@ def _exists(name: str, dir_fd: int) -> bool:
     return True
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)

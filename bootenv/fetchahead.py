@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from bootenv.errors import FatalError, VerificationError
-from bootenv.manifest import Component
+from bootenv.extract import write_all
+from bootenv.manifest import Chunk, Component
 from bootenv.source import Source, open_source
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,12 @@ class Fetched:
     fd: int
     path: str  # what a stream opens
     ino: int  # the memfd's inode: a stream checks it opened this one and no other
+
+
+def check_chunk(comp: Component, chunk: Chunk, size: int, sha256: str) -> None:
+    """The bytes of `chunk` (its size and sha256) are what the manifest pins, or fail."""
+    if size != chunk.size or sha256 != chunk.sha256:
+        raise VerificationError(f"{comp.name}: sub-image does not match its sha256; not activated")
 
 
 def open_fetched(path: str, ino: int) -> BinaryIO:
@@ -124,13 +131,10 @@ class FetchAhead:
                 while size <= chunk.size and not self._stop.is_set() and (data := src.read(READ)):
                     sha.update(data)
                     size += len(data)
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
+                    write_all(fd, data)
             finally:
                 src.close()
-            if size != chunk.size or sha.hexdigest() != chunk.sha256:
-                raise VerificationError(f"{comp.name}: sub-image does not match its sha256; not activated")
+            check_chunk(comp, chunk, size, sha.hexdigest())
         except BaseException:
             os.close(fd)
             raise

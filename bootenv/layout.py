@@ -214,10 +214,10 @@ def _run_streams(
         if width == 1:
             stream.SINK[:] = [progress]
             try:
-                return _Scheduler(_Inline(), 1, image, root, privileged, ahead).run(comps)
+                return _Scheduler(1, image, root, privileged, ahead).run(_Inline(), comps)
             finally:
                 stream.SINK.clear()
-        return _run_pool(_Scheduler(None, width, image, root, privileged, ahead), comps, progress)
+        return _run_pool(_Scheduler(width, image, root, privileged, ahead), comps, progress)
     finally:
         ahead.close()
 
@@ -234,8 +234,7 @@ def _run_pool(sched: _Scheduler, comps: list[Component], progress: _ProgressSum)
             sched.width, mp_context=ctx, initializer=stream.init_worker, initargs=(events,)
         ) as pool:
             pool.submit(os.getpid).result()  # fork every stream now, before a fetch thread runs
-            sched.pool = pool
-            return sched.run(comps)
+            return sched.run(pool, comps)
     finally:
         stop.set()
         pump.join()
@@ -253,14 +252,13 @@ class _Scheduler:
 
     def __init__(
         self,
-        pool: ProcessPoolExecutor | _Inline | None,
         width: int,
         image: str,
         root: Path,
         privileged: bool,
         ahead: FetchAhead,
     ) -> None:
-        self.pool: ProcessPoolExecutor | _Inline | None = pool
+        self.pool: ProcessPoolExecutor | _Inline = _Inline()  # set by run()
         self.width, self.image, self.root = width, image, root
         self.privileged, self.ahead = privileged, ahead
         self.results: dict[str, ComponentResult] = {}
@@ -276,7 +274,8 @@ class _Scheduler:
         self.seq += 1
         self.ready.append((priority, self.seq, kind, comp, index, redirect))
 
-    def run(self, comps: list[Component]) -> list[ComponentResult]:
+    def run(self, pool: ProcessPoolExecutor | _Inline, comps: list[Component]) -> list[ComponentResult]:
+        self.pool = pool
         journal = Journal(self.root)
         for comp in comps:
             self.got[comp.name] = {}
@@ -324,7 +323,6 @@ class _Scheduler:
             self.ahead.start(comp, index)
 
     def start(self, entry: _Ready) -> bool:
-        assert self.pool is not None
         _, _, kind, comp, index, redirect = entry
         if kind == "final":
             job = self.pool.submit(_finish, comp, self.root, self.privileged, self.got[comp.name][0].created)

@@ -23,12 +23,12 @@ import zstandard
 from bootenv.callback import Event
 from bootenv.errors import BootenvError, VerificationError
 from bootenv.extract import Stats, TreeWriter
-from bootenv.fetchahead import open_fetched
+from bootenv.fetchahead import check_chunk, open_fetched
 from bootenv.log import human_bytes
-from bootenv.manifest import Chunk, Component
+from bootenv.manifest import Component
 from bootenv.merge import MergeState
 from bootenv.paxread import PaxReader
-from bootenv.prefetch import Prefetch
+from bootenv.prefetch import Prefetch, Readable
 from bootenv.source import Source, open_source
 
 log = logging.getLogger(__name__)
@@ -107,20 +107,21 @@ def lay_out_piece(
         root, comp.name, privileged=privileged, merge=MergeState(root), piece=index, redirect=redirect
     )
     try:
-        if fetched is not None:
+        partial = index < len(pieces) - 1
+        if fetched is not None:  # verified by the parent already: no second hash
             with open_fetched(*fetched) as f:
-                _lay_out(comp, index, _Hashing(f), writer, partial=index < len(pieces) - 1)
-            return Piece(comp.name, index, writer.stats, None, tuple(writer.created_dirs), writer.redirected)
-        if image not in _SOURCES:
-            _SOURCES[image] = open_source(image)
-        offset = chunk.offset if comp.chunks else None
-        src = _SOURCES[image].open(comp.data.file, chunk.size, offset)
-        try:
-            hashing = _Hashing(src)
-            _lay_out(comp, index, hashing, writer, partial=index < len(pieces) - 1)
-        finally:
-            src.close()
-        _check(comp, chunk, hashing)
+                _lay_out(comp, index, f, writer, partial=partial)
+        else:
+            if image not in _SOURCES:
+                _SOURCES[image] = open_source(image)
+            offset = chunk.offset if comp.chunks else None
+            src = _SOURCES[image].open(comp.data.file, chunk.size, offset)
+            try:
+                hashing = _Hashing(src)
+                _lay_out(comp, index, hashing, writer, partial=partial)
+            finally:
+                src.close()
+            check_chunk(comp, chunk, hashing.size, hashing.sha.hexdigest())
     except (BootenvError, OSError, zstandard.ZstdError) as exc:
         log.error("%s: %s", comp.name, exc)
         return Piece(comp.name, index, None, error=str(exc))
@@ -129,12 +130,7 @@ def lay_out_piece(
     return Piece(comp.name, index, writer.stats, None, tuple(writer.created_dirs), writer.redirected)
 
 
-def _check(comp: Component, chunk: Chunk, hashing: _Hashing) -> None:
-    if hashing.size != chunk.size or hashing.sha.hexdigest() != chunk.sha256:
-        raise VerificationError(f"{comp.name}: sub-image does not match its sha256; not activated")
-
-
-def _lay_out(comp: Component, index: int, src: _Hashing, writer: TreeWriter, *, partial: bool) -> None:
+def _lay_out(comp: Component, index: int, src: Readable, writer: TreeWriter, *, partial: bool) -> None:
     dctx = zstandard.ZstdDecompressor()
     limit = comp.pieces()[index].raw_size
     try:
@@ -163,4 +159,4 @@ def _lay_out(comp: Component, index: int, src: _Hashing, writer: TreeWriter, *, 
     except zstandard.ZstdError as exc:
         raise VerificationError(f"{comp.name}: corrupt zstd stream: {exc}") from exc
     while src.read(1 << 20):
-        pass  # trailing bytes still count towards the hash
+        pass  # trailing bytes still count towards the hash (of a stream being hashed)
