@@ -107,7 +107,7 @@ def load(env: Env, name: str) -> Manifest:
 
 def _fresh(path: Path) -> None:
     path.unlink(missing_ok=True)
-    drop_caches()
+    drop_caches(trim=path.parent)
 
 
 def dense_baseline(env: Env, name: str) -> str:
@@ -216,7 +216,11 @@ def capture_speed(env: Env) -> Result:
     ours, theirs = [], []
     args = [a for c in COMPONENTS for a in ("--component", c)]
     for _ in range(env.runs):
-        ours += repeat(1, drop_caches, [BOOTENV, "capture", str(gold), "-o", str(out), "--force", *args])
+        ours += repeat(
+            1,
+            lambda: drop_caches(trim=out.parent),
+            [BOOTENV, "capture", str(gold), "-o", str(out), "--force", *args],
+        )
         theirs += repeat(
             1,
             drop_caches,
@@ -237,7 +241,7 @@ def capture_speed(env: Env) -> Result:
 def _fresh_dir(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
-    drop_caches()
+    drop_caches(trim=path)
 
 
 def _layout_argv(image: str, components: str, root: Path, streams: int) -> list[str]:
