@@ -101,11 +101,6 @@ class FetchAhead:
         for key in [k for k in self._futures if k[0] == component and k not in self._handed]:
             self.release(key)
 
-    def waitable(self) -> list[Future[Fetched]]:
-        """The fetches of chunks no stream has yet, done or not: a done one means a stream
-        can be given it now."""
-        return [f for k, f in self._futures.items() if k not in self._handed]
-
     def close(self) -> None:
         """Stop fetching (a running fetch ends at its next read) and free every chunk. The
         streams must be done: call this after their pool has shut down."""

@@ -31,7 +31,7 @@ from bootenv.conflicts import clean_stale
 from bootenv.dpkgmerge import merge_component_status
 from bootenv.errors import BootenvError, UserError
 from bootenv.extract import Stats, TreeWriter
-from bootenv.fetchahead import FetchAhead
+from bootenv.fetchahead import FetchAhead, Fetched
 from bootenv.journal import Journal, syncfs
 from bootenv.log import human_bytes, step
 from bootenv.manifest import Component, resolve_components
@@ -180,6 +180,12 @@ def default_streams(n: int) -> int:
     return max(1, min(n, MAX_STREAMS))
 
 
+class Pool(Protocol):
+    """Where the scheduler's jobs run: the stream processes, or this process (_Inline)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> Future[Any]: ...
+
+
 class _Inline:
     """An executor that runs each job at once, in this process: the one-stream case."""
 
@@ -258,7 +264,7 @@ class _Scheduler:
         privileged: bool,
         ahead: FetchAhead,
     ) -> None:
-        self.pool: ProcessPoolExecutor | _Inline = _Inline()  # set by run()
+        self.pool: Pool = _Inline()  # set by run()
         self.width, self.image, self.root = width, image, root
         self.privileged, self.ahead = privileged, ahead
         self.results: dict[str, ComponentResult] = {}
@@ -266,6 +272,7 @@ class _Scheduler:
         self.started: dict[str, float] = {}
         self.jobs: dict[Future[Any], tuple[str, Component, int]] = {}
         self.ready: list[_Ready] = []
+        self.later: dict[str, Component] = {}  # first piece not in yet: its other pieces wait
         self.seq = 0
 
     def push(
@@ -274,7 +281,7 @@ class _Scheduler:
         self.seq += 1
         self.ready.append((priority, self.seq, kind, comp, index, redirect))
 
-    def run(self, pool: ProcessPoolExecutor | _Inline, comps: list[Component]) -> list[ComponentResult]:
+    def run(self, pool: Pool, comps: list[Component]) -> list[ComponentResult]:
         self.pool = pool
         journal = Journal(self.root)
         for comp in comps:
@@ -285,11 +292,12 @@ class _Scheduler:
                 continue
             self.started[comp.name] = time.monotonic()
             self.push(_URGENT, "piece", comp, 0)
+            self.later[comp.name] = comp
         self.dispatch()
         while self.jobs or self.ready:
             # A free stream waits for a job to end or a chunk to be in (one that already
             # is returns at once, and dispatch() starts it).
-            waitable = [*self.jobs, *(self.ahead.waitable() if len(self.jobs) < self.width else ())]
+            waitable = [*self.jobs, *(self.fetching() if len(self.jobs) < self.width else ())]
             if not waitable:
                 before = len(self.ready)
                 self.dispatch()
@@ -314,9 +322,22 @@ class _Scheduler:
         self.ready = [e for e in waiting if e[3].name not in self.results]
         self.fetch_ahead()
 
+    def fetching(self) -> list[Future[Fetched]]:
+        """The fetches of ready pieces: once one is in, a free stream can be given it."""
+        keys = [(comp.name, index) for _, _, kind, comp, index, _ in self.ready if kind == "piece"]
+        return [f for f in map(self.ahead.get, keys) if f is not None]
+
     def fetch_ahead(self) -> None:
-        for _, _, kind, comp, index, _ in sorted(self.ready):
-            if kind != "piece" or not _fetched_first(comp, index) or self.ahead.get((comp.name, index)):
+        """Fetch chunks ahead: the ready pieces' first, in the order they will start, then
+        the other pieces of the components whose first piece (their directories) is still
+        being laid out, so the connections do not idle meanwhile."""
+        ready = [(comp, index) for _, _, kind, comp, index, _ in sorted(self.ready) if kind == "piece"]
+        later = sorted(
+            ((comp, i) for comp in self.later.values() for i in range(1, len(comp.pieces()))),
+            key=lambda ci: -ci[0].pieces()[ci[1]].size,
+        )
+        for comp, index in ready + later:
+            if not _fetched_first(comp, index) or self.ahead.get((comp.name, index)):
                 continue
             if not self.ahead.room(comp.pieces()[index].size):
                 break
@@ -361,6 +382,7 @@ class _Scheduler:
             took = time.monotonic() - self.started[comp.name]
             self.results[comp.name] = ComponentResult(comp.name, "failed", error=error, seconds=took)
         self.ready = [r for r in self.ready if r[3].name != comp.name]
+        self.later.pop(comp.name, None)
         self.ahead.drop(comp.name)
 
     def finished(self, fut: Future[Any]) -> None:
@@ -382,6 +404,7 @@ class _Scheduler:
             return
         pieces = comp.pieces()
         if index == 0:
+            self.later.pop(comp.name, None)
             for i in range(1, len(pieces)):
                 self.push(-pieces[i].size, "piece", comp, i, piece.redirect)
         if comp.name not in self.results and len(self.got[comp.name]) == len(pieces):

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
+import queue
 import tarfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
 
+from bootenv.fetchahead import FetchAhead
 from bootenv.journal import Journal
+from bootenv.layout import ComponentResult, _Scheduler
 from bootenv.manifest import Chunk, Component, Manifest, OsImage, RootFs, Source, parse_manifest
 from bootenv.paxread import PaxReader
 from tests.faults.helpers import component, run_layout
@@ -193,3 +202,61 @@ def test_a_hand_cut_archive_that_follows_the_rules_lays_out(tmp_path: Path) -> N
     root = tmp_path / "root"
     assert (root / "a/x").stat().st_ino == (root / "a/y").stat().st_ino
     assert (root / "a/b/z").read_bytes() == b"2" and (root / "a/b").stat().st_mode & 0o777 == 0o700
+
+
+class _Held:
+    """A stream pool whose jobs wait until the test runs them, one at a time."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = queue.Queue()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        self.jobs.put((fut, fn, args))
+        return fut
+
+    def run_one(self) -> None:
+        fut, fn, args = self.jobs.get(timeout=0.1)
+        fut.set_result(fn(*args))
+
+
+def test_later_chunks_are_fetched_while_the_first_piece_is_laid_out(
+    images: tuple[Path, Path, dict[str, tuple[object, ...]]], tmp_path: Path
+) -> None:
+    _, chunked, _ = images
+    comp = manifest(chunked).component("good")
+    root = tmp_path / "root"
+    root.mkdir()
+    pool = _Held()
+    ahead = FetchAhead(str(chunked), 2)
+    sched = _Scheduler(2, str(chunked), root, os.geteuid() == 0, ahead)
+    results: list[list[ComponentResult]] = []
+    runner = threading.Thread(target=lambda: results.append(sched.run(pool, [comp])), daemon=True)
+    runner.start()
+    try:
+        # The first piece (the directories) is held; the connections fetch the next chunks
+        # meanwhile, as many as the memory bound allows (two streams: up to four ahead).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(_fetched(ahead, comp)) < 4:
+            time.sleep(0.01)
+        fetched, held = _fetched(ahead, comp), pool.jobs.qsize()
+        assert len(fetched) == 4, f"fetched while the first piece was held: {fetched}"
+        assert held == 1
+    finally:
+        while runner.is_alive() and time.monotonic() < deadline + 30:
+            with contextlib.suppress(queue.Empty):
+                pool.run_one()
+            runner.join(timeout=0.01)
+        ahead.close()
+    assert [r.status for r in results[0]] == ["done"]
+    assert results[0][0].files > 0 and (root / "opt/good/sub").is_dir()
+
+
+def _fetched(ahead: FetchAhead, comp: Component) -> list[int]:
+    """The chunks of `comp` that are in (fetched and verified) and not handed to a stream."""
+    got = []
+    for i in range(len(comp.chunks)):
+        f = ahead.get((comp.name, i))
+        if f is not None and f.done() and f.exception() is None and i != 0:
+            got.append(i)
+    return got
