@@ -25,6 +25,7 @@ class Sample:
     max_rss_kb: int
     cpu: float = 0.0  # user + system seconds of the command and its children
     shmem_kb: int = 0  # peak growth of the machine's shared memory (memfds, tmpfs) meanwhile
+    busy: float = 0.0  # CPU seconds the whole machine spent meanwhile (every process, the kernel)
 
 
 @dataclass(frozen=True)
@@ -73,18 +74,28 @@ def measure(
         open(stdout or os.devnull, "wb") as out,
         _ShmemPeak() as shmem,
     ):
-        start = time.monotonic()
+        start, busy = time.monotonic(), machine_busy()
         proc = subprocess.Popen(
             [TIME, "-f", "%M %U %S", "-o", report.name, *cmd], stdout=out, stderr=subprocess.PIPE, env=env
         )
         _, err_bytes = proc.communicate()
-        elapsed = time.monotonic() - start
+        elapsed, busy = time.monotonic() - start, machine_busy() - busy
         fields = Path(report.name).read_text().split("\n")
     if proc.returncode != 0:
         err = err_bytes.decode(errors="replace")
         raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}): {err[-500:]}")
     rss, user, system = [line for line in fields if line.strip()][-1].split()
-    return Sample(elapsed, int(rss), float(user) + float(system), shmem.peak_kb)
+    return Sample(elapsed, int(rss), float(user) + float(system), shmem.peak_kb, busy)
+
+
+def machine_busy() -> float:
+    """CPU seconds the machine has spent busy since boot, on all its cores (/proc/stat):
+    user, system, interrupts and steal, so kernel threads (writeback, the loop device's
+    I/O) and the benchmark's own HTTP server count too, which a command's CPU time leaves
+    out. Idle and iowait are not busy."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 class _ShmemPeak:

@@ -30,6 +30,9 @@ def test_measure_table_and_save(tmp_path: Path) -> None:
     assert sample.seconds > 0 and sample.max_rss_kb > 20 << 10  # the child's own peak RSS
     held = "import os, time; fd = os.memfd_create('x'); os.write(fd, bytes(24 << 20)); time.sleep(0.3)"
     assert measure([sys.executable, "-c", f'"{held}"'], shell=True).shmem_kb >= 20 << 10  # memfd, not RSS
+    spin = "import time; t = time.process_time(); exec('while time.process_time() - t < 0.4: pass')"
+    burnt = measure([sys.executable, "-c", f'"{spin}"'], shell=True)
+    assert burnt.cpu >= 0.35 and burnt.busy >= 0.8 * burnt.cpu  # the machine saw that CPU too
     r = Result("smoke", "a tiny run", {"python (s)": Stats.of([sample.seconds, sample.seconds * 2])})
     r.ratio, r.ratio_label, r.target, r.passed = 1.5, "x", ">= 1.0", True
     r.notes.append("a note")
