@@ -71,12 +71,13 @@ class FetchAhead:
     def get(self, key: Key) -> Future[Fetched] | None:
         return self._futures.get(key)
 
-    def room(self, size: int) -> bool:
-        """May a chunk of `size` bytes be fetched ahead now?"""
+    def room(self, size: int, *, second: bool = True) -> bool:
+        """May a chunk of `size` bytes be fetched ahead now? One per stream may; with
+        `second`, a second per stream while they hold under AHEAD_BYTES per stream."""
         waiting = [k for k in self._futures if k not in self._handed]
         held = sum(self._sizes[k] for k in waiting)
         return len(waiting) < self._width or (
-            len(waiting) < 2 * self._width and held + size <= AHEAD_BYTES * self._width
+            second and len(waiting) < 2 * self._width and held + size <= AHEAD_BYTES * self._width
         )
 
     def start(self, comp: Component, index: int) -> None:

@@ -272,7 +272,7 @@ class _Scheduler:
         self.started: dict[str, float] = {}
         self.jobs: dict[Future[Any], tuple[str, Component, int]] = {}
         self.ready: list[_Ready] = []
-        self.later: dict[str, Component] = {}  # first piece not in yet: its other pieces wait
+        self.later: dict[str, Component] = {}  # first piece being laid out: the others wait
         self.seq = 0
 
     def push(
@@ -292,7 +292,6 @@ class _Scheduler:
                 continue
             self.started[comp.name] = time.monotonic()
             self.push(_URGENT, "piece", comp, 0)
-            self.later[comp.name] = comp
         self.dispatch()
         while self.jobs or self.ready:
             # A free stream waits for a job to end or a chunk to be in (one that already
@@ -329,17 +328,18 @@ class _Scheduler:
 
     def fetch_ahead(self) -> None:
         """Fetch chunks ahead: the ready pieces' first, in the order they will start, then
-        the other pieces of the components whose first piece (their directories) is still
-        being laid out, so the connections do not idle meanwhile."""
-        ready = [(comp, index) for _, _, kind, comp, index, _ in sorted(self.ready) if kind == "piece"]
+        the other pieces of the components whose first piece (their directories) is being
+        laid out, so the connections do not idle meanwhile. Those take only the first
+        chunk ahead per stream: the second is kept for pieces that can start."""
+        ready = [(comp, index, True) for _, _, kind, comp, index, _ in sorted(self.ready) if kind == "piece"]
         later = sorted(
-            ((comp, i) for comp in self.later.values() for i in range(1, len(comp.pieces()))),
-            key=lambda ci: -ci[0].pieces()[ci[1]].size,
+            ((comp, i, False) for comp in self.later.values() for i in range(1, len(comp.pieces()))),
+            key=lambda c: -c[0].pieces()[c[1]].size,
         )
-        for comp, index in ready + later:
+        for comp, index, second in ready + later:
             if not _fetched_first(comp, index) or self.ahead.get((comp.name, index)):
                 continue
-            if not self.ahead.room(comp.pieces()[index].size):
+            if not self.ahead.room(comp.pieces()[index].size, second=second):
                 break
             self.ahead.start(comp, index)
 
@@ -348,6 +348,7 @@ class _Scheduler:
         if kind == "final":
             job = self.pool.submit(_finish, comp, self.root, self.privileged, self.got[comp.name][0].created)
         elif not _fetched_first(comp, index):
+            self._laying_out(comp, index)
             job = self.pool.submit(
                 stream.lay_out_piece, self.image, comp, index, self.root, self.privileged, redirect
             )
@@ -363,6 +364,7 @@ class _Scheduler:
                 self.fail(comp, str(exc))
                 return True
             got = self.ahead.hand_over((comp.name, index))
+            self._laying_out(comp, index)
             self.fetch_ahead()  # before submit: the one-stream executor runs the job right here
             job = self.pool.submit(
                 stream.lay_out_piece,
@@ -376,6 +378,10 @@ class _Scheduler:
             )
         self.jobs[job] = (kind, comp, index)
         return True
+
+    def _laying_out(self, comp: Component, index: int) -> None:
+        if index == 0 and len(comp.pieces()) > 1:
+            self.later[comp.name] = comp
 
     def fail(self, comp: Component, error: str | None) -> None:
         if comp.name not in self.results:

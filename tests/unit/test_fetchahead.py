@@ -80,6 +80,7 @@ def test_room_one_chunk_per_stream_and_a_second_while_small(image: Path) -> None
         assert ahead.room(AHEAD_BYTES * 4)  # the first one ahead, whatever its size
         ahead.start(comp, 1)
         assert ahead.room(comp.chunks[2].size)
+        assert not ahead.room(comp.chunks[2].size, second=False)  # one per stream only
         assert not ahead.room(AHEAD_BYTES)  # a second, but not a big one
         ahead.start(comp, 2)
         assert not ahead.room(1)  # never a third
