@@ -321,9 +321,13 @@ class _Scheduler:
         self.ready = [e for e in waiting if e[3].name not in self.results]
         self.fetch_ahead()
 
+    def ready_pieces(self) -> list[tuple[Component, int]]:
+        """The pieces that can start, in the order they will."""
+        return [(comp, index) for _, _, kind, comp, index, _ in sorted(self.ready) if kind == "piece"]
+
     def fetching(self) -> list[Future[Fetched]]:
         """The fetches of ready pieces: once one is in, a free stream can be given it."""
-        keys = [(comp.name, index) for _, _, kind, comp, index, _ in self.ready if kind == "piece"]
+        keys = [(comp.name, index) for comp, index in self.ready_pieces()]
         return [f for f in map(self.ahead.get, keys) if f is not None]
 
     def fetch_ahead(self) -> None:
@@ -331,7 +335,7 @@ class _Scheduler:
         the other pieces of the components whose first piece (their directories) is being
         laid out, so the connections do not idle meanwhile. Those take only the first
         chunk ahead per stream: the second is kept for pieces that can start."""
-        ready = [(comp, index, True) for _, _, kind, comp, index, _ in sorted(self.ready) if kind == "piece"]
+        ready = [(comp, index, True) for comp, index in self.ready_pieces()]
         later = sorted(
             ((comp, i, False) for comp in self.later.values() for i in range(1, len(comp.pieces()))),
             key=lambda c: -c[0].pieces()[c[1]].size,
