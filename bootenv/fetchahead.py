@@ -1,16 +1,21 @@
-"""Fetch component chunks ahead of the streams that lay them out.
+"""Fetch component chunks ahead of the streams that lay them out, and verify them first.
 
 A stream that fetched its own chunk held its connection idle while it wrote the chunk's
 files, and wrote nothing while it waited for the next chunk. Here the layout process
-fetches chunks on `width` threads (one connection each), into memory (a memfd), and
-checks each one's size and sha256 before a stream is given it, by path
+fetches every piece (a chunk, or a whole blob that has no chunks) on `width` threads (one
+connection each) and checks its size and sha256 before a stream is given it, by path
 (/proc/<pid>/fd/<n>, which a forked stream can open). Downloads go on while the streams
-write files, and still no file of a chunk is placed before the chunk is verified.
+write files, and no byte of a piece that fails its check ever reaches a file.
 
-Chunks fetched (or being fetched) and not yet handed over wait in memory, on top of the
-ones the streams are laying out: one per stream, and a second per stream while they hold
-less than AHEAD_BYTES per stream (so a stream that syncs or merges does not stop the
-downloads). Memory stays bounded by a few chunks per stream.
+A piece of up to IN_MEMORY bytes waits in memory (a memfd). A larger one, a chunk holding
+one big file or an unchunked blob, waits in an unnamed temp file (O_TMPFILE) on the
+target's own filesystem: it has room for the piece, since it must hold what the piece
+unpacks to, and the file vanishes when it is closed, or when the process dies.
+
+Pieces fetched (or being fetched) and not yet handed over wait on top of the ones the
+streams are laying out: one per stream, and a second per stream while they hold less
+than AHEAD_BYTES per stream (so a stream that syncs or merges does not stop the
+downloads). Memory stays bounded by a few chunks of at most IN_MEMORY per stream.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from bootenv.errors import FatalError, VerificationError
 from bootenv.extract import write_all
+from bootenv.log import human_bytes
 from bootenv.manifest import Chunk, Component
 from bootenv.source import Source, open_source
 
@@ -32,6 +39,7 @@ log = logging.getLogger(__name__)
 
 READ = 1 << 20
 AHEAD_BYTES = 16 << 20  # per stream, for the second chunk ahead
+IN_MEMORY = 32 << 20  # a larger piece waits on the target's disk, not in memory
 Key = tuple[str, int]  # (component, chunk index)
 
 
@@ -39,7 +47,7 @@ Key = tuple[str, int]  # (component, chunk index)
 class Fetched:
     fd: int
     path: str  # what a stream opens
-    ino: int  # the memfd's inode: a stream checks it opened this one and no other
+    ino: int  # the file's inode: a stream checks it opened this one and no other
 
 
 def check_chunk(comp: Component, chunk: Chunk, size: int, sha256: str) -> None:
@@ -49,7 +57,7 @@ def check_chunk(comp: Component, chunk: Chunk, size: int, sha256: str) -> None:
 
 
 def open_fetched(path: str, ino: int) -> BinaryIO:
-    """Open a chunk handed over by path, and make sure it is that chunk's memfd."""
+    """Open a chunk handed over by path, and make sure it is that chunk's file."""
     f = open(path, "rb")
     if os.fstat(f.fileno()).st_ino != ino:
         f.close()
@@ -58,9 +66,10 @@ def open_fetched(path: str, ino: int) -> BinaryIO:
 
 
 class FetchAhead:
-    def __init__(self, image: str, width: int) -> None:
+    def __init__(self, image: str, width: int, spill: Path) -> None:
         self._image = image
         self._width = width
+        self._spill = spill  # a directory on the target's filesystem, for the large pieces
         self._pool = ThreadPoolExecutor(width, thread_name_prefix="fetch")
         self._local = threading.local()
         self._futures: dict[Key, Future[Fetched]] = {}
@@ -118,11 +127,13 @@ class FetchAhead:
 
     def _fetch(self, comp: Component, index: int) -> Fetched:
         chunk = comp.pieces()[index]
-        fd = os.memfd_create(f"{comp.name}.{index}")
+        fd = self._holder(comp, index, chunk.size)
         try:
             sha = hashlib.sha256()
             size = 0
-            src = self._source().open(comp.data.file, chunk.size, chunk.offset)
+            # A blob without chunks is asked for whole: its length must be the manifest's.
+            offset = chunk.offset if comp.chunks else None
+            src = self._source().open(comp.data.file, chunk.size, offset)
             try:
                 while size <= chunk.size and not self._stop.is_set() and (data := src.read(READ)):
                     sha.update(data)
@@ -135,6 +146,24 @@ class FetchAhead:
             os.close(fd)
             raise
         return Fetched(fd, f"/proc/{os.getpid()}/fd/{fd}", os.fstat(fd).st_ino)
+
+    def _holder(self, comp: Component, index: int, size: int) -> int:
+        """Where a piece waits until it is laid out: memory, or the target's disk."""
+        if size <= IN_MEMORY:
+            return os.memfd_create(f"{comp.name}.{index}")
+        log.info(
+            "%s: piece %d (%s) waits on the target's disk until it is verified",
+            comp.name,
+            index,
+            human_bytes(size),
+        )
+        try:
+            return os.open(self._spill, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise FatalError(
+                f"{comp.name}: cannot hold a {human_bytes(size)} piece on {self._spill}'s "
+                f"filesystem to verify it: {exc.strerror}"
+            ) from exc
 
 
 def _close(fut: Future[Fetched]) -> None:

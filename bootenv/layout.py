@@ -2,12 +2,12 @@
 
 Each stream is a process (CPU-bound tar parsing does not scale with threads) that
 decompresses and lays out one piece of a component at a time (stream.py, extract.py): a
-chunk, or the whole blob when it has none. The parent schedules the pieces (largest first) and
-fetches and verifies the chunks ahead of the streams (fetchahead.py); a stream fetches
-an unchunked blob itself, hashing it as it streams. When every stream is done, the
-parent merges the dpkg status of the components that verified, in name order, and
-activates them: ldconfig, daemon-reload, units. Progress goes to the log and, best
-effort, to a callback URL as JSON events.
+chunk, or the whole blob when it has none. The parent schedules the pieces (largest first),
+and fetches and verifies each one ahead of the streams (fetchahead.py): a stream is only
+ever given bytes that matched the manifest. When every stream is done, the parent merges
+the dpkg status of the components that verified, in name order, and activates them:
+ldconfig, daemon-reload, units. Progress goes to the log and, best effort, to a callback
+URL as JSON events.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from bootenv.trusted import open_trusted
 log = logging.getLogger(__name__)
 
 MAX_STREAMS = 4
-VERIFY_FIRST = 32 << 20  # a chunk up to this size is verified before any of its files is placed
 FAILED_UNIT = "failed to start: "  # activation note of a unit that is not active
 
 
@@ -215,15 +214,15 @@ def _run_streams(
     width = 1 if streams <= 1 or pieces <= 1 else streams
     # The fetches stop only once the streams are done (the pool below has shut down):
     # a stream may still be reading a chunk the parent holds.
-    ahead = FetchAhead(image, width)
+    ahead = FetchAhead(image, width, spill=root)
     try:
         if width == 1:
             stream.SINK[:] = [progress]
             try:
-                return _Scheduler(1, image, root, privileged, ahead).run(_Inline(), comps)
+                return _Scheduler(1, root, privileged, ahead).run(_Inline(), comps)
             finally:
                 stream.SINK.clear()
-        return _run_pool(_Scheduler(width, image, root, privileged, ahead), comps, progress)
+        return _run_pool(_Scheduler(width, root, privileged, ahead), comps, progress)
     finally:
         ahead.close()
 
@@ -252,20 +251,13 @@ _URGENT = -(1 << 62)
 
 class _Scheduler:
     """Keep `width` jobs running, the largest ready piece first (so no big piece starts
-    last); a component's first piece and its final job go ahead of any piece. A chunk
-    that is verified before it is laid out is fetched ahead (fetchahead.py) and handed
-    to a stream once it is in."""
+    last); a component's first piece and its final job go ahead of any piece. Every
+    piece is fetched and verified ahead (fetchahead.py) and handed to a stream once it
+    is in."""
 
-    def __init__(
-        self,
-        width: int,
-        image: str,
-        root: Path,
-        privileged: bool,
-        ahead: FetchAhead,
-    ) -> None:
+    def __init__(self, width: int, root: Path, privileged: bool, ahead: FetchAhead) -> None:
         self.pool: Pool = _Inline()  # set by run()
-        self.width, self.image, self.root = width, image, root
+        self.width, self.root = width, root
         self.privileged, self.ahead = privileged, ahead
         self.results: dict[str, ComponentResult] = {}
         self.got: dict[str, dict[int, Piece]] = {}
@@ -341,7 +333,7 @@ class _Scheduler:
             key=lambda c: -c[0].pieces()[c[1]].size,
         )
         for comp, index, second in ready + later:
-            if not _fetched_first(comp, index) or self.ahead.get((comp.name, index)):
+            if self.ahead.get((comp.name, index)):
                 continue
             if not self.ahead.room(comp.pieces()[index].size, second=second):
                 break
@@ -351,11 +343,6 @@ class _Scheduler:
         _, _, kind, comp, index, redirect = entry
         if kind == "final":
             job = self.pool.submit(_finish, comp, self.root, self.privileged, self.got[comp.name][0].created)
-        elif not _fetched_first(comp, index):
-            self._laying_out(comp, index)
-            job = self.pool.submit(
-                stream.lay_out_piece, self.image, comp, index, self.root, self.privileged, redirect
-            )
         else:
             fetch = self.ahead.get((comp.name, index))
             if fetch is None or not fetch.done():
@@ -372,7 +359,6 @@ class _Scheduler:
             self.fetch_ahead()  # before submit: the one-stream executor runs the job right here
             job = self.pool.submit(
                 stream.lay_out_piece,
-                self.image,
                 comp,
                 index,
                 self.root,
@@ -419,11 +405,6 @@ class _Scheduler:
                 self.push(-pieces[i].size, "piece", comp, i, piece.redirect)
         if comp.name not in self.results and len(self.got[comp.name]) == len(pieces):
             self.push(_URGENT, "final", comp, 0)
-
-
-def _fetched_first(comp: Component, index: int) -> bool:
-    """Is this piece a chunk small enough to be fetched and verified before layout?"""
-    return bool(comp.chunks) and comp.pieces()[index].size <= VERIFY_FIRST
 
 
 def _done(comp: Component, pieces: dict[int, Piece], took: float) -> ComponentResult:

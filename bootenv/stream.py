@@ -1,35 +1,33 @@
 """What one layout stream does: decompress and lay out one piece of a component.
 
 A stream is a process of layout's pool (or, for one stream, the layout process itself).
-Its job gets a piece: a chunk the parent has fetched and verified already (by path, see
-fetchahead.py), or a whole blob it fetches and hashes itself as it streams. It reports
-progress as events through `SINK` and returns a `Piece`.
+Its job gets a piece (a chunk, or a whole blob that has none) the parent has fetched and
+verified already, by path (see fetchahead.py). It reports progress as events through
+`SINK` and returns a `Piece`.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import zstandard
 
 from bootenv.callback import Event
 from bootenv.errors import BootenvError, VerificationError
 from bootenv.extract import Stats, TreeWriter
-from bootenv.fetchahead import check_chunk, open_fetched
+from bootenv.fetchahead import open_fetched
 from bootenv.log import human_bytes
 from bootenv.manifest import Component
 from bootenv.merge import MergeState
 from bootenv.paxread import PaxReader
 from bootenv.prefetch import Prefetch, Readable
-from bootenv.source import Source, open_source
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +45,10 @@ class Piece:
 
 
 SINK: list[Callable[[Event], None]] = []  # where a stream's events go (set per process)
-_SOURCES: dict[str, Source] = {}  # one source (one HTTP session) per image per process
 
 
 def init_worker(events: Any) -> None:
     SINK[:] = [events.put]
-    _SOURCES.clear()  # a forked session's connections belong to the parent
     # A stream must not outlive the layout that started it (kill -9 of the parent).
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -63,35 +59,17 @@ def _emit(event: Event) -> None:
         sink(event)
 
 
-class _Hashing:
-    """Hash and count the compressed bytes as they stream past."""
-
-    def __init__(self, raw: BinaryIO) -> None:
-        self.raw = raw
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.sha.update(data)
-        self.size += len(data)
-        return data
-
-
 def lay_out_piece(
-    image: str,
     comp: Component,
     index: int,
     root: Path,
     privileged: bool,
     redirect: tuple[str, ...],
-    fetched: tuple[str, int] | None = None,
+    fetched: tuple[str, int],
 ) -> Piece:
     """One stream's job: decompress and lay out one piece of a component. `fetched`: the
-    path and inode of the chunk's bytes, fetched and verified already (fetchahead.py);
-    without it, the stream fetches the piece itself and verifies it as it streams."""
+    path and inode of the piece's bytes, fetched and verified already (fetchahead.py)."""
     pieces = comp.pieces()
-    chunk = pieces[index]
     if index == 0:
         _emit(
             {
@@ -107,21 +85,8 @@ def lay_out_piece(
         root, comp.name, privileged=privileged, merge=MergeState(root), piece=index, redirect=redirect
     )
     try:
-        partial = index < len(pieces) - 1
-        if fetched is not None:  # verified by the parent already: no second hash
-            with open_fetched(*fetched) as f:
-                _lay_out(comp, index, f, writer, partial=partial)
-        else:
-            if image not in _SOURCES:
-                _SOURCES[image] = open_source(image)
-            offset = chunk.offset if comp.chunks else None
-            src = _SOURCES[image].open(comp.data.file, chunk.size, offset)
-            try:
-                hashing = _Hashing(src)
-                _lay_out(comp, index, hashing, writer, partial=partial)
-            finally:
-                src.close()
-            check_chunk(comp, chunk, hashing.size, hashing.sha.hexdigest())
+        with open_fetched(*fetched) as f:
+            _lay_out(comp, index, f, writer, partial=index < len(pieces) - 1)
     except (BootenvError, OSError, zstandard.ZstdError) as exc:
         log.error("%s: %s", comp.name, exc)
         return Piece(comp.name, index, None, error=str(exc))
@@ -158,5 +123,3 @@ def _lay_out(comp: Component, index: int, src: Readable, writer: TreeWriter, *, 
             reader.drain()
     except zstandard.ZstdError as exc:
         raise VerificationError(f"{comp.name}: corrupt zstd stream: {exc}") from exc
-    while src.read(1 << 20):
-        pass  # trailing bytes still count towards the hash (of a stream being hashed)

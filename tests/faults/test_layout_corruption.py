@@ -1,4 +1,4 @@
-"""Wrong bytes during `layout`: always detected, the component fails, nothing of it activated.
+"""Wrong bytes during `layout`: always detected, the component fails, nothing of it placed.
 
 Each seed picks a fault and where it strikes: a flipped byte, a stream truncated (with
 honest headers, or with a Content-Length claiming the full size), a broken zstd frame
@@ -42,6 +42,13 @@ def fault_for(seed: int, size: int) -> tuple[str, Fault]:
     return kind, Fault(length_delta=rng.choice((-1, 1)) * rng.randint(1, 4096))
 
 
+def assert_nothing_of_bad_placed(root: Path) -> None:
+    """Every piece is verified before a stream is given it: no byte of the broken blob
+    reaches a file, not even the ones ahead of the fault."""
+    assert not (root / "opt/bad").exists()
+    assert b"# bad" not in (root / "etc/conf.d/shared.conf").read_bytes()
+
+
 def assert_bad_not_activated(root: Path, image: Image, res_act: tuple[object, object]) -> None:
     res, act = res_act
     by_name = {c.name: c for c in res.components}  # type: ignore[attr-defined]
@@ -68,6 +75,7 @@ def test_wrong_bytes_on_the_wire_are_detected(
     root = tmp_path / "root"
     got = run_layout(srv.url, root, streams=1 + seed % 2)
     assert_bad_not_activated(root, image, got)
+    assert_nothing_of_bad_placed(root)
     assert srv.requests_for(file), f"{kind}: the blob was fetched"
 
 
@@ -112,3 +120,4 @@ def test_only_the_broken_component_laid_out_alone_activates_nothing(
     assert not res.ok and res.components[0].status == "failed"
     assert act.calls == []
     assert not (tmp_path / "root/var/lib/dpkg/status").exists()
+    assert not (tmp_path / "root/opt").exists() and not (tmp_path / "root/etc").exists()

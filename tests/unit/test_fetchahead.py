@@ -1,4 +1,4 @@
-"""FetchAhead: a chunk is in memory and verified before it is handed over; memory is bounded."""
+"""FetchAhead: a piece is held and verified before it is handed over; memory is bounded."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import bootenv.fetchahead as fetchahead_mod
 from bootenv.errors import FatalError, VerificationError
 from bootenv.fetchahead import AHEAD_BYTES, FetchAhead, open_fetched
 from bootenv.manifest import Component, parse_manifest
@@ -30,11 +31,11 @@ def comp_of(image: Path) -> Component:
     return parse_manifest((image / "manifest.json").read_text()).component("good")
 
 
-def test_a_chunk_is_fetched_into_memory_and_freed_on_release(image: Path) -> None:
+def test_a_chunk_is_fetched_into_memory_and_freed_on_release(image: Path, tmp_path: Path) -> None:
     comp = comp_of(image)
     blob = (image / comp.data.file).read_bytes()
     fds = len(os.listdir("/proc/self/fd"))
-    ahead = FetchAhead(str(image), 2)
+    ahead = FetchAhead(str(image), 2, spill=tmp_path)
     try:
         for i in range(len(comp.chunks)):
             ahead.start(comp, i)
@@ -61,7 +62,7 @@ def test_a_chunk_that_does_not_match_its_sha256_is_never_handed_over(image: Path
     data[k.offset + k.size // 2] ^= 0xFF
     (bad / comp.data.file).write_bytes(bytes(data))
     fds = len(os.listdir("/proc/self/fd"))
-    ahead = FetchAhead(str(bad), 1)
+    ahead = FetchAhead(str(bad), 1, spill=tmp_path)
     try:
         ahead.start(comp, 2)
         ahead.start(comp, 1)
@@ -73,9 +74,9 @@ def test_a_chunk_that_does_not_match_its_sha256_is_never_handed_over(image: Path
     assert len(os.listdir("/proc/self/fd")) == fds  # no memfd left open
 
 
-def test_room_one_chunk_per_stream_and_a_second_while_small(image: Path) -> None:
+def test_room_one_chunk_per_stream_and_a_second_while_small(image: Path, tmp_path: Path) -> None:
     comp = comp_of(image)
-    ahead = FetchAhead(str(image), 1)
+    ahead = FetchAhead(str(image), 1, spill=tmp_path)
     try:
         assert ahead.room(AHEAD_BYTES * 4)  # the first one ahead, whatever its size
         ahead.start(comp, 1)
@@ -90,9 +91,9 @@ def test_room_one_chunk_per_stream_and_a_second_while_small(image: Path) -> None
         ahead.close()
 
 
-def test_dropping_a_failed_component_keeps_the_chunks_its_streams_hold(image: Path) -> None:
+def test_dropping_a_failed_component_keeps_the_chunks_its_streams_hold(image: Path, tmp_path: Path) -> None:
     comp = comp_of(image)
-    ahead = FetchAhead(str(image), 2)
+    ahead = FetchAhead(str(image), 2, spill=tmp_path)
     try:
         ahead.start(comp, 1)
         ahead.start(comp, 2)
@@ -118,3 +119,45 @@ def test_a_stream_refuses_a_path_that_is_not_its_chunk_any_more(image: Path, tmp
     other.write_bytes(b"x")
     with pytest.raises(FatalError, match="not the fetched chunk"):
         open_fetched(str(other), other.stat().st_ino + 1)
+
+
+def test_a_piece_too_large_for_memory_waits_unnamed_on_the_target(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fetchahead_mod, "IN_MEMORY", 0)  # every piece is "large"
+    comp = comp_of(image)
+    blob = (image / comp.data.file).read_bytes()
+    target = tmp_path / "root"
+    target.mkdir()
+    fds = len(os.listdir("/proc/self/fd"))
+    ahead = FetchAhead(str(image), 1, spill=target)
+    try:
+        ahead.start(comp, 1)
+        fetched = ahead.hand_over((comp.name, 1))
+        link = os.readlink(fetched.path)
+        assert link.startswith(f"{target}/#") and link.endswith("(deleted)"), link  # O_TMPFILE
+        assert os.stat(fetched.path).st_dev == target.stat().st_dev
+        assert os.listdir(target) == [], "the piece has no name in the tree"
+        chunk = comp.chunks[1]
+        with open_fetched(fetched.path, fetched.ino) as f:
+            assert f.read() == blob[chunk.offset : chunk.offset + chunk.size]
+        ahead.release((comp.name, 1))
+    finally:
+        ahead.close()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert os.listdir(target) == []
+
+
+def test_a_large_piece_with_nowhere_to_wait_fails_with_one_line(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fetchahead_mod, "IN_MEMORY", 0)
+    comp = comp_of(image)
+    ahead = FetchAhead(str(image), 1, spill=tmp_path / "missing")
+    try:
+        ahead.start(comp, 1)
+        with pytest.raises(FatalError, match=r"good: cannot hold a .* piece on .*missing") as exc:
+            ahead.hand_over((comp.name, 1))
+        assert "\n" not in str(exc.value)
+    finally:
+        ahead.close()

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import zstandard
 
+from bootenv import fetchahead as fetchahead_mod
 from bootenv import layout as layout_mod
 from bootenv.fetchahead import FetchAhead
 from bootenv.journal import Journal
@@ -115,10 +116,22 @@ def test_a_server_that_ignores_ranges_still_gives_the_right_bytes(
     assert snapshot(tmp_path / "root") == ref
 
 
+@pytest.mark.parametrize("held", ["memory", "disk"])
 @pytest.mark.parametrize("streams", [1, 3])
 def test_a_corrupt_chunk_fails_its_component_only(
-    images: tuple[Path, Path, dict[str, tuple[object, ...]]], tmp_path: Path, streams: int
+    images: tuple[Path, Path, dict[str, tuple[object, ...]]],
+    tmp_path: Path,
+    streams: int,
+    held: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    if held == "disk":  # every chunk is "large": it waits in an unnamed file on the target
+
+        def no_memory(name: str) -> int:
+            raise AssertionError(f"{name} was held in memory")
+
+        monkeypatch.setattr(fetchahead_mod, "IN_MEMORY", 0)
+        monkeypatch.setattr(os, "memfd_create", no_memory)
     _, chunked, _ = images
     comp = manifest(chunked).component("bad")
     k = comp.chunks[len(comp.chunks) // 2]
@@ -237,8 +250,8 @@ def test_later_chunks_are_fetched_while_the_first_piece_is_laid_out(
     root = tmp_path / "root"
     root.mkdir()
     pool = _Held()
-    ahead = FetchAhead(str(chunked), 2)
-    sched = _Scheduler(2, str(chunked), root, os.geteuid() == 0, ahead)
+    ahead = FetchAhead(str(chunked), 2, spill=tmp_path)
+    sched = _Scheduler(2, root, os.geteuid() == 0, ahead)
     results: list[list[ComponentResult]] = []
     runner = threading.Thread(target=lambda: results.append(sched.run(pool, [comp])), daemon=True)
     runner.start()
