@@ -50,6 +50,10 @@ class Fetched:
     ino: int  # the file's inode: a stream checks it opened this one and no other
 
 
+class FetchCancelledError(FatalError):
+    """A fetch stopped because nobody wants its piece any more."""
+
+
 def check_chunk(comp: Component, chunk: Chunk, size: int, sha256: str) -> None:
     """The bytes of `chunk` (its size and sha256) are what the manifest pins, or fail."""
     if size != chunk.size or sha256 != chunk.sha256:
@@ -76,17 +80,31 @@ class FetchAhead:
         self._handed: set[Key] = set()  # given to a stream, not yet released
         self._stop = threading.Event()
         self._sizes: dict[Key, int] = {}
+        # Released while still downloading: they stop at their next read, and keep their
+        # slot (and their size) until they have.
+        self._lock = threading.Lock()
+        self._cancelled: dict[Key, int] = {}
 
     def get(self, key: Key) -> Future[Fetched] | None:
         return self._futures.get(key)
 
+    def failures(self) -> list[tuple[str, BaseException]]:
+        """(component, error) of the fetches that failed, not yet handed over or dropped."""
+        out = []
+        for (name, _), fut in self._futures.items():
+            if fut.done() and not fut.cancelled() and (exc := fut.exception()) is not None:
+                out.append((name, exc))
+        return out
+
     def room(self, size: int, *, second: bool = True) -> bool:
         """May a chunk of `size` bytes be fetched ahead now? One per stream may; with
         `second`, a second per stream while they hold under AHEAD_BYTES per stream."""
-        waiting = [k for k in self._futures if k not in self._handed]
-        held = sum(self._sizes[k] for k in waiting)
-        return len(waiting) < self._width or (
-            second and len(waiting) < 2 * self._width and held + size <= AHEAD_BYTES * self._width
+        with self._lock:
+            cancelled = list(self._cancelled.values())
+        sizes = [n for k, n in self._sizes.items() if k not in self._handed] + cancelled
+        held = sum(sizes)
+        return len(sizes) < self._width or (
+            second and len(sizes) < 2 * self._width and held + size <= AHEAD_BYTES * self._width
         )
 
     def start(self, comp: Component, index: int) -> None:
@@ -100,10 +118,22 @@ class FetchAhead:
     def release(self, key: Key) -> None:
         """Free a chunk's memory: its stream is done with it, or nobody will want it."""
         self._handed.discard(key)
-        self._sizes.pop(key, None)
+        size = self._sizes.pop(key, 0)
         fut = self._futures.pop(key, None)
-        if fut is not None and not fut.cancel():
-            fut.add_done_callback(_close)
+        if fut is None or fut.cancel():
+            return
+        if not fut.done():
+            with self._lock:
+                self._cancelled[key] = size
+
+            def ended(f: Future[Fetched]) -> None:
+                with self._lock:
+                    self._cancelled.pop(key, None)
+                _close(f)
+
+            fut.add_done_callback(ended)
+        else:
+            _close(fut)
 
     def drop(self, component: str) -> None:
         """A component failed: free its chunks that no stream has (a stream's chunk is
@@ -135,7 +165,9 @@ class FetchAhead:
             offset = chunk.offset if comp.chunks else None
             src = self._source().open(comp.data.file, chunk.size, offset)
             try:
-                while size <= chunk.size and not self._stop.is_set() and (data := src.read(READ)):
+                while size <= chunk.size and (data := src.read(READ)):
+                    if self._stop.is_set() or (comp.name, index) in self._cancelled:
+                        raise FetchCancelledError(f"{comp.name}: fetch of piece {index} cancelled")
                     sha.update(data)
                     size += len(data)
                     write_all(fd, data)

@@ -302,7 +302,10 @@ class _Scheduler:
         return [self.results[c.name] for c in comps]
 
     def dispatch(self) -> None:
-        """Start what can start, in priority order; then fetch the next chunks ahead."""
+        """Fail the components a fetch failed for; start what can start, in priority
+        order; then fetch the next chunks ahead."""
+        for name, exc in self.ahead.failures():
+            self.fetch_failed(name, exc)
         self.ready.sort()
         waiting = []
         for entry in self.ready:
@@ -349,10 +352,7 @@ class _Scheduler:
                 return False
             exc = fetch.exception()
             if exc is not None:
-                if not isinstance(exc, (BootenvError, OSError)):
-                    raise exc
-                log.error("%s: %s", comp.name, exc)
-                self.fail(comp, str(exc))
+                self.fetch_failed(comp.name, exc)
                 return True
             got = self.ahead.hand_over((comp.name, index))
             self._laying_out(comp, index)
@@ -373,13 +373,22 @@ class _Scheduler:
         if index == 0 and len(comp.pieces()) > 1:
             self.later[comp.name] = comp
 
-    def fail(self, comp: Component, error: str | None) -> None:
-        if comp.name not in self.results:
-            took = time.monotonic() - self.started[comp.name]
-            self.results[comp.name] = ComponentResult(comp.name, "failed", error=error, seconds=took)
-        self.ready = [r for r in self.ready if r[3].name != comp.name]
-        self.later.pop(comp.name, None)
-        self.ahead.drop(comp.name)
+    def fetch_failed(self, name: str, exc: BaseException) -> None:
+        """A piece of `name` could not be fetched or did not verify: the component fails
+        now, not once that piece's turn comes (its other pieces would be wasted work)."""
+        if not isinstance(exc, (BootenvError, OSError)):
+            raise exc
+        if name not in self.results:
+            log.error("%s: %s", name, exc)
+        self.fail(name, str(exc))
+
+    def fail(self, name: str, error: str | None) -> None:
+        if name not in self.results:
+            took = time.monotonic() - self.started[name]
+            self.results[name] = ComponentResult(name, "failed", error=error, seconds=took)
+        self.ready = [r for r in self.ready if r[3].name != name]
+        self.later.pop(name, None)
+        self.ahead.drop(name)
 
     def finished(self, fut: Future[Any]) -> None:
         kind, comp, index = self.jobs.pop(fut)
@@ -396,7 +405,7 @@ class _Scheduler:
         piece: Piece = fut.result()
         self.got[comp.name][index] = piece
         if piece.stats is None:
-            self.fail(comp, piece.error)
+            self.fail(comp.name, piece.error)
             return
         pieces = comp.pieces()
         if index == 0:

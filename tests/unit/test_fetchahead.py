@@ -9,10 +9,11 @@ import pytest
 
 import bootenv.fetchahead as fetchahead_mod
 from bootenv.errors import FatalError, VerificationError
-from bootenv.fetchahead import AHEAD_BYTES, FetchAhead, open_fetched
+from bootenv.fetchahead import AHEAD_BYTES, FetchAhead, FetchCancelledError, open_fetched
 from bootenv.manifest import Component, parse_manifest
 from tests.faults.helpers import component
 from tests.hostile.kit import make_image
+from tests.unit.httpfault import Fault, FaultServer
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +162,27 @@ def test_a_large_piece_with_nowhere_to_wait_fails_with_one_line(
         assert "\n" not in str(exc.value)
     finally:
         ahead.close()
+
+
+def test_a_fetch_released_while_downloading_stops_and_keeps_its_slot_till_then(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fetchahead_mod, "READ", 1024)  # several reads per chunk
+    comp = comp_of(image)
+    chunk = comp.chunks[1]
+    assert chunk.size > 4096
+    with FaultServer(image) as srv:
+        srv.faults[comp.data.file] = Fault(stall_at=chunk.offset + 2048, stall_seconds=1.0)
+        ahead = FetchAhead(srv.url, 1, spill=tmp_path)
+        try:
+            ahead.start(comp, 1)
+            fut = ahead.get((comp.name, 1))
+            assert fut is not None and srv.stalled.wait(5)
+            ahead.release((comp.name, 1))  # its component failed, say: nobody wants it now
+            assert ahead.get((comp.name, 1)) is None
+            assert not fut.done() and not ahead.room(1, second=False), "the download still runs"
+            with pytest.raises(FetchCancelledError):
+                fut.result(timeout=10)  # it stopped at its next read, not at the chunk's end
+            assert ahead.room(1, second=False), "and its slot is free once it has"
+        finally:
+            ahead.close()

@@ -279,6 +279,47 @@ def test_later_chunks_are_fetched_while_the_first_piece_is_laid_out(
     assert results[0][0].files > 0 and (root / "opt/good/sub").is_dir()
 
 
+def test_a_chunk_that_fails_its_fetch_fails_its_component_at_once(
+    images: tuple[Path, Path, dict[str, tuple[object, ...]]], tmp_path: Path
+) -> None:
+    """Of the two chunks fetched while the directories are laid out, the second to start
+    is corrupt: once the first piece is done, no other piece of the component is started
+    (before, the first one was, and the others until the bad one's turn came)."""
+    _, chunked, _ = images
+    comp = manifest(chunked).component("good")
+    good, bad = sorted(range(1, len(comp.chunks)), key=lambda i: -comp.chunks[i].size)[:2]
+    k = comp.chunks[bad]
+    root = tmp_path / "root"
+    root.mkdir()
+    pool = _Held()
+    with FaultServer(chunked) as srv:
+        srv.faults[comp.data.file] = Fault(corrupt_at=k.offset + k.size // 2)
+        ahead = FetchAhead(srv.url, 2, spill=tmp_path)
+        sched = _Scheduler(2, root, os.geteuid() == 0, ahead)
+        results: list[list[ComponentResult]] = []
+        runner = threading.Thread(target=lambda: results.append(sched.run(pool, [comp])), daemon=True)
+        runner.start()
+        try:
+            deadline = time.monotonic() + 10
+            fetches = [ahead.get((comp.name, i)) for i in (good, bad)]
+            while time.monotonic() < deadline and not all(f and f.done() for f in fetches):
+                time.sleep(0.01)
+                fetches = [ahead.get((comp.name, i)) for i in (good, bad)]
+            assert [f.exception() is None for f in fetches if f] == [True, False], "both in, one bad"
+            pool.run_one()  # the first piece
+            runner.join(timeout=10)
+            assert not runner.is_alive(), "the scheduler stopped: nothing more to start"
+            assert pool.jobs.qsize() == 0, "no other piece of the failed component was started"
+        finally:
+            while runner.is_alive() and time.monotonic() < deadline + 30:
+                with contextlib.suppress(queue.Empty):
+                    pool.run_one()
+                runner.join(timeout=0.01)
+            ahead.close()
+    [res] = results[0]
+    assert res.status == "failed" and res.error and "sha256" in res.error
+
+
 def _fetched(ahead: FetchAhead, comp: Component) -> list[int]:
     """The chunks of `comp` that are in (fetched and verified) and not handed to a stream."""
     got = []
