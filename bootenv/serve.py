@@ -388,7 +388,7 @@ def make_server(config: ServeConfig) -> BootenvServer:
 def running(config: ServeConfig) -> Iterator[BootenvServer]:
     """A server answering in a background thread, stopped on exit (tests, `make demo`)."""
     server = make_server(config)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield server

@@ -34,6 +34,11 @@ settings.register_profile("thorough", max_examples=2000, derandomize=True)
 settings.load_profile(os.environ.get("BOOTENV_FUZZ", "quick"))
 
 
+def seeds(quick: int, thorough: int) -> range:
+    """The seeds of a randomized fault test: a few in `make check`, all in `make test`."""
+    return range(thorough if os.environ.get("BOOTENV_FUZZ") == "thorough" else quick)
+
+
 class UnexpectedCommandError(AssertionError):
     pass
 
@@ -142,7 +147,7 @@ def events() -> Iterator[tuple[str, list[dict[str, object]]]]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/cb", got
     server.shutdown()
     server.server_close()

@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 
 from bootenv.journal import Journal
+from tests.conftest import seeds
 from tests.faults.conftest import Image
 from tests.faults.helpers import blob_of, run_layout
 from tests.unit.httpfault import Fault, FaultServer
 
 KINDS = ("corrupt", "truncate", "truncate-lie", "zstd-frame", "length")
-SEEDS = range(25)
+SEEDS = seeds(10, 25)  # two of each kind of fault in `make check`
 
 
 def fault_for(seed: int, size: int) -> tuple[str, Fault]:

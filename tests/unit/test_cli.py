@@ -31,7 +31,7 @@ def served(image_dir: Path) -> Iterator[str]:
 
     handler = functools.partial(Quiet, directory=str(image_dir))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/"
