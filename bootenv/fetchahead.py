@@ -8,9 +8,11 @@ connection each) and checks its size and sha256 before a stream is given it, by 
 write files, and no byte of a piece that fails its check ever reaches a file.
 
 A piece of up to IN_MEMORY bytes waits in memory (a memfd). A larger one, a chunk holding
-one big file or an unchunked blob, waits in an unnamed temp file (O_TMPFILE) on the
-target's own filesystem: it has room for the piece, since it must hold what the piece
-unpacks to, and the file vanishes when it is closed, or when the process dies.
+one big file or a large blob without chunks, waits in an unnamed temp file (O_TMPFILE) on
+the target's own filesystem, which vanishes when it is closed or the process dies. That
+takes room on the target: the compressed piece, until its files are placed, for the few
+pieces the streams hold or have fetched ahead. A blob without chunks is downloaded whole
+before its first file is placed (capture chunks every component larger than one chunk).
 
 Pieces fetched (or being fetched) and not yet handed over wait on top of the ones the
 streams are laying out: one per stream, and a second per stream while they hold less
@@ -20,9 +22,11 @@ downloads). Memory stays bounded by a few chunks of at most IN_MEMORY per stream
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,7 +51,8 @@ Key = tuple[str, int]  # (component, chunk index)
 class Fetched:
     fd: int
     path: str  # what a stream opens
-    ino: int  # the file's inode: a stream checks it opened this one and no other
+    ino: int  # the file's inode and device: a stream checks it opened this one and no other
+    dev: int
 
 
 class FetchCancelledError(FatalError):
@@ -60,10 +65,11 @@ def check_chunk(comp: Component, chunk: Chunk, size: int, sha256: str) -> None:
         raise VerificationError(f"{comp.name}: sub-image does not match its sha256; not activated")
 
 
-def open_fetched(path: str, ino: int) -> BinaryIO:
+def open_fetched(path: str, ino: int, dev: int) -> BinaryIO:
     """Open a chunk handed over by path, and make sure it is that chunk's file."""
     f = open(path, "rb")
-    if os.fstat(f.fileno()).st_ino != ino:
+    st = os.fstat(f.fileno())
+    if (st.st_ino, st.st_dev) != (ino, dev):
         f.close()
         raise FatalError(f"{path} is not the fetched chunk any more")
     return f
@@ -83,10 +89,18 @@ class FetchAhead:
         # Released while still downloading: they stop at their next read, and keep their
         # slot (and their size) until they have.
         self._lock = threading.Lock()
-        self._cancelled: dict[Key, int] = {}
+        self._cancelled: dict[Key, tuple[int, Future[Fetched]]] = {}
 
     def get(self, key: Key) -> Future[Fetched] | None:
         return self._futures.get(key)
+
+    def draining(self) -> list[Future[Fetched]]:
+        """Released fetches still downloading: a slot frees up when one ends."""
+        return [fut for _, fut in self._draining()]
+
+    def _draining(self) -> list[tuple[int, Future[Fetched]]]:
+        with self._lock:
+            return [(n, fut) for n, fut in self._cancelled.values() if not fut.done()]
 
     def failures(self) -> list[tuple[str, BaseException]]:
         """(component, error) of the fetches that failed, not yet handed over or dropped."""
@@ -99,9 +113,8 @@ class FetchAhead:
     def room(self, size: int, *, second: bool = True) -> bool:
         """May a chunk of `size` bytes be fetched ahead now? One per stream may; with
         `second`, a second per stream while they hold under AHEAD_BYTES per stream."""
-        with self._lock:
-            cancelled = list(self._cancelled.values())
-        sizes = [n for k, n in self._sizes.items() if k not in self._handed] + cancelled
+        draining = [n for n, _ in self._draining()]
+        sizes = [n for k, n in self._sizes.items() if k not in self._handed] + draining
         held = sum(sizes)
         return len(sizes) < self._width or (
             second and len(sizes) < 2 * self._width and held + size <= AHEAD_BYTES * self._width
@@ -124,7 +137,7 @@ class FetchAhead:
             return
         if not fut.done():
             with self._lock:
-                self._cancelled[key] = size
+                self._cancelled[key] = (size, fut)
 
             def ended(f: Future[Fetched]) -> None:
                 with self._lock:
@@ -177,7 +190,8 @@ class FetchAhead:
         except BaseException:
             os.close(fd)
             raise
-        return Fetched(fd, f"/proc/{os.getpid()}/fd/{fd}", os.fstat(fd).st_ino)
+        st = os.fstat(fd)
+        return Fetched(fd, f"/proc/{os.getpid()}/fd/{fd}", st.st_ino, st.st_dev)
 
     def _holder(self, comp: Component, index: int, size: int) -> int:
         """Where a piece waits until it is laid out: memory, or the target's disk."""
@@ -190,7 +204,16 @@ class FetchAhead:
             human_bytes(size),
         )
         try:
-            return os.open(self._spill, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            try:
+                return os.open(self._spill, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+            # A filesystem without O_TMPFILE (NFS, an older overlayfs): a named temp file,
+            # unlinked at once, which is as good once it has no name.
+            fd, name = tempfile.mkstemp(prefix=".bootenv~piece-", dir=self._spill)
+            os.unlink(name)
+            return fd
         except OSError as exc:
             raise FatalError(
                 f"{comp.name}: cannot hold a {human_bytes(size)} piece on {self._spill}'s "

@@ -286,9 +286,11 @@ class _Scheduler:
             self.push(_URGENT, "piece", comp, 0)
         self.dispatch()
         while self.jobs or self.ready:
-            # A free stream waits for a job to end or a chunk to be in (one that already
-            # is returns at once, and dispatch() starts it).
-            waitable = [*self.jobs, *(self.fetching() if len(self.jobs) < self.width else ())]
+            # A free stream waits for a job to end, a chunk to be in (one that already is
+            # returns at once, and dispatch() starts it), or a released fetch to stop (its
+            # slot then lets the next chunk be fetched).
+            free = len(self.jobs) < self.width
+            waitable = [*self.jobs, *(self.fetching() + self.ahead.draining() if free else [])]
             if not waitable:
                 before = len(self.ready)
                 self.dispatch()
@@ -364,7 +366,7 @@ class _Scheduler:
                 self.root,
                 self.privileged,
                 redirect,
-                (got.path, got.ino),
+                (got.path, got.ino, got.dev),
             )
         self.jobs[job] = (kind, comp, index)
         return True
@@ -375,7 +377,8 @@ class _Scheduler:
 
     def fetch_failed(self, name: str, exc: BaseException) -> None:
         """A piece of `name` could not be fetched or did not verify: the component fails
-        now, not once that piece's turn comes (its other pieces would be wasted work)."""
+        at the next dispatch, not once that piece's turn comes (its other pieces would be
+        wasted work)."""
         if not isinstance(exc, (BootenvError, OSError)):
             raise exc
         if name not in self.results:

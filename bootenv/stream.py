@@ -65,10 +65,11 @@ def lay_out_piece(
     root: Path,
     privileged: bool,
     redirect: tuple[str, ...],
-    fetched: tuple[str, int],
+    fetched: tuple[str, int, int],
 ) -> Piece:
     """One stream's job: decompress and lay out one piece of a component. `fetched`: the
-    path and inode of the piece's bytes, fetched and verified already (fetchahead.py)."""
+    path, inode and device of the piece's bytes, fetched and verified already
+    (fetchahead.py)."""
     pieces = comp.pieces()
     if index == 0:
         _emit(

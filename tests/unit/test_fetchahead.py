@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -107,7 +109,7 @@ def test_dropping_a_failed_component_keeps_the_chunks_its_streams_hold(image: Pa
         # by a new memfd, which the stream would then open instead); the other is freed.
         assert _names(held.path, "/memfd:good.1 ")
         assert not _names(f"/proc/self/fd/{fd2}", "/memfd:good.2 ")
-        with open_fetched(held.path, held.ino) as f:
+        with open_fetched(held.path, held.ino, held.dev) as f:
             assert len(f.read()) == comp.chunks[1].size
         ahead.release((comp.name, 1))
         assert not _names(held.path, "/memfd:good.1 ")
@@ -119,7 +121,7 @@ def test_a_stream_refuses_a_path_that_is_not_its_chunk_any_more(image: Path, tmp
     other = tmp_path / "other"
     other.write_bytes(b"x")
     with pytest.raises(FatalError, match="not the fetched chunk"):
-        open_fetched(str(other), other.stat().st_ino + 1)
+        open_fetched(str(other), other.stat().st_ino + 1, other.stat().st_dev)
 
 
 def test_a_piece_too_large_for_memory_waits_unnamed_on_the_target(
@@ -140,7 +142,7 @@ def test_a_piece_too_large_for_memory_waits_unnamed_on_the_target(
         assert os.stat(fetched.path).st_dev == target.stat().st_dev
         assert os.listdir(target) == [], "the piece has no name in the tree"
         chunk = comp.chunks[1]
-        with open_fetched(fetched.path, fetched.ino) as f:
+        with open_fetched(fetched.path, fetched.ino, fetched.dev) as f:
             assert f.read() == blob[chunk.offset : chunk.offset + chunk.size]
         ahead.release((comp.name, 1))
     finally:
@@ -186,3 +188,33 @@ def test_a_fetch_released_while_downloading_stops_and_keeps_its_slot_till_then(
             assert ahead.room(1, second=False), "and its slot is free once it has"
         finally:
             ahead.close()
+
+
+def test_without_o_tmpfile_a_large_piece_waits_in_a_file_unlinked_at_once(
+    image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NFS or an older overlayfs: O_TMPFILE fails; a named temp file, unlinked at once."""
+    monkeypatch.setattr(fetchahead_mod, "IN_MEMORY", 0)
+    real_open = os.open
+
+    def no_tmpfile(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    comp = comp_of(image)
+    target = tmp_path / "root"
+    target.mkdir()
+    ahead = FetchAhead(str(image), 1, spill=target)
+    try:
+        ahead.start(comp, 1)
+        fetched = ahead.hand_over((comp.name, 1))
+        link = os.readlink(fetched.path)
+        assert link.startswith(f"{target}/.bootenv~piece-") and link.endswith(" (deleted)"), link
+        assert os.listdir(target) == []
+        with open_fetched(fetched.path, fetched.ino, fetched.dev) as f:
+            assert len(f.read()) == comp.chunks[1].size
+    finally:
+        ahead.close()
+    assert os.listdir(target) == []

@@ -305,7 +305,9 @@ def test_a_chunk_that_fails_its_fetch_fails_its_component_at_once(
             while time.monotonic() < deadline and not all(f and f.done() for f in fetches):
                 time.sleep(0.01)
                 fetches = [ahead.get((comp.name, i)) for i in (good, bad)]
-            assert [f.exception() is None for f in fetches if f] == [True, False], "both in, one bad"
+            assert [f.exception(timeout=10) is None for f in fetches if f] == [True, False], (
+                "both in, one bad"
+            )
             pool.run_one()  # the first piece
             runner.join(timeout=10)
             assert not runner.is_alive(), "the scheduler stopped: nothing more to start"
@@ -318,6 +320,43 @@ def test_a_chunk_that_fails_its_fetch_fails_its_component_at_once(
             ahead.close()
     [res] = results[0]
     assert res.status == "failed" and res.error and "sha256" in res.error
+
+
+class _Draining(FetchAhead):
+    """Fetches whose component failed are still downloading, and hold every slot until
+    `gate` is set (as when a component fails while its big chunks download)."""
+
+    def __init__(self, image: str, width: int, spill: Path) -> None:
+        super().__init__(image, width, spill)
+        self.gate: Future[None] = Future()
+
+    def room(self, size: int, *, second: bool = True) -> bool:
+        return self.gate.done() and super().room(size, second=second)
+
+    def draining(self) -> list[Future[Any]]:
+        return [] if self.gate.done() else [self.gate]
+
+
+def test_slots_held_by_released_fetches_are_waited_for(
+    images: tuple[Path, Path, dict[str, tuple[object, ...]]], tmp_path: Path
+) -> None:
+    """No job runs, the ready pieces have no fetch, and released fetches still hold the
+    slots: the scheduler waits for one to stop (it used to find nothing to wait on, and
+    fail an assertion), then fetches and lays out the component."""
+    _, chunked, _ = images
+    comp = manifest(chunked).component("good")
+    root = tmp_path / "root"
+    root.mkdir()
+    ahead = _Draining(str(chunked), 2, spill=tmp_path)
+    timer = threading.Timer(0.3, ahead.gate.set_result, (None,))
+    timer.start()
+    try:
+        [res] = _Scheduler(2, root, os.geteuid() == 0, ahead).run(layout_mod._Inline(), [comp])
+    finally:
+        timer.cancel()
+        ahead.close()
+    assert ahead.gate.done() and res.status == "done"
+    assert (root / "opt/good/sub").is_dir()
 
 
 def _fetched(ahead: FetchAhead, comp: Component) -> list[int]:
