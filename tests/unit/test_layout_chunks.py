@@ -11,7 +11,7 @@ import queue
 import tarfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from pathlib import Path
@@ -235,6 +235,28 @@ class _Held:
         fut.set_result(fn(*args))
 
 
+@contextlib.contextmanager
+def _held_run(
+    ahead: FetchAhead, root: Path, comp: Component
+) -> Iterator[tuple[_Held, threading.Thread, list[list[ComponentResult]]]]:
+    """A 2-stream scheduler laying out `comp` on a thread, its jobs held in a `_Held` pool;
+    on exit, whatever is left runs to the end, and `ahead` is closed."""
+    pool = _Held()
+    sched = _Scheduler(2, root, os.geteuid() == 0, ahead)
+    results: list[list[ComponentResult]] = []
+    runner = threading.Thread(target=lambda: results.append(sched.run(pool, [comp])), daemon=True)
+    runner.start()
+    try:
+        yield pool, runner, results
+    finally:
+        deadline = time.monotonic() + 30
+        while runner.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                pool.run_one()
+            runner.join(timeout=0.01)
+        ahead.close()
+
+
 def test_later_chunks_are_fetched_while_the_first_piece_is_laid_out(
     images: tuple[Path, Path, dict[str, tuple[object, ...]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -249,13 +271,8 @@ def test_later_chunks_are_fetched_while_the_first_piece_is_laid_out(
     comp = manifest(chunked).component("good")
     root = tmp_path / "root"
     root.mkdir()
-    pool = _Held()
     ahead = FetchAhead(str(chunked), 2, spill=tmp_path)
-    sched = _Scheduler(2, root, os.geteuid() == 0, ahead)
-    results: list[list[ComponentResult]] = []
-    runner = threading.Thread(target=lambda: results.append(sched.run(pool, [comp])), daemon=True)
-    runner.start()
-    try:
+    with _held_run(ahead, root, comp) as (pool, _, results):
         # The first piece (the directories) is held; the connections fetch the next chunks
         # meanwhile, one per stream: the second per stream is kept for pieces that can start.
         deadline = time.monotonic() + 10
@@ -269,12 +286,6 @@ def test_later_chunks_are_fetched_while_the_first_piece_is_laid_out(
         # The scheduler slept meanwhile: a chunk in for a piece that cannot start yet does
         # not wake it (that would spin until the first piece is done).
         assert len(waits) < 10, f"{len(waits)} waits while one job was held"
-    finally:
-        while runner.is_alive() and time.monotonic() < deadline + 30:
-            with contextlib.suppress(queue.Empty):
-                pool.run_one()
-            runner.join(timeout=0.01)
-        ahead.close()
     assert [r.status for r in results[0]] == ["done"]
     assert results[0][0].files > 0 and (root / "opt/good/sub").is_dir()
 
@@ -291,15 +302,10 @@ def test_a_chunk_that_fails_its_fetch_fails_its_component_at_once(
     k = comp.chunks[bad]
     root = tmp_path / "root"
     root.mkdir()
-    pool = _Held()
     with FaultServer(chunked) as srv:
         srv.faults[comp.data.file] = Fault(corrupt_at=k.offset + k.size // 2)
         ahead = FetchAhead(srv.url, 2, spill=tmp_path)
-        sched = _Scheduler(2, root, os.geteuid() == 0, ahead)
-        results: list[list[ComponentResult]] = []
-        runner = threading.Thread(target=lambda: results.append(sched.run(pool, [comp])), daemon=True)
-        runner.start()
-        try:
+        with _held_run(ahead, root, comp) as (pool, runner, results):
             deadline = time.monotonic() + 10
             fetches = [ahead.get((comp.name, i)) for i in (good, bad)]
             while time.monotonic() < deadline and not all(f and f.done() for f in fetches):
@@ -312,12 +318,6 @@ def test_a_chunk_that_fails_its_fetch_fails_its_component_at_once(
             runner.join(timeout=10)
             assert not runner.is_alive(), "the scheduler stopped: nothing more to start"
             assert pool.jobs.qsize() == 0, "no other piece of the failed component was started"
-        finally:
-            while runner.is_alive() and time.monotonic() < deadline + 30:
-                with contextlib.suppress(queue.Empty):
-                    pool.run_one()
-                runner.join(timeout=0.01)
-            ahead.close()
     [res] = results[0]
     assert res.status == "failed" and res.error and "sha256" in res.error
 
