@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bootenv import agent, bootloader
-from bootenv.blockmap import BlockMap
+from bootenv.blockmap import BlockMap, data_extents
 from bootenv.cmdline import parse_cmdline
 from bootenv.disks import DiskChoice, DiskInfo
 from bootenv.errors import FatalError, UserError
@@ -46,10 +46,16 @@ def all_valid(events: list[dict[str, object]]) -> bool:
 
 
 def digest(path: Path) -> str:
+    """The file's size, where its data lies and what it holds (its holes read as zeros,
+    and a write, even of zeros, into one makes data there): any write changes it."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(8 * MiB):
-            h.update(chunk)
+        size = os.fstat(f.fileno()).st_size
+        h.update(str(size).encode())
+        for offset, length in data_extents(f.fileno(), size):
+            h.update(f"{offset}+{length}".encode())
+            f.seek(offset)
+            h.update(f.read(length))
     return h.hexdigest()
 
 
