@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from bootenv.errors import FatalError, VerificationError
-from bootenv.extract import write_all
+from bootenv.extract import TMP_PREFIX, write_all
 from bootenv.log import human_bytes
 from bootenv.manifest import Chunk, Component
 from bootenv.source import Source, open_source
@@ -211,7 +211,7 @@ class FetchAhead:
                     raise
             # A filesystem without O_TMPFILE (NFS, an older overlayfs): a named temp file,
             # unlinked at once, which is as good once it has no name.
-            fd, name = tempfile.mkstemp(prefix=".bootenv~piece-", dir=self._spill)
+            fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}piece-", dir=self._spill)
             os.unlink(name)
             return fd
         except OSError as exc:
