@@ -2,7 +2,9 @@
 
 The chain is source (HTTP with Range resume, or a file) → sha256 of the compressed
 stream → zstd → per-range sha256 → pwrite at the range's offset. Holes of the block map
-are never written. Memory stays flat: one chunk buffer and the held-back header.
+are never written. Three threads share the work, as the three processes of
+`curl | zstd -dc | dd` do: fetch and decompress (prefetch.py), hash (the caller), write
+(writebehind.py). Memory stays flat: three 4 MiB buffers and the held-back header.
 
 Fail safe, after coreos-installer: the first MiB of the image (the ext4 superblock is at
 byte 1024) is held back in memory and written only once every range and the whole
@@ -37,10 +39,12 @@ from bootenv.signing import Trust
 from bootenv.source import Source, open_source
 from bootenv.trusted import open_trusted
 from bootenv.writeback import start_writeback
+from bootenv.writebehind import WriteBehind
 
 log = logging.getLogger(__name__)
 
-CHUNK = 4 << 20  # decompressed bytes per write
+CHUNK = 4 << 20  # decompressed bytes per buffer
+BUFFERS = 3  # one being filled and hashed, one being written, one spare
 READ = 1 << 20  # compressed bytes per network read
 HEADER = 1 << 20  # held back until everything verified
 ALIGN = 4096  # O_DIRECT offset/length alignment (covers 512- and 4096-byte sectors)
@@ -318,13 +322,19 @@ def _stream(reader: HashingReader, bmap: BlockMap, target: Target, header: Held,
     try:
         with (
             dctx.stream_reader(reader, read_size=READ, read_across_frames=True, closefd=False) as zin,  # type: ignore[arg-type]
-            Prefetch(zin) as ahead,  # decompress on a thread while this one hashes and writes
-            _aligned_buffer(CHUNK) as buf,
+            Prefetch(zin) as ahead,  # decompress on a thread while this one hashes
+            _aligned_buffer(CHUNK * BUFFERS) as pool,
+            WriteBehind(target.write, _split(pool, BUFFERS)) as behind,  # and writes on another
         ):
-            for rng in bmap.ranges:
-                _write_range(ahead, rng, buf, target, header, bar)
-            if ahead.read(1):
-                raise VerificationError(f"{reader.name} holds more data than its block map")
+            fill = _Fill(behind)
+            try:
+                for rng in bmap.ranges:
+                    _stream_range(ahead, rng, fill, header, bar)
+                if ahead.read(1):
+                    raise VerificationError(f"{reader.name} holds more data than its block map")
+            finally:  # on a failure too: what one thread would have written by then
+                fill.submit()
+            behind.finish()
     except zstandard.ZstdError as exc:
         raise VerificationError(f"{reader.name} is not a valid zstd stream: {exc}") from exc
     finally:
@@ -332,34 +342,64 @@ def _stream(reader: HashingReader, bmap: BlockMap, target: Target, header: Held,
             bar.close()
 
 
-def _write_range(
-    zin: Prefetch,
-    rng: Range,
-    buf: memoryview,
-    target: Target,
-    header: Held,
-    bar: Progress | None,
-) -> None:
+def _split(pool: memoryview, n: int) -> list[memoryview]:
+    size = len(pool) // n
+    return [pool[i * size : (i + 1) * size] for i in range(n)]
+
+
+class _Fill:
+    """The buffer being filled: pieces of ranges, each starting aligned, and their writes."""
+
+    def __init__(self, behind: WriteBehind) -> None:
+        self.behind = behind
+        self.buf = behind.buffer()
+        self.used = 0
+        self.writes: list[tuple[int, int, int]] = []
+
+    def room(self) -> memoryview:
+        """Where the next piece goes (a fresh buffer once this one is full)."""
+        if self.used == len(self.buf):
+            self.submit()
+            self.buf = self.behind.buffer()
+        return self.buf[self.used :]
+
+    def add(self, length: int, write_from: int, offset: int) -> None:
+        """The piece of `length` bytes just put at `room()`; its bytes from `write_from`
+        on go to the target at `offset`."""
+        if write_from < length:
+            self.writes.append((self.used + write_from, length - write_from, offset))
+        # The next piece starts aligned, as O_DIRECT wants of the memory it writes from.
+        self.used = min(len(self.buf), -(-(self.used + length) // ALIGN) * ALIGN)
+
+    def submit(self) -> None:
+        if not self.used:  # nothing in it (or it went already)
+            return
+        self.behind.submit(self.buf, self.writes)  # with no writes, it just comes back free
+        self.writes = []
+        self.used = 0
+
+
+def _stream_range(zin: Prefetch, rng: Range, fill: _Fill, header: Held, bar: Progress | None) -> None:
     digest = hashlib.sha256()
     offset, left = rng.offset, rng.length
     while left:
-        want = min(left, len(buf))
+        room = fill.room()
+        want = min(left, len(room))
         got = 0
         while got < want:
             data = zin.read(want - got)
             n = len(data)
-            buf[got : got + n] = data
             if not n:
                 raise VerificationError(f"the OS image stream ended early, in the range at byte {offset}")
+            room[got : got + n] = data
             got += n
-        chunk = buf[:got]
-        digest.update(chunk)
+        piece = room[:got]
+        digest.update(piece)
         held = max(0, min(HEADER - offset, got))
         if held:
-            header.buf[offset : offset + held] = chunk[:held]
+            header.buf[offset : offset + held] = piece[:held]
             header.pieces.append((offset, held))
-        if held < got:
-            target.write(chunk[held:], offset + held)
+        fill.add(got, held, offset + held)
         offset += got
         left -= got
         if bar:

@@ -15,9 +15,9 @@ import pytest
 from bootenv import cli
 from bootenv.blockdev import _mounted_devnos, check_fits, check_not_in_use, open_destination
 from bootenv.blockmap import BlockMap, Range, data_extents, pack_image, parse_blockmap
-from bootenv.errors import RetryableError, UserError, VerificationError
+from bootenv.errors import FatalError, RetryableError, UserError, VerificationError
 from bootenv.manifest import MANIFEST, Manifest, OsImage, RootFs, Source, parse_manifest
-from bootenv.oswrite import HEADER, WriteResult, write_os
+from bootenv.oswrite import HEADER, Target, WriteResult, write_os
 from bootenv.source import DirSource, HttpSource, RetryPolicy
 from bootenv.store import BlobWriter, write_blob
 from tests.unit.httpfault import Fault, FaultServer
@@ -284,6 +284,27 @@ def test_range_hash_mismatch_wipes_the_header(built: Built, tmp_path: Path) -> N
     with open(out, "rb") as f:  # the ranges before the bad one did land
         f.seek(2 * MiB)
         assert f.read(MiB) == built.raw[2 * MiB : 3 * MiB]
+
+
+def test_a_failing_disk_write_is_fatal_and_wipes_the_header(
+    built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write fails on the write-behind thread: the error reaches the caller, as the
+    target's own one-line error, and the header is wiped as for any other failure."""
+    real = Target._pwrite_all
+
+    def failing(self: Target, buf: memoryview, offset: int) -> None:
+        if offset >= 13 * MiB:
+            raise FatalError(f"write at byte {offset} failed: Input/output error")
+        real(self, buf, offset)
+
+    monkeypatch.setattr(Target, "_pwrite_all", failing)
+    out = tmp_path / "disk.img"
+    with open(out, "wb") as f:
+        f.write(b"\x53\xef" * (HEADER // 2))  # a previous install's header
+    with open_destination(str(out), SIZE) as dest, pytest.raises(FatalError, match="write at byte 13631488"):
+        write_os(DirSource(built.dir), built.manifest, dest.fd, progress=False)
+    assert first_mib(out) == bytes(HEADER)
 
 
 def test_missing_single_is_a_user_error(built: Built, tmp_path: Path) -> None:
