@@ -463,7 +463,7 @@ def _exists(name: str, dir_fd: int) -> bool:
     return True
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
         n = os.write(fd, view)

@@ -22,6 +22,7 @@ downloads). Memory stays bounded by a few chunks of at most IN_MEMORY per stream
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -90,6 +91,8 @@ class FetchAhead:
         # slot (and their size) until they have.
         self._lock = threading.Lock()
         self._cancelled: dict[Key, tuple[int, Future[Fetched]]] = {}
+        self._early: dict[Key, Fetched] = {}  # pieces checked block by block (streamed)
+        self._arrived: dict[Key, Future[None]] = {}  # set once their first block is in
 
     def get(self, key: Key) -> Future[Fetched] | None:
         return self._futures.get(key)
@@ -121,16 +124,49 @@ class FetchAhead:
         )
 
     def start(self, comp: Component, index: int) -> None:
-        self._sizes[(comp.name, index)] = comp.pieces()[index].size
-        self._futures[(comp.name, index)] = self._pool.submit(self._fetch, comp, index)
+        key = (comp.name, index)
+        chunk = comp.pieces()[index]
+        self._sizes[key] = chunk.size
+        fd = None
+        if chunk.blocks:  # checked block by block: a stream may have it before it is all in
+            try:
+                fd = self._holder(comp, index, chunk.size)
+            except FatalError as exc:
+                failed: Future[Fetched] = Future()
+                failed.set_exception(exc)
+                self._futures[key] = failed
+                return
+            self._early[key] = _fetched(fd)
+            self._arrived[key] = Future()
+        self._futures[key] = self._pool.submit(self._fetch, comp, index, fd)
+
+    def streamed(self, key: Key) -> bool:
+        """Whether a stream may start on this piece while it is still being fetched."""
+        return key in self._early
+
+    def arrival(self, key: Key) -> Future[Fetched] | Future[None] | None:
+        """What a stream waits for before it can have this piece: its first verified
+        block for a piece checked block by block, else the whole piece."""
+        arrived = self._arrived.get(key)
+        if arrived is not None and not (arrived.done() and arrived.exception() is not None):
+            return arrived
+        return self._futures.get(key)  # (a failed one: the fetch's end reports why)
+
+    def can_hand_over(self, key: Key) -> bool:
+        arrival = self.arrival(key)
+        return arrival is not None and arrival.done() and arrival.exception() is None
 
     def hand_over(self, key: Key) -> Fetched:
         self._handed.add(key)
+        if key in self._early:
+            return self._early[key]
         return self._futures[key].result()
 
     def release(self, key: Key) -> None:
         """Free a chunk's memory: its stream is done with it, or nobody will want it."""
         self._handed.discard(key)
+        self._early.pop(key, None)
+        self._arrived.pop(key, None)
         size = self._sizes.pop(key, 0)
         fut = self._futures.pop(key, None)
         if fut is None or fut.cancel():
@@ -168,9 +204,12 @@ class FetchAhead:
             src = self._local.source = open_source(self._image)  # one connection per thread
         return src
 
-    def _fetch(self, comp: Component, index: int) -> Fetched:
+    def _fetch(self, comp: Component, index: int, fd: int | None) -> Fetched:
         chunk = comp.pieces()[index]
-        fd = self._holder(comp, index, chunk.size)
+        if fd is None:
+            fd = self._holder(comp, index, chunk.size)
+        arrived = self._arrived.get((comp.name, index))
+        blocks = _Blocks(comp, chunk, fd, arrived) if chunk.blocks else None
         try:
             sha = hashlib.sha256()
             size = 0
@@ -183,15 +222,23 @@ class FetchAhead:
                         raise FetchCancelledError(f"{comp.name}: fetch of piece {index} cancelled")
                     sha.update(data)
                     size += len(data)
-                    write_all(fd, data)
+                    if blocks:
+                        blocks.add(data)
+                    else:
+                        write_all(fd, data)
             finally:
                 src.close()
+            if blocks:
+                blocks.finish(size)
             check_chunk(comp, chunk, size, sha.hexdigest())
-        except BaseException:
+        except BaseException as exc:
+            if blocks:
+                mark_failed(fd)
+                if arrived is not None and not arrived.done():
+                    arrived.set_exception(exc)
             os.close(fd)
             raise
-        st = os.fstat(fd)
-        return Fetched(fd, f"/proc/{os.getpid()}/fd/{fd}", st.st_ino, st.st_dev)
+        return _fetched(fd)
 
     def _holder(self, comp: Component, index: int, size: int) -> int:
         """Where a piece waits until it is laid out: memory, or the target's disk."""
@@ -219,6 +266,52 @@ class FetchAhead:
                 f"{comp.name}: cannot hold a {human_bytes(size)} piece on {self._spill}'s "
                 f"filesystem to verify it: {exc.strerror}"
             ) from exc
+
+
+def _fetched(fd: int) -> Fetched:
+    st = os.fstat(fd)
+    return Fetched(fd, f"/proc/{os.getpid()}/fd/{fd}", st.st_ino, st.st_dev)
+
+
+class _Blocks:
+    """Append a piece to its file one verified block at a time: whatever a stream can
+    read of it has matched its sha256 in the manifest."""
+
+    def __init__(self, comp: Component, chunk: Chunk, fd: int, arrived: Future[None] | None) -> None:
+        self.comp, self.chunk, self.fd = comp, chunk, fd
+        self.arrived = arrived  # set once the first block is in
+        self.pending = bytearray()
+        self.index = 0
+
+    def add(self, data: bytes) -> None:
+        self.pending += data
+        while len(self.pending) >= self.chunk.block_size and self.index < len(self.chunk.blocks):
+            self._flush(self.chunk.block_size)
+
+    def finish(self, size: int) -> None:
+        if size == self.chunk.size and self.pending:
+            self._flush(len(self.pending))
+
+    def _flush(self, n: int) -> None:
+        block = memoryview(self.pending)[:n]
+        if hashlib.sha256(block).hexdigest() != self.chunk.blocks[self.index]:
+            raise VerificationError(
+                f"{self.comp.name}: sub-image does not match its sha256 (block {self.index} of a "
+                "chunk); not activated"
+            )
+        write_all(self.fd, block)
+        block.release()
+        del self.pending[:n]
+        self.index += 1
+        if self.arrived is not None and not self.arrived.done():
+            self.arrived.set_result(None)
+
+
+def mark_failed(fd: int) -> None:
+    """Tell a stream reading this piece as it arrives that no more will come (arriving.py):
+    the file's mode drops to 0."""
+    with contextlib.suppress(OSError):
+        os.fchmod(fd, 0)
 
 
 def _close(fut: Future[Fetched]) -> None:

@@ -12,6 +12,8 @@ Where frames are cut:
 - never before a hard link (capture keeps a hard link next to its target), so a link
   always finds its target in the same chunk;
 - otherwise once a frame holds `target` bytes of tar.
+
+A frame larger than BLOCKS_OVER also records the sha256 of each VERIFY_BLOCK of it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ from bootenv.manifest import Chunk
 from bootenv.paxread import BLOCK, ArchiveError, parse_pax
 
 DEFAULT_TARGET = 8 << 20
+# A chunk over BLOCKS_OVER compressed bytes (one large file, typically) also pins each
+# VERIFY_BLOCK of it, so layout can check it as it arrives instead of only once it is
+# all in (fetchahead.py). Smaller chunks are fetched whole, in memory, and checked whole.
+VERIFY_BLOCK = 4 << 20
+BLOCKS_OVER = 32 << 20
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
 _HEADERS = (b"x", b"g", b"L", b"K")
 
@@ -37,23 +44,48 @@ class Sink(Protocol):
 
 @dataclass
 class _Counting:
-    """Forward compressed bytes to the sink, hashing and counting the current chunk."""
+    """Forward compressed bytes to the sink, hashing and counting the current chunk, and
+    hashing it block by block too: a chunk of more than `block_min` bytes pins its blocks."""
 
     sink: Sink
+    block_size: int
+    block_min: int
     offset: int = 0
     size: int = 0
     sha: hashlib._Hash = field(default_factory=hashlib.sha256)
+    block: hashlib._Hash = field(default_factory=hashlib.sha256)
+    blocks: list[str] = field(default_factory=list)
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         self.sha.update(data)
-        self.size += len(data)
+        view = memoryview(data)
+        while view:
+            room = self.block_size - self.size % self.block_size
+            self.block.update(view[:room])
+            self.size += len(view[:room])
+            view = view[room:]
+            if self.size % self.block_size == 0:
+                self.blocks.append(self.block.hexdigest())
+                self.block = hashlib.sha256()
         return self.sink.write(data)
 
     def cut(self, raw_size: int) -> Chunk:
-        chunk = Chunk(self.offset, self.size, raw_size, self.sha.hexdigest())
+        if self.size % self.block_size:
+            self.blocks.append(self.block.hexdigest())
+        blocks = tuple(self.blocks) if self.size > self.block_min else ()
+        chunk = Chunk(
+            self.offset,
+            self.size,
+            raw_size,
+            self.sha.hexdigest(),
+            self.block_size if blocks else 0,
+            blocks,
+        )
         self.offset += self.size
         self.size = 0
         self.sha = hashlib.sha256()
+        self.block = hashlib.sha256()
+        self.blocks = []
         return chunk
 
 
@@ -64,9 +96,11 @@ def compress_tar(
     level: int,
     target: int = DEFAULT_TARGET,
     progress: Callable[[int], None] | None = None,
+    block_size: int = VERIFY_BLOCK,
+    block_min: int = BLOCKS_OVER,
 ) -> tuple[int, tuple[Chunk, ...]]:
     """Compress the tar stream `src` into `sink` as chunked frames; return (raw size, chunks)."""
-    counting = _Counting(sink)
+    counting = _Counting(sink, block_size, block_min)
     cctx = zstandard.ZstdCompressor(level=level, threads=-1)
     writer = cctx.stream_writer(counting, closefd=False)  # type: ignore[arg-type]
     chunks: list[Chunk] = []

@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -245,6 +245,14 @@ def _run_pool(sched: _Scheduler, comps: list[Component], progress: _ProgressSum)
         pump.join()
 
 
+def _fetch_error(fetch: Future[Fetched]) -> BaseException | None:
+    """The error a fetch ended with; it is ending (the stream saw it give up)."""
+    try:
+        return fetch.exception(timeout=30)
+    except (TimeoutError, CancelledError):
+        return None
+
+
 _Ready = tuple[int, int, str, Component, int, tuple[str, ...]]  # priority, seq, kind, comp, index, redirect
 _URGENT = -(1 << 62)
 
@@ -253,7 +261,7 @@ class _Scheduler:
     """Keep `width` jobs running, the largest ready piece first (so no big piece starts
     last); a component's first piece and its final job go ahead of any piece. Every
     piece is fetched and verified ahead (fetchahead.py) and handed to a stream once it
-    is in."""
+    is in, or, for a large piece checked block by block, once its fetch has started."""
 
     def __init__(self, width: int, root: Path, privileged: bool, ahead: FetchAhead) -> None:
         self.pool: Pool = _Inline()  # set by run()
@@ -308,6 +316,7 @@ class _Scheduler:
         order; then fetch the next chunks ahead."""
         for name, exc in self.ahead.failures():
             self.fetch_failed(name, exc)
+        self.fetch_ahead()  # a piece checked block by block can start once its fetch has
         self.ready.sort()
         waiting = []
         for entry in self.ready:
@@ -322,10 +331,11 @@ class _Scheduler:
         """The pieces that can start, in the order they will."""
         return [(comp, index) for _, _, kind, comp, index, _ in sorted(self.ready) if kind == "piece"]
 
-    def fetching(self) -> list[Future[Fetched]]:
-        """The fetches of ready pieces: once one is in, a free stream can be given it."""
+    def fetching(self) -> list[Future[Any]]:
+        """The fetches of ready pieces: once one is in (or the first block of one checked
+        block by block), a free stream can be given it."""
         keys = [(comp.name, index) for comp, index in self.ready_pieces()]
-        return [f for f in map(self.ahead.get, keys) if f is not None]
+        return [f for f in map(self.ahead.arrival, keys) if f is not None]
 
     def fetch_ahead(self) -> None:
         """Fetch chunks ahead: the ready pieces' first, in the order they will start, then
@@ -349,14 +359,16 @@ class _Scheduler:
         if kind == "final":
             job = self.pool.submit(_finish, comp, self.root, self.privileged, self.got[comp.name][0].created)
         else:
-            fetch = self.ahead.get((comp.name, index))
-            if fetch is None or not fetch.done():
+            key = (comp.name, index)
+            fetch = self.ahead.get(key)
+            if fetch is None:
                 return False
-            exc = fetch.exception()
-            if exc is not None:
+            if fetch.done() and (exc := fetch.exception()) is not None:
                 self.fetch_failed(comp.name, exc)
                 return True
-            got = self.ahead.hand_over((comp.name, index))
+            if not self.ahead.can_hand_over(key):
+                return False  # once it is in and verified (or its first block is)
+            got = self.ahead.hand_over(key)
             self._laying_out(comp, index)
             self.fetch_ahead()  # before submit: the one-stream executor runs the job right here
             job = self.pool.submit(
@@ -404,10 +416,17 @@ class _Scheduler:
             else:
                 self.results[comp.name] = _done(comp, self.got[comp.name], took)
             return
-        self.ahead.release((comp.name, index))
+        key = (comp.name, index)
+        fetch, streamed = self.ahead.get(key), self.ahead.streamed(key)
+        self.ahead.release(key)
         piece: Piece = fut.result()
         self.got[comp.name][index] = piece
         if piece.stats is None:
+            # A stream reading a piece as it arrives stops when its fetch fails: the
+            # fetch's error says why (the stream saw only that the download ended).
+            if streamed and fetch is not None and (why := _fetch_error(fetch)) is not None:
+                self.fetch_failed(comp.name, why)
+                return
             self.fail(comp.name, piece.error)
             return
         pieces = comp.pieces()

@@ -18,6 +18,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 MAX_MANIFEST = 16 << 20
 MAX_CHUNKS = 1 << 16
+MIN_BLOCK = 4096  # the smallest block a chunk's blocks may pin
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 _FILE = re.compile(r"^[0-9a-f]{64}\.[a-z]+(\.[a-z]+)?$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -71,6 +72,10 @@ class Chunk:
     size: int  # compressed bytes (the HTTP range)
     raw_size: int  # tar bytes after decompression
     sha256: str  # of the compressed bytes
+    # A large chunk also pins each `block_size` bytes of it (the last block may be
+    # shorter): layout checks them as they arrive and lays out what is in meanwhile.
+    block_size: int = 0
+    blocks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,9 @@ class Manifest:
         for comp in body["components"]:
             if not comp["chunks"]:
                 del comp["chunks"]
+            for chunk in comp.get("chunks", ()):
+                if not chunk["blocks"]:
+                    del chunk["block_size"], chunk["blocks"]
         return json.dumps(body, indent=2, sort_keys=False) + "\n"
 
 
@@ -233,17 +241,39 @@ def _chunks(value: list[Any], data: Blob, where: str) -> tuple[Chunk, ...]:
     out = []
     offset = raw = 0
     for i, item in enumerate(value):
-        c = Chunk(**_obj(item, f"{where}[{i}]", {"offset": int, "size": int, "raw_size": int, "sha256": str}))
+        d = dict(
+            _obj(
+                item,
+                f"{where}[{i}]",
+                {"offset": int, "size": int, "raw_size": int, "sha256": str},
+                {"block_size": int, "blocks": list},
+            )
+        )
+        blocks = _strings(d.pop("blocks", []), f"{where}[{i}].blocks")
+        c = Chunk(**d, blocks=blocks)
         if not _HEX.match(c.sha256):
             raise ManifestError(f"{where}[{i}].sha256 is not a sha256")
         if c.offset != offset or c.size == 0:
             raise ManifestError(f"{where}[{i}] does not follow the previous chunk")
+        _check_blocks(c, f"{where}[{i}]")
         offset += c.size
         raw += c.raw_size
         out.append(c)
     if out and (offset != data.size or raw != data.raw_size):
         raise ManifestError(f"{where} do not add up to the archive's size")
     return tuple(out)
+
+
+def _check_blocks(c: Chunk, where: str) -> None:
+    """A chunk's blocks, if any, cover it exactly: ceil(size / block_size) sha256s."""
+    if not c.blocks and not c.block_size:
+        return
+    if c.block_size < MIN_BLOCK:
+        raise ManifestError(f"{where}.block_size must be at least {MIN_BLOCK}")
+    if len(c.blocks) != -(-c.size // c.block_size):
+        raise ManifestError(f"{where}.blocks do not cover the chunk")
+    if not all(_HEX.match(b) for b in c.blocks):
+        raise ManifestError(f"{where}.blocks holds something that is not a sha256")
 
 
 def _check_components(components: tuple[Component, ...]) -> None:

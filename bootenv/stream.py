@@ -19,6 +19,7 @@ from typing import Any
 
 import zstandard
 
+from bootenv.arriving import Arriving
 from bootenv.callback import Event
 from bootenv.errors import BootenvError, VerificationError
 from bootenv.extract import Stats, TreeWriter
@@ -87,7 +88,10 @@ def lay_out_piece(
     )
     try:
         with open_fetched(*fetched) as f:
-            _lay_out(comp, index, f, writer, partial=index < len(pieces) - 1)
+            src: Readable = f
+            if pieces[index].blocks:  # checked block by block: it may still be arriving
+                src = Arriving(f, pieces[index].size, f"{comp.name} piece {index}", fetched[0])
+            _lay_out(comp, index, src, writer, partial=index < len(pieces) - 1)
     except (BootenvError, OSError, zstandard.ZstdError) as exc:
         log.error("%s: %s", comp.name, exc)
         return Piece(comp.name, index, None, error=str(exc))

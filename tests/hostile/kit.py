@@ -16,7 +16,7 @@ from pathlib import Path
 
 import zstandard
 
-from bootenv.frames import compress_tar
+from bootenv.frames import BLOCKS_OVER, VERIFY_BLOCK, compress_tar
 from bootenv.manifest import Blob, Chunk, Component, Manifest, OsImage, RootFs, Source
 
 MTIME = 1_700_000_000
@@ -95,9 +95,10 @@ class Comp:
     status: str = ""  # dpkg status paragraphs; added as var/lib/bootenv/dpkg/<name>.status
 
 
-def make_image(directory: Path, comps: list[Comp], *, chunk: int = 0) -> Path:
+def make_image(directory: Path, comps: list[Comp], *, chunk: int = 0, blocks: int = 0) -> Path:
     """A composite image of `comps`; with `chunk`, archives are cut into chunks of about
-    that many tar bytes, as capture does (directories first, in their own chunk)."""
+    that many tar bytes, as capture does (directories first, in their own chunk); with
+    `blocks`, a chunk of more than 4 such blocks (compressed) pins each block of it."""
     directory.mkdir(parents=True, exist_ok=True)
     components = []
     for c in comps:
@@ -110,7 +111,10 @@ def make_image(directory: Path, comps: list[Comp], *, chunk: int = 0) -> Path:
                 m for m in members if not m.isdir()
             ]
             out = io.BytesIO()
-            raw_size, chunks = compress_tar(io.BytesIO(tar_bytes(members)), out, level=3, target=chunk)
+            size, over = (blocks, 4 * blocks) if blocks else (VERIFY_BLOCK, BLOCKS_OVER)
+            raw_size, chunks = compress_tar(
+                io.BytesIO(tar_bytes(members)), out, level=3, target=chunk, block_size=size, block_min=over
+            )
             data = blob(directory, out.getvalue(), "tar.zst", raw_size)
         else:
             raw = tar_bytes(members)

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import bootenv.fetchahead as fetchahead_mod
+from bootenv.arriving import Arriving
 from bootenv.errors import FatalError, VerificationError
 from bootenv.fetchahead import AHEAD_BYTES, FetchAhead, FetchCancelledError, open_fetched
 from bootenv.manifest import Component, parse_manifest
 from tests.faults.helpers import component
-from tests.hostile.kit import make_image
+from tests.hostile.kit import Comp, d, f, make_image
 from tests.unit.httpfault import Fault, FaultServer
 
 
@@ -218,3 +220,98 @@ def test_without_o_tmpfile_a_large_piece_waits_in_a_file_unlinked_at_once(
     finally:
         ahead.close()
     assert os.listdir(target) == []
+
+
+# --- large pieces checked block by block -----------------------------------------------
+
+BLOCK = 8192
+
+
+@pytest.fixture(scope="module")
+def big_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One chunk of about 200 kB (an incompressible file): pinned block by block."""
+    big = random.Random(5).randbytes(200_000)
+    comp = Comp("good", [d("opt"), f("opt/small", "x" * 100), f("opt/big", big), f("opt/z", "z")])
+    return make_image(tmp_path_factory.mktemp("fa-big") / "img", [comp], chunk=8 << 10, blocks=BLOCK)
+
+
+def _streamed(image: Path) -> tuple[Component, int, bytes]:
+    comp = comp_of(image)
+    index = next(i for i, c in enumerate(comp.chunks) if c.blocks)
+    c = comp.chunks[index]
+    blob = (image / comp.data.file).read_bytes()
+    return comp, index, blob[c.offset : c.offset + c.size]
+
+
+def test_a_piece_pinned_block_by_block_is_read_as_it_arrives(
+    big_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fetchahead_mod, "READ", 1024)  # a read returns what is there
+    comp, index, want = _streamed(big_image)
+    chunk = comp.chunks[index]
+    assert len(chunk.blocks) > 10
+    stall = chunk.offset + 5 * BLOCK + 100  # the server pauses inside block 5
+    with FaultServer(big_image) as srv:
+        srv.faults[comp.data.file] = Fault(stall_at=stall, stall_seconds=1.5)
+        ahead = FetchAhead(srv.url, 1, spill=tmp_path)
+        try:
+            ahead.start(comp, index)
+            fut = ahead.get((comp.name, index))
+            assert fut is not None and ahead.streamed((comp.name, index))
+            fetched = ahead.hand_over((comp.name, index))  # at once: no wait for the download
+            with open_fetched(fetched.path, fetched.ino, fetched.dev) as fh:
+                src = Arriving(fh, chunk.size, "good piece", fetched.path)
+                head = b""
+                while len(head) < 5 * BLOCK:
+                    head += src.read(5 * BLOCK - len(head))
+                # Five blocks read while the rest is still held by the server.
+                assert srv.stalled.is_set() and not fut.done()
+                rest = b""
+                while part := src.read(1 << 20):
+                    rest += part
+            assert head + rest == want
+            assert fut.result(timeout=10).fd == fetched.fd
+            ahead.release((comp.name, index))
+        finally:
+            ahead.close()
+
+
+def test_a_bad_block_stops_the_reader_after_the_good_ones_and_never_shows_it(
+    big_image: Path, tmp_path: Path
+) -> None:
+    comp, index, want = _streamed(big_image)
+    chunk = comp.chunks[index]
+    with FaultServer(big_image) as srv:
+        srv.faults[comp.data.file] = Fault(corrupt_at=chunk.offset + 7 * BLOCK + 10)
+        ahead = FetchAhead(srv.url, 1, spill=tmp_path)
+        try:
+            ahead.start(comp, index)
+            fetched = ahead.hand_over((comp.name, index))
+            got = b""
+            with open_fetched(fetched.path, fetched.ino, fetched.dev) as fh:
+                src = Arriving(fh, chunk.size, "good piece", fetched.path)
+                with pytest.raises(FatalError, match="good piece: its download failed"):
+                    while part := src.read(4096):
+                        got += part
+            assert got == want[: 7 * BLOCK], "exactly the blocks before the bad one"
+            fut = ahead.get((comp.name, index))
+            assert fut is not None
+            with pytest.raises(VerificationError, match=r"good: .*block 7 of a chunk"):
+                fut.result(timeout=10)
+            ahead.release((comp.name, index))
+        finally:
+            ahead.close()
+
+
+def test_a_reader_stops_when_the_fetching_process_is_gone(tmp_path: Path) -> None:
+    piece = tmp_path / "piece"
+    piece.write_bytes(b"x" * 100)
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    with open(piece, "rb") as fh:
+        src = Arriving(fh, 1000, "good piece", f"/proc/{dead}/fd/3")
+        assert src.read(1000) == b"x" * 100
+        with pytest.raises(FatalError, match="the process fetching it is gone"):
+            src.read(1000)

@@ -94,3 +94,18 @@ def test_a_partial_reader_ends_at_a_boundary_but_not_inside_a_member() -> None:
     with pytest.raises(ArchiveError, match="truncated"):
         for _ in reader:
             reader.read_all()
+
+
+def test_a_large_chunk_pins_each_block_of_it_and_a_small_one_does_not() -> None:
+    big = random.Random(3).randbytes(100_000)  # incompressible: one chunk of ~100 kB
+    tar = tar_bytes([d("opt"), f("opt/small", "x" * 100), f("opt/big", big), f("opt/after", "y")])
+    out = io.BytesIO()
+    _, chunks = compress_tar(io.BytesIO(tar), out, level=3, target=16 << 10, block_size=8192, block_min=32768)
+    blob = out.getvalue()
+    large = [c for c in chunks if c.size > 32768]
+    assert len(large) == 1 and all(not c.blocks and not c.block_size for c in chunks if c.size <= 32768)
+    c = large[0]
+    assert c.block_size == 8192 and len(c.blocks) == -(-c.size // 8192)
+    for i, sha in enumerate(c.blocks):  # the last block is the rest of the chunk
+        start = c.offset + i * 8192
+        assert hashlib.sha256(blob[start : min(start + 8192, c.offset + c.size)]).hexdigest() == sha

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import queue
+import random
 import tarfile
 import threading
 import time
@@ -367,3 +368,68 @@ def _fetched(ahead: FetchAhead, comp: Component) -> list[int]:
         if f is not None and f.done() and f.exception() is None and i != 0:
             got.append(i)
     return got
+
+
+# --- large pieces, checked block by block as they arrive -----------------------------
+
+
+def big_comps() -> list[Comp]:
+    """Two components; each holds files too large for one chunk (pinned block by block)."""
+    out = []
+    for name, seed in (("good", 11), ("bad", 12)):
+        rng = random.Random(seed)
+        c = component(name, seed, files=20)
+        for i in range(3):
+            c.members.append(f(f"opt/{name}/big{i}", rng.randbytes(120_000 + 1000 * i), mode=0o640))
+        out.append(c)
+    return out
+
+
+@pytest.fixture(scope="module")
+def big_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, tuple[object, ...]]]:
+    base = tmp_path_factory.mktemp("blocks")
+    whole = make_image(base / "whole", big_comps())
+    res, _ = run_layout(str(whole), base / "ref")
+    assert res.ok
+    return make_image(base / "blocks", big_comps(), chunk=CHUNK, blocks=8192), snapshot(base / "ref")
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_pieces_laid_out_as_they_arrive_make_the_same_tree(
+    big_images: tuple[Path, dict[str, tuple[object, ...]]],
+    tmp_path: Path,
+    streams: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    image, ref = big_images
+    monkeypatch.setattr(fetchahead_mod, "READ", 4096)  # the blocks come in one by one
+    assert sum(1 for c in manifest(image).components for k in c.chunks if k.blocks) == 6
+    with FaultServer(image) as srv:
+        res, _ = run_layout(srv.url, tmp_path / "root", streams=streams)
+    assert res.ok, [c.error for c in res.components]
+    assert snapshot(tmp_path / "root") == ref
+    assert not list((tmp_path / "root").rglob(".bootenv~*"))
+
+
+def test_a_bad_block_fails_its_component_and_no_byte_of_it_reaches_a_file(
+    big_images: tuple[Path, dict[str, tuple[object, ...]]], tmp_path: Path
+) -> None:
+    image, ref = big_images
+    bad = manifest(image).component("bad")
+    k = next(c for c in bad.chunks if c.blocks)
+    with FaultServer(image) as srv:
+        srv.faults[bad.data.file] = Fault(corrupt_at=k.offset + 3 * 8192 + 5)
+        res, _ = run_layout(srv.url, tmp_path / "root", streams=2)
+    by = {c.name: c for c in res.components}
+    assert by["good"].status == "done" and by["bad"].status == "failed"
+    assert "block 3 of a chunk" in (by["bad"].error or "")
+    got = snapshot(tmp_path / "root")
+    # Whatever of "bad" is in the tree is exactly what the good image has (files from
+    # the blocks before the bad one may be); its big file, whose bytes the bad block
+    # holds, is not there at all.
+    for path, entry in got.items():
+        if path.startswith("opt/bad/"):
+            assert ref.get(path) == entry, path
+    big = [p for p in ref if p.startswith("opt/bad/big")]
+    assert len(big) == 3 and not all(p in got for p in big)
+    assert not list((tmp_path / "root").rglob(".bootenv~*"))

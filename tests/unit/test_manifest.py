@@ -38,7 +38,7 @@ def make_manifest() -> Manifest:
             (),
             7,
             ("mariadb.service",),
-            (Chunk(0, 4, 5, "1" * 64), Chunk(4, 6, 15, "2" * 64)),
+            (Chunk(0, 4, 5, "1" * 64), Chunk(4, 6, 15, "2" * 64, 4096, ("3" * 64,))),
         ),
     )
     return Manifest(
@@ -60,6 +60,9 @@ def test_round_trip() -> None:
     d = doc()
     assert "chunks" not in d["components"][0]  # one piece: no table
     assert [c["offset"] for c in d["components"][2]["chunks"]] == [0, 4]
+    # Only a chunk checked block by block says so.
+    assert "blocks" not in d["components"][2]["chunks"][0]
+    assert d["components"][2]["chunks"][1]["blocks"] == ["3" * 64]
 
 
 def test_pieces_of_an_unchunked_component_is_the_whole_blob() -> None:
@@ -120,6 +123,13 @@ def edit(path: str, value: Any) -> str:
         ("components.2.chunks.0.sha256", "zz", "is not a sha256"),
         ("components.2.chunks.0.extra", 1, "unknown key 'extra' in components[2].chunks[0]"),
         ("components.2.chunks", {}, "components[2].chunks must be list"),
+        ("components.2.chunks.1.blocks", ["3" * 64] * 2, "components[2].chunks[1].blocks do not cover"),
+        ("components.2.chunks.1.blocks", [], "blocks do not cover the chunk"),
+        ("components.2.chunks.1.block_size", 100, "block_size must be at least 4096"),
+        ("components.2.chunks.1.block_size", KeyError, "block_size must be at least 4096"),
+        ("components.2.chunks.1.blocks", ["zz"], "not a sha256"),
+        ("components.2.chunks.1.blocks", [1], "blocks must be a list of strings"),
+        ("components.2.chunks.0.block_size", 4096, "components[2].chunks[0].blocks do not cover"),
     ],
 )
 def test_hostile_manifests(path: str, value: Any, message: str) -> None:
