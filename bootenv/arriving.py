@@ -18,6 +18,9 @@ from bootenv.errors import FatalError
 
 _FIRST_WAIT = 0.001
 _MAX_WAIT = 0.05
+# With nothing new for this long, give up: longer than a fetch's whole retry budget
+# (source.RetryPolicy), for a fetcher that could not mark the file when it failed.
+GIVE_UP = 600.0
 
 
 class Arriving:
@@ -31,23 +34,33 @@ class Arriving:
         parts = path.split("/")
         self._fetcher = int(parts[2]) if path.startswith("/proc/") and parts[2].isdigit() else 0
         self.pos = 0
+        self._stopped = False
+
+    def stop(self) -> None:
+        """The reader is done with it (a stream that failed): a read waiting for more
+        gives up now, so the reading thread ends before the file is closed."""
+        self._stopped = True
 
     def read(self, n: int = -1, /) -> bytes:
         left = self._size - self.pos
         n = left if n < 0 else min(n, left)
         if n <= 0:
             return b""
-        wait = _FIRST_WAIT
+        wait, since = _FIRST_WAIT, time.monotonic()
         while not (data := os.pread(self._fd, n, self.pos)):
-            self._check()
+            self._check(since)
             time.sleep(wait)
             wait = min(2 * wait, _MAX_WAIT)
         self.pos += len(data)
         return data
 
-    def _check(self) -> None:
+    def _check(self, since: float) -> None:
+        if self._stopped:
+            raise FatalError(f"{self._name}: reading stopped")
         if os.fstat(self._fd).st_mode & 0o777 == 0:
             raise FatalError(f"{self._name}: its download failed")
+        if time.monotonic() - since > GIVE_UP:
+            raise FatalError(f"{self._name}: nothing arrived for {GIVE_UP:.0f} s")
         if self._fetcher and self._fetcher != os.getpid():
             try:
                 os.kill(self._fetcher, 0)

@@ -22,7 +22,6 @@ downloads). Memory stays bounded by a few chunks of at most IN_MEMORY per stream
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import logging
@@ -162,14 +161,22 @@ class FetchAhead:
             return self._early[key]
         return self._futures[key].result()
 
+    def failed_early(self, key: Key) -> bool:
+        """Whether the fetch of a piece a stream may be reading as it arrives has given up
+        (it marks the file first, then ends)."""
+        early = self._early.get(key)
+        return early is not None and _marked(early.fd)
+
     def release(self, key: Key) -> None:
         """Free a chunk's memory: its stream is done with it, or nobody will want it."""
         self._handed.discard(key)
-        self._early.pop(key, None)
+        early = self._early.pop(key, None)  # its file is ours to close, once its fetch ends
         self._arrived.pop(key, None)
         size = self._sizes.pop(key, 0)
         fut = self._futures.pop(key, None)
         if fut is None or fut.cancel():
+            if early:
+                os.close(early.fd)
             return
         if not fut.done():
             with self._lock:
@@ -178,11 +185,11 @@ class FetchAhead:
             def ended(f: Future[Fetched]) -> None:
                 with self._lock:
                     self._cancelled.pop(key, None)
-                _close(f)
+                _close(f, early)
 
             fut.add_done_callback(ended)
         else:
-            _close(fut)
+            _close(fut, early)
 
     def drop(self, component: str) -> None:
         """A component failed: free its chunks that no stream has (a stream's chunk is
@@ -233,10 +240,13 @@ class FetchAhead:
             check_chunk(comp, chunk, size, sha.hexdigest())
         except BaseException as exc:
             if blocks:
+                # A stream may be reading it, or have its path: the file stays open (so
+                # its fd number is not reused) until the piece is released.
                 mark_failed(fd)
                 if arrived is not None and not arrived.done():
                     arrived.set_exception(exc)
-            os.close(fd)
+            else:
+                os.close(fd)
             raise
         return _fetched(fd)
 
@@ -310,10 +320,21 @@ class _Blocks:
 def mark_failed(fd: int) -> None:
     """Tell a stream reading this piece as it arrives that no more will come (arriving.py):
     the file's mode drops to 0."""
-    with contextlib.suppress(OSError):
+    try:
         os.fchmod(fd, 0)
+    except OSError as exc:  # the stream gives up on its own, later (arriving.GIVE_UP)
+        log.warning("could not mark a failed piece for its stream: %s", exc.strerror)
 
 
-def _close(fut: Future[Fetched]) -> None:
-    if not fut.cancelled() and fut.exception() is None:
+def _marked(fd: int) -> bool:
+    try:
+        return os.fstat(fd).st_mode & 0o777 == 0
+    except OSError:
+        return False
+
+
+def _close(fut: Future[Fetched], early: Fetched | None) -> None:
+    if early is not None:  # a piece read as it arrives: the file outlives a failed fetch
+        os.close(early.fd)
+    elif not fut.cancelled() and fut.exception() is None:
         os.close(fut.result().fd)

@@ -246,7 +246,7 @@ def _run_pool(sched: _Scheduler, comps: list[Component], progress: _ProgressSum)
 
 
 def _fetch_error(fetch: Future[Fetched]) -> BaseException | None:
-    """The error a fetch ended with; it is ending (the stream saw it give up)."""
+    """The error a fetch ended with; it is ending (it has marked its piece failed)."""
     try:
         return fetch.exception(timeout=30)
     except (TimeoutError, CancelledError):
@@ -417,16 +417,19 @@ class _Scheduler:
                 self.results[comp.name] = _done(comp, self.got[comp.name], took)
             return
         key = (comp.name, index)
-        fetch, streamed = self.ahead.get(key), self.ahead.streamed(key)
-        self.ahead.release(key)
         piece: Piece = fut.result()
+        # A stream reading a piece as it arrives stops when its fetch gives up: the
+        # fetch's error says why (the stream saw only that the download ended). Asked
+        # before the release, which would cancel a fetch still running.
+        fetch, why = self.ahead.get(key), None
+        if piece.stats is None and fetch is not None and self.ahead.failed_early(key):
+            why = _fetch_error(fetch)
+        self.ahead.release(key)
         self.got[comp.name][index] = piece
+        if why is not None:
+            self.fetch_failed(comp.name, why)
+            return
         if piece.stats is None:
-            # A stream reading a piece as it arrives stops when its fetch fails: the
-            # fetch's error says why (the stream saw only that the download ended).
-            if streamed and fetch is not None and (why := _fetch_error(fetch)) is not None:
-                self.fetch_failed(comp.name, why)
-                return
             self.fail(comp.name, piece.error)
             return
         pieces = comp.pieces()

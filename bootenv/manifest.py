@@ -18,7 +18,8 @@ VERSION = 1
 MANIFEST = "manifest.json"
 MAX_MANIFEST = 16 << 20
 MAX_CHUNKS = 1 << 16
-MIN_BLOCK = 4096  # the smallest block a chunk's blocks may pin
+MIN_BLOCK = 4096  # the smallest and largest block a chunk's blocks may pin (a block is
+MAX_BLOCK = 64 << 20  # held in memory until it is checked)
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 _FILE = re.compile(r"^[0-9a-f]{64}\.[a-z]+(\.[a-z]+)?$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -268,8 +269,8 @@ def _check_blocks(c: Chunk, where: str) -> None:
     """A chunk's blocks, if any, cover it exactly: ceil(size / block_size) sha256s."""
     if not c.blocks and not c.block_size:
         return
-    if c.block_size < MIN_BLOCK:
-        raise ManifestError(f"{where}.block_size must be at least {MIN_BLOCK}")
+    if not MIN_BLOCK <= c.block_size <= MAX_BLOCK:
+        raise ManifestError(f"{where}.block_size must be {MIN_BLOCK} to {MAX_BLOCK} bytes")
     if len(c.blocks) != -(-c.size // c.block_size):
         raise ManifestError(f"{where}.blocks do not cover the chunk")
     if not all(_HEX.match(b) for b in c.blocks):

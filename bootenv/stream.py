@@ -12,7 +12,8 @@ import ctypes
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,10 +89,11 @@ def lay_out_piece(
     )
     try:
         with open_fetched(*fetched) as f:
-            src: Readable = f
-            if pieces[index].blocks:  # checked block by block: it may still be arriving
-                src = Arriving(f, pieces[index].size, f"{comp.name} piece {index}", fetched[0])
-            _lay_out(comp, index, src, writer, partial=index < len(pieces) - 1)
+            if not pieces[index].blocks:
+                _lay_out(comp, index, f, writer, partial=index < len(pieces) - 1)
+            else:  # checked block by block: it may still be arriving
+                arriving = Arriving(f, pieces[index].size, f"{comp.name} piece {index}", fetched[0])
+                _lay_out(comp, index, arriving, writer, partial=index < len(pieces) - 1, stop=arriving.stop)
     except (BootenvError, OSError, zstandard.ZstdError) as exc:
         log.error("%s: %s", comp.name, exc)
         return Piece(comp.name, index, None, error=str(exc))
@@ -100,13 +102,34 @@ def lay_out_piece(
     return Piece(comp.name, index, writer.stats, None, tuple(writer.created_dirs), writer.redirected)
 
 
-def _lay_out(comp: Component, index: int, src: Readable, writer: TreeWriter, *, partial: bool) -> None:
+@contextmanager
+def _on_error(fn: Callable[[], None] | None) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        if fn is not None:
+            fn()
+        raise
+
+
+def _lay_out(
+    comp: Component,
+    index: int,
+    src: Readable,
+    writer: TreeWriter,
+    *,
+    partial: bool,
+    stop: Callable[[], None] | None = None,
+) -> None:
+    """Decompress `src` on a read-ahead thread and place its members. On a failure,
+    `stop` makes a read-ahead thread that waits on `src` give up first."""
     dctx = zstandard.ZstdDecompressor()
     limit = comp.pieces()[index].raw_size
     try:
         with (
             dctx.stream_reader(src, read_size=1 << 20, read_across_frames=True, closefd=False) as z,  # type: ignore[arg-type]
             Prefetch(z) as ahead,
+            _on_error(stop),  # exits first: the read-ahead thread is stopped before it is joined
         ):
             reader = PaxReader(ahead, limit=limit, partial=partial)  # type: ignore[arg-type]
             last = time.monotonic()

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import bootenv.fetchahead as fetchahead_mod
+import bootenv.source as source_mod
 from bootenv.arriving import Arriving
 from bootenv.errors import FatalError, VerificationError
 from bootenv.fetchahead import AHEAD_BYTES, FetchAhead, FetchCancelledError, open_fetched
-from bootenv.manifest import Component, parse_manifest
+from bootenv.manifest import Blob, Chunk, Component, parse_manifest
+from bootenv.source import RetryPolicy
 from tests.faults.helpers import component
 from tests.hostile.kit import Comp, d, f, make_image
 from tests.unit.httpfault import Fault, FaultServer
@@ -227,6 +231,14 @@ def test_without_o_tmpfile_a_large_piece_waits_in_a_file_unlinked_at_once(
 BLOCK = 8192
 
 
+@dataclass(frozen=True)
+class _Quick(RetryPolicy):
+    attempts: int = 2
+    backoff: float = 0.01
+    max_backoff: float = 0.02
+    timeout: float = 5.0
+
+
 @pytest.fixture(scope="module")
 def big_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One chunk of about 200 kB (an incompressible file): pinned block by block."""
@@ -315,3 +327,80 @@ def test_a_reader_stops_when_the_fetching_process_is_gone(tmp_path: Path) -> Non
         assert src.read(1000) == b"x" * 100
         with pytest.raises(FatalError, match="the process fetching it is gone"):
             src.read(1000)
+
+
+def test_a_server_that_stops_short_shows_only_the_whole_blocks(
+    big_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fetchahead_mod, "READ", 1024)
+    monkeypatch.setattr(source_mod, "RetryPolicy", _Quick)  # two tries, no wait between
+    comp, index, want = _streamed(big_image)
+    chunk = comp.chunks[index]
+    with FaultServer(big_image) as srv:
+        srv.faults[comp.data.file] = Fault(drop_always=chunk.offset + 5 * BLOCK + 100)
+        ahead = FetchAhead(srv.url, 1, spill=tmp_path)
+        try:
+            ahead.start(comp, index)
+            fetched = ahead.hand_over((comp.name, index))
+            got = b""
+            with open_fetched(fetched.path, fetched.ino, fetched.dev) as fh:
+                src = Arriving(fh, chunk.size, "good piece", fetched.path)
+                with pytest.raises(FatalError, match="its download failed"):
+                    while part := src.read(4096):
+                        got += part
+            assert got == want[: 5 * BLOCK]
+            ahead.release((comp.name, index))
+        finally:
+            ahead.close()
+
+
+def test_a_piece_that_is_whole_blocks_is_all_shown(tmp_path: Path, big_image: Path) -> None:
+    """A chunk of exactly two blocks: the second is flushed as it completes."""
+    data = random.Random(9).randbytes(2 * BLOCK)
+    where = tmp_path / "img"
+    where.mkdir()
+    (where / "manifest.json").write_bytes((big_image / "manifest.json").read_bytes())
+    sha = hashlib.sha256(data).hexdigest()
+    (where / f"{sha}.tar.zst").write_bytes(data)
+    blocks = tuple(hashlib.sha256(data[i : i + BLOCK]).hexdigest() for i in (0, BLOCK))
+    chunk = Chunk(0, len(data), 1, sha, BLOCK, blocks)
+    comp = Component("exact", Blob(f"{sha}.tar.zst", sha, len(data), 1), (), (), 1, (), (chunk,))
+    ahead = FetchAhead(str(where), 1, spill=tmp_path)
+    try:
+        ahead.start(comp, 0)
+        fetched = ahead.hand_over(("exact", 0))
+        with open_fetched(fetched.path, fetched.ino, fetched.dev) as fh:
+            src = Arriving(fh, chunk.size, "exact piece", fetched.path)
+            got = b""
+            while part := src.read(5000):
+                got += part
+        assert got == data
+        fut = ahead.get(("exact", 0))
+        assert fut is not None and fut.result(timeout=10).fd == fetched.fd
+        ahead.release(("exact", 0))
+    finally:
+        ahead.close()
+
+
+def test_a_queued_piece_released_before_its_fetch_runs_closes_its_file(
+    big_image: Path, tmp_path: Path
+) -> None:
+    comp, index, _ = _streamed(big_image)
+    first = next(i for i, c in enumerate(comp.chunks) if not c.blocks and i != 0)
+    fds = len(os.listdir("/proc/self/fd"))
+    with FaultServer(big_image) as srv:
+        k = comp.chunks[first]
+        srv.faults[comp.data.file] = Fault(stall_at=k.offset + 10, stall_seconds=1.0)
+        ahead = FetchAhead(srv.url, 1, spill=tmp_path)  # one connection: the second waits
+        try:
+            ahead.start(comp, first)
+            assert srv.stalled.wait(5)
+            ahead.start(comp, index)  # its file is made now, its fetch queued
+            assert len(os.listdir("/proc/self/fd")) > fds
+            fut = ahead.get((comp.name, index))
+            assert fut is not None and not fut.running()
+            ahead.release((comp.name, index))
+            assert fut.cancelled()
+        finally:
+            ahead.close()
+    assert len(os.listdir("/proc/self/fd")) == fds
