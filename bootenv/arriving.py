@@ -18,8 +18,9 @@ from bootenv.errors import FatalError
 
 _FIRST_WAIT = 0.001
 _MAX_WAIT = 0.05
-# With nothing new for this long, give up: longer than a fetch's whole retry budget
-# (source.RetryPolicy), for a fetcher that could not mark the file when it failed.
+# The fetcher touches the file (its mtime) at every read from the network. With no sign
+# of life for this long (longer than a fetch's retries and backoff can stay silent,
+# source.RetryPolicy), give up: the fetcher failed and could not mark the file.
 GIVE_UP = 600.0
 
 
@@ -46,23 +47,26 @@ class Arriving:
         n = left if n < 0 else min(n, left)
         if n <= 0:
             return b""
-        wait, since = _FIRST_WAIT, time.monotonic()
+        wait, alive, since = _FIRST_WAIT, 0, time.monotonic()
         while not (data := os.pread(self._fd, n, self.pos)):
-            self._check(since)
+            st = os.fstat(self._fd)
+            if st.st_mtime_ns != alive:  # the fetcher touches the file at every read
+                alive, since = st.st_mtime_ns, time.monotonic()
+            self._check(st.st_mode, time.monotonic() - since)
             time.sleep(wait)
             wait = min(2 * wait, _MAX_WAIT)
         self.pos += len(data)
         return data
 
-    def _check(self, since: float) -> None:
+    def _check(self, mode: int, silent: float) -> None:
         if self._stopped:
             raise FatalError(f"{self._name}: reading stopped")
-        if os.fstat(self._fd).st_mode & 0o777 == 0:
+        if mode & 0o777 == 0:
             raise FatalError(f"{self._name}: its download failed")
-        if time.monotonic() - since > GIVE_UP:
-            raise FatalError(f"{self._name}: nothing arrived for {GIVE_UP:.0f} s")
         if self._fetcher and self._fetcher != os.getpid():
             try:
                 os.kill(self._fetcher, 0)
             except ProcessLookupError:
                 raise FatalError(f"{self._name}: the process fetching it is gone") from None
+        if silent > GIVE_UP:
+            raise FatalError(f"{self._name}: no sign of its download for {GIVE_UP:.0f} s")

@@ -163,9 +163,12 @@ class FetchAhead:
 
     def failed_early(self, key: Key) -> bool:
         """Whether the fetch of a piece a stream may be reading as it arrives has given up
-        (it marks the file first, then ends)."""
-        early = self._early.get(key)
-        return early is not None and _marked(early.fd)
+        (it marks the file first, then ends; or it has ended, if the mark failed)."""
+        early, fut = self._early.get(key), self._futures.get(key)
+        if early is None or fut is None:
+            return False
+        ended = fut.done() and not fut.cancelled() and fut.exception() is not None
+        return ended or _marked(early.fd)
 
     def release(self, key: Key) -> None:
         """Free a chunk's memory: its stream is done with it, or nobody will want it."""
@@ -230,7 +233,8 @@ class FetchAhead:
                     sha.update(data)
                     size += len(data)
                     if blocks:
-                        blocks.add(data)
+                        blocks.add(data)  # the file grows a block at a time ...
+                        os.utime(fd)  # ... its mtime at each read: a stream sees it alive
                     else:
                         write_all(fd, data)
             finally:

@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
+import bootenv.arriving as arriving_mod
 import bootenv.fetchahead as fetchahead_mod
 import bootenv.source as source_mod
+from bench import throttle
 from bootenv.arriving import Arriving
 from bootenv.errors import FatalError, VerificationError
 from bootenv.fetchahead import AHEAD_BYTES, FetchAhead, FetchCancelledError, open_fetched
@@ -349,6 +351,50 @@ def test_a_server_that_stops_short_shows_only_the_whole_blocks(
                     while part := src.read(4096):
                         got += part
             assert got == want[: 5 * BLOCK]
+            fut = ahead.get((comp.name, index))
+            assert fut is not None and fut.exception(timeout=10) is not None
+            # Failed, but its file stays open (its fd number is not reused) until released.
+            with open_fetched(fetched.path, fetched.ino, fetched.dev) as fh:
+                assert fh.read() == want[: 5 * BLOCK]
+            ahead.release((comp.name, index))
+            assert not _same(fetched)
+        finally:
+            ahead.close()
+
+
+def _same(fetched: fetchahead_mod.Fetched) -> bool:
+    try:
+        st = os.stat(fetched.path)
+    except FileNotFoundError:
+        return False
+    return (st.st_ino, st.st_dev) == (fetched.ino, fetched.dev)
+
+
+def test_a_reader_whose_fetcher_could_not_mark_the_file_gives_up_once_it_is_silent(
+    big_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_fchmod(fd: int, mode: int) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(fetchahead_mod, "READ", 1024)
+    monkeypatch.setattr(os, "fchmod", no_fchmod)
+    monkeypatch.setattr(arriving_mod, "GIVE_UP", 1.0)
+    comp, index, want = _streamed(big_image)
+    chunk = comp.chunks[index]
+    with FaultServer(big_image) as srv:
+        srv.faults[comp.data.file] = Fault(corrupt_at=chunk.offset + 6 * BLOCK)
+        ahead = FetchAhead(srv.url, 1, spill=tmp_path)
+        try:
+            ahead.start(comp, index)
+            fetched = ahead.hand_over((comp.name, index))
+            got = b""
+            with open_fetched(fetched.path, fetched.ino, fetched.dev) as fh:
+                src = Arriving(fh, chunk.size, "good piece", fetched.path)
+                # The fetch failed without marking the file: silence, then it gives up.
+                with pytest.raises(FatalError, match="no sign of its download for 1 s"):
+                    while part := src.read(4096):
+                        got += part
+            assert got == want[: 6 * BLOCK]
             ahead.release((comp.name, index))
         finally:
             ahead.close()
@@ -395,8 +441,9 @@ def test_a_queued_piece_released_before_its_fetch_runs_closes_its_file(
         try:
             ahead.start(comp, first)
             assert srv.stalled.wait(5)
+            before = len(os.listdir("/proc/self/fd"))
             ahead.start(comp, index)  # its file is made now, its fetch queued
-            assert len(os.listdir("/proc/self/fd")) > fds
+            assert len(os.listdir("/proc/self/fd")) == before + 1
             fut = ahead.get((comp.name, index))
             assert fut is not None and not fut.running()
             ahead.release((comp.name, index))
@@ -404,3 +451,29 @@ def test_a_queued_piece_released_before_its_fetch_runs_closes_its_file(
         finally:
             ahead.close()
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_a_slow_download_keeps_its_reader_waiting_past_the_give_up_time(
+    big_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 16 kB/s a block takes 0.5 s to arrive: longer than the reader's patience, but
+    each read the fetcher makes shows it alive."""
+    monkeypatch.setattr(fetchahead_mod, "READ", 1024)
+    monkeypatch.setattr(throttle, "CHUNK", 1024)
+    monkeypatch.setattr(arriving_mod, "GIVE_UP", 0.3)
+    comp, index, want = _streamed(big_image)
+    chunk = comp.chunks[index]
+    with throttle.serve(big_image.parent, per_connection=16e3) as url:
+        ahead = FetchAhead(f"{url}/{big_image.name}", 1, spill=tmp_path)
+        try:
+            ahead.start(comp, index)
+            fetched = ahead.hand_over((comp.name, index))
+            got = b""
+            with open_fetched(fetched.path, fetched.ino, fetched.dev) as fh:
+                src = Arriving(fh, chunk.size, "good piece", fetched.path)
+                while len(got) < 3 * BLOCK:
+                    got += src.read(3 * BLOCK - len(got))
+            assert got == want[: 3 * BLOCK]
+            ahead.release((comp.name, index))
+        finally:
+            ahead.close()

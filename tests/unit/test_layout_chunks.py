@@ -24,14 +24,15 @@ import zstandard
 
 from bootenv import fetchahead as fetchahead_mod
 from bootenv import layout as layout_mod
+from bootenv import stream as stream_mod
 from bootenv.arriving import Arriving
 from bootenv.fetchahead import FetchAhead
 from bootenv.journal import Journal
 from bootenv.layout import ComponentResult, _Scheduler
-from bootenv.manifest import Chunk, Component, Manifest, OsImage, RootFs, Source, parse_manifest
+from bootenv.manifest import Blob, Chunk, Component, Manifest, OsImage, RootFs, Source, parse_manifest
 from bootenv.paxread import PaxReader
 from tests.faults.helpers import component, run_layout
-from tests.hostile.kit import MTIME, Comp, blob, d, f, hard, make_image, snapshot
+from tests.hostile.kit import MTIME, Comp, blob, d, f, hard, make_image, snapshot, tar_bytes
 from tests.unit.httpfault import Fault, FaultServer
 
 COUNTS: list[int] = []  # files placed and merged, laid out whole
@@ -475,3 +476,29 @@ def test_a_stream_that_fails_while_its_piece_arrives_reports_its_own_error(
     assert by["good"].status == "done" and by["bad"].status == "failed"
     assert "No space left on device" in (by["bad"].error or ""), by["bad"].error
     assert by["bad"].seconds < 4, "it waited for the download its stream no longer needed"
+
+
+class _Refusing:
+    """A tree writer whose first placement fails (the target is full, say)."""
+
+    stats = None
+
+    def place(self, m: object, reader: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failing_stream_stops_its_read_ahead_waiting_on_an_arriving_piece(tmp_path: Path) -> None:
+    """The read-ahead thread waits for bytes that have not arrived yet; a stream that
+    fails meanwhile does not wait for it (Prefetch.close would give it 5 s)."""
+    tar = tar_bytes([f("opt/a", random.Random(4).randbytes(3 << 20)), f("opt/b", "b")])
+    blob = zstandard.ZstdCompressor(level=1).compress(tar)
+    piece = tmp_path / "piece"
+    piece.write_bytes(blob[: 1200 << 10])  # a MiB and a bit is in: the first read-ahead block
+    sha = hashlib.sha256(blob).hexdigest()
+    comp = Component("c", Blob(f"{sha}.tar.zst", sha, len(blob), len(tar)), (), (), 2, (), ())
+    with open(piece, "rb") as fh:
+        src = Arriving(fh, len(blob), "c piece 0", str(piece))
+        began = time.monotonic()
+        with pytest.raises(OSError, match="No space left"):
+            stream_mod._lay_out(comp, 0, src, _Refusing(), partial=False, stop=src.stop)  # type: ignore[arg-type]
+        assert time.monotonic() - began < 3
