@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import bootenv.source as source_mod
 from bench import throttle
 from bootenv.arriving import Arriving
 from bootenv.errors import FatalError, VerificationError
-from bootenv.fetchahead import AHEAD_BYTES, FetchAhead, FetchCancelledError, open_fetched
+from bootenv.fetchahead import AHEAD_BYTES, FetchAhead, FetchCancelledError, Fetched, Key, open_fetched
 from bootenv.manifest import Blob, Chunk, Component, parse_manifest
 from bootenv.source import RetryPolicy
 from tests.faults.helpers import component
@@ -290,31 +292,51 @@ def test_a_piece_pinned_block_by_block_is_read_as_it_arrives(
             ahead.close()
 
 
+@contextlib.contextmanager
+def _reader(ahead: FetchAhead, comp: Component, index: int) -> Iterator[tuple[Fetched, Arriving]]:
+    """Fetch a piece pinned block by block and read it as a stream does, as it arrives."""
+    ahead.start(comp, index)
+    fetched = ahead.hand_over((comp.name, index))
+    with open_fetched(fetched.path, fetched.ino, fetched.dev) as fh:
+        yield fetched, Arriving(fh, comp.chunks[index].size, "good piece", fetched.path)
+
+
+@contextlib.contextmanager
+def _read_till_it_fails(
+    image: Path, tmp_path: Path, fault: Callable[[Chunk], Fault], match: str
+) -> Iterator[tuple[FetchAhead, Key, Fetched, bytes, bytes]]:
+    """Read a piece pinned block by block as it arrives, from a server with `fault`,
+    until the reader fails with `match`; give (ahead, key, fetched, what was read, the
+    piece's true bytes)."""
+    comp, index, want = _streamed(image)
+    with FaultServer(image) as srv:
+        srv.faults[comp.data.file] = fault(comp.chunks[index])
+        ahead = FetchAhead(srv.url, 1, spill=tmp_path)
+        try:
+            got = b""
+            with _reader(ahead, comp, index) as (fetched, src), pytest.raises(FatalError, match=match):
+                while part := src.read(4096):
+                    got += part
+            yield ahead, (comp.name, index), fetched, got, want
+        finally:
+            ahead.close()
+
+
 def test_a_bad_block_stops_the_reader_after_the_good_ones_and_never_shows_it(
     big_image: Path, tmp_path: Path
 ) -> None:
-    comp, index, want = _streamed(big_image)
-    chunk = comp.chunks[index]
-    with FaultServer(big_image) as srv:
-        srv.faults[comp.data.file] = Fault(corrupt_at=chunk.offset + 7 * BLOCK + 10)
-        ahead = FetchAhead(srv.url, 1, spill=tmp_path)
-        try:
-            ahead.start(comp, index)
-            fetched = ahead.hand_over((comp.name, index))
-            got = b""
-            with open_fetched(fetched.path, fetched.ino, fetched.dev) as fh:
-                src = Arriving(fh, chunk.size, "good piece", fetched.path)
-                with pytest.raises(FatalError, match="good piece: its download failed"):
-                    while part := src.read(4096):
-                        got += part
-            assert got == want[: 7 * BLOCK], "exactly the blocks before the bad one"
-            fut = ahead.get((comp.name, index))
-            assert fut is not None
-            with pytest.raises(VerificationError, match=r"good: .*block 7 of a chunk"):
-                fut.result(timeout=10)
-            ahead.release((comp.name, index))
-        finally:
-            ahead.close()
+    with _read_till_it_fails(
+        big_image,
+        tmp_path,
+        lambda k: Fault(corrupt_at=k.offset + 7 * BLOCK + 10),
+        "good piece: its download failed",
+    ) as (ahead, key, _, got, want):
+        assert got == want[: 7 * BLOCK], "exactly the blocks before the bad one"
+        fut = ahead.get(key)
+        assert fut is not None
+        with pytest.raises(VerificationError, match=r"good: .*block 7 of a chunk"):
+            fut.result(timeout=10)
+        ahead.release(key)
 
 
 def test_a_reader_stops_when_the_fetching_process_is_gone(tmp_path: Path) -> None:
@@ -336,33 +358,20 @@ def test_a_server_that_stops_short_shows_only_the_whole_blocks(
 ) -> None:
     monkeypatch.setattr(fetchahead_mod, "READ", 1024)
     monkeypatch.setattr(source_mod, "RetryPolicy", _Quick)  # two tries, no wait between
-    comp, index, want = _streamed(big_image)
-    chunk = comp.chunks[index]
-    with FaultServer(big_image) as srv:
-        srv.faults[comp.data.file] = Fault(drop_always=chunk.offset + 5 * BLOCK + 100)
-        ahead = FetchAhead(srv.url, 1, spill=tmp_path)
-        try:
-            ahead.start(comp, index)
-            fetched = ahead.hand_over((comp.name, index))
-            got = b""
-            with open_fetched(fetched.path, fetched.ino, fetched.dev) as fh:
-                src = Arriving(fh, chunk.size, "good piece", fetched.path)
-                with pytest.raises(FatalError, match="its download failed"):
-                    while part := src.read(4096):
-                        got += part
-            assert got == want[: 5 * BLOCK]
-            fut = ahead.get((comp.name, index))
-            assert fut is not None and fut.exception(timeout=10) is not None
-            # Failed, but its file stays open (its fd number is not reused) until released.
-            with open_fetched(fetched.path, fetched.ino, fetched.dev) as fh:
-                assert fh.read() == want[: 5 * BLOCK]
-            ahead.release((comp.name, index))
-            assert not _same(fetched)
-        finally:
-            ahead.close()
+    with _read_till_it_fails(
+        big_image, tmp_path, lambda k: Fault(drop_always=k.offset + 5 * BLOCK + 100), "its download failed"
+    ) as (ahead, key, fetched, got, want):
+        assert got == want[: 5 * BLOCK]
+        fut = ahead.get(key)
+        assert fut is not None and fut.exception(timeout=10) is not None
+        # Failed, but its file stays open (its fd number is not reused) until released.
+        with open_fetched(fetched.path, fetched.ino, fetched.dev) as fh:
+            assert fh.read() == want[: 5 * BLOCK]
+        ahead.release(key)
+        assert not _same(fetched)
 
 
-def _same(fetched: fetchahead_mod.Fetched) -> bool:
+def _same(fetched: Fetched) -> bool:
     try:
         st = os.stat(fetched.path)
     except FileNotFoundError:
@@ -379,25 +388,15 @@ def test_a_reader_whose_fetcher_could_not_mark_the_file_gives_up_once_it_is_sile
     monkeypatch.setattr(fetchahead_mod, "READ", 1024)
     monkeypatch.setattr(os, "fchmod", no_fchmod)
     monkeypatch.setattr(arriving_mod, "GIVE_UP", 1.0)
-    comp, index, want = _streamed(big_image)
-    chunk = comp.chunks[index]
-    with FaultServer(big_image) as srv:
-        srv.faults[comp.data.file] = Fault(corrupt_at=chunk.offset + 6 * BLOCK)
-        ahead = FetchAhead(srv.url, 1, spill=tmp_path)
-        try:
-            ahead.start(comp, index)
-            fetched = ahead.hand_over((comp.name, index))
-            got = b""
-            with open_fetched(fetched.path, fetched.ino, fetched.dev) as fh:
-                src = Arriving(fh, chunk.size, "good piece", fetched.path)
-                # The fetch failed without marking the file: silence, then it gives up.
-                with pytest.raises(FatalError, match="no sign of its download for 1 s"):
-                    while part := src.read(4096):
-                        got += part
-            assert got == want[: 6 * BLOCK]
-            ahead.release((comp.name, index))
-        finally:
-            ahead.close()
+    # The fetch fails without marking the file: silence, then the reader gives up.
+    with _read_till_it_fails(
+        big_image,
+        tmp_path,
+        lambda k: Fault(corrupt_at=k.offset + 6 * BLOCK),
+        "no sign of its download for 1 s",
+    ) as (ahead, key, _, got, want):
+        assert got == want[: 6 * BLOCK]
+        ahead.release(key)
 
 
 def test_a_piece_that_is_whole_blocks_is_all_shown(tmp_path: Path, big_image: Path) -> None:
@@ -462,15 +461,11 @@ def test_a_slow_download_keeps_its_reader_waiting_past_the_give_up_time(
     monkeypatch.setattr(throttle, "CHUNK", 1024)
     monkeypatch.setattr(arriving_mod, "GIVE_UP", 0.3)
     comp, index, want = _streamed(big_image)
-    chunk = comp.chunks[index]
     with throttle.serve(big_image.parent, per_connection=16e3) as url:
         ahead = FetchAhead(f"{url}/{big_image.name}", 1, spill=tmp_path)
         try:
-            ahead.start(comp, index)
-            fetched = ahead.hand_over((comp.name, index))
             got = b""
-            with open_fetched(fetched.path, fetched.ino, fetched.dev) as fh:
-                src = Arriving(fh, chunk.size, "good piece", fetched.path)
+            with _reader(ahead, comp, index) as (_, src):
                 while len(got) < 3 * BLOCK:
                     got += src.read(3 * BLOCK - len(got))
             assert got == want[: 3 * BLOCK]
