@@ -14,6 +14,13 @@ takes room on the target: the compressed piece, until its files are placed, for 
 pieces the streams hold or have fetched ahead. A blob without chunks is downloaded whole
 before its first file is placed (capture chunks every component larger than one chunk).
 
+A chunk whose manifest entry pins each block of it (capture does for chunks over 32 MiB)
+is checked block by block instead: only a block that matched is appended to its file,
+and a stream may have the piece once its first block is in, reading what has arrived
+(arriving.py) while the rest downloads. If a block fails, or the download does, the file
+is marked (mode 0) and the stream stops; the file stays open until the piece is
+released, so its fd number cannot be reused under a stream that has its path.
+
 Pieces fetched (or being fetched) and not yet handed over wait on top of the ones the
 streams are laying out: one per stream, and a second per stream while they hold less
 than AHEAD_BYTES per stream (so a stream that syncs or merges does not stop the

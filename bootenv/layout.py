@@ -261,7 +261,7 @@ class _Scheduler:
     """Keep `width` jobs running, the largest ready piece first (so no big piece starts
     last); a component's first piece and its final job go ahead of any piece. Every
     piece is fetched and verified ahead (fetchahead.py) and handed to a stream once it
-    is in, or, for a large piece checked block by block, once its fetch has started."""
+    is in, or, for a large piece checked block by block, once its first block is."""
 
     def __init__(self, width: int, root: Path, privileged: bool, ahead: FetchAhead) -> None:
         self.pool: Pool = _Inline()  # set by run()
