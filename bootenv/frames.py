@@ -60,10 +60,10 @@ class _Counting:
         self.sha.update(data)
         view = memoryview(data)
         while view:
-            room = self.block_size - self.size % self.block_size
-            self.block.update(view[:room])
-            self.size += len(view[:room])
-            view = view[room:]
+            part = view[: self.block_size - self.size % self.block_size]
+            self.block.update(part)
+            self.size += len(part)
+            view = view[len(part) :]
             if self.size % self.block_size == 0:
                 self.blocks.append(self.block.hexdigest())
                 self.block = hashlib.sha256()

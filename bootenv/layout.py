@@ -316,7 +316,6 @@ class _Scheduler:
         order; then fetch the next chunks ahead."""
         for name, exc in self.ahead.failures():
             self.fetch_failed(name, exc)
-        self.fetch_ahead()  # a piece checked block by block can start once its fetch has
         self.ready.sort()
         waiting = []
         for entry in self.ready:
