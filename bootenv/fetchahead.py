@@ -44,7 +44,7 @@ from bootenv.errors import FatalError, VerificationError
 from bootenv.extract import TMP_PREFIX, write_all
 from bootenv.log import human_bytes
 from bootenv.manifest import Chunk, Component
-from bootenv.source import Source, open_source
+from bootenv.source import ReadAbortedError, Source, open_source
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ class FetchAhead:
         # slot (and their size) until they have.
         self._lock = threading.Lock()
         self._cancelled: dict[Key, tuple[int, Future[Fetched]]] = {}
+        self._reading: dict[Key, BinaryIO] = {}  # the open downloads, to abort when released
         self._early: dict[Key, Fetched] = {}  # pieces checked block by block (streamed)
         self._arrived: dict[Key, Future[None]] = {}  # set once their first block is in
 
@@ -191,6 +192,7 @@ class FetchAhead:
         if not fut.done():
             with self._lock:
                 self._cancelled[key] = (size, fut)
+                _abort(self._reading.get(key))  # a stalled read ends now, not at its timeout
 
             def ended(f: Future[Fetched]) -> None:
                 with self._lock:
@@ -211,6 +213,9 @@ class FetchAhead:
         """Stop fetching (a running fetch ends at its next read) and free every chunk. The
         streams must be done: call this after their pool has shut down."""
         self._stop.set()
+        with self._lock:
+            for src in self._reading.values():
+                _abort(src)
         for key in list(self._futures):
             self.release(key)
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -233,9 +238,14 @@ class FetchAhead:
             # A blob without chunks is asked for whole: its length must be the manifest's.
             offset = chunk.offset if comp.chunks else None
             src = self._source().open(comp.data.file, chunk.size, offset)
+            key = (comp.name, index)
+            with self._lock:
+                self._reading[key] = src
+                if self._stop.is_set() or key in self._cancelled:
+                    _abort(src)
             try:
                 while size <= chunk.size and (data := src.read(READ)):
-                    if self._stop.is_set() or (comp.name, index) in self._cancelled:
+                    if self._stop.is_set() or key in self._cancelled:
                         raise FetchCancelledError(f"{comp.name}: fetch of piece {index} cancelled")
                     sha.update(data)
                     size += len(data)
@@ -244,7 +254,11 @@ class FetchAhead:
                         os.utime(fd)  # ... its mtime at each read: a stream sees it alive
                     else:
                         write_all(fd, data)
+            except ReadAbortedError as exc:
+                raise FetchCancelledError(f"{comp.name}: fetch of piece {index} cancelled") from exc
             finally:
+                with self._lock:
+                    self._reading.pop(key, None)
                 src.close()
             if blocks:
                 blocks.finish(size)
@@ -326,6 +340,12 @@ class _Blocks:
         self.index += 1
         if self.arrived is not None and not self.arrived.done():
             self.arrived.set_result(None)
+
+
+def _abort(src: BinaryIO | None) -> None:
+    abort = getattr(src, "abort", None)  # an HTTP download (a local file does not stall)
+    if abort is not None:
+        abort()
 
 
 def mark_failed(fd: int) -> None:

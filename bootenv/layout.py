@@ -417,11 +417,15 @@ class _Scheduler:
             return
         key = (comp.name, index)
         piece: Piece = fut.result()
-        # A stream reading a piece as it arrives stops when its fetch gives up: the
-        # fetch's error says why (the stream saw only that the download ended). Asked
-        # before the release, which would cancel a fetch still running.
+        # A piece read as it arrives: its stream stops when the fetch gives up, and the
+        # fetch's error says why (the stream saw only that the download ended). A stream
+        # that read it all may be done before the fetch's last check, of the whole
+        # piece's sha256, and that check must not be lost: its fetch is waited for (it
+        # has nothing left to download). Asked before the release, which would cancel a
+        # fetch still running.
         fetch, why = self.ahead.get(key), None
-        if piece.stats is None and fetch is not None and self.ahead.failed_early(key):
+        check = piece.stats is not None or self.ahead.failed_early(key)
+        if fetch is not None and self.ahead.streamed(key) and check:
             why = _fetch_error(fetch)
         self.ahead.release(key)
         self.got[comp.name][index] = piece

@@ -6,18 +6,24 @@ retries and exponential backoff. A reader never holds more than one chunk in mem
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from bootenv.errors import RetryableError, UserError, VerificationError
+from bootenv.errors import FatalError, RetryableError, UserError, VerificationError
 from bootenv.manifest import MANIFEST, Manifest, parse_manifest
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+
+
+class ReadAbortedError(FatalError):
+    """A read was aborted from another thread: nobody wants the bytes any more."""
 
 
 class Source(Protocol):
@@ -116,6 +122,7 @@ class HttpReader:
         self._resp: object | None = None
         self._failures = 0
         self._skip = 0  # bytes to discard: the server ignored our Range request
+        self._aborted = False
 
     def _connect(self) -> None:
         import requests
@@ -177,6 +184,8 @@ class HttpReader:
         if n == 0 or (self.size is not None and self.pos >= self.size):
             return b""
         while True:
+            if self._aborted:
+                raise ReadAbortedError(f"{self.url}: read aborted at byte {self.pos}")
             try:
                 if self._resp is None:
                     self._connect()
@@ -210,6 +219,8 @@ class HttpReader:
         return data
 
     def _retry_or_raise(self, exc: BaseException) -> None:
+        if self._aborted:
+            raise ReadAbortedError(f"{self.url}: read aborted at byte {self.pos}") from exc
         self._failures += 1
         if self._failures >= self.policy.attempts:
             raise RetryableError(
@@ -224,6 +235,18 @@ class HttpReader:
         if self._resp is not None:
             self._resp.close()  # type: ignore[attr-defined]
             self._resp = None
+
+    def abort(self) -> None:
+        """From another thread: end a read that waits on the network now (a stalled
+        server would hold it for the read timeout). It and every later read raise
+        ReadAbortedError, without a retry. A connection still being set up is not cut
+        short."""
+        self._aborted = True
+        conn = getattr(getattr(self._resp, "raw", None), "connection", None)
+        sock = getattr(conn, "sock", None)
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         self._drop()

@@ -502,3 +502,39 @@ def test_a_failing_stream_stops_its_read_ahead_waiting_on_an_arriving_piece(tmp_
         with pytest.raises(OSError, match="No space left"):
             stream_mod._lay_out(comp, 0, src, _Refusing(), partial=False, stop=src.stop)  # type: ignore[arg-type]
         assert time.monotonic() - began < 3
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_a_piece_whose_blocks_match_but_whole_sha256_does_not_fails_its_component(
+    big_images: tuple[Path, dict[str, tuple[object, ...]]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    streams: int,
+) -> None:
+    """A manifest whose block hashes and whole sha256 disagree (a broken capture): every
+    byte read matched its block, and the stream may be done before the fetch's last
+    check fails; that failure still fails the component, it is not lost."""
+    image, _ = big_images
+    monkeypatch.setattr(fetchahead_mod, "READ", 4096)
+    doc = json.loads((image / "manifest.json").read_text())
+    bad = next(c for c in doc["components"] if c["name"] == "bad")
+    pinned = next(c for c in bad["chunks"] if c.get("blocks"))
+    pinned["sha256"] = "0" * 64
+    broken = tmp_path / "image"
+    broken.mkdir()
+    for p in image.iterdir():
+        (broken / p.name).symlink_to(p)
+    (broken / "manifest.json").unlink()
+    (broken / "manifest.json").write_text(json.dumps(doc))
+    half = pinned["offset"] + pinned["size"] // 2
+    with FaultServer(broken) as srv:
+        # Held up halfway: its stream starts on it before it is all in, and ends after.
+        srv.faults[bad["data"]["file"]] = Fault(stall_at=half, stall_seconds=0.5)
+        res, _ = run_layout(srv.url, tmp_path / "root", streams=streams)
+    by = {c.name: c for c in res.components}
+    assert by["good"].status == "done"
+    assert by["bad"].status == "failed"
+    assert "does not match its sha256" in (by["bad"].error or ""), by["bad"].error
+    assert not Journal(tmp_path / "root").reached(
+        "bad", manifest(image).component("bad").data.sha256, "files"
+    )
