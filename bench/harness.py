@@ -156,27 +156,43 @@ def fresh_ext4(image: Path, mountpoint: Path, size: int = 32 << 30) -> Iterator[
     cache, `dd oflag=direct` would be done long before the data is. Inode tables are not
     zeroed in the background (noinit_itable): that would compete with the runs.
     """
-    mountpoint.mkdir(parents=True, exist_ok=True)
     with open(image, "wb") as f:
         f.truncate(size)
     try:
-        loop = subprocess.run(
-            ["losetup", "--find", "--show", "--direct-io=on", "--sector-size", "4096", str(image)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        try:
+        with direct_loop(image) as loop:
             subprocess.run(["mkfs.ext4", "-q", "-F", loop], check=True)
-            subprocess.run(["mount", "-o", "noinit_itable", loop, str(mountpoint)], check=True)
-            try:
+            with mounted(loop, mountpoint, "noinit_itable"):
                 yield mountpoint
-            finally:
-                subprocess.run(["umount", str(mountpoint)], check=True)
-        finally:
-            subprocess.run(["losetup", "-d", loop], check=True)
     finally:
         image.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def direct_loop(image: Path) -> Iterator[str]:
+    """`image` behind a loop device that does direct I/O to it, with 4 KiB sectors: what
+    is written to the device lands in one page cache, the writer's own, as on a disk."""
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", "--direct-io=on", "--sector-size", "4096", str(image)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    try:
+        yield loop
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)
+
+
+@contextlib.contextmanager
+def mounted(device: str, mountpoint: Path, *options: str) -> Iterator[Path]:
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mount", *(["-o", ",".join(options)] if options else []), device, str(mountpoint)], check=True
+    )
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
 
 
 def drop_caches(trim: Path | None = None) -> None:

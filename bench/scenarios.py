@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.harness import Result, Sample, Stats, drop_caches, measure, repeat, seconds
+from bench.harness import Result, Sample, Stats, direct_loop, drop_caches, measure, mounted, repeat, seconds
 from bench.synthetic import synthetic_component, synthetic_image, synthetic_os
 from bootenv.cache import locked
 from bootenv.manifest import Component, Manifest, parse_manifest
@@ -416,13 +416,14 @@ def _split_vs_single(env: Env, inp: Input) -> Result:
                 with open(disk, "wb") as f:
                     f.truncate(disk_size)
                 os_t.append(_write_os(image, disk))
-                mnt.mkdir(exist_ok=True)
-                measure(["mount", "-o", "loop", str(disk), str(mnt)])
                 report = env.work / "layout.json"
-                try:
+                # Mounted through a loop device that does direct I/O to the disk file, as
+                # the fresh ext4 under it is: the layout's writes then pass through one
+                # page cache, as on a real disk and as write-os's do. A buffered loop
+                # would copy every byte into a second one, the disk file's, and flush
+                # both (measured: LAMP's layout 2.8 s against 2.2 s, interleaved).
+                with direct_loop(disk) as dev, mounted(dev, mnt):
                     lay = measure([*_layout_argv(image, "all", mnt, 0), "--json"], stdout=report)
-                finally:
-                    measure(["umount", str(mnt)])
                 total_t.append(os_t[-1].seconds + lay.seconds)
                 for comp in json.loads(report.read_text())["components"]:
                     ready.setdefault(comp["name"], []).append(os_t[-1].seconds + comp["seconds"])
