@@ -210,8 +210,8 @@ class FetchAhead:
             self.release(key)
 
     def close(self) -> None:
-        """Stop fetching (a running fetch ends at its next read) and free every chunk. The
-        streams must be done: call this after their pool has shut down."""
+        """Stop fetching (a running download is aborted, bootenv/source.py) and free every
+        chunk. The streams must be done: call this after their pool has shut down."""
         self._stop.set()
         with self._lock:
             for src in self._reading.values():
@@ -258,7 +258,8 @@ class FetchAhead:
                 raise FetchCancelledError(f"{comp.name}: fetch of piece {index} cancelled") from exc
             finally:
                 with self._lock:
-                    self._reading.pop(key, None)
+                    if self._reading.get(key) is src:
+                        del self._reading[key]
                 src.close()
             if blocks:
                 blocks.finish(size)

@@ -29,7 +29,7 @@ from bootenv import stream
 from bootenv.callback import Callback, Event
 from bootenv.conflicts import clean_stale
 from bootenv.dpkgmerge import merge_component_status
-from bootenv.errors import BootenvError, UserError
+from bootenv.errors import BootenvError, FatalError, UserError
 from bootenv.extract import Stats, TreeWriter
 from bootenv.fetchahead import FetchAhead, Fetched
 from bootenv.journal import Journal, syncfs
@@ -245,11 +245,15 @@ def _run_pool(sched: _Scheduler, comps: list[Component], progress: _ProgressSum)
         pump.join()
 
 
-def _fetch_error(fetch: Future[Fetched]) -> BaseException | None:
-    """The error a fetch ended with; it is ending (it has marked its piece failed)."""
+def _fetch_error(fetch: Future[Fetched], *, strict: bool = False) -> BaseException | None:
+    """The error a fetch that is ending ended with: it has marked its piece failed, or
+    (`strict`) its stream has read all of it, so only its last checks are left. Should it
+    not end within 30 s, that is an error too when `strict`."""
     try:
         return fetch.exception(timeout=30)
-    except (TimeoutError, CancelledError):
+    except TimeoutError:
+        return FatalError("the download of a piece that was all in did not end") if strict else None
+    except CancelledError:
         return None
 
 
@@ -328,7 +332,11 @@ class _Scheduler:
 
     def ready_pieces(self) -> list[tuple[Component, int]]:
         """The pieces that can start, in the order they will."""
-        return [(comp, index) for _, _, kind, comp, index, _ in sorted(self.ready) if kind == "piece"]
+        return [
+            (comp, index)
+            for _, _, kind, comp, index, _ in sorted(self.ready)
+            if kind == "piece" and comp.name not in self.results
+        ]
 
     def fetching(self) -> list[Future[Any]]:
         """The fetches of ready pieces: once one is in (or the first block of one checked
@@ -426,7 +434,7 @@ class _Scheduler:
         fetch, why = self.ahead.get(key), None
         check = piece.stats is not None or self.ahead.failed_early(key)
         if fetch is not None and self.ahead.streamed(key) and check:
-            why = _fetch_error(fetch)
+            why = _fetch_error(fetch, strict=piece.stats is not None)
         self.ahead.release(key)
         self.got[comp.name][index] = piece
         if why is not None:
@@ -438,8 +446,9 @@ class _Scheduler:
         pieces = comp.pieces()
         if index == 0:
             self.later.pop(comp.name, None)
-            for i in range(1, len(pieces)):
-                self.push(-pieces[i].size, "piece", comp, i, piece.redirect)
+            if comp.name not in self.results:  # a chunk fetched ahead may have failed it
+                for i in range(1, len(pieces)):
+                    self.push(-pieces[i].size, "piece", comp, i, piece.redirect)
         if comp.name not in self.results and len(self.got[comp.name]) == len(pieces):
             self.push(_URGENT, "final", comp, 0)
 

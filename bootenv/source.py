@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import time
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -122,7 +122,7 @@ class HttpReader:
         self._resp: object | None = None
         self._failures = 0
         self._skip = 0  # bytes to discard: the server ignored our Range request
-        self._aborted = False
+        self._aborted = threading.Event()
 
     def _connect(self) -> None:
         import requests
@@ -184,12 +184,13 @@ class HttpReader:
         if n == 0 or (self.size is not None and self.pos >= self.size):
             return b""
         while True:
-            if self._aborted:
-                raise ReadAbortedError(f"{self.url}: read aborted at byte {self.pos}")
+            self._check_aborted()
             try:
                 if self._resp is None:
                     self._connect()
+                    self._check_aborted()  # aborted while connecting: there was no socket to shut
                 data = self._read_raw(n)
+                self._check_aborted()  # what arrived as it was aborted: nobody wants it
             except (RetryableError, OSError, _urllib3_errors()) as exc:
                 self._drop()
                 self._retry_or_raise(exc)
@@ -218,8 +219,13 @@ class HttpReader:
         data: bytes = raw.read(n)
         return data
 
+    def _check_aborted(self) -> None:
+        if self._aborted.is_set():
+            self._drop()
+            raise ReadAbortedError(f"{self.url}: read aborted at byte {self.pos}")
+
     def _retry_or_raise(self, exc: BaseException) -> None:
-        if self._aborted:
+        if self._aborted.is_set():
             raise ReadAbortedError(f"{self.url}: read aborted at byte {self.pos}") from exc
         self._failures += 1
         if self._failures >= self.policy.attempts:
@@ -229,7 +235,8 @@ class HttpReader:
         delay = self.policy.delay(self._failures - 1)
         log.warning("%s: %s; resuming at byte %d in %.1f s", self.url, exc, self.pos, delay)
         self.resumes += 1
-        time.sleep(delay)
+        if backoff_wait(self._aborted, delay):
+            raise ReadAbortedError(f"{self.url}: read aborted at byte {self.pos}") from exc
 
     def _drop(self) -> None:
         if self._resp is not None:
@@ -237,16 +244,19 @@ class HttpReader:
             self._resp = None
 
     def abort(self) -> None:
-        """From another thread: end a read that waits on the network now (a stalled
-        server would hold it for the read timeout). It and every later read raise
-        ReadAbortedError, without a retry. A connection still being set up is not cut
-        short."""
-        self._aborted = True
+        """From another thread: end this download now. A read waiting on the network
+        returns at once (its connection is shut down), a retry's backoff stops waiting,
+        and they and every later read raise ReadAbortedError, without a retry. Only a
+        connection still waiting for the server's headers is not cut short: it raises
+        once they come, or at its timeout."""
+        self._aborted.set()
         conn = getattr(getattr(self._resp, "raw", None), "connection", None)
         sock = getattr(conn, "sock", None)
         if isinstance(sock, socket.socket):
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                # The plain socket's shutdown, also under TLS: SSLSocket.shutdown would
+                # unwrap the TLS layer under the reading thread.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     def close(self) -> None:
         self._drop()
@@ -279,6 +289,11 @@ class _Window:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def backoff_wait(stop: threading.Event, seconds: float) -> bool:
+    """Wait `seconds` before a retry, or until `stop` is set; whether it was."""
+    return stop.wait(seconds)
 
 
 def _range_start(content_range: str) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +24,14 @@ class _FastPolicy(RetryPolicy):
 
 
 class SleepLog:
-    """Stands in for bootenv.source's `time`: records each backoff delay, then sleeps it."""
+    """Stands in for bootenv.source's `backoff_wait`: records each delay, then waits it."""
 
     def __init__(self) -> None:
         self.delays: list[float] = []
 
-    def sleep(self, seconds: float) -> None:
+    def backoff_wait(self, stop: threading.Event, seconds: float) -> bool:
         self.delays.append(seconds)
-        time.sleep(seconds)
+        return stop.wait(seconds)
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +39,7 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> SleepLog:
     """Every HttpSource made during the test (layout's own included) retries fast."""
     monkeypatch.setattr(source_mod, "RetryPolicy", _FastPolicy)
     sleeps = SleepLog()
-    monkeypatch.setattr(source_mod, "time", sleeps)
+    monkeypatch.setattr(source_mod, "backoff_wait", sleeps.backoff_wait)
     return sleeps
 
 

@@ -20,7 +20,6 @@ import re
 import socket
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -59,6 +58,7 @@ class FaultServer:
         self.faults: dict[str, Fault] = {}
         self.requests: list[Request] = []
         self.stalled = threading.Event()  # set when a stall begins: the client is mid-stream
+        self.closing = threading.Event()  # ends a stall: no handler outlives its server for long
         self._lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"server_ref": self})
         self.httpd = _Server(("127.0.0.1", 0), handler)
@@ -79,6 +79,7 @@ class FaultServer:
     def __exit__(
         self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self.closing.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self._thread.join()
@@ -201,7 +202,7 @@ class _Handler(BaseHTTPRequestHandler):
                 pos = fault.stall_at
                 stall, fault.stall_at = fault.stall_seconds, None
                 self.server_ref.stalled.set()
-                time.sleep(stall)
+                self.server_ref.closing.wait(stall)
             while pos < end:
                 nxt = min(end, pos + (256 << 10))
                 self.wfile.write(self._chunk(data, pos, nxt, fault))

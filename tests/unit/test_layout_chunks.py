@@ -26,6 +26,7 @@ from bootenv import fetchahead as fetchahead_mod
 from bootenv import layout as layout_mod
 from bootenv import stream as stream_mod
 from bootenv.arriving import Arriving
+from bootenv.extract import Stats
 from bootenv.fetchahead import FetchAhead
 from bootenv.journal import Journal
 from bootenv.layout import ComponentResult, _Scheduler
@@ -326,6 +327,36 @@ def test_a_chunk_that_fails_its_fetch_fails_its_component_at_once(
     assert res.status == "failed" and res.error and "sha256" in res.error
 
 
+def test_pieces_of_a_component_that_failed_meanwhile_are_neither_queued_nor_fetched(
+    images: tuple[Path, Path, dict[str, tuple[object, ...]]], tmp_path: Path
+) -> None:
+    """A chunk fetched ahead fails the component while its first piece is laid out: once
+    that piece is done, its other pieces are not queued, and a piece queued before is
+    not fetched ahead (another component's start would have fetched it, for nobody)."""
+    _, chunked, _ = images
+    comp = manifest(chunked).component("good")
+    root = tmp_path / "root"
+    root.mkdir()
+    ahead = FetchAhead(str(chunked), 2, spill=tmp_path)
+    try:
+        sched = _Scheduler(2, root, os.geteuid() == 0, ahead)
+        sched.started[comp.name], sched.got[comp.name] = time.monotonic(), {}
+        first: Future[Any] = Future()
+        sched.jobs[first] = ("piece", comp, 0)
+        sched.push(-1, "piece", comp, 1)  # queued before the failure
+        sched.fail(comp.name, "good: sub-image does not match its sha256")
+        sched.push(-1, "piece", comp, 2)  # however one gets there, it is not fetched
+        first.set_result(stream_mod.Piece(comp.name, 0, Stats()))
+        sched.finished(first)
+        assert [(c.name, kind) for _, _, kind, c, _, _ in sched.ready] == [("good", "piece")]
+        assert sched.ready_pieces() == []
+        sched.fetch_ahead()
+        assert all(ahead.get((comp.name, i)) is None for i in range(len(comp.chunks)))
+    finally:
+        ahead.close()
+    assert sched.results[comp.name].status == "failed"
+
+
 class _Draining(FetchAhead):
     """Fetches whose component failed are still downloading, and hold every slot until
     `gate` is set (as when a component fails while its big chunks download)."""
@@ -535,6 +566,7 @@ def test_a_piece_whose_blocks_match_but_whole_sha256_does_not_fails_its_componen
     assert by["good"].status == "done"
     assert by["bad"].status == "failed"
     assert "does not match its sha256" in (by["bad"].error or ""), by["bad"].error
+    assert "block" not in (by["bad"].error or ""), "the whole piece's check, not a block's"
     assert not Journal(tmp_path / "root").reached(
         "bad", manifest(image).component("bad").data.sha256, "files"
     )

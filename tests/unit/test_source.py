@@ -1,0 +1,86 @@
+"""HttpReader.abort: a download nobody wants any more ends now, whatever it waits on."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bootenv.source import HttpReader, ReadAbortedError, RetryPolicy
+from tests.unit.httpfault import Fault, FaultServer
+
+STALL = 20.0  # seconds: longer than any bound below, shorter than the read timeout
+POLICY = RetryPolicy(attempts=6, backoff=10.0, max_backoff=10.0, timeout=30.0)
+
+
+@pytest.fixture
+def blob(tmp_path: Path) -> Path:
+    (tmp_path / "blob").write_bytes(random.Random(1).randbytes(64 << 10))
+    return tmp_path
+
+
+def _reader(srv: FaultServer) -> HttpReader:
+    import requests
+
+    return HttpReader(requests.Session(), srv.url + "blob", 64 << 10, POLICY)
+
+
+def _aborted_within(reader: HttpReader, seconds: float, *, before: float = 0.0) -> bool:
+    """Read on; abort from another thread `before` seconds in. Whether the read raised
+    ReadAbortedError within `seconds` of the abort."""
+    threading.Timer(before, reader.abort).start()
+    began = time.monotonic()
+    with pytest.raises(ReadAbortedError):
+        while reader.read(1024):
+            pass
+    return time.monotonic() - began < before + seconds
+
+
+def test_an_aborted_reader_makes_no_request(blob: Path) -> None:
+    with FaultServer(blob) as srv:
+        reader = _reader(srv)
+        reader.abort()
+        with pytest.raises(ReadAbortedError):
+            reader.read(1024)
+    assert srv.requests == []
+
+
+def test_a_read_stalled_on_the_network_ends_when_aborted(blob: Path) -> None:
+    with FaultServer(blob) as srv:
+        srv.faults["blob"] = Fault(stall_at=8192, stall_seconds=STALL)
+        reader = _reader(srv)
+        assert _aborted_within(reader, 3, before=0.5)
+        assert 0 < reader.pos <= 8192
+    assert len(srv.requests) == 1, "not retried"
+
+
+def test_an_abort_while_connecting_ends_the_read_once_connected(
+    blob: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The abort finds no socket to shut down yet; the first body byte is held up."""
+    real = HttpReader._connect
+
+    def connect(self: HttpReader) -> None:
+        self.abort()  # lands while the request is on its way
+        real(self)
+
+    monkeypatch.setattr(HttpReader, "_connect", connect)
+    with FaultServer(blob) as srv:
+        srv.faults["blob"] = Fault(stall_at=0, stall_seconds=STALL)
+        reader = _reader(srv)
+        began = time.monotonic()
+        with pytest.raises(ReadAbortedError):
+            reader.read(1024)
+        assert time.monotonic() - began < 3
+    assert reader.pos == 0
+
+
+def test_an_abort_during_a_retry_backoff_ends_it(blob: Path) -> None:
+    with FaultServer(blob) as srv:
+        srv.faults["blob"] = Fault(errors=-1, status=503)
+        reader = _reader(srv)
+        assert _aborted_within(reader, 3, before=0.5)  # the first backoff is 10 s
+    assert len(srv.requests) == 1
