@@ -227,10 +227,11 @@ class FetchAhead:
         return src
 
     def _fetch(self, comp: Component, index: int, fd: int | None) -> Fetched:
+        key = (comp.name, index)
         chunk = comp.pieces()[index]
         if fd is None:
             fd = self._holder(comp, index, chunk.size)
-        arrived = self._arrived.get((comp.name, index))
+        arrived = self._arrived.get(key)
         blocks = _Blocks(comp, chunk, fd, arrived) if chunk.blocks else None
         try:
             sha = hashlib.sha256()
@@ -238,7 +239,6 @@ class FetchAhead:
             # A blob without chunks is asked for whole: its length must be the manifest's.
             offset = chunk.offset if comp.chunks else None
             src = self._source().open(comp.data.file, chunk.size, offset)
-            key = (comp.name, index)
             with self._lock:
                 self._reading[key] = src
                 if self._stop.is_set() or key in self._cancelled:

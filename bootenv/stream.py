@@ -89,11 +89,12 @@ def lay_out_piece(
     )
     try:
         with open_fetched(*fetched) as f:
-            if not pieces[index].blocks:
-                _lay_out(comp, index, f, writer, partial=index < len(pieces) - 1)
-            else:  # checked block by block: it may still be arriving
-                arriving = Arriving(f, pieces[index].size, f"{comp.name} piece {index}", fetched[0])
-                _lay_out(comp, index, arriving, writer, partial=index < len(pieces) - 1, stop=arriving.stop)
+            src: Readable = f
+            stop = None
+            if pieces[index].blocks:  # checked block by block: it may still be arriving
+                src = arriving = Arriving(f, pieces[index].size, f"{comp.name} piece {index}", fetched[0])
+                stop = arriving.stop
+            _lay_out(comp, index, src, writer, partial=index < len(pieces) - 1, stop=stop)
     except (BootenvError, OSError, zstandard.ZstdError) as exc:
         log.error("%s: %s", comp.name, exc)
         return Piece(comp.name, index, None, error=str(exc))
