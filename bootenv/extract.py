@@ -474,7 +474,7 @@ def _write_sparse(fd: int, reader: PaxReader, m: Member) -> None:
     assert m.sparse is not None
     os.ftruncate(fd, m.realsize)
     chunks = reader.chunks()
-    pending = b""
+    pending: bytes | memoryview = b""
     for offset, size in m.sparse:
         pos, length = offset, size
         while length > 0:

@@ -387,7 +387,7 @@ def _stream_range(zin: Prefetch, rng: Range, fill: _Fill, header: Held, bar: Pro
         want = min(left, len(room))
         got = 0
         while got < want:
-            data = zin.read(want - got)
+            data = zin.view(want - got)  # lent until the next view(): copied at once
             n = len(data)
             if not n:
                 raise VerificationError(f"the OS image stream ended early, in the range at byte {offset}")

@@ -2,7 +2,8 @@
 
 Python's tarfile builds a TarInfo per member and reads pax headers through several
 layers; this reader parses each 512-byte header once and hands the data out in chunks,
-which roughly doubles the files/s. It understands what `tar --format=posix` produces:
+which roughly doubles the files/s. Read from a Prefetch, it hands out views of the
+read-ahead blocks themselves (no copy of the data). It understands what `tar --format=posix` produces:
 pax `x`/`g` headers (path, linkpath, size, uid, gid, mtime, SCHILY.xattr.*, SCHILY.acl.*,
 GNU sparse 1.0), GNU long names, base-256 numbers. Every length is bounded, so a hostile
 archive can make it fail but not allocate without limit.
@@ -11,11 +12,12 @@ archive can make it fail but not allocate without limit.
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from bootenv.errors import FatalError
+from bootenv.prefetch import Prefetch
 
 BLOCK = 512
 MAX_HEADER = 1 << 20  # a pax or long-name header larger than this is hostile
@@ -125,12 +127,20 @@ class PaxReader:
     """Iterate members of a tar stream; read each member's data with `chunks()`."""
 
     def __init__(
-        self, stream: BinaryIO, *, limit: int | None = None, chunk: int = 1 << 20, partial: bool = False
+        self,
+        stream: BinaryIO | Prefetch,
+        *,
+        limit: int | None = None,
+        chunk: int = 1 << 20,
+        partial: bool = False,
     ) -> None:
-        self._stream = stream
+        # A Prefetch lends its blocks: what it returns is valid until the next call.
+        self._next: Callable[[int], bytes | memoryview] = (
+            stream.view if isinstance(stream, Prefetch) else stream.read
+        )
         self._partial = partial  # a chunk of an archive: may end at a member boundary
         self._chunk = chunk
-        self._buf = b""
+        self._buf: bytes | memoryview = b""
         self._pos = 0
         self._left = 0  # data bytes of the current member not yet consumed
         self._pad = 0
@@ -140,26 +150,24 @@ class PaxReader:
     def _fill(self, n: int) -> bytes:
         avail = len(self._buf) - self._pos
         if avail >= n:
-            out = self._buf[self._pos : self._pos + n]
+            out = bytes(self._buf[self._pos : self._pos + n])
             self._pos += n
             return out
-        parts = [self._buf[self._pos :]]
+        parts = [bytes(self._buf[self._pos :])]  # copied before the next read reuses it
         need = n - avail
         while need > 0:
-            data = self._stream.read(max(self._chunk, need))
+            data = self._next(need)
             if not data:
                 raise ArchiveError("archive is truncated")
-            parts.append(data)
+            parts.append(bytes(data))
             need -= len(data)
-        whole = b"".join(parts)
-        self._buf = whole
-        self._pos = n
-        return whole[:n]
+        self._buf, self._pos = b"", 0
+        return b"".join(parts)
 
-    def _read_some(self, n: int) -> bytes:
+    def _read_some(self, n: int) -> bytes | memoryview:
         """Up to `n` bytes (at least one), without joining buffers."""
         if self._pos >= len(self._buf):
-            self._buf = self._stream.read(self._chunk)
+            self._buf = self._next(self._chunk)
             self._pos = 0
             if not self._buf:
                 raise ArchiveError("archive is truncated")
@@ -170,11 +178,12 @@ class PaxReader:
     def _at_end(self) -> bool:
         if self._pos < len(self._buf):
             return False
-        self._buf, self._pos = self._stream.read(self._chunk), 0
+        self._buf, self._pos = self._next(self._chunk), 0
         return not self._buf
 
-    def chunks(self) -> Iterator[bytes]:
-        """The current member's remaining data."""
+    def chunks(self) -> Iterator[bytes | memoryview]:
+        """The current member's remaining data. Each chunk may be a view of a read-ahead
+        block: use it before asking for the next one, or copy it."""
         while self._left > 0:
             data = self._read_some(self._left)
             self._left -= len(data)
@@ -184,7 +193,7 @@ class PaxReader:
             self._pad = 0
 
     def read_all(self) -> bytes:
-        return b"".join(self.chunks())
+        return b"".join([bytes(chunk) for chunk in self.chunks()])
 
     def _skip(self) -> None:
         for _ in self.chunks():
@@ -193,7 +202,7 @@ class PaxReader:
     def drain(self) -> None:
         """Consume the rest of the stream (so the caller can verify its hash)."""
         self._skip()
-        while self._stream.read(self._chunk):
+        while self._next(self._chunk):
             pass
 
     def _start_data(self, size: int) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import zstandard
 
@@ -29,9 +29,15 @@ from bootenv.log import human_bytes
 from bootenv.manifest import Component
 from bootenv.merge import MergeState
 from bootenv.paxread import PaxReader
-from bootenv.prefetch import Prefetch, Readable
+from bootenv.prefetch import Prefetch
 
 log = logging.getLogger(__name__)
+
+
+class Readable(Protocol):
+    """A piece's compressed bytes: its file, or the part of it checked so far."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -132,7 +138,7 @@ def _lay_out(
             Prefetch(z) as ahead,
             _on_error(stop),  # exits first: the read-ahead thread is stopped before it is joined
         ):
-            reader = PaxReader(ahead, limit=limit, partial=partial)  # type: ignore[arg-type]
+            reader = PaxReader(ahead, limit=limit, partial=partial)
             last = time.monotonic()
             for member in reader:
                 writer.place(member, reader)
