@@ -75,9 +75,10 @@ def _copy_module(name: str, site: Path) -> bool:
         return False
     origin = Path(spec.origin)
     if spec.submodule_search_locations:
-        shutil.copytree(
-            origin.parent, site / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__")
-        )
+        # With its bytecode, where the source has it (the ramdisk compiles bootenv's, Debian
+        # its packages'): the unit's Python may not write any, and compiling bootenv,
+        # requests and urllib3 at every start costs seconds under emulation.
+        shutil.copytree(origin.parent, site / name, symlinks=True)
     else:
         shutil.copy2(origin, site / origin.name)
     return True
