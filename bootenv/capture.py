@@ -13,6 +13,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 from bootenv import readahead
 from bootenv.assign import plan_split
@@ -20,7 +21,7 @@ from bootenv.blockmap import BlockMap, pack_image
 from bootenv.dpkg import STATUS, Database, read_database, render_status
 from bootenv.errors import FatalError, UserError
 from bootenv.exclude import Exclusions
-from bootenv.frames import compress_tar
+from bootenv.frames import TarSource, compress_tar
 from bootenv.fsimage import (
     BLOCK_SIZE,
     check_ext4,
@@ -235,7 +236,8 @@ def _pack_component(
         tar = tar_create(root, listing, extra=((frag, "." + status_rel),))
         with BlobWriter(out, "tar.zst") as blob:
             progress = Progress(f"packing {name}", total)
-            raw, chunks = compress_tar(tar.stdout, blob, level=cfg.level, progress=progress.update)
+            src = cast(TarSource, tar.stdout)  # a pipe Popen opened: a BufferedReader
+            raw, chunks = compress_tar(src, blob, level=cfg.level, progress=progress.update)
             progress.close()
             tar.wait_ok(ok_codes=(0, 1))  # 1: a file changed while being read (live capture)
             data = blob.finish(raw)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Protocol
+from typing import Protocol
 
 import zstandard
 
@@ -36,6 +36,13 @@ VERIFY_BLOCK = 4 << 20
 BLOCKS_OVER = 32 << 20
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")
 _HEADERS = (b"x", b"g", b"L", b"K")
+
+
+class TarSource(Protocol):
+    """A tar stream: `tar -c`'s stdout, or a file."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+    def readinto(self, buf: memoryview, /) -> int: ...
 
 
 class Sink(Protocol):
@@ -90,7 +97,7 @@ class _Counting:
 
 
 def compress_tar(
-    src: IO[bytes],
+    src: TarSource,
     sink: Sink,
     *,
     level: int,
@@ -107,20 +114,21 @@ def compress_tar(
     raw = 0  # tar bytes in the current frame
     total = 0
     pending = bytearray()  # read ahead of the member being copied
+    buf = memoryview(bytearray(1 << 20))
     cuttable = True  # a global pax header would apply to later chunks: never cut after one
     in_dirs = False
 
     def take(n: int) -> bytes:
         while len(pending) < n:
-            data = src.read(max(1 << 20, n - len(pending)))
-            if not data:
+            got = src.readinto(buf)
+            if not got:
                 raise ArchiveError("tar stream is truncated")
-            pending.extend(data)
+            pending.extend(buf[:got])
         out = bytes(pending[:n])
         del pending[:n]
         return out
 
-    def emit(data: bytes) -> None:
+    def emit(data: bytes | memoryview) -> None:
         nonlocal raw, total
         writer.write(data)
         raw += len(data)
@@ -170,10 +178,17 @@ def compress_tar(
         for part in member:
             emit(part)
         left = _padded(size)
-        while left:
-            data = take(min(left, 1 << 20))
-            emit(data)
-            left -= len(data)
+        if pending:  # what the headers' reads brought in already
+            k = min(left, len(pending))
+            emit(memoryview(pending)[:k])  # the view is gone once emit returns ...
+            del pending[:k]  # ... so pending may shrink
+            left -= k
+        while left:  # the rest straight from the source, into one reused buffer
+            n = src.readinto(buf[: min(left, len(buf))])
+            if not n:
+                raise ArchiveError("tar stream is truncated")
+            emit(buf[:n])
+            left -= n
     writer.flush(zstandard.FLUSH_FRAME)
     if raw:
         chunks.append(counting.cut(raw))

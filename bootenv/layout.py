@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -231,8 +230,7 @@ def _run_pool(sched: _Scheduler, comps: list[Component], progress: _ProgressSum)
     """Run `sched` on `sched.width` stream processes (forked before any fetch thread runs)."""
     ctx = get_context("fork")
     events: Any = ctx.Queue()
-    stop = threading.Event()
-    pump = threading.Thread(target=_pump, args=(events, progress, stop), daemon=True)
+    pump = threading.Thread(target=_pump, args=(events, progress), daemon=True)
     pump.start()
     try:
         with ProcessPoolExecutor(
@@ -241,7 +239,8 @@ def _run_pool(sched: _Scheduler, comps: list[Component], progress: _ProgressSum)
             pool.submit(os.getpid).result()  # fork every stream now, before a fetch thread runs
             return sched.run(pool, comps)
     finally:
-        stop.set()
+        # The streams have exited, their events are all in the queue: this one comes last.
+        events.put(None)
         pump.join()
 
 
@@ -505,13 +504,10 @@ class _ProgressSum:
         self.send(event)
 
 
-def _pump(events: Any, sink: Callable[[Event], None], stop: threading.Event) -> None:
-    while True:
-        try:
-            sink(events.get(timeout=0.1))
-        except queue.Empty:
-            if stop.is_set():
-                return
+def _pump(events: Any, sink: Callable[[Event], None]) -> None:
+    """Hand the streams' events to `sink` until the None that comes after the last."""
+    while (event := events.get()) is not None:
+        sink(event)
 
 
 def activate(root: Path, units: list[str]) -> list[str]:

@@ -29,8 +29,8 @@ _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
 def steady_memory() -> None:
-    """Keep large buffers (the 1 MiB blocks) in mmap'ed memory that goes back to the
-    system when freed. glibc otherwise raises its mmap threshold after the first such
+    """Keep large buffers (a read of 1 MiB, a chunk's block) in mmap'ed memory that goes
+    back to the system when freed. glibc otherwise raises its mmap threshold after the first such
     free and serves later blocks from the heap, whose peak then wanders from run to run
     (measured: layout's peak RSS 48-56 MiB by chance; with this, 48 MiB for 1 and 4 GB)."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
@@ -62,7 +62,7 @@ class Source(Protocol):
 
 
 class Prefetch:
-    """Reads ahead of the caller into a fixed pool of `depth + 2` reused buffers.
+    """Reads ahead of the caller into a fixed pool of `depth + 1` reused buffers.
 
     Each block is read straight into a buffer the caller has handed back, so a block costs
     no allocation: a fresh 1 MiB bytes object per block page-faulted every 4 KiB of it
@@ -105,6 +105,8 @@ class Prefetch:
     def view(self, n: int) -> memoryview:
         """Up to `n` bytes of the stream (at least one, unless it has ended), lent: the
         view is valid only until the next `view()`, `read()` or `close()`."""
+        if self._stop.is_set():  # its buffers may belong to another Prefetch by now
+            raise ValueError("read from a closed Prefetch")
         if self._pos == len(self._view) and not self._done:
             self._give_back()
             item = self._queue.get()

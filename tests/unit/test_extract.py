@@ -38,10 +38,20 @@ def test_reader_matches_tarfile() -> None:
 
 
 @pytest.mark.parametrize("block", [513, 4096, 65_536])
-def test_reader_over_a_prefetch_gives_every_byte_although_it_reuses_the_blocks(block: int) -> None:
-    """Over a Prefetch, the reader hands out views of blocks that are refilled once read:
-    two of them here, so a view kept past its turn, or a header or pax record read across
-    a block's end, would show up as wrong bytes."""
+def test_reader_over_a_prefetch_gives_every_byte_although_it_reuses_the_blocks(
+    block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over a Prefetch, the reader hands out views of blocks that are refilled once read.
+    Here a block is overwritten with junk the moment it is handed back, so a view used
+    past its turn, or a header or pax record read across a block's end, gives wrong bytes."""
+    give_back = Prefetch._give_back
+
+    def scribble(self: Prefetch) -> None:
+        if self._held is not None:
+            self._held[:] = b"\xa5" * len(self._held)
+        give_back(self)
+
+    monkeypatch.setattr(Prefetch, "_give_back", scribble)
     rng = random.Random(block)
     members: list[tarfile.TarInfo] = [d("etc"), d("usr")]
     for i in range(60):

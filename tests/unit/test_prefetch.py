@@ -97,3 +97,12 @@ def test_buffers_a_read_may_still_write_into_are_not_handed_on(monkeypatch: pyte
             assert other.read() == b"abc"
     finally:
         src.go.set()
+
+
+def test_a_closed_prefetch_refuses_to_read() -> None:
+    """Its buffers may belong to the next Prefetch already."""
+    ahead = Prefetch(io.BytesIO(b"x" * 10_000), block=4096)
+    assert ahead.read(10) == b"x" * 10
+    ahead.close()
+    with pytest.raises(ValueError, match="closed"):
+        ahead.view(10)
