@@ -178,7 +178,7 @@ def compress_tar(
         for part in member:
             emit(part)
         left = _padded(size)
-        if pending:  # what the headers' reads brought in already
+        if pending and left:  # what the headers' reads brought in already
             k = min(left, len(pending))
             emit(memoryview(pending)[:k])  # the view is gone once emit returns ...
             del pending[:k]  # ... so pending may shrink

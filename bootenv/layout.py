@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -230,7 +231,8 @@ def _run_pool(sched: _Scheduler, comps: list[Component], progress: _ProgressSum)
     """Run `sched` on `sched.width` stream processes (forked before any fetch thread runs)."""
     ctx = get_context("fork")
     events: Any = ctx.Queue()
-    pump = threading.Thread(target=_pump, args=(events, progress), daemon=True)
+    stop = threading.Event()
+    pump = threading.Thread(target=_pump, args=(events, progress, stop), daemon=True)
     pump.start()
     try:
         with ProcessPoolExecutor(
@@ -240,7 +242,9 @@ def _run_pool(sched: _Scheduler, comps: list[Component], progress: _ProgressSum)
             return sched.run(pool, comps)
     finally:
         # The streams have exited, their events are all in the queue: this one comes last.
+        events.cancel_join_thread()  # exiting never waits to send it
         events.put(None)
+        stop.set()
         pump.join()
 
 
@@ -504,9 +508,19 @@ class _ProgressSum:
         self.send(event)
 
 
-def _pump(events: Any, sink: Callable[[Event], None]) -> None:
-    """Hand the streams' events to `sink` until the None that comes after the last."""
-    while (event := events.get()) is not None:
+def _pump(events: Any, sink: Callable[[Event], None], stop: threading.Event) -> None:
+    """Hand the streams' events to `sink` until the None that comes after the last; or,
+    once `stop` is set, when none has come for a while (a stream killed while it held
+    the queue's lock would keep the None from ever coming)."""
+    while True:
+        try:
+            event = events.get(timeout=0.5)
+        except queue.Empty:
+            if stop.is_set():
+                return
+            continue
+        if event is None:
+            return
         sink(event)
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from bootenv import conflicts
 from bootenv.cli import main
 from bootenv.errors import UserError
-from bootenv.layout import LayoutConfig, LayoutResult, layout
+from bootenv.layout import LayoutConfig, LayoutResult, _pump, layout
 from bootenv.machines import StepStatus, parse_event
 from tests.hostile.kit import MTIME, Comp, d, f, hard, make_image, snapshot, special, sym
 
@@ -283,3 +285,27 @@ def test_a_unit_that_fails_to_start_fails_the_layout(tmp_path: Path) -> None:
     assert all(c.status == "done" for c in res.components)  # the files are in place
     last = parse_event(got[-1])
     assert last.kind.value == "error" and "unit mariadb.service" in (last.message or "")
+
+
+def test_the_event_pump_hands_on_every_event_then_ends_at_the_sentinel() -> None:
+    events: queue.Queue[dict[str, int] | None] = queue.Queue()
+    for item in ({"n": 0}, {"n": 1}, None, {"n": 99}):
+        events.put(item)
+    got: list[dict[str, int]] = []
+    _pump(events, got.append, threading.Event())
+    assert got == [{"n": 0}, {"n": 1}]
+
+
+def test_the_event_pump_ends_once_stopped_though_the_sentinel_never_comes() -> None:
+    """A stream killed while it held the queue's lock keeps the parent's None from being
+    sent: the layout must still end."""
+    events: queue.Queue[dict[str, int] | None] = queue.Queue()
+    events.put({"n": 1})
+    stop = threading.Event()
+    got: list[dict[str, int]] = []
+    pump = threading.Thread(target=_pump, args=(events, got.append, stop))
+    pump.start()
+    stop.set()
+    pump.join(5)
+    assert not pump.is_alive()
+    assert got == [{"n": 1}]
