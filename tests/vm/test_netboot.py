@@ -96,7 +96,7 @@ def test_unknown_machine_gets_the_menu_and_its_default_under_uefi(the_lab: Lab) 
 
 
 def _root_partition_files(disk: Path, paths: tuple[str, ...]) -> dict[str, bytes]:
-    """Read files from a provisioned disk's root partition (the last one), read-only."""
+    """Read files from a provisioned disk's root partition (the last one), mounted read-only."""
     import json
 
     from bootenv.run import run
@@ -105,16 +105,16 @@ def _root_partition_files(disk: Path, paths: tuple[str, ...]) -> dict[str, bytes
     sector = int(table.get("sectorsize", 512))
     last = table["partitions"][-1]
     offset, size = int(last["start"]) * sector, int(last["size"]) * sector
-    loop = run(
-        ["losetup", "--find", "--show", "--read-only", f"--offset={offset}", f"--sizelimit={size}", disk]
-    )
+    # Writable, so that the read-only mount replays the journal: the VM was killed with
+    # the filesystem mounted, and what its first boot wrote last (the SSH host keys) may
+    # be in the journal only. Reading past it (`noload`) missed them whenever the VM was
+    # stopped within the half minute before ext4 wrote them home.
+    loop = run(["losetup", "--find", "--show", f"--offset={offset}", f"--sizelimit={size}", disk])
     dev = loop.stdout.decode().strip()
     mnt = disk.with_suffix(".mnt")
     mnt.mkdir(exist_ok=True)
     try:
-        # noload: the VM was killed with the filesystem mounted; replaying its journal
-        # would need a writable device.
-        run(["mount", "-o", "ro,noload", dev, mnt])
+        run(["mount", "-o", "ro", dev, mnt])
         try:
             return {p: (mnt / p.lstrip("/")).read_bytes() for p in paths}
         finally:
