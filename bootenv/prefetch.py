@@ -30,9 +30,10 @@ _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 def steady_memory() -> None:
     """Keep large buffers (a read of 1 MiB, a chunk's block) in mmap'ed memory that goes
-    back to the system when freed. glibc otherwise raises its mmap threshold after the first such
-    free and serves later blocks from the heap, whose peak then wanders from run to run
-    (measured: layout's peak RSS 48-56 MiB by chance; with this, 48 MiB for 1 and 4 GB)."""
+    back to the system when freed. glibc otherwise raises its mmap threshold after the
+    first such free and serves later ones from the heap, whose peak then wanders from run
+    to run (measured: layout's peak RSS 48-56 MiB by chance; with this, 48 MiB for 1 and
+    4 GB). The read-ahead blocks are kept and reused instead (Prefetch)."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
         ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 128 << 10)
 
