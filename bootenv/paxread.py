@@ -2,10 +2,11 @@
 
 Python's tarfile builds a TarInfo per member and reads pax headers through several
 layers; this reader parses each 512-byte header once and hands the data out in chunks,
-which roughly doubles the files/s. Read from a Prefetch, it hands out views of the
-read-ahead blocks themselves (no copy of the data). It understands what `tar --format=posix` produces:
-pax `x`/`g` headers (path, linkpath, size, uid, gid, mtime, SCHILY.xattr.*, SCHILY.acl.*,
-GNU sparse 1.0), GNU long names, base-256 numbers. Every length is bounded, so a hostile
+which roughly doubles the files/s. Read from a stream that lends its blocks (a
+Prefetch), it hands out views of those blocks (no copy of the data). It understands
+what `tar --format=posix` produces: pax `x`/`g` headers (path, linkpath, size, uid,
+gid, mtime, SCHILY.xattr.*, SCHILY.acl.*, GNU sparse 1.0), GNU long names, base-256
+numbers. Every length is bounded, so a hostile
 archive can make it fail but not allocate without limit.
 """
 
@@ -14,10 +15,9 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from bootenv.errors import FatalError
-from bootenv.prefetch import Prefetch
 
 BLOCK = 512
 MAX_HEADER = 1 << 20  # a pax or long-name header larger than this is hostile
@@ -123,20 +123,26 @@ def _text(value: bytes) -> str:
     return value.decode("utf-8", "surrogateescape")
 
 
+@runtime_checkable
+class Lender(Protocol):
+    """A stream that lends its blocks: what `view` returns is valid until the next call."""
+
+    def view(self, n: int) -> memoryview: ...
+
+
 class PaxReader:
     """Iterate members of a tar stream; read each member's data with `chunks()`."""
 
     def __init__(
         self,
-        stream: BinaryIO | Prefetch,
+        stream: BinaryIO | Lender,
         *,
         limit: int | None = None,
         chunk: int = 1 << 20,
         partial: bool = False,
     ) -> None:
-        # A Prefetch lends its blocks: what it returns is valid until the next call.
         self._next: Callable[[int], bytes | memoryview] = (
-            stream.view if isinstance(stream, Prefetch) else stream.read
+            stream.view if isinstance(stream, Lender) else stream.read
         )
         self._partial = partial  # a chunk of an archive: may end at a member boundary
         self._chunk = chunk
