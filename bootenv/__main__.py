@@ -1,3 +1,3 @@
-from bootenv.cli import main
+from bootenv.cli import run
 
-raise SystemExit(main())
+run()

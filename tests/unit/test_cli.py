@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -46,6 +49,36 @@ def test_inspect_dir(image_dir: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "Debian GNU/Linux 12 (bookworm)" in out
     assert "php" in out and "apache" in out
     assert "units: apache2.service" in out
+
+
+# The `bootenv` command ends the process without tearing the interpreter down (cli.run).
+# A child runs it with an atexit function of its own and stdout on a pipe, where Python
+# buffers it (unless PYTHONUNBUFFERED says not to, so that is left out): without the flush
+# and the atexit functions, both outputs would be lost.
+_RUN = (
+    "import atexit, sys; from bootenv.cli import run; "
+    "atexit.register(print, 'atexit ran'); sys.argv[1:] = sys.argv[2:]; run()"
+)
+
+
+def _bootenv(*args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-c", _RUN, "--", *args]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
+
+
+def test_the_command_exits_with_mains_code_after_its_output_and_atexit(image_dir: Path) -> None:
+    done = _bootenv("inspect", str(image_dir))
+    assert done.returncode == 0, done.stderr
+    assert "Debian GNU/Linux 12 (bookworm)" in done.stdout
+    assert done.stdout.endswith("atexit ran\n")
+
+
+def test_the_command_keeps_a_failures_code_and_one_line(tmp_path: Path) -> None:
+    done = _bootenv("inspect", str(tmp_path))
+    assert done.returncode == 2
+    assert done.stderr.startswith("bootenv: error: ") and done.stderr.count("\n") == 1
+    assert done.stdout == "atexit ran\n"
 
 
 def test_inspect_url_json(served: str, capsys: pytest.CaptureFixture[str]) -> None:
