@@ -195,6 +195,22 @@ def mounted(device: str, mountpoint: Path, *options: str) -> Iterator[Path]:
         subprocess.run(["umount", str(mountpoint)], check=True)
 
 
+def durable_write(directory: Path, size: int) -> float:
+    """Seconds to write `size` bytes of incompressible data as one file in `directory`,
+    in 4 MiB writes, and fsync it: the disk's floor for making that many bytes durable,
+    which no layout of them, on any number of streams, gets below."""
+    block = os.urandom(4 << 20)
+    path = directory / "durable-write"
+    start = time.monotonic()
+    with open(path, "wb", buffering=0) as f:
+        for offset in range(0, size, len(block)):
+            f.write(block[: size - offset])
+        os.fsync(f.fileno())
+    seconds = time.monotonic() - start
+    path.unlink()
+    return seconds
+
+
 def drop_caches(trim: Path | None = None) -> None:
     """Start each run cold, so runs are comparable (needs root; best effort).
 

@@ -15,7 +15,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.harness import Result, Sample, Stats, direct_loop, drop_caches, measure, mounted, repeat, seconds
+from bench.harness import (
+    Result,
+    Sample,
+    Stats,
+    direct_loop,
+    drop_caches,
+    durable_write,
+    measure,
+    mounted,
+    repeat,
+    seconds,
+)
 from bench.synthetic import synthetic_component, synthetic_image, synthetic_os
 from bootenv.cache import locked
 from bootenv.manifest import Component, Manifest, parse_manifest
@@ -250,6 +261,15 @@ def _fresh_dir(path: Path) -> None:
     drop_caches(trim=path)
 
 
+def disk_floor(env: Env, root: Path, size: int) -> Stats:
+    """The disk's floor for making `size` bytes durable on the target filesystem, cold."""
+    runs = []
+    for _ in range(env.runs):
+        _fresh_dir(root)
+        runs.append(durable_write(root, size))
+    return Stats.of(runs)
+
+
 def _layout_argv(image: str, components: str, root: Path, streams: int) -> list[str]:
     return [
         BOOTENV,
@@ -288,6 +308,7 @@ def _layout_speed(env: Env, inp: Input) -> Result:
         spread += repeat(
             1, lambda: _fresh_dir(root), _layout_argv(str(env.images / inp.image), inp.component, root, 0)
         )
+    floor = disk_floor(env, root, comp.data.raw_size)
     shutil.rmtree(root, ignore_errors=True)
     a, b, c, d = seconds(ours), seconds(theirs), seconds(synced), seconds(spread)
     r = Result(
@@ -298,6 +319,7 @@ def _layout_speed(env: Env, inp: Input) -> Result:
             "zstd -dc | tar -x (s)": b,
             "zstd -dc | tar -x && sync -f (s)": c,
             "bootenv layout, its chunks on all streams (s)": d,
+            "writing its bytes durably as one file (s)": floor,
             "bootenv CPU (user+sys, s)": Stats.of([s.cpu for s in ours]),
             "tar CPU (user+sys, s)": Stats.of([s.cpu for s in theirs]),
             "bootenv files/s": Stats.of([comp.files / s.seconds for s in ours]),
@@ -309,6 +331,10 @@ def _layout_speed(env: Env, inp: Input) -> Result:
     r.notes.append(
         "bootenv's time includes verifying the sha256, the dpkg merge, ldconfig and a syncfs that makes "
         f"the files durable before its journal says so; against tar -x && sync: {c.median / a.median:.2f}x"
+    )
+    r.notes.append(
+        f"writing its {comp.data.raw_size >> 20} MiB durably as one file takes {floor.median:.2f} s here, "
+        f"the disk's floor for a layout that makes them durable: {b.median / floor.median:.2f}x tar at best"
     )
     r.notes.append(
         f"one component's chunks spread over the default streams: {b.median / d.median:.2f}x tar "
@@ -360,6 +386,9 @@ def _parallel_scaling(env: Env, inp: Input) -> Result:
                 busy[(label, streams)] = Stats.of([s.cpu / s.seconds for s in runs]).median
                 machine[(label, streams)] = Stats.of([s.busy / s.seconds for s in runs]).median
             ratios[label] = times[1] / times[n]
+    size = sum(c.data.raw_size for c in m.components)
+    floor = disk_floor(env, root, size)
+    measurements["writing all components' bytes durably as one file (s)"] = floor
     shutil.rmtree(root, ignore_errors=True)
     cores = cpu_count()
     r = Result("parallel" + inp.suffix, f"{n} components, 1..{n} streams ({cores} cores)", measurements)
@@ -374,6 +403,12 @@ def _parallel_scaling(env: Env, inp: Input) -> Result:
         )
         + f"; no number of streams gets more than {cores} / {machine[('loopback', 1)]:.2f} = "
         f"{cores / machine[('loopback', 1)]:.2f}x over one stream here"
+    )
+    one = measurements["loopback: 1 stream(s) (s)"].median
+    r.notes.append(
+        f"writing the components' {size >> 20} MiB durably as one file takes {floor.median:.2f} s here, the "
+        f"disk's floor for any number of streams: on loopback no more than {one / floor.median:.2f}x over "
+        "one stream"
     )
     want = 0.7 * min(n, cores)
     r.target = f">= {want:.1f} (loopback), >= {0.8 * n:.1f} (capped)"

@@ -13,7 +13,8 @@ import pytest
 import requests
 import zstandard
 
-from bench.harness import Result, Stats, measure, save, table
+from bench import harness
+from bench.harness import Result, Stats, durable_write, measure, save, table
 from bench.scenarios import fetch_units, rows, stream_bound
 from bench.synthetic import Plan, SyntheticSpec, make_pool, plan, status_text, synthetic_tree
 from bench.throttle import serve
@@ -42,6 +43,18 @@ def test_measure_table_and_save(tmp_path: Path) -> None:
     doc = json.loads(path.read_text())
     assert doc["results"][0]["measurements"]["python (s)"]["runs"] == 2
     assert (tmp_path / "latest.json").read_text() == path.read_text()
+
+
+def test_durable_write_syncs_exactly_the_bytes_asked_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(harness.os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_size), real_fsync(fd)))
+    size = (9 << 20) + 5  # not a whole number of its 4 MiB writes
+    assert durable_write(tmp_path, size) > 0
+    assert synced == [size]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_throttled_server_serves_ranges(tmp_path: Path) -> None:
