@@ -41,10 +41,12 @@ from bootenv.signing import Trust
 from bootenv.source import load_manifest
 from bootenv.stream import Piece
 from bootenv.trusted import open_trusted
+from bootenv.writeback import Flusher
 
 log = logging.getLogger(__name__)
 
 MAX_STREAMS = 4
+FLUSH_INTERVAL = 0.25  # seconds between the flusher's syncs while streams run
 FAILED_UNIT = "failed to start: "  # activation note of a unit that is not active
 
 
@@ -289,6 +291,12 @@ class _Scheduler:
         self.ready.append((priority, self.seq, kind, comp, index, redirect))
 
     def run(self, pool: Pool, comps: list[Component]) -> list[ComponentResult]:
+        """Every piece, then every component's final job. The streams are forked by now,
+        so a thread may start: the flusher syncs what they write as they go."""
+        with Flusher(self.root, FLUSH_INTERVAL):
+            return self._run(pool, comps)
+
+    def _run(self, pool: Pool, comps: list[Component]) -> list[ComponentResult]:
         self.pool = pool
         journal = Journal(self.root)
         for comp in comps:

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from bootenv import conflicts
+from bootenv import layout as layout_mod
 from bootenv.cli import main
 from bootenv.errors import UserError
+from bootenv.journal import STATE_DIR
 from bootenv.layout import LayoutConfig, LayoutResult, _pump, layout
 from bootenv.machines import StepStatus, parse_event
 from tests.hostile.kit import MTIME, Comp, d, f, hard, make_image, snapshot, special, sym
@@ -134,6 +136,36 @@ def test_parallel_equals_sequential(tmp_path: Path) -> None:
         assert run(image, root, "all", streams=streams).ok
         trees.append(snapshot(root))
     assert trees[0] == trees[1]
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_a_flusher_syncs_the_root_while_the_pieces_are_laid_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, streams: int
+) -> None:
+    image = three(tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    seen: list[tuple[str, Path, bool, dict[str, str]]] = []
+
+    def look(what: str, path: Path) -> None:
+        phases = {p.stem: json.loads(p.read_text())["phase"] for p in (root / STATE_DIR).glob("*.json")}
+        seen.append((what, path, (root / "opt/top/t").exists(), phases))
+
+    class Watched(layout_mod.Flusher):
+        def __init__(self, path: Path, interval: float = 0.25) -> None:
+            look("open", path)
+            super().__init__(path, interval)
+
+        def close(self) -> None:
+            look("close", root)
+            super().close()
+
+    monkeypatch.setattr(layout_mod, "Flusher", Watched)
+    assert run(image, root, "all", streams=streams).ok
+    # Opened on the root before the first file; closed after the last file and after
+    # every component's final syncfs (the journal's `files` phase), before the dpkg merge.
+    files = {"base": "files", "mid": "files", "top": "files"}
+    assert seen == [("open", root, False, {}), ("close", root, True, files)]
 
 
 def shared_image(tmp_path: Path) -> Path:
