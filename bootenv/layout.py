@@ -46,7 +46,6 @@ from bootenv.writeback import Flusher
 log = logging.getLogger(__name__)
 
 MAX_STREAMS = 4
-FLUSH_INTERVAL = 0.25  # seconds between the flusher's syncs while streams run
 FAILED_UNIT = "failed to start: "  # activation note of a unit that is not active
 
 
@@ -293,7 +292,7 @@ class _Scheduler:
     def run(self, pool: Pool, comps: list[Component]) -> list[ComponentResult]:
         """Every piece, then every component's final job. The streams are forked by now,
         so a thread may start: the flusher syncs what they write as they go."""
-        with Flusher(self.root, FLUSH_INTERVAL):
+        with Flusher(self.root):
             return self._run(pool, comps)
 
     def _run(self, pool: Pool, comps: list[Component]) -> list[ComponentResult]:

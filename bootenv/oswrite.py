@@ -38,7 +38,7 @@ from bootenv.prefetch import Prefetch
 from bootenv.signing import Trust
 from bootenv.source import Source, open_source
 from bootenv.trusted import open_trusted
-from bootenv.writeback import start_writeback
+from bootenv.writeback import Flusher, start_writeback
 from bootenv.writebehind import WriteBehind
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,8 @@ def write_os(
             pieces: list[tuple[int, int]] = []  # (offset, length) kept in `held`
             with source.open(image.data.file, image.data.size) as raw:
                 reader = HashingReader(raw, image.data, source.describe(image.data.file))
-                _stream(reader, bmap, target, Held(held, pieces), label if progress else None)
+                with Flusher(f"/proc/self/fd/{fd}"):  # synced as it goes
+                    _stream(reader, bmap, target, Held(held, pieces), label if progress else None)
                 reader.verify()
                 compressed = reader.count
             # Everything verified: now, and only now, make the filesystem visible. The

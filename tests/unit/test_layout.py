@@ -152,7 +152,7 @@ def test_a_flusher_syncs_the_root_while_the_pieces_are_laid_out(
         seen.append((what, path, (root / "opt/top/t").exists(), phases))
 
     class Watched(layout_mod.Flusher):
-        def __init__(self, path: Path, interval: float = 0.25) -> None:
+        def __init__(self, path: Path, interval: float | None = None) -> None:
             look("open", path)
             super().__init__(path, interval)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bootenv import cli
+from bootenv import cli, oswrite
 from bootenv.blockdev import _mounted_devnos, check_fits, check_not_in_use, open_destination
 from bootenv.blockmap import BlockMap, Range, data_extents, pack_image, parse_blockmap
 from bootenv.errors import FatalError, RetryableError, UserError, VerificationError
@@ -172,6 +172,30 @@ def test_big_image_over_http_with_drops(built_big: Built, tmp_path: Path) -> Non
         srv.faults[built_big.manifest.os.data.file] = Fault(drops=[size // 5, size // 2, size - 3])
         write_to(tmp_path / "disk.img", built_big, http(srv))
     assert_image(tmp_path / "disk.img", built_big.raw, built_big.bmap)
+
+
+def test_the_target_is_synced_as_it_is_written(
+    built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "disk.img"
+    seen: list[tuple[str, str, int]] = []
+
+    class Watched(oswrite.Flusher):
+        def __init__(self, path: str, interval: float | None = None) -> None:
+            seen.append(("open", os.path.realpath(path), out.stat().st_blocks))
+            super().__init__(path, interval)
+
+        def close(self) -> None:
+            seen.append(("close", str(out), out.stat().st_blocks))
+            super().close()
+
+    monkeypatch.setattr(oswrite, "Flusher", Watched)
+    write_to(out, built, DirSource(built.dir))
+    assert_image(out, built.raw, built.bmap)
+    # Open on the target itself before any data is in; closed once the ranges are.
+    assert [what for what, _, _ in seen] == ["open", "close"]
+    assert seen[0][1] == seen[1][1] == str(out)
+    assert seen[0][2] == 0 and seen[1][2] > 0
 
 
 def test_single_image(built: Built, tmp_path: Path) -> None:
