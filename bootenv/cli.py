@@ -218,6 +218,8 @@ def run() -> NoReturn:
         sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with that fd closed: nothing to flush
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):

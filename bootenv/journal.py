@@ -11,23 +11,28 @@ laid out again.
 
 from __future__ import annotations
 
-import ctypes
+import errno
 import json
 import os
 from pathlib import Path
 
+from bootenv.writeback import sync_filesystem
+
 STATE_DIR = Path("var/lib/bootenv/layout/state")
 PHASES = ("files", "dpkg", "done")
-_libc = ctypes.CDLL(None, use_errno=True)
 _fsync = os.fsync  # tests that only simulate kill -9 (not a power cut) may skip the flushes
 
 
 def syncfs(path: Path) -> None:
-    """Flush the filesystem holding `path` (cheaper than a global sync)."""
+    """Flush the filesystem holding `path` (cheaper than a global sync). OSError if the
+    kernel reports a write error; a kernel without syncfs gets a global sync."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        if _libc.syncfs(fd) != 0:
-            os.sync()
+        sync_filesystem(fd)
+    except OSError as exc:
+        if exc.errno != errno.ENOSYS:
+            raise
+        os.sync()
     finally:
         os.close(fd)
 

@@ -281,6 +281,7 @@ class _Scheduler:
         self.jobs: dict[Future[Any], tuple[str, Component, int]] = {}
         self.ready: list[_Ready] = []
         self.later: dict[str, Component] = {}  # first piece being laid out: the others wait
+        self.flusher: Flusher | None = None  # set by run()
         self.seq = 0
 
     def push(
@@ -292,7 +293,7 @@ class _Scheduler:
     def run(self, pool: Pool, comps: list[Component]) -> list[ComponentResult]:
         """Every piece, then every component's final job. The streams are forked by now,
         so a thread may start: the flusher syncs what they write as they go."""
-        with Flusher(self.root):
+        with Flusher(self.root) as self.flusher:
             return self._run(pool, comps)
 
     def _run(self, pool: Pool, comps: list[Component]) -> list[ComponentResult]:
@@ -428,6 +429,11 @@ class _Scheduler:
         if kind == "final":
             try:
                 fut.result()
+                # The final job's syncfs opened a description of its own, which is not
+                # told of an error the flusher saw first: the flusher is asked too.
+                if self.flusher is not None:
+                    self.flusher.check()
+                Journal(self.root).set(comp.name, comp.data.sha256, "files")
             except OSError as exc:
                 self.results[comp.name] = ComponentResult(comp.name, "failed", error=str(exc), seconds=took)
             else:
@@ -489,14 +495,14 @@ def _done(comp: Component, pieces: dict[int, Piece], took: float) -> ComponentRe
 
 
 def _finish(comp: Component, root: Path, privileged: bool, created: tuple[tuple[str, int], ...]) -> None:
-    """Every piece is in: directory mtimes, then durable, then the journal says so."""
+    """Every piece is in: directory mtimes, then durable. The scheduler then records it
+    in the journal, unless the flusher saw a write error."""
     writer = TreeWriter(root, comp.name, privileged=privileged, merge=MergeState(root))
     try:
         writer.finish(list(created))
     finally:
         writer.close()
     syncfs(root)
-    Journal(root).set(comp.name, comp.data.sha256, "files")
 
 
 class _ProgressSum:

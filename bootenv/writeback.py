@@ -38,18 +38,17 @@ def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
 
 
 @functools.cache
-def _syncfs() -> ctypes._NamedFuncPointer:
+def _libc_syncfs() -> ctypes._NamedFuncPointer:
     fn = ctypes.CDLL(None, use_errno=True).syncfs
     fn.argtypes = (ctypes.c_int,)
     return fn
 
 
-def _fdatasync(fd: int) -> int:
-    try:
-        os.fdatasync(fd)
-    except OSError:
-        return -1
-    return 0
+def sync_filesystem(fd: int) -> None:
+    """syncfs(2) of the filesystem `fd` is on; OSError if it reports a write error."""
+    if _libc_syncfs()(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 class Flusher:
@@ -64,24 +63,30 @@ class Flusher:
     it goes, the final sync finds little left. The thread spends its time in the
     syscall, without the GIL.
 
-    The flusher syncs through a file description of its own, opened here: a write error
-    it is told of is still reported to the owner's final fsync or syncfs on theirs (the
-    kernel reports such an error once per description).
+    The kernel reports a write error once per open file description, and not to a
+    description opened after someone saw it. The flusher syncs through a description of
+    its own, opened here: an owner whose description is older (write-os's target) still
+    sees the error at its final sync; an owner that opens a new one later (a layout's
+    syncfs) must ask `check()`, which raises the first error the flusher saw.
     """
 
     def __init__(self, path: Path | str, interval: float | None = None) -> None:
+        self.path = str(path)
+        self.error: OSError | None = None
         self._interval = FLUSH_INTERVAL if interval is None else interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._fd = -1
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:  # advice only: the final sync still comes
+            whole = stat.S_ISDIR(os.fstat(self._fd).st_mode)
+            self._sync: Callable[[int], None] = sync_filesystem if whole else os.fdatasync
+            self._thread = threading.Thread(target=self._run, name="flusher", daemon=True)
+            self._thread.start()
+        except (OSError, RuntimeError) as exc:  # advice only: the final sync still comes
             log.debug("not syncing %s as it is written: %s", path, exc)
-            return
-        whole = stat.S_ISDIR(os.fstat(self._fd).st_mode)
-        self._sync: Callable[[int], int] = _syncfs() if whole else _fdatasync
-        self._thread = threading.Thread(target=self._run, name="flusher", daemon=True)
-        self._thread.start()
+            self._thread = None
+            self._close_fd()
 
     @property
     def running(self) -> bool:
@@ -89,14 +94,31 @@ class Flusher:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            self._sync(self._fd)  # advice: a failure is the final sync's to report
+            try:
+                self._sync(self._fd)
+            except OSError as exc:
+                if self.error is None:
+                    log.debug("syncing %s failed: %s", self.path, exc)
+                    self.error = exc
+
+    def check(self) -> None:
+        """Raise the first write error a sync reported, if any."""
+        if self.error is not None:
+            raise OSError(self.error.errno, f"writing to {self.path} failed: {self.error.strerror}")
 
     def close(self) -> None:
-        if self.running and self._thread is not None:
-            self._stop.set()
-            self._thread.join()
+        self._stop.set()
+        try:
+            if self._thread is not None:
+                self._thread.join()
+        finally:
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
             with contextlib.suppress(OSError):
-                os.close(self._fd)
+                os.close(fd)
 
     def __enter__(self) -> Flusher:
         return self

@@ -52,33 +52,49 @@ def test_inspect_dir(image_dir: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
 
 # The `bootenv` command ends the process without tearing the interpreter down (cli.run).
-# A child runs it with an atexit function of its own and stdout on a pipe, where Python
-# buffers it (unless PYTHONUNBUFFERED says not to, so that is left out): without the flush
-# and the atexit functions, both outputs would be lost.
-_RUN = (
-    "import atexit, sys; from bootenv.cli import run; "
-    "atexit.register(print, 'atexit ran'); sys.argv[1:] = sys.argv[2:]; run()"
-)
+# A child runs it with an atexit function of its own, an object that says when it is torn
+# down, and stdout on a pipe, where Python buffers it (unless PYTHONUNBUFFERED says not
+# to, so that is left out): without the flush and the atexit functions, both outputs
+# would be lost. With "thread", a thread that a normal exit waits for is still running.
+_RUN = """
+import atexit, sys, threading, time
+from bootenv.cli import run
+class Teardown:
+    def __del__(self):
+        print("torn down")
+keep = Teardown()
+atexit.register(print, "atexit ran")
+if sys.argv[1] == "thread":
+    threading.Thread(target=lambda: (time.sleep(0.3), print("thread done"))).start()
+sys.argv[1:] = sys.argv[2:]
+run()
+"""
 
 
-def _bootenv(*args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-c", _RUN, "--", *args]
+def _bootenv(mode: str, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-c", _RUN, mode, *args]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
 
 
-def test_the_command_exits_with_mains_code_after_its_output_and_atexit(image_dir: Path) -> None:
-    done = _bootenv("inspect", str(image_dir))
+def test_the_command_skips_teardown_after_its_output_and_atexit(image_dir: Path) -> None:
+    done = _bootenv("plain", "inspect", str(image_dir))
     assert done.returncode == 0, done.stderr
     assert "Debian GNU/Linux 12 (bookworm)" in done.stdout
-    assert done.stdout.endswith("atexit ran\n")
+    assert done.stdout.endswith("atexit ran\n") and "torn down" not in done.stdout
 
 
 def test_the_command_keeps_a_failures_code_and_one_line(tmp_path: Path) -> None:
-    done = _bootenv("inspect", str(tmp_path))
+    done = _bootenv("plain", "inspect", str(tmp_path))
     assert done.returncode == 2
     assert done.stderr.startswith("bootenv: error: ") and done.stderr.count("\n") == 1
     assert done.stdout == "atexit ran\n"
+
+
+def test_the_command_exits_the_normal_way_while_a_thread_runs(tmp_path: Path) -> None:
+    done = _bootenv("thread", "inspect", str(tmp_path))
+    assert done.returncode == 2
+    assert "thread done" in done.stdout and "atexit ran" in done.stdout and "torn down" in done.stdout
 
 
 def test_inspect_url_json(served: str, capsys: pytest.CaptureFixture[str]) -> None:

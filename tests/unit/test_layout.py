@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -155,6 +156,7 @@ def test_a_flusher_syncs_the_root_while_the_pieces_are_laid_out(
         def __init__(self, path: Path, interval: float | None = None) -> None:
             look("open", path)
             super().__init__(path, interval)
+            assert self.running
 
         def close(self) -> None:
             look("close", root)
@@ -166,6 +168,31 @@ def test_a_flusher_syncs_the_root_while_the_pieces_are_laid_out(
     # every component's final syncfs (the journal's `files` phase), before the dpkg merge.
     files = {"base": "files", "mid": "files", "top": "files"}
     assert seen == [("open", root, False, {}), ("close", root, True, files)]
+
+
+def test_a_write_error_the_flusher_saw_fails_the_components(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The final syncfs opens a description of its own, which the kernel does not tell of
+    # an error the flusher's saw first: the layout must ask the flusher.
+    class SawEIO(layout_mod.Flusher):
+        def __init__(self, path: Path, interval: float | None = None) -> None:
+            super().__init__(path, interval)
+            self.error = OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(layout_mod, "Flusher", SawEIO)
+    image = three(tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    res = run(image, root, "all")
+    assert not res.ok
+    assert {(c.name, c.status) for c in res.components} == {
+        ("base", "failed"),
+        ("mid", "failed"),
+        ("top", "failed"),
+    }
+    assert all(c.error and f"writing to {root} failed: Input/output error" in c.error for c in res.components)
+    assert not list((root / STATE_DIR).glob("*.json"))  # the journal never says `files`
 
 
 def shared_image(tmp_path: Path) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import bootenv.layout as layout_mod
-from bootenv import journal
+from bootenv import journal, writeback
 from bootenv.layout import LayoutConfig, layout
 from tests.conftest import seeds
 from tests.hostile.kit import Comp, d, f, make_image, snapshot, sym
@@ -85,6 +85,7 @@ def test_kill_9_then_rerun_converges(tmp_path: Path, monkeypatch: pytest.MonkeyP
     # kill -9 keeps the page cache: skip the flushes meant for power cuts (slow on a busy disk)
     monkeypatch.setattr(journal, "_fsync", lambda fd: None)
     monkeypatch.setattr(layout_mod, "syncfs", lambda path: None)
+    monkeypatch.setattr(writeback, "FLUSH_INTERVAL", 3600.0)
     image = crash_image(tmp_path)
     clean = tmp_path / "clean"
     seed_os(clean)

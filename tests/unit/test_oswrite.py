@@ -184,6 +184,7 @@ def test_the_target_is_synced_as_it_is_written(
         def __init__(self, path: str, interval: float | None = None) -> None:
             seen.append(("open", os.path.realpath(path), out.stat().st_blocks))
             super().__init__(path, interval)
+            assert self.running
 
         def close(self) -> None:
             seen.append(("close", str(out), out.stat().st_blocks))

@@ -1,72 +1,82 @@
-"""Writeback advice: the flusher syncs the filesystem as it goes, and stops when closed."""
+"""Writeback advice: the flusher syncs as it goes, keeps the first error, stops when closed."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from bootenv import writeback
+from bootenv import journal, writeback
 from bootenv.writeback import Flusher
 
 
-class CountingSyncfs:
-    """The real syncfs, counted, with the directory each call was for."""
+class Counting:
+    """A sync function, counted: the path each call was for and what it returned."""
 
-    def __init__(self) -> None:
-        self.real = writeback._syncfs()
-        self.calls: list[tuple[str, int]] = []
+    def __init__(self, real: Callable[[int], None], fail: int | None = None) -> None:
+        self.real, self.fail = real, fail
+        self.calls: list[tuple[int, str]] = []
         self.third = threading.Event()
 
-    def __call__(self, fd: int) -> int:
-        rc = int(self.real(fd))
-        self.calls.append((os.readlink(f"/proc/self/fd/{fd}"), rc))
+    def __call__(self, fd: int) -> None:
+        self.calls.append((fd, os.readlink(f"/proc/self/fd/{fd}")))
         if len(self.calls) >= 3:
             self.third.set()
-        return rc
+        if self.fail is not None:
+            raise OSError(self.fail, os.strerror(self.fail))
+        self.real(fd)
 
 
-def test_the_flusher_syncs_the_filesystem_of_its_path_until_closed(
+def _closed(fd: int, path: str) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") != path
+    except FileNotFoundError:
+        return True
+
+
+def test_a_directory_is_synced_as_a_filesystem_until_closed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    counting = CountingSyncfs()
-    monkeypatch.setattr(writeback, "_syncfs", lambda: counting)
+    counting = Counting(writeback.sync_filesystem)
+    monkeypatch.setattr(writeback, "sync_filesystem", counting)
     (tmp_path / "f").write_bytes(b"x" * 65536)  # something for the syncs to write out
-    before = set(os.listdir("/proc/self/fd"))
-    with Flusher(tmp_path, interval=0.01):
+    with Flusher(tmp_path, interval=0.01) as flusher:
+        assert flusher.running
         assert counting.third.wait(10), "the flusher did not sync three times in 10 s"
-    after_close = len(counting.calls)
-    time.sleep(0.1)
-    assert len(counting.calls) == after_close  # no sync once closed
-    assert {(str(tmp_path), 0)} == set(counting.calls)  # each one of tmp_path's fs, and it worked
-    assert set(os.listdir("/proc/self/fd")) == before  # its directory fd is closed
+    fd = counting.calls[0][0]
+    assert {path for _, path in counting.calls} == {str(tmp_path)}
+    assert not flusher.running and flusher.error is None
+    flusher.check()  # nothing failed
+    assert _closed(fd, str(tmp_path))
 
 
 def test_a_file_is_synced_through_a_description_of_the_flushers_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    synced: list[tuple[int, str, int]] = []
-    third = threading.Event()
-    real = writeback._fdatasync
-
-    def fdatasync(fd: int) -> int:
-        synced.append((fd, os.readlink(f"/proc/self/fd/{fd}"), real(fd)))
-        if len(synced) >= 3:
-            third.set()
-        return synced[-1][2]
-
-    monkeypatch.setattr(writeback, "_fdatasync", fdatasync)
+    counting = Counting(os.fdatasync)
+    monkeypatch.setattr(writeback.os, "fdatasync", counting)
     target = tmp_path / "disk.img"
     with open(target, "wb") as f:
         f.write(b"x" * 65536)
         with Flusher(f"/proc/self/fd/{f.fileno()}", interval=0.01):
-            assert third.wait(10), "the flusher did not sync three times in 10 s"
-        # Its own description: a write error it is told of is still the owner's to see.
-        assert {(path, rc) for _, path, rc in synced} == {(str(target), 0)}
-        assert f.fileno() not in {fd for fd, _, _ in synced}
+            assert counting.third.wait(10), "the flusher did not sync three times in 10 s"
+        # Its own description: an error it is told of is still the owner's to see.
+        assert {path for _, path in counting.calls} == {str(target)}
+        assert f.fileno() not in {fd for fd, _ in counting.calls}
+
+
+def test_the_first_error_is_kept_for_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    counting = Counting(writeback.sync_filesystem, fail=errno.EIO)
+    monkeypatch.setattr(writeback, "sync_filesystem", counting)
+    with Flusher(tmp_path, interval=0.01) as flusher:
+        assert counting.third.wait(10), "the flusher did not sync three times in 10 s"
+    assert flusher.error is not None and flusher.error.errno == errno.EIO
+    with pytest.raises(OSError, match=f"writing to {tmp_path} failed: Input/output error"):
+        flusher.check()
 
 
 def test_closing_twice_and_a_path_it_cannot_open(tmp_path: Path) -> None:
@@ -77,3 +87,24 @@ def test_closing_twice_and_a_path_it_cannot_open(tmp_path: Path) -> None:
     assert not flusher.running
     with Flusher(tmp_path / "missing") as missing:  # advice only: no flusher, no error
         assert not missing.running
+    missing.check()
+
+
+def test_the_journals_syncfs_reports_a_write_error_and_falls_back_only_without_syncfs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    monkeypatch.setattr(journal.os, "sync", lambda: synced.append("sync"))
+    journal.syncfs(tmp_path)  # the real one: works here
+    for err in (errno.EIO, errno.ENOSYS):
+
+        def failing(fd: int, err: int = err) -> None:
+            raise OSError(err, os.strerror(err))
+
+        monkeypatch.setattr(journal, "sync_filesystem", failing)
+        if err == errno.EIO:
+            with pytest.raises(OSError, match="Input/output error"):
+                journal.syncfs(tmp_path)
+        else:
+            journal.syncfs(tmp_path)
+    assert synced == ["sync"]  # only for the kernel without syncfs
