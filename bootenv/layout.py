@@ -234,19 +234,22 @@ def _run_pool(sched: _Scheduler, comps: list[Component], progress: _ProgressSum)
     events: Any = ctx.Queue()
     stop = threading.Event()
     pump = threading.Thread(target=_pump, args=(events, progress, stop), daemon=True)
-    pump.start()
     try:
         with ProcessPoolExecutor(
             sched.width, mp_context=ctx, initializer=stream.init_worker, initargs=(events,)
         ) as pool:
-            pool.submit(os.getpid).result()  # fork every stream now, before a fetch thread runs
+            # Fork every stream now, before any thread of this process runs (the pump, the
+            # fetches, the flusher): a fork copies no thread, only the locks they hold.
+            pool.submit(os.getpid).result()
+            pump.start()
             return sched.run(pool, comps)
     finally:
         # The streams have exited, their events are all in the queue: this one comes last.
         events.cancel_join_thread()  # exiting never waits to send it
         events.put(None)
         stop.set()
-        pump.join()
+        if pump.ident is not None:
+            pump.join()
 
 
 def _fetch_error(fetch: Future[Fetched], *, strict: bool = False) -> BaseException | None:

@@ -195,6 +195,33 @@ def test_a_write_error_the_flusher_saw_fails_the_components(
     assert not list((root / STATE_DIR).glob("*.json"))  # the journal never says `files`
 
 
+_FORKS: dict[str, list[set[str]]] = {}  # "seen", while a test records: the threads at each fork
+
+
+def _record_fork() -> None:
+    if "seen" in _FORKS:
+        _FORKS["seen"].append({t.name for t in threading.enumerate()})
+
+
+os.register_at_fork(before=_record_fork)  # a hook stays registered: it records only when asked
+
+
+def test_the_streams_are_forked_before_any_thread_of_the_layout_runs(tmp_path: Path) -> None:
+    image = three(tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    before = {t.name for t in threading.enumerate()}
+    _FORKS["seen"] = []
+    try:
+        assert run(image, root, "all", streams=3).ok
+        forks = _FORKS["seen"]
+    finally:
+        del _FORKS["seen"]
+    # A fork copies only the forking thread, with every lock another thread held then.
+    assert len(forks) == 3
+    assert all(alive <= before for alive in forks), [alive - before for alive in forks]
+
+
 def shared_image(tmp_path: Path) -> Path:
     a = Comp(
         "a",
