@@ -309,6 +309,9 @@ def _layout_speed(env: Env, inp: Input) -> Result:
             1, lambda: _fresh_dir(root), _layout_argv(str(env.images / inp.image), inp.component, root, 0)
         )
     floor = disk_floor(env, root, comp.data.raw_size)
+    fixed = seconds(
+        repeat(env.runs, lambda: _fresh_dir(root), _layout_argv(str(env.images / inp.image), "none", root, 1))
+    )
     shutil.rmtree(root, ignore_errors=True)
     a, b, c, d = seconds(ours), seconds(theirs), seconds(synced), seconds(spread)
     r = Result(
@@ -320,6 +323,7 @@ def _layout_speed(env: Env, inp: Input) -> Result:
             "zstd -dc | tar -x && sync -f (s)": c,
             "bootenv layout, its chunks on all streams (s)": d,
             "writing its bytes durably as one file (s)": floor,
+            "bootenv layout of no component (s)": fixed,
             "bootenv CPU (user+sys, s)": Stats.of([s.cpu for s in ours]),
             "tar CPU (user+sys, s)": Stats.of([s.cpu for s in theirs]),
             "bootenv files/s": Stats.of([comp.files / s.seconds for s in ours]),
@@ -335,6 +339,11 @@ def _layout_speed(env: Env, inp: Input) -> Result:
     r.notes.append(
         f"writing its {comp.data.raw_size >> 20} MiB durably as one file takes {floor.median:.2f} s here, "
         f"the disk's floor for a layout that makes them durable: {b.median / floor.median:.2f}x tar at best"
+    )
+    r.notes.append(
+        f"a layout of no component takes {fixed.median:.2f} s (starting Python, reading the manifest, "
+        f"exiting); with that before the disk's floor, {b.median / (floor.median + fixed.median):.2f}x tar "
+        "at best"
     )
     r.notes.append(
         f"one component's chunks spread over the default streams: {b.median / d.median:.2f}x tar "
@@ -374,6 +383,7 @@ def _parallel_scaling(env: Env, inp: Input) -> Result:
     busy: dict[tuple[str, int], float] = {}  # cores kept busy: CPU seconds / wall seconds
     machine: dict[tuple[str, int], float] = {}  # the same, for the whole machine
     capped = f"{inp.cap / 1e6:.0f} MB/s per connection"
+    fixed: Stats | None = None
     for label, cap in (("loopback", None), (capped, inp.cap)):
         with serve(env.images, per_connection=cap) as url:
             image = f"{url}/{inp.image}"
@@ -386,6 +396,11 @@ def _parallel_scaling(env: Env, inp: Input) -> Result:
                 busy[(label, streams)] = Stats.of([s.cpu / s.seconds for s in runs]).median
                 machine[(label, streams)] = Stats.of([s.busy / s.seconds for s in runs]).median
             ratios[label] = times[1] / times[n]
+            if cap is None:  # what every run pays however many streams: start, manifest, exit
+                fixed = seconds(
+                    repeat(env.runs, lambda: _fresh_dir(root), _layout_argv(image, "none", root, 1))
+                )
+                measurements["loopback: a layout of no component (s)"] = fixed
     size = sum(c.data.raw_size for c in m.components)
     floor = disk_floor(env, root, size)
     measurements["writing all components' bytes durably as one file (s)"] = floor
@@ -405,6 +420,13 @@ def _parallel_scaling(env: Env, inp: Input) -> Result:
         f"{cores / machine[('loopback', 1)]:.2f}x over one stream here"
     )
     one = measurements["loopback: 1 stream(s) (s)"].median
+    assert fixed is not None
+    rest = measurements[f"loopback: {n} stream(s) (s)"].median - fixed.median
+    r.notes.append(
+        f"a layout of no component takes {fixed.median:.2f} s on loopback (starting Python, reading the "
+        f"manifest, exiting), which no number of streams shortens: without it, {n} streams vs 1 "
+        f"would be {(one - fixed.median) / rest:.2f}x"
+    )
     r.notes.append(
         f"writing the components' {size >> 20} MiB durably as one file takes {floor.median:.2f} s here, the "
         f"disk's floor for any number of streams: on loopback no more than {one / floor.median:.2f}x over "
