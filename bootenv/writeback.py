@@ -63,11 +63,11 @@ class Flusher:
     it goes, the final sync finds little left. The thread spends its time in the
     syscall, without the GIL.
 
-    The kernel reports a write error once per open file description, and not to a
-    description opened after someone saw it. The flusher syncs through a description of
-    its own, opened here: an owner whose description is older (write-os's target) still
-    sees the error at its final sync; an owner that opens a new one later (a layout's
-    syncfs) must ask `check()`, which raises the first error the flusher saw.
+    The kernel reports a write error once to each file description open when it happened,
+    and not to one opened after someone saw it. The flusher syncs through a description
+    of its own, opened here: an owner whose description is older (write-os's target)
+    still sees the error at its final sync; an owner that opens a new one later (a
+    layout's syncfs, in another process) must ask `check()`.
     """
 
     def __init__(self, path: Path | str, interval: float | None = None) -> None:
@@ -75,6 +75,7 @@ class Flusher:
         self.error: OSError | None = None
         self._interval = FLUSH_INTERVAL if interval is None else interval
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # one sync at a time: the thread's, or check()'s
         self._thread: threading.Thread | None = None
         self._fd = -1
         try:
@@ -94,15 +95,24 @@ class Flusher:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
+            self._sync_once()
+
+    def _sync_once(self) -> None:
+        with self._lock:
+            if self._fd < 0:
+                return
             try:
                 self._sync(self._fd)
             except OSError as exc:
                 if self.error is None:
-                    log.debug("syncing %s failed: %s", self.path, exc)
                     self.error = exc
+                    log.debug("syncing %s failed: %s", self.path, exc)
 
     def check(self) -> None:
-        """Raise the first write error a sync reported, if any."""
+        """Sync once more, now, and raise the first write error any sync reported. The
+        flusher's description was opened before anything it guards was written, so this
+        sync is told of every error since, whoever else was told first."""
+        self._sync_once()
         if self.error is not None:
             raise OSError(self.error.errno, f"writing to {self.path} failed: {self.error.strerror}")
 
@@ -115,10 +125,11 @@ class Flusher:
             self._close_fd()
 
     def _close_fd(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        with self._lock:
+            if self._fd >= 0:
+                fd, self._fd = self._fd, -1
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def __enter__(self) -> Flusher:
         return self

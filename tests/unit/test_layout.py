@@ -195,12 +195,12 @@ def test_a_write_error_the_flusher_saw_fails_the_components(
     assert not list((root / STATE_DIR).glob("*.json"))  # the journal never says `files`
 
 
-_FORKS: dict[str, list[set[str]]] = {}  # "seen", while a test records: the threads at each fork
+_FORKS: dict[str, list[set[threading.Thread]]] = {}  # "seen", while a test records: threads at each fork
 
 
 def _record_fork() -> None:
     if "seen" in _FORKS:
-        _FORKS["seen"].append({t.name for t in threading.enumerate()})
+        _FORKS["seen"].append(set(threading.enumerate()))
 
 
 os.register_at_fork(before=_record_fork)  # a hook stays registered: it records only when asked
@@ -210,7 +210,7 @@ def test_the_streams_are_forked_before_any_thread_of_the_layout_runs(tmp_path: P
     image = three(tmp_path)
     root = tmp_path / "root"
     root.mkdir()
-    before = {t.name for t in threading.enumerate()}
+    before = set(threading.enumerate())
     _FORKS["seen"] = []
     try:
         assert run(image, root, "all", streams=3).ok

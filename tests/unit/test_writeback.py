@@ -79,6 +79,25 @@ def test_the_first_error_is_kept_for_check(tmp_path: Path, monkeypatch: pytest.M
         flusher.check()
 
 
+def test_check_syncs_now_so_an_error_just_made_is_not_missed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another description (a stream's final syncfs) may have been told of the error
+    # first; the flusher's older one is told too, at its next sync: check() makes it now.
+    counting = Counting(writeback.sync_filesystem)
+    monkeypatch.setattr(writeback, "sync_filesystem", counting)
+    with Flusher(tmp_path, interval=3600) as flusher:
+        flusher.check()  # a sync, and it worked
+        assert len(counting.calls) == 1
+        counting.fail = errno.EIO
+        with pytest.raises(OSError, match="Input/output error"):
+            flusher.check()
+        assert len(counting.calls) == 2
+    with pytest.raises(OSError, match="Input/output error"):
+        flusher.check()  # closed: no sync, the error it kept
+    assert len(counting.calls) == 2
+
+
 def test_closing_twice_and_a_path_it_cannot_open(tmp_path: Path) -> None:
     flusher = Flusher(tmp_path, interval=60)
     assert flusher.running
