@@ -298,6 +298,7 @@ def chart(results: Sequence[Result], path: Path) -> Path | None:
     for i, r in enumerate(shown):
         ax.text((r.ratio or 0) + 0.02, i, f"{r.ratio:.2f}  (target {r.target})", va="center", fontsize=8)
     ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlim(0, 1.9 * max([1.0, *(r.ratio or 0 for r in shown)]))  # room for the labels
     ax.invert_yaxis()
     ax.set_xlabel("ratio (measured side by side in one run)")
     ax.set_title("bootenv benchmarks")
