@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bootenv.writeback import Flusher
+
 TIME = "/usr/bin/time"  # GNU time (Debian package `time`)
 
 
@@ -198,28 +200,17 @@ def mounted(device: str, mountpoint: Path, *options: str) -> Iterator[Path]:
 def durable_write(directory: Path, size: int) -> float:
     """Seconds to write `size` bytes of incompressible data as one file in `directory`,
     in 4 MiB writes, and make them durable: the disk's floor for that many bytes, which
-    no layout of them, on any number of streams, gets below. A thread syncs the file
-    every 0.1 s meanwhile, as bootenv's flusher does: with only the final fsync, the
-    disk's cache flush (here, the host committing what its file allocated) would all come
-    at the end, after the writes, and the floor would be too high."""
+    no layout of them, on any number of streams, gets below. bootenv's flusher syncs the
+    file as it is written, as write-os has it do: with only the final fsync, the disk's
+    cache flush (here, the host committing what its file allocated) would all come at
+    the end, after the writes, and the floor would be too high."""
     block = os.urandom(4 << 20)
     path = directory / "durable-write"
-    done = threading.Event()
     start = time.monotonic()
     with open(path, "wb", buffering=0) as f:
-
-        def flush() -> None:
-            while not done.wait(0.1):
-                os.fdatasync(f.fileno())
-
-        flusher = threading.Thread(target=flush)
-        flusher.start()
-        try:
+        with Flusher(f"/proc/self/fd/{f.fileno()}"):
             for offset in range(0, size, len(block)):
                 f.write(block[: size - offset])
-        finally:
-            done.set()
-            flusher.join()
         os.fsync(f.fileno())
     seconds = time.monotonic() - start
     path.unlink()
