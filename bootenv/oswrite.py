@@ -330,7 +330,7 @@ def _stream(reader: HashingReader, bmap: BlockMap, target: Target, header: Held,
             fill = _Fill(behind)
             try:
                 for rng in bmap.ranges:
-                    _stream_range(ahead, rng, fill, header, bar)
+                    _stream_range(ahead, rng, fill, header, bar, reader.name)
                 if ahead.read(1):
                     raise VerificationError(f"{reader.name} holds more data than its block map")
             finally:  # on a failure too: what one thread would have written by then
@@ -380,7 +380,9 @@ class _Fill:
         self.used = 0
 
 
-def _stream_range(zin: Prefetch, rng: Range, fill: _Fill, header: Held, bar: Progress | None) -> None:
+def _stream_range(
+    zin: Prefetch, rng: Range, fill: _Fill, header: Held, bar: Progress | None, name: str
+) -> None:
     digest = hashlib.sha256()
     offset, left = rng.offset, rng.length
     while left:
@@ -391,7 +393,7 @@ def _stream_range(zin: Prefetch, rng: Range, fill: _Fill, header: Held, bar: Pro
             data = zin.view(want - got)  # lent until the next view(): copied at once
             n = len(data)
             if not n:
-                raise VerificationError(f"the OS image stream ended early, in the range at byte {offset}")
+                raise VerificationError(f"{name} ended early, in the range at byte {offset}")
             room[got : got + n] = data
             got += n
         piece = room[:got]
@@ -406,7 +408,9 @@ def _stream_range(zin: Prefetch, rng: Range, fill: _Fill, header: Held, bar: Pro
         if bar:
             bar.update(got)
     if digest.hexdigest() != rng.sha256:
-        raise VerificationError(f"range at byte {rng.offset} ({rng.length} bytes) does not match its sha256")
+        raise VerificationError(
+            f"{name}: the range at byte {rng.offset} ({rng.length} bytes) does not match its sha256"
+        )
 
 
 def write_os_path(
