@@ -303,7 +303,7 @@ def test_a_chunk_that_fails_its_fetch_fails_its_component_at_once(
     (before, the first one was, and the others until the bad one's turn came)."""
     _, chunked, _ = images
     comp = manifest(chunked).component("good")
-    good, bad = sorted(range(1, len(comp.chunks)), key=lambda i: -comp.chunks[i].size)[:2]
+    good, bad = sorted(range(1, len(comp.chunks)), key=lambda i: -layout_mod._work(comp.chunks[i]))[:2]
     k = comp.chunks[bad]
     root = tmp_path / "root"
     root.mkdir()
@@ -355,6 +355,54 @@ def test_pieces_of_a_component_that_failed_meanwhile_are_neither_queued_nor_fetc
     finally:
         ahead.close()
     assert sched.results[comp.name].status == "failed"
+
+
+def test_pieces_start_in_order_of_the_work_they_are_not_of_their_download(tmp_path: Path) -> None:
+    """A chunk of zeros (a database's preallocated log) comes in small and writes much:
+    ordered by compressed size it started last and held up the run's end. The order is
+    by bytes fetched plus bytes written, both for the streams and for fetching ahead."""
+    chunks = (
+        Chunk(0, 100, 1_000, "0" * 64),  # the first piece: the directories
+        Chunk(100, 5_000, 20_000, "1" * 64),  # work 25 000
+        Chunk(5_100, 300, 90_000, "2" * 64),  # zeros: work 90 300, the smallest download
+        Chunk(5_400, 9_000, 12_000, "3" * 64),  # the largest download, work 21 000
+    )
+    comp = Component("db", Blob("d.tar.zst", "0" * 64, 14_400, 123_000), (), (), 9, (), chunks)
+    ahead = FetchAhead(str(tmp_path), 2, spill=tmp_path)
+    try:
+        sched = _Scheduler(2, tmp_path, False, ahead)
+        sched.started[comp.name], sched.got[comp.name] = time.monotonic(), {}
+        first: Future[Any] = Future()
+        sched.jobs[first] = ("piece", comp, 0)
+        sched.later[comp.name] = comp
+        assert [i for _, i, _ in _later_order(sched)] == [2, 1, 3], "fetched ahead by work"
+        first.set_result(stream_mod.Piece(comp.name, 0, Stats()))
+        sched.finished(first)
+        assert [i for _, i in sched.ready_pieces()] == [2, 1, 3]
+    finally:
+        ahead.close()
+
+
+def _later_order(sched: _Scheduler) -> list[tuple[str, int, bool]]:
+    """The pieces fetch_ahead() takes while their component's first piece is laid out."""
+    started: list[tuple[str, int, bool]] = []
+
+    class Recorder:
+        def get(self, key: tuple[str, int]) -> None:
+            return None
+
+        def room(self, size: int, *, second: bool = True) -> bool:
+            return True
+
+        def start(self, comp: Component, index: int) -> None:
+            started.append((comp.name, index, True))
+
+    real, sched.ahead = sched.ahead, Recorder()  # type: ignore[assignment]
+    try:
+        sched.fetch_ahead()
+    finally:
+        sched.ahead = real
+    return started
 
 
 class _Draining(FetchAhead):
