@@ -393,7 +393,9 @@ def _stream_range(
             data = zin.view(want - got)  # lent until the next view(): copied at once
             n = len(data)
             if not n:
-                raise VerificationError(f"{name} ended early, in the range at byte {offset}")
+                raise VerificationError(
+                    f"the image decompressed from {name} ended early, at image byte {offset}"
+                )
             room[got : got + n] = data
             got += n
         piece = room[:got]
@@ -409,7 +411,7 @@ def _stream_range(
             bar.update(got)
     if digest.hexdigest() != rng.sha256:
         raise VerificationError(
-            f"{name}: the range at byte {rng.offset} ({rng.length} bytes) does not match its sha256"
+            f"{name}: the image's range at byte {rng.offset} ({rng.length} bytes) does not match its sha256"
         )
 
 

@@ -272,8 +272,9 @@ def test_corrupt_image_leaves_the_disk_unbootable(tools: None, gold_image: Path,
         for offset in (0, plan.root.offset, path.stat().st_size - MiB):
             assert os.pread(f.fileno(), MiB, offset) == bytes(MiB)
     # Where the flipped byte lands decides which check sees it first: zstd's own (a block
-    # that no longer decodes) or the sha256 of the data (one that decodes to other bytes).
-    # The image is rebuilt per cache key, so either can happen; both name the blob.
+    # that no longer decodes) or a sha256 (a block that decodes to other bytes fails its
+    # range's; the whole stream's comes last). The image is rebuilt per cache key, so
+    # either can happen; each names the blob.
     message = str(events[-1]["message"])
     assert events[-1]["event"] == "error" and manifest.os.data.file in message
     assert "does not match its sha256" in message or "is not a valid zstd stream" in message

@@ -365,9 +365,11 @@ def test_pieces_start_in_order_of_the_work_they_are_not_of_their_download(tmp_pa
         Chunk(0, 100, 1_000, "0" * 64),  # the first piece: the directories
         Chunk(100, 5_000, 20_000, "1" * 64),  # work 25 000
         Chunk(5_100, 300, 90_000, "2" * 64),  # zeros: work 90 300, the smallest download
-        Chunk(5_400, 9_000, 12_000, "3" * 64),  # the largest download, work 21 000
+        Chunk(5_400, 9_000, 12_000, "3" * 64),  # work 21 000
+        Chunk(14_400, 16_000, 11_000, "4" * 64),  # the largest download, work 27 000
     )
-    comp = Component("db", Blob("d.tar.zst", "0" * 64, 14_400, 123_000), (), (), 9, (), chunks)
+    # By compressed size alone: 4, 3, 1, 2; by bytes written alone: 2, 1, 3, 4.
+    comp = Component("db", Blob("d.tar.zst", "0" * 64, 30_400, 134_000), (), (), 9, (), chunks)
     ahead = FetchAhead(str(tmp_path), 2, spill=tmp_path)
     try:
         sched = _Scheduler(2, tmp_path, False, ahead)
@@ -375,27 +377,31 @@ def test_pieces_start_in_order_of_the_work_they_are_not_of_their_download(tmp_pa
         first: Future[Any] = Future()
         sched.jobs[first] = ("piece", comp, 0)
         sched.later[comp.name] = comp
-        assert [i for _, i, _ in _later_order(sched)] == [2, 1, 3], "fetched ahead by work"
+        # Fetched ahead by work; the memory each takes is still its download's size.
+        assert _later_order(sched) == [(2, 300), (4, 16_000), (1, 5_000), (3, 9_000)]
         first.set_result(stream_mod.Piece(comp.name, 0, Stats()))
         sched.finished(first)
-        assert [i for _, i in sched.ready_pieces()] == [2, 1, 3]
+        assert [i for _, i in sched.ready_pieces()] == [2, 4, 1, 3]
     finally:
         ahead.close()
 
 
-def _later_order(sched: _Scheduler) -> list[tuple[str, int, bool]]:
-    """The pieces fetch_ahead() takes while their component's first piece is laid out."""
-    started: list[tuple[str, int, bool]] = []
+def _later_order(sched: _Scheduler) -> list[tuple[int, int]]:
+    """(piece, bytes of memory asked for) of what fetch_ahead() starts, in order, while
+    a component's first piece is laid out (with room for every piece)."""
+    asked: list[int] = []
+    started: list[tuple[int, int]] = []
 
     class Recorder:
         def get(self, key: tuple[str, int]) -> None:
             return None
 
         def room(self, size: int, *, second: bool = True) -> bool:
+            asked.append(size)
             return True
 
         def start(self, comp: Component, index: int) -> None:
-            started.append((comp.name, index, True))
+            started.append((index, asked[-1]))
 
     real, sched.ahead = sched.ahead, Recorder()  # type: ignore[assignment]
     try:
