@@ -43,6 +43,7 @@ def serve(root: Path, *, per_connection: float | None = None, per_host: float | 
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # TCP_NODELAY, as nginx and `bootenv serve` have it
 
         def log_message(self, *args: object) -> None:
             pass

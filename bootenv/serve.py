@@ -204,6 +204,9 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = CLIENT_TIMEOUT
     server_version = "bootenv"
+    # TCP_NODELAY, as nginx has it: a keep-alive client asks for chunk after chunk, and
+    # with Nagle's algorithm the end of each answer waited for the client's delayed ACK.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)

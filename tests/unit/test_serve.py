@@ -17,6 +17,7 @@ from bootenv.machines import State, assign
 from bootenv.serve import BootenvServer, ServeConfig, parse_listen, running
 from bootenv.state import Store
 from tests.serveimage import make_image
+from tests.unit.nodelay import connection_options
 
 MAC = "52:54:00:12:34:56"
 OTHER = "52:54:00:ab:cd:ef"
@@ -155,6 +156,20 @@ def test_keep_alive_serves_several_ranges_on_one_connection(server: BootenvServe
         assert resp.status == 206
         assert resp.read() == data[start : start + 16384]
     conn.close()
+
+
+def test_answers_go_out_without_waiting_for_the_clients_ack(
+    server: BootenvServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TCP_NODELAY on every connection, as nginx has it: a layout asks one keep-alive
+    connection for chunk after chunk, and with Nagle's algorithm the end of each answer
+    waited for the client's delayed ACK (measured: 4-9 ms per 2 MB chunk on loopback,
+    against 1.0-1.7 ms)."""
+    nodelay = connection_options(monkeypatch)
+    path, data = blob(server)
+    assert request(server, "GET", path)[2] == data
+    assert request(server, "GET", path, headers={"Range": "bytes=10-99"})[2] == data[10:100]
+    assert nodelay and all(nodelay), nodelay
 
 
 @pytest.mark.parametrize(
