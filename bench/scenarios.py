@@ -270,6 +270,12 @@ def disk_floor(env: Env, root: Path, size: int) -> Stats:
     return Stats.of(runs)
 
 
+def no_component(env: Env, image: str, root: Path) -> Stats:
+    """A layout of no component: what every layout run pays however many streams it has
+    (starting Python, reading the manifest, exiting)."""
+    return seconds(repeat(env.runs, lambda: _fresh_dir(root), _layout_argv(image, "none", root, 1)))
+
+
 def _layout_argv(image: str, components: str, root: Path, streams: int) -> list[str]:
     return [
         BOOTENV,
@@ -309,9 +315,7 @@ def _layout_speed(env: Env, inp: Input) -> Result:
             1, lambda: _fresh_dir(root), _layout_argv(str(env.images / inp.image), inp.component, root, 0)
         )
     floor = disk_floor(env, root, comp.data.raw_size)
-    fixed = seconds(
-        repeat(env.runs, lambda: _fresh_dir(root), _layout_argv(str(env.images / inp.image), "none", root, 1))
-    )
+    fixed = no_component(env, str(env.images / inp.image), root)
     shutil.rmtree(root, ignore_errors=True)
     a, b, c, d = seconds(ours), seconds(theirs), seconds(synced), seconds(spread)
     r = Result(
@@ -396,10 +400,8 @@ def _parallel_scaling(env: Env, inp: Input) -> Result:
                 busy[(label, streams)] = Stats.of([s.cpu / s.seconds for s in runs]).median
                 machine[(label, streams)] = Stats.of([s.busy / s.seconds for s in runs]).median
             ratios[label] = times[1] / times[n]
-            if cap is None:  # what every run pays however many streams: start, manifest, exit
-                fixed = seconds(
-                    repeat(env.runs, lambda: _fresh_dir(root), _layout_argv(image, "none", root, 1))
-                )
+            if cap is None:
+                fixed = no_component(env, image, root)
                 measurements["loopback: a layout of no component (s)"] = fixed
     size = sum(c.data.raw_size for c in m.components)
     floor = disk_floor(env, root, size)

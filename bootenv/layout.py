@@ -3,8 +3,8 @@
 Each stream is a process (CPU-bound tar parsing does not scale with threads) that
 decompresses and lays out one piece of a component at a time (stream.py, extract.py): a
 chunk, or the whole blob when it has none. The parent schedules the pieces (most work
-first), and fetches and verifies each one ahead of the streams (fetchahead.py): a stream is only
-ever given bytes that matched the manifest. When every stream is done, the parent merges
+first), and fetches and verifies each one ahead of the streams (fetchahead.py): a stream
+is only ever given bytes that matched the manifest. When every stream is done, the parent merges
 the dpkg status of the components that verified, in name order, and activates them:
 ldconfig, daemon-reload, units. Progress goes to the log and, best effort, to a callback
 URL as JSON events.
@@ -270,9 +270,10 @@ _URGENT = -(1 << 62)
 
 class _Scheduler:
     """Keep `width` jobs running, the ready piece with the most work first (so no big
-    piece starts last); a component's first piece and its final job go ahead of any piece. Every
-    piece is fetched and verified ahead (fetchahead.py) and handed to a stream once it
-    is in, or, for a large piece checked block by block, once its first block is."""
+    piece starts last); a component's first piece and its final job go ahead of any
+    piece. Every piece is fetched and verified ahead (fetchahead.py) and handed to a
+    stream once it is in, or, for a large piece checked block by block, once its first
+    block is."""
 
     def __init__(self, width: int, root: Path, privileged: bool, ahead: FetchAhead) -> None:
         self.pool: Pool = _Inline()  # set by run()
