@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import random
 import tarfile
 from pathlib import Path
@@ -153,3 +154,38 @@ def test_a_stale_temp_of_a_directory_another_stream_made_is_cleared(tmp_path: Pa
         writer.close()
     assert sorted(p.name for p in (tmp_path / "opt").iterdir()) == ["x"]
     assert (tmp_path / "opt/x/y").read_text() == "1"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file another owner needs root")
+def test_every_file_gets_its_owner_in_a_setgid_directory_too(tmp_path: Path) -> None:
+    # The writer skips chown for a file created with the owner it should have. A file made
+    # in a setgid directory takes the directory's group, not the creator's: one that
+    # should be root's group must still be given it.
+    archive = tar_bytes(
+        [
+            d("shared", mode=0o2775, gid=50),
+            f("shared/root", "1"),
+            f("shared/staff", "2", gid=50),
+            f("www", "3", uid=33, gid=33),
+            f("plain", "4"),
+        ]
+    )
+    writer = TreeWriter(tmp_path, "alpha", privileged=True, merge=MergeState(tmp_path))
+    try:
+        reader = PaxReader(io.BytesIO(archive))
+        for m in reader:
+            writer.place(m, reader)
+    finally:
+        writer.close()
+    owners = {
+        name: (st.st_uid, st.st_gid, st.st_mode & 0o7777)
+        for name in ("shared", "shared/root", "shared/staff", "www", "plain")
+        for st in [(tmp_path / name).lstat()]
+    }
+    assert owners == {
+        "shared": (0, 50, 0o2775),
+        "shared/root": (0, 0, 0o644),
+        "shared/staff": (0, 50, 0o644),
+        "www": (33, 33, 0o644),
+        "plain": (0, 0, 0o644),
+    }
