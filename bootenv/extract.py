@@ -35,6 +35,7 @@ OWN = "var/lib/bootenv"
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_OPEN_DIRS = 256
 _RENAME_NOREPLACE = 1
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _libc = ctypes.CDLL(None, use_errno=True)
 _ACL_TAGS = {"user": (1, 2), "group": (4, 8), "mask": (0x10, 0x10), "other": (0x20, 0x20)}
 
@@ -181,7 +182,7 @@ class TreeWriter:
             log.warning("%s: not root, device node /%s skipped", self.component, m.name)
             return
         parent, _, base = m.name.rpartition("/")
-        if any(parent == d or parent.startswith(d + "/") for d in self._redirect):
+        if self._redirect and any(parent == d or parent.startswith(d + "/") for d in self._redirect):
             self._place_at(m, reader, f"{stored_path(self.component, parent)}", base, store=True)
             return
         self._place_at(m, reader, parent, base, store=False)
@@ -190,7 +191,7 @@ class TreeWriter:
         base = m.name.rpartition("/")[2]
         if base.startswith(TMP_PREFIX):
             raise ArchiveError(f"refused: /{m.name} uses bootenv's temp-file prefix")
-        if m.name == OWN or m.name.startswith(OWN + "/"):
+        if m.name.startswith(OWN) and (m.name == OWN or m.name.startswith(OWN + "/")):
             allowed = (OWN, f"{OWN}/dpkg", f"{OWN}/dpkg/{self.component}.status")
             if m.name not in allowed:
                 raise ArchiveError(f"refused: /{m.name} is bootenv's own state")
@@ -264,8 +265,10 @@ class TreeWriter:
 
     def _make(self, m: Member, reader: PaxReader, pfd: int, tmp: str, data: bytes | None) -> None:
         if m.kind == "file":
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = _fresh(pfd, tmp, lambda: os.open(tmp, flags, 0o600, dir_fd=pfd))
+            try:
+                fd = os.open(tmp, _NEW_FILE, 0o600, dir_fd=pfd)
+            except FileExistsError:
+                fd = _fresh(pfd, tmp, lambda: os.open(tmp, _NEW_FILE, 0o600, dir_fd=pfd))
             try:
                 if data is not None:
                     write_all(fd, data)
@@ -273,7 +276,9 @@ class TreeWriter:
                     _write_sparse(fd, reader, m)
                 else:
                     for chunk in reader.chunks():
-                        write_all(fd, chunk)
+                        n = os.write(fd, chunk)
+                        if n < len(chunk):  # a short write is rare: no view of the chunk unless
+                            write_all(fd, memoryview(chunk)[n:])
                 # No writeback is started here: the layout's Flusher syncs the filesystem
                 # as it goes, on a thread of its own. Started per file on this thread as
                 # well (sync_file_range), it made a layout of web 3-6% slower.
@@ -306,8 +311,9 @@ class TreeWriter:
         if self.privileged and not owned:
             os.fchown(fd, m.uid, m.gid)
         os.fchmod(fd, m.mode)
-        for key, value in self._xattrs(m):
-            self._setxattr(fd, key, value)
+        if m.xattrs or m.acls:
+            for key, value in self._xattrs(m):
+                self._setxattr(fd, key, value)
         if m.kind != "dir":
             os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
 

@@ -72,13 +72,15 @@ def safe_name(raw: str) -> str:
     if raw.startswith("/"):
         raise ArchiveError(f"absolute archive name refused: {raw}")
     parts = [p for p in raw.split("/") if p not in ("", ".")]
-    for part in parts:
-        if part == "..":
-            raise ArchiveError(f"archive name with '..' refused: {raw}")
-        if len(part.encode(errors="surrogateescape")) > 255:
-            raise ArchiveError(f"archive name component too long: {part[:40]}...")
+    size = len(raw.encode(errors="surrogateescape"))
+    if size > 255 or ".." in parts:  # else no part can be too long (most names: one encode)
+        for part in parts:
+            if part == "..":
+                raise ArchiveError(f"archive name with '..' refused: {raw}")
+            if len(part.encode(errors="surrogateescape")) > 255:
+                raise ArchiveError(f"archive name component too long: {part[:40]}...")
     name = "/".join(parts)
-    if len(name.encode(errors="surrogateescape")) > 4000:
+    if size > 4000 and len(name.encode(errors="surrogateescape")) > 4000:
         raise ArchiveError(f"archive name too long: {name[:60]}...")
     return name
 
@@ -87,6 +89,10 @@ def _num(field: bytes) -> int:
     if field[:1] in (b"\x80", b"\xff"):  # GNU base-256
         value = int.from_bytes(field[1:], "big")
         return -value if field[:1] == b"\xff" else value
+    try:
+        return int(field.rstrip(b" \0"), 8)  # octal digits, then NULs or spaces: most fields
+    except ValueError:
+        pass
     text = field.split(b"\0", 1)[0].strip(b" \0")
     try:
         return int(text, 8) if text else 0
@@ -228,7 +234,8 @@ class PaxReader:
         longname: str | None = None
         longlink: str | None = None
         while True:
-            self._skip()
+            if self._left or self._pad:
+                self._skip()
             if self._partial and self._at_end():
                 return
             block = self._fill(BLOCK)
@@ -300,12 +307,19 @@ class PaxReader:
             self._left -= used
         uid = _int(pax["uid"]) if "uid" in pax else _num(block[108:116])
         gid = _int(pax["gid"]) if "gid" in pax else _num(block[116:124])
-        rdev = (_num(block[329:337]), _num(block[337:345]))
+        major, minor = _num(block[329:337]), _num(block[337:345])
         # Values the kernel cannot take would surface as OverflowError/ValueError from
         # os.chown, os.utime, os.makedev or os.symlink: refuse them here, as hostile.
-        if not all(0 <= n < _ID_LIMIT for n in (uid, gid, *rdev)) or not -_NS_LIMIT < mtime_ns < _NS_LIMIT:
+        # (Plain comparisons, not all() over a generator: this runs once per file.)
+        if not (
+            0 <= uid < _ID_LIMIT
+            and 0 <= gid < _ID_LIMIT
+            and 0 <= major < _ID_LIMIT
+            and 0 <= minor < _ID_LIMIT
+            and -_NS_LIMIT < mtime_ns < _NS_LIMIT
+        ):
             raise ArchiveError(f"member {name[:60]!r} has an owner, device or mtime out of range")
-        if "\0" in link or any("\0" in k for k, _ in xattrs):
+        if "\0" in link or (xattrs and any("\0" in k for k, _ in xattrs)):
             raise ArchiveError(f"member {name[:60]!r} has a NUL byte in its link target or an xattr name")
         return Member(
             name=safe_name(name),
@@ -316,7 +330,7 @@ class PaxReader:
             mtime_ns=mtime_ns,
             size=size,
             linkname=safe_name(link) if kind == "hardlink" else link,
-            rdev=rdev,
+            rdev=(major, minor),
             xattrs=xattrs,
             acls=acls,
             sparse=sparse,
@@ -350,6 +364,8 @@ class PaxReader:
 
 def _schily(pax: dict[str, bytes]) -> tuple[tuple[tuple[str, bytes], ...], tuple[tuple[str, str], ...]]:
     """The xattrs and ACLs of a member's pax records, each sorted by name (one pass)."""
+    if not pax:
+        return (), ()
     xattrs, acls = [], []
     for k, v in pax.items():
         if not k.startswith("SCHILY."):

@@ -12,7 +12,7 @@ import pytest
 
 from bootenv.extract import TMP_PREFIX, TreeWriter, acl_xattr
 from bootenv.merge import MergeState
-from bootenv.paxread import ArchiveError, PaxReader, safe_name
+from bootenv.paxread import ArchiveError, PaxReader, _num, safe_name
 from bootenv.prefetch import Prefetch
 from tests.hostile.kit import d, f, hard, sym, tar_bytes
 
@@ -111,6 +111,36 @@ def test_sparse_1_0_member() -> None:
 def test_unsafe_names_are_refused(bad: str) -> None:
     with pytest.raises(ArchiveError):
         safe_name(bad)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        (b"0000644\0", 0o644),  # GNU tar: digits, then a NUL
+        (b"000644 \0", 0o644),  # old tars: a space, then a NUL
+        (b"    17 \0", 0o17),  # leading spaces
+        (b"12\0garbage", 0o12),  # the number ends at the first NUL
+        (b"\0" * 8, 0),
+        (b"        ", 0),
+        (b"\x80" + (1 << 40).to_bytes(7, "big"), 1 << 40),  # GNU base-256
+        (b"\xff" + (2).to_bytes(7, "big"), -2),
+    ],
+)
+def test_header_numbers(field: bytes, value: int) -> None:
+    assert _num(field) == value
+
+
+@pytest.mark.parametrize("field", [b"0000xyz\0", b"99\0"])
+def test_a_header_number_that_is_not_octal_is_an_error(field: bytes) -> None:
+    with pytest.raises(ArchiveError, match="bad number"):
+        _num(field)
+
+
+def test_a_long_name_of_short_parts_is_kept_whole() -> None:
+    name = "/".join(["d" * 200] * 15)  # 3 014 bytes: over 255, no part over it
+    assert safe_name("./" + name) == name
+    with pytest.raises(ArchiveError, match="too long"):
+        safe_name("/".join(["d" * 200] * 21))  # 4 220 bytes
 
 
 def test_safe_names_are_normalised() -> None:
