@@ -112,11 +112,12 @@ class TreeWriter:
         self.merge = merge
         self.root_fd = os.open(root, DIR_FLAGS)
         self._dirs: dict[str, int] = {}
-        # The owner a file gets when it is created (per open directory fd: a setgid
-        # directory gives its own group). A file that gets the owner it should have
-        # needs no chown, one syscall of the eight a small file costs.
+        # What a file created in a directory gets (per open directory fd; see `_made`):
+        # a file made with the owner and mode it should have needs no chown or chmod, two
+        # syscalls of the eight a small file costs.
         self._uid, self._gid = os.geteuid(), os.getegid()
-        self._new_owner: dict[int, tuple[int, int]] = {self.root_fd: self._owner_of_new(self.root_fd)}
+        self._umask = _umask()
+        self._new: dict[int, tuple[int, int, bool]] = {self.root_fd: self._made(self.root_fd)}
         self._seen: set[str] = set()
         self._placed: dict[str, str] = {}  # hardlink targets: name -> where it is now
         self._created_dirs: list[tuple[str, int]] = []
@@ -155,16 +156,23 @@ class TreeWriter:
         if len(self._dirs) >= MAX_OPEN_DIRS:
             for old in self._dirs.values():
                 os.close(old)
-                del self._new_owner[old]
+                del self._new[old]
             self._dirs.clear()
         self._dirs[rel] = fd
-        self._new_owner[fd] = self._owner_of_new(fd)
+        self._new[fd] = self._made(fd)
         return fd
 
-    def _owner_of_new(self, dir_fd: int) -> tuple[int, int]:
-        """The owner of a file created in directory `dir_fd` by this process."""
+    def _made(self, dir_fd: int) -> tuple[int, int, bool]:
+        """The owner a file created in directory `dir_fd` gets (a setgid directory gives
+        its group), and whether its mode is the one asked for less the umask (a default
+        ACL would decide it instead)."""
         st = os.fstat(dir_fd)
-        return self._uid, st.st_gid if st.st_mode & stat.S_ISGID else self._gid
+        try:
+            os.getxattr(dir_fd, "system.posix_acl_default")
+            umasked = False
+        except OSError as exc:
+            umasked = exc.errno in (errno.ENODATA, errno.ENOTSUP)
+        return self._uid, st.st_gid if st.st_mode & stat.S_ISGID else self._gid, umasked
 
     # -- members -----------------------------------------------------------------
     def place(self, m: Member, reader: PaxReader) -> None:
@@ -265,10 +273,22 @@ class TreeWriter:
 
     def _make(self, m: Member, reader: PaxReader, pfd: int, tmp: str, data: bytes | None) -> None:
         if m.kind == "file":
+            # Made with its mode where the umask leaves it whole and it has no special
+            # bits (chown clears setuid). Made with root's group while it awaits its
+            # own, it may grant that group no more than everyone.
+            new = self._new.get(pfd)
+            owned = new is not None and new[0] == m.uid and new[1] == m.gid
+            exact = (
+                new is not None
+                and new[2]
+                and not m.mode & (0o7000 | self._umask)
+                and (owned or not (m.mode >> 3) & ~m.mode & 7)
+            )
+            mode = m.mode if exact else 0o600
             try:
-                fd = os.open(tmp, _NEW_FILE, 0o600, dir_fd=pfd)
+                fd = os.open(tmp, _NEW_FILE, mode, dir_fd=pfd)
             except FileExistsError:
-                fd = _fresh(pfd, tmp, lambda: os.open(tmp, _NEW_FILE, 0o600, dir_fd=pfd))
+                fd = _fresh(pfd, tmp, lambda: os.open(tmp, _NEW_FILE, mode, dir_fd=pfd))
             try:
                 if data is not None:
                     write_all(fd, data)
@@ -282,7 +302,7 @@ class TreeWriter:
                 # No writeback is started here: the layout's Flusher syncs the filesystem
                 # as it goes, on a thread of its own. Started per file on this thread as
                 # well (sync_file_range), it made a layout of web 3-6% slower.
-                self._meta(fd, m, owned=self._new_owner.get(pfd) == (m.uid, m.gid))
+                self._meta(fd, m, owned=owned, moded=exact)
             finally:
                 os.close(fd)
             return
@@ -305,12 +325,13 @@ class TreeWriter:
         self._path_meta(pfd, tmp, m)
 
     # -- metadata ----------------------------------------------------------------
-    def _meta(self, fd: int, m: Member, *, owned: bool = False) -> None:
-        """Owner (unless `owned`: the entry has it already), then mode (chown clears
-        setuid), then xattrs (chown clears caps), then mtime."""
+    def _meta(self, fd: int, m: Member, *, owned: bool = False, moded: bool = False) -> None:
+        """Owner (unless `owned`: the entry has it already), then mode (unless `moded`;
+        chown clears setuid), then xattrs (chown clears caps), then mtime."""
         if self.privileged and not owned:
             os.fchown(fd, m.uid, m.gid)
-        os.fchmod(fd, m.mode)
+        if not moded:
+            os.fchmod(fd, m.mode)
         if m.xattrs or m.acls:
             for key, value in self._xattrs(m):
                 self._setxattr(fd, key, value)
@@ -541,3 +562,16 @@ def _same(pfd: int, a: str, b: str, sa: os.stat_result, sb: os.stat_result) -> b
     finally:
         os.close(fa)
         os.close(fb)
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (threads may be creating files);
+    all bits where the kernel does not say (before Linux 4.7)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o7777

@@ -219,3 +219,72 @@ def test_every_file_gets_its_owner_in_a_setgid_directory_too(tmp_path: Path) -> 
         "www": (33, 33, 0o644),
         "plain": (0, 0, 0o644),
     }
+
+
+def _lay_out(root: Path, archive: bytes, *, privileged: bool) -> None:
+    writer = TreeWriter(root, "alpha", privileged=privileged, merge=MergeState(root))
+    try:
+        reader = PaxReader(io.BytesIO(archive))
+        for m in reader:
+            writer.place(m, reader)
+    finally:
+        writer.close()
+
+
+def test_every_file_gets_its_mode_whatever_the_umask_and_default_acl(tmp_path: Path) -> None:
+    # The writer creates a file with its mode where the umask keeps it whole and skips the
+    # chmod; elsewhere (bits the umask strips, a directory whose default ACL decides the
+    # mode instead, special bits) it must still chmod.
+    modes = {"a": 0o644, "b": 0o664, "c": 0o755, "d": 0o600, "e": 0o777, "f": 0o640}
+    owners = {}
+    if os.geteuid() == 0:
+        modes |= {"g": 0o4755, "h": 0o2755, "i": 0o1777, "j": 0o4700, "k": 0o2700}
+        owners = {"j": 33, "k": 33}  # chown clears setuid and setgid: the mode comes after it
+    (tmp_path / "acl").mkdir()
+    try:
+        os.setxattr(
+            tmp_path / "acl", "system.posix_acl_default", acl_xattr("user::r-x,group::---,other::---")
+        )
+    except OSError as exc:
+        pytest.skip(f"this filesystem takes no default ACL: {exc.strerror}")
+    archive = tar_bytes(
+        [
+            f(f"{d}{n}", n, mode=m, uid=owners.get(n, 0), gid=owners.get(n, 0))
+            for d in ("", "acl/")
+            for n, m in modes.items()
+        ]
+    )
+    old = os.umask(0o027)
+    try:
+        _lay_out(tmp_path, archive, privileged=os.geteuid() == 0)
+    finally:
+        os.umask(old)
+    got = {
+        p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o7777
+        for p in tmp_path.rglob("*")
+        if not p.relative_to(tmp_path).as_posix().startswith("var")  # the writer's own state
+    }
+    assert got == {f"{d}{n}": m for d in ("", "acl/") for n, m in modes.items()} | {"acl": 0o755}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file another owner needs root")
+def test_a_file_awaiting_its_owner_grants_root_group_no_more_than_everyone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Made by root, a file is root's group's until its chown: made with its final mode
+    # then, 0640 would let root's group read what only its own group may.
+    seen = {}
+    chown = os.fchown
+
+    def spy(fd: int, uid: int, gid: int) -> None:
+        seen[uid] = os.fstat(fd).st_mode & 0o7777
+        chown(fd, uid, gid)
+
+    monkeypatch.setattr(os, "fchown", spy)
+    old = os.umask(0o022)
+    try:
+        _lay_out(tmp_path, tar_bytes([f("shadow", "x", mode=0o640, uid=42, gid=42)]), privileged=True)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shadow").stat().st_mode & 0o7777 == 0o640
+    assert seen[42] & 0o070 == 0, oct(seen[42])
