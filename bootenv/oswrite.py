@@ -150,8 +150,9 @@ class Target:
         if aligned < len(buf):
             self._set_direct(False)
             self._pwrite_all(buf[aligned:], offset + aligned)
-            # Buffered (a regular file): have the disk take it now, not all at the final
-            # fsync (measured on LAMP: that fsync alone took 1.2 s of 4.2).
+            # Buffered (an unaligned piece, or a file system without O_DIRECT): have the
+            # disk take it now, not all at the final fsync (measured on LAMP, when all
+            # of a regular file went this way: that fsync alone took 1.2 s of 4.2).
             start_writeback(self.fd, offset + aligned, len(buf) - aligned)
         self.written += len(buf)
 
@@ -189,6 +190,19 @@ class Target:
             os.fsync(self.fd)
         except OSError as exc:
             raise FatalError(f"flushing the written image failed: {exc.strerror}") from exc
+
+
+def _takes_direct(fd: int) -> bool:
+    """Whether `fd`'s filesystem takes O_DIRECT (tmpfs does not). Writing a regular file
+    around the page cache was 22% faster than through it with its writeback started at
+    each write: LAMP's OS onto a fresh ext4, 0.87 s against 1.12 s (6 pairs)."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+    except OSError:
+        return False
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    return True
 
 
 def _has_data(fd: int, end: int) -> bool:
@@ -252,7 +266,8 @@ def write_os(
     """Write the OS (or single) image of `manifest` from `source` onto `dest`.
 
     `dest` is an fd or file object; a regular file must already be at least the image
-    size (open_destination grows it). `direct=None` uses O_DIRECT on block devices only.
+    size (open_destination grows it). `direct=None` uses O_DIRECT wherever the target
+    takes it: a block device, or a regular file on a filesystem that supports it.
     """
     fd = dest if isinstance(dest, int) else dest.fileno()
     label = name or f"fd {fd}"
@@ -264,9 +279,9 @@ def write_os(
     size = device_size(fd)
     if size < bmap.image_size:
         raise UserError(f"{label} is too small: {size} bytes, the image needs {bmap.image_size}")
-    target = Target(
-        fd, direct=block if direct is None else direct, is_block=block, image_size=bmap.image_size
-    )
+    if direct is None:
+        direct = block or _takes_direct(fd)
+    target = Target(fd, direct=direct, is_block=block, image_size=bmap.image_size)
     start = time.monotonic()
     compressed = 0
     try:

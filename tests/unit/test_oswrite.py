@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -218,6 +220,38 @@ def test_direct_io_path(built: Built, tmp_path: Path) -> None:
     out = tmp_path / "disk.img"
     result = write_to(out, built, DirSource(built.dir), direct=True)
     assert result.direct
+    assert_image(out, built.raw, built.bmap)
+
+
+def test_a_regular_file_is_written_around_the_page_cache_where_it_can_be(
+    built: Built, tmp_path: Path
+) -> None:
+    try:
+        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except OSError:
+        pytest.skip("the temp filesystem does not support O_DIRECT")
+    out = tmp_path / "disk.img"
+    result = write_to(out, built, DirSource(built.dir))  # no direct= given: the default
+    assert result.direct
+    assert_image(out, built.raw, built.bmap)
+
+
+def test_a_file_system_without_o_direct_is_written_through_the_page_cache(
+    built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The kernel refuses O_DIRECT with EINVAL where a filesystem lacks it (tmpfs before
+    # Linux 6.6, some FUSE and network filesystems); this machine's all take it.
+    real = fcntl.fcntl
+
+    def refuse(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, cmd, arg)
+
+    monkeypatch.setattr(oswrite.fcntl, "fcntl", refuse)
+    out = tmp_path / "disk.img"
+    result = write_to(out, built, DirSource(built.dir))
+    assert not result.direct
     assert_image(out, built.raw, built.bmap)
 
 
