@@ -112,12 +112,7 @@ class TreeWriter:
         self.merge = merge
         self.root_fd = os.open(root, DIR_FLAGS)
         self._dirs: dict[str, int] = {}
-        # What a file created in a directory gets (per open directory fd; see `_made`):
-        # a file made with the owner and mode it should have needs no chown or chmod, two
-        # syscalls of the eight a small file costs.
-        self._uid, self._gid = os.geteuid(), os.getegid()
-        self._umask = _umask()
-        self._new: dict[int, tuple[int, int, bool]] = {self.root_fd: self._made(self.root_fd)}
+        self._retired: list[int] = []  # evicted from _dirs, closed once the member is placed
         self._seen: set[str] = set()
         self._placed: dict[str, str] = {}  # hardlink targets: name -> where it is now
         self._created_dirs: list[tuple[str, int]] = []
@@ -127,6 +122,7 @@ class TreeWriter:
         self.stats = Stats()
 
     def close(self) -> None:
+        self._close_retired()
         for fd in self._dirs.values():
             os.close(fd)
         self._dirs.clear()
@@ -154,28 +150,25 @@ class TreeWriter:
                 raise ArchiveError(f"refused: /{rel} is a symlink or not a directory") from exc
             raise
         if len(self._dirs) >= MAX_OPEN_DIRS:
-            for old in self._dirs.values():
-                os.close(old)
-                del self._new[old]
+            # Closed only once the member being placed is: its caller may hold one of
+            # them (a hardlink's directory and its target's, a conflict's store).
+            self._retired.extend(self._dirs.values())
             self._dirs.clear()
         self._dirs[rel] = fd
-        self._new[fd] = self._made(fd)
         return fd
 
-    def _made(self, dir_fd: int) -> tuple[int, int, bool]:
-        """The owner a file created in directory `dir_fd` gets (a setgid directory gives
-        its group), and whether its mode is the one asked for less the umask (a default
-        ACL would decide it instead)."""
-        st = os.fstat(dir_fd)
-        try:
-            os.getxattr(dir_fd, "system.posix_acl_default")
-            umasked = False
-        except OSError as exc:
-            umasked = exc.errno in (errno.ENODATA, errno.ENOTSUP)
-        return self._uid, st.st_gid if st.st_mode & stat.S_ISGID else self._gid, umasked
+    def _close_retired(self) -> None:
+        while self._retired:
+            os.close(self._retired.pop())
 
     # -- members -----------------------------------------------------------------
     def place(self, m: Member, reader: PaxReader) -> None:
+        try:
+            self._place(m, reader)
+        finally:
+            self._close_retired()
+
+    def _place(self, m: Member, reader: PaxReader) -> None:
         self._index += 1
         if m.name == "":
             return  # the root directory itself keeps the target's metadata
@@ -273,18 +266,7 @@ class TreeWriter:
 
     def _make(self, m: Member, reader: PaxReader, pfd: int, tmp: str, data: bytes | None) -> None:
         if m.kind == "file":
-            # Made with its mode where the umask leaves it whole and it has no special
-            # bits (chown clears setuid). Made with root's group while it awaits its
-            # own, it may grant that group no more than everyone.
-            new = self._new.get(pfd)
-            owned = new is not None and new[0] == m.uid and new[1] == m.gid
-            exact = (
-                new is not None
-                and new[2]
-                and not m.mode & (0o7000 | self._umask)
-                and (owned or not (m.mode >> 3) & ~m.mode & 7)
-            )
-            mode = m.mode if exact else 0o600
+            mode = m.mode if _safe_to_create(m.mode) else 0o600
             try:
                 fd = os.open(tmp, _NEW_FILE, mode, dir_fd=pfd)
             except FileExistsError:
@@ -302,7 +284,7 @@ class TreeWriter:
                 # No writeback is started here: the layout's Flusher syncs the filesystem
                 # as it goes, on a thread of its own. Started per file on this thread as
                 # well (sync_file_range), it made a layout of web 3-6% slower.
-                self._meta(fd, m, owned=owned, moded=exact)
+                self._meta(fd, m, made=os.fstat(fd))
             finally:
                 os.close(fd)
             return
@@ -325,12 +307,15 @@ class TreeWriter:
         self._path_meta(pfd, tmp, m)
 
     # -- metadata ----------------------------------------------------------------
-    def _meta(self, fd: int, m: Member, *, owned: bool = False, moded: bool = False) -> None:
-        """Owner (unless `owned`: the entry has it already), then mode (unless `moded`;
-        chown clears setuid), then xattrs (chown clears caps), then mtime."""
-        if self.privileged and not owned:
+    def _meta(self, fd: int, m: Member, *, made: os.stat_result | None = None) -> None:
+        """Owner, then mode (chown clears setuid), then xattrs (chown clears caps), then
+        mtime. `made`: the entry's stat as created; an owner or mode it has already is
+        not set again (two of the eight syscalls a small file costs, and each a journaled
+        change of its inode)."""
+        chown = self.privileged and (made is None or (made.st_uid, made.st_gid) != (m.uid, m.gid))
+        if chown:
             os.fchown(fd, m.uid, m.gid)
-        if not moded:
+        if made is None or stat.S_IMODE(made.st_mode) != m.mode or (chown and m.mode & 0o6000):
             os.fchmod(fd, m.mode)
         if m.xattrs or m.acls:
             for key, value in self._xattrs(m):
@@ -476,6 +461,7 @@ class TreeWriter:
                 os.utime(
                     base, ns=(mtime, mtime), dir_fd=self.dir_fd(parent, create=False), follow_symlinks=False
                 )
+            self._close_retired()
 
 
 def _fresh(pfd: int, tmp: str, make: Callable[[], T]) -> T:
@@ -564,14 +550,11 @@ def _same(pfd: int, a: str, b: str, sa: os.stat_result, sb: os.stat_result) -> b
         os.close(fb)
 
 
-def _umask() -> int:
-    """This process's umask, read without setting it (threads may be creating files);
-    all bits where the kernel does not say (before Linux 4.7)."""
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o7777
+def _safe_to_create(mode: int) -> bool:
+    """Whether a file may be created with its final `mode` rather than 0600, before it
+    has its owner: root's, until its chown, and left so if a kill -9 comes first. Then
+    root's group holds the group bits and the final owner and group are "others": safe
+    only if the group and others get the same and others no more than the owner. No
+    special bits (chown clears them). 0644, 0755, 0444 and 0600 qualify; 0640 does not."""
+    group, other = (mode >> 3) & 7, mode & 7
+    return not mode & 0o7000 and group == other and not other & ~(mode >> 6)

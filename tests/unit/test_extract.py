@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bootenv import extract
 from bootenv.extract import TMP_PREFIX, TreeWriter, acl_xattr
 from bootenv.merge import MergeState
 from bootenv.paxread import ArchiveError, PaxReader, _num, safe_name
@@ -231,15 +232,40 @@ def _lay_out(root: Path, archive: bytes, *, privileged: bool) -> None:
         writer.close()
 
 
-def test_every_file_gets_its_mode_whatever_the_umask_and_default_acl(tmp_path: Path) -> None:
-    # The writer creates a file with its mode where the umask keeps it whole and skips the
-    # chmod; elsewhere (bits the umask strips, a directory whose default ACL decides the
-    # mode instead, special bits) it must still chmod.
-    modes = {"a": 0o644, "b": 0o664, "c": 0o755, "d": 0o600, "e": 0o777, "f": 0o640}
-    owners = {}
-    if os.geteuid() == 0:
-        modes |= {"g": 0o4755, "h": 0o2755, "i": 0o1777, "j": 0o4700, "k": 0o2700}
-        owners = {"j": 33, "k": 33}  # chown clears setuid and setgid: the mode comes after it
+def _modes(root: Path) -> dict[str, int]:
+    return {
+        p.relative_to(root).as_posix(): p.stat().st_mode & 0o7777
+        for p in root.rglob("*")
+        if not p.relative_to(root).as_posix().startswith("var")  # the writer's own state
+    }
+
+
+MODES = {"a": 0o644, "b": 0o664, "c": 0o755, "d": 0o600, "e": 0o777, "f": 0o640, "g": 0o444}
+SPECIAL = {"s": 0o4755, "t": 0o2755, "u": 0o1777, "v": 0o4700, "w": 0o2700}
+
+
+def _archive(prefix: str, modes: dict[str, int], owners: dict[str, int]) -> bytes:
+    return tar_bytes(
+        [f(f"{prefix}{n}", n, mode=m, uid=owners.get(n, 0), gid=owners.get(n, 0)) for n, m in modes.items()]
+    )
+
+
+def test_every_file_gets_its_mode_whatever_the_umask(tmp_path: Path) -> None:
+    # A file made with its final mode skips the chmod only if it got that mode: the umask
+    # strips bits of some (0664, 0755, 0777 under 027); chown clears setuid and setgid.
+    root = os.geteuid() == 0
+    modes = MODES | (SPECIAL if root else {})
+    owners = {"v": 33, "w": 33, "a": 33, "c": 33} if root else {}
+    old = os.umask(0o027)
+    try:
+        _lay_out(tmp_path, _archive("", modes, owners), privileged=root)
+    finally:
+        os.umask(old)
+    assert _modes(tmp_path) == modes
+
+
+def test_every_file_gets_its_mode_under_a_default_acl(tmp_path: Path) -> None:
+    # Under a default ACL the new file's mode comes from the ACL, not the umask.
     (tmp_path / "acl").mkdir()
     try:
         os.setxattr(
@@ -247,32 +273,19 @@ def test_every_file_gets_its_mode_whatever_the_umask_and_default_acl(tmp_path: P
         )
     except OSError as exc:
         pytest.skip(f"this filesystem takes no default ACL: {exc.strerror}")
-    archive = tar_bytes(
-        [
-            f(f"{d}{n}", n, mode=m, uid=owners.get(n, 0), gid=owners.get(n, 0))
-            for d in ("", "acl/")
-            for n, m in modes.items()
-        ]
-    )
-    old = os.umask(0o027)
-    try:
-        _lay_out(tmp_path, archive, privileged=os.geteuid() == 0)
-    finally:
-        os.umask(old)
-    got = {
-        p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o7777
-        for p in tmp_path.rglob("*")
-        if not p.relative_to(tmp_path).as_posix().startswith("var")  # the writer's own state
-    }
-    assert got == {f"{d}{n}": m for d in ("", "acl/") for n, m in modes.items()} | {"acl": 0o755}
+    _lay_out(tmp_path, _archive("acl/", MODES, {}), privileged=os.geteuid() == 0)
+    assert _modes(tmp_path) == {f"acl/{n}": m for n, m in MODES.items()} | {"acl": 0o755}
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file another owner needs root")
-def test_a_file_awaiting_its_owner_grants_root_group_no_more_than_everyone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o705, 0o044, 0o644, 0o755, 0o600, 0o4755])
+def test_a_file_awaiting_its_owner_grants_nobody_more_than_it_will(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int
 ) -> None:
-    # Made by root, a file is root's group's until its chown: made with its final mode
-    # then, 0640 would let root's group read what only its own group may.
+    # Until its chown (and for good, if a kill -9 comes first) a file is root's: root's
+    # group holds its group bits, and its final owner and group are "others". Made with
+    # its final mode then, 0640 would let root's group read what only group 42 may, and
+    # 0604 would let group 42 read what it may not.
     seen = {}
     chown = os.fchown
 
@@ -283,8 +296,28 @@ def test_a_file_awaiting_its_owner_grants_root_group_no_more_than_everyone(
     monkeypatch.setattr(os, "fchown", spy)
     old = os.umask(0o022)
     try:
-        _lay_out(tmp_path, tar_bytes([f("shadow", "x", mode=0o640, uid=42, gid=42)]), privileged=True)
+        _lay_out(tmp_path, tar_bytes([f("x", "x", mode=mode, uid=42, gid=42)]), privileged=True)
     finally:
         os.umask(old)
-    assert (tmp_path / "shadow").stat().st_mode & 0o7777 == 0o640
-    assert seen[42] & 0o070 == 0, oct(seen[42])
+    assert (tmp_path / "x").stat().st_mode & 0o7777 == mode
+    owner, group, other = (mode >> 6) & 7, (mode >> 3) & 7, mode & 7
+    early_group, early_other = (seen[42] >> 3) & 7, seen[42] & 7
+    assert not seen[42] & 0o7000, oct(seen[42])
+    assert not early_other & ~(owner & group & other), oct(seen[42])
+    assert not early_group & ~other, oct(seen[42])
+
+
+def test_a_hardlink_lands_in_its_own_directory_when_the_directory_cache_is_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The hardlink's directory is opened first, then its target's: with the cache full,
+    # opening the second must not close the first (its number would be the second's).
+    monkeypatch.setattr(extract, "MAX_OPEN_DIRS", 1)
+    archive = tar_bytes([d("a"), d("b"), d("c"), f("a/f", "1"), f("b/g", "2"), hard("c/h", "a/f")])
+    _lay_out(tmp_path, archive, privileged=False)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "a/f",
+        "b/g",
+        "c/h",
+    ]
+    assert (tmp_path / "c/h").stat().st_ino == (tmp_path / "a/f").stat().st_ino

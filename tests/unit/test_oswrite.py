@@ -255,6 +255,27 @@ def test_a_file_system_without_o_direct_is_written_through_the_page_cache(
     assert_image(out, built.raw, built.bmap)
 
 
+def test_a_target_that_refuses_direct_writes_is_written_through_the_page_cache(
+    built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Some targets take O_DIRECT when it is set and refuse each direct write with EINVAL
+    # (FUSE, a device whose logical block is larger than 4 KiB).
+    real = os.pwrite
+    refused = []
+
+    def pwrite(fd: int, data: bytes | memoryview, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    out = tmp_path / "disk.img"
+    result = write_to(out, built, DirSource(built.dir), direct=True)
+    assert refused and not result.direct
+    assert_image(out, built.raw, built.bmap)
+
+
 def test_regular_file_is_created_sparse_and_grown(built: Built, tmp_path: Path) -> None:
     out = tmp_path / "disk.img"
     out.write_bytes(b"")
