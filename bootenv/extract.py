@@ -310,8 +310,8 @@ class TreeWriter:
     def _meta(self, fd: int, m: Member, *, made: os.stat_result | None = None) -> None:
         """Owner, then mode (chown clears setuid), then xattrs (chown clears caps), then
         mtime. `made`: the entry's stat as created; an owner or mode it has already is
-        not set again (two of the eight syscalls a small file costs, and each a journaled
-        change of its inode)."""
+        not set again (each a journaled change of its inode, where the fstat only reads
+        it)."""
         chown = self.privileged and (made is None or (made.st_uid, made.st_gid) != (m.uid, m.gid))
         if chown:
             os.fchown(fd, m.uid, m.gid)
