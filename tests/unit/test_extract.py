@@ -170,19 +170,25 @@ def test_acl_text_to_xattr() -> None:
     assert (1000).to_bytes(4, "little") in value
 
 
+def _lay_out(root: Path, archive: bytes, *, privileged: bool, component: str = "alpha") -> None:
+    writer = TreeWriter(root, component, privileged=privileged, merge=MergeState(root))
+    try:
+        reader = PaxReader(io.BytesIO(archive))
+        for m in reader:
+            writer.place(m, reader)
+    finally:
+        writer.close()
+
+
 def test_a_stale_temp_of_a_directory_another_stream_made_is_cleared(tmp_path: Path) -> None:
     # A run killed between making a directory's temp and renaming it leaves the temp;
     # on the re-run another component made the directory first. The temp must go.
     (tmp_path / "opt/x").mkdir(parents=True)
     stale = tmp_path / f"opt/{TMP_PREFIX}beta~2"  # member 2 of beta's first piece
     stale.mkdir()
-    writer = TreeWriter(tmp_path, "beta", privileged=False, merge=MergeState(tmp_path))
-    try:
-        reader = PaxReader(io.BytesIO(tar_bytes([d("opt"), d("opt/x"), f("opt/x/y", "1")])))
-        for m in reader:
-            writer.place(m, reader)
-    finally:
-        writer.close()
+    _lay_out(
+        tmp_path, tar_bytes([d("opt"), d("opt/x"), f("opt/x/y", "1")]), privileged=False, component="beta"
+    )
     assert sorted(p.name for p in (tmp_path / "opt").iterdir()) == ["x"]
     assert (tmp_path / "opt/x/y").read_text() == "1"
 
@@ -201,13 +207,7 @@ def test_every_file_gets_its_owner_in_a_setgid_directory_too(tmp_path: Path) -> 
             f("plain", "4"),
         ]
     )
-    writer = TreeWriter(tmp_path, "alpha", privileged=True, merge=MergeState(tmp_path))
-    try:
-        reader = PaxReader(io.BytesIO(archive))
-        for m in reader:
-            writer.place(m, reader)
-    finally:
-        writer.close()
+    _lay_out(tmp_path, archive, privileged=True)
     owners = {
         name: (st.st_uid, st.st_gid, st.st_mode & 0o7777)
         for name in ("shared", "shared/root", "shared/staff", "www", "plain")
@@ -220,16 +220,6 @@ def test_every_file_gets_its_owner_in_a_setgid_directory_too(tmp_path: Path) -> 
         "www": (33, 33, 0o644),
         "plain": (0, 0, 0o644),
     }
-
-
-def _lay_out(root: Path, archive: bytes, *, privileged: bool) -> None:
-    writer = TreeWriter(root, "alpha", privileged=privileged, merge=MergeState(root))
-    try:
-        reader = PaxReader(io.BytesIO(archive))
-        for m in reader:
-            writer.place(m, reader)
-    finally:
-        writer.close()
 
 
 def _modes(root: Path) -> dict[str, int]:
