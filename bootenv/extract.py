@@ -32,6 +32,7 @@ T = TypeVar("T")
 
 TMP_PREFIX = ".bootenv~"
 OWN = "var/lib/bootenv"
+_OWN_DIR = OWN + "/"
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_OPEN_DIRS = 256
 _RENAME_NOREPLACE = 1
@@ -192,7 +193,7 @@ class TreeWriter:
         base = m.name.rpartition("/")[2]
         if base.startswith(TMP_PREFIX):
             raise ArchiveError(f"refused: /{m.name} uses bootenv's temp-file prefix")
-        if m.name.startswith(OWN) and (m.name == OWN or m.name.startswith(OWN + "/")):
+        if m.name == OWN or m.name.startswith(_OWN_DIR):
             allowed = (OWN, f"{OWN}/dpkg", f"{OWN}/dpkg/{self.component}.status")
             if m.name not in allowed:
                 raise ArchiveError(f"refused: /{m.name} is bootenv's own state")
@@ -267,10 +268,7 @@ class TreeWriter:
     def _make(self, m: Member, reader: PaxReader, pfd: int, tmp: str, data: bytes | None) -> None:
         if m.kind == "file":
             mode = m.mode if _safe_to_create(m.mode) else 0o600
-            try:
-                fd = os.open(tmp, _NEW_FILE, mode, dir_fd=pfd)
-            except FileExistsError:
-                fd = _fresh(pfd, tmp, lambda: os.open(tmp, _NEW_FILE, mode, dir_fd=pfd))
+            fd = _fresh(pfd, tmp, lambda: os.open(tmp, _NEW_FILE, mode, dir_fd=pfd))
             try:
                 if data is not None:
                     write_all(fd, data)
@@ -278,9 +276,7 @@ class TreeWriter:
                     _write_sparse(fd, reader, m)
                 else:
                     for chunk in reader.chunks():
-                        n = os.write(fd, chunk)
-                        if n < len(chunk):  # a short write is rare: no view of the chunk unless
-                            write_all(fd, memoryview(chunk)[n:])
+                        write_all(fd, chunk)
                 # No writeback is started here: the layout's Flusher syncs the filesystem
                 # as it goes, on a thread of its own. Started per file on this thread as
                 # well (sync_file_range), it made a layout of web 3-6% slower.
@@ -315,7 +311,7 @@ class TreeWriter:
         chown = self.privileged and (made is None or (made.st_uid, made.st_gid) != (m.uid, m.gid))
         if chown:
             os.fchown(fd, m.uid, m.gid)
-        if made is None or stat.S_IMODE(made.st_mode) != m.mode or (chown and m.mode & 0o6000):
+        if made is None or stat.S_IMODE(made.st_mode) != m.mode:
             os.fchmod(fd, m.mode)
         if m.xattrs or m.acls:
             for key, value in self._xattrs(m):
@@ -486,7 +482,10 @@ def _exists(name: str, dir_fd: int) -> bool:
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data)
+    n = os.write(fd, data)
+    if n == len(data):
+        return  # the common case: no view of the data to make
+    view = memoryview(data)[n:]
     while view:
         n = os.write(fd, view)
         view = view[n:]

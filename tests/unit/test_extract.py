@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bootenv import extract
-from bootenv.extract import TMP_PREFIX, TreeWriter, acl_xattr
+from bootenv.extract import TMP_PREFIX, TreeWriter, acl_xattr, write_all
 from bootenv.merge import MergeState
 from bootenv.paxread import ArchiveError, PaxReader, _num, safe_name
 from bootenv.prefetch import Prefetch
@@ -311,3 +311,11 @@ def test_a_hardlink_lands_in_its_own_directory_when_the_directory_cache_is_full(
         "c/h",
     ]
     assert (tmp_path / "c/h").stat().st_ino == (tmp_path / "a/f").stat().st_ino
+
+
+def test_write_all_finishes_a_short_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real(fd, bytes(data[:3])))  # 3 bytes a call
+    with open(tmp_path / "out", "wb") as out:
+        write_all(out.fileno(), b"0123456789")
+    assert (tmp_path / "out").read_bytes() == b"0123456789"
