@@ -267,8 +267,10 @@ def follow(
     *,
     timeout: float,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    until: State = State.DONE,
 ) -> Machine:
-    """Wait until the machine is done or failed, handing each new event to `on_event`."""
+    """Wait until the machine has reached `until` (by default: done) or failed, handing
+    each new event to `on_event`."""
     seen = 0
     deadline = time.monotonic() + timeout
     while True:
@@ -278,13 +280,13 @@ def follow(
                 on_event(ev)
         seen = len(events)
         machine = store.get(mac)
-        if machine is not None and machine.state in (State.DONE, State.FAILED):
+        if machine is not None and (machine.state is State.FAILED or machine.reached(until)):
             return machine
         if not vm.alive():
-            raise FatalError(f"the VM stopped before provisioning finished: {_last_line(vm.console())}")
+            raise FatalError(f"the VM stopped before the machine was {until}: {_last_line(vm.console())}")
         if time.monotonic() > deadline:
             raise FatalError(
-                f"provisioning did not finish within {timeout:.0f} s: {_last_line(vm.console())}"
+                f"the machine was not {until} within {timeout:.0f} s: {_last_line(vm.console())}"
             )
         time.sleep(1.0)
 

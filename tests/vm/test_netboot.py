@@ -4,7 +4,8 @@ One lab (signed LAMP image, ramdisk, `bootenv serve` on 127.0.0.1) serves two VM
 - an assigned MAC gets its per-machine script, provisions with no key press, kexecs into
   the target, which reaches multi-user.target and answers on MariaDB's port; the same disk
   then boots again with no kernel arguments under SeaBIOS and under OVMF;
-- an unknown MAC gets the menu, whose default entry is chosen by the timeout.
+- an unknown MAC gets the menu, whose default entry is chosen by the timeout, under OVMF
+  to the end, and under SeaBIOS until the agent reports in.
 """
 
 from __future__ import annotations
@@ -93,6 +94,19 @@ def test_unknown_machine_gets_the_menu_and_its_default_under_uefi(the_lab: Lab) 
         assert machine.state is State.DONE, machine.error
         assert machine.entry == MENU_DEFAULT  # chosen by the menu's timeout, no key pressed
         assert machine.components == "mysql"
+
+
+def test_unknown_machine_gets_the_menu_under_bios_and_boots_the_agent(the_lab: Lab) -> None:
+    # The menu under SeaBIOS, up to the agent's first report: what follows is the same
+    # per-machine path the assigned machine above takes under SeaBIOS.
+    mac = "52:54:00:00:00:c3"
+    disk = new_disk(the_lab.work / "c3.img")
+    with Vm(vm_spec(the_lab, "c3", disk, mac=mac, firmware="bios")) as vm:
+        machine = follow(the_lab.store, mac, vm, timeout=TIMEOUT, until=State.PROVISIONING)
+        assert machine.state is State.PROVISIONING, machine.error
+        assert machine.entry == MENU_DEFAULT  # chosen by the menu's timeout, no key pressed
+        assert machine.components == "mysql"
+    disk.unlink()
 
 
 def _root_partition_files(disk: Path, paths: tuple[str, ...]) -> dict[str, bytes]:
