@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from bootenv.errors import FatalError, RetryableError, UserError, VerificationError
+from bootenv.httpsession import new_session, watched
 from bootenv.manifest import MANIFEST, Manifest, parse_manifest
 
 log = logging.getLogger(__name__)
@@ -76,11 +77,9 @@ class DirSource:
 
 class HttpSource:
     def __init__(self, url: str, policy: RetryPolicy | None = None) -> None:
-        import requests
-
         self.base = url.rstrip("/") + "/"
         self.policy = policy or RetryPolicy()
-        self.session = requests.Session()
+        self.session = new_session()
         # The blobs are already compressed; a transparently gzipped answer would make
         # byte offsets (Range) and Content-Length meaningless.
         self.session.headers["Accept-Encoding"] = "identity"
@@ -123,6 +122,8 @@ class HttpReader:
         self._failures = 0
         self._skip = 0  # bytes to discard: the server ignored our Range request
         self._aborted = threading.Event()
+        self._lock = threading.Lock()  # between abort() and the reading thread's socket
+        self._sock: socket.socket | None = None  # the current request's, once it has one
 
     def _connect(self) -> None:
         import requests
@@ -134,7 +135,8 @@ class HttpReader:
         elif first:
             headers["Range"] = f"bytes={first}-"
         try:
-            resp = self.session.get(self.url, headers=headers, stream=True, timeout=self.policy.timeout)  # type: ignore[attr-defined]
+            with watched(self):
+                resp = self.session.get(self.url, headers=headers, stream=True, timeout=self.policy.timeout)  # type: ignore[attr-defined]
         except requests.RequestException as exc:
             raise RetryableError(f"cannot fetch {self.url}: {type(exc).__name__}") from exc
         try:
@@ -238,7 +240,17 @@ class HttpReader:
         if backoff_wait(self._aborted, delay):
             raise ReadAbortedError(f"{self.url}: read aborted at byte {self.pos}") from exc
 
+    def watch(self, sock: socket.socket) -> None:
+        """The socket the request being sent is on (bootenv/httpsession.py): an abort
+        from now on shuts it down, also while the server's headers are awaited."""
+        with self._lock:
+            self._sock = sock
+            if self._aborted.is_set():
+                _shut(sock)
+
     def _drop(self) -> None:
+        with self._lock:
+            self._sock = None  # back to the pool: another reader may have it next
         if self._resp is not None:
             self._resp.close()  # type: ignore[attr-defined]
             self._resp = None
@@ -246,17 +258,18 @@ class HttpReader:
     def abort(self) -> None:
         """From another thread: end this download now. A read waiting on the network
         returns at once (its connection is shut down), a retry's backoff stops waiting,
-        and they and every later read raise ReadAbortedError, without a retry. Only a
-        connection still waiting for the server's headers is not cut short: it raises
-        once they come, or at its timeout."""
-        self._aborted.set()
-        conn = getattr(getattr(self._resp, "raw", None), "connection", None)
-        sock = getattr(conn, "sock", None)
-        if isinstance(sock, socket.socket):
-            with contextlib.suppress(OSError):
-                # The plain socket's shutdown, also under TLS: SSLSocket.shutdown would
-                # unwrap the TLS layer under the reading thread.
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        and they and every later read raise ReadAbortedError, without a retry. With
+        HttpSource's session, a request still waiting for the server's headers ends at
+        once too; with another session (or one being connected), once they come or at
+        its timeout."""
+        with self._lock:
+            self._aborted.set()
+            sock = self._sock
+            if sock is None:
+                conn = getattr(getattr(self._resp, "raw", None), "connection", None)
+                sock = getattr(conn, "sock", None)
+            if isinstance(sock, socket.socket):
+                _shut(sock)
 
     def close(self) -> None:
         self._drop()
@@ -289,6 +302,13 @@ class _Window:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        # The plain socket's shutdown, also under TLS: SSLSocket.shutdown would unwrap
+        # the TLS layer under the reading thread.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def backoff_wait(stop: threading.Event, seconds: float) -> bool:

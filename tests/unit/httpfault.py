@@ -1,9 +1,10 @@
 """A fault-injecting HTTP server for tests, bound to 127.0.0.1 on a free port.
 
 It serves a directory with Range support (HTTP/1.1, keep-alive) and, per file name,
-can drop the connection at byte X, stall, answer 5xx bursts, flip a byte, pretend the
-file is shorter, lie about Content-Length, or ignore Range requests. Every request is
-recorded so that tests can assert how the client behaved.
+can drop the connection at byte X, stall (before the headers, or before byte X), answer
+5xx bursts, flip a byte, pretend the file is shorter, lie about Content-Length, or
+ignore Range requests. Every request is recorded so that tests can assert how the
+client behaved.
 
     with FaultServer(directory) as srv:
         srv.faults["blob.zst"] = Fault(drops=[1000, 5000])
@@ -37,6 +38,7 @@ class Fault:
     drop_always: int | None = None  # cut every response at this offset (a persistent fault)
     stall_at: int | None = None  # pause once before sending this byte ...
     stall_seconds: float = 0.0  # ... for this long
+    stall_headers: float = 0.0  # pause once before the response's headers, this long
     errors: int = 0  # answer this many requests with `status` first (-1: forever)
     status: int = 503
     corrupt_at: int | None = None  # flip this byte (every time)
@@ -162,6 +164,10 @@ class _Handler(BaseHTTPRequestHandler):
         stop = min(int(match.group(2)) + 1, size) if match and match.group(2) else size
         # Record before answering: a test may look as soon as its client has the answer.
         self.server_ref.record(Request(name, start, status))
+        if fault.stall_headers:
+            stall, fault.stall_headers = fault.stall_headers, 0.0
+            self.server_ref.stalled.set()
+            self.server_ref.closing.wait(stall)
         self.send_response(status)
         if match:
             self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")

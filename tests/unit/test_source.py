@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bootenv.httpsession import new_session
 from bootenv.source import HttpReader, ReadAbortedError, RetryPolicy
 from tests.unit.httpfault import Fault, FaultServer
 
@@ -76,6 +77,28 @@ def test_an_abort_while_connecting_ends_the_read_once_connected(
             reader.read(1024)
         assert time.monotonic() - began < 3
     assert reader.pos == 0
+
+
+def test_a_request_waiting_for_its_headers_ends_when_aborted(blob: Path) -> None:
+    """HttpSource's session tells the reader its socket before any answer is in."""
+    with FaultServer(blob) as srv:
+        srv.faults["blob"] = Fault(stall_headers=STALL)
+        reader = HttpReader(new_session(), srv.url + "blob", 64 << 10, POLICY)
+        assert _aborted_within(reader, 3, before=0.5)
+        assert srv.stalled.is_set() and reader.pos == 0
+    assert len(srv.requests) == 1, "not retried"
+
+
+def test_a_kept_alive_connection_is_cut_while_waiting_for_headers(blob: Path) -> None:
+    """The second request on one connection: its socket is reported as it goes out."""
+    (blob / "other").write_bytes(b"x" * 100)
+    session = new_session()
+    with FaultServer(blob) as srv:
+        assert HttpReader(session, srv.url + "other", 100, POLICY).read() == b"x" * 100
+        srv.faults["blob"] = Fault(stall_headers=STALL)
+        reader = HttpReader(session, srv.url + "blob", 64 << 10, POLICY)
+        assert _aborted_within(reader, 3, before=0.5)
+    assert [r.path for r in srv.requests] == ["other", "blob"]
 
 
 def test_an_abort_during_a_retry_backoff_ends_it(blob: Path) -> None:

@@ -1,0 +1,97 @@
+"""A requests session that tells a reader which socket its request is on.
+
+A reader aborted from another thread shuts its socket down, so that a read blocked on
+the network ends at once (bootenv/source.py). The response's connection gives that
+socket only once the server's headers are in: a request still waiting for them
+would wait for its timeout. This session's connections report their socket to the
+`Watcher` of the thread that sends the request: a new connection once it is made, a
+kept-alive one as the request goes out. (A connection being made is not cut short: it
+ends at its timeout.)
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from typing import Any, Protocol
+
+
+class Watcher(Protocol):
+    def watch(self, sock: socket.socket) -> None:
+        """The socket this thread's request is on (a plain socket, also under TLS)."""
+
+
+_current = threading.local()
+
+
+@contextmanager
+def watched(watcher: Watcher) -> Iterator[None]:
+    """Report the sockets of the requests this thread sends meanwhile to `watcher`."""
+    _current.watcher = watcher
+    try:
+        yield
+    finally:
+        _current.watcher = None
+
+
+def _report(sock: object) -> None:
+    watcher: Watcher | None = getattr(_current, "watcher", None)
+    if watcher is not None and isinstance(sock, socket.socket):
+        watcher.watch(sock)
+
+
+@cache
+def _pool_classes() -> dict[str, type]:
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    class Reporting:
+        sock: object
+
+        def _new_conn(self) -> Any:
+            sock = super()._new_conn()  # type: ignore[misc]
+            _report(sock)
+            return sock
+
+        def request(self, *args: Any, **kwargs: Any) -> Any:
+            _report(self.sock)  # a kept-alive connection (a new one has none yet)
+            return super().request(*args, **kwargs)  # type: ignore[misc]
+
+    class Conn(Reporting, HTTPConnection):  # type: ignore[misc]
+        pass
+
+    class TLSConn(Reporting, HTTPSConnection):  # type: ignore[misc]
+        pass
+
+    class Pool(HTTPConnectionPool):  # type: ignore[misc]
+        ConnectionCls = Conn
+
+    class TLSPool(HTTPSConnectionPool):  # type: ignore[misc]
+        ConnectionCls = TLSConn
+
+    return {"http": Pool, "https": TLSPool}
+
+
+@cache
+def _adapter_class() -> type:
+    from requests.adapters import HTTPAdapter
+
+    class Adapter(HTTPAdapter):  # type: ignore[misc]
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = _pool_classes()
+
+    return Adapter
+
+
+def new_session() -> Any:
+    """A requests.Session whose direct (not proxied) connections report their sockets."""
+    import requests
+
+    session = requests.Session()
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, _adapter_class()())
+    return session
