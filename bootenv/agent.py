@@ -52,7 +52,7 @@ from bootenv.partition import (
 from bootenv.run import run, which
 from bootenv.signing import Trust, read_public_key
 from bootenv.source import Source
-from bootenv.trusted import open_trusted
+from bootenv.trusted import open_signed
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def run_agent(cfg: AgentConfig, *, ramdisk_cmdline: str = "") -> AgentResult:
 
 def _provision(cfg: AgentConfig, ident: target.Identity, report: Report, cmdline: str) -> AgentResult:
     with report.step("manifest", f"Reading and verifying the image manifest from {cfg.image}"):
-        source, manifest = open_trusted(cfg.image, trust(cfg))
+        source, manifest, signer = open_signed(cfg.image, trust(cfg))
         install = plan_install(cfg, manifest)
         # The manifest's rootfs sizes are the OS sub-image's; the single image's own
         # size is in its block map.
@@ -154,7 +154,7 @@ def _provision(cfg: AgentConfig, ident: target.Identity, report: Report, cmdline
     with ExitStack() as stack:
         try:
             kexec = _write_disk(
-                cfg, disk, plan, Image(manifest, source, install, bmap), ident, report, cmdline, stack
+                cfg, disk, plan, Image(manifest, source, install, bmap, signer), ident, report, cmdline, stack
             )
         except BaseException:
             stack.close()  # detach offset loop devices before wiping the whole disk
@@ -222,6 +222,22 @@ class Image:
     source: Source
     install: InstallPlan
     bmap: BlockMap | None  # loaded ahead (the single image); None: write_os loads it
+    signer: str | None = None  # the fingerprint of the key that signed it, if checked
+
+
+def layout_handoff(cfg: AgentConfig, image: Image, hostname: str) -> target.LayoutHandoff:
+    """What the first-boot layout is told: where the image is, what to lay out, whom to
+    tell, and which key to check the image with: the one the agent checked it with,
+    whichever way the agent trusted it (the command line's fingerprint, or a key built
+    into the ramdisk, which the target does not have)."""
+    return target.LayoutHandoff(
+        image=cfg.image,
+        components=image.install.layout,
+        callback=cfg.callback,
+        hostname=hostname,
+        insecure=cfg.insecure,
+        trust=image.signer or cfg.trust,
+    )
 
 
 def _write_disk(
@@ -251,14 +267,7 @@ def _write_disk(
     with report.step("filesystems", "Growing the root filesystem, making the ESP"):
         target.prepare_root_fs(root_dev, ident)
         target.make_esp(esp_dev, ident)
-    handoff_file = target.LayoutHandoff(
-        image=cfg.image,
-        components=install.layout,
-        callback=cfg.callback,
-        hostname=ident.hostname,
-        insecure=cfg.insecure,
-        trust=cfg.trust,
-    )
+    handoff_file = layout_handoff(cfg, image, ident.hostname)
     kexec = None
     with target.mounted(root_dev) as root:
         with report.step("configure", "Configuring the target (identity, first boot, layout)"):

@@ -18,7 +18,7 @@ from typing import cast
 from bootenv import readahead
 from bootenv.assign import plan_split
 from bootenv.blockmap import BlockMap, pack_image
-from bootenv.dpkg import STATUS, Database, read_database, render_status
+from bootenv.dpkg import STATUS, Database, read_database, render_status, version_key
 from bootenv.errors import FatalError, UserError
 from bootenv.exclude import Exclusions
 from bootenv.frames import TarSource, compress_tar
@@ -183,7 +183,9 @@ def _source(root: Path, db: Database) -> Source:
         if line.startswith("PRETTY_NAME="):
             release = line.partition("=")[2].strip('"')
     kernels = (
-        sorted(p.name for p in (root / "lib/modules").glob("*")) if (root / "lib/modules").is_dir() else []
+        sorted((p.name for p in (root / "lib/modules").glob("*")), key=version_key)
+        if (root / "lib/modules").is_dir()
+        else []
     )
     arch = db.packages["dpkg"].arch if "dpkg" in db.packages else ""
     return Source(

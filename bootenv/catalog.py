@@ -93,7 +93,8 @@ def parse_catalog(text: str, *, toml: bool = False, where: str = "catalog") -> C
     dup = next((i for i in ids if ids.count(i) > 1), None)
     if dup is not None or LOCAL in ids:
         raise CatalogError(f"{where}: entry id {dup or LOCAL!r} is used twice or reserved")
-    default = doc.get("default", entries[0].id if entries else LOCAL)
+    # Without one, an unknown machine boots from its disk: none is wiped without a choice.
+    default = doc.get("default", LOCAL)
     if default != LOCAL and default not in ids:
         raise CatalogError(f"{where}: default {default!r} is not an entry id or 'local'")
     timeout = float(doc.get("timeout", 10))

@@ -51,6 +51,12 @@ class Database:
     script_paths: dict[str, frozenset[str]]  # package -> paths its maintainer scripts name
 
 
+def version_key(version: str) -> list[tuple[int, str]]:
+    """An order of kernel versions (6.1.0-9-amd64 before 6.1.0-10-amd64): numbers by
+    value, words before numbers."""
+    return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.\-+~]", version)]
+
+
 def parse_stanzas(text: str) -> list[str]:
     """Split a deb822 file into paragraphs, keeping each paragraph's exact text."""
     return [p.strip("\n") for p in re.split(r"\n\s*\n", text) if p.strip()]

@@ -10,11 +10,11 @@ was unmounted.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from bootenv.cmdline import Handoff, split_cmdline
+from bootenv.dpkg import version_key
 from bootenv.errors import FatalError
 from bootenv.run import run, which
 
@@ -38,17 +38,13 @@ class KexecSpec:
     cmdline: str
 
 
-def _version_key(version: str) -> list[tuple[int, str]]:
-    return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.\-+~]", version)]
-
-
 def find_kernel(root: Path) -> KernelFiles:
     """The newest kernel under the target's /boot, and its initrd if there is one."""
     boot = root / "boot"
     versions = [p.name.removeprefix("vmlinuz-") for p in boot.glob("vmlinuz-*") if p.is_file()]
     if not versions:
         raise FatalError("the OS image has no kernel in /boot (vmlinuz-*)", hint="install linux-image-*")
-    version = max(versions, key=_version_key)
+    version = max(versions, key=version_key)
     initrd = boot / f"initrd.img-{version}"
     return KernelFiles(
         f"/boot/vmlinuz-{version}", f"/boot/initrd.img-{version}" if initrd.is_file() else None, version

@@ -16,14 +16,21 @@ log = logging.getLogger(__name__)
 
 def open_trusted(location: str, trust: Trust) -> tuple[Source, Manifest]:
     """The image's source and its manifest, once the signature checks out."""
+    source, manifest, _ = open_signed(location, trust)
+    return source, manifest
+
+
+def open_signed(location: str, trust: Trust) -> tuple[Source, Manifest, str | None]:
+    """open_trusted, and the fingerprint of the key that signed the manifest (None when
+    verification is off)."""
     source = open_source(location)
     raw = source.read_bytes(MANIFEST)
     try:
         signature: bytes | None = source.read_bytes(SIGNATURE)
     except UserError:
         signature = None
-    verify(raw, signature, trust)
-    return source, parse_manifest(raw)
+    signer = verify(raw, signature, trust)
+    return source, parse_manifest(raw), signer
 
 
 def verify_blob(source: Source, blob: Blob) -> None:

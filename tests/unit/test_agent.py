@@ -73,7 +73,7 @@ def fake_disk(tmp_path: Path, size: int) -> Path:
 
 def setup(monkeypatch: pytest.MonkeyPatch, disk: Path) -> list[str]:
     wiped: list[str] = []
-    monkeypatch.setattr(agent, "open_trusted", lambda image, trust: (None, MANIFEST))
+    monkeypatch.setattr(agent, "open_signed", lambda image, trust: (None, MANIFEST, None))
     info = DiskInfo(str(disk), disk.stat().st_size)
     monkeypatch.setattr(agent, "_choose", lambda cfg, need: DiskChoice(info, ()))
     monkeypatch.setattr(bootloader, "check_available", lambda: None)
@@ -236,7 +236,7 @@ def test_single_mode_sizes_the_disk_by_the_single_image(
     url, _ = events
     disk = fake_disk(tmp_path, required_size(ROOT_MIN))  # fits the OS sub-image only
     wiped = setup(monkeypatch, disk)
-    monkeypatch.setattr(agent, "open_trusted", lambda image, trust: (None, LAMP))
+    monkeypatch.setattr(agent, "open_signed", lambda image, trust: (None, LAMP, None))
     asked: list[OsImage] = []
 
     def blockmap(source: object, image: OsImage) -> BlockMap:
@@ -256,7 +256,7 @@ def test_single_mode_writes_the_single_image_and_reports_like_split(
     url, got = events
     disk = fake_disk(tmp_path, required_size(2 * ROOT_MIN))
     setup(monkeypatch, disk)
-    monkeypatch.setattr(agent, "open_trusted", lambda image, trust: (None, LAMP))
+    monkeypatch.setattr(agent, "open_signed", lambda image, trust: (None, LAMP, None))
     bmap = BlockMap(2 * ROOT_MIN, 4096, ())
     monkeypatch.setattr(agent, "load_blockmap", lambda source, image: bmap)
     seen: list[agent.Image] = []
@@ -274,3 +274,27 @@ def test_single_mode_writes_the_single_image_and_reports_like_split(
     assert last["data"]["image"] == "single"  # type: ignore[index]
     assert last["data"]["components"] == ["apache", "php"]  # type: ignore[index]
     assert all_valid(got)
+
+
+def test_first_boot_checks_the_image_with_the_key_the_agent_trusted(tmp_path: Path) -> None:
+    """A key built into the ramdisk is not on the target: the hand-off names it by its
+    fingerprint, and the first-boot layout's command checks the image against it."""
+    from bootenv.signing import Trust, keygen, sign
+    from bootenv.target import layout_argv
+    from bootenv.trusted import open_signed
+    from tests.unit.test_signing import make_image
+
+    image = make_image(tmp_path / "img")
+    keygen(tmp_path / "k")
+    (image / "manifest.json.sig").write_bytes(sign((image / "manifest.json").read_bytes(), tmp_path / "k"))
+    builtin = tmp_path / "trusted"
+    builtin.mkdir()
+    (builtin / "k.pub").write_bytes((tmp_path / "k.pub").read_bytes())
+    cfg = parse_cmdline(f"bootenv.image={image} bootenv.components=web")
+    source, manifest, signer = open_signed(str(image), agent.trust(cfg, builtin))
+    assert signer is not None and signer.startswith("sha256:")
+    opened = agent.Image(manifest, source, agent.plan_install(cfg, manifest), None, signer)
+    argv = layout_argv(agent.layout_handoff(cfg, opened, "web1"))
+    assert argv[argv.index("--fingerprint") + 1] == signer and "--insecure" not in argv
+    # What the target's layout then trusts: that fingerprint alone, and it verifies.
+    assert open_signed(str(image), Trust(fingerprints=(signer,)))[2] == signer

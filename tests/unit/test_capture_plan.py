@@ -41,3 +41,12 @@ def test_quiesce_stops_and_always_restarts(monkeypatch: pytest.MonkeyPatch) -> N
         ["start", "apache2"],
         ["start", "mariadb"],
     ]
+
+
+def test_the_recorded_kernel_is_the_newest_by_version(tmp_path: Path) -> None:
+    from bootenv.capture import _source
+    from bootenv.dpkg import Database
+
+    for version in ("6.1.0-9-amd64", "6.1.0-10-amd64", "5.10.0-28-amd64"):
+        (tmp_path / "lib/modules" / version).mkdir(parents=True)
+    assert _source(tmp_path, Database({}, {}, (), {})).kernel == "6.1.0-10-amd64"

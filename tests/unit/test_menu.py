@@ -169,6 +169,12 @@ def test_bad_catalogs_are_refused(edit: dict[str, object], message: str) -> None
         parse_catalog(json.dumps({**CATALOG_JSON, **edit}))
 
 
+def test_a_catalog_without_a_default_boots_unknown_machines_from_disk() -> None:
+    doc = {k: v for k, v in CATALOG_JSON.items() if k != "default"}
+    catalog = parse_catalog(json.dumps(doc))
+    assert catalog.entries and catalog.default == LOCAL
+
+
 def test_catalog_is_checked_against_the_images(tmp_path: Path) -> None:
     make_image(tmp_path)
     (tmp_path / "catalog.json").write_text(json.dumps(CATALOG_JSON))

@@ -307,3 +307,33 @@ def test_trim_keeps_the_code_page_mtools_needs() -> None:
     for kept in ("IBM850.so", "IBM437.so", "gconv-modules", "gconv-modules.cache", "gconv-modules.d/x.conf"):
         assert not drop_path(gconv + kept), kept
     assert drop_path(gconv + "EBCDIC-FI-SE.so")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ("bootenv.shell", "1"),
+        ("bootenv.shell=1", "1"),
+        ("bootenv.shell=yes", "1"),
+        ("bootenv.shell=true", "1"),
+        ("bootenv.shell=on", "1"),
+        ("bootenv.shell=0", "0"),
+        ("bootenv.shell=off", "0"),
+        ("bootenv.shell=1 bootenv.shell=no", "0"),  # the last one counts, as for the agent
+        ("bootenv.shellfish=1 quiet", "0"),
+        ("bootenv.debug=1", "0"),
+    ],
+)
+def test_init_reads_its_flags_as_the_agent_does(args: str, expected: str, allow_run: None) -> None:
+    """The init's own parse of bootenv.shell (and bootenv.debug), run by sh."""
+    import re
+
+    from bootenv.run import run
+
+    init = (default_initramfs_dir() / "init").read_text()
+    func = re.search(r"^flag\(\) \{\n.*?^\}\n", init, re.M | re.S)
+    assert func is not None, "init has no flag() function"
+    script = func.group(0) + (
+        'S=0\nfor arg in $ARGS; do v=$(flag "$arg" bootenv.shell) && [ -n "$v" ] && S=$v; done\necho $S\n'
+    )
+    assert run(["sh", "-c", script], env={"ARGS": args}).stdout.decode().strip() == expected
