@@ -58,10 +58,8 @@ http {{
         text/plain ipxe;
     }}
     default_type application/octet-stream;
-    sendfile on;
     tcp_nopush on;
     keepalive_timeout 65;
-    gzip off;  # byte offsets in Range requests must mean the stored bytes
 
 {_indent(server)}
 }}
@@ -86,6 +84,8 @@ def _server(site: NginxSite) -> str:
 server {{
     listen {site.listen};
     server_tokens off;
+    sendfile on;
+    gzip off;  # byte offsets in Range requests must mean the stored bytes
 
     location /images/ {{
         alias {site.images}/;

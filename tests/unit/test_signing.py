@@ -74,6 +74,20 @@ def test_unsigned_is_refused_unless_insecure(caplog: pytest.LogCaptureFixture) -
     assert "INSECURE" in caplog.text
 
 
+def test_insecure_lets_through_only_what_no_trusted_key_could_check(key: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    keygen(other)
+    sig = sign(MANIFEST, other)
+    assert verify(MANIFEST, sig, Trust(insecure=True)) is None  # nothing trusted: not checked
+    with pytest.raises(UserError, match="no trusted key"):
+        verify(MANIFEST, sig, Trust())
+    trusted = Trust(keys=(read_public_key(key.with_name("key.pub")),), insecure=True)
+    with pytest.raises(VerificationError, match="untrusted key"):
+        verify(MANIFEST, sig, trusted)
+    with pytest.raises(VerificationError, match="altered"):
+        verify(MANIFEST.replace(b"1", b"2"), sign(MANIFEST, key), trusted)
+
+
 def test_fingerprint_parsing() -> None:
     assert parse_fingerprint("SHA256:" + "A" * 64) == "sha256:" + "a" * 64
     with pytest.raises(UserError):
