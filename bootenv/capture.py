@@ -72,8 +72,10 @@ def capture(cfg: CaptureConfig) -> CaptureResult:
     if not root.is_dir():
         raise UserError(f"{cfg.root} is not a directory")
     output = cfg.output.absolute()
-    if output.exists() and not cfg.force:
-        raise UserError(f"{output} already exists", hint="pass --force to replace it")
+    if output.exists() or output.is_symlink():
+        if not cfg.force:
+            raise UserError(f"{output} already exists", hint="pass --force to replace it")
+        _check_replaceable(output)
     if cfg.stop_services and root != Path("/"):
         raise UserError("--stop only applies when capturing the live system (ROOT=/)")
     db = read_database(root)
@@ -106,6 +108,17 @@ def _inside(root: Path, output: Path) -> tuple[str, ...]:
         return ()
     base = "/" + str(rel) if str(rel) != "." else ""
     return (f"{base}/{output.name}", f"{base}/{output.name}/*", f"{base}/.{output.name}.partial-*")
+
+
+def _check_replaceable(output: Path) -> None:
+    """--force replaces an earlier image, or an empty directory: never anything else."""
+    if output.is_symlink() or not output.is_dir():
+        raise UserError(f"{output} exists and is not a directory", hint="choose another output")
+    if not (output / MANIFEST).is_file() and any(output.iterdir()):
+        raise UserError(
+            f"{output} is not a composite image (no {MANIFEST}): --force replaces only an image",
+            hint="choose another output, or remove it yourself",
+        )
 
 
 def _replace_dir(new: Path, output: Path) -> None:

@@ -122,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="parallel streams (default 0: one per chunk, up to 4)",
     )
     p.add_argument("--callback", metavar="URL", help="POST JSON progress events here (best effort)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --root /: lay out into the running system although bootenv did not provision it",
+    )
     add_trust_options(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_layout)

@@ -16,6 +16,7 @@ from bootenv.errors import UserError
 from bootenv.log import human_bytes, setup_logging
 
 if TYPE_CHECKING:
+    from bootenv.layout import LayoutResult
     from bootenv.signing import Trust
 
 log = logging.getLogger(__name__)
@@ -184,11 +185,12 @@ def cmd_layout(args: argparse.Namespace) -> int:
         streams=args.streams,
         callback=args.callback,
         trust=trust_from_args(args),
+        force=args.force,
     )
     result = layout(cfg)
     if args.json:
         print(_json(result.to_dict()))
-        return 0 if result.ok else 1
+        return _layout_outcome(result)
     if result.added:
         print(f"added as dependencies: {', '.join(result.added)}")
     rows = [["component", "status", "files", "bytes", "identical", "merged", "conflicts", "seconds"]]
@@ -215,7 +217,15 @@ def cmd_layout(args: argparse.Namespace) -> int:
         print(f"conflicts kept both versions: see `bootenv conflicts list --root {args.root}`")
     for note in result.notes:
         print(f"activation: {note}")
-    return 0 if result.ok else 1
+    return _layout_outcome(result)
+
+
+def _layout_outcome(result: LayoutResult) -> int:
+    """0, or the failure as the CLI's one-line error (its exit code says what kind)."""
+    failure = result.failure()
+    if failure is not None:
+        raise failure
+    return 0
 
 
 def cmd_conflicts(args: argparse.Namespace) -> int:

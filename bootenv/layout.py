@@ -57,6 +57,7 @@ class LayoutConfig:
     streams: int = 0  # 0: one per component, capped at MAX_STREAMS
     callback: str | None = None
     trust: Trust | None = None  # None: the caller checked the signature already (tests)
+    force: bool = False  # root / although bootenv did not provision this system
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class ComponentResult:
     packages: tuple[str, ...] = ()
     seconds: float = 0.0
     error: str | None = None
+    code: int = 0  # a failed component's exit code (errors.py): 4 for data that did not verify
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,23 @@ class LayoutResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, **asdict(self)}
+
+    def failure(self) -> BootenvError | None:
+        """What went wrong, as one error for the CLI: every failed component's reason,
+        and the exit code of data that did not verify if any did, else the first's."""
+        failed = [c for c in self.components if c.status == "failed"]
+        if not failed and not self.failed_units:
+            return None
+        reasons = [_first_line(c.error or f"{c.name} failed") for c in failed]
+        reasons += [f"unit {u} did not start" for u in self.failed_units]
+        codes = [c.code or 1 for c in failed] or [1]
+        err = BootenvError("layout failed: " + "; ".join(reasons))
+        err.exit_code = 4 if 4 in codes else codes[0]
+        return err
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
 
 
 class Activator(Protocol):
@@ -115,6 +134,16 @@ def layout(
     root = cfg.root.absolute()
     if not root.is_dir():
         raise UserError(f"{cfg.root} is not a directory")
+    if root.resolve() == Path("/") and not cfg.force:
+        from bootenv.target import LAYOUT_JSON, provisioned
+
+        if not provisioned(root):
+            raise UserError(
+                "refusing to lay out into the running system: bootenv did not provision it "
+                f"(no {LAYOUT_JSON})",
+                hint="--root a mounted target; or --force, to add components to this system's files "
+                "and its dpkg database",
+            )
     manifest = load_manifest(cfg.image) if cfg.trust is None else open_trusted(cfg.image, cfg.trust)[1]
     wanted = cfg.components if isinstance(cfg.components, str) else list(cfg.components)
     order, added = resolve_components(manifest, wanted)
@@ -417,12 +446,12 @@ class _Scheduler:
             raise exc
         if name not in self.results:
             log.error("%s: %s", name, exc)
-        self.fail(name, str(exc))
+        self.fail(name, str(exc), exc.exit_code if isinstance(exc, BootenvError) else 1)
 
-    def fail(self, name: str, error: str | None) -> None:
+    def fail(self, name: str, error: str | None, code: int = 1) -> None:
         if name not in self.results:
             took = time.monotonic() - self.started[name]
-            self.results[name] = ComponentResult(name, "failed", error=error, seconds=took)
+            self.results[name] = ComponentResult(name, "failed", error=error, seconds=took, code=code)
         self.ready = [r for r in self.ready if r[3].name != name]
         self.later.pop(name, None)
         self.ahead.drop(name)
@@ -439,7 +468,9 @@ class _Scheduler:
                     self.flusher.check()
                 Journal(self.root).set(comp.name, comp.data.sha256, "files")
             except OSError as exc:
-                self.results[comp.name] = ComponentResult(comp.name, "failed", error=str(exc), seconds=took)
+                self.results[comp.name] = ComponentResult(
+                    comp.name, "failed", error=str(exc), seconds=took, code=1
+                )
             else:
                 self.results[comp.name] = _done(comp, self.got[comp.name], took)
             return
@@ -461,7 +492,7 @@ class _Scheduler:
             self.fetch_failed(comp.name, why)
             return
         if piece.stats is None:
-            self.fail(comp.name, piece.error)
+            self.fail(comp.name, piece.error, piece.code)
             return
         pieces = comp.pieces()
         if index == 0:

@@ -48,6 +48,7 @@ class Piece:
     index: int
     stats: Stats | None  # None: failed
     error: str | None = None
+    code: int = 0  # a failed piece's exit code (errors.py)
     created: tuple[tuple[str, int], ...] = ()  # piece 0: the directories it made
     redirect: tuple[str, ...] = ()  # piece 0: directories that conflicted
 
@@ -103,10 +104,13 @@ def lay_out_piece(
             _lay_out(comp, index, src, writer, partial=index < len(pieces) - 1, stop=stop)
     except (BootenvError, OSError, zstandard.ZstdError) as exc:
         log.error("%s: %s", comp.name, exc)
-        return Piece(comp.name, index, None, error=str(exc))
+        code = exc.exit_code if isinstance(exc, BootenvError) else 1
+        return Piece(comp.name, index, None, error=str(exc), code=code)
     finally:
         writer.close()
-    return Piece(comp.name, index, writer.stats, None, tuple(writer.created_dirs), writer.redirected)
+    return Piece(
+        comp.name, index, writer.stats, None, created=tuple(writer.created_dirs), redirect=writer.redirected
+    )
 
 
 @contextmanager

@@ -105,6 +105,13 @@ _CLEANUP = (
 )
 
 
+def provisioned(root: Path) -> bool:
+    """Whether bootenv provisioned the system at `root`: the agent left it the first-boot
+    hand-off, renamed once the first layout was done."""
+    handoff = root / LAYOUT_JSON.lstrip("/")
+    return handoff.exists() or handoff.with_name(handoff.name + ".done").exists()
+
+
 def layout_argv(handoff: LayoutHandoff) -> list[str]:
     """The `bootenv layout` command the unit runs, from the hand-off's settings."""
     argv = ["layout", "--image", handoff.image, "--components", ",".join(handoff.components) or "none"]

@@ -58,6 +58,9 @@ def assert_bad_not_activated(root: Path, image: Image, res_act: tuple[object, ob
     assert by_name["bad"].status == "failed"
     error = by_name["bad"].error
     assert error and "\n" not in error, "the failure is reported in one line"
+    failure = res.failure()  # type: ignore[attr-defined]
+    assert failure is not None and str(failure).startswith("layout failed: ") and "\n" not in str(failure)
+    assert failure.exit_code in (1, 4)  # data that did not verify, or an archive that is malformed
     assert act.calls == [(root, ["good.service"])], "only the healthy component is activated"  # type: ignore[attr-defined]
     status = (root / "var/lib/dpkg/status").read_text()
     assert "Package: pkg-good" in status and "pkg-bad" not in status
@@ -78,6 +81,8 @@ def test_wrong_bytes_on_the_wire_are_detected(
     assert_bad_not_activated(root, image, got)
     assert_nothing_of_bad_placed(root)
     assert srv.requests_for(file), f"{kind}: the blob was fetched"
+    failure = got[0].failure()
+    assert failure is not None and failure.exit_code == 4, f"{kind}: {failure}"
 
 
 def _resigned(image: Image, tmp: Path, mutate: bytes) -> Path:
@@ -110,6 +115,21 @@ def test_malformed_frame_with_a_matching_hash_is_detected(image: Image, tmp_path
     root = tmp_path / "root"
     got = run_layout(str(img), root)
     assert_bad_not_activated(root, Image(img, image.clean), got)
+
+
+def test_wrong_bytes_exit_with_the_verification_code_and_one_line(
+    image: Image, srv: FaultServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bootenv.cli import main
+
+    file, size = blob_of(image.dir, "bad")
+    srv.faults[file] = Fault(corrupt_at=size // 2)
+    root = tmp_path / "root"
+    root.mkdir()
+    argv = ["layout", "--image", srv.url, "--components", "bad", "--root", str(root), "--insecure"]
+    assert main(argv) == 4
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("bootenv: error:")]
+    assert err == ["bootenv: error: layout failed: bad: sub-image does not match its sha256; not activated"]
 
 
 def test_only_the_broken_component_laid_out_alone_activates_nothing(

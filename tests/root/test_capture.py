@@ -83,8 +83,21 @@ def test_existing_output_is_refused_without_force(tmp_path: Path, capsys: pytest
         f"bootenv: error: {out} already exists (hint: pass --force to replace it)"
     ]
     assert (out / "keep").read_text() == "precious"
-    assert main(["capture", str(gold), "-o", str(out), "--component", "web=httpd", "--force"]) == 0
-    assert not (out / "keep").exists()
+    # --force replaces an image or an empty directory, never anything else.
+    force = ["capture", str(gold), "-o", str(out), "--component", "web=httpd", "--force"]
+    assert main(force) == 2
+    assert "not a composite image" in capsys.readouterr().err
+    assert (out / "keep").read_text() == "precious"
+    plain = tmp_path / "plain"
+    plain.write_text("precious")
+    assert main(["capture", str(gold), "-o", str(plain), "--component", "web=httpd", "--force"]) == 2
+    assert plain.read_text() == "precious"
+    (out / "keep").unlink()
+    assert main(force) == 0  # an empty directory
+    (out / "extra").write_text("of the earlier image")
+    assert main(force) == 0  # an earlier image, replaced whole
+    assert (out / "manifest.json").is_file() and not (out / "extra").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gold", "image", "plain"]
 
 
 def test_bad_input_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -395,3 +395,40 @@ def test_the_event_pump_ends_once_stopped_though_the_sentinel_never_comes() -> N
     pump.join(5)
     assert not pump.is_alive()
     assert got == [{"n": 1}]
+
+
+def test_the_running_system_is_refused_unless_bootenv_provisioned_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bootenv import target
+
+    assert not target.provisioned(tmp_path)
+    (tmp_path / "etc/bootenv").mkdir(parents=True)
+    (tmp_path / "etc/bootenv/layout.json.done").write_text("{}")  # the first layout was done
+    assert target.provisioned(tmp_path)
+    # Whatever this machine is, `/` counts as not provisioned here: nothing may be written.
+    monkeypatch.setattr(target, "provisioned", lambda root: False)
+    image = str(tmp_path / "no-image")  # the refusal comes before the image is read
+    assert main(["layout", "--image", image, "--components", "all", "--root", "/"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "refusing to lay out into the running system" in err[0] and "--force" in err[0]
+    with pytest.raises(UserError, match="neither a directory nor"):  # --force goes on to read it
+        layout(LayoutConfig(image, "all", Path("/"), force=True))
+
+
+def test_a_failed_layout_is_one_error_with_the_worst_kind_of_exit_code() -> None:
+    from bootenv.layout import ComponentResult
+
+    ok = LayoutResult((ComponentResult("a", "done"),), (), ())
+    assert ok.failure() is None
+    bad = LayoutResult(
+        (
+            ComponentResult("a", "failed", error="a: HTTP 503\ngiving up", code=3),
+            ComponentResult("b", "failed", error="b: sub-image does not match its sha256", code=4),
+        ),
+        (),
+        (),
+    )
+    failure = bad.failure()
+    assert failure is not None and failure.exit_code == 4
+    assert str(failure) == "layout failed: a: HTTP 503; b: sub-image does not match its sha256"
