@@ -11,6 +11,7 @@ import argparse
 import atexit
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -198,6 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.exception("failed")
         print(f"bootenv: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except TerminatedError:
+        print("bootenv: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("bootenv: interrupted", file=sys.stderr)
         return 130
@@ -208,6 +212,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+class TerminatedError(KeyboardInterrupt):
+    """SIGTERM (systemd stopping the unit, `kill`): the command stops as Ctrl-C stops it,
+    cleaning up on the way (a layout's streams finish their piece, no temp file stays)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise TerminatedError
+
+
 def run() -> NoReturn:
     """The `bootenv` command: `main`, then end the process without tearing down the
     interpreter. Freeing every imported module's objects (requests and urllib3 above all)
@@ -216,7 +229,9 @@ def run() -> NoReturn:
     flush, multiprocessing's finalizers), then stdout and stderr are flushed, and a
     failed flush (a closed pipe) makes the exit code 120, as Python's own exit does. If a
     thread that a normal exit would wait for is still running, or `main` raises
-    (SystemExit included), the exit takes the normal way."""
+    (SystemExit included), the exit takes the normal way. SIGTERM stops it as Ctrl-C
+    does, with exit code 143."""
+    signal.signal(signal.SIGTERM, _terminate)
     code = main()
     current = threading.current_thread()
     if any(t is not current and not t.daemon for t in threading.enumerate()):

@@ -60,7 +60,10 @@ def init_worker(events: Any) -> None:
     SINK[:] = [events.put]
     # A stream must not outlive the layout that started it (kill -9 of the parent).
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    # Ctrl-C and SIGTERM reach the whole process group: the layout process stops the
+    # streams, each after the piece it is laying out (bootenv/cli.py).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _emit(event: Event) -> None:

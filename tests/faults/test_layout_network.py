@@ -13,7 +13,7 @@ from bootenv.errors import RetryableError
 from bootenv.source import HttpSource
 from tests.faults.conftest import Image, SleepLog
 from tests.faults.helpers import FAST, RestartableServer, blob_of, run_layout, tree
-from tests.unit.httpfault import Fault
+from tests.unit.httpfault import Fault, FaultServer
 
 
 def test_server_restart_mid_stream_completes(image: Image, tmp_path: Path) -> None:
@@ -152,3 +152,42 @@ def test_cli_reports_a_dead_server_in_one_line(
     assert rc != 0
     assert "Traceback" not in captured.out + captured.err
     assert any("giving up" in line for line in (captured.out + captured.err).splitlines())
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_mid_download_stops_the_layout_cleanly(
+    image: Image, srv: FaultServer, tmp_path: Path, sig: str
+) -> None:
+    """systemd stops a unit with SIGTERM to all its processes, Ctrl-C sends SIGINT to the
+    process group: either way the layout stops at once, says so in one line, and leaves no
+    temp file in the tree."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    file, size = blob_of(image.dir, "bad")
+    srv.faults[file] = Fault(stall_at=size // 2, stall_seconds=60.0)
+    root = tmp_path / "root"
+    root.mkdir()
+    argv = [sys.executable, "-m", "bootenv", "layout", "--image", srv.url, "--components", "all"]
+    argv += ["--root", str(root), "--streams", "2", "--insecure"]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert srv.stalled.wait(30), "the download did not reach the stall"
+        began = time.monotonic()
+        os.killpg(proc.pid, getattr(signal, sig))
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert time.monotonic() - began < 10
+    assert proc.returncode == (143 if sig == "SIGTERM" else 130)
+    assert err.splitlines()[-1] == ("bootenv: terminated" if sig == "SIGTERM" else "bootenv: interrupted")
+    assert "Traceback" not in err
+    left = [p for p in root.rglob("*") if p.name.startswith(".bootenv~")]
+    assert left == []
