@@ -8,6 +8,7 @@ device that is mounted or claimed (bmaptool does the same).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -151,7 +152,9 @@ def open_destination(path: str, image_size: int, *, mapped: int = 0) -> Iterator
     """Open `path` for writing an image of `image_size` bytes, after the safety checks.
 
     A regular file is created, or grown (sparsely) to the image size. Nothing is
-    written before every check has passed.
+    written before every check has passed. If the write fails, a file this call created
+    is removed; a file that was there is a disk like any other (its first MiB is wiped,
+    bootenv/oswrite.py).
     """
     st = _stat(path)
     if st is not None and stat.S_ISBLK(st.st_mode):
@@ -174,14 +177,20 @@ def open_destination(path: str, image_size: int, *, mapped: int = 0) -> Iterator
     if st is not None:
         check_file_not_attached(path)
     _check_free_space(path, st.st_size if st else 0, image_size, mapped)
+    flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if st is None else 0)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, flags, 0o600)
     except OSError as exc:
         raise UserError(f"cannot open {path}: {exc.strerror}") from exc
     try:
         if os.fstat(fd).st_size < image_size:
             os.ftruncate(fd, image_size)  # sparse: allocates nothing
         yield Destination(path, fd, False, os.fstat(fd).st_size, 512)
+    except BaseException:
+        if st is None:  # ours: nothing is lost, and nothing half-written stays
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
     finally:
         os.close(fd)
 

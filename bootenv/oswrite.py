@@ -324,7 +324,8 @@ def write_os(
 
 
 def _wipe_after(target: Target, label: str, exc: BaseException) -> None:
-    log.error("writing %s failed (%s); wiping its first MiB so it cannot be mounted", label, exc)
+    why = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
+    log.error("writing %s failed (%s); wiping its first MiB so it cannot be mounted", label, why)
     try:
         target.wipe()
     except (OSError, BootenvError) as wipe_exc:

@@ -145,6 +145,16 @@ def assert_image(path: Path, raw: bytes, bmap: BlockMap) -> None:
     assert extents == merged(bmap.ranges), "holes were written or data is missing"
 
 
+OLD_HEADER = b"\x53\xef" * (HEADER // 2)
+
+
+def old_disk(path: Path) -> Path:
+    """A disk a previous install left. A failed write wipes its header once it has
+    written anything; one that fails before its first write leaves the disk as it was."""
+    path.write_bytes(OLD_HEADER)
+    return path
+
+
 def first_mib(path: Path) -> bytes:
     with open(path, "rb") as f:
         return f.read(HEADER)
@@ -297,7 +307,7 @@ def test_truncated_blob_on_disk(built: Built, tmp_path: Path) -> None:
     copy = _copy_image(built, tmp_path)
     blob = copy / data_name(built)
     blob.write_bytes(blob.read_bytes()[:-100])
-    out = tmp_path / "disk.img"
+    out = old_disk(tmp_path / "disk.img")
     with pytest.raises(VerificationError):
         write_to(out, built, DirSource(copy))
     assert first_mib(out) == bytes(HEADER)
@@ -343,10 +353,14 @@ def test_bad_zstd_frame_is_fatal(built: Built, tmp_path: Path) -> None:
     data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64
     data[0:4] = b"XXXX"  # not a zstd magic
     manifest = _repin(copy, built.manifest, data=bytes(data))
-    out = tmp_path / "disk.img"
-    with open_destination(str(out), SIZE) as dest, pytest.raises(VerificationError, match="zstd"):
+    out = old_disk(tmp_path / "disk.img")  # there before: kept, untouched (the first frame failed)
+    with pytest.raises(VerificationError, match="zstd"), open_destination(str(out), SIZE) as dest:
         write_os(DirSource(copy), manifest, dest.fd, progress=False)
-    assert first_mib(out) == bytes(HEADER)
+    assert first_mib(out) == OLD_HEADER
+    fresh = tmp_path / "fresh.img"  # a file the write made: removed
+    with pytest.raises(VerificationError, match="zstd"), open_destination(str(fresh), SIZE) as dest:
+        write_os(DirSource(copy), manifest, dest.fd, progress=False)
+    assert not fresh.exists()
 
 
 def test_range_hash_mismatch_wipes_the_header(built: Built, tmp_path: Path) -> None:
@@ -354,7 +368,7 @@ def test_range_hash_mismatch_wipes_the_header(built: Built, tmp_path: Path) -> N
     bmap = built.bmap
     bad = replace(bmap, ranges=(*bmap.ranges[:-1], replace(bmap.ranges[-1], sha256="0" * 64)))
     manifest = _repin(copy, built.manifest, bmap=bad.to_json().encode())
-    out = tmp_path / "disk.img"
+    out = old_disk(tmp_path / "disk.img")
     old_os = b"\x53\xef" * (HEADER // 2)  # a previous install's header
     with open(out, "wb") as f:
         f.write(old_os)
@@ -379,7 +393,7 @@ def test_a_failing_disk_write_is_fatal_and_wipes_the_header(
         real(self, buf, offset)
 
     monkeypatch.setattr(Target, "_pwrite_all", failing)
-    out = tmp_path / "disk.img"
+    out = old_disk(tmp_path / "disk.img")
     with open(out, "wb") as f:
         f.write(b"\x53\xef" * (HEADER // 2))  # a previous install's header
     with open_destination(str(out), SIZE) as dest, pytest.raises(FatalError, match="write at byte 13631488"):
@@ -478,7 +492,7 @@ def test_persistent_cut_gives_up_and_leaves_no_filesystem(
 ) -> None:
     cut = built.manifest.os.data.size - 10
     srv.faults[data_name(built)] = Fault(drop_always=cut)
-    out = tmp_path / "disk.img"
+    out = old_disk(tmp_path / "disk.img")
     with pytest.raises(RetryableError, match=f"at byte {cut}"):
         write_to(out, built, http(srv))
     assert first_mib(out) == bytes(HEADER)
@@ -493,18 +507,20 @@ def test_corrupt_byte_is_fatal_and_leaves_no_filesystem(
 ) -> None:
     size = built.manifest.os.data.size
     srv.faults[data_name(built)] = Fault(corrupt_at=min(int(size * where), size - 1))
-    out = tmp_path / "disk.img"
+    out = old_disk(tmp_path / "disk.img")
     with pytest.raises(VerificationError):
         write_to(out, built, http(srv))
-    assert first_mib(out) == bytes(HEADER)
+    # A fault in the first range fails before any write (the header's ranges are held
+    # back until all is verified): the old disk is as it was. Later, the header is wiped.
+    assert first_mib(out) == (OLD_HEADER if where < 0.01 else bytes(HEADER))
 
 
 def test_truncated_file_on_server_is_fatal(built: Built, srv: FaultServer, tmp_path: Path) -> None:
     srv.faults[data_name(built)] = Fault(truncate=built.manifest.os.data.size // 2)
-    out = tmp_path / "disk.img"
+    out = old_disk(tmp_path / "disk.img")
     with pytest.raises(VerificationError, match="manifest says"):
         write_to(out, built, http(srv))
-    assert first_mib(out) == bytes(HEADER)
+    assert first_mib(out) == OLD_HEADER  # refused on the answer's length, before any write
     assert len(srv.requests_for(data_name(built))) == 1  # fatal: no retry
 
 
@@ -575,6 +591,7 @@ def test_cli_failure_is_one_line(
     assert rc == VerificationError.exit_code
     lines = [ln for ln in err.splitlines() if ln.startswith("bootenv:")]
     assert len(lines) == 1 and "Traceback" not in err
+    assert not (tmp_path / "d.img").exists()  # made by the failed write: removed
 
 
 def test_parse_mountinfo() -> None:
