@@ -75,7 +75,7 @@ def load_catalog(images: Path, path: Path | None = None) -> Catalog:
         return default_catalog(images)
     try:
         text = path.read_text()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8
         raise CatalogError(f"cannot read the catalog {path}: {exc}") from exc
     catalog = parse_catalog(text, toml=path.suffix == ".toml", where=str(path))
     check_catalog(catalog, images)

@@ -117,10 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", type=Path, required=True, metavar="PATH", help="/ or a mounted tree")
     p.add_argument(
         "--streams",
-        type=int,
+        type=_streams,
         default=0,
         metavar="N",
-        help="parallel streams (default 0: one per chunk, up to 4)",
+        help=f"parallel streams, at most {MAX_STREAMS_ASKED} (default 0: one per chunk, up to 4)",
     )
     p.add_argument("--callback", metavar="URL", help="POST JSON progress events here (best effort)")
     p.add_argument(
@@ -183,6 +183,19 @@ def add_serve_verbs(verbs: argparse._SubParsersAction[_Parser], common: _Parser)
     p.add_argument("--state", type=Path, metavar="DIR", help=state_help)
     p.add_argument("--json", action="store_true", help="records and every event received")
     p.set_defaults(handler=cmd_machines)
+
+
+MAX_STREAMS_ASKED = 64
+
+
+def _streams(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= n <= MAX_STREAMS_ASKED:
+        raise argparse.ArgumentTypeError(f"{n} is not between 0 and {MAX_STREAMS_ASKED}")
+    return n
 
 
 def main(argv: Sequence[str] | None = None) -> int:

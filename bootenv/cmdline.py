@@ -12,9 +12,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from bootenv.errors import UserError
+from bootenv.urls import split_http_url
 
 PREFIX = "bootenv."
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -202,8 +203,7 @@ def _build(raw: dict[str, str | None]) -> AgentConfig:
 
 
 def _url(text: str, key: str, *, allow_dir: bool = False) -> str:
-    parts = urlsplit(text)
-    if parts.scheme in ("http", "https") and parts.netloc:
+    if split_http_url(text) is not None:
         return text
     if allow_dir and text.startswith("/"):
         return text  # a local directory: tests and images on the ramdisk itself

@@ -177,7 +177,10 @@ def cmd_write_os(args: argparse.Namespace) -> int:
 
 def cmd_layout(args: argparse.Namespace) -> int:
     from bootenv.layout import LayoutConfig, layout, parse_components
+    from bootenv.urls import split_http_url
 
+    if args.callback and split_http_url(args.callback) is None:
+        raise UserError(f"--callback {args.callback} is not an http(s) URL")
     cfg = LayoutConfig(
         image=args.image,
         components=parse_components(args.components),
@@ -234,6 +237,8 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
     from bootenv import conflicts
 
     root = args.root.absolute()
+    if not root.is_dir():
+        raise UserError(f"{args.root} is not a directory")
     if args.action == "list":
         found = conflicts.load_all(root)
         if args.json:
@@ -263,6 +268,8 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
         return 0
     if args.keep is None and args.file is None:
         raise UserError("resolve needs --keep existing|incoming|merged or --file F")
+    if args.file is not None and not args.file.is_file():
+        raise UserError(f"--file {args.file}: no such file")
     done = conflicts.resolve(root, args.id, args.keep, args.file)
     print(_json(asdict(done)) if args.json else f"conflict {done.id} resolved: {done.resolution}")
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import stat
@@ -26,6 +27,8 @@ from bootenv.merge import MAX_MERGE, concatenate
 RECORDS = Path("var/lib/bootenv/conflict-records")
 STORE = Path("var/lib/bootenv/conflicts")
 KEEP = ("existing", "incoming", "merged")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,10 @@ def write_record(root: Path, conflict: Conflict) -> None:
     path = d / f"{conflict.id}.json"
     body = conflict.__dict__.copy()
     if path.exists():
-        old = json.loads(path.read_text())
-        body["resolution"] = old.get("resolution")
+        try:
+            body["resolution"] = _read(path).resolution
+        except UserError as exc:
+            log.warning("%s: written again, without its resolution", exc)
     tmp = d / f".{conflict.id}.json.tmp.{os.getpid()}"
     tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
@@ -114,8 +119,16 @@ def load_all(root: Path) -> list[Conflict]:
     d = root / RECORDS
     if not d.is_dir():
         return []
-    out = [Conflict(**json.loads(p.read_text())) for p in sorted(d.glob("*.json"))]
+    out = [_read(p) for p in sorted(d.glob("*.json"))]
     return sorted(out, key=lambda c: (c.path, c.component))
+
+
+def _read(path: Path) -> Conflict:
+    try:
+        doc = json.loads(path.read_bytes())
+        return Conflict(**doc)
+    except (ValueError, TypeError) as exc:  # not JSON, or not a record (a list, a missing key)
+        raise UserError(f"conflict record {path} is damaged: {exc}", hint="restore it, or remove it") from exc
 
 
 def load(root: Path, cid: str) -> Conflict:

@@ -48,7 +48,7 @@ class Journal:
             doc = json.loads((self.dir / f"{component}.json").read_text())
         except (FileNotFoundError, ValueError):
             return None
-        if doc.get("sha256") != sha256 or doc.get("phase") not in PHASES:
+        if not isinstance(doc, dict) or doc.get("sha256") != sha256 or doc.get("phase") not in PHASES:
             return None
         phase: str = doc["phase"]
         return phase

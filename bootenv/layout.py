@@ -241,7 +241,7 @@ def _run_streams(
     streams = streams or default_streams(pieces)
     privileged = os.geteuid() == 0
     progress = _ProgressSum(poster.send)
-    width = 1 if streams <= 1 or pieces <= 1 else streams
+    width = 1 if streams <= 1 or pieces <= 1 else min(streams, pieces)  # no idle processes
     # The fetches stop only once the streams are done (the pool below has shut down):
     # a stream may still be reading a chunk the parent holds.
     ahead = FetchAhead(image, width, spill=root)

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import stat
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -51,6 +52,7 @@ from bootenv.machines import (
 )
 from bootenv.manifest import MANIFEST, parse_manifest
 from bootenv.state import Store
+from bootenv.urls import split_http_url
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +90,8 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def check_public_url(url: str) -> str:
     """The base URL written into iPXE scripts and kernel arguments."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+    parts = split_http_url(url)
+    if parts is None or parts.query or parts.fragment:
         raise UserError(f"--public-url {url}: expected http://HOST[:PORT][/PREFIX]")
     if any(c.isspace() or c in "$\"'" for c in url):
         raise UserError(f"--public-url {url}: no spaces, quotes or $")
@@ -113,6 +115,16 @@ class BootenvServer(ThreadingHTTPServer):
     @property
     def port(self) -> int:
         return int(self.server_address[1])
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (a layout done with its keep-alive connection, an agent
+        that rebooted) is routine, logged at debug level; anything else is a bug, logged
+        with its traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("%s: %s", client_address, exc)
+            return
+        log.exception("error while serving %s", client_address)
 
     def catalog(self) -> Catalog:
         """The catalog, re-read on every menu so edits apply; a broken edit keeps the old one."""

@@ -65,7 +65,10 @@ def keygen(path: Path) -> str:
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror}") from exc
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -76,11 +79,13 @@ def keygen(path: Path) -> str:
 def read_public_key(path: Path) -> bytes:
     try:
         algo, _, b64 = path.read_text().strip().partition(" ")
+        raw = base64.b64decode(b64, validate=True)
     except OSError as exc:
         raise UserError(f"cannot read public key {path}: {exc.strerror}") from exc
-    raw = _b64(b64, f"public key {path}")
+    except ValueError:  # not text, or not base64
+        algo, raw = "", b""
     if algo != ALGORITHM or len(raw) != 32:
-        raise UserError(f"{path} is not a bootenv ed25519 public key")
+        raise UserError(f"{path} is not a bootenv ed25519 public key", hint="`bootenv keygen` writes KEY.pub")
     return raw
 
 
@@ -91,8 +96,13 @@ def sign(manifest: bytes, key_path: Path) -> bytes:
 
     try:
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load private key {key_path}: {exc}") from exc
+    except OSError as exc:
+        raise UserError(f"cannot load private key {key_path}: {exc.strerror}") from exc
+    except (ValueError, TypeError) as exc:  # cryptography's text is OpenSSL's internals
+        raise UserError(
+            f"{key_path} is not an unencrypted PEM private key",
+            hint="sign with the key `bootenv keygen` wrote, not its .pub",
+        ) from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise UserError(f"{key_path} is not an ed25519 private key")
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)

@@ -17,6 +17,7 @@ from typing import BinaryIO, Protocol
 from bootenv.errors import FatalError, RetryableError, UserError, VerificationError
 from bootenv.httpsession import new_session, watched
 from bootenv.manifest import MANIFEST, Manifest, parse_manifest
+from bootenv.urls import split_http_url
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +333,8 @@ def _urllib3_errors() -> type[Exception]:
 
 def open_source(location: str) -> Source:
     if location.startswith(("http://", "https://")):
+        if split_http_url(location) is None:
+            raise UserError(f"{location} is not a valid URL", hint="http(s)://HOST[:PORT]/PATH")
         return HttpSource(location)
     path = Path(location)
     if not path.is_dir():

@@ -63,10 +63,12 @@ class Store:
             text = path.read_text()
         except FileNotFoundError:
             return None
+        except ValueError as exc:  # not UTF-8
+            raise UserError(f"{path} is damaged: {exc}") from exc
         try:
             return from_dict(json.loads(text))
-        except ValueError as exc:
-            raise UserError(f"{path} is damaged: {exc}") from exc
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # not JSON, or not a record
+            raise UserError(f"{path} is damaged: {exc}", hint="restore it, or remove it") from exc
 
     def all(self) -> list[Machine]:
         out = []
@@ -102,7 +104,7 @@ class Store:
 
     def events(self, mac: str) -> list[dict[str, Any]]:
         try:
-            lines = self._events(mac).read_text().splitlines()
+            lines = self._events(mac).read_text(errors="replace").splitlines()
         except FileNotFoundError:
             return []
         out = []
