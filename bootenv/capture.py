@@ -83,6 +83,10 @@ def capture(cfg: CaptureConfig) -> CaptureResult:
     if not specs:
         log.info("No components given: the image will hold the OS sub-image only")
     validate_specs(specs, db)
+    for spec in specs:
+        for path in spec.paths:
+            if not os.path.lexists(root / path.lstrip("/")):
+                raise UserError(f"component {spec.name}: {path} is not in {root}")
     exclusions = Exclusions().with_patterns(cfg.excludes + _inside(root, output))
     with step(f"Scanning {root}"):
         entries = scan(root)

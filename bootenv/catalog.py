@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bootenv.errors import UserError
-from bootenv.machines import check_components, check_image
+from bootenv.machines import check_boot_args, check_components, check_image
 from bootenv.manifest import MANIFEST, Manifest, parse_manifest
 
 LOCAL = "local"
@@ -141,6 +141,10 @@ def _entry(doc: object, index: int, where: str) -> Entry:
     kernel_args = doc.get("kernel_args", "")
     if any(c in kernel_args for c in "\n$\"'"):
         raise CatalogError(f"{here}: kernel_args must not hold newlines, quotes or $")
+    try:
+        check_boot_args(comps, None, kernel_args)
+    except UserError as exc:
+        raise CatalogError(f"{here}: kernel_args: {exc.message}") from exc
     return Entry(entry_id, doc["title"], image, comps, kernel_args)
 
 

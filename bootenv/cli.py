@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=("list", "show", "resolve"))
     p.add_argument("id", nargs="?", metavar="ID")
     p.add_argument("--root", type=Path, required=True, metavar="PATH")
-    p.add_argument("--keep", choices=("existing", "incoming", "merged"))
-    p.add_argument("--file", type=Path, metavar="F", help="resolve with this file's content")
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument("--keep", choices=("existing", "incoming", "merged"))
+    keep.add_argument("--file", type=Path, metavar="F", help="resolve with this file's content")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_conflicts)
 

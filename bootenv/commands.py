@@ -130,14 +130,19 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from bootenv.trusted import open_trusted, verify_blob
+    from bootenv.trusted import open_signed, verify_blob
 
-    source, manifest = open_trusted(args.image, trust_from_args(args))
+    source, manifest, signer = open_signed(args.image, trust_from_args(args))
     if not args.manifest_only:
         for blob in manifest.blobs():
             verify_blob(source, blob)
-    what = "manifest" if args.manifest_only else f"manifest and {len(manifest.blobs())} blobs"
-    print(f"{args.image}: {what} verified")
+    blobs = f"{len(manifest.blobs())} blobs match the manifest"
+    if signer is None:  # --insecure let it through: say what was not checked
+        done = "" if args.manifest_only else f"; {blobs}"
+        print(f"{args.image}: manifest NOT verified (--insecure){done}")
+    else:
+        what = "manifest" if args.manifest_only else f"manifest and {len(manifest.blobs())} blobs"
+        print(f"{args.image}: {what} verified (key {signer})")
     return 0
 
 

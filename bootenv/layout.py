@@ -118,9 +118,9 @@ class Activator(Protocol):
 def parse_components(arg: str) -> str | tuple[str, ...]:
     if arg in ("all", "none"):
         return arg
-    names = tuple(n.strip() for n in arg.split(",") if n.strip())
-    if not names:
-        raise UserError("--components needs all, none or a comma-separated list")
+    names = tuple(n.strip() for n in arg.split(","))
+    if not all(names):
+        raise UserError(f"--components {arg}: needs all, none or a comma-separated list of names")
     return names
 
 

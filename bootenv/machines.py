@@ -183,6 +183,19 @@ def check_components(text: str) -> str:
     return ",".join(names)
 
 
+def check_boot_args(components: str, hostname: str | None, kernel_args: str) -> None:
+    """Read the ramdisk's bootenv.* arguments as its agent will (bootenv/menu.py builds
+    them): a key it would refuse (unknown, given twice, a bad value) is refused now,
+    not when the machine boots."""
+    from bootenv.cmdline import parse_cmdline
+
+    args = ["bootenv.image=http://server/image", f"bootenv.components={components}"]
+    args += ["bootenv.callback=http://server/callback"]
+    if hostname:
+        args.append(f"bootenv.hostname={hostname}")
+    parse_cmdline(" ".join([*args, kernel_args]))
+
+
 def assign(
     mac: str,
     image: str,
@@ -196,6 +209,7 @@ def assign(
     """A fresh assignment: the machine will be provisioned on its next network boot."""
     if any(c in kernel_args for c in "\n$\"'"):
         raise UserError("kernel arguments must not hold newlines, quotes or $")
+    check_boot_args(components, hostname, kernel_args)
     return Machine(
         mac=normalize_mac(mac),
         image=check_image(image),

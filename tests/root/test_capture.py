@@ -106,6 +106,7 @@ def test_bad_input_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[
     for args, msg in [
         (["--component", "web=htpd"], "is not installed (hint: did you mean httpd, httpd-bin?)"),
         (["--component", "a=httpd", "--component", "b=httpd"], "claimed by both"),
+        (["--component", "web=httpd,/srv/no-such-path"], "/srv/no-such-path is not in"),
     ]:
         assert main(["capture", str(gold), "-o", str(out), *args]) == 2
         assert msg in capsys.readouterr().err

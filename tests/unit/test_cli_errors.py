@@ -70,7 +70,18 @@ def _resolve_missing_file(tmp: Path) -> list[str]:
     return ["conflicts", "resolve", "0123456789ab", "--file", str(tmp / "nofile"), "--root", str(tmp)]
 
 
+def _assign(*extra: str) -> Setup:
+    def argv(tmp: Path) -> list[str]:
+        return ["assign", "52:54:00:00:00:01", "lamp", "--components", "mysql", "--state", str(tmp), *extra]
+
+    return argv
+
+
 CASES: dict[str, tuple[Setup, str]] = {
+    "assign an unknown kernel key": (_assign("--kernel-args", "bootenv.bogus=1"), "bootenv.bogus"),
+    "assign the image twice": (_assign("--kernel-args", "bootenv.image=http://x/y"), "given twice"),
+    "assign a bad host name": (_assign("--hostname", "bad_host"), "not a valid host name"),
+    "assign single with some components": (_assign("--kernel-args", "bootenv.single=1"), "must be all"),
     "streams too many": (_layout("--streams", "99999999999999999999"), "--streams"),
     "streams negative": (_layout("--streams", "-1"), "--streams"),
     "broken IPv6 URL": (_layout("http://[::1/x"), "not a valid URL"),
@@ -86,6 +97,11 @@ CASES: dict[str, tuple[Setup, str]] = {
     "sign with the public key": (_sign_with_pub, "not an unencrypted PEM private key"),
     "verify with a key of another kind": (_verify_bad_key, "not a bootenv ed25519 public key"),
     "resolve with a missing file": (_resolve_missing_file, "no such file"),
+    "resolve two ways at once": (
+        lambda tmp: [*_resolve_missing_file(tmp), "--keep", "existing"],
+        "not allowed with argument",
+    ),
+    "components with an empty name": (_layout("--components", "php,"), "--components php,"),
 }
 
 
@@ -99,6 +115,7 @@ def test_bad_input_is_one_line_and_exit_2(
     lines = [ln for ln in err.splitlines() if ln.startswith("bootenv: error:")]
     assert len(lines) == 1 and words in lines[0], err
     assert "Traceback" not in err and "Errno" not in err and "OpenSSL" not in err
+    assert not (tmp_path / "machines").exists() or not list((tmp_path / "machines").iterdir())
 
 
 def test_a_damaged_journal_entry_counts_as_not_done(tmp_path: Path) -> None:

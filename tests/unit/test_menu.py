@@ -159,6 +159,14 @@ components = "all"
         ({"entries": [{"title": "x", "image": "lamp", "components": []}]}, "non-empty"),
         ({"entries": [{"title": "x", "image": "lamp"}]}, "missing key 'components'"),
         (
+            {
+                "entries": [
+                    {"title": "x", "image": "lamp", "components": "all", "kernel_args": "bootenv.dsik=x"}
+                ]
+            },
+            "unknown kernel parameter bootenv.dsik",
+        ),
+        (
             {"entries": [{"id": "a", "title": "x", "image": "l", "components": "all"}] * 2, "default": "a"},
             "twice",
         ),
