@@ -6,6 +6,11 @@ adds the paragraphs to /var/lib/dpkg/status: a paragraph for the same package an
 architecture is replaced, a new one is added, and the file is kept sorted by package as
 dpkg keeps it, so running it twice, or in another order, changes nothing. The file is
 replaced atomically, keeping its owner and mode.
+
+One paragraph is not replaced: a package the target already has on disk at another
+version (a target that is not a clone of the gold). Its files there were kept (the
+layout never overwrites; the component's differing ones are conflicts), so the database
+must go on describing them.
 """
 
 from __future__ import annotations
@@ -26,15 +31,30 @@ def _key(stanza: str) -> tuple[str, str]:
     return f.get("package", ""), f.get("architecture", "")
 
 
-def merged_status(current: str, incoming: str) -> str:
+def _on_disk_version(stanza: str) -> str | None:
+    """The version of a package whose files are on disk (any state but not-installed
+    and config-files), else None."""
+    f = parse_fields(stanza)
+    state = f.get("status", "").split()[2:3]
+    return f.get("version", "") if state and state[0] not in ("not-installed", "config-files") else None
+
+
+def merged_status(current: str, incoming: str, kept: list[str] | None = None) -> str:
     """Pure: `current` with `incoming`'s paragraphs added or replaced, sorted by package
     and architecture as dpkg writes it: the result does not depend on the order in which
-    components are merged (a re-run after a failure gives the file a clean run gives)."""
+    components are merged (a re-run after a failure gives the file a clean run gives).
+    A package on disk at another version keeps its paragraph, and is named in `kept`."""
     stanzas = parse_stanzas(current)
     index = {_key(s): i for i, s in enumerate(stanzas)}
     for stanza in parse_stanzas(incoming):
         key = _key(stanza)
         if key in index:
+            have = _on_disk_version(stanzas[index[key]])
+            ships = parse_fields(stanza).get("version", "")
+            if have is not None and have != ships:
+                if kept is not None:
+                    kept.append(f"{key[0]} {have} is installed, the component ships {ships}")
+                continue
             stanzas[index[key]] = stanza
         else:
             index[key] = len(stanzas)
@@ -51,8 +71,10 @@ def _read(path: Path) -> str | None:
         return f.read().decode("utf-8", "surrogateescape")
 
 
-def merge_component_status(root: Path, component: str) -> list[str]:
-    """Merge `component`'s paragraphs into ROOT's status; return its package names."""
+def merge_component_status(root: Path, component: str, kept: list[str] | None = None) -> list[str]:
+    """Merge `component`'s paragraphs into ROOT's status; return its package names. The
+    packages whose paragraphs stay as they were (another version is on disk) are logged,
+    and named in `kept`."""
     src = root / COMPONENT_STATUS_DIR.lstrip("/") / f"{component}.status"
     incoming = _read(src)
     if incoming is None:
@@ -60,7 +82,12 @@ def merge_component_status(root: Path, component: str) -> list[str]:
         return []
     status = root / STATUS
     current = _read(status)
-    text = merged_status(current or "", incoming)
+    clashes: list[str] = []
+    text = merged_status(current or "", incoming, clashes)
+    for clash in clashes:
+        log.warning("%s: dpkg database left as it was for %s", component, clash)
+    if kept is not None:
+        kept.extend(clashes)
     names = [_key(s)[0] for s in parse_stanzas(incoming)]
     if text == current:
         return names

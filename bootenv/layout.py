@@ -161,10 +161,12 @@ def layout(
         for comp, got in zip(comps, results, strict=True):
             res = got
             if res.status != "failed":
-                pkgs = tuple(merge_component_status(root, comp.name))
+                kept: list[str] = []
+                pkgs = tuple(merge_component_status(root, comp.name, kept))
                 if not journal.reached(comp.name, comp.data.sha256, "dpkg"):
                     journal.set(comp.name, comp.data.sha256, "dpkg")
-                res = ComponentResult(**{**asdict(res), "packages": pkgs})
+                warnings = (*res.warnings, *(f"dpkg database left as it was: {k}" for k in kept))
+                res = ComponentResult(**{**asdict(res), "packages": pkgs, "warnings": warnings})
             final.append(res)
             poster.send(_brief(res))
             for cid in res.conflicts:

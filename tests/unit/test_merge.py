@@ -64,3 +64,25 @@ def test_dpkg_status_is_the_same_whatever_order_components_merge_in() -> None:
     assert len(results) == 1
     packages = [line[9:] for line in results.pop().splitlines() if line.startswith("Package: ")]
     assert packages == sorted(packages) and len(packages) == 6
+
+
+def test_a_package_on_disk_at_another_version_keeps_its_paragraph() -> None:
+    """A target that is not a clone of the gold: its libxml2 files stayed (the layout
+    never overwrites), so its database must still describe them."""
+    current = (
+        "Package: libxml2\nStatus: install ok installed\nVersion: 2.9.14+dfsg-1.3~deb12u1\n\n"
+        "Package: old\nStatus: deinstall ok config-files\nVersion: 1\n"
+    )
+    incoming = (
+        "Package: libxml2\nStatus: install ok installed\nVersion: 2.9.14+dfsg-1.3~deb12u6\n\n"
+        "Package: old\nStatus: install ok installed\nVersion: 2\n"
+    )
+    kept: list[str] = []
+    text = merged_status(current, incoming, kept)
+    assert "deb12u1" in text and "deb12u6" not in text
+    assert "Package: old\nStatus: install ok installed\nVersion: 2" in text  # only its config was there
+    assert kept == [
+        "libxml2 2.9.14+dfsg-1.3~deb12u1 is installed, the component ships 2.9.14+dfsg-1.3~deb12u6"
+    ]
+    same: list[str] = []
+    assert merged_status(text, incoming.replace("deb12u6", "deb12u1"), same) == text and same == []
