@@ -23,7 +23,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bootenv import bootloader, handoff, target
+from bootenv import bootloader, handoff, ramdisk_plan, target
 from bootenv.blockdev import (
     check_file_not_attached,
     check_not_in_use,
@@ -57,7 +57,7 @@ from bootenv.trusted import open_signed
 log = logging.getLogger(__name__)
 
 CALLBACK_TIMEOUT = 5.0
-TRUSTED_DIR = Path("/etc/bootenv/trusted")  # the ramdisk's built-in signing keys (*.pub)
+TRUSTED_DIR = Path("/", ramdisk_plan.TRUSTED_DIR)  # keys built in with build-ramdisk --trust
 
 
 class Report:

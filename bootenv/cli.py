@@ -152,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("build-ramdisk", parents=[common], help="build the netboot kernel and initramfs")
     p.add_argument("-o", "--output", type=Path, default=Path("build/ramdisk"), metavar="DIR")
+    p.add_argument(
+        "--trust",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="KEY.pub",
+        help="build this signing key in: the agent trusts images it signed (repeatable)",
+    )
     p.set_defaults(handler=cmd_build_ramdisk)
 
     add_serve_verbs(verbs, common)

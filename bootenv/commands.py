@@ -307,7 +307,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 def cmd_build_ramdisk(args: argparse.Namespace) -> int:
     from bootenv.ramdisk import SIZE_LIMIT, build_ramdisk
 
-    rd = build_ramdisk(output=args.output)
+    rd = build_ramdisk(output=args.output, trusted=args.trust)
     note = "cached" if rd.cached else "built"
     print(f"{rd.vmlinuz}  kernel {rd.kernel_version} ({human_bytes(rd.vmlinuz.stat().st_size)})")
     print(f"{rd.initramfs}  {human_bytes(rd.size)} zstd cpio ({note}, key {rd.key})")

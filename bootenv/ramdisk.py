@@ -16,6 +16,7 @@ place, so an interrupted build never leaves a half one behind.
 from __future__ import annotations
 
 import compileall
+import dataclasses
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import py_compile
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,10 +250,17 @@ def _write_overlay(inputs: RamdiskInputs, root: Path) -> None:
 
 
 def build_ramdisk(
-    inputs: RamdiskInputs | None = None, *, mirror: str | None = None, output: Path | None = None
+    inputs: RamdiskInputs | None = None,
+    *,
+    mirror: str | None = None,
+    output: Path | None = None,
+    trusted: Sequence[Path] = (),
 ) -> Ramdisk:
-    """Return the cached kernel + initramfs for these inputs, building what is missing (root only)."""
+    """Return the cached kernel + initramfs for these inputs, building what is missing (root
+    only). `trusted`: public keys (`bootenv keygen`'s KEY.pub) built in for the agent."""
     inputs = inputs or load_inputs(default_initramfs_dir(), Path(bootenv.__file__).resolve().parent)
+    if trusted:
+        inputs = dataclasses.replace(inputs, trusted=trusted_keys(trusted))
     key = ramdisk_key(inputs)
     final = cache_root() / f"ramdisk-{key}"
     cached = (final / "initramfs.img").exists()
@@ -284,6 +292,18 @@ def build_ramdisk(
     if output is not None:
         result = _export(result, output)
     return result
+
+
+def trusted_keys(paths: Sequence[Path]) -> tuple[tuple[str, bytes], ...]:
+    """Each key file's name and content, once it reads as a bootenv public key."""
+    from bootenv.signing import read_public_key
+
+    names = [p.name for p in paths]
+    for p in paths:
+        read_public_key(p)  # refuses what is not one
+        if not p.name.endswith(".pub") or names.count(p.name) > 1:
+            raise UserError(f"--trust {p}: each key needs a name of its own ending in .pub")
+    return tuple(sorted((p.name, p.read_bytes()) for p in paths))
 
 
 def _prune(current: Path, keep: int) -> None:

@@ -19,6 +19,7 @@ from bootenv.errors import UserError
 BUILDER_VERSION = 1
 
 PYTHON_DIR = "usr/lib/python3/dist-packages"
+TRUSTED_DIR = "etc/bootenv/trusted"  # the agent's built-in signing keys (bootenv/agent.py)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class RamdiskInputs:
     udhcpc_script: bytes
     # (path relative to the package's parent, content), sorted: e.g. ("bootenv/cli.py", b"...").
     sources: tuple[tuple[str, bytes], ...]
+    # Signing keys the agent trusts (file name, bootenv public key), in etc/bootenv/trusted/.
+    trusted: tuple[tuple[str, bytes], ...] = ()
 
 
 def parse_list(text: str) -> tuple[str, ...]:
@@ -99,6 +102,8 @@ def ramdisk_key(inputs: RamdiskInputs) -> str:
             "init": _sha(inputs.init),
             "udhcpc": _sha(inputs.udhcpc_script),
             "sources": [[name, _sha(data)] for name, data in inputs.sources],
+            # Only when there are keys: a ramdisk without any keeps the key it had.
+            **({"trusted": [[n, _sha(d)] for n, d in inputs.trusted]} if inputs.trusted else {}),
         }
     )
 
@@ -306,4 +311,5 @@ def overlay_plan(inputs: RamdiskInputs) -> tuple[OverlayFile, ...]:
         OverlayFile("etc/hostname", b"bootenv-ramdisk\n", 0o644),
     ]
     files += [OverlayFile(f"{PYTHON_DIR}/{name}", data, 0o644) for name, data in inputs.sources]
+    files += [OverlayFile(f"{TRUSTED_DIR}/{name}", data, 0o644) for name, data in inputs.trusted]
     return tuple(sorted(files, key=lambda f: f.path))

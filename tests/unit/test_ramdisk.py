@@ -337,3 +337,29 @@ def test_init_reads_its_flags_as_the_agent_does(args: str, expected: str, allow_
         'S=0\nfor arg in $ARGS; do v=$(flag "$arg" bootenv.shell) && [ -n "$v" ] && S=$v; done\necho $S\n'
     )
     assert run(["sh", "-c", script], env={"ARGS": args}).stdout.decode().strip() == expected
+
+
+def test_built_in_keys_go_where_the_agent_reads_them_and_into_the_key(tmp_path: Path) -> None:
+    from bootenv import agent
+    from bootenv.cmdline import parse_cmdline
+    from bootenv.errors import UserError
+    from bootenv.ramdisk import trusted_keys
+    from bootenv.signing import keygen
+
+    keygen(tmp_path / "site")
+    keys = trusted_keys([tmp_path / "site.pub"])
+    with_keys = dataclasses.replace(INPUTS, trusted=keys)
+    plan = {f.path: f for f in overlay_plan(with_keys)}
+    assert plan["etc/bootenv/trusted/site.pub"].data == (tmp_path / "site.pub").read_bytes()
+    assert ramdisk_key(with_keys) != ramdisk_key(INPUTS)
+    assert base_key(with_keys) == base_key(INPUTS)  # no new debootstrap for a key
+    # The agent reads that directory: lay the plan out under a root and ask it.
+    (tmp_path / "root/etc/bootenv/trusted").mkdir(parents=True)
+    (tmp_path / "root/etc/bootenv/trusted/site.pub").write_bytes(keys[0][1])
+    trust = agent.trust(parse_cmdline("bootenv.image=/img"), tmp_path / "root" / str(agent.TRUSTED_DIR)[1:])
+    assert len(trust.keys) == 1 and trust.configured
+    (tmp_path / "k.txt").write_text("not a key\n")
+    with pytest.raises(UserError, match="not a bootenv ed25519 public key"):
+        trusted_keys([tmp_path / "k.txt"])
+    with pytest.raises(UserError, match="a name of its own"):
+        trusted_keys([tmp_path / "site.pub", tmp_path / "site.pub"])
