@@ -368,7 +368,10 @@ def cmd_machines(args: argparse.Namespace) -> int:
     from bootenv.machines import to_dict
     from bootenv.state import Store, default_state_dir, timeline_rows
 
-    store = Store(args.state or default_state_dir())
+    state = args.state or default_state_dir()
+    if not state.is_dir():  # a read: no state directory is made for it
+        raise UserError(f"{state} is not a state directory", hint="see --state, and `bootenv assign`")
+    store = Store(state)
     machines = store.all()
     if args.json:
         print(_json([{**to_dict(m), "log": store.events(m.mac)} for m in machines]))

@@ -102,6 +102,10 @@ CASES: dict[str, tuple[Setup, str]] = {
         "not allowed with argument",
     ),
     "components with an empty name": (_layout("--components", "php,"), "--components php,"),
+    "machines of a state dir that is not there": (
+        lambda tmp: ["machines", "--state", str(tmp / "typo")],
+        "is not a state directory",
+    ),
 }
 
 
@@ -116,6 +120,7 @@ def test_bad_input_is_one_line_and_exit_2(
     assert len(lines) == 1 and words in lines[0], err
     assert "Traceback" not in err and "Errno" not in err and "OpenSSL" not in err
     assert not (tmp_path / "machines").exists() or not list((tmp_path / "machines").iterdir())
+    assert not (tmp_path / "typo").exists()
 
 
 def test_a_damaged_journal_entry_counts_as_not_done(tmp_path: Path) -> None:
