@@ -236,10 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 class TerminatedError(KeyboardInterrupt):
     """SIGTERM (systemd stopping the unit, `kill`): the command stops as Ctrl-C stops it,
-    cleaning up on the way (a layout's streams finish their piece, no temp file stays)."""
+    cleaning up on the way, then ends by that signal (see `run`)."""
+
+
+_TERMINATED = threading.Event()  # set by the handler: run() ends the process by SIGTERM
 
 
 def _terminate(signum: int, frame: object) -> None:
+    _TERMINATED.set()
     raise TerminatedError
 
 
@@ -252,11 +256,15 @@ def run() -> NoReturn:
     failed flush (a closed pipe) makes the exit code 120, as Python's own exit does. If a
     thread that a normal exit would wait for is still running, or `main` raises
     (SystemExit included), the exit takes the normal way. SIGTERM stops it as Ctrl-C
-    does, with exit code 143."""
+    does, and once it has cleaned up, the process ends by SIGTERM itself: a shell sees
+    143, and systemd a clean stop (an exit status of 143 would mark the unit failed)."""
     signal.signal(signal.SIGTERM, _terminate)
     code = main()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     current = threading.current_thread()
     if any(t is not current and not t.daemon for t in threading.enumerate()):
+        if _TERMINATED.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
         sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
@@ -266,4 +274,6 @@ def run() -> NoReturn:
             stream.flush()
         except (OSError, ValueError):
             code = code or 120
+    if _TERMINATED.is_set():
+        os.kill(os.getpid(), signal.SIGTERM)
     os._exit(code)

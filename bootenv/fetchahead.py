@@ -209,13 +209,18 @@ class FetchAhead:
         for key in [k for k in self._futures if k[0] == component and k not in self._handed]:
             self.release(key)
 
-    def close(self) -> None:
-        """Stop fetching (a running download is aborted, bootenv/source.py) and free every
-        chunk. The streams must be done: call this after their pool has shut down."""
+    def stop(self) -> None:
+        """Abort every download now (bootenv/source.py), freeing nothing: a stream reading
+        a piece as it arrives sees it fail at once, not after the rest of its download."""
         self._stop.set()
         with self._lock:
             for src in self._reading.values():
                 _abort(src)
+
+    def close(self) -> None:
+        """Stop fetching and free every chunk. The streams must be done: call this after
+        their pool has shut down."""
+        self.stop()
         for key in list(self._futures):
             self.release(key)
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -99,7 +99,7 @@ class LayoutResult:
         failed = [c for c in self.components if c.status == "failed"]
         if not failed and not self.failed_units:
             return None
-        reasons = [_first_line(c.error or f"{c.name} failed") for c in failed]
+        reasons = [_named(c.name, _first_line(c.error or "failed")) for c in failed]
         reasons += [f"unit {u} did not start" for u in self.failed_units]
         codes = [c.code or 1 for c in failed] or [1]
         err = BootenvError("layout failed: " + "; ".join(reasons))
@@ -109,6 +109,10 @@ class LayoutResult:
 
 def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else text
+
+
+def _named(name: str, reason: str) -> str:
+    return reason if reason.startswith(f"{name}:") else f"{name}: {reason}"
 
 
 class Activator(Protocol):
@@ -273,7 +277,13 @@ def _run_pool(sched: _Scheduler, comps: list[Component], progress: _ProgressSum)
             # fetches, the flusher): a fork copies no thread, only the locks they hold.
             pool.submit(os.getpid).result()
             pump.start()
-            return sched.run(pool, comps)
+            try:
+                return sched.run(pool, comps)
+            except BaseException:
+                # Leaving the pool waits for the streams' pieces: one read as it arrives
+                # would wait for its download, which is stopped first.
+                sched.ahead.stop()
+                raise
     finally:
         # The streams have exited, their events are all in the queue: this one comes last.
         events.cancel_join_thread()  # exiting never waits to send it

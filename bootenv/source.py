@@ -145,7 +145,11 @@ class HttpReader:
         except BaseException:
             resp.close()
             raise
-        self._resp = resp
+        with self._lock:
+            # From now on the response knows its connection, until urllib3 gives it back
+            # to the pool (its body read): then another reader may have that socket.
+            self._sock = None
+            self._resp = resp
 
     def _check(self, resp: object) -> None:
         status: int = resp.status_code  # type: ignore[attr-defined]
@@ -261,8 +265,8 @@ class HttpReader:
         returns at once (its connection is shut down), a retry's backoff stops waiting,
         and they and every later read raise ReadAbortedError, without a retry. With
         HttpSource's session, a request still waiting for the server's headers ends at
-        once too; with another session (or one being connected), once they come or at
-        its timeout."""
+        once too; with another session, through a proxy, or while its connection is
+        being made, once they come or at its timeout."""
         with self._lock:
             self._aborted.set()
             sock = self._sock

@@ -60,10 +60,13 @@ def init_worker(events: Any) -> None:
     SINK[:] = [events.put]
     # A stream must not outlive the layout that started it (kill -9 of the parent).
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    # Ctrl-C and SIGTERM reach the whole process group: the layout process stops the
-    # streams, each after the piece it is laying out (bootenv/cli.py).
+    # Ctrl-C reaches the whole process group: the layout process stops the streams, each
+    # after the piece it is laying out. SIGTERM kills a stream (not the handler the
+    # layout process has, bootenv/cli.py): the pool's own clean-up after a stream died
+    # sends it, and a stream that outlived it could hang that for good. A stream it
+    # kills leaves only temp names, which the next run removes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _emit(event: Event) -> None:

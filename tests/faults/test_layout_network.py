@@ -186,7 +186,9 @@ def test_a_signal_mid_download_stops_the_layout_cleanly(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert time.monotonic() - began < 10
-    assert proc.returncode == (143 if sig == "SIGTERM" else 130)
+    # SIGTERM: ended by the signal itself once cleaned up (a shell shows 143; systemd
+    # counts it a clean stop). Ctrl-C: exit 130.
+    assert proc.returncode == (-signal.SIGTERM if sig == "SIGTERM" else 130)
     assert err.splitlines()[-1] == ("bootenv: terminated" if sig == "SIGTERM" else "bootenv: interrupted")
     assert "Traceback" not in err
     left = [p for p in root.rglob("*") if p.name.startswith(".bootenv~")]

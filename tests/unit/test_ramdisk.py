@@ -317,6 +317,7 @@ def test_trim_keeps_the_code_page_mtools_needs() -> None:
         ("bootenv.shell=yes", "1"),
         ("bootenv.shell=true", "1"),
         ("bootenv.shell=on", "1"),
+        ("bootenv.shell=Yes", "1"),
         ("bootenv.shell=0", "0"),
         ("bootenv.shell=off", "0"),
         ("bootenv.shell=1 bootenv.shell=no", "0"),  # the last one counts, as for the agent

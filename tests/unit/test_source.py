@@ -107,3 +107,21 @@ def test_an_abort_during_a_retry_backoff_ends_it(blob: Path) -> None:
         reader = _reader(srv)
         assert _aborted_within(reader, 3, before=0.5)  # the first backoff is 10 s
     assert len(srv.requests) == 1
+
+
+def test_aborting_a_finished_reader_leaves_the_next_one_alone(blob: Path) -> None:
+    """A reader whose body is all read has given its connection back to the pool: its
+    abort must not shut down that socket, which the next reader now uses."""
+    (blob / "small").write_bytes(b"s" * 100)
+    session = new_session()
+    with FaultServer(blob) as srv:
+        done = HttpReader(session, srv.url + "small", 100, POLICY)
+        assert done.read(1 << 20) == b"s" * 100 and done.read(1) == b""
+        srv.faults["blob"] = Fault(stall_at=8192, stall_seconds=1.0)
+        busy = HttpReader(session, srv.url + "blob", 64 << 10, POLICY)
+        first = busy.read(1024)
+        assert srv.stalled.wait(5)
+        done.abort()
+        rest = first + busy.read()
+    assert rest == (blob / "blob").read_bytes() and busy.resumes == 0
+    assert [r.path for r in srv.requests] == ["small", "blob"]

@@ -103,7 +103,7 @@ def test_unknown_machine_gets_the_menu_under_bios_and_boots_the_agent(the_lab: L
     disk = new_disk(the_lab.work / "c3.img")
     with Vm(vm_spec(the_lab, "c3", disk, mac=mac, firmware="bios")) as vm:
         machine = follow(the_lab.store, mac, vm, timeout=TIMEOUT, until=State.PROVISIONING)
-        assert machine.state is State.PROVISIONING, machine.error
+        assert machine.state is not State.FAILED and machine.reached(State.PROVISIONING), machine.error
         assert machine.entry == MENU_DEFAULT  # chosen by the menu's timeout, no key pressed
         assert machine.components == "mysql"
     disk.unlink()
