@@ -250,7 +250,8 @@ def _pack_component(
     (frag / status_rel.lstrip("/")).write_text(render_status([db.packages[p].stanza for p in pkgs]))
     listing = work / f"{name}.list"
     write_list(listing, archive_order(root, split, name))
-    total = sum(sizes.get(p, 0) for p in split.files[name])
+    # The tar stream's size, about: a header and the data padded to 512 bytes, per file.
+    total = sum(512 + -(-sizes.get(p, 0) // 512) * 512 for p in split.files[name])
     with step(f"Packing component {name} ({len(pkgs)} packages, {len(split.files[name])} files)"):
         tar = tar_create(root, listing, extra=((frag, "." + status_rel),))
         with BlobWriter(out, "tar.zst") as blob:

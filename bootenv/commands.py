@@ -269,15 +269,22 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
         print(f"incoming (kept in /{c.stored}): {_json(c.incoming)}")
         print(conflicts.diff(root, c) or "(no text diff)", end="")
         if c.resolution:
-            print(f"\nresolved: {c.resolution}")
+            print(f"\nresolved: {_resolution(c.resolution)}")
         return 0
     if args.keep is None and args.file is None:
         raise UserError("resolve needs --keep existing|incoming|merged or --file F")
     if args.file is not None and not args.file.is_file():
         raise UserError(f"--file {args.file}: no such file")
     done = conflicts.resolve(root, args.id, args.keep, args.file)
-    print(_json(asdict(done)) if args.json else f"conflict {done.id} resolved: {done.resolution}")
+    res = done.resolution or {}
+    print(_json(asdict(done)) if args.json else f"conflict {done.id} resolved: {_resolution(res)}")
     return 0
+
+
+def _resolution(res: dict[str, object]) -> str:
+    """`kept incoming at 2026-11-27T03:20:00Z`, or `kept the content of F at ...`."""
+    what = f"the content of {res['file']}" if res.get("file") else str(res.get("keep"))
+    return f"kept {what} at {res.get('at', '?')}"
 
 
 def cmd_agent(args: argparse.Namespace) -> int:

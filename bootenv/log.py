@@ -71,7 +71,8 @@ class Progress:
         if now - self._last < (0.2 if self._tty else self._interval):
             return
         self._last = now
-        pct = 100.0 * self.done / self.total if self.total else 100.0
+        # A total that is an estimate (a tar stream's size) never shows past 100%.
+        pct = min(100.0 * self.done / self.total, 100.0) if self.total else 100.0
         elapsed = max(now - self._start, 1e-6)
         rate = self.done / elapsed
         rate_s = human_bytes(rate) + "/s" if self.unit == "bytes" else f"{rate:.0f} {self.unit}/s"

@@ -282,6 +282,8 @@ def test_binary_conflict_keeps_both_and_resolves(tmp_path: Path, capsys: pytest.
     assert main(["conflicts", "list", "--root", str(root)]) == 0
     assert cid in capsys.readouterr().out
     assert main(["conflicts", "resolve", cid, "--keep", "incoming", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"conflict {cid} resolved: kept incoming at 20") and "{" not in out
     assert (root / "usr/tool").read_bytes() == ELF_A
     assert conflicts.load(root, cid).resolution["keep"] == "incoming"  # type: ignore[index]
 
