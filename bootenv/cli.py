@@ -262,9 +262,8 @@ def run() -> NoReturn:
     code = main()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     current = threading.current_thread()
-    if any(t is not current and not t.daemon for t in threading.enumerate()):
-        if _TERMINATED.is_set():
-            os.kill(os.getpid(), signal.SIGTERM)
+    running = any(t is not current and not t.daemon for t in threading.enumerate())
+    if running and not _TERMINATED.is_set():  # (terminated: not waited for)
         sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
