@@ -20,6 +20,7 @@ Every image and component named is checked against the image's manifest when loa
 from __future__ import annotations
 
 import json
+import logging
 import re
 import tomllib
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from typing import Any
 from bootenv.errors import UserError
 from bootenv.machines import check_boot_args, check_components, check_image
 from bootenv.manifest import MANIFEST, Manifest, parse_manifest
+
+log = logging.getLogger(__name__)
 
 LOCAL = "local"
 _ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -182,8 +185,9 @@ def default_catalog(images: Path) -> Catalog:
         name = d.name
         try:
             manifest = _manifest(images, check_image(name))
-        except UserError:
-            continue  # a name iPXE can't carry, or a broken image: not offered
+        except UserError as exc:  # a name iPXE can't carry, or a broken image: not offered
+            log.warning("image %s is left out of the menu: %s", name, exc)
+            continue
         entries.append(Entry(_slug(f"{name}-none"), f"{name}: OS only", name, "none"))
         for c in manifest.components:
             entries.append(Entry(_slug(f"{name}-{c.name}"), f"{name}: OS + {c.name}", name, c.name))

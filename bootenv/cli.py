@@ -56,13 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bootenv",
         description="Provision bare-metal and virtual servers from composite images.",
         epilog="Exit codes: 0 ok, 1 failure, 2 usage or input error, 3 network failure after "
-        "retries, 4 verification failure, 5 an external command failed, 130 interrupted. "
+        "retries, 4 verification failure, 5 an external command failed, 130 interrupted, "
+        "143 terminated. "
         "See docs/CLI.md.",
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"bootenv {__version__}")
+    # Not `required`: argparse would report a missing verb before an unknown option
+    # (`bootenv --bogus`); main() asks for the verb once the options are known good.
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-    verbs.required = True
 
     p = verbs.add_parser("capture", parents=[common], help="capture a gold machine as a composite image")
     p.add_argument("root", type=Path, metavar="ROOT", help="the gold machine's root: / or a tree")
@@ -213,7 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(debug=debug)
     steady_memory()
     try:
-        args = build_parser().parse_args(args_list)
+        parser = build_parser()
+        args = parser.parse_args(args_list)
+        if args.verb is None:
+            raise UserError("a VERB is required", hint="see `bootenv --help`")
         handler: Handler = args.handler
         return handler(args)
     except BootenvError as exc:

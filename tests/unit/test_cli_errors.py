@@ -78,6 +78,8 @@ def _assign(*extra: str) -> Setup:
 
 
 CASES: dict[str, tuple[Setup, str]] = {
+    "an unknown option before the verb": (lambda tmp: ["--bogus"], "unrecognized arguments: --bogus"),
+    "no verb": (lambda tmp: [], "a VERB is required"),
     "assign an unknown kernel key": (_assign("--kernel-args", "bootenv.bogus=1"), "bootenv.bogus"),
     "assign the image twice": (_assign("--kernel-args", "bootenv.image=http://x/y"), "given twice"),
     "assign a bad host name": (_assign("--hostname", "bad_host"), "not a valid host name"),

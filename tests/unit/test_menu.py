@@ -216,3 +216,15 @@ def test_without_a_catalog_each_image_offers_os_each_component_and_all(tmp_path:
         "lamp: all",
     ]
     assert catalog.default == LOCAL  # an unknown machine is never wiped without a choice
+
+
+def test_a_broken_image_is_left_out_of_the_generated_menu_and_said_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_image(tmp_path)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken/manifest.json").write_text("{")
+    with caplog.at_level("WARNING"):
+        catalog = load_catalog(tmp_path)
+    assert {e.image for e in catalog.entries} == {"lamp"}
+    assert "image broken is left out of the menu" in caplog.text
