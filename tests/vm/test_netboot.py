@@ -5,7 +5,8 @@ One lab (signed LAMP image, ramdisk, `bootenv serve` on 127.0.0.1) serves two VM
   the target, which reaches multi-user.target and answers on MariaDB's port; the same disk
   then boots again with no kernel arguments under SeaBIOS and under OVMF;
 - an unknown MAC gets the menu, whose default entry is chosen by the timeout, under OVMF
-  to the end, and under SeaBIOS until the agent reports in.
+  to the end, and under SeaBIOS until the agent reports in;
+- an assigned MAC gets its own script under OVMF too, until the agent reports in.
 """
 
 from __future__ import annotations
@@ -106,6 +107,19 @@ def test_unknown_machine_gets_the_menu_under_bios_and_boots_the_agent(the_lab: L
         assert machine.state is not State.FAILED and machine.reached(State.PROVISIONING), machine.error
         assert machine.entry == MENU_DEFAULT  # chosen by the menu's timeout, no key pressed
         assert machine.components == "mysql"
+    disk.unlink()
+
+
+def test_assigned_machine_gets_its_own_script_under_uefi_and_boots_the_agent(the_lab: Lab) -> None:
+    # The per-machine script under OVMF, up to the agent's first report: the assigned
+    # machine above goes the whole way under SeaBIOS, the menu's machine under OVMF.
+    mac = "52:54:00:00:00:d4"
+    the_lab.store.put(assign(mac, "lamp", "php", now=time.time(), kernel_args=the_lab.trust_args()))
+    disk = new_disk(the_lab.work / "d4.img")
+    with Vm(vm_spec(the_lab, "d4", disk, mac=mac, firmware="uefi")) as vm:
+        machine = follow(the_lab.store, mac, vm, timeout=TIMEOUT, until=State.PROVISIONING)
+        assert machine.state is not State.FAILED and machine.reached(State.PROVISIONING), machine.error
+        assert machine.entry is None and machine.components == "php"  # no menu was shown
     disk.unlink()
 
 
