@@ -172,6 +172,9 @@ def ssh_keygen_unit_text() -> str:
         "[Service]\n"
         "Type=oneshot\n"
         "ExecStart=/usr/bin/ssh-keygen -A\n"
+        # On the disk before anyone sees them: a power cut in the next seconds would
+        # otherwise give the machine new keys at its next boot, unknown to its clients.
+        "ExecStartPost=/usr/bin/sync -f /etc/ssh/ssh_host_ed25519_key\n"
         "RemainAfterExit=yes\n"
         "\n"
         "[Install]\n"

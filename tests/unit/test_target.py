@@ -97,6 +97,7 @@ def test_layout_argv_flags() -> None:
 def test_ssh_unit() -> None:
     text = ssh_keygen_unit_text()
     assert "ExecStart=/usr/bin/ssh-keygen -A" in text
+    assert "ExecStartPost=/usr/bin/sync -f /etc/ssh/ssh_host_ed25519_key" in text  # durable at once
     assert "Before=ssh.service" in text
 
 
