@@ -28,7 +28,7 @@ from bench.harness import (
     seconds,
 )
 from bench.synthetic import synthetic_component, synthetic_image, synthetic_os
-from bootenv.cache import locked
+from bootenv.cache import locked, prune
 from bootenv.manifest import Component, Manifest, parse_manifest
 
 BOOTENV = str(Path(sys.executable).with_name("bootenv"))
@@ -107,6 +107,8 @@ def gold_image(gold: Path, images: Path) -> str:
     out = images / name
     with locked(f"bench-{name}"):
         if not (out / "manifest.json").exists():
+            # One capture per version of the code: keep the last one besides the new one.
+            prune(images, f"{gold.name}-{'?' * len(code_key())}", keep=1)
             specs = tuple(parse_component_arg(c) for c in COMPONENTS)
             capture(CaptureConfig(root=gold, output=out, components=specs, single=True, force=True))
     return name
@@ -127,6 +129,7 @@ def dense_baseline(env: Env, name: str) -> str:
     out = env.images / dense / "image.raw.zst"
     if out.exists():
         return dense
+    prune(env.images, f"{name.rsplit('-', 1)[0]}-*-dense", keep=1)  # an older code's
     out.parent.mkdir(parents=True, exist_ok=True)
     raw = env.work / "restore.img"
     measure([BOOTENV, "write-os", "--image", str(env.images / name), "--device", str(raw), "--insecure"])

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bootenv.blockmap import pack_image
-from bootenv.cache import cache_root, input_key, locked
+from bootenv.cache import cache_root, input_key, locked, prune
 from bootenv.frames import compress_tar
 from bootenv.manifest import Component, Manifest, OsImage, RootFs, Source
 from bootenv.store import BlobWriter, write_blob
@@ -432,10 +432,8 @@ def synthetic_image(images: Path, spec: SyntheticSpec | None = None) -> str:
     out = images / name
     with locked(f"bench-{name}"):
         if not (out / "manifest.json").exists():
-            # Older captures are GBs each: keep the two newest (another checkout may use them).
-            others = sorted(images.glob("synthetic-gold-*"), key=lambda d: d.stat().st_mtime)
-            for stale in others[:-2]:
-                shutil.rmtree(stale, ignore_errors=True)
+            # Older captures are GBs each: keep the last one besides the new one.
+            prune(images, f"{tree.name}-{'?' * len(code_key())}", keep=1)
             specs = tuple(parse_component_arg(c) for c in COMPONENTS)
             capture(CaptureConfig(root=tree, output=out, components=specs, single=True, force=True))
     return name

@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,18 @@ def input_key(inputs: object) -> str:
     """A short stable key for a JSON-serialisable description of a build's inputs."""
     blob = json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def prune(directory: Path, pattern: str, keep: int) -> list[Path]:
+    """Remove all but the `keep` newest entries of `directory` that match `pattern` (a
+    glob): builds keyed by older versions of their inputs, hundreds of MB to GBs each,
+    which would otherwise pile up with every change. Call it before building the new one,
+    under its lock; the ones kept may still be in use by another checkout."""
+    entries = sorted(directory.glob(pattern), key=lambda p: (p.stat().st_mtime, p.name))
+    stale = entries[: max(len(entries) - keep, 0)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 @contextmanager

@@ -107,7 +107,7 @@ GOLD_COMPONENTS = ("apache=apache2", "mysql=mariadb-server", "php=php,libapache2
 @pytest.fixture(scope="session")
 def gold_image(gold_tree: Path) -> Path:
     """The gold machine captured with components apache, mysql and php (and --single)."""
-    from bootenv.cache import cache_root, locked
+    from bootenv.cache import cache_root, locked, prune
     from bootenv.capture import CaptureConfig, capture
     from bootenv.split import parse_component_arg
 
@@ -115,6 +115,8 @@ def gold_image(gold_tree: Path) -> Path:
     with locked(f"image-{out.name}"):
         if (out / "manifest.json").exists():
             return out
+        # One image per version of the code: keep the last one besides the new one.
+        prune(out.parent, f"{gold_tree.name}-{'?' * len(code_key())}", keep=1)
         capture(
             CaptureConfig(
                 root=gold_tree,
