@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,13 +28,19 @@ def input_key(inputs: object) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def stale_builds(builds: Mapping[str, float], keep: int) -> list[str]:
+    """Of finished builds (name -> mtime), all but the `keep` newest."""
+    newest_first = sorted(builds, key=lambda name: (builds[name], name), reverse=True)
+    return sorted(newest_first[keep:])
+
+
 def prune(directory: Path, pattern: str, keep: int) -> list[Path]:
     """Remove all but the `keep` newest entries of `directory` that match `pattern` (a
-    glob): builds keyed by older versions of their inputs, hundreds of MB to GBs each,
-    which would otherwise pile up with every change. Call it before building the new one,
-    under its lock; the ones kept may still be in use by another checkout."""
-    entries = sorted(directory.glob(pattern), key=lambda p: (p.stat().st_mtime, p.name))
-    stale = entries[: max(len(entries) - keep, 0)]
+    glob that only finished builds match): builds keyed by older versions of their
+    inputs, hundreds of MB to GBs each, which would otherwise pile up with every change.
+    The ones kept may still be in use by another checkout."""
+    builds = {p.name: p.stat().st_mtime for p in directory.glob(pattern)}
+    stale = [directory / name for name in stale_builds(builds, keep)]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale

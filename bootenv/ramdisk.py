@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import bootenv
-from bootenv.cache import cache_root
+from bootenv.cache import cache_root, prune
 from bootenv.errors import FatalError, UserError
 from bootenv.log import human_bytes, step
 from bootenv.ramdisk_plan import (
@@ -45,7 +45,6 @@ from bootenv.ramdisk_plan import (
     parse_module_index,
     ramdisk_key,
     select_modules,
-    stale_builds,
 )
 from bootenv.run import popen, run, which
 
@@ -307,17 +306,12 @@ def trusted_keys(paths: Sequence[Path]) -> tuple[tuple[str, bytes], ...]:
 
 
 def _prune(current: Path, keep: int) -> None:
-    """Remove all but the `keep` newest finished builds of the same stage as `current`."""
-    base = current.name.startswith("ramdisk-base-")
-    builds = {
-        p.name: p.stat().st_mtime
-        for p in current.parent.glob("ramdisk-*")
-        if p.is_dir() and p.name.startswith("ramdisk-base-") == base and ".tmp-" not in p.name
-    }
-    for name in stale_builds(builds, keep):
-        if name != current.name:
-            log.debug("removing old ramdisk build %s", name)
-            shutil.rmtree(current.parent / name, ignore_errors=True)
+    """Remove all but the `keep` newest finished builds of the same stage as `current`
+    (just built: the newest). The pattern matches `ramdisk-base-KEY` or `ramdisk-KEY`,
+    not the other stage's names nor a staging dir's `.tmp-` ones."""
+    stage, _, key = current.name.rpartition("-")
+    for path in prune(current.parent, f"{stage}-{'?' * len(key)}", keep):
+        log.debug("removed old ramdisk build %s", path.name)
 
 
 def _export(ramdisk: Ramdisk, output: Path) -> Ramdisk:

@@ -108,12 +108,6 @@ def ramdisk_key(inputs: RamdiskInputs) -> str:
     )
 
 
-def stale_builds(builds: Mapping[str, float], keep: int) -> list[str]:
-    """Of finished `ramdisk-KEY` builds (name -> mtime), all but the `keep` newest."""
-    newest_first = sorted(builds, key=lambda name: (builds[name], name), reverse=True)
-    return sorted(newest_first[keep:])
-
-
 # --- kernel modules -------------------------------------------------------------------------
 
 

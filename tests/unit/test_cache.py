@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bootenv.cache import prune
+from bootenv.cache import prune, stale_builds
 
 
 def test_prune_keeps_the_newest_of_its_pattern_and_nothing_else_is_touched(tmp_path: Path) -> None:
@@ -24,3 +24,10 @@ def test_prune_keeps_the_newest_of_its_pattern_and_nothing_else_is_touched(tmp_p
     ]
     assert prune(tmp_path, "gold-" + "?" * 12, keep=1) == []
     assert prune(tmp_path / "missing", "*", keep=0) == []
+
+
+def test_stale_builds_keeps_the_newest() -> None:
+    builds = {"ramdisk-a": 10.0, "ramdisk-b": 30.0, "ramdisk-c": 20.0, "ramdisk-d": 5.0}
+    assert stale_builds(builds, keep=2) == ["ramdisk-a", "ramdisk-d"]
+    assert stale_builds(builds, keep=4) == []
+    assert stale_builds({}, keep=1) == []

@@ -24,7 +24,6 @@ from bootenv.ramdisk_plan import (
     parse_module_index,
     ramdisk_key,
     select_modules,
-    stale_builds,
 )
 
 INPUTS = RamdiskInputs(
@@ -291,13 +290,6 @@ def test_overlay_plan() -> None:
     assert f"{PYTHON_DIR}/bootenv/__init__.py" in plan
     assert list(plan) == sorted(plan)
     assert all(not p.startswith("/") and ".." not in p.split("/") for p in plan)
-
-
-def test_stale_builds_keeps_the_newest() -> None:
-    builds = {"ramdisk-a": 10.0, "ramdisk-b": 30.0, "ramdisk-c": 20.0, "ramdisk-d": 5.0}
-    assert stale_builds(builds, keep=2) == ["ramdisk-a", "ramdisk-d"]
-    assert stale_builds(builds, keep=4) == []
-    assert stale_builds({}, keep=1) == []
 
 
 def test_trim_keeps_the_code_page_mtools_needs() -> None:
