@@ -40,3 +40,18 @@ def test_no_ratio_over_a_near_zero_single_phase() -> None:
 def test_a_split_image_that_boots_later_is_reported_as_such() -> None:
     r = summarize([run("split", 40, 90, 300, 360, 361), run("single", 40, 110, 250, 252, 254)])
     assert r.ratio == pytest.approx(1.2) and r.target == "reported"
+
+
+def test_a_subset_is_reported_against_the_single_image_too() -> None:
+    r = summarize(
+        [
+            run("split", 40, 90, 200, 260, 262),
+            run("subset", 40, 80, 190, 220, 222),
+            run("single", 40, 110, 250, 252, 254),
+        ]
+    )
+    assert r.measurements["subset: OS written (s)"].median == 80
+    assert r.measurements["subset: phase first-boot layout (s)"].median == 30
+    assert "OS written: split 90.0 s, single 110.0 s = 0.82x; OS + mysql 80.0 s = 0.73x" in r.notes
+    assert "services answer: split 262.0 s, single 254.0 s = 1.03x; OS + mysql 222.0 s = 0.87x" in r.notes
+    assert "OS + mysql" in r.what and r.ratio == pytest.approx(200 / 250)
