@@ -5,8 +5,10 @@ the network ends at once (bootenv/source.py). The response's connection gives th
 socket only once the server's headers are in: a request still waiting for them
 would wait for its timeout. This session's connections report their socket to the
 `Watcher` of the thread that sends the request: a new connection once it is made, a
-kept-alive one as the request goes out. (A connection being made is not cut short: it
-ends at its timeout.)
+kept-alive one as the request goes out, directly or through an HTTP proxy (`http_proxy`,
+`https_proxy`: the socket is then the one to the proxy). (A connection being made is not
+cut short: it ends at its timeout. A SOCKS proxy's connections are requests' own, and
+report nothing.)
 """
 
 from __future__ import annotations
@@ -78,17 +80,25 @@ def _pool_classes() -> dict[str, type]:
 @cache
 def _adapter_class() -> type:
     from requests.adapters import HTTPAdapter
+    from urllib3.poolmanager import ProxyManager
 
     class Adapter(HTTPAdapter):  # type: ignore[misc]
         def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
             super().init_poolmanager(*args, **kwargs)
             self.poolmanager.pool_classes_by_scheme = _pool_classes()
 
+        def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+            manager = super().proxy_manager_for(proxy, **kwargs)
+            if isinstance(manager, ProxyManager):  # HTTP(S) proxies; SOCKS keeps its own
+                manager.pool_classes_by_scheme = _pool_classes()
+            return manager
+
     return Adapter
 
 
 def new_session() -> Any:
-    """A requests.Session whose direct (not proxied) connections report their sockets."""
+    """A requests.Session whose connections (direct, or through an HTTP proxy) report
+    their sockets."""
     import requests
 
     session = requests.Session()

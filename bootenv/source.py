@@ -264,9 +264,9 @@ class HttpReader:
         """From another thread: end this download now. A read waiting on the network
         returns at once (its connection is shut down), a retry's backoff stops waiting,
         and they and every later read raise ReadAbortedError, without a retry. With
-        HttpSource's session, a request still waiting for the server's headers ends at
-        once too; with another session, through a proxy, or while its connection is
-        being made, once they come or at its timeout."""
+        HttpSource's session, a request still waiting for the server's headers (or an
+        HTTP proxy's) ends at once too; with another session, through a SOCKS proxy, or
+        while its connection is being made, once they come or at its timeout."""
         with self._lock:
             self._aborted.set()
             sock = self._sock

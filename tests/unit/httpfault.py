@@ -26,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol
+from urllib.parse import urlsplit
 
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
@@ -128,7 +129,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         srv = self.server_ref
-        name = self.path.lstrip("/")
+        # As a proxy, the request names the whole URL: http://host/name.
+        name = urlsplit(self.path).path.lstrip("/") if "://" in self.path else self.path.lstrip("/")
         fault = srv.faults.get(name, Fault())
         path = srv.root / name
         if "/" in name or not path.is_file():

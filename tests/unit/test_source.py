@@ -101,6 +101,23 @@ def test_a_kept_alive_connection_is_cut_while_waiting_for_headers(blob: Path) ->
     assert [r.path for r in srv.requests] == ["other", "blob"]
 
 
+def test_a_request_through_a_proxy_waiting_for_headers_ends_when_aborted(
+    blob: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through an HTTP proxy (`http_proxy`), the socket reported is the one to the proxy.
+    The fault server plays the proxy: the request names the whole URL, and nothing goes
+    to the host it names (.invalid never resolves)."""
+    with FaultServer(blob) as srv:
+        monkeypatch.setenv("http_proxy", srv.url)
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        srv.faults["blob"] = Fault(stall_headers=STALL)
+        reader = HttpReader(new_session(), "http://images.example.invalid/blob", 64 << 10, POLICY)
+        assert _aborted_within(reader, 3, before=0.5)
+        assert srv.stalled.is_set() and reader.pos == 0
+    assert [r.path for r in srv.requests] == ["blob"], "asked through the proxy, not retried"
+
+
 def test_an_abort_during_a_retry_backoff_ends_it(blob: Path) -> None:
     with FaultServer(blob) as srv:
         srv.faults["blob"] = Fault(errors=-1, status=503)
