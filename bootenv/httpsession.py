@@ -41,6 +41,8 @@ def watched(watcher: Watcher) -> Iterator[None]:
 
 def _report(sock: object) -> None:
     watcher: Watcher | None = getattr(_current, "watcher", None)
+    # TLS inside TLS (an https:// proxy) is urllib3's SSLTransport over the proxy's socket.
+    sock = sock if isinstance(sock, socket.socket) else getattr(sock, "socket", None)
     if watcher is not None and isinstance(sock, socket.socket):
         watcher.watch(sock)
 

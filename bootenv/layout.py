@@ -644,11 +644,14 @@ def activate(root: Path, units: list[str], *, live: bool | None = None) -> list[
     for batch in (sockets, [u for u in units if u not in sockets]):
         if batch:
             run([systemctl, "start", *batch], check=False)
-    # One state per line, in the order asked.
+    # One state per line, in the order asked; systemctl stops at a unit it cannot look
+    # up, and those after it are asked one by one.
     states = run([systemctl, "is-active", *units], check=False).stdout.decode(errors="replace").split()
-    states = (states + ["unknown"] * len(units))[: len(units)]
-    for unit, state in zip(units, states, strict=True):
-        if state == "active":
+    for unit in units[len(states) :]:
+        alone = run([systemctl, "is-active", unit], check=False).stdout.decode(errors="replace").split()
+        states.append(alone[0] if alone else "unknown")
+    for unit, state in zip(units, states, strict=False):
+        if state in ("active", "reloading"):  # what `is-active --quiet` calls active
             notes.append(f"started {unit}")
             continue
         notes.append(f"{FAILED_UNIT}{unit}")

@@ -519,10 +519,14 @@ def test_offline_activation_enables_only_units_without_links(tmp_path: Path, sys
     ]
 
 
-def test_a_short_is_active_answer_counts_the_rest_as_not_started(
+def test_units_a_short_is_active_answer_leaves_out_are_asked_one_by_one(
     tmp_path: Path, systemctl: _Systemctl
 ) -> None:
     _enabled_tree(tmp_path)
-    systemctl.answered = 1  # systemctl printed one state for two units
-    notes = layout_mod.activate(tmp_path, ["web.service", "db.service"], live=True)
-    assert "started web.service" in notes and f"{layout_mod.FAILED_UNIT}db.service" in notes
+    systemctl.answered = 1  # systemctl stopped after the first unit (one it could not look up)
+    systemctl.states = {"web.service": "reloading", "db.socket": "active", "db.service": "failed"}
+    notes = layout_mod.activate(tmp_path, ["web.service", "db.socket", "db.service"], live=True)
+    asked = [c[2:] for c in systemctl.calls if c[1:2] == ["is-active"]]
+    assert asked == [["web.service", "db.socket", "db.service"], ["db.socket"], ["db.service"]]
+    assert "started web.service" in notes and "started db.socket" in notes  # reloading is active
+    assert f"{layout_mod.FAILED_UNIT}db.service" in notes
