@@ -35,7 +35,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument(
-        "--vm-runs", type=int, default=1, help="pairs of QEMU runs for qemu-timeline (each pair ~10 min)"
+        "--vm-runs",
+        type=int,
+        default=1,
+        help="rounds of qemu-timeline's three netboots: split, OS + MySQL, single (each round ~5 min)",
     )
     p.add_argument("--only", action="append", choices=sorted(ALL), help="run only these (repeatable)")
     p.add_argument(
