@@ -28,6 +28,9 @@ class Sample:
     cpu: float = 0.0  # user + system seconds of the command and its children
     shmem_kb: int = 0  # peak growth of the machine's shared memory (memfds, tmpfs) meanwhile
     busy: float = 0.0  # CPU seconds the whole machine spent meanwhile (every process, the kernel)
+    # Peak of the command's whole footprint: the PSS of all its processes (pages they
+    # share counted once) plus the growth of shared memory, sampled together.
+    total_kb: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ def measure(
         proc = subprocess.Popen(
             [TIME, "-f", "%M %U %S", "-o", report.name, *cmd], stdout=out, stderr=subprocess.PIPE, env=env
         )
+        shmem.follow(proc.pid)
         _, err_bytes = proc.communicate()
         elapsed, busy = time.monotonic() - start, machine_busy() - busy
         fields = Path(report.name).read_text().split("\n")
@@ -87,7 +91,7 @@ def measure(
         err = err_bytes.decode(errors="replace")
         raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}): {err[-500:]}")
     rss, user, system = [line for line in fields if line.strip()][-1].split()
-    return Sample(elapsed, int(rss), float(user) + float(system), shmem.peak_kb, busy)
+    return Sample(elapsed, int(rss), float(user) + float(system), shmem.peak_kb, busy, shmem.total_kb)
 
 
 def machine_busy() -> float:
@@ -101,11 +105,15 @@ def machine_busy() -> float:
 
 
 class _ShmemPeak:
-    """The peak growth of Shmem (/proc/meminfo) while a command runs, sampled every 20 ms:
-    memory a process holds in memfds or tmpfs, which its RSS does not show."""
+    """Sampled every 20 ms while a command runs: the peak growth of Shmem (/proc/meminfo),
+    memory a process holds in memfds or tmpfs, which its RSS does not show; and, once
+    `follow` names the command's process, the peak of its descendants' summed PSS plus
+    that growth: the whole run's footprint (GNU time's %M is one process's)."""
 
     def __init__(self) -> None:
         self.peak_kb = 0
+        self.total_kb = 0
+        self._pid = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -118,9 +126,48 @@ class _ShmemPeak:
         self._stop.set()
         self._thread.join()
 
+    def follow(self, pid: int) -> None:
+        """Count the processes under `pid` (GNU time's: its own few pages are left out)."""
+        self._pid = pid
+
     def _run(self) -> None:
         while not self._stop.wait(0.02):
-            self.peak_kb = max(self.peak_kb, _shmem_kb() - self._base)
+            shmem = max(0, _shmem_kb() - self._base)
+            self.peak_kb = max(self.peak_kb, shmem)
+            if self._pid:
+                self.total_kb = max(self.total_kb, sum(map(_pss_kb, descendants(self._pid))) + shmem)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid` (not `pid` itself), from /proc's parent links."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        # The name in parentheses may hold spaces: the fields after its last ")".
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0  # gone meanwhile, or a kernel thread
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return 0
 
 
 def _shmem_kb() -> int:

@@ -74,6 +74,7 @@ class ComponentResult:
     seconds: float = 0.0
     error: str | None = None
     code: int = 0  # a failed component's exit code (errors.py): 4 for data that did not verify
+    ready_after: float = 0.0  # when it was done or failed, in seconds after the layout began
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class LayoutResult:
     components: tuple[ComponentResult, ...]
     added: tuple[str, ...]  # pulled in as dependencies
     notes: tuple[str, ...]  # what activation did or skipped
+    seconds: float = 0.0  # the whole layout, activation included
 
     @property
     def failed_units(self) -> tuple[str, ...]:
@@ -135,6 +137,7 @@ def layout(
     emit: Callable[[Event], None] | None = None,
 ) -> LayoutResult:
     """Plan (resolve components), run the streams, then merge dpkg status and activate."""
+    began = time.monotonic()
     root = cfg.root.absolute()
     if not root.is_dir():
         raise UserError(f"{cfg.root} is not a directory")
@@ -159,7 +162,7 @@ def layout(
     if root.resolve() == Path("/"):
         poster.post("os_booted")  # the layout service runs in the freshly booted OS
     try:
-        results = _run_streams(cfg.image, comps, root, cfg.streams, poster)
+        results = _run_streams(cfg.image, comps, root, cfg.streams, poster, began)
         journal = Journal(root)
         final: list[ComponentResult] = []
         for comp, got in zip(comps, results, strict=True):
@@ -181,7 +184,7 @@ def layout(
             notes = (activator or activate)(root, units) if good else []
         for c in good:
             journal.set(c.name, c.data.sha256, "done")
-        result = LayoutResult(tuple(final), tuple(added), tuple(notes))
+        result = LayoutResult(tuple(final), tuple(added), tuple(notes), time.monotonic() - began)
         if result.ok:
             poster.post("components_laid_out", data={"notes": list(notes)})
             poster.post("done")
@@ -234,7 +237,7 @@ class _Inline:
 
 
 def _run_streams(
-    image: str, comps: list[Component], root: Path, streams: int, poster: Callback
+    image: str, comps: list[Component], root: Path, streams: int, poster: Callback, began: float
 ) -> list[ComponentResult]:
     """Lay out every piece of every component on `streams` processes.
 
@@ -255,10 +258,10 @@ def _run_streams(
         if width == 1:
             stream.SINK[:] = [progress]
             try:
-                return _Scheduler(1, root, privileged, ahead).run(_Inline(), comps)
+                return _Scheduler(1, root, privileged, ahead, began).run(_Inline(), comps)
             finally:
                 stream.SINK.clear()
-        return _run_pool(_Scheduler(width, root, privileged, ahead), comps, progress)
+        return _run_pool(_Scheduler(width, root, privileged, ahead, began), comps, progress)
     finally:
         ahead.close()
 
@@ -316,7 +319,11 @@ class _Scheduler:
     stream once it is in, or, for a large piece checked block by block, once its first
     block is."""
 
-    def __init__(self, width: int, root: Path, privileged: bool, ahead: FetchAhead) -> None:
+    def __init__(
+        self, width: int, root: Path, privileged: bool, ahead: FetchAhead, began: float | None = None
+    ) -> None:
+        # The layout's start: components' ready_after counts from it.
+        self.began = time.monotonic() if began is None else began
         self.pool: Pool = _Inline()  # set by run()
         self.width, self.root = width, root
         self.privileged, self.ahead = privileged, ahead
@@ -328,6 +335,9 @@ class _Scheduler:
         self.later: dict[str, Component] = {}  # first piece being laid out: the others wait
         self.flusher: Flusher | None = None  # set by run()
         self.seq = 0
+
+    def _since(self) -> float:
+        return time.monotonic() - self.began
 
     def push(
         self, priority: int, kind: str, comp: Component, index: int, redirect: tuple[str, ...] = ()
@@ -463,7 +473,9 @@ class _Scheduler:
     def fail(self, name: str, error: str | None, code: int = 1) -> None:
         if name not in self.results:
             took = time.monotonic() - self.started[name]
-            self.results[name] = ComponentResult(name, "failed", error=error, seconds=took, code=code)
+            self.results[name] = ComponentResult(
+                name, "failed", error=error, seconds=took, code=code, ready_after=self._since()
+            )
         self.ready = [r for r in self.ready if r[3].name != name]
         self.later.pop(name, None)
         self.ahead.drop(name)
@@ -481,10 +493,10 @@ class _Scheduler:
                 Journal(self.root).set(comp.name, comp.data.sha256, "files")
             except OSError as exc:
                 self.results[comp.name] = ComponentResult(
-                    comp.name, "failed", error=str(exc), seconds=took, code=1
+                    comp.name, "failed", error=str(exc), seconds=took, code=1, ready_after=self._since()
                 )
             else:
-                self.results[comp.name] = _done(comp, self.got[comp.name], took)
+                self.results[comp.name] = _done(comp, self.got[comp.name], took, self._since())
             return
         key = (comp.name, index)
         piece: Piece = fut.result()
@@ -523,7 +535,7 @@ def _work(chunk: Chunk) -> int:
     return chunk.size + chunk.raw_size
 
 
-def _done(comp: Component, pieces: dict[int, Piece], took: float) -> ComponentResult:
+def _done(comp: Component, pieces: dict[int, Piece], took: float, ready_after: float) -> ComponentResult:
     total = Stats()
     for _, piece in sorted(pieces.items()):
         assert piece.stats is not None
@@ -545,6 +557,7 @@ def _done(comp: Component, pieces: dict[int, Piece], took: float) -> ComponentRe
         tuple(total.conflicts),
         tuple(total.warnings),
         seconds=took,
+        ready_after=ready_after,
     )
 
 

@@ -27,6 +27,19 @@ from bootenv.walk import Entry, Kind, scan
 from tests.unit.nodelay import connection_options
 
 
+def test_measure_counts_the_whole_process_tree_and_its_memfds() -> None:
+    """Two processes holding 20 MiB each and a memfd of 24 MiB: the whole run's footprint
+    counts all three, where GNU time's peak RSS is one process's."""
+    code = (
+        "import os, time; fd = os.memfd_create('x'); os.write(fd, bytes(24 << 20)); "
+        "pid = os.fork(); x = bytearray(os.urandom(20 << 20)); time.sleep(0.5); "
+        "pid and os.waitpid(pid, 0)"
+    )
+    sample = measure([sys.executable, "-c", f'"{code}"'], shell=True)
+    assert sample.total_kb >= (2 * 20 + 24) << 10
+    assert sample.max_rss_kb < sample.total_kb - (20 << 10)
+
+
 def test_measure_table_and_save(tmp_path: Path) -> None:
     sample = measure([sys.executable, "-c", "x = bytearray(20 << 20)"])
     assert sample.seconds > 0 and sample.max_rss_kb > 20 << 10  # the child's own peak RSS
@@ -150,3 +163,11 @@ def test_stream_bound_uses_chunks_when_the_manifest_has_them() -> None:
     assert fetch_units(whole) == [90]
     assert fetch_units(chunked) == [40, 50]
     assert rows([Result("a", "")]) == [Result("a", "")] and rows(Result("b", "")) == [Result("b", "")]
+
+
+def test_alternating_rounds_reverse_the_order_every_other_time() -> None:
+    from bench.scenarios import alternating
+
+    order: list[str] = []
+    alternating(3, [lambda: order.append("ours"), lambda: order.append("theirs")])
+    assert order == ["ours", "theirs", "theirs", "ours", "ours", "theirs"]

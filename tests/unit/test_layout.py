@@ -8,6 +8,7 @@ import os
 import queue
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,21 @@ def test_dependencies_are_pulled_in_and_reported(tmp_path: Path) -> None:
     assert res.added == ("base", "mid")
     assert {c.name for c in res.components} == {"base", "mid", "top"}
     assert (root / "opt/base/lib.so").read_bytes() == ELF_A
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_each_component_says_when_it_was_ready_within_the_whole_layout(tmp_path: Path, streams: int) -> None:
+    image = three(tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    began = time.monotonic()
+    res = run(image, root, "all", streams=streams)
+    took = time.monotonic() - began
+    assert res.ok and 0 < res.seconds <= took
+    for c in res.components:
+        # Ready after its own work, and before the layout's end (activation comes after).
+        assert 0 < c.seconds <= c.ready_after < res.seconds, c
+    assert json.loads(json.dumps(res.to_dict()))["seconds"] == res.seconds
 
 
 def test_none_lays_out_nothing(tmp_path: Path) -> None:
