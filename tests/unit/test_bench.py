@@ -171,3 +171,27 @@ def test_alternating_rounds_reverse_the_order_every_other_time() -> None:
     order: list[str] = []
     alternating(3, [lambda: order.append("ours"), lambda: order.append("theirs")])
     assert order == ["ours", "theirs", "theirs", "ours", "ours", "theirs"]
+
+
+def test_bench_images_are_signed_once_with_a_cached_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import scenarios
+    from bootenv.signing import SIGNATURE, Trust, read_public_key, verify
+
+    monkeypatch.setenv("BOOTENV_CACHE", str(tmp_path / "cache"))
+    image = tmp_path / "img"
+    image.mkdir()
+    (image / "manifest.json").write_text('{"x": 1}\n')
+    scenarios.signed(image)
+    first = (image / SIGNATURE).read_bytes()
+    key = scenarios.bench_key()
+    assert scenarios.trust() == ["--trust", f"{key}.pub"]
+    trusted = Trust(keys=(read_public_key(Path(f"{key}.pub")),))
+    assert verify((image / "manifest.json").read_bytes(), first, trusted) is not None
+    mtime = (image / SIGNATURE).stat().st_mtime_ns
+    scenarios.signed(image)  # current: left as it is
+    assert (image / SIGNATURE).stat().st_mtime_ns == mtime and scenarios.bench_key() == key
+    (image / "manifest.json").write_text('{"x": 2}\n')  # a new capture: signed again
+    scenarios.signed(image)
+    assert verify((image / "manifest.json").read_bytes(), (image / SIGNATURE).read_bytes(), trusted)
