@@ -13,6 +13,7 @@ URL as JSON events.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import queue
@@ -278,6 +279,11 @@ def _run_pool(sched: _Scheduler, comps: list[Component], progress: _ProgressSum)
         ) as pool:
             # Fork every stream now, before any thread of this process runs (the pump, the
             # fetches, the flusher): a fork copies no thread, only the locks they hold.
+            # Frozen first: the streams' garbage collector then never walks (and so never
+            # writes to, and copies) the objects they share with this process. Measured on
+            # a layout of 4 GB on 2 streams: 138 MiB at its peak (every process's PSS
+            # and the chunks in memfds) without, 124 MiB with.
+            gc.freeze()
             pool.submit(os.getpid).result()
             pump.start()
             try:

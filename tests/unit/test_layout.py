@@ -131,6 +131,21 @@ def test_each_component_says_when_it_was_ready_within_the_whole_layout(tmp_path:
     assert json.loads(json.dumps(res.to_dict()))["seconds"] == res.seconds
 
 
+@pytest.mark.parametrize(("streams", "frozen"), [(1, 0), (3, 1)])
+def test_the_objects_shared_with_forked_streams_are_frozen_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, streams: int, frozen: int
+) -> None:
+    """gc.freeze() before the fork: the streams' collector never writes to (and so never
+    copies) the pages they share with the layout's process. One stream forks nothing."""
+    calls: list[int] = []
+    monkeypatch.setattr(layout_mod.gc, "freeze", lambda: calls.append(os.getpid()))
+    image = three(tmp_path)
+    root = tmp_path / "root"
+    root.mkdir()
+    assert run(image, root, "all", streams=streams).ok
+    assert calls == [os.getpid()] * frozen
+
+
 def test_none_lays_out_nothing(tmp_path: Path) -> None:
     image = three(tmp_path)
     res = run(image, tmp_path, "none")
