@@ -299,8 +299,8 @@ def memory(env: Env) -> Result:
         "4 GB / 1 GB, whole run: "
         + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
         + "; a whole run is the summed PSS of every process it started (the layout's parent "
-        "and its streams share pages, counted once) plus the memfds its chunks wait in, "
-        "sampled every 20 ms; largest: "
+        "and its streams share pages, counted once; its peak, sampled every 20 ms) plus the "
+        "peak of the memfds its chunks wait in (sampled every 5 ms); largest: "
         + ", ".join(f"{k} {medians[(k, 4)]:.0f} MiB" for k in ratios)
         + " (4 GB)"
     )
