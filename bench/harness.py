@@ -28,8 +28,9 @@ class Sample:
     cpu: float = 0.0  # user + system seconds of the command and its children
     shmem_kb: int = 0  # peak growth of the machine's shared memory (memfds, tmpfs) meanwhile
     busy: float = 0.0  # CPU seconds the whole machine spent meanwhile (every process, the kernel)
-    # The command's whole footprint, from above: the peak of its processes' summed PSS
-    # (pages they share counted once) plus the peak growth of shared memory.
+    # With measure(tree=True): the command's whole footprint, estimated: the peak of its
+    # processes' summed PSS (pages they share counted once; shared memory left out) plus
+    # the peak growth of shared memory, and never less than the largest process's RSS.
     total_kb: int = 0
 
 
@@ -65,6 +66,7 @@ def measure(
     shell: bool = False,
     env: dict[str, str] | None = None,
     stdout: Path | None = None,
+    tree: bool = False,
 ) -> Sample:
     """Run a command once; return its wall time, peak RSS (of the process tree's largest)
     and CPU time. Its output is discarded, or written to `stdout`.
@@ -72,12 +74,14 @@ def measure(
     The command runs under GNU time, not straight from this process: a child forked from
     Python and then exec'd is charged the parent's resident pages as its peak RSS (the
     kernel keeps the high-water mark across exec), which would hide the command's own.
+    With `tree`, the whole run's footprint is sampled too (Sample.total_kb): it costs this
+    process some CPU while the command runs, so only the memory benchmark asks for it.
     """
     cmd = ["sh", "-c", " ".join(argv)] if shell else list(argv)
     with (
         tempfile.NamedTemporaryFile(prefix="bench-time-") as report,
         open(stdout or os.devnull, "wb") as out,
-        _ShmemPeak() as shmem,
+        _ShmemPeak(tree=tree) as shmem,
     ):
         start, busy = time.monotonic(), machine_busy()
         proc = subprocess.Popen(
@@ -91,7 +95,10 @@ def measure(
         err = err_bytes.decode(errors="replace")
         raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}): {err[-500:]}")
     rss, user, system = [line for line in fields if line.strip()][-1].split()
-    return Sample(elapsed, int(rss), float(user) + float(system), shmem.peak_kb, busy, shmem.total_kb)
+    # Never under the largest process's peak RSS, which a sample can miss (that RSS holds
+    # any shared memory the process maps, so it is not added to the Shmem peak again).
+    total = max(shmem.total_kb, int(rss)) if tree else 0
+    return Sample(elapsed, int(rss), float(user) + float(system), shmem.peak_kb, busy, total)
 
 
 def machine_busy() -> float:
@@ -105,15 +112,17 @@ def machine_busy() -> float:
 
 
 class _ShmemPeak:
-    """Sampled while a command runs: the peak growth of Shmem (/proc/meminfo, every 5 ms),
-    memory a process holds in memfds or tmpfs, which its RSS does not show; and, once
-    `follow` names the command's process, the peak of its descendants' summed PSS (every
-    20 ms) plus that peak: the whole run's footprint, from above (GNU time's %M is one
-    process's)."""
+    """Sampled while a command runs: the peak growth of Shmem (/proc/meminfo), memory a
+    process holds in memfds or tmpfs, which its RSS does not show. With `tree`, once
+    `follow` names the command's process, also the peak of its descendants' summed PSS
+    (every 20 ms; Shmem then every 5 ms), and `total_kb`, the two peaks added: the whole
+    run's footprint, estimated (GNU time's %M is one process's). Samples can miss a
+    short peak."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tree: bool = False) -> None:
         self.peak_kb = 0
         self.total_kb = 0
+        self._tree = tree
         self._pid = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -133,13 +142,13 @@ class _ShmemPeak:
 
     def _run(self) -> None:
         pss, tick = 0, 0
-        while not self._stop.wait(0.005):
+        while not self._stop.wait(0.005 if self._tree else 0.02):
             self.peak_kb = max(self.peak_kb, _shmem_kb() - self._base)
             tick += 1
-            if self._pid and tick % 4 == 0:  # PSS every 20 ms: reading it costs more
+            if self._tree and self._pid and tick % 4 == 0:  # reading PSS costs more
                 pss = max(pss, sum(map(_pss_kb, descendants(self._pid))))
-            # The two peaks added, whether or not they came at once: a bound from above.
-            self.total_kb = pss + self.peak_kb
+            if self._tree:
+                self.total_kb = pss + self.peak_kb
 
 
 def descendants(pid: int) -> list[int]:
@@ -164,14 +173,15 @@ def descendants(pid: int) -> list[int]:
 
 
 def _pss_kb(pid: int) -> int:
+    """A process's PSS without its shared memory (memfds, shared mappings), which the
+    Shmem growth counts already."""
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
         return 0  # gone meanwhile, or a kernel thread
-    for line in text.splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1])
-    return 0
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    kb = {k: int(v.split()[0]) for k, v in fields.items() if k in ("Pss", "Pss_Shmem")}
+    return kb.get("Pss", 0) - kb.get("Pss_Shmem", 0)
 
 
 def _shmem_kb() -> int:
@@ -182,12 +192,12 @@ def _shmem_kb() -> int:
 
 
 def repeat(
-    runs: int, prepare: Callable[[], None], argv: Sequence[str], *, shell: bool = False
+    runs: int, prepare: Callable[[], None], argv: Sequence[str], *, shell: bool = False, tree: bool = False
 ) -> list[Sample]:
     samples = []
     for _ in range(runs):
         prepare()
-        samples.append(measure(argv, shell=shell))
+        samples.append(measure(argv, shell=shell, tree=tree))
     return samples
 
 

@@ -84,10 +84,14 @@ def bench_key() -> Path:
     signature in them, as an admin's runs do, instead of running with --insecure."""
     from bootenv.signing import keygen
 
-    key = cache_root() / "bench" / "signing-key"
+    # Not under cache_root()/bench, which the memory benchmark serves over HTTP.
+    key = cache_root() / "bench-signing" / "key"
+    pub = key.with_name(key.name + ".pub")
     with locked("bench-signing-key"):
-        if not key.exists():
-            key.parent.mkdir(parents=True, exist_ok=True)
+        if not (key.exists() and pub.exists()):  # a keygen cut short leaves one of them
+            key.unlink(missing_ok=True)
+            pub.unlink(missing_ok=True)
+            key.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             keygen(key)
     return key
 
@@ -104,7 +108,9 @@ def signed(image: Path) -> Path:
     sig = image / SIGNATURE
     want = sign((image / "manifest.json").read_bytes(), bench_key())
     if not sig.exists() or sig.read_bytes() != want:
-        sig.write_bytes(want)
+        tmp = sig.with_name(sig.name + ".tmp")
+        tmp.write_bytes(want)
+        tmp.replace(sig)  # a reader never sees half a signature
     return image
 
 
@@ -254,6 +260,7 @@ def memory(env: Env) -> Result:
                     env.runs,
                     lambda r=root: _fresh_dir(r),  # type: ignore[misc]
                     _layout_argv(f"{url}/{image.name}", "big", root, streams),
+                    tree=True,
                 )
                 what = f"layout {gb} GB, {streams} stream{'s' if streams > 1 else ''}"
                 total = Stats.of([s.total_kb / 1024 for s in samples])
@@ -282,6 +289,7 @@ def memory(env: Env) -> Result:
                     str(target),
                     *trust(),
                 ],
+                tree=True,
             )
         target.unlink(missing_ok=True)
         total = Stats.of([s.total_kb / 1024 for s in samples])
@@ -299,8 +307,9 @@ def memory(env: Env) -> Result:
         "4 GB / 1 GB, whole run: "
         + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
         + "; a whole run is the summed PSS of every process it started (the layout's parent "
-        "and its streams share pages, counted once; its peak, sampled every 20 ms) plus the "
-        "peak of the memfds its chunks wait in (sampled every 5 ms); largest: "
+        "and its streams share pages, counted once; shared memory left out; its peak, sampled "
+        "every 20 ms) plus the peak of shared memory, the memfds its chunks wait in (sampled "
+        "every 5 ms), and never less than the largest process's peak RSS; largest: "
         + ", ".join(f"{k} {medians[(k, 4)]:.0f} MiB" for k in ratios)
         + " (4 GB)"
     )
@@ -584,11 +593,13 @@ def _split_vs_single(env: Env, inp: Input) -> Result:
                     lay = measure([*_layout_argv(image, "all", mnt, 0), "--json"], stdout=report)
                 total_t.append(os_t[-1].seconds + lay.seconds)
                 done = json.loads(report.read_text())
-                # From the process's start: Python's start and the manifest come first
-                # (what the process took beyond the layout's own seconds; its exit, a few
-                # ms, is counted in too).
+                # From the process's start: Python's start, its imports and the CLI come
+                # first (what the process took beyond the layout's own seconds; its exit,
+                # a few ms, is counted in too).
                 outside = lay.seconds - done["seconds"]
                 for comp in done["components"]:
+                    if comp["status"] != "done":  # a fresh disk: nothing to resume
+                        raise RuntimeError(f"{comp['name']}: {comp['status']}, not laid out")
                     ready.setdefault(comp["name"], []).append(
                         os_t[-1].seconds + outside + comp["ready_after"]
                     )

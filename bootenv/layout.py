@@ -75,7 +75,9 @@ class ComponentResult:
     seconds: float = 0.0
     error: str | None = None
     code: int = 0  # a failed component's exit code (errors.py): 4 for data that did not verify
-    ready_after: float = 0.0  # when it was done or failed, in seconds after the layout began
+    # When its files were in and durable (or it failed, or was found done by an earlier
+    # run), in seconds after the layout began; its dpkg merge and activation come later.
+    ready_after: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -294,6 +296,7 @@ def _run_pool(sched: _Scheduler, comps: list[Component], progress: _ProgressSum)
                 sched.ahead.stop()
                 raise
     finally:
+        gc.unfreeze()  # the streams are gone: what was frozen is collectable again
         # The streams have exited, their events are all in the queue: this one comes last.
         events.cancel_join_thread()  # exiting never waits to send it
         events.put(None)
@@ -364,7 +367,7 @@ class _Scheduler:
             self.got[comp.name] = {}
             if journal.reached(comp.name, comp.data.sha256, "files"):
                 log.info("%s: already laid out by an earlier run", comp.name)
-                self.results[comp.name] = ComponentResult(comp.name, "resumed")
+                self.results[comp.name] = ComponentResult(comp.name, "resumed", ready_after=self._since())
                 continue
             self.started[comp.name] = time.monotonic()
             self.push(_URGENT, "piece", comp, 0)

@@ -35,9 +35,18 @@ def test_measure_counts_the_whole_process_tree_and_its_memfds() -> None:
         "pid = os.fork(); x = bytearray(os.urandom(20 << 20)); time.sleep(0.5); "
         "pid and os.waitpid(pid, 0)"
     )
-    sample = measure([sys.executable, "-c", f'"{code}"'], shell=True)
+    sample = measure([sys.executable, "-c", f'"{code}"'], shell=True, tree=True)
     assert sample.total_kb >= (2 * 20 + 24) << 10
     assert sample.max_rss_kb < sample.total_kb - (20 << 10)
+    assert measure([sys.executable, "-c", f'"{code}"'], shell=True).total_kb == 0  # not asked: not sampled
+
+
+def test_shared_memory_a_process_maps_is_counted_once() -> None:
+    """A shared anonymous mapping (write-os's aligned buffers) is Shmem and PSS at once."""
+    code = "import mmap, time; m = mmap.mmap(-1, 32 << 20); m.write(bytes(32 << 20)); time.sleep(0.5)"
+    sample = measure([sys.executable, "-c", f'"{code}"'], shell=True, tree=True)
+    assert sample.shmem_kb >= 30 << 10 and sample.total_kb >= 32 << 10
+    assert sample.total_kb < sample.shmem_kb + sample.max_rss_kb  # not 32 MiB twice over
 
 
 def test_measure_table_and_save(tmp_path: Path) -> None:

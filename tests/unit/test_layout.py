@@ -117,17 +117,27 @@ def test_dependencies_are_pulled_in_and_reported(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("streams", [1, 3])
-def test_each_component_says_when_it_was_ready_within_the_whole_layout(tmp_path: Path, streams: int) -> None:
+def test_each_component_says_when_it_was_ready_within_the_whole_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, streams: int
+) -> None:
+    """ready_after counts from the layout's start, not from the component's own."""
+    real = layout_mod.clean_stale
+
+    def slow(root: Path) -> None:  # before any component starts
+        time.sleep(0.2)
+        real(root)
+
+    monkeypatch.setattr(layout_mod, "clean_stale", slow)
     image = three(tmp_path)
     root = tmp_path / "root"
     root.mkdir()
     began = time.monotonic()
     res = run(image, root, "all", streams=streams)
     took = time.monotonic() - began
-    assert res.ok and 0 < res.seconds <= took
+    assert res.ok and 0.2 < res.seconds <= took
     for c in res.components:
-        # Ready after its own work, and before the layout's end (activation comes after).
-        assert 0 < c.seconds <= c.ready_after < res.seconds, c
+        # After the 0.2 s and its own work, before the layout's end (activation is after).
+        assert c.seconds + 0.2 <= c.ready_after < res.seconds, c
     assert json.loads(json.dumps(res.to_dict()))["seconds"] == res.seconds
 
 
@@ -136,14 +146,22 @@ def test_the_objects_shared_with_forked_streams_are_frozen_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, streams: int, frozen: int
 ) -> None:
     """gc.freeze() before the fork: the streams' collector never writes to (and so never
-    copies) the pages they share with the layout's process. One stream forks nothing."""
-    calls: list[int] = []
-    monkeypatch.setattr(layout_mod.gc, "freeze", lambda: calls.append(os.getpid()))
+    copies) the pages they share with the layout's process; unfrozen once they are gone.
+    One stream forks nothing."""
+    import multiprocessing
+
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(
+        layout_mod.gc, "freeze", lambda: calls.append(("freeze", len(multiprocessing.active_children())))
+    )
+    monkeypatch.setattr(
+        layout_mod.gc, "unfreeze", lambda: calls.append(("unfreeze", len(multiprocessing.active_children())))
+    )
     image = three(tmp_path)
     root = tmp_path / "root"
     root.mkdir()
     assert run(image, root, "all", streams=streams).ok
-    assert calls == [os.getpid()] * frozen
+    assert calls == [("freeze", 0), ("unfreeze", 0)] * frozen  # no stream alive at either
 
 
 def test_none_lays_out_nothing(tmp_path: Path) -> None:
