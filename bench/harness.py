@@ -81,7 +81,7 @@ def measure(
     with (
         tempfile.NamedTemporaryFile(prefix="bench-time-") as report,
         open(stdout or os.devnull, "wb") as out,
-        _ShmemPeak(tree=tree) as shmem,
+        _MemoryPeak(tree=tree) as shmem,
     ):
         start, busy = time.monotonic(), machine_busy()
         proc = subprocess.Popen(
@@ -111,7 +111,7 @@ def machine_busy() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
-class _ShmemPeak:
+class _MemoryPeak:
     """Sampled while a command runs: the peak growth of Shmem (/proc/meminfo), memory a
     process holds in memfds or tmpfs, which its RSS does not show. With `tree`, once
     `follow` names the command's process, also the peak of its descendants' summed PSS
@@ -127,7 +127,7 @@ class _ShmemPeak:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> _ShmemPeak:
+    def __enter__(self) -> _MemoryPeak:
         self._base = _shmem_kb()
         self._thread.start()
         return self

@@ -82,17 +82,12 @@ def _synthetic(images: Path) -> str:
 def bench_key() -> Path:
     """The benchmarks' signing key (made once, cached): bootenv verifies every image's
     signature in them, as an admin's runs do, instead of running with --insecure."""
-    from bootenv.signing import keygen
+    from bootenv.signing import ensure_key
 
     # Not under cache_root()/bench, which the memory benchmark serves over HTTP.
     key = cache_root() / "bench-signing" / "key"
-    pub = key.with_name(key.name + ".pub")
     with locked("bench-signing-key"):
-        if not (key.exists() and pub.exists()):  # a keygen cut short leaves one of them
-            key.unlink(missing_ok=True)
-            pub.unlink(missing_ok=True)
-            key.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            keygen(key)
+        ensure_key(key)
     return key
 
 
@@ -101,16 +96,10 @@ def trust() -> list[str]:
 
 
 def signed(image: Path) -> Path:
-    """`image` with its manifest signed by the bench key (ed25519 signs deterministically:
-    a current signature is left as it is)."""
-    from bootenv.signing import SIGNATURE, sign
+    """`image` with its manifest signed by the bench key."""
+    from bootenv.signing import write_signature
 
-    sig = image / SIGNATURE
-    want = sign((image / "manifest.json").read_bytes(), bench_key())
-    if not sig.exists() or sig.read_bytes() != want:
-        tmp = sig.with_name(sig.name + ".tmp")
-        tmp.write_bytes(want)
-        tmp.replace(sig)  # a reader never sees half a signature
+    write_signature(image, (image / "manifest.json").read_bytes(), bench_key())
     return image
 
 

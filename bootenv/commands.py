@@ -113,7 +113,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_sign(args: argparse.Namespace) -> int:
     from bootenv.manifest import MANIFEST, parse_manifest
-    from bootenv.signing import SIGNATURE, sign
+    from bootenv.signing import write_signature
 
     manifest = args.image / MANIFEST
     try:
@@ -121,10 +121,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UserError(f"cannot read {manifest}: {exc.strerror}") from exc
     parse_manifest(raw)
-    sig = sign(raw, args.key)
-    tmp = args.image / f".{SIGNATURE}.tmp"
-    tmp.write_bytes(sig)
-    tmp.replace(args.image / SIGNATURE)
+    write_signature(args.image, raw, args.key)
     print(f"signed {manifest}")
     return 0
 

@@ -70,23 +70,21 @@ def prepare_image(images: Path) -> str:
     signer's fingerprint."""
     from bootenv.capture import CaptureConfig, capture
     from bootenv.gold import gold_tree
-    from bootenv.signing import SIGNATURE, fingerprint, keygen, read_public_key, sign
+    from bootenv.signing import ensure_key, fingerprint, read_public_key, write_signature
     from bootenv.split import parse_component_arg
 
     gold = gold_tree()
     key = cache_root() / "demo" / "signing-key"
     out = images / IMAGE
     with locked("demo-image"):
-        if not key.exists():
-            key.parent.mkdir(parents=True, exist_ok=True)
-            keygen(key)
+        ensure_key(key)
         fp = fingerprint(read_public_key(key.with_name(key.name + ".pub")))
         stamp = images / f".{IMAGE}.source"
         wanted = input_key({"gold": gold.name, "code": _code_key()})
         if not stamp.exists() or stamp.read_text() != wanted:
             specs = tuple(parse_component_arg(c) for c in COMPONENTS)
             capture(CaptureConfig(root=gold, output=out, components=specs, single=True, force=True))
-            (out / SIGNATURE).write_bytes(sign((out / "manifest.json").read_bytes(), key))
+            write_signature(out, (out / "manifest.json").read_bytes(), key)
             stamp.write_text(wanted)
         (images / "catalog.json").write_text(json.dumps(_catalog(fp), indent=2) + "\n")
     return fp

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import logging
@@ -112,6 +113,32 @@ def sign(manifest: bytes, key_path: Path) -> bytes:
         "signature": base64.b64encode(key.sign(manifest)).decode(),
     }
     return (json.dumps(doc, indent=2) + "\n").encode()
+
+
+def ensure_key(path: Path) -> None:
+    """A key pair at `path` and `path.pub`, made unless both are there (a keygen cut
+    short leaves one: it is made again). The caller holds whatever lock guards `path`."""
+    pub = path.with_name(path.name + ".pub")
+    if path.exists() and pub.exists():
+        return
+    path.unlink(missing_ok=True)
+    pub.unlink(missing_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    keygen(path)
+
+
+def write_signature(image: Path, manifest: bytes, key_path: Path) -> None:
+    """Sign `manifest` into IMAGE/manifest.json.sig, written whole (a temp name, then a
+    rename): a reader never sees half a signature. Ed25519 signs deterministically, so a
+    signature already there for these bytes is left as it is."""
+    sig = sign(manifest, key_path)
+    path = image / SIGNATURE
+    with contextlib.suppress(OSError):
+        if path.read_bytes() == sig:
+            return
+    tmp = image / f".{SIGNATURE}.tmp"
+    tmp.write_bytes(sig)
+    tmp.replace(path)
 
 
 def verify(manifest: bytes, signature: bytes | None, trust: Trust) -> str | None:

@@ -136,3 +136,32 @@ def test_cli_sign_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     manifest.write_text(manifest.read_text().replace('"httpd"', '"evil"'))
     assert main(["verify", str(image), *trust, "--manifest-only"]) == 4
     assert "altered" in capsys.readouterr().err
+
+
+def test_ensure_key_makes_a_pair_once_and_again_if_one_half_is_missing(tmp_path: Path) -> None:
+    from bootenv.signing import ensure_key
+
+    key = tmp_path / "keys" / "k"
+    ensure_key(key)
+    pub = tmp_path / "keys" / "k.pub"
+    first = pub.read_bytes()
+    ensure_key(key)
+    assert pub.read_bytes() == first  # both there: kept
+    pub.unlink()  # a keygen cut short
+    ensure_key(key)
+    assert pub.exists() and pub.read_bytes() != first and key.exists()
+
+
+def test_write_signature_leaves_a_current_one_alone_and_replaces_a_stale_one(tmp_path: Path) -> None:
+    from bootenv.signing import SIGNATURE, ensure_key, write_signature
+
+    key = tmp_path / "k"
+    ensure_key(key)
+    write_signature(tmp_path, b'{"a": 1}', key)
+    sig = tmp_path / SIGNATURE
+    mtime = sig.stat().st_mtime_ns
+    write_signature(tmp_path, b'{"a": 1}', key)
+    assert sig.stat().st_mtime_ns == mtime
+    old = sig.read_bytes()
+    write_signature(tmp_path, b'{"a": 2}', key)
+    assert sig.read_bytes() != old and not list(tmp_path.glob("*.tmp"))
