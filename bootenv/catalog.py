@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bootenv import ipxetext
 from bootenv.errors import UserError
 from bootenv.machines import check_boot_args, check_components, check_image
 from bootenv.manifest import MANIFEST, Manifest, parse_manifest
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 
 LOCAL = "local"
 _ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_TITLE = re.compile(r"^[^\x00-\x1f\x7f$]{1,80}$")  # iPXE would expand ${...} in a title
 _TOP = {"title": str, "timeout": (int, float), "default": str, "entries": list}
 _ENTRY = {"id": str, "title": str, "image": str, "components": (str, list), "kernel_args": str}
 
@@ -104,9 +104,17 @@ def parse_catalog(text: str, *, toml: bool = False, where: str = "catalog") -> C
     if not 0 <= timeout <= 3600:
         raise CatalogError(f"{where}: timeout must be between 0 and 3600 seconds")
     title = doc.get("title", Catalog.title)
-    if not _TITLE.match(title):
-        raise CatalogError(f"{where}: the title must be one line of at most 80 characters, without $")
+    _check_title(title, where)
     return Catalog(entries, default, timeout, title)
+
+
+def _check_title(title: str, where: str) -> None:
+    """A title goes into an iPXE `menu` or `item` line."""
+    if not 1 <= len(title) <= 80:
+        raise CatalogError(f"{where}: the title must be 1 to 80 characters")
+    why = ipxetext.problem(title) or ("holds $" if "$" in title else None)
+    if why is not None:
+        raise CatalogError(f"{where}: the title {why}: it goes into an iPXE menu")
 
 
 def _keys(doc: object, spec: dict[str, Any], required: set[str], where: str) -> None:
@@ -137,13 +145,13 @@ def _entry(doc: object, index: int, where: str) -> Entry:
     except UserError as exc:
         raise CatalogError(f"{here}: {exc.message}") from exc
     entry_id = doc.get("id") or _slug(f"{image}-{comps}")
-    if not _ID.match(entry_id):
+    if not _ID.fullmatch(entry_id):
         raise CatalogError(f"{here}: id {entry_id!r} must be lowercase letters, digits, - and _")
-    if not _TITLE.match(doc["title"]):
-        raise CatalogError(f"{here}: the title must be one line of at most 80 characters, without $")
+    _check_title(doc["title"], here)
     kernel_args = doc.get("kernel_args", "")
-    if any(c in kernel_args for c in "\n$\"'"):
-        raise CatalogError(f"{here}: kernel_args must not hold newlines, quotes or $")
+    why = ipxetext.problem(kernel_args) or ("holds $" if "$" in kernel_args else None)
+    if why is not None:
+        raise CatalogError(f"{here}: kernel_args {why}: they go into an iPXE script")
     try:
         check_boot_args(comps, None, kernel_args)
     except UserError as exc:

@@ -5,12 +5,16 @@ Pure helpers for `bootenv serve`; nginx does the same job at scale (docs/SERVE.m
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from urllib.parse import unquote
 
 
 class UnsatisfiableError(Exception):
     """The range lies outside the file: answer 416."""
+
+
+_NUMBER = re.compile(r"[0-9]{1,19}")
 
 
 def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
@@ -25,18 +29,18 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
     if unit.strip().lower() != "bytes" or "," in spec:
         return None
     first, dash, last = spec.strip().partition("-")
-    if not dash or not (first.isdigit() or last.isdigit()):
+    # ASCII digits, at most 19 of them (a 64-bit offset): str.isdigit also takes "²",
+    # and int() refuses numbers of over 4300 digits; either is malformed, so ignored.
+    if not dash or not _NUMBER.fullmatch(first or "0") or not _NUMBER.fullmatch(last or "0"):
         return None
-    if not first.isdigit():  # suffix: the last N bytes
-        if not last.isdigit():
+    if not first:  # suffix: the last N bytes
+        if not last:
             return None
         length = int(last)
         if length == 0 or size == 0:
             raise UnsatisfiableError
         return max(size - length, 0), size - 1
     start = int(first)
-    if last and not last.isdigit():
-        return None
     if last and int(last) < start:
         return None  # malformed: ignored
     if start >= size:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
+from bootenv import ipxetext
 from bootenv.errors import UserError
 
 _MAC = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")
@@ -154,7 +155,7 @@ class Outcome:
 def normalize_mac(text: str) -> str:
     """`52-54-00-AB-CD-EF`, `525400abcdef` and `52:54:00:ab:cd:ef` -> the last form."""
     mac = text.strip().lower()
-    if not _MAC.match(mac):
+    if not _MAC.fullmatch(mac):
         raise UserError(f"{text!r} is not a MAC address", hint="write it as 52:54:00:12:34:56")
     digits = mac.replace(":", "").replace("-", "")
     return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
@@ -165,7 +166,7 @@ def check_image(image: str) -> str:
         if any(c.isspace() or c in "$\"'" for c in image):
             raise UserError(f"image URL {image!r} has characters iPXE or the kernel cannot pass")
         return image
-    if not _IMAGE.match(image) or ".." in image:
+    if not _IMAGE.fullmatch(image) or ".." in image:
         raise UserError(f"{image!r} is not an image name (a directory under --images) or an http(s) URL")
     return image
 
@@ -176,7 +177,7 @@ def check_components(text: str) -> str:
         return text
     names = [n.strip() for n in text.split(",")]
     for name in names:
-        if not _NAME.match(name) or name in ("os", "all", "none"):
+        if not _NAME.fullmatch(name) or name in ("os", "all", "none"):
             raise UserError(f"{name!r} is not a component name", hint="use a,b or all or none")
     if len(set(names)) != len(names):
         raise UserError("a component is named twice")
@@ -207,8 +208,9 @@ def assign(
     kernel_args: str = "",
 ) -> Machine:
     """A fresh assignment: the machine will be provisioned on its next network boot."""
-    if any(c in kernel_args for c in "\n$\"'"):
-        raise UserError("kernel arguments must not hold newlines, quotes or $")
+    why = ipxetext.problem(kernel_args) or ("holds $" if "$" in kernel_args else None)
+    if why is not None:
+        raise UserError(f"the kernel arguments {why}: they go into an iPXE script")
     check_boot_args(components, hostname, kernel_args)
     return Machine(
         mac=normalize_mac(mac),
@@ -317,7 +319,7 @@ def parse_event(doc: object) -> Event:
             raise EventError("step status must be start, done or failed") from None
     if kind is Kind.STEP and ("step" not in values or "status" not in values):
         raise EventError("a step event needs 'step' and 'status'")
-    if "component" in values and not _NAME.match(values["component"]):
+    if "component" in values and not _NAME.fullmatch(values["component"]):
         raise EventError(f"{values['component']!r} is not a component name")
     return Event(kind=kind, **values)
 

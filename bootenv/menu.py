@@ -6,8 +6,10 @@
 - `local_script`: boots from the local disk, so a provisioned machine never reinstalls.
 - `message_script`: says why nothing happens (failed, unknown image), then boots locally.
 
-Every value that goes into a script was validated upstream (MACs, image names, titles
-without `$`); `_safe` checks again, because iPXE expands `${...}` anywhere in a line.
+Every value that goes into a script was validated upstream (MACs, image names, catalog
+titles and kernel arguments, by bootenv/ipxetext.py's rules); `_safe` checks again, and
+free text (why a machine failed, why nothing boots) is scrubbed, since iPXE expands
+`${...}` anywhere in a line and splits commands at `;`, `||` and `&&`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import quote
 
+from bootenv import ipxetext
 from bootenv.catalog import LOCAL, Catalog
 
 MAC_VAR = "${net0/mac}"  # the booting NIC's MAC, expanded by iPXE
@@ -57,8 +60,9 @@ class BootSpec:
 
 
 def _safe(text: str) -> str:
-    if "${" in text or "\n" in text or "\r" in text:
-        raise ValueError(f"refusing to put {text!r} into an iPXE script")
+    why = ipxetext.problem(text)
+    if why is not None:
+        raise ValueError(f"refusing to put {text!r} into an iPXE script: it {why}")
     return text
 
 
@@ -96,7 +100,7 @@ def _local_lines() -> str:
 def local_script(mac: str, reason: str) -> str:
     return f"""#!ipxe
 # bootenv: {_safe(mac)} boots from its local disk
-echo bootenv: {_safe(reason)}; booting from local disk
+echo bootenv: {ipxetext.scrub(reason)}, booting from local disk
 {_local_lines()}"""
 
 
@@ -104,7 +108,7 @@ def message_script(mac: str, message: str, *, wait: int = 10) -> str:
     """Show a problem on the console for `wait` seconds, then boot from local disk."""
     return f"""#!ipxe
 # bootenv: {_safe(mac)}
-echo bootenv: {_safe(message)}
+echo bootenv: {ipxetext.scrub(message)}
 sleep {int(wait)}
 {_local_lines()}"""
 

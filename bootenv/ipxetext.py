@@ -1,0 +1,42 @@
+"""What text may go into a line of an iPXE script.
+
+iPXE expands `${...}` anywhere in a line, and its command splitter ends a command at a
+word that is `;`, `||` or `&&`, and at a word that starts with `#` (the rest of the line
+is a comment). A value that carries any of them changes what the script does: an
+error message `disk gone ; chain http://elsewhere/x.ipxe` echoed into a failed
+machine's script would chain that script on the machine's next boot. Quotes and
+backslashes are refused too, so that no quoting rule of any iPXE version matters.
+
+Values the admin gives (catalog titles, kernel arguments) are refused at the edge with
+`problem`'s reason; free text from elsewhere (an agent's error message) is `scrub`bed.
+"""
+
+from __future__ import annotations
+
+import re
+
+_TERMINATORS = frozenset({";", "||", "&&"})
+_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\"'\\]")
+_UNSAFE = re.compile(r"[^A-Za-z0-9 .,:/_+=@()\[\]<>%!?*~^'\"-]")
+
+
+def problem(text: str) -> str | None:
+    """Why `text` cannot go into an iPXE line as it is, or None if it can."""
+    if "${" in text:
+        return "holds ${, which iPXE would expand"
+    if _BAD_CHARS.search(text):
+        return "holds a control character, a quote or a backslash"
+    for word in text.split():
+        if word in _TERMINATORS:
+            return f"holds the word {word!r}, which ends an iPXE command"
+        if word.startswith("#"):
+            return f"holds a word starting with '#' ({word!r}), which starts an iPXE comment"
+    return None
+
+
+def scrub(text: str, limit: int = 200) -> str:
+    """Free text made safe for an `echo` line: one line, at most `limit` characters, every
+    character outside a plain set replaced by '?' (so no `$`, `;`, `|`, `&`, `#` or
+    backslash: quotes are kept, as they cannot start a command, only keep one from
+    being split)."""
+    return _UNSAFE.sub("?", " ".join(text.split()))[:limit]
