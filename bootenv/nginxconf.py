@@ -73,6 +73,7 @@ def _server(site: NginxSite) -> str:
     location /boot/ {{
         alias {site.boot}/;
         autoindex off;
+        disable_symlinks on from={site.boot};
     }}
 """
     # A map is valid in the http context, which includes sites-enabled/ files too.
@@ -90,6 +91,8 @@ server {{
     location /images/ {{
         alias {site.images}/;
         autoindex off;
+        # As bootenv serve: no symlink below the directory leads out of it (or anywhere).
+        disable_symlinks on from={site.images};
         add_header Cache-Control $bootenv_cache;
     }}
 {boot}

@@ -157,6 +157,8 @@ def test_nginx_answers_like_bootenv_serve(rack: Rack) -> None:
     assert status == 200 and "immutable" in headers["Cache-Control"]
     assert "immutable" not in fetch(rack.nginx_port, "/images/lamp/manifest.json")[1]["Cache-Control"]
     assert fetch(rack.nginx_port, "/images/../nginx/nginx.conf")[0] in (400, 403, 404)
+    (rack.images / "lamp" / "escape").symlink_to(rack.images.parent / "nginx" / "nginx.conf")
+    assert fetch(rack.nginx_port, "/images/lamp/escape")[0] in (403, 404)
     assert fetch(rack.nginx_port, "/boot/initramfs.img", {"Range": "bytes=-2"})[2] == b"II"
 
 
