@@ -39,6 +39,7 @@ from bootenv.staging import stage
 from bootenv.store import BlobWriter, write_blob
 from bootenv.tarstream import tar_create, write_list
 from bootenv.walk import Entry, Kind, scan
+from bootenv.writeback import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,11 @@ def capture(cfg: CaptureConfig) -> CaptureResult:
         stack.enter_context(_quiesced(cfg.stop_services))
         manifest = _pack_all(cfg, root, db, split, entries, partial, work)
         shutil.rmtree(work)
-        (partial / MANIFEST).write_text(manifest.to_json())
+        _write_durably(partial / MANIFEST, manifest.to_json().encode())
+        _publishable(partial)
+        fsync_dir(partial)
         _replace_dir(partial, output)
+        fsync_dir(output.parent)
     return CaptureResult(manifest, split, len(split.excluded))
 
 
@@ -123,6 +127,24 @@ def _check_replaceable(output: Path) -> None:
             f"{output} is not a composite image (no {MANIFEST}): --force replaces only an image",
             hint="choose another output, or remove it yourself",
         )
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _publishable(image: Path) -> None:
+    """Give the image the modes the umask allows (its temp dir was made 0700 and its blobs
+    0600): a web server running as its own user (nginx's www-data) must read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    image.chmod(0o777 & ~umask)
+    for child in image.iterdir():
+        if child.is_file() and not child.is_symlink():
+            child.chmod(0o666 & ~umask)
 
 
 def _replace_dir(new: Path, output: Path) -> None:

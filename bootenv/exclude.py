@@ -2,7 +2,9 @@
 
 Patterns are shell globs on absolute paths where `*` also matches `/`. A rule that is
 `files_only` keeps the directories (with their owners and modes, which services need,
-e.g. /var/log/apache2) and drops everything else below them.
+e.g. /var/log/apache2) and drops everything else below them. An admin's `--exclude`
+pattern leaves out what it matches and everything below it: `--exclude /root/.ssh`
+leaves out the directory's files too, not only the directory.
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("/var/lib/dpkg/*-old", "backup"),
     Rule("/etc/*.dpkg-old", "backup"),
     Rule("/var/backups/*", "backup", files_only=True),
+    # A machine bootenv provisioned: its layout journals, conflict records, the status
+    # files of the components it was given, its first-boot hand-off and runtime. A gold
+    # made from it gets its own at its next provisioning; carried over, they would
+    # describe the wrong machine (a stale component status would win the dpkg merge).
+    Rule("/var/lib/bootenv/*", "bootenv's own state"),
+    Rule("/etc/bootenv/layout.json*", "bootenv's own state"),
+    Rule("/opt/bootenv/*", "bootenv's own state"),
 )
 
 
@@ -59,7 +68,9 @@ class Exclusions:
     rules: tuple[Rule, ...] = DEFAULT_RULES
 
     def with_patterns(self, patterns: tuple[str, ...]) -> Exclusions:
-        extra = tuple(Rule(p, "excluded by --exclude") for p in patterns)
+        extra = tuple(
+            Rule(q, "excluded by --exclude") for p in patterns for q in (p, p.rstrip("/") + "/*") if q != "/*"
+        )
         return Exclusions(self.rules + extra)
 
     def reason(self, path: str, is_dir: bool) -> str | None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from bootenv.errors import UserError
 from bootenv.machines import Event, Machine, Outcome, State, apply, from_dict, normalize_mac, to_dict
+from bootenv.writeback import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def _append(self, mac: str, entry: dict[str, Any]) -> None:
         line = json.dumps(entry, separators=(",", ":")) + "\n"
@@ -149,14 +150,6 @@ class Store:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def default_state_dir() -> Path:

@@ -44,6 +44,15 @@ def _libc_syncfs() -> ctypes._NamedFuncPointer:
     return fn
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename or a new file in it) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def sync_filesystem(fd: int) -> None:
     """syncfs(2) of the filesystem `fd` is on; OSError if it reports a write error."""
     if _libc_syncfs()(fd) != 0:

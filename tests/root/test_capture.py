@@ -236,3 +236,30 @@ def test_staging_is_exact_with_links_or_tar(tmp_path: Path, other_fs: bool) -> N
     finally:
         if other_fs:
             run(["umount", where])
+
+
+def test_the_published_image_has_the_umasks_modes_and_no_bootenv_state(tmp_path: Path) -> None:
+    """A web server running as its own user (nginx's www-data) must read the image; a
+    gold that bootenv once provisioned carries that machine's records, which stay out."""
+    gold = make_tree(tmp_path / "gold")
+    state = gold / "var/lib/bootenv/dpkg"
+    state.mkdir(parents=True)
+    (state / "web.status").write_text("Package: httpd\nStatus: install ok installed\nVersion: 0.9-STALE\n")
+    (gold / "etc/bootenv").mkdir()
+    (gold / "etc/bootenv/layout.json.done").write_text("{}")
+    out = tmp_path / "image"
+    old = os.umask(0o022)
+    try:
+        capture(CaptureConfig(root=gold, output=out, components=SPECS, excludes=("/var/lib/dbdata",)))
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o644}
+    m = load(out)
+    db = ["/" + t.name.lstrip("./") for t in archive_members(out / m.component("db").data.file)]
+    assert "/usr/sbin/dbd" in db and not [p for p in db if p.startswith("/var/lib/dbdata")]
+    fs = tmp_path / "os.img"
+    restore_fs(out, m.os, fs)
+    with mounted(fs, tmp_path / "mnt") as mnt:
+        assert not (mnt / "var/lib/bootenv/dpkg/web.status").exists()
+        assert not (mnt / "etc/bootenv/layout.json.done").exists()

@@ -38,3 +38,30 @@ def test_files_only_rules_keep_directories_and_the_first_rule_wins() -> None:
     assert ex.reason("/var/log/syslog", False) == "logs"
     assert Exclusions(()).reason("/anything", False) is None
     assert Exclusions(DEFAULT_RULES).reason("/etc/hostname", False) is None
+
+
+def test_an_admins_exclusion_takes_what_lies_below_it() -> None:
+    ex = Exclusions().with_patterns(
+        (
+            "/root/.ssh",
+            "/srv/data/",
+        )
+    )
+    for path, is_dir in [("/root/.ssh", True), ("/root/.ssh/id_ed25519", False), ("/srv/data/a/b", False)]:
+        assert ex.reason(path, is_dir) == "excluded by --exclude", path
+    assert ex.reason("/root/.sshrc", False) is None
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/var/lib/bootenv/dpkg/web.status",
+        "/var/lib/bootenv/conflicts/web/etc/x",
+        "/var/lib/bootenv/layout/state/web.json",
+        "/etc/bootenv/layout.json",
+        "/etc/bootenv/layout.json.done",
+        "/opt/bootenv/bin/python3",
+    ],
+)
+def test_a_provisioned_machines_bootenv_state_is_never_captured(path: str) -> None:
+    assert Exclusions().reason(path, False) == "bootenv's own state"
