@@ -30,6 +30,7 @@ from bootenv.split import (
     ComponentSpec,
     Split,
     assign_packages,
+    pick_owner,
     validate_specs,
 )
 from bootenv.walk import Entry, Kind
@@ -77,7 +78,7 @@ def plan_split(
     validate_specs(specs, db)
     package_owner, depends, base = assign_packages(db, specs)
     tree = _Tree({e.path: e.target for e in entries if e.kind is Kind.SYMLINK and e.target})
-    decider = _Decider(db, specs, package_owner, tree)
+    decider = _Decider(db, specs, package_owner, depends, tree)
     files: dict[str, list[str]] = {OS: [], **{s.name: [] for s in specs}}
     dirs: dict[str, set[str]] = {OS: set(), **{s.name: set() for s in specs}}
     excluded: list[tuple[str, str]] = []
@@ -124,12 +125,16 @@ class _Decider:
         db: Database,
         specs: tuple[ComponentSpec, ...],
         package_owner: Mapping[str, str],
+        depends: Mapping[str, tuple[str, ...]],
         tree: _Tree,
     ) -> None:
         self.tree = tree
+        self.depends = depends
         self.claims = sorted(((p, s.name) for s in specs for p in s.paths), key=lambda c: -len(c[0]))
         self.script_claims = _script_claims(db, package_owner)
-        self.info_owner = {pkg.info_prefix: package_owner[pkg.name] for pkg in db.packages.values()}
+        self.info_owner = {
+            prefix: package_owner[pkg.name] for pkg in db.packages.values() for prefix in pkg.info_prefixes
+        }
         owners: dict[str, set[str]] = {}
         for pkg, paths in db.files.items():
             for path in paths:
@@ -160,9 +165,11 @@ class _Decider:
             return self.image("/etc/alternatives/" + path[len(ALTERNATIVES_DB) :])
         owners = self.owners.get(path)
         if owners:
-            if OS in owners or len(owners) > 1:
+            if OS in owners:
                 return OS
-            return next(iter(owners))
+            # Shipped by several components (/etc/apache2 by apache2 and by php's
+            # module): the one the others depend on, as for a package (rule 5).
+            return pick_owner(sorted(owners), self.depends)
         script_claim = self.script_claims.get(path)
         if script_claim is not None:
             return script_claim

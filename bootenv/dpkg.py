@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bootenv.errors import UserError
@@ -22,7 +22,9 @@ _REL_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9+.\-]*)(?::[a-z0-9-]+)?")
 
 @dataclass(frozen=True)
 class Package:
-    """One installed package as recorded in dpkg's status file."""
+    """One installed package as recorded in dpkg's status file. A `Multi-Arch: same`
+    package installed for several architectures (libc6:amd64 and libc6:i386) is one
+    Package: the split moves a package by name, so its instances go together."""
 
     name: str
     arch: str
@@ -31,14 +33,20 @@ class Package:
     depends: tuple[tuple[str, ...], ...]  # AND of OR-groups of package names
     provides: tuple[str, ...]
     recommends: tuple[tuple[str, ...], ...]
-    stanza: str  # the exact status paragraph, for rewriting the database
+    stanza: str  # the exact status paragraph(s), for rewriting the database
+    other_arches: tuple[str, ...] = ()  # further instances of a Multi-Arch: same package
 
     @property
     def info_prefix(self) -> str:
         """The file-name prefix of this package's files in /var/lib/dpkg/info."""
+        return self.info_prefixes[0]
+
+    @property
+    def info_prefixes(self) -> tuple[str, ...]:
+        """The prefixes of every instance's files in /var/lib/dpkg/info."""
         if self.multi_arch == "same":
-            return f"{self.name}:{self.arch}"
-        return self.name
+            return tuple(f"{self.name}:{arch}" for arch in (self.arch, *self.other_arches))
+        return (self.name,)
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,7 @@ def parse_status(text: str) -> tuple[dict[str, Package], tuple[str, ...]]:
             continue
         depends = parse_relations(f.get("pre-depends", "")) + parse_relations(f.get("depends", ""))
         provides = tuple(g[0] for g in parse_relations(f.get("provides", "")))
-        installed[name] = Package(
+        pkg = Package(
             name=name,
             arch=f.get("architecture", "all"),
             priority=f.get("priority", "optional"),
@@ -113,7 +121,31 @@ def parse_status(text: str) -> tuple[dict[str, Package], tuple[str, ...]]:
             recommends=parse_relations(f.get("recommends", "")),
             stanza=stanza,
         )
+        first = installed.get(name)
+        installed[name] = pkg if first is None else _another_arch(first, pkg)
     return installed, tuple(others)
+
+
+def _another_arch(first: Package, more: Package) -> Package:
+    """Fold a second installed instance of a package into the first."""
+    arches = (first.arch, *first.other_arches)
+    if first.multi_arch != "same" or more.multi_arch != "same" or more.arch in arches:
+        raise UserError(
+            f"dpkg status lists {first.name} as installed twice",
+            hint="only a Multi-Arch: same package may be, once per architecture",
+        )
+
+    def union(a: tuple[tuple[str, ...], ...], b: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, ...], ...]:
+        return a + tuple(g for g in b if g not in a)
+
+    return replace(
+        first,
+        other_arches=(*first.other_arches, more.arch),
+        depends=union(first.depends, more.depends),
+        provides=first.provides + tuple(p for p in more.provides if p not in first.provides),
+        recommends=union(first.recommends, more.recommends),
+        stanza=first.stanza + "\n\n" + more.stanza,
+    )
 
 
 def read_database(root: Path) -> Database:
@@ -129,16 +161,23 @@ def read_database(root: Path) -> Database:
     scripts: dict[str, frozenset[str]] = {}
     for pkg in packages.values():
         found: set[str] = set()
-        for kind in SCRIPTS:
-            with contextlib.suppress(FileNotFoundError):
-                found |= parse_script_paths((root / INFO / f"{pkg.info_prefix}.{kind}").read_bytes())
+        owned: dict[str, None] = {}  # ordered; instances of several arches share paths
+        for prefix in pkg.info_prefixes:
+            for kind in SCRIPTS:
+                with contextlib.suppress(FileNotFoundError):
+                    found |= parse_script_paths((root / INFO / f"{prefix}.{kind}").read_bytes())
+            try:
+                lines = (
+                    (root / INFO / f"{prefix}.list")
+                    .read_bytes()
+                    .decode(errors="surrogateescape")
+                    .splitlines()
+                )
+            except FileNotFoundError:
+                lines = []
+            owned.update((line, None) for line in lines if line.startswith("/") and line != "/.")
         scripts[pkg.name] = frozenset(found)
-        lst = root / INFO / f"{pkg.info_prefix}.list"
-        try:
-            lines = lst.read_bytes().decode(errors="surrogateescape").splitlines()
-        except FileNotFoundError:
-            lines = []
-        files[pkg.name] = tuple(line for line in lines if line.startswith("/") and line != "/.")
+        files[pkg.name] = tuple(owned)
     return Database(packages=packages, files=files, other_stanzas=others, script_paths=scripts)
 
 

@@ -10,7 +10,7 @@ import difflib
 import posixpath
 import re
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from bootenv.dpkg import INFO, STATUS, Database, Package
@@ -185,7 +185,7 @@ def assign_packages(
     owner: dict[str, str] = {}
     for pkg in sorted(claimed):
         who = [n for n, c in closures.items() if pkg in c]
-        owner[pkg] = _pick_owner(who, depends)
+        owner[pkg] = pick_owner(who, depends)
     package_owner = {p: owner.get(p, OS) for p in db.packages}
     return package_owner, {n: tuple(sorted(d)) for n, d in depends.items()}, base
 
@@ -236,7 +236,9 @@ def _component_depends(
     return full
 
 
-def _pick_owner(who: list[str], depends: Mapping[str, set[str]]) -> str:
+def pick_owner(who: list[str], depends: Mapping[str, Collection[str]]) -> str:
+    """Of several claimants (packages' or paths'), the component every other depends on;
+    the OS if there is none."""
     if len(who) == 1:
         return who[0]
     # The component every other claimant depends on owns it.

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bootenv.assign import plan_split
-from bootenv.dpkg import parse_relations, read_database
+from bootenv.dpkg import parse_relations, parse_status, read_database, render_status
 from bootenv.errors import UserError
 from bootenv.exclude import Exclusions
 from bootenv.split import OS, ComponentSpec, Split, assign_packages, base_packages, parse_component_arg
@@ -191,3 +191,56 @@ def test_admin_path_claim(tree: Path) -> None:
     specs = (ComponentSpec("web", ("httpd",), ("/etc/admin-notes.txt",)),)
     split = plan_split(read_database(tree), specs, scan(tree), Exclusions())
     assert split.image_of("/etc/admin-notes.txt") == "web"
+
+
+def _stanza(name: str, arch: str, multi_arch: str = "same", depends: str = "") -> str:
+    text = f"Package: {name}\nStatus: install ok installed\nPriority: optional\nArchitecture: {arch}\n"
+    text += f"Multi-Arch: {multi_arch}\nVersion: 1\n"
+    return text + (f"Depends: {depends}\n" if depends else "")
+
+
+def test_a_multi_arch_same_package_keeps_every_architecture(tmp_path: Path) -> None:
+    """libc6:amd64 and libc6:i386 are one package to the split: neither instance's
+    status paragraph or files may be dropped."""
+    info = tmp_path / "var/lib/dpkg/info"
+    info.mkdir(parents=True)
+    status = (
+        _stanza("libc6", "amd64", depends="libgcc-s1") + "\n" + _stanza("libc6", "i386", depends="libcrypt1")
+    )
+    (tmp_path / "var/lib/dpkg/status").write_text(status)
+    (info / "libc6:amd64.list").write_text("/.\n/lib\n/lib/x86_64-linux-gnu/libc.so.6\n")
+    (info / "libc6:i386.list").write_text("/.\n/lib\n/lib/i386-linux-gnu/libc.so.6\n")
+    db = read_database(tmp_path)
+    libc = db.packages["libc6"]
+    assert (libc.arch, libc.other_arches) == ("amd64", ("i386",))
+    assert libc.info_prefixes == ("libc6:amd64", "libc6:i386")
+    assert db.files["libc6"] == ("/lib", "/lib/x86_64-linux-gnu/libc.so.6", "/lib/i386-linux-gnu/libc.so.6")
+    assert libc.depends == (("libgcc-s1",), ("libcrypt1",))
+    rendered = render_status([libc.stanza])
+    assert rendered.count("Package: libc6\n") == 2 and "Architecture: i386" in rendered
+    assert parse_status(rendered)[0]["libc6"] == libc
+
+
+def test_a_package_installed_twice_otherwise_is_refused() -> None:
+    with pytest.raises(UserError, match="installed twice"):
+        parse_status(_stanza("curl", "amd64", "no") + "\n" + _stanza("curl", "i386", "no"))
+    with pytest.raises(UserError, match="installed twice"):
+        parse_status(_stanza("libc6", "amd64") + "\n" + _stanza("libc6", "amd64"))
+
+
+def test_a_path_two_components_ship_goes_to_the_one_the_other_needs(tree: Path) -> None:
+    """/etc/httpd/mods shipped by httpd (web) and modphp (php, which depends on web): web
+    owns it, and an admin's file in it follows (rule 6), so OS + db carries no trace of
+    the web server. Two components that need neither leave it to the OS."""
+    info = tree / "var/lib/dpkg/info"
+    for pkg in ("httpd", "modphp"):
+        with open(info / f"{pkg}.list", "a") as f:
+            f.write("/etc/httpd/mods\n")
+    (tree / "etc/httpd/mods/custom.load").write_text("LoadModule custom\n")
+    split = plan_split(read_database(tree), SPECS, scan(tree), Exclusions())
+    assert "/etc/httpd/mods" in split.dirs["web"] and "/etc/httpd/mods" not in split.dirs[OS]
+    assert "/etc/httpd/mods/custom.load" in split.files["web"]
+    with open(info / "dbserver.list", "a") as f:
+        f.write("/etc/httpd/mods\n")  # db needs neither web nor php
+    split = plan_split(read_database(tree), SPECS, scan(tree), Exclusions())
+    assert "/etc/httpd/mods/custom.load" in split.files[OS]
