@@ -18,7 +18,15 @@ from typing import cast
 from bootenv import readahead
 from bootenv.assign import plan_split
 from bootenv.blockmap import BlockMap, pack_image
-from bootenv.dpkg import STATUS, Database, read_database, render_status, version_key
+from bootenv.dpkg import (
+    STATUS,
+    Database,
+    Diversion,
+    read_database,
+    read_diversions,
+    render_status,
+    version_key,
+)
 from bootenv.errors import FatalError, UserError
 from bootenv.exclude import Exclusions
 from bootenv.frames import TarSource, compress_tar
@@ -92,6 +100,8 @@ def capture(cfg: CaptureConfig) -> CaptureResult:
     with step(f"Scanning {root}"):
         entries = scan(root)
     split = plan_split(db, specs, entries, exclusions)
+    for problem in split_warnings(specs, entries, read_diversions(root), split):
+        log.warning("%s", problem)
     output.parent.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         partial = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
@@ -106,6 +116,43 @@ def capture(cfg: CaptureConfig) -> CaptureResult:
         _replace_dir(partial, output)
         fsync_dir(output.parent)
     return CaptureResult(manifest, split, len(split.excluded))
+
+
+def split_warnings(
+    specs: tuple[ComponentSpec, ...], entries: list[Entry], diversions: tuple[Diversion, ...], split: Split
+) -> list[str]:
+    """What the image will carry that the admin may not expect (capture goes on):
+
+    - a `/PATH` given to a component that is, or holds, a mount point: capture stays on
+      ROOT's filesystem, so the mounted filesystem's contents are not in the image;
+    - a dpkg diversion made by a component's package: the diverting package's file and
+      the diverted original (`to`) are in the sub-images the file rules give them, and
+      dpkg's diversions list stays with the OS, so a target without that component still
+      has the component's file where the original belongs (a split image cannot move a
+      file of one sub-image aside when another is laid out).
+    """
+    out = []
+    mounts = [e.path for e in entries if e.mountpoint]
+    for spec in specs:
+        for path in spec.paths:
+            inside = [m for m in mounts if m == path or m.startswith(path.rstrip("/") + "/")]
+            if inside:
+                out.append(
+                    f"component {spec.name}: {inside[0]} is a mount point: its contents are on another "
+                    "filesystem and are not captured (capture stays on ROOT's filesystem)"
+                )
+    for d in diversions:
+        owner = split.package_owner.get(d.package or "")
+        if owner is None or owner == OS:
+            continue
+        where = split.image_of(d.path)
+        if where != owner:
+            out.append(
+                f"dpkg diversion of {d.path} (to {d.to}) by {d.package}, of component {owner}: the "
+                f"{where or 'no'} sub-image carries {d.package}'s {d.path}, so a target without {owner} "
+                f"has it too; keep {d.package} in the OS, or remove the diversion on the gold"
+            )
+    return out
 
 
 def _inside(root: Path, output: Path) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ from bootenv.errors import UserError
 
 STATUS = Path("var/lib/dpkg/status")
 INFO = Path("var/lib/dpkg/info")
+DIVERSIONS = Path("var/lib/dpkg/diversions")
 
 _SCRIPT_PATH = re.compile(r"(?<![\w$}])(/(?:etc|var|srv|opt)(?:/[A-Za-z0-9._+@-]+)+)")
 SCRIPTS = ("preinst", "postinst", "config")
@@ -179,6 +180,32 @@ def read_database(root: Path) -> Database:
         scripts[pkg.name] = frozenset(found)
         files[pkg.name] = tuple(owned)
     return Database(packages=packages, files=files, other_stanzas=others, script_paths=scripts)
+
+
+@dataclass(frozen=True)
+class Diversion:
+    """`dpkg-divert`: other packages' `path` is installed as `to`, and `package` (None for
+    a local diversion) ships its own `path`."""
+
+    path: str
+    to: str
+    package: str | None
+
+
+def parse_diversions(text: str) -> tuple[Diversion, ...]:
+    """dpkg's diversions file: three lines per diversion (from, to, package; ":" local)."""
+    lines = text.splitlines()
+    if len(lines) % 3:
+        raise UserError(f"{DIVERSIONS} is damaged: {len(lines)} lines, not a multiple of 3")
+    triples = (lines[i : i + 3] for i in range(0, len(lines), 3))
+    return tuple(Diversion(a, b, None if c == ":" else c) for a, b, c in triples)
+
+
+def read_diversions(root: Path) -> tuple[Diversion, ...]:
+    try:
+        return parse_diversions((root / DIVERSIONS).read_bytes().decode(errors="surrogateescape"))
+    except FileNotFoundError:
+        return ()
 
 
 def parse_script_paths(script: bytes) -> set[str]:

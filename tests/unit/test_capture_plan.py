@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from bootenv import run as run_mod
-from bootenv.capture import _quiesced, propose_components
-from bootenv.dpkg import read_database
-from bootenv.errors import FatalError
+from bootenv.assign import plan_split
+from bootenv.capture import _quiesced, propose_components, split_warnings
+from bootenv.dpkg import Diversion, parse_diversions, read_database, read_diversions
+from bootenv.errors import FatalError, UserError
+from bootenv.exclude import Exclusions
+from bootenv.split import ComponentSpec
+from bootenv.walk import scan
 from tests.unit.fakeroot import make_tree
 
 
@@ -50,3 +55,38 @@ def test_the_recorded_kernel_is_the_newest_by_version(tmp_path: Path) -> None:
     for version in ("6.1.0-9-amd64", "6.1.0-10-amd64", "5.10.0-28-amd64"):
         (tmp_path / "lib/modules" / version).mkdir(parents=True)
     assert _source(tmp_path, Database({}, {}, (), {})).kernel == "6.1.0-10-amd64"
+
+
+SPECS = (
+    ComponentSpec("web", ("httpd",)),
+    ComponentSpec("db", ("dbserver",), ("/srv/dbfiles",)),
+    ComponentSpec("php", ("modphp",)),
+)
+
+
+def test_a_components_diversion_and_a_mounted_path_are_shown_to_the_admin(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "gold")
+    (tree / "srv/dbfiles/disk").mkdir(parents=True)
+    info = tree / "var/lib/dpkg/info"
+    with open(info / "dbserver.list", "a") as f:
+        f.write("/usr/bin/dpkg\n")  # dbserver's wrapper, in dpkg's place
+    (tree / "usr/bin/dpkg.distrib").write_bytes(b"dpkg itself")
+    diversions = "/usr/bin/dpkg\n/usr/bin/dpkg.distrib\ndbserver\n/etc/x\n/etc/x.orig\n:\n"
+    (tree / "var/lib/dpkg/diversions").write_text(diversions)
+    db = read_database(tree)
+    entries = [replace(e, mountpoint=True) if e.path == "/srv/dbfiles/disk" else e for e in scan(tree)]
+    split = plan_split(db, SPECS, entries, Exclusions())
+    found = split_warnings(SPECS, entries, read_diversions(tree), split)
+    assert len(found) == 2, found
+    assert "/srv/dbfiles/disk is a mount point" in found[0]
+    assert "diversion of /usr/bin/dpkg (to /usr/bin/dpkg.distrib) by dbserver, of component db" in found[1]
+    assert "the os sub-image carries dbserver's /usr/bin/dpkg" in found[1]
+
+
+def test_diversions_parse_and_a_damaged_list_is_refused() -> None:
+    assert parse_diversions("/a\n/a.d\npkg\n/b\n/b.d\n:\n") == (
+        Diversion("/a", "/a.d", "pkg"),
+        Diversion("/b", "/b.d", None),
+    )
+    with pytest.raises(UserError, match="damaged"):
+        parse_diversions("/a\n/a.d\n")
