@@ -33,7 +33,7 @@ from bootenv.blockdev import (
 )
 from bootenv.blockmap import BlockMap
 from bootenv.callback import Callback
-from bootenv.cmdline import AgentConfig, DiskKind, Handoff
+from bootenv.cmdline import AgentConfig, DiskKind, Handoff, shown
 from bootenv.disks import DiskChoice, choose_disk, log_choice, read_disks
 from bootenv.errors import BootenvError, FatalError, UserError
 from bootenv.log import step
@@ -108,6 +108,14 @@ def plan_install(cfg: AgentConfig, manifest: Manifest) -> InstallPlan:
             raise UserError("bootenv.single: this image has no single image", hint="capture it with --single")
         return InstallPlan("single", manifest.single, (), tuple(c.name for c in manifest.components))
     components = tuple(resolve_components(manifest, cfg.wanted_components)[0])
+    if components and cfg.local_image:
+        # The first-boot layout fetches the components from the image, and the
+        # installed system has no such directory: they would never be laid out.
+        raise UserError(
+            f"bootenv.image={cfg.image} is a directory on the ramdisk, which the installed system "
+            f"cannot reach to lay out {', '.join(components)}",
+            hint="serve the image over http(s), or set bootenv.components=none",
+        )
     return InstallPlan("os", manifest.os, components, components)
 
 
@@ -143,7 +151,7 @@ def _provision(cfg: AgentConfig, ident: target.Identity, report: Report, cmdline
         # The manifest's rootfs sizes are the OS sub-image's; the single image's own
         # size is in its block map.
         bmap = load_blockmap(source, install.image) if install.which == "single" else None
-    min_root = bmap.image_size if bmap else manifest.rootfs.min_size
+    min_root = root_needs(manifest, bmap)
     with report.step("disk", "Choosing the disk"):
         choice = _choose(cfg, required_size(min_root, 4096))
         log_choice(choice)
@@ -151,6 +159,7 @@ def _provision(cfg: AgentConfig, ident: target.Identity, report: Report, cmdline
     with report.step("preflight", f"Checking {disk} before writing"):
         plan = preflight(disk, min_root)
         bootloader.check_available()
+        check_passed_on(cmdline)
     with ExitStack() as stack:
         try:
             kexec = _write_disk(
@@ -182,6 +191,25 @@ def trust(cfg: AgentConfig, trusted_dir: Path = TRUSTED_DIR) -> Trust:
     return Trust(keys=keys, fingerprints=(cfg.trust,) if cfg.trust else (), insecure=cfg.insecure)
 
 
+def root_needs(manifest: Manifest, bmap: BlockMap | None) -> int:
+    """The bytes the root partition must hold: the image is written whole, so this is
+    its size, which a manifest may give above `min_size` (docs/FORMAT.md)."""
+    if bmap is not None:  # the single image
+        return bmap.image_size
+    return max(manifest.rootfs.min_size, manifest.rootfs.image_size)
+
+
+def check_passed_on(ramdisk_cmdline: str) -> None:
+    """Refuse the ramdisk's `console=`-like arguments that grub.cfg and kexec cannot take.
+
+    They are passed on to the installed system as they are; the command line was read
+    with surrogateescape, so a byte that is not UTF-8 would only fail once grub.cfg is
+    written, on a disk already partitioned."""
+    for arg in handoff.kernel_args("", ramdisk_cmdline):
+        if not (arg.isascii() and arg.isprintable()):
+            raise UserError(f"kernel argument {shown(arg)} is not printable ASCII")
+
+
 def _choose(cfg: AgentConfig, min_size: int) -> DiskChoice:
     disks = read_disks()
     if cfg.disk.kind is DiskKind.DEVICE and not any(d.devnode == cfg.disk.value for d in disks):
@@ -211,6 +239,12 @@ def preflight(disk: str, min_root: int) -> PartitionPlan:
         size, sector = device_size(fd), sector_size(fd)
     finally:
         os.close(fd)
+    if size % sector:
+        # parted sees only whole sectors: the plan would end past the device's end.
+        raise UserError(
+            f"{disk} is {size} bytes, not a whole number of its {sector}-byte sectors",
+            hint="truncate or grow the disk image to a multiple of its sector size",
+        )
     return plan_partitions(size, sector, min_root)
 
 

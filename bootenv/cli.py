@@ -214,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in args_list
     setup_logging(debug=debug)
     steady_memory()
+    # `debug` comes from argv, as the verb's default overwrites `bootenv --debug VERB`'s
+    # flag; a handler may turn it on later (the agent's bootenv.debug sets args.debug).
+    args = argparse.Namespace(debug=False)
     try:
         parser = build_parser()
         args = parser.parse_args(args_list)
@@ -222,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Handler = args.handler
         return handler(args)
     except BootenvError as exc:
-        if debug:
+        if debug or args.debug:
             log.exception("failed")
         print(f"bootenv: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -233,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bootenv: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:
-        if debug:
+        if debug or args.debug:
             log.exception("failed")
         print(f"bootenv: error: {exc}", file=sys.stderr)
         return 1

@@ -18,9 +18,10 @@ from bootenv.errors import UserError
 from bootenv.urls import split_http_url
 
 PREFIX = "bootenv."
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-_TRUST = re.compile(r"^sha256:[0-9a-f]{64}$")
+# Used with fullmatch only: `$` would also match before a trailing newline.
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_TRUST = re.compile(r"sha256:[0-9a-f]{64}")
 _KEY_TYPES = ("ssh-", "ecdsa-", "sk-ssh-", "sk-ecdsa-")
 _TRUE = ("1", "yes", "true", "on")
 _FALSE = ("0", "no", "false", "off")
@@ -75,6 +76,11 @@ class AgentConfig:
     def wanted_components(self) -> str | list[str]:
         """In the form `manifest.resolve_components` takes."""
         return "all" if self.components is None else list(self.components)
+
+    @property
+    def local_image(self) -> bool:
+        """The image is a directory on the ramdisk, which the installed system cannot reach."""
+        return split_http_url(self.image) is None
 
 
 KEYS = (
@@ -153,19 +159,27 @@ def parse_cmdline(text: str, overrides: Mapping[str, str | None] | None = None) 
         key = param[len(PREFIX) :]
         if key not in KEYS:
             raise CmdlineError(
-                f"unknown kernel parameter {param}", hint=f"known: {', '.join(PREFIX + k for k in KEYS)}"
+                f"unknown kernel parameter {shown(param)}",
+                hint=f"known: {', '.join(PREFIX + k for k in KEYS)}",
             )
         if key in raw:
             raise CmdlineError(f"kernel parameter {param} is given twice")
         raw[key] = value
     for key, value in (overrides or {}).items():
         if key not in KEYS:
-            raise CmdlineError(f"unknown agent setting {key}")
+            raise CmdlineError(f"unknown agent setting {shown(key)}")
         raw[key] = value
     return _build(raw)
 
 
 def _build(raw: dict[str, str | None]) -> AgentConfig:
+    for key, v in raw.items():
+        # The command line is bytes (read with surrogateescape): a value that is not
+        # printable ASCII would reach URLs, /etc/hostname and grub.cfg.
+        if v is not None and not (v.isascii() and v.isprintable()):
+            hint = "percent-encode it (%XX)" if key in ("image", "callback", "ssh_key") else None
+            raise CmdlineError(f"{PREFIX}{key}={shown(v)} is not printable ASCII", hint=hint)
+
     def value(key: str) -> str | None:
         v = raw.get(key)
         if key in raw and not v and key not in FLAGS:
@@ -202,6 +216,11 @@ def _build(raw: dict[str, str | None]) -> AgentConfig:
     )
 
 
+def shown(text: str) -> str:
+    """`text` for a one-line message: undecodable bytes and control characters escaped."""
+    return repr(text.encode("utf-8", "surrogateescape"))[2:-1]
+
+
 def _url(text: str, key: str, *, allow_dir: bool = False) -> str:
     if split_http_url(text) is not None:
         return text
@@ -217,7 +236,7 @@ def _components(text: str | None) -> tuple[str, ...] | None:
         return ()
     names = tuple(text.split(","))
     for name in names:
-        if not _NAME.match(name) or name in ("all", "none", "os"):
+        if not _NAME.fullmatch(name) or name in ("all", "none", "os"):
             raise CmdlineError(f"{PREFIX}components: {name!r} is not a component name")
     if len(set(names)) != len(names):
         raise CmdlineError(f"{PREFIX}components names a component twice")
@@ -246,7 +265,7 @@ def _hostname(text: str | None) -> str | None:
     if text is None:
         return None
     labels = text.split(".")
-    if len(text) > 253 or not all(_LABEL.match(label) for label in labels):
+    if len(text) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
         raise CmdlineError(f"{PREFIX}hostname={text} is not a valid host name")
     return text
 
@@ -279,6 +298,6 @@ def _trust(text: str | None) -> str | None:
     if text is None:
         return None
     fp = text.lower()
-    if not _TRUST.match(fp):
+    if not _TRUST.fullmatch(fp):
         raise CmdlineError(f"{PREFIX}trust={text} is not a key fingerprint", hint="sha256:<64 hex digits>")
     return fp

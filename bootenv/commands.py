@@ -289,7 +289,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from bootenv.cmdline import FLAGS, KEYS, parse_cmdline
 
     try:
-        text = args.cmdline.read_text()
+        # The kernel passes its command line on as bytes, UTF-8 or not: a byte that does
+        # not decode survives as a surrogate, which the parser refuses in any value the
+        # agent uses, and other parameters are none of its business.
+        text = args.cmdline.read_bytes().decode("utf-8", "surrogateescape")
     except OSError as exc:
         raise UserError(f"cannot read {args.cmdline}: {exc.strerror}") from exc
     overrides: dict[str, str | None] = {
@@ -302,6 +305,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     cfg = parse_cmdline(text, overrides)
     if cfg.debug and not args.debug:
         setup_logging(debug=True)
+        args.debug = True  # and cli.main shows the traceback of a failure, as --debug does
     result = run_agent(cfg, ramdisk_cmdline=text)
     print(f"provisioned {result.disk} as {result.identity.hostname} (root UUID {result.identity.root_uuid})")
     finish(cfg, result)

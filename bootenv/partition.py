@@ -3,7 +3,7 @@
 One layout boots under both firmwares (see docs/AGENT.md):
 
     1  bios  1 MiB    BIOS boot partition (bios_grub): grub's core.img, for SeaBIOS/legacy
-    2  esp   256 MiB  EFI system partition (vfat, esp flag): EFI/BOOT/BOOTX64.EFI
+    2  esp   260 MiB  EFI system partition (vfat, esp flag): EFI/BOOT/BOOTX64.EFI
     3  root  rest     ext4, the OS sub-image grown to fill it
 
 Every partition starts and ends on a 1 MiB boundary, which is aligned for 512- and
@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 FIRST = 1 * MiB  # the primary GPT lives below this
 BIOS_SIZE = 1 * MiB
-ESP_SIZE = 256 * MiB
+# FAT32 needs at least 65525 clusters, and on a 4Kn disk mkfs.vfat makes one 4 KiB
+# sector a cluster: 256 MiB gives only 65376, which mtools then refuses to write to.
+# 260 MiB (66398 clusters) is also Microsoft's minimum ESP for 4Kn disks.
+ESP_SIZE = 260 * MiB
 GPT_ENTRIES_BYTES = 128 * 128  # 128 entries of 128 bytes
 
 
@@ -135,13 +138,19 @@ def apply_plan(path: str, plan: PartitionPlan) -> None:
     """
     import parted
 
-    device = parted.getDevice(path)
     try:
-        _write_table(parted, device, path, plan)
-    finally:
-        # libparted caches devices by path: a loop device re-attached later with
-        # another sector size would otherwise keep the old geometry.
-        device.removeFromCache()
+        device = parted.getDevice(path)
+        try:
+            _write_table(parted, device, path, plan)
+        finally:
+            # libparted caches devices by path: a loop device re-attached later with
+            # another sector size would otherwise keep the old geometry.
+            device.removeFromCache()
+    except _ped_errors(parted) as exc:
+        # pyparted's exceptions are neither BootenvError nor OSError: without this the
+        # CLI would end in a traceback instead of one line.
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise FatalError(f"cannot write the partition table of {path}: {detail}") from exc
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -149,6 +158,14 @@ def apply_plan(path: str, plan: PartitionPlan) -> None:
         os.close(fd)
     if stat.S_ISBLK(os.stat(path).st_mode):
         reread(path)
+
+
+def _ped_errors(parted: Any) -> tuple[type[Exception], ...]:
+    """The exceptions libparted raises through pyparted (`_ped.IOException`, ...).
+
+    They live in pyparted's C module, `_ped`, which `parted` re-exports one by one."""
+    ped = vars(parted._ped).values()
+    return tuple(v for v in ped if isinstance(v, type) and issubclass(v, Exception))
 
 
 def _write_table(parted: Any, device: Any, path: str, plan: PartitionPlan) -> None:

@@ -98,6 +98,18 @@ def disk_file(path: Path, size: int, *, scribble: bool = True) -> Path:
     return path
 
 
+NONE = "bootenv.components=none"  # a directory image (of the ramdisk's) carries no components
+
+
+@contextmanager
+def served(image: Path, tmp_path: Path) -> Iterator[str]:
+    """The image's URL from `bootenv serve` on 127.0.0.1."""
+    from bootenv.serve import ServeConfig, running
+
+    with running(ServeConfig(images=image.parent, state=tmp_path / "serve-state", port=0)) as srv:
+        yield f"http://127.0.0.1:{srv.port}/images/{image.name}"
+
+
 @pytest.fixture
 def tools() -> None:
     require_root()
@@ -113,7 +125,7 @@ def test_partition_plan_on_4k_sector_loop(tools: None, tmp_path: Path) -> None:
     assert dump["label"] == "gpt"
     assert dump["sectorsize"] == 4096
     starts = [p["start"] for p in dump["partitions"]]
-    assert starts == [256, 512, 66048]  # 1 MiB, 2 MiB, 258 MiB in 4 KiB sectors
+    assert starts == [256, 512, 67072]  # 1 MiB, 2 MiB, 262 MiB in 4 KiB sectors
     assert [p["type"] for p in dump["partitions"][:2]] == [BIOS_BOOT, ESP]
     assert all(p["start"] * 4096 % MiB == 0 and p["size"] * 4096 % MiB == 0 for p in dump["partitions"])
 
@@ -122,9 +134,11 @@ def test_agent_provisions_a_disk(tools: None, gold_image: Path, tmp_path: Path) 
     manifest = load_manifest(str(gold_image))
     size = required_size(manifest.rootfs.min_size) + 512 * MiB
     path = disk_file(tmp_path / "disk.img", size)
-    with callback_server() as (url, events), loop(path) as dev:
+    # Over HTTP: the first-boot layout fetches the components from where the agent read
+    # the OS, and a directory of the ramdisk's is not reachable from the target.
+    with served(gold_image, tmp_path) as image, callback_server() as (url, events), loop(path) as dev:
         text = (
-            f"console=ttyS0,115200n8 bootenv.image={gold_image} bootenv.disk={dev} bootenv.handoff=none "
+            f"console=ttyS0,115200n8 bootenv.image={image} bootenv.disk={dev} bootenv.handoff=none "
             f"bootenv.hostname=web1.example.org bootenv.components=apache bootenv.callback={url} "
             f"bootenv.insecure bootenv.ssh_key={KEY.replace(' ', '%20')}"
         )
@@ -226,7 +240,7 @@ def test_too_small_disk_is_refused_untouched(tools: None, gold_image: Path, tmp_
     path = disk_file(tmp_path / "small.img", required_size(manifest.rootfs.min_size) - 4 * MiB)
     before = sha(path)
     with loop(path) as dev:
-        text = f"bootenv.image={gold_image} bootenv.disk={dev} bootenv.handoff=none bootenv.insecure"
+        text = f"bootenv.image={gold_image} bootenv.disk={dev} bootenv.handoff=none bootenv.insecure {NONE}"
         with pytest.raises(UserError, match="too small"):
             run_agent(parse_cmdline(text))
     assert sha(path) == before
@@ -241,7 +255,9 @@ def test_mounted_disk_is_refused_untouched(tools: None, gold_image: Path, tmp_pa
     with loop(path) as dev:
         with mounted(dev, tmp_path / "busy", "-o", "ro,noload"):
             before = sha(path)
-            text = f"bootenv.image={gold_image} bootenv.disk={dev} bootenv.handoff=none bootenv.insecure"
+            text = (
+                f"bootenv.image={gold_image} bootenv.disk={dev} bootenv.handoff=none bootenv.insecure {NONE}"
+            )
             with pytest.raises(UserError, match="mounted"):
                 run_agent(parse_cmdline(text))
         assert sha(path) == before
@@ -261,7 +277,7 @@ def test_corrupt_image_leaves_the_disk_unbootable(tools: None, gold_image: Path,
     path = disk_file(tmp_path / "disk.img", required_size(manifest.rootfs.min_size) + 64 * MiB)
     with callback_server() as (url, events), loop(path) as dev:
         text = f"bootenv.image={bad} bootenv.disk={dev} bootenv.handoff=none bootenv.insecure "
-        text += f"bootenv.callback={url}"
+        text += f"bootenv.callback={url} {NONE}"
         with pytest.raises(VerificationError):
             run_agent(parse_cmdline(text))
     plan = plan_partitions(path.stat().st_size, 512, manifest.rootfs.min_size)

@@ -18,6 +18,7 @@ from bootenv.manifest import Blob, Component, Manifest, OsImage, RootFs, Source
 from bootenv.partition import MiB, plan_partitions, required_size
 
 ROOT_MIN = 64 * MiB
+HTTP_IMG = "bootenv.image=http://10.0.2.2:8080/img"
 BLOB = Blob("0" * 64 + ".img.zst", "0" * 64, 1, 1)
 MANIFEST = Manifest(
     Source("gold", "Debian", "amd64", "6.1", "now"),
@@ -197,7 +198,7 @@ def test_cli_agent_reads_the_cmdline_file_and_overrides(
 
 
 def test_plan_split_writes_the_os_and_lays_out_the_chosen_components() -> None:
-    plan = agent.plan_install(parse_cmdline("bootenv.image=/img bootenv.components=php"), LAMP)
+    plan = agent.plan_install(parse_cmdline(f"{HTTP_IMG} bootenv.components=php"), LAMP)
     assert (plan.which, plan.image) == ("os", LAMP.os)
     assert plan.layout == plan.installed == ("apache", "php")  # php needs apache
     none = agent.plan_install(parse_cmdline("bootenv.image=/img bootenv.components=none"), LAMP)
@@ -290,7 +291,8 @@ def test_first_boot_checks_the_image_with_the_key_the_agent_trusted(tmp_path: Pa
     builtin = tmp_path / "trusted"
     builtin.mkdir()
     (builtin / "k.pub").write_bytes((tmp_path / "k.pub").read_bytes())
-    cfg = parse_cmdline(f"bootenv.image={image} bootenv.components=web")
+    # Served over http (a directory on the ramdisk cannot give the target components).
+    cfg = parse_cmdline(f"{HTTP_IMG} bootenv.components=web")
     source, manifest, signer = open_signed(str(image), agent.trust(cfg, builtin))
     assert signer is not None and signer.startswith("sha256:")
     opened = agent.Image(manifest, source, agent.plan_install(cfg, manifest), None, signer)
@@ -298,3 +300,91 @@ def test_first_boot_checks_the_image_with_the_key_the_agent_trusted(tmp_path: Pa
     assert argv[argv.index("--fingerprint") + 1] == signer and "--insecure" not in argv
     # What the target's layout then trusts: that fingerprint alone, and it verifies.
     assert open_signed(str(image), Trust(fingerprints=(signer,)))[2] == signer
+
+
+def test_a_disk_that_fits_min_size_but_not_the_image_is_refused_untouched(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, events: tuple[str, list[dict[str, object]]]
+) -> None:
+    """The manifest may give min_size below image_size (docs/FORMAT.md), and the OS
+    sub-image is written whole: sizing the disk by min_size let preflight pass a disk
+    that was then wiped and failed."""
+    url, got = events
+    big = replace(MANIFEST, rootfs=RootFs("ext4", 4 * ROOT_MIN, ROOT_MIN, 4096))
+    disk = fake_disk(tmp_path, required_size(ROOT_MIN) + 4 * MiB)  # fits min_size only
+    before = digest(disk)
+    wiped = setup(monkeypatch, disk)
+    monkeypatch.setattr(agent, "open_signed", lambda image, trust: (None, big, None))
+    asked: list[int] = []
+
+    def choose(cfg: object, need: int) -> DiskChoice:
+        asked.append(need)
+        return DiskChoice(DiskInfo(str(disk), disk.stat().st_size), ())
+
+    monkeypatch.setattr(agent, "_choose", choose)
+    written: list[str] = []
+    monkeypatch.setattr(agent, "_write_disk", lambda *a: written.append("x"))
+    with pytest.raises(UserError, match="too small"):
+        agent.run_agent(parse_cmdline(f"bootenv.image=/img bootenv.callback={url}"))
+    assert digest(disk) == before
+    assert written == [] and wiped == []
+    assert asked == [required_size(4 * ROOT_MIN, 4096)]  # the disk rule is told the same
+    assert got[-1]["event"] == "error" and "too small" in str(got[-1]["message"])
+
+
+def test_preflight_refuses_a_disk_of_a_partial_sector_untouched(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """parted sees whole sectors only: such a disk got through preflight, then wipefs ran
+    and writing the table failed (the plan ended past the last whole sector)."""
+    size = required_size(ROOT_MIN) + 64 * MiB + 100
+    disk = fake_disk(tmp_path, size)
+    before = digest(disk)
+    with pytest.raises(UserError, match=f"{size} bytes, not a whole number of its 512-byte sectors"):
+        agent.preflight(str(disk), ROOT_MIN)
+    wiped = setup(monkeypatch, disk)
+    written: list[str] = []
+    monkeypatch.setattr(agent, "_write_disk", lambda *a: written.append("x"))
+    with pytest.raises(UserError, match="not a whole number"):
+        agent.run_agent(parse_cmdline("bootenv.image=/img"))
+    assert digest(disk) == before and written == [] and wiped == []
+
+
+def test_a_ramdisk_directory_image_with_components_is_refused_untouched(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The first-boot layout would be handed a path on the ramdisk, which the installed
+    system does not have: its components could never be laid out."""
+    disk = fake_disk(tmp_path, required_size(ROOT_MIN))
+    before = digest(disk)
+    wiped = setup(monkeypatch, disk)
+    monkeypatch.setattr(agent, "open_signed", lambda image, trust: (None, LAMP, None))
+    written: list[str] = []
+    monkeypatch.setattr(agent, "_write_disk", lambda *a: written.append("x"))
+    for components in ("", " bootenv.components=php"):  # all, by default; or some
+        with pytest.raises(UserError, match="is a directory on the ramdisk") as info:
+            agent.run_agent(parse_cmdline(f"bootenv.image=/srv/img{components}"))
+        assert "\n" not in str(info.value) and "bootenv.components=none" in str(info.value)
+    assert digest(disk) == before and written == [] and wiped == []
+    # Nothing to lay out: allowed. Served over http: laid out on first boot.
+    for words in ("bootenv.components=none", "bootenv.single"):
+        assert agent.plan_install(parse_cmdline(f"bootenv.image=/srv/img {words}"), LAMP).layout == ()
+    assert agent.plan_install(parse_cmdline("bootenv.image=/srv/img"), MANIFEST).layout == ()
+    served = agent.plan_install(parse_cmdline(f"{HTTP_IMG} bootenv.components=php"), LAMP)
+    assert served.layout == ("apache", "php")
+
+
+def test_a_passed_on_argument_that_is_not_ascii_is_refused_untouched(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """console= goes into grub.cfg and kexec's command line: a byte that is not UTF-8
+    (kept as a surrogate) would only fail once grub.cfg is written, on a wiped disk."""
+    disk = fake_disk(tmp_path, required_size(ROOT_MIN))
+    before = digest(disk)
+    wiped = setup(monkeypatch, disk)
+    written: list[str] = []
+    monkeypatch.setattr(agent, "_write_disk", lambda *a: written.append("x"))
+    text = b"bootenv.image=/img console=ttyS0,115200\xe9".decode("utf-8", "surrogateescape")
+    with pytest.raises(UserError, match=r"console=ttyS0,115200\\xe9 is not printable ASCII"):
+        agent.run_agent(parse_cmdline(text), ramdisk_cmdline=text)
+    assert digest(disk) == before and written == [] and wiped == []
+    agent.check_passed_on("bootenv.image=/img console=ttyS0 caf\udce9 nomodeset")  # not passed on

@@ -176,3 +176,58 @@ def test_unknown_override_is_an_error() -> None:
 
 def test_local_directory_image_is_accepted() -> None:
     assert parse_cmdline("bootenv.image=/srv/images/lamp").image == "/srv/images/lamp"
+
+
+NL_VALUES = {
+    "hostname": "web1\n",
+    "components": "web\n",
+    "trust": FP + "\n",
+    "disk": "/dev/sda\n",
+    "handoff": "none\n",
+}
+
+
+@pytest.mark.parametrize("key", sorted(NL_VALUES))
+def test_a_trailing_newline_is_refused(key: str) -> None:
+    """`$` matches before a trailing newline: `bootenv.hostname=web1\\n` (kernel-quoted,
+    or an override) was accepted, and the newline reached /etc/hosts and grub.cfg."""
+    value = NL_VALUES[key]
+    with pytest.raises(CmdlineError, match=rf"bootenv\.{key}=.*\\n") as info:
+        parse_cmdline(f'{IMG} "bootenv.{key}={value}"\n')
+    assert "\n" not in str(info.value)
+    with pytest.raises(CmdlineError):
+        parse_cmdline(IMG, {key: value})
+    assert parse_cmdline(f"{IMG} bootenv.{key}={value}")  # unquoted, the newline ends the word
+
+
+def test_the_value_checks_match_whole_values() -> None:
+    """Each check holds on its own, not only behind the printable-ASCII one."""
+    from bootenv.cmdline import _components, _hostname, _trust
+
+    for check, value in ((_hostname, "web1\n"), (_components, "web\n"), (_trust, FP + "\n")):
+        with pytest.raises(CmdlineError):
+            check(value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        (b"bootenv.hostname=caf\xe9", r"bootenv.hostname=caf\xe9 is not printable ASCII"),
+        (b"bootenv.hostname=caf\xc3\xa9", r"bootenv.hostname=caf\xc3\xa9 is not printable ASCII"),
+        (b"bootenv.callback=http://h/\xe9", r"bootenv.callback=http://h/\xe9 is not printable ASCII"),
+        (b"bootenv.im\xe4ge=x", r"unknown kernel parameter bootenv.im\xe4ge"),
+    ],
+)
+def test_bytes_that_are_not_ascii_are_refused_in_one_line(raw: bytes, shown: str) -> None:
+    """The command line is read as bytes with surrogateescape (it need not be UTF-8): a
+    value the agent uses must be printable ASCII, and the message shows the bytes."""
+    text = f"{IMG} ".encode() + raw
+    with pytest.raises(CmdlineError) as info:
+        parse_cmdline(text.decode("utf-8", "surrogateescape"))
+    message = str(info.value)
+    assert shown in message and message.isascii() and message.isprintable()
+
+
+def test_local_image_is_not_reachable_from_the_target() -> None:
+    assert parse_cmdline("bootenv.image=/srv/images/lamp").local_image
+    assert not parse_cmdline(IMG).local_image

@@ -1,0 +1,71 @@
+"""`bootenv agent` at the CLI edge: the command line file as the kernel gives it, and
+what bootenv.debug shows when the agent fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bootenv import agent, cli
+from bootenv.cmdline import AgentConfig
+from bootenv.errors import FatalError
+
+IMG = b"bootenv.image=http://10.0.2.2:8080/img"
+
+
+def no_provisioning(monkeypatch: pytest.MonkeyPatch) -> list[tuple[AgentConfig, str]]:
+    """run_agent records what it was given, and fails as a provisioning would."""
+    seen: list[tuple[AgentConfig, str]] = []
+
+    def fail(cfg: AgentConfig, *, ramdisk_cmdline: str = "") -> agent.AgentResult:
+        seen.append((cfg, ramdisk_cmdline))
+        raise FatalError("the disk fell over")
+
+    monkeypatch.setattr(agent, "run_agent", fail)
+    return seen
+
+
+def agent_with(tmp_path: Path, cmdline: bytes) -> list[str]:
+    (tmp_path / "cmdline").write_bytes(cmdline)
+    return ["agent", "--cmdline", str(tmp_path / "cmdline")]
+
+
+def test_a_cmdline_that_is_not_utf8_still_configures_the_agent(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """/proc/cmdline is bytes: one parameter the agent does not use (here latin-1)
+    ended the agent in a UnicodeDecodeError traceback before it read its own."""
+    seen = no_provisioning(monkeypatch)
+    assert cli.main(agent_with(tmp_path, IMG + b" console=ttyS0 caf\xe9 bootenv.hostname=web1\n")) == 1
+    cfg, text = seen[0]
+    assert (cfg.image, cfg.hostname) == ("http://10.0.2.2:8080/img", "web1")
+    assert text.encode("utf-8", "surrogateescape").endswith(b" caf\xe9 bootenv.hostname=web1\n")
+    err = capsys.readouterr().err
+    assert "bootenv: error: the disk fell over" in err and "Traceback" not in err
+
+
+def test_a_value_that_is_not_utf8_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen = no_provisioning(monkeypatch)
+    assert cli.main(agent_with(tmp_path, IMG + b" bootenv.hostname=caf\xe9\n")) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("bootenv: error:")]
+    assert lines == [r"bootenv: error: bootenv.hostname=caf\xe9 is not printable ASCII"], err
+    assert "Traceback" not in err and seen == []
+
+
+def test_bootenv_debug_shows_the_traceback_of_a_failure(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/AGENT.md: bootenv.debug is a "verbose log with tracebacks", as --debug is;
+    it only raised the log level."""
+    no_provisioning(monkeypatch)
+    runs = ((b" bootenv.debug", [], True), (b" bootenv.debug=0", [], False), (b"", ["--debug"], True))
+    for flag, before, traceback in runs:  # (`bootenv --debug agent` as before)
+        assert cli.main([*before, *agent_with(tmp_path, IMG + flag + b"\n")]) == 1
+        err = capsys.readouterr().err
+        assert ("Traceback" in err) is traceback, err
+        assert ('raise FatalError("the disk fell over")' in err) is traceback  # where it failed
+        assert err.splitlines()[-1] == "bootenv: error: the disk fell over"
