@@ -11,16 +11,25 @@ One paragraph is not replaced: a package the target already has on disk at anoth
 version (a target that is not a clone of the gold). Its files there were kept (the
 layout never overwrites; the component's differing ones are conflicts), so the database
 must go on describing them.
+
+Both files are reached from the root without following a symlink (bootenv/extract.py):
+an archive may have placed one where the target had no /var/lib/dpkg yet, and the merge
+refuses it rather than write outside the root.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from bootenv.dpkg import STATUS, parse_fields, parse_stanzas, render_status
+from bootenv.extract import DIR_FLAGS, open_dir
+from bootenv.paxread import ArchiveError
 from bootenv.split import COMPONENT_STATUS_DIR
 
 log = logging.getLogger(__name__)
@@ -62,26 +71,61 @@ def merged_status(current: str, incoming: str, kept: list[str] | None = None) ->
     return render_status(sorted(stanzas, key=_key))
 
 
-def _read(path: Path) -> str | None:
+def _read(dfd: int, name: str, rel: str) -> str | None:
+    """File `name` in directory `dfd`, not followed if it is a symlink; None if missing."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise _refused(exc, rel) from exc
     with os.fdopen(fd, "rb") as f:
         return f.read().decode("utf-8", "surrogateescape")
+
+
+def _refused(exc: OSError, rel: str) -> OSError | ArchiveError:
+    if exc.errno == errno.ELOOP:
+        return ArchiveError(f"refused: /{rel} is a symlink")
+    return exc
+
+
+@contextlib.contextmanager
+def _directory(root: Path, rel: str, *, create: bool) -> Iterator[int | None]:
+    """An fd of ROOT/`rel`, reached without following a symlink (one an archive planted
+    would take the merge outside the root): None if it is missing and not `create`."""
+    root_fd = os.open(root, DIR_FLAGS)
+    try:
+        fd: int | None = open_dir(root_fd, rel, create=create)
+    except FileNotFoundError:
+        fd = None
+    finally:
+        os.close(root_fd)
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def merge_component_status(root: Path, component: str, kept: list[str] | None = None) -> list[str]:
     """Merge `component`'s paragraphs into ROOT's status; return its package names. The
     packages whose paragraphs stay as they were (another version is on disk) are logged,
-    and named in `kept`."""
-    src = root / COMPONENT_STATUS_DIR.lstrip("/") / f"{component}.status"
-    incoming = _read(src)
+    and named in `kept`. ArchiveError if a directory on the way is a symlink."""
+    src_dir = COMPONENT_STATUS_DIR.lstrip("/")
+    with _directory(root, src_dir, create=False) as sfd:
+        incoming = None if sfd is None else _read(sfd, f"{component}.status", f"{src_dir}/{component}.status")
     if incoming is None:
         log.info("%s: no dpkg status paragraphs in the archive", component)
         return []
-    status = root / STATUS
-    current = _read(status)
+    with _directory(root, str(STATUS.parent), create=True) as dfd:
+        assert dfd is not None
+        return _merge_into(dfd, component, incoming, kept)
+
+
+def _merge_into(dfd: int, component: str, incoming: str, kept: list[str] | None) -> list[str]:
+    """Merge `incoming` into the status file in directory `dfd` (var/lib/dpkg)."""
+    name = STATUS.name
+    current = _read(dfd, name, str(STATUS))
     clashes: list[str] = []
     text = merged_status(current or "", incoming, clashes)
     for clash in clashes:
@@ -91,10 +135,12 @@ def merge_component_status(root: Path, component: str, kept: list[str] | None = 
     names = [_key(s)[0] for s in parse_stanzas(incoming)]
     if text == current:
         return names
-    st = os.lstat(status) if current is not None else None
-    status.parent.mkdir(parents=True, exist_ok=True)
-    tmp = status.with_name(".status.bootenv-tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    st = os.lstat(name, dir_fd=dfd) if current is not None else None
+    tmp = ".status.bootenv-tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=dfd)
+    except OSError as exc:
+        raise _refused(exc, f"{STATUS.parent}/{tmp}") from exc
     with os.fdopen(fd, "wb") as f:
         f.write(text.encode("utf-8", "surrogateescape"))
         f.flush()
@@ -103,6 +149,6 @@ def merge_component_status(root: Path, component: str, kept: list[str] | None = 
                 os.fchown(f.fileno(), st.st_uid, st.st_gid)
             os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
         os.fsync(f.fileno())
-    os.replace(tmp, status)
+    os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
     log.info("%s: %d packages added to the dpkg database", component, len(names))
     return names

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bootenv.conflicts import Conflict, conflict_id, describe, stored_path, write_record
+from bootenv.journal import DirLog
 from bootenv.merge import MergeState, Meta, is_candidate
 from bootenv.paxread import ArchiveError, Member, PaxReader
 
@@ -35,6 +36,7 @@ OWN = "var/lib/bootenv"
 _OWN_DIR = OWN + "/"
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_OPEN_DIRS = 256
+EDITED = "edited here since bootenv merged it"
 _RENAME_NOREPLACE = 1
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -53,6 +55,39 @@ def rename_noreplace(src_fd: int, src: str, dst_fd: int, dst: str) -> None:
             os.unlink(src, dir_fd=src_fd)
             return
         raise OSError(err, os.strerror(err), dst)
+
+
+def open_child(pfd: int, name: str, rel: str, *, create: bool) -> int:
+    """An fd of directory `name` in directory `pfd` (`rel`: its path from the root, for
+    the error), not followed if it is a symlink; made (0755) if missing and `create`."""
+    try:
+        try:
+            return os.open(name, DIR_FLAGS, dir_fd=pfd)
+        except FileNotFoundError:
+            if not create:
+                raise
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o755, dir_fd=pfd)
+            return os.open(name, DIR_FLAGS, dir_fd=pfd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise ArchiveError(f"refused: /{rel} is a symlink or not a directory") from exc
+        raise
+
+
+def open_dir(root_fd: int, rel: str, *, create: bool = False) -> int:
+    """A new fd of directory `rel` (relative to the root `root_fd`), every component of
+    it opened as open_child does: no symlink on the way is followed. The caller closes it."""
+    fd = os.dup(root_fd)
+    done = ""
+    for name in rel.split("/") if rel else ():
+        done = f"{done}/{name}" if done else name
+        try:
+            child = open_child(fd, name, done, create=create)
+        finally:
+            os.close(fd)
+        fd = child
+    return fd
 
 
 def acl_xattr(text: str) -> bytes:
@@ -102,6 +137,7 @@ class TreeWriter:
         merge: MergeState,
         piece: int = 0,
         redirect: tuple[str, ...] = (),
+        dirs: DirLog | None = None,
     ) -> None:
         self.root = root
         self.component = component
@@ -116,7 +152,10 @@ class TreeWriter:
         self._retired: list[int] = []  # evicted from _dirs, closed once the member is placed
         self._seen: set[str] = set()
         self._placed: dict[str, str] = {}  # hardlink targets: name -> where it is now
-        self._created_dirs: list[tuple[str, int]] = []
+        # The directories made (by earlier, killed runs too: `dirs` logs them), by the
+        # name they have: in the conflict store for those inside a conflicting directory.
+        self._dirs_log = dirs
+        self._created_dirs: list[tuple[str, int]] = list(dirs.earlier) if dirs else []
         self._redirect = set(redirect)  # dirs that conflicted: their contents go to the store
         self._index = 0
         self._xattr_warned = False
@@ -137,19 +176,7 @@ class TreeWriter:
         if rel in self._dirs:
             return self._dirs[rel]
         parent, _, name = rel.rpartition("/")
-        pfd = self.dir_fd(parent, create=create)
-        try:
-            fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
-        except FileNotFoundError:
-            if not create:
-                raise
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, 0o755, dir_fd=pfd)
-            fd = os.open(name, DIR_FLAGS, dir_fd=pfd)
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise ArchiveError(f"refused: /{rel} is a symlink or not a directory") from exc
-            raise
+        fd = open_child(self.dir_fd(parent, create=create), name, rel, create=create)
         if len(self._dirs) >= MAX_OPEN_DIRS:
             # Closed only once the member being placed is: its caller may hold one of
             # them (a hardlink's directory and its target's, a conflict's store).
@@ -219,6 +246,7 @@ class TreeWriter:
             if store:
                 os.rename(tmp, base, src_dir_fd=pfd, dst_dir_fd=pfd)
                 moved = True
+                self._placed[m.name] = f"{parent}/{base}"  # a hardlink to it goes there too
                 return
             try:
                 rename_noreplace(pfd, tmp, pfd, base)
@@ -260,10 +288,14 @@ class TreeWriter:
             os.close(fd)
         try:
             rename_noreplace(pfd, tmp, pfd, base)
-            self._created_dirs.append((m.name, m.mtime_ns))
         except FileExistsError:
             os.rmdir(tmp, dir_fd=pfd)  # another stream made it first
             self._make_dir(m, pfd, tmp, base, parent, store=store)
+            return
+        made = (f"{parent}/{base}" if parent else base, m.mtime_ns)
+        self._created_dirs.append(made)
+        if self._dirs_log is not None:
+            self._dirs_log.add(*made)
 
     def _make(self, m: Member, reader: PaxReader, pfd: int, tmp: str, data: bytes | None) -> None:
         if m.kind == "file":
@@ -381,8 +413,10 @@ class TreeWriter:
     def _merge(self, m: Member, pfd: int, base: str, data: bytes, *, identical: bool = False) -> None:
         # A run killed between writing the merged file and renaming it left this behind;
         # the merge itself is recorded, so it may not be applied again below.
+        tmp = f"{TMP_PREFIX}{self._tag}merge"
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{TMP_PREFIX}{self._tag}merge", dir_fd=pfd)
+            os.unlink(tmp, dir_fd=pfd)
+        offered: list[bool] = []
 
         def read_existing() -> tuple[bytes, Meta]:
             st = os.lstat(base, dir_fd=pfd)
@@ -391,28 +425,37 @@ class TreeWriter:
             )
 
         def apply(content: bytes, meta: Meta) -> None:
-            tmp = f"{TMP_PREFIX}{self._tag}merge"
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp, dir_fd=pfd)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=pfd)
-            try:
-                write_all(fd, content)
-                if self.privileged:
-                    os.fchown(fd, meta.uid, meta.gid)
-                os.fchmod(fd, meta.mode)
-                os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
-            finally:
-                os.close(fd)
+            self._merged_temp(pfd, tmp, content, meta)
             os.rename(tmp, base, src_dir_fd=pfd, dst_dir_fd=pfd)  # the merge replaces on purpose
+
+        def edited(content: bytes, meta: Meta) -> None:
+            # The admin changed the file since bootenv merged it: theirs stays, and the
+            # merge that would have replaced it is a conflict for them to look at.
+            self._merged_temp(pfd, tmp, content, meta)
+            self._conflict(m, pfd, base, tmp, EDITED)
+            offered.append(True)
 
         mine = Meta(m.mode, m.uid, m.gid, m.mtime_ns)
         changed = self.merge.merge_into(
-            m.name, self.component, data, mine, read_existing, apply, identical=identical
+            m.name, self.component, data, mine, read_existing, apply, identical=identical, edited=edited
         )
         if changed:
             log.info("%s: merged its version of /%s", self.component, m.name)
-        if changed or not identical:
+        if (changed or not identical) and not offered:
             self.stats.merged.append(m.name)
+
+    def _merged_temp(self, pfd: int, tmp: str, content: bytes, meta: Meta) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=pfd)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=pfd)
+        try:
+            write_all(fd, content)
+            if self.privileged:
+                os.fchown(fd, meta.uid, meta.gid)
+            os.fchmod(fd, meta.mode)
+            os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
+        finally:
+            os.close(fd)
 
     def _conflict(self, m: Member, pfd: int, base: str, tmp: str | None, reason: str) -> None:
         cid = conflict_id(self.component, m.name)
@@ -453,7 +496,8 @@ class TreeWriter:
         the directories of the component's first piece, once every piece is in."""
         for name, mtime in reversed(self._created_dirs if created is None else created):
             parent, _, base = name.rpartition("/")
-            with contextlib.suppress(OSError):
+            # One a killed run made may have been replaced since (by a symlink, even).
+            with contextlib.suppress(OSError, ArchiveError):
                 os.utime(
                     base, ns=(mtime, mtime), dir_fd=self.dir_fd(parent, create=False), follow_symlinks=False
                 )

@@ -7,6 +7,11 @@ to one blob (by sha256), so a new image lays the component out again. Everything
 layout does before `files` is idempotent by construction (temp names, no-replace
 renames, merges rebuilt from recorded parts), so an interrupted component is simply
 laid out again.
+
+A component's directories get their mtimes last, once all its files are in. So that a
+re-run can do that for the directories a killed run made (they exist by then, and the
+re-run makes none of them), the first piece logs each directory it makes in
+ROOT/var/lib/bootenv/layout/dirs/<component> until the component reaches `files`.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import errno
 import json
 import os
 from pathlib import Path
+from types import TracebackType
 
 from bootenv.writeback import sync_filesystem
 
 STATE_DIR = Path("var/lib/bootenv/layout/state")
+DIRS_DIR = Path("var/lib/bootenv/layout/dirs")
 PHASES = ("files", "dpkg", "done")
 _fsync = os.fsync  # tests that only simulate kill -9 (not a power cut) may skip the flushes
 
@@ -39,6 +46,7 @@ def syncfs(path: Path) -> None:
 
 class Journal:
     def __init__(self, root: Path) -> None:
+        self.root = root
         self.dir = root / STATE_DIR
         self.dir.mkdir(parents=True, exist_ok=True)
 
@@ -70,3 +78,56 @@ class Journal:
             _fsync(dfd)
         finally:
             os.close(dfd)
+        if phase == "files":  # its directories have their mtimes: nobody needs the log
+            (self.root / DIRS_DIR / component).unlink(missing_ok=True)
+
+
+class DirLog:
+    """The directories a component's first piece made, with the mtimes they end with:
+    those of the runs before (killed before the component was in) and this one's, each
+    line written as the directory is made (a kill -9 keeps it; a power cut may lose the
+    last, whose mtime then stays as it is). The first line names the blob: a log of
+    another one is started again."""
+
+    def __init__(self, root: Path, component: str, sha256: str) -> None:
+        d = root / DIRS_DIR
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / component
+        try:
+            lines = path.read_bytes().split(b"\n")
+        except FileNotFoundError:
+            lines = []
+        if lines and lines[0] != sha256.encode():
+            path.unlink()
+            lines = []
+        self.earlier = [e for e in map(_dir_entry, lines[1:]) if e is not None]
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        self.fd = os.open(path, flags, 0o600)
+        if not lines:
+            os.write(self.fd, sha256.encode() + b"\n")
+        elif lines[-1]:  # a line a kill cut short: the next starts on a line of its own
+            os.write(self.fd, b"\n")
+
+    def add(self, name: str, mtime_ns: int) -> None:
+        # One write of a whole line: a kill leaves no line half written but the last.
+        os.write(self.fd, json.dumps([name, mtime_ns]).encode() + b"\n")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> DirLog:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _dir_entry(line: bytes) -> tuple[str, int] | None:
+    """A line of a DirLog, or None for one a kill cut short."""
+    try:
+        name, mtime = json.loads(line)
+    except (ValueError, TypeError):  # not JSON, or not a pair
+        return None
+    return (name, mtime) if isinstance(name, str) and isinstance(mtime, int) else None

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -30,7 +31,7 @@ from bootenv import stream
 from bootenv.callback import Callback, Event
 from bootenv.conflicts import clean_stale
 from bootenv.dpkgmerge import merge_component_status
-from bootenv.errors import BootenvError, FatalError, UserError
+from bootenv.errors import BootenvError, FatalError, RetryableError, UserError
 from bootenv.extract import Stats, TreeWriter
 from bootenv.fetchahead import FetchAhead, Fetched
 from bootenv.journal import Journal, syncfs
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 MAX_STREAMS = 4
 FAILED_UNIT = "failed to start: "  # activation note of a unit that is not active
+STREAM_DIED = "a layout stream process died (killed: out of memory?); run the layout again to resume"
 
 
 @dataclass(frozen=True)
@@ -154,12 +156,17 @@ def layout(
                 hint="--root a mounted target; or --force, to add components to this system's files "
                 "and its dpkg database",
             )
-    manifest = load_manifest(cfg.image) if cfg.trust is None else open_trusted(cfg.image, cfg.trust)[1]
-    wanted = cfg.components if isinstance(cfg.components, str) else list(cfg.components)
-    order, added = resolve_components(manifest, wanted)
-    if added:
-        log.info("Added as dependencies: %s", ", ".join(added))
-    comps = sorted((manifest.component(n) for n in order), key=lambda c: c.name)
+    comps: list[Component] = []
+    added: list[str] = []
+    # Nothing to lay out reads no image: the single image's first boot, or an image that
+    # was a directory of the ramdisk's, which the installed system cannot reach.
+    if cfg.components != "none":
+        manifest = load_manifest(cfg.image) if cfg.trust is None else open_trusted(cfg.image, cfg.trust)[1]
+        wanted = cfg.components if isinstance(cfg.components, str) else list(cfg.components)
+        order, added = resolve_components(manifest, wanted)
+        if added:
+            log.info("Added as dependencies: %s", ", ".join(added))
+        comps = sorted((manifest.component(n) for n in order), key=lambda c: c.name)
     clean_stale(root)  # a killed run's half-written conflict records
     poster = Callback(cfg.callback, "layout", emit=emit)
     if root.resolve() == Path("/"):
@@ -169,14 +176,7 @@ def layout(
         journal = Journal(root)
         final: list[ComponentResult] = []
         for comp, got in zip(comps, results, strict=True):
-            res = got
-            if res.status != "failed":
-                kept: list[str] = []
-                pkgs = tuple(merge_component_status(root, comp.name, kept))
-                if not journal.reached(comp.name, comp.data.sha256, "dpkg"):
-                    journal.set(comp.name, comp.data.sha256, "dpkg")
-                warnings = (*res.warnings, *(f"dpkg database left as it was: {k}" for k in kept))
-                res = ComponentResult(**{**asdict(res), "packages": pkgs, "warnings": warnings})
+            res = got if got.status == "failed" else _merge_dpkg(root, comp, got, journal)
             final.append(res)
             poster.send(_brief(res))
             for cid in res.conflicts:
@@ -198,6 +198,23 @@ def layout(
         return result
     finally:
         poster.close()
+
+
+def _merge_dpkg(root: Path, comp: Component, res: ComponentResult, journal: Journal) -> ComponentResult:
+    """Merge a laid-out component's dpkg paragraphs: its result, with its packages; or
+    failed (not activated) if the merge was refused (a symlink its archive planted)."""
+    kept: list[str] = []
+    try:
+        pkgs = tuple(merge_component_status(root, comp.name, kept))
+    except (BootenvError, OSError) as exc:
+        log.error("%s: dpkg status not merged: %s", comp.name, exc)
+        code = exc.exit_code if isinstance(exc, BootenvError) else 1
+        error = f"dpkg status not merged: {exc}"
+        return ComponentResult(**{**asdict(res), "status": "failed", "error": error, "code": code})
+    if not journal.reached(comp.name, comp.data.sha256, "dpkg"):
+        journal.set(comp.name, comp.data.sha256, "dpkg")
+    warnings = (*res.warnings, *(f"dpkg database left as it was: {k}" for k in kept))
+    return ComponentResult(**{**asdict(res), "packages": pkgs, "warnings": warnings})
 
 
 def _brief(r: ComponentResult) -> Event:
@@ -344,6 +361,7 @@ class _Scheduler:
         self.later: dict[str, Component] = {}  # first piece being laid out: the others wait
         self.flusher: Flusher | None = None  # set by run()
         self.seq = 0
+        self.dead = False  # a stream process died: no job starts again
 
     def _since(self) -> float:
         return time.monotonic() - self.began
@@ -437,6 +455,13 @@ class _Scheduler:
             self.ahead.start(comp, index)
 
     def start(self, entry: _Ready) -> bool:
+        try:
+            return self._start(entry)
+        except BrokenProcessPool:  # a stream died, and no job has told us yet
+            self.stream_died()
+            return True
+
+    def _start(self, entry: _Ready) -> bool:
         _, _, kind, comp, index, redirect = entry
         if kind == "final":
             job = self.pool.submit(_finish, comp, self.root, self.privileged, self.got[comp.name][0].created)
@@ -453,15 +478,19 @@ class _Scheduler:
             got = self.ahead.hand_over(key)
             self._laying_out(comp, index)
             self.fetch_ahead()  # before submit: the one-stream executor runs the job right here
-            job = self.pool.submit(
-                stream.lay_out_piece,
-                comp,
-                index,
-                self.root,
-                self.privileged,
-                redirect,
-                (got.path, got.ino, got.dev),
-            )
+            try:
+                job = self.pool.submit(
+                    stream.lay_out_piece,
+                    comp,
+                    index,
+                    self.root,
+                    self.privileged,
+                    redirect,
+                    (got.path, got.ino, got.dev),
+                )
+            except BaseException:
+                self.ahead.release(key)  # no stream has it
+                raise
         self.jobs[job] = (kind, comp, index)
         return True
 
@@ -489,6 +518,17 @@ class _Scheduler:
         self.later.pop(name, None)
         self.ahead.drop(name)
 
+    def stream_died(self) -> None:
+        """A stream process was killed (the OOM killer, a kill -9): the pool is broken
+        and runs no job again. Every component not yet in fails, the ones a stream had
+        (it cannot tell which stream died) and the ones waiting alike; the others go on
+        to their dpkg merge and activation, and a re-run resumes the failed ones."""
+        if not self.dead:
+            log.error("%s", STREAM_DIED)
+        self.dead = True
+        for name in [n for n in self.started if n not in self.results]:
+            self.fail(name, STREAM_DIED, RetryableError.exit_code)
+
     def finished(self, fut: Future[Any]) -> None:
         kind, comp, index = self.jobs.pop(fut)
         took = time.monotonic() - self.started[comp.name]
@@ -500,15 +540,23 @@ class _Scheduler:
                 if self.flusher is not None:
                     self.flusher.check()
                 Journal(self.root).set(comp.name, comp.data.sha256, "files")
-            except OSError as exc:
+            except BrokenProcessPool:
+                self.stream_died()
+            except (OSError, BootenvError) as exc:
+                code = exc.exit_code if isinstance(exc, BootenvError) else 1
                 self.results[comp.name] = ComponentResult(
-                    comp.name, "failed", error=str(exc), seconds=took, code=1, ready_after=self._since()
+                    comp.name, "failed", error=str(exc), seconds=took, code=code, ready_after=self._since()
                 )
             else:
                 self.results[comp.name] = _done(comp, self.got[comp.name], took, self._since())
             return
         key = (comp.name, index)
-        piece: Piece = fut.result()
+        try:
+            piece: Piece = fut.result()
+        except BrokenProcessPool:
+            self.ahead.release(key)
+            self.stream_died()
+            return
         # A piece read as it arrives: its stream stops when the fetch gives up, and the
         # fetch's error says why (the stream saw only that the download ended). A stream
         # that read it all may be done before the fetch's last check, of the whole

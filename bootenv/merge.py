@@ -19,6 +19,12 @@ lock. A part recorded twice is the same part, so a re-run after a crash never ap
 anything twice. A component that *places* a new text file under /etc first leaves an
 empty marker naming itself and the content's hash, so whoever merges into it later can
 tell a component's file from the OS's.
+
+A merge never replaces a file the admin has changed since: `ours` in the path's records
+holds the sha256 of every content bootenv put (or offered) there, written before the
+file is replaced, so a kill -9 at any point leaves the file in place one of them. A file
+that is none of them is the admin's: it stays, and the new merge goes to the conflict
+store as a conflict (extract.py), which `bootenv conflicts` shows and resolves.
 """
 
 from __future__ import annotations
@@ -67,6 +73,10 @@ def path_key(relpath: str) -> str:
 
 def content_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -137,6 +147,7 @@ class MergeState:
         apply: Callable[[bytes, Meta], None],
         *,
         identical: bool = False,
+        edited: Callable[[bytes, Meta], None] | None = None,
     ) -> bool:
         """Record `component`'s version and rebuild the file; True if it changed.
 
@@ -144,7 +155,9 @@ class MergeState:
         run under the per-path lock, so concurrent streams merge one at a time. When the
         component brings exactly what is in place (`identical`), its version is only
         marked unless a merge has begun; deciding that under the lock means a merge
-        starting at the same moment either sees the mark or is seen here.
+        starting at the same moment either sees the mark or is seen here. A file in
+        place that no merge wrote (the admin's edit) is left alone: the merge goes to
+        `edited` instead (the conflict store), or nowhere.
         """
         with self.locked(relpath) as d:
             if identical and not (d / "init").exists():
@@ -159,13 +172,34 @@ class MergeState:
                 else:
                     self._save(d, "base", current, cur_meta)
                 _atomic_write(d / "path", relpath.encode(errors="surrogateescape"))
+                self._own(d, {_sha(current)})
                 _atomic_write(d / "init", b"")
             self._save(d, f"part.{component}", data, meta)
             content, merged_meta = self._rebuild(d)
             if content == current:
                 return False
+            ours = self._ours(d)
+            if ours is not None and _sha(current) not in ours:
+                # Offered, and so bootenv's own should the admin take it (`--keep incoming`).
+                self._own(d, {*ours, _sha(content)})
+                if edited is not None:
+                    edited(content, merged_meta)
+                return False
+            self._own(d, {_sha(current), _sha(content)})  # a kill during apply leaves either
             apply(content, merged_meta)
+            self._own(d, {_sha(content)})
             return True
+
+    def _ours(self, d: Path) -> set[str] | None:
+        """The sha256 of each content a merge put (or offered) at the path; None for
+        records from before they were kept (any content in place is then taken as ours)."""
+        try:
+            return set((d / "ours").read_text().split())
+        except FileNotFoundError:
+            return None
+
+    def _own(self, d: Path, digests: set[str]) -> None:
+        _atomic_write(d / "ours", "".join(f"{h}\n" for h in sorted(digests)).encode())
 
     def _save(self, d: Path, name: str, data: bytes, meta: Meta) -> None:
         _atomic_write(d / name, data)

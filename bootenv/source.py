@@ -175,7 +175,7 @@ class HttpReader:
         length = headers.get("Content-Length")
         if self.size is None or length is None:
             return
-        end, want = int(length) + start, self.start + self.size
+        end, want = _content_length(self.url, length) + start, self.start + self.size
         # A whole blob must be exactly as long as the manifest says; for a chunk, a
         # server that ignored the range sends more, which we stop reading.
         self._bounded = end == want
@@ -319,6 +319,16 @@ def _shut(sock: socket.socket) -> None:
 def backoff_wait(stop: threading.Event, seconds: float) -> bool:
     """Wait `seconds` before a retry, or until `stop` is set; whether it was."""
     return stop.wait(seconds)
+
+
+def _content_length(url: str, value: str) -> int:
+    """A Content-Length header's value. It may be repeated (`112, 112`: a list of equal
+    values is valid, RFC 7230 3.3.2); anything else is the server's error, which may
+    pass (a proxy's), so a RetryableError."""
+    values = {v.strip() for v in value.split(",")}
+    if len(values) != 1 or not all(v.isascii() and v.isdigit() for v in values):
+        raise RetryableError(f"{url}: the server sent a malformed Content-Length ({value[:40]!r})")
+    return int(values.pop())
 
 
 def _range_start(content_range: str) -> int:

@@ -13,7 +13,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +25,7 @@ from bootenv.callback import Event
 from bootenv.errors import BootenvError, VerificationError
 from bootenv.extract import Stats, TreeWriter
 from bootenv.fetchahead import open_fetched
+from bootenv.journal import DirLog
 from bootenv.log import human_bytes
 from bootenv.manifest import Component
 from bootenv.merge import MergeState
@@ -97,23 +98,31 @@ def lay_out_piece(
             }
         )
         log.info("%s: laying out %d files (%s)", comp.name, comp.files, human_bytes(comp.data.raw_size))
-    writer = TreeWriter(
-        root, comp.name, privileged=privileged, merge=MergeState(root), piece=index, redirect=redirect
-    )
-    try:
-        with open_fetched(*fetched) as f:
-            src: Readable = f
-            stop = None
-            if pieces[index].blocks:  # checked block by block: it may still be arriving
-                src = arriving = Arriving(f, pieces[index].size, f"{comp.name} piece {index}", fetched[0])
-                stop = arriving.stop
-            _lay_out(comp, index, src, writer, partial=index < len(pieces) - 1, stop=stop)
-    except (BootenvError, OSError, zstandard.ZstdError) as exc:
-        log.error("%s: %s", comp.name, exc)
-        code = exc.exit_code if isinstance(exc, BootenvError) else 1
-        return Piece(comp.name, index, None, error=str(exc), code=code)
-    finally:
-        writer.close()
+    with ExitStack() as held:
+        try:
+            # Piece 0 makes the component's directories: it logs them for a re-run.
+            dirs = held.enter_context(DirLog(root, comp.name, comp.data.sha256)) if index == 0 else None
+            writer = TreeWriter(
+                root,
+                comp.name,
+                privileged=privileged,
+                merge=MergeState(root),
+                piece=index,
+                redirect=redirect,
+                dirs=dirs,
+            )
+            held.callback(writer.close)
+            with open_fetched(*fetched) as f:
+                src: Readable = f
+                stop = None
+                if pieces[index].blocks:  # checked block by block: it may still be arriving
+                    src = arriving = Arriving(f, pieces[index].size, f"{comp.name} piece {index}", fetched[0])
+                    stop = arriving.stop
+                _lay_out(comp, index, src, writer, partial=index < len(pieces) - 1, stop=stop)
+        except (BootenvError, OSError, zstandard.ZstdError) as exc:
+            log.error("%s: %s", comp.name, exc)
+            code = exc.exit_code if isinstance(exc, BootenvError) else 1
+            return Piece(comp.name, index, None, error=str(exc), code=code)
     return Piece(
         comp.name, index, writer.stats, None, created=tuple(writer.created_dirs), redirect=writer.redirected
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 from dataclasses import replace
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -193,3 +195,29 @@ def test_a_signal_mid_download_stops_the_layout_cleanly(
     assert "Traceback" not in err
     left = [p for p in root.rglob("*") if p.name.startswith(".bootenv~")]
     assert left == []
+
+
+class _RepeatedLength(SimpleHTTPRequestHandler):
+    """Sends every Content-Length twice over, joined (`112, 112`): valid, RFC 7230 3.3.2."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def send_header(self, keyword: str, value: str) -> None:
+        if keyword.lower() == "content-length":
+            value = f"{value}, {value}"
+        super().send_header(keyword, value)
+
+
+def test_a_repeated_content_length_lays_out_the_clean_tree(image: Image, tmp_path: Path) -> None:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_RepeatedLength, directory=str(image.dir)))
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        res, _ = run_layout(f"http://127.0.0.1:{httpd.server_address[1]}/", tmp_path / "root")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+    assert res.ok, [c.error for c in res.components]
+    assert tree(tmp_path / "root") == image.clean

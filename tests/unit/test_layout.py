@@ -579,3 +579,14 @@ def test_units_a_short_is_active_answer_leaves_out_are_asked_one_by_one(
     assert asked == [["web.service", "db.socket", "db.service"], ["db.socket"], ["db.service"]]
     assert "started web.service" in notes and "started db.socket" in notes  # reloading is active
     assert f"{layout_mod.FAILED_UNIT}db.service" in notes
+
+
+def test_a_layout_of_no_component_reads_no_image(tmp_path: Path) -> None:
+    """The first boot of a machine provisioned from a directory of its ramdisk's (or from
+    the single image) runs a layout of none: the image is not there, and not needed."""
+    got: list[dict[str, object]] = []
+    res = layout(
+        LayoutConfig(str(tmp_path / "not-here"), "none", tmp_path), activator=Recorder(), emit=got.append
+    )
+    assert res.components == () and res.ok
+    assert [e["event"] for e in got][-1] == "done"

@@ -15,9 +15,12 @@ import pytest
 
 import bootenv.layout as layout_mod
 from bootenv import journal, writeback
+from bootenv.extract import TreeWriter
+from bootenv.journal import DIRS_DIR, DirLog, Journal
 from bootenv.layout import LayoutConfig, layout
+from bootenv.paxread import Member, PaxReader
 from tests.conftest import seeds
-from tests.hostile.kit import Comp, d, f, make_image, snapshot, sym
+from tests.hostile.kit import MTIME, Comp, d, f, make_image, snapshot, sym
 
 SEEDS = seeds(6, 20)
 
@@ -125,3 +128,64 @@ def test_kill_9_then_rerun_converges(tmp_path: Path, monkeypatch: pytest.MonkeyP
         status = (root / "var/lib/dpkg/status").read_text()
         assert all(status.count(f"Package: pkg-{n}") == 1 for n in ("alpha", "beta", "gamma"))
     assert interrupted >= len(SEEDS)  # at least one kill per seed landed before the layout was done
+
+
+def _die(*args: object) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _killed_layout(image: str, root: str, where: str) -> None:
+    """In a forked child: a layout killed -9 mid-way through its one component's piece,
+    or once the piece is in, before the final job gives the directories their mtimes."""
+    if where == "final":
+        layout_mod._finish = _die  # type: ignore[assignment]
+    else:
+        place = TreeWriter.place
+
+        def place_or_die(self: TreeWriter, m: Member, reader: PaxReader) -> None:
+            if m.name == where:
+                _die()
+            place(self, m, reader)
+
+        TreeWriter.place = place_or_die  # type: ignore[method-assign]
+    layout(LayoutConfig(image, "all", Path(root), streams=1), activator=_no_activation)
+
+
+@pytest.mark.parametrize("where", ["final", "opt/app/sub/f"])
+def test_a_rerun_gives_the_directories_a_killed_run_made_their_mtimes(tmp_path: Path, where: str) -> None:
+    members = [d("opt"), d("opt/app"), d("opt/app/sub"), f("opt/app/sub/f", "x"), f("opt/app/g", "y")]
+    image = make_image(tmp_path / "img", [Comp("a", [*members, d("opt/app/late"), f("opt/app/late/h", "z")])])
+    root = tmp_path / "root"
+    root.mkdir()
+    proc = multiprocessing.get_context("fork").Process(
+        target=_killed_layout, args=(str(image), str(root), where)
+    )
+    proc.start()
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL
+    assert (root / "opt/app").stat().st_mtime != MTIME  # what was laid out after it changed it
+    res = layout(LayoutConfig(str(image), "all", root, streams=1), activator=_no_activation)
+    assert res.ok and res.components[0].status == "done"
+    for name in ("opt/app", "opt/app/sub", "opt/app/late"):
+        assert (root / name).stat().st_mtime == MTIME, name
+    assert (root / "opt/app/late/h").read_text() == "z"
+    assert not (root / DIRS_DIR / "a").exists()  # the component is in: its log is done with
+
+
+def test_a_directory_log_names_its_blob_and_skips_a_line_a_kill_cut_short(tmp_path: Path) -> None:
+    one, two = "1" * 64, "2" * 64
+    with DirLog(tmp_path, "a", one) as log:
+        log.add("opt", 5)
+        log.add("opt/x", 6)
+    path = tmp_path / DIRS_DIR / "a"
+    with open(path, "ab") as fh:
+        fh.write(b'["opt/cu')  # the kill came mid-line
+    with DirLog(tmp_path, "a", one) as log:
+        assert log.earlier == [("opt", 5), ("opt/x", 6)]
+        log.add("opt/y", 7)
+    with DirLog(tmp_path, "a", one) as log:
+        assert log.earlier == [("opt", 5), ("opt/x", 6), ("opt/y", 7)]
+    with DirLog(tmp_path, "a", two) as log:  # another blob: that run's directories are not its
+        assert log.earlier == []
+    Journal(tmp_path).set("a", two, "files")
+    assert not path.exists()

@@ -1,7 +1,9 @@
-"""HttpReader.abort: a download nobody wants any more ends now, whatever it waits on."""
+"""HttpReader: a download nobody wants any more ends now, whatever it waits on; the
+headers a server sends are checked, and a malformed one is one clear error."""
 
 from __future__ import annotations
 
+import io
 import random
 import threading
 import time
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bootenv.errors import RetryableError
 from bootenv.httpsession import new_session
 from bootenv.source import HttpReader, ReadAbortedError, RetryPolicy
 from tests.unit.httpfault import Fault, FaultServer
@@ -142,3 +145,45 @@ def test_aborting_a_finished_reader_leaves_the_next_one_alone(blob: Path) -> Non
         rest = first + busy.read()
     assert rest == (blob / "blob").read_bytes() and busy.resumes == 0
     assert [r.path for r in srv.requests] == ["small", "blob"]
+
+
+class _Answer:
+    """A 200 answer with the whole blob and the Content-Length header given."""
+
+    def __init__(self, data: bytes, length: str) -> None:
+        self.status_code = 200
+        self.headers = {"Content-Length": length}
+        self.raw = io.BytesIO(data)
+
+    def close(self) -> None:
+        pass
+
+
+class _Session:
+    def __init__(self, data: bytes, length: str) -> None:
+        self.data, self.length = data, length
+
+    def get(self, url: str, **kw: object) -> _Answer:
+        return _Answer(self.data, self.length)
+
+
+def test_a_repeated_content_length_of_equal_values_is_accepted() -> None:
+    """RFC 7230 3.3.2: `Content-Length: 112, 112` (a header repeated, then joined)."""
+    data = random.Random(2).randbytes(112)
+    for length in ("112, 112", "112,112", "112, 112, 112"):
+        reader = HttpReader(_Session(data, length), "http://gold/blob", len(data), POLICY)
+        assert reader.read() == data
+
+
+@pytest.mark.parametrize("length", ["112, 113", "abc", "", "-112", "0x70", "\uff11\uff11\uff12", "112;"])
+def test_a_malformed_content_length_is_one_retryable_error(length: str) -> None:
+    data = random.Random(2).randbytes(112)
+    policy = RetryPolicy(attempts=2, backoff=0.0, max_backoff=0.0, timeout=5.0)
+    reader = HttpReader(_Session(data, length), "http://gold/blob", len(data), policy)
+    with pytest.raises(RetryableError) as err:
+        reader.read()
+    text = str(err.value)
+    assert text == (
+        f"giving up on http://gold/blob after 2 attempts at byte 0: "
+        f"http://gold/blob: the server sent a malformed Content-Length ({length!r})"
+    )

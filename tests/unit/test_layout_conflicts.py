@@ -1,0 +1,166 @@
+"""Conflicts that must not stop a layout: what a conflicting directory holds, and a
+merged config the admin edited afterwards."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bootenv import conflicts
+from bootenv.cli import main
+from bootenv.extract import EDITED
+from bootenv.layout import LayoutConfig, LayoutResult, layout
+from bootenv.merge import MergeState, Meta
+from tests.hostile.kit import MTIME, Comp, d, f, hard, make_image
+
+STORE = "var/lib/bootenv/conflicts"
+CHUNK = 4 << 10  # a few files per chunk
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.units: list[str] = []
+
+    def __call__(self, root: Path, units: list[str]) -> list[str]:
+        self.units += units
+        return []
+
+
+def run(
+    image: Path, root: Path, comps: str | tuple[str, ...], streams: int = 1
+) -> tuple[LayoutResult, Recorder]:
+    act = Recorder()
+    return layout(LayoutConfig(str(image), comps, root, streams=streams), activator=act), act
+
+
+def _os_thing(root: Path, kind: str) -> None:
+    """What the OS has at /opt/x: a file, or a symlink (to a directory, even)."""
+    (root / "opt").mkdir(parents=True)
+    if kind == "file":
+        (root / "opt/x").write_text("os file\n")
+    else:
+        os.symlink("/usr", root / "opt/x")
+
+
+@pytest.mark.parametrize(
+    ("kind", "streams", "chunk"), [("file", 1, 0), ("symlink", 2, 0), ("file", 2, CHUNK)]
+)
+def test_directories_inside_a_conflicting_directory_go_to_the_store_and_the_layout_completes(
+    tmp_path: Path, kind: str, streams: int, chunk: int
+) -> None:
+    big = [f(f"opt/x/y/z/file{i}", os.urandom(1500)) for i in range(12)]  # several chunks
+    a = Comp(
+        "a",
+        [d("opt"), d("opt/x"), d("opt/x/y"), d("opt/x/y/z"), f("opt/x/y/f", "hi"), *big],
+        units=("a.service",),
+    )
+    b = Comp("b", [d("srv"), f("srv/ok", "fine")], units=("b.service",))
+    image = make_image(tmp_path / "img", [a, b], chunk=chunk)
+    root = tmp_path / "root"
+    _os_thing(root, kind)
+    res, act = run(image, root, "all", streams=streams)
+    assert res.ok, [c.error for c in res.components]
+    assert [(c.name, c.status) for c in res.components] == [("a", "done"), ("b", "done")]
+    assert sorted(act.units) == ["a.service", "b.service"]
+    (cid,) = res.components[0].conflicts
+    assert conflicts.load(root, cid).path == "opt/x"
+    # The OS's /opt/x is as it was; the component's directory, whole, is in the store.
+    if kind == "file":
+        assert (root / "opt/x").read_text() == "os file\n"
+    else:
+        assert os.readlink(root / "opt/x") == "/usr"
+    stored = root / STORE / "a/opt/x"
+    assert (stored / "y/f").read_text() == "hi"
+    assert len(list((stored / "y/z").iterdir())) == 12
+    # Those directories got their mtimes, by the name they have in the store.
+    assert (stored / "y").stat().st_mtime == MTIME and (stored / "y/z").stat().st_mtime == MTIME
+    assert (root / "srv/ok").read_text() == "fine"
+    again, _ = run(image, root, "all", streams=streams)  # nothing left to do
+    assert [c.status for c in again.components] == ["resumed", "resumed"]
+
+
+def test_a_hardlink_inside_a_conflicting_directory_is_made_in_the_store(tmp_path: Path) -> None:
+    a = Comp(
+        "a",
+        [d("opt"), d("opt/x"), f("opt/x/a", "hi"), hard("opt/x/b", "./opt/x/a"), f("opt/keep", "k")],
+    )
+    image = make_image(tmp_path / "img", [a])
+    root = tmp_path / "root"
+    _os_thing(root, "file")
+    res, _ = run(image, root, ("a",))
+    assert res.ok and res.components[0].status == "done", res.components[0].error
+    (cid,) = res.components[0].conflicts
+    assert conflicts.load(root, cid).path == "opt/x"
+    stored = root / STORE / "a/opt/x"
+    assert (stored / "b").read_text() == "hi"
+    assert (stored / "b").stat().st_ino == (stored / "a").stat().st_ino
+    assert (root / "opt/x").read_text() == "os file\n"
+    assert (root / "opt/keep").read_text() == "k"  # the rest of the component is in
+
+
+def _conf(name: str) -> Comp:
+    return Comp(name, [d("etc"), f("etc/foo.conf", f"from {name}\n", mode=0o640)])
+
+
+def test_a_merged_config_the_admin_edited_is_kept_and_the_new_merge_is_a_conflict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = make_image(tmp_path / "img", [_conf(n) for n in "abcd"])
+    root = tmp_path / "root"
+    root.mkdir()
+    conf = root / "etc/foo.conf"
+    run(image, root, ("a",))
+    # b's merge is interrupted after bootenv noted what it is about to write and before
+    # the file is replaced (a kill -9 there): the re-run must not take the file it
+    # finds for an edit of the admin's.
+    real = MergeState.merge_into
+
+    def killed(content: bytes, meta: Meta) -> None:
+        raise OSError("killed")
+
+    def killed_before_apply(
+        self: MergeState,
+        relpath: str,
+        component: str,
+        data: bytes,
+        meta: Meta,
+        read_existing: Callable[[], tuple[bytes, Meta]],
+        apply: Callable[[bytes, Meta], None],
+        **kw: Any,
+    ) -> bool:
+        return real(self, relpath, component, data, meta, read_existing, killed, **kw)
+
+    monkeypatch.setattr(MergeState, "merge_into", killed_before_apply)
+    assert not run(image, root, ("b",))[0].ok
+    assert conf.read_text() == "from a\n"
+    monkeypatch.setattr(MergeState, "merge_into", real)
+    res, _ = run(image, root, ("b",))
+    assert res.ok and res.components[0].merged == ("etc/foo.conf",) and not res.components[0].conflicts
+    assert conf.read_text() == "from a\nfrom b\n"
+
+    with open(conf, "a") as fh:  # the admin edits it
+        fh.write("admin: tuned\n")
+    res, _ = run(image, root, ("c",))
+    assert res.ok and res.components[0].merged == ()
+    assert conf.read_text() == "from a\nfrom b\nadmin: tuned\n"  # the admin's file stays
+    (cid,) = res.components[0].conflicts
+    rec = conflicts.load(root, cid)
+    assert (rec.component, rec.path, rec.reason) == ("c", "etc/foo.conf", EDITED)
+    stored = root / rec.stored
+    assert stored.read_text() == "from a\nfrom b\nfrom c\n"  # the merge it would have written
+    assert stored.stat().st_mode & 0o777 == 0o640
+    diff = conflicts.diff(root, rec)
+    assert "-admin: tuned" in diff and "+from c" in diff
+    assert main(["conflicts", "list", "--root", str(root)]) == 0
+    assert cid in capsys.readouterr().out
+
+    # Taking bootenv's merge makes the file bootenv's again: the next component merges.
+    conflicts.resolve(root, cid, "incoming", None)
+    assert conf.read_text() == "from a\nfrom b\nfrom c\n"
+    res, _ = run(image, root, ("d",))
+    assert res.ok and res.components[0].merged == ("etc/foo.conf",) and not res.components[0].conflicts
+    assert conf.read_text() == "from a\nfrom b\nfrom c\nfrom d\n"
