@@ -432,8 +432,8 @@ def _layout_speed(env: Env, inp: Input) -> Result:
     )
     r.notes.append(
         f"a layout of no component takes {fixed.median:.2f} s (starting Python, the CLI, exiting; "
-        f"not the manifest's fetch and check); with that before the disk's floor, {b.median / (floor.median + fixed.median):.2f}x tar "
-        "at best"
+        "not the manifest's fetch and check); with that before the disk's floor, "
+        f"{b.median / (floor.median + fixed.median):.2f}x tar at best"
     )
     r.notes.append(
         f"one component's chunks spread over the default streams: {b.median / d.median:.2f}x tar "
@@ -512,8 +512,8 @@ def _parallel_scaling(env: Env, inp: Input) -> Result:
     rest = measurements[f"loopback: {n} stream(s) (s)"].median - fixed.median
     r.notes.append(
         f"a layout of no component takes {fixed.median:.2f} s on loopback (starting Python, the CLI, "
-        f"exiting; not the manifest's fetch and check), which no number of streams shortens: without it, {n} streams vs 1 "
-        f"would be {(one - fixed.median) / rest:.2f}x"
+        "exiting; not the manifest's fetch and check), which no number of streams shortens: without "
+        f"it, {n} streams vs 1 would be {(one - fixed.median) / rest:.2f}x"
     )
     r.notes.append(
         f"writing the components' {size >> 20} MiB durably as one file takes {floor.median:.2f} s here, the "
