@@ -163,3 +163,15 @@ def outside_listing(base: Path, root: Path) -> set[str]:
             if Path(dirpath, n) != root:
                 found.add(str(Path(dirpath, n).relative_to(base)))
     return found
+
+
+class ActivatedUnits:
+    """An activator for `layout(..., activator=)` that records the units it is given and
+    activates nothing."""
+
+    def __init__(self) -> None:
+        self.units: list[str] = []
+
+    def __call__(self, root: Path, units: list[str]) -> list[str]:
+        self.units += units
+        return []

@@ -10,18 +10,9 @@ import pytest
 from bootenv.dpkgmerge import merge_component_status
 from bootenv.layout import LayoutConfig, layout
 from bootenv.paxread import ArchiveError
-from tests.hostile.kit import Comp, d, f, make_image, sym
+from tests.hostile.kit import ActivatedUnits, Comp, d, f, make_image, sym
 
 PARAGRAPH = "Package: pwned\nStatus: install ok installed\nVersion: 1\n"
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.units: list[str] = []
-
-    def __call__(self, root: Path, units: list[str]) -> list[str]:
-        self.units += units
-        return []
 
 
 def test_a_dpkg_directory_the_archive_made_a_symlink_fails_its_component(tmp_path: Path) -> None:
@@ -38,7 +29,7 @@ def test_a_dpkg_directory_the_archive_made_a_symlink_fails_its_component(tmp_pat
     image = make_image(tmp_path / "img", [evil, good])
     root = tmp_path / "root"
     root.mkdir()
-    act = Recorder()
+    act = ActivatedUnits()
     res = layout(LayoutConfig(str(image), "all", root, streams=1), activator=act)
     assert os.listdir(tmp_path / "outside") == []
     by_name = {c.name: c for c in res.components}

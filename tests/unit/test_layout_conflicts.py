@@ -15,25 +15,16 @@ from bootenv.cli import main
 from bootenv.extract import EDITED
 from bootenv.layout import LayoutConfig, LayoutResult, layout
 from bootenv.merge import MergeState, Meta
-from tests.hostile.kit import MTIME, Comp, d, f, hard, make_image
+from tests.hostile.kit import MTIME, ActivatedUnits, Comp, d, f, hard, make_image
 
 STORE = "var/lib/bootenv/conflicts"
 CHUNK = 4 << 10  # a few files per chunk
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.units: list[str] = []
-
-    def __call__(self, root: Path, units: list[str]) -> list[str]:
-        self.units += units
-        return []
-
-
 def run(
     image: Path, root: Path, comps: str | tuple[str, ...], streams: int = 1
-) -> tuple[LayoutResult, Recorder]:
-    act = Recorder()
+) -> tuple[LayoutResult, ActivatedUnits]:
+    act = ActivatedUnits()
     return layout(LayoutConfig(str(image), comps, root, streams=streams), activator=act), act
 
 

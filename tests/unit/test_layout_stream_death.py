@@ -17,7 +17,7 @@ from bootenv.cli import main
 from bootenv.errors import RetryableError
 from bootenv.journal import STATE_DIR
 from bootenv.layout import STREAM_DIED, LayoutConfig, layout
-from tests.hostile.kit import Comp, d, f, make_image
+from tests.hostile.kit import ActivatedUnits, Comp, d, f, make_image
 
 _LAY_OUT_PIECE = stream.lay_out_piece
 
@@ -31,15 +31,6 @@ def _killed_on_b(comp: Any, index: int, root: Path, *args: Any) -> Any:
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGKILL)
     return _LAY_OUT_PIECE(comp, index, root, *args)
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.units: list[str] = []
-
-    def __call__(self, root: Path, units: list[str]) -> list[str]:
-        self.units += units
-        return []
 
 
 def _image(tmp_path: Path) -> Path:
@@ -58,7 +49,7 @@ def test_a_killed_stream_fails_its_component_and_a_rerun_resumes(
     image, root = _image(tmp_path), tmp_path / "root"
     root.mkdir()
     monkeypatch.setattr(stream, "lay_out_piece", _killed_on_b)
-    act, events = Recorder(), list[Event]()
+    act, events = ActivatedUnits(), list[Event]()
     res = layout(LayoutConfig(str(image), "all", root, streams=2), activator=act, emit=events.append)
     a, b = res.components
     assert (a.name, a.status) == ("a", "done")
@@ -82,7 +73,7 @@ def test_the_cli_reports_a_killed_stream_in_one_line(
 ) -> None:
     image, root = _image(tmp_path), tmp_path / "root"
     root.mkdir()
-    monkeypatch.setattr(layout_mod, "activate", Recorder())
+    monkeypatch.setattr(layout_mod, "activate", ActivatedUnits())
     monkeypatch.setattr(stream, "lay_out_piece", _killed_on_b)
     argv = ["layout", "--image", str(image), "--components", "all", "--root", str(root), "--streams", "2"]
     rc = main([*argv, "--insecure"])
