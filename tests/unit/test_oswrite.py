@@ -651,3 +651,33 @@ def test_cli_refuses_unsigned_and_untrusted_images(
         cli.main(["write-os", "--image", str(built.dir), "--device", str(out), "--trust", f"{key}.pub"]) == 0
     )
     assert_image(out, built.raw, built.bmap)
+
+
+@pytest.mark.parametrize("behind", [False, True])
+def test_the_compressed_streams_hash_checks_on_its_thread_too(behind: bool) -> None:
+    """The sha256 of the stream may run on a thread of its own: the same verdicts, and
+    the thread is gone once the reader is verified or closed."""
+    import io
+    import threading
+
+    from bootenv.manifest import Blob
+    from bootenv.oswrite import HashingReader
+
+    data = random.Random(5).randbytes(5 * 1024 * 1024 + 17)
+    blob = Blob(file="x", sha256=hashlib.sha256(data).hexdigest(), size=len(data), raw_size=len(data))
+    good = HashingReader(io.BytesIO(data), blob, "x", behind=behind)
+    got = b"".join(iter(lambda: good.read(1 << 20), b""))
+    good.verify()
+    assert got == data
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 1
+    bad = HashingReader(io.BytesIO(bytes(flipped)), blob, "x", behind=behind)
+    while bad.read(1 << 20):
+        pass
+    with pytest.raises(VerificationError, match="does not match its sha256"):
+        bad.verify()
+    abandoned = HashingReader(io.BytesIO(data), blob, "x", behind=behind)
+    abandoned.read(1 << 20)
+    abandoned.close()
+    abandoned.close()
+    assert not [t for t in threading.enumerate() if t.name == "hash"]
