@@ -326,7 +326,7 @@ def _content_length(url: str, value: str) -> int:
     values is valid, RFC 7230 3.3.2); anything else is the server's error, which may
     pass (a proxy's), so a RetryableError."""
     values = {v.strip() for v in value.split(",")}
-    if len(values) != 1 or not all(v.isascii() and v.isdigit() for v in values):
+    if len(values) != 1 or not all(v.isascii() and v.isdigit() and len(v) <= 19 for v in values):
         raise RetryableError(f"{url}: the server sent a malformed Content-Length ({value[:40]!r})")
     return int(values.pop())
 
