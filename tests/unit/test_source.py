@@ -175,7 +175,9 @@ def test_a_repeated_content_length_of_equal_values_is_accepted() -> None:
         assert reader.read() == data
 
 
-@pytest.mark.parametrize("length", ["112, 113", "abc", "", "-112", "0x70", "\uff11\uff11\uff12", "112;", "9" * 5000])
+@pytest.mark.parametrize(
+    "length", ["112, 113", "abc", "", "-112", "0x70", "\uff11\uff11\uff12", "112;", "9" * 5000]
+)
 def test_a_malformed_content_length_is_one_retryable_error(length: str) -> None:
     data = random.Random(2).randbytes(112)
     policy = RetryPolicy(attempts=2, backoff=0.0, max_backoff=0.0, timeout=5.0)
@@ -185,5 +187,5 @@ def test_a_malformed_content_length_is_one_retryable_error(length: str) -> None:
     text = str(err.value)
     assert text == (
         f"giving up on http://gold/blob after 2 attempts at byte 0: "
-        f"http://gold/blob: the server sent a malformed Content-Length ({length!r})"
+        f"http://gold/blob: the server sent a malformed Content-Length ({length[:40]!r})"
     )
