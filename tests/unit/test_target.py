@@ -12,6 +12,7 @@ from bootenv.bootloader import early_config, grub_cfg_text, patch_core, patch_mb
 from bootenv.errors import FatalError
 from bootenv.runtime import parse_ldd, python_argv
 from bootenv.target import (
+    SSH_UNIT,
     Identity,
     LayoutHandoff,
     configure,
@@ -84,6 +85,9 @@ def test_layout_unit_runs_the_bundled_runtime() -> None:
     assert "ConditionPathExists=/etc/bootenv/layout.json" in text
     assert "WantedBy=multi-user.target" in text
     assert "/usr/bin/python" not in text  # never the target's own python
+    # `done` (the layout's last event) comes once the machine has its SSH host keys.
+    after = next(line for line in text.splitlines() if line.startswith("After="))
+    assert SSH_UNIT in after.split()
 
 
 def test_layout_argv_flags() -> None:
