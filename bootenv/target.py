@@ -142,8 +142,8 @@ def layout_unit_text(handoff: LayoutHandoff) -> str:
         "[Unit]\n"
         "Description=bootenv: lay out the component sub-images\n"
         "Wants=network-online.target\n"
-        # After the host keys too: `done` means an admin can ssh in (under TCG an RSA
-        # key took longer than a whole layout of OS + MySQL, and `done` came first).
+        # After the host keys too: `done` means an admin can ssh in (a CI VM under TCG,
+        # stopped at `done` after a layout of OS + MySQL, once had no host key yet).
         f"After=network-online.target local-fs.target {SSH_UNIT}\n"
         f"ConditionPathExists={LAYOUT_JSON}\n"
         f"ConditionPathExists={RUNTIME}/bin/python3\n"
