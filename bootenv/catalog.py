@@ -112,7 +112,7 @@ def _check_title(title: str, where: str) -> None:
     """A title goes into an iPXE `menu` or `item` line."""
     if not 1 <= len(title) <= 80:
         raise CatalogError(f"{where}: the title must be 1 to 80 characters")
-    why = ipxetext.problem(title) or ("holds $" if "$" in title else None)
+    why = ipxetext.problem(title)
     if why is not None:
         raise CatalogError(f"{where}: the title {why}: it goes into an iPXE menu")
 
@@ -149,7 +149,7 @@ def _entry(doc: object, index: int, where: str) -> Entry:
         raise CatalogError(f"{here}: id {entry_id!r} must be lowercase letters, digits, - and _")
     _check_title(doc["title"], here)
     kernel_args = doc.get("kernel_args", "")
-    why = ipxetext.problem(kernel_args) or ("holds $" if "$" in kernel_args else None)
+    why = ipxetext.problem(kernel_args)
     if why is not None:
         raise CatalogError(f"{here}: kernel_args {why}: they go into an iPXE script")
     try:

@@ -4,8 +4,9 @@ iPXE expands `${...}` anywhere in a line, and its command splitter ends a comman
 word that is `;`, `||` or `&&`, and at a word that starts with `#` (the rest of the line
 is a comment). A value that carries any of them changes what the script does: an
 error message `disk gone ; chain http://elsewhere/x.ipxe` echoed into a failed
-machine's script would chain that script on the machine's next boot. Quotes and
-backslashes are refused too, so that no quoting rule of any iPXE version matters.
+machine's script would chain that script on the machine's next boot. Any `$`, quotes
+and backslashes are refused too, so that no expansion or quoting rule of any iPXE
+version matters.
 
 Values the admin gives (catalog titles, kernel arguments) are refused at the edge with
 `problem`'s reason; free text from elsewhere (an agent's error message) is `scrub`bed.
@@ -22,8 +23,8 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9 .,:/_+=@()\[\]<>%!?*~^'\"-]")
 
 def problem(text: str) -> str | None:
     """Why `text` cannot go into an iPXE line as it is, or None if it can."""
-    if "${" in text:
-        return "holds ${, which iPXE would expand"
+    if "$" in text:  # `${` is what iPXE expands; no value bootenv writes needs a `$`
+        return "holds $, which iPXE would expand as ${...}"
     if _BAD_CHARS.search(text):
         return "holds a control character, a quote or a backslash"
     for word in text.split():

@@ -208,7 +208,7 @@ def assign(
     kernel_args: str = "",
 ) -> Machine:
     """A fresh assignment: the machine will be provisioned on its next network boot."""
-    why = ipxetext.problem(kernel_args) or ("holds $" if "$" in kernel_args else None)
+    why = ipxetext.problem(kernel_args)
     if why is not None:
         raise UserError(f"the kernel arguments {why}: they go into an iPXE script")
     check_boot_args(components, hostname, kernel_args)
