@@ -148,6 +148,11 @@ class Prefetch:
             _give(self._pool)
         self._pool = []
 
+    @property
+    def ended(self) -> bool:
+        """Whether the reader thread is gone (after close(), unless a read held it)."""
+        return not self._thread.is_alive()
+
     def __enter__(self) -> Prefetch:
         return self
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import zstandard
 
+from bootenv import inflate
 from bootenv.arriving import Arriving
 from bootenv.callback import Event
 from bootenv.errors import BootenvError, VerificationError
@@ -149,11 +150,12 @@ def _lay_out(
 ) -> None:
     """Decompress `src` on a read-ahead thread and place its members. On a failure,
     `stop` makes a read-ahead thread that waits on `src` give up first."""
-    dctx = zstandard.ZstdDecompressor()
     limit = comp.pieces()[index].raw_size
+    inf = inflate.take()
+    ahead: Prefetch | None = None
     try:
         with (
-            dctx.stream_reader(src, read_size=1 << 20, read_across_frames=True, closefd=False) as z,  # type: ignore[arg-type]
+            inf.reader(src) as z,
             Prefetch(z) as ahead,
             _on_error(stop),  # exits first: the read-ahead thread is stopped before it is joined
         ):
@@ -177,3 +179,6 @@ def _lay_out(
             reader.drain()
     except zstandard.ZstdError as exc:
         raise VerificationError(f"{comp.name}: corrupt zstd stream: {exc}") from exc
+    finally:
+        if ahead is None or ahead.ended:  # no read-ahead thread still uses it
+            inflate.give_back(inf)
