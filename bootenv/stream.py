@@ -12,8 +12,8 @@ import ctypes
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -129,16 +129,6 @@ def lay_out_piece(
     )
 
 
-@contextmanager
-def _on_error(fn: Callable[[], None] | None) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        if fn is not None:
-            fn()
-        raise
-
-
 def _lay_out(
     comp: Component,
     index: int,
@@ -152,13 +142,15 @@ def _lay_out(
     `stop` makes a read-ahead thread that waits on `src` give up first."""
     limit = comp.pieces()[index].raw_size
     inf = inflate.take()
-    ahead: Prefetch | None = None
+    z = inf.reader(src)
     try:
-        with (
-            inf.reader(src) as z,
-            Prefetch(z) as ahead,
-            _on_error(stop),  # exits first: the read-ahead thread is stopped before it is joined
-        ):
+        ahead = Prefetch(z)
+    except BaseException:
+        z.close()  # type: ignore[no-untyped-call]
+        inflate.give_back(inf)
+        raise
+    try:
+        try:
             reader = PaxReader(ahead, limit=limit, partial=partial)
             last = time.monotonic()
             for member in reader:
@@ -177,8 +169,19 @@ def _lay_out(
                         }
                     )
             reader.drain()
+        except BaseException:
+            if stop is not None:
+                stop()  # before the read-ahead thread is joined
+            raise
+        finally:
+            ahead.close()
     except zstandard.ZstdError as exc:
         raise VerificationError(f"{comp.name}: corrupt zstd stream: {exc}") from exc
     finally:
-        if ahead is None or ahead.ended:  # no read-ahead thread still uses it
+        # A read the read-ahead thread is still in (Prefetch.close gave up waiting) goes
+        # on inside the zstd reader, into the inflater's buffer: closing the reader under
+        # it would free what it uses. Both are left to it; the thread is a daemon and
+        # ends after that read.
+        if ahead.ended:
+            z.close()  # type: ignore[no-untyped-call]
             inflate.give_back(inf)

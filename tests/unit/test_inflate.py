@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import random
+import threading
 
 import pytest
 import zstandard
 
-from bootenv import inflate
+from bootenv import inflate, prefetch, stream
 from bootenv.inflate import Inflater
+from bootenv.manifest import Blob, Component
+from tests.hostile.kit import f, tar_bytes
 
 
 def _frames(*parts: bytes) -> bytes:
@@ -79,3 +83,52 @@ def test_idle_inflaters_are_reused_and_at_most_keep_are_kept(monkeypatch: pytest
     for inf in many:
         inflate.give_back(inf)
     assert len(inflate._idle) == inflate.KEEP
+
+
+class _Refusing:
+    """A tree writer whose first placement fails (the target is full, say)."""
+
+    stats = None
+
+    def place(self, m: object, reader: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class _Stalling(io.BytesIO):
+    """Gives its first two reads, then blocks until released: a read that hangs."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.release = threading.Event()
+        self.calls = 0
+
+    def readinto(self, buf: object, /) -> int:  # type: ignore[override]
+        self.calls += 1
+        if self.calls > 2:  # the first block decompressed needs a little more than one read
+            self.release.wait(10)
+        return super().readinto(buf)  # type: ignore[arg-type]
+
+
+def test_an_inflater_a_stuck_read_ahead_thread_still_uses_is_not_reused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(inflate, "_idle", [])
+    monkeypatch.setattr(prefetch, "JOIN_TIMEOUT", 0.2)
+    tar = tar_bytes([f("opt/a", random.Random(4).randbytes(3 << 20)), f("opt/b", "b")])
+    blob = zstandard.ZstdCompressor(level=1).compress(tar)
+    comp = Component("c", Blob("x.tar.zst", "0" * 64, len(blob), len(tar)), (), (), 2, (), ())
+    src = _Stalling(blob)
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            stream._lay_out(comp, 0, src, _Refusing(), partial=False)  # type: ignore[arg-type]
+        assert inflate._idle == []  # its thread is still in a read through it
+    finally:
+        src.release.set()
+    for thread in threading.enumerate():
+        if thread.name == "prefetch":
+            thread.join(10)  # its read returns, and it goes on with the reader it had
+            assert not thread.is_alive()
+    # A piece that ends normally gives its inflater back for the next.
+    with pytest.raises(OSError, match="No space left"):
+        stream._lay_out(comp, 0, io.BytesIO(blob), _Refusing(), partial=False)  # type: ignore[arg-type]
+    assert len(inflate._idle) == 1
