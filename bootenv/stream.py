@@ -142,14 +142,10 @@ def _lay_out(
     `stop` makes a read-ahead thread that waits on `src` give up first."""
     limit = comp.pieces()[index].raw_size
     inf = inflate.take()
-    z = inf.reader(src)
+    ahead: Prefetch | None = None
     try:
+        z = inf.reader(src)
         ahead = Prefetch(z)
-    except BaseException:
-        z.close()  # type: ignore[no-untyped-call]
-        inflate.give_back(inf)
-        raise
-    try:
         try:
             reader = PaxReader(ahead, limit=limit, partial=partial)
             last = time.monotonic()
@@ -179,9 +175,9 @@ def _lay_out(
         raise VerificationError(f"{comp.name}: corrupt zstd stream: {exc}") from exc
     finally:
         # A read the read-ahead thread is still in (Prefetch.close gave up waiting) goes
-        # on inside the zstd reader, into the inflater's buffer: closing the reader under
-        # it would free what it uses. Both are left to it; the thread is a daemon and
-        # ends after that read.
-        if ahead.ended:
-            z.close()  # type: ignore[no-untyped-call]
+        # on with the reader's decompressor and the inflater's buffer once it returns:
+        # the inflater is not reused, and the reader is not left through `with`, whose
+        # exit drops its decompressor under the thread (it crashed the process). The
+        # thread is a daemon, and ends after that read.
+        if ahead is None or ahead.ended:
             inflate.give_back(inf)
