@@ -25,7 +25,7 @@ from bootenv.arriving import Arriving
 from bootenv.callback import Event
 from bootenv.errors import BootenvError, VerificationError
 from bootenv.extract import Stats, TreeWriter
-from bootenv.fetchahead import open_fetched
+from bootenv.fetchahead import Draining, open_fetched
 from bootenv.journal import DirLog
 from bootenv.log import human_bytes
 from bootenv.manifest import Component
@@ -119,6 +119,7 @@ def lay_out_piece(
                 if pieces[index].blocks:  # checked block by block: it may still be arriving
                     src = arriving = Arriving(f, pieces[index].size, f"{comp.name} piece {index}", fetched[0])
                     stop = arriving.stop
+                src = Draining.of(src, f.fileno())  # what is read of it is freed as it goes
                 _lay_out(comp, index, src, writer, partial=index < len(pieces) - 1, stop=stop)
         except (BootenvError, OSError, zstandard.ZstdError) as exc:
             log.error("%s: %s", comp.name, exc)
