@@ -87,6 +87,8 @@ def open_fetched(path: str, ino: int, dev: int) -> BinaryIO:
 
 
 class Readable(Protocol):
+    """A piece's compressed bytes: its file, or the part of it checked so far."""
+
     def read(self, n: int = -1, /) -> bytes: ...
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import zstandard
 
@@ -25,7 +25,7 @@ from bootenv.arriving import Arriving
 from bootenv.callback import Event
 from bootenv.errors import BootenvError, VerificationError
 from bootenv.extract import Stats, TreeWriter
-from bootenv.fetchahead import Draining, open_fetched
+from bootenv.fetchahead import Draining, Readable, open_fetched
 from bootenv.journal import DirLog
 from bootenv.log import human_bytes
 from bootenv.manifest import Component
@@ -34,12 +34,6 @@ from bootenv.paxread import PaxReader
 from bootenv.prefetch import Prefetch
 
 log = logging.getLogger(__name__)
-
-
-class Readable(Protocol):
-    """A piece's compressed bytes: its file, or the part of it checked so far."""
-
-    def read(self, n: int = -1, /) -> bytes: ...
 
 
 @dataclass(frozen=True)
