@@ -78,7 +78,11 @@ def check_chunk(comp: Component, chunk: Chunk, size: int, sha256: str) -> None:
 def open_fetched(path: str, ino: int, dev: int) -> BinaryIO:
     """Open a chunk handed over by path, and make sure it is that chunk's file. Open for
     writing too: its stream frees what it has read (Draining)."""
-    f = open(path, "r+b")
+    f: BinaryIO
+    try:
+        f = open(path, "r+b")
+    except PermissionError:  # not ours to write (an odd umask made it 0400): kept whole
+        f = open(path, "rb")
     st = os.fstat(f.fileno())
     if (st.st_ino, st.st_dev) != (ino, dev):
         f.close()
@@ -106,6 +110,14 @@ class Draining:
         self._fd: int | None = fd
         self._read = 0  # bytes read so far: [0, _read) may go
         self._freed = 0
+        self._lock = threading.Lock()  # close() against a punch under way
+
+    def close(self) -> None:
+        """No more punching: call it before the file is closed. A read-ahead thread left
+        in a read (prefetch.Prefetch.close gave up on it) would otherwise punch, once its
+        read returns, whatever file has that fd number by then."""
+        with self._lock:
+            self._fd = None
 
     @staticmethod
     def of(src: Readable, fd: int) -> Draining:
@@ -119,11 +131,14 @@ class Draining:
 
     def _advance(self, n: int) -> None:
         self._read += n
-        if self._fd is None or self._read - self._freed < FREE_STEP:
+        if self._read - self._freed < FREE_STEP:
             return
-        if not punch_hole(self._fd, self._freed, self._read - self._freed):
-            self._fd = None  # not on this file's filesystem: leave it whole
-            return
+        with self._lock:
+            if self._fd is None:
+                return
+            if not punch_hole(self._fd, self._freed, self._read - self._freed):
+                self._fd = None  # not on this file's filesystem: leave it whole
+                return
         self._freed = self._read
 
 
@@ -140,7 +155,7 @@ _FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
 
 @cache
 def _fallocate() -> ctypes._NamedFuncPointer:
-    fn = ctypes.CDLL(None, use_errno=True).fallocate
+    fn = ctypes.CDLL(None, use_errno=True).fallocate64  # 64-bit offsets on every ABI
     fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
     return fn
 

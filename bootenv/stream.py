@@ -113,8 +113,11 @@ def lay_out_piece(
                 if pieces[index].blocks:  # checked block by block: it may still be arriving
                     src = arriving = Arriving(f, pieces[index].size, f"{comp.name} piece {index}", fetched[0])
                     stop = arriving.stop
-                src = Draining.of(src, f.fileno())  # what is read of it is freed as it goes
-                _lay_out(comp, index, src, writer, partial=index < len(pieces) - 1, stop=stop)
+                draining = Draining.of(src, f.fileno())  # what is read of it is freed as it goes
+                try:
+                    _lay_out(comp, index, draining, writer, partial=index < len(pieces) - 1, stop=stop)
+                finally:
+                    draining.close()  # before `f` is: its fd number may be reused
         except (BootenvError, OSError, zstandard.ZstdError) as exc:
             log.error("%s: %s", comp.name, exc)
             code = exc.exit_code if isinstance(exc, BootenvError) else 1

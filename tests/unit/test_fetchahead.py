@@ -578,3 +578,43 @@ def test_a_piece_that_cannot_be_freed_is_read_whole(tmp_path: Path) -> None:
         got = b"".join(iter(lambda: src.read(300_000), b""))
     assert got == data
     assert piece.stat().st_blocks * 512 >= len(data)  # nothing was punched out
+
+
+def test_a_closed_draining_punches_nothing_more() -> None:
+    """Closed before its file is (a read-ahead thread may still be in a read): a read
+    that returns afterwards frees nothing, since the fd number may be another file's."""
+    data = random.Random(9).randbytes(4 << 20)
+    fd = os.memfd_create("piece")
+    try:
+        fetchahead_mod.write_all(fd, data)
+        fetched = fetchahead_mod._fetched(fd)
+        with open_fetched(fetched.path, fetched.ino, fetched.dev) as f:
+            src = Draining.of(f, f.fileno())
+            got = src.read(3 << 19)  # 1.5 MiB: the first MiB goes
+            held = os.fstat(fd).st_blocks
+            assert held * 512 <= len(data) - (1 << 20)
+            src.close()
+            got += src.read(-1)  # the rest, read after the close
+            assert os.fstat(fd).st_blocks == held  # nothing more punched
+        assert got == data
+    finally:
+        os.close(fd)
+
+
+def test_a_piece_the_stream_may_not_write_is_opened_to_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    piece = tmp_path / "piece"
+    piece.write_bytes(b"abc")
+    real_open = open
+
+    def no_write(path: str, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if path == str(piece) and "+" in mode:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_write)
+    st = piece.stat()
+    with open_fetched(str(piece), st.st_ino, st.st_dev) as f:
+        src = Draining.of(f, f.fileno())
+        assert src.read(-1) == b"abc"
