@@ -542,31 +542,38 @@ class _ReadOnly:
         return data
 
 
-@pytest.mark.parametrize("into", [True, False])
-def test_a_piece_gives_back_what_its_stream_has_read(into: bool) -> None:
-    data = random.Random(7).randbytes(6 << 20)
+@contextlib.contextmanager
+def _fetched_piece(data: bytes) -> Iterator[tuple[int, Any]]:
+    """A piece in a memfd, as a fetch leaves it, opened as its stream opens it."""
     fd = os.memfd_create("piece")
     try:
         fetchahead_mod.write_all(fd, data)
         fetched = fetchahead_mod._fetched(fd)
         with open_fetched(fetched.path, fetched.ino, fetched.dev) as f:
-            src = Draining.of(f if into else _ReadOnly(f), f.fileno())
-            assert hasattr(src, "readinto") == into
-            got = bytearray()
-            while len(got) < 5 << 20:
-                if into:
-                    buf = bytearray(512 << 10)
-                    got += buf[: src.readinto(buf)]  # type: ignore[attr-defined]
-                else:
-                    got += src.read(512 << 10)
-            held = os.fstat(fd).st_blocks * 512
-            assert held <= 2 << 20, held  # what is read is gone: 1 MiB and what is left
-            assert os.fstat(fd).st_size == len(data)  # the piece keeps its size
-            while part := src.read(1 << 20):
-                got += part
-        assert bytes(got) == data
+            yield fd, f
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("into", [True, False])
+def test_a_piece_gives_back_what_its_stream_has_read(into: bool) -> None:
+    data = random.Random(7).randbytes(6 << 20)
+    with _fetched_piece(data) as (fd, f):
+        src = Draining.of(f if into else _ReadOnly(f), f.fileno())
+        assert hasattr(src, "readinto") == into
+        got = bytearray()
+        while len(got) < 5 << 20:
+            if into:
+                buf = bytearray(512 << 10)
+                got += buf[: src.readinto(buf)]  # type: ignore[attr-defined]
+            else:
+                got += src.read(512 << 10)
+        held = os.fstat(fd).st_blocks * 512
+        assert held <= 2 << 20, held  # what is read is gone: 1 MiB and what is left
+        assert os.fstat(fd).st_size == len(data)  # the piece keeps its size
+        while part := src.read(1 << 20):
+            got += part
+    assert bytes(got) == data
 
 
 def test_a_piece_that_cannot_be_freed_is_read_whole(tmp_path: Path) -> None:
@@ -584,21 +591,15 @@ def test_a_closed_draining_punches_nothing_more() -> None:
     """Closed before its file is (a read-ahead thread may still be in a read): a read
     that returns afterwards frees nothing, since the fd number may be another file's."""
     data = random.Random(9).randbytes(4 << 20)
-    fd = os.memfd_create("piece")
-    try:
-        fetchahead_mod.write_all(fd, data)
-        fetched = fetchahead_mod._fetched(fd)
-        with open_fetched(fetched.path, fetched.ino, fetched.dev) as f:
-            src = Draining.of(f, f.fileno())
-            got = src.read(3 << 19)  # 1.5 MiB: the first MiB goes
-            held = os.fstat(fd).st_blocks
-            assert held * 512 <= len(data) - (1 << 20)
-            src.close()
-            got += src.read(-1)  # the rest, read after the close
-            assert os.fstat(fd).st_blocks == held  # nothing more punched
-        assert got == data
-    finally:
-        os.close(fd)
+    with _fetched_piece(data) as (fd, f):
+        src = Draining.of(f, f.fileno())
+        got = src.read(3 << 19)  # 1.5 MiB: the first MiB goes
+        held = os.fstat(fd).st_blocks
+        assert held * 512 <= len(data) - (1 << 20)
+        src.close()
+        got += src.read(-1)  # the rest, read after the close
+        assert os.fstat(fd).st_blocks == held  # nothing more punched
+    assert got == data
 
 
 def test_a_piece_the_stream_may_not_write_is_opened_to_read(
