@@ -13,18 +13,15 @@ next block. Idle inflaters wait in a small free list for the next piece.
 from __future__ import annotations
 
 import threading
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import zstandard
 
+if TYPE_CHECKING:
+    from bootenv.fetchahead import Readable  # no import at run time: fetchahead imports far more
+
 READ = 1 << 20  # compressed bytes zstd asks for at a time
 KEEP = 2  # idle inflaters kept: one per piece a process lays out at once, and a spare
-
-
-class Compressed(Protocol):
-    """A piece's compressed bytes; `readinto` (a file has it) spares a copy per read."""
-
-    def read(self, n: int = -1, /) -> bytes: ...
 
 
 class _Refill:
@@ -32,7 +29,7 @@ class _Refill:
     once it has consumed all of the last read's, and reads nothing after the end, so the
     buffer is never overwritten while zstd still needs what is in it."""
 
-    def __init__(self, src: Compressed, buf: bytearray) -> None:
+    def __init__(self, src: Readable, buf: bytearray) -> None:
         self._src = src
         self._buf = buf
         self._readinto = getattr(src, "readinto", None)
@@ -52,7 +49,7 @@ class Inflater:
         self._dctx = zstandard.ZstdDecompressor()
         self._buf = bytearray(READ)
 
-    def reader(self, src: Compressed) -> zstandard.ZstdDecompressionReader:
+    def reader(self, src: Readable) -> zstandard.ZstdDecompressionReader:
         """A reader of the decompressed bytes of `src`, every frame of it in turn."""
         return self._dctx.stream_reader(
             _Refill(src, self._buf),  # type: ignore[arg-type]  # any object with read()

@@ -6,6 +6,7 @@ minimal but valid. Shared by the unit, crash and hostile-archive tests.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -175,3 +176,12 @@ class ActivatedUnits:
     def __call__(self, root: Path, units: list[str]) -> list[str]:
         self.units += units
         return []
+
+
+class RefusingWriter:
+    """A tree writer whose first placement fails (the target is full, say)."""
+
+    stats = None
+
+    def place(self, m: object, reader: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")

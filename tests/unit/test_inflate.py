@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import io
 import random
 import threading
@@ -13,7 +12,7 @@ import zstandard
 from bootenv import inflate, prefetch, stream
 from bootenv.inflate import Inflater
 from bootenv.manifest import Blob, Component
-from tests.hostile.kit import f, tar_bytes
+from tests.hostile.kit import RefusingWriter, f, tar_bytes
 
 
 def _frames(*parts: bytes) -> bytes:
@@ -85,15 +84,6 @@ def test_idle_inflaters_are_reused_and_at_most_keep_are_kept(monkeypatch: pytest
     assert len(inflate._idle) == inflate.KEEP
 
 
-class _Refusing:
-    """A tree writer whose first placement fails (the target is full, say)."""
-
-    stats = None
-
-    def place(self, m: object, reader: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-
 class _Stalling(io.BytesIO):
     """Gives its first two reads, then blocks until released: a read that hangs."""
 
@@ -120,7 +110,7 @@ def test_an_inflater_a_stuck_read_ahead_thread_still_uses_is_not_reused(
     src = _Stalling(blob)
     try:
         with pytest.raises(OSError, match="No space left"):
-            stream._lay_out(comp, 0, src, _Refusing(), partial=False)  # type: ignore[arg-type]
+            stream._lay_out(comp, 0, src, RefusingWriter(), partial=False)  # type: ignore[arg-type]
         assert inflate._idle == []  # its thread is still in a read through it
     finally:
         src.release.set()
@@ -130,5 +120,5 @@ def test_an_inflater_a_stuck_read_ahead_thread_still_uses_is_not_reused(
             assert not thread.is_alive()
     # A piece that ends normally gives its inflater back for the next.
     with pytest.raises(OSError, match="No space left"):
-        stream._lay_out(comp, 0, io.BytesIO(blob), _Refusing(), partial=False)  # type: ignore[arg-type]
+        stream._lay_out(comp, 0, io.BytesIO(blob), RefusingWriter(), partial=False)  # type: ignore[arg-type]
     assert len(inflate._idle) == 1

@@ -33,7 +33,7 @@ from bootenv.layout import ComponentResult, _Scheduler
 from bootenv.manifest import Blob, Chunk, Component, Manifest, OsImage, RootFs, Source, parse_manifest
 from bootenv.paxread import PaxReader
 from tests.faults.helpers import component, run_layout
-from tests.hostile.kit import MTIME, Comp, blob, d, f, hard, make_image, snapshot, tar_bytes
+from tests.hostile.kit import MTIME, Comp, RefusingWriter, blob, d, f, hard, make_image, snapshot, tar_bytes
 from tests.unit.httpfault import Fault, FaultServer
 
 COUNTS: list[int] = []  # files placed and merged, laid out whole
@@ -563,15 +563,6 @@ def test_a_stream_that_fails_while_its_piece_arrives_reports_its_own_error(
     assert by["bad"].seconds < 4, "it waited for the download its stream no longer needed"
 
 
-class _Refusing:
-    """A tree writer whose first placement fails (the target is full, say)."""
-
-    stats = None
-
-    def place(self, m: object, reader: object) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-
 def test_a_failing_stream_stops_its_read_ahead_waiting_on_an_arriving_piece(tmp_path: Path) -> None:
     """The read-ahead thread waits for bytes that have not arrived yet; a stream that
     fails meanwhile does not wait for it (Prefetch.close would give it 5 s)."""
@@ -585,7 +576,7 @@ def test_a_failing_stream_stops_its_read_ahead_waiting_on_an_arriving_piece(tmp_
         src = Arriving(fh, len(blob), "c piece 0", str(piece))
         began = time.monotonic()
         with pytest.raises(OSError, match="No space left"):
-            stream_mod._lay_out(comp, 0, src, _Refusing(), partial=False, stop=src.stop)  # type: ignore[arg-type]
+            stream_mod._lay_out(comp, 0, src, RefusingWriter(), partial=False, stop=src.stop)  # type: ignore[arg-type]
         assert time.monotonic() - began < 3
 
 
