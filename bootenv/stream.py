@@ -24,7 +24,7 @@ from bootenv import inflate
 from bootenv.arriving import Arriving
 from bootenv.callback import Event
 from bootenv.errors import BootenvError, VerificationError
-from bootenv.extract import Stats, TreeWriter
+from bootenv.extract import Stats, TreeWriter, reserve_fd_table
 from bootenv.fetchahead import Draining, Readable, open_fetched
 from bootenv.journal import DirLog
 from bootenv.log import human_bytes
@@ -63,6 +63,7 @@ def init_worker(events: Any) -> None:
     # kills leaves only temp names, which the next run removes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    reserve_fd_table()  # before the read-ahead thread starts
 
 
 def _emit(event: Event) -> None:

@@ -319,3 +319,57 @@ def test_write_all_finishes_a_short_write(tmp_path: Path, monkeypatch: pytest.Mo
     with open(tmp_path / "out", "wb") as out:
         write_all(out.fileno(), b"0123456789")
     assert (tmp_path / "out").read_bytes() == b"0123456789"
+
+
+def _fd_table_size() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("FDSize:")).split()[1])
+
+
+def test_a_stream_grows_its_fd_table_once_before_it_has_threads() -> None:
+    """A forked process starts with a small table (64 fds here, as a stream did); one call
+    grows it to FD_TABLE, so opening MAX_OPEN_DIRS directories later never grows it again
+    (a growth under threads waits for an RCU grace period). The table is the kernel's,
+    read from /proc in a forked child."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports, and never returns into pytest
+        try:
+            before = _fd_table_size()
+            extract.reserve_fd_table()
+            after = _fd_table_size()
+            held = [os.open("/", os.O_RDONLY) for _ in range(extract.MAX_OPEN_DIRS + 20)]
+            os.write(write, f"{before} {after} {_fd_table_size()} {len(held)}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as r:
+        report = r.read()
+    os.waitpid(pid, 0)
+    before, after, later, _ = map(int, report.split())
+    assert before < extract.FD_TABLE <= extract.MAX_OPEN_DIRS * 2
+    assert after == later == extract.FD_TABLE
+
+
+def test_the_reservation_stays_under_the_fd_limit_and_leaks_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a soft limit of 32 fds it asks for fd 31, the highest the process may have;
+    where even that fails (EMFILE), it goes on. Either way it leaves no fd open."""
+    import resource
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (32, 32))
+    asked: list[int] = []
+    real_dup2 = os.dup2
+
+    def dup2(fd: int, fd2: int, inheritable: bool = True) -> int:
+        if fd2 > 2:  # not pytest's own capture of stdout and stderr
+            asked.append(fd2)
+            if len(asked) > 1:
+                raise OSError(24, "Too many open files")
+        return real_dup2(fd, fd2, inheritable)
+
+    monkeypatch.setattr(os, "dup2", dup2)
+    before = sorted(os.listdir("/proc/self/fd"))
+    extract.reserve_fd_table()
+    extract.reserve_fd_table()
+    assert asked == [31, 31]
+    assert sorted(os.listdir("/proc/self/fd")) == before

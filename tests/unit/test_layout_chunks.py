@@ -295,6 +295,35 @@ def test_later_chunks_are_fetched_while_the_first_piece_is_laid_out(
     assert results[0][0].files > 0 and (root / "opt/good/sub").is_dir()
 
 
+def test_each_stream_has_a_next_piece_waiting_in_the_pool(
+    images: tuple[Path, Path, dict[str, tuple[object, ...]]], tmp_path: Path
+) -> None:
+    """Two streams are given three pieces at once: the third waits in the pool's queue,
+    so a stream that ends a piece starts the next without waiting for the scheduler to
+    hear of it. No more than that: the rest wait in the scheduler, in order of work."""
+    _, chunked, _ = images
+    comp = manifest(chunked).component("good")
+    assert len(comp.chunks) > 4
+    root = tmp_path / "root"
+    root.mkdir()
+    ahead = FetchAhead(str(chunked), 2, spill=tmp_path)
+    with _held_run(ahead, root, comp) as (pool, _, results):
+        pool.run_one()  # the first piece, its directories: the others may start now
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and pool.jobs.qsize() < 3:
+            time.sleep(0.01)
+        time.sleep(0.2)  # a fourth job, if one were given, would be by now
+        assert pool.jobs.qsize() == 3
+        pool.run_one()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and pool.jobs.qsize() < 3:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert pool.jobs.qsize() == 3  # one ended, one more was given
+    assert [r.status for r in results[0]] == ["done"]
+    assert (root / "opt/good/sub").is_dir()
+
+
 def test_a_chunk_that_fails_its_fetch_fails_its_component_at_once(
     images: tuple[Path, Path, dict[str, tuple[object, ...]]], tmp_path: Path
 ) -> None:
