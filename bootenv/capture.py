@@ -45,7 +45,7 @@ from bootenv.run import run, which
 from bootenv.split import COMPONENT_STATUS_DIR, OS, ComponentSpec, Split, validate_specs
 from bootenv.staging import stage
 from bootenv.store import BlobWriter, write_blob
-from bootenv.tarstream import tar_create, write_list
+from bootenv.tarstream import finish_create, tar_create, write_list
 from bootenv.walk import Entry, Kind, scan
 from bootenv.writeback import fsync_dir
 
@@ -328,12 +328,23 @@ def _pack_component(
             src = cast(TarSource, tar.stdout)  # a pipe Popen opened: a BufferedReader
             raw, chunks = compress_tar(src, blob, level=cfg.level, progress=progress.update)
             progress.close()
-            tar.wait_ok(ok_codes=(0, 1))  # 1: a file changed while being read (live capture)
+            vanished = finish_create(tar)
             data = blob.finish(raw)
+    _report_vanished(name, vanished)
     units = sorted(
         {p.rsplit("/", 1)[1] for p in split.files[name] if p.startswith(WANTS_DIR) and ".wants/" in p}
     )
-    return Component(name, data, pkgs, split.depends[name], len(split.files[name]), tuple(units), chunks)
+    files = len(split.files[name]) - len(vanished)
+    return Component(name, data, pkgs, split.depends[name], files, tuple(units), chunks)
+
+
+def _report_vanished(image: str, paths: tuple[str, ...]) -> None:
+    """A live machine removed these after the scan listed them: they are not in `image`."""
+    if paths:
+        shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+        log.warning(
+            "%s: %d path(s) removed while the capture read them, left out: %s", image, len(paths), shown
+        )
 
 
 def _pack_os(
@@ -358,6 +369,7 @@ def _pack_os(
         with step(f"Staging the {what} tree ({len(paths)} entries)"):
             staged = stage(root, paths, staging, work)
         log.info("Staged with %s", staged.method)
+        _report_vanished("single" if single else OS, staged.vanished)
         if not single:
             _rewrite_status(staging, db, split.packages(OS))
         size = image_size_for(staged.used, staged.inodes)
@@ -369,7 +381,8 @@ def _pack_os(
             bmap, data = _compress_image(cfg, image, staging, out, what)
     bmap_blob = write_blob(out, "bmap.json", bmap.to_json().encode())
     pkgs = tuple(sorted(db.packages)) if single else split.packages(OS)
-    nfiles = sum(len(split.files[i]) for i in images)
+    gone = set(staged.vanished)
+    nfiles = sum(1 for i in images for p in split.files[i] if p not in gone)
     rootfs = RootFs(type="ext4", image_size=size, min_size=size, block_size=BLOCK_SIZE)
     return OsImage(data, bmap_blob, pkgs, nfiles), rootfs
 

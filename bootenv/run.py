@@ -92,14 +92,16 @@ class Stream:
         assert self.popen.stdout is not None
         return self.popen.stdout
 
-    def wait_ok(self, ok_codes: tuple[int, ...] = (0,)) -> None:
-        """Wait for the command and raise CommandError unless it succeeded."""
+    def wait_ok(self, ok_codes: tuple[int, ...] = (0,)) -> str:
+        """Wait for the command and raise CommandError unless it succeeded; return what
+        it wrote to stderr."""
         code = self.popen.wait()
         self._err.seek(0)
         err = self._err.read().decode(errors="replace")
         self._err.close()
         if code not in ok_codes:
             raise CommandError(self.argv, code, err)
+        return err
 
     def kill(self) -> None:
         if self.popen.poll() is None:

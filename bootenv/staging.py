@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bootenv.fsimage import BLOCK_SIZE, tree_usage
-from bootenv.tarstream import tar_create, tar_extract, write_list
+from bootenv.tarstream import finish_create, tar_create, tar_extract, write_list
+from bootenv.walk import GONE
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,14 @@ class Staged:
     method: str  # "hard links" or "tar copy"
     used: int  # bytes the tree allocates (fsimage.tree_usage)
     inodes: int
+    vanished: tuple[str, ...] = ()  # listed, but removed before they were staged (live /)
 
 
 def stage(root: Path, paths: list[str], staging: Path, work: Path) -> Staged:
-    """Populate `staging` with `paths` (sorted, parents first); say how, and its usage."""
+    """Populate `staging` with `paths` (sorted, parents first); say how, and its usage.
+    A path a live machine removed since it was listed is left out, and named."""
     try:
-        return Staged("hard links", *_link_farm(root, paths, staging))
+        return _link_farm(root, paths, staging)
     except OSError as exc:
         if exc.errno not in _FALLBACK:
             raise
@@ -46,36 +49,56 @@ def stage(root: Path, paths: list[str], staging: Path, work: Path) -> Staged:
     dst = tar_extract(staging, stdin=src.stdout.fileno())
     src.stdout.close()
     dst.wait_ok()
-    src.wait_ok(ok_codes=(0, 1))  # 1: a file changed while being read (live capture)
-    return Staged("tar copy", *tree_usage(staging))
+    vanished = finish_create(src)
+    return Staged("tar copy", *tree_usage(staging), vanished)
 
 
-def _link_farm(root: Path, paths: list[str], staging: Path) -> tuple[int, int]:
-    """Link every file, make every directory; return the tree's usage as tree_usage()
-    counts it, from the stats the links needed anyway (no second walk)."""
+def _link_farm(root: Path, paths: list[str], staging: Path) -> Staged:
+    """Link every file, make every directory; count the tree's usage as tree_usage()
+    does, from the stats the links needed anyway (no second walk)."""
     src_root = str(root)
     dst_root = str(staging)
     dirs: list[str] = []
     seen: set[tuple[int, int]] = set()
+    vanished: list[str] = []
     used = 0
     for path in paths:
         if path == "/":
             dirs.append(path)
             continue
-        st = os.lstat(src_root + path)
+        try:
+            st = os.lstat(src_root + path)
+            if stat.S_ISDIR(st.st_mode):
+                os.mkdir(dst_root + path, 0o700)
+                dirs.append(path)
+            else:
+                os.link(src_root + path, dst_root + path, follow_symlinks=False)
+        except OSError as exc:
+            # Gone from the gold (or its staged parent is): left out. EEXIST is not
+            # caught: the list names no path twice.
+            if exc.errno not in GONE:
+                raise
+            vanished.append(path)
+            continue
         if (st.st_dev, st.st_ino) not in seen:
             seen.add((st.st_dev, st.st_ino))
             used += max(st.st_blocks * 512, BLOCK_SIZE)
-        if stat.S_ISDIR(st.st_mode):
-            os.mkdir(dst_root + path, 0o700)
-            dirs.append(path)
-        else:
-            os.link(src_root + path, dst_root + path, follow_symlinks=False)
     # Directory metadata last, deepest first, so creating children doesn't bump mtimes.
     for path in reversed(dirs):
         rel = "" if path == "/" else path
-        _copy_dir_meta(src_root + rel, dst_root + rel)
-    return used, len(seen)
+        try:
+            _copy_dir_meta(src_root + rel, dst_root + rel)
+        except OSError as exc:
+            if exc.errno not in GONE or not rel:
+                raise
+            # Removed from the gold after it was staged: left out if it is empty (its
+            # files went with it), else kept for what was linked into it, mode 0700.
+            try:
+                os.rmdir(dst_root + rel)
+                vanished.append(path)
+            except OSError:
+                log.warning("%s vanished from the gold while it was staged; kept, mode 0700", path)
+    return Staged("hard links", used, len(seen), tuple(vanished))
 
 
 def _copy_dir_meta(src: str, dst: str) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+
+# What reading a path that a live machine removed meanwhile raises (ENOTDIR: a parent
+# directory was replaced by a file).
+GONE = (errno.ENOENT, errno.ENOTDIR)
 
 
 class Kind(StrEnum):
@@ -45,7 +50,8 @@ def _kind(mode: int) -> Kind:
 
 
 def scan(root: Path) -> list[Entry]:
-    """Every entry below `root` on the same filesystem, parents before children."""
+    """Every entry below `root` on the same filesystem, parents before children. On a
+    live machine, an entry removed while its directory is read is left out."""
     root_dev = os.lstat(root).st_dev
     entries = [Entry("/", Kind.DIR)]
     entries.extend(_scan_dir(str(root), "", root_dev))
@@ -53,18 +59,29 @@ def scan(root: Path) -> list[Entry]:
 
 
 def _scan_dir(top: str, rel: str, root_dev: int) -> Iterator[Entry]:
-    with os.scandir(top + rel or "/") as it:
-        children = sorted(it, key=lambda e: e.name)
+    try:
+        with os.scandir(top + rel or "/") as it:
+            children = sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        if rel and exc.errno in GONE:  # it vanished since its parent was read
+            return
+        raise
     for child in children:
         path = f"{rel}/{child.name}"
-        st = child.stat(follow_symlinks=False)
-        kind = _kind(st.st_mode)
+        try:
+            st = child.stat(follow_symlinks=False)
+            kind = _kind(st.st_mode)
+            target = os.readlink(top + path) if kind is Kind.SYMLINK else ""
+        except OSError as exc:
+            if exc.errno in GONE:  # removed while the directory was read: a live machine
+                continue
+            raise
         if kind is Kind.DIR:
             other_fs = st.st_dev != root_dev
             yield Entry(path, kind, mountpoint=other_fs)
             if not other_fs:
                 yield from _scan_dir(top, path, root_dev)
         elif kind is Kind.SYMLINK:
-            yield Entry(path, kind, target=os.readlink(top + path))
+            yield Entry(path, kind, target=target)
         else:
             yield Entry(path, kind, size=st.st_size if kind is Kind.FILE else 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from bootenv.cli import main
 from bootenv.exclude import Exclusions
 from bootenv.run import run
 from bootenv.split import ComponentSpec
-from bootenv.walk import Kind, scan
+from bootenv.walk import Entry, Kind, scan
 from tests.conftest import require_root
 from tests.imagetools import archive_members, describe, load, mounted, restore_fs, tree_files
 from tests.unit.fakeroot import make_tree
@@ -131,6 +132,63 @@ def test_failure_midway_leaves_no_partial_image(tmp_path: Path, capsys: pytest.C
         assert list(small.iterdir()) == []
     finally:
         run(["umount", small])
+
+
+@pytest.mark.parametrize("other_fs", [False, True])
+def test_a_live_capture_leaves_out_what_was_removed_after_the_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, other_fs: bool
+) -> None:
+    """Files removed between the scan and the packing, as on a live machine: an OS file,
+    a component's file, and a directory of the OS with its file. The capture succeeds
+    without them, says so, and counts only what it packed; the rest is intact. With
+    other_fs, the OS tree is staged by a tar copy instead of hard links."""
+    import bootenv.capture as capture_mod
+
+    where = tmp_path / "fs"
+    where.mkdir()
+    if other_fs:  # the gold on another filesystem than the capture's work: no hard links
+        run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", where])
+    try:
+        gold, same = make_tree(where / "gold"), make_tree(tmp_path / "twin")
+        for tree in (gold, same):
+            (tree / "var/cache/job").mkdir(parents=True)
+            (tree / "var/cache/job/tmp").write_text("scratch\n")
+        # The same tree, captured unchanged.
+        twin = capture(CaptureConfig(root=same, output=tmp_path / "twin-image", components=SPECS)).manifest
+        real_scan = capture_mod.scan
+
+        def scan_then_remove(root: Path) -> list[Entry]:
+            entries = real_scan(root)
+            (gold / "etc/admin-notes.txt").unlink()
+            (gold / "usr/sbin/httpd").unlink()
+            (gold / "var/cache/job/tmp").unlink()
+            (gold / "var/cache/job").rmdir()
+            return entries
+
+        monkeypatch.setattr(capture_mod, "scan", scan_then_remove)
+        out = tmp_path / "image"
+        with caplog.at_level(logging.WARNING):
+            result = capture(CaptureConfig(root=gold, output=out, components=SPECS, single=True))
+    finally:
+        if other_fs:
+            run(["umount", where])
+    m = load(out)
+    assert m == result.manifest
+    warned = "\n".join(r.getMessage() for r in caplog.records)
+    assert "os: 3 path(s) removed while the capture read them, left out: " in warned
+    assert "/etc/admin-notes.txt" in warned and "/var/cache/job/tmp" in warned
+    assert "web: 1 path(s) removed while the capture read them, left out: /usr/sbin/httpd" in warned
+    # Counted as packed: the files that went are not (a directory is not counted).
+    assert m.component("web").files == twin.component("web").files - 1
+    assert m.os.files == twin.os.files - 2
+    web = {"/" + t.name.lstrip("./") for t in archive_members(out / m.component("web").data.file)}
+    assert "/usr/sbin/httpd" not in web and "/etc/httpd" in web
+    restore_fs(out, m.os, tmp_path / "os.img")
+    run(["e2fsck", "-fn", tmp_path / "os.img"])
+    with mounted(tmp_path / "os.img", tmp_path / "mnt") as mnt:
+        assert not (mnt / "etc/admin-notes.txt").exists() and not (mnt / "var/cache/job").exists()
+        assert (mnt / "usr/bin/curl").read_bytes() == (tmp_path / "twin/usr/bin/curl").read_bytes()
+        assert (mnt / "var/cache").is_dir()
 
 
 def test_debug_shows_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

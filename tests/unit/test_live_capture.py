@@ -1,0 +1,160 @@
+"""A live gold machine changes while capture reads it: a path removed between the scan
+and the packing is left out and named; any other failure to read still fails."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bootenv import walk
+from bootenv.errors import FatalError
+from bootenv.fsimage import tree_usage
+from bootenv.staging import _link_farm
+from bootenv.tarstream import finish_create, sort_warnings
+from bootenv.walk import Kind, scan
+
+# What GNU tar 1.34 wrote with --ignore-failed-read, for a listed file that was gone,
+# one whose parent directory was replaced by a file, one it could not open, and one that
+# changed as it read it (exit 1).
+TAR_ERR = """\
+tar: ./var/log/gone.log: Warning: Cannot stat: No such file or directory
+tar: ./var/tmp/was-a-dir/x: Warning: Cannot stat: Not a directory
+tar: ./etc/odd: name: Warning: Cannot open: No such file or directory
+/usr/bin/tar: ./etc/secret: Warning: Cannot open: Permission denied
+tar: ./var/lib/db/ibdata1: file changed as we read it
+"""
+
+
+def test_tar_warnings_sort_vanished_paths_from_failures_to_read() -> None:
+    vanished, failed = sort_warnings(TAR_ERR)
+    assert vanished == ("/var/log/gone.log", "/var/tmp/was-a-dir/x", "/etc/odd: name")
+    assert failed == ("/etc/secret: Cannot open: Permission denied",)
+    assert sort_warnings("") == ((), ())
+
+
+class _Finished:
+    """What finish_create waits on: a tar that has ended with `code` and wrote `err`."""
+
+    def __init__(self, err: str, code: int = 0) -> None:
+        self.err, self.code = err, code
+
+    def wait_ok(self, ok_codes: tuple[int, ...] = (0,)) -> str:
+        assert self.code in ok_codes
+        return self.err
+
+
+def test_a_vanished_path_is_returned_and_a_change_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    err = "".join(line + "\n" for line in TAR_ERR.splitlines() if "Permission" not in line)
+    with caplog.at_level(logging.WARNING):
+        got = finish_create(_Finished(err, code=1))  # type: ignore[arg-type]
+    assert got == ("/var/log/gone.log", "/var/tmp/was-a-dir/x", "/etc/odd: name")
+    assert [r.getMessage() for r in caplog.records] == [
+        "tar: ./var/lib/db/ibdata1: file changed as we read it"
+    ]
+
+
+def test_a_file_tar_could_not_read_fails_the_capture() -> None:
+    with pytest.raises(FatalError, match=r"tar could not read /etc/secret: Cannot open: Permission denied$"):
+        finish_create(_Finished(TAR_ERR))  # type: ignore[arg-type]
+
+
+def _tree(root: Path) -> None:
+    for d in ("etc/app", "var/cache/tmpdir", "var/log"):
+        (root / d).mkdir(parents=True)
+    for f in ("etc/app/keep.conf", "etc/app/gone.conf", "var/cache/tmpdir/x", "var/log/syslog"):
+        (root / f).write_text(f)
+    os.symlink("keep.conf", root / "etc/app/link")
+
+
+def test_the_scan_leaves_out_what_is_removed_while_a_directory_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Removed after its directory was listed and before it was looked at: a file, a
+    symlink (its readlink) and a directory (its own listing) are left out."""
+    root = tmp_path / "gold"
+    _tree(root)
+    real = os.scandir
+
+    def scandir(path: Any) -> Any:
+        if path == f"{root}/var/cache/tmpdir":  # looked at, then gone before it is listed
+            shutil.rmtree(path)
+            return real(path)
+        with real(path) as it:
+            entries = list(it)
+        if path == f"{root}/etc/app":
+            (root / "etc/app/gone.conf").unlink()
+            (root / "etc/app/link").unlink()
+        return contextlib.nullcontext(entries)
+
+    monkeypatch.setattr(walk.os, "scandir", scandir)
+    got = {(e.path, e.kind) for e in scan(root)}
+    monkeypatch.undo()
+    assert ("/etc/app/keep.conf", Kind.FILE) in got and ("/var/log/syslog", Kind.FILE) in got
+    assert not {p for p, _ in got} & {"/etc/app/gone.conf", "/etc/app/link", "/var/cache/tmpdir/x"}
+    # The directory was seen before it went: the packing will find it gone.
+    assert ("/var/cache/tmpdir", Kind.DIR) in got
+
+
+def test_a_scan_that_cannot_read_a_directory_still_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "gold"
+    _tree(root)
+    real = os.scandir
+
+    def scandir(path: Any) -> Any:
+        if path == f"{root}/var/log":
+            raise PermissionError(13, "Permission denied", path)
+        return real(path)
+
+    monkeypatch.setattr(walk.os, "scandir", scandir)
+    with pytest.raises(PermissionError):
+        scan(root)
+    monkeypatch.undo()
+
+
+def test_staging_leaves_out_what_was_removed_since_the_scan(tmp_path: Path) -> None:
+    """The hard-link farm, for paths listed but gone: a file, and a directory with its
+    file. The rest is staged; the gone ones are named, and not in the staged tree."""
+    root = tmp_path / "gold"
+    _tree(root)
+    paths = ["/", *sorted("/" + str(p.relative_to(root)) for p in root.rglob("*"))]
+    (root / "etc/app/gone.conf").unlink()
+    shutil.rmtree(root / "var/cache/tmpdir")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    staged = _link_farm(root, paths, staging)
+    assert staged.vanished == ("/etc/app/gone.conf", "/var/cache/tmpdir", "/var/cache/tmpdir/x")
+    assert (staging / "etc/app/keep.conf").read_text() == "etc/app/keep.conf"
+    assert os.readlink(staging / "etc/app/link") == "keep.conf"
+    assert not (staging / "etc/app/gone.conf").exists() and not (staging / "var/cache/tmpdir").exists()
+    assert (staging / "var/cache").is_dir()
+    assert (staged.used, staged.inodes) == tree_usage(staging)
+
+
+def test_a_directory_removed_after_it_was_staged_is_left_out_when_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "gold"
+    _tree(root)
+    (root / "var/cache/tmpdir/x").unlink()
+    paths = ["/", *sorted("/" + str(p.relative_to(root)) for p in root.rglob("*"))]
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    real_link = os.link
+
+    def link(src: str, dst: str, **kw: Any) -> None:  # the last file staged: the gold's tmpdir goes
+        real_link(src, dst, **kw)
+        if dst.endswith("/var/log/syslog"):
+            (root / "var/cache/tmpdir").rmdir()
+
+    monkeypatch.setattr(os, "link", link)
+    staged = _link_farm(root, paths, staging)
+    assert staged.vanished == ("/var/cache/tmpdir",)
+    assert not (staging / "var/cache/tmpdir").exists() and (staging / "var/log/syslog").exists()
