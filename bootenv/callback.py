@@ -2,14 +2,23 @@
 
 The schema is `bootenv.machines.parse_event`'s: {"event": KIND, "source": "agent" |
 "layout", "step", "status": start|done|failed, "component", "elapsed", "bytes",
-"total", "files", "path", "message", "fatal", "data"}. Posting is best effort: a dead
-callback never stops provisioning, it is only logged. Events are posted in order, from
-any thread, over one HTTP session.
+"total", "files", "path", "message", "fatal", "data"}.
+
+Posting is best effort, and never holds up provisioning: events are queued, in the
+order they are sent from any thread, and a thread of their own posts them over one
+HTTP session. A server that is busy for a moment (a rack booting at once: `bootenv
+serve` answers 503 past its connection cap) or unreachable is tried again, up to
+ATTEMPTS times per event, after its Retry-After (at most RETRY_WAIT) or a backoff. An
+event refused for what it is (any other 4xx) is not. Once an event is given up on, the
+next ones are tried once each until one gets through, so a dead callback costs one
+failed attempt per event. `close()` waits up to CLOSE_WAIT for what is queued (the last
+events, done or error, matter most) and logs what it could not post.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,17 +27,38 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-TIMEOUT = 5.0
+TIMEOUT = 5.0  # per attempt
+ATTEMPTS = 4  # per event, while the callback is reachable
+RETRY_WAIT = 5.0  # at most between two attempts; a longer Retry-After is cut to it
+CLOSE_WAIT = 15.0  # for the queued events, once provisioning is done
+QUEUE = 10_000  # events waiting at most; past that, new ones are dropped (and counted)
+_BUSY = frozenset({429, 502, 503, 504})
 Event = dict[str, Any]
 
 
 class Callback:
-    def __init__(self, url: str | None, source: str, *, emit: Callable[[Event], None] | None = None) -> None:
+    def __init__(
+        self,
+        url: str | None,
+        source: str,
+        *,
+        emit: Callable[[Event], None] | None = None,
+        deferred: bool = False,
+    ) -> None:
+        """`deferred`: queue events, and start posting them only at `start()` (or
+        `close()`): a process that forks after its first events starts no thread first."""
         self.url = url
         self.source = source  # "agent" or "layout"
-        self.emit = emit  # also hand each event to this (tests, JSON output)
+        self.emit = emit  # also hand each event to this, at once (tests, JSON output)
         self.timings: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._queue: queue.Queue[Event | None] = queue.Queue(QUEUE)
+        self._thread: threading.Thread | None = None
+        self._deferred = deferred
+        self._closed = False
+        self._deadline = float("inf")  # set by close(): past it, what is left is dropped
+        self._reachable = True
+        self._dropped = 0  # for a full queue, or given up on
         self._session: Any = None
 
     def post(self, event: str, **fields: Any) -> None:
@@ -37,27 +67,88 @@ class Callback:
         self.send(body)
 
     def send(self, body: Event) -> None:
-        """Post an event that already has its "event" key (the source is added)."""
+        """Queue an event that already has its "event" key (the source is added)."""
         body = {"source": self.source, "time": time.time(), **body}
         with self._lock:
             log.debug("event %s", body)
             if self.emit is not None:
                 self.emit(body)
-            if not self.url:
+            if not self.url or self._closed:
                 return
             try:
-                import requests
+                self._queue.put_nowait(body)
+            except queue.Full:
+                self._dropped += 1
+                return
+            if not self._deferred:
+                self._start()
 
-                if self._session is None:
-                    self._session = requests.Session()
-                self._session.post(self.url, json=body, timeout=TIMEOUT).raise_for_status()
-            except Exception as exc:  # best effort, by design
-                log.warning("could not post %s to %s: %s", body.get("event"), self.url, exc)
+    def start(self) -> None:
+        """Start posting what is queued, and what comes next as it comes."""
+        with self._lock:
+            self._deferred = False
+            if self.url and not self._queue.empty():
+                self._start()
+
+    def _start(self) -> None:  # under the lock
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="callback", daemon=True)
+            self._thread.start()
 
     def close(self) -> None:
+        """Post what is queued, waiting up to CLOSE_WAIT; then stop."""
+        with self._lock:
+            self._closed = True
+            if not self.url:
+                return
+            if not self._queue.empty():
+                self._start()
+            self._deadline = time.monotonic() + CLOSE_WAIT
+            thread = self._thread
+        if thread is not None:
+            self._queue.put(None)  # room for it: nothing is queued once closed
+            thread.join(CLOSE_WAIT + TIMEOUT)  # and the attempt under way
+            if thread.is_alive():
+                log.warning("gave up posting to %s: %d event(s) left", self.url, self._queue.qsize())
+        if self._dropped:
+            log.warning("%d event(s) could not be posted to %s", self._dropped, self.url)
+
+    def _run(self) -> None:
+        while (body := self._queue.get()) is not None:
+            if time.monotonic() >= self._deadline:
+                self._dropped += 1
+                continue
+            self._deliver(body)
         if self._session is not None:
             self._session.close()
-            self._session = None
+
+    def _deliver(self, body: Event) -> None:
+        import requests
+
+        attempts = ATTEMPTS if self._reachable else 1
+        for attempt in range(1, attempts + 1):
+            wait = 0.5 * 2 ** (attempt - 1)
+            try:
+                if self._session is None:
+                    self._session = requests.Session()
+                answer = self._session.post(self.url, json=body, timeout=TIMEOUT)
+            except requests.RequestException as exc:
+                why, busy = str(exc), True
+            else:
+                if answer.status_code < 400:
+                    self._reachable = True
+                    return
+                why, busy = f"HTTP {answer.status_code}", answer.status_code in _BUSY
+                wait = retry_after(answer.headers.get("Retry-After"), wait)
+            if not busy:
+                break  # refused for what it is: it would be refused again
+            wait = min(wait, RETRY_WAIT, self._deadline - time.monotonic())
+            if attempt == attempts or wait < 0:
+                self._reachable = False
+                break
+            time.sleep(wait)
+        self._dropped += 1
+        log.warning("could not post %s to %s: %s", body.get("event"), self.url, why)
 
     @contextmanager
     def step(self, name: str, **fields: Any) -> Iterator[None]:
@@ -80,3 +171,12 @@ class Callback:
         elapsed = time.monotonic() - start
         self.timings[name] = elapsed
         self.post("step", step=name, status="done", elapsed=elapsed, **fields)
+
+
+def retry_after(header: str | None, default: float) -> float:
+    """Seconds a Retry-After header asks for (its delay form; a date, or nonsense, gives
+    `default`)."""
+    try:
+        return max(0.0, float(header)) if header is not None else default
+    except ValueError:
+        return default

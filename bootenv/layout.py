@@ -168,7 +168,8 @@ def layout(
             log.info("Added as dependencies: %s", ", ".join(added))
         comps = sorted((manifest.component(n) for n in order), key=lambda c: c.name)
     clean_stale(root)  # a killed run's half-written conflict records
-    poster = Callback(cfg.callback, "layout", emit=emit)
+    # Its thread starts once the streams are forked (_run_streams): none runs before.
+    poster = Callback(cfg.callback, "layout", emit=emit, deferred=True)
     if root.resolve() == Path("/"):
         poster.post("os_booted")  # the layout service runs in the freshly booted OS
     try:
@@ -277,18 +278,22 @@ def _run_streams(
     ahead = FetchAhead(image, width, spill=root)
     try:
         if width == 1:
+            poster.start()
             stream.SINK[:] = [progress]
             try:
                 return _Scheduler(1, root, privileged, ahead, began).run(_Inline(), comps)
             finally:
                 stream.SINK.clear()
-        return _run_pool(_Scheduler(width, root, privileged, ahead, began), comps, progress)
+        return _run_pool(_Scheduler(width, root, privileged, ahead, began), comps, progress, poster.start)
     finally:
         ahead.close()
 
 
-def _run_pool(sched: _Scheduler, comps: list[Component], progress: _ProgressSum) -> list[ComponentResult]:
-    """Run `sched` on `sched.width` stream processes (forked before any fetch thread runs)."""
+def _run_pool(
+    sched: _Scheduler, comps: list[Component], progress: _ProgressSum, forked: Callable[[], None]
+) -> list[ComponentResult]:
+    """Run `sched` on `sched.width` stream processes (forked before any thread of this
+    process runs); call `forked` once they are."""
     ctx = get_context("fork")
     events: Any = ctx.Queue()
     stop = threading.Event()
@@ -297,14 +302,16 @@ def _run_pool(sched: _Scheduler, comps: list[Component], progress: _ProgressSum)
         with ProcessPoolExecutor(
             sched.width, mp_context=ctx, initializer=stream.init_worker, initargs=(events,)
         ) as pool:
-            # Fork every stream now, before any thread of this process runs (the pump, the
-            # fetches, the flusher): a fork copies no thread, only the locks they hold.
+            # Fork every stream now, before any thread of this process runs (the pump,
+            # the callback's poster, the fetches, the flusher): a fork copies no thread,
+            # only the locks they hold.
             # Frozen first: the streams' garbage collector then never walks (and so never
             # writes to, and copies) the objects they share with this process. Measured on
             # a layout of 4 GB on 2 streams: 138 MiB at its peak (every process's PSS
             # and the chunks in memfds) without, 124 MiB with.
             gc.freeze()
             pool.submit(os.getpid).result()
+            forked()
             pump.start()
             try:
                 return sched.run(pool, comps)

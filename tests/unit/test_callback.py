@@ -1,0 +1,198 @@
+"""The callback poster against a real HTTP server on 127.0.0.1: events arrive in order,
+never hold up the sender, survive a busy server, and a dead one costs little."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from bootenv import callback
+from bootenv.callback import Callback, retry_after
+
+Answer = Callable[[dict[str, object], int], tuple[int, dict[str, str]]]  # (event, request no.)
+
+
+@contextmanager
+def server(answer: Answer, delay: float = 0.0) -> Iterator[tuple[str, list[dict[str, object]], list[str]]]:
+    """(URL, the events it took, in order, and every event it was sent, taken or not)."""
+    took: list[dict[str, object]] = []
+    sent: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            time.sleep(delay)
+            sent.append(str(body["event"]))
+            code, headers = answer(body, len(sent))
+            if code < 400:
+                took.append(body)
+            self.send_response(code)
+            for k, v in {"Content-Length": "0", **headers}.items():
+                self.send_header(k, v)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}/callback/x", took, sent
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def ok(body: dict[str, object], n: int) -> tuple[int, dict[str, str]]:
+    return 204, {}
+
+
+@pytest.fixture(autouse=True)
+def _short_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(callback, "RETRY_WAIT", 0.05)
+
+
+def test_events_arrive_in_order_and_never_hold_up_the_sender() -> None:
+    with server(ok, delay=0.1) as (url, took, _):
+        cb = Callback(url, "layout")
+        start = time.monotonic()
+        for i in range(5):
+            cb.post("progress", files=i)
+        queued = time.monotonic() - start
+        cb.close()  # waits for them
+        assert queued < 0.1, f"posting took {queued:.2f} s: it waited for the server"
+        assert [e["files"] for e in took] == [0, 1, 2, 3, 4]
+        assert {e["source"] for e in took} == {"layout"}
+
+
+def test_a_busy_server_is_tried_again() -> None:
+    """503 with Retry-After, as `bootenv serve` answers past its connection cap."""
+
+    def busy_twice(body: dict[str, object], n: int) -> tuple[int, dict[str, str]]:
+        return (503, {"Retry-After": "0"}) if n <= 2 else (204, {})
+
+    with server(busy_twice) as (url, took, sent):
+        cb = Callback(url, "agent")
+        cb.post("start")
+        cb.post("done")
+        cb.close()
+    assert [e["event"] for e in took] == ["start", "done"]
+    assert sent == ["start", "start", "start", "done"]
+
+
+def test_an_event_refused_for_what_it_is_is_not_sent_again(caplog: pytest.LogCaptureFixture) -> None:
+    def refuse_bad(body: dict[str, object], n: int) -> tuple[int, dict[str, str]]:
+        return (400, {}) if body["event"] == "bad" else (204, {})
+
+    with server(refuse_bad) as (url, took, sent), caplog.at_level(logging.WARNING):
+        cb = Callback(url, "agent")
+        cb.post("bad")
+        cb.post("good")
+        cb.close()
+    assert sent == ["bad", "good"] and [e["event"] for e in took] == ["good"]
+    assert f"could not post bad to {url}: HTTP 400" in caplog.text
+
+
+@contextmanager
+def dead_server() -> Iterator[tuple[str, list[int]]]:
+    """A port that accepts each connection and closes it at once: (URL, attempts)."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    attempts = [0]
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            attempts[0] += 1
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/cb", attempts
+    finally:
+        sock.close()
+
+
+def test_a_dead_callback_costs_one_attempt_per_event_once_one_was_given_up_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with dead_server() as (url, attempts), caplog.at_level(logging.WARNING):
+        cb = Callback(url, "agent")
+        for event in ("start", "step", "step", "step", "error"):
+            cb.post(event)
+        start = time.monotonic()
+        cb.close()
+        took = time.monotonic() - start
+    # requests itself retries nothing; the poster tries the first event ATTEMPTS times.
+    assert attempts[0] == callback.ATTEMPTS + 4
+    assert took < 5, f"close() took {took:.1f} s"
+    assert "5 event(s) could not be posted" in caplog.text
+
+
+def test_close_gives_up_at_its_deadline(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(callback, "CLOSE_WAIT", 0.3)
+
+    def always_busy(body: dict[str, object], n: int) -> tuple[int, dict[str, str]]:
+        return 503, {"Retry-After": "120"}
+
+    with server(always_busy, delay=0.1) as (url, took, sent), caplog.at_level(logging.WARNING):
+        cb = Callback(url, "agent")
+        for _ in range(20):
+            cb.post("progress")
+        start = time.monotonic()
+        cb.close()
+        assert time.monotonic() - start < 1.5  # not the 2 s that trying each would take
+    assert took == [] and len(sent) < 12
+    assert "20 event(s) could not be posted" in caplog.text
+
+
+def _posters() -> set[threading.Thread]:
+    """The callback threads alive (other tests' may still be)."""
+    return {t for t in threading.enumerate() if t.name == "callback"}
+
+
+def test_deferred_events_wait_for_start() -> None:
+    """A layout queues its first events before it forks its streams, and starts the
+    poster's thread after: a fork copies no thread, only the locks it held."""
+    with server(ok) as (url, took, _):
+        before = _posters()
+        cb = Callback(url, "layout", deferred=True)
+        cb.post("os_booted")
+        time.sleep(0.2)
+        assert took == [] and _posters() == before
+        cb.start()
+        cb.post("done")
+        cb.close()
+    assert [e["event"] for e in took] == ["os_booted", "done"]
+
+
+def test_no_url_posts_nothing_and_starts_no_thread() -> None:
+    got: list[dict[str, object]] = []
+    before = _posters()
+    cb = Callback(None, "agent", emit=got.append)
+    cb.post("start")
+    assert _posters() == before
+    cb.close()
+    assert [e["event"] for e in got] == ["start"]
+
+
+@pytest.mark.parametrize(
+    ("header", "want"), [("3", 3.0), ("0", 0.0), ("-2", 0.0), (None, 1.5), ("soon", 1.5)]
+)
+def test_retry_after_takes_delays_and_ignores_the_rest(header: str | None, want: float) -> None:
+    assert retry_after(header, 1.5) == want
