@@ -9,10 +9,12 @@ order they are sent from any thread, and a thread of their own posts them over o
 HTTP session. A server that is busy for a moment (a rack booting at once: `bootenv
 serve` answers 503 past its connection cap) or unreachable is tried again, up to
 ATTEMPTS times per event, after its Retry-After (at most RETRY_WAIT) or a backoff. An
-event refused for what it is (any other 4xx) is not. Once an event is given up on, the
-next ones are tried once each until one gets through, so a dead callback costs one
-failed attempt per event. `close()` waits up to CLOSE_WAIT for what is queued (the last
-events, done or error, matter most) and logs what it could not post.
+event the server answers otherwise (any other 4xx or 5xx), or one that cannot be sent
+at all, is not. Once the server has been unreachable for a whole event's attempts, the
+next events are tried once each until one gets through, so a dead callback costs one
+failed attempt per event. `close()` waits up to CLOSE_WAIT, and the attempt under way,
+for what is queued (the last events, done or error, matter most), and logs what it
+could not post.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 TIMEOUT = 5.0  # per attempt
 ATTEMPTS = 4  # per event, while the callback is reachable
 RETRY_WAIT = 5.0  # at most between two attempts; a longer Retry-After is cut to it
-CLOSE_WAIT = 15.0  # for the queued events, once provisioning is done
+CLOSE_WAIT = 15.0  # for the queued events, once provisioning is done (and the last attempt)
 QUEUE = 10_000  # events waiting at most; past that, new ones are dropped (and counted)
 _BUSY = frozenset({429, 502, 503, 504})
 Event = dict[str, Any]
@@ -52,10 +54,11 @@ class Callback:
         self.emit = emit  # also hand each event to this, at once (tests, JSON output)
         self.timings: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._queue: queue.Queue[Event | None] = queue.Queue(QUEUE)
+        self._queue: queue.Queue[Event] = queue.Queue(QUEUE)
         self._thread: threading.Thread | None = None
         self._deferred = deferred
         self._closed = False
+        self._closing = threading.Event()  # the thread ends once the queue is empty
         self._deadline = float("inf")  # set by close(): past it, what is left is dropped
         self._reachable = True
         self._dropped = 0  # for a full queue, or given up on
@@ -78,7 +81,7 @@ class Callback:
             try:
                 self._queue.put_nowait(body)
             except queue.Full:
-                self._dropped += 1
+                self._dropped += 1  # under the lock
                 return
             if not self._deferred:
                 self._start()
@@ -96,7 +99,7 @@ class Callback:
             self._thread.start()
 
     def close(self) -> None:
-        """Post what is queued, waiting up to CLOSE_WAIT; then stop."""
+        """Post what is queued, waiting up to CLOSE_WAIT (and the attempt under way)."""
         with self._lock:
             self._closed = True
             if not self.url:
@@ -104,23 +107,37 @@ class Callback:
             if not self._queue.empty():
                 self._start()
             self._deadline = time.monotonic() + CLOSE_WAIT
+            self._closing.set()
             thread = self._thread
         if thread is not None:
-            self._queue.put(None)  # room for it: nothing is queued once closed
-            thread.join(CLOSE_WAIT + TIMEOUT)  # and the attempt under way
-            if thread.is_alive():
-                log.warning("gave up posting to %s: %d event(s) left", self.url, self._queue.qsize())
-        if self._dropped:
-            log.warning("%d event(s) could not be posted to %s", self._dropped, self.url)
+            thread.join(CLOSE_WAIT + TIMEOUT)
+        with self._lock:
+            lost = self._dropped + self._queue.qsize()  # what a thread left (it gave up, or died)
+        if lost:
+            log.warning("%d event(s) could not be posted to %s", lost, self.url)
 
     def _run(self) -> None:
-        while (body := self._queue.get()) is not None:
-            if time.monotonic() >= self._deadline:
-                self._dropped += 1
+        while True:
+            try:
+                body = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._closing.is_set():
+                    break
                 continue
-            self._deliver(body)
+            if time.monotonic() >= self._deadline:
+                self._drop()
+                continue
+            try:
+                self._deliver(body)
+            except Exception as exc:  # an event that cannot be sent at all: the next may
+                self._drop()
+                log.warning("could not post %s to %s: %s", body.get("event"), self.url, exc)
         if self._session is not None:
             self._session.close()
+
+    def _drop(self) -> None:
+        with self._lock:
+            self._dropped += 1
 
     def _deliver(self, body: Event) -> None:
         import requests
@@ -128,26 +145,25 @@ class Callback:
         attempts = ATTEMPTS if self._reachable else 1
         for attempt in range(1, attempts + 1):
             wait = 0.5 * 2 ** (attempt - 1)
+            if self._session is None:
+                self._session = requests.Session()
             try:
-                if self._session is None:
-                    self._session = requests.Session()
                 answer = self._session.post(self.url, json=body, timeout=TIMEOUT)
-            except requests.RequestException as exc:
+            except (requests.ConnectionError, requests.Timeout) as exc:
                 why, busy = str(exc), True
+                if attempt == attempts:
+                    self._reachable = False  # it never answered
             else:
+                self._reachable = True  # it answered, busy or not
                 if answer.status_code < 400:
-                    self._reachable = True
                     return
                 why, busy = f"HTTP {answer.status_code}", answer.status_code in _BUSY
                 wait = retry_after(answer.headers.get("Retry-After"), wait)
-            if not busy:
-                break  # refused for what it is: it would be refused again
             wait = min(wait, RETRY_WAIT, self._deadline - time.monotonic())
-            if attempt == attempts or wait < 0:
-                self._reachable = False
-                break
+            if not busy or attempt == attempts or wait < 0:
+                break  # refused for what it is, or out of attempts or time
             time.sleep(wait)
-        self._dropped += 1
+        self._drop()
         log.warning("could not post %s to %s: %s", body.get("event"), self.url, why)
 
     @contextmanager

@@ -329,12 +329,15 @@ def _pack_component(
             raw, chunks = compress_tar(src, blob, level=cfg.level, progress=progress.update)
             progress.close()
             vanished = finish_create(tar)
+            if status_rel in vanished:  # bootenv's own, in its work directory
+                raise FatalError(f"{frag}{status_rel} vanished while it was packed")
             data = blob.finish(raw)
     _report_vanished(name, vanished)
     units = sorted(
         {p.rsplit("/", 1)[1] for p in split.files[name] if p.startswith(WANTS_DIR) and ".wants/" in p}
     )
-    files = len(split.files[name]) - len(vanished)
+    gone = set(vanished)
+    files = sum(1 for p in split.files[name] if p not in gone)
     return Component(name, data, pkgs, split.depends[name], files, tuple(units), chunks)
 
 

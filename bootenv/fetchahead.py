@@ -23,9 +23,10 @@ is marked (mode 0) and the stream stops; the file stays open until the piece is
 released, so its fd number cannot be reused under a stream that has its path.
 
 Pieces fetched (or being fetched) and not yet handed over wait on top of the ones the
-streams are laying out: one per stream, and a second per stream while they hold less
-than AHEAD_BYTES per stream (so a stream that syncs or merges does not stop the
-downloads). Memory stays bounded by a few chunks of at most IN_MEMORY per stream.
+streams are laying out (and the one more the layout queues for them, with two streams or
+more): one per stream, and a second per stream while they hold less than AHEAD_BYTES per
+stream (so a stream that syncs or merges does not stop the downloads). Memory stays
+bounded by a few chunks of at most IN_MEMORY per stream.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ mostly finds its data in memory. Measured on the LAMP gold: mke2fs -d of the who
 tree took 7.4 s from a cold cache and 4.7 s from a warm one.
 
 The thread stops at a byte budget (it must not push out what it warmed before it is
-read), at the first file it cannot open (a file that vanished is mke2fs's to report),
-and when the context ends.
+read), and when the context ends. A file it cannot open (one a live machine removed
+since the scan, left out of the image) is skipped.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ class Readahead:
             try:
                 fd = os.open(self._root + path, _FLAGS)
             except OSError as exc:
-                log.debug("readahead stops at %s: %s", path, exc.strerror)
-                return
+                log.debug("readahead skips %s: %s", path, exc.strerror)
+                continue
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
             except OSError:

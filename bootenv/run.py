@@ -6,6 +6,7 @@ Unit tests replace `_spawn` so that an unexpected call fails the test.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import shutil
 import subprocess
@@ -116,13 +117,15 @@ def popen(
     stdin: int | IO[bytes] | None = None,
     stdout: int | IO[bytes] | None = subprocess.PIPE,
     cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Stream:
-    """Start a streaming command (e.g. `tar -c`); the caller must call `wait_ok`."""
+    """Start a streaming command (e.g. `tar -c`); the caller must call `wait_ok`.
+    `env`: set in the command's environment, over this process's."""
     argv = _argv(args)
     log.debug("popen: %s", shlex.join(argv))
     err = tempfile.TemporaryFile()
     try:
-        proc = _popen(argv, stdin=stdin, stdout=stdout, stderr=err, cwd=cwd)
+        proc = _popen(argv, stdin=stdin, stdout=stdout, stderr=err, cwd=cwd, env=env)
     except FileNotFoundError as exc:
         err.close()
         raise UserError(f"required tool not found: {argv[0]}", hint="run `make deps`") from exc
@@ -136,5 +139,7 @@ def _popen(
     stdout: int | IO[bytes] | None,
     stderr: IO[bytes],
     cwd: Path | None,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd)
+    full = {**os.environ, **env} if env else None
+    return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=full)

@@ -57,11 +57,11 @@ def write_list(path: Path, paths: Iterable[str]) -> int:
 
 def tar_create(root: Path, file_list: Path, extra: tuple[tuple[Path, str], ...] = ()) -> Stream:
     """Start `tar -c` of the listed paths of `root`, plus (directory, relpath) extras.
-    Wait for it with `finish_create`."""
+    Wait for it with `finish_create`: its messages are in the C locale, to be read."""
     argv: list[str | Path] = [which("tar"), *CREATE_FLAGS, f"--directory={root}", f"--files-from={file_list}"]
     for directory, rel in extra:
         argv += [f"--directory={directory}", rel]
-    return popen(argv)
+    return popen(argv, env={"LC_ALL": "C"})
 
 
 def finish_create(tar: Stream) -> tuple[str, ...]:
@@ -69,40 +69,79 @@ def finish_create(tar: Stream) -> tuple[str, ...]:
 
     A live machine changes while it is read. A file that changed as tar read it (exit
     1) is archived as tar read it, and logged. A listed path that no longer exists
-    (tar read it with --ignore-failed-read: a warning, exit 0) is left out, and
-    returned. Any other failure to read fails the capture: tar would leave that file out
-    too, and an image missing a file nobody removed is not the gold machine."""
+    (tar reads with --ignore-failed-read: a warning, exit 0) is left out, and returned.
+    Any other failure to read an entry fails: tar would leave that file out too, and an
+    image missing a file nobody removed is not the gold machine. Tar's other warnings
+    (an extended attribute it could not read, as before) are logged."""
     err = tar.wait_ok(ok_codes=(0, 1))
     vanished, failed = sort_warnings(err)
     if failed:
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
         raise FatalError(f"tar could not read {failed[0]}{more}")
     for line in err.splitlines():
-        if line.strip() and _WARNING not in line:
+        if line.strip() and not _is_vanished(line):
             log.warning("%s", line.strip())
     return vanished
 
 
 _PROGRAM = re.compile(r"^\S*tar: ")  # tar names itself as it was run: /usr/bin/tar
 _WARNING = ": Warning: "
-_VANISHED = ("No such file or directory", "Not a directory")
+_READS = ("Cannot stat: ", "Cannot open: ", "Cannot readlink: ", "Cannot read: ", "Read error ")
+_GONE = ("No such file or directory", "Not a directory")
+_ESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11}
 
 
 def sort_warnings(err: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """tar -c --ignore-failed-read's warnings: (the paths that vanished, every other
-    failure to read, as "path: reason"). Paths are as tar quotes them, without its "./"."""
+    """tar -c --ignore-failed-read's warnings, in the C locale: (the paths that vanished,
+    unquoted, every other failure to read an entry, as "path: reason"). A failure to
+    read an entry's extended attributes is neither: tar warned of those before."""
     vanished, failed = [], []
     for line in err.splitlines():
-        body = _PROGRAM.sub("", line, count=1)
-        path, sep, what = body.rpartition(_WARNING)
-        if not sep:
+        path, what = _warning(line)
+        if path is None or not what.startswith(_READS):
             continue
-        path = path.removeprefix(".")
-        if what.endswith(_VANISHED) and what.startswith("Cannot "):
-            vanished.append(path or "/")
+        if what.startswith(("Cannot stat: ", "Cannot open: ", "Cannot readlink: ")) and what.endswith(_GONE):
+            vanished.append(path)
         else:
-            failed.append(f"{path or '/'}: {what}")
+            failed.append(f"{path}: {what}")
     return tuple(vanished), tuple(failed)
+
+
+def _is_vanished(line: str) -> bool:
+    return bool(sort_warnings(line)[0])
+
+
+def _warning(line: str) -> tuple[str | None, str]:
+    """(the path, unquoted, and what tar says of it) of a warning line; (None, "") else."""
+    body = _PROGRAM.sub("", line, count=1)
+    quoted, sep, what = body.partition(_WARNING)  # a quoted name has no bare ": "
+    if not sep:
+        return None, ""
+    path = unquote(quoted).removeprefix(".")
+    return path or "/", what
+
+
+def unquote(name: str) -> str:
+    """A name as tar quotes it in a message (C locale: a colon, a backslash and every
+    byte that is not printable ASCII escaped), back to the path it names."""
+    out = bytearray()
+    i = 0
+    raw = name.encode("utf-8", "surrogateescape")
+    while i < len(raw):
+        c = raw[i]
+        if c != 0x5C or i + 1 == len(raw):  # not a backslash
+            out.append(c)
+            i += 1
+            continue
+        nxt = chr(raw[i + 1])
+        digits = re.match(rb"[0-7]{1,3}", raw[i + 1 : i + 4])
+        if digits:
+            out.append(int(digits.group(), 8) & 0xFF)
+            i += 1 + len(digits.group())
+        else:
+            out.append(_ESCAPES.get(nxt, raw[i + 1]))
+            i += 2
+    return out.decode("utf-8", "surrogateescape")
 
 
 def tar_extract(dest: Path, stdin: int | None) -> Stream:

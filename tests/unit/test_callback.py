@@ -196,3 +196,47 @@ def test_no_url_posts_nothing_and_starts_no_thread() -> None:
 )
 def test_retry_after_takes_delays_and_ignores_the_rest(header: str | None, want: float) -> None:
     assert retry_after(header, 1.5) == want
+
+
+def test_a_server_that_answers_busy_for_long_still_gets_every_attempt() -> None:
+    """It answered (503), so it is not dead: the next event is tried as often as the
+    first, and gets through once the server is free."""
+
+    def busy_for_five(body: dict[str, object], n: int) -> tuple[int, dict[str, str]]:
+        return (503, {"Retry-After": "0"}) if n <= 5 else (204, {})
+
+    with server(busy_for_five) as (url, took, sent):
+        cb = Callback(url, "agent")
+        cb.post("first")
+        cb.post("second")
+        cb.close()
+    assert sent == ["first"] * callback.ATTEMPTS + ["second"] * 2
+    assert [e["event"] for e in took] == ["second"]
+
+
+def test_an_event_that_cannot_be_sent_at_all_spares_the_next(caplog: pytest.LogCaptureFixture) -> None:
+    with server(ok) as (url, took, sent), caplog.at_level(logging.WARNING):
+        cb = Callback(url, "layout")
+        cb.post("progress", data={"not json": object()})
+        cb.post("done")
+        cb.close()
+    assert sent == ["done"] and [e["event"] for e in took] == ["done"]
+    assert "could not post progress" in caplog.text and "1 event(s) could not be posted" in caplog.text
+
+
+def test_close_with_a_full_queue_returns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past QUEUE events waiting, new ones are dropped and counted; close() neither
+    blocks nor loses count."""
+    monkeypatch.setattr(callback, "QUEUE", 3)
+    with server(ok, delay=0.1) as (url, took, _), caplog.at_level(logging.WARNING):
+        cb = Callback(url, "layout")
+        for i in range(10):
+            cb.post("progress", files=i)
+        start = time.monotonic()
+        cb.close()
+        assert time.monotonic() - start < 2
+    files = [e["files"] for e in took]
+    assert files == sorted(files) and 3 <= len(files) <= 4
+    assert f"{10 - len(files)} event(s) could not be posted" in caplog.text

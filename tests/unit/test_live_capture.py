@@ -16,24 +16,26 @@ from bootenv import walk
 from bootenv.errors import FatalError
 from bootenv.fsimage import tree_usage
 from bootenv.staging import _link_farm
-from bootenv.tarstream import finish_create, sort_warnings
+from bootenv.tarstream import finish_create, sort_warnings, unquote
 from bootenv.walk import Kind, scan
 
-# What GNU tar 1.34 wrote with --ignore-failed-read, for a listed file that was gone,
-# one whose parent directory was replaced by a file, one it could not open, and one that
-# changed as it read it (exit 1).
+# What GNU tar 1.34 writes with --ignore-failed-read in the C locale, for a listed file
+# that was gone, one whose parent directory was replaced by a file, one named with a
+# colon and a backslash, one it could not open, one whose extended attributes it could
+# not list (as before: not a failure), and one that changed as it read it (exit 1).
 TAR_ERR = """\
 tar: ./var/log/gone.log: Warning: Cannot stat: No such file or directory
 tar: ./var/tmp/was-a-dir/x: Warning: Cannot stat: Not a directory
-tar: ./etc/odd: name: Warning: Cannot open: No such file or directory
+tar: ./etc/odd\\: back\\\\slash: Warning: Cannot open: No such file or directory
 /usr/bin/tar: ./etc/secret: Warning: Cannot open: Permission denied
+tar: ./srv/nfs: Warning: Cannot llistxattrat: Operation not supported
 tar: ./var/lib/db/ibdata1: file changed as we read it
 """
 
 
 def test_tar_warnings_sort_vanished_paths_from_failures_to_read() -> None:
     vanished, failed = sort_warnings(TAR_ERR)
-    assert vanished == ("/var/log/gone.log", "/var/tmp/was-a-dir/x", "/etc/odd: name")
+    assert vanished == ("/var/log/gone.log", "/var/tmp/was-a-dir/x", "/etc/odd: back\\slash")
     assert failed == ("/etc/secret: Cannot open: Permission denied",)
     assert sort_warnings("") == ((), ())
 
@@ -53,15 +55,33 @@ def test_a_vanished_path_is_returned_and_a_change_is_logged(caplog: pytest.LogCa
     err = "".join(line + "\n" for line in TAR_ERR.splitlines() if "Permission" not in line)
     with caplog.at_level(logging.WARNING):
         got = finish_create(_Finished(err, code=1))  # type: ignore[arg-type]
-    assert got == ("/var/log/gone.log", "/var/tmp/was-a-dir/x", "/etc/odd: name")
+    assert got == ("/var/log/gone.log", "/var/tmp/was-a-dir/x", "/etc/odd: back\\slash")
     assert [r.getMessage() for r in caplog.records] == [
-        "tar: ./var/lib/db/ibdata1: file changed as we read it"
+        "tar: ./srv/nfs: Warning: Cannot llistxattrat: Operation not supported",
+        "tar: ./var/lib/db/ibdata1: file changed as we read it",
     ]
 
 
 def test_a_file_tar_could_not_read_fails_the_capture() -> None:
     with pytest.raises(FatalError, match=r"tar could not read /etc/secret: Cannot open: Permission denied$"):
         finish_create(_Finished(TAR_ERR))  # type: ignore[arg-type]
+    err = "tar: ./var/lib/db/ibdata1: Warning: Read error at byte 0, while reading 512 bytes: I/O error\n"
+    with pytest.raises(FatalError, match=r"read /var/lib/db/ibdata1: Read error at byte 0"):
+        finish_create(_Finished(err))  # type: ignore[arg-type]
+
+
+def test_names_come_back_as_tar_quoted_them() -> None:
+    """What tar 1.34 printed (LC_ALL=C) for names with a colon, a backslash, UTF-8 and
+    control characters."""
+    assert [
+        unquote(q) for q in (r"./a\: Warning\: b", r"./back\\slash", r"./caf\303\251", r"./new\nline")
+    ] == [
+        "./a: Warning: b",
+        "./back\\slash",
+        "./café",
+        "./new\nline",
+    ]
+    assert unquote(r"./raw\377") == "./raw" + os.fsdecode(b"\xff")
 
 
 def _tree(root: Path) -> None:
