@@ -10,9 +10,9 @@ HTTP session. A server that is busy for a moment (a rack booting at once: `boote
 serve` answers 503 past its connection cap) or unreachable is tried again, up to
 ATTEMPTS times per event, after its Retry-After (at most RETRY_WAIT) or a backoff. An
 event the server answers otherwise (any other 4xx or 5xx), or one that cannot be sent
-at all, is not. Once the server has been unreachable for a whole event's attempts, the
-next events are tried once each until one gets through, so a dead callback costs one
-failed attempt per event. `close()` waits up to CLOSE_WAIT, and the attempt under way,
+at all, is not. Once the server has not answered any of an event's attempts, the next
+events are tried once each until it answers again, so a dead callback costs one failed
+attempt per event. `close()` waits up to CLOSE_WAIT, and the attempt under way,
 for what is queued (the last events, done or error, matter most), and logs what it
 could not post.
 """
@@ -20,9 +20,9 @@ could not post.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -54,15 +54,16 @@ class Callback:
         self.emit = emit  # also hand each event to this, at once (tests, JSON output)
         self.timings: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._queue: queue.Queue[Event] = queue.Queue(QUEUE)
+        self._wake = threading.Condition(self._lock)  # an event queued, or closing
+        self._queue: deque[Event] = deque()  # under the lock, as is every field below
+        self._posting: Event | None = None  # the event the thread is posting
         self._thread: threading.Thread | None = None
         self._deferred = deferred
-        self._closed = False
-        self._closing = threading.Event()  # the thread ends once the queue is empty
+        self._closed = False  # nothing more is queued; the thread ends once all is posted
         self._deadline = float("inf")  # set by close(): past it, what is left is dropped
-        self._reachable = True
         self._dropped = 0  # for a full queue, or given up on
-        self._session: Any = None
+        self._reachable = True  # the thread's own
+        self._session: Any = None  # the thread's own
 
     def post(self, event: str, **fields: Any) -> None:
         body: Event = {"event": event, "source": self.source, "time": time.time()}
@@ -78,11 +79,11 @@ class Callback:
                 self.emit(body)
             if not self.url or self._closed:
                 return
-            try:
-                self._queue.put_nowait(body)
-            except queue.Full:
-                self._dropped += 1  # under the lock
+            if len(self._queue) >= QUEUE:
+                self._dropped += 1
                 return
+            self._queue.append(body)
+            self._wake.notify()
             if not self._deferred:
                 self._start()
 
@@ -90,7 +91,7 @@ class Callback:
         """Start posting what is queued, and what comes next as it comes."""
         with self._lock:
             self._deferred = False
-            if self.url and not self._queue.empty():
+            if self.url and self._queue:
                 self._start()
 
     def _start(self) -> None:  # under the lock
@@ -104,34 +105,38 @@ class Callback:
             self._closed = True
             if not self.url:
                 return
-            if not self._queue.empty():
+            if self._queue:
                 self._start()
             self._deadline = time.monotonic() + CLOSE_WAIT
-            self._closing.set()
+            self._wake.notify()
             thread = self._thread
         if thread is not None:
-            thread.join(CLOSE_WAIT + TIMEOUT)
+            thread.join(CLOSE_WAIT + 2 * TIMEOUT)  # an attempt: connecting, then its answer
         with self._lock:
-            lost = self._dropped + self._queue.qsize()  # what a thread left (it gave up, or died)
+            # And what a thread still posting, or one that died, left.
+            lost = self._dropped + len(self._queue) + (self._posting is not None)
         if lost:
             log.warning("%d event(s) could not be posted to %s", lost, self.url)
 
     def _run(self) -> None:
         while True:
+            with self._wake:
+                while not self._queue and not self._closed:
+                    self._wake.wait()
+                if not self._queue:
+                    break  # closed, and everything posted or dropped
+                body = self._posting = self._queue.popleft()
+                late = time.monotonic() >= self._deadline
             try:
-                body = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                if self._closing.is_set():
-                    break
-                continue
-            if time.monotonic() >= self._deadline:
-                self._drop()
-                continue
-            try:
-                self._deliver(body)
+                if not late:
+                    self._deliver(body)
+                    continue
             except Exception as exc:  # an event that cannot be sent at all: the next may
-                self._drop()
                 log.warning("could not post %s to %s: %s", body.get("event"), self.url, exc)
+            finally:
+                with self._lock:
+                    self._posting = None
+            self._drop()
         if self._session is not None:
             self._session.close()
 
@@ -140,22 +145,26 @@ class Callback:
             self._dropped += 1
 
     def _deliver(self, body: Event) -> None:
+        """Post one event, trying again while the server is busy or does not answer;
+        raise what makes it impossible to send (it is then dropped)."""
         import requests
 
         attempts = ATTEMPTS if self._reachable else 1
+        answered = False
         for attempt in range(1, attempts + 1):
             wait = 0.5 * 2 ** (attempt - 1)
             if self._session is None:
                 self._session = requests.Session()
             try:
                 answer = self._session.post(self.url, json=body, timeout=TIMEOUT)
+            except requests.exceptions.SSLError:
+                raise  # the same every time: it is not a busy server
             except (requests.ConnectionError, requests.Timeout) as exc:
                 why, busy = str(exc), True
-                if attempt == attempts:
-                    self._reachable = False  # it never answered
             else:
-                self._reachable = True  # it answered, busy or not
+                answered = True
                 if answer.status_code < 400:
+                    self._reachable = True
                     return
                 why, busy = f"HTTP {answer.status_code}", answer.status_code in _BUSY
                 wait = retry_after(answer.headers.get("Retry-After"), wait)
@@ -163,6 +172,7 @@ class Callback:
             if not busy or attempt == attempts or wait < 0:
                 break  # refused for what it is, or out of attempts or time
             time.sleep(wait)
+        self._reachable = answered  # one that never answered gets one attempt per event
         self._drop()
         log.warning("could not post %s to %s: %s", body.get("event"), self.url, why)
 

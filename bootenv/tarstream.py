@@ -30,6 +30,7 @@ CREATE_FLAGS = (
     "--acls",
     "--sparse",
     "--ignore-failed-read",  # a path that vanished is a warning: finish_create sorts them
+    "--quoting-style=escape",  # how finish_create reads names (a build's default may differ)
 )
 EXTRACT_FLAGS = (
     "--extract",
@@ -86,23 +87,26 @@ def finish_create(tar: Stream) -> tuple[str, ...]:
 
 _PROGRAM = re.compile(r"^\S*tar: ")  # tar names itself as it was run: /usr/bin/tar
 _WARNING = ": Warning: "
-_READS = ("Cannot stat: ", "Cannot open: ", "Cannot readlink: ", "Cannot read: ", "Read error ")
+_GONE_FROM = ("Cannot stat: ", "Cannot open: ", "Cannot readlink: ")
 _GONE = ("No such file or directory", "Not a directory")
+_METADATA = re.compile(r"^Cannot \w*(xattr|acl|filecon)\w*: ")  # tar warned of these before too
 _ESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11}
 
 
 def sort_warnings(err: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """tar -c --ignore-failed-read's warnings, in the C locale: (the paths that vanished,
-    unquoted, every other failure to read an entry, as "path: reason"). A failure to
-    read an entry's extended attributes is neither: tar warned of those before."""
+    unquoted, and every other failure to read an entry, as "path: reason": "Cannot
+    stat", "open", "read", "savedir", "seek to", "readlink", and "Read error"). A failure
+    to read an entry's extended attributes, ACLs or SELinux label is neither: tar warned
+    of those before --ignore-failed-read too, and packed the entry."""
     vanished, failed = [], []
     for line in err.splitlines():
         path, what = _warning(line)
-        if path is None or not what.startswith(_READS):
+        if path is None or _METADATA.match(what):
             continue
-        if what.startswith(("Cannot stat: ", "Cannot open: ", "Cannot readlink: ")) and what.endswith(_GONE):
+        if what.startswith(_GONE_FROM) and what.endswith(_GONE):
             vanished.append(path)
-        else:
+        elif what.startswith(("Cannot ", "Read error")):
             failed.append(f"{path}: {what}")
     return tuple(vanished), tuple(failed)
 

@@ -64,14 +64,23 @@ def _short_waits(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_events_arrive_in_order_and_never_hold_up_the_sender() -> None:
-    with server(ok, delay=0.1) as (url, took, _):
+    """The server holds every answer until the sender has queued all five events: a
+    sender that waited for an answer would never get there."""
+    release = threading.Event()
+
+    def held(body: dict[str, object], n: int) -> tuple[int, dict[str, str]]:
+        release.wait(30)
+        return 204, {}
+
+    with server(held) as (url, took, _):
         cb = Callback(url, "layout")
-        start = time.monotonic()
-        for i in range(5):
-            cb.post("progress", files=i)
-        queued = time.monotonic() - start
+        sender = threading.Thread(target=lambda: [cb.post("progress", files=i) for i in range(5)])
+        sender.start()
+        sender.join(10)
+        queued = not sender.is_alive()
+        release.set()
         cb.close()  # waits for them
-        assert queued < 0.1, f"posting took {queued:.2f} s: it waited for the server"
+        assert queued, "the sender waited for the server"
         assert [e["files"] for e in took] == [0, 1, 2, 3, 4]
         assert {e["source"] for e in took} == {"layout"}
 
@@ -133,12 +142,9 @@ def test_a_dead_callback_costs_one_attempt_per_event_once_one_was_given_up_on(
         cb = Callback(url, "agent")
         for event in ("start", "step", "step", "step", "error"):
             cb.post(event)
-        start = time.monotonic()
         cb.close()
-        took = time.monotonic() - start
     # requests itself retries nothing; the poster tries the first event ATTEMPTS times.
     assert attempts[0] == callback.ATTEMPTS + 4
-    assert took < 5, f"close() took {took:.1f} s"
     assert "5 event(s) could not be posted" in caplog.text
 
 
@@ -154,10 +160,8 @@ def test_close_gives_up_at_its_deadline(
         cb = Callback(url, "agent")
         for _ in range(20):
             cb.post("progress")
-        start = time.monotonic()
         cb.close()
-        assert time.monotonic() - start < 1.5  # not the 2 s that trying each would take
-    assert took == [] and len(sent) < 12
+    assert took == [] and len(sent) < 12  # trying each would take 20 attempts
     assert "20 event(s) could not be posted" in caplog.text
 
 
@@ -234,9 +238,7 @@ def test_close_with_a_full_queue_returns(
         cb = Callback(url, "layout")
         for i in range(10):
             cb.post("progress", files=i)
-        start = time.monotonic()
         cb.close()
-        assert time.monotonic() - start < 2
     files = [e["files"] for e in took]
     assert files == sorted(files) and 3 <= len(files) <= 4
     assert f"{10 - len(files)} event(s) could not be posted" in caplog.text

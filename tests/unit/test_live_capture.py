@@ -65,9 +65,16 @@ def test_a_vanished_path_is_returned_and_a_change_is_logged(caplog: pytest.LogCa
 def test_a_file_tar_could_not_read_fails_the_capture() -> None:
     with pytest.raises(FatalError, match=r"tar could not read /etc/secret: Cannot open: Permission denied$"):
         finish_create(_Finished(TAR_ERR))  # type: ignore[arg-type]
-    err = "tar: ./var/lib/db/ibdata1: Warning: Read error at byte 0, while reading 512 bytes: I/O error\n"
-    with pytest.raises(FatalError, match=r"read /var/lib/db/ibdata1: Read error at byte 0"):
-        finish_create(_Finished(err))  # type: ignore[arg-type]
+    for err, what in [
+        (
+            "./var/lib/db/ibdata1: Warning: Read error at byte 0, while reading 512 bytes: I/O error",
+            "Read error",
+        ),
+        ("./var/spool: Warning: Cannot savedir: Input/output error", "Cannot savedir"),
+        ("./var/lib/db/sparse: Warning: Cannot seek to 4096: Input/output error", "Cannot seek to 4096"),
+    ]:
+        with pytest.raises(FatalError, match=f"^tar could not read /.*: {what}"):
+            finish_create(_Finished(f"tar: {err}\n"))  # type: ignore[arg-type]
 
 
 def test_names_come_back_as_tar_quoted_them() -> None:
