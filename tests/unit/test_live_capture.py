@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from bootenv import walk
 from bootenv.errors import FatalError
 from bootenv.fsimage import tree_usage
 from bootenv.staging import _link_farm
@@ -119,7 +118,7 @@ def test_the_scan_leaves_out_what_is_removed_while_a_directory_is_read(
             (root / "etc/app/link").unlink()
         return contextlib.nullcontext(entries)
 
-    monkeypatch.setattr(walk.os, "scandir", scandir)
+    monkeypatch.setattr(os, "scandir", scandir)
     got = {(e.path, e.kind) for e in scan(root)}
     monkeypatch.undo()
     assert ("/etc/app/keep.conf", Kind.FILE) in got and ("/var/log/syslog", Kind.FILE) in got
@@ -140,7 +139,7 @@ def test_a_scan_that_cannot_read_a_directory_still_fails(
             raise PermissionError(13, "Permission denied", path)
         return real(path)
 
-    monkeypatch.setattr(walk.os, "scandir", scandir)
+    monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(PermissionError):
         scan(root)
     monkeypatch.undo()
