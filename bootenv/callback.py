@@ -100,11 +100,13 @@ class Callback:
             self._thread.start()
 
     def close(self) -> None:
-        """Post what is queued, waiting up to CLOSE_WAIT (and the attempt under way)."""
+        """Post what is queued, waiting up to CLOSE_WAIT (and the attempt under way).
+        Closing again does nothing."""
         with self._lock:
-            self._closed = True
-            if not self.url:
+            if self._closed or not self.url:
+                self._closed = True
                 return
+            self._closed = True
             if self._queue:
                 self._start()
             self._deadline = time.monotonic() + CLOSE_WAIT

@@ -124,8 +124,11 @@ def test_an_event_refused_for_what_it_is_is_not_sent_again(caplog: pytest.LogCap
         cb.post("bad")
         cb.post("good")
         cb.close()
+        cb.close()  # again: nothing more to wait for or to report
+        cb.post("late")  # after close: dropped quietly
     assert sent == ["bad", "good"] and [e["event"] for e in took] == ["good"]
     assert f"could not post bad to {url}: HTTP 400" in caplog.text
+    assert caplog.text.count("1 event(s) could not be posted") == 1
 
 
 @contextmanager
