@@ -7,7 +7,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -336,9 +336,14 @@ def _pack_component(
     units = sorted(
         {p.rsplit("/", 1)[1] for p in split.files[name] if p.startswith(WANTS_DIR) and ".wants/" in p}
     )
-    gone = set(vanished)
-    files = sum(1 for p in split.files[name] if p not in gone)
+    files = _packed(split.files[name], vanished)
     return Component(name, data, pkgs, split.depends[name], files, tuple(units), chunks)
+
+
+def _packed(files: Iterable[str], vanished: tuple[str, ...]) -> int:
+    """How many of `files` were packed: the ones a live machine did not remove meanwhile."""
+    gone = set(vanished)
+    return sum(1 for p in files if p not in gone)
 
 
 def _report_vanished(image: str, paths: tuple[str, ...]) -> None:
@@ -384,8 +389,7 @@ def _pack_os(
             bmap, data = _compress_image(cfg, image, staging, out, what)
     bmap_blob = write_blob(out, "bmap.json", bmap.to_json().encode())
     pkgs = tuple(sorted(db.packages)) if single else split.packages(OS)
-    gone = set(staged.vanished)
-    nfiles = sum(1 for i in images for p in split.files[i] if p not in gone)
+    nfiles = _packed((p for i in images for p in split.files[i]), staged.vanished)
     rootfs = RootFs(type="ext4", image_size=size, min_size=size, block_size=BLOCK_SIZE)
     return OsImage(data, bmap_blob, pkgs, nfiles), rootfs
 

@@ -75,14 +75,13 @@ def finish_create(tar: Stream) -> tuple[str, ...]:
     image missing a file nobody removed is not the gold machine. Tar's other warnings
     (an extended attribute it could not read, as before) are logged."""
     err = tar.wait_ok(ok_codes=(0, 1))
-    vanished, failed = sort_warnings(err)
+    vanished, failed, notes = _sort(err)
     if failed:
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
         raise FatalError(f"tar could not read {failed[0]}{more}")
-    for line in err.splitlines():
-        if line.strip() and not _is_vanished(line):
-            log.warning("%s", line.strip())
-    return vanished
+    for line in notes:
+        log.warning("%s", line)
+    return tuple(vanished)
 
 
 _PROGRAM = re.compile(r"^\S*tar: ")  # tar names itself as it was run: /usr/bin/tar
@@ -99,20 +98,22 @@ def sort_warnings(err: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     stat", "open", "read", "savedir", "seek to", "readlink", and "Read error"). A failure
     to read an entry's extended attributes, ACLs or SELinux label is neither: tar warned
     of those before --ignore-failed-read too, and packed the entry."""
-    vanished, failed = [], []
-    for line in err.splitlines():
-        path, what = _warning(line)
-        if path is None or _METADATA.match(what):
-            continue
-        if what.startswith(_GONE_FROM) and what.endswith(_GONE):
-            vanished.append(path)
-        elif what.startswith(("Cannot ", "Read error")):
-            failed.append(f"{path}: {what}")
+    vanished, failed, _ = _sort(err)
     return tuple(vanished), tuple(failed)
 
 
-def _is_vanished(line: str) -> bool:
-    return bool(sort_warnings(line)[0])
+def _sort(err: str) -> tuple[list[str], list[str], list[str]]:
+    """sort_warnings' two lists, and the lines that are in neither (to be logged)."""
+    vanished, failed, notes = [], [], []
+    for line in filter(None, (raw.strip() for raw in err.splitlines())):
+        path, what = _warning(line)
+        if path is not None and what.startswith(_GONE_FROM) and what.endswith(_GONE):
+            vanished.append(path)
+        elif path is not None and not _METADATA.match(what) and what.startswith(("Cannot ", "Read error")):
+            failed.append(f"{path}: {what}")
+        else:
+            notes.append(line)
+    return vanished, failed, notes
 
 
 def _warning(line: str) -> tuple[str | None, str]:
@@ -137,13 +138,12 @@ def unquote(name: str) -> str:
             out.append(c)
             i += 1
             continue
-        nxt = chr(raw[i + 1])
         digits = re.match(rb"[0-7]{1,3}", raw[i + 1 : i + 4])
         if digits:
             out.append(int(digits.group(), 8) & 0xFF)
             i += 1 + len(digits.group())
         else:
-            out.append(_ESCAPES.get(nxt, raw[i + 1]))
+            out.append(_ESCAPES.get(chr(raw[i + 1]), raw[i + 1]))
             i += 2
     return out.decode("utf-8", "surrogateescape")
 
