@@ -338,7 +338,9 @@ def partition_devices(disk: str, plan: PartitionPlan, stack: ExitStack) -> dict[
     """The partitions' device nodes; offset loop devices where the kernel shows none.
 
     A disk image file, or a loop device attached without partition scanning, has no
-    partition nodes: there we attach each partition with losetup --offset/--sizelimit.
+    partition nodes: there we attach each partition with losetup --offset/--sizelimit,
+    with the disk's sector size (a 4Kn disk's ESP is formatted with 4 KiB sectors, as
+    firmware reading it through the disk expects).
     """
     out: dict[Role, str] = {}
     is_blk = stat.S_ISBLK(os.stat(disk).st_mode)
@@ -356,6 +358,8 @@ def partition_devices(disk: str, plan: PartitionPlan, stack: ExitStack) -> dict[
                 str(p.offset),
                 "--sizelimit",
                 str(p.size),
+                "--sector-size",
+                str(plan.sector_size),
                 disk,
             ]
         )

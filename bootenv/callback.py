@@ -2,7 +2,10 @@
 
 The schema is `bootenv.machines.parse_event`'s: {"event": KIND, "source": "agent" |
 "layout", "step", "status": start|done|failed, "component", "elapsed", "bytes",
-"total", "files", "path", "message", "fatal", "data"}.
+"total", "files", "path", "message", "fatal", "data", "time", "seq"}. "time" (when it
+was queued) and "seq" (1, 2, ... in this sender) name an event: an attempt made again,
+after a timeout or a 502 that came after the server took it, carries the same pair, and
+`bootenv serve` takes it once.
 
 Posting is best effort, and never holds up provisioning: events are queued, in the
 order they are sent from any thread, and a thread of their own posts them over one
@@ -62,6 +65,7 @@ class Callback:
         self._closed = False  # nothing more is queued; the thread ends once all is posted
         self._deadline = float("inf")  # set by close(): past it, what is left is dropped
         self._dropped = 0  # for a full queue, or given up on
+        self._seq = 0  # the last event's number
         self._reachable = True  # the thread's own
         self._session: Any = None  # the thread's own
 
@@ -74,6 +78,8 @@ class Callback:
         """Queue an event that already has its "event" key (the source is added)."""
         body = {"source": self.source, "time": time.time(), **body}
         with self._lock:
+            self._seq += 1
+            body["seq"] = self._seq  # its name, with its time: see the module's doc
             log.debug("event %s", body)
             if self.emit is not None:
                 self.emit(body)

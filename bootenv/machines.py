@@ -150,6 +150,7 @@ class Outcome:
     machine: Machine
     changed: bool  # the state moved
     invalid: str | None = None  # why a requested transition was refused
+    repeated: bool = False  # an event already taken (an attempt made again): nothing changed
 
 
 def normalize_mac(text: str) -> str:

@@ -414,10 +414,10 @@ class Handler(BaseHTTPRequestHandler):
                 log.info(
                     "%s: %s", mac, m.state.value + (f" ({m.error})" if m.state in FINAL and m.error else "")
                 )
-            self._json(
-                HTTPStatus.OK,
-                {"state": m.state.value, "changed": outcome.changed, "invalid": outcome.invalid},
-            )
+            answer = {"state": m.state.value, "changed": outcome.changed, "invalid": outcome.invalid}
+            if outcome.repeated:
+                answer["repeated"] = True
+            self._json(HTTPStatus.OK, answer)
         except _AnswerError as answer:
             self._json(answer.status, {"error": answer.message})
         except (ConnectionError, TimeoutError):

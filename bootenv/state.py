@@ -8,6 +8,11 @@ A record is written to a temp file in the same directory, fsynced, renamed over 
 one and the directory fsynced, so a power cut leaves either the old or the new record,
 never a torn one. `bootenv assign` and `bootenv serve` may run at the same time: every
 update holds the machine's flock, and the server reads the record on every request.
+
+An event that names itself (its sender's "seq" and "time") and was already taken is not
+taken again: a callback attempt made again after a timeout, or after a 502 that came
+once the server had it, is answered, not logged or counted twice. The store remembers
+the last REMEMBERED names per machine, in this process.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import os
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +34,9 @@ from bootenv.machines import Event, Machine, Outcome, State, apply, from_dict, n
 from bootenv.writeback import fsync_dir
 
 log = logging.getLogger(__name__)
+
+REMEMBERED = 256  # event names per machine: a sender's attempts come seconds apart
+_Name = tuple[str, int, float]
 
 
 def _stem(mac: str) -> str:
@@ -42,6 +51,7 @@ class Store:
                 (root / sub).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise UserError(f"cannot create the state directory {root / sub}: {exc}") from exc
+        self._taken: dict[str, deque[_Name]] = {}  # per machine, under its lock
 
     def _record(self, mac: str) -> Path:
         return self.root / "machines" / f"{_stem(mac)}.json"
@@ -104,6 +114,11 @@ class Store:
         now = time.time()
         with self._locked(mac):
             machine = self.get(mac) or create(mac, now)
+            name = _name(event, raw)
+            taken = self._taken.setdefault(mac, deque(maxlen=REMEMBERED))
+            if name is not None and name in taken:
+                log.debug("%s: event %s of %s taken already", mac, name[1], name[0])
+                return Outcome(machine, changed=False, repeated=True)
             outcome = apply(machine, event, now=now)
             entry: dict[str, Any] = {"received": now, **raw, "state": outcome.machine.state.value}
             if outcome.invalid:
@@ -111,6 +126,8 @@ class Store:
                 log.warning("%s: invalid transition: %s", mac, outcome.invalid)
             self._append(mac, entry)
             self._write(outcome.machine)
+            if name is not None:
+                taken.append(name)
         return outcome
 
     def events(self, mac: str) -> list[dict[str, Any]]:
@@ -150,6 +167,15 @@ class Store:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _name(event: Event, raw: dict[str, Any]) -> _Name | None:
+    """What names an event across a sender's attempts: its source, its number, and the
+    time it was made (a sender started again numbers from 1 again, at another time)."""
+    when = raw.get("time")
+    if event.seq is None or not isinstance(when, int | float) or isinstance(when, bool):
+        return None
+    return (event.source, event.seq, float(when))
 
 
 def default_state_dir() -> Path:

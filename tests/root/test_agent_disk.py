@@ -13,19 +13,20 @@ import struct
 import subprocess
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from bootenv.agent import run_agent
+from bootenv.agent import partition_devices, run_agent
 from bootenv.bootloader import GRUB_LIB
 from bootenv.cmdline import parse_cmdline
 from bootenv.errors import UserError, VerificationError
-from bootenv.partition import MiB, apply_plan, plan_partitions, required_size
+from bootenv.partition import MiB, Role, apply_plan, plan_partitions, required_size
 from bootenv.runtime import python_argv, python_env
 from bootenv.source import load_manifest
+from bootenv.target import make_esp, new_identity
 from tests.conftest import require_root, require_tools
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBootenvTestKeyOnlyForTheAgentRootTest0000 me@host"
@@ -128,6 +129,23 @@ def test_partition_plan_on_4k_sector_loop(tools: None, tmp_path: Path) -> None:
     assert starts == [256, 512, 67072]  # 1 MiB, 2 MiB, 262 MiB in 4 KiB sectors
     assert [p["type"] for p in dump["partitions"][:2]] == [BIOS_BOOT, ESP]
     assert all(p["start"] * 4096 % MiB == 0 and p["size"] * 4096 % MiB == 0 for p in dump["partitions"])
+
+
+def test_partitions_of_a_4k_disk_keep_its_sectors(tools: None, tmp_path: Path) -> None:
+    """A 4Kn disk without partition nodes: each partition's loop device has the disk's
+    4 KiB sectors, so the ESP is formatted with them, as firmware reading it expects."""
+    path = disk_file(tmp_path / "disk4k.img", 1024 * MiB, scribble=False)
+    with loop(path, "--sector-size", "4096") as dev, ExitStack() as stack:
+        plan = plan_partitions(1024 * MiB, 4096, 100 * MiB)
+        apply_plan(dev, plan)
+        parts = partition_devices(dev, plan, stack)
+        for p in plan.partitions:
+            assert sh("blockdev", "--getss", "--getsize64", parts[p.role]).split() == ["4096", str(p.size)]
+        make_esp(parts[Role.ESP], new_identity("esp4k"))
+        sh("fsck.vfat", "-n", parts[Role.ESP])
+    with open(path, "rb") as f:
+        f.seek(plan.esp.offset + 11)
+        assert int.from_bytes(f.read(2), "little") == 4096  # the FAT boot sector's bytes per sector
 
 
 def test_agent_provisions_a_disk(tools: None, gold_image: Path, tmp_path: Path) -> None:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bootenv import callback
+from bootenv.callback import Callback
 from bootenv.httpfiles import parse_range
 from bootenv.machines import State, assign
 from bootenv.serve import BootenvServer, ServeConfig, parse_listen, running
@@ -272,6 +276,70 @@ def test_callbacks_move_the_state_and_a_provisioned_machine_boots_locally(server
     ]
     assert [e["event"] for e in doc["events"]][-1] == "os_written"
     assert doc["events"][-1]["invalid"]
+
+
+def test_an_event_sent_again_is_taken_once(server: BootenvServer) -> None:
+    """An event that names itself (seq and time) is taken once, however often it comes;
+    one that does not (an old sender, curl), or another event with the same number (a
+    sender started again), is taken each time."""
+    Store(server.config.state).put(assign(MAC, "lamp", "mysql", now=time.time()))
+    conflict = {"event": "conflict", "path": "/etc/x", "seq": 7, "time": 1795000000.25}
+    assert post(server, MAC, conflict) == (200, {"state": "provisioning", "changed": True, "invalid": None})
+    assert post(server, MAC, conflict) == (
+        200,
+        {"state": "provisioning", "changed": False, "invalid": None, "repeated": True},
+    )
+    assert "repeated" not in post(server, MAC, {**conflict, "time": 1795000001.5})[1]
+    assert "repeated" not in post(server, MAC, {"event": "conflict", "path": "/etc/y"})[1]
+    assert "repeated" not in post(server, MAC, {"event": "conflict", "path": "/etc/y"})[1]
+    doc = json.loads(get(server, f"/api/machines/{MAC}")[2])
+    assert (doc["machine"]["events"], doc["machine"]["conflicts"]) == (4, 4)
+    assert [e.get("seq") for e in doc["events"] if e.get("event") == "conflict"] == [7, 7, None, None]
+    assert [e.get("time") for e in doc["events"] if e.get("seq") == 7] == [1795000000.25, 1795000001.5]
+
+
+def test_a_callback_whose_answer_was_lost_is_counted_once(
+    server: BootenvServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy in front of serve (nginx timing out on its upstream) hands the first
+    attempt of each event to serve, then answers the sender 502: the sender tries again,
+    and serve takes each event once."""
+    attempts: list[int] = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            seq = json.loads(body)["seq"]
+            status, _, _ = request(server, "POST", self.path, body=body)
+            assert status == 200
+            lost = seq not in attempts
+            attempts.append(seq)
+            self.send_response(502 if lost else 200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    monkeypatch.setattr(callback, "RETRY_WAIT", 0.05)
+    Store(server.config.state).put(assign(MAC, "lamp", "mysql", now=time.time()))
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        cb = Callback(f"http://127.0.0.1:{proxy.server_address[1]}/callback/{MAC}", "agent")
+        cb.post("start")
+        cb.post("conflict", path="/etc/apache2/ports.conf")
+        cb.post("conflict", path="/etc/mysql/my.cnf")
+        cb.close()
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert attempts == [1, 1, 2, 2, 3, 3]
+    doc = json.loads(get(server, f"/api/machines/{MAC}")[2])
+    assert (doc["machine"]["events"], doc["machine"]["conflicts"]) == (3, 2)
+    assert [e.get("seq") for e in doc["events"] if "seq" in e] == [1, 2, 3]
 
 
 def test_a_failed_machine_is_not_reinstalled_in_a_loop(server: BootenvServer) -> None:
