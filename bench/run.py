@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +32,23 @@ ALL = {
     "qemu-timeline": timeline.qemu_timeline,
 }
 RESULTS = Path(__file__).parent / "results"
+
+
+def code_version(top: Path | None = None) -> dict[str, object]:
+    """The commit of the checkout being measured (this one, or `top`), and whether its
+    tracked files differ from it (None for both outside a git checkout)."""
+    git = ["git", "-C", str(top or Path(__file__).resolve().parent.parent)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "modified": None}
+    return {"commit": head.stdout.strip(), "modified": bool(status.stdout.strip())}
 
 
 def main() -> int:
@@ -67,6 +85,7 @@ def main() -> int:
     cold = os.access("/proc/sys/vm/drop_caches", os.W_OK)
     if not cold:
         print("warning: cannot drop the page cache (not root): every run starts warm", file=sys.stderr)
+    code = code_version()  # before the run: what is measured is what was there at its start
     gold = gold_tree()
     images = cache_root() / "bench" / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -101,6 +120,7 @@ def main() -> int:
         "vm_runs": args.vm_runs,
         "cold_cache": cold,
         "time": time.time(),
+        **code,
     }
     path = save(results, RESULTS, meta)
     png = chart(results, RESULTS / "chart.png")

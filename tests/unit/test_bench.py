@@ -204,3 +204,12 @@ def test_bench_images_are_signed_once_with_a_cached_key(
     (image / "manifest.json").write_text('{"x": 2}\n')  # a new capture: signed again
     scenarios.signed(image)
     assert verify((image / "manifest.json").read_bytes(), (image / SIGNATURE).read_bytes(), trusted)
+
+
+def test_results_name_the_commit_they_measured(tmp_path: Path, allow_run: None) -> None:
+    from bench.run import code_version
+
+    here = code_version()
+    assert isinstance(here["commit"], str) and len(here["commit"]) == 40
+    assert isinstance(here["modified"], bool)
+    assert code_version(tmp_path) == {"commit": None, "modified": None}  # not a checkout
