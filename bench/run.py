@@ -36,17 +36,20 @@ RESULTS = Path(__file__).parent / "results"
 
 def code_version(top: Path | None = None) -> dict[str, object]:
     """The commit of the checkout being measured (this one, or `top`), and whether its
-    tracked files differ from it (None for both outside a git checkout)."""
+    code differs from it: bootenv's and the harness's files, tracked or new, but not the
+    results the runs write (None for both where git cannot tell)."""
     git = ["git", "-C", str(top or Path(__file__).resolve().parent.parent)]
     try:
         head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
         status = subprocess.run(
-            [*git, "status", "--porcelain", "--untracked-files=no"],
+            [*git, "status", "--porcelain", "--", "bootenv", "bench", ":(exclude)bench/results"],
             capture_output=True,
             text=True,
             check=True,
         )
-    except (OSError, subprocess.CalledProcessError):
+    except (OSError, subprocess.CalledProcessError) as exc:
+        why = exc.stderr.strip().splitlines()[-1] if isinstance(exc, subprocess.CalledProcessError) else exc
+        print(f"warning: the results will not name the commit measured: {why}", file=sys.stderr)
         return {"commit": None, "modified": None}
     return {"commit": head.stdout.strip(), "modified": bool(status.stdout.strip())}
 

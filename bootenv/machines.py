@@ -306,6 +306,8 @@ def parse_event(doc: object) -> Event:
         raise EventError(
             f"unknown event {doc.get('event')!r}", hint=f"one of {', '.join(k.value for k in Kind)}"
         ) from None
+    if doc.get("time") is not None:
+        _field("time", doc["time"], float)  # the sender's clock: it names the event with seq
     values: dict[str, Any] = {}
     for key, typ in _FIELDS.items():
         if key not in doc or doc[key] is None:
@@ -337,17 +339,29 @@ _FIELDS: dict[str, type] = {
     "path": str,
     "message": str,
     "fatal": bool,
-    "seq": int,  # the sender's sequence number, for ordering the log
+    "seq": int,  # the sender's sequence number: with "time", it names the event (state.py)
     "data": dict,
 }
 
 
+def _finite(value: object) -> float | None:
+    """A JSON number as a float, or None: not a number, NaN, infinite, or an integer too
+    big for a float (JSON has no bound on them)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _field(key: str, value: object, typ: type) -> object:
     if typ is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        if not ok or not math.isfinite(float(value)) or float(value) < 0:  # type: ignore[arg-type]
+        number = _finite(value)
+        if number is None or number < 0:
             raise EventError(f"event {key} must be a non-negative number")
-        return float(value)  # type: ignore[arg-type]
+        return number
     if typ is int:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise EventError(f"event {key} must be a non-negative integer")

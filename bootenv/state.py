@@ -1,7 +1,7 @@
 """The durable machine store under `--state DIR`.
 
     DIR/machines/52-54-00-12-34-56.json    the machine record, replaced atomically
-    DIR/events/52-54-00-12-34-56.jsonl     every event received, append-only
+    DIR/events/52-54-00-12-34-56.jsonl     every event taken, append-only
     DIR/locks/52-54-00-12-34-56.lock       serialises updates (threads and processes)
 
 A record is written to a temp file in the same directory, fsynced, renamed over the old
@@ -11,8 +11,9 @@ update holds the machine's flock, and the server reads the record on every reque
 
 An event that names itself (its sender's "seq" and "time") and was already taken is not
 taken again: a callback attempt made again after a timeout, or after a 502 that came
-once the server had it, is answered, not logged or counted twice. The store remembers
-the last REMEMBERED names per machine, in this process.
+once the server had it, is answered, not logged or counted twice. A sender has one event
+in flight at a time, so the store remembers only the last REMEMBERED names of each
+sender (machine and source), in this process, for the SENDERS heard from last.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,8 +37,9 @@ from bootenv.writeback import fsync_dir
 
 log = logging.getLogger(__name__)
 
-REMEMBERED = 256  # event names per machine: a sender's attempts come seconds apart
-_Name = tuple[str, int, float]
+REMEMBERED = 16  # event names per sender: it has one in flight, tried for seconds
+SENDERS = 8192  # senders whose names are kept; the one heard from longest ago goes first
+_Name = tuple[int, float]  # seq, time
 
 
 def _stem(mac: str) -> str:
@@ -51,7 +54,7 @@ class Store:
                 (root / sub).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise UserError(f"cannot create the state directory {root / sub}: {exc}") from exc
-        self._taken: dict[str, deque[_Name]] = {}  # per machine, under its lock
+        self._taken = _Taken()
 
     def _record(self, mac: str) -> Path:
         return self.root / "machines" / f"{_stem(mac)}.json"
@@ -114,10 +117,9 @@ class Store:
         now = time.time()
         with self._locked(mac):
             machine = self.get(mac) or create(mac, now)
-            name = _name(event, raw)
-            taken = self._taken.setdefault(mac, deque(maxlen=REMEMBERED))
-            if name is not None and name in taken:
-                log.debug("%s: event %s of %s taken already", mac, name[1], name[0])
+            sender, name = (mac, event.source), _name(event, raw)
+            if name is not None and self._taken.has(sender, name):
+                log.debug("%s: event %d of the %s taken already", mac, name[0], event.source)
                 return Outcome(machine, changed=False, repeated=True)
             outcome = apply(machine, event, now=now)
             entry: dict[str, Any] = {"received": now, **raw, "state": outcome.machine.state.value}
@@ -127,7 +129,7 @@ class Store:
             self._append(mac, entry)
             self._write(outcome.machine)
             if name is not None:
-                taken.append(name)
+                self._taken.add(sender, name)
         return outcome
 
     def events(self, mac: str) -> list[dict[str, Any]]:
@@ -170,12 +172,35 @@ class Store:
 
 
 def _name(event: Event, raw: dict[str, Any]) -> _Name | None:
-    """What names an event across a sender's attempts: its source, its number, and the
-    time it was made (a sender started again numbers from 1 again, at another time)."""
+    """What names an event across its sender's attempts: its number, and the time it was
+    made (a sender started again numbers from 1 again, at another time). `parse_event`
+    has checked that the time is a finite number."""
     when = raw.get("time")
-    if event.seq is None or not isinstance(when, int | float) or isinstance(when, bool):
+    if event.seq is None or when is None:
         return None
-    return (event.source, event.seq, float(when))
+    return (event.seq, float(when))
+
+
+class _Taken:
+    """The names of the last events taken from each sender (machine, source)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._names: OrderedDict[tuple[str, str], deque[_Name]] = OrderedDict()
+
+    def has(self, sender: tuple[str, str], name: _Name) -> bool:
+        with self._lock:
+            return name in self._names.get(sender, ())
+
+    def add(self, sender: tuple[str, str], name: _Name) -> None:
+        with self._lock:
+            names = self._names.pop(sender, None)
+            if names is None:
+                names = deque(maxlen=REMEMBERED)
+            names.append(name)
+            self._names[sender] = names  # the last heard from, last
+            while len(self._names) > SENDERS:
+                self._names.popitem(last=False)
 
 
 def default_state_dir() -> Path:

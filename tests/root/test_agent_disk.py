@@ -23,7 +23,7 @@ from bootenv.agent import partition_devices, run_agent
 from bootenv.bootloader import GRUB_LIB
 from bootenv.cmdline import parse_cmdline
 from bootenv.errors import UserError, VerificationError
-from bootenv.partition import MiB, Role, apply_plan, plan_partitions, required_size
+from bootenv.partition import MiB, Role, apply_plan, partition_node, plan_partitions, required_size
 from bootenv.runtime import python_argv, python_env
 from bootenv.source import load_manifest
 from bootenv.target import make_esp, new_identity
@@ -134,12 +134,16 @@ def test_partition_plan_on_4k_sector_loop(tools: None, tmp_path: Path) -> None:
 def test_partitions_of_a_4k_disk_keep_its_sectors(tools: None, tmp_path: Path) -> None:
     """A 4Kn disk without partition nodes: each partition's loop device has the disk's
     4 KiB sectors, so the ESP is formatted with them, as firmware reading it expects."""
+    require_tools("blockdev", "fsck.vfat")
     path = disk_file(tmp_path / "disk4k.img", 1024 * MiB, scribble=False)
     with loop(path, "--sector-size", "4096") as dev, ExitStack() as stack:
+        # Attached without -P: no partition nodes, so the agent attaches a loop per partition.
+        assert Path(f"/sys/block/{Path(dev).name}/loop/partscan").read_text().strip() == "0"
         plan = plan_partitions(1024 * MiB, 4096, 100 * MiB)
         apply_plan(dev, plan)
         parts = partition_devices(dev, plan, stack)
         for p in plan.partitions:
+            assert parts[p.role] != partition_node(dev, p.number)
             assert sh("blockdev", "--getss", "--getsize64", parts[p.role]).split() == ["4096", str(p.size)]
         make_esp(parts[Role.ESP], new_identity("esp4k"))
         sh("fsck.vfat", "-n", parts[Role.ESP])

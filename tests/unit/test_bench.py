@@ -206,10 +206,50 @@ def test_bench_images_are_signed_once_with_a_cached_key(
     assert verify((image / "manifest.json").read_bytes(), (image / SIGNATURE).read_bytes(), trusted)
 
 
-def test_results_name_the_commit_they_measured(tmp_path: Path, allow_run: None) -> None:
+def test_results_name_the_commit_they_measured(
+    tmp_path: Path, allow_run: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from bench.run import code_version
 
+    for var in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    top = Path(__file__).resolve().parents[2]
+    if not (top / ".git").exists():
+        pytest.skip(f"{top} is not a git checkout")
     here = code_version()
     assert isinstance(here["commit"], str) and len(here["commit"]) == 40
     assert isinstance(here["modified"], bool)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     assert code_version(tmp_path) == {"commit": None, "modified": None}  # not a checkout
+
+
+def test_only_code_makes_a_checkout_modified(
+    tmp_path: Path, allow_run: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The results a run writes (bench/results, tracked) do not make the code measured
+    "modified"; a changed or new file of bootenv or the harness does."""
+    import subprocess
+
+    from bench.run import code_version
+
+    for var in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+        monkeypatch.delenv(var, raising=False)
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    for rel in ("bootenv/a.py", "bench/run.py", "bench/results/chart.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x")
+    assert code_version(tmp_path)["modified"] is False
+    (tmp_path / "bench/results/chart.png").write_text("2\n")
+    (tmp_path / "bench/results/bench-1.json").write_text("{}\n")
+    assert code_version(tmp_path)["modified"] is False
+    (tmp_path / "bootenv/new.py").write_text("1\n")
+    assert code_version(tmp_path)["modified"] is True
+    (tmp_path / "bootenv/new.py").unlink()
+    (tmp_path / "bench/run.py").write_text("2\n")
+    assert code_version(tmp_path)["modified"] is True

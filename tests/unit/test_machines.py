@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bootenv import state
 from bootenv.errors import UserError
 from bootenv.machines import (
     ORDER,
@@ -158,6 +159,10 @@ def test_any_event_sequence_only_moves_forward(kinds: list[str]) -> None:
         ({"event": "progress", "bytes": -1}, "non-negative"),
         ({"event": "progress", "bytes": True}, "non-negative"),
         ({"event": "progress", "elapsed": float("nan")}, "non-negative"),
+        ({"event": "progress", "elapsed": 10**400}, "non-negative"),  # JSON integers have no bound
+        ({"event": "progress", "seq": 1, "time": float("nan")}, "time must be"),
+        ({"event": "progress", "seq": 1, "time": 10**400}, "time must be"),
+        ({"event": "progress", "seq": 1, "time": "now"}, "time must be"),
         ({"event": "start", "source": "bios"}, "source"),
         ({"event": "conflict", "component": "../x"}, "component name"),
         ({"event": "error", "message": "x" * 5000}, "too long"),
@@ -207,6 +212,29 @@ def test_store_keeps_records_and_an_append_only_event_log(tmp_path: Path) -> Non
         f.write('{"event": "prog')
     assert len(again.events(MAC)) == 6
     assert [m.mac for m in again.all()] == [MAC]
+
+
+def test_store_remembers_a_few_names_per_sender_for_the_last_senders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Names are kept for the last SENDERS senders, the last REMEMBERED of each: a sender
+    has one event in flight, so its attempts meet one of its last names; memory stays
+    bounded however many MACs post."""
+    monkeypatch.setattr(state, "SENDERS", 3)
+    monkeypatch.setattr(state, "REMEMBERED", 2)
+    store = Store(tmp_path)
+
+    def send(mac: str, seq: int) -> bool:
+        doc = {"event": "progress", "seq": seq, "time": 1795000000.5}
+        return store.update(mac, parse_event(doc), doc, create=_unknown_machine).repeated
+
+    macs = [f"52:54:00:00:00:0{i}" for i in range(3)]
+    assert not any(send(mac, 1) for mac in macs)
+    assert all(send(mac, 1) for mac in macs)
+    assert not send(MAC, 1) and not send(MAC, 2) and not send(MAC, 3)  # a fourth sender: the first goes
+    assert send(MAC, 2) and send(MAC, 3) and not send(MAC, 1)  # the last two of its names; 1 is new again
+    assert not send(macs[0], 1)  # forgotten, as the oldest sender
+    assert len(state.Store(tmp_path).events(MAC)) == 4
 
 
 def test_store_tracks_a_machine_nobody_assigned(tmp_path: Path) -> None:

@@ -290,12 +290,18 @@ def test_an_event_sent_again_is_taken_once(server: BootenvServer) -> None:
         {"state": "provisioning", "changed": False, "invalid": None, "repeated": True},
     )
     assert "repeated" not in post(server, MAC, {**conflict, "time": 1795000001.5})[1]
+    assert "repeated" not in post(server, MAC, {**conflict, "source": "layout"})[1]  # another sender
+    assert "repeated" not in post(server, OTHER, conflict)[1]  # another machine
     assert "repeated" not in post(server, MAC, {"event": "conflict", "path": "/etc/y"})[1]
     assert "repeated" not in post(server, MAC, {"event": "conflict", "path": "/etc/y"})[1]
     doc = json.loads(get(server, f"/api/machines/{MAC}")[2])
-    assert (doc["machine"]["events"], doc["machine"]["conflicts"]) == (4, 4)
-    assert [e.get("seq") for e in doc["events"] if e.get("event") == "conflict"] == [7, 7, None, None]
-    assert [e.get("time") for e in doc["events"] if e.get("seq") == 7] == [1795000000.25, 1795000001.5]
+    assert (doc["machine"]["events"], doc["machine"]["conflicts"]) == (5, 5)
+    assert [e.get("seq") for e in doc["events"] if e.get("event") == "conflict"] == [7, 7, 7, None, None]
+    assert [(e.get("source"), e.get("time")) for e in doc["events"] if e.get("seq") == 7] == [
+        (None, 1795000000.25),
+        (None, 1795000001.5),
+        ("layout", 1795000000.25),
+    ]
 
 
 def test_a_callback_whose_answer_was_lost_is_counted_once(
