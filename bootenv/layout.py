@@ -141,8 +141,25 @@ def layout(
     activator: Activator | None = None,
     emit: Callable[[Event], None] | None = None,
 ) -> LayoutResult:
-    """Plan (resolve components), run the streams, then merge dpkg status and activate."""
+    """Plan (resolve components), run the streams, then merge dpkg status and activate.
+
+    Whatever stops it before it has a result (the image unreachable, a bad signature)
+    is posted to the callback as an error before it is raised, so the server shows why
+    the machine stopped."""
     began = time.monotonic()
+    # Its thread starts once the streams are forked (_run_streams): none runs before.
+    poster = Callback(cfg.callback, "layout", emit=emit, deferred=True)
+    try:
+        return _layout(cfg, poster, began, activator)
+    except Exception as exc:
+        text = str(exc).strip()
+        poster.post("error", message=(_first_line(text) if text else type(exc).__name__)[:4000])
+        raise
+    finally:
+        poster.close()
+
+
+def _layout(cfg: LayoutConfig, poster: Callback, began: float, activator: Activator | None) -> LayoutResult:
     root = cfg.root.absolute()
     if not root.is_dir():
         raise UserError(f"{cfg.root} is not a directory")
@@ -156,6 +173,8 @@ def layout(
                 hint="--root a mounted target; or --force, to add components to this system's files "
                 "and its dpkg database",
             )
+    if root.resolve() == Path("/"):
+        poster.post("os_booted")  # the layout service runs in the freshly booted OS
     comps: list[Component] = []
     added: list[str] = []
     # Nothing to lay out reads no image: the single image's first boot, or an image that
@@ -168,37 +187,30 @@ def layout(
             log.info("Added as dependencies: %s", ", ".join(added))
         comps = sorted((manifest.component(n) for n in order), key=lambda c: c.name)
     clean_stale(root)  # a killed run's half-written conflict records
-    # Its thread starts once the streams are forked (_run_streams): none runs before.
-    poster = Callback(cfg.callback, "layout", emit=emit, deferred=True)
-    if root.resolve() == Path("/"):
-        poster.post("os_booted")  # the layout service runs in the freshly booted OS
-    try:
-        results = _run_streams(cfg.image, comps, root, cfg.streams, poster, began)
-        journal = Journal(root)
-        final: list[ComponentResult] = []
-        for comp, got in zip(comps, results, strict=True):
-            res = got if got.status == "failed" else _merge_dpkg(root, comp, got, journal)
-            final.append(res)
-            poster.send(_brief(res))
-            for cid in res.conflicts:
-                poster.post("conflict", component=res.name, fatal=False, data={"id": cid})
-        good = [c for c, r in zip(comps, final, strict=True) if r.status != "failed"]
-        units = [u for c in good for u in c.units]
-        with step(f"Activating {', '.join(c.name for c in good) or 'nothing'}"):
-            notes = (activator or activate)(root, units) if good else []
-        for c in good:
-            journal.set(c.name, c.data.sha256, "done")
-        result = LayoutResult(tuple(final), tuple(added), tuple(notes), time.monotonic() - began)
-        if result.ok:
-            poster.post("components_laid_out", data={"notes": list(notes)})
-            poster.post("done")
-        else:
-            failed = [c.name for c in final if c.status == "failed"]
-            failed += [f"unit {u}" for u in result.failed_units]
-            poster.post("error", message=f"layout failed: {', '.join(failed)}")
-        return result
-    finally:
-        poster.close()
+    results = _run_streams(cfg.image, comps, root, cfg.streams, poster, began)
+    journal = Journal(root)
+    final: list[ComponentResult] = []
+    for comp, got in zip(comps, results, strict=True):
+        res = got if got.status == "failed" else _merge_dpkg(root, comp, got, journal)
+        final.append(res)
+        poster.send(_brief(res))
+        for cid in res.conflicts:
+            poster.post("conflict", component=res.name, fatal=False, data={"id": cid})
+    good = [c for c, r in zip(comps, final, strict=True) if r.status != "failed"]
+    units = [u for c in good for u in c.units]
+    with step(f"Activating {', '.join(c.name for c in good) or 'nothing'}"):
+        notes = (activator or activate)(root, units) if good else []
+    for c in good:
+        journal.set(c.name, c.data.sha256, "done")
+    result = LayoutResult(tuple(final), tuple(added), tuple(notes), time.monotonic() - began)
+    if result.ok:
+        poster.post("components_laid_out", data={"notes": list(notes)})
+        poster.post("done")
+    else:
+        failed = [c.name for c in final if c.status == "failed"]
+        failed += [f"unit {u}" for u in result.failed_units]
+        poster.post("error", message=f"layout failed: {', '.join(failed)}")
+    return result
 
 
 def _merge_dpkg(root: Path, comp: Component, res: ComponentResult, journal: Journal) -> ComponentResult:

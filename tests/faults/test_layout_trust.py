@@ -10,6 +10,7 @@ import pytest
 
 from bootenv.errors import BootenvError, VerificationError
 from bootenv.layout import LayoutConfig, layout
+from bootenv.machines import Kind, parse_event
 from bootenv.signing import SIGNATURE, Trust, keygen, read_public_key, sign
 from tests.faults.conftest import Image
 from tests.faults.helpers import Recorder, tree
@@ -25,10 +26,11 @@ def signed_copy(image: Image, tmp: Path) -> tuple[Path, Trust]:
     return out, Trust(keys=(read_public_key(key.with_name("key.pub")),))
 
 
-def lay(location: str, root: Path, trust: Trust) -> tuple[object, Recorder]:
+def lay(location: str, root: Path, trust: Trust, callback: str | None = None) -> tuple[object, Recorder]:
     root.mkdir()
     act = Recorder()
-    return layout(LayoutConfig(location, "all", root, streams=1, trust=trust), activator=act), act
+    cfg = LayoutConfig(location, "all", root, streams=1, trust=trust, callback=callback)
+    return layout(cfg, activator=act), act
 
 
 def test_signed_image_lays_out_over_http(image: Image, tmp_path: Path) -> None:
@@ -40,7 +42,10 @@ def test_signed_image_lays_out_over_http(image: Image, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("attack", ["unsigned", "tampered", "untrusted"])
-def test_refused_before_the_first_write(image: Image, tmp_path: Path, attack: str) -> None:
+def test_refused_before_the_first_write(
+    image: Image, tmp_path: Path, attack: str, events: tuple[str, list[dict[str, object]]]
+) -> None:
+    """Refused, and the refusal posted: the server shows why the machine stopped."""
     signed, trust = signed_copy(image, tmp_path)
     if attack == "unsigned":
         (signed / SIGNATURE).unlink()
@@ -53,10 +58,19 @@ def test_refused_before_the_first_write(image: Image, tmp_path: Path, attack: st
         keygen(other)
         trust = Trust(keys=(read_public_key(other.with_name("other.pub")),))
     root = tmp_path / "root"
+    url, posted = events
     with FaultServer(signed) as srv, pytest.raises(BootenvError) as err:
-        lay(srv.url, root, trust)
+        lay(srv.url, root, trust, callback=url)
     assert isinstance(err.value, VerificationError)
     assert "\n" not in str(err.value)
+    (last,) = posted
+    error = parse_event(last)
+    assert (error.kind, error.source, error.fatal, error.message) == (
+        Kind.ERROR,
+        "layout",
+        True,
+        str(err.value),
+    )
     assert list(root.iterdir()) == [], "nothing was written"
     blobs = [r for r in srv.requests if r.path.endswith(".tar.zst")]
     assert blobs == [], "no blob was even fetched"
