@@ -119,12 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", type=Path, required=True, metavar="PATH", help="/ or a mounted tree")
     p.add_argument(
         "--streams",
-        type=_streams,
+        type=_between(0, MAX_STREAMS_ASKED),
         default=0,
         metavar="N",
         help=f"parallel streams, at most {MAX_STREAMS_ASKED} (default 0: one per chunk, up to 4)",
     )
     p.add_argument("--callback", metavar="URL", help="POST JSON progress events here (best effort)")
+    p.add_argument(
+        "--retries",
+        type=_between(0, MAX_RETRIES),
+        default=0,
+        metavar="N",
+        help="try a failure that may pass (the network, a stream killed) again, up to N times, "
+        f"after waiting 10, 30, 60, 120, then 300 s (default 0, at most {MAX_RETRIES})",
+    )
     p.add_argument(
         "--force",
         action="store_true",
@@ -197,16 +205,22 @@ def add_serve_verbs(verbs: argparse._SubParsersAction[_Parser], common: _Parser)
 
 
 MAX_STREAMS_ASKED = 64
+MAX_RETRIES = 20
 
 
-def _streams(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= n <= MAX_STREAMS_ASKED:
-        raise argparse.ArgumentTypeError(f"{n} is not between 0 and {MAX_STREAMS_ASKED}")
-    return n
+def _between(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high`."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not low <= n <= high:
+            raise argparse.ArgumentTypeError(f"{n} is not between {low} and {high}")
+        return n
+
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:

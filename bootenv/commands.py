@@ -191,6 +191,7 @@ def cmd_layout(args: argparse.Namespace) -> int:
         callback=args.callback,
         trust=trust_from_args(args),
         force=args.force,
+        retries=args.retries,
     )
     result = layout(cfg)
     if args.json:

@@ -48,6 +48,7 @@ from bootenv.writeback import Flusher
 log = logging.getLogger(__name__)
 
 MAX_STREAMS = 4
+RETRY_WAITS = (10.0, 30.0, 60.0, 120.0, 300.0)  # before each try again, the last one repeated
 FAILED_UNIT = "failed to start: "  # activation note of a unit that is not active
 STREAM_DIED = "a layout stream process died (killed: out of memory?); run the layout again to resume"
 
@@ -61,6 +62,7 @@ class LayoutConfig:
     callback: str | None = None
     trust: Trust | None = None  # None: the caller checked the signature already (tests)
     force: bool = False  # root / although bootenv did not provision this system
+    retries: int = 0  # a failure that may pass if tried again is tried again, this many times
 
 
 @dataclass(frozen=True)
@@ -143,20 +145,46 @@ def layout(
 ) -> LayoutResult:
     """Plan (resolve components), run the streams, then merge dpkg status and activate.
 
-    Whatever stops it before it has a result (the image unreachable, a bad signature)
-    is posted to the callback as an error before it is raised, so the server shows why
-    the machine stopped."""
+    A failure is posted to the callback as an error, also one that stops the layout
+    before it has a result (the image unreachable, a bad signature), so the server shows
+    why the machine stopped. With `cfg.retries`, a failure that may pass if tried again
+    (RetryableError: the network, a stream killed) is tried again after a wait of
+    RETRY_WAITS, that many times, as a re-run would: what is done stays done. Its error
+    is posted as not fatal, saying when it is tried again."""
     began = time.monotonic()
-    # Its thread starts once the streams are forked (_run_streams): none runs before.
-    poster = Callback(cfg.callback, "layout", emit=emit, deferred=True)
-    try:
-        return _layout(cfg, poster, began, activator)
-    except Exception as exc:
-        text = str(exc).strip()
-        poster.post("error", message=(_first_line(text) if text else type(exc).__name__)[:4000])
-        raise
-    finally:
-        poster.close()
+    for attempt in range(cfg.retries + 1):
+        # Its thread starts once the streams are forked (_run_streams): none runs before.
+        poster = Callback(cfg.callback, "layout", emit=emit, deferred=True)
+        try:
+            result: LayoutResult | None = None
+            try:
+                result = _layout(cfg, poster, began, activator)
+            except Exception as exc:
+                failure: Exception = exc
+            else:
+                failed = result.failure()
+                if failed is None:
+                    return result
+                failure = failed
+            again = attempt < cfg.retries and _retryable(failure)
+            message = _first_line(str(failure)) if str(failure).strip() else type(failure).__name__
+            wait = RETRY_WAITS[min(attempt, len(RETRY_WAITS) - 1)]
+            if again:
+                message += f"; trying again in {wait:.0f} s (try {attempt + 2} of {cfg.retries + 1})"
+            poster.post("error", message=message[:4000], fatal=not again)
+            if not again:
+                if result is not None:
+                    return result
+                raise failure
+        finally:
+            poster.close()
+        log.warning("%s", message)
+        time.sleep(wait)
+    raise AssertionError("unreachable: the last try returns or raises")
+
+
+def _retryable(failure: Exception) -> bool:
+    return isinstance(failure, BootenvError) and failure.exit_code == RetryableError.exit_code
 
 
 def _layout(cfg: LayoutConfig, poster: Callback, began: float, activator: Activator | None) -> LayoutResult:
@@ -206,11 +234,7 @@ def _layout(cfg: LayoutConfig, poster: Callback, began: float, activator: Activa
     if result.ok:
         poster.post("components_laid_out", data={"notes": list(notes)})
         poster.post("done")
-    else:
-        failed = [c.name for c in final if c.status == "failed"]
-        failed += [f"unit {u}" for u in result.failed_units]
-        poster.post("error", message=f"layout failed: {', '.join(failed)}")
-    return result
+    return result  # a failure is posted by layout()
 
 
 def _merge_dpkg(root: Path, comp: Component, res: ComponentResult, journal: Journal) -> ComponentResult:

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 LAYOUT_JSON = "/etc/bootenv/layout.json"
 LAYOUT_UNIT = "bootenv-layout.service"
+# The first-boot layout tries a failure that may pass (the image server down for a while,
+# a stream killed) again this many times, over about 10 minutes (layout.RETRY_WAITS),
+# before the machine is reported failed; a reboot then runs it again.
+FIRST_BOOT_RETRIES = 5
 SSH_UNIT = "bootenv-ssh-keygen.service"
 UNIT_DIR = "/etc/systemd/system"
 WANTS = f"{UNIT_DIR}/multi-user.target.wants"
@@ -115,7 +119,7 @@ def provisioned(root: Path) -> bool:
 def layout_argv(handoff: LayoutHandoff) -> list[str]:
     """The `bootenv layout` command the unit runs, from the hand-off's settings."""
     argv = ["layout", "--image", handoff.image, "--components", ",".join(handoff.components) or "none"]
-    argv += ["--root", "/"]
+    argv += ["--root", "/", "--retries", str(FIRST_BOOT_RETRIES)]
     if handoff.callback:
         argv += ["--callback", handoff.callback]
     if handoff.trust:

@@ -86,6 +86,8 @@ CASES: dict[str, tuple[Setup, str]] = {
     "assign single with some components": (_assign("--kernel-args", "bootenv.single=1"), "must be all"),
     "streams too many": (_layout("--streams", "99999999999999999999"), "--streams"),
     "streams negative": (_layout("--streams", "-1"), "--streams"),
+    "retries too many": (_layout("--retries", "21"), "--retries"),
+    "retries not a number": (_layout("--retries", "forever"), "--retries"),
     "broken IPv6 URL": (_layout("http://[::1/x"), "not a valid URL"),
     "port out of range": (_layout("http://127.0.0.1:99999/x"), "not a valid URL"),
     "callback not a URL": (_layout("--callback", "notaurl"), "--callback notaurl"),

@@ -14,7 +14,7 @@ from bootenv import layout as layout_mod
 from bootenv import stream
 from bootenv.callback import Event
 from bootenv.cli import main
-from bootenv.errors import RetryableError
+from bootenv.errors import RetryableError, VerificationError
 from bootenv.journal import STATE_DIR
 from bootenv.layout import STREAM_DIED, LayoutConfig, layout
 from tests.hostile.kit import ActivatedUnits, Comp, d, f, make_image
@@ -60,7 +60,11 @@ def test_a_killed_stream_fails_its_component_and_a_rerun_resumes(
     assert failure is not None and str(failure) == f"layout failed: b: {STREAM_DIED}"
     ends = [e for e in events if e.get("step") == "component" and e.get("status") == "failed"]
     assert [(e["component"], e["message"]) for e in ends] == [("b", STREAM_DIED)]
-    assert events[-1]["event"] == "error" and events[-1]["message"] == "layout failed: b"
+    assert (events[-1]["event"], events[-1]["message"], events[-1]["fatal"]) == (
+        "error",
+        f"layout failed: b: {STREAM_DIED}",
+        True,
+    )
 
     monkeypatch.setattr(stream, "lay_out_piece", _LAY_OUT_PIECE)
     again = layout(LayoutConfig(str(image), "all", root, streams=2), activator=act)
@@ -84,3 +88,72 @@ def test_the_cli_reports_a_killed_stream_in_one_line(
     monkeypatch.setattr(stream, "lay_out_piece", _LAY_OUT_PIECE)
     assert main([*argv, "--insecure"]) == 0
     assert (root / "srv/b").read_text() == "y"
+
+
+def _killed_once_on_b(comp: Any, index: int, root: Path, *args: Any) -> Any:
+    """As _killed_on_b, the first time only: what a retry then finds."""
+    mark = root / "killed-once"
+    if comp.name == "b" and not mark.exists():
+        mark.write_text("")
+        return _killed_on_b(comp, index, root, *args)
+    return _LAY_OUT_PIECE(comp, index, root, *args)
+
+
+def test_with_retries_a_killed_stream_is_tried_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image, root = _image(tmp_path), tmp_path / "root"
+    root.mkdir()
+    monkeypatch.setattr(stream, "lay_out_piece", _killed_once_on_b)
+    monkeypatch.setattr(layout_mod, "RETRY_WAITS", (0.0,))
+    act, events = ActivatedUnits(), list[Event]()
+    cfg = LayoutConfig(str(image), "all", root, streams=2, retries=2)
+    res = layout(cfg, activator=act, emit=events.append)
+    assert res.ok and [(c.name, c.status) for c in res.components] == [("a", "resumed"), ("b", "done")]
+    assert (root / "opt/a").read_text() == "x" and (root / "srv/b").read_text() == "y"
+    errors = [e for e in events if e["event"] == "error"]
+    assert [(e["message"], e["fatal"]) for e in errors] == [
+        (f"layout failed: b: {STREAM_DIED}; trying again in 0 s (try 2 of 3)", False)
+    ]
+    assert events[-1]["event"] == "done"
+    assert sorted(act.units) == ["a.service", "a.service", "b.service"]  # a's again: a re-run's start
+
+
+def test_retries_end_with_a_fatal_error_and_what_cannot_pass_is_not_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image, root = _image(tmp_path), tmp_path / "root"
+    root.mkdir()
+    monkeypatch.setattr(layout_mod, "RETRY_WAITS", (0.0,))
+    tries: list[int] = []
+    real = layout_mod._layout
+
+    def down(*args: Any) -> Any:  # the image server down for good
+        tries.append(1)
+        raise RetryableError("cannot fetch http://images/lamp/manifest.json: ConnectionError")
+
+    monkeypatch.setattr(layout_mod, "_layout", down)
+    events = list[Event]()
+    with pytest.raises(RetryableError):
+        layout(
+            LayoutConfig(str(image), "all", root, retries=2), activator=ActivatedUnits(), emit=events.append
+        )
+    assert len(tries) == 3
+    assert [e["fatal"] for e in events if e["event"] == "error"] == [False, False, True]
+    assert events[-1]["message"] == "cannot fetch http://images/lamp/manifest.json: ConnectionError"
+
+    def refused(*args: Any) -> Any:  # a bad signature: the same every time
+        tries.append(1)
+        raise VerificationError("manifest.json: signature does not verify")
+
+    tries.clear()
+    monkeypatch.setattr(layout_mod, "_layout", refused)
+    with pytest.raises(VerificationError):
+        layout(LayoutConfig(str(image), "all", root, retries=2), activator=ActivatedUnits())
+    assert len(tries) == 1
+
+    def once(*args: Any) -> Any:  # down for a moment
+        monkeypatch.setattr(layout_mod, "_layout", real)
+        raise RetryableError("cannot fetch: HTTP 503")
+
+    monkeypatch.setattr(layout_mod, "_layout", once)
+    res = layout(LayoutConfig(str(image), "all", root, retries=1), activator=ActivatedUnits())
+    assert res.ok and (root / "srv/b").read_text() == "y"

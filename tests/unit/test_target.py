@@ -93,7 +93,7 @@ def test_layout_unit_runs_the_bundled_runtime() -> None:
 def test_layout_argv_flags() -> None:
     h = LayoutHandoff("http://h/i", (), None, "x", insecure=True, trust="sha256:" + "0" * 64)
     assert layout_argv(h) == [
-        *("layout", "--image", "http://h/i", "--components", "none", "--root", "/"),
+        *("layout", "--image", "http://h/i", "--components", "none", "--root", "/", "--retries", "5"),
         *("--fingerprint", "sha256:" + "0" * 64, "--insecure"),
     ]
 
