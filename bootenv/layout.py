@@ -58,7 +58,7 @@ class LayoutConfig:
     image: str  # DIR or URL
     components: str | tuple[str, ...]  # "all", "none" or names
     root: Path
-    streams: int = 0  # 0: one per component, capped at MAX_STREAMS
+    streams: int = 0  # 0: one per piece (a chunk, or a blob without chunks), up to MAX_STREAMS
     callback: str | None = None
     trust: Trust | None = None  # None: the caller checked the signature already (tests)
     force: bool = False  # root / although bootenv did not provision this system
