@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 MAX_STREAMS = 4
 RETRY_WAITS = (10.0, 30.0, 60.0, 120.0, 300.0)  # before each try again, the last one repeated
+RETRY_BUDGET = 90 * 60.0  # no try starts later than this after the first (the unit allows 2 h)
 FAILED_UNIT = "failed to start: "  # activation note of a unit that is not active
 STREAM_DIED = "a layout stream process died (killed: out of memory?); run the layout again to resume"
 
@@ -149,8 +150,8 @@ def layout(
     before it has a result (the image unreachable, a bad signature), so the server shows
     why the machine stopped. With `cfg.retries`, a failure that may pass if tried again
     (RetryableError: the network, a stream killed) is tried again after a wait of
-    RETRY_WAITS, that many times, as a re-run would: what is done stays done. Its error
-    is posted as not fatal, saying when it is tried again."""
+    RETRY_WAITS, that many times while within RETRY_BUDGET, as a re-run would: what is
+    done stays done. Its error is posted as not fatal, saying when it is tried again."""
     began = time.monotonic()
     for attempt in range(cfg.retries + 1):
         # Its thread starts once the streams are forked (_run_streams): none runs before.
@@ -166,9 +167,13 @@ def layout(
                 if failed is None:
                     return result
                 failure = failed
-            again = attempt < cfg.retries and _retryable(failure)
-            message = _first_line(str(failure)) if str(failure).strip() else type(failure).__name__
             wait = RETRY_WAITS[min(attempt, len(RETRY_WAITS) - 1)]
+            again = (
+                attempt < cfg.retries
+                and _retryable(failure, result)
+                and time.monotonic() + wait - began < RETRY_BUDGET
+            )
+            message = _first_line(str(failure)) if str(failure).strip() else type(failure).__name__
             if again:
                 message += f"; trying again in {wait:.0f} s (try {attempt + 2} of {cfg.retries + 1})"
             poster.post("error", message=message[:4000], fatal=not again)
@@ -183,8 +188,16 @@ def layout(
     raise AssertionError("unreachable: the last try returns or raises")
 
 
-def _retryable(failure: Exception) -> bool:
-    return isinstance(failure, BootenvError) and failure.exit_code == RetryableError.exit_code
+def _retryable(failure: Exception, result: LayoutResult | None) -> bool:
+    """A failure that may pass if tried again: a RetryableError; or a result in which a
+    component failed so, and none failed for what it is (data that did not verify, a
+    refused merge) nor any unit to start (those would fail the same way again)."""
+    if result is None:
+        return isinstance(failure, BootenvError) and failure.exit_code == RetryableError.exit_code
+    codes = {c.code for c in result.components if c.status == "failed"}
+    return (
+        RetryableError.exit_code in codes and codes <= {RetryableError.exit_code} and not result.failed_units
+    )
 
 
 def _layout(cfg: LayoutConfig, poster: Callback, began: float, activator: Activator | None) -> LayoutResult:
@@ -260,6 +273,8 @@ def _brief(r: ComponentResult) -> Event:
         "event": "step",
         "step": "component",
         "status": "failed" if r.status == "failed" else "done",
+        # Not the machine's failure by itself: layout() posts that, fatal or not (tried again).
+        "fatal": False,
         "component": r.name,
         "files": r.files,
         "bytes": r.bytes,
@@ -364,6 +379,7 @@ def _run_pool(
         stop.set()
         if pump.ident is not None:
             pump.join()
+        events.close()  # its feeder thread ends: a layout tried again forks with no thread
 
 
 def _fetch_error(fetch: Future[Fetched], *, strict: bool = False) -> BaseException | None:

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 LAYOUT_JSON = "/etc/bootenv/layout.json"
 LAYOUT_UNIT = "bootenv-layout.service"
 # The first-boot layout tries a failure that may pass (the image server down for a while,
-# a stream killed) again this many times, over about 10 minutes (layout.RETRY_WAITS),
+# a stream killed) again this many times, waiting 8.7 minutes in all (layout.RETRY_WAITS),
 # before the machine is reported failed; a reboot then runs it again.
 FIRST_BOOT_RETRIES = 5
 SSH_UNIT = "bootenv-ssh-keygen.service"

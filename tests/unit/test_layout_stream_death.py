@@ -16,7 +16,8 @@ from bootenv.callback import Event
 from bootenv.cli import main
 from bootenv.errors import RetryableError, VerificationError
 from bootenv.journal import STATE_DIR
-from bootenv.layout import STREAM_DIED, LayoutConfig, layout
+from bootenv.layout import STREAM_DIED, ComponentResult, LayoutConfig, LayoutResult, layout
+from bootenv.machines import State, apply, assign, parse_event
 from tests.hostile.kit import ActivatedUnits, Comp, d, f, make_image
 
 _LAY_OUT_PIECE = stream.lay_out_piece
@@ -115,6 +116,30 @@ def test_with_retries_a_killed_stream_is_tried_again(tmp_path: Path, monkeypatch
     ]
     assert events[-1]["event"] == "done"
     assert sorted(act.units) == ["a.service", "a.service", "b.service"]  # a's again: a re-run's start
+    # What the server makes of them: the machine is done, not failed on the way.
+    machine = assign("52:54:00:12:34:56", "img", "all", now=0.0)
+    for e in [{"event": "os_written"}, *events]:
+        outcome = apply(machine, parse_event(e), now=1.0)
+        assert outcome.invalid is None, e
+        machine = outcome.machine
+    assert machine.state is State.DONE and machine.error is None
+
+
+def test_without_retries_a_killed_stream_fails_the_machine_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image, root = _image(tmp_path), tmp_path / "root"
+    root.mkdir()
+    monkeypatch.setattr(stream, "lay_out_piece", _killed_once_on_b)
+    monkeypatch.setattr(layout_mod, "RETRY_BUDGET", 0.0)  # out of time: the retries are not used
+    events = list[Event]()
+    cfg = LayoutConfig(str(image), "all", root, streams=2, retries=3)
+    res = layout(cfg, activator=ActivatedUnits(), emit=events.append)
+    assert not res.ok
+    machine = assign("52:54:00:12:34:56", "img", "all", now=0.0)
+    for e in [{"event": "os_written"}, *events]:
+        machine = apply(machine, parse_event(e), now=1.0).machine
+    assert machine.state is State.FAILED and machine.error == f"layout failed: b: {STREAM_DIED}"
 
 
 def test_retries_end_with_a_fatal_error_and_what_cannot_pass_is_not_retried(
@@ -157,3 +182,26 @@ def test_retries_end_with_a_fatal_error_and_what_cannot_pass_is_not_retried(
     monkeypatch.setattr(layout_mod, "_layout", once)
     res = layout(LayoutConfig(str(image), "all", root, retries=1), activator=ActivatedUnits())
     assert res.ok and (root / "srv/b").read_text() == "y"
+
+
+@pytest.mark.parametrize(
+    ("codes", "units", "again"),
+    [
+        ((3,), (), True),
+        ((3, 3), (), True),
+        ((3, 1), (), False),  # the other would fail the same way again
+        ((1, 3), (), False),
+        ((3, 4), (), False),  # data that did not verify
+        ((3,), ("x.service",), False),  # a unit that did not start
+        ((), ("x.service",), False),
+    ],
+)
+def test_a_result_is_tried_again_only_if_every_failure_may_pass(
+    codes: tuple[int, ...], units: tuple[str, ...], again: bool
+) -> None:
+    comps = tuple(ComponentResult(f"c{i}", "failed", error="e", code=c) for i, c in enumerate(codes))
+    notes = tuple(f"{layout_mod.FAILED_UNIT}{u}" for u in units)
+    result = LayoutResult((*comps, ComponentResult("ok", "done")), (), notes, 1.0)
+    failure = result.failure()
+    assert failure is not None
+    assert layout_mod._retryable(failure, result) is again
