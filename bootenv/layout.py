@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 MAX_STREAMS = 4
 RETRY_WAITS = (10.0, 30.0, 60.0, 120.0, 300.0)  # before each try again, the last one repeated
 RETRY_BUDGET = 90 * 60.0  # no try starts later than this after the first (the unit allows 2 h)
-STREAM_DIED = "a layout stream process died (killed: out of memory?); run the layout again to resume"
+STREAM_DIED = "a layout stream process died (killed: out of memory?); a re-run resumes"
 
 
 @dataclass(frozen=True)
