@@ -17,7 +17,7 @@ from bootenv.cli import main
 from bootenv.errors import RetryableError, VerificationError
 from bootenv.journal import STATE_DIR
 from bootenv.layout import STREAM_DIED, ComponentResult, LayoutConfig, LayoutResult, layout
-from bootenv.machines import State, apply, assign, parse_event
+from bootenv.machines import Machine, State, apply, assign, parse_event
 from tests.hostile.kit import ActivatedUnits, Comp, d, f, make_image
 
 _LAY_OUT_PIECE = stream.lay_out_piece
@@ -34,21 +34,23 @@ def _killed_on_b(comp: Any, index: int, root: Path, *args: Any) -> Any:
     return _LAY_OUT_PIECE(comp, index, root, *args)
 
 
-def _image(tmp_path: Path) -> Path:
-    return make_image(
+def _image(tmp_path: Path) -> tuple[Path, Path]:
+    """An image of two components, a and b, and an empty root to lay them out in."""
+    image = make_image(
         tmp_path / "img",
         [
             Comp("a", [d("opt"), f("opt/a", "x")], units=("a.service",)),
             Comp("b", [d("srv"), f("srv/b", "y")], units=("b.service",)),
         ],
     )
+    (tmp_path / "root").mkdir()
+    return image, tmp_path / "root"
 
 
 def test_a_killed_stream_fails_its_component_and_a_rerun_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    image, root = _image(tmp_path), tmp_path / "root"
-    root.mkdir()
+    image, root = _image(tmp_path)
     monkeypatch.setattr(stream, "lay_out_piece", _killed_on_b)
     act, events = ActivatedUnits(), list[Event]()
     res = layout(LayoutConfig(str(image), "all", root, streams=2), activator=act, emit=events.append)
@@ -76,8 +78,7 @@ def test_a_killed_stream_fails_its_component_and_a_rerun_resumes(
 def test_the_cli_reports_a_killed_stream_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    image, root = _image(tmp_path), tmp_path / "root"
-    root.mkdir()
+    image, root = _image(tmp_path)
     monkeypatch.setattr(layout_mod, "activate", ActivatedUnits())
     monkeypatch.setattr(stream, "lay_out_piece", _killed_on_b)
     argv = ["layout", "--image", str(image), "--components", "all", "--root", str(root), "--streams", "2"]
@@ -101,8 +102,7 @@ def _killed_once_on_b(comp: Any, index: int, root: Path, *args: Any) -> Any:
 
 
 def test_with_retries_a_killed_stream_is_tried_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    image, root = _image(tmp_path), tmp_path / "root"
-    root.mkdir()
+    image, root = _image(tmp_path)
     monkeypatch.setattr(stream, "lay_out_piece", _killed_once_on_b)
     monkeypatch.setattr(layout_mod, "RETRY_WAITS", (0.0,))
     act, events = ActivatedUnits(), list[Event]()
@@ -116,37 +116,38 @@ def test_with_retries_a_killed_stream_is_tried_again(tmp_path: Path, monkeypatch
     ]
     assert events[-1]["event"] == "done"
     assert sorted(act.units) == ["a.service", "a.service", "b.service"]  # a's again: a re-run's start
-    # What the server makes of them: the machine is done, not failed on the way.
+    machine = _served(events)  # done, not failed on the way
+    assert machine.state is State.DONE and machine.error is None
+
+
+def _served(events: list[Event]) -> Machine:
+    """The machine as `bootenv serve` has it after the layout's events."""
     machine = assign("52:54:00:12:34:56", "img", "all", now=0.0)
     for e in [{"event": "os_written"}, *events]:
         outcome = apply(machine, parse_event(e), now=1.0)
         assert outcome.invalid is None, e
         machine = outcome.machine
-    assert machine.state is State.DONE and machine.error is None
+    return machine
 
 
 def test_without_retries_a_killed_stream_fails_the_machine_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    image, root = _image(tmp_path), tmp_path / "root"
-    root.mkdir()
+    image, root = _image(tmp_path)
     monkeypatch.setattr(stream, "lay_out_piece", _killed_once_on_b)
     monkeypatch.setattr(layout_mod, "RETRY_BUDGET", 0.0)  # out of time: the retries are not used
     events = list[Event]()
     cfg = LayoutConfig(str(image), "all", root, streams=2, retries=3)
     res = layout(cfg, activator=ActivatedUnits(), emit=events.append)
     assert not res.ok
-    machine = assign("52:54:00:12:34:56", "img", "all", now=0.0)
-    for e in [{"event": "os_written"}, *events]:
-        machine = apply(machine, parse_event(e), now=1.0).machine
+    machine = _served(events)
     assert machine.state is State.FAILED and machine.error == f"layout failed: b: {STREAM_DIED}"
 
 
 def test_retries_end_with_a_fatal_error_and_what_cannot_pass_is_not_retried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    image, root = _image(tmp_path), tmp_path / "root"
-    root.mkdir()
+    image, root = _image(tmp_path)
     monkeypatch.setattr(layout_mod, "RETRY_WAITS", (0.0,))
     tries: list[int] = []
     real = layout_mod._layout
