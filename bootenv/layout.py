@@ -155,16 +155,10 @@ def layout(
         # Its thread starts once the streams are forked (_run_streams): none runs before.
         poster = Callback(cfg.callback, "layout", emit=emit, deferred=True)
         try:
-            result: LayoutResult | None = None
-            try:
-                result = _layout(cfg, poster, began, activator)
-            except Exception as exc:
-                failure: Exception = exc
-            else:
-                failed = result.failure()
-                if failed is None:
-                    return result
-                failure = failed
+            result, failure = _try(cfg, poster, began, activator)
+            if failure is None:
+                assert result is not None
+                return result
             wait = RETRY_WAITS[min(attempt, len(RETRY_WAITS) - 1)]
             again = (
                 attempt < cfg.retries
@@ -186,6 +180,17 @@ def layout(
     raise AssertionError("unreachable: the last try returns or raises")
 
 
+def _try(
+    cfg: LayoutConfig, poster: Callback, began: float, activator: Activator | None
+) -> tuple[LayoutResult | None, Exception | None]:
+    """One try: its result, and what failed (None if nothing did)."""
+    try:
+        result = _layout(cfg, poster, began, activator)
+    except Exception as exc:
+        return None, exc
+    return result, result.failure()
+
+
 def _retryable(failure: Exception, result: LayoutResult | None) -> bool:
     """A failure that may pass if tried again: a RetryableError; or a result in which a
     component failed so, and none failed for what it is (data that did not verify, a
@@ -193,9 +198,7 @@ def _retryable(failure: Exception, result: LayoutResult | None) -> bool:
     if result is None:
         return isinstance(failure, BootenvError) and failure.exit_code == RetryableError.exit_code
     codes = {c.code for c in result.components if c.status == "failed"}
-    return (
-        RetryableError.exit_code in codes and codes <= {RetryableError.exit_code} and not result.failed_units
-    )
+    return codes == {RetryableError.exit_code} and not result.failed_units
 
 
 def _layout(cfg: LayoutConfig, poster: Callback, began: float, activator: Activator | None) -> LayoutResult:
