@@ -75,7 +75,7 @@ def finish_create(tar: Stream) -> tuple[str, ...]:
     image missing a file nobody removed is not the gold machine. Tar's other warnings
     (an extended attribute it could not read, as before) are logged."""
     err = tar.wait_ok(ok_codes=(0, 1))
-    vanished, failed, notes = _sort(err)
+    vanished, failed, notes = sort_warnings(err)
     if failed:
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
         raise FatalError(f"tar could not read {failed[0]}{more}")
@@ -92,18 +92,13 @@ _METADATA = re.compile(r"^Cannot \w*(xattr|acl|filecon)\w*: ")  # tar warned of 
 _ESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11}
 
 
-def sort_warnings(err: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """tar -c --ignore-failed-read's warnings, in the C locale: (the paths that vanished,
-    unquoted, and every other failure to read an entry, as "path: reason": "Cannot
-    stat", "open", "read", "savedir", "seek to", "readlink", and "Read error"). A failure
-    to read an entry's extended attributes, ACLs or SELinux label is neither: tar warned
-    of those before --ignore-failed-read too, and packed the entry."""
-    vanished, failed, _ = _sort(err)
-    return tuple(vanished), tuple(failed)
-
-
-def _sort(err: str) -> tuple[list[str], list[str], list[str]]:
-    """sort_warnings' two lists, and the lines that are in neither (to be logged)."""
+def sort_warnings(err: str) -> tuple[list[str], list[str], list[str]]:
+    """tar -c --ignore-failed-read's warnings, in the C locale, in three lists: the paths
+    that vanished (unquoted); every other failure to read an entry, as "path: reason"
+    ("Cannot stat", "open", "read", "savedir", "seek to", "readlink", and "Read error");
+    and the lines that are neither, to be logged. A failure to read an entry's extended
+    attributes, ACLs or SELinux label is a line to log: tar warned of those before
+    --ignore-failed-read too, and packed the entry."""
     vanished, failed, notes = [], [], []
     for line in filter(None, (raw.strip() for raw in err.splitlines())):
         path, what = _warning(line)

@@ -33,10 +33,14 @@ tar: ./var/lib/db/ibdata1: file changed as we read it
 
 
 def test_tar_warnings_sort_vanished_paths_from_failures_to_read() -> None:
-    vanished, failed = sort_warnings(TAR_ERR)
-    assert vanished == ("/var/log/gone.log", "/var/tmp/was-a-dir/x", "/etc/odd: back\\slash")
-    assert failed == ("/etc/secret: Cannot open: Permission denied",)
-    assert sort_warnings("") == ((), ())
+    vanished, failed, notes = sort_warnings(TAR_ERR)
+    assert vanished == ["/var/log/gone.log", "/var/tmp/was-a-dir/x", "/etc/odd: back\\slash"]
+    assert failed == ["/etc/secret: Cannot open: Permission denied"]
+    assert notes == [
+        "tar: ./srv/nfs: Warning: Cannot llistxattrat: Operation not supported",
+        "tar: ./var/lib/db/ibdata1: file changed as we read it",
+    ]
+    assert sort_warnings("") == ([], [], [])
 
 
 class _Finished:
