@@ -64,6 +64,12 @@ def main() -> int:
         help="rounds of qemu-timeline's three netboots: split, OS + MySQL, single (each round ~4 min "
         "under TCG); its figures are medians over the rounds, as the others' are over --runs",
     )
+    p.add_argument(
+        "--vm-firmware",
+        choices=("bios", "uefi"),
+        default="bios",
+        help="what qemu-timeline's VMs boot with: SeaBIOS (the default) or OVMF",
+    )
     p.add_argument("--only", action="append", choices=sorted(ALL), help="run only these (repeatable)")
     p.add_argument(
         "--chart",
@@ -99,7 +105,7 @@ def main() -> int:
         running(ServeConfig(images=images, state=Path(work) / "state", port=0)) as server,
     ):
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        env = scenarios.Env(Path(work), images, url, gold, name, args.runs)
+        env = scenarios.Env(Path(work), images, url, gold, name, args.runs, firmware=args.vm_firmware)
         for key, fn in ALL.items():
             if args.only and key not in args.only:
                 continue
@@ -121,6 +127,7 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "runs": args.runs,
         "vm_runs": args.vm_runs,
+        "vm_firmware": args.vm_firmware,
         "cold_cache": cold,
         "time": time.time(),
         **code,

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from bench.harness import (
     Result,
@@ -46,6 +47,7 @@ class Env:
     runs: int
     synthetic_image: str = ""  # name under images/; "" builds and captures it when first needed
     target: Path = Path()  # a fresh ext4 (harness.fresh_ext4): where layouts and streams write
+    firmware: Literal["bios", "uefi"] = "bios"  # what qemu-timeline's VMs boot with
 
 
 @dataclass(frozen=True)

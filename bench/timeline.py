@@ -10,7 +10,8 @@ first-boot service only reports). The milestones come from the callback events
 (HTTP GET /info.php, the MariaDB handshake) first answer through QEMU's 127.0.0.1
 forwards after done. Under TCG absolute times mean little, so every milestone and phase
 is also given as a ratio over the single image. With --runs N the three are repeated N
-times, in turn forwards and backwards.
+times, in turn forwards and backwards. The VMs boot with SeaBIOS, or with OVMF (UEFI)
+under --vm-firmware uefi; the result's name says which.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from bench import scenarios
 from bench.harness import Result, Stats, drop_caches
@@ -73,12 +75,12 @@ def qemu_timeline(env: scenarios.Env) -> Result:
             # always favour the same image.
             for kind in KINDS if n % 2 == 0 else KINDS[::-1]:
                 drop_caches()
-                runs.append(_netboot(the_lab, kind, n))
+                runs.append(_netboot(the_lab, kind, n, env.firmware))
                 log.info("%s run %d: %s", kind, n + 1, runs[-1].at)
-    return summarize(runs)
+    return summarize(runs, env.firmware)
 
 
-def _netboot(the_lab: Lab, kind: str, n: int) -> Run:
+def _netboot(the_lab: Lab, kind: str, n: int, firmware: Literal["bios", "uefi"]) -> Run:
     name = f"{kind}-{n}"
     # A fresh MAC per VM: a machine that is done boots from its disk, and its events
     # must not mix with the next run's.
@@ -87,7 +89,14 @@ def _netboot(the_lab: Lab, kind: str, n: int) -> Run:
     components = SUBSET if kind == "subset" else "all"
     try:
         with provision(
-            the_lab, name, mac, components, single=kind == "single", hostname=f"lamp-{kind}", timeout=TIMEOUT
+            the_lab,
+            name,
+            mac,
+            components,
+            single=kind == "single",
+            firmware=firmware,
+            hostname=f"lamp-{kind}",
+            timeout=TIMEOUT,
         ) as run:
             if run.machine.state is not State.DONE:
                 raise FatalError(f"{kind}: provisioning failed: {run.machine.error}")
@@ -106,11 +115,15 @@ def _netboot(the_lab: Lab, kind: str, n: int) -> Run:
     return Run(kind, {**{k: v for k, v in at.items() if v is not None}, "ready": ready})
 
 
-def summarize(runs: list[Run]) -> Result:
-    """Milestones and phases of each kind run, their medians' ratios over the single image."""
+def summarize(runs: list[Run], firmware: Literal["bios", "uefi"] = "bios") -> Result:
+    """Milestones and phases of each kind run, their medians' ratios over the single image.
+    The row is "qemu-timeline" for BIOS boots and "qemu-timeline (uefi)" for UEFI ones, so
+    that results of both can be kept side by side."""
     kinds = [kind for kind in KINDS if any(run.kind == kind for run in runs)]
     what = "split (all" + (f", and OS + {SUBSET}" if "subset" in kinds else "") + ") vs single image"
-    r = Result("qemu-timeline", f"make demo's netboot timeline in QEMU (TCG), {what}")
+    name = "qemu-timeline" + (" (uefi)" if firmware == "uefi" else "")
+    boot = "OVMF" if firmware == "uefi" else "SeaBIOS"
+    r = Result(name, f"make demo's netboot timeline in QEMU (TCG, {boot}), {what}")
     medians: dict[str, dict[str, float]] = {}
     for kind in kinds:
         mine = [run for run in runs if run.kind == kind]

@@ -55,3 +55,11 @@ def test_a_subset_is_reported_against_the_single_image_too() -> None:
     assert "OS written: split 90.0 s, single 110.0 s = 0.82x; OS + mysql 80.0 s = 0.73x" in r.notes
     assert "services answer: split 262.0 s, single 254.0 s = 1.03x; OS + mysql 222.0 s = 0.87x" in r.notes
     assert "OS + mysql" in r.what and r.ratio == pytest.approx(200 / 250)
+
+
+def test_uefi_boots_are_a_row_of_their_own() -> None:
+    runs = [run("split", 40, 90, 200, 260, 262), run("single", 40, 110, 250, 252, 254)]
+    bios, uefi = summarize(runs), summarize(runs, "uefi")
+    assert (bios.name, uefi.name) == ("qemu-timeline", "qemu-timeline (uefi)")
+    assert "SeaBIOS" in bios.what and "OVMF" in uefi.what
+    assert uefi.ratio == bios.ratio == pytest.approx(200 / 250)
