@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Protocol
@@ -231,10 +231,12 @@ def _layout(cfg: LayoutConfig, poster: Callback, began: float, activator: Activa
     clean_stale(root)  # a killed run's half-written conflict records
     results = _run_streams(cfg.image, comps, root, cfg.streams, poster, began)
     journal = Journal(root)
-    final: list[ComponentResult] = []
-    for comp, got in zip(comps, results, strict=True):
-        res = got if got.status == "failed" else _merge_dpkg(root, comp, got, journal)
-        final.append(res)
+    merged = [
+        got if got.status == "failed" else _merge_dpkg(root, comp, got, journal)
+        for comp, got in zip(comps, results, strict=True)
+    ]
+    final = _blocked_by_dependencies(comps, merged)
+    for res in final:
         poster.send(_brief(res))
         for cid in res.conflicts:
             poster.post("conflict", component=res.name, fatal=False, data={"id": cid})
@@ -249,6 +251,28 @@ def _layout(cfg: LayoutConfig, poster: Callback, began: float, activator: Activa
         poster.post("components_laid_out", data={"notes": list(notes)})
         poster.post("done")
     return result  # a failure is posted by layout()
+
+
+def _blocked_by_dependencies(comps: list[Component], results: list[ComponentResult]) -> list[ComponentResult]:
+    """The results, with each component that depends (directly or not) on one that failed
+    marked failed too, with that one's exit code: its files are in and its dpkg status
+    merged (the journal says so, and a re-run finds them done), but its units are not
+    started without what they need. Started, they would fail, and a failed unit is not
+    tried again, where the dependency's failure (a download that gave up) may be."""
+    by_name = {r.name: r for r in results}
+    depends = {c.name: c.depends for c in comps}
+    changed = True
+    while changed:  # until no more blocks: a chain of dependents is a few rounds
+        changed = False
+        for name, res in by_name.items():
+            if res.status == "failed":
+                continue
+            dep = next((d for d in depends[name] if d in by_name and by_name[d].status == "failed"), None)
+            if dep is not None:
+                why = f"not activated: it depends on {dep}, which failed"
+                by_name[name] = replace(res, status="failed", error=why, code=by_name[dep].code or 1)
+                changed = True
+    return [by_name[r.name] for r in results]
 
 
 def _merge_dpkg(root: Path, comp: Component, res: ComponentResult, journal: Journal) -> ComponentResult:

@@ -130,7 +130,7 @@ def _served(events: list[Event]) -> Machine:
     return machine
 
 
-def test_without_retries_a_killed_stream_fails_the_machine_once(
+def test_out_of_budget_a_killed_stream_fails_the_machine_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     image, root = _image(tmp_path)
@@ -140,8 +140,55 @@ def test_without_retries_a_killed_stream_fails_the_machine_once(
     cfg = LayoutConfig(str(image), "all", root, streams=2, retries=3)
     res = layout(cfg, activator=ActivatedUnits(), emit=events.append)
     assert not res.ok
+    assert [e["fatal"] for e in events if e["event"] == "error"] == [True]  # no try after the first
     machine = _served(events)
     assert machine.state is State.FAILED and machine.error == f"layout failed: b: {STREAM_DIED}"
+
+
+def _dependent_image(tmp_path: Path) -> tuple[Path, Path]:
+    """As _image, with a depending on b (whose stream is the one killed)."""
+    image = make_image(
+        tmp_path / "img",
+        [
+            Comp("a", [d("opt"), f("opt/a", "x")], depends=("b",), units=("a.service",)),
+            Comp("b", [d("srv"), f("srv/b", "y")], units=("b.service",)),
+        ],
+    )
+    (tmp_path / "root").mkdir()
+    return image, tmp_path / "root"
+
+
+def test_a_component_whose_dependency_failed_is_not_activated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its units would fail without what they need, and a failed unit is not tried again."""
+    image, root = _dependent_image(tmp_path)
+    monkeypatch.setattr(stream, "lay_out_piece", _killed_on_b)
+    act = ActivatedUnits()
+    res = layout(LayoutConfig(str(image), "all", root, streams=2), activator=act)
+    a, b = res.components
+    assert (a.status, a.error, a.code) == ("failed", "not activated: it depends on b, which failed", 3)
+    assert (root / "opt/a").read_text() == "x"  # its files are in all the same
+    assert (b.status, b.code) == ("failed", RetryableError.exit_code)
+    assert act.units == []
+    failure = res.failure()
+    assert failure is not None and failure.exit_code == RetryableError.exit_code
+    assert layout_mod._retryable(failure, res)
+
+
+def test_a_retry_activates_the_dependent_with_its_dependency(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image, root = _dependent_image(tmp_path)
+    monkeypatch.setattr(stream, "lay_out_piece", _killed_once_on_b)
+    monkeypatch.setattr(layout_mod, "RETRY_WAITS", (0.0,))
+    act, events = ActivatedUnits(), list[Event]()
+    res = layout(
+        LayoutConfig(str(image), "all", root, streams=2, retries=1), activator=act, emit=events.append
+    )
+    assert res.ok and [(c.name, c.status) for c in res.components] == [("a", "resumed"), ("b", "done")]
+    assert sorted(act.units) == ["a.service", "b.service"]  # each once: a waited for b
+    assert _served(events).state is State.DONE
 
 
 def test_retries_end_with_a_fatal_error_and_what_cannot_pass_is_not_retried(
