@@ -153,12 +153,6 @@ def test_wipe_disk_zeroes_tables_and_signatures(monkeypatch: pytest.MonkeyPatch,
     assert ran == [["wipefs", "-a", str(disk)]]
 
 
-def test_callback_is_best_effort() -> None:
-    report = agent.Report("http://127.0.0.1:9/nobody-listens")
-    report.post("step")  # must not raise
-    agent.Report(None).post("step")
-
-
 def test_trust_reads_builtin_keys(tmp_path: Path) -> None:
     import base64
 

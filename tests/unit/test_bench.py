@@ -186,7 +186,7 @@ def test_bench_images_are_signed_once_with_a_cached_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from bench import scenarios
-    from bootenv.signing import SIGNATURE, Trust, read_public_key, verify
+    from bootenv.signing import SIGNATURE, Trust, fingerprint, read_public_key, verify
 
     monkeypatch.setenv("BOOTENV_CACHE", str(tmp_path / "cache"))
     image = tmp_path / "img"
@@ -196,14 +196,16 @@ def test_bench_images_are_signed_once_with_a_cached_key(
     first = (image / SIGNATURE).read_bytes()
     key = scenarios.bench_key()
     assert scenarios.trust() == ["--trust", f"{key}.pub"]
-    trusted = Trust(keys=(read_public_key(Path(f"{key}.pub")),))
-    assert verify((image / "manifest.json").read_bytes(), first, trusted) is not None
+    public = read_public_key(Path(f"{key}.pub"))
+    assert verify((image / "manifest.json").read_bytes(), first, Trust(keys=(public,))) == fingerprint(public)
     mtime = (image / SIGNATURE).stat().st_mtime_ns
     scenarios.signed(image)  # current: left as it is
     assert (image / SIGNATURE).stat().st_mtime_ns == mtime and scenarios.bench_key() == key
     (image / "manifest.json").write_text('{"x": 2}\n')  # a new capture: signed again
     scenarios.signed(image)
-    assert verify((image / "manifest.json").read_bytes(), (image / SIGNATURE).read_bytes(), trusted)
+    again = (image / SIGNATURE).read_bytes()
+    assert again != first
+    assert verify((image / "manifest.json").read_bytes(), again, Trust(keys=(public,))) == fingerprint(public)
 
 
 def test_results_name_the_commit_they_measured(

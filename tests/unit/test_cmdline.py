@@ -197,7 +197,10 @@ def test_a_trailing_newline_is_refused(key: str) -> None:
     assert "\n" not in str(info.value)
     with pytest.raises(CmdlineError):
         parse_cmdline(IMG, {key: value})
-    assert parse_cmdline(f"{IMG} bootenv.{key}={value}")  # unquoted, the newline ends the word
+    # Unquoted, the newline ends the word: the value is taken without it.
+    unquoted = parse_cmdline(f"{IMG} bootenv.{key}={value}")
+    assert unquoted == parse_cmdline(f"{IMG} bootenv.{key}={value.rstrip()}")
+    assert unquoted != parse_cmdline(IMG)
 
 
 def test_the_value_checks_match_whole_values() -> None:

@@ -425,7 +425,8 @@ def test_cli_assign_then_machines(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert doc[0]["state"] == "assigned" and doc[0]["log"][0]["event"] == "assigned"
 
 
-def test_nginx_config_serves_images_and_proxies_the_rest() -> None:
+def test_nginx_config_names_the_image_and_boot_dirs_and_the_proxy() -> None:
+    """What the rendered config says; tests/root/test_nginx.py runs it in a real nginx."""
     from bootenv.nginxconf import NginxSite, render
 
     conf = render(NginxSite(Path("/srv/images"), "0.0.0.0:80", "127.0.0.1:8080", boot=Path("/srv/boot")))

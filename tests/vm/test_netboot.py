@@ -15,12 +15,14 @@ import re
 import socket
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
 from bootenv.lab import MENU_DEFAULT, Lab, follow, lab, new_disk, vm_spec
-from bootenv.machines import State, assign
+from bootenv.machines import Machine, State, assign
 from bootenv.qemu import Vm, free_port
 from tests.conftest import require_root, require_tools
 
@@ -57,44 +59,75 @@ def _wait_greeting(port: int, timeout: float = 120) -> bytes:
         time.sleep(2)
 
 
-def test_assigned_machine_provisions_then_boots_from_disk(the_lab: Lab) -> None:
+@dataclass(frozen=True)
+class Provisioned:
+    """A machine netbooted and provisioned once, for every test that looks at it or its disk."""
+
+    disk: Path
+    machine: Machine
+    console: str  # up to multi-user.target, for a machine that got there
+    greeting: bytes  # what MariaDB's port said first (b"" if nothing answered)
+    laid: frozenset[str]  # the components the layout reported done
+
+
+def _provision(the_lab: Lab, name: str, mac: str, firmware: Literal["bios", "uefi"]) -> Provisioned:
+    disk = new_disk(the_lab.work / f"{name}.img")
+    sql = free_port()
+    with Vm(vm_spec(the_lab, name, disk, mac=mac, firmware=firmware, hostfwd=((sql, 3306),))) as vm:
+        machine = follow(the_lab.store, mac, vm, timeout=TIMEOUT)
+        greeting = b""
+        if machine.state is State.DONE:
+            vm.wait_for(r"Reached target .*Multi-User System", timeout=120)
+            greeting = _wait_greeting(sql)
+        console = vm.console()
+    laid = frozenset(
+        str(e.get("component"))
+        for e in the_lab.store.events(mac)
+        if e.get("step") == "component" and e.get("status") == "done"
+    )
+    return Provisioned(disk, machine, console, greeting, laid)
+
+
+@pytest.fixture(scope="module")
+def db1(the_lab: Lab) -> Provisioned:
+    """An assigned MAC, under SeaBIOS: its own script, OS + MySQL, no key pressed."""
     mac = "52:54:00:00:00:a1"
     the_lab.store.put(
         assign(mac, "lamp", "mysql", now=time.time(), hostname="db1", kernel_args=the_lab.trust_args())
     )
-    disk = new_disk(the_lab.work / "a1.img")
-    sql = free_port()
-    with Vm(vm_spec(the_lab, "a1", disk, mac=mac, hostfwd=((sql, 3306),))) as vm:
-        machine = follow(the_lab.store, mac, vm, timeout=TIMEOUT)
-        assert machine.state is State.DONE, machine.error
-        console = vm.console()
-        # The agent wrote the disk, then kexec'd the target's own kernel, which booted.
-        assert re.search(r"wrote [\d.]+ MiB of a [\d.]+ MiB image to /dev/vda", console)
-        vm.wait_for(r"Reached target .*Multi-User System", timeout=120)
-        assert b"MariaDB" in _wait_greeting(sql)
-        # Only MySQL was asked for: the database lists it and nothing of Apache or PHP.
-        events = the_lab.store.events(mac)
-        laid = {
-            e.get("component") for e in events if e.get("step") == "component" and e.get("status") == "done"
-        }
-        assert laid == {"mysql"}
-        assert machine.reached(State.OS_WRITTEN) and machine.reached(State.OS_BOOTED)
+    return _provision(the_lab, "a1", mac, "bios")
+
+
+@pytest.fixture(scope="module")
+def from_menu(the_lab: Lab) -> Provisioned:
+    """An unknown MAC, under OVMF: the menu, whose default entry the timeout chooses."""
+    mac = "52:54:00:00:00:b2"
+    assert the_lab.store.get(mac) is None
+    return _provision(the_lab, "b2", mac, "uefi")
+
+
+def test_assigned_machine_provisions_then_boots_from_disk(the_lab: Lab, db1: Provisioned) -> None:
+    assert db1.machine.state is State.DONE, db1.machine.error
+    # The agent wrote the disk, then kexec'd the target's own kernel, which booted.
+    assert re.search(r"wrote [\d.]+ MiB of a [\d.]+ MiB image to /dev/vda", db1.console)
+    assert b"MariaDB" in db1.greeting
+    # Only MySQL was asked for: the database lists it and nothing of Apache or PHP.
+    assert db1.laid == {"mysql"}
+    assert db1.machine.reached(State.OS_WRITTEN) and db1.machine.reached(State.OS_BOOTED)
     # The same disk boots on its own, with no network and no kernel arguments.
     for firmware in ("bios", "uefi"):
-        spec = vm_spec(the_lab, f"a1-{firmware}", disk, mac=mac, firmware=firmware, netboot=False)
+        spec = vm_spec(
+            the_lab, f"a1-{firmware}", db1.disk, mac=db1.machine.mac, firmware=firmware, netboot=False
+        )
         with Vm(spec) as vm:
             vm.wait_for(r"db1 login:", timeout=600)
 
 
-def test_unknown_machine_gets_the_menu_and_its_default_under_uefi(the_lab: Lab) -> None:
-    mac = "52:54:00:00:00:b2"
-    assert the_lab.store.get(mac) is None
-    disk = new_disk(the_lab.work / "b2.img")
-    with Vm(vm_spec(the_lab, "b2", disk, mac=mac, firmware="uefi")) as vm:
-        machine = follow(the_lab.store, mac, vm, timeout=TIMEOUT)
-        assert machine.state is State.DONE, machine.error
-        assert machine.entry == MENU_DEFAULT  # chosen by the menu's timeout, no key pressed
-        assert machine.components == "mysql"
+def test_unknown_machine_gets_the_menu_and_its_default_under_uefi(from_menu: Provisioned) -> None:
+    assert from_menu.machine.state is State.DONE, from_menu.machine.error
+    assert from_menu.machine.entry == MENU_DEFAULT  # chosen by the menu's timeout, no key pressed
+    assert from_menu.machine.components == "mysql"
+    assert from_menu.laid == {"mysql"} and b"MariaDB" in from_menu.greeting
 
 
 def test_unknown_machine_gets_the_menu_under_bios_and_boots_the_agent(the_lab: Lab) -> None:
@@ -151,12 +184,13 @@ def _root_partition_files(disk: Path, paths: tuple[str, ...]) -> dict[str, bytes
         run(["losetup", "-d", dev])
 
 
-def test_two_machines_from_one_image_have_their_own_identity(the_lab: Lab) -> None:
-    disks = [the_lab.work / "a1.img", the_lab.work / "b2.img"]
-    if not all(d.exists() for d in disks):
-        pytest.skip("needs both provisioned disks from the tests above")
+def test_two_machines_from_one_image_have_their_own_identity(
+    db1: Provisioned, from_menu: Provisioned
+) -> None:
+    for it in (db1, from_menu):
+        assert it.machine.state is State.DONE, it.machine.error
     paths = ("/etc/machine-id", "/etc/hostname", "/etc/ssh/ssh_host_ed25519_key.pub")
-    a, b = (_root_partition_files(d, paths) for d in disks)
+    a, b = (_root_partition_files(it.disk, paths) for it in (db1, from_menu))
     for path in paths:
         assert a[path].strip() and b[path].strip(), path  # each was made on first boot
         assert a[path] != b[path], path
