@@ -349,6 +349,8 @@ def partition_devices(disk: str, plan: PartitionPlan, stack: ExitStack) -> dict[
         if is_blk and wait_for_node(node, timeout=0 if _no_partscan(disk) else 10.0):
             out[p.role] = node
             continue
+        # 512 is losetup's own default: only another size needs the option (util-linux 2.30).
+        sectors = ["--sector-size", str(plan.sector_size)] if plan.sector_size != 512 else []
         loop = run(
             [
                 which("losetup"),
@@ -358,8 +360,7 @@ def partition_devices(disk: str, plan: PartitionPlan, stack: ExitStack) -> dict[
                 str(p.offset),
                 "--sizelimit",
                 str(p.size),
-                "--sector-size",
-                str(plan.sector_size),
+                *sectors,
                 disk,
             ]
         )

@@ -12,6 +12,7 @@ URL as JSON events.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -48,8 +49,11 @@ log = logging.getLogger(__name__)
 
 MAX_STREAMS = 4
 RETRY_WAITS = (10.0, 30.0, 60.0, 120.0, 300.0)  # before each try again, the last one repeated
-RETRY_BUDGET = 90 * 60.0  # no try starts later than this after the first (the unit allows 2 h)
+# No try starts unless, as long as the last one took, it ends within this of the first
+# try's start: the first-boot unit allows 2 h, and a try it kills posts no fatal error.
+RETRY_BUDGET = 90 * 60.0
 STREAM_DIED = "a layout stream process died (killed: out of memory?); a re-run resumes"
+STOPPED = "layout stopped by a signal before it ended (the system shutting down?); a re-run resumes"
 
 
 @dataclass(frozen=True)
@@ -148,22 +152,25 @@ def layout(
     before it has a result (the image unreachable, a bad signature), so the server shows
     why the machine stopped. With `cfg.retries`, a failure that may pass if tried again
     (RetryableError: the network, a stream killed) is tried again after a wait of
-    RETRY_WAITS, that many times while within RETRY_BUDGET, as a re-run would: what is
-    done stays done. Its error is posted as not fatal, saying when it is tried again."""
+    RETRY_WAITS, that many times while another try as long as the last would end within
+    RETRY_BUDGET, as a re-run would: what is done stays done. Its error is posted as not
+    fatal, saying when it is tried again. Stopped by a signal, it posts STOPPED."""
     began = time.monotonic()
     for attempt in range(cfg.retries + 1):
         # Its thread starts once the streams are forked (_run_streams): none runs before.
         poster = Callback(cfg.callback, "layout", emit=emit, deferred=True)
+        tried = time.monotonic()
         try:
             result, failure = _try(cfg, poster, began, activator)
             if failure is None:
                 assert result is not None
                 return result
             wait = RETRY_WAITS[min(attempt, len(RETRY_WAITS) - 1)]
+            now = time.monotonic()
             again = (
                 attempt < cfg.retries
                 and _retryable(failure, result)
-                and time.monotonic() + wait - began < RETRY_BUDGET
+                and now + wait + (now - tried) - began < RETRY_BUDGET
             )
             message = _first_line(str(failure)) if str(failure).strip() else type(failure).__name__
             if again:
@@ -173,11 +180,25 @@ def layout(
                 if result is not None:
                     return result
                 raise failure
+        except KeyboardInterrupt:  # SIGTERM too (cli.TerminatedError)
+            _stopped(poster)
+            raise
         finally:
             poster.close()
         log.warning("%s", message)
-        time.sleep(wait)
+        try:
+            time.sleep(wait)
+        except KeyboardInterrupt:
+            with contextlib.closing(Callback(cfg.callback, "layout", emit=emit)) as poster:
+                _stopped(poster)
+            raise
     raise AssertionError("unreachable: the last try returns or raises")
+
+
+def _stopped(poster: Callback) -> None:
+    """Say why the layout ends unfinished: not fatal, since the first-boot unit runs it
+    again at the next boot (a shutdown stops it so), and a re-run resumes."""
+    poster.post("error", message=STOPPED, fatal=False)
 
 
 def _try(
@@ -404,7 +425,11 @@ def _run_pool(
         stop.set()
         if pump.ident is not None:
             pump.join()
-        events.close()  # its feeder thread ends: a layout tried again forks with no thread
+        # Its feeder thread then ends once it has written what is queued, so a layout
+        # tried again forks with no thread of it. Not always: a stream killed while it
+        # held the queue's write lock leaves the feeder blocked for good. That thread
+        # holds no lock of Python's, so a fork beside it is safe all the same.
+        events.close()
 
 
 def _fetch_error(fetch: Future[Fetched], *, strict: bool = False) -> BaseException | None:

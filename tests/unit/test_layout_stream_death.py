@@ -253,3 +253,63 @@ def test_a_result_is_tried_again_only_if_every_failure_may_pass(
     failure = result.failure()
     assert failure is not None
     assert layout_mod._retryable(failure, result) is again
+
+
+def test_no_try_starts_that_would_run_past_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget counts the next try as long as the last: the first-boot unit kills a try
+    that runs past its timeout, and a killed try posts no fatal error."""
+    image, root = _image(tmp_path)
+    monkeypatch.setattr(layout_mod, "RETRY_WAITS", (0.0,))
+    tries: list[int] = []
+
+    def slow(*args: Any) -> Any:
+        tries.append(1)
+        time.sleep(0.2)
+        raise RetryableError("cannot fetch: HTTP 503")
+
+    monkeypatch.setattr(layout_mod, "_layout", slow)
+    cfg = LayoutConfig(str(image), "all", root, retries=5)
+    monkeypatch.setattr(layout_mod, "RETRY_BUDGET", 0.3)  # one try fits; a second would not
+    events = list[Event]()
+    with pytest.raises(RetryableError):
+        layout(cfg, activator=ActivatedUnits(), emit=events.append)
+    assert len(tries) == 1 and [e["fatal"] for e in events if e["event"] == "error"] == [True]
+    tries.clear()
+    monkeypatch.setattr(layout_mod, "RETRY_BUDGET", 60.0)
+    with pytest.raises(RetryableError):
+        layout(cfg, activator=ActivatedUnits())
+    assert len(tries) == 6
+
+
+@pytest.mark.parametrize("during", ["a try", "the wait"])
+def test_a_signal_is_posted_as_not_fatal_and_ends_the_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, during: str
+) -> None:
+    """Stopped (the system shutting down), the layout says so; the unit runs it again at
+    the next boot, so the machine is not failed."""
+    from bootenv.cli import TerminatedError
+
+    image, root = _image(tmp_path)
+
+    def stopped(*args: Any) -> Any:
+        if during == "a try":
+            raise TerminatedError
+        raise RetryableError("cannot fetch: HTTP 503")
+
+    def sleep(seconds: float) -> None:
+        raise TerminatedError
+
+    monkeypatch.setattr(layout_mod, "_layout", stopped)
+    monkeypatch.setattr(layout_mod.time, "sleep", sleep)
+    events = list[Event]()
+    with pytest.raises(TerminatedError):
+        layout(
+            LayoutConfig(str(image), "all", root, retries=2), activator=ActivatedUnits(), emit=events.append
+        )
+    errors = [(e["message"], e["fatal"]) for e in events if e["event"] == "error"]
+    assert errors[-1] == (layout_mod.STOPPED, False)
+    assert len(errors) == (1 if during == "a try" else 2)  # the wait follows a try's error
+    machine = _served(events)
+    assert machine.state is not State.FAILED and machine.error is None
