@@ -5,6 +5,11 @@ honest headers, or with a Content-Length claiming the full size), a broken zstd 
 header, or a Content-Length that lies about the size. The healthy component laid out
 alongside must still be activated; the broken one must not be, and its dpkg paragraphs
 must stay out of /var/lib/dpkg/status.
+
+One case places some files all the same: an image whose manifest was re-signed over
+data that is not a valid archive (its hash matches what is signed). Its component still
+fails and is not activated, but files read before the fault may be in the tree
+(docs/SECURITY.md, "Not guaranteed").
 """
 
 from __future__ import annotations
