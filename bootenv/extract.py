@@ -377,6 +377,8 @@ class TreeWriter:
             else:
                 os.setxattr(target, key, value, follow_symlinks=False)
         except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ERANGE, errno.E2BIG):  # the archive's name or value
+                raise ArchiveError(f"xattr {key[:80]!r} refused by the filesystem: {exc.strerror}") from exc
             if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
                 raise
             if not self._xattr_warned:

@@ -180,6 +180,19 @@ def _lay_out(root: Path, archive: bytes, *, privileged: bool, component: str = "
         writer.close()
 
 
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [("SCHILY.xattr.", "v"), ("SCHILY.acl.access", "user::rw-")],  # no name; an ACL without its group
+    ids=["empty xattr name", "incomplete ACL"],
+)
+def test_an_xattr_the_filesystem_refuses_as_malformed_is_an_archive_error(
+    tmp_path: Path, header: str, value: str
+) -> None:
+    """ERANGE or EINVAL from setxattr is the archive's doing: one clear error, not an OSError."""
+    with pytest.raises(ArchiveError, match="refused by the filesystem"):
+        _lay_out(tmp_path, tar_bytes([f("x", "x", **{header: value})]), privileged=os.geteuid() == 0)
+
+
 def test_a_stale_temp_of_a_directory_another_stream_made_is_cleared(tmp_path: Path) -> None:
     # A run killed between making a directory's temp and renaming it leaves the temp;
     # on the re-run another component made the directory first. The temp must go.
