@@ -116,7 +116,9 @@ def main() -> int:
                 with fresh_ext4(Path(work) / "target.fs", Path(work) / "target") as target:
                     results += scenarios.rows(fn(dataclasses.replace(env, runs=runs, target=target)))
             except Exception as exc:  # one broken benchmark must not lose the others' numbers
-                failed = Result(key, "did not complete")
+                # Named as its row would be: a failed UEFI timeline must not replace the BIOS one.
+                name = timeline.row_name(args.vm_firmware) if key == "qemu-timeline" else key
+                failed = Result(name, "did not complete")
                 failed.passed = False
                 failed.notes.append(f"failed: {str(exc)[:300]}")
                 results.append(failed)

@@ -115,13 +115,18 @@ def _netboot(the_lab: Lab, kind: str, n: int, firmware: Literal["bios", "uefi"])
     return Run(kind, {**{k: v for k, v in at.items() if v is not None}, "ready": ready})
 
 
+def row_name(firmware: Literal["bios", "uefi"]) -> str:
+    """The result's name: BIOS and UEFI timelines are rows of their own."""
+    return "qemu-timeline" + (" (uefi)" if firmware == "uefi" else "")
+
+
 def summarize(runs: list[Run], firmware: Literal["bios", "uefi"] = "bios") -> Result:
     """Milestones and phases of each kind run, their medians' ratios over the single image.
     The row is "qemu-timeline" for BIOS boots and "qemu-timeline (uefi)" for UEFI ones, so
     that results of both can be kept side by side."""
     kinds = [kind for kind in KINDS if any(run.kind == kind for run in runs)]
     what = "split (all" + (f", and OS + {SUBSET}" if "subset" in kinds else "") + ") vs single image"
-    name = "qemu-timeline" + (" (uefi)" if firmware == "uefi" else "")
+    name = row_name(firmware)
     boot = "OVMF" if firmware == "uefi" else "SeaBIOS"
     r = Result(name, f"make demo's netboot timeline in QEMU (TCG, {boot}), {what}")
     medians: dict[str, dict[str, float]] = {}

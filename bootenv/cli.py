@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"after waiting 10, 30, 60, 120, then 300 s (default 0, at most {MAX_RETRIES})",
     )
     p.add_argument(
+        "--deadline",
+        type=_between(1, MAX_DEADLINE),
+        metavar="SECONDS",
+        help="stop and fail (exit 3, posted as fatal; a re-run resumes) if the layout, retries "
+        "and waits included, has not finished this many seconds after it started",
+    )
+    p.add_argument(
         "--force",
         action="store_true",
         help="with --root /: lay out into the running system although bootenv did not provision it",
@@ -206,6 +213,7 @@ def add_serve_verbs(verbs: argparse._SubParsersAction[_Parser], common: _Parser)
 
 MAX_STREAMS_ASKED = 64
 MAX_RETRIES = 20
+MAX_DEADLINE = 7 * 24 * 3600
 
 
 def _between(low: int, high: int) -> Callable[[str], int]:

@@ -192,6 +192,7 @@ def cmd_layout(args: argparse.Namespace) -> int:
         trust=trust_from_args(args),
         force=args.force,
         retries=args.retries,
+        deadline=args.deadline,
     )
     result = layout(cfg)
     if args.json:

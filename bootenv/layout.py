@@ -17,9 +17,10 @@ import gc
 import logging
 import os
 import queue
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, replace
@@ -66,6 +67,7 @@ class LayoutConfig:
     trust: Trust | None = None  # None: the caller checked the signature already (tests)
     force: bool = False  # root / although bootenv did not provision this system
     retries: int = 0  # a failure that may pass if tried again is tried again, this many times
+    deadline: float | None = None  # seconds: past it the layout stops, and fails (a re-run resumes)
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,57 @@ def layout(
     (RetryableError: the network, a stream killed) is tried again after a wait of
     RETRY_WAITS, that many times while another try as long as the last would end within
     RETRY_BUDGET, as a re-run would: what is done stays done. Its error is posted as not
-    fatal, saying when it is tried again. Stopped by a signal, it posts STOPPED."""
+    fatal, saying when it is tried again. Stopped by a signal, it posts STOPPED, not
+    fatal: a shutdown stops it so, and the first-boot unit runs it again at the next
+    boot. Past `cfg.deadline` it stops as a signal stops it, and posts that as fatal: no
+    one runs it again (the first-boot unit's own timeout would kill it unheard)."""
+    try:
+        if cfg.deadline is None:
+            return _tries(cfg, activator, emit)
+        with _deadline(cfg.deadline):
+            return _tries(cfg, activator, emit)
+    except KeyboardInterrupt as stop:  # SIGTERM too (cli.TerminatedError), and _Expired
+        # Posted here, once the try's own poster has closed: whenever the stop came,
+        # during a try, its wait, or that poster's closing.
+        expired = isinstance(stop, _Expired) and cfg.deadline is not None
+        message = _expired_message(cfg.deadline) if cfg.deadline is not None and expired else STOPPED
+        with contextlib.closing(Callback(cfg.callback, "layout", emit=emit)) as poster:
+            poster.post("error", message=message, fatal=expired)
+        if expired:
+            raise RetryableError(message) from None
+        raise
+
+
+class _Expired(KeyboardInterrupt):
+    """The deadline passed: raised in the main thread by SIGALRM's handler, and, as Ctrl-C
+    is, not caught by the `except Exception` of code it interrupts."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Raise _Expired in the main thread `seconds` from now, unless the block has ended.
+    A forked stream keeps the handler but not the timer."""
+
+    def expire(signum: int, frame: object) -> None:
+        raise _Expired
+
+    before = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+
+
+def _expired_message(deadline: float) -> str:
+    return f"layout did not finish within its deadline of {deadline:.0f} s; a re-run resumes"
+
+
+def _tries(
+    cfg: LayoutConfig, activator: Activator | None, emit: Callable[[Event], None] | None
+) -> LayoutResult:
+    """layout()'s tries: the first, and those its retries allow."""
     began = time.monotonic()
     for attempt in range(cfg.retries + 1):
         # Its thread starts once the streams are forked (_run_streams): none runs before.
@@ -180,25 +232,11 @@ def layout(
                 if result is not None:
                     return result
                 raise failure
-        except KeyboardInterrupt:  # SIGTERM too (cli.TerminatedError)
-            _stopped(poster)
-            raise
         finally:
             poster.close()
         log.warning("%s", message)
-        try:
-            time.sleep(wait)
-        except KeyboardInterrupt:
-            with contextlib.closing(Callback(cfg.callback, "layout", emit=emit)) as poster:
-                _stopped(poster)
-            raise
+        time.sleep(wait)
     raise AssertionError("unreachable: the last try returns or raises")
-
-
-def _stopped(poster: Callback) -> None:
-    """Say why the layout ends unfinished: not fatal, since the first-boot unit runs it
-    again at the next boot (a shutdown stops it so), and a re-run resumes."""
-    poster.post("error", message=STOPPED, fatal=False)
 
 
 def _try(

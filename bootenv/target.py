@@ -31,6 +31,10 @@ LAYOUT_UNIT = "bootenv-layout.service"
 # a stream killed) again this many times, waiting 8.7 minutes in all (layout.RETRY_WAITS),
 # before the machine is reported failed; a reboot then runs it again.
 FIRST_BOOT_RETRIES = 5
+# The first-boot layout's own deadline, in seconds: under the unit's TimeoutStartSec (2 h),
+# so that the layout reports running out of time itself, where the unit's timeout would
+# kill it unheard.
+FIRST_BOOT_DEADLINE = 115 * 60
 SSH_UNIT = "bootenv-ssh-keygen.service"
 UNIT_DIR = "/etc/systemd/system"
 WANTS = f"{UNIT_DIR}/multi-user.target.wants"
@@ -119,7 +123,7 @@ def provisioned(root: Path) -> bool:
 def layout_argv(handoff: LayoutHandoff) -> list[str]:
     """The `bootenv layout` command the unit runs, from the hand-off's settings."""
     argv = ["layout", "--image", handoff.image, "--components", ",".join(handoff.components) or "none"]
-    argv += ["--root", "/", "--retries", str(FIRST_BOOT_RETRIES)]
+    argv += ["--root", "/", "--retries", str(FIRST_BOOT_RETRIES), "--deadline", str(FIRST_BOOT_DEADLINE)]
     if handoff.callback:
         argv += ["--callback", handoff.callback]
     if handoff.trust:

@@ -313,3 +313,38 @@ def test_a_signal_is_posted_as_not_fatal_and_ends_the_layout(
     assert len(errors) == (1 if during == "a try" else 2)  # the wait follows a try's error
     machine = _served(events)
     assert machine.state is not State.FAILED and machine.error is None
+
+
+def test_past_its_deadline_the_layout_stops_and_fails_the_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first-boot unit's timeout would kill the layout unheard: its own deadline comes
+    first, and is posted as fatal."""
+    import signal
+
+    image, root = _image(tmp_path)
+    monkeypatch.setattr(layout_mod, "RETRY_WAITS", (30.0,))
+
+    def down(*args: Any) -> Any:  # then the wait before the next try outlasts the deadline
+        raise RetryableError("cannot fetch: HTTP 503")
+
+    monkeypatch.setattr(layout_mod, "_layout", down)
+    events = list[Event]()
+    began = time.monotonic()
+    cfg = LayoutConfig(str(image), "all", root, retries=3, deadline=1)
+    with pytest.raises(RetryableError, match="did not finish within its deadline of 1 s; a re-run resumes"):
+        layout(cfg, activator=ActivatedUnits(), emit=events.append)
+    assert time.monotonic() - began < 20  # stopped in its wait, not after it
+    errors = [(e["message"], e["fatal"]) for e in events if e["event"] == "error"]
+    assert errors[-1] == ("layout did not finish within its deadline of 1 s; a re-run resumes", True)
+    assert _served(events).state is State.FAILED
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # disarmed
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL  # and its handler restored
+
+
+def test_a_layout_within_its_deadline_is_untouched(tmp_path: Path) -> None:
+    import signal
+
+    image, root = _image(tmp_path)
+    res = layout(LayoutConfig(str(image), "all", root, deadline=600), activator=ActivatedUnits())
+    assert res.ok and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)

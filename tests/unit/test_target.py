@@ -94,8 +94,16 @@ def test_layout_argv_flags() -> None:
     h = LayoutHandoff("http://h/i", (), None, "x", insecure=True, trust="sha256:" + "0" * 64)
     assert layout_argv(h) == [
         *("layout", "--image", "http://h/i", "--components", "none", "--root", "/", "--retries", "5"),
-        *("--fingerprint", "sha256:" + "0" * 64, "--insecure"),
+        *("--deadline", "6900", "--fingerprint", "sha256:" + "0" * 64, "--insecure"),
     ]
+
+
+def test_the_layout_deadline_comes_before_the_units_timeout() -> None:
+    """Past its deadline the layout posts a fatal error; killed by the unit, it could not."""
+    text = layout_unit_text(LayoutHandoff("http://h/i", (), None, "x"))
+    timeout = next(line for line in text.splitlines() if line.startswith("TimeoutStartSec="))
+    hours = int(timeout.removeprefix("TimeoutStartSec=").removesuffix("h"))
+    assert " --deadline 6900\n" in text and hours * 3600 - 60 > 6900
 
 
 def test_ssh_unit() -> None:
