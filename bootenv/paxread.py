@@ -321,6 +321,8 @@ class PaxReader:
             raise ArchiveError(f"member {name[:60]!r} has an owner, device or mtime out of range")
         if "\0" in link or (xattrs and any("\0" in k for k, _ in xattrs)):
             raise ArchiveError(f"member {name[:60]!r} has a NUL byte in its link target or an xattr name")
+        if kind == "symlink" and not link:  # Linux makes none: symlink("") is ENOENT
+            raise ArchiveError(f"symlink {name[:60]!r} has no target")
         return Member(
             name=safe_name(name),
             kind=kind,

@@ -281,6 +281,10 @@ REGRESSIONS: dict[str, bytes] = {
     # ValueError (embedded NUL) from os.symlink and os.setxattr
     "nul-in-linkpath": _sym_with_linkpath("a\0b"),
     "nul-in-xattr-name": _with_pax(**{"SCHILY.xattr.user.a\0b": b"v"}),
+    # a raw OSError: symlink("") is ENOENT; setxattr of no name ERANGE, of a bad ACL EINVAL
+    "symlink-empty-target": _sym_with_linkpath(""),
+    "xattr-empty-name": _with_pax(**{"SCHILY.xattr.": b"v"}),
+    "acl-without-group": _with_pax(**{"SCHILY.acl.access": b"user::rw-"}),
     # a newline in a refused name made the error two lines
     "newline-in-absolute-name": tar_bytes([raw_name(f("x", "1"), "/etc\n/x")]),
     "newline-and-escape-in-dotdot-name": tar_bytes([raw_name(f("x", "1"), "a/../\nb\x1b[31m")]),
