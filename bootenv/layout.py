@@ -67,7 +67,9 @@ class LayoutConfig:
     trust: Trust | None = None  # None: the caller checked the signature already (tests)
     force: bool = False  # root / although bootenv did not provision this system
     retries: int = 0  # a failure that may pass if tried again is tried again, this many times
-    deadline: float | None = None  # seconds: past it the layout stops, and fails (a re-run resumes)
+    # Seconds: past it the layout stops, and fails (a re-run resumes). Armed with SIGALRM,
+    # so only a layout run on the main thread (the CLI's) may have one.
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
