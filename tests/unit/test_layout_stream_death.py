@@ -34,12 +34,18 @@ def _killed_on_b(comp: Any, index: int, root: Path, *args: Any) -> Any:
     return _LAY_OUT_PIECE(comp, index, root, *args)
 
 
-def _image(tmp_path: Path) -> tuple[Path, Path]:
-    """An image of two components, a and b, and an empty root to lay them out in."""
+def _image(tmp_path: Path, *, a_depends_on_b: bool = False) -> tuple[Path, Path]:
+    """An image of two components, a and b (whose stream is the one killed), and an
+    empty root to lay them out in."""
     image = make_image(
         tmp_path / "img",
         [
-            Comp("a", [d("opt"), f("opt/a", "x")], units=("a.service",)),
+            Comp(
+                "a",
+                [d("opt"), f("opt/a", "x")],
+                depends=("b",) if a_depends_on_b else (),
+                units=("a.service",),
+            ),
             Comp("b", [d("srv"), f("srv/b", "y")], units=("b.service",)),
         ],
     )
@@ -145,24 +151,11 @@ def test_out_of_budget_a_killed_stream_fails_the_machine_once(
     assert machine.state is State.FAILED and machine.error == f"layout failed: b: {STREAM_DIED}"
 
 
-def _dependent_image(tmp_path: Path) -> tuple[Path, Path]:
-    """As _image, with a depending on b (whose stream is the one killed)."""
-    image = make_image(
-        tmp_path / "img",
-        [
-            Comp("a", [d("opt"), f("opt/a", "x")], depends=("b",), units=("a.service",)),
-            Comp("b", [d("srv"), f("srv/b", "y")], units=("b.service",)),
-        ],
-    )
-    (tmp_path / "root").mkdir()
-    return image, tmp_path / "root"
-
-
 def test_a_component_whose_dependency_failed_is_not_activated(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Its units would fail without what they need, and a failed unit is not tried again."""
-    image, root = _dependent_image(tmp_path)
+    image, root = _image(tmp_path, a_depends_on_b=True)
     monkeypatch.setattr(stream, "lay_out_piece", _killed_on_b)
     act = ActivatedUnits()
     res = layout(LayoutConfig(str(image), "all", root, streams=2), activator=act)
@@ -179,7 +172,7 @@ def test_a_component_whose_dependency_failed_is_not_activated(
 def test_a_retry_activates_the_dependent_with_its_dependency(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    image, root = _dependent_image(tmp_path)
+    image, root = _image(tmp_path, a_depends_on_b=True)
     monkeypatch.setattr(stream, "lay_out_piece", _killed_once_on_b)
     monkeypatch.setattr(layout_mod, "RETRY_WAITS", (0.0,))
     act, events = ActivatedUnits(), list[Event]()
