@@ -88,7 +88,7 @@ def load_catalog(images: Path, path: Path | None = None) -> Catalog:
 def parse_catalog(text: str, *, toml: bool = False, where: str = "catalog") -> Catalog:
     try:
         doc: Any = tomllib.loads(text) if toml else json.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
+    except (ValueError, RecursionError, tomllib.TOMLDecodeError) as exc:  # Recursion: nested too deep
         raise CatalogError(f"{where} is not valid {'TOML' if toml else 'JSON'}: {exc}") from exc
     _keys(doc, _TOP, {"entries"}, where)
     entries = tuple(_entry(e, i, where) for i, e in enumerate(doc["entries"]))
@@ -100,12 +100,13 @@ def parse_catalog(text: str, *, toml: bool = False, where: str = "catalog") -> C
     default = doc.get("default", LOCAL)
     if default != LOCAL and default not in ids:
         raise CatalogError(f"{where}: default {default!r} is not an entry id or 'local'")
-    timeout = float(doc.get("timeout", 10))
-    if not 0 <= timeout <= 3600:
-        raise CatalogError(f"{where}: timeout must be between 0 and 3600 seconds")
+    timeout = doc.get("timeout", 10)
+    # Compared before float(): a 400-digit integer overflows a float, and NaN fails here.
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 3600:
+        raise CatalogError(f"{where}: timeout must be a number between 0 and 3600 (seconds)")
     title = doc.get("title", Catalog.title)
     _check_title(title, where)
-    return Catalog(entries, default, timeout, title)
+    return Catalog(entries, default, float(timeout), title)
 
 
 def _check_title(title: str, where: str) -> None:
@@ -153,7 +154,7 @@ def _entry(doc: object, index: int, where: str) -> Entry:
     if why is not None:
         raise CatalogError(f"{here}: kernel_args {why}: they go into an iPXE script")
     try:
-        check_boot_args(comps, None, kernel_args)
+        check_boot_args(image, comps, None, kernel_args)
     except UserError as exc:
         raise CatalogError(f"{here}: kernel_args: {exc.message}") from exc
     return Entry(entry_id, doc["title"], image, comps, kernel_args)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import re
 
+from bootenv.urls import split_http_url
+
 _TERMINATORS = frozenset({";", "||", "&&"})
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\"'\\]")
 _UNSAFE = re.compile(r"[^A-Za-z0-9 .,:/_+=@()\[\]<>%!?*~^'\"-]")
@@ -33,6 +35,18 @@ def problem(text: str) -> str | None:
         if word.startswith("#"):
             return f"holds a word starting with '#' ({word!r}), which starts an iPXE comment"
     return None
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` cannot be an http(s) URL in an iPXE line and a kernel argument: what
+    `problem` refuses, and anything but printable ASCII without spaces (the kernel
+    splits arguments at spaces, and the agent takes ASCII only); None if it can."""
+    why = problem(url)
+    if why is None and not (url.isascii() and url.isprintable() and not any(c.isspace() for c in url)):
+        why = "holds a space or a character that is not printable ASCII"
+    if why is None and split_http_url(url) is None:
+        why = "is not an http(s) URL with a host (and a valid port)"
+    return why
 
 
 def scrub(text: str, limit: int = 200) -> str:

@@ -29,6 +29,7 @@ _MAC = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_TEXT = 4096  # characters of one message, path or step name
+MAX_DEPTH = 32  # levels of lists and objects in an event's data
 
 
 class EventError(UserError):
@@ -164,8 +165,9 @@ def normalize_mac(text: str) -> str:
 
 def check_image(image: str) -> str:
     if image.startswith(("http://", "https://")):
-        if any(c.isspace() or c in "$\"'" for c in image):
-            raise UserError(f"image URL {image!r} has characters iPXE or the kernel cannot pass")
+        why = ipxetext.url_problem(image)
+        if why is not None:
+            raise UserError(f"image URL {image!r} {why}: it goes into an iPXE script")
         return image
     if not _IMAGE.fullmatch(image) or ".." in image:
         raise UserError(f"{image!r} is not an image name (a directory under --images) or an http(s) URL")
@@ -185,13 +187,14 @@ def check_components(text: str) -> str:
     return ",".join(names)
 
 
-def check_boot_args(components: str, hostname: str | None, kernel_args: str) -> None:
+def check_boot_args(image: str, components: str, hostname: str | None, kernel_args: str) -> None:
     """Read the ramdisk's bootenv.* arguments as its agent will (bootenv/menu.py builds
     them): a key it would refuse (unknown, given twice, a bad value) is refused now,
-    not when the machine boots."""
+    not when the machine boots. An image by name stands for a URL of the server's."""
     from bootenv.cmdline import parse_cmdline
 
-    args = ["bootenv.image=http://server/image", f"bootenv.components={components}"]
+    url = image if image.startswith(("http://", "https://")) else "http://server/image"
+    args = [f"bootenv.image={url}", f"bootenv.components={components}"]
     args += ["bootenv.callback=http://server/callback"]
     if hostname:
         args.append(f"bootenv.hostname={hostname}")
@@ -212,7 +215,7 @@ def assign(
     why = ipxetext.problem(kernel_args)
     if why is not None:
         raise UserError(f"the kernel arguments {why}: they go into an iPXE script")
-    check_boot_args(components, hostname, kernel_args)
+    check_boot_args(check_image(image), components, hostname, kernel_args)
     return Machine(
         mac=normalize_mac(mac),
         image=check_image(image),
@@ -370,7 +373,27 @@ def _field(key: str, value: object, typ: type) -> object:
         raise EventError(f"event {key} must be {'an object' if typ is dict else typ.__name__}")
     if isinstance(value, str) and (len(value) > MAX_TEXT or "\x00" in value):
         raise EventError(f"event {key} is too long or holds a NUL")
+    if isinstance(value, dict) and _depth(value) > MAX_DEPTH:
+        # Stored, it would break every later read of the machine's events: the JSON
+        # encoder the API answers with recurses, and runs out of stack.
+        raise EventError(f"event {key} is nested more than {MAX_DEPTH} levels deep")
     return value
+
+
+def _depth(value: object) -> int:
+    """How deeply lists and objects nest in a decoded JSON value (a scalar is 0). A loop,
+    not recursion: the value may be as deep as the JSON parser allowed."""
+    deepest, level = 0, [(value, 1)]
+    while level:
+        node, depth = level.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_DEPTH:
+            return deepest
+        level.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def to_dict(machine: Machine) -> dict[str, Any]:

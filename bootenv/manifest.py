@@ -192,7 +192,11 @@ def _obj(
 
 def _blob(value: Any, where: str) -> Blob:
     d = _obj(value, where, {"file": str, "sha256": str, "size": int, "raw_size": int})
-    if not _HEX.match(d["sha256"]) or not _FILE.match(d["file"]) or not d["file"].startswith(d["sha256"]):
+    if (
+        not _HEX.fullmatch(d["sha256"])
+        or not _FILE.fullmatch(d["file"])
+        or not d["file"].startswith(d["sha256"])
+    ):
         raise ManifestError(f"{where} must be named by its sha256 (got {d['file']!r})")
     return Blob(**d)
 
@@ -221,7 +225,7 @@ def _component(value: Any, index: int) -> Component:
         {"name": str, "data": dict, "packages": list, "depends": list, "files": int, "units": list},
         {"chunks": list},
     )
-    if not _NAME.match(d["name"]) or d["name"] in ("os", "all", "none"):
+    if not _NAME.fullmatch(d["name"]) or d["name"] in ("os", "all", "none"):
         raise ManifestError(f"{where}.name {d['name']!r} is not a valid component name")
     data = _blob(d["data"], f"{where}.data")
     return Component(
@@ -252,7 +256,7 @@ def _chunks(value: list[Any], data: Blob, where: str) -> tuple[Chunk, ...]:
         )
         blocks = _strings(d.pop("blocks", []), f"{where}[{i}].blocks")
         c = Chunk(**d, blocks=blocks)
-        if not _HEX.match(c.sha256):
+        if not _HEX.fullmatch(c.sha256):
             raise ManifestError(f"{where}[{i}].sha256 is not a sha256")
         if c.offset != offset or c.size == 0:
             raise ManifestError(f"{where}[{i}] does not follow the previous chunk")
@@ -273,7 +277,7 @@ def _check_blocks(c: Chunk, where: str) -> None:
         raise ManifestError(f"{where}.block_size must be {MIN_BLOCK} to {MAX_BLOCK} bytes")
     if len(c.blocks) != -(-c.size // c.block_size):
         raise ManifestError(f"{where}.blocks do not cover the chunk")
-    if not all(_HEX.match(b) for b in c.blocks):
+    if not all(_HEX.fullmatch(b) for b in c.blocks):
         raise ManifestError(f"{where}.blocks holds something that is not a sha256")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import errno
 import http.client
 import io
 import ipaddress
@@ -37,7 +38,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 from bootenv import ipxetext, menu
 from bootenv.catalog import Catalog, CatalogError, load_catalog
@@ -105,8 +106,9 @@ def check_public_url(url: str) -> str:
     parts = split_http_url(url)
     if parts is None or parts.query or parts.fragment:
         raise UserError(f"--public-url {url}: expected http://HOST[:PORT][/PREFIX]")
-    if any(c.isspace() or c in "$\"'" for c in url):
-        raise UserError(f"--public-url {url}: no spaces, quotes or $")
+    why = ipxetext.url_problem(url)
+    if why is not None:
+        raise UserError(f"--public-url {url!r} {why}: it goes into iPXE scripts")
     return url.rstrip("/")
 
 
@@ -325,6 +327,7 @@ class Handler(BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         self.head.left = HEAD_LIMIT
         self.unread = False
+        self.answered = False  # a status line went out: no error answer can follow
         # Set before the request line: an idle keep-alive connection is dropped too.
         self.server.deadlines.set(self.connection, HEAD_TIMEOUT)
         try:
@@ -348,6 +351,10 @@ class Handler(BaseHTTPRequestHandler):
             )
         return ok
 
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self.answered = True
+        super().send_response(code, message)
+
     def end_headers(self) -> None:
         if self.unread and not self.close_connection:
             self.close_connection = True
@@ -361,10 +368,10 @@ class Handler(BaseHTTPRequestHandler):
         self._get(head=False)
 
     def _get(self, *, head: bool) -> None:
-        url = urlsplit(self.path)
-        path, query = url.path, parse_qs(url.query)
         srv = self.server
         try:
+            url = self._target()
+            path, query = url.path, parse_qs(url.query)
             if path.startswith("/images/"):
                 self._static(srv.config.images, path[len("/images/") :], head)
             elif path.startswith("/boot/") and srv.config.boot is not None:
@@ -394,10 +401,12 @@ class Handler(BaseHTTPRequestHandler):
             raise
         except (UserError, OSError) as exc:  # a damaged or unreadable record
             self._failed(exc, head)
+        except Exception:  # a bug: the client gets a 500, the log the traceback
+            self._crashed(head)
 
     def do_POST(self) -> None:
-        path = urlsplit(self.path).path
         try:
+            path = self._target().path
             if not path.startswith("/callback/"):
                 raise _AnswerError(HTTPStatus.NOT_FOUND, "not found")
             mac = self._mac(unquote(path[len("/callback/") :]))
@@ -424,10 +433,29 @@ class Handler(BaseHTTPRequestHandler):
             raise
         except (UserError, OSError) as exc:
             self._failed(exc, False)
+        except Exception:  # a bug: the client gets a 500, the log the traceback
+            self._crashed(False)
+
+    def _target(self) -> SplitResult:
+        try:
+            return urlsplit(self.path)
+        except ValueError as exc:  # a broken IPv6 host: http://[x/
+            raise _AnswerError(HTTPStatus.BAD_REQUEST, f"bad request target: {exc}") from exc
 
     def _failed(self, exc: UserError | OSError, head: bool) -> None:
-        message = exc.message if isinstance(exc, UserError) else str(exc)
-        log.error("%s %s: %s", self.command, self.path, message)
+        log.error("%s %s: %s", self.command, self.path, exc.message if isinstance(exc, UserError) else exc)
+        # The client is told what failed, not where: no path of the server's.
+        message = exc.message if isinstance(exc, UserError) else exc.strerror or type(exc).__name__
+        self._error(message, head)
+
+    def _crashed(self, head: bool) -> None:
+        log.exception("%s %s failed", self.command, self.path)
+        self._error("internal error (the server's log has it)", head)
+
+    def _error(self, message: str, head: bool) -> None:
+        if self.answered:  # mid-answer: all the client can be told is the connection's end
+            self.close_connection = True
+            return
         self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": message}, head)
 
     def _mac(self, text: str) -> str:
@@ -475,12 +503,19 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
     def _static(self, root: Path, rel: str, head: bool) -> None:
-        path = resolve_under(root, rel)
+        try:
+            path = resolve_under(root, rel)
+        except (OSError, RuntimeError):  # a name too long, a symlink loop: nothing to serve
+            raise _AnswerError(HTTPStatus.NOT_FOUND, "not found") from None
         if path is None:
             raise _AnswerError(HTTPStatus.FORBIDDEN, "path leaves the served directory")
         try:
             f = open(path, "rb")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise _AnswerError(HTTPStatus.NOT_FOUND, "not found") from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
+                raise
             raise _AnswerError(HTTPStatus.NOT_FOUND, "not found") from None
         with f:
             st = os.fstat(f.fileno())

@@ -69,7 +69,7 @@ def validate_specs(specs: Iterable[ComponentSpec], db: Database) -> None:
     base = base_packages(db)
     claimed: dict[str, str] = {}
     for spec in specs:
-        if not _NAME.match(spec.name) or spec.name in RESERVED:
+        if not _NAME.fullmatch(spec.name) or spec.name in RESERVED:
             raise UserError(
                 f"invalid component name {spec.name!r}",
                 hint="use lowercase letters, digits, - and _; not os, all or none",

@@ -162,10 +162,17 @@ class Store:
         fsync_dir(path.parent)
 
     def _append(self, mac: str, entry: dict[str, Any]) -> None:
-        line = json.dumps(entry, separators=(",", ":")) + "\n"
-        fd = os.open(self._events(mac), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        """Append one line (under the machine's lock). A line a power cut tore is ended
+        first, so that this one is a line of its own, not glued to the fragment."""
+        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+        fd = os.open(self._events(mac), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line.encode())
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line
+            view = memoryview(line)
+            while view:  # a short write (a full disk) goes on, or raises
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -147,6 +147,20 @@ def test_any_event_sequence_only_moves_forward(kinds: list[str]) -> None:
     assert from_dict(json.loads(json.dumps(to_dict(machine)))) == machine
 
 
+def _nested(levels: int) -> dict[str, Any]:
+    """An event's data with `levels` objects and lists, one in the other."""
+    value: Any = "x"
+    for i in range(levels - 1):
+        value = [value] if i % 2 else {"k": value}
+    return {"k": value}
+
+
+def test_data_nested_up_to_the_limit_is_taken_and_served() -> None:
+    deep = _nested(32)
+    assert parse_event({"event": "error", "data": deep}).data == deep
+    json.dumps(deep, indent=1)  # what the API answers with: the pure-Python encoder
+
+
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
@@ -167,6 +181,7 @@ def test_any_event_sequence_only_moves_forward(kinds: list[str]) -> None:
         ({"event": "conflict", "component": "../x"}, "component name"),
         ({"event": "error", "message": "x" * 5000}, "too long"),
         ({"event": "error", "data": []}, "an object"),
+        ({"event": "error", "data": _nested(33)}, "nested more than 32 levels"),
     ],
 )
 def test_malformed_events_are_refused(doc: object, message: str) -> None:
@@ -212,6 +227,9 @@ def test_store_keeps_records_and_an_append_only_event_log(tmp_path: Path) -> Non
         f.write('{"event": "prog')
     assert len(again.events(MAC)) == 6
     assert [m.mac for m in again.all()] == [MAC]
+    # The next event is a line of its own, not glued to the fragment and lost with it.
+    again.update(MAC, parse_event(HAPPY[5]), HAPPY[5], create=_unknown_machine)
+    assert [e["event"] for e in again.events(MAC)][-2:] == [HAPPY[4]["event"], HAPPY[5]["event"]]
 
 
 def test_store_remembers_a_few_names_per_sender_for_the_last_senders(
@@ -252,7 +270,17 @@ def test_kernel_arguments_that_would_change_the_ipxe_script_are_refused(args: st
         assign("52:54:00:12:34:56", "lamp", "all", now=0.0, kernel_args=args)
 
 
-@pytest.mark.parametrize(("check", "value"), [(check_components, "web,my\nsql"), (check_image, "lamp\n")])
-def test_names_with_a_trailing_newline_are_refused(check: Any, value: str) -> None:
+@pytest.mark.parametrize(
+    ("check", "value"),
+    [
+        (check_components, "web,my\nsql"),
+        (check_image, "lamp\n"),
+        (check_image, "http://cdn/img\\x"),  # a backslash: iPXE's quoting
+        (check_image, "http://cdn/img\x7f"),
+        (check_image, "http://[bad/img"),
+        (check_image, "http://cdn/\u00e9"),
+    ],
+)
+def test_names_and_urls_that_cannot_reach_the_agent_intact_are_refused(check: Any, value: str) -> None:
     with pytest.raises(UserError):
         check(value)

@@ -109,6 +109,8 @@ def edit(path: str, value: Any) -> str:
         ("rootfs.type", "xfs", "unsupported root filesystem"),
         ("os.files", KeyError, "missing key 'files' in os"),
         ("components.0.name", "../etc", "not a valid component name"),
+        ("components.0.name", "mysql\n", "not a valid component name"),  # `$` matches before a \n
+        ("components.2.chunks.0.sha256", "3" * 64 + "\n", "is not a sha256"),
         ("components.0.name", "php", "appears twice"),
         ("components.0.depends", ["php"], "cycle"),
         ("components.0.depends", ["nope"], "unknown component nope"),

@@ -173,6 +173,9 @@ components = "all"
         ({"colour": "blue"}, "unknown key 'colour'"),
         ({"default": "nope"}, "default 'nope'"),
         ({"timeout": -1}, "timeout"),
+        ({"timeout": 10**400}, "timeout must be a number"),  # too big for a float
+        ({"timeout": float("nan")}, "timeout must be a number"),
+        ({"entries": [{"title": "x", "image": "http://cdn/img\\x", "components": "all"}]}, "backslash"),
         ({"timeout": True}, "wrong type"),
         ({"title": "${x}"}, "title"),
         (
@@ -212,6 +215,12 @@ components = "all"
 def test_bad_catalogs_are_refused(edit: dict[str, object], message: str) -> None:
     with pytest.raises(CatalogError, match=re.escape(message)):
         parse_catalog(json.dumps({**CATALOG_JSON, **edit}))
+
+
+def test_a_catalog_nested_too_deep_is_refused_in_one_line() -> None:
+    with pytest.raises(CatalogError, match="not valid JSON") as info:
+        parse_catalog("[" * 100_000 + "]" * 100_000)
+    assert "\n" not in str(info.value)
 
 
 def test_a_catalog_without_a_default_boots_unknown_machines_from_disk() -> None:

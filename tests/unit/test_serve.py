@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bootenv import callback
+from bootenv import callback, menu
 from bootenv.callback import Callback
 from bootenv.httpfiles import parse_range
 from bootenv.machines import State, assign
@@ -25,6 +25,14 @@ from tests.unit.nodelay import connection_options
 
 MAC = "52:54:00:12:34:56"
 OTHER = "52:54:00:ab:cd:ef"
+
+
+def _deep(levels: int) -> object:
+    """JSON data nested `levels` lists deep."""
+    value: object = 1
+    for _ in range(levels):
+        value = [value]
+    return {"k": value}
 
 
 @pytest.fixture
@@ -554,6 +562,11 @@ def test_a_file_that_shrinks_while_sent_ends_the_connection(
         ("POST", f"/callback/{MAC}", {"Content-Length": "\u00b2"}, b"", 411),
         ("POST", f"/callback/{MAC}", {}, b"[" * 30000 + b"]" * 30000, 400),
         ("GET", "/ipxe/select/%24%7Bx%7D?mac=" + MAC, {}, b"", 200),
+        ("GET", "http://[x/", {}, b"", 400),  # urlsplit: Invalid IPv6 URL
+        ("POST", "http://[x/callback/" + MAC, {}, b"{}", 400),
+        ("GET", "/images/" + "a" * 300, {}, b"", 404),  # a name too long for the filesystem
+        ("GET", "/images/lamp/loop", {}, b"", 404),  # a symlink loop
+        ("POST", f"/callback/{MAC}", {}, json.dumps({"event": "start", "data": _deep(40)}).encode(), 400),
     ],
 )
 def test_malformed_requests_get_an_answer_not_a_traceback(
@@ -565,6 +578,7 @@ def test_malformed_requests_get_an_answer_not_a_traceback(
     body: bytes,
     status: int,
 ) -> None:
+    (server.config.images / "lamp" / "loop").symlink_to("loop")
     head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
     if body:
         head += f"Content-Length: {len(body)}\r\n"
@@ -573,7 +587,20 @@ def test_malformed_requests_get_an_answer_not_a_traceback(
         f"{method} {path} HTTP/1.1\r\nHost: x\r\n{head}Connection: close\r\n\r\n".encode() + body,
     )
     assert answer.startswith(f"HTTP/1.1 {status}".encode())
+    assert str(server.config.images).encode() not in answer  # no path of the server's
     assert "Traceback" not in caplog.text and "error while serving" not in caplog.text
+
+
+def test_a_bug_is_a_500_and_a_traceback_in_the_log_not_a_dropped_connection(
+    server: BootenvServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: Any) -> str:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(menu, "entry_script", broken)
+    status, _, body = get(server, "/ipxe/boot.ipxe")
+    assert status == 500 and json.loads(body) == {"error": "internal error (the server's log has it)"}
+    assert "ValueError: a bug" in caplog.text  # with its traceback, for whoever fixes it
 
 
 def test_a_damaged_record_is_a_500_with_its_reason(server: BootenvServer) -> None:
