@@ -1,9 +1,10 @@
 """Block-device specifics, kept here so every writer also runs on a regular (sparse) file.
 
 A destination is opened after the checks that must come before the first write: it is
-not mounted, not swap, not held by device-mapper/md/loop, not the running root or its
-disk, and big enough. Block devices are opened O_EXCL, which the kernel refuses for a
-device that is mounted or claimed (bmaptool does the same).
+not mounted, not swap, not held by device-mapper/md, has no loop device attached over
+it, is not the running root or its disk, and is big enough. Block devices are opened
+O_EXCL, which the kernel refuses for a device that is mounted or claimed (bmaptool does
+the same).
 """
 
 from __future__ import annotations
@@ -100,17 +101,39 @@ def _disk_of(devno: int) -> int:
     return os.makedev(int(major), int(minor))
 
 
+def loops_over(devnos: list[int]) -> list[str]:
+    """The loop devices attached over any of `devnos` (a disk and its partitions). A loop
+    device neither shows in its backing device's holders nor claims it: without this, a
+    disk whose loop device is mounted looked free, and opened O_EXCL all the same."""
+    names = []
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        try:
+            st = os.stat(backing.read_text().strip())
+        except OSError:  # gone, or "(deleted)": backs nothing that is here
+            continue
+        if stat.S_ISBLK(st.st_mode) and st.st_rdev in devnos:
+            names.append(backing.parent.parent.name)
+    return sorted(names)
+
+
 def check_not_in_use(path: str, devno: int, mountinfo: str | None = None) -> None:
-    """Refuse a block device that is mounted, swap, held, or holds the running root."""
+    """Refuse a block device that is mounted, swap, held (also by a loop device over it),
+    or holds the running root."""
     info = mountinfo if mountinfo is not None else Path("/proc/self/mountinfo").read_text()
     mounts = _mounted_devnos(info)
-    for dev in _family(devno):
+    family = _family(devno)
+    for dev in family:
         if dev in mounts:
             raise UserError(f"{path} is in use: mounted at {mounts[dev]}", hint="unmount it first")
         holders = _sysfs(dev) / "holders"
         if holders.is_dir() and any(holders.iterdir()):
             names = ", ".join(sorted(p.name for p in holders.iterdir()))
             raise UserError(f"{path} is in use: held by {names}")
+    loops = loops_over(family)
+    if loops:
+        raise UserError(
+            f"{path} is in use: {', '.join(loops)} is attached over it", hint="losetup -d it first"
+        )
     root = os.stat("/").st_dev
     if os.major(root) and devno in (root, _disk_of(root)):
         raise UserError(f"{path} holds the running system's root filesystem")

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from bootenv.blockdev import loops_over
 from bootenv.cmdline import DiskKind, DiskSelector
 from bootenv.errors import UserError
 from bootenv.log import human_bytes
@@ -168,6 +169,7 @@ def read_disks(mountinfo: str | None = None) -> list[DiskInfo]:
             hold = Path(member.sys_path) / "holders"
             if hold.is_dir():
                 holders += sorted(p.name for p in hold.iterdir())
+        holders += loops_over([member.device_number for member in family])
         disks.append(
             DiskInfo(
                 devnode=dev.device_node,

@@ -171,6 +171,20 @@ def test_mounted_device_is_refused_untouched(
     assert backing.read_bytes() == before
 
 
+def test_a_device_with_a_mounted_loop_over_it_is_refused_untouched(
+    gold_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A loop device over a disk is neither in its holders nor an O_EXCL claim on it."""
+    backing = sparse(tmp_path / "under.img", 64 * MiB)
+    run(["mke2fs", "-q", "-t", "ext4", backing])
+    before = backing.read_bytes()
+    with loop_device(backing) as under, loop_device(Path(under)) as over, mounted_ro(over, tmp_path / "mnt"):
+        rc = main(["write-os", "--insecure", "--image", str(gold_image), "--device", under])
+        err = capsys.readouterr().err
+    assert rc == UserError.exit_code and f"{Path(over).name} is attached over it" in err, err
+    assert backing.read_bytes() == before
+
+
 def test_failed_write_leaves_no_mountable_filesystem(
     gold_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
