@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any, Protocol
 
 from bootenv.manifest import ManifestError
 
+MAX_IMAGE = 1 << 63  # bytes: an image is at most what a file or device offset can address
+_HEX = re.compile(r"[0-9a-f]{64}")
 MAX_RANGE = 8 << 20  # split long extents so each range is verified soon after it lands
 
 
@@ -63,10 +66,16 @@ def parse_blockmap(text: str | bytes) -> BlockMap:
         raise ManifestError(f"block map is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict) or set(doc) != {"version", "image_size", "block_size", "ranges"}:
         raise ManifestError("block map has missing or unknown keys")
-    if doc["version"] != 1:
+    if type(doc["version"]) is not int or doc["version"] != 1:  # not True, not 1.0
         raise ManifestError(f"unsupported block map version {doc['version']!r}")
     size, bs = doc["image_size"], doc["block_size"]
-    if not isinstance(size, int) or not isinstance(bs, int) or bs not in (1024, 2048, 4096):
+    # type(), not isinstance(): a bool is an int. Under 2**63: a file or device offset.
+    if (
+        type(size) is not int
+        or not 0 < size < MAX_IMAGE
+        or type(bs) is not int
+        or bs not in (1024, 2048, 4096)
+    ):
         raise ManifestError("block map sizes are invalid")
     ranges: list[Range] = []
     end = 0
@@ -74,8 +83,15 @@ def parse_blockmap(text: str | bytes) -> BlockMap:
         if not (isinstance(item, list) and len(item) == 3):
             raise ManifestError("block map range must be [offset, length, sha256]")
         off, length, digest = item
-        ok = isinstance(off, int) and isinstance(length, int) and isinstance(digest, str)
-        if not ok or off < end or length <= 0 or off % bs or off + length > size or len(digest) != 64:
+        ok = type(off) is int and type(length) is int and isinstance(digest, str)
+        if (
+            not ok
+            or off < end
+            or length <= 0
+            or off % bs
+            or off + length > size
+            or not _HEX.fullmatch(digest)
+        ):
             raise ManifestError(f"block map range {item!r} is invalid")
         ranges.append(Range(off, length, digest))
         end = off + length

@@ -310,8 +310,7 @@ def write_os(
     label = name or f"fd {fd}"
     image = _image(manifest, which)
     bmap = bmap or load_blockmap(source, image)
-    if which == "os" and bmap.image_size != manifest.rootfs.image_size:
-        raise VerificationError("the block map's image size disagrees with the manifest")
+    _check_blockmap(manifest, which, bmap)
     block = is_block(fd)
     size = device_size(fd)
     if size < bmap.image_size:
@@ -472,6 +471,11 @@ def _stream_range(
         )
 
 
+def _check_blockmap(manifest: Manifest, which: Which, bmap: BlockMap) -> None:
+    if which == "os" and bmap.image_size != manifest.rootfs.image_size:
+        raise VerificationError("the block map's image size disagrees with the manifest")
+
+
 def write_os_path(
     location: str, device: str, *, which: Which = "os", progress: bool = True, trust: Trust | None = None
 ) -> WriteResult:
@@ -486,6 +490,7 @@ def write_os_path(
         source, manifest = open_trusted(location, trust)
     image = _image(manifest, which)
     bmap = load_blockmap(source, image)
+    _check_blockmap(manifest, which, bmap)  # before open_destination grows a file to its size
     with (
         open_destination(device, bmap.image_size, mapped=bmap.mapped) as dest,
         step(f"Streaming the {which} image to {device}"),

@@ -118,6 +118,7 @@ class HttpReader:
         self.start = start or 0  # first byte of the URL this reader covers
         self.pos = 0  # bytes read, from `start`
         self._bounded = True  # the response ends where we do (else stop reading at `size`)
+        self._probed = False  # read past the size once (_probe_end)
         self.resumes = 0  # connections after the first, for the log and the tests
         self._resp: object | None = None
         self._failures = 0
@@ -188,7 +189,10 @@ class HttpReader:
             while chunk := self.read(CHUNK):
                 parts.append(chunk)
             return b"".join(parts)
-        if n == 0 or (self.size is not None and self.pos >= self.size):
+        if n == 0:
+            return b""
+        if self.size is not None and self.pos >= self.size:
+            self._probe_end()
             return b""
         while True:
             self._check_aborted()
@@ -212,6 +216,21 @@ class HttpReader:
             # EOF before the expected size: the connection was cut. Resume.
             self._drop()
             self._retry_or_raise(RetryableError(f"{self.url}: connection closed at byte {self.pos}"))
+
+    def _probe_end(self) -> None:
+        """At the manifest's size, once: a body that goes on is refused. A server that
+        sent a length is held to it as the reading goes (_check, _read_raw's extra
+        byte), but one that sent none ends its body by closing, and only a read past
+        the size tells. (Past a chunk's end, where the body may go on, nothing is read.)"""
+        if self._probed or not self._bounded or self._resp is None:
+            return
+        self._probed = True
+        try:
+            extra = self._read_raw(1)
+        except (OSError, _urllib3_errors()):
+            return  # cut after the last byte wanted: what was read is all there is
+        if extra:
+            raise VerificationError(f"{self.url} is longer than the manifest says")
 
     def _read_raw(self, n: int) -> bytes:
         raw = self._resp.raw  # type: ignore[union-attr]

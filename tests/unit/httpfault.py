@@ -46,6 +46,9 @@ class Fault:
     truncate: int | None = None  # serve only this many bytes, with honest headers
     length_delta: int = 0  # add this to Content-Length (a lie)
     ignore_range: bool = False  # answer 200 with the whole file to a Range request
+    # Send this many junk bytes after the file, with no Content-Length: the body ends when
+    # the server closes the connection (HTTP/1.0 style), so only reading on tells.
+    trailing: int = 0
 
 
 @dataclass(frozen=True)
@@ -173,9 +176,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         if match:
             self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
-        self.send_header("Content-Length", str(stop - start + fault.length_delta))
+        if fault.trailing:
+            self.close_connection = True
+            self.send_header("Connection", "close")
+        else:
+            self.send_header("Content-Length", str(stop - start + fault.length_delta))
         self.end_headers()
         self._body(data, start, stop, fault)
+        if fault.trailing:
+            with contextlib.suppress(OSError):
+                self.wfile.write(b"\xa5" * fault.trailing)
+                self.wfile.flush()
 
     def _status(self, name: str, start: int, status: int) -> None:
         self.server_ref.record(Request(name, start, status))

@@ -68,6 +68,8 @@ def good() -> dict[str, object]:
         [[0, 0, "a" * 64]],  # empty
         [[0, 2 << 20, "a" * 64]],  # past the end of the image
         [[0, 4096, "short"]],
+        [[0, 4096, "z" * 64]],  # not hex
+        [[0, True, "a" * 64]],  # a bool is no length
         [[0, 4096]],
         "nope",
     ],
@@ -76,6 +78,27 @@ def test_bad_blockmaps(ranges: object) -> None:
     d = good()
     d["ranges"] = ranges
     with pytest.raises(ManifestError):
+        parse_blockmap(json.dumps(d))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("image_size", 1 << 64),  # os.ftruncate raised OverflowError, with a traceback
+        ("image_size", 0),
+        ("image_size", -4096),
+        ("image_size", True),
+        ("version", True),
+        ("version", 1.0),
+        ("block_size", 4096.0),
+    ],
+)
+def test_blockmap_headers_out_of_range_are_refused(key: str, value: object) -> None:
+    d = good()
+    d[key] = value
+    if key == "image_size":
+        d["ranges"] = []
+    with pytest.raises(ManifestError, match=r"sizes are invalid|version"):
         parse_blockmap(json.dumps(d))
 
 

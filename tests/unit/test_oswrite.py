@@ -551,6 +551,18 @@ def test_content_length_lie_is_fatal_before_writing(
     assert out.read_bytes()[:3] == b"old"
 
 
+def test_a_body_longer_than_the_manifest_without_a_length_is_refused(
+    built: Built, srv: FaultServer, tmp_path: Path
+) -> None:
+    """With no Content-Length, only reading past the manifest's size tells: it is done,
+    once, at the end of the blob."""
+    srv.faults[data_name(built)] = Fault(trailing=7000)
+    with pytest.raises(VerificationError, match="longer than the manifest says"):
+        write_to(tmp_path / "disk.img", built, http(srv))
+    srv.faults[data_name(built)] = Fault(trailing=0)
+    write_to(tmp_path / "disk.img", built, http(srv))  # the same server, honest: it passes
+
+
 def test_tampered_block_map_is_refused(built: Built, srv: FaultServer, tmp_path: Path) -> None:
     srv.faults[built.manifest.os.blockmap.file] = Fault(corrupt_at=20)
     with pytest.raises(VerificationError, match="sha256"):
