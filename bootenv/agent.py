@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -199,6 +200,9 @@ def root_needs(manifest: Manifest, bmap: BlockMap | None) -> int:
     return max(manifest.rootfs.min_size, manifest.rootfs.image_size)
 
 
+_NOT_PASSED = re.compile(r"[\s;&|$\"'\\{}<>#`]")
+
+
 def check_passed_on(ramdisk_cmdline: str) -> None:
     """Refuse the ramdisk's `console=`-like arguments that grub.cfg and kexec cannot take.
 
@@ -208,6 +212,10 @@ def check_passed_on(ramdisk_cmdline: str) -> None:
     for arg in handoff.kernel_args("", ramdisk_cmdline):
         if not (arg.isascii() and arg.isprintable()):
             raise UserError(f"kernel argument {shown(arg)} is not printable ASCII")
+        if _NOT_PASSED.search(arg):
+            # Unquoted in grub.cfg's `linux` line and kexec's --command-line: a space would
+            # split it, and `;`, `|`, `&`, quotes, `$`, braces or `#` mean something to grub.
+            raise UserError(f"kernel argument {shown(arg)} holds a space or a character grub.cfg cannot take")
 
 
 def _choose(cfg: AgentConfig, min_size: int) -> DiskChoice:

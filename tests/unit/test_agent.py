@@ -382,3 +382,13 @@ def test_a_passed_on_argument_that_is_not_ascii_is_refused_untouched(
         agent.run_agent(parse_cmdline(text), ramdisk_cmdline=text)
     assert digest(disk) == before and written == [] and wiped == []
     agent.check_passed_on("bootenv.image=/img console=ttyS0 caf\udce9 nomodeset")  # not passed on
+
+
+@pytest.mark.parametrize(
+    "arg", ['console="ttyS0,115200 keep"', "console=tty0;reboot", "console=$x", "earlyprintk=a#b"]
+)
+def test_passed_on_arguments_grub_cfg_would_split_or_run_are_refused(arg: str) -> None:
+    """They go unquoted into grub.cfg's linux line and kexec's --command-line."""
+    with pytest.raises(UserError, match=r"grub\.cfg cannot take"):
+        agent.check_passed_on(f"bootenv.image=/img {arg}")
+    agent.check_passed_on("bootenv.image=/img console=ttyS0,115200n8 console=tty0 nomodeset")
