@@ -112,6 +112,9 @@ def check_public_url(url: str) -> str:
     return url.rstrip("/")
 
 
+API_EVENTS = 1 << 20  # bytes of a machine's events log /api/machines/MAC answers with
+
+
 class BootenvServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128  # a rack powering on at once
@@ -391,7 +394,8 @@ class Handler(BaseHTTPRequestHandler):
                 machine = srv.store.get(mac)
                 if machine is None:
                     raise _AnswerError(HTTPStatus.NOT_FOUND, f"no machine {mac}")
-                body = {"machine": to_dict(machine), "events": srv.store.events(mac)}
+                # The last MiB of its log: the record counts them all ("events").
+                body = {"machine": to_dict(machine), "events": srv.store.events(mac, budget=API_EVENTS)}
                 self._json(HTTPStatus.OK, body, head)
             else:
                 raise _AnswerError(HTTPStatus.NOT_FOUND, "not found")

@@ -1,7 +1,8 @@
 """The durable machine store under `--state DIR`.
 
     DIR/machines/52-54-00-12-34-56.json    the machine record, replaced atomically
-    DIR/events/52-54-00-12-34-56.jsonl     every event taken, append-only
+    DIR/events/52-54-00-12-34-56.jsonl     every event taken, append-only (and .jsonl.1:
+                                           the one before, once it reached LOG_LIMIT)
     DIR/locks/52-54-00-12-34-56.lock       serialises updates (threads and processes)
 
 A record is written to a temp file in the same directory, fsynced, renamed over the old
@@ -37,6 +38,7 @@ from bootenv.writeback import fsync_dir
 
 log = logging.getLogger(__name__)
 
+LOG_LIMIT = 4 << 20  # bytes of a machine's events log; past it, it is rotated to .jsonl.1
 REMEMBERED = 16  # event names per sender: it has one in flight, tried for seconds
 SENDERS = 8192  # senders whose names are kept; the one heard from longest ago goes first
 _Name = tuple[int, float]  # seq, time
@@ -61,6 +63,9 @@ class Store:
 
     def _events(self, mac: str) -> Path:
         return self.root / "events" / f"{_stem(mac)}.jsonl"
+
+    def _rotated(self, mac: str) -> Path:
+        return self.root / "events" / f"{_stem(mac)}.jsonl.1"
 
     @contextlib.contextmanager
     def _locked(self, mac: str) -> Iterator[None]:
@@ -132,13 +137,29 @@ class Store:
                 self._taken.add(sender, name)
         return outcome
 
-    def events(self, mac: str) -> list[dict[str, Any]]:
-        try:
-            lines = self._events(mac).read_text(errors="replace").splitlines()
-        except FileNotFoundError:
-            return []
+    def events(self, mac: str, *, budget: int | None = None) -> list[dict[str, Any]]:
+        """The machine's events, oldest first: those of the rotated log, then the current
+        one's; with `budget`, only the whole lines among the last `budget` bytes of them."""
+        data = b""
+        for path in (self._events(mac), self._rotated(mac)):  # newest first
+            want = None if budget is None else budget - len(data)
+            if want is not None and want <= 0:
+                break
+            try:
+                with open(path, "rb") as f:
+                    size = f.seek(0, os.SEEK_END)
+                    start = 0 if want is None else max(0, size - want)
+                    f.seek(start)
+                    chunk = f.read()
+            except FileNotFoundError:
+                continue
+            if start:  # the window's first line is cut: not an event
+                chunk = chunk[chunk.find(b"\n") + 1 :] if b"\n" in chunk else b""
+            if chunk and not chunk.endswith(b"\n"):
+                chunk += b"\n"  # a torn last line: a line of its own, skipped below
+            data = chunk + data
         out = []
-        for line in lines:
+        for line in data.decode(errors="replace").splitlines():
             try:
                 out.append(json.loads(line))
             except ValueError:
@@ -165,7 +186,13 @@ class Store:
         """Append one line (under the machine's lock). A line a power cut tore is ended
         first, so that this one is a line of its own, not glued to the fragment."""
         line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
-        fd = os.open(self._events(mac), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        path = self._events(mac)
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_size + len(line) > LOG_LIMIT:
+                # Bounded: the current log becomes the rotated one (the older is dropped).
+                os.replace(path, self._rotated(mac))
+                fsync_dir(path.parent)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":

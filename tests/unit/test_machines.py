@@ -232,6 +232,27 @@ def test_store_keeps_records_and_an_append_only_event_log(tmp_path: Path) -> Non
     assert [e["event"] for e in again.events(MAC)][-2:] == [HAPPY[4]["event"], HAPPY[5]["event"]]
 
 
+def test_an_events_log_is_bounded_and_read_back_whole_or_by_its_tail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chatty or hostile sender cannot grow a machine's log without bound: past
+    LOG_LIMIT it is rotated, the rotation before that dropped."""
+    monkeypatch.setattr(state, "LOG_LIMIT", 2000)
+    store = Store(tmp_path)
+    docs = [{"event": "progress", "bytes": i, "message": "x" * 100} for i in range(60)]
+    for doc in docs:
+        store.update(MAC, parse_event(doc), doc, create=_unknown_machine)
+    logs = sorted(p.name for p in (tmp_path / "events").iterdir())
+    assert logs == ["52-54-00-12-34-56.jsonl", "52-54-00-12-34-56.jsonl.1"]
+    assert all((tmp_path / "events" / name).stat().st_size <= 2000 for name in logs)
+    kept = [e["bytes"] for e in store.events(MAC)]
+    assert kept == list(range(60 - len(kept), 60)) and 10 <= len(kept) < 60  # the newest, in order
+    tail = [e["bytes"] for e in store.events(MAC, budget=700)]
+    assert tail == kept[-len(tail) :] and 3 <= len(tail) <= 5  # whole lines only
+    machine = store.get(MAC)
+    assert machine is not None and machine.events == 60  # the record counts them all
+
+
 def test_store_remembers_a_few_names_per_sender_for_the_last_senders(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
