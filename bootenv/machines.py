@@ -215,10 +215,11 @@ def assign(
     why = ipxetext.problem(kernel_args)
     if why is not None:
         raise UserError(f"the kernel arguments {why}: they go into an iPXE script")
-    check_boot_args(check_image(image), components, hostname, kernel_args)
+    image = check_image(image)
+    check_boot_args(image, components, hostname, kernel_args)
     return Machine(
         mac=normalize_mac(mac),
-        image=check_image(image),
+        image=image,
         components=check_components(components),
         state=State.ASSIGNED,
         timeline=(Mark(State.ASSIGNED, now),),
