@@ -14,7 +14,9 @@ An event that names itself (its sender's "seq" and "time") and was already taken
 taken again: a callback attempt made again after a timeout, or after a 502 that came
 once the server had it, is answered, not logged or counted twice. A sender has one event
 in flight at a time, so the store remembers only the last REMEMBERED names of each
-sender (machine and source), in this process, for the SENDERS heard from last.
+sender (machine and source), for the SENDERS heard from last; a sender it does not know
+(first heard from since the store started, or forgotten since) has its last names read
+back from the end of its machine's log first.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -39,6 +42,7 @@ from bootenv.writeback import fsync_dir
 log = logging.getLogger(__name__)
 
 LOG_LIMIT = 4 << 20  # bytes of a machine's events log; past it, it is rotated to .jsonl.1
+RECALL = 64 << 10  # bytes at the end of a log read back for a sender's last names
 REMEMBERED = 16  # event names per sender: it has one in flight, tried for seconds
 SENDERS = 8192  # senders whose names are kept; the one heard from longest ago goes first
 _Name = tuple[int, float]  # seq, time
@@ -123,6 +127,10 @@ class Store:
         with self._locked(mac):
             machine = self.get(mac) or create(mac, now)
             sender, name = (mac, event.source), _name(event, raw)
+            if name is not None and not self._taken.knows(sender):
+                # First heard from since this store started (or forgotten since): its
+                # last names are in its log, so a restart of serve takes no event twice.
+                self._taken.recall(sender, self._logged_names(mac, event.source))
             if name is not None and self._taken.has(sender, name):
                 log.debug("%s: event %d of the %s taken already", mac, name[0], event.source)
                 return Outcome(machine, changed=False, repeated=True)
@@ -165,6 +173,17 @@ class Store:
             except ValueError:
                 log.warning("%s: skipping a torn line in the events log", mac)  # a power cut mid-append
         return out
+
+    def _logged_names(self, mac: str, source: str) -> list[_Name]:
+        """The names of the sender's events among the last RECALL bytes of the log."""
+        names = []
+        for entry in self.events(mac, budget=RECALL):
+            seq, when = entry.get("seq"), entry.get("time")
+            if entry.get("source", "agent") != source or type(seq) is not int:
+                continue
+            if isinstance(when, (int, float)) and not isinstance(when, bool) and math.isfinite(when):
+                names.append((seq, float(when)))
+        return names
 
     def _write(self, machine: Machine) -> None:
         path = self._record(machine.mac)
@@ -222,16 +241,27 @@ class _Taken:
         self._lock = threading.Lock()
         self._names: OrderedDict[tuple[str, str], deque[_Name]] = OrderedDict()
 
+    def knows(self, sender: tuple[str, str]) -> bool:
+        with self._lock:
+            return sender in self._names
+
     def has(self, sender: tuple[str, str], name: _Name) -> bool:
         with self._lock:
             return name in self._names.get(sender, ())
 
     def add(self, sender: tuple[str, str], name: _Name) -> None:
+        self._keep(sender, [name])
+
+    def recall(self, sender: tuple[str, str], names: list[_Name]) -> None:
+        """Know these names of a sender (read back from its log), oldest first."""
+        self._keep(sender, names)
+
+    def _keep(self, sender: tuple[str, str], new: list[_Name]) -> None:
         with self._lock:
             names = self._names.pop(sender, None)
             if names is None:
                 names = deque(maxlen=REMEMBERED)
-            names.append(name)
+            names.extend(new)
             self._names[sender] = names  # the last heard from, last
             while len(self._names) > SENDERS:
                 self._names.popitem(last=False)

@@ -258,7 +258,8 @@ def test_store_remembers_a_few_names_per_sender_for_the_last_senders(
 ) -> None:
     """Names are kept for the last SENDERS senders, the last REMEMBERED of each: a sender
     has one event in flight, so its attempts meet one of its last names; memory stays
-    bounded however many MACs post."""
+    bounded however many MACs post, and a sender forgotten has its names read back from
+    its log."""
     monkeypatch.setattr(state, "SENDERS", 3)
     monkeypatch.setattr(state, "REMEMBERED", 2)
     store = Store(tmp_path)
@@ -272,8 +273,25 @@ def test_store_remembers_a_few_names_per_sender_for_the_last_senders(
     assert all(send(mac, 1) for mac in macs)
     assert not send(MAC, 1) and not send(MAC, 2) and not send(MAC, 3)  # a fourth sender: the first goes
     assert send(MAC, 2) and send(MAC, 3) and not send(MAC, 1)  # the last two of its names; 1 is new again
-    assert not send(macs[0], 1)  # forgotten, as the oldest sender
+    assert len(store._taken._names) == 3  # macs[0], the oldest sender, was let go
+    assert send(macs[0], 1)  # ... and its names read back from its log when it came back
     assert len(state.Store(tmp_path).events(MAC)) == 4
+
+
+def test_a_restarted_store_takes_no_event_twice(tmp_path: Path) -> None:
+    """An attempt that spans a restart of serve (its answer lost as serve stopped) is
+    known by the new process: the sender's last names are read back from its log."""
+    first = {"event": "start", "seq": 1, "time": 1795000000.25}
+    layout = {"event": "os_booted", "source": "layout", "seq": 1, "time": 1795000100.5}
+    before = Store(tmp_path)
+    for doc in (first, layout):
+        assert not before.update(MAC, parse_event(doc), doc, create=_unknown_machine).repeated
+    after = Store(tmp_path)  # serve started again
+    for doc in (first, layout):
+        assert after.update(MAC, parse_event(doc), doc, create=_unknown_machine).repeated
+    other = {**layout, "time": 1795000200.5}  # the layout run again: a new sender, seq 1 again
+    assert not after.update(MAC, parse_event(other), other, create=_unknown_machine).repeated
+    assert len(after.events(MAC)) == 3
 
 
 def test_store_tracks_a_machine_nobody_assigned(tmp_path: Path) -> None:
