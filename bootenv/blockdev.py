@@ -129,7 +129,7 @@ def check_not_in_use(path: str, devno: int, mountinfo: str | None = None) -> Non
         if holders.is_dir() and any(holders.iterdir()):
             names = ", ".join(sorted(p.name for p in holders.iterdir()))
             raise UserError(f"{path} is in use: held by {names}")
-    loops = loops_over(family)
+    loops = loops_over([*family, _disk_of(devno)])  # over the disk a partition is on, too
     if loops:
         raise UserError(
             f"{path} is in use: {', '.join(loops)} is attached over it", hint="losetup -d it first"

@@ -10,10 +10,11 @@ was unmounted.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from bootenv.cmdline import Handoff, split_cmdline
+from bootenv.cmdline import Handoff, shown, split_cmdline
 from bootenv.dpkg import version_key
 from bootenv.errors import FatalError
 from bootenv.run import run, which
@@ -58,6 +59,23 @@ def kernel_args(root_uuid: str, ramdisk_cmdline: str = "") -> tuple[str, ...]:
         if param in INHERITED:
             inherited.append(param if value is None else f"{param}={value}")
     return (f"root=UUID={root_uuid}", "ro", *(inherited or DEFAULT_CONSOLES))
+
+
+# What grub.cfg's `linux` line and kexec's --command-line cannot take in an argument they
+# get unquoted: a space would split it; `;`, `|`, `&`, quotes, `$`, braces, `#` and `<>`
+# mean something to grub.
+_NOT_PASSED = re.compile(r"[\s;&|$\"'\\{}<>#`]")
+
+
+def passed_on_problem(ramdisk_cmdline: str) -> str | None:
+    """Why an argument the target inherits from `ramdisk_cmdline` cannot be passed on
+    (None if all can): it must be printable ASCII, and take none of _NOT_PASSED."""
+    for arg in kernel_args("", ramdisk_cmdline):
+        if not (arg.isascii() and arg.isprintable()):
+            return f"kernel argument {shown(arg)} is not printable ASCII"
+        if _NOT_PASSED.search(arg):
+            return f"kernel argument {shown(arg)} holds a space or a character grub.cfg cannot take"
+    return None
 
 
 def kexec_spec(root: Path, root_uuid: str, ramdisk_cmdline: str = "") -> KexecSpec:

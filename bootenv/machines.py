@@ -192,6 +192,7 @@ def check_boot_args(image: str, components: str, hostname: str | None, kernel_ar
     them): a key it would refuse (unknown, given twice, a bad value) is refused now,
     not when the machine boots. An image by name stands for a URL of the server's."""
     from bootenv.cmdline import parse_cmdline
+    from bootenv.handoff import passed_on_problem
 
     url = image if image.startswith(("http://", "https://")) else "http://server/image"
     args = [f"bootenv.image={url}", f"bootenv.components={components}"]
@@ -199,6 +200,9 @@ def check_boot_args(image: str, components: str, hostname: str | None, kernel_ar
     if hostname:
         args.append(f"bootenv.hostname={hostname}")
     parse_cmdline(" ".join([*args, kernel_args]))
+    why = passed_on_problem(kernel_args)  # what the agent passes on to grub.cfg and kexec
+    if why is not None:
+        raise UserError(why)
 
 
 def assign(

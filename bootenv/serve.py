@@ -447,7 +447,7 @@ class Handler(BaseHTTPRequestHandler):
             raise _AnswerError(HTTPStatus.BAD_REQUEST, f"bad request target: {exc}") from exc
 
     def _failed(self, exc: UserError | OSError, head: bool) -> None:
-        log.error("%s %s: %s", self.command, self.path, exc.message if isinstance(exc, UserError) else exc)
+        log.error("%s %s: %s", self.command, self.path, exc)  # with the hint: a file's path
         # The client is told what failed, not where: no path of the server's.
         message = exc.message if isinstance(exc, UserError) else exc.strerror or type(exc).__name__
         self._error(message, head)

@@ -174,6 +174,9 @@ class HttpReader:
         # A server without Range support restarts from 0; skip what we already have.
         self._skip = first - start
         length = headers.get("Content-Length")
+        # Each answer anew (a resume is another): one that ignored a chunk's range goes
+        # on past the chunk by design, length or not, and is not probed (_probe_end).
+        self._bounded = not (self.window and status == 200)
         if self.size is None or length is None:
             return
         end, want = _content_length(self.url, length) + start, self.start + self.size

@@ -42,7 +42,8 @@ from bootenv.writeback import fsync_dir
 log = logging.getLogger(__name__)
 
 LOG_LIMIT = 4 << 20  # bytes of a machine's events log; past it, it is rotated to .jsonl.1
-RECALL = 64 << 10  # bytes at the end of a log read back for a sender's last names
+RECALL = 256 << 10  # bytes at the end of a log read back for a sender's last names (a line
+# holds a callback body of up to 64 KiB)
 REMEMBERED = 16  # event names per sender: it has one in flight, tried for seconds
 SENDERS = 8192  # senders whose names are kept; the one heard from longest ago goes first
 _Name = tuple[int, float]  # seq, time
@@ -87,11 +88,11 @@ class Store:
         except FileNotFoundError:
             return None
         except ValueError as exc:  # not UTF-8
-            raise UserError(f"{path} is damaged: {exc}") from exc
+            raise _damaged(mac, path, exc) from exc
         try:
             return from_dict(json.loads(text))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:  # not JSON, or not a record
-            raise UserError(f"{path} is damaged: {exc}", hint="restore it, or remove it") from exc
+            raise _damaged(mac, path, exc) from exc
 
     def all(self) -> list[Machine]:
         out = []
@@ -147,7 +148,13 @@ class Store:
 
     def events(self, mac: str, *, budget: int | None = None) -> list[dict[str, Any]]:
         """The machine's events, oldest first: those of the rotated log, then the current
-        one's; with `budget`, only the whole lines among the last `budget` bytes of them."""
+        one's; with `budget`, only the whole lines among the last `budget` bytes of them.
+        Read under the machine's lock: a rotation between the two files' reads would
+        give the same events twice."""
+        with self._locked(mac):
+            return self._read_events(mac, budget)
+
+    def _read_events(self, mac: str, budget: int | None) -> list[dict[str, Any]]:
         data = b""
         for path in (self._events(mac), self._rotated(mac)):  # newest first
             want = None if budget is None else budget - len(data)
@@ -157,11 +164,11 @@ class Store:
                 with open(path, "rb") as f:
                     size = f.seek(0, os.SEEK_END)
                     start = 0 if want is None else max(0, size - want)
-                    f.seek(start)
+                    f.seek(max(0, start - 1))  # and the byte before: is a line cut?
                     chunk = f.read()
             except FileNotFoundError:
                 continue
-            if start:  # the window's first line is cut: not an event
+            if start:  # up to the window's first line start: a line cut, or just its "\n"
                 chunk = chunk[chunk.find(b"\n") + 1 :] if b"\n" in chunk else b""
             if chunk and not chunk.endswith(b"\n"):
                 chunk += b"\n"  # a torn last line: a line of its own, skipped below
@@ -177,12 +184,15 @@ class Store:
     def _logged_names(self, mac: str, source: str) -> list[_Name]:
         """The names of the sender's events among the last RECALL bytes of the log."""
         names = []
-        for entry in self.events(mac, budget=RECALL):
-            seq, when = entry.get("seq"), entry.get("time")
-            if entry.get("source", "agent") != source or type(seq) is not int:
+        for entry in self._read_events(mac, RECALL):  # under the lock already (update)
+            if not isinstance(entry, dict) or entry.get("source", "agent") != source:
                 continue
-            if isinstance(when, (int, float)) and not isinstance(when, bool) and math.isfinite(when):
-                names.append((seq, float(when)))
+            seq, when = entry.get("seq"), entry.get("time")
+            if type(seq) is not int or isinstance(when, bool) or not isinstance(when, (int, float)):
+                continue
+            with contextlib.suppress(OverflowError):  # a time from before times were checked
+                if math.isfinite(float(when)):
+                    names.append((seq, float(when)))
         return names
 
     def _write(self, machine: Machine) -> None:
@@ -222,6 +232,14 @@ class Store:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _damaged(mac: str, path: Path, exc: Exception) -> UserError:
+    """The message names the machine (serve answers clients with it); the hint, for the
+    admin, names the file."""
+    return UserError(
+        f"the record of {normalize_mac(mac)} is damaged: {exc}", hint=f"restore {path}, or remove it"
+    )
 
 
 def _name(event: Event, raw: dict[str, Any]) -> _Name | None:
