@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +251,23 @@ def test_an_events_log_is_bounded_and_read_back_whole_or_by_its_tail(
     assert tail == kept[-len(tail) :] and 3 <= len(tail) <= 5  # whole lines only
     machine = store.get(MAC)
     assert machine is not None and machine.events == 60  # the record counts them all
+
+
+def test_events_are_read_by_who_may_not_write_the_lock_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`bootenv machines --json` as a user who can read the state but not write it."""
+    store = Store(tmp_path)
+    store.update(MAC, parse_event(HAPPY[0]), HAPPY[0], create=_unknown_machine)
+    real_open = os.open
+
+    def read_only(path: Any, flags: int, *args: Any) -> int:
+        if str(path).endswith(".lock") and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    assert [e["event"] for e in store.events(MAC)] == ["start"]
 
 
 def test_store_remembers_a_few_names_per_sender_for_the_last_senders(
