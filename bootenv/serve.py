@@ -112,6 +112,7 @@ def check_public_url(url: str) -> str:
     return url.rstrip("/")
 
 
+MAX_MACHINES = 65536  # records; past it a callback from a machine nobody assigned is refused
 API_EVENTS = 1 << 20  # bytes of a machine's events log /api/machines/MAC answers with
 
 
@@ -421,7 +422,13 @@ class Handler(BaseHTTPRequestHandler):
                 event = parse_event(doc)
             except EventError as exc:
                 raise _AnswerError(HTTPStatus.BAD_REQUEST, str(exc)) from exc
-            outcome = self.server.store.update(mac, event, doc, create=_unknown_machine)
+            store = self.server.store
+            if store.get(mac) is None and store.count() >= MAX_MACHINES:
+                # Each machine nobody assigned that posts is a record and a log: bounded.
+                raise _AnswerError(
+                    HTTPStatus.FORBIDDEN, f"no machine {mac}, and {MAX_MACHINES} are known: assign it first"
+                )
+            outcome = store.update(mac, event, doc, create=_unknown_machine)
             m = outcome.machine
             if outcome.changed:
                 log.info(

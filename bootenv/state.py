@@ -94,6 +94,11 @@ class Store:
         except (ValueError, TypeError, KeyError, AttributeError) as exc:  # not JSON, or not a record
             raise _damaged(mac, path, exc) from exc
 
+    def count(self) -> int:
+        """How many machine records there are (a directory listing, no record read)."""
+        with os.scandir(self.root / "machines") as entries:
+            return sum(1 for e in entries if e.name.endswith(".json") and not e.name.startswith("."))
+
     def all(self) -> list[Machine]:
         out = []
         for path in sorted((self.root / "machines").glob("*.json")):

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from bootenv import callback, menu
+from bootenv import serve as serve_mod
 from bootenv.callback import Callback
 from bootenv.httpfiles import parse_range
 from bootenv.machines import State, assign
@@ -609,6 +610,22 @@ def test_a_damaged_record_is_a_500_with_its_reason(server: BootenvServer) -> Non
     status, _, body = get(server, f"/ipxe/machine?mac={MAC}")
     assert status == 500 and json.loads(body)["error"].startswith(f"the record of {MAC} is damaged")
     assert str(server.config.state).encode() not in body  # no path of the server's
+
+
+def test_callbacks_from_unassigned_machines_are_bounded(
+    server: BootenvServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each unknown MAC that posts becomes a record and a log: past MAX_MACHINES records,
+    a callback from a machine nobody assigned is refused (and writes nothing); a known
+    machine is still heard."""
+    monkeypatch.setattr(serve_mod, "MAX_MACHINES", 2)
+    assert post(server, MAC, {"event": "start"})[0] == 200
+    assert post(server, "52:54:00:00:00:02", {"event": "start"})[0] == 200
+    status, answer = post(server, "52:54:00:00:00:03", {"event": "start"})
+    assert status == 403 and "assign it first" in answer["error"]
+    assert Store(server.config.state).count() == 2
+    assert not (server.config.state / "locks" / "52-54-00-00-00-03.lock").exists()
+    assert post(server, MAC, {"event": "os_written"})[0] == 200
 
 
 def test_a_menu_choice_never_replaces_an_admins_assignment(tmp_path: Path) -> None:
