@@ -101,18 +101,30 @@ def _disk_of(devno: int) -> int:
     return os.makedev(int(major), int(minor))
 
 
+def _loops() -> Iterator[tuple[str, str, int]]:
+    """Each attached loop device: its name, what backs it (a path), and its own devno."""
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        loop = backing.parent.parent
+        try:
+            path = backing.read_text().strip()
+            major, minor = (loop / "dev").read_text().strip().split(":")
+        except (OSError, ValueError):  # detached meanwhile
+            continue
+        yield loop.name, path, os.makedev(int(major), int(minor))
+
+
 def loops_over(devnos: list[int]) -> list[str]:
     """The loop devices attached over any of `devnos` (a disk and its partitions). A loop
     device neither shows in its backing device's holders nor claims it: without this, a
     disk whose loop device is mounted looked free, and opened O_EXCL all the same."""
     names = []
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+    for name, path, _ in _loops():
         try:
-            st = os.stat(backing.read_text().strip())
+            st = os.stat(path)
         except OSError:  # gone, or "(deleted)": backs nothing that is here
             continue
         if stat.S_ISBLK(st.st_mode) and st.st_rdev in devnos:
-            names.append(backing.parent.parent.name)
+            names.append(name)
     return sorted(names)
 
 
@@ -150,16 +162,9 @@ def check_file_not_attached(path: str) -> None:
     real = os.path.realpath(path)
     info = Path("/proc/self/mountinfo").read_text()
     mounts = _mounted_devnos(info)
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-        try:
-            if backing.read_text().strip() != real:
-                continue
-            major, minor = (backing.parent.parent / "dev").read_text().strip().split(":")
-        except OSError:
-            continue
-        dev = os.makedev(int(major), int(minor))
-        if any(d in mounts for d in _family(dev)):
-            raise UserError(f"{path} backs {backing.parent.parent.name}, which is mounted")
+    for name, backing, dev in _loops():
+        if backing == real and any(d in mounts for d in _family(dev)):
+            raise UserError(f"{path} backs {name}, which is mounted")
 
 
 def check_fits(path: str, size: int, needed: int) -> None:

@@ -352,7 +352,7 @@ _FIELDS: dict[str, type] = {
 }
 
 
-def _finite(value: object) -> float | None:
+def finite(value: object) -> float | None:
     """A JSON number as a float, or None: not a number, NaN, infinite, or an integer too
     big for a float (JSON has no bound on them)."""
     if not isinstance(value, int | float) or isinstance(value, bool):
@@ -366,7 +366,7 @@ def _finite(value: object) -> float | None:
 
 def _field(key: str, value: object, typ: type) -> object:
     if typ is float:
-        number = _finite(value)
+        number = finite(value)
         if number is None or number < 0:
             raise EventError(f"event {key} must be a non-negative number")
         return number

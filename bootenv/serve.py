@@ -423,7 +423,7 @@ class Handler(BaseHTTPRequestHandler):
             except EventError as exc:
                 raise _AnswerError(HTTPStatus.BAD_REQUEST, str(exc)) from exc
             store = self.server.store
-            if store.get(mac) is None and store.count() >= MAX_MACHINES:
+            if not store.known(mac) and store.count() >= MAX_MACHINES:
                 # Each machine nobody assigned that posts is a record and a log: bounded.
                 raise _AnswerError(
                     HTTPStatus.FORBIDDEN, f"no machine {mac}, and {MAX_MACHINES} are known: assign it first"

@@ -25,7 +25,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import math
 import os
 import tempfile
 import threading
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bootenv.errors import UserError
-from bootenv.machines import Event, Machine, Outcome, State, apply, from_dict, normalize_mac, to_dict
+from bootenv.machines import Event, Machine, Outcome, State, apply, finite, from_dict, normalize_mac, to_dict
 from bootenv.writeback import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -93,6 +92,10 @@ class Store:
             return from_dict(json.loads(text))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:  # not JSON, or not a record
             raise _damaged(mac, path, exc) from exc
+
+    def known(self, mac: str) -> bool:
+        """Whether the machine has a record (its file exists; nothing is read)."""
+        return self._record(mac).exists()
 
     def count(self) -> int:
         """How many machine records there are (a directory listing, no record read)."""
@@ -195,12 +198,9 @@ class Store:
         for entry in self._read_events(mac, RECALL):  # under the lock already (update)
             if not isinstance(entry, dict) or entry.get("source", "agent") != source:
                 continue
-            seq, when = entry.get("seq"), entry.get("time")
-            if type(seq) is not int or isinstance(when, bool) or not isinstance(when, (int, float)):
-                continue
-            with contextlib.suppress(OverflowError):  # a time from before times were checked
-                if math.isfinite(float(when)):
-                    names.append((seq, float(when)))
+            seq, when = entry.get("seq"), finite(entry.get("time"))  # an older serve checked no time
+            if type(seq) is int and when is not None:
+                names.append((seq, when))
         return names
 
     def _write(self, machine: Machine) -> None:

@@ -178,6 +178,19 @@ def test_a_device_in_use_is_refused_untouched(
     assert backing.read_bytes() == before
 
 
+def test_a_file_behind_a_mounted_loop_is_refused_untouched(
+    gold_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    backing = sparse(tmp_path / "disk.img", 64 * MiB)
+    run(["mke2fs", "-q", "-t", "ext4", backing])
+    before = backing.read_bytes()
+    with loop_device(backing) as dev, mounted_ro(dev, tmp_path / "mnt"):
+        rc = main(["write-os", "--insecure", "--image", str(gold_image), "--device", str(backing)])
+        err = capsys.readouterr().err
+    assert rc == UserError.exit_code and f"backs {Path(dev).name}, which is mounted" in err, err
+    assert backing.read_bytes() == before
+
+
 def test_failed_write_leaves_no_mountable_filesystem(
     gold_image: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
