@@ -163,15 +163,13 @@ def layout(
     boot. Past `cfg.deadline` it stops as a signal stops it, and posts that as fatal: no
     one runs it again (the first-boot unit's own timeout would kill it unheard)."""
     try:
-        if cfg.deadline is None:
-            return _tries(cfg, activator, emit)
-        with _deadline(cfg.deadline):
+        with contextlib.nullcontext() if cfg.deadline is None else _deadline(cfg.deadline):
             return _tries(cfg, activator, emit)
     except KeyboardInterrupt as stop:  # SIGTERM too (cli.TerminatedError), and _Expired
         # Posted here, once the try's own poster has closed: whenever the stop came,
         # during a try, its wait, or that poster's closing.
-        expired = isinstance(stop, _Expired) and cfg.deadline is not None
-        message = _expired_message(cfg.deadline) if cfg.deadline is not None and expired else STOPPED
+        expired = isinstance(stop, _Expired)
+        message = str(stop) if expired else STOPPED
         with contextlib.closing(Callback(cfg.callback, "layout", emit=emit)) as poster:
             poster.post("error", message=message, fatal=expired)
         if expired:
@@ -180,8 +178,9 @@ def layout(
 
 
 class _Expired(KeyboardInterrupt):
-    """The deadline passed: raised in the main thread by SIGALRM's handler, and, as Ctrl-C
-    is, not caught by the `except Exception` of code it interrupts."""
+    """The deadline passed (its message says so): raised in the main thread by SIGALRM's
+    handler, and, as Ctrl-C is, not caught by the `except Exception` of code it
+    interrupts."""
 
 
 @contextlib.contextmanager
@@ -190,7 +189,7 @@ def _deadline(seconds: float) -> Iterator[None]:
     A forked stream keeps the handler but not the timer."""
 
     def expire(signum: int, frame: object) -> None:
-        raise _Expired
+        raise _Expired(f"layout did not finish within its deadline of {seconds:.0f} s; a re-run resumes")
 
     before = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
@@ -199,10 +198,6 @@ def _deadline(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, before)
-
-
-def _expired_message(deadline: float) -> str:
-    return f"layout did not finish within its deadline of {deadline:.0f} s; a re-run resumes"
 
 
 def _tries(
