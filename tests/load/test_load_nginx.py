@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from bootenv.nginxconf import NginxSite, render
-from bootenv.run import popen, which
+from bootenv.nginxconf import NginxSite
+from bootenv.run import which
 from bootenv.serve import ServeConfig, running
 from tests.conftest import require_root
 from tests.load.loadkit import Built, build_image, stream_clients
-from tests.root.test_nginx import free_port, stop_nginx, wait_for_port
+from tests.root.test_nginx import start_nginx
 
 pytestmark = pytest.mark.root
 
@@ -30,10 +30,10 @@ def nginx_image(tmp_path: Path) -> Iterator[tuple[str, Built]]:
     built = build_image(images)
     for sub in ("tmp", "tmp/client_body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"):
         (prefix / sub).mkdir(parents=True)
-    port = free_port()
-    with ExitStack() as stack:
-        server = stack.enter_context(running(ServeConfig(images=images, state=tmp_path / "state", port=0)))
-        site = NginxSite(
+
+    def site_on(port: int, attempt: ExitStack) -> NginxSite:
+        server = attempt.enter_context(running(ServeConfig(images=images, state=tmp_path / "state", port=0)))
+        return NginxSite(
             images=images,
             listen=f"127.0.0.1:{port}",
             bootenv=f"127.0.0.1:{server.port}",
@@ -41,11 +41,9 @@ def nginx_image(tmp_path: Path) -> Iterator[tuple[str, Built]]:
             user="root",
             workers=2,
         )
-        conf = prefix / "nginx.conf"
-        conf.write_text(render(site))
-        proc = popen([nginx, "-p", prefix, "-c", conf, "-e", prefix / "error.log"], stdout=None)
-        stack.callback(stop_nginx, proc)
-        wait_for_port(port, prefix / "error.log")
+
+    with ExitStack() as stack:
+        port = start_nginx(stack, nginx, prefix, site_on)
         yield f"http://127.0.0.1:{port}/images/lamp", built
 
 

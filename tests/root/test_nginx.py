@@ -11,7 +11,7 @@ import json
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
@@ -44,16 +44,55 @@ class Rack:
     images: Path
 
 
-def wait_for_port(port: int, log: Path, deadline: float = 15.0) -> None:
-    """nginx is installed (the caller checked): a port that never opens is the rendered
-    config or the setup failing, not the machine lacking nginx."""
+BIND_TRIES = 5
+
+
+def start_nginx(
+    stack: ExitStack, nginx: str, prefix: Path, site_on: Callable[[int, ExitStack], NginxSite]
+) -> int:
+    """Start nginx on a free port and return the port.
+
+    A free port is only free when it is picked: another process may bind it before nginx
+    does. nginx then retries its bind and exits, so this picks another port and starts
+    again (with what `site_on` set up for the last port torn down). Started means the pid
+    file is written, which nginx does once its sockets are bound, and not merely that
+    something answers on the port.
+    """
+    log = prefix / "error.log"
+    for _ in range(BIND_TRIES):
+        port = free_port()
+        attempt = ExitStack()
+        with attempt:
+            conf = prefix / "nginx.conf"
+            conf.write_text(render(site_on(port, attempt)))
+            (prefix / "nginx.pid").unlink(missing_ok=True)
+            proc = popen([nginx, "-p", prefix, "-c", conf, "-e", log], stdout=None)
+            attempt.callback(stop_nginx, proc)
+            if started(proc, prefix / "nginx.pid", log):
+                stack.push(attempt.pop_all())
+                return port
+    pytest.fail(f"nginx found no free port in {BIND_TRIES} tries: {log.read_text()}")
+
+
+def started(proc: Stream, pid: Path, log: Path, deadline: float = 15.0) -> bool:
+    """True once nginx has bound its port, False if it exited because the port was taken.
+
+    nginx is installed (the caller checked): any other failure is the rendered config or
+    the setup failing, not the machine lacking nginx.
+    """
     end = time.monotonic() + deadline
     while time.monotonic() < end:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    pytest.fail(f"nginx did not start: {log.read_text() if log.exists() else 'no error log'}")
+        if proc.popen.poll() is not None:
+            text = log.read_text() if log.exists() else ""
+            if "Address already in use" in text:
+                return False
+            pytest.fail(f"nginx exited with {proc.popen.returncode}: {text or 'no error log'}")
+        if pid.exists() and pid.read_text().strip() == str(proc.popen.pid):
+            return True
+        time.sleep(0.05)
+    pytest.fail(
+        f"nginx did not start in {deadline:.0f} s: {log.read_text() if log.exists() else 'no error log'}"
+    )
 
 
 @pytest.fixture
@@ -70,10 +109,11 @@ def rack(tmp_path: Path) -> Iterator[Rack]:
     (boot / "initramfs.img").write_bytes(b"I" * 8192)
     for sub in ("tmp", "tmp/client_body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"):
         (prefix / sub).mkdir(parents=True)
-    port = free_port()
-    with ExitStack() as stack:
+    servers: list[BootenvServer] = []
+
+    def site_on(port: int, attempt: ExitStack) -> NginxSite:
         # bootenv serve behind nginx: scripts must point iPXE at nginx's address.
-        server = stack.enter_context(
+        server = attempt.enter_context(
             running(
                 ServeConfig(
                     images=images,
@@ -84,7 +124,8 @@ def rack(tmp_path: Path) -> Iterator[Rack]:
                 )
             )
         )
-        site = NginxSite(
+        servers.append(server)
+        return NginxSite(
             images=images,
             listen=f"127.0.0.1:{port}",
             bootenv=f"127.0.0.1:{server.port}",
@@ -93,11 +134,10 @@ def rack(tmp_path: Path) -> Iterator[Rack]:
             user="root",  # pytest's tmp dirs are private to root
             workers=2,
         )
-        conf = prefix / "nginx.conf"
-        conf.write_text(render(site))
-        proc = popen([nginx, "-p", prefix, "-c", conf, "-e", prefix / "error.log"], stdout=None)
-        stack.callback(stop_nginx, proc)
-        wait_for_port(port, prefix / "error.log")
+
+    with ExitStack() as stack:
+        port = start_nginx(stack, nginx, prefix, site_on)
+        server = servers[-1]
         yield Rack(port, server, images)
 
 
