@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ import pytest
 
 from bootenv.machines import State, assign
 from bootenv.nginxconf import NginxSite, render
+from bootenv.qemu import free_port
 from bootenv.run import Stream, popen, which
 from bootenv.serve import BootenvServer, ServeConfig, running
 from bootenv.state import Store
@@ -29,12 +29,6 @@ from tests.serveimage import make_image
 
 MAC = "52:54:00:12:34:56"
 MiB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
