@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bootenv.errors import UserError
-from bootenv.merge import MAX_MERGE, concatenate
+from bootenv.merge import MAX_MERGE, concatenate, is_text
 
 RECORDS = Path("var/lib/bootenv/conflict-records")
 STORE = Path("var/lib/bootenv/conflicts")
@@ -145,9 +145,9 @@ def _text(path: Path) -> list[str] | None:
         data = path.read_bytes()
     except OSError:
         return None
-    if b"\0" in data:
+    if not is_text(data):
         return None
-    return data.decode(errors="replace").splitlines(keepends=True)
+    return data.decode().splitlines(keepends=True)
 
 
 def diff(root: Path, c: Conflict) -> str:

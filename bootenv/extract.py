@@ -27,7 +27,7 @@ from typing import TypeVar
 
 from bootenv.conflicts import Conflict, conflict_id, describe, stored_path, write_record
 from bootenv.journal import DirLog
-from bootenv.merge import MergeState, Meta, is_candidate
+from bootenv.merge import MAX_MERGE, MergeState, Meta, is_candidate, is_text
 from bootenv.paxread import ArchiveError, Member, PaxReader
 
 log = logging.getLogger(__name__)
@@ -397,11 +397,14 @@ class TreeWriter:
                     self._identical_text(m, pfd, base, data)
                 self.stats.identical += 1
                 return
-            if data is not None and is_candidate(m.name, data) and stat.S_ISREG(old.st_mode):
-                existing = _read(pfd, base, limit=1 << 20)
-                if existing is not None and b"\0" not in existing:
-                    self._merge(m, pfd, base, data)
-                    return
+            if (
+                data is not None
+                and is_candidate(m.name, data)
+                and stat.S_ISREG(old.st_mode)
+                and self._mergeable_in_place(m.name, pfd, base)
+            ):
+                self._merge(m, pfd, base, data)
+                return
         self._conflict(
             m,
             pfd,
@@ -411,6 +414,16 @@ class TreeWriter:
             if stat.S_IFMT(old.st_mode) == stat.S_IFMT(new.st_mode)
             else "different file types",
         )
+
+    def _mergeable_in_place(self, relpath: str, pfd: int, base: str) -> bool:
+        """Whether the file in place may take part in a merge. Once a merge has begun at
+        the path, the file is its product, or an edit of it, which the merge tells apart
+        (merge.py): each version was judged on its own, and their concatenation may be
+        over the limit one version is held to. Before, it is one version, judged so."""
+        if self.merge.initialized(relpath):
+            return True
+        existing = _read(pfd, base, limit=MAX_MERGE)
+        return existing is not None and is_text(existing)
 
     def _identical_text(self, m: Member, pfd: int, base: str, data: bytes) -> None:
         self._merge(m, pfd, base, data, identical=True)
@@ -459,6 +472,7 @@ class TreeWriter:
                 os.fchown(fd, meta.uid, meta.gid)
             os.fchmod(fd, meta.mode)
             os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
+            os.fsync(fd)  # it replaces a file in place: its data first (merge._atomic_write)
         finally:
             os.close(fd)
 

@@ -5,7 +5,8 @@ finds its path taken:
 
 - **Identical** (same type; same bytes, symlink target or device number): nothing.
 - **Mergeable text config**: both versions are regular files under `/etc`, at most
-  1 MiB, and neither holds a NUL byte. The result is the concatenation of the OS
+  1 MiB each, and text: UTF-8 with no control bytes but whitespace (a key or other
+  binary file under /etc may hold no NUL byte). The result is the concatenation of the OS
   version (the *base*, if the OS had the file) followed by every component's version
   in component-name order, each piece ending in a newline, a piece equal to the base or
   to an earlier piece included once. It depends only on *which* components provided
@@ -38,6 +39,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bootenv.errors import FatalError
+
 STATE = Path("var/lib/bootenv/layout")
 MAX_MERGE = 1 << 20
 
@@ -50,9 +53,26 @@ class Meta:
     mtime_ns: int
 
 
+# The bytes text config does not hold: the C0 controls but tab, newline, vertical tab,
+# form feed and carriage return; and DEL.
+_CONTROL = bytes(b for b in range(32) if b not in b"\t\n\v\f\r") + b"\x7f"
+
+
+def is_text(data: bytes) -> bool:
+    """UTF-8 with no control bytes but whitespace. A random 32-byte key holds no NUL
+    seven times in eight, so the absence of NUL alone does not make text."""
+    if len(data.translate(None, _CONTROL)) != len(data):
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def is_candidate(relpath: str, data: bytes) -> bool:
     """True when `data` at `relpath` could be merged (the other side is checked too)."""
-    return relpath.startswith("etc/") and len(data) <= MAX_MERGE and b"\0" not in data
+    return relpath.startswith("etc/") and len(data) <= MAX_MERGE and is_text(data)
 
 
 def concatenate(base: bytes | None, parts: dict[str, bytes]) -> bytes:
@@ -80,9 +100,15 @@ def _sha(data: bytes) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `path` whole, durably before its name: a record is the only copy of the
+    OS's version of a merged file, and on ext4 a rename may reach the disk before the
+    data of a file written just before it, leaving the name on an empty file after a
+    power cut. Merges are rare (a few files of /etc), so the syncs cost little."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -194,9 +220,11 @@ class MergeState:
         """The sha256 of each content a merge put (or offered) at the path; None for
         records from before they were kept (any content in place is then taken as ours)."""
         try:
-            return set((d / "ours").read_text().split())
+            return set((d / "ours").read_bytes().decode("ascii").split())
         except FileNotFoundError:
             return None
+        except UnicodeDecodeError as exc:
+            raise _damaged(d, exc) from exc
 
     def _own(self, d: Path, digests: set[str]) -> None:
         _atomic_write(d / "ours", "".join(f"{h}\n" for h in sorted(digests)).encode())
@@ -213,6 +241,18 @@ class MergeState:
                 meta_file = d / f"{entry}.meta"
                 if meta_file.exists():  # the part is complete once its meta is there
                     parts[entry[5:]] = (d / entry).read_bytes()
+        if base is None and not parts:
+            raise _damaged(d, "neither a base nor a part")
         first = "base" if base is not None else f"part.{sorted(parts)[0]}"
-        meta = Meta(**json.loads((d / f"{first}.meta").read_bytes()))
+        try:
+            meta = Meta(**json.loads((d / f"{first}.meta").read_bytes()))
+        except (ValueError, TypeError) as exc:  # not JSON, or not a Meta's fields
+            raise _damaged(d, exc) from exc
         return concatenate(base, parts), meta
+
+
+def _damaged(d: Path, what: object) -> FatalError:
+    return FatalError(
+        f"the merge records in {d} are damaged ({what})",
+        hint=f"restore them, or remove that directory: the file {d / 'path'} names is then taken as the OS's",
+    )

@@ -155,3 +155,54 @@ def test_a_merged_config_the_admin_edited_is_kept_and_the_new_merge_is_a_conflic
     res, _ = run(image, root, ("d",))
     assert res.ok and res.components[0].merged == ("etc/foo.conf",) and not res.components[0].conflicts
     assert conf.read_text() == "from a\nfrom b\nfrom c\nfrom d\n"
+
+
+def _big(name: str) -> Comp:
+    line = f"{name}: setting\n"
+    return Comp(name, [d("etc"), f("etc/big.conf", line * ((600 << 10) // len(line)))])
+
+
+@pytest.mark.parametrize("order", [("a", "b", "c"), ("c", "b", "a"), ("b", "a", "c")])
+def test_versions_under_the_limit_merge_whatever_their_concatenation_weighs(
+    tmp_path: Path, order: str
+) -> None:
+    """Each version is held to 1 MiB, not the file they merge into: with three of 600
+    KiB, the third to arrive merges into 1.2 MiB like the others, whichever it is."""
+    image = make_image(tmp_path / "img", [_big(n) for n in "abc"])
+    root = tmp_path / "root"
+    root.mkdir()
+    for name in order:
+        res, _ = run(image, root, (name,))
+        assert res.ok and not res.components[0].conflicts, res.components[0]
+    line = [f"{n}: setting\n" for n in "abc"]
+    want = "".join(x * ((600 << 10) // len(x)) for x in line)
+    assert len(want) > 1 << 20 and (root / "etc/big.conf").read_text() == want
+
+
+def test_a_key_that_holds_no_nul_is_a_conflict_not_a_merge(tmp_path: Path) -> None:
+    """Seven random 32-byte keys in eight hold no NUL: text is more than that."""
+    ours, theirs = bytes(range(1, 33)), bytes(range(200, 232))
+    image = make_image(tmp_path / "img", [Comp("a", [d("etc"), f("etc/app.key", theirs, mode=0o600)])])
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/app.key").write_bytes(ours)
+    res, _ = run(image, root, ("a",))
+    assert res.ok and res.components[0].merged == () and len(res.components[0].conflicts) == 1
+    assert (root / "etc/app.key").read_bytes() == ours
+    rec = conflicts.load(root, res.components[0].conflicts[0])
+    assert (root / rec.stored).read_bytes() == theirs and conflicts.diff(root, rec) == ""
+
+
+def test_damaged_merge_records_fail_the_component_in_one_line(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img", [_conf(n) for n in "abc"])
+    root = tmp_path / "root"
+    root.mkdir()
+    res, _ = run(image, root, ("a", "b"))
+    assert res.ok and (root / "etc/foo.conf").read_text() == "from a\nfrom b\n"
+    (meta,) = (root / "var/lib/bootenv/layout/merge").glob("*/part.a.meta")
+    meta.write_bytes(b"")  # what a power cut could leave of a record written unsynced
+    res, _ = run(image, root, ("c",))
+    (c,) = res.components
+    assert c.status == "failed" and c.error is not None and "\n" not in c.error
+    assert f"the merge records in {meta.parent} are damaged" in c.error
+    assert (root / "etc/foo.conf").read_text() == "from a\nfrom b\n"

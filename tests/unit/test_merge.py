@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import os
+from pathlib import Path
 
+import pytest
+
+from bootenv import merge
 from bootenv.dpkgmerge import merged_status
-from bootenv.merge import concatenate, is_candidate
+from bootenv.merge import MergeState, Meta, concatenate, is_candidate
 
 
 def test_candidates_are_text_under_etc() -> None:
@@ -86,3 +91,43 @@ def test_a_package_on_disk_at_another_version_keeps_its_paragraph() -> None:
     ]
     same: list[str] = []
     assert merged_status(text, incoming.replace("deb12u6", "deb12u1"), same) == text and same == []
+
+
+def test_text_is_utf8_without_control_bytes() -> None:
+    assert is_candidate("etc/motd", "café\tbar\r\n\f".encode())
+    assert not is_candidate("etc/app.key", bytes(range(1, 33)))  # no NUL, still a key
+    assert not is_candidate("etc/latin1.conf", "café".encode("latin-1"))
+    assert not is_candidate("etc/del.conf", b"a\x7fb\n")
+
+
+def test_each_record_is_synced_before_its_name_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record is the only copy of the OS's version: its data reaches the disk before
+    the rename that names it, or a power cut could leave the name on an empty file."""
+    synced: set[str] = set()
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        events.append(str(dst))
+        assert str(src) in synced, f"{src} renamed unsynced"
+        real_replace(src, dst)
+
+    monkeypatch.setattr(merge.os, "fsync", fsync)
+    monkeypatch.setattr(merge.os, "replace", replace)
+    state = MergeState(tmp_path)
+    conf = tmp_path / "etc/foo.conf"
+    conf.parent.mkdir()
+    conf.write_bytes(b"os\n")
+
+    def apply(content: bytes, meta: Meta) -> None:
+        conf.write_bytes(content)
+
+    meta = Meta(0o644, 0, 0, 0)
+    changed = state.merge_into("etc/foo.conf", "a", b"a\n", meta, lambda: (conf.read_bytes(), meta), apply)
+    assert changed and conf.read_bytes() == b"os\na\n"
+    names = {Path(e).name for e in events}
+    assert {"base", "base.meta", "part.a", "part.a.meta", "ours", "init", "path"} <= names
