@@ -22,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from bootenv.errors import UserError
-from bootenv.merge import MAX_MERGE, concatenate, is_text
+from bootenv.merge import MAX_MERGE, STATE, concatenate, is_text, path_key
 
 RECORDS = Path("var/lib/bootenv/conflict-records")
 STORE = Path("var/lib/bootenv/conflicts")
 KEEP = ("existing", "incoming", "merged")
+# The reason of a conflict whose incoming version is a whole merge (the base and every
+# component's part) that would have replaced a merged file the admin has edited since.
+EDITED = "edited here since bootenv merged it"
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +95,23 @@ def _kind(mode: int) -> str:
 
 
 def write_record(root: Path, conflict: Conflict) -> None:
-    """Atomically (re)write a conflict record, keeping a resolution already made."""
+    """Atomically (re)write a conflict record, keeping a resolution already made of the
+    same incoming version (a re-run). Another version (a newer image of the component,
+    another merge) is a conflict the admin has not seen: it is open again."""
     d = root / RECORDS
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{conflict.id}.json"
     body = conflict.__dict__.copy()
     if path.exists():
         try:
-            body["resolution"] = _read(path).resolution
+            old = _read(path)
         except UserError as exc:
             log.warning("%s: written again, without its resolution", exc)
+        else:
+            if old.resolution and old.incoming == conflict.incoming:
+                body["resolution"] = old.resolution
+            elif old.resolution:
+                log.info("conflict %s: another version of /%s, open again", conflict.id, conflict.path)
     tmp = d / f".{conflict.id}.json.tmp.{os.getpid()}"
     tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
@@ -121,6 +131,23 @@ def load_all(root: Path) -> list[Conflict]:
         return []
     out = [_read(p) for p in sorted(d.glob("*.json"))]
     return sorted(out, key=lambda c: (c.path, c.component))
+
+
+def open_ids(root: Path, component: str) -> tuple[str, ...]:
+    """The ids of `component`'s conflicts that are not resolved: what a layout that
+    finds the component laid out by an earlier run reports again. A damaged record is
+    left to `bootenv conflicts`, which names it."""
+    d = root / RECORDS
+    found = []
+    for path in sorted(d.glob("*.json")) if d.is_dir() else ():
+        try:
+            c = _read(path)
+        except UserError as exc:
+            log.warning("%s", exc)
+            continue
+        if c.component == component and not c.resolution:
+            found.append(c.id)
+    return tuple(found)
 
 
 def _read(path: Path) -> Conflict:
@@ -176,10 +203,13 @@ def resolve(root: Path, cid: str, keep: str | None, file: Path | None) -> Confli
             raise UserError(f"{c.path} is a directory; replace it by hand")
         os.replace(incoming, target)
     elif keep == "merged":
-        old, new = _text(target), _text(incoming)
+        # An edited merge's incoming version is the whole merge, which the admin's file
+        # already holds most of: theirs takes only the component's own part.
+        mine = _own_part(root, c) if c.reason == EDITED else incoming
+        old, new = _text(target), _text(mine)
         if old is None or new is None:
             raise UserError(f"{c.path}: only two text files can be merged")
-        _replace_content(target, concatenate(target.read_bytes(), {c.component: incoming.read_bytes()}))
+        _replace_content(target, concatenate(target.read_bytes(), {c.component: mine.read_bytes()}))
         _remove(incoming)
     else:
         raise UserError("say --keep existing|incoming|merged or --file F")
@@ -192,6 +222,17 @@ def resolve(root: Path, cid: str, keep: str | None, file: Path | None) -> Confli
     tmp.write_text(json.dumps(done.__dict__, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return done
+
+
+def _own_part(root: Path, c: Conflict) -> Path:
+    """Where the merge records keep `c.component`'s own version of `c.path`."""
+    part = root / STATE / "merge" / path_key(c.path) / f"part.{c.component}"
+    if not part.is_file():
+        raise UserError(
+            f"{c.path}: {c.component}'s own version is not in the merge records",
+            hint="--keep existing or incoming, or --file F",
+        )
+    return part
 
 
 def _through_symlink(root: Path, relpath: str) -> bool:
@@ -218,10 +259,13 @@ def _replace_content(target: Path, data: bytes) -> None:
     tmp = target.with_name(f".bootenv~resolve.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         if os.geteuid() == 0:
             os.fchown(fd, st.st_uid, st.st_gid)
         os.fchmod(fd, stat.S_IMODE(st.st_mode))
+        os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, target)

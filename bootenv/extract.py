@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from bootenv.conflicts import Conflict, conflict_id, describe, stored_path, write_record
+from bootenv.conflicts import EDITED, Conflict, conflict_id, describe, stored_path, write_record
 from bootenv.journal import DirLog
 from bootenv.merge import MAX_MERGE, MergeState, Meta, is_candidate, is_text
 from bootenv.paxread import ArchiveError, Member, PaxReader
@@ -39,7 +39,6 @@ _OWN_DIR = OWN + "/"
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_OPEN_DIRS = 256
 FD_TABLE = 512  # fds: MAX_OPEN_DIRS directories, and a stream's files and pieces
-EDITED = "edited here since bootenv merged it"
 _RENAME_NOREPLACE = 1
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _libc = ctypes.CDLL(None, use_errno=True)

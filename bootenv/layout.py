@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from bootenv import stream
 from bootenv.activate import FAILED_UNIT, activate
 from bootenv.callback import Callback, Event
-from bootenv.conflicts import clean_stale
+from bootenv.conflicts import clean_stale, open_ids
 from bootenv.dpkgmerge import merge_component_status
 from bootenv.errors import BootenvError, FatalError, RetryableError, UserError
 from bootenv.extract import Stats, TreeWriter, reserve_fd_table
@@ -537,7 +537,11 @@ class _Scheduler:
             self.got[comp.name] = {}
             if journal.reached(comp.name, comp.data.sha256, "files"):
                 log.info("%s: already laid out by an earlier run", comp.name)
-                self.results[comp.name] = ComponentResult(comp.name, "resumed", ready_after=self._since())
+                # Its conflicts were found by that run, which may have stopped before it
+                # reported them: the open ones are reported again.
+                self.results[comp.name] = ComponentResult(
+                    comp.name, "resumed", conflicts=open_ids(self.root, comp.name), ready_after=self._since()
+                )
                 continue
             self.started[comp.name] = time.monotonic()
             self.push(_URGENT, "piece", comp, 0)

@@ -7,12 +7,14 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 
 from bootenv import conflicts
+from bootenv import layout as layout_module
 from bootenv.cli import main
-from bootenv.extract import EDITED
+from bootenv.conflicts import EDITED
 from bootenv.layout import LayoutConfig, LayoutResult, layout
 from bootenv.merge import MergeState, Meta
 from tests.hostile.kit import MTIME, ActivatedUnits, Comp, d, f, hard, make_image
@@ -206,3 +208,68 @@ def test_damaged_merge_records_fail_the_component_in_one_line(tmp_path: Path) ->
     assert c.status == "failed" and c.error is not None and "\n" not in c.error
     assert f"the merge records in {meta.parent} are damaged" in c.error
     assert (root / "etc/foo.conf").read_text() == "from a\nfrom b\n"
+
+
+def _edited_merge(tmp_path: Path) -> tuple[Path, Path, str]:
+    """a and b merged into /etc/foo.conf, the admin's line added, then c: a conflict."""
+    image = make_image(tmp_path / "img", [_conf(n) for n in "abc"])
+    root = tmp_path / "root"
+    root.mkdir()
+    assert run(image, root, ("a", "b"))[0].ok
+    with open(root / "etc/foo.conf", "a") as fh:
+        fh.write("admin: tuned\n")
+    res, _ = run(image, root, ("c",))
+    (cid,) = res.components[0].conflicts
+    return image, root, cid
+
+
+def test_keeping_the_merge_of_an_edited_config_adds_only_the_components_part(tmp_path: Path) -> None:
+    _, root, cid = _edited_merge(tmp_path)
+    conflicts.resolve(root, cid, "merged", None)
+    assert (root / "etc/foo.conf").read_text() == "from a\nfrom b\nadmin: tuned\nfrom c\n"
+    assert not (root / conflicts.load(root, cid).stored).exists()
+
+
+def test_a_resolution_holds_for_its_version_only(tmp_path: Path) -> None:
+    """Resolved, the same conflict found again (a re-run) stays resolved; another
+    incoming version (a newer image of the component) is open again."""
+    _, root, cid = _edited_merge(tmp_path)
+    found = conflicts.load(root, cid)
+    conflicts.resolve(root, cid, "existing", None)
+    conflicts.write_record(root, found)  # what a re-run that finds it again writes
+    assert conflicts.load(root, cid).resolution == {"keep": "existing", "at": ANY}
+    newer = make_image(tmp_path / "newer", [Comp("c", [d("etc"), f("etc/foo.conf", "from c, v2\n")])])
+    res, _ = run(newer, root, ("c",))
+    assert res.components[0].conflicts == (cid,)
+    rec = conflicts.load(root, cid)
+    assert rec.resolution is None and (root / rec.stored).read_text() == "from a\nfrom b\nfrom c, v2\n"
+    conflicts.resolve(root, cid, "incoming", None)
+    assert (root / "etc/foo.conf").read_text() == "from a\nfrom b\nfrom c, v2\n"
+
+
+def test_a_component_found_laid_out_reports_its_open_conflicts_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layout stopped after a component's files were in, before it reported their
+    conflicts (a shutdown during the dpkg merge): the re-run finds the component laid
+    out, and reports what is still open."""
+    image = make_image(tmp_path / "img", [_conf("a"), Comp("b", [d("opt"), f("opt/x", "b\n")])])
+    root = tmp_path / "root"
+    _os_thing(root, "file")
+
+    def shutdown(*args: Any) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(layout_module, "_merge_dpkg", shutdown)
+        with pytest.raises(KeyboardInterrupt):
+            run(image, root, ("a", "b"))
+    (rec,) = conflicts.load_all(root)
+    res, _ = run(image, root, ("a", "b"))
+    assert [(c.name, c.status, c.conflicts) for c in res.components] == [
+        ("a", "resumed", ()),
+        ("b", "resumed", (rec.id,)),
+    ]
+    conflicts.resolve(root, rec.id, "existing", None)
+    res, _ = run(image, root, ("a", "b"))
+    assert [c.conflicts for c in res.components] == [(), ()]
