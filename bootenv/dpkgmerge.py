@@ -2,15 +2,16 @@
 
 The component archive carries /var/lib/bootenv/dpkg/<component>.status (its packages'
 status paragraphs) and the packages' /var/lib/dpkg/info files as ordinary members. This
-adds the paragraphs to /var/lib/dpkg/status: a paragraph for the same package and
-architecture is replaced, a new one is added, and the file is kept sorted by package as
-dpkg keeps it, so running it twice, or in another order, changes nothing. The file is
-replaced atomically, keeping its owner and mode.
+adds the paragraphs to /var/lib/dpkg/status: one replaces the package's paragraph, of
+whatever architecture (but `Multi-Arch: same` ones of other architectures, which stay
+beside it), a new one is added, and the file is kept sorted by package as dpkg keeps it,
+so running it twice, or in another order, changes nothing. The file is replaced
+atomically, keeping its owner and mode.
 
 One paragraph is not replaced: a package the target already has on disk at another
-version (a target that is not a clone of the gold). Its files there were kept (the
-layout never overwrites; the component's differing ones are conflicts), so the database
-must go on describing them.
+version or architecture (a target that is not a clone of the gold). Its files there were
+kept (the layout never overwrites; the component's differing ones are conflicts), so the
+database must go on describing them.
 
 Both files are reached from the root without following a symlink (bootenv/extract.py):
 an archive may have placed one where the target had no /var/lib/dpkg yet, and the merge
@@ -48,27 +49,58 @@ def _on_disk_version(stanza: str) -> str | None:
     return f.get("version", "") if state and state[0] not in ("not-installed", "config-files") else None
 
 
+def _coinstallable(a: str, b: str) -> bool:
+    """Two paragraphs of one package dpkg keeps side by side: both `Multi-Arch: same`,
+    for two architectures. Any other two are one package installed once."""
+    fa, fb = parse_fields(a), parse_fields(b)
+    return fa.get("multi-arch") == fb.get("multi-arch") == "same" and fa.get("architecture", "") != fb.get(
+        "architecture", ""
+    )
+
+
 def merged_status(current: str, incoming: str, kept: list[str] | None = None) -> str:
     """Pure: `current` with `incoming`'s paragraphs added or replaced, sorted by package
     and architecture as dpkg writes it: the result does not depend on the order in which
     components are merged (a re-run after a failure gives the file a clean run gives).
-    A package on disk at another version keeps its paragraph, and is named in `kept`."""
+
+    An incoming paragraph takes the place of the package's paragraphs, of whatever
+    architecture (a package that moved from `all` to `amd64` is listed once), but for
+    the `Multi-Arch: same` ones of other architectures, which stay beside it. A package
+    on disk at another version or architecture keeps its paragraph, and is named in
+    `kept`: its files stayed, so the database must go on describing them."""
     stanzas = parse_stanzas(current)
-    index = {_key(s): i for i, s in enumerate(stanzas)}
+    dropped: set[int] = set()
+    by_name: dict[str, list[int]] = {}
+    for i, stanza in enumerate(stanzas):
+        by_name.setdefault(_key(stanza)[0], []).append(i)
     for stanza in parse_stanzas(incoming):
         key = _key(stanza)
-        if key in index:
-            have = _on_disk_version(stanzas[index[key]])
-            ships = parse_fields(stanza).get("version", "")
-            if have is not None and have != ships:
-                if kept is not None:
-                    kept.append(f"{key[0]} {have} is installed, the component ships {ships}")
-                continue
-            stanzas[index[key]] = stanza
-        else:
-            index[key] = len(stanzas)
-            stanzas.append(stanza)
-    return render_status(sorted(stanzas, key=_key))
+        ships = parse_fields(stanza).get("version", "")
+        rivals = [
+            i
+            for i in by_name.get(key[0], [])
+            if i not in dropped and (_key(stanzas[i]) == key or not _coinstallable(stanzas[i], stanza))
+        ]
+        held = [
+            (arch, version)
+            for i in rivals
+            if (version := _on_disk_version(stanzas[i])) is not None
+            and ((arch := _key(stanzas[i])[1]) != key[1] or version != ships)
+        ]
+        if held:
+            if kept is not None:
+                (arch, have), name = held[0], key[0]
+                if arch == key[1]:
+                    kept.append(f"{name} {have} is installed, the component ships {ships}")
+                else:
+                    kept.append(
+                        f"{name} {have} ({arch}) is installed, the component ships {ships} ({key[1]})"
+                    )
+            continue
+        dropped.update(rivals)
+        by_name.setdefault(key[0], []).append(len(stanzas))
+        stanzas.append(stanza)
+    return render_status(sorted((s for i, s in enumerate(stanzas) if i not in dropped), key=_key))
 
 
 def _read(dfd: int, name: str, rel: str) -> str | None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bootenv import merge
+from bootenv.dpkg import parse_stanzas, render_status
 from bootenv.dpkgmerge import merged_status
 from bootenv.merge import MergeState, Meta, concatenate, is_candidate
 
@@ -131,3 +132,25 @@ def test_each_record_is_synced_before_its_name_is(tmp_path: Path, monkeypatch: p
     assert changed and conf.read_bytes() == b"os\na\n"
     names = {Path(e).name for e in events}
     assert {"base", "base.meta", "part.a", "part.a.meta", "ours", "init", "path"} <= names
+
+
+def test_a_package_is_listed_once_whatever_its_architecture() -> None:
+    """A paragraph takes the place of its package's, of any architecture; a package on
+    disk under another architecture keeps its own; Multi-Arch: same ones sit side by side."""
+    gone = "Package: tool\nStatus: deinstall ok config-files\nArchitecture: all\nVersion: 1\n"
+    amd64 = "Package: tool\nStatus: install ok installed\nArchitecture: amd64\nVersion: 2\n"
+    text = merged_status(gone, amd64)
+    assert text.count("Package: tool") == 1 and "Architecture: amd64" in text
+    assert merged_status(text, amd64) == text
+
+    kept: list[str] = []
+    on_disk = gone.replace("deinstall ok config-files", "install ok installed")
+    assert merged_status(on_disk, amd64, kept) == render_status(parse_stanzas(on_disk))
+    assert kept == ["tool 1 (all) is installed, the component ships 2 (amd64)"]
+
+    lib = "Package: libz\nStatus: install ok installed\nMulti-Arch: same\nVersion: 1\nArchitecture: "
+    both = merged_status(lib + "i386\n", lib + "amd64\n")
+    assert [line for line in both.splitlines() if line.startswith("Architecture")] == [
+        "Architecture: amd64",
+        "Architecture: i386",
+    ]
