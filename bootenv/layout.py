@@ -31,10 +31,10 @@ from typing import Any, Protocol
 from bootenv import stream
 from bootenv.activate import FAILED_UNIT, activate
 from bootenv.callback import Callback, Event
-from bootenv.conflicts import clean_stale, open_ids
+from bootenv.conflicts import RECORDS, STORE, clean_stale, open_ids
 from bootenv.dpkgmerge import merge_component_status
 from bootenv.errors import BootenvError, FatalError, RetryableError, UserError
-from bootenv.extract import Stats, TreeWriter, reserve_fd_table
+from bootenv.extract import OWN, Stats, TreeWriter, reserve_fd_table
 from bootenv.fetchahead import FetchAhead, Fetched
 from bootenv.journal import Journal, syncfs
 from bootenv.log import human_bytes, step
@@ -247,6 +247,33 @@ def _try(
     return result, result.failure()
 
 
+# bootenv's own records, parents first: the journal, the merge records, the conflicts.
+_STATE_DIRS = (
+    "var",
+    "var/lib",
+    OWN,
+    f"{OWN}/layout",
+    *(f"{OWN}/layout/{name}" for name in ("state", "dirs", "merge", "owners")),
+    str(RECORDS),
+    str(STORE),
+)
+
+
+def _refuse_symlinked_state(root: Path) -> None:
+    """The records are reached by path, so a symlink on the way to them (a `/var ->
+    /data/var` that the installed system resolves its own way) would take them outside
+    the root, into the machine running the layout. Refused before anything is written;
+    the tree writer and the dpkg merge would refuse the symlink later anyway."""
+    for rel in _STATE_DIRS:
+        path = root / rel
+        if path.is_symlink():
+            raise UserError(
+                f"/{rel} under {root} is a symlink (to {os.readlink(path)}): "
+                "bootenv's records would be written outside the root",
+                hint="make it a directory in the target",
+            )
+
+
 def _retryable(failure: Exception, result: LayoutResult | None) -> bool:
     """A failure that may pass if tried again: a RetryableError; or a result in which a
     component failed so, and none failed for what it is (data that did not verify, a
@@ -261,6 +288,7 @@ def _layout(cfg: LayoutConfig, poster: Callback, began: float, activator: Activa
     root = cfg.root.absolute()
     if not root.is_dir():
         raise UserError(f"{cfg.root} is not a directory")
+    _refuse_symlinked_state(root)
     if root.resolve() == Path("/") and not cfg.force:
         from bootenv.target import LAYOUT_JSON, provisioned
 

@@ -273,3 +273,21 @@ def test_a_component_found_laid_out_reports_its_open_conflicts_again(
     conflicts.resolve(root, rec.id, "existing", None)
     res, _ = run(image, root, ("a", "b"))
     assert [c.conflicts for c in res.components] == [(), ()]
+
+
+@pytest.mark.parametrize("link", ["var", "var/lib", "var/lib/bootenv", "var/lib/bootenv/layout/merge"])
+def test_a_symlink_on_the_way_to_bootenvs_records_is_refused_before_anything_is_written(
+    tmp_path: Path, link: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A target whose /var is a symlink to /data/var: with --root /mnt, the records
+    would land in the host's /data/var."""
+    image = make_image(tmp_path / "img", [_conf("a")])
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    outside.mkdir()
+    (root / link).parent.mkdir(parents=True)
+    os.symlink(outside, root / link)
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    assert main(["layout", "--image", str(image), "--root", str(root), "--components", "a"]) == 2
+    err = capsys.readouterr().err
+    assert f"/{link} under {root} is a symlink (to {outside})" in err and "Traceback" not in err
+    assert list(outside.iterdir()) == [] and sorted(p.relative_to(root) for p in root.rglob("*")) == before
