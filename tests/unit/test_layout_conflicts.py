@@ -291,3 +291,34 @@ def test_a_symlink_on_the_way_to_bootenvs_records_is_refused_before_anything_is_
     err = capsys.readouterr().err
     assert f"/{link} under {root} is a symlink (to {outside})" in err and "Traceback" not in err
     assert list(outside.iterdir()) == [] and sorted(p.relative_to(root) for p in root.rglob("*")) == before
+
+
+@pytest.mark.parametrize("path", ["usr/bin/tool", "etc/tool.conf"])
+@pytest.mark.parametrize("kept", [0, 5])
+def test_a_file_a_power_cut_cut_short_is_laid_out_whole(tmp_path: Path, path: str, kept: int) -> None:
+    """What a power cut can leave of a file an interrupted run renamed into place: its
+    name, owner, mode and mtime, and none or part of its data. The re-run lays it out
+    whole: not a conflict, and not a merge of the piece with the whole."""
+    body = "line one\nline two\n"
+    top = path.split("/", maxsplit=1)[0]
+    image = make_image(tmp_path / "img", [Comp("a", [d(top), f(path, body, mode=0o755)])])
+    root = tmp_path / "root"
+    (root / path).parent.mkdir(parents=True)
+    (root / path).write_text(body[:kept])
+    os.chmod(root / path, 0o755)
+    os.utime(root / path, (MTIME, MTIME))
+    res, _ = run(image, root, ("a",))
+    (a,) = res.components
+    assert res.ok and (a.conflicts, a.merged, a.files) == ((), (), 1)
+    assert (root / path).read_text() == body
+
+
+def test_a_shorter_file_that_is_not_the_components_is_a_conflict(tmp_path: Path) -> None:
+    """A prefix of the incoming file, but with another mtime: the OS's, kept."""
+    image = make_image(tmp_path / "img", [Comp("a", [d("usr"), f("usr/tool", "line one\nline two\n")])])
+    root = tmp_path / "root"
+    (root / "usr").mkdir(parents=True)
+    (root / "usr/tool").write_text("line one\n")
+    os.utime(root / "usr/tool", (MTIME + 1, MTIME + 1))
+    res, _ = run(image, root, ("a",))
+    assert len(res.components[0].conflicts) == 1 and (root / "usr/tool").read_text() == "line one\n"
