@@ -38,7 +38,7 @@ from bootenv.disks import DiskChoice, choose_disk, log_choice, read_disks
 from bootenv.errors import BootenvError, FatalError, UserError
 from bootenv.log import step
 from bootenv.manifest import Manifest, OsImage, resolve_components
-from bootenv.oswrite import Which, load_blockmap, write_os
+from bootenv.oswrite import Which, load_checked, write_os
 from bootenv.partition import (
     MiB,
     PartitionPlan,
@@ -145,13 +145,13 @@ def run_agent(cfg: AgentConfig, *, ramdisk_cmdline: str = "") -> AgentResult:
 
 
 def _provision(cfg: AgentConfig, ident: target.Identity, report: Report, cmdline: str) -> AgentResult:
-    with report.step("manifest", f"Reading and verifying the image manifest from {cfg.image}"):
+    with report.step("manifest", f"Reading and verifying the image manifest and block map from {cfg.image}"):
         source, manifest, signer = open_signed(cfg.image, trust(cfg))
         install = plan_install(cfg, manifest)
-        # The manifest's rootfs sizes are the OS sub-image's; the single image's own
-        # size is in its block map.
-        bmap = load_blockmap(source, install.image) if install.which == "single" else None
-    min_root = root_needs(manifest, bmap)
+        # Now, not once the disk is wiped: a block map that is missing or does not
+        # verify, or a data blob out of reach, must leave the old system as it was.
+        bmap = load_checked(source, manifest, install.which)
+    min_root = root_needs(manifest, install.which, bmap)
     with report.step("disk", "Choosing the disk"):
         choice = _choose(cfg, required_size(min_root, 4096))
         log_choice(choice)
@@ -191,12 +191,14 @@ def trust(cfg: AgentConfig, trusted_dir: Path = TRUSTED_DIR) -> Trust:
     return Trust(keys=keys, fingerprints=(cfg.trust,) if cfg.trust else (), insecure=cfg.insecure)
 
 
-def root_needs(manifest: Manifest, bmap: BlockMap | None) -> int:
+def root_needs(manifest: Manifest, which: Which, bmap: BlockMap) -> int:
     """The bytes the root partition must hold: the image is written whole, so this is
-    its size, which a manifest may give above `min_size` (docs/FORMAT.md)."""
-    if bmap is not None:  # the single image
+    its size, which a manifest may give above `min_size` (docs/FORMAT.md). The
+    manifest's rootfs sizes are the OS sub-image's; the single image's own size is in
+    its block map."""
+    if which == "single":
         return bmap.image_size
-    return max(manifest.rootfs.min_size, manifest.rootfs.image_size)
+    return max(manifest.rootfs.min_size, bmap.image_size)  # image_size: checked equal
 
 
 def check_passed_on(ramdisk_cmdline: str) -> None:
@@ -255,7 +257,7 @@ class Image:
     manifest: Manifest
     source: Source
     install: InstallPlan
-    bmap: BlockMap | None  # loaded ahead (the single image); None: write_os loads it
+    bmap: BlockMap  # loaded and checked before the disk was touched (load_checked)
     signer: str | None = None  # the fingerprint of the key that signed it, if checked
 
 
@@ -292,8 +294,7 @@ def _write_disk(
     install = image.install
     # Named write-os for both images: serve marks the machine os_written when it is done.
     with report.step("write-os", f"Streaming the {install.describe()} to {root_dev}"):
-        size = image.bmap.image_size if image.bmap else image.manifest.rootfs.image_size
-        with open_destination(root_dev, size) as dest:
+        with open_destination(root_dev, image.bmap.image_size) as dest:
             result = write_os(
                 image.source, image.manifest, dest.fd, which=install.which, name=root_dev, bmap=image.bmap
             )

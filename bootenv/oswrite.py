@@ -267,6 +267,29 @@ def load_blockmap(source: Source, image: OsImage) -> BlockMap:
     return bmap
 
 
+def load_checked(source: Source, manifest: Manifest, which: Which = "os") -> BlockMap:
+    """The image's block map, once everything about it that can fail before a write has
+    passed: the block map fetched and checked (its pin, the data blob, the manifest's
+    image size), and the data blob within reach. The agent calls this before it wipes
+    the disk, so a broken image leaves the old system as it was."""
+    image = _image(manifest, which)
+    bmap = load_blockmap(source, image)
+    _check_blockmap(manifest, which, bmap)
+    _probe(source, image.data)
+    return bmap
+
+
+def _probe(source: Source, blob: Blob) -> None:
+    """Read the blob's first byte: it exists, and the server (or directory) serves it.
+    The first, not the last: a server that ignores Range would send the whole blob
+    to reach the last."""
+    with source.open(blob.file, 1, 0) as f:
+        if not f.read(1):
+            raise VerificationError(
+                f"{source.describe(blob.file)} is empty, the manifest says {blob.size} bytes"
+            )
+
+
 def _image(manifest: Manifest, which: Which) -> OsImage:
     if which == "os":
         return manifest.os
@@ -490,7 +513,9 @@ def write_os_path(
         source, manifest = open_trusted(location, trust)
     image = _image(manifest, which)
     bmap = load_blockmap(source, image)
-    _check_blockmap(manifest, which, bmap)  # before open_destination grows a file to its size
+    # Before open_destination grows a file to its size. (The data blob is not probed, as
+    # the agent's load_checked does: this write touches nothing before its first byte.)
+    _check_blockmap(manifest, which, bmap)
     with (
         open_destination(device, bmap.image_size, mapped=bmap.mapped) as dest,
         step(f"Streaming the {which} image to {device}"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from bootenv import agent, bootloader
 from bootenv.blockmap import BlockMap, data_extents
 from bootenv.cmdline import parse_cmdline
 from bootenv.disks import DiskChoice, DiskInfo
-from bootenv.errors import FatalError, UserError
+from bootenv.errors import BootenvError, FatalError, UserError, VerificationError
 from bootenv.manifest import Blob, Component, Manifest, OsImage, RootFs, Source
 from bootenv.partition import MiB, plan_partitions, required_size
 
@@ -75,6 +76,10 @@ def fake_disk(tmp_path: Path, size: int) -> Path:
 def setup(monkeypatch: pytest.MonkeyPatch, disk: Path) -> list[str]:
     wiped: list[str] = []
     monkeypatch.setattr(agent, "open_signed", lambda image, trust: (None, MANIFEST, None))
+    # The OS sub-image's block map, as the manifest's rootfs gives its size.
+    monkeypatch.setattr(
+        agent, "load_checked", lambda source, m, which: BlockMap(m.rootfs.image_size, 4096, ())
+    )
     info = DiskInfo(str(disk), disk.stat().st_size)
     monkeypatch.setattr(agent, "_choose", lambda cfg, need: DiskChoice(info, ()))
     monkeypatch.setattr(bootloader, "check_available", lambda: None)
@@ -232,17 +237,17 @@ def test_single_mode_sizes_the_disk_by_the_single_image(
     disk = fake_disk(tmp_path, required_size(ROOT_MIN))  # fits the OS sub-image only
     wiped = setup(monkeypatch, disk)
     monkeypatch.setattr(agent, "open_signed", lambda image, trust: (None, LAMP, None))
-    asked: list[OsImage] = []
+    asked: list[str] = []
 
-    def blockmap(source: object, image: OsImage) -> BlockMap:
-        asked.append(image)
+    def blockmap(source: object, manifest: Manifest, which: str) -> BlockMap:
+        asked.append(which)
         return BlockMap(2 * ROOT_MIN, 4096, ())
 
-    monkeypatch.setattr(agent, "load_blockmap", blockmap)
+    monkeypatch.setattr(agent, "load_checked", blockmap)
     cfg = parse_cmdline(f"bootenv.image=/img bootenv.single bootenv.callback={url}")
     with pytest.raises(UserError, match="too small"):
         agent.run_agent(cfg)
-    assert asked == [SINGLE] and wiped == []
+    assert asked == ["single"] and wiped == []
 
 
 def test_single_mode_writes_the_single_image_and_reports_like_split(
@@ -253,7 +258,7 @@ def test_single_mode_writes_the_single_image_and_reports_like_split(
     setup(monkeypatch, disk)
     monkeypatch.setattr(agent, "open_signed", lambda image, trust: (None, LAMP, None))
     bmap = BlockMap(2 * ROOT_MIN, 4096, ())
-    monkeypatch.setattr(agent, "load_blockmap", lambda source, image: bmap)
+    monkeypatch.setattr(agent, "load_checked", lambda source, manifest, which: bmap)
     seen: list[agent.Image] = []
 
     def write_disk(cfg: object, disk: str, plan: object, image: agent.Image, *rest: object) -> None:
@@ -289,7 +294,8 @@ def test_first_boot_checks_the_image_with_the_key_the_agent_trusted(tmp_path: Pa
     cfg = parse_cmdline(f"{HTTP_IMG} bootenv.components=web")
     source, manifest, signer = open_signed(str(image), agent.trust(cfg, builtin))
     assert signer is not None and signer.startswith("sha256:")
-    opened = agent.Image(manifest, source, agent.plan_install(cfg, manifest), None, signer)
+    bmap = BlockMap(manifest.rootfs.image_size, 4096, ())
+    opened = agent.Image(manifest, source, agent.plan_install(cfg, manifest), bmap, signer)
     argv = layout_argv(agent.layout_handoff(cfg, opened, "web1"))
     assert argv[argv.index("--fingerprint") + 1] == signer and "--insecure" not in argv
     # What the target's layout then trusts: that fingerprint alone, and it verifies.
@@ -392,3 +398,72 @@ def test_passed_on_arguments_grub_cfg_would_split_or_run_are_refused(arg: str) -
     with pytest.raises(UserError, match=r"grub\.cfg cannot take"):
         agent.check_passed_on(f"bootenv.image=/img {arg}")
     agent.check_passed_on("bootenv.image=/img console=ttyS0,115200n8 console=tty0 nomodeset")
+
+
+OLD_OS = b"\xeb\x63\x90old os boot sector".ljust(510, b"\0") + b"\x55\xaa"
+
+
+@pytest.mark.parametrize(
+    ("broken", "error"),
+    [
+        ("no block map", r"\.bmap\.json is missing from the image"),
+        ("block map pin", r"\.bmap\.json does not match its sha256"),
+        ("image size", "image size disagrees with the manifest"),
+        ("no data blob", r"\.img\.zst is missing from the image"),
+    ],
+)
+def test_an_image_that_cannot_be_written_leaves_the_old_disk_untouched(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    events: tuple[str, list[dict[str, object]]],
+    broken: str,
+    error: str,
+) -> None:
+    """The block map (and the data blob) used to be fetched by write_os, after wipefs
+    and the new partition table: a broken image destroyed the old system, then failed."""
+    from bootenv.manifest import MANIFEST as MANIFEST_JSON
+    from bootenv.manifest import parse_manifest
+    from bootenv.oswrite import load_checked
+    from bootenv.source import DirSource
+    from tests.unit.test_oswrite import build_image
+
+    url, got = events
+    image = build_image(tmp_path).dir
+    manifest = parse_manifest((image / MANIFEST_JSON).read_bytes())
+    if broken == "no block map":
+        (image / manifest.os.blockmap.file).unlink()
+    elif broken == "block map pin":
+        path = image / manifest.os.blockmap.file
+        path.write_bytes(path.read_bytes().replace(b"4096", b"8192", 1))
+    elif broken == "image size":
+        manifest = replace(
+            manifest, rootfs=replace(manifest.rootfs, image_size=manifest.rootfs.image_size + MiB)
+        )
+    else:
+        (image / manifest.os.data.file).unlink()
+    disk = fake_disk(tmp_path, required_size(ROOT_MIN))
+    with open(disk, "r+b") as f:
+        f.write(OLD_OS)
+    before = digest(disk)
+    wiped = setup(monkeypatch, disk)
+    monkeypatch.setattr(agent, "open_signed", lambda image_url, trust: (DirSource(image), manifest, None))
+    monkeypatch.setattr(agent, "load_checked", load_checked)
+    ran: list[str] = []
+
+    def run(argv: list[object], **kw: object) -> None:
+        # wipefs "runs" and the partition table is written for real; losetup cannot.
+        ran.append(str(argv[0]))
+        if "losetup" in str(argv[0]):
+            raise FatalError("no losetup in a unit test")
+
+    monkeypatch.setattr(agent, "run", run)
+    monkeypatch.setattr(agent, "which", lambda tool: tool)
+    with pytest.raises(BootenvError) as info:
+        agent.run_agent(parse_cmdline(f"bootenv.image=/img bootenv.callback={url}"))
+    assert digest(disk) == before and ran == [] and wiped == []
+    assert isinstance(info.value, (UserError, VerificationError)) and "\n" not in str(info.value)
+    assert re.search(error, str(info.value)) and re.search(error, str(got[-1]["message"]))
+    assert disk.read_bytes()[:512] == OLD_OS
+    assert (got[-2]["step"], got[-2]["status"]) == ("manifest", "failed")
+    assert got[-1]["event"] == "error" and got[-1]["fatal"] is True
+    assert all_valid(got)

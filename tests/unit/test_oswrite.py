@@ -410,6 +410,16 @@ def test_missing_single_is_a_user_error(built: Built, tmp_path: Path) -> None:
 # --- over HTTP, with faults -------------------------------------------------------
 
 
+def test_load_checked_reaches_the_data_blob_before_any_write(built: Built, srv: FaultServer) -> None:
+    """What the agent checks before it wipes the disk: the block map, and one byte of
+    the data blob (a Range request, so the blob is not fetched twice)."""
+    assert oswrite.load_checked(http(srv), built.manifest) == built.bmap
+    assert [(r.start, r.status) for r in srv.requests_for(data_name(built))] == [(0, 206)]
+    srv.faults[data_name(built)] = Fault(errors=-1, status=404)
+    with pytest.raises(UserError, match=r"\.img\.zst not found \(404\)"):
+        oswrite.load_checked(http(srv), built.manifest)
+
+
 def test_http_clean(built: Built, srv: FaultServer, tmp_path: Path) -> None:
     out = tmp_path / "disk.img"
     result = write_to(out, built, http(srv))
