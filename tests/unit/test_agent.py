@@ -67,7 +67,7 @@ def fake_disk(tmp_path: Path, size: int) -> Path:
     plan = plan_partitions(max(size, required_size(ROOT_MIN)), 512, ROOT_MIN)
     with open(path, "wb") as f:
         f.truncate(size)
-        for offset in (0, size - MiB, plan.esp.offset, plan.root.offset):
+        for offset in (0, size - MiB, plan.bios.offset, plan.esp.offset, plan.root.offset):
             if offset + MiB <= size:
                 os.pwrite(f.fileno(), os.urandom(MiB), offset)
     return path
