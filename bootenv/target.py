@@ -221,11 +221,18 @@ def mounted(device: str, *, options: str = "") -> Iterator[Path]:
         where.rmdir()
 
 
+def _read(root: Path, rel: str) -> str:
+    """A file of the gold's, or "" if it has none. Its bytes need not be UTF-8 (a Latin-1
+    comment in /etc/hosts): they are kept as surrogates, and `_write` gives them back."""
+    path = root / rel.lstrip("/")
+    return path.read_bytes().decode("utf-8", "surrogateescape") if path.exists() else ""
+
+
 def _write(root: Path, rel: str, text: str, mode: int = 0o644) -> None:
     path = root / rel.lstrip("/")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.bootenv")
-    tmp.write_text(text)
+    tmp.write_bytes(text.encode("utf-8", "surrogateescape"))
     os.chmod(tmp, mode)
     os.replace(tmp, path)
 
@@ -243,8 +250,7 @@ def configure(root: Path, ident: Identity, handoff: LayoutHandoff, ssh_key: str 
     _write(root, "/etc/fstab", fstab_text(ident))
     (root / ESP_MOUNT.lstrip("/")).mkdir(parents=True, exist_ok=True)
     _write(root, "/etc/hostname", ident.hostname + "\n")
-    hosts = root / "etc/hosts"
-    _write(root, "/etc/hosts", hosts_text(hosts.read_text() if hosts.exists() else "", ident.hostname))
+    _write(root, "/etc/hosts", hosts_text(_read(root, "/etc/hosts"), ident.hostname))
     # An empty machine-id makes systemd generate a fresh one on first boot.
     _write(root, "/etc/machine-id", "", 0o444)
     for stale in ("var/lib/dbus/machine-id", "var/lib/systemd/random-seed"):
@@ -266,8 +272,7 @@ def _authorize(root: Path, key: str) -> None:
     ssh = root / "root/.ssh"
     ssh.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(ssh, 0o700)
-    path = ssh / "authorized_keys"
-    old = path.read_text() if path.exists() else ""
+    old = _read(root, "/root/.ssh/authorized_keys")
     if key not in old.splitlines():
         _write(
             root,

@@ -131,6 +131,22 @@ def test_configure_on_a_tree(tmp_path: Path) -> None:
     assert (tmp_path / "boot/efi").is_dir()
 
 
+def test_configure_keeps_the_golds_bytes_that_are_not_utf8(tmp_path: Path) -> None:
+    """A Latin-1 byte in the gold's /etc/hosts or authorized_keys ended the agent in a
+    UnicodeDecodeError traceback, on a disk already written."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/hosts").write_bytes(b"# caf\xe9 rack 3\n127.0.0.1 localhost\n127.0.1.1 gold\n")
+    (tmp_path / "root/.ssh").mkdir(parents=True)
+    (tmp_path / "root/.ssh/authorized_keys").write_bytes(b"ssh-rsa BBBB jos\xe9@gold")
+    configure(tmp_path, IDENT, HANDOFF, "ssh-ed25519 AAAA me@host")
+    assert (tmp_path / "etc/hosts").read_bytes() == (
+        b"# caf\xe9 rack 3\n127.0.0.1 localhost\n127.0.1.1\tweb1.example.org web1\n"
+    )
+    keys = tmp_path / "root/.ssh/authorized_keys"
+    assert keys.read_bytes() == b"ssh-rsa BBBB jos\xe9@gold\nssh-ed25519 AAAA me@host\n"
+    assert keys.stat().st_mode & 0o777 == 0o600
+
+
 def test_grub_cfg() -> None:
     text = grub_cfg_text(IDENT.root_uuid, "/vmlinuz", "/initrd.img", ("root=UUID=u", "ro"), "web1")
     assert f"search --no-floppy --fs-uuid --set=root {IDENT.root_uuid}" in text
