@@ -261,12 +261,22 @@ def _choice(enum: type[Handoff], text: str, key: str) -> Handoff:
         raise CmdlineError(f"{PREFIX}{key}={text} is not one of {', '.join(e.value for e in enum)}") from None
 
 
+# /etc/hostname gets the name whole, FQDN or not, and systemd sets it with sethostname(2),
+# which takes at most HOST_NAME_MAX (64) bytes: a longer name is ignored at boot.
+HOSTNAME_MAX = 64
+
+
 def _hostname(text: str | None) -> str | None:
     if text is None:
         return None
     labels = text.split(".")
-    if len(text) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+    if not all(_LABEL.fullmatch(label) for label in labels):
         raise CmdlineError(f"{PREFIX}hostname={text} is not a valid host name")
+    if len(text) > HOSTNAME_MAX:
+        raise CmdlineError(
+            f"{PREFIX}hostname={text} is {len(text)} characters, over the kernel's {HOSTNAME_MAX} "
+            "for a host name (a fully qualified one counts whole)",
+        )
     return text
 
 

@@ -147,6 +147,9 @@ def test_overrides_replace_the_cmdline() -> None:
         (f"{IMG} bootenv.hostname=-bad-", "not a valid host name"),
         (f"{IMG} bootenv.hostname=a_b", "not a valid host name"),
         (f"{IMG} bootenv.hostname=" + "a" * 64, "not a valid host name"),
+        # Each label is valid, but sethostname(2) takes 64 bytes, and /etc/hostname the FQDN.
+        (f"{IMG} bootenv.hostname=web1." + "a" * 60, "is 65 characters, over the kernel's 64"),
+        (f"{IMG} bootenv.hostname=" + ".".join(["a" * 63] * 3), "is 191 characters, over the kernel's 64"),
         (f"{IMG} bootenv.components=apache,,php", "not a component name"),
         (f"{IMG} bootenv.components=Apache", "not a component name"),
         (f"{IMG} bootenv.components=a,a", "twice"),
@@ -234,3 +237,8 @@ def test_bytes_that_are_not_ascii_are_refused_in_one_line(raw: bytes, shown: str
 def test_local_image_is_not_reachable_from_the_target() -> None:
     assert parse_cmdline("bootenv.image=/srv/images/lamp").local_image
     assert not parse_cmdline(IMG).local_image
+
+
+def test_a_host_name_of_64_characters_is_the_longest() -> None:
+    fqdn = "web1." + "a" * 59
+    assert len(fqdn) == 64 and parse_cmdline(f"{IMG} bootenv.hostname={fqdn}").hostname == fqdn
