@@ -284,6 +284,13 @@ def _ssh_key(text: str | None) -> str | None:
     if text is None:
         return None
     key = unquote(text).strip()
+    # The printable check in _build saw the text still percent-encoded: %0D, %00 or
+    # %C3%A9 would reach authorized_keys as a control character or non-ASCII.
+    if not (key.isascii() and key.isprintable()):
+        raise CmdlineError(
+            f"{PREFIX}ssh_key={shown(key)} is not printable ASCII once percent-decoded",
+            hint="an SSH public key is one line of printable ASCII",
+        )
     fields = key.split()
     if len(fields) < 2 or not fields[0].startswith(_KEY_TYPES) or "\n" in key:
         raise CmdlineError(

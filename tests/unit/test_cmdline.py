@@ -155,7 +155,18 @@ def test_overrides_replace_the_cmdline() -> None:
         (f"{IMG} bootenv.components=a,a", "twice"),
         (f"{IMG} bootenv.components=os", "not a component name"),
         (f"{IMG} bootenv.ssh_key=hello", "not one SSH public key"),
-        (f"{IMG} bootenv.ssh_key=ssh-ed25519%20AAA%0Assh-rsa%20BBB", "not one SSH public key"),
+        (
+            f"{IMG} bootenv.ssh_key=ssh-ed25519%20AAA%0Assh-rsa%20BBB",
+            "not printable ASCII once percent-decoded",
+        ),
+        # Checked once decoded: the percent-encoded text itself is printable ASCII.
+        (f"{IMG} bootenv.ssh_key=ssh-ed25519%20AAA%0D%20me", r"AAA\\r me is not printable ASCII once"),
+        (f"{IMG} bootenv.ssh_key=ssh-ed25519%20AAA%00%20me", r"AAA\\x00 me is not printable ASCII once"),
+        (
+            f"{IMG} bootenv.ssh_key=ssh-ed25519%20AAA%20jos%C3%A9",
+            r"jos\\xc3\\xa9 is not printable ASCII once",
+        ),
+        (f"{IMG} bootenv.ssh_key=ssh-ed25519%09AAA%20me", "not printable ASCII once percent-decoded"),
         (f"{IMG} bootenv.debug=maybe", "not a boolean"),
         (f"{IMG} bootenv.callback=not-a-url", "not an http"),
         (f"{IMG} bootenv.trust=deadbeef", "not a key fingerprint"),
