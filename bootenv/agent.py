@@ -34,7 +34,7 @@ from bootenv.blockdev import (
 from bootenv.blockmap import BlockMap
 from bootenv.callback import Callback
 from bootenv.cmdline import AgentConfig, DiskKind, Handoff
-from bootenv.disks import DiskChoice, choose_disk, log_choice, read_disks
+from bootenv.disks import DiskChoice, choose_disk, log_choice, read_disks, resolve_selector
 from bootenv.errors import BootenvError, FatalError, UserError
 from bootenv.log import step
 from bootenv.manifest import Manifest, OsImage, resolve_components
@@ -214,9 +214,10 @@ def check_passed_on(ramdisk_cmdline: str) -> None:
 
 def _choose(cfg: AgentConfig, min_size: int) -> DiskChoice:
     disks = read_disks()
-    if cfg.disk.kind is DiskKind.DEVICE and not any(d.devnode == cfg.disk.value for d in disks):
+    sel = resolve_selector(cfg.disk)
+    if sel.kind is DiskKind.DEVICE and not any(d.devnode == sel.value for d in disks):
         raise UserError(f"bootenv.disk={cfg.disk.value}: no such disk")
-    return choose_disk(disks, cfg.disk, min_size)
+    return choose_disk(disks, sel, min_size)
 
 
 def preflight(disk: str, min_root: int) -> PartitionPlan:

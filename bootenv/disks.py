@@ -5,7 +5,8 @@ The rule (also in docs/AGENT.md):
 1. A disk is never chosen if it is removable, read-only, smaller than the image needs,
    mounted or holding the running root or the boot media, or held by another device
    (RAID, LVM).
-2. `bootenv.disk=/dev/X`, `serial:S` or `path:P` picks that one disk, and fails (with
+2. `bootenv.disk=/dev/X` (or a symlink to it, such as /dev/disk/by-id/...: see
+   `resolve_selector`), `serial:S` or `path:P` picks that one disk, and fails (with
    the reason) if rule 1 rejects it. Only a disk named this way may be a virtual
    device (loop, ram, zram, optical, device-mapper, md, nbd).
 3. `auto` picks, among the rest: non-rotational disks first, then the smallest disk
@@ -90,6 +91,19 @@ def rejection(disk: DiskInfo, min_size: int, *, auto: bool = True) -> str | None
     if disk.holders:
         return f"in use by {', '.join(disk.holders)}"
     return None
+
+
+def resolve_selector(sel: DiskSelector) -> DiskSelector:
+    """`bootenv.disk=/dev/disk/by-id/...` (any symlink to a disk) as the node it points
+    to: udev lists each disk by its node, which is what `choose_disk` compares. Done
+    here, where the disks are read, and not in the command line's parser, which reads no
+    files."""
+    if sel.kind is not DiskKind.DEVICE:
+        return sel
+    node = os.path.realpath(sel.value)
+    if node != sel.value:
+        log.info("bootenv.disk=%s is %s", sel.value, node)
+    return DiskSelector(DiskKind.DEVICE, node)
 
 
 def _matches(disk: DiskInfo, sel: DiskSelector) -> bool:

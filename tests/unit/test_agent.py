@@ -467,3 +467,27 @@ def test_an_image_that_cannot_be_written_leaves_the_old_disk_untouched(
     assert (got[-2]["step"], got[-2]["status"]) == ("manifest", "failed")
     assert got[-1]["event"] == "error" and got[-1]["fatal"] is True
     assert all_valid(got)
+
+
+def test_a_disk_named_by_a_symlink_is_the_disk_it_points_to(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """udev lists disks by their node: bootenv.disk=/dev/disk/by-id/... said "no such disk"."""
+    from bootenv.cmdline import DiskKind, DiskSelector
+
+    by_id = tmp_path / "dev/disk/by-id"
+    by_id.mkdir(parents=True)
+    (by_id / "nvme-Samsung_SSD_980_S64").symlink_to("/dev/nvme0n1")
+    (by_id / "wwn-0x5000").symlink_to("../../../sdb")  # udev's links are relative
+    (tmp_path / "sdb").touch()
+    disks = [DiskInfo("/dev/nvme0n1", 512 * MiB), DiskInfo(str(tmp_path / "sdb"), 512 * MiB)]
+    monkeypatch.setattr(agent, "read_disks", lambda: disks)
+    cfg = parse_cmdline("bootenv.image=/img")
+    for link, node in (("nvme-Samsung_SSD_980_S64", "/dev/nvme0n1"), ("wwn-0x5000", str(tmp_path / "sdb"))):
+        named = replace(cfg, disk=DiskSelector(DiskKind.DEVICE, str(by_id / link)))
+        choice = agent._choose(named, ROOT_MIN)
+        assert choice.disk.devnode == node
+        assert [r.disk.devnode for r in choice.rejected] == [d.devnode for d in disks if d.devnode != node]
+    gone = replace(cfg, disk=DiskSelector(DiskKind.DEVICE, str(by_id / "ata-gone")))
+    with pytest.raises(UserError, match=r"by-id/ata-gone: no such disk"):
+        agent._choose(gone, ROOT_MIN)
