@@ -113,6 +113,32 @@ def test_repo_inputs_load() -> None:
     assert any(name == "bootenv/cli.py" for name, _ in inputs.sources)
 
 
+# What a server's disks hang off: without the driver, the disks behind it do not show.
+STORAGE_DRIVERS = (
+    "nvme",
+    "ahci",
+    "ata_piix",
+    "sd_mod",
+    "virtio_blk",
+    "virtio_scsi",
+    "megaraid_sas",  # Dell PERC, Broadcom/LSI MegaRAID
+    "mpt3sas",  # Broadcom/LSI SAS HBAs (and PERC HBA330)
+    "mpi3mr",  # Broadcom tri-mode HBAs and RAID (9600 series)
+    "smartpqi",  # HPE Smart Array (Gen10 on), Microchip/Adaptec SmartRAID
+    "hpsa",  # HPE Smart Array before Gen10
+    "aacraid",  # Adaptec RAID
+)
+NIC_DRIVERS = ("virtio_net", "e1000", "e1000e", "igb", "ixgbe", "i40e", "ice", "bnxt_en", "mlx5_core", "tg3")
+
+
+def test_the_ramdisk_carries_server_storage_and_nic_drivers() -> None:
+    """_trim_modules deletes every module not in modules.txt (nor needed by one)."""
+    inputs = load_inputs(default_initramfs_dir(), Path(__file__).resolve().parents[2] / "bootenv")
+    assert set(STORAGE_DRIVERS + NIC_DRIVERS) <= set(inputs.modules)
+    # The agent's offset loop devices need /dev/loop-control: loaded at boot, not on demand.
+    assert "loop" in inputs.modules and "loop" in inputs.modules_load
+
+
 def test_missing_input_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"packages\.txt"):
         load_inputs(tmp_path, tmp_path)
