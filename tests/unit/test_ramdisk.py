@@ -327,35 +327,95 @@ def test_trim_keeps_the_code_page_mtools_needs() -> None:
     assert drop_path(gconv + "EBCDIC-FI-SE.so")
 
 
-@pytest.mark.parametrize(
-    ("args", "expected"),
-    [
-        ("bootenv.shell", "1"),
-        ("bootenv.shell=1", "1"),
-        ("bootenv.shell=yes", "1"),
-        ("bootenv.shell=true", "1"),
-        ("bootenv.shell=on", "1"),
-        ("bootenv.shell=Yes", "1"),
-        ("bootenv.shell=0", "0"),
-        ("bootenv.shell=off", "0"),
-        ("bootenv.shell=1 bootenv.shell=no", "0"),  # the last one counts, as for the agent
-        ("bootenv.shellfish=1 quiet", "0"),
-        ("bootenv.debug=1", "0"),
-    ],
-)
-def test_init_reads_its_flags_as_the_agent_does(args: str, expected: str, allow_run: None) -> None:
-    """The init's own parse of bootenv.shell (and bootenv.debug), run by sh."""
+def init_functions(*names: str) -> str:
+    """The named shell functions of the ramdisk's init, to run on their own."""
     import re
 
+    init = (default_initramfs_dir() / "init").read_text()
+    out = []
+    for name in names:
+        func = re.search(rf"^{name}\(\) \{{\n.*?^\}}\n", init, re.M | re.S)
+        assert func is not None, f"init has no {name}() function"
+        out.append(func.group(0))
+    return "".join(out)
+
+
+def dash(script: str, **env: str) -> str:
+    """Run `script` with dash, the ramdisk's /bin/sh."""
     from bootenv.run import run
 
+    return run(["dash", "-c", script], env={"PATH": "/usr/bin:/bin", "LC_ALL": "C", **env}).stdout.decode()
+
+
+def test_init_is_valid_posix_sh(allow_run: None) -> None:
+    from bootenv.run import run
+
+    run(["dash", "-n", str(default_initramfs_dir() / "init")])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        "bootenv.shell",
+        "bootenv.shell=1",
+        "bootenv.shell=yes",
+        "bootenv.shell=true",
+        "bootenv.shell=on",
+        "bootenv.shell=Yes",
+        "bootenv.shell=0",
+        "bootenv.shell=off",
+        "bootenv.shellfish=1 quiet",
+        "bootenv.debug=1",
+        # Quoted as the kernel allows: init split words at every space and kept the quotes.
+        'bootenv.shell="1"',
+        '"bootenv.shell=yes"',
+        '"bootenv.shell"',
+        'bootenv.shell="ON" bootenv.debug="1"',
+        'bootenv.image="/srv/img bootenv.shell=1"',  # one word: the image's value
+        'console=ttyS0 "quiet splash=1" bootenv.shell',
+        "quiet -- bootenv.shell=1",  # after --, init's own arguments
+        "bootenv.shell=* bootenv.debug=?",  # no file-name expansion
+    ],
+)
+def test_init_reads_its_flags_as_the_agent_does(args: str, allow_run: None) -> None:
+    """The init's own parse of bootenv.shell and bootenv.debug, run by dash, against the agent's."""
+    from bootenv.cmdline import CmdlineError, parse_cmdline
+
+    script = init_functions("kernel_words", "flag", "read_flags")
+    script += 'DEBUG=0\nSHELL_FIRST=0\nprintf "%s\\n" "$ARGS" | { read_flags; echo "$SHELL_FIRST $DEBUG"; }\n'
+    got = dash(script, ARGS=args).split()
+    try:
+        cfg = parse_cmdline(args if "bootenv.image=" in args else f"bootenv.image=/img {args}")
+    except CmdlineError:  # an unknown key, not a boolean: the agent stops, and init turned nothing on
+        assert got == ["0", "0"]
+        return
+    assert got == [str(int(cfg.shell)), str(int(cfg.debug))]
+
+
+def test_init_takes_the_last_of_a_flag_given_twice(allow_run: None) -> None:
+    """The agent refuses a key given twice; init, which runs before it, takes the last."""
+    script = init_functions("kernel_words", "flag", "read_flags")
+    script += 'DEBUG=0\nSHELL_FIRST=0\nprintf "%s\\n" "$ARGS" | { read_flags; echo "$SHELL_FIRST"; }\n'
+    assert dash(script, ARGS="bootenv.shell=1 bootenv.shell=no").strip() == "0"
+    assert dash(script, ARGS='bootenv.shell=no "bootenv.shell"').strip() == "1"
+
+
+def test_init_splits_words_as_the_agent_does(allow_run: None) -> None:
+    from bootenv.cmdline import split_cmdline
+
+    text = 'a b=c "d=e f" g="h i" j=k" "l "m" n="" o -- p=q'
+    words = dash(init_functions("kernel_words") + 'printf "%s\\n" "$ARGS" | kernel_words\n', ARGS=text)
+    assert words.splitlines() == [p if v is None else f"{p}={v}" for p, v in split_cmdline(text)]
+
+
+def test_init_sees_a_failed_command_fail_through_its_log(allow_run: None) -> None:
+    """`udevd --daemon ... | out` tested out's status: a udevd that did not start was
+    taken as started, and init never loaded every module in its place."""
+    script = "out() { sed 's/^/log: /'; }\n" + init_functions("logged")
+    script += 'logged sh -c "echo up; exit 3" 2>&1; echo "status $?"\nlogged true; echo "status $?"\n'
+    assert dash(script).splitlines() == ["log: up", "status 3", "status 0"]
     init = (default_initramfs_dir() / "init").read_text()
-    func = re.search(r"^flag\(\) \{\n.*?^\}\n", init, re.M | re.S)
-    assert func is not None, "init has no flag() function"
-    script = func.group(0) + (
-        'S=0\nfor arg in $ARGS; do v=$(flag "$arg" bootenv.shell) && [ -n "$v" ] && S=$v; done\necho $S\n'
-    )
-    assert run(["sh", "-c", script], env={"ARGS": args}).stdout.decode().strip() == expected
+    assert 'logged "$UDEVD" --daemon' in init and '[ "$UDEV" = 1 ] || LOAD=/etc/bootenv/modules' in init
 
 
 def test_built_in_keys_go_where_the_agent_reads_them_and_into_the_key(tmp_path: Path) -> None:
