@@ -119,6 +119,19 @@ def plan_install(cfg: AgentConfig, manifest: Manifest) -> InstallPlan:
     return InstallPlan("os", manifest.os, components, components)
 
 
+def report_bad_settings(callback: str | None, error: BootenvError) -> None:
+    """Post settings the agent refuses to their callback, when that URL is sound itself
+    (`cmdline.callback_of`): the machine would otherwise wait in the ramdisk's shell
+    with nobody told. Best effort, as every event."""
+    if callback is None:
+        return
+    report = Report(callback)
+    try:
+        report.post("error", message=str(error), fatal=True, data={"timings": {}})
+    finally:
+        report.close()
+
+
 @dataclass(frozen=True)
 class AgentResult:
     disk: str

@@ -172,6 +172,16 @@ def parse_cmdline(text: str, overrides: Mapping[str, str | None] | None = None) 
     return _build(raw)
 
 
+def callback_of(text: str, overrides: Mapping[str, str | None] | None = None) -> str | None:
+    """Where to report a command line that does not parse: its callback URL, when that
+    one value is sound on its own (given once, printable ASCII, an http(s) URL)."""
+    override = (overrides or {}).get("callback")
+    values = [override] if override else [v for p, v in split_cmdline(text) if p == f"{PREFIX}callback"]
+    if len(values) != 1 or not values[0] or not (values[0].isascii() and values[0].isprintable()):
+        return None
+    return values[0] if split_http_url(values[0]) is not None else None
+
+
 def _build(raw: dict[str, str | None]) -> AgentConfig:
     for key, v in raw.items():
         # The command line is bytes (read with surrogateescape): a value that is not

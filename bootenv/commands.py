@@ -287,8 +287,8 @@ def _resolution(res: dict[str, object]) -> str:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from bootenv.agent import finish, run_agent
-    from bootenv.cmdline import FLAGS, KEYS, parse_cmdline
+    from bootenv.agent import finish, report_bad_settings, run_agent
+    from bootenv.cmdline import FLAGS, KEYS, CmdlineError, callback_of, parse_cmdline
 
     try:
         # The kernel passes its command line on as bytes, UTF-8 or not: a byte that does
@@ -304,7 +304,11 @@ def cmd_agent(args: argparse.Namespace) -> int:
         overrides["insecure"] = "1"
     if args.single:
         overrides["single"] = "1"
-    cfg = parse_cmdline(text, overrides)
+    try:
+        cfg = parse_cmdline(text, overrides)
+    except CmdlineError as exc:
+        report_bad_settings(callback_of(text, overrides), exc)
+        raise
     if cfg.debug and not args.debug:
         setup_logging(debug=True)
         args.debug = True  # and cli.main shows the traceback of a failure, as --debug does

@@ -69,3 +69,25 @@ def test_bootenv_debug_shows_the_traceback_of_a_failure(
         assert ("Traceback" in err) is traceback, err
         assert ('raise FatalError("the disk fell over")' in err) is traceback  # where it failed
         assert err.splitlines()[-1] == "bootenv: error: the disk fell over"
+
+
+def test_bad_settings_are_posted_to_a_callback_that_parsed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, events: tuple[str, list[dict[str, object]]]
+) -> None:
+    """docs/AGENT.md: the error of a failure before the first write, bad settings
+    included, goes to the callback; the command line was parsed before the agent made
+    its callback, so nobody heard of a typo."""
+    from bootenv.machines import parse_event
+
+    url, got = events
+    seen = no_provisioning(monkeypatch)
+    callback = f" bootenv.callback={url}".encode()
+    assert cli.main(agent_with(tmp_path, IMG + callback + b" bootenv.colour=blue\n")) == 2
+    assert seen == [] and len(got) == 1
+    assert got[0]["event"] == "error" and got[0]["fatal"] is True
+    assert str(got[0]["message"]).startswith("unknown kernel parameter bootenv.colour")
+    assert parse_event(got[0]).source == "agent"
+    # A callback that is itself what is wrong, or is given twice, is not posted to.
+    for words in (b" bootenv.callback=ftp://x/cb", callback + callback, callback + b" bootenv.callback=nope"):
+        assert cli.main(agent_with(tmp_path, IMG + words + b"\n")) == 2
+    assert len(got) == 1

@@ -253,3 +253,20 @@ def test_local_image_is_not_reachable_from_the_target() -> None:
 def test_a_host_name_of_64_characters_is_the_longest() -> None:
     fqdn = "web1." + "a" * 59
     assert len(fqdn) == 64 and parse_cmdline(f"{IMG} bootenv.hostname={fqdn}").hostname == fqdn
+
+
+def test_the_callback_of_a_command_line_that_does_not_parse() -> None:
+    from bootenv.cmdline import callback_of
+
+    cb = "http://10.0.2.2:9000/callback/52:54:00:12:34:56"
+    assert callback_of(f"{IMG} bootenv.callback={cb} bootenv.colour=blue") == cb
+    assert callback_of(f'{IMG} "bootenv.callback={cb}" bootenv.disk=sda') == cb
+    assert callback_of(f"{IMG} bootenv.callback={cb}", {"callback": "http://other/cb"}) == "http://other/cb"
+    for bad in (
+        "",
+        f"bootenv.callback={cb} bootenv.callback={cb}",
+        "bootenv.callback=ftp://x/",
+        "bootenv.callback",
+    ):
+        assert callback_of(f"{IMG} {bad}") is None, bad
+    assert callback_of(f"{IMG} bootenv.callback={cb}\udce9") is None
