@@ -130,6 +130,9 @@ def make_tree(root: Path, *, with_socket: bool = False) -> Path:
     (root / "var/log/syslog").write_text("log\n")
     (root / "proc/1/status").write_text("runtime\n")
     (root / "etc/hostname").write_text("fakegold\n")
+    (root / "etc/passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\nmysql:x:999:998::/nonexistent:/bin/false\n"
+    )
     os.symlink(
         "/lib/systemd/system/httpd.service", root / "etc/systemd/system/multi-user.target.wants/httpd.service"
     )
