@@ -20,6 +20,7 @@ import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from bootenv import intree
 from bootenv.dpkg import Database
 from bootenv.exclude import Exclusions
 from bootenv.split import (
@@ -35,8 +36,6 @@ from bootenv.split import (
 )
 from bootenv.walk import Entry, Kind
 
-MAX_LINK_HOPS = 40
-
 
 @dataclass
 class _Tree:
@@ -46,26 +45,7 @@ class _Tree:
 
     def resolve(self, path: str, *, last: bool = True) -> str:
         """Resolve symlinks inside the tree, never leaving it (absolute links are rooted)."""
-        parts = [p for p in path.split("/") if p]
-        done = ""
-        hops = 0
-        while parts:
-            part = parts.pop(0)
-            if part == "..":
-                done = posixpath.dirname(done).rstrip("/")
-                continue
-            if part == ".":
-                continue
-            candidate = f"{done}/{part}"
-            target = self.links.get(candidate)
-            if target is not None and (parts or last) and hops < MAX_LINK_HOPS:
-                hops += 1
-                parts = [p for p in target.split("/") if p] + parts
-                if target.startswith("/"):
-                    done = ""
-                continue
-            done = candidate
-        return done or "/"
+        return intree.resolve(path, self.links.get, last=last)
 
 
 def plan_split(
@@ -143,6 +123,10 @@ class _Decider:
                 owners.setdefault(canonical, set()).add(package_owner[pkg])
         self.owners = owners
         self.memo: dict[str, str] = {"/": OS}
+        # dpkg's database where the scan found it: a gold's /var may be a symlink.
+        self.status = tree.resolve(DPKG_STATUS)
+        self.info = tree.resolve(DPKG_INFO) + "/"
+        self.alternatives = tree.resolve(ALTERNATIVES_DB) + "/"
 
     def image(self, path: str) -> str:
         found = self.memo.get(path)
@@ -156,13 +140,13 @@ class _Decider:
         for claim, name in self.claims:
             if path == claim or path.startswith(claim + "/"):
                 return name
-        if path == DPKG_STATUS:
+        if path == self.status:
             return OS
-        if path.startswith(DPKG_INFO):
+        if path.startswith(self.info):
             prefix = posixpath.basename(path).rsplit(".", 1)[0]
             return self.info_owner.get(prefix, OS)
-        if path.startswith(ALTERNATIVES_DB):
-            return self.image("/etc/alternatives/" + path[len(ALTERNATIVES_DB) :])
+        if path.startswith(self.alternatives):
+            return self.image("/etc/alternatives/" + path[len(self.alternatives) :])
         owners = self.owners.get(path)
         if owners:
             if OS in owners:

@@ -39,11 +39,12 @@ from bootenv.fsimage import (
     mem_available,
     scratch_image,
 )
+from bootenv.intree import inside
 from bootenv.log import Progress, step
 from bootenv.manifest import MANIFEST, Blob, Component, Manifest, OsImage, RootFs, Source
 from bootenv.run import run, which
 from bootenv.split import COMPONENT_STATUS_DIR, OS, ComponentSpec, Split, validate_specs
-from bootenv.staging import stage
+from bootenv.staging import replace_file, stage
 from bootenv.store import BlobWriter, write_blob
 from bootenv.tarstream import finish_create, tar_create, write_list
 from bootenv.walk import Entry, Kind, scan
@@ -260,7 +261,7 @@ def _pack_all(
 def _source(root: Path, db: Database) -> Source:
     def read(rel: str) -> str:
         try:
-            return (root / rel).read_text(errors="replace").strip()
+            return inside(root, rel).read_text(errors="replace").strip()
         except OSError:
             return ""
 
@@ -268,11 +269,8 @@ def _source(root: Path, db: Database) -> Source:
     for line in read("etc/os-release").splitlines():
         if line.startswith("PRETTY_NAME="):
             release = line.partition("=")[2].strip('"')
-    kernels = (
-        sorted((p.name for p in (root / "lib/modules").glob("*")), key=version_key)
-        if (root / "lib/modules").is_dir()
-        else []
-    )
+    modules = inside(root, "lib/modules")
+    kernels = sorted((p.name for p in modules.glob("*")), key=version_key) if modules.is_dir() else []
     arch = db.packages["dpkg"].arch if "dpkg" in db.packages else ""
     return Source(
         hostname=read("etc/hostname"),
@@ -417,19 +415,8 @@ def _compress_image(
 
 def _rewrite_status(staging: Path, db: Database, os_pkgs: tuple[str, ...]) -> None:
     """The OS image's dpkg status lists only the OS packages (and not-installed records)."""
-    status = staging / STATUS
-    if not status.exists():
-        raise FatalError(f"{STATUS} vanished from the staged OS tree")
-    st = status.stat()
-    parent = status.parent.stat()
     stanzas = [db.packages[p].stanza for p in os_pkgs] + list(db.other_stanzas)
-    tmp = status.with_name(".status.bootenv")
-    tmp.write_text(render_status(stanzas), errors="surrogateescape")
-    os.chown(tmp, st.st_uid, st.st_gid)
-    os.chmod(tmp, st.st_mode & 0o7777)
-    os.replace(tmp, status)
-    os.utime(status, ns=(st.st_atime_ns, st.st_mtime_ns))
-    os.utime(status.parent, ns=(parent.st_atime_ns, parent.st_mtime_ns))
+    replace_file(staging, "/" + str(STATUS), render_status(stanzas).encode("utf-8", "surrogateescape"))
 
 
 def count_kinds(entries: list[Entry]) -> dict[Kind, int]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bootenv.errors import UserError
+from bootenv.intree import disk_links, inside
 
 STATUS = Path("var/lib/dpkg/status")
 INFO = Path("var/lib/dpkg/info")
@@ -150,14 +151,16 @@ def _another_arch(first: Package, more: Package) -> Package:
 
 
 def read_database(root: Path) -> Database:
-    """Read the dpkg database of the tree at `root`."""
-    status = root / STATUS
+    """Read the dpkg database of the tree at `root`, its symlinks resolved inside it (a
+    gold's /var may be a link to /data/var: its database is the tree's, not the host's)."""
+    links = disk_links(root)
+    status = inside(root, STATUS, links)
     if not status.is_file():
         raise UserError(
             f"{root} has no dpkg database ({STATUS} is missing)",
             hint="ROOT must be the root of a Debian-family system",
         )
-    packages, others = parse_status(status.read_text(errors="surrogateescape"))
+    packages, others = parse_status(status.read_bytes().decode("utf-8", "surrogateescape"))
     files: dict[str, tuple[str, ...]] = {}
     scripts: dict[str, frozenset[str]] = {}
     for pkg in packages.values():
@@ -166,12 +169,12 @@ def read_database(root: Path) -> Database:
         for prefix in pkg.info_prefixes:
             for kind in SCRIPTS:
                 with contextlib.suppress(FileNotFoundError):
-                    found |= parse_script_paths((root / INFO / f"{prefix}.{kind}").read_bytes())
+                    found |= parse_script_paths(inside(root, INFO / f"{prefix}.{kind}", links).read_bytes())
             try:
                 lines = (
-                    (root / INFO / f"{prefix}.list")
+                    inside(root, INFO / f"{prefix}.list", links)
                     .read_bytes()
-                    .decode(errors="surrogateescape")
+                    .decode("utf-8", "surrogateescape")
                     .splitlines()
                 )
             except FileNotFoundError:
@@ -203,7 +206,7 @@ def parse_diversions(text: str) -> tuple[Diversion, ...]:
 
 def read_diversions(root: Path) -> tuple[Diversion, ...]:
     try:
-        return parse_diversions((root / DIVERSIONS).read_bytes().decode(errors="surrogateescape"))
+        return parse_diversions(inside(root, DIVERSIONS).read_bytes().decode("utf-8", "surrogateescape"))
     except FileNotFoundError:
         return ()
 

@@ -9,14 +9,20 @@ Fallback (another filesystem, a read-only snapshot, not root): a GNU tar copy.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import posixpath
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from bootenv.errors import FatalError
+from bootenv.extract import DIR_FLAGS, open_dir
 from bootenv.fsimage import BLOCK_SIZE, tree_usage
+from bootenv.intree import disk_links, resolve
+from bootenv.paxread import ArchiveError
 from bootenv.tarstream import finish_create, tar_create, tar_extract, write_list
 from bootenv.walk import GONE
 
@@ -99,6 +105,51 @@ def _link_farm(root: Path, paths: list[str], staging: Path) -> Staged:
             except OSError:
                 log.warning("%s vanished from the gold while it was staged; kept, mode 0700", path)
     return Staged("hard links", used, len(seen), tuple(vanished))
+
+
+def replace_file(staging: Path, path: str, data: bytes) -> None:
+    """Replace the staged file `path` (its symlinks resolved inside the staged tree, as the
+    target will resolve them) by a new file holding `data`, with the old one's owner,
+    mode and times. Every directory on the way is opened without following a symlink:
+    a link staged as it was on the gold (an absolute /var -> /data/var) would lead the
+    write out of the staged tree, onto the gold itself or the host."""
+    where = resolve(path, disk_links(staging))
+    parent, name = posixpath.split(where)
+    root_fd = os.open(staging, DIR_FLAGS)
+    try:
+        dfd = open_dir(root_fd, parent.lstrip("/"))
+    except FileNotFoundError as exc:
+        raise FatalError(f"{path} vanished from the staged tree") from exc
+    except ArchiveError as exc:
+        raise FatalError(f"{path} is not written in the staged tree: {exc.message}") from exc
+    finally:
+        os.close(root_fd)
+    try:
+        _replace_in(dfd, name, data, where)
+    finally:
+        os.close(dfd)
+
+
+def _replace_in(dfd: int, name: str, data: bytes, where: str) -> None:
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError as exc:
+        raise FatalError(f"{where} vanished from the staged tree") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise FatalError(f"refused: {where} in the staged tree is not a regular file (a symlink?)")
+    parent = os.fstat(dfd)
+    tmp = f".{name}.bootenv"
+    # Never opened if it is there: it may be a hard link to a gold's file.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=dfd)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        os.fchown(f.fileno(), st.st_uid, st.st_gid)
+        os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
+    os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dfd, follow_symlinks=False)
+    os.utime(dfd, ns=(parent.st_atime_ns, parent.st_mtime_ns))
 
 
 def _copy_dir_meta(src: str, dst: str) -> None:

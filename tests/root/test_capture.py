@@ -321,3 +321,26 @@ def test_the_published_image_has_the_umasks_modes_and_no_bootenv_state(tmp_path:
     with mounted(fs, tmp_path / "mnt") as mnt:
         assert not (mnt / "var/lib/bootenv/dpkg/web.status").exists()
         assert not (mnt / "etc/bootenv/layout.json.done").exists()
+
+
+def test_a_gold_whose_var_is_a_symlink_is_captured_inside_itself(tmp_path: Path) -> None:
+    """/var -> /data/var (absolute): the database read is the gold's, the OS image's status
+    is rewritten where the link leads inside the image, and the gold's is not touched."""
+    gold = make_tree(tmp_path / "gold")
+    (gold / "data").mkdir()
+    (gold / "var").rename(gold / "data/var")
+    os.symlink("/data/var", gold / "var")
+    status = gold / "data/var/lib/dpkg/status"
+    before = status.read_bytes()
+    out = tmp_path / "image"
+    capture(CaptureConfig(root=gold, output=out, components=SPECS))
+    assert status.read_bytes() == before
+    m = load(out)
+    web = {"/" + t.name.lstrip("./") for t in archive_members(out / m.component("web").data.file)}
+    assert "/data/var/lib/dpkg/info/httpd.list" in web
+    restore_fs(out, m.os, tmp_path / "os.img")
+    with mounted(tmp_path / "os.img", tmp_path / "mnt") as mnt:
+        assert os.readlink(mnt / "var") == "/data/var"
+        text = (mnt / "data/var/lib/dpkg/status").read_text()
+        assert "Package: curl\n" in text and "Package: httpd\n" not in text
+        assert not (mnt / "data/var/lib/dpkg/info/httpd.list").exists()

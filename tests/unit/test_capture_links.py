@@ -1,0 +1,127 @@
+"""A gold whose /var (or /var/lib/dpkg) is a symlink: capture reads and rewrites its dpkg
+database inside the tree, never through the link onto the host or the gold itself."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bootenv.assign import plan_split
+from bootenv.capture import _rewrite_status
+from bootenv.dpkg import read_database
+from bootenv.errors import FatalError
+from bootenv.exclude import Exclusions
+from bootenv.intree import MAX_LINK_HOPS, disk_links, resolve
+from bootenv.split import OS, ComponentSpec
+from bootenv.walk import scan
+from tests.unit.fakeroot import make_tree
+
+SPECS = (ComponentSpec("web", ("httpd",)),)
+
+
+def _var_elsewhere(tmp_path: Path) -> Path:
+    """The fake gold with its /var moved to /data/var, and /var -> /data/var (absolute)."""
+    gold = make_tree(tmp_path / "gold")
+    (gold / "data").mkdir()
+    (gold / "var").rename(gold / "data/var")
+    os.symlink("/data/var", gold / "var")
+    return gold
+
+
+def test_resolving_never_leaves_the_tree(tmp_path: Path) -> None:
+    gold = _var_elsewhere(tmp_path)
+    os.symlink("../../../../etc", gold / "data/up")
+    links = disk_links(gold)
+    assert resolve("/var/lib/dpkg/status", links) == "/data/var/lib/dpkg/status"
+    assert resolve("/data/up/passwd", links) == "/etc/passwd"  # `..` stops at the root
+    assert resolve("/var", links, last=False) == "/var"
+
+
+def test_the_source_is_read_inside_the_tree(tmp_path: Path) -> None:
+    from bootenv.capture import _source
+
+    gold = _var_elsewhere(tmp_path)
+    (gold / "usr/lib/modules/6.1.0-9-amd64").mkdir(parents=True)
+    (gold / "lib").unlink()
+    os.symlink("/usr/lib", gold / "lib")  # absolute: the host's /usr/lib is not the gold's
+    (gold / "usr/lib/os-release").write_text('PRETTY_NAME="Gold Linux"\n')
+    os.symlink("/usr/lib/os-release", gold / "etc/os-release")
+    source = _source(gold, read_database(gold))
+    assert (source.kernel, source.os_release, source.hostname) == ("6.1.0-9-amd64", "Gold Linux", "fakegold")
+
+
+def test_the_database_is_read_through_a_symlinked_var_inside_the_tree(tmp_path: Path) -> None:
+    gold = _var_elsewhere(tmp_path)
+    db = read_database(gold)
+    assert "httpd" in db.packages and "/usr/sbin/httpd" in db.files["httpd-bin"]
+    assert "/var/lib/dbdata" in db.script_paths["dbserver"]
+
+
+def test_the_split_finds_dpkgs_files_where_the_symlinked_var_puts_them(tmp_path: Path) -> None:
+    gold = _var_elsewhere(tmp_path)
+    split = plan_split(read_database(gold), SPECS, scan(gold), Exclusions())
+    assert split.image_of("/data/var/lib/dpkg/status") == OS
+    assert split.image_of("/data/var/lib/dpkg/info/httpd.list") == "web"
+    assert split.image_of("/data/var/lib/dpkg/info/curl.list") == OS
+
+
+def _staged(tmp_path: Path, gold: Path, var_target: str) -> Path:
+    """A staged OS tree as the hard-link farm makes it of a gold whose /var is a link to
+    /data/var: the gold's status linked, and the /var symlink as it is (`var_target`)."""
+    staging = tmp_path / "staging"
+    (staging / "data/var/lib/dpkg").mkdir(parents=True)
+    os.link(gold / "var/lib/dpkg/status", staging / "data/var/lib/dpkg/status")
+    os.symlink(var_target, staging / "var")
+    return staging
+
+
+def test_the_status_is_rewritten_inside_the_staged_tree(tmp_path: Path) -> None:
+    gold = make_tree(tmp_path / "gold")
+    db = read_database(gold)
+    before = (gold / "var/lib/dpkg/status").read_bytes()
+    os.chmod(gold / "var/lib/dpkg/status", 0o640)
+    staging = _staged(tmp_path, gold, "/data/var")
+    _rewrite_status(staging, db, ("dpkg", "libc6"))
+    staged = staging / "data/var/lib/dpkg/status"
+    text = staged.read_text()
+    assert "Package: dpkg\n" in text and "Package: httpd\n" not in text
+    assert "Package: gone\n" in text  # a not-installed record stays with the OS
+    assert staged.stat().st_mode & 0o7777 == 0o640
+    assert staged.stat().st_mtime_ns == (gold / "var/lib/dpkg/status").stat().st_mtime_ns
+    assert (gold / "var/lib/dpkg/status").read_bytes() == before  # the link was replaced
+    assert sorted(p.name for p in staged.parent.iterdir()) == ["status"]
+
+
+def test_the_status_is_never_written_through_a_link_out_of_the_staged_tree(tmp_path: Path) -> None:
+    """The staged /var points, absolutely, at a real database outside the staged tree
+    (on a live ROOT=/, the gold's own): it is left alone, and the capture fails."""
+    gold = make_tree(tmp_path / "gold")
+    db = read_database(gold)
+    outside = tmp_path / "outside/var"
+    shutil.copytree(gold / "var/lib/dpkg", outside / "lib/dpkg", symlinks=True)
+    before = (outside / "lib/dpkg/status").read_bytes()
+    staging = _staged(tmp_path, gold, str(outside))
+    with pytest.raises(FatalError, match="vanished from the staged tree"):
+        _rewrite_status(staging, db, ("dpkg",))
+    assert (outside / "lib/dpkg/status").read_bytes() == before
+    assert sorted(p.name for p in (outside / "lib/dpkg").iterdir()) == ["alternatives", "info", "status"]
+
+
+def test_a_link_chain_too_long_to_resolve_is_refused_not_followed(tmp_path: Path) -> None:
+    gold = make_tree(tmp_path / "gold")
+    db = read_database(gold)
+    outside = tmp_path / "outside/var"
+    shutil.copytree(gold / "var/lib/dpkg", outside / "lib/dpkg", symlinks=True)
+    before = (outside / "lib/dpkg/status").read_bytes()
+    staging = _staged(tmp_path, gold, "/l0")
+    for i in range(MAX_LINK_HOPS):  # /var -> /l0 -> /l1 ... -> /l40 -> outside
+        os.symlink(f"/l{i + 1}", staging / f"l{i}")
+    os.symlink(str(outside), staging / f"l{MAX_LINK_HOPS}")
+    with pytest.raises(
+        FatalError, match=r"status is not written in the staged tree: refused: /l\d+ is a symlink"
+    ):
+        _rewrite_status(staging, db, ("dpkg",))
+    assert (outside / "lib/dpkg/status").read_bytes() == before
