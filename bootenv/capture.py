@@ -311,10 +311,7 @@ def _pack_component(
     work: Path,
 ) -> Component:
     pkgs = split.packages(name)
-    frag = work / f"frag-{name}"
-    status_rel = f"{COMPONENT_STATUS_DIR}/{name}.status"
-    (frag / status_rel.lstrip("/")).parent.mkdir(parents=True)
-    (frag / status_rel.lstrip("/")).write_text(render_status([db.packages[p].stanza for p in pkgs]))
+    frag, status_rel = status_fragment(work, name, [db.packages[p].stanza for p in pkgs])
     listing = work / f"{name}.list"
     write_list(listing, archive_order(root, split, name))
     # The tar stream's size, about: a header and the data padded to 512 bytes, per file.
@@ -336,6 +333,17 @@ def _pack_component(
     )
     files = _packed(split.files[name], vanished)
     return Component(name, data, pkgs, split.depends[name], files, tuple(units), chunks)
+
+
+def status_fragment(work: Path, name: str, stanzas: list[str]) -> tuple[Path, str]:
+    """The tree (in `work`) of component `name`'s dpkg status paragraphs, and their path in
+    it. A paragraph keeps any byte it had (read with surrogateescape): written back as
+    those bytes, as dpkgmerge reads and writes them."""
+    frag = work / f"frag-{name}"
+    status_rel = f"{COMPONENT_STATUS_DIR}/{name}.status"
+    (frag / status_rel.lstrip("/")).parent.mkdir(parents=True)
+    (frag / status_rel.lstrip("/")).write_bytes(render_status(stanzas).encode("utf-8", "surrogateescape"))
+    return frag, status_rel
 
 
 def _packed(files: Iterable[str], vanished: tuple[str, ...]) -> int:

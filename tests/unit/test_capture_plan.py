@@ -90,3 +90,24 @@ def test_diversions_parse_and_a_damaged_list_is_refused() -> None:
     )
     with pytest.raises(UserError, match="damaged"):
         parse_diversions("/a\n/a.d\n")
+
+
+def test_a_status_paragraph_with_a_byte_not_utf8_reaches_the_targets_database(tmp_path: Path) -> None:
+    """A maintainer's name in Latin-1 (read with surrogateescape): the component's status
+    fragment keeps the byte, and the layout's merge puts exactly it into the target's
+    status."""
+    from bootenv.capture import status_fragment
+    from bootenv.dpkgmerge import merge_component_status
+
+    gold = make_tree(tmp_path / "gold")
+    status = gold / "var/lib/dpkg/status"
+    status.write_bytes(
+        status.read_bytes().replace(b"Package: httpd\n", b"Package: httpd\nMaintainer: J\xf6rg\n")
+    )
+    db = read_database(gold)
+    frag, rel = status_fragment(tmp_path / "work", "web", [db.packages["httpd"].stanza])
+    target = tmp_path / "target"
+    (target / rel.lstrip("/")).parent.mkdir(parents=True)
+    (target / rel.lstrip("/")).write_bytes((frag / rel.lstrip("/")).read_bytes())
+    assert merge_component_status(target, "web") == ["httpd"]
+    assert b"Package: httpd\nMaintainer: J\xf6rg\n" in (target / "var/lib/dpkg/status").read_bytes()
