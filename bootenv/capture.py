@@ -391,7 +391,7 @@ def _pack_os(
         with scratch_image(work / f"{staging.name}.img", memory=memory) as image:
             where = "in memory" if memory else "on disk"
             with step(f"Building the {what} ext4 filesystem ({size >> 20} MiB, {where})"):
-                make_ext4(staging, image, size)
+                make_ext4(staging, image, size, staged.inodes)
             bmap, data = _compress_image(cfg, image, staging, out, what)
     bmap_blob = write_blob(out, "bmap.json", bmap.to_json().encode())
     pkgs = tuple(sorted(db.packages)) if single else split.packages(OS)

@@ -81,13 +81,33 @@ def image_size_for(used: int, inodes: int) -> int:
     """A size that fits the tree with room for ext4's metadata and the journal.
 
     The image is grown to fill its partition at provisioning time, so it stays small.
+    Each inode's table entry (256 bytes) is counted: make_ext4 gives the image at least
+    as many inodes as the tree has.
     """
     size = int(used * 1.15) + inodes * 256 + 192 * MiB
     return -(-size // MiB) * MiB
 
 
-def make_ext4(tree: Path, image: Path, size: int, *, label: str = "bootenv-root") -> None:
-    """Create `image` as an ext4 filesystem of `size` bytes populated from `tree`."""
+# One inode per 16 KiB: mke2fs's default density (/etc/mke2fs.conf inode_ratio).
+INODE_RATIO = 16384
+RESERVED_INODES = 11  # ext4's first 10 inodes (the root's among them), and lost+found
+
+
+def inode_count(size: int, inodes: int) -> int:
+    """The inodes an image of `size` bytes gets, for a tree of `inodes` (fsimage.tree_usage
+    counts them: every one but the tree's root, each hard-linked inode once).
+
+    mke2fs's own choice (by size alone) fails on a tree of many small files ("Could not
+    allocate inode"): the tree's count, a margin on top, wins then. Never fewer than the
+    default density either: resize2fs keeps the inodes per group when provisioning grows
+    the image, so the grown filesystem has as many inodes as a default one of its size.
+    """
+    return max(size // INODE_RATIO, inodes + inodes // 100 + RESERVED_INODES + 64)
+
+
+def make_ext4(tree: Path, image: Path, size: int, inodes: int, *, label: str = "bootenv-root") -> None:
+    """Create `image` as an ext4 filesystem of `size` bytes populated from `tree`, which
+    holds `inodes` inodes (as tree_usage counts them)."""
     with open(image, "wb") as f:
         f.truncate(size)
     # lazy_itable_init keeps the image sparse: the kernel zeroes unused inode tables in
@@ -107,6 +127,8 @@ def make_ext4(tree: Path, image: Path, size: int, *, label: str = "bootenv-root"
             label,
             "-m",
             "1",
+            "-N",
+            str(inode_count(size, inodes)),
             "-E",
             "lazy_itable_init=1,lazy_journal_init=0,nodiscard",
             "-d",

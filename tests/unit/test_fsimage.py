@@ -54,3 +54,30 @@ def test_disk_scratch_is_the_fallback_file_and_is_removed(tmp_path: Path) -> Non
         image.write_bytes(b"x")
         raise RuntimeError("mke2fs failed")
     assert not fallback.exists()
+
+
+def test_an_image_gets_the_inodes_its_tree_needs_and_the_default_density_at_least() -> None:
+    from bootenv.fsimage import MiB, inode_count
+
+    size = 668 * MiB  # what image_size_for gives 100 000 files of 100 bytes
+    assert inode_count(size, 100_100) >= 100_100 + 11  # mke2fs alone: 42 752 (one per 16 KiB)
+    assert inode_count(size, 10) == size // 16384  # a tree of few files: the default density
+
+
+def test_a_tree_of_many_small_files_fits_its_image(tmp_path: Path, allow_run: None) -> None:
+    """mke2fs -d, by the image's size alone, would give this 8 MiB image 2048 inodes (one
+    per 4 KiB, as for any image under 512 MiB) and fail: "Could not allocate inode"."""
+    from bootenv.fsimage import make_ext4, tree_usage
+    from bootenv.run import run
+
+    tree = tmp_path / "tree"
+    for d in range(3):
+        (tree / f"d{d}").mkdir(parents=True)
+        for i in range(1000):
+            os.close(os.open(tree / f"d{d}/f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
+    _, inodes = tree_usage(tree)
+    image = tmp_path / "os.img"
+    make_ext4(tree, image, 8 << 20, inodes)
+    run(["e2fsck", "-fn", image])
+    listing = run(["debugfs", "-R", "ls -p /d2", image]).stdout.decode()
+    assert "/f999/" in listing
