@@ -290,22 +290,24 @@ def _check_components(components: tuple[Component, ...]) -> None:
         for dep in comp.depends:
             if dep not in graph:
                 raise ManifestError(f"component {comp.name} depends on unknown component {dep}")
-    visiting: set[str] = set()
     done: set[str] = set()
-
-    def visit(name: str) -> None:
-        if name in done:
-            return
-        if name in visiting:
-            raise ManifestError(f"component dependencies form a cycle through {name}")
-        visiting.add(name)
-        for dep in graph[name]:
-            visit(dep)
-        visiting.discard(name)
-        done.add(name)
-
-    for name in sorted(graph):
-        visit(name)
+    for start in sorted(graph):
+        # Depth first, with a stack of its own: a chain of thousands of dependencies
+        # would overflow Python's.
+        visiting = {start}
+        stack = [(start, iter(graph[start]))]
+        while stack:
+            name, deps = stack[-1]
+            nxt = next(deps, None)
+            if nxt is None:
+                stack.pop()
+                visiting.discard(name)
+                done.add(name)
+            elif nxt in visiting:
+                raise ManifestError(f"component dependencies form a cycle through {nxt}")
+            elif nxt not in done:
+                visiting.add(nxt)
+                stack.append((nxt, iter(graph[nxt])))
 
 
 def resolve_components(manifest: Manifest, wanted: str | list[str]) -> tuple[list[str], list[str]]:
@@ -319,16 +321,19 @@ def resolve_components(manifest: Manifest, wanted: str | list[str]) -> tuple[lis
         names = []
     else:
         names = list(wanted)
-    order: list[str] = []
-
-    def add(name: str) -> None:
-        comp = manifest.component(name)
-        for dep in comp.depends:
-            add(dep)
-        if name not in order:
-            order.append(name)
-
+    order: dict[str, None] = {}  # ordered: each after its dependencies
     for name in names:
-        add(name)
+        stack = [(name, iter(manifest.component(name).depends))]
+        on_stack = {name}
+        while stack:  # depth first, with a stack of its own (a chain may be long)
+            comp, deps = stack[-1]
+            dep = next(deps, None)
+            if dep is None:
+                stack.pop()
+                on_stack.discard(comp)
+                order.setdefault(comp)
+            elif dep not in order and dep not in on_stack:  # (a cycle: parsing refuses it)
+                on_stack.add(dep)
+                stack.append((dep, iter(manifest.component(dep).depends)))
     added = [n for n in order if n not in names]
-    return order, added
+    return list(order), added

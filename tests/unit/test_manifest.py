@@ -156,3 +156,24 @@ def test_resolve_components() -> None:
     assert resolve_components(m, "none") == ([], [])
     with pytest.raises(UserError, match="available: apache, php, mysql"):
         resolve_components(m, ["nginx"])
+
+
+def _chain(n: int, *, cycle: bool = False) -> str:
+    """A manifest whose components c0 .. c{n-1} each depend on the next (the last on c0
+    if `cycle`)."""
+    d = doc()
+    template = d["components"][0]
+    d["components"] = [
+        {**template, "name": f"c{i}", "depends": [f"c{i + 1}"] if i + 1 < n else (["c0"] if cycle else [])}
+        for i in range(n)
+    ]
+    return json.dumps(d)
+
+
+def test_a_long_chain_of_dependencies_is_parsed_and_expanded() -> None:
+    m = parse_manifest(_chain(5000))
+    order, added = resolve_components(m, ["c0"])
+    assert order == [f"c{i}" for i in reversed(range(5000))]
+    assert added == order[:-1]
+    with pytest.raises(ManifestError, match=r"^component dependencies form a cycle through c0$"):
+        parse_manifest(_chain(5000, cycle=True))

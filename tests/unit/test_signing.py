@@ -60,9 +60,20 @@ def test_swapped_public_key_in_signature_file_is_refused(key: Path, tmp_path: Pa
         verify(MANIFEST, json.dumps(doc).encode(), Trust(keys=(read_public_key(key.with_name("key.pub")),)))
 
 
-@pytest.mark.parametrize("bad", [b"", b"{}", b"[1]", b'{"algorithm":"rsa","public_key":"","signature":""}'])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"",
+        b"{}",
+        b"[1]",
+        b'{"algorithm":"rsa","public_key":"","signature":""}',
+        b"[" * 4000,  # nested deeper than the JSON parser recurses
+        b"[" * 100_000,  # and far larger than a signature
+        b'{"algorithm":"ed25519","public_key":"","signature":"' + b"A" * 8192 + b'"}',
+    ],
+)
 def test_malformed_signature(bad: bytes, key: Path) -> None:
-    with pytest.raises(VerificationError):
+    with pytest.raises(VerificationError, match=r"^manifest.json.sig is malformed$"):
         verify(MANIFEST, bad, Trust(keys=(read_public_key(key.with_name("key.pub")),)))
 
 
