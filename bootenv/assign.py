@@ -1,7 +1,8 @@
 """Assign every path of the tree to exactly one sub-image, or exclude it on purpose.
 
 The rules, in order (docs/FORMAT.md, "How a tree is split"):
-1. a path the admin assigned to a component (`--component NAME=...,/PATH`);
+1. a path the admin assigned to a component (`--component NAME=...,/PATH`; refused
+   when it is, or holds, another sub-image's package's path, or dpkg's database);
 2. dpkg's own files: status is rewritten per sub-image, info files follow their
    package, /var/lib/dpkg/alternatives/X follows /etc/alternatives/X;
 3. a path owned by packages: the OS if any owner is an OS package, the component if
@@ -17,11 +18,12 @@ The rules, in order (docs/FORMAT.md, "How a tree is split"):
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from bootenv import intree
 from bootenv.dpkg import Database
+from bootenv.errors import UserError
 from bootenv.exclude import Exclusions
 from bootenv.split import (
     ALTERNATIVES_DB,
@@ -58,6 +60,7 @@ def plan_split(
     validate_specs(specs, db)
     package_owner, depends, base = assign_packages(db, specs)
     tree = _Tree({e.path: e.target for e in entries if e.kind is Kind.SYMLINK and e.target})
+    check_claims(db, specs, package_owner, lambda p: tree.resolve(p, last=False))
     decider = _Decider(db, specs, package_owner, depends, tree)
     files: dict[str, list[str]] = {OS: [], **{s.name: [] for s in specs}}
     dirs: dict[str, set[str]] = {OS: set(), **{s.name: set() for s in specs}}
@@ -88,6 +91,52 @@ def plan_split(
         excluded=tuple(excluded),
         base=base,
     )
+
+
+def check_claims(
+    db: Database,
+    specs: tuple[ComponentSpec, ...],
+    package_owner: Mapping[str, str],
+    canonical: Callable[[str], str],
+) -> None:
+    """Refuse an admin's `/PATH` that is, or holds, a path a package of another sub-image
+    owns, or dpkg's database: rule 1 comes first, so it would take those files from the
+    sub-image their package is in (dpkg itself into a component). Paths of the named
+    component's own packages are its anyway. `canonical`: a path with its parents'
+    symlinks resolved in the tree (dpkg records /lib/x where /lib -> usr/lib)."""
+    claims = [(path, spec.name) for spec in specs for path in spec.paths]
+    if not claims:
+        return
+    dpkg_dirs = sorted({posixpath.dirname(DPKG_STATUS), posixpath.dirname(canonical(DPKG_STATUS))})
+    for claim, name in claims:
+        for dpkg in dpkg_dirs:
+            if _under(claim, dpkg) or _under(dpkg, claim):
+                how = "is" if claim == dpkg else "is in" if _under(claim, dpkg) else "holds"
+                raise UserError(
+                    f"component {name}: {claim} {how} dpkg's database ({dpkg})",
+                    hint="dpkg's files follow their packages: assign a path outside it",
+                )
+    first: dict[str, tuple[str, str, str]] = {}  # claim -> the first path (by name) it takes
+    for pkg, paths in db.files.items():
+        owner = package_owner[pkg]
+        for path in paths:
+            where = canonical(path)
+            for claim, name in claims:
+                if owner != name and _under(where, claim) and (claim not in first or where < first[claim][0]):
+                    first[claim] = (where, pkg, owner)
+    for claim, name in claims:
+        if claim in first:
+            where, pkg, owner = first[claim]
+            held = "is" if where == claim else f"holds {where}, which is"
+            raise UserError(
+                f"component {name}: {claim} {held} a path of package {pkg}, in "
+                + ("the OS" if owner == OS else f"component {owner}"),
+                hint="a /PATH assigns only paths no package outside the component owns; name one below it",
+            )
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
 
 
 def _add_ancestors(dirs: set[str], path: str) -> None:

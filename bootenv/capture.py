@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import cast
 
 from bootenv import readahead
-from bootenv.assign import plan_split
+from bootenv.assign import check_claims, plan_split
 from bootenv.blockmap import BlockMap, pack_image
 from bootenv.dpkg import (
     STATUS,
@@ -39,11 +39,11 @@ from bootenv.fsimage import (
     mem_available,
     scratch_image,
 )
-from bootenv.intree import inside
+from bootenv.intree import disk_links, inside, resolve
 from bootenv.log import Progress, step
 from bootenv.manifest import MANIFEST, Blob, Component, Manifest, OsImage, RootFs, Source
 from bootenv.run import run, which
-from bootenv.split import COMPONENT_STATUS_DIR, OS, ComponentSpec, Split, validate_specs
+from bootenv.split import COMPONENT_STATUS_DIR, OS, ComponentSpec, Split, assign_packages, validate_specs
 from bootenv.staging import replace_file, stage
 from bootenv.store import BlobWriter, write_blob
 from bootenv.tarstream import finish_create, tar_create, write_list
@@ -97,6 +97,10 @@ def capture(cfg: CaptureConfig) -> CaptureResult:
         for path in spec.paths:
             if not os.path.lexists(root / path.lstrip("/")):
                 raise UserError(f"component {spec.name}: {path} is not in {root}")
+    if any(spec.paths for spec in specs):  # refused before the scan, and any write
+        package_owner, _, _ = assign_packages(db, specs)
+        links = disk_links(root)
+        check_claims(db, specs, package_owner, lambda p: resolve(p, links, last=False))
     exclusions = Exclusions().with_patterns(cfg.excludes + _inside(root, output))
     with step(f"Scanning {root}"):
         entries = scan(root)

@@ -30,7 +30,7 @@ COMPONENT_STATUS_DIR = "/var/lib/bootenv/dpkg"
 class ComponentSpec:
     name: str
     packages: tuple[str, ...]
-    paths: tuple[str, ...] = ()  # unowned paths the admin assigns to this component
+    paths: tuple[str, ...] = ()  # paths the admin assigns to it; no other sub-image's package owns any
 
 
 @dataclass(frozen=True)

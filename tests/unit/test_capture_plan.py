@@ -111,3 +111,16 @@ def test_a_status_paragraph_with_a_byte_not_utf8_reaches_the_targets_database(tm
     (target / rel.lstrip("/")).write_bytes((frag / rel.lstrip("/")).read_bytes())
     assert merge_component_status(target, "web") == ["httpd"]
     assert b"Package: httpd\nMaintainer: J\xf6rg\n" in (target / "var/lib/dpkg/status").read_bytes()
+
+
+def test_an_admin_path_of_the_os_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    from bootenv.capture import CaptureConfig, capture
+
+    gold = make_tree(tmp_path / "gold")
+    out = tmp_path / "images/web"
+    spec = ComponentSpec("web", ("httpd",), ("/usr/bin",))
+    with pytest.raises(
+        UserError, match=r"^component web: /usr/bin is a path of package base-files, in the OS"
+    ):
+        capture(CaptureConfig(root=gold, output=out, components=(spec,)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gold"]

@@ -192,6 +192,49 @@ def test_admin_path_claim(tree: Path) -> None:
     specs = (ComponentSpec("web", ("httpd",), ("/etc/admin-notes.txt",)),)
     split = plan_split(read_database(tree), specs, scan(tree), Exclusions())
     assert split.image_of("/etc/admin-notes.txt") == "web"
+    # A path of the component's own packages, with an admin's file in it: the component's.
+    specs = (ComponentSpec("web", ("httpd",), ("/etc/httpd",)),)
+    split = plan_split(read_database(tree), specs, scan(tree), Exclusions())
+    assert split.image_of("/etc/httpd/sites/local.conf") == split.image_of("/etc/httpd/httpd.conf") == "web"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            "web=httpd,/usr/bin",
+            "component web: /usr/bin is a path of package base-files, in the OS (hint: a /PATH assigns only "
+            "paths no package outside the component owns; name one below it)",
+        ),
+        ("web=httpd,/usr", "component web: /usr is a path of package base-files, in the OS"),
+        ("web=httpd,/usr/bin/dpkg", "component web: /usr/bin/dpkg is a path of package dpkg, in the OS"),
+        (
+            "web=httpd,/var/lib/dpkg",
+            "component web: /var/lib/dpkg is dpkg's database (/var/lib/dpkg) (hint: dpkg",
+        ),
+        (
+            "web=httpd,/var/lib/dpkg/info/httpd.list",
+            "component web: /var/lib/dpkg/info/httpd.list is in dpkg's",
+        ),
+        ("web=httpd,/var", "component web: /var holds dpkg's database (/var/lib/dpkg)"),
+        ("db=dbserver,/etc/httpd", "component db: /etc/httpd is a path of package httpd, in component web"),
+        # dpkg records /lib/systemd/...; the tree has it in /usr/lib (merged /usr).
+        (
+            "db=dbserver,/usr/lib/systemd",
+            "component db: /usr/lib/systemd holds /usr/lib/systemd/system/httpd.service, which is a path of "
+            "package httpd, in component web",
+        ),
+    ],
+)
+def test_an_admin_path_holding_another_sub_images_files_is_refused(
+    tree: Path, spec: str, message: str
+) -> None:
+    specs = (parse_component_arg(spec), ComponentSpec("php", ("modphp",)))
+    if not any(s.name == "web" for s in specs):
+        specs += (ComponentSpec("web", ("httpd",)),)
+    with pytest.raises(UserError) as err:
+        plan_split(read_database(tree), specs, scan(tree), Exclusions())
+    assert str(err.value).startswith(message)
 
 
 def _stanza(name: str, arch: str, multi_arch: str = "same", depends: str = "") -> str:
