@@ -92,28 +92,21 @@ def capture(cfg: CaptureConfig) -> CaptureResult:
     specs = cfg.components + (propose_components(db, cfg.components) if cfg.auto else ())
     if not specs:
         log.info("No components given: the image will hold the OS sub-image only")
-    validate_specs(specs, db)
-    for spec in specs:
-        for path in spec.paths:
-            if not os.path.lexists(root / path.lstrip("/")):
-                raise UserError(f"component {spec.name}: {path} is not in {root}")
-    if any(spec.paths for spec in specs):  # refused before the scan, and any write
-        package_owner, _, _ = assign_packages(db, specs)
-        links = disk_links(root)
-        check_claims(db, specs, package_owner, lambda p: resolve(p, links, last=False))
+    _refuse_bad_specs(root, db, specs)
     exclusions = Exclusions().with_patterns(cfg.excludes + _inside(root, output))
-    with step(f"Scanning {root}"):
-        entries = scan(root)
-    split = plan_split(db, specs, entries, exclusions)
-    for problem in split_warnings(specs, entries, read_diversions(root), split):
-        log.warning("%s", problem)
     output.parent.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         partial = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
         stack.callback(shutil.rmtree, partial, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=".work-", dir=partial))
-        stack.enter_context(_quiesced(cfg.stop_services))
-        manifest = _pack_all(cfg, root, db, split, entries, partial, work)
+        # Stopped before the scan: the files listed are the ones the stopped services left.
+        with _quiesced(cfg.stop_services):
+            with step(f"Scanning {root}"):
+                entries = scan(root)
+            split = plan_split(db, specs, entries, exclusions)
+            for problem in split_warnings(specs, entries, read_diversions(root), split):
+                log.warning("%s", problem)
+            manifest = _pack_all(cfg, root, db, split, entries, partial, work)
         shutil.rmtree(work)
         _write_durably(partial / MANIFEST, manifest.to_json().encode())
         _publishable(partial)
@@ -121,6 +114,20 @@ def capture(cfg: CaptureConfig) -> CaptureResult:
         _replace_dir(partial, output)
         fsync_dir(output.parent)
     return CaptureResult(manifest, split, len(split.excluded))
+
+
+def _refuse_bad_specs(root: Path, db: Database, specs: tuple[ComponentSpec, ...]) -> None:
+    """Everything wrong with the components that needs no scan, refused before anything
+    is written or stopped: names, packages, cycles between components, `/PATH`s."""
+    validate_specs(specs, db)
+    for spec in specs:
+        for path in spec.paths:
+            if not os.path.lexists(root / path.lstrip("/")):
+                raise UserError(f"component {spec.name}: {path} is not in {root}")
+    package_owner, _, _ = assign_packages(db, specs)
+    if any(spec.paths for spec in specs):
+        links = disk_links(root)
+        check_claims(db, specs, package_owner, lambda p: resolve(p, links, last=False))
 
 
 def split_warnings(
@@ -211,17 +218,26 @@ def _replace_dir(new: Path, output: Path) -> None:
 
 @contextmanager
 def _quiesced(services: tuple[str, ...]) -> Iterator[None]:
-    """Stop the listed services for a consistent capture, and start them again after."""
-    stopped: list[str] = []
+    """Stop the listed services for a consistent capture; start again, after, the ones
+    that were running (one the admin had stopped stays stopped)."""
+    systemctl = which("systemctl") if services else ""
+    running: list[str] = []
     try:
         for svc in services:
+            active = run([systemctl, "is-active", "--quiet", svc], check=False).returncode == 0
             with step(f"Stopping {svc} for a consistent capture"):
-                run([which("systemctl"), "stop", svc])
-            stopped.append(svc)
+                run([systemctl, "stop", svc])
+            if active:
+                running.append(svc)
+            else:
+                log.info("%s was not running: it is not started after the capture", svc)
         yield
     finally:
-        for svc in reversed(stopped):
-            run([which("systemctl"), "start", svc], check=False)
+        for svc in reversed(running):
+            done = run([systemctl, "start", svc], check=False)
+            if done.returncode != 0:
+                why = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                log.warning("%s could not be started again: %s", svc, why[0])
 
 
 def propose_components(db: Database, given: tuple[ComponentSpec, ...]) -> tuple[ComponentSpec, ...]:

@@ -24,28 +24,69 @@ def test_auto_proposes_service_packages_outside_the_base(tmp_path: Path) -> None
     assert names == {("httpd", ("httpd",)), ("dbserver", ("dbserver",))}
 
 
-def test_quiesce_stops_and_always_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[list[str]] = []
+class _Systemctl:
+    """A recording run helper: `systemctl is-active` answers for the `active` services."""
 
-    def record(argv: list[str], **_: object) -> object:
-        calls.append(argv[1:])
+    def __init__(self, active: set[str]) -> None:
+        self.active = active
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv: list[str], **_: object) -> object:
+        self.calls.append(argv[1:])
+        code = 3 if argv[1] == "is-active" and argv[-1] not in self.active else 0
 
         class Done:
-            returncode = 0
+            returncode = code
             stdout = b""
             stderr = b""
 
         return Done()
 
-    monkeypatch.setattr(run_mod, "_spawn", record)
-    with pytest.raises(FatalError), _quiesced(("mariadb", "apache2")):
+
+def test_quiesce_stops_and_always_restarts_what_was_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    systemctl = _Systemctl(active={"mariadb", "apache2"})
+    monkeypatch.setattr(run_mod, "_spawn", systemctl)
+    with pytest.raises(FatalError), _quiesced(("mariadb", "cron", "apache2")):
         raise FatalError("disk full")
-    assert calls == [
+    assert systemctl.calls == [
+        ["is-active", "--quiet", "mariadb"],
         ["stop", "mariadb"],
+        ["is-active", "--quiet", "cron"],  # stopped by the admin: not started after
+        ["stop", "cron"],
+        ["is-active", "--quiet", "apache2"],
         ["stop", "apache2"],
         ["start", "apache2"],
         ["start", "mariadb"],
     ]
+
+
+def test_the_services_are_stopped_before_the_tree_is_scanned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the scan lists is what the stopped services left: a file a service writes as
+    it stops is in the capture, and none it removes is missing from it."""
+    import bootenv.capture as capture_mod
+
+    db = read_database(make_tree(tmp_path / "gold"))
+    systemctl = _Systemctl(active={"mariadb"})
+    monkeypatch.setattr(run_mod, "_spawn", systemctl)
+    monkeypatch.setattr(capture_mod, "read_database", lambda root: db)
+
+    def scan(root: Path) -> object:
+        systemctl.calls.append(["(scan)", str(root)])
+        raise FatalError("scanned")
+
+    monkeypatch.setattr(capture_mod, "scan", scan)
+    out = tmp_path / "images/lamp"
+    with pytest.raises(FatalError, match=r"^scanned$"):
+        capture_mod.capture(capture_mod.CaptureConfig(root=Path("/"), output=out, stop_services=("mariadb",)))
+    assert systemctl.calls == [
+        ["is-active", "--quiet", "mariadb"],
+        ["stop", "mariadb"],
+        ["(scan)", "/"],
+        ["start", "mariadb"],
+    ]
+    assert list((tmp_path / "images").iterdir()) == []
 
 
 def test_the_recorded_kernel_is_the_newest_by_version(tmp_path: Path) -> None:
