@@ -8,7 +8,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,6 +18,7 @@ from typing import cast
 from bootenv import readahead
 from bootenv.assign import check_claims, plan_split
 from bootenv.blockmap import BlockMap, pack_image
+from bootenv.cancel import Cancel
 from bootenv.dpkg import (
     STATUS,
     Database,
@@ -262,19 +263,36 @@ def _pack_all(
     sizes = {e.path: e.size for e in entries}
     regular = {e.path: e.size for e in entries if e.kind is Kind.FILE}
     names = sorted(n for n in split.files if n != OS)
-    # The components (tar and zstd: CPU) are packed on a thread while the OS image is
-    # staged and built (mke2fs -d: mostly one core and the disk): they overlap.
-    with ThreadPoolExecutor(1, thread_name_prefix="pack") as pool:
-        packing = pool.submit(
-            lambda: [_pack_component(cfg, root, db, split, n, sizes, out, work) for n in names]
-        )
+    cancel = Cancel()
+
+    def pack_components() -> list[Component]:
         try:
-            os_image, rootfs = _pack_os(cfg, root, db, split, regular, out, work, single=False)
-        finally:
-            components = packing.result()  # waits; a failure on either side is raised
+            done = []
+            for name in names:
+                cancel.check()
+                done.append(_pack_component(cfg, root, db, split, name, sizes, out, work, cancel))
+            return done
+        except BaseException as exc:
+            cancel.set(exc)  # the OS side stops at its next step
+            raise
+
+    # The components (tar and zstd: CPU) are packed on a thread while the OS image is
+    # staged and built (mke2fs -d: mostly one core and the disk): they overlap. A failure
+    # on either side stops the other (its tar or e2fsck is killed) and is the one raised.
+    with ThreadPoolExecutor(1, thread_name_prefix="pack") as pool:
+        packing = pool.submit(pack_components)
+        try:
+            os_image, rootfs = _pack_os(cfg, root, db, split, regular, out, work, cancel, single=False)
+        except BaseException as exc:
+            cancel.set(exc)
+            wait([packing])
+            if cancel.cause is not exc and cancel.cause is not None:
+                raise cancel.cause from None
+            raise
+        components = packing.result()
     single = None
     if cfg.single:
-        single, _ = _pack_os(cfg, root, db, split, regular, out, work, single=True)
+        single, _ = _pack_os(cfg, root, db, split, regular, out, work, cancel, single=True)
     return Manifest(_source(root, db), rootfs, os_image, tuple(components), single)
 
 
@@ -329,6 +347,7 @@ def _pack_component(
     sizes: dict[str, int],
     out: Path,
     work: Path,
+    cancel: Cancel,
 ) -> Component:
     pkgs = split.packages(name)
     frag, status_rel = status_fragment(work, name, [db.packages[p].stanza for p in pkgs])
@@ -338,7 +357,7 @@ def _pack_component(
     total = sum(512 + -(-sizes.get(p, 0) // 512) * 512 for p in split.files[name])
     with step(f"Packing component {name} ({len(pkgs)} packages, {len(split.files[name])} files)"):
         tar = tar_create(root, listing, extra=((frag, "." + status_rel),))
-        with BlobWriter(out, "tar.zst") as blob:
+        with cancel.running(tar), BlobWriter(out, "tar.zst") as blob:
             progress = Progress(f"packing {name}", total)
             src = cast(TarSource, tar.stdout)  # a pipe Popen opened: a BufferedReader
             raw, chunks = compress_tar(src, blob, level=cfg.level, progress=progress.update)
@@ -389,6 +408,7 @@ def _pack_os(
     regular: dict[str, int],
     out: Path,
     work: Path,
+    cancel: Cancel,
     *,
     single: bool,
 ) -> tuple[OsImage, RootFs]:
@@ -400,6 +420,7 @@ def _pack_os(
     # mke2fs -d reads every file of the tree: the disk reads them ahead meanwhile.
     warm = readahead.plan([(p, regular[p]) for p in paths if p in regular], mem_available() // 4)
     with readahead.Readahead(root, warm):
+        cancel.check()
         with step(f"Staging the {what} tree ({len(paths)} entries)"):
             staged = stage(root, paths, staging, work)
         log.info("Staged with %s", staged.method)
@@ -410,9 +431,11 @@ def _pack_os(
         memory = in_memory(cfg.scratch, size, mem_available())
         with scratch_image(work / f"{staging.name}.img", memory=memory) as image:
             where = "in memory" if memory else "on disk"
+            cancel.check()
             with step(f"Building the {what} ext4 filesystem ({size >> 20} MiB, {where})"):
                 make_ext4(staging, image, size, staged.inodes)
-            bmap, data = _compress_image(cfg, image, staging, out, what)
+            cancel.check()
+            bmap, data = _compress_image(cfg, image, staging, out, what, cancel)
     bmap_blob = write_blob(out, "bmap.json", bmap.to_json().encode())
     pkgs = tuple(sorted(db.packages)) if single else split.packages(OS)
     nfiles = _packed((p for i in images for p in split.files[i]), staged.vanished)
@@ -421,22 +444,19 @@ def _pack_os(
 
 
 def _compress_image(
-    cfg: CaptureConfig, image: Path, staging: Path, out: Path, what: str
+    cfg: CaptureConfig, image: Path, staging: Path, out: Path, what: str, cancel: Cancel
 ) -> tuple[BlockMap, Blob]:
     """Compress the built image while e2fsck checks it and the staged tree is removed
     (unlinks on another thread: they overlap the compression)."""
     with ThreadPoolExecutor(1, thread_name_prefix="rmtree") as bg:
         removed = bg.submit(shutil.rmtree, staging)
-        fsck = check_ext4(image)
-        try:
+        with cancel.running(check_ext4(image)) as fsck:  # killed on a failure, here or there
             with step(f"Compressing the {what}"), BlobWriter(out, "img.zst") as blob:
                 bmap = pack_image(image, blob, block_size=BLOCK_SIZE, level=cfg.level)
                 data = blob.finish(bmap.mapped)
-        except BaseException:
-            fsck.kill()
-            raise
-        with step(f"Checking the {what} filesystem"):
-            fsck.wait_ok()
+            cancel.check()
+            with step(f"Checking the {what} filesystem"):
+                fsck.wait_ok()
         removed.result()
     return bmap, data
 
