@@ -43,6 +43,7 @@ from bootenv.fsimage import (
 from bootenv.intree import disk_links, inside, resolve
 from bootenv.log import Progress, step
 from bootenv.manifest import MANIFEST, Blob, Component, Manifest, OsImage, RootFs, Source
+from bootenv.outdir import check_replaceable, inside_root, publishable, replace_dir, write_durably
 from bootenv.run import run, which
 from bootenv.split import COMPONENT_STATUS_DIR, OS, ComponentSpec, Split, assign_packages, validate_specs
 from bootenv.staging import replace_file, stage
@@ -86,7 +87,7 @@ def capture(cfg: CaptureConfig) -> CaptureResult:
     if output.exists() or output.is_symlink():
         if not cfg.force:
             raise UserError(f"{output} already exists", hint="pass --force to replace it")
-        _check_replaceable(output)
+        check_replaceable(output)
     if cfg.stop_services and root != Path("/"):
         raise UserError("--stop only applies when capturing the live system (ROOT=/)")
     db = read_database(root)
@@ -94,7 +95,7 @@ def capture(cfg: CaptureConfig) -> CaptureResult:
     if not specs:
         log.info("No components given: the image will hold the OS sub-image only")
     _refuse_bad_specs(root, db, specs)
-    exclusions = Exclusions().with_patterns(cfg.excludes + _inside(root, output))
+    exclusions = Exclusions().with_patterns(cfg.excludes + inside_root(root, output))
     output.parent.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         partial = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
@@ -109,10 +110,10 @@ def capture(cfg: CaptureConfig) -> CaptureResult:
                 log.warning("%s", problem)
             manifest = _pack_all(cfg, root, db, split, entries, partial, work)
         shutil.rmtree(work)
-        _write_durably(partial / MANIFEST, manifest.to_json().encode())
-        _publishable(partial)
+        write_durably(partial / MANIFEST, manifest.to_json().encode())
+        publishable(partial)
         fsync_dir(partial)
-        _replace_dir(partial, output)
+        replace_dir(partial, output)
         fsync_dir(output.parent)
     return CaptureResult(manifest, split, len(split.excluded))
 
@@ -166,55 +167,6 @@ def split_warnings(
                 f"has it too; keep {d.package} in the OS, or remove the diversion on the gold"
             )
     return out
-
-
-def _inside(root: Path, output: Path) -> tuple[str, ...]:
-    """Exclude the output (and its partial siblings) when it lies inside ROOT."""
-    try:
-        rel = output.parent.resolve().relative_to(root)
-    except ValueError:
-        return ()
-    base = "/" + str(rel) if str(rel) != "." else ""
-    return (f"{base}/{output.name}", f"{base}/{output.name}/*", f"{base}/.{output.name}.partial-*")
-
-
-def _check_replaceable(output: Path) -> None:
-    """--force replaces an earlier image, or an empty directory: never anything else."""
-    if output.is_symlink() or not output.is_dir():
-        raise UserError(f"{output} exists and is not a directory", hint="choose another output")
-    if not (output / MANIFEST).is_file() and any(output.iterdir()):
-        raise UserError(
-            f"{output} is not a composite image (no {MANIFEST}): --force replaces only an image",
-            hint="choose another output, or remove it yourself",
-        )
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _publishable(image: Path) -> None:
-    """Give the image the modes the umask allows (its temp dir was made 0700 and its blobs
-    0600): a web server running as its own user (nginx's www-data) must read it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    image.chmod(0o777 & ~umask)
-    for child in image.iterdir():
-        if child.is_file() and not child.is_symlink():
-            child.chmod(0o666 & ~umask)
-
-
-def _replace_dir(new: Path, output: Path) -> None:
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(old)
-        new.rename(output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(output)
 
 
 @contextmanager
