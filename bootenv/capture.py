@@ -43,7 +43,15 @@ from bootenv.fsimage import (
 from bootenv.intree import disk_links, inside, resolve
 from bootenv.log import Progress, step
 from bootenv.manifest import MANIFEST, Blob, Component, Manifest, OsImage, RootFs, Source
-from bootenv.outdir import check_replaceable, inside_root, publishable, replace_dir, write_durably
+from bootenv.outdir import (
+    check_replaceable,
+    inside_root,
+    new_partial,
+    publishable,
+    remove_leftovers,
+    replace_dir,
+    write_durably,
+)
 from bootenv.run import run, which
 from bootenv.split import COMPONENT_STATUS_DIR, OS, ComponentSpec, Split, assign_packages, validate_specs
 from bootenv.staging import replace_file, stage
@@ -97,9 +105,9 @@ def capture(cfg: CaptureConfig) -> CaptureResult:
     _refuse_bad_specs(root, db, specs)
     exclusions = Exclusions().with_patterns(cfg.excludes + inside_root(root, output))
     output.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(output)
     with ExitStack() as stack:
-        partial = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-        stack.callback(shutil.rmtree, partial, ignore_errors=True)
+        partial = new_partial(output, stack)
         work = Path(tempfile.mkdtemp(prefix=".work-", dir=partial))
         # Stopped before the scan: the files listed are the ones the stopped services left.
         with _quiesced(cfg.stop_services):
