@@ -25,6 +25,7 @@ import bootenv
 from bootenv import run as run_mod
 
 PKG_DIR = Path(bootenv.__file__).parent
+TESTS_DIR = Path(__file__).resolve().parent
 
 # `make check` fuzzes briefly; `make test` (BOOTENV_FUZZ=thorough) long enough to matter.
 settings.register_profile("quick", max_examples=60)
@@ -62,13 +63,21 @@ def allow_run() -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Tests under tests/root and tests/vm get their tier marker from the directory.
+    # Tests under tests/root and tests/vm get their tier marker from the directory: the
+    # path's first part below tests/ (the checkout itself may well be under /root).
     for item in items:
-        parts = Path(str(item.fspath)).parts
-        if "root" in parts and not item.get_closest_marker("root"):
-            item.add_marker(pytest.mark.root)
-        if "vm" in parts and not item.get_closest_marker("vm"):
-            item.add_marker(pytest.mark.vm)
+        tier = tier_of(item.path)
+        if tier and not item.get_closest_marker(tier):
+            item.add_marker(getattr(pytest.mark, tier))
+
+
+def tier_of(path: Path) -> str | None:
+    """The tier of a test file: root or vm under tests/root or tests/vm, else None."""
+    path = path.resolve()
+    if not path.is_relative_to(TESTS_DIR):
+        return None
+    parts = path.relative_to(TESTS_DIR).parts
+    return parts[0] if parts and parts[0] in {"root", "vm"} else None
 
 
 def require_root() -> None:
