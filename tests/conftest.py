@@ -1,7 +1,9 @@
 """Shared fixtures and the test tiers.
 
-- Unit tests (no marker) may not start processes: `bootenv.run` is blocked unless a
-  test is marked `root` or `vm`, or asks for the `allow_run` fixture.
+- Unit tests (no marker) may not start processes: `bootenv.run`, `subprocess.Popen`,
+  `os.posix_spawn`, `os.system` and the `os.exec*` calls are blocked unless a test is
+  marked `root` or `vm`, or asks for the `allow_run` fixture. (Forking is allowed: the
+  layout's streams are forked processes.)
 - `root` tests need root (loop devices, debootstrap, chroot); they skip, saying why,
   when the machine lacks that ability.
 - `vm` tests boot QEMU (TCG).
@@ -12,11 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import subprocess
+import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from hypothesis import settings
@@ -44,17 +50,48 @@ class UnexpectedCommandError(AssertionError):
     pass
 
 
-def _blocked(argv: list[str], **_: object) -> object:
-    raise UnexpectedCommandError(f"unit test tried to run a command: {argv}")
+# The calls that start another program. subprocess.run, check_output and os.popen all go
+# through subprocess.Popen; os.spawn* execs in a forked child.
+_EXECS = ("execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe")
+_SPAWNS = ("posix_spawn", "posix_spawnp", "system", *_EXECS)
 
 
 @pytest.fixture(autouse=True)
-def _no_subprocess(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_subprocess(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     marks = {m.name for m in request.node.iter_markers()}
     if marks & {"root", "vm"} or "allow_run" in request.fixturenames:
+        yield
         return
-    monkeypatch.setattr(run_mod, "_spawn", _blocked)
-    monkeypatch.setattr(run_mod, "_popen", _blocked)
+    # Each attempt is also written down, so that a test fails even where the code under
+    # test catches the error (`except Exception` in layout._try, the agent), and even
+    # when the attempt is made in a forked process (a layout stream): hence a file, by
+    # name, created only by an attempt, appended to by whichever process makes it.
+    record = Path(tempfile.gettempdir()) / f"bootenv-blocked-{os.getpid()}-{secrets.token_hex(8)}"
+
+    def blocked(what: str, args: object) -> NoReturn:
+        message = f"unit test tried to run a command ({what}): {args!r}"
+        with open(record, "a") as f:
+            f.write(message + "\n")
+        raise UnexpectedCommandError(message)
+
+    def refuse(what: str) -> Callable[..., NoReturn]:
+        return lambda *args, **_: blocked(what, args)
+
+    class BlockedPopen(subprocess.Popen):
+        def __init__(self, args: object, *_: object, **__: object) -> None:
+            blocked("subprocess.Popen", args)
+
+    monkeypatch.setattr(run_mod, "_spawn", refuse("bootenv.run"))
+    monkeypatch.setattr(run_mod, "_popen", refuse("bootenv.run.popen"))
+    monkeypatch.setattr(subprocess, "Popen", BlockedPopen)
+    for name in _SPAWNS:
+        if hasattr(os, name):
+            monkeypatch.setattr(os, name, refuse(f"os.{name}"))
+    yield
+    if record.exists():
+        attempts = record.read_text()
+        record.unlink()
+        pytest.fail(f"the test tried to run commands, caught or not:\n{attempts}", pytrace=False)
 
 
 @pytest.fixture

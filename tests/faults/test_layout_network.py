@@ -158,7 +158,7 @@ def test_cli_reports_a_dead_server_in_one_line(
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
 def test_a_signal_mid_download_stops_the_layout_cleanly(
-    image: Image, srv: FaultServer, tmp_path: Path, sig: str
+    image: Image, srv: FaultServer, tmp_path: Path, sig: str, allow_run: None
 ) -> None:
     """systemd stops a unit with SIGTERM to all its processes, Ctrl-C sends SIGINT to the
     process group: either way the layout stops at once, says so in one line, and leaves no

@@ -27,7 +27,7 @@ from bootenv.walk import Entry, Kind, scan
 from tests.unit.nodelay import connection_options
 
 
-def test_measure_counts_the_whole_process_tree_and_its_memfds() -> None:
+def test_measure_counts_the_whole_process_tree_and_its_memfds(allow_run: None) -> None:
     """Two processes holding 20 MiB each and a memfd of 24 MiB: the whole run's footprint
     counts all three, where GNU time's peak RSS is one process's."""
     code = (
@@ -41,7 +41,7 @@ def test_measure_counts_the_whole_process_tree_and_its_memfds() -> None:
     assert measure([sys.executable, "-c", f'"{code}"'], shell=True).total_kb == 0  # not asked: not sampled
 
 
-def test_shared_memory_a_process_maps_is_counted_once() -> None:
+def test_shared_memory_a_process_maps_is_counted_once(allow_run: None) -> None:
     """A shared anonymous mapping (write-os's aligned buffers) is Shmem and PSS at once."""
     code = "import mmap, time; m = mmap.mmap(-1, 32 << 20); m.write(bytes(32 << 20)); time.sleep(0.5)"
     sample = measure([sys.executable, "-c", f'"{code}"'], shell=True, tree=True)
@@ -49,7 +49,7 @@ def test_shared_memory_a_process_maps_is_counted_once() -> None:
     assert sample.total_kb < sample.shmem_kb + sample.max_rss_kb  # not 32 MiB twice over
 
 
-def test_measure_table_and_save(tmp_path: Path) -> None:
+def test_measure_table_and_save(tmp_path: Path, allow_run: None) -> None:
     sample = measure([sys.executable, "-c", "x = bytearray(20 << 20)"])
     assert sample.seconds > 0 and sample.max_rss_kb > 20 << 10  # the child's own peak RSS
     held = "import os, time; fd = os.memfd_create('x'); os.write(fd, bytes(24 << 20)); time.sleep(0.3)"

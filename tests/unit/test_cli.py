@@ -77,21 +77,21 @@ def _bootenv(mode: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60, check=False)
 
 
-def test_the_command_skips_teardown_after_its_output_and_atexit(image_dir: Path) -> None:
+def test_the_command_skips_teardown_after_its_output_and_atexit(image_dir: Path, allow_run: None) -> None:
     done = _bootenv("plain", "inspect", str(image_dir))
     assert done.returncode == 0, done.stderr
     assert "Debian GNU/Linux 12 (bookworm)" in done.stdout
     assert done.stdout.endswith("atexit ran\n") and "torn down" not in done.stdout
 
 
-def test_the_command_keeps_a_failures_code_and_one_line(tmp_path: Path) -> None:
+def test_the_command_keeps_a_failures_code_and_one_line(tmp_path: Path, allow_run: None) -> None:
     done = _bootenv("plain", "inspect", str(tmp_path))
     assert done.returncode == 2
     assert done.stderr.startswith("bootenv: error: ") and done.stderr.count("\n") == 1
     assert done.stdout == "atexit ran\n"
 
 
-def test_the_command_exits_the_normal_way_while_a_thread_runs(tmp_path: Path) -> None:
+def test_the_command_exits_the_normal_way_while_a_thread_runs(tmp_path: Path, allow_run: None) -> None:
     done = _bootenv("thread", "inspect", str(tmp_path))
     assert done.returncode == 2
     assert "thread done" in done.stdout and "atexit ran" in done.stdout and "torn down" in done.stdout
