@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import tarfile
 from pathlib import Path
 
 import pytest
 
 from bootenv.layout import LayoutConfig, LayoutResult, layout
-from tests.hostile.kit import Comp, d, f, hard, make_image, outside_listing, raw_name, special, sym
+from bootenv.paxread import ArchiveError, PaxReader
+from tests.hostile import kit
+from tests.hostile.kit import Comp, d, f, hard, make_image, outside_listing, raw_name, special, sym, tar_bytes
 
 
 def _quiet(root: Path, units: list[str]) -> list[str]:
@@ -97,23 +101,32 @@ def test_device_node_is_skipped_when_not_privileged(tmp_path: Path, monkeypatch:
     assert res.ok and not (root / "dev-sda").exists() and (root / "ok").read_text() == "fine"
 
 
-def test_huge_declared_size_fails_without_writing(tmp_path: Path) -> None:
-    member = f("big", "tiny")
-    image = make_image(tmp_path / "img", [Comp("evil", [member])])
-    blob = next(image.glob("*.tar.zst"))
-    import zstandard
-
-    raw = bytearray(zstandard.ZstdDecompressor().decompress(blob.read_bytes(), max_output_size=1 << 24))
-    # Rewrite the size field of the first ustar header after the pax header to 64 GiB.
-    pos = raw.find(b"./big")
-    hdr = pos - (pos % 512)
-    raw[hdr + 124 : hdr + 136] = b"%011o\0" % (1 << 36)
+def test_huge_declared_size_fails_without_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member whose header claims 4 GiB, in an archive of 10 KiB, is refused before a
+    byte of it is read or written."""
+    raw = bytearray(tar_bytes([f("big", "tiny"), f("after", "x")]))
+    length = len(raw)
+    hdr = raw.find(b"./big\0")
+    assert hdr >= 0 and hdr % 512 == 0  # the name field of big's own ustar header
+    size = b"%011o\0" % (1 << 32)  # 11 octal digits and a NUL: the whole 12-byte field
+    assert len(size) == 12
+    raw[hdr + 124 : hdr + 136] = size
     chk = sum(raw[hdr : hdr + 148]) + 8 * 32 + sum(raw[hdr + 156 : hdr + 512])
     raw[hdr + 148 : hdr + 156] = b"%06o\0 " % chk
-    import io
+    assert len(raw) == length  # edited in place: nothing after the header has moved
+    refused = "member claims 4294967296 bytes, more than the archive holds"
 
-    from bootenv.paxread import ArchiveError, PaxReader
+    members = []
+    with pytest.raises(ArchiveError, match=f"^{re.escape(refused)}$"):
+        for member in PaxReader(io.BytesIO(bytes(raw)), limit=length):
+            members.append(member)
+    assert members == []
 
-    with pytest.raises(ArchiveError):
-        for _ in PaxReader(io.BytesIO(bytes(raw)), limit=len(raw)):
-            pass
+    # Laid out: the component fails with that error, and neither big nor anything
+    # after it is in the root.
+    monkeypatch.setattr(kit, "tar_bytes", lambda members: bytes(raw))
+    root, res = lay(tmp_path, [f("big", "tiny"), f("after", "x")])
+    assert not res.ok and refused in (res.components[0].error or ""), res.components[0].error
+    assert not (root / "big").exists() and not (root / "after").exists()
+    assert not [p for p in root.rglob("*") if p.name.startswith(".bootenv~")]
+    contained(tmp_path, root)
