@@ -602,6 +602,10 @@ def test_cli_write_os_summary_and_single(
     )
     line = capsys.readouterr().out.strip()
     assert line.startswith("wrote ") and "24.0 MiB image" in line and "\n" not in line
+    # --single wrote the one-piece image, not the OS sub-image (the two differ).
+    assert built.manifest.single is not None and built.single_raw != built.raw
+    bmap = parse_blockmap((built.dir / built.manifest.single.blockmap.file).read_bytes())
+    assert_image(out, built.single_raw, bmap)
 
 
 def test_cli_failure_is_one_line(
