@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -65,11 +66,25 @@ def test_synthetic_capture_round_trip(tmp_path: Path, scratch: str) -> None:
         assert "Package: curl\n" in status and "Package: httpd\n" not in status
         assert "Package: gone\n" in status  # not-installed records stay with the OS
 
+    # The setuid bit, the owner and the xattr given to the gold above travel in the
+    # component archives (what a layout extracts) ...
+    members = {
+        "/" + t.name.removeprefix("./"): t for c in m.components for t in archive_members(out / c.data.file)
+    }
+    assert members["/usr/sbin/dbd"].mode == 0o4755
+    assert (members["/var/lib/dbdata"].uid, members["/var/lib/dbdata"].gid) == (999, 998)
+    assert members["/usr/sbin/httpd"].pax_headers.get("SCHILY.xattr.user.bootenv") == "kept"
+
     assert m.single is not None
     restore_fs(out, m.single, tmp_path / "single.img")
     with mounted(tmp_path / "single.img", tmp_path / "mnt2") as mnt:
         assert (mnt / "usr/sbin/httpd").exists()
         assert "Package: httpd\n" in (mnt / "var/lib/dpkg/status").read_text()
+        # ... and in the one-piece filesystem image.
+        assert stat.S_IMODE((mnt / "usr/sbin/dbd").stat().st_mode) == 0o4755
+        dbdata = (mnt / "var/lib/dbdata").stat()
+        assert (dbdata.st_uid, dbdata.st_gid) == (999, 998)
+        assert os.getxattr(mnt / "usr/sbin/httpd", "user.bootenv") == b"kept"
 
 
 def test_existing_output_is_refused_without_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -223,6 +238,14 @@ def test_gold_every_file_in_exactly_one_sub_image(gold_tree: Path, gold_image: P
     assert checked > 10000
 
 
+def xattrs(path: Path) -> dict[str, bytes]:
+    """A file's extended attributes (capabilities, ACLs, user.*), not following a symlink."""
+    return {
+        name: os.getxattr(path, name, follow_symlinks=False)
+        for name in os.listxattr(path, follow_symlinks=False)
+    }
+
+
 @pytest.mark.parametrize("component", ["mysql", "php"])
 def test_gold_restored_os_plus_component_is_identical(
     gold_tree: Path, gold_image: Path, tmp_path: Path, component: str
@@ -251,15 +274,20 @@ def test_gold_restored_os_plus_component_is_identical(
             for path, real in tree_files(base).items():
                 if path in ("/var/lib/dpkg/status", "/lost+found") or path.startswith("/var/lib/bootenv/"):
                     continue
-                assert describe(real) == describe(gold_tree / path.lstrip("/")), path
+                gold = gold_tree / path.lstrip("/")
+                assert (describe(real), xattrs(real)) == (describe(gold), xattrs(gold)), path
                 compared += 1
+        # The gold's setuid programs and its one ACL (journald's directory; no file of
+        # this gold has capabilities) are in the OS image as they are in the gold.
+        assert stat.S_IMODE(os.lstat(mnt / "usr/bin/su").st_mode) == 0o4755
+        journal = xattrs(gold_tree / "var/log/journal")
+        assert "system.posix_acl_default" in journal
+        assert xattrs(mnt / "var/log/journal") == journal
     assert compared > 10000
-    caps = (
-        os.getxattr(out / "usr/bin/ping", "security.capability") if (out / "usr/bin/ping").exists() else None
-    )
-    assert caps is None or caps == os.getxattr(gold_tree / "usr/bin/ping", "security.capability")
     # The mysql data directory made by the postinst travels with mysql, with its owner.
     if component == "mysql":
+        pam_tool = out / "usr/lib/mysql/plugin/auth_pam_tool_dir/auth_pam_tool"
+        assert stat.S_IMODE(os.lstat(pam_tool).st_mode) == 0o4755  # setuid, from the component
         assert describe(out / "var/lib/mysql/ibdata1") == describe(gold_tree / "var/lib/mysql/ibdata1")
         assert "Package: mariadb-server\n" in (out / "var/lib/bootenv/dpkg/mysql.status").read_text()
 
