@@ -64,6 +64,9 @@ class FaultServer:
         self.faults: dict[str, Fault] = {}
         self.requests: list[Request] = []
         self.stalled = threading.Event()  # set when a stall begins: the client is mid-stream
+        # Set when a stall ends and the server sends on: a client that ended before this
+        # did not wait out the stall.
+        self.resumed = threading.Event()
         self.closing = threading.Event()  # ends a stall: no handler outlives its server for long
         self._lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"server_ref": self})
@@ -173,6 +176,7 @@ class _Handler(BaseHTTPRequestHandler):
             stall, fault.stall_headers = fault.stall_headers, 0.0
             self.server_ref.stalled.set()
             self.server_ref.closing.wait(stall)
+            self.server_ref.resumed.set()
         self.send_response(status)
         if match:
             self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
@@ -222,6 +226,7 @@ class _Handler(BaseHTTPRequestHandler):
                 stall, fault.stall_at = fault.stall_seconds, None
                 self.server_ref.stalled.set()
                 self.server_ref.closing.wait(stall)
+                self.server_ref.resumed.set()
             while pos < end:
                 nxt = min(end, pos + (256 << 10))
                 self.wfile.write(self._chunk(data, pos, nxt, fault))

@@ -6,17 +6,19 @@ from __future__ import annotations
 import io
 import random
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from bootenv import source as source_mod
 from bootenv.errors import RetryableError
 from bootenv.httpsession import new_session
 from bootenv.source import HttpReader, ReadAbortedError, RetryPolicy
 from tests.unit.httpfault import Fault, FaultServer
 
-STALL = 20.0  # seconds: longer than any bound below, shorter than the read timeout
+# Seconds: shorter than the read timeout. A read that ends on its abort ends while the
+# server still stalls (FaultServer.resumed is not set): one that waited it out would not.
+STALL = 20.0
 POLICY = RetryPolicy(attempts=6, backoff=10.0, max_backoff=10.0, timeout=30.0)
 
 
@@ -26,21 +28,26 @@ def blob(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _reader(srv: FaultServer) -> HttpReader:
+def _reader(srv: FaultServer, policy: RetryPolicy = POLICY) -> HttpReader:
     import requests
 
-    return HttpReader(requests.Session(), srv.url + "blob", 64 << 10, POLICY)
+    return HttpReader(requests.Session(), srv.url + "blob", 64 << 10, policy)
 
 
-def _aborted_within(reader: HttpReader, seconds: float, *, before: float = 0.0) -> bool:
-    """Read on; abort from another thread `before` seconds in. Whether the read raised
-    ReadAbortedError within `seconds` of the abort."""
-    threading.Timer(before, reader.abort).start()
-    began = time.monotonic()
+def _abort_when(reader: HttpReader, ready: threading.Event) -> None:
+    """Read on; abort from another thread once `ready` is set (the server stalls, or the
+    reader waits to retry). The read must raise ReadAbortedError."""
+
+    def aborter() -> None:
+        if ready.wait(30):  # else the read is not where the test means it to be: it fails
+            reader.abort()
+
+    thread = threading.Thread(target=aborter, daemon=True)
+    thread.start()
     with pytest.raises(ReadAbortedError):
         while reader.read(1024):
             pass
-    return time.monotonic() - began < before + seconds
+    thread.join()
 
 
 def test_an_aborted_reader_makes_no_request(blob: Path) -> None:
@@ -52,12 +59,23 @@ def test_an_aborted_reader_makes_no_request(blob: Path) -> None:
     assert srv.requests == []
 
 
-def test_a_read_stalled_on_the_network_ends_when_aborted(blob: Path) -> None:
+def test_a_read_stalled_on_the_network_ends_when_aborted(blob: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The abort lands once the reader has all the server sent and reads on the socket.
+    reading = threading.Event()
+    real_read = HttpReader._read_raw
+
+    def read_raw(self: HttpReader, n: int) -> bytes:
+        if self.pos == 8192:
+            reading.set()
+        return real_read(self, n)
+
+    monkeypatch.setattr(HttpReader, "_read_raw", read_raw)
     with FaultServer(blob) as srv:
         srv.faults["blob"] = Fault(stall_at=8192, stall_seconds=STALL)
         reader = _reader(srv)
-        assert _aborted_within(reader, 3, before=0.5)
-        assert 0 < reader.pos <= 8192
+        _abort_when(reader, reading)
+        assert not srv.resumed.is_set(), "the read waited out the server's stall"
+        assert reader.pos == 8192
     assert len(srv.requests) == 1, "not retried"
 
 
@@ -75,10 +93,9 @@ def test_an_abort_while_connecting_ends_the_read_once_connected(
     with FaultServer(blob) as srv:
         srv.faults["blob"] = Fault(stall_at=0, stall_seconds=STALL)
         reader = _reader(srv)
-        began = time.monotonic()
         with pytest.raises(ReadAbortedError):
             reader.read(1024)
-        assert time.monotonic() - began < 3
+        assert not srv.resumed.is_set(), "the read waited out the server's stall"
     assert reader.pos == 0
 
 
@@ -87,8 +104,9 @@ def test_a_request_waiting_for_its_headers_ends_when_aborted(blob: Path) -> None
     with FaultServer(blob) as srv:
         srv.faults["blob"] = Fault(stall_headers=STALL)
         reader = HttpReader(new_session(), srv.url + "blob", 64 << 10, POLICY)
-        assert _aborted_within(reader, 3, before=0.5)
-        assert srv.stalled.is_set() and reader.pos == 0
+        _abort_when(reader, srv.stalled)
+        assert not srv.resumed.is_set(), "the read waited out the server's stall"
+        assert reader.pos == 0
     assert len(srv.requests) == 1, "not retried"
 
 
@@ -100,7 +118,8 @@ def test_a_kept_alive_connection_is_cut_while_waiting_for_headers(blob: Path) ->
         assert HttpReader(session, srv.url + "other", 100, POLICY).read() == b"x" * 100
         srv.faults["blob"] = Fault(stall_headers=STALL)
         reader = HttpReader(session, srv.url + "blob", 64 << 10, POLICY)
-        assert _aborted_within(reader, 3, before=0.5)
+        _abort_when(reader, srv.stalled)
+        assert not srv.resumed.is_set(), "the read waited out the server's stall"
     assert [r.path for r in srv.requests] == ["other", "blob"]
 
 
@@ -116,16 +135,43 @@ def test_a_request_through_a_proxy_waiting_for_headers_ends_when_aborted(
         monkeypatch.delenv("NO_PROXY", raising=False)
         srv.faults["blob"] = Fault(stall_headers=STALL)
         reader = HttpReader(new_session(), "http://images.example.invalid/blob", 64 << 10, POLICY)
-        assert _aborted_within(reader, 3, before=0.5)
-        assert srv.stalled.is_set() and reader.pos == 0
+        _abort_when(reader, srv.stalled)
+        assert not srv.resumed.is_set(), "the read waited out the server's stall"
+        assert reader.pos == 0
     assert [r.path for r in srv.requests] == ["blob"], "asked through the proxy, not retried"
 
 
-def test_an_abort_during_a_retry_backoff_ends_it(blob: Path) -> None:
+def test_an_abort_during_a_retry_backoff_ends_it(blob: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The abort lands once the reader waits to retry; a backoff of an hour that it did
+    not cut short would leave the read hanging (the join below fails it)."""
+    waiting = threading.Event()
+    real_wait = source_mod.backoff_wait
+
+    def backoff_wait(stop: threading.Event, seconds: float) -> bool:
+        waiting.set()
+        return real_wait(stop, seconds)
+
+    monkeypatch.setattr(source_mod, "backoff_wait", backoff_wait)
+    hour = RetryPolicy(attempts=6, backoff=3600.0, max_backoff=3600.0, timeout=30.0)
     with FaultServer(blob) as srv:
         srv.faults["blob"] = Fault(errors=-1, status=503)
-        reader = _reader(srv)
-        assert _aborted_within(reader, 3, before=0.5)  # the first backoff is 10 s
+        reader = _reader(srv, hour)
+        raised: list[BaseException] = []
+
+        def read_all() -> None:
+            try:
+                while reader.read(1024):
+                    pass
+            except BaseException as exc:
+                raised.append(exc)
+
+        thread = threading.Thread(target=read_all, daemon=True)
+        thread.start()
+        assert waiting.wait(30), "the reader never waited to retry"
+        reader.abort()
+        thread.join(60)
+        assert not thread.is_alive(), "hung: the abort did not end the backoff"
+    assert [type(e) for e in raised] == [ReadAbortedError]
     assert len(srv.requests) == 1
 
 
