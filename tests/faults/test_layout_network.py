@@ -167,10 +167,9 @@ def test_a_signal_mid_download_stops_the_layout_cleanly(
     import signal
     import subprocess
     import sys
-    import time
 
     file, size = blob_of(image.dir, "bad")
-    srv.faults[file] = Fault(stall_at=size // 2, stall_seconds=60.0)
+    srv.faults[file] = Fault(stall_at=size // 2, stall_seconds=20.0)
     root = tmp_path / "root"
     root.mkdir()
     argv = [sys.executable, "-m", "bootenv", "layout", "--image", srv.url, "--components", "all"]
@@ -180,14 +179,13 @@ def test_a_signal_mid_download_stops_the_layout_cleanly(
     )
     try:
         assert srv.stalled.wait(30), "the download did not reach the stall"
-        began = time.monotonic()
         os.killpg(proc.pid, getattr(signal, sig))
-        _, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=90)  # a hang guard: the stall lasts 20 s
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert time.monotonic() - began < 10
+    assert not srv.resumed.is_set(), "the layout waited out the server's stall"
     # SIGTERM: ended by the signal itself once cleaned up (a shell shows 143; systemd
     # counts it a clean stop). Ctrl-C: exit 130.
     assert proc.returncode == (-signal.SIGTERM if sig == "SIGTERM" else 130)
