@@ -32,6 +32,7 @@ from bootenv.journal import Journal
 from bootenv.layout import ComponentResult, _Scheduler
 from bootenv.manifest import Blob, Chunk, Component, Manifest, OsImage, RootFs, Source, parse_manifest
 from bootenv.paxread import PaxReader
+from bootenv.prefetch import Prefetch
 from tests.faults.helpers import component, run_layout
 from tests.hostile.kit import MTIME, Comp, RefusingWriter, blob, d, f, hard, make_image, snapshot, tar_bytes
 from tests.unit.httpfault import Fault, FaultServer
@@ -232,10 +233,15 @@ class _Held:
 
     def __init__(self) -> None:
         self.jobs: queue.Queue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = queue.Queue()
+        self.first: Future[Any] | None = None
+        self.submitted = threading.Event()  # the first job is in
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         fut: Future[Any] = Future()
         self.jobs.put((fut, fn, args))
+        if self.first is None:
+            self.first = fut
+            self.submitted.set()
         return fut
 
     def run_one(self) -> None:
@@ -269,10 +275,13 @@ def test_later_chunks_are_fetched_while_the_first_piece_is_laid_out(
     images: tuple[Path, Path, dict[str, tuple[object, ...]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, chunked, _ = images
-    waits = []
+    waits: list[set[Future[Any]]] = []
+    waited = threading.Condition()
 
     def counting_wait(fs: Any, **kw: Any) -> Any:
-        waits.append(len(fs))
+        with waited:
+            waits.append(set(fs))
+            waited.notify_all()
         return futures_wait(fs, **kw)
 
     monkeypatch.setattr(layout_mod, "wait", counting_wait)
@@ -281,19 +290,24 @@ def test_later_chunks_are_fetched_while_the_first_piece_is_laid_out(
     root.mkdir()
     ahead = FetchAhead(str(chunked), 2, spill=tmp_path)
     with _held_run(ahead, root, comp) as (pool, _, results):
-        # The first piece (the directories) is held; the connections fetch the next chunks
-        # meanwhile, one per stream: the second per stream is kept for pieces that can start.
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(_fetched(ahead, comp)) < 2:
-            time.sleep(0.01)
-        time.sleep(0.2)  # a third fetch, if one were started, would be under way by now
-        fetched, held = _fetched(ahead, comp), pool.jobs.qsize()
+        # The first piece (the directories) is held. Having started the fetches ahead,
+        # the scheduler waits on that job alone, which only the test ends: it starts no
+        # other fetch meanwhile, and a chunk in for a piece that cannot start yet does not
+        # wake it (that would spin until the first piece is done).
+        assert pool.submitted.wait(30), "the first piece never started"
+        job = pool.first
+        with waited:
+            assert waited.wait_for(lambda: any(job in w for w in waits), timeout=30), "no wait for the job"
         started = [i for i in range(1, len(comp.chunks)) if ahead.get((comp.name, i)) is not None]
+        # The connections fetch the next chunks meanwhile, one per stream: the second per
+        # stream is kept for pieces that can start.
+        _, pending = futures_wait([ahead.get((comp.name, i)) for i in started], timeout=30)
+        assert not pending, "a fetch hung"
+        fetched, held = _fetched(ahead, comp), pool.jobs.qsize()
         assert len(fetched) == 2, f"fetched while the first piece was held: {fetched}"
         assert started == fetched and held == 1
-        # The scheduler slept meanwhile: a chunk in for a piece that cannot start yet does
-        # not wake it (that would spin until the first piece is done).
-        assert len(waits) < 10, f"{len(waits)} waits while one job was held"
+        with waited:
+            assert [w for w in waits if job in w] == [{job}], "it woke while the job was held"
     assert [r.status for r in results[0]] == ["done"]
     assert results[0][0].files > 0 and (root / "opt/good/sub").is_dir()
 
@@ -586,16 +600,20 @@ def test_a_stream_that_fails_while_its_piece_arrives_reports_its_own_error(
 
     monkeypatch.setattr(Arriving, "read", read)
     with FaultServer(image) as srv:
-        # The piece's download is held up halfway, until well after its stream has failed.
-        srv.faults[bad.data.file] = Fault(stall_at=k.offset + k.size // 2, stall_seconds=5)
+        # The piece's download is held up halfway, for far longer than the layout takes.
+        srv.faults[bad.data.file] = Fault(stall_at=k.offset + k.size // 2, stall_seconds=20)
         res, _ = run_layout(srv.url, tmp_path / "root", streams=1)
+        assert srv.stalled.is_set() and not srv.resumed.is_set(), (
+            "it waited for the download its stream no longer needed"
+        )
     by = {c.name: c for c in res.components}
     assert by["good"].status == "done" and by["bad"].status == "failed"
     assert "No space left on device" in (by["bad"].error or ""), by["bad"].error
-    assert by["bad"].seconds < 4, "it waited for the download its stream no longer needed"
 
 
-def test_a_failing_stream_stops_its_read_ahead_waiting_on_an_arriving_piece(tmp_path: Path) -> None:
+def test_a_failing_stream_stops_its_read_ahead_waiting_on_an_arriving_piece(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The read-ahead thread waits for bytes that have not arrived yet; a stream that
     fails meanwhile does not wait for it (Prefetch.close would give it 5 s)."""
     tar = tar_bytes([f("opt/a", random.Random(4).randbytes(3 << 20)), f("opt/b", "b")])
@@ -604,12 +622,21 @@ def test_a_failing_stream_stops_its_read_ahead_waiting_on_an_arriving_piece(tmp_
     piece.write_bytes(blob[: 1200 << 10])  # a MiB and a bit is in: the first read-ahead block
     sha = hashlib.sha256(blob).hexdigest()
     comp = Component("c", Blob(f"{sha}.tar.zst", sha, len(blob), len(tar)), (), (), 2, (), ())
+    made: list[Prefetch] = []
+
+    class Recorded(Prefetch):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(stream_mod, "Prefetch", Recorded)
     with open(piece, "rb") as fh:
         src = Arriving(fh, len(blob), "c piece 0", str(piece))
-        began = time.monotonic()
         with pytest.raises(OSError, match="No space left"):
             stream_mod._lay_out(comp, 0, src, RefusingWriter(), partial=False, stop=src.stop)  # type: ignore[arg-type]
-        assert time.monotonic() - began < 3
+        # Its close() joined the thread: without the stop it would have waited its
+        # JOIN_TIMEOUT and left the thread waiting on the file.
+        assert len(made) == 1 and made[0].ended
 
 
 @pytest.mark.parametrize("streams", [1, 2])
