@@ -10,6 +10,7 @@ import stat
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,21 +124,35 @@ def test_each_component_says_when_it_was_ready_within_the_whole_layout(
     """ready_after counts from the layout's start, not from the component's own."""
     real = layout_mod.clean_stale
 
-    def slow(root: Path) -> None:  # before any component starts
-        time.sleep(0.2)
+    class Clock:
+        """The layout's clock: the real one, and 100 s more once the stale clean-up ran."""
+
+        offset = 0.0
+
+        def monotonic(self) -> float:
+            return time.monotonic() + self.offset
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+    clock = Clock()
+
+    def slow(root: Path) -> None:  # before any component starts: 100 s on the layout's clock
+        clock.offset += 100.0
         real(root)
 
+    monkeypatch.setattr(layout_mod, "time", clock)
     monkeypatch.setattr(layout_mod, "clean_stale", slow)
     image = three(tmp_path)
     root = tmp_path / "root"
     root.mkdir()
-    began = time.monotonic()
+    began = clock.monotonic()
     res = run(image, root, "all", streams=streams)
-    took = time.monotonic() - began
-    assert res.ok and 0.2 < res.seconds <= took
+    took = clock.monotonic() - began
+    assert res.ok and 100 < res.seconds <= took
     for c in res.components:
-        # After the 0.2 s and its own work, before the layout's end (activation is after).
-        assert c.seconds + 0.2 <= c.ready_after < res.seconds, c
+        # After the 100 s and its own work, before the layout's end (activation is after).
+        assert c.seconds + 100 <= c.ready_after < res.seconds, c
     assert json.loads(json.dumps(res.to_dict()))["seconds"] == res.seconds
 
 
