@@ -300,11 +300,21 @@ def shared_image(tmp_path: Path) -> Path:
 
 
 def test_identical_shared_file_is_left_alone(tmp_path: Path) -> None:
+    """b brings usr/same exactly as a laid it out: the file a made stays, untouched."""
     image = shared_image(tmp_path)
-    res = run(image, tmp_path / "r" if (tmp_path / "r").mkdir() is None else tmp_path, ("a", "b"))
     root = tmp_path / "r"
+    root.mkdir()
+    assert run(image, root, ("a",)).ok
+    before = (root / "usr/same").stat()
+    res = run(image, root, ("b",))
+    after = (root / "usr/same").stat()
     assert (root / "usr/same").read_text() == "same\n"
-    assert sum(c.identical for c in res.components) >= 1
+    assert (after.st_ino, after.st_mtime_ns, after.st_ctime_ns) == (
+        before.st_ino,
+        before.st_mtime_ns,
+        before.st_ctime_ns,
+    ), "replaced or touched"
+    assert [(c.name, c.identical) for c in res.components] == [("b", 1)]
 
 
 @pytest.mark.parametrize("os_base", [False, True])
