@@ -643,7 +643,7 @@ def test_running_root_is_refused() -> None:
     root = os.stat("/").st_dev
     if not os.major(root):
         pytest.skip("the root filesystem is not on a block device here")
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"^/dev/root holds the running system's root filesystem$"):
         check_not_in_use("/dev/root", root, "")
 
 
