@@ -77,7 +77,7 @@ def _no_subprocess(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     def refuse(what: str) -> Callable[..., NoReturn]:
         return lambda *args, **_: blocked(what, args)
 
-    class BlockedPopen(subprocess.Popen):
+    class BlockedPopen(subprocess.Popen[bytes]):
         def __init__(self, args: object, *_: object, **__: object) -> None:
             blocked("subprocess.Popen", args)
 
