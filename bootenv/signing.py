@@ -55,7 +55,8 @@ def parse_fingerprint(text: str) -> str:
 
 
 def keygen(path: Path) -> str:
-    """Write a new private key at `path` and its public key at `path.pub`."""
+    """Write a new private key at `path` and its public key at `path.pub`, making the
+    directory (0700) if it is missing."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -68,6 +69,8 @@ def keygen(path: Path) -> str:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     try:
+        # The key's directory is made private if it is new (/etc/bootenv on a fresh machine).
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror}") from exc

@@ -28,6 +28,14 @@ def test_keygen_files(key: Path) -> None:
         keygen(key)
 
 
+def test_keygen_makes_a_missing_directory_private(tmp_path: Path) -> None:
+    """The quick start's `keygen -o /etc/bootenv/signing-key`, on a machine with no /etc/bootenv."""
+    key = tmp_path / "etc/bootenv/signing-key"
+    keygen(key)
+    assert key.parent.stat().st_mode & 0o777 == 0o700 and key.stat().st_mode & 0o777 == 0o600
+    assert len(read_public_key(key.with_name("signing-key.pub"))) == 32
+
+
 def test_good_signature_by_key_and_by_fingerprint(key: Path) -> None:
     pub = read_public_key(key.with_name("key.pub"))
     sig = sign(MANIFEST, key)
