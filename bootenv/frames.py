@@ -172,7 +172,10 @@ def compress_tar(
         if "size" in pax and typeflag not in _NO_DATA:
             size = int(pax["size"])
         is_dir = typeflag == b"5"
-        if cuttable and typeflag != b"1" and ((in_dirs and not is_dir) or raw >= target):
+        # Chunk 0 is the directory skeleton, whatever it weighs (a layout refuses a
+        # directory in a later chunk): cut after it, and past the target before any
+        # member but a directory (nor a hard link, which must be with its target).
+        if cuttable and typeflag != b"1" and not is_dir and (in_dirs or raw >= target):
             cut()
         in_dirs = is_dir
         for part in member:

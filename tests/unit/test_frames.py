@@ -72,6 +72,23 @@ def test_each_chunk_holds_whole_members_dirs_first_and_links_with_their_targets(
     assert sum(len(p) for p in names) == len(members())
 
 
+def test_the_directory_skeleton_is_one_chunk_whatever_it_weighs() -> None:
+    """Thousands of directories weigh more than a chunk's target: still all in chunk 0,
+    the only chunk a layout takes directories from."""
+    dirs = [d(f"srv/d{i:04}") for i in range(300)]
+    tar = tar_bytes([d("srv"), *dirs, *(f(f"srv/d{i:04}/x", b"x" * 3000) for i in range(0, 300, 10))])
+    out = io.BytesIO()
+    _, chunks = compress_tar(io.BytesIO(tar), out, level=3, target=16 << 10)
+    parts = frames(out.getvalue(), chunks)
+    assert len(parts) >= 3 and len(parts[0]) > 16 << 10
+    kinds = []
+    for i, part in enumerate(parts):
+        reader = PaxReader(io.BytesIO(part), partial=i < len(parts) - 1)
+        kinds.append([m.kind for m in reader if reader.read_all() is not None])
+    assert kinds[0] == ["dir"] * 301
+    assert all(kind == "file" for part in kinds[1:] for kind in part)
+
+
 def test_a_small_archive_is_one_piece_without_a_table() -> None:
     tar = tar_bytes([f("a", "x")])
     out = io.BytesIO()
