@@ -113,6 +113,7 @@ class HttpReader:
         self.session = session
         self.url = url
         self.size = size  # bytes wanted from `start` (None: to the end)
+        self._sized_by = "the manifest"  # where the size came from, for the errors
         self.policy = policy
         self.window = start is not None  # a chunk of the URL, not all of it
         self.start = start or 0  # first byte of the URL this reader covers
@@ -160,7 +161,7 @@ class HttpReader:
         if status >= 500 or status in (408, 429):
             raise RetryableError(f"{self.url}: HTTP {status}")
         if status == 416 and self.size is not None:
-            raise VerificationError(f"{self.url} is shorter than the manifest says ({self.size} bytes)")
+            raise VerificationError(f"{self.url} is shorter than {self._sized_by} says ({self.size} bytes)")
         first = self.start + self.pos
         if status not in (200, 206) or (status == 206 and not (first or self.window)):
             raise UserError(f"{self.url}: unexpected HTTP {status}")
@@ -177,6 +178,11 @@ class HttpReader:
         # Each answer anew (a resume is another): one that ignored a chunk's range goes
         # on past the chunk by design, length or not, and is not probed (_probe_end).
         self._bounded = not (self.window and status == 200)
+        if self.size is None and length is not None and not self.window:
+            # No size from a manifest (the manifest itself, its signature): the server's
+            # is held to instead, so a body cut short is resumed, not taken as whole.
+            self.size = _content_length(self.url, length) + start - self.start
+            self._sized_by = "its first answer"
         if self.size is None or length is None:
             return
         end, want = _content_length(self.url, length) + start, self.start + self.size
@@ -184,7 +190,7 @@ class HttpReader:
         # server that ignored the range sends more, which we stop reading.
         self._bounded = end == want
         if end < want or (end > want and not self.window):
-            raise VerificationError(f"{self.url}: server says {end} bytes, the manifest says {want}")
+            raise VerificationError(f"{self.url}: server says {end} bytes, {self._sized_by} says {want}")
 
     def read(self, n: int = -1) -> bytes:
         if n < 0:
@@ -214,7 +220,7 @@ class HttpReader:
                 if data:
                     self._failures = 0
                 if self.size is not None and self.pos > self.size:
-                    raise VerificationError(f"{self.url} is longer than the manifest says")
+                    raise VerificationError(f"{self.url} is longer than {self._sized_by} says")
                 return data
             # EOF before the expected size: the connection was cut. Resume.
             self._drop()
@@ -233,7 +239,7 @@ class HttpReader:
         except (OSError, _urllib3_errors()):
             return  # cut after the last byte wanted: what was read is all there is
         if extra:
-            raise VerificationError(f"{self.url} is longer than the manifest says")
+            raise VerificationError(f"{self.url} is longer than {self._sized_by} says")
 
     def _read_raw(self, n: int) -> bytes:
         raw = self._resp.raw  # type: ignore[union-attr]

@@ -235,3 +235,16 @@ def test_a_malformed_content_length_is_one_retryable_error(length: str) -> None:
         f"giving up on http://gold/blob after 2 attempts at byte 0: "
         f"http://gold/blob: the server sent a malformed Content-Length ({length[:40]!r})"
     )
+
+
+def test_a_file_of_no_known_size_cut_short_is_resumed_to_the_length_the_server_gave(blob: Path) -> None:
+    """The manifest and its signature are read with no size to hold them to: a body
+    cut short (a clean close mid-body) was taken as the whole file, and a manifest cut
+    so was "not valid JSON", never tried again. The server's length is held to instead."""
+    policy = RetryPolicy(attempts=3, backoff=0.0, max_backoff=0.0, timeout=30.0)
+    whole = (blob / "blob").read_bytes()
+    with FaultServer(blob) as srv:
+        srv.faults["blob"] = Fault(drops=[len(whole) // 2])
+        reader = HttpReader(new_session(), srv.url + "blob", None, policy)
+        assert reader.read() == whole
+    assert [r.start for r in srv.requests_for("blob")] == [0, len(whole) // 2]
