@@ -200,7 +200,8 @@ class FetchAhead:
             return [(n, fut) for n, fut in self._cancelled.values() if not fut.done()]
 
     def failures(self) -> list[tuple[str, BaseException]]:
-        """(component, error) of the fetches that failed, not yet handed over or dropped."""
+        """(component, error) of the fetches that failed and are not dropped, whether or
+        not a stream has been handed the piece (one still reading it fails with it)."""
         out = []
         for (name, _), fut in self._futures.items():
             if fut.done() and not fut.cancelled() and (exc := fut.exception()) is not None:

@@ -4,6 +4,7 @@ merged config the admin edited afterwards."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from bootenv import conflicts
 from bootenv import layout as layout_module
 from bootenv.cli import main
 from bootenv.conflicts import EDITED
+from bootenv.errors import UserError
 from bootenv.layout import LayoutConfig, LayoutResult, layout
 from bootenv.merge import MergeState, Meta
 from tests.hostile.kit import MTIME, ActivatedUnits, Comp, d, f, hard, make_image
@@ -322,3 +324,21 @@ def test_a_shorter_file_that_is_not_the_components_is_a_conflict(tmp_path: Path)
     os.utime(root / "usr/tool", (MTIME + 1, MTIME + 1))
     res, _ = run(image, root, ("a",))
     assert len(res.components[0].conflicts) == 1 and (root / "usr/tool").read_text() == "line one\n"
+
+
+def test_a_second_layout_on_the_same_root_is_refused_while_the_first_runs(tmp_path: Path) -> None:
+    """An admin's layout next to the first-boot unit's: each would take the other's temp
+    files for a killed run's."""
+    import fcntl
+
+    image = make_image(tmp_path / "img", [_conf("a")])
+    root = tmp_path / "root"
+    lock = root / "var/lib/bootenv/layout/lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # what the running layout holds
+        with pytest.raises(UserError, match=f"^another layout is running on {re.escape(str(root))} "):
+            run(image, root, ("a",))
+        assert not (root / "etc").exists()
+    res, _ = run(image, root, ("a",))
+    assert res.ok and (root / "etc/foo.conf").read_text() == "from a\n"
