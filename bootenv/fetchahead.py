@@ -23,10 +23,11 @@ is marked (mode 0) and the stream stops; the file stays open until the piece is
 released, so its fd number cannot be reused under a stream that has its path.
 
 Pieces fetched (or being fetched) and not yet handed over wait on top of the ones the
-streams are laying out (and the one more the layout queues for them, with two streams or
-more): one per stream, and a second per stream while they hold less than AHEAD_BYTES per
-stream (so a stream that syncs or merges does not stop the downloads). Memory stays
-bounded by a few chunks of at most IN_MEMORY per stream.
+streams are laying out: one per stream, and a second per stream while they hold less
+than AHEAD_BYTES per stream (so a stream that syncs or merges does not stop the
+downloads). The one more the layout queues for the streams, with two streams or more,
+counts as one of those. Memory stays bounded by a few chunks of at most IN_MEMORY per
+stream.
 """
 
 from __future__ import annotations
@@ -210,9 +211,12 @@ class FetchAhead:
 
     def room(self, size: int, *, second: bool = True) -> bool:
         """May a chunk of `size` bytes be fetched ahead now? One per stream may; with
-        `second`, a second per stream while they hold under AHEAD_BYTES per stream."""
+        `second`, a second per stream while they hold under AHEAD_BYTES per stream. A
+        piece handed over beyond one per stream waits for a free stream (the layout
+        queues one, with two streams or more): it counts as one ahead."""
         draining = [n for n, _ in self._draining()]
-        sizes = [n for k, n in self._sizes.items() if k not in self._handed] + draining
+        waiting = [n for k, n in self._sizes.items() if k in self._handed][self._width :]
+        sizes = [n for k, n in self._sizes.items() if k not in self._handed] + draining + waiting
         held = sum(sizes)
         return len(sizes) < self._width or (
             second and len(sizes) < 2 * self._width and held + size <= AHEAD_BYTES * self._width
