@@ -97,6 +97,25 @@ def test_a_chunk_that_does_not_match_its_sha256_is_never_handed_over(image: Path
     assert len(os.listdir("/proc/self/fd")) == fds  # no memfd left open
 
 
+def test_a_piece_queued_for_a_stream_counts_as_one_ahead(image: Path, tmp_path: Path) -> None:
+    """With two streams the layout hands over a third piece, which waits for a free
+    stream in the pool's queue: it holds its chunk as one fetched ahead does."""
+    comp = comp_of(image)
+    assert len(comp.chunks) >= 5
+    ahead = FetchAhead(str(image), 2, spill=tmp_path)
+    try:
+        for i in (1, 2, 3):  # two laid out, one queued
+            ahead.start(comp, i)
+            ahead.hand_over((comp.name, i))
+        ahead.start(comp, 4)
+        assert not ahead.room(1, second=False)  # one ahead per stream: the queued one and this
+        assert ahead.room(1)  # a second, small
+        ahead.release((comp.name, 3))  # the queued one is laid out, and done
+        assert ahead.room(1, second=False)
+    finally:
+        ahead.close()
+
+
 def test_room_one_chunk_per_stream_and_a_second_while_small(image: Path, tmp_path: Path) -> None:
     comp = comp_of(image)
     ahead = FetchAhead(str(image), 1, spill=tmp_path)
