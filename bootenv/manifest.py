@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -290,24 +291,32 @@ def _check_components(components: tuple[Component, ...]) -> None:
         for dep in comp.depends:
             if dep not in graph:
                 raise ManifestError(f"component {comp.name} depends on unknown component {dep}")
-    done: set[str] = set()
-    for start in sorted(graph):
-        # Depth first, with a stack of its own: a chain of thousands of dependencies
-        # would overflow Python's.
-        visiting = {start}
-        stack = [(start, iter(graph[start]))]
+    _dependency_order(sorted(graph), graph.__getitem__)
+
+
+def _dependency_order(starts: Iterable[str], depends: Callable[[str], Iterable[str]]) -> list[str]:
+    """`starts` and all they depend on, each after its dependencies: depth first, with a
+    stack of its own (a chain of thousands of dependencies would overflow Python's).
+    ManifestError on a cycle."""
+    done: dict[str, None] = {}  # ordered
+    for start in starts:
+        if start in done:
+            continue
+        on_path = {start}
+        stack = [(start, iter(depends(start)))]
         while stack:
             name, deps = stack[-1]
-            nxt = next(deps, None)
-            if nxt is None:
+            dep = next(deps, None)
+            if dep is None:
                 stack.pop()
-                visiting.discard(name)
-                done.add(name)
-            elif nxt in visiting:
-                raise ManifestError(f"component dependencies form a cycle through {nxt}")
-            elif nxt not in done:
-                visiting.add(nxt)
-                stack.append((nxt, iter(graph[nxt])))
+                on_path.discard(name)
+                done.setdefault(name)
+            elif dep in on_path:
+                raise ManifestError(f"component dependencies form a cycle through {dep}")
+            elif dep not in done:
+                on_path.add(dep)
+                stack.append((dep, iter(depends(dep))))
+    return list(done)
 
 
 def resolve_components(manifest: Manifest, wanted: str | list[str]) -> tuple[list[str], list[str]]:
@@ -321,19 +330,6 @@ def resolve_components(manifest: Manifest, wanted: str | list[str]) -> tuple[lis
         names = []
     else:
         names = list(wanted)
-    order: dict[str, None] = {}  # ordered: each after its dependencies
-    for name in names:
-        stack = [(name, iter(manifest.component(name).depends))]
-        on_stack = {name}
-        while stack:  # depth first, with a stack of its own (a chain may be long)
-            comp, deps = stack[-1]
-            dep = next(deps, None)
-            if dep is None:
-                stack.pop()
-                on_stack.discard(comp)
-                order.setdefault(comp)
-            elif dep not in order and dep not in on_stack:  # (a cycle: parsing refuses it)
-                on_stack.add(dep)
-                stack.append((dep, iter(manifest.component(dep).depends)))
+    order = _dependency_order(names, lambda name: manifest.component(name).depends)
     added = [n for n in order if n not in names]
-    return list(order), added
+    return order, added
