@@ -13,6 +13,7 @@ URL as JSON events.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import gc
 import logging
@@ -300,34 +301,6 @@ def _layout(cfg: LayoutConfig, poster: Callback, began: float, activator: Activa
                 hint="--root a mounted target; or --force, to add components to this system's files "
                 "and its dpkg database",
             )
-    with _alone(root):
-        return _lay_out(cfg, root, poster, began, activator)
-
-
-@contextlib.contextmanager
-def _alone(root: Path) -> Iterator[None]:
-    """Hold the root's layout lock for a layout: two at once (an admin's next to the
-    first-boot unit's) would take each other's temp files for a killed run's, and write
-    the same journal. The streams, forked, hold it with the layout."""
-    where = root / OWN / "layout"
-    where.mkdir(parents=True, exist_ok=True)
-    fd = os.open(where / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"another layout is running on {root}",
-                hint="wait for it to end (systemctl status bootenv-layout)",
-            ) from None
-        yield
-    finally:
-        os.close(fd)
-
-
-def _lay_out(
-    cfg: LayoutConfig, root: Path, poster: Callback, began: float, activator: Activator | None
-) -> LayoutResult:
     if root.resolve() == Path("/"):
         poster.post("os_booted")  # the layout service runs in the freshly booted OS
     comps: list[Component] = []
@@ -341,6 +314,44 @@ def _lay_out(
         if added:
             log.info("Added as dependencies: %s", ", ".join(added))
         comps = sorted((manifest.component(n) for n in order), key=lambda c: c.name)
+    with _alone(root):  # the first write to the root: after the image is trusted
+        return _lay_out(cfg, root, comps, added, poster, began, activator)
+
+
+@contextlib.contextmanager
+def _alone(root: Path) -> Iterator[None]:
+    """Hold the root's layout lock for a layout: two at once (an admin's next to the
+    first-boot unit's) would take each other's temp files for a killed run's, and write
+    the same journal. A POSIX record lock (lockf), which belongs to this process alone:
+    its forked streams do not hold it, so it ends with the layout, even killed -9 (the
+    streams, which then die of it too, do so a moment later)."""
+    where = root / OWN / "layout"
+    where.mkdir(parents=True, exist_ok=True)
+    fd = os.open(where / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            raise UserError(
+                f"another layout is running on {root}",
+                hint="wait for it to end (systemctl status bootenv-layout)",
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _lay_out(
+    cfg: LayoutConfig,
+    root: Path,
+    comps: list[Component],
+    added: list[str],
+    poster: Callback,
+    began: float,
+    activator: Activator | None,
+) -> LayoutResult:
     clean_stale(root)  # a killed run's half-written conflict records
     results = _run_streams(cfg.image, comps, root, cfg.streams, poster, began)
     journal = Journal(root)

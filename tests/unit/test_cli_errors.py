@@ -51,7 +51,8 @@ def _conflict(content: bytes) -> Setup:
 
 
 def _keygen(tmp: Path) -> list[str]:
-    return ["keygen", "-o", str(tmp / "no-such-dir/key")]
+    (tmp / "a-file").write_text("")  # a missing directory is made; one that is a file cannot be
+    return ["keygen", "-o", str(tmp / "a-file/key")]
 
 
 def _sign_with_pub(tmp: Path) -> list[str]:
@@ -97,7 +98,7 @@ CASES: dict[str, tuple[Setup, str]] = {
     "conflict record a list": (_conflict(b"[]"), "is damaged"),
     "conflict record missing a key": (_conflict(json.dumps({"id": "x"}).encode()), "is damaged"),
     "conflicts under no root": (lambda tmp: ["conflicts", "list", "--root", str(tmp / "nope")], "not a dir"),
-    "keygen into no directory": (_keygen, "cannot write"),
+    "keygen under a file": (_keygen, "cannot write"),
     "sign with the public key": (_sign_with_pub, "not an unencrypted PEM private key"),
     "verify with a key of another kind": (_verify_bad_key, "not a bootenv ed25519 public key"),
     "resolve with a missing file": (_resolve_missing_file, "no such file"),

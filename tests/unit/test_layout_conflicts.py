@@ -328,17 +328,34 @@ def test_a_shorter_file_that_is_not_the_components_is_a_conflict(tmp_path: Path)
 
 def test_a_second_layout_on_the_same_root_is_refused_while_the_first_runs(tmp_path: Path) -> None:
     """An admin's layout next to the first-boot unit's: each would take the other's temp
-    files for a killed run's."""
+    files for a killed run's. The lock is another process's (a POSIX lock is its
+    process's own: the layout's forked streams do not hold it)."""
     import fcntl
 
     image = make_image(tmp_path / "img", [_conf("a")])
     root = tmp_path / "root"
     lock = root / "var/lib/bootenv/layout/lock"
     lock.parent.mkdir(parents=True)
-    with open(lock, "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # what the running layout holds
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the running layout: holds the lock until told to end
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            os.write(ready_w, b"1")
+            os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"1"
         with pytest.raises(UserError, match=f"^another layout is running on {re.escape(str(root))} "):
             run(image, root, ("a",))
         assert not (root / "etc").exists()
+    finally:
+        os.write(done_w, b"1")
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, done_r, done_w):
+            os.close(fd)
     res, _ = run(image, root, ("a",))
     assert res.ok and (root / "etc/foo.conf").read_text() == "from a\n"
