@@ -37,9 +37,6 @@ class Cancel:
                 if proc.poll() is None:
                     proc.kill()
 
-    def is_set(self) -> bool:
-        return self._set.is_set()
-
     def check(self) -> None:
         """Raise CancelledError if the other side has failed."""
         if self._set.is_set():

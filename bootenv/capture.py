@@ -50,7 +50,6 @@ from bootenv.outdir import (
     publishable,
     remove_leftovers,
     replace_dir,
-    write_durably,
 )
 from bootenv.run import run, which
 from bootenv.split import COMPONENT_STATUS_DIR, OS, ComponentSpec, Split, assign_packages, validate_specs
@@ -58,7 +57,7 @@ from bootenv.staging import replace_file, stage
 from bootenv.store import BlobWriter, write_blob
 from bootenv.tarstream import finish_create, tar_create, write_list
 from bootenv.walk import Entry, Kind, scan
-from bootenv.writeback import fsync_dir
+from bootenv.writeback import fsync_dir, write_durably
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +245,7 @@ def _pack_all(
         except BaseException as exc:
             cancel.set(exc)
             wait([packing])
-            if cancel.cause is not exc and cancel.cause is not None:
+            if cancel.cause is not None and cancel.cause is not exc:  # the other side failed first
                 raise cancel.cause from None
             raise
         components = packing.result()

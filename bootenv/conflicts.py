@@ -16,13 +16,15 @@ import logging
 import os
 import shutil
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bootenv.errors import UserError
-from bootenv.merge import MAX_MERGE, STATE, concatenate, is_text, path_key
+from bootenv.merge import MAX_MERGE, concatenate, is_text, record_dir
+from bootenv.writeback import write_all
 
 RECORDS = Path("var/lib/bootenv/conflict-records")
 STORE = Path("var/lib/bootenv/conflicts")
@@ -126,28 +128,29 @@ def clean_stale(root: Path) -> None:
 
 
 def load_all(root: Path) -> list[Conflict]:
-    d = root / RECORDS
-    if not d.is_dir():
-        return []
-    out = [_read(p) for p in sorted(d.glob("*.json"))]
-    return sorted(out, key=lambda c: (c.path, c.component))
+    return sorted(_records(root, skip_damaged=False), key=lambda c: (c.path, c.component))
 
 
-def open_ids(root: Path, component: str) -> tuple[str, ...]:
-    """The ids of `component`'s conflicts that are not resolved: what a layout that
-    finds the component laid out by an earlier run reports again. A damaged record is
-    left to `bootenv conflicts`, which names it."""
+def open_ids(root: Path) -> dict[str, tuple[str, ...]]:
+    """Each component's conflicts that are not resolved, by id: what a layout that finds
+    a component laid out by an earlier run reports again. A damaged record is left to
+    `bootenv conflicts`, which names it."""
+    found: dict[str, list[str]] = {}
+    for c in _records(root, skip_damaged=True):
+        if not c.resolution:
+            found.setdefault(c.component, []).append(c.id)
+    return {name: tuple(ids) for name, ids in found.items()}
+
+
+def _records(root: Path, *, skip_damaged: bool) -> Iterator[Conflict]:
     d = root / RECORDS
-    found = []
     for path in sorted(d.glob("*.json")) if d.is_dir() else ():
         try:
-            c = _read(path)
+            yield _read(path)
         except UserError as exc:
+            if not skip_damaged:
+                raise
             log.warning("%s", exc)
-            continue
-        if c.component == component and not c.resolution:
-            found.append(c.id)
-    return tuple(found)
 
 
 def _read(path: Path) -> Conflict:
@@ -226,7 +229,7 @@ def resolve(root: Path, cid: str, keep: str | None, file: Path | None) -> Confli
 
 def _own_part(root: Path, c: Conflict) -> Path:
     """Where the merge records keep `c.component`'s own version of `c.path`."""
-    part = root / STATE / "merge" / path_key(c.path) / f"part.{c.component}"
+    part = record_dir(root, c.path) / f"part.{c.component}"
     if not part.is_file():
         raise UserError(
             f"{c.path}: {c.component}'s own version is not in the merge records",
@@ -259,9 +262,7 @@ def _replace_content(target: Path, data: bytes) -> None:
     tmp = target.with_name(f".bootenv~resolve.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         if os.geteuid() == 0:
             os.fchown(fd, st.st_uid, st.st_gid)
         os.fchmod(fd, stat.S_IMODE(st.st_mode))

@@ -29,6 +29,7 @@ from bootenv.conflicts import EDITED, Conflict, conflict_id, describe, stored_pa
 from bootenv.journal import DirLog
 from bootenv.merge import MAX_MERGE, MergeState, Meta, is_candidate, is_text
 from bootenv.paxread import ArchiveError, Member, PaxReader
+from bootenv.writeback import write_all
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -553,16 +554,6 @@ def _exists(name: str, dir_fd: int) -> bool:
     return True
 
 
-def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    n = os.write(fd, data)
-    if n == len(data):
-        return  # the common case: no view of the data to make
-    view = memoryview(data)[n:]
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
 def _write_sparse(fd: int, reader: PaxReader, m: Member) -> None:
     assert m.sparse is not None
     os.ftruncate(fd, m.realsize)
@@ -607,18 +598,7 @@ def _same(pfd: int, a: str, b: str, sa: os.stat_result, sb: os.stat_result) -> b
         return sa.st_rdev == sb.st_rdev
     if not stat.S_ISREG(sa.st_mode) or sa.st_size != sb.st_size:
         return False
-    fa = os.open(a, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-    fb = os.open(b, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-    try:
-        while True:
-            x, y = os.read(fa, 1 << 20), os.read(fb, 1 << 20)
-            if x != y:
-                return False
-            if not x:
-                return True
-    finally:
-        os.close(fa)
-        os.close(fb)
+    return _starts(pfd, b, a)
 
 
 def _cut_short(pfd: int, a: str, b: str, sa: os.stat_result, sb: os.stat_result) -> bool:
@@ -638,16 +618,22 @@ def _cut_short(pfd: int, a: str, b: str, sa: os.stat_result, sb: os.stat_result)
         sb.st_gid,
     ):
         return False
-    fa = os.open(a, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-    fb = os.open(b, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+    return _starts(pfd, b, a)
+
+
+def _starts(pfd: int, whole: str, part: str) -> bool:
+    """Whether file `whole` begins with all of file `part` (both in `pfd`): for files of
+    one size, whether they hold the same bytes."""
+    fw = os.open(whole, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+    fp = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
     try:
-        while x := os.read(fa, 1 << 20):
-            if os.read(fb, len(x)) != x:
+        while x := os.read(fp, 1 << 20):
+            if os.read(fw, len(x)) != x:
                 return False
         return True
     finally:
-        os.close(fa)
-        os.close(fb)
+        os.close(fw)
+        os.close(fp)
 
 
 def _safe_to_create(mode: int) -> bool:

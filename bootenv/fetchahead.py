@@ -46,10 +46,11 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from bootenv.errors import FatalError, VerificationError
-from bootenv.extract import TMP_PREFIX, write_all
+from bootenv.extract import TMP_PREFIX
 from bootenv.log import human_bytes
 from bootenv.manifest import Chunk, Component
 from bootenv.source import ReadAbortedError, Source, open_source
+from bootenv.writeback import write_all
 
 log = logging.getLogger(__name__)
 

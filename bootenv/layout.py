@@ -36,12 +36,12 @@ from bootenv.callback import Callback, Event
 from bootenv.conflicts import RECORDS, STORE, clean_stale, open_ids
 from bootenv.dpkgmerge import merge_component_status
 from bootenv.errors import BootenvError, FatalError, RetryableError, UserError
-from bootenv.extract import OWN, Stats, TreeWriter, reserve_fd_table
+from bootenv.extract import Stats, TreeWriter, reserve_fd_table
 from bootenv.fetchahead import FetchAhead, Fetched
-from bootenv.journal import Journal, syncfs
+from bootenv.journal import DIRS_DIR, STATE_DIR, Journal, syncfs
 from bootenv.log import human_bytes, step
 from bootenv.manifest import Chunk, Component, resolve_components
-from bootenv.merge import MergeState
+from bootenv.merge import STATE, MergeState
 from bootenv.signing import Trust
 from bootenv.source import load_manifest
 from bootenv.stream import Piece
@@ -250,14 +250,14 @@ def _try(
 
 
 # bootenv's own records, parents first: the journal, the merge records, the conflicts.
-_STATE_DIRS = (
-    "var",
-    "var/lib",
-    OWN,
-    f"{OWN}/layout",
-    *(f"{OWN}/layout/{name}" for name in ("state", "dirs", "merge", "owners")),
-    str(RECORDS),
-    str(STORE),
+_STATE_DIRS = sorted(
+    {
+        str(parent)
+        for d in (STATE_DIR, DIRS_DIR, STATE / "merge", STATE / "owners", RECORDS, STORE)
+        for parent in (d, *d.parents)
+    }
+    - {"."},
+    key=lambda rel: (rel.count("/"), rel),
 )
 
 
@@ -325,7 +325,7 @@ def _alone(root: Path) -> Iterator[None]:
     the same journal. A POSIX record lock (lockf), which belongs to this process alone:
     its forked streams do not hold it, so it ends with the layout, even killed -9 (the
     streams, which then die of it too, do so a moment later)."""
-    where = root / OWN / "layout"
+    where = root / STATE
     where.mkdir(parents=True, exist_ok=True)
     fd = os.open(where / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
@@ -601,14 +601,16 @@ class _Scheduler:
         # executor runs each job as it is given.
         self.depth = self.width if isinstance(pool, _Inline) else self.width + 1
         journal = Journal(self.root)
+        still_open: dict[str, tuple[str, ...]] | None = None  # read once, if a component is resumed
         for comp in comps:
             self.got[comp.name] = {}
             if journal.reached(comp.name, comp.data.sha256, "files"):
                 log.info("%s: already laid out by an earlier run", comp.name)
                 # Its conflicts were found by that run, which may have stopped before it
                 # reported them: the open ones are reported again.
+                still_open = open_ids(self.root) if still_open is None else still_open
                 self.results[comp.name] = ComponentResult(
-                    comp.name, "resumed", conflicts=open_ids(self.root, comp.name), ready_after=self._since()
+                    comp.name, "resumed", conflicts=still_open.get(comp.name, ()), ready_after=self._since()
                 )
                 continue
             self.started[comp.name] = time.monotonic()

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bootenv.errors import FatalError
+from bootenv.writeback import write_durably
 
 STATE = Path("var/lib/bootenv/layout")
 MAX_MERGE = 1 << 20
@@ -91,6 +92,11 @@ def path_key(relpath: str) -> str:
     return hashlib.sha256(relpath.encode(errors="surrogateescape")).hexdigest()[:32]
 
 
+def record_dir(root: Path, relpath: str) -> Path:
+    """Where the merge records of `relpath` are kept under ROOT."""
+    return root / STATE / "merge" / path_key(relpath)
+
+
 def content_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
@@ -105,10 +111,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     data of a file written just before it, leaving the name on an empty file after a
     power cut. Merges are rare (a few files of /etc), so the syncs cost little."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write_durably(tmp, data)
     os.replace(tmp, path)
 
 
@@ -150,11 +153,11 @@ class MergeState:
         return out
 
     def initialized(self, relpath: str) -> bool:
-        return (self.merge / path_key(relpath) / "init").exists()
+        return (record_dir(self.root, relpath) / "init").exists()
 
     @contextlib.contextmanager
     def locked(self, relpath: str) -> Iterator[Path]:
-        d = self.merge / path_key(relpath)
+        d = record_dir(self.root, relpath)
         d.mkdir(exist_ok=True)
         fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:

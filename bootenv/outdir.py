@@ -105,13 +105,6 @@ def check_replaceable(output: Path) -> None:
         )
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def publishable(image: Path) -> None:
     """Give the image the modes the umask allows (its temp dir was made 0700 and its blobs
     0600): a web server running as its own user (nginx's www-data) must read it."""

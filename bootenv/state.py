@@ -36,7 +36,7 @@ from typing import Any
 
 from bootenv.errors import UserError
 from bootenv.machines import Event, Machine, Outcome, State, apply, finite, from_dict, normalize_mac, to_dict
-from bootenv.writeback import fsync_dir
+from bootenv.writeback import fsync_dir, write_all
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +234,7 @@ class Store:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 line = b"\n" + line
-            view = memoryview(line)
-            while view:  # a short write (a full disk) goes on, or raises
-                view = view[os.write(fd, view) :]
+            write_all(fd, line)
             os.fsync(fd)
         finally:
             os.close(fd)

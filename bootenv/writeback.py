@@ -44,6 +44,25 @@ def _libc_syncfs() -> ctypes._NamedFuncPointer:
     return fn
 
 
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write all of `data`: a short write (a full disk) goes on, or raises."""
+    n = os.write(fd, data)
+    if n == len(data):
+        return  # the common case: no view of the data to make
+    view = memoryview(data)[n:]
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write `path` whole and fsync it (its name is the caller's: a rename, fsync_dir)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def fsync_dir(path: Path) -> None:
     """Make a directory's entries (a rename or a new file in it) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

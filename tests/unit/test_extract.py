@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from bootenv import extract
-from bootenv.extract import TMP_PREFIX, TreeWriter, acl_xattr, write_all
+from bootenv.extract import TMP_PREFIX, TreeWriter, acl_xattr
 from bootenv.merge import MergeState
 from bootenv.paxread import ArchiveError, PaxReader, _num, safe_name
 from bootenv.prefetch import Prefetch
+from bootenv.writeback import write_all
 from tests.hostile.kit import d, f, hard, sym, tar_bytes
 
 
