@@ -24,7 +24,7 @@ from typing import Any
 
 from bootenv.errors import UserError
 from bootenv.merge import MAX_MERGE, concatenate, is_text, record_dir
-from bootenv.writeback import write_all
+from bootenv.writeback import fsync_dir, replace_at, write_durably
 
 RECORDS = Path("var/lib/bootenv/conflict-records")
 STORE = Path("var/lib/bootenv/conflicts")
@@ -114,9 +114,15 @@ def write_record(root: Path, conflict: Conflict) -> None:
                 body["resolution"] = old.resolution
             elif old.resolution:
                 log.info("conflict %s: another version of /%s, open again", conflict.id, conflict.path)
-    tmp = d / f".{conflict.id}.json.tmp.{os.getpid()}"
-    tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    _write_record(path, body)
+
+
+def _write_record(path: Path, body: dict[str, Any]) -> None:
+    """Write a conflict record whole and durably (a temp file renamed over it)."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    write_durably(tmp, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def clean_stale(root: Path) -> None:
@@ -220,10 +226,7 @@ def resolve(root: Path, cid: str, keep: str | None, file: Path | None) -> Confli
     if file is not None:
         res["file"] = str(file)
     done = Conflict(**{**c.__dict__, "resolution": res})
-    path = root / RECORDS / f"{cid}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(done.__dict__, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    _write_record(root / RECORDS / f"{cid}.json", done.__dict__)
     return done
 
 
@@ -255,18 +258,13 @@ def _remove(path: Path) -> None:
 
 
 def _replace_content(target: Path, data: bytes) -> None:
-    """Replace a regular file's bytes atomically, keeping its owner, mode and xattrs' place."""
+    """Replace a regular file's bytes atomically and durably, keeping its owner and mode."""
     st = target.lstat()
     if not stat.S_ISREG(st.st_mode):
         raise UserError(f"{target} is not a regular file")
-    tmp = target.with_name(f".bootenv~resolve.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    dfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        write_all(fd, data)
-        if os.geteuid() == 0:
-            os.fchown(fd, st.st_uid, st.st_gid)
-        os.fchmod(fd, stat.S_IMODE(st.st_mode))
-        os.fsync(fd)
+        replace_at(dfd, target.name, data, like=st, tmp=f".bootenv~resolve.{os.getpid()}")
+        os.fsync(dfd)
     finally:
-        os.close(fd)
-    os.replace(tmp, target)
+        os.close(dfd)

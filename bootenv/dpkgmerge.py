@@ -24,7 +24,6 @@ import contextlib
 import errno
 import logging
 import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from bootenv.dpkg import STATUS, parse_fields, parse_stanzas, render_status
 from bootenv.extract import DIR_FLAGS, open_dir
 from bootenv.paxread import ArchiveError
 from bootenv.split import COMPONENT_STATUS_DIR
+from bootenv.writeback import replace_at
 
 log = logging.getLogger(__name__)
 
@@ -168,19 +168,7 @@ def _merge_into(dfd: int, component: str, incoming: str, kept: list[str] | None)
     if text == current:
         return names
     st = os.lstat(name, dir_fd=dfd) if current is not None else None
-    tmp = ".status.bootenv-tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644, dir_fd=dfd)
-    except OSError as exc:
-        raise _refused(exc, f"{STATUS.parent}/{tmp}") from exc
-    with os.fdopen(fd, "wb") as f:
-        f.write(text.encode("utf-8", "surrogateescape"))
-        f.flush()
-        if st is not None:
-            if os.geteuid() == 0:
-                os.fchown(f.fileno(), st.st_uid, st.st_gid)
-            os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
-        os.fsync(f.fileno())
-    os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    replace_at(dfd, name, text.encode("utf-8", "surrogateescape"), like=st, tmp=".status.bootenv-tmp")
+    os.fsync(dfd)  # the rename, before the journal records the merge
     log.info("%s: %d packages added to the dpkg database", component, len(names))
     return names

@@ -9,7 +9,6 @@ Fallback (another filesystem, a read-only snapshot, not root): a GNU tar copy.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -25,6 +24,7 @@ from bootenv.intree import disk_links, resolve
 from bootenv.paxread import ArchiveError
 from bootenv.tarstream import finish_create, tar_create, tar_extract, write_list
 from bootenv.walk import GONE
+from bootenv.writeback import replace_at
 
 log = logging.getLogger(__name__)
 
@@ -138,16 +138,7 @@ def _replace_in(dfd: int, name: str, data: bytes, where: str) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise FatalError(f"refused: {where} in the staged tree is not a regular file (a symlink?)")
     parent = os.fstat(dfd)
-    tmp = f".{name}.bootenv"
-    # Never opened if it is there: it may be a hard link to a gold's file.
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp, dir_fd=dfd)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        os.fchown(f.fileno(), st.st_uid, st.st_gid)
-        os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
-    os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    replace_at(dfd, name, data, like=st, tmp=f".{name}.bootenv")
     os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dfd, follow_symlinks=False)
     os.utime(dfd, ns=(parent.st_atime_ns, parent.st_mtime_ns))
 

@@ -127,3 +127,64 @@ def test_the_journals_syncfs_reports_a_write_error_and_falls_back_only_without_s
         else:
             journal.syncfs(tmp_path)
     assert synced == ["sync"]  # only for the kernel without syncfs
+
+
+def _dir_fd(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def test_replace_at_keeps_the_owner_and_mode_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    target = tmp_path / "status"
+    target.write_bytes(b"old\n")
+    target.chmod(0o640)
+    like = target.lstat()
+    dfd = _dir_fd(tmp_path)
+    try:
+        writeback.replace_at(dfd, "status", b"new\n", like=like, tmp=".status.tmp")
+    finally:
+        os.close(dfd)
+    st = target.lstat()
+    assert target.read_bytes() == b"new\n"
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o640, like.st_uid, like.st_gid)
+    assert st.st_ino != like.st_ino  # a new file renamed over it, not the old one rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["status"]
+
+
+def test_replace_at_removes_a_leftover_temp_name_without_writing_through_it(tmp_path: Path) -> None:
+    """A killed run's temp name may be a hard link to, or a symlink at, a file that must
+    not change: it is unlinked, never opened."""
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"keep me\n")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    os.link(precious, tmp_path / "a" / ".t")
+    os.symlink(precious, tmp_path / "b" / ".t")
+    for sub in ("a", "b"):
+        dfd = _dir_fd(tmp_path / sub)
+        try:
+            writeback.replace_at(dfd, "f", b"data\n", like=None, tmp=".t")
+        finally:
+            os.close(dfd)
+        assert (tmp_path / sub / "f").read_bytes() == b"data\n"
+        assert not (tmp_path / sub / ".t").exists()
+    assert precious.read_bytes() == b"keep me\n"
+
+
+def test_replace_at_a_failed_write_leaves_the_old_file_and_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "status"
+    target.write_bytes(b"old\n")
+
+    def full(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writeback.os, "write", full)
+    dfd = _dir_fd(tmp_path)
+    try:
+        with pytest.raises(OSError, match="No space"):
+            writeback.replace_at(dfd, "status", b"new\n", like=target.lstat(), tmp=".status.tmp")
+    finally:
+        os.close(dfd)
+    assert target.read_bytes() == b"old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["status"]
