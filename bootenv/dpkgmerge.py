@@ -13,6 +13,12 @@ version or architecture (a target that is not a clone of the gold). Its files th
 kept (the layout never overwrites; the component's differing ones are conflicts), so the
 database must go on describing them.
 
+The files are laid out without the package manager's lock, but the status file is
+dpkg's database: the merge holds dpkg's locks (lock-frontend, then lock: fcntl locks, as
+apt and dpkg take them) while it reads and replaces it, a few milliseconds, so an apt or
+dpkg run meanwhile neither loses the component's packages nor has its own lost. A lock
+held longer than LOCK_WAIT fails the component, retryably.
+
 Both files are reached from the root without following a symlink (bootenv/extract.py):
 an archive may have placed one where the target had no /var/lib/dpkg yet, and the merge
 refuses it rather than write outside the root.
@@ -22,18 +28,25 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from bootenv.dpkg import STATUS, parse_fields, parse_stanzas, render_status
+from bootenv.errors import RetryableError
 from bootenv.extract import DIR_FLAGS, open_dir
 from bootenv.paxread import ArchiveError
 from bootenv.split import COMPONENT_STATUS_DIR
 from bootenv.writeback import replace_at
 
 log = logging.getLogger(__name__)
+
+# apt's lock, then dpkg's own: the order both take them in (dpkg's lib/dpkg/dbmodify.c).
+DPKG_LOCKS = ("lock-frontend", "lock")
+LOCK_WAIT = 600.0  # seconds an apt run may hold them before the component fails
 
 
 def _key(stanza: str) -> tuple[str, str]:
@@ -151,7 +164,51 @@ def merge_component_status(root: Path, component: str, kept: list[str] | None = 
         return []
     with _directory(root, str(STATUS.parent), create=True) as dfd:
         assert dfd is not None
-        return _merge_into(dfd, component, incoming, kept)
+        with dpkg_locked(dfd):
+            return _merge_into(dfd, component, incoming, kept)
+
+
+@contextlib.contextmanager
+def dpkg_locked(dfd: int, wait: float | None = None) -> Iterator[None]:
+    """Hold dpkg's locks in its directory `dfd` (var/lib/dpkg), in dpkg's order; closing
+    a lock file releases its lock. RetryableError if they stay taken for `wait` s."""
+    wait = LOCK_WAIT if wait is None else wait
+    deadline = time.monotonic() + wait
+    fds: list[int] = []
+    try:
+        for name in DPKG_LOCKS:
+            try:
+                fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640, dir_fd=dfd)
+            except OSError as exc:
+                raise _refused(exc, f"{STATUS.parent}/{name}") from exc
+            fds.append(fd)
+            _lock(fd, name, deadline, wait)
+        yield
+    finally:
+        for fd in reversed(fds):
+            os.close(fd)
+
+
+def _lock(fd: int, name: str, deadline: float, wait: float) -> None:
+    pause = 0.05
+    told = False
+    while True:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+        if time.monotonic() >= deadline:
+            raise RetryableError(
+                f"dpkg's database stayed locked ({STATUS.parent}/{name}) for {wait:.0f} s:"
+                " another package manager (apt, dpkg) is running"
+            )
+        if not told:
+            log.info("waiting for dpkg's lock %s: another package manager is running", name)
+            told = True
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(2 * pause, 1.0)
 
 
 def _merge_into(dfd: int, component: str, incoming: str, kept: list[str] | None) -> list[str]:

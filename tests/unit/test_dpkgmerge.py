@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import fcntl
 import os
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from bootenv import dpkgmerge
 from bootenv.dpkgmerge import merge_component_status
+from bootenv.errors import RetryableError
 from bootenv.layout import LayoutConfig, layout
 from bootenv.paxread import ArchiveError
 from tests.hostile.kit import ActivatedUnits, Comp, d, f, make_image, sym
@@ -93,3 +100,87 @@ def test_the_component_status_is_not_read_through_a_symlink(tmp_path: Path) -> N
     ):
         merge_component_status(root, "c")
     assert not (root / "var/lib/dpkg/status").exists()
+
+
+BASE = (
+    "Package: base\nStatus: install ok installed\nPriority: required\nMaintainer: x <x@y>\n"
+    "Architecture: all\nVersion: 1\nDescription: b\n"
+)
+ADDED = (
+    "Package: added\nStatus: install ok installed\nPriority: optional\nMaintainer: x <x@y>\n"
+    "Architecture: all\nVersion: 2\nDescription: a\n"
+)
+
+
+def _held(admindir: Path) -> bool:
+    """Whether another process holds dpkg's lock (a lock this process got is let go)."""
+    fd = os.open(admindir / "lock", os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+class RunningDpkg:
+    """A real dpkg that holds its locks while it reads selections from its stdin."""
+
+    def __init__(self, admindir: Path) -> None:
+        self.proc = subprocess.Popen(
+            ["dpkg", f"--admindir={admindir}", "--set-selections"],
+            stdin=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 30
+        while not _held(admindir):
+            assert self.proc.poll() is None and time.monotonic() < deadline, "dpkg never took its lock"
+            time.sleep(0.01)
+
+    def finish(self) -> None:
+        """dpkg writes its database (from what it read when it started) and exits."""
+        _, err = self.proc.communicate(b"base hold\n", timeout=30)
+        assert self.proc.returncode == 0, err
+
+
+@pytest.mark.skipif(shutil.which("dpkg") is None, reason="no dpkg on this machine")
+def test_the_merge_waits_for_a_running_dpkg_and_neither_loses_the_others_work(
+    tmp_path: Path, allow_run: None
+) -> None:
+    root = tmp_path / "root"
+    admindir = root / "var/lib/dpkg"
+    (admindir / "updates").mkdir(parents=True)
+    (admindir / "status").write_text(BASE)
+    _component_status(root, ADDED)
+    dpkg = RunningDpkg(admindir)
+    merging = concurrent.futures.ThreadPoolExecutor(1).submit(merge_component_status, root, "c")
+    try:
+        assert "added" not in (admindir / "status").read_text()  # not merged under dpkg's feet
+        assert not merging.done()
+    finally:
+        dpkg.finish()
+    assert merging.result(timeout=30) == ["added"]
+    status = (admindir / "status").read_text()
+    assert "Package: added\n" in status  # dpkg's write did not drop the merged package ...
+    assert "Package: base\nStatus: hold ok installed\n" in status  # ... nor the merge dpkg's
+    assert not _held(admindir)  # and the merge let go of the locks
+
+
+@pytest.mark.skipif(shutil.which("dpkg") is None, reason="no dpkg on this machine")
+def test_a_lock_held_too_long_fails_the_merge_retryably_and_changes_nothing(
+    tmp_path: Path, allow_run: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    admindir = root / "var/lib/dpkg"
+    (admindir / "updates").mkdir(parents=True)
+    (admindir / "status").write_text(BASE)
+    _component_status(root, ADDED)
+    monkeypatch.setattr(dpkgmerge, "LOCK_WAIT", 0.2)
+    dpkg = RunningDpkg(admindir)
+    try:
+        with pytest.raises(RetryableError, match=r"dpkg's database stayed locked .*lock-frontend\) for 0 s"):
+            merge_component_status(root, "c")
+        assert (admindir / "status").read_text() == BASE
+    finally:
+        dpkg.finish()
