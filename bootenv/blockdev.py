@@ -167,6 +167,12 @@ def check_file_not_attached(path: str) -> None:
             raise UserError(f"{path} backs {name}, which is mounted")
 
 
+def _under_dev(path: str) -> bool:
+    """Whether `path` (its directory's symlinks resolved) lies in /dev."""
+    where = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    return where == "/dev" or where.startswith("/dev/")
+
+
 def check_fits(path: str, size: int, needed: int) -> None:
     if size < needed:
         raise UserError(
@@ -202,6 +208,13 @@ def open_destination(path: str, image_size: int, *, mapped: int = 0) -> Iterator
         return
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise UserError(f"{path} is neither a block device nor a regular file")
+    if _under_dev(path):
+        # A mistyped disk, or a by-id link udev has not made yet: created, it would be a
+        # file in RAM (devtmpfs), reported as written, in the way of the real node.
+        what = "does not exist" if st is None else "is a regular file"
+        raise UserError(
+            f"{path} {what}: a path under /dev must be a block device", hint="check the disk's name"
+        )
     if st is not None:
         check_file_not_attached(path)
     _check_free_space(path, st.st_size if st else 0, image_size, mapped)

@@ -51,6 +51,8 @@ BUFFERS = 3  # one being filled and hashed, one being written, one spare
 READ = 1 << 20  # compressed bytes per network read
 HASH_QUEUE = 4  # network reads waiting for the compressed stream's sha256 (4 MiB)
 HEADER = 1 << 20  # held back until everything verified
+SUPERBLOCK = 1024  # ext4's primary superblock's offset, whatever the block size
+VISIBLE = 4096  # the first bytes, which hold it: written last of all
 ALIGN = 4096  # O_DIRECT offset/length alignment (covers 512- and 4096-byte sectors)
 
 Which = Literal["os", "single"]
@@ -359,9 +361,10 @@ def write_os(
             # Everything verified: now, and only now, make the filesystem visible. The
             # data goes to the disk first, so the superblock never lands before it.
             target.sync()
-            for offset, length in pieces:
-                target.write(held[offset : offset + length], offset)
-            target.sync()
+            for batch in superblock_last(pieces):
+                for offset, length in batch:
+                    target.write(held[offset : offset + length], offset)
+                target.sync()
     except BaseException as exc:
         if target.touched:
             _wipe_after(target, label, exc)
@@ -497,6 +500,27 @@ def _stream_range(
 def _check_blockmap(manifest: Manifest, which: Which, bmap: BlockMap) -> None:
     if which == "os" and bmap.image_size != manifest.rootfs.image_size:
         raise VerificationError("the block map's image size disagrees with the manifest")
+    # Every image is an ext4 filesystem, whose superblock is never all zeros: a map
+    # without it would "write" nothing, or a filesystem no one can mount, and succeed.
+    if not any(r.offset <= SUPERBLOCK < r.offset + r.length for r in bmap.ranges):
+        raise VerificationError(
+            f"the block map maps no superblock (byte {SUPERBLOCK}): not a filesystem image"
+        )
+
+
+def superblock_last(pieces: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The held-back header pieces (offset, length) as two batches: what lies past the
+    first VISIBLE bytes, then those bytes (the superblock), written after a sync. A kill
+    between two pieces then never leaves a new superblock over old metadata."""
+    rest, first = [], []
+    for offset, length in pieces:
+        end = offset + length
+        if offset < VISIBLE:
+            first.append((offset, min(end, VISIBLE) - offset))
+        if end > VISIBLE:
+            start = max(offset, VISIBLE)
+            rest.append((start, end - start))
+    return rest, first
 
 
 def write_os_path(

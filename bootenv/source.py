@@ -363,7 +363,7 @@ def _range_start(content_range: str) -> int:
     """The first byte of `bytes START-END/TOTAL`; -1 if the header is malformed."""
     unit, _, spec = content_range.partition(" ")
     first = spec.partition("-")[0]
-    return int(first) if unit == "bytes" and first.isdigit() else -1
+    return int(first) if unit == "bytes" and first.isascii() and first.isdigit() and len(first) <= 19 else -1
 
 
 def _urllib3_errors() -> type[Exception]:

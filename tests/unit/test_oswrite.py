@@ -707,3 +707,83 @@ def test_the_compressed_streams_hash_checks_on_its_thread_too(behind: bool) -> N
     abandoned.close()
     abandoned.close()
     assert not [t for t in threading.enumerate() if t.name == "hash"]
+
+
+# --- the order the filesystem becomes visible in ------------------------------------
+
+
+def test_superblock_last_splits_the_first_4_kib_off_and_keeps_every_byte() -> None:
+    pieces = [(0, 274432), (278528, 20480)]
+    rest, first = oswrite.superblock_last(pieces)
+    assert first == [(0, 4096)]
+    assert rest == [(4096, 270336), (278528, 20480)]
+    # A 1 KiB-block image's first pieces, each under 4 KiB: all of them go last.
+    assert oswrite.superblock_last([(1024, 1024), (2048, 2048), (8192, 1024)]) == (
+        [(8192, 1024)],
+        [(1024, 1024), (2048, 2048)],
+    )
+    for pieces in ([(0, 4096)], [(0, 1 << 20)], [(1024, 3072), (4096, 512)], [(2048, 8192)]):
+        rest, first = oswrite.superblock_last(pieces)
+        covered = sorted(rest + first)
+        assert sum(n for _, n in covered) == sum(n for _, n in pieces)
+        assert all(o + n <= 4096 for o, n in first) and all(o >= 4096 for o, _ in rest)
+
+
+def test_the_superblock_is_written_last_after_a_sync(
+    built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill between the held-back pieces must not leave a new superblock over old
+    metadata (blkid would call it the image's filesystem): the first 4 KiB go last, alone,
+    after everything else is synced."""
+    events: list[tuple[str, int, int]] = []
+    real_write, real_sync = oswrite.Target.write, oswrite.Target.sync
+
+    def write(self: oswrite.Target, buf: memoryview, offset: int) -> None:
+        events.append(("write", offset, len(buf)))
+        real_write(self, buf, offset)
+
+    def sync(self: oswrite.Target) -> None:
+        events.append(("sync", 0, 0))
+        real_sync(self)
+
+    monkeypatch.setattr(oswrite.Target, "write", write)
+    monkeypatch.setattr(oswrite.Target, "sync", sync)
+    out = tmp_path / "disk.img"
+    write_to(out, built, DirSource(built.dir))
+    assert_image(out, built.raw, built.bmap)
+    writes = [i for i, e in enumerate(events) if e[0] == "write"]
+    low = [i for i in writes if events[i][1] < 4096]
+    assert low and low == writes[-len(low) :]  # the first 4 KiB: the last writes of all
+    assert all(events[i][1] + events[i][2] <= 4096 for i in low)
+    assert events[low[0] - 1][0] == "sync" and events[-1][0] == "sync"
+
+
+def test_a_block_map_without_a_superblock_is_refused_before_any_write(built: Built, tmp_path: Path) -> None:
+    bmap = built.bmap
+    for ranges in ((), tuple(r for r in bmap.ranges if not r.offset <= 1024 < r.offset + r.length)):
+        bad = replace(bmap, ranges=ranges)
+        out = tmp_path / "disk.img"
+        out.write_bytes(b"old filesystem")
+        with pytest.raises(VerificationError, match=r"maps no superblock \(byte 1024\)"):
+            oswrite._check_blockmap(built.manifest, "os", bad)
+        with (
+            open_destination(str(out), SIZE) as dest,
+            pytest.raises(VerificationError, match="no superblock"),
+        ):
+            write_os(DirSource(built.dir), built.manifest, dest.fd, progress=False, name=str(out), bmap=bad)
+        assert out.read_bytes()[:14] == b"old filesystem"
+
+
+def test_a_missing_or_regular_path_under_dev_is_refused_not_created(tmp_path: Path) -> None:
+    name = f"bootenv-test-{os.getpid()}-sdz3"
+    want = r"does not exist: a path under /dev must be a block device"
+    with pytest.raises(UserError, match=want), open_destination(f"/dev/{name}", SIZE):
+        pass
+    assert not os.path.lexists(f"/dev/{name}")
+    (tmp_path / "devlink").symlink_to("/dev")  # the same directory, through a link
+    with (
+        pytest.raises(UserError, match="does not exist"),
+        open_destination(str(tmp_path / "devlink" / name), SIZE),
+    ):
+        pass
+    assert not os.path.lexists(f"/dev/{name}")

@@ -248,3 +248,19 @@ def test_a_file_of_no_known_size_cut_short_is_resumed_to_the_length_the_server_g
         reader = HttpReader(new_session(), srv.url + "blob", None, policy)
         assert reader.read() == whole
     assert [r.start for r in srv.requests_for("blob")] == [0, len(whole) // 2]
+
+
+def test_a_content_range_start_that_is_no_ascii_number_is_malformed_not_a_crash() -> None:
+    from bootenv.source import _range_start
+
+    assert _range_start("bytes 204717-300000/300001") == 204717
+    # str.isdigit() takes superscripts (which int() refuses) and other scripts' digits.
+    for bad in (
+        "bytes ²04717-300000/300001",
+        "bytes ٣-5/6",
+        "bytes 1_0-5/6",
+        "bytes -5/6",
+        "bits 1-5/6",
+        "bytes 1" + "0" * 30 + "-5/6",
+    ):
+        assert _range_start(bad) == -1, bad
