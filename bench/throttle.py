@@ -18,23 +18,29 @@ CHUNK = 64 << 10
 
 
 class Bucket:
-    """A token bucket; `rate` bytes per second, None for unlimited."""
+    """A rate limit of `rate` bytes per second (None for unlimited), shared by whoever
+    takes from it: a piece of n bytes may go once n / rate seconds have passed since the
+    last piece could, so every piece pays for itself before it is sent (the last of a
+    response too) and time left idle is not saved up as a burst."""
 
     def __init__(self, rate: float | None) -> None:
         self.rate = rate
         self.lock = threading.Lock()
-        self.next = time.monotonic()
+        self.next = time.monotonic()  # when the bytes taken so far have been paid for
 
-    def take(self, n: int) -> None:
+    def reserve(self, n: int) -> float:
+        """Charge `n` bytes; return when (time.monotonic()) they may be sent."""
         if self.rate is None:
-            return
+            return 0.0
         with self.lock:
-            now = time.monotonic()
-            start = max(now, self.next)
-            self.next = start + n / self.rate
-            wait = start - now
-        if wait > 0:
-            time.sleep(wait)
+            self.next = max(time.monotonic(), self.next) + n / self.rate
+            return self.next
+
+
+def wait_until(deadline: float) -> None:
+    wait = deadline - time.monotonic()
+    if wait > 0:
+        time.sleep(wait)
 
 
 @contextmanager
@@ -44,6 +50,13 @@ def serve(root: Path, *, per_connection: float | None = None, per_host: float | 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         disable_nagle_algorithm = True  # TCP_NODELAY, as nginx and `bootenv serve` have it
+
+        def setup(self) -> None:
+            super().setup()
+            # One bucket per TCP connection, for every request it carries (a layout's
+            # stream keeps its connection for all its range requests), as a server's or
+            # a WAN's per-connection limit is.
+            self.conn_bucket = Bucket(per_connection)
 
         def log_message(self, *args: object) -> None:
             pass
@@ -67,7 +80,6 @@ def serve(root: Path, *, per_connection: float | None = None, per_host: float | 
             self.send_header("Content-Length", str(end - start + 1))
             self.send_header("Accept-Ranges", "bytes")
             self.end_headers()
-            conn = Bucket(per_connection)
             with open(path, "rb") as f:
                 f.seek(start)
                 left = end - start + 1
@@ -75,8 +87,8 @@ def serve(root: Path, *, per_connection: float | None = None, per_host: float | 
                     data = f.read(min(CHUNK, left))
                     if not data:
                         break
-                    conn.take(len(data))
-                    host_bucket.take(len(data))
+                    # Both caps at once: the piece goes when both have been paid.
+                    wait_until(max(self.conn_bucket.reserve(len(data)), host_bucket.reserve(len(data))))
                     try:
                         self.wfile.write(data)
                     except (BrokenPipeError, ConnectionResetError):

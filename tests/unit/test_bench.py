@@ -95,6 +95,51 @@ def test_throttled_server_serves_ranges(tmp_path: Path, monkeypatch: pytest.Monk
     assert nodelay and all(nodelay), nodelay
 
 
+def test_a_capped_piece_is_paid_for_before_it_goes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every piece waits for its own bytes, the first and the last of a response too, and
+    time the connection sat idle is not saved up as a burst."""
+    from bench import throttle
+
+    clock = [100.0]
+    monkeypatch.setattr(throttle.time, "monotonic", lambda: clock[0])
+    bucket = throttle.Bucket(1000.0)
+    assert bucket.reserve(500) == 100.5  # the first piece is not free
+    assert bucket.reserve(500) == 101.0  # nor the next, queued behind it
+    clock[0] = 101.0
+    assert bucket.reserve(100) == 101.1  # the last one of a response pays too
+    clock[0] = 200.0
+    assert bucket.reserve(1000) == 201.0  # idle time is no credit
+    assert throttle.Bucket(None).reserve(1 << 30) == 0.0  # no cap
+
+
+def test_the_per_connection_cap_is_one_bucket_per_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All the requests a keep-alive connection carries share its cap (as a layout's
+    stream sends its range requests on one connection); another connection has its own."""
+    from bench import throttle
+
+    charged: dict[int, list[int]] = {}
+
+    class Counted(throttle.Bucket):
+        def reserve(self, n: int) -> float:
+            if self.rate == 50e6:
+                charged.setdefault(id(self), []).append(n)
+            return super().reserve(n)
+
+    monkeypatch.setattr(throttle, "Bucket", Counted)
+    data = os.urandom(200 << 10)  # four pieces, the last one short
+    (tmp_path / "blob").write_bytes(data)
+    with serve(tmp_path, per_connection=50e6, per_host=1e9) as url:
+        with requests.Session() as one:
+            assert one.get(f"{url}/blob", timeout=10).content == data
+            assert one.get(f"{url}/blob", headers={"Range": "bytes=10-"}, timeout=10).content == data[10:]
+        assert [sum(v) for v in charged.values()] == [2 * len(data) - 10]  # one bucket, every byte
+        with requests.Session() as other:
+            assert other.get(f"{url}/blob", timeout=10).content == data
+    assert sorted(sum(v) for v in charged.values()) == [len(data), 2 * len(data) - 10]
+
+
 def _split_of(p: Plan, entries: list[Entry]) -> Split:
     """The split capture would plan for `p`, from the plan alone (no tree on disk)."""
     packages, others = parse_status(status_text(p.packages))
