@@ -26,11 +26,14 @@ class Sample:
     seconds: float
     max_rss_kb: int
     cpu: float = 0.0  # user + system seconds of the command and its children
-    shmem_kb: int = 0  # peak growth of the machine's shared memory (memfds, tmpfs) meanwhile
+    # With measure(tree=True): the peak of the shared memory the command's own processes
+    # hold (memfds, /dev/shm files, shared anonymous mappings: shared_memory_kb).
+    shmem_kb: int = 0
     busy: float = 0.0  # CPU seconds the whole machine spent meanwhile (every process, the kernel)
     # With measure(tree=True): the command's whole footprint, estimated: the peak of its
     # processes' summed PSS (pages they share counted once; shared memory left out) plus
-    # the peak growth of shared memory, and never less than the largest process's RSS.
+    # the peak of their shared memory (shmem_kb), and never less than the largest
+    # process's RSS.
     total_kb: int = 0
 
 
@@ -74,8 +77,9 @@ def measure(
     The command runs under GNU time, not straight from this process: a child forked from
     Python and then exec'd is charged the parent's resident pages as its peak RSS (the
     kernel keeps the high-water mark across exec), which would hide the command's own.
-    With `tree`, the whole run's footprint is sampled too (Sample.total_kb): it costs this
-    process some CPU while the command runs, so only the memory benchmark asks for it.
+    With `tree`, the whole run's footprint is sampled too (Sample.shmem_kb and total_kb):
+    it costs this process some CPU while the command runs, so only the memory benchmark
+    asks for it.
     """
     cmd = ["sh", "-c", " ".join(argv)] if shell else list(argv)
     with (
@@ -96,7 +100,7 @@ def measure(
         raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}): {err[-500:]}")
     rss, user, system = [line for line in fields if line.strip()][-1].split()
     # Never under the largest process's peak RSS, which a sample can miss (that RSS holds
-    # any shared memory the process maps, so it is not added to the Shmem peak again).
+    # any shared memory the process maps, so it is not added to the shared peak again).
     total = max(shmem.total_kb, int(rss)) if tree else 0
     return Sample(elapsed, int(rss), float(user) + float(system), shmem.peak_kb, busy, total)
 
@@ -112,12 +116,13 @@ def machine_busy() -> float:
 
 
 class _MemoryPeak:
-    """Sampled while a command runs: the peak growth of Shmem (/proc/meminfo), memory a
-    process holds in memfds or tmpfs, which its RSS does not show. With `tree`, once
-    `follow` names the command's process, also the peak of its descendants' summed PSS
-    (every 20 ms; Shmem then every 5 ms), and `total_kb`, the two peaks added: the whole
-    run's footprint, estimated (GNU time's %M is one process's). Samples can miss a
-    short peak."""
+    """With `tree`, sampled while a command runs, once `follow` names its process: the
+    peak of the shared memory its descendants hold (shared_memory_kb, every 5 ms), which
+    their RSS does not show, and the peak of their summed PSS without it (every 20 ms);
+    `total_kb` is the two peaks added, the whole run's footprint, estimated (GNU time's
+    %M is one process's). Only the command's own processes count: another process's
+    memfds or tmpfs files, on the same machine meanwhile, are not charged to it. Samples
+    can miss a short peak. Without `tree`, nothing is sampled."""
 
     def __init__(self, *, tree: bool = False) -> None:
         self.peak_kb = 0
@@ -128,27 +133,30 @@ class _MemoryPeak:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> _MemoryPeak:
-        self._base = _shmem_kb()
-        self._thread.start()
+        if self._tree:
+            self._thread.start()
         return self
 
     def __exit__(self, *_: object) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._tree:
+            self._thread.join()
 
     def follow(self, pid: int) -> None:
         """Count the processes under `pid` (GNU time's: its own few pages are left out)."""
         self._pid = pid
 
     def _run(self) -> None:
-        pss, tick = 0, 0
-        while not self._stop.wait(0.005 if self._tree else 0.02):
-            self.peak_kb = max(self.peak_kb, _shmem_kb() - self._base)
+        pss, tick, pids = 0, 0, []
+        while not self._stop.wait(0.005):
+            if not self._pid:
+                continue
+            if tick % 4 == 0:  # finding the processes and reading their PSS costs more
+                pids = descendants(self._pid)
+                pss = max(pss, sum(map(_pss_kb, pids)))
             tick += 1
-            if self._tree and self._pid and tick % 4 == 0:  # reading PSS costs more
-                pss = max(pss, sum(map(_pss_kb, descendants(self._pid))))
-            if self._tree:
-                self.total_kb = pss + self.peak_kb
+            self.peak_kb = max(self.peak_kb, shared_memory_kb(pids))
+            self.total_kb = pss + self.peak_kb
 
 
 def descendants(pid: int) -> list[int]:
@@ -173,8 +181,8 @@ def descendants(pid: int) -> list[int]:
 
 
 def _pss_kb(pid: int) -> int:
-    """A process's PSS without its shared memory (memfds, shared mappings), which the
-    Shmem growth counts already."""
+    """A process's PSS without its shared memory (memfds, shared mappings), which
+    shared_memory_kb counts."""
     try:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
@@ -184,11 +192,75 @@ def _pss_kb(pid: int) -> int:
     return kb.get("Pss", 0) - kb.get("Pss_Shmem", 0)
 
 
-def _shmem_kb() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("Shmem:"):
-            return int(line.split()[1])
-    return 0
+# What shared memory looks like in /proc/PID/fd and /proc/PID/maps: a memfd (bootenv's
+# chunks waiting to be verified), a POSIX shm file, a shared anonymous mapping (write-os's
+# aligned buffers), a System V segment.
+SHARED_MEMORY = ("/memfd:", "/dev/shm/", "/dev/zero (deleted)", "/SYSV")
+
+
+def shared_memory_kb(pids: Sequence[int]) -> int:
+    """The shared memory held by the processes `pids`: every memfd, /dev/shm file and
+    shared anonymous mapping one of them has open or mapped, counted once however many
+    hold it (by device and inode), at the size of the pages it has (fstat's blocks)."""
+    held: dict[tuple[int, int], int] = {}
+    for pid in pids:
+        for key, kb in _shared_objects(pid):
+            held[key] = max(held.get(key, 0), kb)
+    return sum(held.values())
+
+
+def _shared_objects(pid: int) -> list[tuple[tuple[int, int], int]]:
+    """(device, inode) and KiB of each shared memory object `pid` has open or mapped."""
+    out: list[tuple[tuple[int, int], int]] = []
+    fds = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fds)
+    except OSError:
+        return out  # gone meanwhile
+    for name in names:
+        try:
+            if os.readlink(f"{fds}/{name}").startswith(SHARED_MEMORY):
+                st = os.stat(f"{fds}/{name}")
+                out.append(((st.st_dev, st.st_ino), st.st_blocks // 2))
+        except OSError:
+            continue  # closed meanwhile
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return out
+    resident: dict[str, int] | None = None
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)  # range, perms, offset, dev, inode, path
+        if len(fields) < 6 or not fields[5].startswith(SHARED_MEMORY):
+            continue
+        major, minor = (int(x, 16) for x in fields[3].split(":"))
+        key = (os.makedev(major, minor), int(fields[4]))
+        try:
+            out.append((key, os.stat(f"/proc/{pid}/map_files/{fields[0]}").st_blocks // 2))
+        except PermissionError:  # map_files is root's: the pages this mapping has in memory
+            if resident is None:
+                resident = _resident_kb(pid)
+            out.append((key, resident.get(fields[0], 0)))
+        except OSError:
+            continue  # unmapped meanwhile
+    return out
+
+
+def _resident_kb(pid: int) -> dict[str, int]:
+    """Each mapping's Rss (/proc/PID/smaps), by its address range."""
+    out: dict[str, int] = {}
+    where = ""
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        head = line.split(maxsplit=1)[0] if line else ""
+        if "-" in head and not head.endswith(":"):
+            where = head
+        elif head == "Rss:":
+            out[where] = int(line.split()[1])
+    return out
 
 
 def repeat(

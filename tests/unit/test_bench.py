@@ -49,11 +49,44 @@ def test_shared_memory_a_process_maps_is_counted_once(allow_run: None) -> None:
     assert sample.total_kb < sample.shmem_kb + sample.max_rss_kb  # not 32 MiB twice over
 
 
+def test_shared_memory_is_the_trees_own(allow_run: None) -> None:
+    """A memfd open in two processes, another only mapped (its fd closed) and a shared
+    anonymous mapping, each counted once at the pages it holds; a memfd that a process
+    outside the measured tree holds meanwhile is not charged to the run."""
+    import subprocess
+    import time
+
+    from bench.harness import descendants, shared_memory_kb
+
+    code = (
+        "import mmap, os, sys, time; fd = os.memfd_create('held'); os.write(fd, bytes(24 << 20)); "
+        "m = os.memfd_create('mapped'); os.ftruncate(m, 64 << 20); mm = mmap.mmap(m, 64 << 20); "
+        "os.close(m); mm.write(bytes(8 << 20)); anon = mmap.mmap(-1, 32 << 20); anon.write(bytes(4 << 20)); "
+        "pid = os.fork(); print('ready', flush=True); time.sleep(30); pid and os.waitpid(pid, 0)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        time.sleep(0.1)  # the child too
+        tree = [proc.pid, *descendants(proc.pid)]
+        assert len(tree) == 2
+        assert shared_memory_kb(tree) == (24 + 8 + 4) << 10
+        assert shared_memory_kb([proc.pid]) == (24 + 8 + 4) << 10  # the child shares the same
+        small = "import os, time; fd = os.memfd_create('x'); os.write(fd, bytes(4 << 20)); time.sleep(0.3)"
+        sample = measure([sys.executable, "-c", f'"{small}"'], shell=True, tree=True)
+        assert 4 << 10 <= sample.shmem_kb < 8 << 10  # not the 36 MiB held outside the run
+    finally:
+        os.killpg(proc.pid, 9)  # the child too
+        proc.wait()
+        proc.stdout.close()
+
+
 def test_measure_table_and_save(tmp_path: Path, allow_run: None) -> None:
     sample = measure([sys.executable, "-c", "x = bytearray(20 << 20)"])
     assert sample.seconds > 0 and sample.max_rss_kb > 20 << 10  # the child's own peak RSS
     held = "import os, time; fd = os.memfd_create('x'); os.write(fd, bytes(24 << 20)); time.sleep(0.3)"
-    assert measure([sys.executable, "-c", f'"{held}"'], shell=True).shmem_kb >= 20 << 10  # memfd, not RSS
+    assert measure([sys.executable, "-c", f'"{held}"'], shell=True, tree=True).shmem_kb >= 20 << 10
+    assert measure([sys.executable, "-c", f'"{held}"'], shell=True).shmem_kb == 0  # not asked: not sampled
     spin = "import time; t = time.process_time(); exec('while time.process_time() - t < 0.4: pass')"
     burnt = measure([sys.executable, "-c", f'"{spin}"'], shell=True)
     assert burnt.cpu >= 0.35 and burnt.busy >= 0.8 * burnt.cpu  # the machine saw that CPU too
