@@ -439,25 +439,41 @@ def synthetic_image(images: Path, spec: SyntheticSpec | None = None) -> str:
     return name
 
 
+SYNTHETIC_OS_VERSION = 2  # bump whenever synthetic_os's output changes: its cache key
+
+
 def synthetic_os(work: Path, data_bytes: int) -> Path:
-    """For the memory benchmark: an image whose OS sub-image maps `data_bytes` (cached)."""
-    d = cache_root() / "bench" / f"synthetic-os-{data_bytes >> 20}M"
+    """For the memory benchmark: an image whose OS sub-image maps `data_bytes` (cached).
+
+    Data and holes alternate, 1 MiB each, so half the image is mapped. The data is slices
+    of the synthetic tree's pool (random pieces and word text, zstd -3 about 2.6x), so
+    the compressed blob is a real fraction of what it maps and write-os's receive, hash
+    and decompress path does the work a real OS image makes it do.
+    """
+    base = cache_root() / "bench"
+    d = base / f"synthetic-os-{data_bytes >> 20}M-v{SYNTHETIC_OS_VERSION}"
     with locked(f"bench-synthetic-{data_bytes}"):
         if not (d / "manifest.json").exists():
+            for old in base.glob(f"synthetic-os-{data_bytes >> 20}M*"):  # an older generator's
+                if old != d:
+                    shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(d, ignore_errors=True)
             d.mkdir(parents=True)
             img = work / "synthetic.img"
             size = data_bytes * 2
-            block = os.urandom(1 << 16)
-            with open(img, "wb") as f:
-                f.truncate(size)
-                for off in range(0, data_bytes, 1 << 20):
-                    f.seek(off * 2)  # data and holes alternate, 1 MiB each
-                    f.write((block[: (off >> 20) % 4096 + 1] + block) * 16)
-            with BlobWriter(d, "img.zst") as out:
-                bmap = pack_image(img, out, block_size=4096)
-                data = out.finish(bmap.mapped)
-            img.unlink()
+            pool = memoryview(make_pool(SyntheticSpec().seed) * 2)  # a slice may start anywhere in the first
+            try:
+                with open(img, "wb") as f:
+                    f.truncate(size)
+                    for i, off in enumerate(range(0, data_bytes, 1 << 20)):
+                        f.seek(off * 2)  # data and holes alternate, 1 MiB each
+                        at = (i * 0x9E3779B1) % POOL  # each block starts elsewhere in the pool
+                        f.write(pool[at : at + min(1 << 20, data_bytes - off)])
+                with BlobWriter(d, "img.zst") as out:
+                    bmap = pack_image(img, out, block_size=4096)
+                    data = out.finish(bmap.mapped)
+            finally:
+                img.unlink(missing_ok=True)
             bm = write_blob(d, "bmap.json", bmap.to_json().encode())
             m = Manifest(
                 Source("synthetic", "none", "amd64", "", "now"),

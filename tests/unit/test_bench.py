@@ -241,6 +241,29 @@ def test_synthetic_tree_is_built_once_and_dpkg_reads_it(
     assert 2.0 <= len(pool) / len(zstandard.ZstdCompressor(level=3).compress(pool)) <= 3.5
 
 
+def test_synthetic_os_is_compressible_and_keyed_by_its_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memory benchmark's OS image compresses as real data does (not 2560:1), and a
+    new generator version builds it anew, removing the older one."""
+    from bench.synthetic import SYNTHETIC_OS_VERSION, synthetic_os
+    from bootenv.manifest import parse_manifest
+
+    monkeypatch.setenv("BOOTENV_CACHE", str(tmp_path / "cache"))
+    old = tmp_path / "cache/bench/synthetic-os-8M"  # the first generator's, unversioned
+    old.mkdir(parents=True)
+    (old / "manifest.json").write_text("{}")
+    d = synthetic_os(tmp_path, 8 << 20)
+    assert d.name == f"synthetic-os-8M-v{SYNTHETIC_OS_VERSION}" and not old.exists()
+    assert not (tmp_path / "synthetic.img").exists()
+    m = parse_manifest((d / "manifest.json").read_bytes())
+    assert m.os.data.raw_size == 8 << 20 and m.rootfs.image_size == 16 << 20
+    assert 1.8 <= m.os.data.raw_size / m.os.data.size <= 3.5
+    stamp = (d / "manifest.json").stat().st_mtime_ns
+    assert synthetic_os(tmp_path, 8 << 20) == d
+    assert (d / "manifest.json").stat().st_mtime_ns == stamp  # cached
+
+
 def test_stream_bound_uses_chunks_when_the_manifest_has_them() -> None:
     assert stream_bound([63, 20, 17], 3) == pytest.approx(100 / 63)  # the largest binds
     assert stream_bound([10] * 9, 3) == pytest.approx(3.0)  # the streams bind
