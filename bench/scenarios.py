@@ -12,7 +12,7 @@ import json
 import shutil
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -559,66 +559,95 @@ def _split_vs_single(env: Env, inp: Input) -> Result:
     assert m.single is not None
     os_bytes = m.os.data.size
     total_bytes = os_bytes + sum(c.data.size for c in m.components)
+    os_raw = m.os.data.raw_size
+    total_raw = os_raw + sum(c.data.raw_size for c in m.components)
     disk = env.target / "split-disk.img"
     # Room for the components once the OS is grown, and for the single image.
     disk_size = max(8 << 30, 2 * (m.rootfs.image_size + sum(c.data.raw_size for c in m.components)))
-    mnt = env.work / "split-mnt"
     measurements: dict[str, Stats] = {}
     summary = {}
     for label, cap in (("loopback", None), (HOST_CAP, 125e6)):
         with serve(env.images, per_host=cap) as url:
-            image = f"{url}/{inp.image}"
-            os_t, single_t, total_t = [], [], []
-            ready: dict[str, list[float]] = {}  # OS bootable, then each component laid out
-            for _ in range(env.runs):
-                _fresh(disk)
-                with open(disk, "wb") as f:
-                    f.truncate(disk_size)
-                os_t.append(_write_os(image, disk))
-                report = env.work / "layout.json"
-                # Mounted through a loop device that does direct I/O to the disk file, as
-                # the fresh ext4 under it is: the layout's writes then pass through one
-                # page cache, as on a real disk and as write-os's do. A buffered loop
-                # would copy every byte into a second one, the disk file's, and flush
-                # both (measured: LAMP's layout 2.8 s against 2.2 s, interleaved).
-                with direct_loop(disk) as dev, mounted(dev, mnt):
-                    lay = measure([*_layout_argv(image, "all", mnt, 0), "--json"], stdout=report)
-                total_t.append(os_t[-1].seconds + lay.seconds)
-                done = json.loads(report.read_text())
-                # From the process's start: Python's start, its imports and the CLI come
-                # first (what the process took beyond the layout's own seconds; its exit,
-                # a few ms, is counted in too).
-                outside = lay.seconds - done["seconds"]
-                for comp in done["components"]:
-                    if comp["status"] != "done":  # a fresh disk: nothing to resume
-                        raise RuntimeError(f"{comp['name']}: {comp['status']}, not laid out")
-                    ready.setdefault(comp["name"], []).append(
-                        os_t[-1].seconds + outside + comp["ready_after"]
-                    )
-                _fresh(disk)
-                with open(disk, "wb") as f:
-                    f.truncate(disk_size)
-                single_t.append(_write_os(image, disk, "--single"))
-            a, b, c = seconds(os_t), seconds(single_t), Stats.of(total_t)
-            measurements[f"{label}: split, OS bootable (s)"] = a
-            for name, times in sorted(ready.items()):
-                measurements[f"{label}: split, {name} ready (s)"] = Stats.of(times)
-            measurements[f"{label}: split, total (s)"] = c
-            measurements[f"{label}: single image (s)"] = b
-            summary[label] = (a.median / b.median, c.median / b.median)
+            runs = _split_rounds(env, f"{url}/{inp.image}", disk, disk_size)
+        a, b, c = seconds(runs.os), seconds(runs.single), Stats.of(runs.total)
+        measurements[f"{label}: split, OS bootable (s)"] = a
+        for name, times in sorted(runs.ready.items()):
+            measurements[f"{label}: split, {name} ready (s)"] = Stats.of(times)
+        measurements[f"{label}: split, total (s)"] = c
+        measurements[f"{label}: single image (s)"] = b
+        summary[label] = (a.median / b.median, c.median / b.median)
     disk.unlink(missing_ok=True)
+    # Judged on compressed bytes, as sent over the network; the raw bound beside it.
     bound = os_bytes / total_bytes + 0.1
+    raw_bound = os_raw / total_raw + 0.1
     r = Result(
         "split-vs-single" + inp.suffix, "split-image provisioning vs one homogeneous image", measurements
     )
     r.ratio = summary[HOST_CAP][0]
     r.ratio_label = "x single: time to OS bootable (1 Gb/s)"
-    r.target = f"<= {bound:.2f}; total <= 1.0 (capped)"
+    r.target = f"<= {bound:.2f} (compressed bytes; raw bytes: {raw_bound:.2f}); total <= 1.0 (capped)"
     r.passed = all(v[0] <= bound for v in summary.values()) and summary[HOST_CAP][1] <= 1.0
     for label, (boot, total) in summary.items():
         r.notes.append(f"{label}: OS bootable at {boot:.2f}x, total {total:.2f}x the single image")
-    r.notes.append(f"OS is {100 * os_bytes / total_bytes:.0f}% of the compressed bytes")
+    r.notes.append(
+        f"OS is {100 * os_bytes / total_bytes:.0f}% of the compressed bytes, as sent over the network "
+        f"(the bound judged: {bound:.2f}), and {100 * os_raw / total_raw:.0f}% of the raw bytes, "
+        f"decompressed (bound {raw_bound:.2f}, reported only)"
+    )
     return r
+
+
+@dataclass
+class SplitRuns:
+    os: list[Sample] = field(default_factory=list)  # split: write-os and resize2fs
+    total: list[float] = field(default_factory=list)  # split: the OS, then the layout
+    ready: dict[str, list[float]] = field(default_factory=dict)  # each component laid out
+    single: list[Sample] = field(default_factory=list)
+
+
+def _split_rounds(env: Env, image: str, disk: Path, disk_size: int) -> SplitRuns:
+    """`env.runs` rounds of the split image and the single one onto a fresh `disk`, the
+    two in turn (alternating)."""
+    runs = SplitRuns()
+    report = env.work / "layout.json"
+
+    def fresh_disk() -> None:
+        _fresh(disk)
+        with open(disk, "wb") as f:
+            f.truncate(disk_size)
+
+    def split() -> None:
+        fresh_disk()
+        runs.os.append(_write_os(image, disk))
+        # Mounted through a loop device that does direct I/O to the disk file, as the
+        # fresh ext4 under it is: the layout's writes then pass through one page cache,
+        # as on a real disk and as write-os's do. A buffered loop would copy every byte
+        # into a second one, the disk file's, and flush both (measured: LAMP's layout
+        # 2.8 s against 2.2 s, interleaved).
+        with direct_loop(disk) as dev, mounted(dev, env.work / "split-mnt") as mnt:
+            # On a real machine the layout runs after a reboot, with nothing of the OS
+            # in memory: cold, as every other run starts.
+            drop_caches()
+            lay = measure([*_layout_argv(image, "all", mnt, 0), "--json"], stdout=report)
+        runs.total.append(runs.os[-1].seconds + lay.seconds)
+        done = json.loads(report.read_text())
+        # From the process's start: Python's start, its imports and the CLI come first
+        # (what the process took beyond the layout's own seconds; its exit, a few ms, is
+        # counted in too).
+        outside = lay.seconds - done["seconds"]
+        for comp in done["components"]:
+            if comp["status"] != "done":  # a fresh disk: nothing to resume
+                raise RuntimeError(f"{comp['name']}: {comp['status']}, not laid out")
+            runs.ready.setdefault(comp["name"], []).append(
+                runs.os[-1].seconds + outside + comp["ready_after"]
+            )
+
+    def single() -> None:
+        fresh_disk()
+        runs.single.append(_write_os(image, disk, "--single"))
+
+    alternating(env.runs, [split, single])
+    return runs
 
 
 def _write_os(image: str, disk: Path, *args: str) -> Sample:
