@@ -154,7 +154,8 @@ def _fresh(path: Path) -> None:
 
 def alternating(runs: int, steps: Sequence[Callable[[], object]]) -> None:
     """Run every step once per round, in reverse order on odd rounds: a drift in the
-    machine's speed within a round then does not always favour the side that goes first."""
+    machine's speed within a round then does not always favour the side (or the stream
+    count, or the image size) that goes first."""
     for n in range(runs):
         for step in steps if n % 2 == 0 else steps[::-1]:
             step()
@@ -459,6 +460,21 @@ def stream_bound(units: Sequence[int], streams: int) -> float:
     return total / max(total / streams, *units)
 
 
+def stream_rounds(runs: int, n: int, image: str, root: Path) -> dict[int, list[Sample]]:
+    """`runs` layouts of all of `image`'s components into `root` with each count of
+    streams from 1 to `n`, the counts taken in turn within each round, 1..n then n..1
+    (alternating), so a drift in the machine's speed does not fall on one count's runs;
+    the samples by count."""
+    samples: dict[int, list[Sample]] = {k: [] for k in range(1, n + 1)}
+
+    def step(k: int) -> Callable[[], object]:
+        argv = _layout_argv(image, "all", root, k)
+        return lambda: samples[k].extend(repeat(1, lambda: _fresh_dir(root), argv))
+
+    alternating(runs, [step(k) for k in samples])
+    return samples
+
+
 def parallel_scaling(env: Env) -> list[Result]:
     """3. N components laid out with 1..N streams, uncapped and with a per-connection cap."""
     return each_input(env, "parallel", _parallel_scaling)
@@ -480,8 +496,8 @@ def _parallel_scaling(env: Env, inp: Input) -> Result:
         with serve(env.images, per_connection=cap) as url:
             image = f"{url}/{inp.image}"
             times = {}
-            for streams in range(1, n + 1):
-                runs = repeat(env.runs, lambda: _fresh_dir(root), _layout_argv(image, "all", root, streams))
+            samples = stream_rounds(env.runs, n, image, root)
+            for streams, runs in samples.items():
                 st = seconds(runs)
                 measurements[f"{label}: {streams} stream(s) (s)"] = st
                 times[streams] = st.median
