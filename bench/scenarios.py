@@ -241,53 +241,56 @@ def memory(env: Env) -> Result:
     the largest process's peak RSS beside it."""
     from bench.throttle import serve
 
+    sizes = (1, 4)
+    layouts = {gb: signed(synthetic_component(gb << 30)) for gb in sizes}
+    systems = {gb: signed(synthetic_os(env.work, gb << 30)) for gb in sizes}
+    root = env.target / "mem-root"
+    target = env.target / "mem.img"
+    samples: dict[tuple[str, int], list[Sample]] = {}
+
+    def fresh() -> None:
+        # What the last run wrote, whichever it was, goes before the next.
+        shutil.rmtree(root, ignore_errors=True)
+        target.unlink(missing_ok=True)
+        root.mkdir(parents=True)
+        drop_caches(trim=env.target)
+
+    def step(what: str, gb: int, argv: list[str]) -> Callable[[], object]:
+        return lambda: samples.setdefault((what, gb), []).extend(repeat(1, fresh, argv, tree=True))
+
+    # Both sizes' images are under cache_root()/bench; one server for all the runs, which
+    # take the sizes in turn (1 GB then 4 GB, then back), so a drift in the machine's speed
+    # or memory does not fall on one size's runs.
+    with serve(cache_root() / "bench") as url:
+        steps = []
+        for gb in sizes:
+            for streams in (1, 2):
+                argv = _layout_argv(f"{url}/{layouts[gb].name}", "big", root, streams)
+                steps.append(step(f"layout/{streams}", gb, argv))
+            argv = [BOOTENV, "write-os", "--image", f"{url}/{systems[gb].name}", "--device", str(target)]
+            steps.append(step("write-os", gb, [*argv, *trust()]))
+        alternating(env.runs, steps)
+    shutil.rmtree(root, ignore_errors=True)
+    target.unlink(missing_ok=True)
     rss: dict[str, Stats] = {}
     medians: dict[tuple[str, int], float] = {}
-    for gb in (1, 4):
-        image = signed(synthetic_component(gb << 30))
-        root = env.target / f"mem-root-{gb}"
-        with serve(image.parent) as url:
-            for streams in (1, 2):
-                samples = repeat(
-                    env.runs,
-                    lambda r=root: _fresh_dir(r),  # type: ignore[misc]
-                    _layout_argv(f"{url}/{image.name}", "big", root, streams),
-                    tree=True,
-                )
-                what = f"layout {gb} GB, {streams} stream{'s' if streams > 1 else ''}"
-                total = Stats.of([s.total_kb / 1024 for s in samples])
-                rss[f"{what}: whole run, peak (MiB)"] = total
-                rss[f"{what}: peak RSS of the largest process (MiB)"] = Stats.of(
-                    [s.max_rss_kb / 1024 for s in samples]
-                )
-                rss[f"{what}: chunks held in memfds, peak (MiB)"] = Stats.of(
-                    [s.shmem_kb / 1024 for s in samples]
-                )
-                rss[f"{what}: time (s)"] = seconds(samples)
-                medians[(f"layout/{streams}", gb)] = total.median
-        shutil.rmtree(root, ignore_errors=True)
-        image = signed(synthetic_os(env.work, gb << 30))
-        target = env.target / f"mem-{gb}.img"
-        with serve(image.parent) as url:
-            samples = repeat(
-                env.runs,
-                lambda t=target: _fresh(t),  # type: ignore[misc]
-                [
-                    BOOTENV,
-                    "write-os",
-                    "--image",
-                    f"{url}/{image.name}",
-                    "--device",
-                    str(target),
-                    *trust(),
-                ],
-                tree=True,
+    for gb in sizes:
+        for streams in (1, 2):
+            runs = samples[(f"layout/{streams}", gb)]
+            what = f"layout {gb} GB, {streams} stream{'s' if streams > 1 else ''}"
+            total = Stats.of([s.total_kb / 1024 for s in runs])
+            rss[f"{what}: whole run, peak (MiB)"] = total
+            rss[f"{what}: peak RSS of the largest process (MiB)"] = Stats.of(
+                [s.max_rss_kb / 1024 for s in runs]
             )
-        target.unlink(missing_ok=True)
-        total = Stats.of([s.total_kb / 1024 for s in samples])
+            rss[f"{what}: chunks held in memfds, peak (MiB)"] = Stats.of([s.shmem_kb / 1024 for s in runs])
+            rss[f"{what}: time (s)"] = seconds(runs)
+            medians[(f"layout/{streams}", gb)] = total.median
+        runs = samples[("write-os", gb)]
+        total = Stats.of([s.total_kb / 1024 for s in runs])
         rss[f"write-os {gb} GB: whole run, peak (MiB)"] = total
-        rss[f"write-os {gb} GB: peak RSS (MiB)"] = Stats.of([s.max_rss_kb / 1024 for s in samples])
-        rss[f"write-os {gb} GB: time (s)"] = seconds(samples)
+        rss[f"write-os {gb} GB: peak RSS (MiB)"] = Stats.of([s.max_rss_kb / 1024 for s in runs])
+        rss[f"write-os {gb} GB: time (s)"] = seconds(runs)
         medians[("write-os", gb)] = total.median
     r = Result("memory", "peak memory of write-os and layout from HTTP, 4 GB vs 1 GB image", rss)
     ratios = {what: medians[(what, 4)] / medians[(what, 1)] for what, gb in medians if gb == 1}
@@ -300,8 +303,9 @@ def memory(env: Env) -> Result:
         + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
         + "; a whole run is the summed PSS of every process it started (the layout's parent "
         "and its streams share pages, counted once; shared memory left out; its peak, sampled "
-        "every 20 ms) plus the peak of shared memory, the memfds its chunks wait in (sampled "
-        "every 5 ms), and never less than the largest process's peak RSS; largest: "
+        "every 20 ms) plus the peak of the shared memory those processes hold, the memfds its "
+        "chunks wait in (sampled every 5 ms; another process's is not counted), and never less "
+        "than the largest process's peak RSS; largest: "
         + ", ".join(f"{k} {medians[(k, 4)]:.0f} MiB" for k in ratios)
         + " (4 GB)"
     )
