@@ -1,8 +1,9 @@
 """The benchmarks of issue #6, each measured side by side in one run.
 
-layout, parallel and split-vs-single run on two inputs and report one row each: the
-captured LAMP gold image ("layout") and the larger synthetic one ("layout (synthetic)",
-bench/synthetic.py). A failure on one input is reported as that row and spares the other.
+os-stream, layout, parallel, split-vs-single and capture run on two inputs and report one
+row each: the captured LAMP gold image ("layout") and the larger synthetic one ("layout
+(synthetic)", bench/synthetic.py). A failure on one input is reported as that row and
+spares the other. memory has inputs of its own, of 1 and 4 GB.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from bench.harness import (
     repeat,
     seconds,
 )
-from bench.synthetic import synthetic_component, synthetic_image, synthetic_os
+from bench.synthetic import COMPONENTS as SYNTHETIC_COMPONENTS
+from bench.synthetic import synthetic_component, synthetic_image, synthetic_os, synthetic_tree
 from bootenv.cache import cache_root, locked, prune
 from bootenv.manifest import Component, Manifest, parse_manifest
 
@@ -58,6 +60,8 @@ class Input:
     image: str  # name under images/
     component: str  # what the single-component layout benchmark lays out
     cap: float  # bytes/s per connection for the capped parallel run
+    tree: Path  # the gold tree the image was captured from, for the capture benchmark
+    components: tuple[str, ...]  # its `--component` arguments
 
 
 def inputs(env: Env) -> list[Input]:
@@ -65,11 +69,14 @@ def inputs(env: Env) -> list[Input]:
 
     Per-connection caps: LAMP's components are 30-300 MB, so 10 MB/s makes the network
     bind (at 50 MB/s its largest component is still CPU-bound on 2 cores). The synthetic
-    components are 170-520 MB compressed: 25 MB/s binds as well and keeps a capped run
+    components are 164-481 MB compressed: 25 MB/s binds as well and keeps a capped run
     of all three under a minute per stream count.
     """
     synthetic = env.synthetic_image or _synthetic(env.images)
-    return [Input("", env.gold_image, "mysql", 10e6), Input(" (synthetic)", synthetic, "web", 25e6)]
+    return [
+        Input("", env.gold_image, "mysql", 10e6, env.gold, COMPONENTS),
+        Input(" (synthetic)", synthetic, "web", 25e6, synthetic_tree(), SYNTHETIC_COMPONENTS),
+    ]
 
 
 @functools.cache
@@ -176,12 +183,16 @@ def dense_baseline(env: Env, name: str) -> str:
     return dense
 
 
-def os_stream(env: Env) -> Result:
+def os_stream(env: Env) -> list[Result]:
     """1. write-os from HTTP against curl | zstd -dc | dd on the same image."""
-    m = load(env, env.gold_image)
-    dense = dense_baseline(env, env.gold_image)
+    return each_input(env, "os-stream", _os_stream)
+
+
+def _os_stream(env: Env, inp: Input) -> Result:
+    m = load(env, inp.image)
+    dense = dense_baseline(env, inp.image)
     target = env.target / "target.img"
-    url = f"{env.url}/images/{env.gold_image}"
+    url = f"{env.url}/images/{inp.image}"
     pipe = (
         f"curl -sf {env.url}/images/{dense}/image.raw.zst | zstd -dcq | "
         f"dd of={target} bs=4M iflag=fullblock oflag=direct status=none"
@@ -206,7 +217,7 @@ def os_stream(env: Env) -> Result:
     target.unlink(missing_ok=True)
     a, b, c, d = seconds(ours), seconds(theirs), seconds(durable), seconds(sparse)
     r = Result(
-        "os-stream",
+        "os-stream" + inp.suffix,
         "write-os vs curl|zstd -dc|dd, same image, HTTP on 127.0.0.1",
         {
             "bootenv write-os (s)": a,
@@ -312,29 +323,40 @@ def memory(env: Env) -> Result:
     return r
 
 
-def capture_speed(env: Env) -> Result:
+def capture_speed(env: Env) -> list[Result]:
     """6. bootenv capture against tar -c | zstd -T0 of the same tree."""
+    return each_input(env, "capture", _capture_speed)
+
+
+def _capture_speed(env: Env, inp: Input) -> Result:
     # The gold and both outputs on the fresh filesystem: capture stages the OS tree as
     # hard links next to its output, which must be on the gold's filesystem.
     gold = env.target / "gold"
-    measure(["cp", "-a", f"{env.gold}/.", str(gold)])
     out = env.target / "cap"
+    tar = env.target / "tar.zst"
+    measure(["cp", "-a", f"{inp.tree}/.", str(gold)])
     ours: list[Sample] = []
     theirs: list[Sample] = []
-    args = [a for c in COMPONENTS for a in ("--component", c)]
+    args = [a for c in inp.components for a in ("--component", c)]
     cap = [BOOTENV, "capture", str(gold), "-o", str(out), "--force", *args]
-    pipe = f"tar -C {gold} -cf - . | zstd -q -3 -T0 -f -o {env.target}/tar.zst"
-    alternating(
-        env.runs,
-        [
-            lambda: ours.extend(repeat(1, lambda: drop_caches(trim=out.parent), cap)),
-            lambda: theirs.extend(repeat(1, lambda: drop_caches(trim=out.parent), [pipe], shell=True)),
-        ],
-    )
+    pipe = f"tar -C {gold} -cf - . | zstd -q -3 -T0 -f -o {tar}"
+    try:
+        alternating(
+            env.runs,
+            [
+                lambda: ours.extend(repeat(1, lambda: drop_caches(trim=out.parent), cap)),
+                lambda: theirs.extend(repeat(1, lambda: drop_caches(trim=out.parent), [pipe], shell=True)),
+            ],
+        )
+    finally:
+        # The next input's copy and outputs go on the same filesystem.
+        shutil.rmtree(gold, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        tar.unlink(missing_ok=True)
     a, b = seconds(ours), seconds(theirs)
     r = Result(
-        "capture",
-        "capture vs tar -c | zstd -T0, same gold tree",
+        "capture" + inp.suffix,
+        f"capture ({len(inp.components)} components) vs tar -c | zstd -T0, same gold tree",
         {"bootenv capture (s)": a, "tar|zstd -T0 (s)": b},
     )
     r.ratio, r.ratio_label, r.target = b.median / a.median, "x tar|zstd throughput", ">= 0.8"
