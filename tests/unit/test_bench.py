@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,8 +16,8 @@ import requests
 import zstandard
 
 from bench import harness
-from bench.harness import Result, Stats, durable_write, measure, save, table
-from bench.scenarios import fetch_units, rows, stream_bound
+from bench.harness import Result, Sample, Stats, durable_write, measure, save, table
+from bench.scenarios import Env, fetch_units, rows, stream_bound
 from bench.synthetic import Plan, SyntheticSpec, make_pool, plan, status_text, synthetic_tree
 from bench.throttle import serve
 from bootenv.assign import plan_split
@@ -356,3 +358,135 @@ def test_only_code_makes_a_checkout_modified(
     (tmp_path / "bootenv/new.py").unlink()
     (tmp_path / "bench/run.py").write_text("2\n")
     assert code_version(tmp_path)["modified"] is True
+
+
+def _env(tmp_path: Path, runs: int) -> Env:
+    return Env(
+        tmp_path, tmp_path / "images", "http://127.0.0.1:1", tmp_path / "gold", "lamp", runs, target=tmp_path
+    )
+
+
+def _streams(argv: Sequence[str]) -> int:
+    return int(argv[list(argv).index("--streams") + 1])
+
+
+def test_parallel_takes_the_stream_counts_in_turn_each_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1, 2, 3 streams, then 3, 2, 1, then 1, 2, 3: not all runs of one count in a row."""
+    from bench import scenarios
+
+    order: list[int] = []
+
+    def fake_repeat(runs: int, prepare: object, argv: Sequence[str], **_: object) -> list[Sample]:
+        order.extend([_streams(argv)] * runs)
+        return [Sample(1.0, 1)] * runs
+
+    monkeypatch.setattr(scenarios, "repeat", fake_repeat)
+    samples = scenarios.stream_rounds(3, 3, "http://127.0.0.1:1/img", tmp_path / "root")
+    assert order == [1, 2, 3, 3, 2, 1, 1, 2, 3]
+    assert {k: len(v) for k, v in samples.items()} == {1: 3, 2: 3, 3: 3}
+
+
+def test_split_and_single_alternate_and_the_layout_starts_cold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Split then single, then single then split; the page cache is dropped before the
+    split's layout (after a reboot on a real machine), not only before its write-os."""
+    from bench import scenarios
+
+    log: list[str] = []
+
+    @contextlib.contextmanager
+    def fake_loop(disk: Path) -> Iterator[str]:
+        log.append("loop")
+        yield "/dev/loopX"
+
+    @contextlib.contextmanager
+    def fake_mount(dev: str, mnt: Path) -> Iterator[Path]:
+        log.append("mount")
+        yield mnt
+
+    def fake_measure(argv: Sequence[str], *, stdout: Path | None = None, **_: object) -> Sample:
+        assert argv[1] == "layout" and stdout is not None
+        log.append("layout")
+        components = [{"name": "db", "status": "done", "ready_after": 0.5}]
+        stdout.write_text(json.dumps({"seconds": 0.8, "components": components}))
+        return Sample(1.0, 1)
+
+    def fake_write_os(image: str, disk: Path, *args: str) -> Sample:
+        assert disk.stat().st_size == 1 << 20  # a fresh disk of the size asked
+        log.append("write-os " + " ".join(args) if args else "write-os")
+        return Sample(2.0, 1)
+
+    monkeypatch.setattr(scenarios, "direct_loop", fake_loop)
+    monkeypatch.setattr(scenarios, "mounted", fake_mount)
+    monkeypatch.setattr(scenarios, "measure", fake_measure)
+    monkeypatch.setattr(scenarios, "_write_os", fake_write_os)
+    monkeypatch.setattr(scenarios, "drop_caches", lambda trim=None: log.append("drop"))
+    monkeypatch.setattr(scenarios, "_fresh", lambda path: (path.unlink(missing_ok=True), log.append("fresh")))
+    runs = scenarios._split_rounds(_env(tmp_path, 2), "http://x/img", tmp_path / "disk.img", 1 << 20)
+    split = ["fresh", "write-os", "loop", "mount", "drop", "layout"]
+    single = ["fresh", "write-os --single"]
+    assert log == split + single + single + split
+    assert len(runs.os) == len(runs.single) == 2 and runs.total == [3.0, 3.0]
+    assert runs.ready == {"db": [2.0 + 0.2 + 0.5] * 2}  # OS, the process's start, the layout's own
+
+
+def test_memory_takes_the_image_sizes_in_turn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1 GB's runs, then 4 GB's, then back: not every 1 GB run first."""
+    from bench import scenarios, throttle
+
+    order: list[tuple[str, str]] = []
+
+    def fake_repeat(runs: int, prepare: object, argv: Sequence[str], **kw: object) -> list[Sample]:
+        assert kw == {"tree": True}
+        what = f"layout/{_streams(argv)}" if argv[1] == "layout" else argv[1]
+        order.append((what, argv[3].rsplit("/", 1)[1]))
+        return [Sample(1.0, 40 << 10, shmem_kb=8 << 10, total_kb=50 << 10)] * runs
+
+    @contextlib.contextmanager
+    def fake_serve(root: Path, **_: object) -> Iterator[str]:
+        yield "http://127.0.0.1:1"
+
+    monkeypatch.setattr(scenarios, "repeat", fake_repeat)
+    monkeypatch.setattr(throttle, "serve", fake_serve)
+    monkeypatch.setattr(scenarios, "signed", lambda image: image)
+    monkeypatch.setattr(scenarios, "synthetic_component", lambda n: tmp_path / f"comp-{n >> 30}")
+    monkeypatch.setattr(scenarios, "synthetic_os", lambda work, n: tmp_path / f"os-{n >> 30}")
+    monkeypatch.setattr(scenarios, "trust", lambda: [])
+    r = scenarios.memory(_env(tmp_path, 2))
+    one = [("layout/1", "comp-1"), ("layout/2", "comp-1"), ("write-os", "os-1")]
+    four = [("layout/1", "comp-4"), ("layout/2", "comp-4"), ("write-os", "os-4")]
+    assert order == one + four + four[::-1] + one[::-1]
+    assert r.passed and r.ratio == 1.0
+    assert r.measurements["layout 4 GB, 2 streams: chunks held in memfds, peak (MiB)"].median == 8
+
+
+def test_os_stream_and_capture_run_on_every_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both inputs: capture copies each input's own tree and names its components."""
+    from bench import scenarios
+
+    lamp = scenarios.Input("", "lamp", "mysql", 10e6, tmp_path / "gold", ("a=x",))
+    synthetic = scenarios.Input(" (synthetic)", "synth", "web", 25e6, tmp_path / "tree", ("b=y", "c=z"))
+    monkeypatch.setattr(scenarios, "inputs", lambda env: [lamp, synthetic])
+    commands: list[str] = []
+
+    def fake_measure(argv: Sequence[str], **_: object) -> Sample:
+        commands.append(" ".join(argv))
+        return Sample(1.0, 1)
+
+    monkeypatch.setattr(scenarios, "measure", fake_measure)
+    monkeypatch.setattr(scenarios, "repeat", lambda n, prep, argv, **kw: [fake_measure(argv)] * n)
+    monkeypatch.setattr(scenarios, "drop_caches", lambda trim=None: None)
+    out = scenarios.capture_speed(_env(tmp_path, 1))
+    assert [r.name for r in out] == ["capture", "capture (synthetic)"] and all(r.passed for r in out)
+    copies = [c for c in commands if c.startswith("cp ")]
+    assert copies == [f"cp -a {tmp_path}/gold/. {tmp_path}/gold", f"cp -a {tmp_path}/tree/. {tmp_path}/gold"]
+    captures = [c for c in commands if " capture " in c]
+    assert captures[0].endswith("--component a=x") and captures[1].endswith("--component b=y --component c=z")
+    seen: list[str] = []
+    monkeypatch.setattr(
+        scenarios, "_os_stream", lambda env, inp: (seen.append(inp.image), Result("x", ""))[1]
+    )
+    assert len(scenarios.os_stream(_env(tmp_path, 1))) == 2 and seen == ["lamp", "synth"]
