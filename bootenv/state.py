@@ -148,8 +148,12 @@ class Store:
             if outcome.invalid:
                 entry["invalid"] = outcome.invalid
                 log.warning("%s: invalid transition: %s", mac, outcome.invalid)
-            self._append(mac, entry)
+            # The record first: a crash between the two then leaves the event unlogged,
+            # so its sender's retry is taken (a transition only moves forward: applied
+            # twice, it is the same). Logged first, the retry was known and refused, and
+            # the record kept the state from before it for good.
             self._write(outcome.machine)
+            self._append(mac, entry)
             if name is not None:
                 self._taken.add(sender, name)
         return outcome

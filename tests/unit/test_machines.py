@@ -351,3 +351,32 @@ def test_kernel_arguments_the_agent_would_refuse_to_pass_on_are_refused_at_assig
 def test_names_and_urls_that_cannot_reach_the_agent_intact_are_refused(check: Any, value: str) -> None:
     with pytest.raises(UserError):
         check(value)
+
+
+@pytest.mark.parametrize("dies", ["_write", "_append"])
+def test_a_serve_killed_while_it_takes_an_event_takes_the_senders_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dies: str
+) -> None:
+    """serve dies between writing the machine's record and logging the event (or during
+    either): the restarted serve applies the sender's retry, and the machine's state is
+    the event's."""
+    start = {"event": "start", "seq": 1, "time": 1795000000.25}
+    done = {"event": "done", "source": "layout", "seq": 1, "time": 1795000100.5}
+    before = Store(tmp_path)
+    before.update(MAC, parse_event(start), start, create=_unknown_machine)
+    real = getattr(Store, dies)
+
+    def crash(self: Store, *args: object) -> None:
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(Store, dies, crash)
+    with pytest.raises(SystemExit):
+        before.update(MAC, parse_event(done), done, create=_unknown_machine)
+    monkeypatch.setattr(Store, dies, real)
+    after = Store(tmp_path)  # serve started again; the sender, unanswered, retries
+    out = after.update(MAC, parse_event(done), done, create=_unknown_machine)
+    assert not out.repeated
+    got = after.get(MAC)
+    assert got is not None and got.state.value == "done"
+    assert [e["event"] for e in after.events(MAC)] == ["start", "done"]
+    assert after.update(MAC, parse_event(done), done, create=_unknown_machine).repeated  # and once only
