@@ -133,15 +133,28 @@ def layout_argv(handoff: LayoutHandoff) -> list[str]:
     return argv
 
 
-def _systemd_quote(word: str) -> str:
-    # % starts a specifier in unit files, and words with spaces need quotes.
-    word = word.replace("%", "%%")
-    return f'"{word}"' if any(c.isspace() or c in "\\\"';" for c in word) else word
+def systemd_quote(word: str) -> str:
+    """`word` as one word of an ExecStart= line, which systemd reads back as `word`: it
+    expands % specifiers and $VARIABLES, undoes C escapes (in quotes or not) and splits
+    at whitespace outside quotes (systemd.service(5), "Command lines")."""
+    out = []
+    for c in word:
+        if c in '\\"':
+            out.append("\\" + c)
+        elif c in "%$":
+            out.append(c + c)
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\x{ord(c):02x}")
+        else:
+            out.append(c)
+    quoted = "".join(out)
+    plain = word and all(c.isprintable() and not c.isspace() and c not in "\\\"';" for c in word)
+    return quoted if plain else f'"{quoted}"'
 
 
 def layout_unit_text(handoff: LayoutHandoff) -> str:
     py = " ".join(python_argv())
-    args = " ".join(_systemd_quote(a) for a in layout_argv(handoff))
+    args = " ".join(systemd_quote(a) for a in layout_argv(handoff))
     return (
         "# Written by bootenv: lays out the component sub-images on first boot, with\n"
         f"# bootenv's own Python runtime in {RUNTIME} (brought from the ramdisk, so it\n"

@@ -23,6 +23,7 @@ from bootenv.target import (
     layout_unit_text,
     new_identity,
     ssh_keygen_unit_text,
+    systemd_quote,
 )
 
 IDENT = Identity("0b0e9a55-1f2c-4d6e-8a9b-c0d1e2f3a4b5", "1a2b3c4d", "web1.example.org")
@@ -194,3 +195,70 @@ def test_parse_ldd() -> None:
         "/lib64/ld-linux-x86-64.so.2",
     ]
     assert python_argv("/opt/x")[-2:] == ["/opt/x/bin/python3", "-s"]
+
+
+def _systemd_words(line: str) -> list[str]:
+    """What systemd makes of an ExecStart= value, per systemd.service(5): % specifiers
+    (only %% here), then words split at whitespace outside quotes with C escapes undone,
+    then $$ to $ in each word at exec time."""
+    line = line.replace("%%", "\0")
+    assert "%" not in line, "an unescaped specifier"
+    line = line.replace("\0", "%")
+    words, word, quote, i, started = [], "", "", 0, False
+    while i < len(line):
+        c = line[i]
+        if c == "\\":
+            nxt = line[i + 1]
+            if nxt == "x":
+                word, i = word + chr(int(line[i + 2 : i + 4], 16)), i + 4
+            else:
+                word, i = word + nxt, i + 2
+            started = True
+            continue
+        if quote and c == quote:
+            quote = ""
+        elif not quote and c in "\"'":
+            quote, started = c, True
+        elif not quote and c.isspace():
+            if started:
+                words.append(word)
+            word, started = "", False
+        else:
+            word, started = word + c, True
+        i += 1
+    assert not quote, "an unclosed quote"
+    if started:
+        words.append(word)
+    for w in words:
+        assert "$" not in w.replace("$$", ""), f"an unescaped $ in {w!r}"
+    return [w.replace("$$", "$") for w in words]
+
+
+@pytest.mark.parametrize(
+    "word",
+    [
+        "plain",
+        "http://10.0.0.1/cb/a\\x41b",
+        "a b",
+        'say "hi"',
+        "it's",
+        "100%",
+        "${HOME}$PATH",
+        "\\$$",
+        "tab\there",
+        "semi;colon",
+        "",
+        "http://[fe80::1]:8080/img?x=%41&y=$1",
+    ],
+)
+def test_a_word_of_the_units_command_line_reaches_the_layout_as_it_was(word: str) -> None:
+    line = f"/opt/bootenv/bin/python3 -m bootenv --callback {systemd_quote(word)} --root /"
+    assert _systemd_words(line) == [
+        "/opt/bootenv/bin/python3",
+        "-m",
+        "bootenv",
+        "--callback",
+        word,
+        "--root",
+        "/",
+    ]
