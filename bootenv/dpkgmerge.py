@@ -37,7 +37,7 @@ from pathlib import Path
 
 from bootenv.dpkg import STATUS, parse_fields, parse_stanzas, render_status
 from bootenv.errors import RetryableError
-from bootenv.extract import DIR_FLAGS, open_dir
+from bootenv.extract import dir_under
 from bootenv.paxread import ArchiveError
 from bootenv.split import COMPONENT_STATUS_DIR
 from bootenv.writeback import replace_at
@@ -134,35 +134,17 @@ def _refused(exc: OSError, rel: str) -> OSError | ArchiveError:
     return exc
 
 
-@contextlib.contextmanager
-def _directory(root: Path, rel: str, *, create: bool) -> Iterator[int | None]:
-    """An fd of ROOT/`rel`, reached without following a symlink (one an archive planted
-    would take the merge outside the root): None if it is missing and not `create`."""
-    root_fd = os.open(root, DIR_FLAGS)
-    try:
-        fd: int | None = open_dir(root_fd, rel, create=create)
-    except FileNotFoundError:
-        fd = None
-    finally:
-        os.close(root_fd)
-    try:
-        yield fd
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
 def merge_component_status(root: Path, component: str, kept: list[str] | None = None) -> list[str]:
     """Merge `component`'s paragraphs into ROOT's status; return its package names. The
     packages whose paragraphs stay as they were (another version is on disk) are logged,
     and named in `kept`. ArchiveError if a directory on the way is a symlink."""
     src_dir = COMPONENT_STATUS_DIR.lstrip("/")
-    with _directory(root, src_dir, create=False) as sfd:
+    with dir_under(root, src_dir, create=False) as sfd:
         incoming = None if sfd is None else _read(sfd, f"{component}.status", f"{src_dir}/{component}.status")
     if incoming is None:
         log.info("%s: no dpkg status paragraphs in the archive", component)
         return []
-    with _directory(root, str(STATUS.parent), create=True) as dfd:
+    with dir_under(root, str(STATUS.parent), create=True) as dfd:
         assert dfd is not None
         with dpkg_locked(dfd):
             return _merge_into(dfd, component, incoming, kept)

@@ -20,7 +20,7 @@ import logging
 import os
 import resource
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -91,6 +91,24 @@ def open_dir(root_fd: int, rel: str, *, create: bool = False) -> int:
             os.close(fd)
         fd = child
     return fd
+
+
+@contextlib.contextmanager
+def dir_under(root: Path, rel: str | Path, *, create: bool = False) -> Iterator[int | None]:
+    """An fd of ROOT/`rel`, every directory on the way opened as open_dir does (a symlink
+    one planted would lead outside the root): None if it is missing and not `create`."""
+    root_fd = os.open(root, DIR_FLAGS)
+    try:
+        fd: int | None = open_dir(root_fd, str(rel), create=create)
+    except FileNotFoundError:
+        fd = None
+    finally:
+        os.close(root_fd)
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def acl_xattr(text: str) -> bytes:

@@ -38,6 +38,7 @@ from bootenv.dpkgmerge import merge_component_status
 from bootenv.errors import BootenvError, FatalError, RetryableError, UserError
 from bootenv.extract import Stats, TreeWriter, reserve_fd_table
 from bootenv.fetchahead import FetchAhead, Fetched
+from bootenv.hold import HELD_DIR, hold, release
 from bootenv.journal import DIRS_DIR, STATE_DIR, Journal, syncfs
 from bootenv.log import human_bytes, step
 from bootenv.manifest import Chunk, Component, resolve_components
@@ -253,7 +254,7 @@ def _try(
 _STATE_DIRS = sorted(
     {
         str(parent)
-        for d in (STATE_DIR, DIRS_DIR, STATE / "merge", STATE / "owners", RECORDS, STORE)
+        for d in (STATE_DIR, DIRS_DIR, STATE / "merge", STATE / "owners", HELD_DIR, RECORDS, STORE)
         for parent in (d, *d.parents)
     }
     - {"."},
@@ -353,8 +354,14 @@ def _lay_out(
     activator: Activator | None,
 ) -> LayoutResult:
     clean_stale(root)  # a killed run's half-written conflict records
-    results = _run_streams(cfg.image, comps, root, cfg.streams, poster, began)
     journal = Journal(root)
+    _guarded(
+        "not held back during the layout",
+        hold,
+        root,
+        {c.name: c.units for c in comps if not journal.reached(c.name, c.data.sha256, "done")},
+    )
+    results = _run_streams(cfg.image, comps, root, cfg.streams, poster, began)
     merged = [
         got if got.status == "failed" else _merge_dpkg(root, comp, got, journal)
         for comp, got in zip(comps, results, strict=True)
@@ -365,6 +372,8 @@ def _lay_out(
         for cid in res.conflicts:
             poster.post("conflict", component=res.name, fatal=False, data={"id": cid})
     good = [c for c, r in zip(comps, final, strict=True) if r.status != "failed"]
+    for c in good:  # laid out: their units may start (a failed one's stay held)
+        _guarded(f"{c.name}: units still held back", release, root, c.name, c.units)
     units = [u for c in good for u in c.units]
     with step(f"Activating {', '.join(c.name for c in good) or 'nothing'}"):
         notes = (activator or activate)(root, units) if good else []
@@ -375,6 +384,15 @@ def _lay_out(
         poster.post("components_laid_out", data={"notes": list(notes)})
         poster.post("done")
     return result  # a failure is posted by layout()
+
+
+def _guarded(what: str, fn: Callable[..., None], *args: Any) -> None:
+    """Holding units back is a safeguard, not the layout's work: one that fails (a
+    symlinked /etc/systemd/system) is logged, and the layout goes on."""
+    try:
+        fn(*args)
+    except (BootenvError, OSError) as exc:
+        log.warning("%s: %s", what, exc)
 
 
 def _blocked_by_dependencies(comps: list[Component], results: list[ComponentResult]) -> list[ComponentResult]:

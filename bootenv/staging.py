@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bootenv.errors import FatalError
-from bootenv.extract import DIR_FLAGS, open_dir
+from bootenv.extract import dir_under
 from bootenv.fsimage import BLOCK_SIZE, tree_usage
 from bootenv.intree import disk_links, resolve
 from bootenv.paxread import ArchiveError
@@ -115,19 +115,13 @@ def replace_file(staging: Path, path: str, data: bytes) -> None:
     write out of the staged tree, onto the gold itself or the host."""
     where = resolve(path, disk_links(staging))
     parent, name = posixpath.split(where)
-    root_fd = os.open(staging, DIR_FLAGS)
     try:
-        dfd = open_dir(root_fd, parent.lstrip("/"))
-    except FileNotFoundError as exc:
-        raise FatalError(f"{path} vanished from the staged tree") from exc
+        with dir_under(staging, parent.lstrip("/")) as dfd:
+            if dfd is None:
+                raise FatalError(f"{path} vanished from the staged tree")
+            _replace_in(dfd, name, data, where)
     except ArchiveError as exc:
         raise FatalError(f"{path} is not written in the staged tree: {exc.message}") from exc
-    finally:
-        os.close(root_fd)
-    try:
-        _replace_in(dfd, name, data, where)
-    finally:
-        os.close(dfd)
 
 
 def _replace_in(dfd: int, name: str, data: bytes, where: str) -> None:

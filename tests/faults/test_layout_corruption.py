@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -146,4 +147,9 @@ def test_only_the_broken_component_laid_out_alone_activates_nothing(
     assert not res.ok and res.components[0].status == "failed"
     assert act.calls == []
     assert not (tmp_path / "root/var/lib/dpkg/status").exists()
-    assert not (tmp_path / "root/opt").exists() and not (tmp_path / "root/etc").exists()
+    assert not (tmp_path / "root/opt").exists()
+    # /etc holds only the drop-ins that keep the broken component's units from starting.
+    etc = sorted(
+        str(p.relative_to(tmp_path / "root/etc")) for p in (tmp_path / "root/etc").rglob("*") if p.is_file()
+    )
+    assert etc and all(re.fullmatch(r"systemd/system/[^/]+\.d/bootenv-hold-bad\.conf", e) for e in etc), etc
