@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 RUNTIME = "/opt/bootenv"
 LOADER = "ld-linux-x86-64.so.2"
+CA_BUNDLE = "ca-certificates.crt"  # in the runtime's directory
 # bootenv and what it imports at run time; optional ones are copied when present.
 PACKAGES = ("bootenv", "zstandard", "requests", "urllib3", "idna", "certifi", "charset_normalizer")
 OPTIONAL = ("chardet", "cryptography", "cffi", "_cffi_backend", "six")
@@ -52,7 +53,15 @@ def python_argv(runtime: str = RUNTIME) -> list[str]:
 
 
 def python_env(runtime: str = RUNTIME) -> dict[str, str]:
-    return {"PYTHONHOME": runtime, "PYTHONPATH": f"{runtime}/site", "PYTHONDONTWRITEBYTECODE": "1"}
+    return {
+        "PYTHONHOME": runtime,
+        "PYTHONPATH": f"{runtime}/site",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        # The CA certificates the ramdisk trusted, brought along: certifi (Debian's)
+        # names the system's bundle, which a gold without ca-certificates lacks.
+        "REQUESTS_CA_BUNDLE": f"{runtime}/{CA_BUNDLE}",
+        "SSL_CERT_FILE": f"{runtime}/{CA_BUNDLE}",
+    }
 
 
 def unit_environment(runtime: str = RUNTIME) -> str:
@@ -103,9 +112,24 @@ def install_runtime(target: Path) -> Path:
     for name in OPTIONAL:
         _copy_module(name, site)
     _copy_libraries(dest, [exe, *sorted(p for p in dest.rglob("*.so*") if p.is_file())])
+    _copy_ca_bundle(target, dest / CA_BUNDLE)
     if not (lib / LOADER).exists():
         raise FatalError(f"the dynamic loader {LOADER} was not found by ldd")
     return dest
+
+
+def _copy_ca_bundle(target: Path, dest: Path) -> None:
+    """The CA certificates HTTPS is checked against in the layout service: those this
+    ramdisk trusts (what it fetched the OS with), else the target's own; with neither,
+    an empty bundle, so that HTTPS fails as untrusted, not as a missing file."""
+    import certifi
+
+    for bundle in (Path(certifi.where()), target / "etc/ssl/certs/ca-certificates.crt"):
+        if bundle.is_file() and bundle.stat().st_size:
+            shutil.copyfile(bundle, dest)
+            return
+    log.warning("no CA certificates here or in the target: the layout service can use plain HTTP only")
+    dest.write_bytes(b"")
 
 
 def _copy_libraries(dest: Path, elves: list[Path]) -> None:

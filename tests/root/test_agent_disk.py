@@ -231,7 +231,14 @@ def _check_target(root: Path, root_uuid: str, esp_uuid: str, url: str) -> None:
     assert (root / "boot/grub/x86_64-efi/linux.mod").is_file()
     # The runtime brought from "the ramdisk" runs inside the target without its Python.
     assert not (root / "usr/bin/python3").exists()
-    code = "import bootenv.cli, zstandard, requests; print('runtime ok')"
+    # HTTPS is checked against the CA certificates brought along, whatever the target has.
+    code = (
+        "import os, ssl, bootenv.cli, zstandard, requests; "
+        "env = requests.Session().merge_environment_settings('https://x/', {}, None, None, None); "
+        "bundle = env['verify']; "
+        "assert bundle == '/opt/bootenv/ca-certificates.crt' and os.path.getsize(bundle), bundle; "
+        "ssl.create_default_context(cafile=bundle); print('runtime ok')"
+    )
     out = sh(
         "chroot",
         root,
