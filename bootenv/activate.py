@@ -18,6 +18,8 @@ from bootenv.run import run, which
 log = logging.getLogger(__name__)
 
 FAILED_UNIT = "failed to start: "  # activation note of a unit that is not active
+QUEUED_UNIT = "start queued, once the boot is done: "  # ... whose start job still waits
+START_WAIT = 300.0  # seconds `systemctl start` may take before its jobs are left queued
 
 
 def activate(root: Path, units: list[str], *, live: bool | None = None) -> list[str]:
@@ -70,9 +72,22 @@ def activate(root: Path, units: list[str], *, live: bool | None = None) -> list[
     # Sockets first, as at boot (sockets.target comes before multi-user.target): a
     # socket refuses to start once its service is already running.
     sockets = [u for u in units if u.endswith(".socket")]
+    waited = False
     for batch in (sockets, [u for u in units if u not in sockets]):
         if batch:
-            run([systemctl, "start", *batch], check=False)
+            try:
+                run([systemctl, "start", *batch], check=False, timeout=START_WAIT)
+            except BootenvError:
+                # Its jobs stay queued. A unit ordered after multi-user.target waits for
+                # the boot to finish, which waits for this layout: it starts after it.
+                log.warning("systemctl start %s still waiting after %.0f s", " ".join(batch), START_WAIT)
+                waited = True
+    queued = _queued(systemctl, units) if waited else []
+    for unit in queued:
+        notes.append(f"{QUEUED_UNIT}{unit}")
+    units = [u for u in units if u not in queued]
+    if not units:
+        return notes
     # One state per line, in the order asked; systemctl stops at a unit it cannot look
     # up, and those after it are asked one by one.
     states = run([systemctl, "is-active", *units], check=False).stdout.decode(errors="replace").split()
@@ -92,6 +107,22 @@ def activate(root: Path, units: list[str], *, live: bool | None = None) -> list[
         for line in journal.stdout.decode(errors="replace").splitlines():
             log.warning("%s: %s", unit, line)
     return notes
+
+
+def _queued(systemctl: str, units: list[str]) -> list[str]:
+    """The units whose start job is still queued (none after a `start` that returned)."""
+    try:
+        out = run([systemctl, "show", "--property=Id,Job", *units], check=False).stdout
+    except BootenvError:
+        return []
+    queued, unit = [], ""
+    for line in out.decode(errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        if key == "Id":
+            unit = value
+        elif key == "Job" and value.strip() not in ("", "0") and unit in units:
+            queued.append(unit)
+    return queued
 
 
 def not_enabled(root: Path, units: list[str]) -> list[str]:

@@ -105,3 +105,40 @@ def test_units_a_short_is_active_answer_leaves_out_are_asked_one_by_one(
     assert asked == [["web.service", "db.socket", "db.service"], ["db.socket"], ["db.service"]]
     assert "started web.service" in notes and "started db.socket" in notes  # reloading is active
     assert f"{FAILED_UNIT}db.service" in notes
+
+
+def test_a_start_that_waits_on_the_boot_is_left_queued_not_called_failed(
+    tmp_path: Path, systemctl: _Systemctl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A unit ordered after multi-user.target waits for the boot, which waits for the
+    layout: `systemctl start` would wait until the layout's deadline. It is given
+    START_WAIT, then the unit whose job is still queued is noted, not failed."""
+    from bootenv.errors import CommandError
+
+    real = systemctl.__call__
+
+    def slow(argv: list[str], **kw: object) -> object:
+        if argv[1:2] == ["start"]:
+            assert kw["timeout"] == activate_mod.START_WAIT
+            raise CommandError(argv, -1, "timed out")
+        if argv[1:2] == ["show"]:
+            systemctl.calls.append(argv)
+
+            class Shown:
+                returncode = 0
+                stdout = b"Id=web.service\n\nId=final.service\nJob=42\n"
+                stderr = b""
+
+            return Shown()
+        return real(argv, **kw)
+
+    from bootenv import run as run_mod
+
+    monkeypatch.setattr(run_mod, "_spawn", slow)
+    _enabled_tree(tmp_path)
+    notes = activate(tmp_path, ["web.service", "final.service"], live=True)
+    assert f"{activate_mod.QUEUED_UNIT}final.service" in notes
+    assert "started web.service" in notes
+    assert not any(n.startswith(FAILED_UNIT) for n in notes)
+    asked = [c for c in systemctl.calls if c[1:2] == ["is-active"]]
+    assert asked == [["systemctl", "is-active", "web.service"]]  # the queued one is not asked
