@@ -15,6 +15,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -157,7 +158,14 @@ def test_assigned_machine_gets_its_own_script_under_uefi_and_boots_the_agent(the
 
 
 def _root_partition_files(disk: Path, paths: tuple[str, ...]) -> dict[str, bytes]:
-    """Read files from a provisioned disk's root partition (the last one), mounted read-only."""
+    """Read files from a provisioned disk's root partition."""
+    with _root_mounted(disk) as mnt:
+        return {p: (mnt / p.lstrip("/")).read_bytes() for p in paths}
+
+
+@contextmanager
+def _root_mounted(disk: Path) -> Iterator[Path]:
+    """A provisioned disk's root partition (the last one), mounted read-only."""
     import json
 
     from bootenv.run import run
@@ -177,11 +185,21 @@ def _root_partition_files(disk: Path, paths: tuple[str, ...]) -> dict[str, bytes
     try:
         run(["mount", "-o", "ro", dev, mnt])
         try:
-            return {p: (mnt / p.lstrip("/")).read_bytes() for p in paths}
+            yield mnt
         finally:
             run(["umount", mnt])
     finally:
         run(["losetup", "-d", dev])
+
+
+def test_a_component_laid_out_leaves_its_units_held_no_more(db1: Provisioned) -> None:
+    """Its units were held back (a drop-in and a flag) while it was laid out; MariaDB
+    answering shows the hold let go before activation, and nothing of it stays."""
+    assert db1.machine.state is State.DONE, db1.machine.error
+    with _root_mounted(db1.disk) as mnt:
+        assert (mnt / "var/lib/bootenv/layout/held").is_dir()  # it was made ...
+        assert list((mnt / "var/lib/bootenv/layout/held").iterdir()) == []  # ... and emptied
+        assert list((mnt / "etc/systemd/system").glob("*.d/bootenv-hold-*")) == []
 
 
 def test_two_machines_from_one_image_have_their_own_identity(
