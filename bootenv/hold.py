@@ -68,15 +68,15 @@ def hold(root: Path, held: dict[str, tuple[str, ...]]) -> None:
     with dir_under(root, HELD_DIR, create=True) as flags:
         assert flags is not None  # made if missing
         for component in held:
-            replace_at(flags, component, b"", like=None, tmp=f".{component}.tmp")
+            replace_at(flags, component, b"", like=None, tmp=f".{component}.tmp", sync=False)
         for component, units in held.items():
             for unit in units:
                 with dir_under(root, UNIT_DIR / f"{unit}.d", create=True) as dfd:
                     assert dfd is not None
                     body = drop_in_text(component).encode()
-                    replace_at(dfd, drop_in_name(component), body, like=None, tmp=".bootenv-hold.tmp")
-        # Each file is synced as it is written; their names and the new directories
-        # in one flush of the filesystem.
+                    tmp = ".bootenv-hold.tmp"
+                    replace_at(dfd, drop_in_name(component), body, like=None, tmp=tmp, sync=False)
+        # The files, their names and the new directories: one flush of the filesystem.
         sync_filesystem(flags)
     log.info("held back until laid out: %s", ", ".join(u for units in held.values() for u in units))
 

@@ -63,12 +63,15 @@ def write_durably(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def replace_at(dfd: int, name: str, data: bytes, *, like: os.stat_result | None, tmp: str) -> None:
+def replace_at(
+    dfd: int, name: str, data: bytes, *, like: os.stat_result | None, tmp: str, sync: bool = True
+) -> None:
     """Put `data` in place of `name` in the directory `dfd`, whole or not at all: written
-    to `tmp` in the same directory, given `like`'s owner (when root) and mode, fsynced,
-    then renamed over `name`. A `tmp` a killed run left is removed, never opened: it may
-    be a hard link to a file that must not change, or a symlink. Making the rename
-    durable (fsync of the directory) is the caller's."""
+    to `tmp` in the same directory, given `like`'s owner (when root) and mode, fsynced
+    (unless not `sync`: the caller syncs the filesystem once for several), then renamed
+    over `name`. A `tmp` a killed run left is removed, never opened: it may be a hard
+    link to a file that must not change, or a symlink. Making the rename durable (fsync
+    of the directory) is the caller's."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp, dir_fd=dfd)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -79,7 +82,8 @@ def replace_at(dfd: int, name: str, data: bytes, *, like: os.stat_result | None,
             if os.geteuid() == 0:
                 os.fchown(fd, like.st_uid, like.st_gid)
             os.fchmod(fd, stat.S_IMODE(like.st_mode))
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
