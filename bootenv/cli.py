@@ -1,22 +1,26 @@
 """The command line: parse arguments at the edge, run one verb, catch errors once.
 
-Exit codes: 0 success, 1 failure, 2 usage or input error, 3 transient failure (network)
-after retries, 4 verification failure (hash or size mismatch), 5 an external command
-failed, 130 interrupted.
+Exit codes: 0 success, 1 failure (a bug too), 2 usage or input error, 3 transient failure
+(network) after retries, 4 verification failure (hash or size mismatch), 5 an external
+command failed, 120 the output could not be written, 130 interrupted, 143 terminated.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
+import errno
+import io
 import logging
 import os
+import select
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 from bootenv import __version__
 from bootenv.commands import (
@@ -56,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bootenv",
         description="Provision bare-metal and virtual servers from composite images.",
         epilog="Exit codes: 0 ok, 1 failure, 2 usage or input error, 3 network failure after "
-        "retries, 4 verification failure, 5 an external command failed, 130 interrupted, "
+        "retries, 4 verification failure, 5 an external command failed, 120 the output could "
+        "not be written, 130 interrupted, "
         "143 terminated. "
         "See docs/CLI.md.",
         parents=[common],
@@ -232,6 +237,7 @@ def _between(low: int, high: int) -> Callable[[str], int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    closed = _guard_streams()
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list
     setup_logging(debug=debug)
@@ -241,27 +247,132 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = argparse.Namespace(debug=False)
     try:
         parser = build_parser()
-        args = parser.parse_args(args_list)
-        if args.verb is None:
-            raise UserError("a VERB is required", hint="see `bootenv --help`")
-        handler: Handler = args.handler
-        return handler(args)
+        try:
+            args = parser.parse_args(args_list)
+        except SystemExit as exc:  # --help, --version: printed, and flushed below
+            code = exc.code if isinstance(exc.code, int) else 0
+        else:
+            if args.verb is None:
+                raise UserError("a VERB is required", hint="see `bootenv --help`")
+            handler: Handler = args.handler
+            code = handler(args)
+        sys.stdout.flush()  # here, where a closed pipe is reported as such
     except BootenvError as exc:
         if debug or args.debug:
             log.exception("failed")
-        print(f"bootenv: error: {exc}", file=sys.stderr)
+        _say(f"bootenv: error: {exc}")
         return exc.exit_code
     except TerminatedError:
-        print("bootenv: terminated", file=sys.stderr)
+        _say("bootenv: terminated")
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print("bootenv: interrupted", file=sys.stderr)
+        _say("bootenv: interrupted")
         return 130
     except OSError as exc:
+        if exc.errno == errno.EPIPE and _stdout_broken():
+            return output_lost()
         if debug or args.debug:
             log.exception("failed")
-        print(f"bootenv: error: {exc}", file=sys.stderr)
+        _say(f"bootenv: error: {_os_error(exc)}")
         return 1
+    except Exception as exc:  # a bug: still one line, and the traceback with --debug
+        if debug or args.debug:
+            log.exception("internal error")
+        hint = "" if debug or args.debug else " (hint: --debug shows where; please report it)"
+        _say(f"bootenv: error: internal error: {type(exc).__name__}: {_first_line(str(exc))}{hint}")
+        return 1
+    if closed is not None and closed.wrote and code == 0:
+        return output_lost("stdout is closed")
+    return code
+
+
+OUTPUT_LOST = 120  # as Python's own exit when it cannot flush stdout
+
+
+class _ClosedStdout(io.StringIO):
+    """sys.stdout when the command started with fd 1 closed: what is printed is dropped,
+    and remembered, so that the command ends with OUTPUT_LOST rather than 0."""
+
+    wrote = False
+
+    def write(self, s: str) -> int:
+        self.wrote = self.wrote or bool(s)
+        return len(s)
+
+
+def _guard_streams() -> _ClosedStdout | None:
+    """Started with fd 0, 1 or 2 closed (`2>&-`): /dev/null takes its number, so that no
+    file the command opens gets it (a child would write its output there); stderr then
+    writes to /dev/null, and stdout to a _ClosedStdout, which this returns."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)  # for the life of the process
+    if sys.stdout is None:
+        sys.stdout = _ClosedStdout()
+        return sys.stdout
+    return sys.stdout if isinstance(sys.stdout, _ClosedStdout) else None
+
+
+def _say(line: str) -> None:
+    """A line on stderr; if stderr is a closed pipe too, it is lost, quietly."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        _to_devnull(sys.stderr)
+
+
+def _to_devnull(stream: TextIO | None) -> None:
+    """Point the stream's fd at /dev/null: what it still holds is then flushed there, and
+    the interpreter's last flush has nothing to complain about."""
+    try:
+        fd = stream.fileno() if stream is not None else -1
+    except (OSError, ValueError, AttributeError):
+        return
+    if fd < 0:
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
+def _stdout_broken() -> bool:
+    """Whether stdout is a pipe or socket whose reader has gone (so an EPIPE was its)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError, AttributeError):
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def output_lost(why: str = "a closed pipe") -> int:
+    """The command's output could not be written: one line, and OUTPUT_LOST."""
+    _to_devnull(sys.stdout)
+    _say(f"bootenv: error: the output could not be written ({why})")
+    return OUTPUT_LOST
+
+
+def _os_error(exc: OSError) -> str:
+    """`PATH: what went wrong`, not `[Errno N] ...`."""
+    if exc.strerror is None:
+        return str(exc)
+    if exc.filename is None:
+        return exc.strerror
+    return f"{exc.filename}: {exc.strerror}"
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "(no message)"
 
 
 class TerminatedError(KeyboardInterrupt):
@@ -296,13 +407,12 @@ def run() -> NoReturn:
     if running and not _TERMINATED.is_set():  # (terminated: not waited for)
         sys.exit(code)
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        if stream is None:  # started with that fd closed: nothing to flush
-            continue
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            code = code or 120
+    try:
+        sys.stdout.flush()  # main flushed it; an atexit function may have printed since
+    except (OSError, ValueError):
+        code = code or output_lost()
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
     if _TERMINATED.is_set():
         os.kill(os.getpid(), signal.SIGTERM)
     os._exit(code)

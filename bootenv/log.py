@@ -19,9 +19,10 @@ log = logging.getLogger(__name__)
 def setup_logging(*, debug: bool = False, stream: TextIO | None = None) -> None:
     """Configure the root logger once, at the CLI edge."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    stream = stream or sys.stderr  # None: started with stderr closed (cli.main opens /dev/null)
+    handler = logging.StreamHandler(stream) if stream is not None else logging.NullHandler()
     fmt = "%(asctime)s %(levelname).1s %(name)s: %(message)s" if debug else "%(asctime)s %(message)s"
     handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
     root.addHandler(handler)
@@ -60,7 +61,8 @@ class Progress:
         self._interval = interval
         self._start = time.monotonic()
         self._last = 0.0
-        self._tty = sys.stderr.isatty() and logging.getLogger().isEnabledFor(logging.INFO)
+        tty = sys.stderr is not None and sys.stderr.isatty()  # None: started with stderr closed
+        self._tty = tty and logging.getLogger().isEnabledFor(logging.INFO)
 
     def _fmt(self, n: int) -> str:
         return human_bytes(n) if self.unit == "bytes" else f"{n} {self.unit}"
