@@ -288,11 +288,16 @@ def _retryable(failure: Exception, result: LayoutResult | None) -> bool:
 
 
 def _layout(cfg: LayoutConfig, poster: Callback, began: float, activator: Activator | None) -> LayoutResult:
-    root = cfg.root.absolute()
+    # Resolved first: a symlinked root (`--root /mnt/t -> /srv/t`) is the tree it names,
+    # which everything below reaches without following a symlink (extract's O_NOFOLLOW).
+    try:
+        root = cfg.root.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise UserError(f"{cfg.root} is not a directory ({exc})") from exc
     if not root.is_dir():
         raise UserError(f"{cfg.root} is not a directory")
     _refuse_symlinked_state(root)
-    if root.resolve() == Path("/") and not cfg.force:
+    if root == Path("/") and not cfg.force:
         from bootenv.target import LAYOUT_JSON, provisioned
 
         if not provisioned(root):
@@ -302,7 +307,7 @@ def _layout(cfg: LayoutConfig, poster: Callback, began: float, activator: Activa
                 hint="--root a mounted target; or --force, to add components to this system's files "
                 "and its dpkg database",
             )
-    if root.resolve() == Path("/"):
+    if root == Path("/"):
         poster.post("os_booted")  # the layout service runs in the freshly booted OS
     comps: list[Component] = []
     added: list[str] = []
