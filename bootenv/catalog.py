@@ -31,10 +31,13 @@ from bootenv import ipxetext
 from bootenv.errors import UserError
 from bootenv.machines import check_boot_args, check_components, check_image
 from bootenv.manifest import MANIFEST, Manifest, parse_manifest
+from bootenv.smallfile import read_capped
+from bootenv.source import read_manifest_file
 
 log = logging.getLogger(__name__)
 
 LOCAL = "local"
+MAX_CATALOG = 1 << 20  # bytes: a catalog of thousands of entries is a fraction of it
 _ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _TOP = {"title": str, "timeout": (int, float), "default": str, "entries": list}
 _ENTRY = {"id": str, "title": str, "image": str, "components": (str, list), "kernel_args": str}
@@ -77,12 +80,23 @@ def load_catalog(images: Path, path: Path | None = None) -> Catalog:
     if path is None:
         return default_catalog(images)
     try:
-        text = path.read_text()
-    except (OSError, ValueError) as exc:  # ValueError: not UTF-8
-        raise CatalogError(f"cannot read the catalog {path}: {exc}") from exc
+        data = read_capped(path, MAX_CATALOG)
+        text = data.decode()
+    except (OSError, ValueError, UserError) as exc:  # ValueError: not UTF-8; UserError: not a file
+        raise CatalogError(f"cannot read the catalog {path}: {_reason(exc)}") from exc
+    if len(data) > MAX_CATALOG:
+        raise CatalogError(f"the catalog {path} is larger than {MAX_CATALOG >> 20} MiB")
     catalog = parse_catalog(text, toml=path.suffix == ".toml", where=str(path))
     check_catalog(catalog, images)
     return catalog
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return "not a regular file" if isinstance(exc, UserError) else str(exc)
 
 
 def parse_catalog(text: str, *, toml: bool = False, where: str = "catalog") -> Catalog:
@@ -167,7 +181,7 @@ def _slug(text: str) -> str:
 def _manifest(images: Path, image: str) -> Manifest:
     path = images / image / MANIFEST
     try:
-        return parse_manifest(path.read_bytes())
+        return parse_manifest(read_manifest_file(path))
     except FileNotFoundError:
         raise CatalogError(f"image {image!r} not found: no {path}") from None
 

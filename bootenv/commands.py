@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from bootenv.errors import UserError
 from bootenv.log import human_bytes, setup_logging
+from bootenv.smallfile import read_small
 
 if TYPE_CHECKING:
     from bootenv.layout import LayoutResult
@@ -114,10 +115,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 def cmd_sign(args: argparse.Namespace) -> int:
     from bootenv.manifest import MANIFEST, parse_manifest
     from bootenv.signing import write_signature
+    from bootenv.source import read_manifest_file
 
     manifest = args.image / MANIFEST
     try:
-        raw = manifest.read_bytes()
+        raw = read_manifest_file(manifest)
     except OSError as exc:
         raise UserError(f"cannot read {manifest}: {exc.strerror}") from exc
     parse_manifest(raw)
@@ -286,17 +288,19 @@ def _resolution(res: dict[str, object]) -> str:
     return f"kept {what} at {res.get('at', '?')}"
 
 
+# The kernel's command line is at most a few KiB (COMMAND_LINE_SIZE), bootconfig's
+# additions at most 32 KiB: --cmdline /dev/zero, or a disk image given by mistake, is refused.
+CMDLINE_MAX = 64 << 10
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from bootenv.agent import finish, report_bad_settings, run_agent
     from bootenv.cmdline import FLAGS, KEYS, CmdlineError, callback_of, parse_cmdline
 
-    try:
-        # The kernel passes its command line on as bytes, UTF-8 or not: a byte that does
-        # not decode survives as a surrogate, which the parser refuses in any value the
-        # agent uses, and other parameters are none of its business.
-        text = args.cmdline.read_bytes().decode("utf-8", "surrogateescape")
-    except OSError as exc:
-        raise UserError(f"cannot read {args.cmdline}: {exc.strerror}") from exc
+    # The kernel passes its command line on as bytes, UTF-8 or not: a byte that does not
+    # decode survives as a surrogate, which the parser refuses in any value the agent
+    # uses, and other parameters are none of its business.
+    text = read_small(args.cmdline, CMDLINE_MAX, "the kernel command line").decode("utf-8", "surrogateescape")
     overrides: dict[str, str | None] = {
         k: getattr(args, k) for k in KEYS if k not in FLAGS and getattr(args, k, None)
     }

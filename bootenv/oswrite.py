@@ -36,10 +36,10 @@ from bootenv.blockdev import device_size, is_block, open_destination
 from bootenv.blockmap import BlockMap, Range, parse_blockmap
 from bootenv.errors import BootenvError, FatalError, UserError, VerificationError
 from bootenv.log import Progress, human_bytes, step
-from bootenv.manifest import MANIFEST, Blob, Manifest, OsImage, parse_manifest
+from bootenv.manifest import Blob, Manifest, OsImage, parse_manifest
 from bootenv.prefetch import Prefetch
 from bootenv.signing import Trust
-from bootenv.source import Source, open_source
+from bootenv.source import Source, open_source, read_manifest
 from bootenv.trusted import open_trusted
 from bootenv.writeback import Flusher, start_writeback
 from bootenv.writebehind import WriteBehind
@@ -532,7 +532,7 @@ def write_os_path(
     """
     if trust is None:
         source = open_source(location)
-        manifest = parse_manifest(source.read_bytes(MANIFEST))
+        manifest = parse_manifest(read_manifest(source))
     else:
         source, manifest = open_trusted(location, trust)
     image = _image(manifest, which)

@@ -57,6 +57,7 @@ from bootenv.machines import (
     to_dict,
 )
 from bootenv.manifest import MANIFEST, parse_manifest
+from bootenv.source import read_manifest_file
 from bootenv.state import Store
 from bootenv.urls import split_http_url
 
@@ -212,7 +213,7 @@ class BootenvServer(ThreadingHTTPServer):
         if machine.image.startswith(("http://", "https://")):
             return None
         try:
-            manifest = parse_manifest((self.config.images / machine.image / MANIFEST).read_bytes())
+            manifest = parse_manifest(read_manifest_file(self.config.images / machine.image / MANIFEST))
             if machine.components not in ("all", "none"):
                 for name in machine.components.split(","):
                     manifest.component(name)

@@ -16,7 +16,8 @@ from typing import BinaryIO, Protocol
 
 from bootenv.errors import FatalError, RetryableError, UserError, VerificationError
 from bootenv.httpsession import new_session, watched
-from bootenv.manifest import MANIFEST, Manifest, parse_manifest
+from bootenv.manifest import MANIFEST, MAX_MANIFEST, Manifest, ManifestError, parse_manifest
+from bootenv.smallfile import read_capped
 from bootenv.urls import split_http_url
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,19 @@ class ReadAbortedError(FatalError):
     """A read was aborted from another thread: nobody wants the bytes any more."""
 
 
+class MissingError(UserError):
+    """A file the image should hold is not there (no such file, or HTTP 404)."""
+
+
+class TooLargeError(UserError):
+    """A file read whole (the manifest, its signature) is larger than its cap."""
+
+
 class Source(Protocol):
-    def read_bytes(self, name: str) -> bytes: ...
+    def read_bytes(self, name: str, limit: int) -> bytes:
+        """The whole file `name`, if it holds at most `limit` bytes (else TooLargeError,
+        once at most about `limit` bytes were read)."""
+        ...
 
     def open(self, name: str, size: int, offset: int | None = None) -> BinaryIO:
         """A reader of the whole blob `name` (`size` bytes), or of the window of `size`
@@ -56,17 +68,25 @@ class DirSource:
             raise UserError(f"{path} is not a composite image (no {MANIFEST})")
         self.path = path
 
-    def read_bytes(self, name: str) -> bytes:
+    def read_bytes(self, name: str, limit: int) -> bytes:
+        path = self.path / name
         try:
-            return (self.path / name).read_bytes()
+            data = read_capped(path, limit)
         except FileNotFoundError as exc:
-            raise UserError(f"{self.path / name} is missing from the image") from exc
+            raise MissingError(f"{path} is missing from the image") from exc
+        except OSError as exc:
+            raise UserError(f"cannot read {path}: {exc.strerror}") from exc
+        if len(data) > limit:
+            raise TooLargeError(f"{path} is larger than {limit} bytes")
+        return data
 
     def open(self, name: str, size: int, offset: int | None = None) -> BinaryIO:
         try:
             f = open(self.path / name, "rb")
         except FileNotFoundError as exc:
-            raise UserError(f"{self.path / name} is missing from the image") from exc
+            raise MissingError(f"{self.path / name} is missing from the image") from exc
+        except OSError as exc:  # a directory where a blob should be, a permission
+            raise UserError(f"cannot read {self.path / name}: {exc.strerror}") from exc
         if offset is None:
             return f  # the whole file: trailing bytes still reach the hash check
         f.seek(offset)
@@ -85,9 +105,23 @@ class HttpSource:
         # byte offsets (Range) and Content-Length meaningless.
         self.session.headers["Accept-Encoding"] = "identity"
 
-    def read_bytes(self, name: str) -> bytes:
+    def read_bytes(self, name: str, limit: int) -> bytes:
+        parts: list[bytes] = []
+        got = 0
         with HttpReader(self.session, self.base + name, None, self.policy) as r:
-            return r.read()
+            while got <= limit:
+                # The server's length, once it answered, is refused at once if over.
+                if r.size is not None and r.size > limit:
+                    got = r.size
+                    break
+                chunk = r.read(min(CHUNK, limit + 1 - got))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                got += len(chunk)
+        if got > limit:
+            raise TooLargeError(f"{self.base + name} is larger than {limit} bytes")
+        return b"".join(parts)
 
     def open(self, name: str, size: int, offset: int | None = None) -> BinaryIO:
         reader = HttpReader(self.session, self.base + name, size, self.policy, start=offset)
@@ -157,7 +191,7 @@ class HttpReader:
         status: int = resp.status_code  # type: ignore[attr-defined]
         headers = resp.headers  # type: ignore[attr-defined]
         if status == 404:
-            raise UserError(f"{self.url} not found (404)")
+            raise MissingError(f"{self.url} not found (404)")
         if status >= 500 or status in (408, 429):
             raise RetryableError(f"{self.url}: HTTP {status}")
         if status == 416 and self.size is not None:
@@ -384,5 +418,27 @@ def open_source(location: str) -> Source:
     return DirSource(path)
 
 
+def read_manifest(source: Source) -> bytes:
+    """The image's manifest, as it is (no bigger than MAX_MANIFEST)."""
+    try:
+        return source.read_bytes(MANIFEST, MAX_MANIFEST)
+    except TooLargeError as exc:
+        raise ManifestError(f"{source.describe(MANIFEST)} is larger than {MAX_MANIFEST >> 20} MiB") from exc
+
+
+def read_manifest_file(path: Path) -> bytes:
+    """A manifest file's bytes (no bigger than MAX_MANIFEST). FileNotFoundError if there
+    is none; UserError if it cannot be read, is not a regular file, or is too large."""
+    try:
+        data = read_capped(path, MAX_MANIFEST)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from exc
+    if len(data) > MAX_MANIFEST:
+        raise ManifestError(f"{path} is larger than {MAX_MANIFEST >> 20} MiB")
+    return data
+
+
 def load_manifest(location: str) -> Manifest:
-    return parse_manifest(open_source(location).read_bytes(MANIFEST))
+    return parse_manifest(read_manifest(open_source(location)))

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import logging
 
-from bootenv.errors import UserError, VerificationError
+from bootenv.errors import VerificationError
 from bootenv.log import Progress
-from bootenv.manifest import MANIFEST, Blob, Manifest, parse_manifest
-from bootenv.signing import SIGNATURE, Trust, verify
-from bootenv.source import Source, open_source
+from bootenv.manifest import Blob, Manifest, parse_manifest
+from bootenv.signing import MAX_SIGNATURE, SIGNATURE, Trust, verify
+from bootenv.source import MissingError, Source, TooLargeError, open_source, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +24,13 @@ def open_signed(location: str, trust: Trust) -> tuple[Source, Manifest, str | No
     """open_trusted, and the fingerprint of the key that signed the manifest (None when
     verification is off)."""
     source = open_source(location)
-    raw = source.read_bytes(MANIFEST)
+    raw = read_manifest(source)
     try:
-        signature: bytes | None = source.read_bytes(SIGNATURE)
-    except UserError:
+        signature: bytes | None = source.read_bytes(SIGNATURE, MAX_SIGNATURE)
+    except MissingError:  # not signed; a signature that cannot be read is an error
         signature = None
+    except TooLargeError as exc:
+        raise VerificationError(f"{SIGNATURE} is malformed ({exc})") from exc
     signer = verify(raw, signature, trust)
     return source, parse_manifest(raw), signer
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from bootenv.blockmap import pack_image
 from bootenv.manifest import MANIFEST, Component, Manifest, OsImage, RootFs, Source, parse_manifest
 from bootenv.oswrite import write_os
-from bootenv.source import HttpSource, RetryPolicy
+from bootenv.source import HttpSource, RetryPolicy, read_manifest
 from bootenv.store import BlobWriter, write_blob
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def _client(index: int, url: str, workdir: str, start: float, conn: object) -> N
         while time.time() < start:  # everyone starts together
             time.sleep(0.005)
         source = HttpSource(url, POLICY)
-        manifest = parse_manifest(source.read_bytes(MANIFEST))
+        manifest = parse_manifest(read_manifest(source))
         disk = out / "disk.img"
         with open(disk, "wb") as f:
             f.truncate(manifest.rootfs.image_size)
