@@ -387,9 +387,13 @@ def cmd_machines(args: argparse.Namespace) -> int:
     from bootenv.state import Store, default_state_dir, timeline_rows
 
     state = args.state or default_state_dir()
-    if not state.is_dir():  # a read: no state directory is made for it
-        raise UserError(f"{state} is not a state directory", hint="see --state, and `bootenv assign`")
-    store = Store(state)
+    store = Store(state, readonly=True)  # a read: nothing is made, not even a lock file
+    if not store.is_state_dir():  # serve and assign make machines/ in it
+        why = "it has no machines/" if state.is_dir() else "no such directory"
+        raise UserError(
+            f"{state} is not a state directory ({why})",
+            hint="see --state, and `bootenv assign`",
+        )
     machines = store.all()
     if args.json:
         print(_json([{**to_dict(m), "log": store.events(m.mac)} for m in machines]))

@@ -53,14 +53,20 @@ def _stem(mac: str) -> str:
 
 
 class Store:
-    def __init__(self, root: Path) -> None:
+    """With `readonly`, nothing is made or written: no directory, no lock file (a lock
+    that is there is taken, one that is not is done without); `put` and `update` fail."""
+
+    def __init__(self, root: Path, *, readonly: bool = False) -> None:
         self.root = root
+        self.readonly = readonly
+        self._taken = _Taken()
+        if readonly:
+            return
         for sub in ("machines", "events", "locks"):
             try:
                 (root / sub).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise UserError(f"cannot create the state directory {root / sub}: {exc}") from exc
-        self._taken = _Taken()
 
     def _record(self, mac: str) -> Path:
         return self.root / "machines" / f"{_stem(mac)}.json"
@@ -73,7 +79,15 @@ class Store:
 
     @contextlib.contextmanager
     def _locked(self, mac: str) -> Iterator[None]:
-        fd = os.open(self.root / "locks" / f"{_stem(mac)}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+        path = self.root / "locks" / f"{_stem(mac)}.lock"
+        if self.readonly:
+            try:
+                fd = os.open(path, os.O_RDONLY)  # flock needs no write access
+            except FileNotFoundError:  # never updated: nothing to wait for
+                yield
+                return
+        else:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -101,6 +115,10 @@ class Store:
         """How many machine records there are (a directory listing, no record read)."""
         with os.scandir(self.root / "machines") as entries:
             return sum(1 for e in entries if e.name.endswith(".json") and not e.name.startswith("."))
+
+    def is_state_dir(self) -> bool:
+        """Whether the root holds a store: its machines/ directory (serve and assign make it)."""
+        return (self.root / "machines").is_dir()
 
     def all(self) -> list[Machine]:
         out = []
@@ -208,6 +226,7 @@ class Store:
         return names
 
     def _write(self, machine: Machine) -> None:
+        assert not self.readonly, "a read-only Store writes nothing"
         path = self._record(machine.mac)
         data = json.dumps(to_dict(machine), indent=2) + "\n"
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -226,6 +245,7 @@ class Store:
     def _append(self, mac: str, entry: dict[str, Any]) -> None:
         """Append one line (under the machine's lock). A line a power cut tore is ended
         first, so that this one is a line of its own, not glued to the fragment."""
+        assert not self.readonly, "a read-only Store writes nothing"
         line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
         path = self._events(mac)
         with contextlib.suppress(FileNotFoundError):
