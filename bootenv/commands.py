@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -325,6 +326,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 def cmd_build_ramdisk(args: argparse.Namespace) -> int:
     from bootenv.ramdisk import SIZE_LIMIT, build_ramdisk
 
+    check_output_dir(args.output, "-o")  # before the build, which takes minutes
     rd = build_ramdisk(output=args.output, trusted=args.trust)
     note = "cached" if rd.cached else "built"
     print(f"{rd.vmlinuz}  kernel {rd.kernel_version} ({human_bytes(rd.vmlinuz.stat().st_size)})")
@@ -332,6 +334,19 @@ def cmd_build_ramdisk(args: argparse.Namespace) -> int:
     if rd.size > SIZE_LIMIT:
         print(f"warning: the initramfs is over the {human_bytes(SIZE_LIMIT)} target", file=sys.stderr)
     return 0
+
+
+def check_output_dir(path: Path, option: str) -> None:
+    """An output directory that is one, or can be made: its nearest existing ancestor
+    (itself, if it exists) is a directory this user may write in. Refused up front, not
+    once the work is done."""
+    for where in (path, *path.absolute().parents):
+        if where.exists() or where.is_symlink():
+            if not where.is_dir():
+                raise UserError(f"{option} {path}: {where} is not a directory")
+            if not os.access(where, os.W_OK | os.X_OK):
+                raise UserError(f"{option} {path}: cannot write in {where}")
+            return
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -174,6 +174,9 @@ class HttpReader:
         try:
             with watched(self):
                 resp = self.session.get(self.url, headers=headers, stream=True, timeout=self.policy.timeout)  # type: ignore[attr-defined]
+        except _permanent_errors() as exc:  # trying again would follow the same redirects
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise UserError(f"cannot fetch {self.url}: {type(exc).__name__}: {reason}"[:500]) from exc
         except requests.RequestException as exc:
             raise RetryableError(f"cannot fetch {self.url}: {type(exc).__name__}") from exc
         try:
@@ -398,6 +401,15 @@ def _range_start(content_range: str) -> int:
     unit, _, spec = content_range.partition(" ")
     first = spec.partition("-")[0]
     return int(first) if unit == "bytes" and first.isascii() and first.isdigit() and len(first) <= 19 else -1
+
+
+def _permanent_errors() -> tuple[type[Exception], ...]:
+    """What requests raises for a URL that can never be fetched as it is: a redirect
+    loop, a redirect to a scheme other than http(s), a URL (or Location) it cannot parse
+    (requests' InvalidURL, or urllib's own ValueError: `Location: http://[::1/x`)."""
+    from requests.exceptions import InvalidSchema, InvalidURL, MissingSchema, TooManyRedirects
+
+    return (TooManyRedirects, InvalidSchema, MissingSchema, InvalidURL, ValueError)
 
 
 def _urllib3_errors() -> type[Exception]:
