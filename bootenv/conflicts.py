@@ -9,11 +9,13 @@ lists, shows (with a unified diff for text) and resolves them; a resolution is r
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 from collections.abc import Iterator
@@ -24,6 +26,7 @@ from typing import Any
 
 from bootenv.errors import UserError
 from bootenv.merge import MAX_MERGE, concatenate, is_text, record_dir
+from bootenv.paxread import ArchiveError
 from bootenv.writeback import fsync_dir, replace_at, write_durably
 
 RECORDS = Path("var/lib/bootenv/conflict-records")
@@ -32,6 +35,19 @@ KEEP = ("existing", "incoming", "merged")
 # The reason of a conflict whose incoming version is a whole merge (the base and every
 # component's part) that would have replaced a merged file the admin has edited since.
 EDITED = "edited here since bootenv merged it"
+_ID = re.compile(r"[0-9a-f]{12}")
+_COMPONENT = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+# A record's fields and their types; resolution is None or one of these.
+_FIELDS: dict[str, type] = {
+    "id": str,
+    "component": str,
+    "path": str,
+    "reason": str,
+    "existing": dict,
+    "incoming": dict,
+    "stored": str,
+    "resolution": dict,
+}
 
 log = logging.getLogger(__name__)
 
@@ -160,11 +176,45 @@ def _records(root: Path, *, skip_damaged: bool) -> Iterator[Conflict]:
 
 
 def _read(path: Path) -> Conflict:
+    """A record, every field checked: it is read back from the disk it describes, and
+    its paths say what `resolve` removes and replaces."""
     try:
         doc = json.loads(path.read_bytes())
-        return Conflict(**doc)
+        return _validated(doc, path.stem)
     except (ValueError, TypeError) as exc:  # not JSON, or not a record (a list, a missing key)
         raise UserError(f"conflict record {path} is damaged: {exc}", hint="restore it, or remove it") from exc
+
+
+def _validated(doc: Any, stem: str) -> Conflict:
+    """The Conflict `doc` describes; ValueError naming what is wrong with it."""
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    if set(doc) != set(_FIELDS):
+        missing, extra = sorted(set(_FIELDS) - set(doc)), sorted(set(doc) - set(_FIELDS))
+        raise ValueError(f"missing {missing}" if missing else f"unknown fields {extra}"[:200])
+    for name, kind in _FIELDS.items():
+        if not isinstance(doc[name], kind) and not (name == "resolution" and doc[name] is None):
+            raise ValueError(f"{name} is not a {kind.__name__}")
+    if not _ID.fullmatch(doc["id"]) or doc["id"] != stem:
+        raise ValueError(f"id {doc['id'][:40]!r} is not the record's name")
+    if not _COMPONENT.fullmatch(doc["component"]):
+        raise ValueError(f"component {doc['component'][:80]!r} is not a component name")
+    _check_relpath(doc["path"], "path")
+    _check_relpath(doc["stored"], "stored")
+    if not doc["stored"].startswith(f"{STORE}/{doc['component']}/"):
+        raise ValueError(f"stored {doc['stored'][:200]!r} is not under /{STORE}/{doc['component']}")
+    res = doc["resolution"]
+    if res is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in res.items()):
+        raise ValueError("resolution holds something that is not a string")
+    return Conflict(**doc)
+
+
+def _check_relpath(value: str, name: str) -> None:
+    """A path relative to the root, going down only: no `/` first, no `..`, `.` or empty
+    part, no NUL."""
+    parts = value.split("/")
+    if not value or "\0" in value or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{name} {value[:200]!r} is not a path under the root")
 
 
 def load(root: Path, cid: str) -> Conflict:
@@ -174,54 +224,91 @@ def load(root: Path, cid: str) -> Conflict:
     raise UserError(f"no conflict {cid!r} under {root}", hint="see `bootenv conflicts list`")
 
 
-def _text(path: Path) -> list[str] | None:
-    try:
-        if not path.is_file() or path.is_symlink() or path.stat().st_size > MAX_MERGE:
-            return None
-        data = path.read_bytes()
-    except OSError:
-        return None
-    if not is_text(data):
+def _text(data: bytes | None) -> list[str] | None:
+    if data is None or not is_text(data):
         return None
     return data.decode().splitlines(keepends=True)
 
 
+@contextlib.contextmanager
+def _under(root: Path, relpath: str) -> Iterator[tuple[int | None, str]]:
+    """The fd of the directory ROOT/`relpath` is in (None if it is missing) and its
+    name there, every directory on the way reached without following a symlink: a
+    symlink planted in the root must not lead a resolution outside it."""
+    from bootenv.extract import dir_under  # extract imports this module
+
+    parent, _, name = relpath.rpartition("/")
+    try:
+        with dir_under(root, parent) as dfd:
+            yield dfd, name
+    except ArchiveError as exc:
+        raise UserError(f"{exc.message}; resolve /{relpath} by hand") from exc
+
+
+def _small_file(dfd: int | None, name: str) -> bytes | None:
+    """The bytes of `name` in `dfd` if it is a regular file (not followed if a symlink)
+    of at most MAX_MERGE bytes, else None."""
+    if dfd is None:
+        return None
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MERGE:
+            return None
+        chunks = []
+        left = MAX_MERGE + 1
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    return data if len(data) <= MAX_MERGE else None
+
+
 def diff(root: Path, c: Conflict) -> str:
     """A unified diff from the existing to the incoming version, or "" if not both text."""
-    old, new = _text(root / c.path), _text(root / c.stored)
+    try:
+        with _under(root, c.path) as (tfd, tname), _under(root, c.stored) as (sfd, sname):
+            old, new = _text(_small_file(tfd, tname)), _text(_small_file(sfd, sname))
+    except (UserError, OSError):
+        return ""
     if old is None or new is None:
         return ""
     return "".join(difflib.unified_diff(old, new, f"existing/{c.path}", f"{c.component}/{c.path}"))
 
 
 def resolve(root: Path, cid: str, keep: str | None, file: Path | None) -> Conflict:
-    """Apply and record a resolution: keep one side, keep the merge, or supply a file."""
+    """Apply and record a resolution: keep one side, keep the merge, or supply a file.
+    Every file is reached from the root without following a symlink."""
     c = load(root, cid)
     if c.resolution:
         raise UserError(f"conflict {cid} is already resolved ({c.resolution.get('keep')})")
-    target, incoming = root / c.path, root / c.stored
-    if _through_symlink(root, c.path) or _through_symlink(root, c.stored):
-        raise UserError(f"{c.path}: a parent directory is a symlink; resolve it by hand")
-    if file is not None:
-        _replace_content(target, file.read_bytes())
-        keep = "file"
-    elif keep == "existing":
-        _remove(incoming)
-    elif keep == "incoming":
-        if target.is_dir() and not target.is_symlink():
-            raise UserError(f"{c.path} is a directory; replace it by hand")
-        os.replace(incoming, target)
-    elif keep == "merged":
-        # An edited merge's incoming version is the whole merge, which the admin's file
-        # already holds most of: theirs takes only the component's own part.
-        mine = _own_part(root, c) if c.reason == EDITED else incoming
-        old, new = _text(target), _text(mine)
-        if old is None or new is None:
-            raise UserError(f"{c.path}: only two text files can be merged")
-        _replace_content(target, concatenate(target.read_bytes(), {c.component: mine.read_bytes()}))
-        _remove(incoming)
-    else:
+    if file is None and keep not in KEEP:
         raise UserError("say --keep existing|incoming|merged or --file F")
+    with _under(root, c.path) as (tfd, tname), _under(root, c.stored) as (sfd, sname):
+        if file is not None:
+            _replace_content(tfd, tname, file.read_bytes(), c.path)
+            keep = "file"
+        elif keep == "existing":
+            _remove(sfd, sname)
+        elif keep == "incoming":
+            _put_incoming(c, tfd, tname, sfd, sname)
+        else:
+            # An edited merge's incoming version is the whole merge, which the admin's
+            # file already holds most of: theirs takes only the component's own part.
+            mine = _own_part(root, c) if c.reason == EDITED else _small_file(sfd, sname)
+            old = _small_file(tfd, tname)
+            if _text(old) is None or _text(mine) is None:
+                raise UserError(f"{c.path}: only two text files can be merged")
+            assert old is not None and mine is not None
+            _replace_content(tfd, tname, concatenate(old, {c.component: mine}), c.path)
+            _remove(sfd, sname)
     res = {"keep": keep, "at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
     if file is not None:
         res["file"] = str(file)
@@ -230,10 +317,40 @@ def resolve(root: Path, cid: str, keep: str | None, file: Path | None) -> Confli
     return done
 
 
-def _own_part(root: Path, c: Conflict) -> Path:
-    """Where the merge records keep `c.component`'s own version of `c.path`."""
-    part = record_dir(root, c.path) / f"part.{c.component}"
-    if not part.is_file():
+def _put_incoming(c: Conflict, tfd: int | None, tname: str, sfd: int | None, sname: str) -> None:
+    """Rename the incoming version over the existing one (a directory is never replaced,
+    nor replaced by one: rename(2) cannot do either whole)."""
+    try:
+        if sfd is None:
+            raise FileNotFoundError
+        new = os.lstat(sname, dir_fd=sfd)
+    except FileNotFoundError:
+        raise UserError(f"the incoming version of /{c.path} (/{c.stored}) is missing") from None
+    if tfd is None:
+        raise UserError(f"/{c.path.rpartition('/')[0]} is missing: resolve /{c.path} by hand")
+    try:
+        old: os.stat_result | None = os.lstat(tname, dir_fd=tfd)
+    except FileNotFoundError:
+        old = None
+    if old is not None and stat.S_ISDIR(old.st_mode):
+        raise UserError(f"{c.path} is a directory; replace it by hand")
+    if old is not None and stat.S_ISDIR(new.st_mode):
+        raise UserError(
+            f"the incoming /{c.path} is a directory and the existing one is not",
+            hint=f"remove /{c.path}, then resolve again",
+        )
+    os.rename(sname, tname, src_dir_fd=sfd, dst_dir_fd=tfd)
+    os.fsync(tfd)
+    assert sfd is not None
+    os.fsync(sfd)
+
+
+def _own_part(root: Path, c: Conflict) -> bytes:
+    """`c.component`'s own version of `c.path`, from the merge records."""
+    rel = (record_dir(root, c.path) / f"part.{c.component}").relative_to(root)
+    with _under(root, str(rel)) as (dfd, name):
+        part = _small_file(dfd, name)
+    if part is None:
         raise UserError(
             f"{c.path}: {c.component}'s own version is not in the merge records",
             hint="--keep existing or incoming, or --file F",
@@ -241,30 +358,29 @@ def _own_part(root: Path, c: Conflict) -> Path:
     return part
 
 
-def _through_symlink(root: Path, relpath: str) -> bool:
-    cur = root
-    for part in Path(relpath).parts[:-1]:
-        cur = cur / part
-        if cur.is_symlink():
-            return True
-    return False
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _replace_content(target: Path, data: bytes) -> None:
-    """Replace a regular file's bytes atomically and durably, keeping its owner and mode."""
-    st = target.lstat()
-    if not stat.S_ISREG(st.st_mode):
-        raise UserError(f"{target} is not a regular file")
-    dfd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _remove(dfd: int | None, name: str) -> None:
+    if dfd is None:
+        return
     try:
-        replace_at(dfd, target.name, data, like=st, tmp=f".bootenv~resolve.{os.getpid()}")
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        st = os.lstat(name, dir_fd=dfd)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=dfd)
+    else:
+        os.unlink(name, dir_fd=dfd)
+    os.fsync(dfd)
+
+
+def _replace_content(dfd: int | None, name: str, data: bytes, relpath: str) -> None:
+    """Replace a regular file's bytes atomically and durably, keeping its owner and mode."""
+    try:
+        if dfd is None:
+            raise FileNotFoundError
+        st = os.lstat(name, dir_fd=dfd)
+    except FileNotFoundError:
+        raise UserError(f"/{relpath} is missing: resolve it by hand") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"/{relpath} is not a regular file")
+    replace_at(dfd, name, data, like=st, tmp=f".bootenv~resolve.{os.getpid()}")
+    os.fsync(dfd)

@@ -1,0 +1,143 @@
+"""Conflict records are read back from the disk they describe: a damaged or forged one
+is refused (one line, exit 2) before `conflicts` shows it or `resolve` acts on its
+paths, and a resolution never follows a symlink out of the root."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bootenv.cli import main
+from bootenv.conflicts import RECORDS, STORE, conflict_id
+
+CID = conflict_id("c", "etc/f")
+
+
+def _record(root: Path, **change: Any) -> Path:
+    doc: dict[str, Any] = {
+        "id": CID,
+        "component": "c",
+        "path": "etc/f",
+        "reason": "differs",
+        "existing": {},
+        "incoming": {},
+        "stored": f"{STORE}/c/etc/f",
+        "resolution": None,
+    }
+    doc.update(change)
+    (root / RECORDS).mkdir(parents=True, exist_ok=True)
+    path = root / RECORDS / f"{CID}.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _tree(tmp: Path) -> Path:
+    root = tmp / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/f").write_text("existing\n")
+    (root / STORE / "c/etc").mkdir(parents=True)
+    (root / STORE / "c/etc/f").write_text("incoming\n")
+    (tmp / "victim").mkdir()
+    (tmp / "victim/file").write_text("victim\n")
+    return root
+
+
+def _one_error(capsys: pytest.CaptureFixture[str], words: str) -> None:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bootenv: error:") and words in err, err
+    assert "Traceback" not in err
+
+
+DAMAGED: dict[str, dict[str, Any]] = {
+    "resolution not a dict": {"resolution": "notadict"},
+    "resolution holding a number": {"resolution": {"keep": 1}},
+    "path a number": {"path": 5},
+    "existing a list": {"existing": []},
+    "path absolute": {"path": "/etc/passwd"},
+    "path going up": {"path": "../victim/file"},
+    "path with an empty part": {"path": "etc//f"},
+    "stored going up": {"stored": "../victim"},
+    "stored going up from the store": {"stored": f"{STORE}/c/../../../../../victim/file"},
+    "stored another component's": {"stored": f"{STORE}/d/etc/f"},
+    "stored outside the store": {"stored": "etc/f"},
+    "component not a name": {"component": "../c"},
+    "id not the record's": {"id": "0123456789ab"},
+    "an unknown field": {"extra": 1},
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+@pytest.mark.parametrize("action", ["list", "resolve"])
+def test_a_damaged_record_is_refused_and_nothing_is_touched(
+    case: str, action: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _tree(tmp_path)
+    _record(root, **DAMAGED[case])
+    argv = ["conflicts", "list"] if action == "list" else ["conflicts", "resolve", CID, "--keep", "existing"]
+    assert main([*argv, "--root", str(root)]) == 2
+    _one_error(capsys, "is damaged")
+    assert (tmp_path / "victim/file").read_text() == "victim\n"
+    assert (root / STORE / "c/etc/f").read_text() == "incoming\n"
+
+
+@pytest.mark.parametrize("keep", ["existing", "incoming", "merged"])
+@pytest.mark.parametrize("where", ["etc", f"{STORE}/c/etc"])
+def test_resolve_never_follows_a_symlinked_directory_out_of_the_root(
+    keep: str, where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _tree(tmp_path)
+    _record(root)
+    moved = root / where
+    (moved / "f").unlink()
+    moved.rmdir()
+    moved.symlink_to(tmp_path / "victim")
+    (tmp_path / "victim/f").write_text("outside\n")
+    assert main(["conflicts", "resolve", CID, "--keep", keep, "--root", str(root)]) == 2
+    _one_error(capsys, "symlink")
+    assert (tmp_path / "victim/f").read_text() == "outside\n"
+    assert (tmp_path / "victim/file").read_text() == "victim\n"
+
+
+def test_show_does_not_diff_a_file_reached_through_a_symlink(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _tree(tmp_path)
+    _record(root)
+    (root / "etc/f").unlink()
+    (root / "etc").rmdir()
+    (root / "etc").symlink_to(tmp_path / "victim")
+    (tmp_path / "victim/f").write_text("secret\n")
+    assert main(["conflicts", "show", CID, "--root", str(root)]) == 0
+    assert "secret" not in capsys.readouterr().out
+
+
+def test_an_incoming_directory_over_a_symlink_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _tree(tmp_path)
+    _record(root)
+    (root / "etc/f").unlink()
+    (root / "etc/f").symlink_to(tmp_path / "victim")
+    (root / STORE / "c/etc/f").unlink()
+    (root / STORE / "c/etc/f").mkdir()
+    assert main(["conflicts", "resolve", CID, "--keep", "incoming", "--root", str(root)]) == 2
+    _one_error(capsys, "is a directory and the existing one is not")
+    assert (root / "etc/f").is_symlink()
+    (root / "etc/f").unlink()  # as the hint says: then it is put in place
+    assert main(["conflicts", "resolve", CID, "--keep", "incoming", "--root", str(root)]) == 0
+    assert (root / "etc/f").is_dir() and not (root / STORE / "c/etc/f").exists()
+
+
+@pytest.mark.parametrize("keep", ["existing", "incoming", "merged"])
+def test_a_sound_record_still_resolves(keep: str, tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    _record(root)
+    assert main(["conflicts", "resolve", CID, "--keep", keep, "--root", str(root)]) == 0
+    want = {"existing": "existing\n", "incoming": "incoming\n"}.get(keep)
+    got = (root / "etc/f").read_text()
+    assert got == want if want else ("existing" in got and "incoming" in got)
+    assert not (root / STORE / "c/etc/f").exists()
+    assert json.loads((root / RECORDS / f"{CID}.json").read_text())["resolution"]["keep"] == keep
