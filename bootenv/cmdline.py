@@ -216,7 +216,7 @@ def _build(raw: dict[str, str | None]) -> AgentConfig:
         disk=parse_disk(value("disk") or "auto"),
         callback=_url(callback, "callback") if callback else None,
         handoff=_choice(Handoff, value("handoff") or "kexec", "handoff"),
-        hostname=_hostname(value("hostname")),
+        hostname=check_hostname(value("hostname")),
         ssh_key=_ssh_key(value("ssh_key")),
         debug=_flag(raw, "debug"),
         shell=_flag(raw, "shell"),
@@ -276,12 +276,15 @@ def _choice(enum: type[Handoff], text: str, key: str) -> Handoff:
 HOSTNAME_MAX = 64
 
 
-def _hostname(text: str | None) -> str | None:
+def check_hostname(text: str | None) -> str | None:
+    """A host name as the agent takes it: dot-separated labels of letters, digits and
+    inner hyphens, at most HOSTNAME_MAX characters in all. `assign` checks it with this
+    too: a space in it would split it into more kernel arguments."""
     if text is None:
         return None
     labels = text.split(".")
     if not all(_LABEL.fullmatch(label) for label in labels):
-        raise CmdlineError(f"{PREFIX}hostname={text} is not a valid host name")
+        raise CmdlineError(f"{PREFIX}hostname={shown(text)} is not a valid host name")
     if len(text) > HOSTNAME_MAX:
         raise CmdlineError(
             f"{PREFIX}hostname={text} is {len(text)} characters, over the kernel's {HOSTNAME_MAX} "

@@ -190,10 +190,20 @@ def check_components(text: str) -> str:
 def check_boot_args(image: str, components: str, hostname: str | None, kernel_args: str) -> None:
     """Read the ramdisk's bootenv.* arguments as its agent will (bootenv/menu.py builds
     them): a key it would refuse (unknown, given twice, a bad value) is refused now,
-    not when the machine boots. An image by name stands for a URL of the server's."""
-    from bootenv.cmdline import parse_cmdline
+    not when the machine boots. An image by name stands for a URL of the server's.
+    Both values go into an iPXE script and the kernel's command line: the host name is
+    one argument's value (a space would add arguments of its own), and the kernel
+    arguments are printable ASCII that iPXE takes as it is."""
+    from bootenv.cmdline import check_hostname, parse_cmdline, shown
     from bootenv.handoff import passed_on_problem
 
+    if hostname:
+        check_hostname(hostname)
+    why = ipxetext.problem(kernel_args)
+    if why is None and not (kernel_args.isascii() and kernel_args.isprintable()):
+        why = "holds a character that is not printable ASCII"
+    if why is not None:
+        raise UserError(f"the kernel arguments {shown(kernel_args)} {why}: they go into an iPXE script")
     url = image if image.startswith(("http://", "https://")) else "http://server/image"
     args = [f"bootenv.image={url}", f"bootenv.components={components}"]
     args += ["bootenv.callback=http://server/callback"]
@@ -216,9 +226,6 @@ def assign(
     kernel_args: str = "",
 ) -> Machine:
     """A fresh assignment: the machine will be provisioned on its next network boot."""
-    why = ipxetext.problem(kernel_args)
-    if why is not None:
-        raise UserError(f"the kernel arguments {why}: they go into an iPXE script")
     image = check_image(image)
     check_boot_args(image, components, hostname, kernel_args)
     return Machine(

@@ -219,9 +219,9 @@ def test_a_trailing_newline_is_refused(key: str) -> None:
 
 def test_the_value_checks_match_whole_values() -> None:
     """Each check holds on its own, not only behind the printable-ASCII one."""
-    from bootenv.cmdline import _components, _hostname, _trust
+    from bootenv.cmdline import _components, _trust, check_hostname
 
-    for check, value in ((_hostname, "web1\n"), (_components, "web\n"), (_trust, FP + "\n")):
+    for check, value in ((check_hostname, "web1\n"), (_components, "web\n"), (_trust, FP + "\n")):
         with pytest.raises(CmdlineError):
             check(value)
 

@@ -380,3 +380,40 @@ def test_a_serve_killed_while_it_takes_an_event_takes_the_senders_retry(
     assert got is not None and got.state.value == "done"
     assert [e["event"] for e in after.events(MAC)] == ["start", "done"]
     assert after.update(MAC, parse_event(done), done, create=_unknown_machine).repeated  # and once only
+
+
+@pytest.mark.parametrize(
+    ("hostname", "kernel_args", "words"),
+    [
+        ("web1 ; chain http://127.0.0.1:1/evil.ipxe", "", "not a valid host name"),
+        ("web1 bootenv.disk=/dev/sdz", "", "not a valid host name"),  # an argument of its own
+        ("bad host", "", "not a valid host name"),
+        ("bad\x1b]0;x\x07host", "", "bad\\x1b]0;x\\x07host is not a valid host name"),
+        ("web1." + "a" * 60, "", "over the kernel's 64"),
+        (None, "a\udcffb", "a\\xffb holds a character that is not printable ASCII"),
+        (None, "quiet \u00e9", "not printable ASCII"),
+        (None, "a\x1b]0;x\x07b", "a\\x1b]0;x\\x07b holds a control character"),
+        (None, "quiet ; chain http://x/y", "ends an iPXE command"),
+    ],
+)
+def test_assign_refuses_what_cannot_go_into_the_machines_ipxe_script(
+    hostname: str | None, kernel_args: str, words: str
+) -> None:
+    with pytest.raises(UserError) as caught:
+        assign(MAC, "lamp", "all", now=1.0, hostname=hostname, kernel_args=kernel_args)
+    assert words in caught.value.message and "\x1b" not in caught.value.message
+
+
+def test_assigned_host_name_and_kernel_args_make_a_script() -> None:
+    from bootenv import menu
+
+    m = assign(MAC, "lamp", "all", now=1.0, hostname="web1.example.com", kernel_args="quiet loglevel=3")
+    spec = menu.BootSpec(
+        base_url="http://10.0.0.1:8080",
+        mac=m.mac,
+        image_url="http://10.0.0.1:8080/images/lamp",
+        components=m.components,
+        hostname=m.hostname,
+        kernel_args=m.kernel_args,
+    )
+    assert "bootenv.hostname=web1.example.com quiet loglevel=3" in menu.provision_script(spec)
