@@ -111,8 +111,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
     data of a file written just before it, leaving the name on an empty file after a
     power cut. Merges are rare (a few files of /etc), so the syncs cost little."""
     tmp = path.with_name(path.name + ".tmp")
-    write_durably(tmp, data)
-    os.replace(tmp, path)
+    try:
+        write_durably(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves nothing behind
+        raise
 
 
 class MergeState:
@@ -131,14 +135,15 @@ class MergeState:
         # Written whole, then linked into place: a reader never sees a marker without
         # its kind (an empty file read mid-write would pass a component's file for the
         # OS's). link() fails if the marker exists, so the first kind still wins.
+        # A failure (a full disk) while it is written removes it too.
         tmp = self.owners / f".{name}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(b"placed" if placed else b"")
         try:
+            with open(tmp, "wb") as f:
+                f.write(b"placed" if placed else b"")
             with contextlib.suppress(FileExistsError):
                 os.link(tmp, self.owners / name)
         finally:
-            tmp.unlink()
+            tmp.unlink(missing_ok=True)
 
     def _markers(self, relpath: str, data: bytes) -> dict[str, bool]:
         """Components that marked exactly this content at `relpath`: name -> placed."""

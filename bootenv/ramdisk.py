@@ -22,6 +22,7 @@ import logging
 import os
 import py_compile
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -47,6 +48,7 @@ from bootenv.ramdisk_plan import (
     select_modules,
 )
 from bootenv.run import popen, run, which
+from bootenv.writeback import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -315,14 +317,31 @@ def _prune(current: Path, keep: int) -> None:
 
 
 def _export(ramdisk: Ramdisk, output: Path) -> Ramdisk:
-    """Copy kernel and initramfs to `output` (atomically per file) with a small JSON note."""
-    output.mkdir(parents=True, exist_ok=True)
-    for src in (ramdisk.vmlinuz, ramdisk.initramfs):
-        tmp = output / f".{src.name}.tmp"
-        shutil.copy2(src, tmp)
-        tmp.rename(output / src.name)
+    """Copy kernel and initramfs to `output` with a small JSON note. All three are written
+    whole under temp names first (a full disk leaves `output` as it was, and no temp
+    file), then renamed into place: the kernel, the initramfs, then the note. A kernel
+    that did not change is renamed over an identical one, so for a new agent the pair
+    changes at once; only a power cut between the renames of a new kernel and its
+    initramfs can leave a mismatched pair, which the next export replaces."""
     info = {"kernel": ramdisk.kernel_version, "key": ramdisk.key, "initramfs_size": ramdisk.size}
-    (output / "ramdisk.json").write_text(json.dumps(info, indent=2) + "\n")
+    note = (json.dumps(info, indent=2) + "\n").encode()
+    dest = output
+    placed: list[tuple[Path, Path]] = []
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        for src, data in ((ramdisk.vmlinuz, None), (ramdisk.initramfs, None), (None, note)):
+            dest = output / (src.name if src is not None else "ramdisk.json")
+            tmp = output / f".{dest.name}.tmp"
+            placed.append((tmp, dest))
+            _write_temp(tmp, src, data)
+        for tmp, dest in placed:
+            os.replace(tmp, dest)
+        fsync_dir(output)
+    except OSError as exc:
+        raise UserError(f"cannot write {dest}: {exc.strerror}") from exc
+    finally:
+        for tmp, _ in placed:
+            tmp.unlink(missing_ok=True)
     return Ramdisk(
         vmlinuz=output / ramdisk.vmlinuz.name,
         initramfs=output / ramdisk.initramfs.name,
@@ -330,3 +349,25 @@ def _export(ramdisk: Ramdisk, output: Path) -> Ramdisk:
         key=ramdisk.key,
         cached=ramdisk.cached,
     )
+
+
+def _write_temp(tmp: Path, src: Path | None, data: bytes | None) -> None:
+    """`tmp`, made anew (one a killed run left is removed, never written through), with a
+    copy of `src` (its mode too) or `data`, fsynced; removed again if that fails."""
+    tmp.unlink(missing_ok=True)
+    mode = 0o644 if src is None else stat.S_IMODE(src.stat().st_mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if src is not None:
+                with src.open("rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+            else:
+                assert data is not None
+                out.write(data)
+            out.flush()
+            os.fchmod(out.fileno(), mode)
+            os.fsync(out.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

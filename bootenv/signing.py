@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bootenv.errors import UserError, VerificationError
+from bootenv.writeback import fsync_dir, write_all
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +69,61 @@ def keygen(path: Path) -> str:
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     try:
         # The key's directory is made private if it is new (/etc/bootenv on a fresh machine).
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
         raise UserError(f"cannot write {path}: {exc.strerror}") from exc
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    pub_path.write_text(f"{ALGORITHM} {base64.b64encode(raw).decode()}\n")
+    # Both written whole under temp names, then linked into place (a link never replaces
+    # a key made meanwhile), the private key last: a full disk or a kill leaves neither,
+    # or both, never a key without its .pub nor an empty key.
+    pub_tmp = _tmp_name(pub_path)
+    key_tmp = _tmp_name(path)
+    placed: list[Path] = []
+    try:
+        _write_new(pub_tmp, f"{ALGORITHM} {base64.b64encode(raw).decode()}\n".encode(), 0o644, pub_path)
+        _write_new(key_tmp, pem, 0o600, path)
+        for tmp, final in ((pub_tmp, pub_path), (key_tmp, path)):
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                raise UserError(f"{final} already exists", hint="refusing to overwrite a key") from None
+            except OSError as exc:
+                raise UserError(f"cannot write {final}: {exc.strerror}") from exc
+            placed.append(final)
+        fsync_dir(path.parent)
+    except BaseException:
+        for made in placed:
+            made.unlink(missing_ok=True)
+        raise
+    finally:
+        pub_tmp.unlink(missing_ok=True)
+        key_tmp.unlink(missing_ok=True)
     return fingerprint(raw)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
+
+
+def _write_new(tmp: Path, data: bytes, mode: int, final: Path) -> None:
+    """Create `tmp` (never an existing file or a symlink) with `mode`, write `data` and
+    fsync it; on any failure it is removed, and an OSError is one line naming `final`."""
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        raise UserError(f"cannot write {final}: {exc.strerror}") from exc
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    except BaseException as exc:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write {final}: {exc.strerror}") from exc
+        raise
+    os.close(fd)
 
 
 def read_public_key(path: Path) -> bytes:
@@ -141,8 +186,17 @@ def write_signature(image: Path, manifest: bytes, key_path: Path) -> None:
         if path.read_bytes() == sig:
             return
     tmp = image / f".{SIGNATURE}.tmp"
-    tmp.write_bytes(sig)
-    tmp.replace(path)
+    try:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a killed run's, or a link someone planted: never written through
+        _write_new(tmp, sig, 0o644, path)
+        try:
+            tmp.replace(path)
+            fsync_dir(image)
+        except OSError as exc:
+            raise UserError(f"cannot write {path}: {exc.strerror}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def verify(manifest: bytes, signature: bytes | None, trust: Trust) -> str | None:
