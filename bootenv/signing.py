@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 SIGNATURE = "manifest.json.sig"
 ALGORITHM = "ed25519"
 MAX_SIGNATURE = 4096  # a real one is about 200 bytes
+MAX_KEY_FILE = 8192  # a key file: keygen's private key is 119 bytes, its .pub 53
 
 
 @dataclass(frozen=True)
@@ -126,12 +128,36 @@ def _write_new(tmp: Path, data: bytes, mode: int, final: Path) -> None:
     os.close(fd)
 
 
-def read_public_key(path: Path) -> bytes:
+def read_small(path: Path, what: str, limit: int = MAX_KEY_FILE) -> bytes:
+    """The bytes of `path`, a regular file of at most `limit` bytes (a key, not
+    /dev/zero nor a FIFO nobody writes to): UserError otherwise, in one line."""
     try:
-        algo, _, b64 = path.read_text().strip().partition(" ")
-        raw = base64.b64decode(b64, validate=True)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise UserError(f"cannot read public key {path}: {exc.strerror}") from exc
+        raise UserError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"{what} {path} is not a regular file")
+        chunks = []
+        left = limit + 1
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise UserError(f"{what} {path} is over {limit} bytes: not a bootenv key")
+    return data
+
+
+def read_public_key(path: Path) -> bytes:
+    data = read_small(path, "public key")
+    try:
+        algo, _, b64 = data.decode().strip().partition(" ")
+        raw = base64.b64decode(b64, validate=True)
     except ValueError:  # not text, or not base64
         algo, raw = "", b""
     if algo != ALGORITHM or len(raw) != 32:
@@ -144,10 +170,9 @@ def sign(manifest: bytes, key_path: Path) -> bytes:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    pem = read_small(key_path, "private key")
     try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except OSError as exc:
-        raise UserError(f"cannot load private key {key_path}: {exc.strerror}") from exc
+        key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:  # cryptography's text is OpenSSL's internals
         raise UserError(
             f"{key_path} is not an unencrypted PEM private key",

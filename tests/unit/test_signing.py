@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,23 @@ def test_write_signature_leaves_a_current_one_alone_and_replaces_a_stale_one(tmp
     old = sig.read_bytes()
     write_signature(tmp_path, b'{"a": 2}', key)
     assert sig.read_bytes() != old and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("verb", ["verify", "sign"])
+@pytest.mark.parametrize("what", ["/dev/zero", "fifo", "big", "dir"])
+def test_a_key_that_is_not_a_small_regular_file_is_refused_at_once(
+    verb: str, what: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """/dev/zero was read for ever (MemoryError), a FIFO nobody writes to waited for ever."""
+    from bootenv.cli import main
+
+    image = make_image(tmp_path / "img")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "big").write_bytes(b"-----BEGIN PRIVATE KEY-----\n" + b"A" * (1 << 20))
+    (tmp_path / "dir").mkdir()
+    key = what if what.startswith("/") else str(tmp_path / what)
+    argv = ["verify", str(image), "--trust", key] if verb == "verify" else ["sign", str(image), "--key", key]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bootenv: error:"), err
+    assert "is not a regular file" in err or "is over 8192 bytes" in err, err
