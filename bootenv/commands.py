@@ -153,16 +153,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(manifest.to_json(), end="")
         return 0
+    # The source's fields are the captured machine's free text: shown escaped, as are
+    # package and unit names, so no newline or terminal escape reaches the screen (the
+    # parser has checked the names, and that rootfs.type is ext4).
     s = manifest.source
-    print(f"image of {s.hostname or '?'}: {s.os_release}, {s.architecture}, kernel {s.kernel}")
-    print(f"captured {s.captured_at}")
+    host, os_name, arch, kernel = (
+        _printable(t) for t in (s.hostname or "?", s.os_release, s.architecture, s.kernel)
+    )
+    print(f"image of {host}: {os_name}, {arch}, kernel {kernel}")
+    print(f"captured {_printable(s.captured_at)}")
     print(f"root filesystem: {manifest.rootfs.type}, at least {human_bytes(manifest.rootfs.min_size)}")
     print(_table(summary_rows(manifest)))
     for c in manifest.components:
-        print(f"{c.name}: {' '.join(c.packages)}")
+        print(f"{c.name}: {_printable(' '.join(c.packages))}")
         if c.units:
-            print(f"{' ' * len(c.name)}  units: {' '.join(c.units)}")
+            print(f"{' ' * len(c.name)}  units: {_printable(' '.join(c.units))}")
     return 0
+
+
+def _printable(text: str) -> str:
+    """`text` with each character that is not printable (a control character, a
+    newline, an escape, a lone surrogate) written as its Python escape."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def cmd_write_os(args: argparse.Namespace) -> int:

@@ -24,6 +24,9 @@ MAX_BLOCK = 64 << 20  # held in memory until it is checked)
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 _FILE = re.compile(r"^[0-9a-f]{64}\.[a-z]+(\.[a-z]+)?$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# A package or unit name: printable ASCII without a space (Debian's package names and
+# systemd's unit names are narrower still). They reach error lines and `inspect`.
+_WORD = re.compile(r"[!-~]{1,255}")
 
 
 class ManifestError(UserError):
@@ -160,7 +163,7 @@ def parse_manifest(text: str | bytes) -> Manifest:
         **_obj(doc["rootfs"], "rootfs", {"type": str, "image_size": int, "min_size": int, "block_size": int})
     )
     if rootfs.type != "ext4" or rootfs.block_size not in (1024, 2048, 4096):
-        raise ManifestError(f"unsupported root filesystem {rootfs.type}/{rootfs.block_size}")
+        raise ManifestError(f"unsupported root filesystem {rootfs.type[:40]!r}/{rootfs.block_size}")
     if not rootfs.min_size > 0 or rootfs.image_size < rootfs.min_size:
         raise ManifestError("rootfs sizes are inconsistent")
     components = tuple(_component(c, i) for i, c in enumerate(doc["components"]))
@@ -208,12 +211,22 @@ def _strings(value: list[Any], where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _names(value: list[Any], where: str, pattern: re.Pattern[str], what: str) -> tuple[str, ...]:
+    """A list of strings each `pattern` matches whole: names that reach error lines and
+    `inspect`, where a newline or a terminal escape would forge or hide text."""
+    out = _strings(value, where)
+    for v in out:
+        if not pattern.fullmatch(v):
+            raise ManifestError(f"{where} holds {v[:80]!r}, which is not {what}")
+    return out
+
+
 def _os_image(value: Any, where: str) -> OsImage:
     d = _obj(value, where, {"data": dict, "blockmap": dict, "packages": list, "files": int})
     return OsImage(
         _blob(d["data"], f"{where}.data"),
         _blob(d["blockmap"], f"{where}.blockmap"),
-        _strings(d["packages"], f"{where}.packages"),
+        _names(d["packages"], f"{where}.packages", _WORD, "a package name"),
         d["files"],
     )
 
@@ -232,10 +245,10 @@ def _component(value: Any, index: int) -> Component:
     return Component(
         d["name"],
         data,
-        _strings(d["packages"], where),
-        _strings(d["depends"], where),
+        _names(d["packages"], f"{where}.packages", _WORD, "a package name"),
+        _names(d["depends"], f"{where}.depends", _NAME, "a component name"),
         d["files"],
-        _strings(d["units"], where),
+        _names(d["units"], f"{where}.units", _WORD, "a unit name"),
         _chunks(d.get("chunks", []), data, f"{where}.chunks"),
     )
 

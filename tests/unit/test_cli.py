@@ -51,6 +51,24 @@ def test_inspect_dir(image_dir: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "units: apache2.service" in out
 
 
+def test_inspect_shows_the_sources_free_text_escaped(
+    image_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The captured machine's host name, OS name and kernel are its own text: a
+    terminal escape in one (ESC]0; retitled the terminal) is shown, not obeyed."""
+    doc = json.loads((image_dir / "manifest.json").read_text())
+    doc["source"]["hostname"] = "h\x1b]0;PWNED\x07"
+    doc["source"]["os_release"] = "Debian\nbootenv: error: fake \u202e"
+    doc["source"]["kernel"] = "6.1\x9b2J"
+    (image_dir / "manifest.json").write_text(json.dumps(doc))
+    assert main(["inspect", str(image_dir)]) == 0
+    out = capsys.readouterr().out
+    assert not any(ch in out for ch in "\x1b\x07\x9b\u202e") and "bootenv: error" not in out.splitlines()[1]
+    assert (
+        "image of h\\x1b]0;PWNED\\x07: Debian\\nbootenv: error: fake \\u202e, amd64, kernel 6.1\\x9b2J" in out
+    )
+
+
 # The `bootenv` command ends the process without tearing the interpreter down (cli.run).
 # A child runs it with an atexit function of its own, an object that says when it is torn
 # down, and stdout on a pipe, where Python buffers it (unless PYTHONUNBUFFERED says not

@@ -177,3 +177,49 @@ def test_a_long_chain_of_dependencies_is_parsed_and_expanded() -> None:
     assert added == order[:-1]
     with pytest.raises(ManifestError, match=r"^component dependencies form a cycle through c0$"):
         parse_manifest(_chain(5000, cycle=True))
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "words"),
+    [
+        (
+            "depends",
+            "x\ny\x1b[31mRED",
+            r"components[0].depends holds 'x\ny\x1b[31mRED', which is not a component",
+        ),
+        (
+            "packages",
+            "p\x1b]0;X\x07",
+            r"components[0].packages holds 'p\x1b]0;X\x07', which is not a package",
+        ),
+        ("packages", "two words", "which is not a package name"),
+        ("packages", "", "which is not a package name"),
+        ("units", "u\x1b[2J.service", r"components[0].units holds 'u\x1b[2J.service', which is not a unit"),
+        ("os.packages", "base\nbootenv: error: fake", "os.packages holds"),
+    ],
+)
+def test_names_that_reach_error_lines_and_inspect_are_checked(where: str, value: str, words: str) -> None:
+    d = doc()
+    if where == "os.packages":
+        d["os"]["packages"] = [value]
+    else:
+        d["components"][0][where] = [value]
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(json.dumps(d))
+    msg = caught.value.message
+    assert words in msg and "\n" not in msg and "\x1b" not in msg
+
+
+def test_an_unsupported_root_filesystem_is_named_on_one_line() -> None:
+    d = doc()
+    d["rootfs"]["type"] = "ext4\nbootenv: error: fake"
+    with pytest.raises(ManifestError, match="unsupported root filesystem 'ext4") as caught:
+        parse_manifest(json.dumps(d))
+    assert "\n" not in caught.value.message
+
+
+def test_real_package_and_unit_names_still_parse() -> None:
+    d = doc()
+    d["components"][0]["packages"] = ["libstdc++6", "libc6:i386", "python3.11", "g++-12"]
+    d["components"][0]["units"] = ["getty@tty1.service", "dev-disk-by\\x2dlabel-root.mount"]
+    assert parse_manifest(json.dumps(d)).components[0].units[1] == "dev-disk-by\\x2dlabel-root.mount"
