@@ -17,11 +17,11 @@ import hashlib
 import json
 import logging
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from bootenv.errors import UserError, VerificationError
+from bootenv.smallfile import read_small
 from bootenv.writeback import fsync_dir, write_all
 
 log = logging.getLogger(__name__)
@@ -128,33 +128,8 @@ def _write_new(tmp: Path, data: bytes, mode: int, final: Path) -> None:
     os.close(fd)
 
 
-def read_small(path: Path, what: str, limit: int = MAX_KEY_FILE) -> bytes:
-    """The bytes of `path`, a regular file of at most `limit` bytes (a key, not
-    /dev/zero nor a FIFO nobody writes to): UserError otherwise, in one line."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise UserError(f"cannot read {what} {path}: {exc.strerror}") from exc
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UserError(f"{what} {path} is not a regular file")
-        chunks = []
-        left = limit + 1
-        while left > 0 and (chunk := os.read(fd, left)):
-            chunks.append(chunk)
-            left -= len(chunk)
-    except OSError as exc:
-        raise UserError(f"cannot read {what} {path}: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > limit:
-        raise UserError(f"{what} {path} is over {limit} bytes: not a bootenv key")
-    return data
-
-
 def read_public_key(path: Path) -> bytes:
-    data = read_small(path, "public key")
+    data = read_small(path, MAX_KEY_FILE, "public key")
     try:
         algo, _, b64 = data.decode().strip().partition(" ")
         raw = base64.b64decode(b64, validate=True)
@@ -170,7 +145,7 @@ def sign(manifest: bytes, key_path: Path) -> bytes:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    pem = read_small(key_path, "private key")
+    pem = read_small(key_path, MAX_KEY_FILE, "private key")
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:  # cryptography's text is OpenSSL's internals

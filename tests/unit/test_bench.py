@@ -56,7 +56,6 @@ def test_shared_memory_is_the_trees_own(allow_run: None) -> None:
     anonymous mapping, each counted once at the pages it holds; a memfd that a process
     outside the measured tree holds meanwhile is not charged to the run."""
     import subprocess
-    import time
 
     from bench.harness import descendants, shared_memory_kb
 
@@ -64,12 +63,12 @@ def test_shared_memory_is_the_trees_own(allow_run: None) -> None:
         "import mmap, os, sys, time; fd = os.memfd_create('held'); os.write(fd, bytes(24 << 20)); "
         "m = os.memfd_create('mapped'); os.ftruncate(m, 64 << 20); mm = mmap.mmap(m, 64 << 20); "
         "os.close(m); mm.write(bytes(8 << 20)); anon = mmap.mmap(-1, 32 << 20); anon.write(bytes(4 << 20)); "
-        "pid = os.fork(); print('ready', flush=True); time.sleep(30); pid and os.waitpid(pid, 0)"
+        # The child says ready, in one write: both processes then exist, memory in place.
+        "pid = os.fork(); pid or os.write(1, b'ready\\n'); time.sleep(30); pid and os.waitpid(pid, 0)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
-        time.sleep(0.1)  # the child too
         tree = [proc.pid, *descendants(proc.pid)]
         assert len(tree) == 2
         assert shared_memory_kb(tree) == (24 + 8 + 4) << 10

@@ -204,4 +204,4 @@ def test_a_key_that_is_not_a_small_regular_file_is_refused_at_once(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("bootenv: error:"), err
-    assert "is not a regular file" in err or "is over 8192 bytes" in err, err
+    assert "is not a regular file" in err or "is larger than 8 KiB" in err, err
