@@ -268,7 +268,8 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
             rows = [["id", "component", "path", "reason", "resolution"]]
             for c in found:
                 res = (c.resolution or {}).get("keep", "open")
-                rows.append([c.id, c.component, "/" + c.path, c.reason, str(res)])
+                # A path is an archive member's name: any byte but NUL and "/" may be in it.
+                rows.append([c.id, c.component, _printable("/" + c.path), _printable(c.reason), str(res)])
             print(_table(rows))
         return 0
     if not args.id:
@@ -278,9 +279,10 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
         if args.json:
             print(_json({**asdict(c), "diff": conflicts.diff(root, c)}))
             return 0
-        print(f"conflict {c.id}: /{c.path} from component {c.component} ({c.reason})")
+        path, reason = _printable("/" + c.path), _printable(c.reason)
+        print(f"conflict {c.id}: {path} from component {c.component} ({reason})")
         print(f"existing: {_json(c.existing)}")
-        print(f"incoming (kept in /{c.stored}): {_json(c.incoming)}")
+        print(f"incoming (kept in {_printable('/' + c.stored)}): {_json(c.incoming)}")
         print(conflicts.diff(root, c) or "(no text diff)", end="")
         if c.resolution:
             print(f"\nresolved: {_resolution(c.resolution)}")

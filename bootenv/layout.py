@@ -42,7 +42,7 @@ from bootenv.hold import HELD_DIR, hold, release
 from bootenv.journal import DIRS_DIR, STATE_DIR, Journal, syncfs
 from bootenv.log import human_bytes, step
 from bootenv.manifest import Chunk, Component, resolve_components
-from bootenv.merge import STATE, MergeState
+from bootenv.merge import STATE, MergeState, clean_stale_markers
 from bootenv.signing import Trust
 from bootenv.source import load_manifest
 from bootenv.stream import Piece
@@ -358,7 +358,8 @@ def _lay_out(
     began: float,
     activator: Activator | None,
 ) -> LayoutResult:
-    clean_stale(root)  # a killed run's half-written conflict records
+    clean_stale(root)  # a killed run's half-written conflict records ...
+    clean_stale_markers(root)  # ... and owner markers
     journal = Journal(root)
     _guarded(
         "not held back during the layout",

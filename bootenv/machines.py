@@ -187,15 +187,11 @@ def check_components(text: str) -> str:
     return ",".join(names)
 
 
-def check_boot_args(image: str, components: str, hostname: str | None, kernel_args: str) -> None:
-    """Read the ramdisk's bootenv.* arguments as its agent will (bootenv/menu.py builds
-    them): a key it would refuse (unknown, given twice, a bad value) is refused now,
-    not when the machine boots. An image by name stands for a URL of the server's.
-    Both values go into an iPXE script and the kernel's command line: the host name is
-    one argument's value (a space would add arguments of its own), and the kernel
-    arguments are printable ASCII that iPXE takes as it is."""
-    from bootenv.cmdline import check_hostname, parse_cmdline, shown
-    from bootenv.handoff import passed_on_problem
+def check_script_values(hostname: str | None, kernel_args: str) -> None:
+    """The host name (one argument's value: a space would add arguments of its own) and
+    the kernel arguments (printable ASCII that iPXE takes as it is) can go into an iPXE
+    script and the kernel's command line; UserError if not."""
+    from bootenv.cmdline import check_hostname, shown
 
     if hostname:
         check_hostname(hostname)
@@ -204,6 +200,19 @@ def check_boot_args(image: str, components: str, hostname: str | None, kernel_ar
         why = "holds a character that is not printable ASCII"
     if why is not None:
         raise UserError(f"the kernel arguments {shown(kernel_args)} {why}: they go into an iPXE script")
+
+
+def check_boot_args(image: str, components: str, hostname: str | None, kernel_args: str) -> None:
+    """Read the ramdisk's bootenv.* arguments as its agent will (bootenv/menu.py builds
+    them): a key it would refuse (unknown, given twice, a bad value) is refused now,
+    not when the machine boots. An image by name stands for a URL of the server's.
+    Both values go into an iPXE script and the kernel's command line: the host name is
+    one argument's value (a space would add arguments of its own), and the kernel
+    arguments are printable ASCII that iPXE takes as it is."""
+    from bootenv.cmdline import parse_cmdline
+    from bootenv.handoff import passed_on_problem
+
+    check_script_values(hostname, kernel_args)
     url = image if image.startswith(("http://", "https://")) else "http://server/image"
     args = [f"bootenv.image={url}", f"bootenv.components={components}"]
     args += ["bootenv.callback=http://server/callback"]
@@ -428,8 +437,11 @@ def to_dict(machine: Machine) -> dict[str, Any]:
 
 
 def from_dict(doc: Mapping[str, Any]) -> Machine:
+    """A machine from its record, which is held to what `assign` checks: a record edited
+    by hand (or by an older bootenv) whose host name or kernel arguments cannot go into
+    its iPXE script is damaged, not a crash of the request that reads it."""
     try:
-        return Machine(
+        machine = Machine(
             mac=normalize_mac(doc["mac"]),
             image=str(doc["image"]),
             components=str(doc["components"]),
@@ -444,5 +456,11 @@ def from_dict(doc: Mapping[str, Any]) -> Machine:
             events=int(doc.get("events", 0)),
             updated=float(doc.get("updated", 0.0)),
         )
+        if machine.hostname is not None and not isinstance(machine.hostname, str):
+            raise TypeError(f"hostname {machine.hostname!r} is not a string")
+        check_script_values(machine.hostname, machine.kernel_args)
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"machine record is damaged: {exc}") from exc
+    except UserError as exc:
+        raise UserError(f"machine record of {machine.mac} is damaged: {exc.message}") from exc
+    return machine

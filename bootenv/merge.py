@@ -119,6 +119,20 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def clean_stale_markers(root: Path) -> None:
+    """Remove the owner markers' temp files a killed run left (each is named by its
+    process, so no later run would reuse and remove it); called before a layout runs,
+    under its lock, so no stream of this run is writing one."""
+    try:
+        entries = list(os.scandir(root / STATE / "owners"))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+
+
 class MergeState:
     """The records of mergeable shared paths under ROOT/var/lib/bootenv/layout."""
 

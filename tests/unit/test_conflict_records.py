@@ -141,3 +141,30 @@ def test_a_sound_record_still_resolves(keep: str, tmp_path: Path) -> None:
     assert got == want if want else ("existing" in got and "incoming" in got)
     assert not (root / STORE / "c/etc/f").exists()
     assert json.loads((root / RECORDS / f"{CID}.json").read_text())["resolution"]["keep"] == keep
+
+
+def test_list_and_show_print_a_path_with_control_characters_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A path is an archive member's name, which may hold any byte but NUL and "/": an
+    escape sequence in it must not reach the admin's terminal."""
+    root = _tree(tmp_path)
+    path = "etc/f\x1b]0;owned\x07"
+    cid = conflict_id("c", path)
+    (root / RECORDS).mkdir(parents=True, exist_ok=True)
+    doc = {
+        "id": cid,
+        "component": "c",
+        "path": path,
+        "reason": "differs\x1b[2J",
+        "existing": {},
+        "incoming": {},
+        "stored": f"{STORE}/c/{path}",
+        "resolution": None,
+    }
+    (root / RECORDS / f"{cid}.json").write_text(json.dumps(doc))
+    for argv in (["conflicts", "list", "--root", str(root)], ["conflicts", "show", cid, "--root", str(root)]):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\x07" not in out
+        assert "/etc/f\\x1b]0;owned\\x07" in out and "differs\\x1b[2J" in out

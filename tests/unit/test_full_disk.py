@@ -147,3 +147,20 @@ def test_a_merge_record_on_a_full_disk_leaves_no_temp_file(
     with pytest.raises(OSError, match="No space left"):
         merge._atomic_write(tmp_path / "base", b"data")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_killed_runs_owner_marker_temp_files_go_before_the_next_layout(tmp_path: Path) -> None:
+    """A kill -9 between writing a marker's temp file and removing it: the name holds the
+    dead process's pid, so only the next layout's sweep removes it; real markers stay."""
+    from bootenv.layout import LayoutConfig, layout
+    from tests.hostile.kit import ActivatedUnits, Comp, d, f, make_image
+
+    image = make_image(tmp_path / "img", [Comp("good", [d("srv"), f("srv/ok", "fine")])])
+    root = tmp_path / "root"
+    state = MergeState(root)
+    state.mark("etc/x.conf", "other", b"text", placed=True)
+    kept = os.listdir(state.owners)
+    (state.owners / ".abc.good.def.4242.tmp").write_bytes(b"")
+    res = layout(LayoutConfig(str(image), "all", root, streams=1), activator=ActivatedUnits())
+    assert res.ok
+    assert os.listdir(state.owners) == kept

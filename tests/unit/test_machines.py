@@ -417,3 +417,21 @@ def test_assigned_host_name_and_kernel_args_make_a_script() -> None:
         kernel_args=m.kernel_args,
     )
     assert "bootenv.hostname=web1.example.com quiet loglevel=3" in menu.provision_script(spec)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("hostname", "web1 bootenv.disk=/dev/sdz"),
+        ("hostname", 5),
+        ("kernel_args", "a\udcffb"),
+        ("kernel_args", "x ; chain y"),
+    ],
+)
+def test_a_record_edited_into_what_no_script_can_hold_is_damaged(field: str, value: object) -> None:
+    """assign refuses these; a record edited by hand (or by an older bootenv) is held to
+    the same, so the request that reads it fails in one line, not with a traceback."""
+    doc = to_dict(assign(MAC, "lamp", "all", now=1795000000.0, hostname="db1"))
+    doc[field] = value
+    with pytest.raises(UserError, match="is damaged"):
+        from_dict(doc)
