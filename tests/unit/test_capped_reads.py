@@ -8,9 +8,8 @@ directory was "[Errno 21] Is a directory", exit 1.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from bootenv.manifest import MAX_MANIFEST, ManifestError
 from bootenv.signing import MAX_SIGNATURE
 from bootenv.smallfile import read_capped
 from bootenv.source import DirSource, load_manifest
+from tests.conftest import serving
 from tests.unit.test_manifest import make_manifest
 
 BODY = 64 << 20  # a manifest.json four times the cap
@@ -54,14 +54,8 @@ class _Big(BaseHTTPRequestHandler):
 @pytest.fixture
 def big() -> Iterator[str]:
     _Big.sent = 0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Big)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(_Big) as url:
+        yield url
 
 
 @pytest.mark.parametrize("kind", ["len", "close"])

@@ -7,14 +7,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 from bootenv.cli import main
+from tests.conftest import serving
 from tests.unit.test_manifest import make_manifest
 
 
@@ -33,14 +33,8 @@ def served(image_dir: Path) -> Iterator[str]:
             pass
 
     handler = functools.partial(Quiet, directory=str(image_dir))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(handler) as url:
+        yield url + "/"
 
 
 def test_inspect_dir(image_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

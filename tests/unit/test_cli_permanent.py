@@ -7,15 +7,15 @@ exists", exit 1, only once the whole build was done.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 import bootenv.ramdisk
 from bootenv.cli import main
+from tests.conftest import serving
 
 
 class _Redirects(BaseHTTPRequestHandler):
@@ -38,14 +38,8 @@ class _Redirects(BaseHTTPRequestHandler):
 @pytest.fixture
 def redirects() -> Iterator[str]:
     _Redirects.requests = 0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Redirects)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(_Redirects) as url:
+        yield url
 
 
 @pytest.mark.parametrize(

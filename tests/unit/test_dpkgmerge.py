@@ -124,6 +124,17 @@ def _held(admindir: Path) -> bool:
     return False
 
 
+def _dpkg_root(tmp_path: Path) -> tuple[Path, Path]:
+    """A root whose dpkg database lists BASE, with a component's ADDED to merge: it and
+    its dpkg directory."""
+    root = tmp_path / "root"
+    admindir = root / "var/lib/dpkg"
+    (admindir / "updates").mkdir(parents=True)
+    (admindir / "status").write_text(BASE)
+    _component_status(root, ADDED)
+    return root, admindir
+
+
 class RunningDpkg:
     """A real dpkg that holds its locks while it reads selections from its stdin."""
 
@@ -148,11 +159,7 @@ class RunningDpkg:
 def test_the_merge_waits_for_a_running_dpkg_and_neither_loses_the_others_work(
     tmp_path: Path, allow_run: None
 ) -> None:
-    root = tmp_path / "root"
-    admindir = root / "var/lib/dpkg"
-    (admindir / "updates").mkdir(parents=True)
-    (admindir / "status").write_text(BASE)
-    _component_status(root, ADDED)
+    root, admindir = _dpkg_root(tmp_path)
     dpkg = RunningDpkg(admindir)
     merging = concurrent.futures.ThreadPoolExecutor(1).submit(merge_component_status, root, "c")
     try:
@@ -171,11 +178,7 @@ def test_the_merge_waits_for_a_running_dpkg_and_neither_loses_the_others_work(
 def test_a_lock_held_too_long_fails_the_merge_retryably_and_changes_nothing(
     tmp_path: Path, allow_run: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = tmp_path / "root"
-    admindir = root / "var/lib/dpkg"
-    (admindir / "updates").mkdir(parents=True)
-    (admindir / "status").write_text(BASE)
-    _component_status(root, ADDED)
+    root, admindir = _dpkg_root(tmp_path)
     monkeypatch.setattr(dpkgmerge, "LOCK_WAIT", 0.2)
     dpkg = RunningDpkg(admindir)
     try:
