@@ -216,6 +216,9 @@ def propose_components(db: Database, given: tuple[ComponentSpec, ...]) -> tuple[
     return tuple(out)
 
 
+PACKERS = 2  # threads that pack components, each with its tar and zstd's own threads
+
+
 def _pack_all(
     cfg: CaptureConfig, root: Path, db: Database, split: Split, entries: list[Entry], out: Path, work: Path
 ) -> Manifest:
@@ -224,31 +227,31 @@ def _pack_all(
     names = sorted(n for n in split.files if n != OS)
     cancel = Cancel()
 
-    def pack_components() -> list[Component]:
+    def pack(name: str) -> Component:
         try:
-            done = []
-            for name in names:
-                cancel.check()
-                done.append(_pack_component(cfg, root, db, split, name, sizes, out, work, cancel))
-            return done
+            cancel.check()
+            return _pack_component(cfg, root, db, split, name, sizes, out, work, cancel)
         except BaseException as exc:
-            cancel.set(exc)  # the OS side stops at its next step
+            cancel.set(exc)  # the OS side and the other packer stop at their next step
             raise
 
-    # The components (tar and zstd: CPU) are packed on a thread while the OS image is
-    # staged and built (mke2fs -d: mostly one core and the disk): they overlap. A failure
-    # on either side stops the other (its tar or e2fsck is killed) and is the one raised.
-    with ThreadPoolExecutor(1, thread_name_prefix="pack") as pool:
-        packing = pool.submit(pack_components)
+    # The components (tar and zstd: CPU) are packed on PACKERS threads while the OS image
+    # is staged and built (mke2fs -d: mostly one core and the disk): they overlap. One
+    # component's packing keeps about 1.3 cores busy (tar, the reads, the hash, zstd's
+    # two threads), so with one packer the cores idled once the OS image was done. The
+    # largest go first, so that the packers end together. A failure on any side stops
+    # the others (their tar or e2fsck is killed) and is the one raised.
+    order = sorted(names, key=lambda n: -sum(sizes.get(p, 0) for p in split.files[n]))
+    with ThreadPoolExecutor(PACKERS, thread_name_prefix="pack") as pool:
+        packing = {name: pool.submit(pack, name) for name in order}
         try:
             os_image, rootfs = _pack_os(cfg, root, db, split, regular, out, work, cancel, single=False)
         except BaseException as exc:
             cancel.set(exc)
-            wait([packing])
-            if cancel.cause is not None and cancel.cause is not exc:  # the other side failed first
-                raise cancel.cause from None
-            raise
-        components = packing.result()
+        wait(list(packing.values()))
+    if cancel.cause is not None:
+        raise cancel.cause
+    components = [packing[name].result() for name in names]
     single = None
     if cfg.single:
         single, _ = _pack_os(cfg, root, db, split, regular, out, work, cancel, single=True)
