@@ -320,18 +320,12 @@ def resolve(root: Path, cid: str, keep: str | None, file: Path | None) -> Confli
 def _put_incoming(c: Conflict, tfd: int | None, tname: str, sfd: int | None, sname: str) -> None:
     """Rename the incoming version over the existing one (a directory is never replaced,
     nor replaced by one: rename(2) cannot do either whole)."""
-    try:
-        if sfd is None:
-            raise FileNotFoundError
-        new = os.lstat(sname, dir_fd=sfd)
-    except FileNotFoundError:
-        raise UserError(f"the incoming version of /{c.path} (/{c.stored}) is missing") from None
+    new = _lstat(sfd, sname)
+    if new is None:
+        raise UserError(f"the incoming version of /{c.path} (/{c.stored}) is missing")
     if tfd is None:
         raise UserError(f"/{c.path.rpartition('/')[0]} is missing: resolve /{c.path} by hand")
-    try:
-        old: os.stat_result | None = os.lstat(tname, dir_fd=tfd)
-    except FileNotFoundError:
-        old = None
+    old = _lstat(tfd, tname)
     if old is not None and stat.S_ISDIR(old.st_mode):
         raise UserError(f"{c.path} is a directory; replace it by hand")
     if old is not None and stat.S_ISDIR(new.st_mode):
@@ -358,12 +352,19 @@ def _own_part(root: Path, c: Conflict) -> bytes:
     return part
 
 
-def _remove(dfd: int | None, name: str) -> None:
+def _lstat(dfd: int | None, name: str) -> os.stat_result | None:
+    """`name` in the directory `dfd`, not followed; None if it (or the directory) is missing."""
     if dfd is None:
-        return
+        return None
     try:
-        st = os.lstat(name, dir_fd=dfd)
+        return os.lstat(name, dir_fd=dfd)
     except FileNotFoundError:
+        return None
+
+
+def _remove(dfd: int | None, name: str) -> None:
+    st = _lstat(dfd, name)
+    if dfd is None or st is None:
         return
     if stat.S_ISDIR(st.st_mode):
         shutil.rmtree(name, dir_fd=dfd)
@@ -374,12 +375,9 @@ def _remove(dfd: int | None, name: str) -> None:
 
 def _replace_content(dfd: int | None, name: str, data: bytes, relpath: str) -> None:
     """Replace a regular file's bytes atomically and durably, keeping its owner and mode."""
-    try:
-        if dfd is None:
-            raise FileNotFoundError
-        st = os.lstat(name, dir_fd=dfd)
-    except FileNotFoundError:
-        raise UserError(f"/{relpath} is missing: resolve it by hand") from None
+    st = _lstat(dfd, name)
+    if dfd is None or st is None:
+        raise UserError(f"/{relpath} is missing: resolve it by hand")
     if not stat.S_ISREG(st.st_mode):
         raise UserError(f"/{relpath} is not a regular file")
     replace_at(dfd, name, data, like=st, tmp=f".bootenv~resolve.{os.getpid()}")

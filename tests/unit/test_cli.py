@@ -15,15 +15,6 @@ import pytest
 
 from bootenv.cli import main
 from tests.conftest import serving
-from tests.unit.test_manifest import make_manifest
-
-
-@pytest.fixture
-def image_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "img"
-    d.mkdir()
-    (d / "manifest.json").write_text(make_manifest().to_json())
-    return d
 
 
 @pytest.fixture

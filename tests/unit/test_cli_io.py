@@ -17,17 +17,8 @@ import pytest
 
 from bootenv import commands
 from bootenv.cli import main
-from tests.unit.test_manifest import make_manifest
 
 LOST = "bootenv: error: the output could not be written"
-
-
-@pytest.fixture
-def image_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "img"
-    d.mkdir()
-    (d / "manifest.json").write_text(make_manifest().to_json())
-    return d
 
 
 def _bootenv(
