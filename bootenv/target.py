@@ -104,12 +104,14 @@ def layout_json(handoff: LayoutHandoff) -> str:
 
 
 # Runs after the layout succeeded: the hand-off is kept for the record, the unit is
-# disabled, and bootenv's runtime (which the gold machine never had) is removed.
+# disabled, and bootenv's runtime (which the gold machine never had) is removed; then
+# synced: a power cut in the next seconds ran the whole layout again at the next boot.
 _CLEANUP = (
     "import os, shutil; "
     f"os.replace('{LAYOUT_JSON}', '{LAYOUT_JSON}.done'); "
     f"os.unlink('{WANTS}/{LAYOUT_UNIT}'); "
-    f"shutil.rmtree('{RUNTIME}')"
+    f"shutil.rmtree('{RUNTIME}'); "
+    "os.sync()"
 )
 
 
