@@ -27,6 +27,7 @@ from typing import Any
 from bootenv.errors import UserError
 from bootenv.merge import MAX_MERGE, concatenate, is_text, record_dir
 from bootenv.paxread import ArchiveError
+from bootenv.smallfile import read_capped
 from bootenv.writeback import fsync_dir, replace_at, write_durably
 
 RECORDS = Path("var/lib/bootenv/conflict-records")
@@ -251,23 +252,9 @@ def _small_file(dfd: int | None, name: str) -> bytes | None:
     if dfd is None:
         return None
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
-    except OSError:
+        data = read_capped(name, MAX_MERGE, dir_fd=dfd)
+    except (OSError, UserError):
         return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MERGE:
-            return None
-        chunks = []
-        left = MAX_MERGE + 1
-        while left > 0 and (chunk := os.read(fd, left)):
-            chunks.append(chunk)
-            left -= len(chunk)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
     return data if len(data) <= MAX_MERGE else None
 
 

@@ -14,13 +14,15 @@ from pathlib import Path
 from bootenv.errors import UserError
 
 
-def read_capped(path: Path, limit: int) -> bytes:
+def read_capped(path: Path | str, limit: int, *, dir_fd: int | None = None) -> bytes:
     """At most `limit + 1` bytes of the regular file at `path`: more than `limit` says
     the file is larger, which the caller refuses in its own words. Anything but a regular
     file (a directory, a FIFO, a device) is a UserError naming it; a failure to open or
-    read it is the OSError, as `open` raises it."""
+    read it is the OSError, as `open` raises it. With `dir_fd`, `path` is a name in that
+    directory, and a symlink there is not followed (ELOOP)."""
     # O_NONBLOCK: opening a FIFO does not wait for a writer (it is refused below).
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if dir_fd is not None else 0)
+    fd = os.open(path, flags, dir_fd=dir_fd)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise UserError(f"{path} is not a regular file")
