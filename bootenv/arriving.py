@@ -52,7 +52,14 @@ class Arriving:
             st = os.fstat(self._fd)
             if st.st_mtime_ns != alive:  # the fetcher touches the file at every read
                 alive, since = st.st_mtime_ns, time.monotonic()
-            self._check(st.st_mode, time.monotonic() - since)
+            try:
+                self._check(st.st_mode, time.monotonic() - since)
+            except FatalError:
+                # The fetcher appends its last good block, then marks its failure: both
+                # may have come since the read above, and that block is the reader's.
+                if data := os.pread(self._fd, n, self.pos):
+                    break
+                raise
             time.sleep(wait)
             wait = min(2 * wait, _MAX_WAIT)
         self.pos += len(data)
