@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import socket
+import socketserver
 import stat
 import sys
 import threading
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 from bootenv import ipxetext, menu
@@ -611,7 +612,18 @@ def make_server(config: ServeConfig) -> BootenvServer:
 @contextlib.contextmanager
 def running(config: ServeConfig) -> Iterator[BootenvServer]:
     """A server answering in a background thread, stopped on exit (tests, `make demo`)."""
-    server = make_server(config)
+    with on_thread(make_server(config)) as server:
+        yield server
+
+
+_Server = TypeVar("_Server", bound=socketserver.BaseServer)
+
+
+@contextlib.contextmanager
+def on_thread(server: _Server) -> Iterator[_Server]:
+    """`server` answering on a thread of its own for the block; then shut down, its socket
+    closed and its thread joined (the one way a server runs beside other work: `running`,
+    the tests' servers and the benchmarks')."""
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:

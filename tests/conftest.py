@@ -19,7 +19,6 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,6 +29,7 @@ from hypothesis import settings
 
 import bootenv
 from bootenv import run as run_mod
+from bootenv.serve import on_thread
 
 PKG_DIR = Path(bootenv.__file__).parent
 TESTS_DIR = Path(__file__).resolve().parent
@@ -205,10 +205,5 @@ def serving(handler: Callable[..., BaseHTTPRequestHandler]) -> Iterator[str]:
     for the block: its base URL, `http://127.0.0.1:PORT`."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with on_thread(server):
         yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import replace
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ import pytest
 from bootenv.cli import main
 from bootenv.errors import RetryableError
 from bootenv.source import HttpSource
+from tests.conftest import serving
 from tests.faults.conftest import Image, SleepLog
 from tests.faults.helpers import FAST, RestartableServer, blob_of, run_layout, tree
 from tests.unit.httpfault import Fault, FaultServer
@@ -208,14 +209,7 @@ class _RepeatedLength(SimpleHTTPRequestHandler):
 
 
 def test_a_repeated_content_length_lays_out_the_clean_tree(image: Image, tmp_path: Path) -> None:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(_RepeatedLength, directory=str(image.dir)))
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        res, _ = run_layout(f"http://127.0.0.1:{httpd.server_address[1]}/", tmp_path / "root")
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
+    with serving(partial(_RepeatedLength, directory=str(image.dir))) as url:
+        res, _ = run_layout(f"{url}/", tmp_path / "root")
     assert res.ok, [c.error for c in res.components]
     assert tree(tmp_path / "root") == image.clean

@@ -11,10 +11,9 @@ import json
 import os
 import struct
 import subprocess
-import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from bootenv.partition import MiB, Role, apply_plan, partition_node, plan_partit
 from bootenv.runtime import python_argv, python_env
 from bootenv.source import load_manifest
 from bootenv.target import make_esp, new_identity
-from tests.conftest import require_root, require_tools
+from tests.conftest import require_root, require_tools, serving
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBootenvTestKeyOnlyForTheAgentRootTest0000 me@host"
 BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
@@ -71,14 +70,8 @@ def callback_server() -> Iterator[tuple[str, list[dict[str, object]]]]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/events", events
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Handler) as url:
+        yield f"{url}/events", events
 
 
 def sha(path: Path) -> str:

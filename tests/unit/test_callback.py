@@ -10,12 +10,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from bootenv import callback
 from bootenv.callback import Callback, retry_after
+from tests.conftest import serving
 
 Answer = Callable[[dict[str, object], int], tuple[int, dict[str, str]]]  # (event, request no.)
 
@@ -44,14 +45,8 @@ def server(answer: Answer, delay: float = 0.0) -> Iterator[tuple[str, list[dict[
         def log_message(self, *args: object) -> None:
             pass
 
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.daemon_threads = True
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}/callback/x", took, sent
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with serving(Handler) as url:
+        yield f"{url}/callback/x", took, sent
 
 
 def ok(body: dict[str, object], n: int) -> tuple[int, dict[str, str]]:

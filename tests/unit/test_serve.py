@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from bootenv.httpfiles import parse_range
 from bootenv.machines import State, assign
 from bootenv.serve import BootenvServer, ServeConfig, parse_listen, running
 from bootenv.state import Store
+from tests.conftest import serving
 from tests.serveimage import make_image
 from tests.unit.nodelay import connection_options
 
@@ -340,17 +341,12 @@ def test_a_callback_whose_answer_was_lost_is_counted_once(
 
     monkeypatch.setattr(callback, "RETRY_WAIT", 0.05)
     Store(server.config.state).put(assign(MAC, "lamp", "mysql", now=time.time()))
-    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
-    threading.Thread(target=proxy.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
-        cb = Callback(f"http://127.0.0.1:{proxy.server_address[1]}/callback/{MAC}", "agent")
+    with serving(Proxy) as url:
+        cb = Callback(f"{url}/callback/{MAC}", "agent")
         cb.post("start")
         cb.post("conflict", path="/etc/apache2/ports.conf")
         cb.post("conflict", path="/etc/mysql/my.cnf")
         cb.close()
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
     assert attempts == [1, 1, 2, 2, 3, 3]
     doc = json.loads(get(server, f"/api/machines/{MAC}")[2])
     assert (doc["machine"]["events"], doc["machine"]["conflicts"]) == (3, 2)
