@@ -11,16 +11,14 @@ import argparse
 import atexit
 import contextlib
 import errno
-import io
 import logging
 import os
-import select
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import NoReturn
 
 from bootenv import __version__
 from bootenv.commands import (
@@ -42,6 +40,7 @@ from bootenv.commands import (
 from bootenv.errors import BootenvError, UserError
 from bootenv.log import setup_logging
 from bootenv.prefetch import steady_memory
+from bootenv.stdio import guard_streams, output_lost, say, stdout_broken
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +236,7 @@ def _between(low: int, high: int) -> Callable[[str], int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    closed = _guard_streams()
+    closed = guard_streams()
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list
     setup_logging(debug=debug)
@@ -260,106 +259,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BootenvError as exc:
         if debug or args.debug:
             log.exception("failed")
-        _say(f"bootenv: error: {exc}")
+        say(f"bootenv: error: {exc}")
         return exc.exit_code
     except TerminatedError:
-        _say("bootenv: terminated")
+        say("bootenv: terminated")
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        _say("bootenv: interrupted")
+        say("bootenv: interrupted")
         return 130
     except OSError as exc:
-        if exc.errno == errno.EPIPE and _stdout_broken():
+        if exc.errno == errno.EPIPE and stdout_broken():
             return output_lost()
         if debug or args.debug:
             log.exception("failed")
-        _say(f"bootenv: error: {_os_error(exc)}")
+        say(f"bootenv: error: {_os_error(exc)}")
         return 1
     except Exception as exc:  # a bug: still one line, and the traceback with --debug
         if debug or args.debug:
             log.exception("internal error")
         hint = "" if debug or args.debug else " (hint: --debug shows where; please report it)"
-        _say(f"bootenv: error: internal error: {type(exc).__name__}: {_first_line(str(exc))}{hint}")
+        say(f"bootenv: error: internal error: {type(exc).__name__}: {_first_line(str(exc))}{hint}")
         return 1
     if closed is not None and closed.wrote and code == 0:
         return output_lost("stdout is closed")
     return code
-
-
-OUTPUT_LOST = 120  # as Python's own exit when it cannot flush stdout
-
-
-class _ClosedStdout(io.StringIO):
-    """sys.stdout when the command started with fd 1 closed: what is printed is dropped,
-    and remembered, so that the command ends with OUTPUT_LOST rather than 0."""
-
-    wrote = False
-
-    def write(self, s: str) -> int:
-        self.wrote = self.wrote or bool(s)
-        return len(s)
-
-
-def _guard_streams() -> _ClosedStdout | None:
-    """Started with fd 0, 1 or 2 closed (`2>&-`): /dev/null takes its number, so that no
-    file the command opens gets it (a child would write its output there); stderr then
-    writes to /dev/null, and stdout to a _ClosedStdout, which this returns."""
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            null = os.open(os.devnull, os.O_RDWR)
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
-    if sys.stderr is None:
-        sys.stderr = open(2, "w", closefd=False)  # for the life of the process
-    if sys.stdout is None:
-        sys.stdout = _ClosedStdout()
-        return sys.stdout
-    return sys.stdout if isinstance(sys.stdout, _ClosedStdout) else None
-
-
-def _say(line: str) -> None:
-    """A line on stderr; if stderr is a closed pipe too, it is lost, quietly."""
-    try:
-        print(line, file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        _to_devnull(sys.stderr)
-
-
-def _to_devnull(stream: TextIO | None) -> None:
-    """Point the stream's fd at /dev/null: what it still holds is then flushed there, and
-    the interpreter's last flush has nothing to complain about."""
-    try:
-        fd = stream.fileno() if stream is not None else -1
-    except (OSError, ValueError, AttributeError):
-        return
-    if fd < 0:
-        return
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, fd)
-    finally:
-        os.close(null)
-
-
-def _stdout_broken() -> bool:
-    """Whether stdout is a pipe or socket whose reader has gone (so an EPIPE was its)."""
-    try:
-        fd = sys.stdout.fileno()
-    except (OSError, ValueError, AttributeError):
-        return False
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT)
-    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
-
-
-def output_lost(why: str = "a closed pipe") -> int:
-    """The command's output could not be written: one line, and OUTPUT_LOST."""
-    _to_devnull(sys.stdout)
-    _say(f"bootenv: error: the output could not be written ({why})")
-    return OUTPUT_LOST
 
 
 def _os_error(exc: OSError) -> str:
