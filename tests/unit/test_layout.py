@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import queue
 import stat
 import threading
 import time
@@ -16,10 +15,11 @@ import pytest
 
 from bootenv import conflicts
 from bootenv import layout as layout_mod
+from bootenv import schedule as schedule_mod
 from bootenv.cli import main
 from bootenv.errors import UserError
 from bootenv.journal import STATE_DIR
-from bootenv.layout import LayoutConfig, LayoutResult, _pump, layout
+from bootenv.layout import LayoutConfig, LayoutResult, layout
 from bootenv.machines import StepStatus, parse_event
 from tests.hostile.kit import MTIME, Comp, d, f, hard, make_image, snapshot, special, sym
 
@@ -150,6 +150,7 @@ def test_each_component_says_when_it_was_ready_within_the_whole_layout(
         real(root)
 
     monkeypatch.setattr(layout_mod, "time", clock)
+    monkeypatch.setattr(schedule_mod, "time", clock)
     monkeypatch.setattr(layout_mod, "clean_stale", slow)
     image = three(tmp_path)
     root = tmp_path / "root"
@@ -175,10 +176,12 @@ def test_the_objects_shared_with_forked_streams_are_frozen_first(
 
     calls: list[tuple[str, int]] = []
     monkeypatch.setattr(
-        layout_mod.gc, "freeze", lambda: calls.append(("freeze", len(multiprocessing.active_children())))
+        schedule_mod.gc, "freeze", lambda: calls.append(("freeze", len(multiprocessing.active_children())))
     )
     monkeypatch.setattr(
-        layout_mod.gc, "unfreeze", lambda: calls.append(("unfreeze", len(multiprocessing.active_children())))
+        schedule_mod.gc,
+        "unfreeze",
+        lambda: calls.append(("unfreeze", len(multiprocessing.active_children()))),
     )
     image = three(tmp_path)
     root = tmp_path / "root"
@@ -224,7 +227,7 @@ def test_a_flusher_syncs_the_root_while_the_pieces_are_laid_out(
         phases = {p.stem: json.loads(p.read_text())["phase"] for p in (root / STATE_DIR).glob("*.json")}
         seen.append((what, path, (root / "opt/top/t").exists(), phases))
 
-    class Watched(layout_mod.Flusher):
+    class Watched(schedule_mod.Flusher):
         def __init__(self, path: Path, interval: float | None = None) -> None:
             look("open", path)
             super().__init__(path, interval)
@@ -234,7 +237,7 @@ def test_a_flusher_syncs_the_root_while_the_pieces_are_laid_out(
             look("close", root)
             super().close()
 
-    monkeypatch.setattr(layout_mod, "Flusher", Watched)
+    monkeypatch.setattr(schedule_mod, "Flusher", Watched)
     assert run(image, root, "all", streams=streams).ok
     # Opened on the root before the first file; closed after the last file and after
     # every component's final syncfs (the journal's `files` phase), before the dpkg merge.
@@ -247,12 +250,12 @@ def test_a_write_error_the_flusher_saw_fails_the_components(
 ) -> None:
     # The final syncfs opens a description of its own, which the kernel does not tell of
     # an error the flusher's saw first: the layout must ask the flusher.
-    class SawEIO(layout_mod.Flusher):
+    class SawEIO(schedule_mod.Flusher):
         def __init__(self, path: Path, interval: float | None = None) -> None:
             super().__init__(path, interval)
             self.error = OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(layout_mod, "Flusher", SawEIO)
+    monkeypatch.setattr(schedule_mod, "Flusher", SawEIO)
     image = three(tmp_path)
     root = tmp_path / "root"
     root.mkdir()
@@ -457,30 +460,6 @@ def test_a_unit_that_fails_to_start_fails_the_layout(tmp_path: Path) -> None:
     assert last.kind.value == "error" and "unit mariadb.service" in (last.message or "")
 
 
-def test_the_event_pump_hands_on_every_event_then_ends_at_the_sentinel() -> None:
-    events: queue.Queue[dict[str, int] | None] = queue.Queue()
-    for item in ({"n": 0}, {"n": 1}, None, {"n": 99}):
-        events.put(item)
-    got: list[dict[str, int]] = []
-    _pump(events, got.append, threading.Event())
-    assert got == [{"n": 0}, {"n": 1}]
-
-
-def test_the_event_pump_ends_once_stopped_though_the_sentinel_never_comes() -> None:
-    """A stream killed while it held the queue's lock keeps the parent's None from being
-    sent: the layout must still end."""
-    events: queue.Queue[dict[str, int] | None] = queue.Queue()
-    events.put({"n": 1})
-    stop = threading.Event()
-    got: list[dict[str, int]] = []
-    pump = threading.Thread(target=_pump, args=(events, got.append, stop))
-    pump.start()
-    stop.set()
-    pump.join(5)
-    assert not pump.is_alive()
-    assert got == [{"n": 1}]
-
-
 def test_the_running_system_is_refused_unless_bootenv_provisioned_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -501,7 +480,7 @@ def test_the_running_system_is_refused_unless_bootenv_provisioned_it(
 
 
 def test_a_failed_layout_is_one_error_with_the_worst_kind_of_exit_code() -> None:
-    from bootenv.layout import ComponentResult
+    from bootenv.schedule import ComponentResult
 
     ok = LayoutResult((ComponentResult("a", "done"),), (), ())
     assert ok.failure() is None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import bootenv.layout as layout_mod
+import bootenv.schedule as schedule_mod
 from bootenv import journal, writeback
 from bootenv.extract import TreeWriter
 from bootenv.journal import DIRS_DIR, DirLog, Journal
@@ -87,7 +87,7 @@ def _finished(root: Path) -> bool:
 def test_kill_9_then_rerun_converges(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # kill -9 keeps the page cache: skip the flushes meant for power cuts (slow on a busy disk)
     monkeypatch.setattr(journal, "_fsync", lambda fd: None)
-    monkeypatch.setattr(layout_mod, "syncfs", lambda path: None)
+    monkeypatch.setattr(schedule_mod, "syncfs", lambda path: None)
     monkeypatch.setattr(writeback, "FLUSH_INTERVAL", 3600.0)
     image = crash_image(tmp_path)
     clean = tmp_path / "clean"
@@ -138,7 +138,7 @@ def _killed_layout(image: str, root: str, where: str) -> None:
     """In a forked child: a layout killed -9 mid-way through its one component's piece,
     or once the piece is in, before the final job gives the directories their mtimes."""
     if where == "final":
-        layout_mod._finish = _die  # type: ignore[assignment]
+        schedule_mod._finish = _die  # type: ignore[assignment]
     else:
         place = TreeWriter.place
 

@@ -16,8 +16,9 @@ from bootenv.callback import Event
 from bootenv.cli import main
 from bootenv.errors import RetryableError, VerificationError
 from bootenv.journal import STATE_DIR
-from bootenv.layout import STREAM_DIED, ComponentResult, LayoutConfig, LayoutResult, layout
+from bootenv.layout import LayoutConfig, LayoutResult, layout
 from bootenv.machines import Machine, State, apply, assign, parse_event
+from bootenv.schedule import STREAM_DIED, ComponentResult
 from tests.hostile.kit import ActivatedUnits, Comp, d, f, make_image
 
 _LAY_OUT_PIECE = stream.lay_out_piece
