@@ -48,7 +48,7 @@ from bootenv.ramdisk_plan import (
     select_modules,
 )
 from bootenv.run import popen, run, which
-from bootenv.writeback import fsync_dir
+from bootenv.writeback import fsync_dir, new_file, write_all
 
 log = logging.getLogger(__name__)
 
@@ -352,22 +352,15 @@ def _export(ramdisk: Ramdisk, output: Path) -> Ramdisk:
 
 
 def _write_temp(tmp: Path, src: Path | None, data: bytes | None) -> None:
-    """`tmp`, made anew (one a killed run left is removed, never written through), with a
-    copy of `src` (its mode too) or `data`, fsynced; removed again if that fails."""
-    tmp.unlink(missing_ok=True)
+    """`tmp`, made anew (writeback.new_file: one a killed run left is removed, never
+    written through), with a copy of `src` (its mode too) or `data`, fsynced; removed
+    again if that fails."""
     mode = 0o644 if src is None else stat.S_IMODE(src.stat().st_mode)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            if src is not None:
-                with src.open("rb") as f:
-                    shutil.copyfileobj(f, out, 1 << 20)
-            else:
-                assert data is not None
-                out.write(data)
-            out.flush()
-            os.fchmod(out.fileno(), mode)
-            os.fsync(out.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with new_file(tmp, mode) as fd:
+        if src is not None:
+            with src.open("rb") as f, os.fdopen(fd, "wb", closefd=False) as out:
+                shutil.copyfileobj(f, out, 1 << 20)
+        else:
+            assert data is not None
+            write_all(fd, data)
+        os.fchmod(fd, mode)  # the umask took some of it

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bootenv.errors import UserError, VerificationError
 from bootenv.smallfile import read_small
-from bootenv.writeback import fsync_dir, write_all
+from bootenv.writeback import fsync_dir, new_file, write_all
 
 log = logging.getLogger(__name__)
 
@@ -110,22 +110,14 @@ def _tmp_name(path: Path) -> Path:
 
 
 def _write_new(tmp: Path, data: bytes, mode: int, final: Path) -> None:
-    """Create `tmp` (never an existing file or a symlink) with `mode`, write `data` and
-    fsync it; on any failure it is removed, and an OSError is one line naming `final`."""
+    """Make `tmp` anew (writeback.new_file: never through an existing file or a symlink)
+    with `mode`, write `data` and fsync it; on any failure it is removed, and an OSError
+    is one line naming `final`."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        with new_file(tmp, mode) as fd:
+            write_all(fd, data)
     except OSError as exc:
         raise UserError(f"cannot write {final}: {exc.strerror}") from exc
-    try:
-        write_all(fd, data)
-        os.fsync(fd)
-    except BaseException as exc:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise UserError(f"cannot write {final}: {exc.strerror}") from exc
-        raise
-    os.close(fd)
 
 
 def read_public_key(path: Path) -> bytes:
@@ -187,9 +179,7 @@ def write_signature(image: Path, manifest: bytes, key_path: Path) -> None:
             return
     tmp = image / f".{SIGNATURE}.tmp"
     try:
-        with contextlib.suppress(OSError):
-            tmp.unlink()  # a killed run's, or a link someone planted: never written through
-        _write_new(tmp, sig, 0o644, path)
+        _write_new(tmp, sig, 0o644, path)  # a killed run's tmp, or a planted link, goes first
         try:
             tmp.replace(path)
             fsync_dir(image)

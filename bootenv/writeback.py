@@ -4,6 +4,9 @@ sync_file_range(SYNC_FILE_RANGE_WRITE) queues a file's writeback and returns, so
 works while the caller goes on (dpkg does the same for each file it unpacks). `Flusher`
 syncs a whole filesystem now and then on a thread of its own, while files are being
 made. Both are advice about timing only: they never replace the final fsync/syncfs.
+
+The writers here put a file in place whole or not at all: `new_file` makes the temp file
+that every such write starts with (replace_at, a signature, a key, the ramdisk's files).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -63,33 +66,44 @@ def write_durably(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def replace_at(
-    dfd: int, name: str, data: bytes, *, like: os.stat_result | None, tmp: str, sync: bool = True
-) -> None:
-    """Put `data` in place of `name` in the directory `dfd`, whole or not at all: written
-    to `tmp` in the same directory, given `like`'s owner (when root) and mode, fsynced
-    (unless not `sync`: the caller syncs the filesystem once for several), then renamed
-    over `name`. A `tmp` a killed run left is removed, never opened: it may be a hard
-    link to a file that must not change, or a symlink. Making the rename durable (fsync
-    of the directory) is the caller's."""
+@contextlib.contextmanager
+def new_file(path: str | Path, mode: int, *, dir_fd: int | None = None, sync: bool = True) -> Iterator[int]:
+    """A new file at `path` (in the directory `dir_fd`, if given) for the block to fill
+    through the descriptor it yields: created with `mode` (less the umask), fsynced when
+    the block ends (unless not `sync`: the caller syncs the filesystem once for several),
+    and removed again if the block or the fsync fails. A file a killed run left at `path`
+    is removed first, never opened: it may be a hard link to a file that must not
+    change, or a symlink. Naming the file (a rename, then fsync_dir) is the caller's."""
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp, dir_fd=dfd)
+        os.unlink(path, dir_fd=dir_fd)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, 0o644 if like is None else 0o600, dir_fd=dfd)
+    fd = os.open(path, flags, mode, dir_fd=dir_fd)
     try:
-        write_all(fd, data)
-        if like is not None:
-            if os.geteuid() == 0:
-                os.fchown(fd, like.st_uid, like.st_gid)
-            os.fchmod(fd, stat.S_IMODE(like.st_mode))
+        yield fd
         if sync:
             os.fsync(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dfd)
+            os.unlink(path, dir_fd=dir_fd)
         raise
     os.close(fd)
+
+
+def replace_at(
+    dfd: int, name: str, data: bytes, *, like: os.stat_result | None, tmp: str, sync: bool = True
+) -> None:
+    """Put `data` in place of `name` in the directory `dfd`, whole or not at all: written
+    to `tmp` in the same directory (`new_file`: one a killed run left is removed, never
+    opened), given `like`'s owner (when root) and mode, fsynced (unless not `sync`: the
+    caller syncs the filesystem once for several), then renamed over `name`. Making the
+    rename durable (fsync of the directory) is the caller's."""
+    with new_file(tmp, 0o644 if like is None else 0o600, dir_fd=dfd, sync=sync) as fd:
+        write_all(fd, data)
+        if like is not None:
+            if os.geteuid() == 0:
+                os.fchown(fd, like.st_uid, like.st_gid)
+            os.fchmod(fd, stat.S_IMODE(like.st_mode))
     os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
 
 

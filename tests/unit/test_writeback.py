@@ -188,3 +188,78 @@ def test_replace_at_a_failed_write_leaves_the_old_file_and_no_temp_file(
         os.close(dfd)
     assert target.read_bytes() == b"old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["status"]
+
+
+@pytest.mark.parametrize("relative", [False, True], ids=["path", "dir_fd"])
+def test_new_file_cut_short_mid_write_leaves_no_temp_file(
+    relative: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written: list[int] = []
+    real_write = os.write
+
+    def full_after_one(fd: int, data: bytes) -> int:
+        if written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(fd)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(writeback.os, "write", full_after_one)
+    dfd = _dir_fd(tmp_path)
+    try:
+        with (
+            pytest.raises(OSError, match="No space"),
+            writeback.new_file(
+                ".t" if relative else tmp_path / ".t", 0o644, dir_fd=dfd if relative else None
+            ) as fd,
+        ):
+            writeback.write_all(fd, b"first")
+            writeback.write_all(fd, b"second")
+    finally:
+        os.close(dfd)
+    assert len(written) == 1  # the file had its first write when the second failed
+    assert os.listdir(tmp_path) == []
+
+
+def test_new_file_whose_fsync_fails_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(writeback.os, "fsync", failing)
+    with pytest.raises(OSError, match="Input/output error"), writeback.new_file(tmp_path / ".t", 0o644) as fd:
+        writeback.write_all(fd, b"data")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("link", ["hard", "symbolic"])
+def test_new_file_removes_a_leftover_link_and_never_writes_through_it(link: str, tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"keep me\n")
+    precious.chmod(0o600)
+    tmp = tmp_path / "out" / ".t"
+    tmp.parent.mkdir()
+    (os.link if link == "hard" else os.symlink)(precious, tmp)
+    with writeback.new_file(tmp, 0o644) as fd:
+        writeback.write_all(fd, b"new\n")
+    assert not tmp.is_symlink() and tmp.read_bytes() == b"new\n"
+    assert tmp.stat().st_ino != precious.stat().st_ino
+    assert precious.read_bytes() == b"keep me\n"
+    assert (precious.stat().st_mode & 0o777, precious.stat().st_nlink) == (0o600, 1)
+
+
+def test_new_file_refuses_a_file_made_between_its_unlink_and_its_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """O_EXCL: another writer's file that appears at the name is not taken over."""
+    real_unlink = os.unlink
+
+    def unlink_then_race(path: object, *, dir_fd: int | None = None) -> None:
+        real_unlink(path, dir_fd=dir_fd)  # type: ignore[arg-type]
+        os.symlink(tmp_path / "elsewhere", tmp_path / ".t")
+
+    (tmp_path / ".t").write_bytes(b"left over")
+    monkeypatch.setattr(writeback.os, "unlink", unlink_then_race)
+    with pytest.raises(FileExistsError), writeback.new_file(tmp_path / ".t", 0o644):
+        pytest.fail("the block ran")
+    monkeypatch.undo()
+    assert not (tmp_path / "elsewhere").exists()  # the symlink was not followed
+    assert (tmp_path / ".t").is_symlink()  # and it is not ours to remove
