@@ -6,16 +6,20 @@ syncs a whole filesystem now and then on a thread of its own, while files are be
 made. Both are advice about timing only: they never replace the final fsync/syncfs.
 
 The writers here put a file in place whole or not at all: `new_file` makes the temp file
-that every such write starts with (replace_at, a signature, a key, the ramdisk's files).
+that every such write starts with (replace_at, a signature, a key, the ramdisk's files);
+`replace_dir` puts several files in place at once (build-ramdisk's kernel and initramfs).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import functools
 import logging
 import os
+import shutil
 import stat
 import threading
 from collections.abc import Callable, Iterator
@@ -25,6 +29,10 @@ from types import TracebackType
 log = logging.getLogger(__name__)
 
 _SYNC_FILE_RANGE_WRITE = 2
+_RENAME_EXCHANGE = 2  # linux/fs.h
+# What renameat2 says where the filesystem cannot swap two names (NFS) or the kernel or
+# C library has no renameat2.
+_NO_EXCHANGE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 FLUSH_INTERVAL = 0.1  # seconds between a Flusher's syncs
 
 
@@ -121,6 +129,101 @@ def sync_filesystem(fd: int) -> None:
     if _libc_syncfs()(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+@functools.cache
+def _libc_renameat2() -> ctypes._NamedFuncPointer:
+    fn = ctypes.CDLL(None, use_errno=True).renameat2
+    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    return fn
+
+
+def exchange_at(dfd: int, a: str, b: str) -> None:
+    """Swap the entries `a` and `b` of the directory `dfd` in one step (renameat2 with
+    RENAME_EXCHANGE): each name always leads to one of the two, even across a crash."""
+    try:
+        fn = _libc_renameat2()
+    except AttributeError:  # a C library older than glibc 2.28
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS)) from None
+    if fn(dfd, os.fsencode(a), dfd, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@contextlib.contextmanager
+def replace_dir(final: Path) -> Iterator[Path]:
+    """A new, empty directory for the block to fill, put in place of the directory `final`
+    (made if missing) in one step when the block ends, and removed if the block fails: a
+    reader of `final`, or a power cut at any point, finds the old directory's files or
+    the new one's, never some of each. The block's files must be fsynced (`new_file`).
+
+    The new directory is made beside `final` as `.NAME.new`, fsynced, given `final`'s
+    mode and owner (when root), and swapped with it (`exchange_at`); the parent is
+    fsynced and the old directory, now `.NAME.new`, removed. Where the filesystem cannot
+    swap (NFS), `final` is renamed to `.NAME.old` and the new one to `final`: between the
+    two renames, and after a power cut there, there is no `final` at all (never a mix),
+    and the next run puts `.NAME.old` back before it starts. A symlink at `final` is
+    kept: the directory it leads to is replaced. One run at a time per parent directory
+    (flock of the parent)."""
+    final = final.resolve()
+    parent, name = final.parent, final.name
+    new, old = f".{name}.new", f".{name}.old"
+    parent.mkdir(parents=True, exist_ok=True)
+    dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(dfd, fcntl.LOCK_EX)
+        if os.path.lexists(parent / old):  # a run that could not swap, cut short
+            if os.path.lexists(final):
+                _remove(parent / old)
+            else:
+                os.rename(old, name, src_dir_fd=dfd, dst_dir_fd=dfd)  # between its renames
+        _remove(parent / new)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, dir_fd=dfd)
+        os.mkdir(new, 0o700, dir_fd=dfd)
+        try:
+            yield parent / new
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if os.geteuid() == 0:
+                os.chown(new, st.st_uid, st.st_gid, dir_fd=dfd, follow_symlinks=False)
+            os.chmod(new, stat.S_IMODE(st.st_mode), dir_fd=dfd)
+            fsync_dir(parent / new)
+            _swap(dfd, new, name, old)
+            os.fsync(dfd)
+            _remove(parent / old)
+        finally:
+            _remove(parent / new)  # the block's, unfinished; or the old one, swapped out
+    finally:
+        os.close(dfd)
+
+
+def _swap(dfd: int, new: str, name: str, old: str) -> None:
+    """`new` takes `name`'s place, in one step where the filesystem can (replace_dir)."""
+    try:
+        exchange_at(dfd, new, name)
+        return
+    except OSError as exc:
+        if exc.errno not in _NO_EXCHANGE:
+            raise
+        log.debug("cannot swap %s and %s in one step (%s): renaming them in turn", new, name, exc)
+    os.rename(name, old, src_dir_fd=dfd, dst_dir_fd=dfd)
+    try:
+        os.rename(new, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException:
+        os.rename(old, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        raise
+
+
+def _remove(path: Path) -> None:
+    """Remove a directory tree or anything else at `path`, never following a symlink."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 class Flusher:

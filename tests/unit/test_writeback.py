@@ -7,6 +7,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -263,3 +264,92 @@ def test_new_file_refuses_a_file_made_between_its_unlink_and_its_open(
     monkeypatch.undo()
     assert not (tmp_path / "elsewhere").exists()  # the symlink was not followed
     assert (tmp_path / ".t").is_symlink()  # and it is not ours to remove
+
+
+def test_replace_dir_swaps_in_the_new_files_with_the_old_directorys_mode_and_owner(tmp_path: Path) -> None:
+    final = tmp_path / "boot"
+    final.mkdir(mode=0o750)
+    final.chmod(0o750)
+    (final / "vmlinuz").write_bytes(b"old")
+    if os.geteuid() == 0:
+        os.chown(final, 1234, 5678)
+    before = final.stat()
+    with writeback.replace_dir(final) as new:
+        assert new.parent == tmp_path and os.listdir(new) == []
+        (new / "vmlinuz").write_bytes(b"new")
+        assert (final / "vmlinuz").read_bytes() == b"old"  # nothing changes until the block ends
+    after = final.stat()
+    assert (final / "vmlinuz").read_bytes() == b"new" and os.listdir(tmp_path) == ["boot"]
+    assert after.st_ino != before.st_ino
+    assert (after.st_mode, after.st_uid, after.st_gid) == (before.st_mode, before.st_uid, before.st_gid)
+
+
+def test_replace_dir_whose_block_fails_leaves_the_old_directory(tmp_path: Path) -> None:
+    final = tmp_path / "boot"
+    final.mkdir()
+    (final / "vmlinuz").write_bytes(b"old")
+    with pytest.raises(OSError, match="No space"), writeback.replace_dir(final) as new:
+        (new / "vmlinuz").write_bytes(b"new")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert os.listdir(tmp_path) == ["boot"] and os.listdir(final) == ["vmlinuz"]
+    assert (final / "vmlinuz").read_bytes() == b"old"
+
+
+def test_replace_dir_makes_a_missing_directory(tmp_path: Path) -> None:
+    with writeback.replace_dir(tmp_path / "a/b") as new:
+        (new / "f").write_bytes(b"x")
+    assert (tmp_path / "a/b/f").read_bytes() == b"x" and os.listdir(tmp_path / "a") == ["b"]
+
+
+def test_replace_dir_keeps_a_symlink_and_replaces_where_it_leads(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real/f").write_bytes(b"old")
+    (tmp_path / "link").symlink_to("real")
+    with writeback.replace_dir(tmp_path / "link") as new:
+        (new / "f").write_bytes(b"new")
+    assert (tmp_path / "link").readlink() == Path("real")
+    assert (tmp_path / "real/f").read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"]
+
+
+def test_replace_dir_removes_a_leftover_link_without_following_it(tmp_path: Path) -> None:
+    """A killed run's `.NAME.new` may be a symlink someone planted: it goes, and the
+    directory it leads to stays as it was."""
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious/f").write_bytes(b"keep me")
+    (tmp_path / "boot").mkdir()
+    (tmp_path / ".boot.new").symlink_to("precious")
+    with writeback.replace_dir(tmp_path / "boot") as new:
+        assert not new.is_symlink() and os.listdir(new) == []
+        (new / "f").write_bytes(b"new")
+    assert os.listdir(tmp_path / "precious") == ["f"] and (tmp_path / "precious/f").read_bytes() == b"keep me"
+    assert sorted(os.listdir(tmp_path)) == ["boot", "precious"]
+
+
+def test_replace_dir_without_a_swap_puts_the_old_directory_back_if_the_rename_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the filesystem cannot swap two names (NFS: EINVAL) it renames them in turn."""
+
+    def unsupported(*args: object) -> None:
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    real_rename = os.rename
+
+    def second_fails(src: str, dst: str, **kwargs: Any) -> None:
+        if src.endswith(".new"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_rename(src, dst, **kwargs)
+
+    final = tmp_path / "boot"
+    final.mkdir()
+    (final / "f").write_bytes(b"old")
+    monkeypatch.setattr(writeback, "exchange_at", unsupported)
+    monkeypatch.setattr(writeback.os, "rename", second_fails)
+    with pytest.raises(OSError, match="Input/output"), writeback.replace_dir(final) as new:
+        (new / "f").write_bytes(b"new")
+    assert os.listdir(tmp_path) == ["boot"] and (final / "f").read_bytes() == b"old"
+    monkeypatch.setattr(writeback.os, "rename", real_rename)
+    with writeback.replace_dir(final) as new:
+        (new / "f").write_bytes(b"new")
+    assert os.listdir(tmp_path) == ["boot"] and (final / "f").read_bytes() == b"new"
