@@ -11,12 +11,20 @@ Two cached stages, both keyed by their inputs under `cache_root()`:
 
 Each stage is built in a temporary directory beside its final place and renamed into
 place, so an interrupted build never leaves a half one behind.
+
+`-o DIR` (what `bootenv serve --boot` and nginx serve) gets vmlinuz, initramfs.img and
+ramdisk.json the same way: written to a new directory beside DIR, which then takes DIR's
+place in one step (renameat2 RENAME_EXCHANGE). iPXE fetches the kernel and the initramfs
+by fixed names, so two files renamed in turn could leave, after a power cut between
+them, a new kernel with the old initramfs (its modules for another kernel); a swapped
+directory holds either pair whole. DIR is replaced whole, so it must hold nothing else.
 """
 
 from __future__ import annotations
 
 import compileall
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -48,7 +56,7 @@ from bootenv.ramdisk_plan import (
     select_modules,
 )
 from bootenv.run import popen, run, which
-from bootenv.writeback import fsync_dir, new_file, write_all
+from bootenv.writeback import new_file, replace_dir, write_all
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,9 @@ ZSTD_LEVEL = 12
 KEEP_BUILDS = 4
 KEEP_BASES = 2
 SIZE_LIMIT = 60 * 1000 * 1000
+NOTE = "ramdisk.json"
+OUTPUT_FILES = ("vmlinuz", "initramfs.img", NOTE)  # what `-o DIR` holds
+_MOUNTED = (errno.EBUSY, errno.EXDEV)  # renaming a mount point, or across one
 
 
 @dataclass(frozen=True)
@@ -259,6 +270,8 @@ def build_ramdisk(
 ) -> Ramdisk:
     """Return the cached kernel + initramfs for these inputs, building what is missing (root
     only). `trusted`: public keys (`bootenv keygen`'s KEY.pub) built in for the agent."""
+    if output is not None:
+        _check_output(output)  # before a build of minutes
     inputs = inputs or load_inputs(default_initramfs_dir(), Path(bootenv.__file__).resolve().parent)
     if trusted:
         inputs = dataclasses.replace(inputs, trusted=trusted_keys(trusted))
@@ -316,32 +329,51 @@ def _prune(current: Path, keep: int) -> None:
         log.debug("removed old ramdisk build %s", path.name)
 
 
+def _check_output(output: Path) -> None:
+    """`-o DIR` is replaced whole (`_export`): refuse one that holds anything an export
+    does not write there, which would be lost."""
+    try:
+        names = os.listdir(output)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UserError(f"cannot read -o {output}: {exc.strerror}") from exc
+    ours = {*OUTPUT_FILES, *(f".{name}.tmp" for name in OUTPUT_FILES)}  # .tmp: an older bootenv's
+    other = sorted(set(names) - ours)
+    if other:
+        raise UserError(
+            f"-o {output} holds {len(other)} other entries (first {other[0]!r}): "
+            "build-ramdisk replaces the whole directory",
+            hint="give it a directory of its own",
+        )
+
+
 def _export(ramdisk: Ramdisk, output: Path) -> Ramdisk:
-    """Copy kernel and initramfs to `output` with a small JSON note. All three are written
-    whole under temp names first (a full disk leaves `output` as it was, and no temp
-    file), then renamed into place: the kernel, the initramfs, then the note. A kernel
-    that did not change is renamed over an identical one, so for a new agent the pair
-    changes at once; only a power cut between the renames of a new kernel and its
-    initramfs can leave a mismatched pair, which the next export replaces."""
+    """Copy kernel and initramfs to `output` with a small JSON note: all three are
+    written to a new directory beside it, which then takes its place in one step
+    (writeback.replace_dir). Whatever a power cut, a full disk or a kill leaves, and
+    whenever a reader (`bootenv serve --boot`, nginx) looks, `output` holds the old three
+    or the new three: never a new kernel with the old initramfs, which iPXE would boot.
+    Where the filesystem cannot swap two directories (NFS), `output` is briefly missing
+    instead. (A client between its two fetches still spans the swap: the URLs name no
+    build.) `output` is replaced whole, so one that holds other files is refused."""
+    _check_output(output)
     info = {"kernel": ramdisk.kernel_version, "key": ramdisk.key, "initramfs_size": ramdisk.size}
     note = (json.dumps(info, indent=2) + "\n").encode()
     dest = output
-    placed: list[tuple[Path, Path]] = []
     try:
-        output.mkdir(parents=True, exist_ok=True)
-        for src, data in ((ramdisk.vmlinuz, None), (ramdisk.initramfs, None), (None, note)):
-            dest = output / (src.name if src is not None else "ramdisk.json")
-            tmp = output / f".{dest.name}.tmp"
-            placed.append((tmp, dest))
-            _write_temp(tmp, src, data)
-        for tmp, dest in placed:
-            os.replace(tmp, dest)
-        fsync_dir(output)
+        with replace_dir(output) as new:
+            for src, data, name in (
+                (ramdisk.vmlinuz, None, ramdisk.vmlinuz.name),
+                (ramdisk.initramfs, None, ramdisk.initramfs.name),
+                (None, note, NOTE),
+            ):
+                dest = output / name
+                _write_temp(new / name, src, data)
+            dest = output
     except OSError as exc:
-        raise UserError(f"cannot write {dest}: {exc.strerror}") from exc
-    finally:
-        for tmp, _ in placed:
-            tmp.unlink(missing_ok=True)
+        hint = "a mount point cannot be replaced: give a directory in it" if exc.errno in _MOUNTED else None
+        raise UserError(f"cannot write {dest}: {exc.strerror}", hint=hint) from exc
     return Ramdisk(
         vmlinuz=output / ramdisk.vmlinuz.name,
         initramfs=output / ramdisk.initramfs.name,

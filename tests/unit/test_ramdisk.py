@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bootenv import ramdisk, writeback
 from bootenv.errors import UserError
 from bootenv.ramdisk import default_initramfs_dir
 from bootenv.ramdisk_plan import (
@@ -442,3 +449,132 @@ def test_built_in_keys_go_where_the_agent_reads_them_and_into_the_key(tmp_path: 
         trusted_keys([tmp_path / "k.txt"])
     with pytest.raises(UserError, match="a name of its own"):
         trusted_keys([tmp_path / "site.pub", tmp_path / "site.pub"])
+
+
+# --- build-ramdisk -o: what a power cut leaves ----------------------------------------------
+
+
+class PowerCut(BaseException):
+    """The machine stops: what is on the disk at that moment is all there is."""
+
+
+Tree = dict[str, bytes | None]  # each path under a root: a file's bytes, None for a directory
+
+
+def _tree(root: Path) -> Tree:
+    tree: Tree = {}
+    for dirpath, dirs, files in os.walk(root):
+        here = Path(dirpath)
+        for name in dirs:
+            tree[(here / name).relative_to(root).as_posix()] = None
+        for name in files:
+            tree[(here / name).relative_to(root).as_posix()] = (here / name).read_bytes()
+    return tree
+
+
+def _restore(root: Path, tree: Tree) -> None:
+    for path in list(root.iterdir()):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    for rel, data in sorted(tree.items()):
+        if data is None:
+            (root / rel).mkdir()
+        else:
+            (root / rel).write_bytes(data)
+
+
+def _served(tree: Tree) -> tuple[bytes | None, ...]:
+    """What `bootenv serve --boot DIR` (or nginx) hands out: the files by their names."""
+    return tuple(tree.get(f"boot/{name}") for name in ("vmlinuz", "initramfs.img", "ramdisk.json"))
+
+
+def _ramdisk(root: Path, tag: str) -> ramdisk.Ramdisk:
+    (root / tag).mkdir(parents=True)
+    (root / tag / "vmlinuz").write_bytes(f"{tag} kernel".encode())
+    (root / tag / "initramfs.img").write_bytes(f"{tag} initramfs, modules for the {tag} kernel".encode())
+    return ramdisk.Ramdisk(root / tag / "vmlinuz", root / tag / "initramfs.img", tag, tag * 16, True)
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "no-exchange"])
+@pytest.mark.parametrize("cut", range(5))
+def test_a_power_cut_during_an_export_leaves_a_matching_pair(
+    cut: int, exchange: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The power fails before the `cut`th step that changes a name on the disk (a rename,
+    a swap, a removal): the kernel, initramfs and note DIR holds then are the old three
+    or the new three, never a new kernel with the old initramfs (which iPXE would boot);
+    with no swap of two directories (NFS), DIR may be briefly gone, never mixed. The next
+    export puts the old three back if it fails, or makes the new three, and leaves
+    nothing else behind."""
+    cache, disk = tmp_path / "cache", tmp_path / "disk"
+    old, new = _ramdisk(cache, "old"), _ramdisk(cache, "new")
+    out = disk / "boot"
+    ramdisk._export(old, out)
+    old_files = _served(_tree(disk))
+    ramdisk._export(new, tmp_path / "expected/boot")
+    new_files = _served(_tree(tmp_path / "expected"))
+    assert old_files != new_files and None not in old_files + new_files
+
+    crashed: list[Tree] = []
+
+    def step(real: Callable[..., Any]) -> Callable[..., Any]:
+        def cut_here(*args: Any, **kwargs: Any) -> Any:
+            if not crashed and steps.pop() == cut:
+                crashed.append(_tree(disk))
+            if crashed:
+                raise PowerCut
+            return real(*args, **kwargs)
+
+        return cut_here
+
+    def unsupported(*args: Any) -> None:
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    steps = list(range(100, -1, -1))
+    with monkeypatch.context() as patched:
+        for module, name in ((os, "replace"), (os, "rename"), (shutil, "rmtree")):
+            patched.setattr(module, name, step(getattr(module, name)))
+        real_exchange = getattr(writeback, "exchange_at", None)
+        patched.setattr(
+            writeback, "exchange_at", step(real_exchange if exchange else unsupported), raising=False
+        )
+        with contextlib.suppress(PowerCut):
+            ramdisk._export(new, out)
+    after = crashed[0] if crashed else _tree(disk)
+    served = _served(after)
+    gone = (None, None, None)
+    assert served in ((old_files, new_files) if exchange else (old_files, new_files, gone))
+
+    _restore(disk, after)  # the machine is back: the next run starts from that disk
+    with monkeypatch.context() as full:  # a run that fails puts back what was served
+        full.setattr(ramdisk, "_write_temp", unsupported)
+        with pytest.raises(UserError, match="cannot write"):
+            ramdisk._export(new, out)
+    assert _served(_tree(disk)) in (old_files, new_files)
+    ramdisk._export(new, out)
+    assert _served(_tree(disk)) == new_files
+    assert sorted(_tree(disk)) == ["boot", "boot/initramfs.img", "boot/ramdisk.json", "boot/vmlinuz"]
+
+
+def test_an_export_refuses_a_directory_holding_other_files_before_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It is replaced whole: a file of someone else's in it would be lost."""
+    out = tmp_path / "tftp"
+    out.mkdir()
+    (out / "undionly.kpxe").write_bytes(b"iPXE")
+    (out / ".vmlinuz.tmp").write_bytes(b"an older bootenv's")
+
+    def build(*args: object) -> Path:
+        pytest.fail("built before refusing")
+
+    monkeypatch.setattr(ramdisk, "build_base", build)
+    with pytest.raises(UserError, match=r"holds 1 other entries \(first 'undionly.kpxe'\)"):
+        ramdisk.build_ramdisk(INPUTS, output=out)
+    rd = _ramdisk(tmp_path / "cache", "new")
+    with pytest.raises(UserError, match="replaces the whole directory"):
+        ramdisk._export(rd, out)
+    assert sorted(os.listdir(out)) == [".vmlinuz.tmp", "undionly.kpxe"]
+    assert sorted(os.listdir(tmp_path)) == ["cache", "tftp"]
+    (out / "undionly.kpxe").unlink()
+    ramdisk._export(rd, out)  # an older bootenv's temp file is its own, and goes
+    assert sorted(os.listdir(out)) == ["initramfs.img", "ramdisk.json", "vmlinuz"]
