@@ -139,6 +139,7 @@ class AgentResult:
     identity: target.Identity
     components: tuple[str, ...]
     kexec: handoff.KexecSpec | None
+    boot: bootloader.BootPlan  # which loaders were installed, and why one was left out
 
 
 def run_agent(cfg: AgentConfig, *, ramdisk_cmdline: str = "") -> AgentResult:
@@ -172,11 +173,19 @@ def _provision(cfg: AgentConfig, ident: target.Identity, report: Report, cmdline
     with report.step("preflight", f"Checking {disk} before writing"):
         plan = preflight(disk, min_root)
         bootloader.check_available()
+        boot = bootloader.plan_boot(disk, plan.sector_size, bootloader.running_firmware())
         check_passed_on(cmdline)
     with ExitStack() as stack:
         try:
             kexec = _write_disk(
-                cfg, disk, plan, Image(manifest, source, install, bmap, signer), ident, report, cmdline, stack
+                cfg,
+                disk,
+                Layout(plan, boot),
+                Image(manifest, source, install, bmap, signer),
+                ident,
+                report,
+                cmdline,
+                stack,
             )
         except BaseException:
             stack.close()  # detach offset loop devices before wiping the whole disk
@@ -192,10 +201,12 @@ def _provision(cfg: AgentConfig, ident: target.Identity, report: Report, cmdline
             "mode": cfg.handoff.value,
             "image": install.which,
             "components": list(install.installed),
+            "bootloaders": list(boot.loaders),
+            **({"warnings": [boot.note]} if boot.note else {}),
             "timings": report.timings,
         },
     )
-    return AgentResult(disk, plan, ident, install.installed, kexec)
+    return AgentResult(disk, plan, ident, install.installed, kexec, boot)
 
 
 def trust(cfg: AgentConfig, trusted_dir: Path = TRUSTED_DIR) -> Trust:
@@ -265,6 +276,14 @@ def preflight(disk: str, min_root: int) -> PartitionPlan:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """What goes on the disk around the OS: its partitions and its boot loaders."""
+
+    plan: PartitionPlan
+    boot: bootloader.BootPlan
+
+
+@dataclass(frozen=True)
 class Image:
     """The opened image and what to write from it."""
 
@@ -293,13 +312,14 @@ def layout_handoff(cfg: AgentConfig, image: Image, hostname: str) -> target.Layo
 def _write_disk(
     cfg: AgentConfig,
     disk: str,
-    plan: PartitionPlan,
+    layout: Layout,
     image: Image,
     ident: target.Identity,
     report: Report,
     cmdline: str,
     stack: ExitStack,
 ) -> handoff.KexecSpec | None:
+    plan = layout.plan
     with report.step("partition", f"Partitioning {disk} (GPT: BIOS boot, ESP, root)"):
         run([which("wipefs"), "-a", disk])
         apply_plan(disk, plan)
@@ -325,8 +345,8 @@ def _write_disk(
             from bootenv.runtime import install_runtime
 
             install_runtime(root)
-        with report.step("bootloader", "Installing grub for BIOS and UEFI"):
-            _install_bootloader(disk, plan, root, esp_dev, ident, cmdline)
+        with report.step("bootloader", f"Installing grub for {layout.boot.describe()}"):
+            _install_bootloader(disk, layout, root, esp_dev, ident, cmdline)
         if cfg.handoff is Handoff.KEXEC:
             kexec = handoff.kexec_spec(root, ident.root_uuid, cmdline)
             handoff.load(kexec)
@@ -335,7 +355,7 @@ def _write_disk(
 
 
 def _install_bootloader(
-    disk: str, plan: PartitionPlan, root: Path, esp_dev: str, ident: target.Identity, cmdline: str
+    disk: str, layout: Layout, root: Path, esp_dev: str, ident: target.Identity, cmdline: str
 ) -> None:
     files = handoff.find_kernel(root)
     # The /vmlinuz symlinks follow kernel upgrades (Debian keeps them current).
@@ -345,8 +365,12 @@ def _install_bootloader(
     cfg_text = bootloader.grub_cfg_text(ident.root_uuid, kernel, initrd, args, f"{ident.hostname} (bootenv)")
     bootloader.copy_modules(root)
     (root / "boot/grub/grub.cfg").write_text(cfg_text)
-    bootloader.install_bios(disk, root, ident.root_uuid, plan.bios.offset, plan.bios.size)
-    bootloader.install_efi(esp_dev, ident.root_uuid)
+    if layout.boot.bios:
+        bootloader.install_bios(disk, root, ident.root_uuid, layout.plan.bios.offset, layout.plan.bios.size)
+    if layout.boot.note:
+        log.warning("%s", layout.boot.note)
+    if layout.boot.efi:
+        bootloader.install_efi(esp_dev, ident.root_uuid)
 
 
 def partition_devices(disk: str, plan: PartitionPlan, stack: ExitStack) -> dict[Role, str]:

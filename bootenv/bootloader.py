@@ -12,6 +12,10 @@ UUID, and place them ourselves:
 - UEFI: the image is EFI/BOOT/BOOTX64.EFI on the ESP (the removable-media path every
   firmware tries, so no NVRAM entry is needed), copied with mtools (no vfat mount).
 
+A disk with 4096-byte logical sectors (4Kn) gets the UEFI loader only, and a machine
+that started the ramdisk by legacy BIOS is refused such a disk before anything is
+written (`plan_boot`): grub's BIOS boot code cannot load core.img from it.
+
 Both load /boot/grub/grub.cfg and their modules from /boot/grub/<platform>/ on the
 root filesystem, which we also write.
 """
@@ -23,9 +27,12 @@ import os
 import shutil
 import struct
 import tempfile
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
-from bootenv.errors import FatalError
+from bootenv.blockdev import sector_size
+from bootenv.errors import FatalError, UserError
 from bootenv.run import run, which
 
 log = logging.getLogger(__name__)
@@ -33,7 +40,18 @@ log = logging.getLogger(__name__)
 GRUB_LIB = Path("/usr/lib/grub")
 BIOS = "i386-pc"
 EFI = "x86_64-efi"
-SECTOR = 512  # grub's blocklists count 512-byte sectors whatever the disk's sector size
+# The only logical sector size grub's BIOS boot code can load core.img from. What we
+# relied on, in grub 2's sources: boot.img (grub-core/boot/i386/pc/boot.S) reads the
+# sector at kernel_sector with int 13h, whose LBAs count the drive's own sectors, and
+# copies its first 512 bytes to 0x8000: diskboot.img. diskboot.img (diskboot.S) reads
+# each blocklist entry's sectors the same way, but copies only 512 bytes per sector read
+# and moves its destination on by as much, as if sectors were 512 bytes; and the rest of
+# core.img starts 512 bytes in, inside diskboot's own sector on a 4Kn disk. Nor does
+# grub-bios-setup (util/setup.c) try: it writes both sector numbers in grub's 512-byte
+# disk units whatever the disk, which on a 4Kn disk point 8 times too far. And a BIOS
+# may not read such a disk at all: SeaBIOS 1.16 refuses a virtio-blk or SCSI disk with
+# 4 KiB sectors (src/hw/virtio-blk.c, src/hw/blockcmd.c).
+SECTOR = 512
 # Built into the images; everything else is loaded from /boot/grub/<platform>/.
 CORE_MODULES = ("part_gpt", "part_msdos", "ext2", "search_fs_uuid", "search", "normal", "configfile")
 BIOS_MODULES = ("biosdisk", *CORE_MODULES)
@@ -47,6 +65,55 @@ DRIVE_CHECK = 0x66
 NT_MAGIC, PART_END = 0x1B8, 0x1FE
 BLOCKLIST = SECTOR - 12  # the first blocklist entry: u64 start, u16 len, u16 segment
 KERNEL_SEG = 0x800
+
+
+class Firmware(StrEnum):
+    BIOS = "bios"
+    UEFI = "uefi"
+
+
+EFI_SYSFS = Path("/sys/firmware/efi")
+
+
+def running_firmware(efi_dir: Path = EFI_SYSFS) -> Firmware:
+    """The firmware that started this ramdisk: the kernel fills /sys/firmware/efi only
+    when UEFI booted it. grub-install picks its default platform by the same test, a
+    directory that is there and not empty (grub-core/osdep/linux/platform.c)."""
+    return Firmware.UEFI if efi_dir.is_dir() and any(efi_dir.iterdir()) else Firmware.BIOS
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    """Which loaders go on the disk, and why one is left out."""
+
+    bios: bool  # boot.img in the MBR and core.img in the BIOS boot partition
+    efi: bool  # EFI/BOOT/BOOTX64.EFI on the ESP
+    note: str | None = None  # for the log and the callback, when a loader is left out
+
+    @property
+    def loaders(self) -> tuple[str, ...]:
+        """Their names as the agent reports them: bios, uefi."""
+        return (*(("bios",) if self.bios else ()), *(("uefi",) if self.efi else ()))
+
+    def describe(self) -> str:
+        return " and ".join(name.upper() for name in self.loaders) + ("" if self.bios else " only")
+
+
+def plan_boot(disk: str, sector: int, firmware: Firmware) -> BootPlan:
+    """Both loaders on a disk of 512-byte sectors. On any other, the UEFI loader only:
+    grub's BIOS boot code cannot load core.img from it (see SECTOR). If this machine
+    started the ramdisk by legacy BIOS, it would never boot the disk, so the disk is
+    refused now, before the first write: with kexec, it would come up once and fail
+    only at its first reboot."""
+    if sector == SECTOR:
+        return BootPlan(bios=True, efi=True)
+    why = f"{disk} has {sector}-byte logical sectors, which grub cannot boot from under legacy BIOS"
+    if firmware is Firmware.BIOS:
+        raise UserError(
+            f"{why}, and this machine started the ramdisk by legacy BIOS",
+            hint="boot the machine by UEFI, or give it a disk with 512-byte logical sectors (512e)",
+        )
+    return BootPlan(bios=False, efi=True, note=f"{why}: installing the UEFI loader only")
 
 
 def early_config(root_uuid: str) -> str:
@@ -148,14 +215,20 @@ def copy_modules(root: Path) -> None:
 
 def install_bios(disk: str, root: Path, root_uuid: str, bios_offset: int, bios_size: int) -> None:
     """Build core.img, keep a copy in /boot/grub/i386-pc, and embed it into the disk."""
-    core_path = root / "boot/grub" / BIOS / "core.img"
-    _mkimage(BIOS, core_path, root_uuid, BIOS_MODULES)
-    core_sector = bios_offset // SECTOR
-    core = patch_core(core_path.read_bytes(), core_sector, bios_size)
-    boot_img = (GRUB_LIB / BIOS / "boot.img").read_bytes()
-    shutil.copy2(GRUB_LIB / BIOS / "boot.img", root / "boot/grub" / BIOS / "boot.img")
     fd = os.open(disk, os.O_RDWR | os.O_CLOEXEC)
     try:
+        # The sector numbers below count 512-byte sectors, as int 13h does only on such a
+        # disk: on any other, refuse rather than write a loader that reads the wrong place.
+        if (size := sector_size(fd)) != SECTOR:
+            raise FatalError(
+                f"{disk} has {size}-byte logical sectors: grub's BIOS boot code cannot load from it"
+            )
+        core_path = root / "boot/grub" / BIOS / "core.img"
+        _mkimage(BIOS, core_path, root_uuid, BIOS_MODULES)
+        core_sector = bios_offset // SECTOR
+        core = patch_core(core_path.read_bytes(), core_sector, bios_size)
+        boot_img = (GRUB_LIB / BIOS / "boot.img").read_bytes()
+        shutil.copy2(GRUB_LIB / BIOS / "boot.img", root / "boot/grub" / BIOS / "boot.img")
         old = os.pread(fd, SECTOR, 0)
         _pwrite(fd, core, bios_offset)
         _pwrite(fd, patch_mbr(boot_img, old, core_sector), 0)

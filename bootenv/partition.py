@@ -6,6 +6,9 @@ One layout boots under both firmwares (see docs/AGENT.md):
     2  esp   260 MiB  EFI system partition (vfat, esp flag): EFI/BOOT/BOOTX64.EFI
     3  root  rest     ext4, the OS sub-image grown to fill it
 
+A disk with 4096-byte sectors has the same layout, but boots by UEFI only: the BIOS
+boot partition is left unwritten there (bootloader.plan_boot says why).
+
 Every partition starts and ends on a 1 MiB boundary, which is aligned for 512- and
 4096-byte sectors, RAID stripes and SSD erase blocks alike.
 """

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from bootenv import bootloader
 from bootenv.agent import partition_devices, run_agent
-from bootenv.bootloader import GRUB_LIB
+from bootenv.bootloader import GRUB_LIB, Firmware
 from bootenv.cmdline import parse_cmdline
-from bootenv.errors import UserError, VerificationError
+from bootenv.errors import FatalError, UserError, VerificationError
 from bootenv.partition import MiB, Role, apply_plan, partition_node, plan_partitions, required_size
 from bootenv.runtime import python_argv, python_env
 from bootenv.source import load_manifest
@@ -145,6 +146,86 @@ def test_partitions_of_a_4k_disk_keep_its_sectors(tools: None, tmp_path: Path) -
         assert int.from_bytes(f.read(2), "little") == 4096  # the FAT boot sector's bytes per sector
 
 
+def test_install_bios_refuses_a_4k_sector_disk_untouched(tools: None, tmp_path: Path) -> None:
+    """boot.img and diskboot.img would read core.img 8 times too far on a 4Kn disk (see
+    bootloader.SECTOR): nothing of grub's BIOS loader is written there."""
+    path = disk_file(tmp_path / "disk4k.img", 1024 * MiB, scribble=False)
+    plan = plan_partitions(1024 * MiB, 4096, 100 * MiB)
+    root = tmp_path / "root"
+    (root / "boot/grub/i386-pc").mkdir(parents=True)  # all install_bios would need
+    with loop(path, "--sector-size", "4096") as dev:
+        apply_plan(dev, plan)
+        before = sha(path)
+        with pytest.raises(FatalError, match=f"{dev} has 4096-byte logical sectors"):
+            bootloader.install_bios(dev, root, "u" * 36, plan.bios.offset, plan.bios.size)
+    assert sha(path) == before
+
+
+def test_a_4kn_disk_under_legacy_bios_is_refused_untouched(
+    tools: None, gold_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = load_manifest(str(gold_image))
+    path = disk_file(tmp_path / "disk4k.img", required_size(manifest.rootfs.min_size, 4096) + 64 * MiB)
+    before = sha(path)
+    monkeypatch.setattr(bootloader, "running_firmware", lambda: Firmware.BIOS)
+    with loop(path, "--sector-size", "4096") as dev:
+        text = f"bootenv.image={gold_image} bootenv.disk={dev} bootenv.handoff=none bootenv.insecure {NONE}"
+        with pytest.raises(UserError, match=f"{dev} has 4096-byte logical sectors.*legacy BIOS"):
+            run_agent(parse_cmdline(text))
+    assert sha(path) == before
+
+
+def test_a_4kn_disk_under_uefi_gets_the_uefi_loader_only(
+    tools: None, gold_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole agent on a disk with 4 KiB logical sectors, as a UEFI machine has it:
+    BOOTX64.EFI on the ESP, no BIOS loader (the BIOS boot partition keeps its old bytes),
+    and the log and the callback say why."""
+    manifest = load_manifest(str(gold_image))
+    path = disk_file(tmp_path / "disk4k.img", required_size(manifest.rootfs.min_size, 4096) + 256 * MiB)
+    old_bios_part = os.urandom(MiB)
+    with open(path, "r+b") as f:
+        os.pwrite(f.fileno(), old_bios_part, MiB)  # where the BIOS boot partition goes
+    monkeypatch.setattr(bootloader, "running_firmware", lambda: Firmware.UEFI)
+    with callback_server() as (url, events), loop(path, "--sector-size", "4096") as dev:
+        text = (
+            f"console=ttyS0,115200n8 bootenv.image={gold_image} bootenv.disk={dev} bootenv.handoff=none "
+            f"bootenv.insecure bootenv.callback={url} {NONE}"
+        )
+        result = run_agent(parse_cmdline(text), ramdisk_cmdline=text)
+    plan = result.plan
+    assert plan.sector_size == 4096 and result.boot.loaders == ("uefi",)
+    with loop(path, "--sector-size", "4096") as dev:
+        dump = json.loads(sh("sfdisk", "--json", dev))["partitiontable"]
+    assert dump["sectorsize"] == 4096
+    assert [(p["start"], p["size"]) for p in dump["partitions"]] == [
+        (p.start, p.length) for p in plan.partitions
+    ]
+    with open(path, "rb") as f:
+        assert os.pread(f.fileno(), MiB, plan.bios.offset) == old_bios_part  # no core.img
+        mbr = os.pread(f.fileno(), 512, 0)
+    assert mbr[0x68:0x1B8] != (GRUB_LIB / "i386-pc/boot.img").read_bytes()[0x68:0x1B8]
+    assert mbr[0x1C2] == 0xEE and mbr[0x1FE:] == b"\x55\xaa"  # a protective MBR all the same
+    esp = ("--offset", str(plan.esp.offset), "--sizelimit", str(plan.esp.size), "--sector-size", "4096")
+    with loop(path, *esp) as espdev:
+        listing = sh("mdir", "-i", espdev, "::/EFI/BOOT", env={**os.environ, "MTOOLS_SKIP_CHECK": "1"})
+        assert "BOOTX64" in listing
+    root = ("--offset", str(plan.root.offset), "--sizelimit", str(plan.root.size), "--sector-size", "4096")
+    with loop(path, *root) as rootdev:
+        sh("e2fsck", "-f", "-n", rootdev)
+        with mounted(rootdev, tmp_path / "root", "-o", "ro") as mnt:
+            assert f"root=UUID={result.identity.root_uuid}" in (mnt / "boot/grub/grub.cfg").read_text()
+    note = f"{dev} has 4096-byte logical sectors, which grub cannot boot from under legacy BIOS"
+    done = [e["step"] for e in events if e["event"] == "step" and e["status"] == "done"]
+    assert done[-1] == "bootloader"
+    last = events[-1]
+    assert (last["step"], last["status"]) == ("handoff", "start")
+    data = last["data"]
+    assert isinstance(data, dict)
+    assert data["bootloaders"] == ["uefi"]
+    assert data["warnings"] == [f"{note}: installing the UEFI loader only"]
+
+
 def test_agent_provisions_a_disk(tools: None, gold_image: Path, tmp_path: Path) -> None:
     for platform in ("i386-pc", "x86_64-efi"):  # the agent installs grub for both
         if not (GRUB_LIB / platform / "kernel.img").is_file():
@@ -200,6 +281,7 @@ def test_agent_provisions_a_disk(tools: None, gold_image: Path, tmp_path: Path) 
     last = events[-1]
     assert (last["step"], last["status"]) == ("handoff", "start")
     assert list(last["data"]["timings"]) == done  # type: ignore[index]
+    assert last["data"]["bootloaders"] == ["bios", "uefi"]  # type: ignore[index]
 
 
 def _check_target(root: Path, root_uuid: str, esp_uuid: str, url: str) -> None:

@@ -181,7 +181,7 @@ def test_cli_agent_reads_the_cmdline_file_and_overrides(
 
     def fake_run(cfg: AgentConfig, *, ramdisk_cmdline: str = "") -> agent.AgentResult:
         seen.append((cfg, ramdisk_cmdline))
-        return agent.AgentResult("/dev/vda", plan, ident, (), None)
+        return agent.AgentResult("/dev/vda", plan, ident, (), None, bootloader.BootPlan(bios=True, efi=True))
 
     monkeypatch.setattr(agent, "run_agent", fake_run)
     monkeypatch.setattr(agent, "finish", lambda cfg, result: handed.append(cfg.handoff))
@@ -261,7 +261,7 @@ def test_single_mode_writes_the_single_image_and_reports_like_split(
     monkeypatch.setattr(agent, "load_checked", lambda source, manifest, which: bmap)
     seen: list[agent.Image] = []
 
-    def write_disk(cfg: object, disk: str, plan: object, image: agent.Image, *rest: object) -> None:
+    def write_disk(cfg: object, disk: str, layout: object, image: agent.Image, *rest: object) -> None:
         seen.append(image)
 
     monkeypatch.setattr(agent, "_write_disk", write_disk)
