@@ -15,14 +15,18 @@ A catalog is a JSON or TOML file (by suffix) with these keys, and no others:
 Without a catalog file, `serve` looks for DIR/catalog.json or DIR/catalog.toml, and
 otherwise offers, for each image, "OS only", "OS + <component>" each, and "all".
 Every image and component named is checked against the image's manifest when loaded.
+No two entries of a catalog share an id: the menu chains to /ipxe/select/<id>.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 import tomllib
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +66,13 @@ class Catalog:
     default: str = LOCAL  # an entry id or "local"
     timeout: float = 10.0  # seconds; 0 waits for a key press
     title: str = "bootenv: choose what to install"
+
+    def __post_init__(self) -> None:
+        # A menu item chains to its entry's id, and `entry` takes the first match: the
+        # second of two entries with one id would install the first's image.
+        why = _id_problem([e.id for e in self.entries])
+        if why is not None:
+            raise CatalogError(f"catalog: {why}")
 
     def entry(self, entry_id: str) -> Entry:
         for e in self.entries:
@@ -107,9 +118,9 @@ def parse_catalog(text: str, *, toml: bool = False, where: str = "catalog") -> C
     _keys(doc, _TOP, {"entries"}, where)
     entries = tuple(_entry(e, i, where) for i, e in enumerate(doc["entries"]))
     ids = [e.id for e in entries]
-    dup = next((i for i in ids if ids.count(i) > 1), None)
-    if dup is not None or LOCAL in ids:
-        raise CatalogError(f"{where}: entry id {dup or LOCAL!r} is used twice or reserved")
+    why = _id_problem(ids)
+    if why is not None:
+        raise CatalogError(f"{where}: {why}")
     # Without one, an unknown machine boots from its disk: none is wiped without a choice.
     default = doc.get("default", LOCAL)
     if default != LOCAL and default not in ids:
@@ -121,6 +132,15 @@ def parse_catalog(text: str, *, toml: bool = False, where: str = "catalog") -> C
     title = doc.get("title", Catalog.title)
     _check_title(title, where)
     return Catalog(entries, default, float(timeout), title)
+
+
+def _id_problem(ids: Sequence[str]) -> str | None:
+    """Why these entry ids cannot make one menu (one used twice, or 'local'), or None."""
+    counts = Counter(ids)
+    dup = next((i for i in ids if counts[i] > 1), None)
+    if dup is not None or LOCAL in counts:
+        return f"entry id {dup or LOCAL!r} is used twice or reserved"
+    return None
 
 
 def _check_title(title: str, where: str) -> None:
@@ -202,7 +222,7 @@ def check_catalog(catalog: Catalog, images: Path) -> None:
 
 def default_catalog(images: Path) -> Catalog:
     """One entry per image for the OS alone, each component, and all components."""
-    entries: list[Entry] = []
+    offers: list[tuple[str, str, str]] = []  # image, components, title
     dirs = sorted(p for p in images.iterdir() if (p / MANIFEST).is_file()) if images.is_dir() else []
     for d in dirs:
         name = d.name
@@ -211,9 +231,34 @@ def default_catalog(images: Path) -> Catalog:
         except UserError as exc:  # a name iPXE can't carry, or a broken image: not offered
             log.warning("image %s is left out of the menu: %s", name, exc)
             continue
-        entries.append(Entry(_slug(f"{name}-none"), f"{name}: OS only", name, "none"))
-        for c in manifest.components:
-            entries.append(Entry(_slug(f"{name}-{c.name}"), f"{name}: OS + {c.name}", name, c.name))
+        offers.append((name, "none", f"{name}: OS only"))
+        offers += [(name, c.name, f"{name}: OS + {c.name}") for c in manifest.components]
         if manifest.components:
-            entries.append(Entry(_slug(f"{name}-all"), f"{name}: all", name, "all"))
+            offers.append((name, "all", f"{name}: all"))
+    ids = _generated_ids([(image, comps) for image, comps, _ in offers])
+    entries = (Entry(i, title, image, comps) for i, (image, comps, title) in zip(ids, offers, strict=True))
     return Catalog(tuple(entries), default=LOCAL)
+
+
+def _generated_ids(offers: Sequence[tuple[str, str]]) -> list[str]:
+    """Each offer's id: IMAGE-COMPONENT as a slug, unless another offer has the same slug
+    (`rack` + `db-main` and `rack-db` + `main`, `Deb12` and `deb12`, `web.1` and `web-1`,
+    two long names cut at the same place). Those get a hash of their own image and
+    component instead, so an id depends only on the images there are, never on the order
+    a directory lists them in, and names one offer (a hashed id that is some other
+    offer's slug sends that one to its hash too)."""
+    ids = [_slug(f"{image}-{comps}") for image, comps in offers]
+    hashed = [_hashed_id(image, comps) for image, comps in offers]
+    while True:
+        counts = Counter(ids)
+        clashing = [n for n, i in enumerate(ids) if counts[i] > 1 and i != hashed[n]]
+        if not clashing:
+            return ids  # unique, unless two hashes clash: Catalog refuses that
+        for n in clashing:
+            ids[n] = hashed[n]
+
+
+def _hashed_id(image: str, comps: str) -> str:
+    # No image or component name holds a '/', so the hashed text names one offer.
+    digest = hashlib.sha256(f"{image}/{comps}".encode()).hexdigest()[:8]
+    return f"{_slug(f'{image}-{comps}')[:54].rstrip('-')}-{digest}"
