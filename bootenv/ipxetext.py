@@ -10,6 +10,14 @@ version matters.
 
 Values the admin gives (catalog titles, kernel arguments) are refused at the edge with
 `problem`'s reason; free text from elsewhere (an agent's error message) is `scrub`bed.
+
+Where a text stands in its line matters too, and `problem` cannot see that: iPXE's
+option parser (src/core/getopt.c) reads the words after a command as options until the
+first word that does not start with `-`, or a word `--` (taken as the end of options).
+A text that may start with `-` and is a command's first argument (`menu`'s title) is
+read as options (`menu --- rack 4 ---` fails, ending the script; `menu -d x` makes no
+menu at all): put `--` before it. After the first argument (an `item`'s text follows
+its label, kernel arguments the kernel's URL) a leading `-` is plain text.
 """
 
 from __future__ import annotations
