@@ -153,7 +153,9 @@ def menu_script(catalog: Catalog, base_url: str, *, mac: str | None = None) -> s
         "#!ipxe",
         "# bootenv menu, generated from the catalog",
         ":menu",
-        f"menu {_safe(catalog.title)} ({who})",
+        # `--` ends iPXE's options (src/core/getopt.c): a title such as `--- rack 4 ---`
+        # would be read as one, and the failed `menu` would end the script.
+        f"menu -- {_safe(catalog.title)} ({who})",
     ]
     if catalog.entries:
         lines.append("item --gap Install")

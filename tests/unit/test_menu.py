@@ -66,7 +66,17 @@ def test_menu_has_one_item_per_entry_plus_local_disk_with_default_and_timeout() 
     ]
     assert "choose --default e1 --timeout 7500 target && goto ${target} || goto local" in script
     assert f"chain {BASE}/ipxe/select/lamp-web?mac=${{net0/mac}} || goto failed" in script
-    assert "menu ACME rack 4" in script
+    assert "\nmenu -- ACME rack 4 (${net0/mac})\n" in script
+
+
+@pytest.mark.parametrize("title", ["--- ACME rack 4 ---", "-d", "--help", "-n rack", "  -x rack"])
+def test_a_menu_title_starting_with_a_dash_is_not_read_as_an_option(title: str) -> None:
+    script = menu_script(Catalog(CATALOG.entries, title=title), BASE, mac=MAC)
+    words = next(line for line in script.splitlines() if line.startswith("menu ")).split()
+    # iPXE reads words starting with '-' as options up to the first other word or '--',
+    # and then joins the rest with single spaces: the title.
+    assert words[1] == "--"
+    assert " ".join(words[2:]) == f"{' '.join(title.split())} ({MAC})"
 
 
 def test_menu_for_a_known_mac_names_it_and_defaults_to_local_disk() -> None:
