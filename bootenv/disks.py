@@ -8,7 +8,9 @@ The rule (also in docs/AGENT.md):
 2. `bootenv.disk=/dev/X` (or a symlink to it, such as /dev/disk/by-id/...: see
    `resolve_selector`), `serial:S` or `path:P` picks that one disk, and fails (with
    the reason) if rule 1 rejects it. Only a disk named this way may be a virtual
-   device (loop, ram, zram, optical, device-mapper, md, nbd).
+   device (loop, ram, zram, optical, device-mapper, md, nbd) or a disk on USB (see
+   `bus_of`: many USB sticks and SSDs say they are not removable, and the stick iPXE
+   booted from is not mounted).
 3. `auto` picks, among the rest: non-rotational disks first, then the smallest disk
    that fits, then the one with the lowest stable path (udev's ID_PATH, else the
    device name). So the same hardware always gets the same choice.
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 VIRTUAL_PREFIXES = ("loop", "ram", "zram", "sr", "fd", "dm-", "md", "nbd")
+USB_BUS = re.compile(r"usb[0-9]+")  # a USB bus (its root hub) in a sysfs device path
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class DiskInfo:
     serial: str = ""  # ID_SERIAL
     serial_short: str = ""  # ID_SERIAL_SHORT
     id_path: str = ""  # ID_PATH, e.g. pci-0000:00:04.0
+    bus: str = ""  # ID_BUS ("ata", "scsi", ...), but "usb" for any disk on USB: see `bus_of`
     model: str = ""
     mounts: tuple[str, ...] = ()  # mount points of the disk or its partitions
     holders: tuple[str, ...] = ()  # md/dm devices built on it
@@ -50,6 +56,11 @@ class DiskInfo:
     @property
     def name(self) -> str:
         return self.devnode.rsplit("/", 1)[-1]
+
+    @property
+    def usb(self) -> bool:
+        # ID_PATH too, for a record made without `bus_of` (it reads ID_PATH the same way).
+        return self.bus == "usb" or "-usb-" in self.id_path
 
     def describe(self) -> str:
         bits = [self.devnode, human_bytes(self.size)]
@@ -80,6 +91,8 @@ def rejection(disk: DiskInfo, min_size: int, *, auto: bool = True) -> str | None
         return "holds the running root or the boot media"
     if disk.removable:
         return "removable"
+    if auto and disk.usb:
+        return "on USB (name it in bootenv.disk= to install on it)"
     if disk.read_only:
         return "read-only"
     if disk.size == 0:
@@ -91,6 +104,23 @@ def rejection(disk: DiskInfo, min_size: int, *, auto: bool = True) -> str | None
     if disk.holders:
         return f"in use by {', '.join(disk.holders)}"
     return None
+
+
+def bus_of(properties: Mapping[str, str], devpath: str) -> str:
+    """The disk's bus: udev's ID_BUS, but "usb" for any disk reached over USB.
+
+    ID_BUS alone misses some: udev runs ata_id on a USB disk that says it is not
+    removable (a SATA disk in an enclosure, many USB SSDs), and ata_id sets ID_BUS=ata
+    (60-persistent-storage.rules). The path says USB whatever the disk answers: a
+    `-usb-` part in ID_PATH (as in /dev/disk/by-path), or a USB bus (`usb1`) among the
+    parents in the device's sysfs path (DEVPATH: /devices/pci0000:00/.../usb2/2-3/...).
+    """
+    bus = properties.get("ID_BUS", "")
+    if bus == "usb" or "-usb-" in properties.get("ID_PATH", ""):
+        return "usb"
+    if any(USB_BUS.fullmatch(part) for part in devpath.split("/")):
+        return "usb"
+    return bus
 
 
 def resolve_selector(sel: DiskSelector) -> DiskSelector:
@@ -194,6 +224,7 @@ def read_disks(mountinfo: str | None = None) -> list[DiskInfo]:
                 serial=dev.properties.get("ID_SERIAL", ""),
                 serial_short=dev.properties.get("ID_SERIAL_SHORT", ""),
                 id_path=dev.properties.get("ID_PATH", ""),
+                bus=bus_of(dev.properties, dev.device_path),
                 model=dev.properties.get("ID_MODEL", ""),
                 mounts=tuple(sorted(set(mounts))),
                 holders=tuple(holders),

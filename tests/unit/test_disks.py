@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from bootenv.cmdline import DiskKind, DiskSelector, parse_disk
-from bootenv.disks import DiskInfo, choose_disk, rejection
+from bootenv.disks import DiskInfo, bus_of, choose_disk, rejection
 from bootenv.errors import UserError
 
 GiB = 1 << 30
@@ -119,3 +121,104 @@ def test_ambiguous_serial_is_refused() -> None:
 
 def test_empty_card_reader() -> None:
     assert rejection(disk("sdh", 0), NEED) == "no medium (size 0)"
+
+
+UDEV = Path(__file__).parent / "udev"
+
+
+def udev_props(dump: str) -> tuple[dict[str, str], str]:
+    """The properties (E:) and the sysfs path (P:) in one `udevadm info --query=all` dump."""
+    lines = (UDEV / dump).read_text().splitlines()
+    devpath = next(line[3:] for line in lines if line.startswith("P: "))
+    return dict(line[3:].split("=", 1) for line in lines if line.startswith("E: ")), devpath
+
+
+def udev_disk(dump: str, size: int, **kw: object) -> DiskInfo:
+    """A DiskInfo as `read_disks` makes it from a dump."""
+    props, devpath = udev_props(dump)
+    return DiskInfo(
+        devnode=props["DEVNAME"],
+        size=size,
+        serial=props.get("ID_SERIAL", ""),
+        serial_short=props.get("ID_SERIAL_SHORT", ""),
+        id_path=props.get("ID_PATH", ""),
+        model=props.get("ID_MODEL", ""),
+        bus=bus_of(props, devpath),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.mark.parametrize(
+    ("dump", "bus"),
+    [("usb-stick.txt", "usb"), ("usb-sata-enclosure.txt", "usb"), ("sata-hdd.txt", "ata"), ("nvme.txt", "")],
+)
+def test_the_bus_comes_from_udev(dump: str, bus: str) -> None:
+    props, devpath = udev_props(dump)
+    assert bus_of(props, devpath) == bus
+
+
+def test_a_usb_disk_is_known_by_any_one_of_its_signs() -> None:
+    """ID_BUS says ata for a SATA disk in a USB enclosure (udev's ata_id answers for it):
+    its ID_PATH says USB, and so does its sysfs path, each on its own."""
+    props, devpath = udev_props("usb-sata-enclosure.txt")
+    assert props["ID_BUS"] == "ata"
+    assert bus_of(props, "") == "usb"  # ID_PATH
+    no_path = {k: v for k, v in props.items() if k != "ID_PATH"}
+    assert bus_of(no_path, devpath) == "usb"  # the usb2 bus in the sysfs path
+    assert bus_of(no_path, "") == "ata"
+    stick, stick_path = udev_props("usb-stick.txt")
+    assert bus_of({"ID_BUS": stick["ID_BUS"]}, "") == "usb"
+    assert bus_of({}, stick_path) == "usb"
+    for dump in ("sata-hdd.txt", "nvme.txt"):
+        assert bus_of({}, udev_props(dump)[1]) == ""
+
+
+TB, GB = 10**12, 10**9
+
+
+def test_auto_never_takes_a_usb_disk() -> None:
+    """Two 4 TB HDDs and the 16 GB stick iPXE came from, which says it is not removable
+    and is not mounted: the stick was the smallest disk that fits. An NVMe and a USB SSD
+    (an ata_id disk: ID_BUS=ata): the USB SSD was the smaller SSD."""
+    stick = udev_disk("usb-stick.txt", 16 * GB, rotational=True)
+    hdds = [
+        udev_disk("sata-hdd.txt", 4 * TB, rotational=True),
+        disk("sdb", 4 * TB, rotational=True, bus="ata", id_path="pci-0000:00:17.0-ata-2.0"),
+    ]
+    choice = choose_disk([*hdds, stick], DiskSelector(), NEED)
+    assert choice.disk.name == "sda"
+    assert reasons(choice.rejected)["sdc"] == "on USB (name it in bootenv.disk= to install on it)"
+    usb_ssd = udev_disk("usb-sata-enclosure.txt", 250 * GB)
+    nvme = udev_disk("nvme.txt", 960 * GB)
+    assert choose_disk([usb_ssd, nvme], DiskSelector(), NEED).disk.name == "nvme0n1"
+
+
+def test_a_usb_disk_is_taken_when_named() -> None:
+    stick = udev_disk("usb-stick.txt", 16 * GB)
+    usb_ssd = udev_disk("usb-sata-enclosure.txt", 250 * GB)
+    both = [stick, usb_ssd]
+    with pytest.raises(UserError, match=r"/dev/sdc: on USB \(name it in bootenv.disk=.*; /dev/sdd: on USB"):
+        choose_disk(both, DiskSelector(), NEED)
+    for sel, want in (
+        ("/dev/sdc", "sdc"),
+        ("serial:S6PENL0T412345A", "sdd"),
+        ("path:pci-0000:00:14.0-usb-0:2:1.0-scsi-0:0:0:0", "sdd"),
+    ):
+        assert choose_disk(both, parse_disk(sel), NEED).disk.name == want
+    # Named, it still obeys the other rules.
+    with pytest.raises(UserError, match="/dev/sdc: removable"):
+        choose_disk([replace(stick, removable=True)], parse_disk("/dev/sdc"), NEED)
+
+
+def test_a_smaller_emmc_wins_over_an_nvme() -> None:
+    """The documented rule holds across kinds: the smallest non-rotational disk that fits
+    wins (the eMMC), keeping the NVMe for data; its boot areas are read-only and tiny."""
+    emmc = [
+        disk("mmcblk0", 32 * GB, id_path="platform-80860F14:00"),
+        disk("mmcblk0boot0", 4 << 20, read_only=True, id_path="platform-80860F14:00"),
+        disk("mmcblk0boot1", 4 << 20, read_only=True, id_path="platform-80860F14:00"),
+    ]
+    choice = choose_disk([*emmc, udev_disk("nvme.txt", 960 * GB)], DiskSelector(), NEED)
+    assert choice.disk.name == "mmcblk0"
+    assert reasons(choice.rejected)["nvme0n1"] == "/dev/mmcblk0 is preferred"
+    assert reasons(choice.rejected)["mmcblk0boot0"] == "read-only"
