@@ -7,6 +7,12 @@ was queued) and "seq" (1, 2, ... in this sender) name an event: an attempt made 
 after a timeout or a 502 that came after the server took it, carries the same pair, and
 `bootenv serve` takes it once.
 
+Every event is made to fit what `bootenv serve` takes (`fit`), here, for every sender:
+a text field (a failure's message, a path) over MAX_TEXT characters is cut, saying so,
+a NUL in one becomes the text `\\x00`, and `data` too big for the body is replaced by
+a note. Serve refuses the whole of an event that breaks a limit, and the event that
+matters most, the final error, is the one that carries a long message.
+
 Posting is best effort, and never holds up provisioning: events are queued, in the
 order they are sent from any thread, and a thread of their own posts them over one
 HTTP session. A server that is busy for a moment (a rack booting at once: `bootenv
@@ -22,6 +28,7 @@ could not post.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -38,6 +45,12 @@ RETRY_WAIT = 5.0  # at most between two attempts; a longer Retry-After is cut to
 CLOSE_WAIT = 15.0  # for the queued events, once provisioning is done (and the last attempt)
 QUEUE = 10_000  # events waiting at most; past that, new ones are dropped (and counted)
 _BUSY = frozenset({429, 502, 503, 504})
+# What `bootenv serve` takes (machines.MAX_TEXT, serve.MAX_BODY; tests/unit/test_callback.py
+# holds them together): characters of one text field, and bytes of one field and of the
+# body as JSON, which escapes what is not ASCII (a character can take 12 bytes).
+MAX_TEXT = 4000
+MAX_TEXT_JSON = 8000
+MAX_BODY = 64_000
 Event = dict[str, Any]
 
 
@@ -76,7 +89,7 @@ class Callback:
 
     def send(self, body: Event) -> None:
         """Queue an event that already has its "event" key (the source is added)."""
-        body = {"source": self.source, "time": time.time(), **body}
+        body = fit({"source": self.source, "time": time.time(), **body})
         with self._lock:
             self._seq += 1
             body["seq"] = self._seq  # its name, with its time: see the module's doc
@@ -192,7 +205,7 @@ class Callback:
         try:
             yield
         except BaseException as exc:
-            message = str(exc)[:4000] or type(exc).__name__
+            message = str(exc) or type(exc).__name__  # cut to fit by `send`
             self.post(
                 "step",
                 step=name,
@@ -205,6 +218,28 @@ class Callback:
         elapsed = time.monotonic() - start
         self.timings[name] = elapsed
         self.post("step", step=name, status="done", elapsed=elapsed, **fields)
+
+
+def fit(body: Event) -> Event:
+    """`body` as `bootenv serve` takes it (see the module's doc). The console and the
+    log have the whole message."""
+    out = {k: _text(v) if isinstance(v, str) else v for k, v in body.items()}
+    if "data" in out:
+        size = len(json.dumps({**out, "seq": 0}, default=str))  # what JSON cannot hold fails in _run
+        if size > MAX_BODY:
+            out["data"] = {"cut": f"data left out: the event was {size} bytes, over {MAX_BODY}"}
+    return out
+
+
+def _text(value: str) -> str:
+    value = value.replace("\x00", "\\x00")
+    if len(value) <= MAX_TEXT and len(json.dumps(value)) <= MAX_TEXT_JSON:
+        return value
+    tail = f" [cut: {len(value)} characters]"
+    keep = MAX_TEXT - len(tail)
+    while len(json.dumps(value[:keep])) > MAX_TEXT_JSON - len(tail):
+        keep = keep * 3 // 4
+    return value[:keep] + tail
 
 
 def retry_after(header: str | None, default: float) -> float:

@@ -3,20 +3,28 @@ never hold up the sender, survive a busy server, and a dead one costs little."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import socket
+import string
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 import pytest
 
-from bootenv import callback
+from bootenv import callback, machines, serve
 from bootenv.callback import Callback, retry_after
+from bootenv.cmdline import DiskSelector
+from bootenv.disks import DiskInfo, choose_disk
+from bootenv.errors import UserError
+from bootenv.serve import ServeConfig, running
 from tests.conftest import serving
+from tests.serveimage import make_image
 
 Answer = Callable[[dict[str, object], int], tuple[int, dict[str, str]]]  # (event, request no.)
 
@@ -262,3 +270,60 @@ def test_close_with_a_full_queue_returns(
     files = [int(str(e["files"])) for e in took]
     assert files == sorted(files) and 3 <= len(files) <= 4
     assert f"{10 - len(files)} event(s) could not be posted" in caplog.text
+
+
+def test_every_event_fits_what_serve_takes(tmp_path: Path) -> None:
+    """The agent's final error carried its message whole: on a 90-disk machine whose
+    disks are all too small, 5338 characters. `bootenv serve` refused it (400, over its
+    MAX_TEXT), so the machine showed no error, while the step's `failed` event, cut by
+    hand, got through. Every text field of every event is cut to fit now, in one place."""
+    names = ["".join(p) for p in itertools.islice(itertools.product(string.ascii_lowercase, repeat=2), 90)]
+    disks = [DiskInfo(f"/dev/sd{n}", 1 << 30, rotational=True) for n in names]
+    with pytest.raises(UserError) as info:
+        choose_disk(disks, DiskSelector(), 8 << 30)
+    message = str(info.value)
+    assert len(message) > machines.MAX_TEXT
+    make_image(tmp_path / "images")
+    mac = "52:54:00:00:00:70"
+    with running(ServeConfig(images=tmp_path / "images", state=tmp_path / "state", port=0)) as srv:
+        cb = Callback(f"http://127.0.0.1:{srv.port}/callback/{mac}", "agent")
+        with pytest.raises(UserError), cb.step("disk"):
+            raise info.value
+        cb.post("error", message=message, fatal=False, data={"timings": {"manifest": 1.5}})
+        cb.post("conflict", component="web", path="/etc/\x00" + "é" * 5000, fatal=False)
+        cb.post("components_laid_out", data={"notes": ["\U0001f4be" * 6000]})
+        cb.post("error", message="\U0001f4be" * 3000 + "\udcff" * 3000, fatal=True, data={"timings": {}})
+        cb.close()
+        events = srv.store.events(mac)
+    assert [(e["event"], e.get("status")) for e in events] == [
+        ("step", "start"),
+        ("step", "failed"),
+        ("error", None),
+        ("conflict", None),
+        ("components_laid_out", None),
+        ("error", None),
+    ]
+    for failed in events[1:3]:
+        assert failed["message"].startswith(message[:3000])
+        assert failed["message"].endswith(f" [cut: {len(message)} characters]")
+    assert events[2]["data"] == {"timings": {"manifest": 1.5}}
+    assert events[3]["path"].startswith("/etc/\\x00éé")
+    assert events[4]["data"]["cut"].startswith("data left out: the event was ")
+    assert events[5]["message"].endswith(" [cut: 6000 characters]")
+
+
+def test_the_cut_keeps_under_serves_limits() -> None:
+    """The worst an event can be: every text field as long as it may be, in characters
+    JSON writes as 12 bytes each, and data too."""
+    assert callback.MAX_TEXT <= machines.MAX_TEXT
+    huge = "\U0001f4be" * machines.MAX_TEXT
+    body = {k: huge for k, typ in machines._FIELDS.items() if typ is str}
+    body.update(event=huge, data={"x": huge * 10}, time=time.time(), seq=10**9)
+    sent = json.dumps(callback.fit(body))
+    assert len(sent) <= serve.MAX_BODY
+    fitted = json.loads(sent)
+    assert all(len(v) <= machines.MAX_TEXT for v in fitted.values() if isinstance(v, str))
+    assert callback.fit({"event": "done", "message": "short\x00"}) == {
+        "event": "done",
+        "message": "short\\x00",
+    }
