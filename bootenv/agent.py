@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bootenv import bootloader, handoff, ramdisk_plan, target
@@ -123,13 +123,23 @@ def report_bad_settings(callback: str | None, error: BootenvError) -> None:
     """Post settings the agent refuses to their callback, when that URL is sound itself
     (`cmdline.callback_of`): the machine would otherwise wait in the ramdisk's shell
     with nobody told. Best effort, as every event."""
+    post_error(callback, str(error))
+
+
+def post_error(callback: str | None, message: str, timings: Mapping[str, float] | None = None) -> None:
+    """Post a fatal error outside `run_agent` (whose callback is closed then), on a
+    callback of its own, waiting for it as `run_agent` waits for its last events."""
     if callback is None:
         return
     report = Report(callback)
     try:
-        report.post("error", message=str(error), fatal=True, data={"timings": {}})
+        report.post("error", message=message, fatal=True, data={"timings": dict(timings or {})})
     finally:
         report.close()
+
+
+def describe_error(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, BootenvError) else f"{type(exc).__name__}: {exc}"
 
 
 @dataclass(frozen=True)
@@ -140,6 +150,7 @@ class AgentResult:
     components: tuple[str, ...]
     kexec: handoff.KexecSpec | None
     boot: bootloader.BootPlan  # which loaders were installed, and why one was left out
+    timings: Mapping[str, float] = field(default_factory=dict)  # of the steps, for `finish`
 
 
 def run_agent(cfg: AgentConfig, *, ramdisk_cmdline: str = "") -> AgentResult:
@@ -148,9 +159,9 @@ def run_agent(cfg: AgentConfig, *, ramdisk_cmdline: str = "") -> AgentResult:
     report = Report(cfg.callback, ident.hostname)
     report.post("start", data={"hostname": ident.hostname, "image": cfg.image})
     try:
-        return _provision(cfg, ident, report, ramdisk_cmdline)
+        return replace(_provision(cfg, ident, report, ramdisk_cmdline), timings=report.timings)
     except Exception as exc:
-        message = str(exc) if isinstance(exc, BootenvError) else f"{type(exc).__name__}: {exc}"
+        message = describe_error(exc)
         log.error("provisioning failed: %s", message)
         report.post("error", message=message, fatal=True, data={"timings": report.timings})
         raise
@@ -441,10 +452,23 @@ def wipe_disk(disk: str, plan: PartitionPlan) -> None:
 
 
 def finish(cfg: AgentConfig, result: AgentResult) -> None:
-    """Hand off to the installed system (does not return for kexec/reboot)."""
+    """Hand off to the installed system (does not return for kexec/reboot).
+
+    A hand-off that fails (`kexec -e` refused, `reboot` missing) is posted as a fatal
+    error: `run_agent` has closed its callback by then, so that its last events were
+    posted before the kexec, and serve would otherwise keep the machine at os_written,
+    with no error, while it waits in the ramdisk's shell."""
     if cfg.handoff is Handoff.NONE:
         log.info("bootenv.handoff=none: staying in the ramdisk")
         return
-    if cfg.handoff is Handoff.KEXEC and result.kexec is None:
-        raise FatalError("no kernel was loaded for kexec")
-    handoff.execute(cfg.handoff)
+    try:
+        if cfg.handoff is Handoff.KEXEC and result.kexec is None:
+            raise FatalError("no kernel was loaded for kexec")
+        handoff.execute(cfg.handoff)
+    except Exception as exc:
+        message = (
+            f"hand-off ({cfg.handoff.value}) failed, {result.disk} is provisioned: {describe_error(exc)}"
+        )
+        log.error("%s", message)
+        post_error(cfg.callback, message, result.timings)
+        raise

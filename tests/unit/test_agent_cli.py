@@ -7,9 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from bootenv import agent, cli
-from bootenv.cmdline import AgentConfig
-from bootenv.errors import FatalError
+from bootenv import agent, cli, handoff, target
+from bootenv.cmdline import AgentConfig, Handoff
+from bootenv.errors import CommandError, FatalError
+from bootenv.machines import State
+from bootenv.partition import plan_partitions
+from bootenv.serve import ServeConfig, running
+from tests.serveimage import make_image
 
 IMG = b"bootenv.image=http://10.0.2.2:8080/img"
 
@@ -91,3 +95,73 @@ def test_bad_settings_are_posted_to_a_callback_that_parsed(
     for words in (b" bootenv.callback=ftp://x/cb", callback + callback, callback + b" bootenv.callback=nope"):
         assert cli.main(agent_with(tmp_path, IMG + words + b"\n")) == 2
     assert len(got) == 1
+
+
+def provisioned(cfg: AgentConfig, *, ramdisk_cmdline: str = "") -> agent.AgentResult:
+    """run_agent that wrote the disk: it posts what a real run posts up to the hand-off,
+    and closes its callback, as a real run does before `finish`."""
+    report = agent.Report(cfg.callback)
+    report.post("start", data={"hostname": "web1", "image": cfg.image})
+    with report.step("write-os", "Streaming the OS sub-image to /dev/sdz3"):
+        pass
+    report.post("step", step="handoff", status="start", data={"disk": "/dev/sdz", "mode": cfg.handoff.value})
+    report.close()
+    kexec = (
+        handoff.KexecSpec(Path("/vmlinuz"), None, "root=UUID=x ro") if cfg.handoff is Handoff.KEXEC else None
+    )
+    plan = plan_partitions(8 << 30, 512, 1 << 30)
+    return agent.AgentResult("/dev/sdz", plan, target.new_identity("web1"), (), kexec, report.timings)
+
+
+@pytest.mark.parametrize(
+    ("mode", "answer", "code", "why"),
+    [
+        (
+            "kexec",
+            "kexec_core: Starting new kernel failed: Device or resource busy",
+            5,
+            "Starting new kernel",
+        ),
+        ("kexec", None, 1, "kexec -e returned"),
+        ("reboot", "Failed to talk to init daemon", 5, "reboot exited with 1"),
+    ],
+)
+def test_a_failed_hand_off_reaches_serve(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    mode: str,
+    answer: str | None,
+    code: int,
+    why: str,
+) -> None:
+    """`kexec -e` that failed ended the agent on the console (exit 5), but run_agent had
+    closed its callback before the hand-off, so nothing was posted: serve kept the
+    machine at os_written, with no error, while it sat in the ramdisk's shell."""
+    ran: list[list[str]] = []
+
+    def run(argv: list[str], **kw: object) -> None:
+        ran.append(argv)
+        if answer is not None:
+            raise CommandError(argv, 1, answer)
+
+    monkeypatch.setattr(agent, "run_agent", provisioned)
+    monkeypatch.setattr(handoff, "run", run)
+    monkeypatch.setattr(handoff, "which", lambda tool: tool)
+    make_image(tmp_path / "images")
+    mac = "52:54:00:00:00:60"
+    with running(ServeConfig(images=tmp_path / "images", state=tmp_path / "state", port=0)) as srv:
+        url = f"http://127.0.0.1:{srv.port}/callback/{mac}"
+        words = IMG + f" bootenv.callback={url} bootenv.handoff={mode}\n".encode()
+        assert cli.main(agent_with(tmp_path, words)) == code
+        machine, events = srv.store.get(mac), srv.store.events(mac)
+    assert ran == [["kexec", "-e"] if mode == "kexec" else ["reboot", "-f"]]
+    assert machine is not None and machine.state is State.FAILED, machine
+    assert machine.error is not None and why in machine.error
+    assert machine.error.startswith(f"hand-off ({mode}) failed, /dev/sdz is provisioned: ")
+    assert [(e["event"], e.get("step"), e.get("status")) for e in events][-2:] == [
+        ("step", "handoff", "start"),
+        ("error", None, None),
+    ]
+    assert events[-1]["fatal"] is True and set(events[-1]["data"]["timings"]) == {"write-os"}
+    assert why in capsys.readouterr().err.splitlines()[-1]
