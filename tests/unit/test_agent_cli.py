@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bootenv import agent, cli, handoff, target
+from bootenv import agent, bootloader, cli, handoff, target
 from bootenv.cmdline import AgentConfig, Handoff
 from bootenv.errors import CommandError, FatalError
 from bootenv.machines import State
@@ -110,7 +110,8 @@ def provisioned(cfg: AgentConfig, *, ramdisk_cmdline: str = "") -> agent.AgentRe
         handoff.KexecSpec(Path("/vmlinuz"), None, "root=UUID=x ro") if cfg.handoff is Handoff.KEXEC else None
     )
     plan = plan_partitions(8 << 30, 512, 1 << 30)
-    return agent.AgentResult("/dev/sdz", plan, target.new_identity("web1"), (), kexec, report.timings)
+    boot = bootloader.BootPlan(bios=True, efi=True)
+    return agent.AgentResult("/dev/sdz", plan, target.new_identity("web1"), (), kexec, boot, report.timings)
 
 
 @pytest.mark.parametrize(
