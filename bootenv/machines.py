@@ -236,11 +236,12 @@ def assign(
 ) -> Machine:
     """A fresh assignment: the machine will be provisioned on its next network boot."""
     image = check_image(image)
+    components = check_components(components)  # "a, b" is "a,b", as in the catalog
     check_boot_args(image, components, hostname, kernel_args)
     return Machine(
         mac=normalize_mac(mac),
         image=image,
-        components=check_components(components),
+        components=components,
         state=State.ASSIGNED,
         timeline=(Mark(State.ASSIGNED, now),),
         hostname=hostname,

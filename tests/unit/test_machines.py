@@ -435,3 +435,15 @@ def test_a_record_edited_into_what_no_script_can_hold_is_damaged(field: str, val
     doc[field] = value
     with pytest.raises(UserError, match="is damaged"):
         from_dict(doc)
+
+
+def test_components_are_taken_with_spaces_as_the_catalog_takes_them(tmp_path: Path) -> None:
+    """`--components "mysql, php"` was refused as `bootenv.components: '' is not a
+    component name`: the boot arguments were checked before the names were normalised."""
+    from bootenv.cli import main
+
+    assert assign(MAC, "lamp", " mysql, php ", now=1.0).components == "mysql,php"
+    state = tmp_path / "state"
+    assert main(["assign", MAC, "lamp", "--components", "mysql, php", "--state", str(state)]) == 0
+    machine = Store(state).get(MAC)
+    assert machine is not None and machine.components == "mysql,php"
