@@ -352,8 +352,8 @@ class Handler(BaseHTTPRequestHandler):
         if ok:
             # A body this server does not read (a GET's, or one refused before reading)
             # must not be taken for the next request on the connection.
-            self.unread = bool(self.headers.get("Transfer-Encoding")) or (
-                self.headers.get("Content-Length", "0").strip() not in ("", "0")
+            self.unread = bool(self.headers.get("Transfer-Encoding")) or bool(
+                _lengths(self.headers) - {"", "0"}
             )
         return ok
 
@@ -478,7 +478,10 @@ class Handler(BaseHTTPRequestHandler):
             raise _AnswerError(HTTPStatus.BAD_REQUEST, exc.message) from exc
 
     def _body(self) -> object:
-        length = self.headers.get("Content-Length", "").strip()
+        lengths = _lengths(self.headers)
+        if len(lengths) > 1:  # which one frames the body? A proxy may have taken the other
+            raise _AnswerError(HTTPStatus.BAD_REQUEST, "Content-Length headers that differ")
+        length = lengths.pop() if lengths else ""
         if self.headers.get("Transfer-Encoding") or not _LENGTH.fullmatch(length):
             raise _AnswerError(HTTPStatus.LENGTH_REQUIRED, "a callback needs a Content-Length")
         if int(length) > self.server.config.max_body:
@@ -584,6 +587,11 @@ class Handler(BaseHTTPRequestHandler):
                 length,
             )
             self.close_connection = True
+
+
+def _lengths(headers: Any) -> set[str]:
+    """The values of a request's Content-Length headers (one may list several)."""
+    return {v.strip() for field in headers.get_all("Content-Length", []) for v in str(field).split(",")}
 
 
 class _AnswerError(Exception):

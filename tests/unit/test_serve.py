@@ -648,3 +648,22 @@ def test_a_menu_choice_never_replaces_an_admins_assignment(tmp_path: Path) -> No
     machine = store.get(MAC)
     assert machine is not None and machine.components == "mysql"
     assert store.put(menu_choice, only_if=lambda m: True)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "status"),
+    [(["17", "5"], 400), (["17, 5"], 400), (["5", "17"], 400), (["17", "17"], 200), (["17, 17"], 200)],
+)
+def test_content_lengths_that_differ_are_a_400(
+    server: BootenvServer, lengths: list[str], status: int
+) -> None:
+    """Which one frames the body? A proxy in front may have used the other: refused,
+    and the connection closed. The same length given twice is that length (RFC 9110)."""
+    head = "".join(f"Content-Length: {n}\r\n" for n in lengths)
+    answer = raw_exchange(
+        server,
+        f"POST /callback/{OTHER} HTTP/1.1\r\nHost: x\r\n{head}Connection: close\r\n\r\n".encode()
+        + b'{"event":"start"}',
+    )
+    assert answer.startswith(f"HTTP/1.1 {status}".encode()) and answer.count(b"HTTP/1.1 ") == 1
+    assert (Store(server.config.state).get(OTHER) is None) is (status == 400)
