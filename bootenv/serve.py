@@ -526,7 +526,9 @@ class Handler(BaseHTTPRequestHandler):
         if path is None:
             raise _AnswerError(HTTPStatus.FORBIDDEN, "path leaves the served directory")
         try:
-            f = open(path, "rb")
+            # O_NONBLOCK: a FIFO's open does not wait for a writer (that held the thread
+            # for good); anything but a regular file is refused below.
+            f = open(path, "rb", opener=_nonblocking)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise _AnswerError(HTTPStatus.NOT_FOUND, "not found") from None
         except OSError as exc:
@@ -587,6 +589,10 @@ class Handler(BaseHTTPRequestHandler):
                 length,
             )
             self.close_connection = True
+
+
+def _nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY)
 
 
 def _lengths(headers: Any) -> set[str]:

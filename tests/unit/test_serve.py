@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -543,8 +544,6 @@ def test_if_range_with_a_date_sends_the_whole_file(server: BootenvServer) -> Non
 def test_a_file_that_shrinks_while_sent_ends_the_connection(
     server: BootenvServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import os
-
     from bootenv.serve import Handler
 
     path, data = blob(server)
@@ -667,3 +666,14 @@ def test_content_lengths_that_differ_are_a_400(
     )
     assert answer.startswith(f"HTTP/1.1 {status}".encode()) and answer.count(b"HTTP/1.1 ") == 1
     assert (Store(server.config.state).get(OTHER) is None) is (status == 400)
+
+
+@pytest.mark.parametrize("where", ["images/lamp", "boot"])
+def test_a_fifo_is_404_and_holds_no_thread(server: BootenvServer, where: str) -> None:
+    """/tmp/exp/h8/fifo_dos.py: opening a FIFO waited for a writer, for good, so each GET
+    of one held a thread (and a connection slot) after its client had gone."""
+    os.mkfifo(server.config.images.parent / where / "fifo")
+    url = "/images/lamp/fifo" if where.startswith("images") else "/boot/fifo"
+    for _ in range(3):  # get's 10 s socket timeout is the hang guard
+        assert get(server, url)[0] == 404
+    assert get(server, "/boot/vmlinuz")[2] == b"K" * 1000
