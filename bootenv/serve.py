@@ -57,8 +57,8 @@ from bootenv.machines import (
     parse_event,
     to_dict,
 )
-from bootenv.manifest import MANIFEST, parse_manifest
-from bootenv.source import read_manifest_file
+from bootenv.manifest import MANIFEST, MAX_MANIFEST, parse_manifest
+from bootenv.smallfile import read_capped
 from bootenv.state import Store
 from bootenv.urls import split_http_url
 
@@ -211,17 +211,26 @@ class BootenvServer(ThreadingHTTPServer):
         )
 
     def _check_image(self, machine: Machine) -> str | None:
-        if machine.image.startswith(("http://", "https://")):
+        """Why the machine's image cannot be provisioned, in words for its console: the
+        image's name, never a path of the server's."""
+        image = machine.image
+        if image.startswith(("http://", "https://")):
             return None
         try:
-            manifest = parse_manifest(read_manifest_file(self.config.images / machine.image / MANIFEST))
+            data = read_capped(self.config.images / image / MANIFEST, MAX_MANIFEST)
+        except FileNotFoundError:
+            return f"image {image} is not in the images directory"
+        except OSError as exc:  # IMAGE a file, not a directory; no permission
+            return f"image {image}: cannot read its {MANIFEST}: {exc.strerror or type(exc).__name__}"
+        except UserError:  # read_capped: not a regular file
+            return f"image {image}: its {MANIFEST} is not a regular file"
+        try:
+            manifest = parse_manifest(data)
             if machine.components not in ("all", "none"):
                 for name in machine.components.split(","):
                     manifest.component(name)
-        except FileNotFoundError:
-            return f"image {machine.image} is not in the images directory"
         except UserError as exc:
-            return f"image {machine.image}: {_oneline(exc.message)}"
+            return f"image {image}: {_oneline(exc.message)}"
         return None
 
     def select(self, entry_id: str, mac: str) -> str:

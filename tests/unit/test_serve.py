@@ -677,3 +677,19 @@ def test_a_fifo_is_404_and_holds_no_thread(server: BootenvServer, where: str) ->
     for _ in range(3):  # get's 10 s socket timeout is the hang guard
         assert get(server, url)[0] == 404
     assert get(server, "/boot/vmlinuz")[2] == b"K" * 1000
+
+
+def test_an_image_that_cannot_be_read_is_named_not_its_path(server: BootenvServer) -> None:
+    """The reason is echoed on the machine's console: the image's name, never a path of
+    the server's (it said `cannot read /srv/images/afile/manifest.json: Not a directory`)."""
+    images = server.config.images
+    (images / "afile").write_text("x")
+    (images / "piped").mkdir()
+    os.mkfifo(images / "piped" / "manifest.json")
+    store = Store(server.config.state)
+    store.put(assign(MAC, "afile", "all", now=0.0))
+    text = script(server, MAC)
+    assert "image afile: cannot read its manifest.json: Not a directory" in text
+    store.put(assign(MAC, "piped", "all", now=0.0))
+    assert "image piped: its manifest.json is not a regular file" in (text := script(server, MAC))
+    assert str(images) not in text and "kernel " not in text
