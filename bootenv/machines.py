@@ -36,6 +36,14 @@ class EventError(UserError):
     """A callback event is malformed."""
 
 
+class RecordError(UserError):
+    """A stored machine record does not hold a machine (edited by hand, or damaged)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"machine record is damaged: {reason}")
+        self.reason = reason
+
+
 class State(StrEnum):
     ASSIGNED = "assigned"
     PROVISIONING = "provisioning"
@@ -440,7 +448,9 @@ def to_dict(machine: Machine) -> dict[str, Any]:
 def from_dict(doc: Mapping[str, Any]) -> Machine:
     """A machine from its record, which is held to what `assign` checks: a record edited
     by hand (or by an older bootenv) whose host name or kernel arguments cannot go into
-    its iPXE script is damaged, not a crash of the request that reads it."""
+    its iPXE script is damaged (RecordError), not a crash of the request that reads it."""
+    if not isinstance(doc, Mapping):
+        raise RecordError(f"it holds a JSON {type(doc).__name__}, not an object")
     try:
         machine = Machine(
             mac=normalize_mac(doc["mac"]),
@@ -460,8 +470,10 @@ def from_dict(doc: Mapping[str, Any]) -> Machine:
         if machine.hostname is not None and not isinstance(machine.hostname, str):
             raise TypeError(f"hostname {machine.hostname!r} is not a string")
         check_script_values(machine.hostname, machine.kernel_args)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"machine record is damaged: {exc}") from exc
+    except KeyError as exc:
+        raise RecordError(f"it has no {exc.args[0]!r}") from exc
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise RecordError(str(exc)) from exc
     except UserError as exc:
-        raise UserError(f"machine record of {machine.mac} is damaged: {exc.message}") from exc
+        raise RecordError(exc.message) from exc
     return machine

@@ -59,7 +59,7 @@ from bootenv.machines import (
 )
 from bootenv.manifest import MANIFEST, MAX_MANIFEST, parse_manifest
 from bootenv.smallfile import read_capped
-from bootenv.state import Store
+from bootenv.state import Damaged, Store
 from bootenv.urls import split_http_url
 
 log = logging.getLogger(__name__)
@@ -400,7 +400,7 @@ class Handler(BaseHTTPRequestHandler):
                 mac = self._mac(query.get("mac", [""])[0])
                 self._text(srv.select(unquote(path[len("/ipxe/select/") :]), mac), head)
             elif path == "/api/machines":
-                self._json(HTTPStatus.OK, [to_dict(m) for m in srv.store.all()], head)
+                self._json(HTTPStatus.OK, [_listed(m) for m in srv.store.scan()], head)
             elif path.startswith("/api/machines/"):
                 mac = self._mac(unquote(path[len("/api/machines/") :]))
                 machine = srv.store.get(mac)
@@ -607,6 +607,14 @@ def _nonblocking(path: str, flags: int) -> int:
 def _lengths(headers: Any) -> set[str]:
     """The values of a request's Content-Length headers (one may list several)."""
     return {v.strip() for field in headers.get_all("Content-Length", []) for v in str(field).split(",")}
+
+
+def _listed(entry: Machine | Damaged) -> dict[str, Any]:
+    """/api/machines: a machine's record, or, for one that is damaged, why (no path)."""
+    if isinstance(entry, Damaged):
+        log.warning("%s", entry.error)  # with the hint: the file to restore
+        return {"mac": entry.name, "damaged": entry.error.message}
+    return to_dict(entry)
 
 
 class _AnswerError(Exception):

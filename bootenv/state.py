@@ -31,11 +31,23 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bootenv.errors import UserError
-from bootenv.machines import Event, Machine, Outcome, State, apply, finite, from_dict, normalize_mac, to_dict
+from bootenv.machines import (
+    Event,
+    Machine,
+    Outcome,
+    RecordError,
+    State,
+    apply,
+    finite,
+    from_dict,
+    normalize_mac,
+    to_dict,
+)
 from bootenv.writeback import fsync_dir, write_all
 
 log = logging.getLogger(__name__)
@@ -46,6 +58,14 @@ RECALL = 256 << 10  # bytes at the end of a log read back for a sender's last na
 REMEMBERED = 16  # event names per sender: it has one in flight, tried for seconds
 SENDERS = 8192  # senders whose names are kept; the one heard from longest ago goes first
 _Name = tuple[int, float]  # seq, time
+
+
+@dataclass(frozen=True)
+class Damaged:
+    """A record that does not read as a machine (`Store.scan`)."""
+
+    name: str  # its MAC, or its file's name when that names none
+    error: UserError  # the message names the machine, the hint the file
 
 
 def _stem(mac: str) -> str:
@@ -101,11 +121,16 @@ class Store:
         except FileNotFoundError:
             return None
         except ValueError as exc:  # not UTF-8
-            raise _damaged(mac, path, exc) from exc
+            raise _damaged(mac, path, str(exc)) from exc
         try:
-            return from_dict(json.loads(text))
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:  # not JSON, or not a record
-            raise _damaged(mac, path, exc) from exc
+            machine = from_dict(json.loads(text))
+        except RecordError as exc:
+            raise _damaged(mac, path, exc.reason) from exc
+        except (ValueError, RecursionError) as exc:  # not JSON
+            raise _damaged(mac, path, f"not JSON: {exc}") from exc
+        if machine.mac != normalize_mac(mac):
+            raise _damaged(mac, path, f"it is the record of {machine.mac}")
+        return machine
 
     def known(self, mac: str) -> bool:
         """Whether the machine has a record (its file exists; nothing is read)."""
@@ -120,12 +145,37 @@ class Store:
         """Whether the root holds a store: its machines/ directory (serve and assign make it)."""
         return (self.root / "machines").is_dir()
 
-    def all(self) -> list[Machine]:
-        out = []
+    def scan(self) -> list[Machine | Damaged]:
+        """Every record, in the order of its file's name: a damaged one (or one named for no
+        MAC) is a Damaged in its place, so it hides none of the others."""
+        out: list[Machine | Damaged] = []
         for path in sorted((self.root / "machines").glob("*.json")):
-            machine = self.get(path.stem)
-            if machine is not None:
+            try:
+                mac = normalize_mac(path.stem)
+            except UserError:
+                why = UserError(
+                    f"{path.name} in the state's machines/ is not named for a MAC address",
+                    hint=f"remove {path}",
+                )
+                out.append(Damaged(path.name, why))
+                continue
+            try:
+                machine = self.get(mac)
+            except UserError as exc:
+                out.append(Damaged(mac, exc))
+                continue
+            if machine is not None:  # None: removed since the listing
                 out.append(machine)
+        return out
+
+    def all(self) -> list[Machine]:
+        """Every machine whose record reads; each damaged one is a warning in the log."""
+        out = []
+        for entry in self.scan():
+            if isinstance(entry, Damaged):
+                log.warning("%s", entry.error)
+            else:
+                out.append(entry)
         return out
 
     def put(
@@ -264,11 +314,11 @@ class Store:
             os.close(fd)
 
 
-def _damaged(mac: str, path: Path, exc: Exception) -> UserError:
+def _damaged(mac: str, path: Path, why: str) -> UserError:
     """The message names the machine (serve answers clients with it); the hint, for the
     admin, names the file."""
     return UserError(
-        f"the record of {normalize_mac(mac)} is damaged: {exc}", hint=f"restore {path}, or remove it"
+        f"the record of {normalize_mac(mac)} is damaged: {why}", hint=f"restore {path}, or remove it"
     )
 
 

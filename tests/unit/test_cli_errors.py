@@ -36,9 +36,11 @@ def _agent(tmp: Path) -> list[str]:
 
 
 def _machines(tmp: Path) -> list[str]:
+    """Re-assigning a machine reads its record (`bootenv machines` lists the others and
+    warns of a damaged one: tests/unit/test_serve.py)."""
     (tmp / "state/machines").mkdir(parents=True)
     (tmp / "state/machines/52-54-00-00-00-01.json").write_bytes(b"\xff\xfe not utf-8")
-    return ["machines", "--state", str(tmp / "state")]
+    return ["assign", "52:54:00:00:00:01", "lamp", "--components", "all", "--state", str(tmp / "state")]
 
 
 def _conflict(content: bytes) -> Setup:

@@ -447,3 +447,31 @@ def test_components_are_taken_with_spaces_as_the_catalog_takes_them(tmp_path: Pa
     assert main(["assign", MAC, "lamp", "--components", "mysql, php", "--state", str(state)]) == 0
     machine = Store(state).get(MAC)
     assert machine is not None and machine.components == "mysql,php"
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ('{"mac": "52:54:00:12:34:56", "oops": 1}', "it has no 'image'"),
+        ("[1, 2]", "it holds a JSON list, not an object"),
+        ("{torn", "not JSON"),
+        (
+            json.dumps({**to_dict(fresh()), "mac": "52:54:00:00:00:01"}),
+            "it is the record of 52:54:00:00:00:01",
+        ),
+        (json.dumps({**to_dict(fresh()), "state": "gone"}), "'gone' is not a valid State"),
+    ],
+)
+def test_a_damaged_record_is_one_error_naming_the_machine_and_its_file(
+    tmp_path: Path, text: str, why: str
+) -> None:
+    store = Store(tmp_path)
+    path = tmp_path / "machines" / "52-54-00-12-34-56.json"
+    path.write_text(text)
+    with pytest.raises(UserError) as caught:
+        store.get(MAC)
+    assert caught.value.message.startswith(f"the record of {MAC} is damaged: ")
+    assert why in caught.value.message
+    assert caught.value.hint == f"restore {path}, or remove it"
+    assert store.all() == []  # and listed as damaged, not raised: see test_serve.py
+    assert [type(e).__name__ for e in store.scan()] == ["Damaged"]

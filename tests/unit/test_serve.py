@@ -693,3 +693,45 @@ def test_an_image_that_cannot_be_read_is_named_not_its_path(server: BootenvServe
     store.put(assign(MAC, "piped", "all", now=0.0))
     assert "image piped: its manifest.json is not a regular file" in (text := script(server, MAC))
     assert str(images) not in text and "kernel " not in text
+
+
+def test_a_damaged_record_hides_no_other_machine(
+    server: BootenvServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One record that does not read (here without its image) made /api/machines a 500
+    naming no machine: the others are listed, and it is one entry saying why."""
+    state = server.config.state
+    Store(state).put(assign(MAC, "lamp", "mysql", now=time.time()))
+    damaged = state / "machines" / "52-54-00-ab-cd-ef.json"
+    damaged.write_text(json.dumps({"mac": OTHER, "oops": 1}))
+    (state / "machines" / "notes.json").write_text("{}")
+    status, _, body = get(server, "/api/machines")
+    assert status == 200 and str(state).encode() not in body
+    doc = json.loads(body)
+    assert [(m["mac"], m.get("state"), m.get("damaged")) for m in doc] == [
+        (MAC, "assigned", None),
+        (OTHER, None, f"the record of {OTHER} is damaged: it has no 'image'"),
+        ("notes.json", None, "notes.json in the state's machines/ is not named for a MAC address"),
+    ]
+    assert f"restore {damaged}, or remove it" in caplog.text  # the file, for the admin
+    status, _, body = get(server, f"/api/machines/{OTHER}")
+    assert (
+        status == 500 and json.loads(body)["error"] == f"the record of {OTHER} is damaged: it has no 'image'"
+    )
+
+
+def test_cli_machines_lists_the_others_and_names_the_damaged_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bootenv.cli import main
+
+    state = tmp_path / "state"
+    assert main(["assign", MAC, "lamp", "--components", "mysql", "--state", str(state)]) == 0
+    damaged = state / "machines" / "52-54-00-ab-cd-ef.json"
+    damaged.write_text(json.dumps({"mac": OTHER, "oops": 1}))
+    capsys.readouterr()
+    for json_flag in ([], ["--json"]):
+        assert main(["machines", "--state", str(state), *json_flag]) == 0
+        out, err = capsys.readouterr()
+        assert MAC in out and OTHER not in out
+        assert f"the record of {OTHER} is damaged: it has no 'image' (hint: restore {damaged}" in err
