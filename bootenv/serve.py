@@ -59,7 +59,7 @@ from bootenv.machines import (
 )
 from bootenv.manifest import MANIFEST, MAX_MANIFEST, parse_manifest
 from bootenv.smallfile import read_capped
-from bootenv.state import Damaged, Store
+from bootenv.state import Damaged, Store, StoreFullError
 from bootenv.urls import split_http_url
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def check_public_url(url: str) -> str:
     return url.rstrip("/")
 
 
-MAX_MACHINES = 65536  # records; past it a callback from a machine nobody assigned is refused
+MAX_MACHINES = 65536  # records; past it a machine nobody assigned makes none (callback, menu)
 API_EVENTS = 1 << 20  # bytes of a machine's events log /api/machines/MAC answers with
 
 
@@ -246,7 +246,12 @@ class BootenvServer(ThreadingHTTPServer):
             # Checked again under the machine's lock: an admin may have assigned it while
             # the catalog was read, and an admin's assignment wins.
             note = {"received": _now(), "event": "assigned", "entry": entry.id}
-            if self.store.put(machine, note=note, only_if=_open_to_menu):
+            try:
+                chosen = self.store.put(machine, note=note, only_if=_open_to_menu, limit=MAX_MACHINES)
+            except StoreFullError as exc:
+                log.warning("%s chose %r from the menu: %s", mac, entry.title, exc.message)
+                return menu.message_script(mac, f"cannot record this choice: {exc.message}", wait=30)
+            if chosen:
                 log.info("%s chose %r from the menu", mac, entry.title)
         return self.machine_script(mac)
 
@@ -433,13 +438,13 @@ class Handler(BaseHTTPRequestHandler):
                 event = parse_event(doc)
             except EventError as exc:
                 raise _AnswerError(HTTPStatus.BAD_REQUEST, str(exc)) from exc
-            store = self.server.store
-            if not store.known(mac) and store.count() >= MAX_MACHINES:
+            try:
                 # Each machine nobody assigned that posts is a record and a log: bounded.
-                raise _AnswerError(
-                    HTTPStatus.FORBIDDEN, f"no machine {mac}, and {MAX_MACHINES} are known: assign it first"
+                outcome = self.server.store.update(
+                    mac, event, doc, create=_unknown_machine, limit=MAX_MACHINES
                 )
-            outcome = store.update(mac, event, doc, create=_unknown_machine)
+            except StoreFullError as exc:
+                raise _AnswerError(HTTPStatus.FORBIDDEN, exc.message) from exc
             m = outcome.machine
             if outcome.changed:
                 log.info(

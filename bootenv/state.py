@@ -4,6 +4,7 @@
     DIR/events/52-54-00-12-34-56.jsonl     every event taken, append-only (and .jsonl.1:
                                            the one before, once it reached LOG_LIMIT)
     DIR/locks/52-54-00-12-34-56.lock       serialises updates (threads and processes)
+    DIR/locks/new-records.lock             serialises the records made under a cap
 
 A record is written to a temp file in the same directory, fsynced, renamed over the old
 one and the directory fsynced, so a power cut leaves either the old or the new record,
@@ -17,6 +18,9 @@ in flight at a time, so the store remembers only the last REMEMBERED names of ea
 sender (machine and source), for the SENDERS heard from last; a sender it does not know
 (first heard from since the store started, or forgotten since) has its last names read
 back from the end of its machine's log first.
+
+A record that an event or a menu choice makes counts against a cap (`StoreFullError`):
+the count and the new record are one step for every maker, under one lock.
 """
 
 from __future__ import annotations
@@ -58,6 +62,11 @@ RECALL = 256 << 10  # bytes at the end of a log read back for a sender's last na
 REMEMBERED = 16  # event names per sender: it has one in flight, tried for seconds
 SENDERS = 8192  # senders whose names are kept; the one heard from longest ago goes first
 _Name = tuple[int, float]  # seq, time
+CREATING = "new-records.lock"  # under locks/: held while a capped new record is counted and made
+
+
+class StoreFullError(UserError):
+    """A new record would pass the cap: nothing is written."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,11 @@ class Store:
 
     @contextlib.contextmanager
     def _locked(self, mac: str) -> Iterator[None]:
-        path = self.root / "locks" / f"{_stem(mac)}.lock"
+        with self._flock(self.root / "locks" / f"{_stem(mac)}.lock"):
+            yield
+
+    @contextlib.contextmanager
+    def _flock(self, path: Path) -> Iterator[None]:
         if self.readonly:
             try:
                 fd = os.open(path, os.O_RDONLY)  # flock needs no write access
@@ -113,6 +126,27 @@ class Store:
             yield
         finally:
             os.close(fd)  # closing drops the lock
+
+    @contextlib.contextmanager
+    def _admitted(self, mac: str, limit: int | None) -> Iterator[None]:
+        """Hold the machine's lock. With `limit`, a machine without a record first takes
+        the store's creation lock (the two in that order everywhere: no deadlock), under
+        which the records are counted and the new one written: past `limit` records,
+        StoreFullError, and nothing is made (not even its lock file)."""
+        while True:
+            new = limit is not None and not self.known(mac)
+            with contextlib.ExitStack() as held:
+                if new:
+                    held.enter_context(self._flock(self.root / "locks" / CREATING))
+                    if limit is not None and not self.known(mac) and self.count() >= limit:
+                        raise StoreFullError(
+                            f"no machine {normalize_mac(mac)}, and {limit} are known: assign it first"
+                        )
+                held.enter_context(self._locked(mac))
+                if new or limit is None or self.known(mac):
+                    yield
+                    return
+            # Its record was removed between the look and the lock: counted as a new one.
 
     def get(self, mac: str) -> Machine | None:
         path = self._record(mac)
@@ -184,10 +218,12 @@ class Store:
         *,
         note: dict[str, Any] | None = None,
         only_if: Callable[[Machine | None], bool] | None = None,
+        limit: int | None = None,
     ) -> bool:
         """Store a record (an assignment); `note` goes to the events log. With `only_if`,
-        only if it holds for the record stored now (read under the machine's lock)."""
-        with self._locked(machine.mac):
+        only if it holds for the record stored now (read under the machine's lock). With
+        `limit`, a new record is refused (StoreFullError) once there are that many."""
+        with self._admitted(machine.mac, limit):
             if only_if is not None and not only_if(self.get(machine.mac)):
                 return False
             self._write(machine)
@@ -196,12 +232,19 @@ class Store:
         return True
 
     def update(
-        self, mac: str, event: Event, raw: dict[str, Any], *, create: Callable[[str, float], Machine]
+        self,
+        mac: str,
+        event: Event,
+        raw: dict[str, Any],
+        *,
+        create: Callable[[str, float], Machine],
+        limit: int | None = None,
     ) -> Outcome:
-        """Apply an event to a machine (made by `create` if unknown) and log it durably."""
+        """Apply an event to a machine and log it durably. A machine with no record is
+        made by `create`, unless `limit` records exist (StoreFullError)."""
         mac = normalize_mac(mac)
         now = time.time()
-        with self._locked(mac):
+        with self._admitted(mac, limit):
             machine = self.get(mac) or create(mac, now)
             sender, name = (mac, event.source), _name(event, raw)
             if name is not None and not self._taken.knows(sender):

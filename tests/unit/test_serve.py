@@ -83,11 +83,11 @@ def get(srv: BootenvServer, path: str, **headers: str) -> tuple[int, dict[str, s
     return request(srv, "GET", path, headers={k.replace("_", "-"): v for k, v in headers.items()})
 
 
-def post(srv: BootenvServer, mac: str, event: Any) -> tuple[int, dict[str, Any]]:
+def post(srv: BootenvServer, mac: str, event: Any, *, path: str | None = None) -> tuple[int, dict[str, Any]]:
     status, _, data = request(
         srv,
         "POST",
-        f"/callback/{mac}",
+        path or f"/callback/{mac}",
         body=json.dumps(event).encode(),
         headers={"Content-Type": "application/json"},
     )
