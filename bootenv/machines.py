@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -28,6 +29,7 @@ from bootenv.errors import UserError
 _MAC = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ASSIGNMENT = re.compile(r"^[0-9a-f]{16}$")
 MAX_TEXT = 4096  # characters of one message, path or step name
 MAX_DEPTH = 32  # levels of lists and objects in an event's data
 
@@ -142,6 +144,10 @@ class Machine:
     invalid: int = 0  # events that asked for a transition the machine can't make
     events: int = 0
     updated: float = 0.0
+    # Names this assignment in the callback URL its ramdisk gets, so that the events of a
+    # run an assignment replaced are told apart (`superseded`). None: a record an older
+    # bootenv wrote, or one a callback made (nobody assigned the machine).
+    assignment: str | None = None
 
     @property
     def started(self) -> float:
@@ -242,7 +248,9 @@ def assign(
     entry: str | None = None,
     kernel_args: str = "",
 ) -> Machine:
-    """A fresh assignment: the machine will be provisioned on its next network boot."""
+    """A fresh assignment: the machine will be provisioned on its next network boot.
+    It gets a new id (`Machine.assignment`), so the events of a run it replaces, which
+    name the assignment before, are refused."""
     image = check_image(image)
     components = check_components(components)  # "a, b" is "a,b", as in the catalog
     check_boot_args(image, components, hostname, kernel_args)
@@ -256,7 +264,39 @@ def assign(
         entry=entry,
         kernel_args=kernel_args,
         updated=now,
+        assignment=secrets.token_hex(8),
     )
+
+
+def check_assignment(text: str) -> str:
+    """An assignment id as a callback URL carries it (16 hex digits)."""
+    if not _ASSIGNMENT.fullmatch(text):
+        raise UserError(f"{text[:40]!r} is not an assignment id (16 hex digits)")
+    return text
+
+
+def superseded(machine: Machine | None, assignment: str | None) -> str | None:
+    """Why an event posted for `assignment` (None: a URL that names none) must not touch
+    this record: it comes from a run of another assignment. None if it may.
+
+    A URL without an id (an agent run by hand, or one started by an older bootenv) is
+    heard for a record that has none either: one made by its callbacks, or one an older
+    bootenv assigned. Once an admin or the menu assigns the machine, only its own
+    run's events are."""
+    if assignment is None:
+        if machine is None or machine.assignment is None:
+            return None
+        return (
+            f"{machine.mac} is assigned, and this callback URL names no assignment: "
+            "events of a run started before it are not taken"
+        )
+    if machine is None:
+        return f"no assignment {assignment}: the machine has no record (removed since?)"
+    if machine.assignment != assignment:
+        return (
+            f"{machine.mac} was assigned again since assignment {assignment}: its run's events are not taken"
+        )
+    return None
 
 
 def target_state(event: Event) -> State | None:
@@ -442,6 +482,7 @@ def to_dict(machine: Machine) -> dict[str, Any]:
         "invalid": machine.invalid,
         "events": machine.events,
         "updated": machine.updated,
+        "assignment": machine.assignment,
     }
 
 
@@ -466,9 +507,14 @@ def from_dict(doc: Mapping[str, Any]) -> Machine:
             invalid=int(doc.get("invalid", 0)),
             events=int(doc.get("events", 0)),
             updated=float(doc.get("updated", 0.0)),
+            assignment=doc.get("assignment"),
         )
         if machine.hostname is not None and not isinstance(machine.hostname, str):
             raise TypeError(f"hostname {machine.hostname!r} is not a string")
+        if machine.assignment is not None:
+            if not isinstance(machine.assignment, str):
+                raise TypeError(f"assignment {machine.assignment!r} is not a string")
+            check_assignment(machine.assignment)
         check_script_values(machine.hostname, machine.kernel_args)
     except KeyError as exc:
         raise RecordError(f"it has no {exc.args[0]!r}") from exc

@@ -37,10 +37,14 @@ class BootSpec:
     hostname: str | None = None
     kernel_args: str = ""
     boot_url: str | None = None  # where vmlinuz and initramfs.img are; default BASE/boot
+    assignment: str | None = None  # the assignment's id: its run's events name it
 
     @property
     def callback_url(self) -> str:
-        return f"{self.base_url}/callback/{self.mac}"
+        """Where the agent, and the layout service after it, post their events: with the
+        assignment's id, so that serve tells a replaced run's events from the new one's."""
+        url = f"{self.base_url}/callback/{self.mac}"
+        return f"{url}/{self.assignment}" if self.assignment else url
 
     def kernel_cmdline(self) -> str:
         # initrd= names the initrd for the kernel's EFI stub: without it a UEFI boot

@@ -5,7 +5,8 @@
     GET  /ipxe/boot.ipxe             the entry script: chains to /ipxe/machine?mac=...
     GET  /ipxe/machine?mac=MAC       this machine's script: provision, local disk or menu
     GET  /ipxe/select/<entry>?mac=   a menu choice: assign the entry, then provision
-    POST /callback/<mac>             a JSON event from the agent or the layout service
+    POST /callback/<mac>[/<id>]      a JSON event from the agent or the layout service (of
+                                     the assignment with that id: another's get 409)
     GET  /api/machines[/<mac>]       the state store, as JSON (what `bootenv machines` shows)
 
 One thread per connection, so a slow client never blocks another; every socket has a
@@ -53,13 +54,14 @@ from bootenv.machines import (
     Mark,
     State,
     assign,
+    check_assignment,
     normalize_mac,
     parse_event,
     to_dict,
 )
 from bootenv.manifest import MANIFEST, MAX_MANIFEST, parse_manifest
 from bootenv.smallfile import read_capped
-from bootenv.state import Damaged, Store, StoreFullError
+from bootenv.state import Damaged, Store, StoreFullError, SupersededError
 from bootenv.urls import split_http_url
 
 log = logging.getLogger(__name__)
@@ -208,6 +210,7 @@ class BootenvServer(ThreadingHTTPServer):
             components=machine.components,
             hostname=machine.hostname,
             kernel_args=machine.kernel_args,
+            assignment=machine.assignment,
         )
 
     def _check_image(self, machine: Machine) -> str | None:
@@ -430,7 +433,7 @@ class Handler(BaseHTTPRequestHandler):
             path = self._target().path
             if not path.startswith("/callback/"):
                 raise _AnswerError(HTTPStatus.NOT_FOUND, "not found")
-            mac = self._mac(unquote(path[len("/callback/") :]))
+            mac, assignment = self._callback_target(path[len("/callback/") :])
             doc = self._body()
             try:
                 if not isinstance(doc, dict):
@@ -441,10 +444,13 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 # Each machine nobody assigned that posts is a record and a log: bounded.
                 outcome = self.server.store.update(
-                    mac, event, doc, create=_unknown_machine, limit=MAX_MACHINES
+                    mac, event, doc, create=_unknown_machine, assignment=assignment, limit=MAX_MACHINES
                 )
             except StoreFullError as exc:
                 raise _AnswerError(HTTPStatus.FORBIDDEN, exc.message) from exc
+            except SupersededError as exc:
+                log.warning("%s: refused a %s event: %s", mac, event.kind.value, exc.message)
+                raise _AnswerError(HTTPStatus.CONFLICT, exc.message) from exc
             m = outcome.machine
             if outcome.changed:
                 log.info(
@@ -488,6 +494,16 @@ class Handler(BaseHTTPRequestHandler):
     def _mac(self, text: str) -> str:
         try:
             return normalize_mac(text)
+        except UserError as exc:
+            raise _AnswerError(HTTPStatus.BAD_REQUEST, exc.message) from exc
+
+    def _callback_target(self, rest: str) -> tuple[str, str | None]:
+        """`MAC` or `MAC/ASSIGNMENT` (the callback URL of the machine's iPXE script)."""
+        mac, slash, assignment = rest.partition("/")
+        if not slash:
+            return self._mac(unquote(mac)), None
+        try:
+            return self._mac(unquote(mac)), check_assignment(unquote(assignment))
         except UserError as exc:
             raise _AnswerError(HTTPStatus.BAD_REQUEST, exc.message) from exc
 

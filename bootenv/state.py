@@ -19,8 +19,11 @@ sender (machine and source), for the SENDERS heard from last; a sender it does n
 (first heard from since the store started, or forgotten since) has its last names read
 back from the end of its machine's log first.
 
-A record that an event or a menu choice makes counts against a cap (`StoreFullError`):
-the count and the new record are one step for every maker, under one lock.
+An event posted for an assignment the machine no longer has (its callback URL names
+another, `machines.superseded`) is refused (`SupersededError`): a run that an
+assignment replaced must not move the new one. A record that an event or a menu choice
+makes counts against a cap (`StoreFullError`): the count and the new record are one
+step for every maker, under one lock.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from bootenv.machines import (
     finite,
     from_dict,
     normalize_mac,
+    superseded,
     to_dict,
 )
 from bootenv.writeback import fsync_dir, write_all
@@ -67,6 +71,10 @@ CREATING = "new-records.lock"  # under locks/: held while a capped new record is
 
 class StoreFullError(UserError):
     """A new record would pass the cap: nothing is written."""
+
+
+class SupersededError(UserError):
+    """An event of a run that another assignment replaced: nothing is written."""
 
 
 @dataclass(frozen=True)
@@ -238,14 +246,22 @@ class Store:
         raw: dict[str, Any],
         *,
         create: Callable[[str, float], Machine],
+        assignment: str | None = None,
         limit: int | None = None,
     ) -> Outcome:
-        """Apply an event to a machine and log it durably. A machine with no record is
-        made by `create`, unless `limit` records exist (StoreFullError)."""
+        """Apply an event to a machine and log it durably. `assignment` is what the
+        callback URL names (None: nothing): an event of another assignment's run is
+        refused (SupersededError). A machine with no record is made by `create`, for an
+        event that names no assignment, unless `limit` records exist (StoreFullError)."""
         mac = normalize_mac(mac)
         now = time.time()
-        with self._admitted(mac, limit):
-            machine = self.get(mac) or create(mac, now)
+        if assignment is not None and not self.known(mac):
+            # Refused before its lock is taken: no file is made for a MAC nobody knows.
+            _refuse_superseded(None, assignment)
+        with self._admitted(mac, limit if assignment is None else None):
+            machine = self.get(mac)
+            _refuse_superseded(machine, assignment)
+            machine = machine or create(mac, now)
             sender, name = (mac, event.source), _name(event, raw)
             if name is not None and not self._taken.knows(sender):
                 # First heard from since this store started (or forgotten since): its
@@ -355,6 +371,12 @@ class Store:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _refuse_superseded(machine: Machine | None, assignment: str | None) -> None:
+    why = superseded(machine, assignment)
+    if why is not None:
+        raise SupersededError(why)
 
 
 def _damaged(mac: str, path: Path, why: str) -> UserError:

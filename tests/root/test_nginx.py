@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -214,7 +215,9 @@ def test_scripts_and_callbacks_pass_through_nginx_to_bootenv(rack: Rack) -> None
     assert status == 200
     assert f"bootenv.image=http://127.0.0.1:{rack.nginx_port}/images/lamp" in body.decode()
     conn = http.client.HTTPConnection("127.0.0.1", rack.nginx_port, timeout=10)
-    conn.request("POST", f"/callback/{MAC}", body=b'{"event": "os_written"}')
+    callback = re.search(r"bootenv\.callback=http://[^/]+(/callback/\S+)", body.decode())
+    assert callback is not None  # the assignment's own URL: /callback/MAC/ID
+    conn.request("POST", callback[1], body=b'{"event": "os_written"}')
     assert conn.getresponse().status == 200
     conn.close()
     machine = Store(rack.bootenv.config.state).get(MAC)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from bootenv.machines import (
     from_dict,
     normalize_mac,
     parse_event,
+    superseded,
     to_dict,
 )
 from bootenv.serve import _unknown_machine
@@ -212,9 +214,12 @@ def test_bad_assignments_are_refused(image: str, components: str) -> None:
 
 def test_store_keeps_records_and_an_append_only_event_log(tmp_path: Path) -> None:
     store = Store(tmp_path)
-    store.put(fresh(), note={"event": "assigned"})
+    assigned = fresh()
+    store.put(assigned, note={"event": "assigned"})
     for doc in HAPPY[:5]:
-        store.update(MAC.upper(), parse_event(doc), doc, create=_unknown_machine)
+        store.update(
+            MAC.upper(), parse_event(doc), doc, create=_unknown_machine, assignment=assigned.assignment
+        )
     again = Store(tmp_path)  # a restarted server sees the same state
     machine = again.get(MAC)
     assert machine is not None and machine.state is State.OS_WRITTEN
@@ -228,7 +233,9 @@ def test_store_keeps_records_and_an_append_only_event_log(tmp_path: Path) -> Non
     assert len(again.events(MAC)) == 6
     assert [m.mac for m in again.all()] == [MAC]
     # The next event is a line of its own, not glued to the fragment and lost with it.
-    again.update(MAC, parse_event(HAPPY[5]), HAPPY[5], create=_unknown_machine)
+    again.update(
+        MAC, parse_event(HAPPY[5]), HAPPY[5], create=_unknown_machine, assignment=assigned.assignment
+    )
     assert [e["event"] for e in again.events(MAC)][-2:] == [HAPPY[4]["event"], HAPPY[5]["event"]]
 
 
@@ -459,6 +466,7 @@ def test_components_are_taken_with_spaces_as_the_catalog_takes_them(tmp_path: Pa
             json.dumps({**to_dict(fresh()), "mac": "52:54:00:00:00:01"}),
             "it is the record of 52:54:00:00:00:01",
         ),
+        (json.dumps({**to_dict(fresh()), "assignment": "../x"}), "is not an assignment id"),
         (json.dumps({**to_dict(fresh()), "state": "gone"}), "'gone' is not a valid State"),
     ],
 )
@@ -475,3 +483,14 @@ def test_a_damaged_record_is_one_error_naming_the_machine_and_its_file(
     assert caught.value.hint == f"restore {path}, or remove it"
     assert store.all() == []  # and listed as damaged, not raised: see test_serve.py
     assert [type(e).__name__ for e in store.scan()] == ["Damaged"]
+
+
+def test_only_the_run_of_the_current_assignment_moves_a_machine() -> None:
+    machine, again = fresh(), fresh()
+    assert machine.assignment and again.assignment and machine.assignment != again.assignment
+    assert superseded(machine, machine.assignment) is None
+    assert "assigned again" in (superseded(machine, again.assignment) or "")
+    assert "names no assignment" in (superseded(machine, None) or "")  # an older agent's URL
+    assert superseded(replace(machine, assignment=None), None) is None  # an older bootenv's record
+    assert superseded(None, None) is None  # a machine nobody assigned: tracked
+    assert "no record" in (superseded(None, machine.assignment) or "")

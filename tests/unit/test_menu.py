@@ -105,6 +105,17 @@ def test_provision_script_boots_the_ramdisk_with_the_agent_arguments_without_a_k
         assert not re.search(rf"^{waits}\b", script.split(":failed")[0], re.M)
 
 
+def test_the_callback_url_names_the_assignment_and_the_agent_takes_it() -> None:
+    """Its run's events name the assignment, so serve tells them from a replaced run's
+    (docs/SERVE.md, "Callback events"); the layout service is handed the same URL."""
+    from bootenv.cmdline import parse_cmdline
+
+    spec = BootSpec(BASE, MAC, f"{BASE}/images/lamp", "all", assignment="0123456789abcdef")
+    assert spec.callback_url == f"{BASE}/callback/{MAC}/0123456789abcdef"
+    assert f" bootenv.callback={spec.callback_url}" in provision_script(spec)
+    assert parse_cmdline(spec.kernel_cmdline()).callback == spec.callback_url
+
+
 def test_local_script_boots_the_disk_under_bios_and_exits_to_firmware_under_uefi() -> None:
     script = local_script(MAC, "provisioned")
     assert "sanboot --no-describe --drive 0x80 || exit 1" in script

@@ -83,11 +83,19 @@ def get(srv: BootenvServer, path: str, **headers: str) -> tuple[int, dict[str, s
     return request(srv, "GET", path, headers={k.replace("_", "-"): v for k, v in headers.items()})
 
 
+def callback_path(srv: BootenvServer, mac: str) -> str:
+    """The path of the callback URL the machine's ramdisk gets now: with its assignment's
+    id, once one was made."""
+    machine = Store(srv.config.state).get(mac)
+    return f"/callback/{mac}" + (f"/{machine.assignment}" if machine and machine.assignment else "")
+
+
 def post(srv: BootenvServer, mac: str, event: Any, *, path: str | None = None) -> tuple[int, dict[str, Any]]:
+    """Post as the run of the machine's current assignment would (or to `path`)."""
     status, _, data = request(
         srv,
         "POST",
-        path or f"/callback/{mac}",
+        path or callback_path(srv, mac),
         body=json.dumps(event).encode(),
         headers={"Content-Type": "application/json"},
     )
@@ -336,7 +344,7 @@ def test_a_callback_whose_answer_was_lost_is_counted_once(
     monkeypatch.setattr(callback, "RETRY_WAIT", 0.05)
     Store(server.config.state).put(assign(MAC, "lamp", "mysql", now=time.time()))
     with serving(Proxy) as url:
-        cb = Callback(f"{url}/callback/{MAC}", "agent")
+        cb = Callback(url + callback_path(server, MAC), "agent")
         cb.post("start")
         cb.post("conflict", path="/etc/apache2/ports.conf")
         cb.post("conflict", path="/etc/mysql/my.cnf")
@@ -649,6 +657,17 @@ def test_a_menu_choice_never_replaces_an_admins_assignment(tmp_path: Path) -> No
     assert store.put(menu_choice, only_if=lambda m: True)
 
 
+@pytest.mark.parametrize("where", ["images/lamp", "boot"])
+def test_a_fifo_is_404_and_holds_no_thread(server: BootenvServer, where: str) -> None:
+    """/tmp/exp/h8/fifo_dos.py: opening a FIFO waited for a writer, for good, so each GET
+    of one held a thread (and a connection slot) after its client had gone."""
+    os.mkfifo(server.config.images.parent / where / "fifo")
+    url = "/images/lamp/fifo" if where.startswith("images") else "/boot/fifo"
+    for _ in range(3):  # get's 10 s socket timeout is the hang guard
+        assert get(server, url)[0] == 404
+    assert get(server, "/boot/vmlinuz")[2] == b"K" * 1000
+
+
 @pytest.mark.parametrize(
     ("lengths", "status"),
     [(["17", "5"], 400), (["17, 5"], 400), (["5", "17"], 400), (["17", "17"], 200), (["17, 17"], 200)],
@@ -666,17 +685,6 @@ def test_content_lengths_that_differ_are_a_400(
     )
     assert answer.startswith(f"HTTP/1.1 {status}".encode()) and answer.count(b"HTTP/1.1 ") == 1
     assert (Store(server.config.state).get(OTHER) is None) is (status == 400)
-
-
-@pytest.mark.parametrize("where", ["images/lamp", "boot"])
-def test_a_fifo_is_404_and_holds_no_thread(server: BootenvServer, where: str) -> None:
-    """/tmp/exp/h8/fifo_dos.py: opening a FIFO waited for a writer, for good, so each GET
-    of one held a thread (and a connection slot) after its client had gone."""
-    os.mkfifo(server.config.images.parent / where / "fifo")
-    url = "/images/lamp/fifo" if where.startswith("images") else "/boot/fifo"
-    for _ in range(3):  # get's 10 s socket timeout is the hang guard
-        assert get(server, url)[0] == 404
-    assert get(server, "/boot/vmlinuz")[2] == b"K" * 1000
 
 
 def test_an_image_that_cannot_be_read_is_named_not_its_path(server: BootenvServer) -> None:

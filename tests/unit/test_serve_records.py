@@ -1,24 +1,142 @@
-"""`bootenv serve`: which events and new records it takes (capped, atomically).
+"""`bootenv serve`: which events and new records it takes.
 
-The MAX_MACHINES cap was checked outside any lock (concurrent callbacks from new MACs
-all passed it) and not at all by a menu choice.
+Events belong to an assignment. Before, an event carried nothing tying it to one: the
+old run's `write-os done`, posted after the admin re-assigned the machine, marked the
+new assignment os_written, and the machine booted its disk instead of being
+provisioned. New records are capped, atomically: the MAX_MACHINES cap was checked
+outside any lock (concurrent callbacks from new MACs all passed it) and not at all by
+a menu choice.
 """
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bootenv import callback
 from bootenv import serve as serve_mod
-from bootenv.machines import assign
-from bootenv.serve import BootenvServer
+from bootenv.callback import Callback
+from bootenv.machines import State, assign, to_dict
+from bootenv.serve import BootenvServer, Handler
 from bootenv.state import Store
-from tests.unit.test_serve import MAC, OTHER, get, post, server
+from tests.unit.test_serve import MAC, OTHER, callback_path, get, post, script, server
 
 __all__ = ["server"]  # the fixture, shared with test_serve.py
+
+WRITTEN = {"event": "step", "step": "write-os", "status": "done", "seq": 2, "time": 101.0}
+
+
+def test_the_ramdisk_posts_to_its_assignments_own_callback_url(server: BootenvServer) -> None:
+    store = Store(server.config.state)
+    store.put(assign(MAC, "lamp", "mysql", now=time.time()))
+    first = store.get(MAC)
+    assert first is not None and first.assignment
+    assert f"bootenv.callback={server.base_url}/callback/{MAC}/{first.assignment} " in script(server, MAC)
+    store.put(assign(MAC, "lamp", "mysql", now=time.time()))  # the same again: a new assignment
+    second = store.get(MAC)
+    assert second is not None and second.assignment not in (None, first.assignment)
+    assert f"/callback/{MAC}/{second.assignment} " in script(server, MAC)
+
+
+def test_a_replaced_runs_events_do_not_touch_the_new_assignment(server: BootenvServer) -> None:
+    """/tmp/exp/h8/reassign_stale.sh: assign lamp, its agent starts, re-assign rack, then
+    the old agent's write-os done. The machine must still install rack."""
+    store = Store(server.config.state)
+    store.put(assign(MAC, "lamp", "all", now=time.time()))
+    old = callback_path(server, MAC)
+    assert post(server, MAC, {"event": "start", "seq": 1, "time": 100.0})[1]["state"] == "provisioning"
+    make_rack(server)
+    store.put(assign(MAC, "rack", "none", now=time.time()), note={"event": "assigned"})
+    status, answer = post(server, MAC, WRITTEN, path=old)
+    assert status == 409 and "assigned again" in answer["error"]
+    status, answer = post(server, MAC, WRITTEN, path=f"/callback/{MAC}")  # a URL naming none
+    assert status == 409 and "names no assignment" in answer["error"]
+    machine = store.get(MAC)
+    assert machine is not None and (machine.image, machine.state, machine.events) == (
+        "rack",
+        State.ASSIGNED,
+        0,
+    )
+    assert [e["event"] for e in store.events(MAC)][-1] == "assigned"  # nothing logged
+    text = script(server, MAC)
+    assert "bootenv.image=" in text and "/images/rack " in text and "sanboot" not in text
+    # The new assignment's own run is heard, from its first event on.
+    assert post(server, MAC, WRITTEN)[1]["state"] == "os_written"
+
+
+def test_a_menu_choice_is_an_assignment_too(server: BootenvServer) -> None:
+    body = get(server, f"/ipxe/select/all?mac={OTHER}")[2]
+    machine = Store(server.config.state).get(OTHER)
+    assert machine is not None and machine.assignment
+    assert f"bootenv.callback={server.base_url}/callback/{OTHER}/{machine.assignment} " in body.decode()
+    assert post(server, OTHER, {"event": "os_written"}, path=f"/callback/{OTHER}")[0] == 409
+    assert post(server, OTHER, {"event": "os_written"})[0] == 200
+
+
+def test_a_record_from_before_assignment_ids_hears_the_url_without_one(server: BootenvServer) -> None:
+    """A machine an older bootenv assigned (its agent may be running: its URL names no
+    assignment) is heard as before, and its script's URL names none."""
+    doc = to_dict(assign(MAC, "lamp", "mysql", now=time.time()))
+    del doc["assignment"]
+    (server.config.state / "machines" / "52-54-00-12-34-56.json").write_text(json.dumps(doc))
+    assert f"bootenv.callback={server.base_url}/callback/{MAC} " in script(server, MAC)
+    assert post(server, MAC, {"event": "start"}) == (
+        200,
+        {"state": "provisioning", "changed": True, "invalid": None},
+    )
+    assert post(server, MAC, {"event": "done"}, path=f"/callback/{MAC}/0123456789abcdef")[0] == 409
+
+
+def test_an_assignment_of_a_machine_with_no_record_makes_nothing(server: BootenvServer) -> None:
+    """A run whose record was removed since (or an id made up): 409, and no file at all."""
+    status, answer = post(server, OTHER, {"event": "start"}, path=f"/callback/{OTHER}/0123456789abcdef")
+    assert status == 409 and "no record" in answer["error"]
+    assert not list(server.config.state.glob("*/52-54-00-ab-cd-ef*"))
+
+
+@pytest.mark.parametrize("tail", ["/", "/xyz", "/0123456789ABCDEF", "/0123456789abcdef/more"])
+def test_a_malformed_assignment_in_the_url_is_a_400(server: BootenvServer, tail: str) -> None:
+    Store(server.config.state).put(assign(MAC, "lamp", "mysql", now=time.time()))
+    status, answer = post(server, MAC, {"event": "start"}, path=f"/callback/{MAC}{tail}")
+    assert status == 400 and "assignment id" in answer["error"]
+
+
+def test_the_agent_of_a_replaced_run_gives_up_each_event_at_once(
+    server: BootenvServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bootenv/callback.py takes a 409 as an answer, not a busy server: one attempt per
+    event, never a retry loop (the run goes on; its events are only not recorded)."""
+    monkeypatch.setattr(callback, "RETRY_WAIT", 0.05)
+    posts: list[str] = []
+    handle = Handler.do_POST
+
+    def counted(self: Handler) -> None:
+        posts.append(self.path)
+        handle(self)
+
+    monkeypatch.setattr(Handler, "do_POST", counted)
+    store = Store(server.config.state)
+    store.put(assign(MAC, "lamp", "all", now=time.time()))
+    url = server.base_url + callback_path(server, MAC)
+    store.put(assign(MAC, "lamp", "none", now=time.time()))
+    cb = Callback(url, "agent")
+    for _ in range(3):
+        cb.post("progress", step="write-os", bytes=1)
+    cb.close()
+    assert len(posts) == 3
+    machine = store.get(MAC)
+    assert machine is not None and machine.events == 0
+
+
+def make_rack(srv: BootenvServer) -> None:
+    from tests.serveimage import make_image
+
+    make_image(srv.config.images, "rack", {})
 
 
 def test_a_menu_choice_past_the_cap_makes_no_record(
