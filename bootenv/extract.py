@@ -44,6 +44,8 @@ _RENAME_NOREPLACE = 1
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _libc = ctypes.CDLL(None, use_errno=True)
 _ACL_TAGS = {"user": (1, 2), "group": (4, 8), "mask": (0x10, 0x10), "other": (0x20, 0x20)}
+_ACCESS_ACL = "system.posix_acl_access"
+_DEFAULT_ACL = "system.posix_acl_default"
 
 
 def rename_noreplace(src_fd: int, src: str, dst_fd: int, dst: str) -> None:
@@ -170,6 +172,10 @@ class TreeWriter:
         self.merge = merge
         self.root_fd = os.open(root, DIR_FLAGS)
         self._dirs: dict[str, int] = {}
+        # The open directories with a default ACL (by their _dirs name): what is made in
+        # them inherits it, and is made so as to grant nobody anything until it has the
+        # gold's own ACLs (or none). Asked once per directory opened, not per file.
+        self._acl_dirs: set[str] = {""} if _has_default_acl(self.root_fd) else set()
         self._retired: list[int] = []  # evicted from _dirs, closed once the member is placed
         self._seen: set[str] = set()
         self._placed: dict[str, str] = {}  # hardlink targets: name -> where it is now
@@ -198,6 +204,10 @@ class TreeWriter:
             return self._dirs[rel]
         parent, _, name = rel.rpartition("/")
         fd = open_child(self.dir_fd(parent, create=create), name, rel, create=create)
+        if _has_default_acl(fd):
+            self._acl_dirs.add(rel)
+        else:
+            self._acl_dirs.discard(rel)
         if len(self._dirs) >= MAX_OPEN_DIRS:
             # Closed only once the member being placed is: its caller may hold one of
             # them (a hardlink's directory and its target's, a conflict's store).
@@ -263,7 +273,7 @@ class TreeWriter:
                 self.merge.mark(m.name, self.component, data, placed=True)
         moved = False  # once the temp name is renamed, there is nothing to clean up
         try:
-            self._make(m, reader, pfd, tmp, data)
+            self._make(m, reader, pfd, tmp, data, inherits=parent in self._acl_dirs)
             if store:
                 os.rename(tmp, base, src_dir_fd=pfd, dst_dir_fd=pfd)
                 moved = True
@@ -304,7 +314,7 @@ class TreeWriter:
         _fresh(pfd, tmp, lambda: os.mkdir(tmp, 0o700, dir_fd=pfd))
         fd = os.open(tmp, DIR_FLAGS, dir_fd=pfd)
         try:
-            self._meta(fd, m)
+            self._meta(fd, m, inherits=parent in self._acl_dirs)
         finally:
             os.close(fd)
         try:
@@ -318,9 +328,15 @@ class TreeWriter:
         if self._dirs_log is not None:
             self._dirs_log.add(*made)
 
-    def _make(self, m: Member, reader: PaxReader, pfd: int, tmp: str, data: bytes | None) -> None:
+    def _make(
+        self, m: Member, reader: PaxReader, pfd: int, tmp: str, data: bytes | None, *, inherits: bool
+    ) -> None:
+        """Make entry `m` as `tmp` in `pfd`, with its data and metadata. `inherits`: `pfd`
+        has a default ACL, which the new entry takes (its mode masked by it too)."""
         if m.kind == "file":
-            mode = m.mode if _safe_to_create(m.mode) else 0o600
+            # Under a default ACL a file made 0600 has a mask of ---: the named users and
+            # groups it inherits get nothing while its data goes in.
+            mode = m.mode if _safe_to_create(m.mode) and not inherits else 0o600
             fd = _fresh(pfd, tmp, lambda: os.open(tmp, _NEW_FILE, mode, dir_fd=pfd))
             try:
                 if data is not None:
@@ -333,7 +349,7 @@ class TreeWriter:
                 # No writeback is started here: the layout's Flusher syncs the filesystem
                 # as it goes, on a thread of its own. Started per file on this thread as
                 # well (sync_file_range), it made a layout of web 3-6% slower.
-                self._meta(fd, m, made=os.fstat(fd))
+                self._meta(fd, m, made=os.fstat(fd), inherits=inherits)
             finally:
                 os.close(fd)
             return
@@ -353,14 +369,19 @@ class TreeWriter:
         else:
             kind = stat.S_IFCHR if m.kind == "chr" else stat.S_IFBLK
             _fresh(pfd, tmp, lambda: os.mknod(tmp, kind | 0o600, os.makedev(*m.rdev), dir_fd=pfd))
-        self._path_meta(pfd, tmp, m)
+        self._path_meta(pfd, tmp, m, inherits=inherits)
 
     # -- metadata ----------------------------------------------------------------
-    def _meta(self, fd: int, m: Member, *, made: os.stat_result | None = None) -> None:
+    def _meta(
+        self, fd: int, m: Member, *, made: os.stat_result | None = None, inherits: bool = False
+    ) -> None:
         """Owner, then mode (chown clears setuid), then xattrs (chown clears caps), then
         mtime. `made`: the entry's stat as created; an owner or mode it has already is
         not set again (each a journaled change of its inode, where the fstat only reads
-        it)."""
+        it). `inherits`: made in a directory with a default ACL; the ACLs it took from it
+        go first, before a chmod can widen their mask (the gold's own are set below)."""
+        if inherits:
+            self._drop_inherited(fd, m)
         chown = self.privileged and (made is None or (made.st_uid, made.st_gid) != (m.uid, m.gid))
         if chown:
             os.fchown(fd, m.uid, m.gid)
@@ -372,7 +393,9 @@ class TreeWriter:
         if m.kind != "dir":
             os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
 
-    def _path_meta(self, pfd: int, name: str, m: Member) -> None:
+    def _path_meta(self, pfd: int, name: str, m: Member, *, inherits: bool) -> None:
+        if inherits and m.kind != "symlink":  # a symlink has no ACL
+            self._drop_inherited(f"/proc/self/fd/{pfd}/{name}", m)
         if self.privileged:
             os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
         if m.kind != "symlink":
@@ -380,6 +403,19 @@ class TreeWriter:
         for key, value in self._xattrs(m):
             self._setxattr(f"/proc/self/fd/{pfd}/{name}", key, value)
         os.utime(name, ns=(m.mtime_ns, m.mtime_ns), dir_fd=pfd, follow_symlinks=False)
+
+    def _drop_inherited(self, target: int | str, m: Member) -> None:
+        """Remove the ACLs a new entry took from its directory's default ACL: it is to
+        carry the gold's ACLs, and none where the gold's had none."""
+        for key in (_ACCESS_ACL, _DEFAULT_ACL) if m.kind == "dir" else (_ACCESS_ACL,):
+            try:
+                if isinstance(target, int):
+                    os.removexattr(target, key)
+                else:
+                    os.removexattr(target, key, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
+                    raise
 
     def _xattrs(self, m: Member) -> list[tuple[str, bytes]]:
         out = list(m.xattrs)
@@ -549,6 +585,15 @@ class TreeWriter:
                     base, ns=(mtime, mtime), dir_fd=self.dir_fd(parent, create=False), follow_symlinks=False
                 )
             self._close_retired()
+
+
+def _has_default_acl(fd: int) -> bool:
+    """Whether directory `fd` has a default ACL (a filesystem without ACLs has none)."""
+    try:
+        os.getxattr(fd, _DEFAULT_ACL)
+    except OSError as exc:
+        return exc.errno not in (errno.ENODATA, errno.ENOTSUP)  # unsure: drop what may be inherited
+    return True
 
 
 def _fresh(pfd: int, tmp: str, make: Callable[[], T]) -> T:
