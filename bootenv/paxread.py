@@ -5,9 +5,9 @@ layers; this reader parses each 512-byte header once and hands the data out in c
 which roughly doubles the files/s. Read from a stream that lends its blocks (a
 Prefetch), it hands out views of those blocks (no copy of the data). It understands
 what `tar --format=posix` produces: pax `x`/`g` headers (path, linkpath, size, uid,
-gid, mtime, SCHILY.xattr.*, SCHILY.acl.*, GNU sparse 1.0), GNU long names, base-256
-numbers. Every length is bounded, so a hostile
-archive can make it fail but not allocate without limit.
+gid, mtime, SCHILY.xattr.*, SCHILY.acl.* where no ACL xattr says the same, GNU sparse
+1.0), GNU long names, base-256 numbers. Every length is bounded, so a hostile archive
+can make it fail but not allocate without limit.
 """
 
 from __future__ import annotations
@@ -365,7 +365,11 @@ class PaxReader:
 
 
 def _schily(pax: dict[str, bytes]) -> tuple[tuple[tuple[str, bytes], ...], tuple[tuple[str, str], ...]]:
-    """The xattrs and ACLs of a member's pax records, each sorted by name (one pass)."""
+    """The xattrs and ACLs of a member's pax records, each sorted by name (one pass).
+
+    An ACL is kept as text only where the member has no `system.posix_acl_*` xattr for
+    it: GNU tar with `--acls` wrote both, the text naming users by the capturing host's
+    names (see tarstream.py), and the xattr, with the ids, is the one that is right."""
     if not pax:
         return (), ()
     xattrs, acls = [], []
@@ -376,6 +380,8 @@ def _schily(pax: dict[str, bytes]) -> tuple[tuple[tuple[str, bytes], ...], tuple
             xattrs.append((k[13:], v))
         elif k in ("SCHILY.acl.access", "SCHILY.acl.default"):
             acls.append((k[11:], _text(v)))
+    if acls:
+        acls = [(which, text) for which, text in acls if f"SCHILY.xattr.system.posix_acl_{which}" not in pax]
     return tuple(sorted(xattrs)), tuple(sorted(acls))
 
 

@@ -2,6 +2,15 @@
 
 Capture feeds tar a NUL-separated list of paths (no recursion), so the split decides
 exactly which files go into which archive.
+
+ACLs travel as the extended attributes they are (`system.posix_acl_access` and
+`_default`, which `--xattrs-include=*` takes), never with `--acls`: that writes them
+again as text (`SCHILY.acl.*`) naming each user and group by the name the capturing
+host's passwd gives its id, whatever `--numeric-owner` says, and the gold's uid 33 may
+be nobody, or someone else, where the image is laid out. The xattrs hold the ids. Nor
+does the staging copy extract with `--acls`: tar then sets each entry's ACL after its
+xattrs, from that text or, without it, from the mode, which would drop the ACL the
+xattr had set.
 """
 
 from __future__ import annotations
@@ -27,7 +36,6 @@ CREATE_FLAGS = (
     "--pax-option=delete=atime,delete=ctime",
     "--xattrs",
     "--xattrs-include=*",
-    "--acls",
     "--sparse",
     "--ignore-failed-read",  # a path that vanished is a warning: finish_create sorts them
     "--quoting-style=escape",  # how finish_create reads names (a build's default may differ)
@@ -40,7 +48,6 @@ EXTRACT_FLAGS = (
     "--same-permissions",
     "--xattrs",
     "--xattrs-include=*",
-    "--acls",
     "--delay-directory-restore",
 )
 

@@ -1,5 +1,6 @@
-"""The layout gives each entry exactly the gold's POSIX ACLs and mode: an entry made in
-a directory with a default ACL keeps nothing it inherited from it.
+"""The layout gives each entry exactly the gold's POSIX ACLs and mode: it reads an ACL
+from its xattr (numeric ids) before GNU tar's text, and an entry made in a directory
+with a default ACL keeps nothing it inherited from it.
 
 ACLs are the kernel's `system.posix_acl_*` xattrs, built by acl_xattr; the tests are
 skipped on a filesystem without ACLs."""
@@ -17,10 +18,11 @@ import pytest
 from bootenv import extract
 from bootenv.extract import TreeWriter, acl_xattr
 from bootenv.merge import MergeState
-from bootenv.paxread import PaxReader
+from bootenv.paxread import ArchiveError, PaxReader
 from tests.hostile.kit import d, f, special, tar_bytes
 
 ACCESS, DEFAULT = "system.posix_acl_access", "system.posix_acl_default"
+NAMED = acl_xattr("user::rw-,user:33:r--,group::r--,mask::r--,other::r--")
 INHERITED = acl_xattr("user::rwx,user:4242:r-x,group::r-x,group:4343:rwx,mask::rwx,other::---")
 
 
@@ -57,6 +59,58 @@ def acl_fs(tmp_path: Path) -> Path:
     except OSError as exc:
         pytest.skip(f"this filesystem takes no ACL: {exc.strerror}")
     return tmp_path
+
+
+# -- reading: the xattr before the text ----------------------------------------------
+
+
+def test_an_acl_is_read_from_its_xattr_not_from_tars_text() -> None:
+    """GNU tar with --acls wrote an ACL twice: as text naming the capturing host's user
+    (www-data for uid 33) and as the xattr, with the id. Only a text with no xattr
+    beside it is an ACL to convert."""
+    both = {"SCHILY.acl.access": "user::rw-\nuser:www-data:r--\ngroup::r--\nmask::r--\nother::r--\n"}
+    members = [
+        _pax(f("both", "x"), **both, **{f"SCHILY.xattr.{ACCESS}": NAMED}),
+        _pax(
+            f("text", "x"), **{"SCHILY.acl.access": "user::rw-,user:33:r--,group::r--,mask::r--,other::r--"}
+        ),
+        _pax(
+            d("dir"),
+            **{"SCHILY.acl.access": "user::rwx,group::r-x,other::r-x"},
+            **{f"SCHILY.xattr.{DEFAULT}": NAMED},
+        ),
+    ]
+    got = {m.name: (m.acls, m.xattrs) for m in PaxReader(io.BytesIO(tar_bytes(members)))}
+    assert got["both"] == ((), ((ACCESS, NAMED),))
+    assert got["text"] == ((("access", "user::rw-,user:33:r--,group::r--,mask::r--,other::r--"),), ())
+    assert got["dir"] == ((("access", "user::rwx,group::r-x,other::r-x"),), ((DEFAULT, NAMED),))
+
+
+def test_a_component_captured_with_tars_acl_text_lays_out(acl_fs: Path) -> None:
+    """Images captured before capture dropped --acls name users in the text: they lay
+    out, with the ACL the xattr holds."""
+    text = "user::rw-\nuser:www-data:r--\ngroup::r--\nmask::r--\nother::r--\n"
+    _lay_out(
+        acl_fs,
+        [
+            d("etc"),
+            _pax(f("etc/web.conf", "x"), **{"SCHILY.acl.access": text, f"SCHILY.xattr.{ACCESS}": NAMED}),
+        ],
+    )
+    assert _acls(acl_fs / "etc/web.conf") == {ACCESS: NAMED}
+
+
+def test_an_acl_text_naming_a_user_with_no_xattr_is_still_refused(acl_fs: Path) -> None:
+    with pytest.raises(ArchiveError, match="names a user by name"):
+        _lay_out(
+            acl_fs,
+            [
+                _pax(
+                    f("x", "x"),
+                    **{"SCHILY.acl.access": "user::rw-,user:www-data:r--,group::r--,mask::r--,other::---"},
+                )
+            ],
+        )
 
 
 # -- writing: nothing inherited from a default ACL -----------------------------------
