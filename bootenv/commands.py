@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bootenv.errors import UserError
-from bootenv.log import human_bytes, setup_logging
+from bootenv.log import human_bytes, printable, setup_logging
 from bootenv.smallfile import read_small
 
 if TYPE_CHECKING:
@@ -158,23 +158,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     # parser has checked the names, and that rootfs.type is ext4).
     s = manifest.source
     host, os_name, arch, kernel = (
-        _printable(t) for t in (s.hostname or "?", s.os_release, s.architecture, s.kernel)
+        printable(t) for t in (s.hostname or "?", s.os_release, s.architecture, s.kernel)
     )
     print(f"image of {host}: {os_name}, {arch}, kernel {kernel}")
-    print(f"captured {_printable(s.captured_at)}")
+    print(f"captured {printable(s.captured_at)}")
     print(f"root filesystem: {manifest.rootfs.type}, at least {human_bytes(manifest.rootfs.min_size)}")
     print(_table(summary_rows(manifest)))
     for c in manifest.components:
-        print(f"{c.name}: {_printable(' '.join(c.packages))}")
+        print(f"{c.name}: {printable(' '.join(c.packages))}")
         if c.units:
-            print(f"{' ' * len(c.name)}  units: {_printable(' '.join(c.units))}")
+            print(f"{' ' * len(c.name)}  units: {printable(' '.join(c.units))}")
     return 0
-
-
-def _printable(text: str) -> str:
-    """`text` with each character that is not printable (a control character, a
-    newline, an escape, a lone surrogate) written as its Python escape."""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def cmd_write_os(args: argparse.Namespace) -> int:
@@ -269,7 +263,7 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
             for c in found:
                 res = (c.resolution or {}).get("keep", "open")
                 # A path is an archive member's name: any byte but NUL and "/" may be in it.
-                rows.append([c.id, c.component, _printable("/" + c.path), _printable(c.reason), str(res)])
+                rows.append([c.id, c.component, printable("/" + c.path), printable(c.reason), str(res)])
             print(_table(rows))
         return 0
     if not args.id:
@@ -279,10 +273,10 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
         if args.json:
             print(_json({**asdict(c), "diff": conflicts.diff(root, c)}))
             return 0
-        path, reason = _printable("/" + c.path), _printable(c.reason)
+        path, reason = printable("/" + c.path), printable(c.reason)
         print(f"conflict {c.id}: {path} from component {c.component} ({reason})")
         print(f"existing: {_json(c.existing)}")
-        print(f"incoming (kept in {_printable('/' + c.stored)}): {_json(c.incoming)}")
+        print(f"incoming (kept in {printable('/' + c.stored)}): {_json(c.incoming)}")
         print(conflicts.diff(root, c) or "(no text diff)", end="")
         if c.resolution:
             print(f"\nresolved: {_resolution(c.resolution)}")

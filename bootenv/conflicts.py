@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bootenv.errors import UserError
+from bootenv.log import printable
 from bootenv.merge import MAX_MERGE, concatenate, is_text, record_dir
 from bootenv.paxread import ArchiveError
 from bootenv.smallfile import read_capped
@@ -267,7 +268,8 @@ def diff(root: Path, c: Conflict) -> str:
         return ""
     if old is None or new is None:
         return ""
-    return "".join(difflib.unified_diff(old, new, f"existing/{c.path}", f"{c.component}/{c.path}"))
+    shown = printable(c.path)  # a member's name may hold a newline: one header line each
+    return "".join(difflib.unified_diff(old, new, f"existing/{shown}", f"{c.component}/{shown}"))
 
 
 def resolve(root: Path, cid: str, keep: str | None, file: Path | None) -> Conflict:

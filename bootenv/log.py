@@ -50,6 +50,19 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def printable(text: str) -> str:
+    """`text` as one line a terminal shows as it is: each character that is not
+    printable (a control character, a newline, an escape) written as its Python escape,
+    and a byte that was not UTF-8 (a path's, decoded with surrogateescape) as `\\xe9`."""
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    if "\udc80" <= ch <= "\udcff":
+        return f"\\x{ord(ch) - 0xDC00:02x}"
+    return repr(ch)[1:-1]
+
+
 class Progress:
     """A progress bar on a terminal, a periodic log line otherwise."""
 

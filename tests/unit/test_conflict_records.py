@@ -5,6 +5,7 @@ paths, and a resolution never follows a symlink out of the root."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +169,40 @@ def test_list_and_show_print_a_path_with_control_characters_escaped(
         out = capsys.readouterr().out
         assert "\x1b" not in out and "\x07" not in out
         assert "/etc/f\\x1b]0;owned\\x07" in out and "differs\\x1b[2J" in out
+
+
+def test_list_and_show_print_a_name_that_is_not_utf8_or_holds_a_newline_on_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A byte that is not UTF-8 is shown as `\\xe9` (it was `\\udce9`, the surrogate it is
+    read as), and a newline as `\\n`: in the table, the header and the diff's file names."""
+    root = _tree(tmp_path)
+    path = os.fsdecode(b"etc/caf\xe9\nx.conf")
+    cid = conflict_id("c", path)
+    (root / RECORDS).mkdir(parents=True, exist_ok=True)
+    stored = f"{STORE}/c/{path}"
+    (root / path).write_text("a = 1\n")
+    (root / stored).write_text("a = 2\n")
+    doc = {
+        "id": cid,
+        "component": "c",
+        "path": path,
+        "reason": "different content",
+        "existing": {},
+        "incoming": {},
+        "stored": stored,
+        "resolution": None,
+    }
+    (root / RECORDS / f"{cid}.json").write_text(json.dumps(doc))
+    shown = "etc/caf\\xe9\\nx.conf"
+    assert main(["conflicts", "list", "--root", str(root)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 3 and f"/{shown}" in table[2]
+    assert main(["conflicts", "show", cid, "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "\\udc" not in out
+    lines = out.splitlines()
+    assert lines[0] == f"conflict {cid}: /{shown} from component c (different content)"
+    assert f"incoming (kept in /{STORE}/c/{shown})" in out
+    assert f"--- existing/{shown}" in lines and f"+++ c/{shown}" in lines
+    assert "-a = 1" in lines and "+a = 2" in lines
