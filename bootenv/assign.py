@@ -13,12 +13,16 @@ The rules, in order (docs/FORMAT.md, "How a tree is split"):
 5. an unowned symlink whose target resolves to a component's path: that component
    (systemd enablement links, /etc/alternatives, a2enmod links);
 6. anything else: the sub-image of its parent directory.
+
+Paths the packages, the scripts and the admin name are where the gold's own system finds
+them: the tree's symlinks resolved inside it (a gold's /var -> /data/var puts dpkg's
+/var/lib/dbdata at /data/var/lib/dbdata).
 """
 
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from bootenv import intree
@@ -50,6 +54,17 @@ class _Tree:
         return intree.resolve(path, self.links.get, last=last)
 
 
+def links_of(entries: list[Entry]) -> dict[str, str]:
+    """The scanned tree's symlinks: path -> target, as stored."""
+    return {e.path: e.target for e in entries if e.kind is Kind.SYMLINK and e.target}
+
+
+def claim_paths(claim: str, readlink: intree.Readlink) -> tuple[str, ...]:
+    """Where a named path (an admin's `/PATH`, a path a maintainer script names) is in the
+    tree: itself with its parents' symlinks resolved inside the tree."""
+    return (intree.resolve(claim, readlink, last=False),)
+
+
 def plan_split(
     db: Database,
     specs: tuple[ComponentSpec, ...],
@@ -59,8 +74,10 @@ def plan_split(
     """The whole plan: package owners, component dependencies and each path's sub-image."""
     validate_specs(specs, db)
     package_owner, depends, base = assign_packages(db, specs)
-    tree = _Tree({e.path: e.target for e in entries if e.kind is Kind.SYMLINK and e.target})
-    check_claims(db, specs, package_owner, lambda p: tree.resolve(p, last=False))
+    tree = _Tree(links_of(entries))
+    check_claims(db, specs, package_owner, tree.links.get)
+    # The rules name /var/log; a gold whose /var is a link to /data/var logs in /data/var/log.
+    exclusions = exclusions.in_tree(tree.resolve)
     decider = _Decider(db, specs, package_owner, depends, tree)
     files: dict[str, list[str]] = {OS: [], **{s.name: [] for s in specs}}
     dirs: dict[str, set[str]] = {OS: set(), **{s.name: set() for s in specs}}
@@ -97,42 +114,56 @@ def check_claims(
     db: Database,
     specs: tuple[ComponentSpec, ...],
     package_owner: Mapping[str, str],
-    canonical: Callable[[str], str],
+    readlink: intree.Readlink,
 ) -> None:
     """Refuse an admin's `/PATH` that is, or holds, a path a package of another sub-image
     owns, or dpkg's database: rule 1 comes first, so it would take those files from the
     sub-image their package is in (dpkg itself into a component). Paths of the named
-    component's own packages are its anyway. `canonical`: a path with its parents'
-    symlinks resolved in the tree (dpkg records /lib/x where /lib -> usr/lib)."""
-    claims = [(path, spec.name) for spec in specs for path in spec.paths]
+    component's own packages are its anyway. `readlink`: the tree's symlinks; paths are
+    compared where they resolve inside the tree (dpkg records /lib/x where /lib ->
+    usr/lib; a gold's /var may be a link to /data/var)."""
+
+    def canonical(path: str) -> str:
+        return intree.resolve(path, readlink, last=False)
+
+    # (where it is in the tree, the admin's /PATH, its component)
+    claims = [
+        (at, path, spec.name) for spec in specs for path in spec.paths for at in claim_paths(path, readlink)
+    ]
     if not claims:
         return
     dpkg_dirs = sorted({posixpath.dirname(DPKG_STATUS), posixpath.dirname(canonical(DPKG_STATUS))})
-    for claim, name in claims:
+    for at, claim, name in claims:
         for dpkg in dpkg_dirs:
-            if _under(claim, dpkg) or _under(dpkg, claim):
-                how = "is" if claim == dpkg else "is in" if _under(claim, dpkg) else "holds"
+            if _under(at, dpkg) or _under(dpkg, at):
+                how = "is" if at == dpkg else "is in" if _under(at, dpkg) else "holds"
                 raise UserError(
-                    f"component {name}: {claim} {how} dpkg's database ({dpkg})",
+                    f"component {name}: {_named(claim, at)} {how} dpkg's database ({dpkg})",
                     hint="dpkg's files follow their packages: assign a path outside it",
                 )
-    first: dict[str, tuple[str, str, str]] = {}  # claim -> the first path (by name) it takes
+    first: dict[tuple[str, str], tuple[str, str, str]] = {}  # claim -> the first path (by name) it takes
     for pkg, paths in db.files.items():
         owner = package_owner[pkg]
         for path in paths:
             where = canonical(path)
-            for claim, name in claims:
-                if owner != name and _under(where, claim) and (claim not in first or where < first[claim][0]):
-                    first[claim] = (where, pkg, owner)
-    for claim, name in claims:
-        if claim in first:
-            where, pkg, owner = first[claim]
-            held = "is" if where == claim else f"holds {where}, which is"
+            for at, _, name in claims:
+                key = (at, name)
+                if owner != name and _under(where, at) and (key not in first or where < first[key][0]):
+                    first[key] = (where, pkg, owner)
+    for at, claim, name in claims:
+        if (at, name) in first:
+            where, pkg, owner = first[(at, name)]
+            held = "is" if where == at else f"holds {where}, which is"
             raise UserError(
-                f"component {name}: {claim} {held} a path of package {pkg}, in "
+                f"component {name}: {_named(claim, at)} {held} a path of package {pkg}, in "
                 + ("the OS" if owner == OS else f"component {owner}"),
                 hint="a /PATH assigns only paths no package outside the component owns; name one below it",
             )
+
+
+def _named(claim: str, at: str) -> str:
+    """An admin's `/PATH` in a message, with where it is in the tree if that differs."""
+    return claim if at == claim else f"{claim} (at {at})"
 
 
 def _under(path: str, top: str) -> bool:
@@ -159,8 +190,10 @@ class _Decider:
     ) -> None:
         self.tree = tree
         self.depends = depends
-        self.claims = sorted(((p, s.name) for s in specs for p in s.paths), key=lambda c: -len(c[0]))
-        self.script_claims = _script_claims(db, package_owner)
+        self.claims = sorted(
+            ((at, s.name) for s in specs for p in s.paths for at in claim_paths(p, tree.links.get)),
+            key=lambda c: -len(c[0]),
+        )
         self.info_owner = {
             prefix: package_owner[pkg.name] for pkg in db.packages.values() for prefix in pkg.info_prefixes
         }
@@ -171,6 +204,7 @@ class _Decider:
                 canonical = tree.resolve(path, last=False)
                 owners.setdefault(canonical, set()).add(package_owner[pkg])
         self.owners = owners
+        self.script_claims = _script_claims(db, package_owner, tree, owners)
         self.memo: dict[str, str] = {"/": OS}
         # dpkg's database where the scan found it: a gold's /var may be a symlink.
         self.status = tree.resolve(DPKG_STATUS)
@@ -215,12 +249,17 @@ class _Decider:
         return self.image(posixpath.dirname(path))
 
 
-def _script_claims(db: Database, package_owner: Mapping[str, str]) -> dict[str, str]:
-    """Unowned paths named by exactly one component's maintainer scripts (rule 4)."""
-    owned = {p for paths in db.files.values() for p in paths}
+def _script_claims(
+    db: Database, package_owner: Mapping[str, str], tree: _Tree, owned: Collection[str]
+) -> dict[str, str]:
+    """Unowned paths named by exactly one component's maintainer scripts (rule 4), where
+    they are in the tree (`owned`: the packages' paths, resolved as well)."""
     named: dict[str, set[str]] = {}
     for pkg, paths in db.script_paths.items():
         for path in paths:
-            if path.count("/") >= 3 and path not in owned:
-                named.setdefault(path, set()).add(package_owner[pkg])
+            if path.count("/") < 3:
+                continue
+            for at in claim_paths(path, tree.links.get):
+                if at not in owned:
+                    named.setdefault(at, set()).add(package_owner[pkg])
     return {p: next(iter(o)) for p, o in named.items() if len(o) == 1 and OS not in o}

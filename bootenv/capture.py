@@ -56,7 +56,7 @@ from bootenv.split import COMPONENT_STATUS_DIR, OS, ComponentSpec, Split, assign
 from bootenv.staging import replace_file, stage
 from bootenv.store import BlobWriter, write_blob
 from bootenv.tarstream import finish_create, tar_create, write_list
-from bootenv.walk import Entry, Kind, scan
+from bootenv.walk import Entry, Kind, exists_in, scan
 from bootenv.writeback import fsync_dir, write_durably
 
 log = logging.getLogger(__name__)
@@ -129,14 +129,16 @@ def _refuse_bad_specs(root: Path, db: Database, specs: tuple[ComponentSpec, ...]
     """Everything wrong with the components that needs no scan, refused before anything
     is written or stopped: names, packages, cycles between components, `/PATH`s."""
     validate_specs(specs, db)
+    links = disk_links(root)
     for spec in specs:
         for path in spec.paths:
-            if not os.path.lexists(root / path.lstrip("/")):
+            # Where the gold finds it: its links resolved inside ROOT, none followed on
+            # the host (a gold's /var -> /data/var is not the host's /data/var).
+            if not exists_in(root, resolve(path, links, last=False)):
                 raise UserError(f"component {spec.name}: {path} is not in {root}")
     package_owner, _, _ = assign_packages(db, specs)
     if any(spec.paths for spec in specs):
-        links = disk_links(root)
-        check_claims(db, specs, package_owner, lambda p: resolve(p, links, last=False))
+        check_claims(db, specs, package_owner, links)
 
 
 def split_warnings(

@@ -10,10 +10,11 @@ leaves out the directory's files too, not only the directory.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase, translate
 from functools import cached_property
+from glob import escape
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,18 @@ class Exclusions:
         )
         return Exclusions(self.rules + extra)
 
+    def in_tree(self, resolve: Callable[[str], str]) -> Exclusions:
+        """These rules for a tree whose symlinks move a rule's directory: each rule also
+        matches, right after itself, where `resolve` (a path with the tree's links
+        resolved inside it) puts the directory its glob lies in."""
+        rules = []
+        for rule in self.rules:
+            rules.append(rule)
+            moved = _moved(rule.pattern, resolve)
+            if moved is not None:
+                rules.append(replace(rule, pattern=moved))
+        return Exclusions(tuple(rules))
+
     def reason(self, path: str, is_dir: bool) -> str | None:
         """The reason `path` is left out, or None if it is captured (the first rule that
         matches, as `Rule.matches` says, in one regex match: capture asks for every path)."""
@@ -86,6 +99,18 @@ class Exclusions:
     @cached_property
     def _dir_regex(self) -> re.Pattern[str]:
         return _alternation((i, r) for i, r in enumerate(self.rules) if not r.files_only)
+
+
+def _moved(pattern: str, resolve: Callable[[str], str]) -> str | None:
+    """`pattern` with the directory its glob lies in (its literal part up to the last
+    `/`: /var/log of /var/log/*, /etc/ssh of /etc/ssh/ssh_host_*) where the tree's links
+    put it; None if they leave it where it is."""
+    literal = re.split(r"[*?[]", pattern, maxsplit=1)[0]
+    head = literal.rpartition("/")[0]
+    if not head:
+        return None
+    where = resolve(head)
+    return None if where == head else escape(where).rstrip("/") + pattern[len(head) :]
 
 
 def _alternation(rules: Iterable[tuple[int, Rule]]) -> re.Pattern[str]:

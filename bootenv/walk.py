@@ -14,6 +14,8 @@ from pathlib import Path
 # directory was replaced by a file).
 GONE = (errno.ENOENT, errno.ENOTDIR)
 
+NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
 
 class Kind(StrEnum):
     FILE = "file"
@@ -85,3 +87,27 @@ def _scan_dir(top: str, rel: str, root_dev: int) -> Iterator[Entry]:
             yield Entry(path, kind, target=target)
         else:
             yield Entry(path, kind, size=st.st_size if kind is Kind.FILE else 0)
+
+
+def exists_in(root: Path, path: str) -> bool:
+    """Whether `path` (absolute in the tree, its parents with no symlink left: resolved
+    inside the tree first) is in the tree, found without following any link: a parent
+    that is a symlink makes it absent (a gold's absolute link would lead onto the host)."""
+    parts = [p for p in path.split("/") if p]
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            try:
+                sub = os.open(part, NOFOLLOW_DIR, dir_fd=fd)
+            except OSError:
+                return False
+            os.close(fd)
+            fd = sub
+        if parts:
+            try:
+                os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                return False
+        return True
+    finally:
+        os.close(fd)

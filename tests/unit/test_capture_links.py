@@ -12,7 +12,7 @@ import pytest
 from bootenv.assign import plan_split
 from bootenv.capture import _rewrite_status
 from bootenv.dpkg import read_database
-from bootenv.errors import FatalError
+from bootenv.errors import FatalError, UserError
 from bootenv.exclude import Exclusions
 from bootenv.intree import MAX_LINK_HOPS, disk_links, resolve
 from bootenv.split import OS, ComponentSpec
@@ -125,3 +125,63 @@ def test_a_link_chain_too_long_to_resolve_is_refused_not_followed(tmp_path: Path
     ):
         _rewrite_status(staging, db, ("dpkg",))
     assert (outside / "lib/dpkg/status").read_bytes() == before
+
+
+# What the gold's /var holds besides the fake gold's own: a cache of db's (its, where the
+# admin names it), then machine identity, caches, runtime state and a provisioned
+# machine's bootenv records, left out on purpose.
+_VAR_STATE = (
+    "cache/dbcache/index",
+    "lib/systemd/random-seed",
+    "lib/systemd/credential.secret",
+    "lib/dhcp/dhclient.eth0.leases",
+    "cache/apt/pkgcache.bin",
+    "tmp/scratch",
+    "lib/bootenv/layout/journal.json",
+)
+
+
+def _with_var_state(gold: Path, var: str) -> Path:
+    for rel in _VAR_STATE:
+        (gold / var / rel).parent.mkdir(parents=True, exist_ok=True)
+        (gold / var / rel).write_text(rel)
+    return gold
+
+
+@pytest.mark.parametrize("paths", [(), ("/var/lib/dbdata", "/var/cache/dbcache")])
+def test_a_symlinked_var_splits_and_excludes_as_a_plain_one(tmp_path: Path, paths: tuple[str, ...]) -> None:
+    """Every path of the gold whose /var is a link to /data/var lands where the same path
+    of the plain gold does, or is left out for the same reason: logs, identity, caches,
+    bootenv's state; db's data by its postinst (rule 4) or by the admin's /PATH (its
+    cache, which no script names)."""
+    specs = (ComponentSpec("web", ("httpd",)), ComponentSpec("db", ("dbserver",), paths))
+    plain = _with_var_state(make_tree(tmp_path / "plain"), "var")
+    linked = _with_var_state(_var_elsewhere(tmp_path), "data/var")
+
+    def where(gold: Path, prefix: str) -> dict[str, str | None]:
+        split = plan_split(read_database(gold), specs, scan(gold), Exclusions())
+        placed: dict[str, str | None] = {p: image for image, ps in split.files.items() for p in ps}
+        placed.update({p: f"excluded: {reason}" for p, reason in split.excluded})
+        return {p.replace(prefix, "/var/", 1) if p.startswith(prefix) else p: w for p, w in placed.items()}
+
+    got, want = where(linked, "/data/var/"), where(plain, "/var/")
+    assert got.pop("/var") == OS  # the link itself
+    assert got == want
+    assert want["/var/lib/dbdata/ibdata1"] == "db" and want["/var/log/httpd/access.log"] == "excluded: logs"
+    assert want["/var/cache/dbcache/index"] == ("db" if paths else OS)
+    for rel in _VAR_STATE[1:]:
+        assert str(want["/var/" + rel]).startswith("excluded: "), rel
+
+
+def test_a_components_path_is_found_where_the_gold_puts_it_never_on_the_host(tmp_path: Path) -> None:
+    from bootenv.capture import _refuse_bad_specs
+
+    gold = _var_elsewhere(tmp_path)
+    db = read_database(gold)
+    _refuse_bad_specs(gold, db, (ComponentSpec("db", ("dbserver",), ("/var/lib/dbdata",)),))
+    host = tmp_path / "host-only"
+    (host / "data").mkdir(parents=True)
+    (gold / "srv").mkdir()
+    os.symlink(str(host), gold / "srv/link")  # absolute: the gold's own path, not the host's
+    with pytest.raises(UserError, match=rf"^component db: /srv/link/data is not in {gold}$"):
+        _refuse_bad_specs(gold, db, (ComponentSpec("db", ("dbserver",), ("/srv/link/data",)),))

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from bootenv.exclude import DEFAULT_RULES, Exclusions, Rule
+from bootenv.intree import resolve
 
 
 def _by_rules(rules: tuple[Rule, ...], path: str, is_dir: bool) -> str | None:
@@ -65,3 +66,24 @@ def test_an_admins_exclusion_takes_what_lies_below_it() -> None:
 )
 def test_a_provisioned_machines_bootenv_state_is_never_captured(path: str) -> None:
     assert Exclusions().reason(path, False) == "bootenv's own state"
+
+
+def test_a_rule_also_matches_where_the_trees_links_put_its_directory() -> None:
+    """A gold whose /var is a link to /data/var logs in /data/var/log; a directory name
+    the links lead to is matched as it is, not as a glob."""
+    links = {"/var": "/data/var", "/srv": "/mnt/[x]*", "/up": "/"}
+    ex = Exclusions().with_patterns(("/srv/cache", "/up/swap*")).in_tree(lambda p: resolve(p, links.get))
+    assert ex.reason("/data/var/log/syslog", False) == "logs"
+    assert ex.reason("/data/var/log/httpd", True) is None  # the directories stay
+    assert ex.reason("/data/var/lib/systemd/credential.secret", False) == "machine identity"
+    assert ex.reason("/data/var/lib/bootenv/layout/journal.json", False) == "bootenv's own state"
+    assert ex.reason("/data/var/tmp/scratch", False) == "runtime state"
+    assert ex.reason("/var/log/syslog", False) == "logs"  # the rule itself still holds
+    assert ex.reason("/mnt/[x]*/cache/a", False) == "excluded by --exclude"
+    assert ex.reason("/mnt/x/cache/a", False) is None and ex.reason("/mnt/[x]yz/cache/a", False) is None
+    assert ex.reason("/swapfile2", False) == "excluded by --exclude"  # /up -> /: /swap*
+    assert Exclusions().in_tree(lambda p: p) == Exclusions()  # no link: the same rules
+    rng = random.Random(11)
+    for path in [*_paths(rng, 2000), "/data/var/log/x", "/data/var/cache/apt/a"]:
+        for is_dir in (False, True):
+            assert ex.reason(path, is_dir) == _by_rules(ex.rules, path, is_dir), (path, is_dir)
