@@ -16,13 +16,16 @@ The rules, in order (docs/FORMAT.md, "How a tree is split"):
 
 Paths the packages, the scripts and the admin name are where the gold's own system finds
 them: the tree's symlinks resolved inside it (a gold's /var -> /data/var puts dpkg's
-/var/lib/dbdata at /data/var/lib/dbdata).
+/var/lib/dbdata at /data/var/lib/dbdata). A named path that is itself a symlink names
+where it leads too (`claim_paths`): a data directory moved to /srv/dbdata and linked
+from /var/lib/dbdata is the component's data all the same.
 """
 
 from __future__ import annotations
 
+import logging
 import posixpath
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from bootenv import intree
@@ -41,6 +44,8 @@ from bootenv.split import (
     validate_specs,
 )
 from bootenv.walk import Entry, Kind
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,8 +66,12 @@ def links_of(entries: list[Entry]) -> dict[str, str]:
 
 def claim_paths(claim: str, readlink: intree.Readlink) -> tuple[str, ...]:
     """Where a named path (an admin's `/PATH`, a path a maintainer script names) is in the
-    tree: itself with its parents' symlinks resolved inside the tree."""
-    return (intree.resolve(claim, readlink, last=False),)
+    tree: itself with its parents' symlinks resolved inside the tree; and, when it is
+    itself a symlink, where that leads too (/var/lib/dbdata -> /srv/dbdata: the data is
+    in /srv/dbdata)."""
+    at = intree.resolve(claim, readlink, last=False)
+    to = intree.resolve(claim, readlink)
+    return (at,) if to == at else (at, to)
 
 
 def plan_split(
@@ -121,7 +130,8 @@ def check_claims(
     sub-image their package is in (dpkg itself into a component). Paths of the named
     component's own packages are its anyway. `readlink`: the tree's symlinks; paths are
     compared where they resolve inside the tree (dpkg records /lib/x where /lib ->
-    usr/lib; a gold's /var may be a link to /data/var)."""
+    usr/lib; a gold's /var may be a link to /data/var), the `/PATH`'s own link's target
+    too (`claim_paths`)."""
 
     def canonical(path: str) -> str:
         return intree.resolve(path, readlink, last=False)
@@ -168,6 +178,13 @@ def _named(claim: str, at: str) -> str:
 
 def _under(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _ancestors(path: str) -> Iterator[str]:
+    """`path`'s ancestors, "/" included."""
+    while path != "/":
+        path = posixpath.dirname(path)
+        yield path
 
 
 def _add_ancestors(dirs: set[str], path: str) -> None:
@@ -253,13 +270,34 @@ def _script_claims(
     db: Database, package_owner: Mapping[str, str], tree: _Tree, owned: Collection[str]
 ) -> dict[str, str]:
     """Unowned paths named by exactly one component's maintainer scripts (rule 4), where
-    they are in the tree (`owned`: the packages' paths, resolved as well)."""
+    they are in the tree (`owned`: the packages' paths, resolved as well). A named path
+    that is a symlink names where it leads too, unless that holds packages' files (a
+    link to /usr/lib would take every unowned file there): then only the link is named."""
     named: dict[str, set[str]] = {}
+    holders: set[str] = set()  # the directories that hold packages' paths (made when needed)
     for pkg, paths in db.script_paths.items():
         for path in paths:
             if path.count("/") < 3:
                 continue
-            for at in claim_paths(path, tree.links.get):
-                if at not in owned:
-                    named.setdefault(at, set()).add(package_owner[pkg])
+            at, *to = claim_paths(path, tree.links.get)
+            if at in owned:
+                continue
+            named.setdefault(at, set()).add(package_owner[pkg])
+            if to and not holders:
+                holders = {d for o in owned for d in _ancestors(o)}
+            for target in to:
+                if target in holders:
+                    if package_owner[pkg] != OS:
+                        log.warning(
+                            "%s, named by %s's maintainer scripts, is a link to %s, which holds packages' "
+                            "files: only the link goes with %s (name its data with --component %s=...,/PATH)",
+                            path,
+                            pkg,
+                            target,
+                            package_owner[pkg],
+                            package_owner[pkg],
+                        )
+                    continue
+                if target not in owned:  # an owned one is its package's (rule 3)
+                    named.setdefault(target, set()).add(package_owner[pkg])
     return {p: next(iter(o)) for p, o in named.items() if len(o) == 1 and OS not in o}

@@ -185,3 +185,42 @@ def test_a_components_path_is_found_where_the_gold_puts_it_never_on_the_host(tmp
     os.symlink(str(host), gold / "srv/link")  # absolute: the gold's own path, not the host's
     with pytest.raises(UserError, match=rf"^component db: /srv/link/data is not in {gold}$"):
         _refuse_bad_specs(gold, db, (ComponentSpec("db", ("dbserver",), ("/srv/link/data",)),))
+
+
+def _datadir_moved(tmp_path: Path, target: str) -> Path:
+    """The fake gold with db's data directory moved to `target` and linked from where
+    dbserver's postinst names it (/var/lib/dbdata -> target, absolute)."""
+    gold = make_tree(tmp_path / "gold")
+    (gold / target.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(gold / "var/lib/dbdata", gold / target.lstrip("/"))
+    os.symlink(target, gold / "var/lib/dbdata")
+    return gold
+
+
+@pytest.mark.parametrize("paths", [(), ("/var/lib/dbdata",)])
+def test_a_data_directory_moved_behind_a_link_goes_with_its_component(
+    tmp_path: Path, paths: tuple[str, ...]
+) -> None:
+    gold = _datadir_moved(tmp_path, "/srv/dbdata")
+    specs = (ComponentSpec("db", ("dbserver",), paths),)
+    split = plan_split(read_database(gold), specs, scan(gold), Exclusions())
+    assert split.image_of("/var/lib/dbdata") == "db"
+    assert split.image_of("/srv/dbdata/ibdata1") == "db"
+    assert "/srv/dbdata" in split.dirs["db"] and "/srv" in split.dirs[OS]
+
+
+def test_a_link_to_packages_files_takes_only_itself(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A link named by a component's scripts that leads to a directory holding packages'
+    files (/usr/lib): following it would take every unowned file there."""
+    gold = make_tree(tmp_path / "gold")
+    shutil.rmtree(gold / "var/lib/dbdata")
+    os.symlink("/usr/lib", gold / "var/lib/dbdata")
+    (gold / "usr/lib/unowned.so").write_text("the admin's")
+    with caplog.at_level("WARNING"):
+        split = plan_split(
+            read_database(gold), (*SPECS, ComponentSpec("db", ("dbserver",))), scan(gold), Exclusions()
+        )
+    assert split.image_of("/var/lib/dbdata") == "db"
+    assert split.image_of("/usr/lib/unowned.so") == OS and split.image_of("/usr/lib/libdb.so") == "db"
+    assert split.image_of("/usr/lib/libc.so.6") == OS
+    assert "/var/lib/dbdata, named by dbserver's maintainer scripts, is a link to /usr/lib" in caplog.text
