@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -56,12 +57,13 @@ from bootenv.split import COMPONENT_STATUS_DIR, OS, ComponentSpec, Split, assign
 from bootenv.staging import replace_file, stage
 from bootenv.store import BlobWriter, write_blob
 from bootenv.tarstream import finish_create, tar_create, write_list
-from bootenv.walk import Entry, Kind, exists_in, scan
+from bootenv.walk import Entry, Kind, brief, exists_in, scan
 from bootenv.writeback import fsync_dir, write_durably
 
 log = logging.getLogger(__name__)
 
 WANTS_DIR = "/etc/systemd/system/"
+PATH_MAX = 4096  # the longest path a system call takes, its NUL included (linux/limits.h)
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,12 @@ def capture(cfg: CaptureConfig) -> CaptureResult:
             split = plan_split(db, specs, entries, exclusions)
             for problem in split_warnings(specs, entries, read_diversions(root), split):
                 log.warning("%s", problem)
-            manifest = _pack_all(cfg, root, db, split, entries, partial, work)
+            try:
+                manifest = _pack_all(cfg, root, db, split, entries, partial, work)
+            except OSError as exc:
+                if exc.errno == errno.ENAMETOOLONG:
+                    raise _too_long(root, exc) from exc
+                raise
         shutil.rmtree(work)
         write_durably(partial / MANIFEST, manifest.to_json().encode())
         publishable(partial)
@@ -290,15 +297,20 @@ def archive_order(root: Path, split: Split, image: str) -> list[str]:
     files = sorted(set(split.files[image]) - set(dirs))
     group: dict[tuple[int, int], str] = {}
     keyed = []
-    for path in files:
-        key = path
-        try:
-            st = os.lstat(f"{root}{path}")
-        except OSError:
-            st = None  # vanished in a live capture: tar will say so
-        if st is not None and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-            key = group.setdefault((st.st_dev, st.st_ino), path)
-        keyed.append((key, path))
+    top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for path in files:
+            key = path
+            try:
+                # Relative to ROOT's fd: ROOT/path may be longer than PATH_MAX.
+                st: os.stat_result | None = os.lstat(path.lstrip("/"), dir_fd=top)
+            except OSError:
+                st = None  # vanished in a live capture: tar will say so
+            if st is not None and st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                key = group.setdefault((st.st_dev, st.st_ino), path)
+            keyed.append((key, path))
+    finally:
+        os.close(top)
     return dirs + [path for _, path in sorted(keyed)]
 
 
@@ -423,6 +435,26 @@ def _compress_image(
                 fsck.wait_ok()
         removed.result()
     return bmap, data
+
+
+def _too_long(root: Path, exc: OSError) -> FatalError:
+    """ENAMETOOLONG in one line: a path of the gold with ROOT in front of it is longer than
+    the one path argument the kernel takes (PATH_MAX), in a step that needs it whole (the
+    OS image's staging). Named shortened: the whole would be a 4 KB line."""
+    name = os.fsdecode(exc.filename) if exc.filename is not None else ""
+    prefix = str(root).rstrip("/")
+    if not name.startswith(prefix + "/"):
+        return FatalError(f"{brief(name)}: {exc.strerror}")
+    inner = name[len(prefix) :]
+    if len(os.fsencode(f"/g{inner}")) < PATH_MAX:
+        hint = f"capture ROOT through a shorter path: mount --bind {root} /g; bootenv capture /g ..."
+    else:
+        hint = "leave it out with --exclude PATH"
+    return FatalError(
+        f"{brief(inner)} (in {root}): {exc.strerror}: {len(os.fsencode(name))} bytes with ROOT in front, "
+        f"more than PATH_MAX ({PATH_MAX})",
+        hint=hint,
+    )
 
 
 def _rewrite_status(staging: Path, db: Database, os_pkgs: tuple[str, ...]) -> None:

@@ -1,14 +1,26 @@
-"""Scan a root tree into a flat, sorted list of entries (the only I/O of planning)."""
+"""Scan a root tree into a flat, sorted list of entries (the only I/O of planning).
+
+The tree is read through directory file descriptors (openat, fstatat, readlinkat), never
+through ROOT/path: any path the gold can hold is read, however long it is once ROOT is
+put in front of it (PATH_MAX is the kernel's limit on one path argument, not on the
+tree), and no symlink is ever followed (a gold's absolute links name its own paths,
+not the host's).
+"""
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+
+from bootenv.cmdline import shown
+from bootenv.errors import FatalError
+
+log = logging.getLogger(__name__)
 
 # What reading a path that a live machine removed meanwhile raises (ENOTDIR: a parent
 # directory was replaced by a file).
@@ -51,42 +63,111 @@ def _kind(mode: int) -> Kind:
     raise ValueError(f"unknown file type {mode:o}")
 
 
+def brief(path: str, keep: int = 60) -> str:
+    """`path` for a one-line message: escaped (shown), and a long one cut in the middle,
+    with its length: a 4 KB path would be the whole line."""
+    size = len(os.fsencode(path))
+    if size <= 2 * keep + 20:
+        return shown(path)
+    return f"{shown(path[:keep])}...{shown(path[-keep:])} ({size} bytes)"
+
+
 def scan(root: Path) -> list[Entry]:
-    """Every entry below `root` on the same filesystem, parents before children. On a
-    live machine, an entry removed while its directory is read is left out."""
-    root_dev = os.lstat(root).st_dev
-    entries = [Entry("/", Kind.DIR)]
-    entries.extend(_scan_dir(str(root), "", root_dev))
-    return entries
-
-
-def _scan_dir(top: str, rel: str, root_dev: int) -> Iterator[Entry]:
+    """Every entry below `root` on the same filesystem, parents before children, each
+    directory's children by name. On a live machine, an entry removed while its
+    directory is read is left out."""
+    top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # ROOT: the admin's path
     try:
-        with os.scandir(top + rel or "/") as it:
-            children = sorted(it, key=lambda e: e.name)
-    except OSError as exc:
-        if rel and exc.errno in GONE:  # it vanished since its parent was read
-            return
-        raise
-    for child in children:
-        path = f"{rel}/{child.name}"
-        try:
-            st = child.stat(follow_symlinks=False)
-            kind = _kind(st.st_mode)
-            target = os.readlink(top + path) if kind is Kind.SYMLINK else ""
-        except OSError as exc:
-            if exc.errno in GONE:  # removed while the directory was read: a live machine
+        entries = [Entry("/", Kind.DIR)]
+        _walk(root, top, os.fstat(top).st_dev, entries)
+        return entries
+    finally:
+        os.close(top)
+
+
+# One open directory per level of the walk: its fd, its path in the tree, and its
+# children not yet looked at, last name first (popped in order).
+_Level = tuple[int, str, list[os.DirEntry[str]]]
+
+
+def _walk(root: Path, top: int, root_dev: int, out: list[Entry]) -> None:
+    """Depth first, without recursion: a tree may be thousands of directories deep."""
+    stack: list[_Level] = [(top, "", _children(root, top, ""))]
+    try:
+        while stack:
+            fd, rel, children = stack[-1]
+            if not children:
+                stack.pop()
+                if fd != top:
+                    os.close(fd)
                 continue
-            raise
-        if kind is Kind.DIR:
-            other_fs = st.st_dev != root_dev
-            yield Entry(path, kind, mountpoint=other_fs)
-            if not other_fs:
-                yield from _scan_dir(top, path, root_dev)
-        elif kind is Kind.SYMLINK:
-            yield Entry(path, kind, target=target)
-        else:
-            yield Entry(path, kind, size=st.st_size if kind is Kind.FILE else 0)
+            child = children.pop()
+            path = f"{rel}/{child.name}"
+            entry = _entry(root, fd, child, path, root_dev)
+            if entry is None:
+                continue
+            out.append(entry)
+            if entry.kind is Kind.DIR and not entry.mountpoint:
+                sub = _open_dir(root, fd, child.name, path, root_dev)
+                if sub is not None:
+                    stack.append((sub, path, []))  # pushed first: closed on any failure
+                    stack[-1][2].extend(_children(root, sub, path))
+    finally:
+        for fd, _, _ in stack:
+            if fd != top:
+                os.close(fd)
+
+
+def _children(root: Path, fd: int, rel: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(fd) as it:
+            return sorted(it, key=lambda e: e.name, reverse=True)
+    except OSError as exc:
+        raise _unreadable(root, rel, exc) from exc
+
+
+def _entry(root: Path, fd: int, child: os.DirEntry[str], path: str, root_dev: int) -> Entry | None:
+    """What `child` is (None: a live machine removed it since its directory was read)."""
+    try:
+        st = child.stat(follow_symlinks=False)  # fstatat(fd, name): the scandir was of fd
+        kind = _kind(st.st_mode)
+        target = os.readlink(child.name, dir_fd=fd) if kind is Kind.SYMLINK else None
+    except OSError as exc:
+        if exc.errno in GONE:
+            return None
+        raise _unreadable(root, path, exc) from exc
+    if kind is Kind.DIR:
+        if st.st_dev != root_dev:
+            return Entry(path, kind, mountpoint=True)
+        return Entry(path, kind)
+    if kind is Kind.SYMLINK:
+        return Entry(path, kind, target=target)
+    return Entry(path, kind, size=st.st_size if kind is Kind.FILE else 0)
+
+
+def _open_dir(root: Path, fd: int, name: str, path: str, root_dev: int) -> int | None:
+    """The directory `name` of `fd`, not followed if a live machine made it a symlink
+    since (None: gone, or no longer a directory of ROOT's filesystem)."""
+    try:
+        sub = os.open(name, NOFOLLOW_DIR, dir_fd=fd)
+    except OSError as exc:
+        if exc.errno in (*GONE, errno.ELOOP):
+            return None
+        if exc.errno == errno.EMFILE:
+            raise FatalError(
+                f"{brief(f'{root}{path}')}: too deep to scan: one open directory per level "
+                "is more than the open files allowed",
+                hint="raise the limit (ulimit -n) and capture again",
+            ) from exc
+        raise _unreadable(root, path, exc) from exc
+    if os.fstat(sub).st_dev != root_dev:  # mounted on since it was looked at
+        os.close(sub)
+        return None
+    return sub
+
+
+def _unreadable(root: Path, path: str, exc: OSError) -> FatalError:
+    return FatalError(f"{brief(f'{root}{path}' if path else str(root))}: {exc.strerror}")
 
 
 def exists_in(root: Path, path: str) -> bool:

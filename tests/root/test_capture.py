@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -372,3 +373,56 @@ def test_a_gold_whose_var_is_a_symlink_is_captured_inside_itself(tmp_path: Path)
         text = (mnt / "data/var/lib/dpkg/status").read_text()
         assert "Package: curl\n" in text and "Package: httpd\n" not in text
         assert not (mnt / "data/var/lib/dpkg/info/httpd.list").exists()
+
+
+def _chain(top: Path, rel: str) -> str:
+    """A file about 4,080 bytes deep below `rel` of `top` (16 directories of 252 bytes):
+    a valid path in the gold, longer than PATH_MAX with ROOT in front of it."""
+    fd = os.open(top / rel.lstrip("/"), os.O_RDONLY | os.O_DIRECTORY)
+    path = rel
+    try:
+        for i in range(16):
+            name = f"{i:02d}" + "d" * 250
+            os.mkdir(name, dir_fd=fd)
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd, path = sub, f"{path}/{name}"
+        leaf = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(leaf, b"deep")
+        os.close(leaf)
+    finally:
+        os.close(fd)
+    return f"{path}/leaf"
+
+
+def test_a_path_longer_than_path_max_with_root_in_front(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A component carries it (tar reads it relative to ROOT); the OS image's staging
+    needs ROOT/path whole, so it fails in one line that names it shortened and says what
+    to do."""
+    gold = make_tree(tmp_path / "gold")
+    deep = _chain(gold, "/var/lib/dbdata")  # db's data (rule 4)
+    assert len(os.fsencode(f"{gold}{deep}")) > 4096
+    out = tmp_path / "image"
+    assert main(["capture", str(gold), "-o", str(out), "--component", "db=dbserver"]) == 0
+    m = load(out)
+    members = {"/" + t.name.removeprefix("./"): t for t in archive_members(out / m.component("db").data.file)}
+    assert members[deep].size == 4
+    capsys.readouterr()
+
+    assert main(["capture", str(gold), "-o", str(tmp_path / "os-image")]) == 1  # in the OS now
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err) and len(err[-1]) < 600
+    assert err[-1].startswith("bootenv: error: /var/lib/dbdata/00ddd")
+    # The first path staging could not take: the deepest directory, or the leaf.
+    found = re.search(
+        r"\((\d+) bytes\) \(in (.*)\): File name too long: (\d+) bytes with ROOT in front", err[-1]
+    )
+    assert found is not None and found[2] == str(gold)
+    assert int(found[3]) == int(found[1]) + len(str(gold)) > 4096
+    assert err[-1].endswith(
+        f"more than PATH_MAX (4096) (hint: capture ROOT through a shorter path: mount --bind {gold} /g; "
+        "bootenv capture /g ...)"
+    )
+    assert not (tmp_path / "os-image").exists() and not list(tmp_path.glob(".os-image*"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -165,3 +166,23 @@ def test_an_admin_path_of_the_os_is_refused_before_anything_is_written(tmp_path:
     ):
         capture(CaptureConfig(root=gold, output=out, components=(spec,)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gold"]
+
+
+def test_a_hard_link_deeper_than_path_max_with_root_in_front_is_kept_with_its_group(tmp_path: Path) -> None:
+    """The archive order keeps a hard-linked file's paths together (a chunk never starts
+    at a link), read relative to ROOT: ROOT/path would be too long to stat."""
+    from bootenv.capture import archive_order
+    from tests.unit.test_walk import _long_path
+
+    tree = make_tree(tmp_path / "gold")
+    deep = "/var/lib/dbdata" + _long_path(tree / "var/lib/dbdata") + "/leaf"
+    os.link(f"{tree}/var/lib/dbdata/ibdata1", f"{tree}/var/lib/dbdata/zlink", follow_symlinks=False)
+    fd = os.open(tree / "var/lib/dbdata", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.link(deep.removeprefix("/var/lib/dbdata/"), "zz-deep-link", src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        os.close(fd)
+    split = plan_split(read_database(tree), SPECS[1:2], scan(tree), Exclusions())
+    order = archive_order(tree, split, "db")
+    assert order.index("/var/lib/dbdata/zz-deep-link") == order.index(deep) + 1
+    assert order.index("/var/lib/dbdata/zlink") == order.index("/var/lib/dbdata/ibdata1") + 1

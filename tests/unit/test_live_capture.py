@@ -3,7 +3,6 @@ and the packing is left out and named; any other failure to read still fails."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -16,7 +15,6 @@ from bootenv.errors import FatalError
 from bootenv.fsimage import tree_usage
 from bootenv.staging import _link_farm
 from bootenv.tarstream import finish_create, sort_warnings, unquote
-from bootenv.walk import Kind, scan
 
 # What GNU tar 1.34 writes with --ignore-failed-read in the C locale, for a listed file
 # that was gone, one whose parent directory was replaced by a file, one named with a
@@ -100,53 +98,6 @@ def _tree(root: Path) -> None:
     for f in ("etc/app/keep.conf", "etc/app/gone.conf", "var/cache/tmpdir/x", "var/log/syslog"):
         (root / f).write_text(f)
     os.symlink("keep.conf", root / "etc/app/link")
-
-
-def test_the_scan_leaves_out_what_is_removed_while_a_directory_is_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Removed after its directory was listed and before it was looked at: a file, a
-    symlink (its readlink) and a directory (its own listing) are left out."""
-    root = tmp_path / "gold"
-    _tree(root)
-    real = os.scandir
-
-    def scandir(path: Any) -> Any:
-        if path == f"{root}/var/cache/tmpdir":  # looked at, then gone before it is listed
-            shutil.rmtree(path)
-            return real(path)
-        with real(path) as it:
-            entries = list(it)
-        if path == f"{root}/etc/app":
-            (root / "etc/app/gone.conf").unlink()
-            (root / "etc/app/link").unlink()
-        return contextlib.nullcontext(entries)
-
-    monkeypatch.setattr(os, "scandir", scandir)
-    got = {(e.path, e.kind) for e in scan(root)}
-    monkeypatch.undo()
-    assert ("/etc/app/keep.conf", Kind.FILE) in got and ("/var/log/syslog", Kind.FILE) in got
-    assert not {p for p, _ in got} & {"/etc/app/gone.conf", "/etc/app/link", "/var/cache/tmpdir/x"}
-    # The directory was seen before it went: the packing will find it gone.
-    assert ("/var/cache/tmpdir", Kind.DIR) in got
-
-
-def test_a_scan_that_cannot_read_a_directory_still_fails(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    root = tmp_path / "gold"
-    _tree(root)
-    real = os.scandir
-
-    def scandir(path: Any) -> Any:
-        if path == f"{root}/var/log":
-            raise PermissionError(13, "Permission denied", path)
-        return real(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
-    with pytest.raises(PermissionError):
-        scan(root)
-    monkeypatch.undo()
 
 
 def test_staging_leaves_out_what_was_removed_since_the_scan(tmp_path: Path) -> None:
