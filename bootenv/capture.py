@@ -44,6 +44,7 @@ from bootenv.fsimage import (
 from bootenv.intree import disk_links, inside, resolve
 from bootenv.log import Progress, step
 from bootenv.manifest import MANIFEST, Blob, Component, Manifest, OsImage, RootFs, Source
+from bootenv.mounts import check_kernel, restore_hidden, skipped_mounts
 from bootenv.outdir import (
     check_replaceable,
     inside_root,
@@ -115,7 +116,7 @@ def capture(cfg: CaptureConfig) -> CaptureResult:
             with step(f"Scanning {root}"):
                 entries = scan(root)
             split = plan_split(db, specs, entries, exclusions)
-            for problem in split_warnings(specs, entries, read_diversions(root), split):
+            for problem in split_warnings(specs, entries, read_diversions(root), split, exclusions):
                 log.warning("%s", problem)
             try:
                 manifest = _pack_all(cfg, root, db, split, entries, partial, work)
@@ -149,28 +150,25 @@ def _refuse_bad_specs(root: Path, db: Database, specs: tuple[ComponentSpec, ...]
 
 
 def split_warnings(
-    specs: tuple[ComponentSpec, ...], entries: list[Entry], diversions: tuple[Diversion, ...], split: Split
+    specs: tuple[ComponentSpec, ...],
+    entries: list[Entry],
+    diversions: tuple[Diversion, ...],
+    split: Split,
+    exclusions: Exclusions | None = None,
 ) -> list[str]:
     """What the image will carry that the admin may not expect (capture goes on):
 
     - a `/PATH` given to a component that is, or holds, a mount point: capture stays on
       ROOT's filesystem, so the mounted filesystem's contents are not in the image;
+    - any other mount point that holds what the capture would take (/proc's contents are
+      excluded anyway; the target makes its own ESP): left out as well;
     - a dpkg diversion made by a component's package: the diverting package's file and
       the diverted original (`to`) are in the sub-images the file rules give them, and
       dpkg's diversions list stays with the OS, so a target without that component still
       has the component's file where the original belongs (a split image cannot move a
       file of one sub-image aside when another is laid out).
     """
-    out = []
-    mounts = [e.path for e in entries if e.mountpoint]
-    for spec in specs:
-        for path in spec.paths:
-            inside = [m for m in mounts if m == path or m.startswith(path.rstrip("/") + "/")]
-            if inside:
-                out.append(
-                    f"component {spec.name}: {inside[0]} is a mount point: its contents are on another "
-                    "filesystem and are not captured (capture stays on ROOT's filesystem)"
-                )
+    out = skipped_mounts(specs, entries, exclusions or Exclusions())
     for d in diversions:
         owner = split.package_owner.get(d.package or "")
         if owner is None or owner == OS:
@@ -233,6 +231,7 @@ def _pack_all(
 ) -> Manifest:
     sizes = {e.path: e.size for e in entries}
     regular = {e.path: e.size for e in entries if e.kind is Kind.FILE}
+    mounts = tuple(e for e in entries if e.mountpoint)
     names = sorted(n for n in split.files if n != OS)
     cancel = Cancel()
 
@@ -254,7 +253,9 @@ def _pack_all(
     with ThreadPoolExecutor(PACKERS, thread_name_prefix="pack") as pool:
         packing = {name: pool.submit(pack, name) for name in order}
         try:
-            os_image, rootfs = _pack_os(cfg, root, db, split, regular, out, work, cancel, single=False)
+            os_image, rootfs = _pack_os(
+                cfg, root, db, split, regular, mounts, out, work, cancel, single=False
+            )
         except BaseException as exc:
             cancel.set(exc)
         wait(list(packing.values()))
@@ -263,7 +264,7 @@ def _pack_all(
     components = [packing[name].result() for name in names]
     single = None
     if cfg.single:
-        single, _ = _pack_os(cfg, root, db, split, regular, out, work, cancel, single=True)
+        single, _ = _pack_os(cfg, root, db, split, regular, mounts, out, work, cancel, single=True)
     return Manifest(_source(root, db), rootfs, os_image, tuple(components), single)
 
 
@@ -382,6 +383,7 @@ def _pack_os(
     db: Database,
     split: Split,
     regular: dict[str, int],
+    mounts: tuple[Entry, ...],
     out: Path,
     work: Path,
     cancel: Cancel,
@@ -401,7 +403,10 @@ def _pack_os(
             staged = stage(root, paths, staging, work)
         log.info("Staged with %s", staged.method)
         _report_vanished("single" if single else OS, staged.vanished)
+        staged_paths = set(paths)
+        restore_hidden(root, staging, [m.path for m in mounts if m.path in staged_paths])
         if not single:
+            check_kernel(root, staging, mounts)
             _rewrite_status(staging, db, split.packages(OS))
         size = image_size_for(staged.used, staged.inodes)
         memory = in_memory(cfg.scratch, size, mem_available())

@@ -46,6 +46,9 @@ class Entry:
     size: int = 0
     target: str | None = None  # symlink target, as stored
     mountpoint: bool = False  # another filesystem is mounted here; not descended
+    # A mount point's: the top of the filesystem mounted there (not captured), for the
+    # warning that names what is left out.
+    mounted: tuple[Entry, ...] = ()
 
 
 def _kind(mode: int) -> Kind:
@@ -138,7 +141,7 @@ def _entry(root: Path, fd: int, child: os.DirEntry[str], path: str, root_dev: in
         raise _unreadable(root, path, exc) from exc
     if kind is Kind.DIR:
         if st.st_dev != root_dev:
-            return Entry(path, kind, mountpoint=True)
+            return Entry(path, kind, mountpoint=True, mounted=_mounted(fd, child.name, path))
         return Entry(path, kind)
     if kind is Kind.SYMLINK:
         return Entry(path, kind, target=target)
@@ -164,6 +167,29 @@ def _open_dir(root: Path, fd: int, name: str, path: str, root_dev: int) -> int |
         os.close(sub)
         return None
     return sub
+
+
+def _mounted(fd: int, name: str, path: str) -> tuple[Entry, ...]:
+    """The top of the filesystem mounted on `name`: what the capture leaves out there.
+    Best effort (it only names what is left out): nothing if it cannot be read."""
+    try:
+        sub = os.open(name, NOFOLLOW_DIR, dir_fd=fd)
+    except OSError:
+        return ()
+    try:
+        with os.scandir(sub) as it:
+            children = sorted(it, key=lambda e: e.name)
+        out = []
+        for child in children:
+            try:
+                out.append(Entry(f"{path}/{child.name}", _kind(child.stat(follow_symlinks=False).st_mode)))
+            except OSError:
+                continue
+        return tuple(out)
+    except OSError:
+        return ()
+    finally:
+        os.close(sub)
 
 
 def _unreadable(root: Path, path: str, exc: OSError) -> FatalError:

@@ -375,6 +375,77 @@ def test_a_gold_whose_var_is_a_symlink_is_captured_inside_itself(tmp_path: Path)
         assert not (mnt / "data/var/lib/dpkg/info/httpd.list").exists()
 
 
+def test_a_kernel_on_a_mounted_boot_is_refused_before_an_image_is_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """/boot on its own filesystem (Debian's guided LVM layout): capture stays on ROOT's,
+    so the OS image would have no kernel, and a target would be wiped for nothing."""
+    gold = make_tree(tmp_path / "gold")
+    (gold / "boot").mkdir()
+    run(["mount", "-t", "tmpfs", "-o", "size=4m", "bootfs", gold / "boot"])
+    try:
+        (gold / "boot/vmlinuz-6.1.0-9-amd64").write_text("kernel")
+        (gold / "boot/initrd.img-6.1.0-9-amd64").write_text("initrd")
+        capsys.readouterr()  # what an earlier test's log handler left: only the capture's is read
+        code = main(["capture", str(gold), "-o", str(tmp_path / "image"), "--component", "web=httpd"])
+    finally:
+        run(["umount", gold / "boot"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(err)
+    assert any(
+        "/boot is a mount point: what is mounted there (/boot/initrd.img-6.1.0-9-amd64 and 1 more)" in e
+        for e in err
+    )
+    assert err[-1].startswith(
+        "bootenv: error: the OS image has no kernel in /boot (vmlinuz-*): /boot is a mount point, and "
+        "capture stays on ROOT's filesystem (hint: put its files on ROOT's own filesystem and capture that: "
+        f"mount --bind {gold} /mnt/gold; cp -a {gold}/boot/. /mnt/gold/boot/; bootenv capture /mnt/gold"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gold"]
+
+
+def test_a_mount_point_is_named_and_keeps_the_golds_own_directory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A filesystem mounted on /srv/data: its files are not captured, which the capture
+    says; the image's /srv/data is the gold's own directory there (owner, mode, xattr,
+    mtime), not the mounted tmpfs's root (1777). The ESP's mount is not named: a target
+    gets its own."""
+    gold = make_tree(tmp_path / "gold")
+    (gold / "boot/efi").mkdir(parents=True)
+    (gold / "boot/vmlinuz-6.1.0-9-amd64").write_text("kernel")
+    data = gold / "srv/data"
+    data.mkdir(parents=True)
+    os.chown(data, 999, 998)
+    os.chmod(data, 0o2750)
+    os.setxattr(data, "user.kept", b"gold")
+    os.utime(data, ns=(1_600_000_000_000_000_000, 1_500_000_000_000_000_000))
+    mounts = [data, gold / "boot/efi"]
+    for where in mounts:
+        run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", where])
+    try:
+        (data / "table.db").write_text("rows")
+        (gold / "boot/efi/EFI").mkdir()
+        with caplog.at_level(logging.WARNING):
+            capture(CaptureConfig(root=gold, output=tmp_path / "image"))
+    finally:
+        for where in reversed(mounts):
+            run(["umount", where])
+    assert [r.getMessage() for r in caplog.records if "mount point" in r.getMessage()] == [
+        "/srv/data is a mount point: what is mounted there (/srv/data/table.db) is on another filesystem "
+        "and is not captured (capture stays on ROOT's filesystem)"
+    ]
+    m = load(tmp_path / "image")
+    restore_fs(tmp_path / "image", m.os, tmp_path / "os.img")
+    with mounted(tmp_path / "os.img", tmp_path / "mnt") as mnt:
+        st = os.lstat(mnt / "srv/data")
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (999, 998, 0o2750)
+        assert st.st_mtime_ns == 1_500_000_000_000_000_000
+        assert os.getxattr(mnt / "srv/data", "user.kept") == b"gold"
+        assert list((mnt / "srv/data").iterdir()) == []
+        assert (mnt / "boot/vmlinuz-6.1.0-9-amd64").read_text() == "kernel"
+
+
 def _chain(top: Path, rel: str) -> str:
     """A file about 4,080 bytes deep below `rel` of `top` (16 directories of 252 bytes):
     a valid path in the gold, longer than PATH_MAX with ROOT in front of it."""

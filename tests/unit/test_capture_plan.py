@@ -15,7 +15,7 @@ from bootenv.dpkg import Diversion, parse_diversions, read_database, read_divers
 from bootenv.errors import FatalError, UserError
 from bootenv.exclude import Exclusions
 from bootenv.split import ComponentSpec
-from bootenv.walk import scan
+from bootenv.walk import Entry, Kind, scan
 from tests.unit.fakeroot import make_tree
 
 
@@ -166,6 +166,96 @@ def test_an_admin_path_of_the_os_is_refused_before_anything_is_written(tmp_path:
     ):
         capture(CaptureConfig(root=gold, output=out, components=(spec,)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gold"]
+
+
+def _mounted_on(entries: list[Entry], mounts: dict[str, tuple[Entry, ...]]) -> list[Entry]:
+    """`entries` with the directories of `mounts` made mount points holding those."""
+    out = [replace(e, mountpoint=True, mounted=mounts[e.path]) if e.path in mounts else e for e in entries]
+    return out + [
+        Entry(p, Kind.DIR, mountpoint=True, mounted=m)
+        for p, m in mounts.items()
+        if p not in {e.path for e in entries}
+    ]
+
+
+def test_each_mount_point_holding_what_capture_would_take_is_named(tmp_path: Path) -> None:
+    """/srv/data holds files the capture would take: named. /proc holds what is excluded
+    anyway; the target makes its own ESP; an empty mount loses nothing: not named."""
+    tree = make_tree(tmp_path / "gold")
+    entries = _mounted_on(
+        scan(tree),
+        {
+            "/proc": (Entry("/proc/1", Kind.DIR), Entry("/proc/self", Kind.SYMLINK)),
+            "/srv/data": (Entry("/srv/data/a.db", Kind.FILE), Entry("/srv/data/b.db", Kind.FILE)),
+            "/boot/efi": (Entry("/boot/efi/EFI", Kind.DIR),),
+            "/mnt/empty": (),
+            "/tmp": (Entry("/tmp/x", Kind.FILE),),
+        },
+    )
+    split = plan_split(read_database(tree), SPECS[:1], entries, Exclusions())
+    found = split_warnings(SPECS[:1], entries, (), split, Exclusions())
+    assert found == [
+        "/srv/data is a mount point: what is mounted there (/srv/data/a.db and 1 more) is on another "
+        "filesystem and is not captured (capture stays on ROOT's filesystem)"
+    ]
+
+
+def _kernel_on(staging: Path, boot: str) -> None:
+    (staging / boot.lstrip("/")).mkdir(parents=True)
+    (staging / boot.lstrip("/") / "vmlinuz-6.1.0-9-amd64").write_text("kernel")
+
+
+_BOOT_MOUNTED = (
+    Entry("/boot", Kind.DIR, mountpoint=True, mounted=(Entry("/boot/vmlinuz-6.1.0-9-amd64", Kind.FILE),)),
+)
+
+
+def test_an_os_image_whose_kernel_is_on_a_mounted_boot_is_refused(tmp_path: Path) -> None:
+    from bootenv.mounts import check_kernel
+
+    staging = tmp_path / "staging"
+    (staging / "boot").mkdir(parents=True)  # the root filesystem's own /boot: empty
+    with pytest.raises(UserError) as caught:
+        check_kernel(Path("/"), staging, _BOOT_MOUNTED)
+    assert caught.value.message == (
+        "the OS image has no kernel in /boot (vmlinuz-*): /boot is a mount point, and capture stays on "
+        "ROOT's filesystem"
+    )
+    assert caught.value.hint is not None
+    assert (
+        "mount --bind / /mnt/gold; cp -a /boot/. /mnt/gold/boot/; bootenv capture /mnt/gold"
+        in caught.value.hint
+    )
+    # /boot below a mounted /data, where /boot -> /data/boot: the same.
+    data = (Entry("/data", Kind.DIR, mountpoint=True, mounted=(Entry("/data/boot", Kind.DIR),)),)
+    (staging / "boot").rmdir()
+    (staging / "boot").symlink_to("/data/boot")
+    with pytest.raises(UserError, match=r": /data is a mount point"):
+        check_kernel(Path("/gold"), staging, data)
+
+
+def test_an_os_image_with_its_kernel_passes_and_one_without_any_is_warned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from bootenv.mounts import check_kernel
+
+    staging = tmp_path / "staging"
+    _kernel_on(staging, "/boot")
+    check_kernel(Path("/"), staging, _BOOT_MOUNTED)  # a kernel on the root fs as well
+    # /boot -> /data/boot (absolute): found inside the staged tree, not on the host.
+    other = tmp_path / "other"
+    _kernel_on(other, "/data/boot")
+    (other / "boot").symlink_to("/data/boot")
+    check_kernel(Path("/"), other, ())
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with caplog.at_level("WARNING"):
+        check_kernel(Path("/"), empty, ())  # no kernel, and none mounted away: a container's tree
+        check_kernel(Path("/"), empty, (Entry("/boot", Kind.DIR, mountpoint=True),))  # an empty mount
+    no_kernel = (
+        "the OS image has no kernel in /boot (vmlinuz-*): a target provisioned with this image will not boot"
+    )
+    assert caplog.messages == [no_kernel] * 2
 
 
 def test_a_hard_link_deeper_than_path_max_with_root_in_front_is_kept_with_its_group(tmp_path: Path) -> None:
