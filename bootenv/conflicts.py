@@ -295,6 +295,7 @@ def resolve(root: Path, cid: str, keep: str | None, file: Path | None) -> Confli
             old = _small_file(tfd, tname)
             if _text(old) is None or _text(mine) is None:
                 raise UserError(f"{c.path}: only two text files can be merged")
+            _same_owner_and_mode(c, tfd, tname, sfd, sname)
             assert old is not None and mine is not None
             _replace_content(tfd, tname, concatenate(old, {c.component: mine}), c.path)
             _remove(sfd, sname)
@@ -304,6 +305,24 @@ def resolve(root: Path, cid: str, keep: str | None, file: Path | None) -> Confli
     done = Conflict(**{**c.__dict__, "resolution": res})
     _write_record(root / RECORDS / f"{cid}.json", done.__dict__)
     return done
+
+
+def _same_owner_and_mode(c: Conflict, tfd: int | None, tname: str, sfd: int | None, sname: str) -> None:
+    """Refuse to merge two versions whose owner, group or mode differ: the merge keeps
+    the file in place's, and would give them the incoming text (a 0600 file's password
+    in a 0644 file)."""
+    old, new = _lstat(tfd, tname), _lstat(sfd, sname)
+    if old is None or new is None:
+        return
+    if (old.st_uid, old.st_gid, stat.S_IMODE(old.st_mode)) != (
+        new.st_uid,
+        new.st_gid,
+        stat.S_IMODE(new.st_mode),
+    ):
+        raise UserError(
+            f"{c.path}: the two versions' owner, group or mode differ; a merge keeps the existing one's",
+            hint="--keep existing or incoming, or merge them by hand (and give the file its owner and mode)",
+        )
 
 
 def _put_incoming(c: Conflict, tfd: int | None, tname: str, sfd: int | None, sname: str) -> None:

@@ -447,6 +447,13 @@ class TreeWriter:
         self._placed[m.name] = m.name
         if stat.S_IFMT(old.st_mode) == stat.S_IFMT(new.st_mode):
             if _same(pfd, base, tmp, old, new):
+                # The same bytes with another owner, mode or xattrs (a setuid bit, a file
+                # capability) are not the same file: the one in place stays, and the
+                # admin is shown what it lacks.
+                unlike = _differ(pfd, base, tmp, old, new, owners=self.privileged)
+                if unlike:
+                    self._conflict(m, pfd, base, tmp, f"same content, different {_words(unlike)}")
+                    return
                 if data is not None and is_candidate(m.name, data):
                     self._identical_text(m, pfd, base, data)
                 self.stats.identical += 1
@@ -467,6 +474,12 @@ class TreeWriter:
                 and stat.S_ISREG(old.st_mode)
                 and self._mergeable_in_place(m.name, pfd, base)
             ):
+                # Merged, this version would take the file's owner and mode (a 0600
+                # secret in a 0644 file): only a version whose own agree is merged.
+                unlike = _differ(pfd, base, tmp, old, new, owners=self.privileged)
+                if unlike:
+                    self._conflict(m, pfd, base, tmp, f"not merged: different {_words(unlike)}")
+                    return
                 self._merge(m, pfd, base, data)
                 return
         self._conflict(
@@ -507,13 +520,13 @@ class TreeWriter:
             )
 
         def apply(content: bytes, meta: Meta) -> None:
-            self._merged_temp(pfd, tmp, content, meta)
+            self._merged_temp(pfd, tmp, content, meta, like=base)
             os.rename(tmp, base, src_dir_fd=pfd, dst_dir_fd=pfd)  # the merge replaces on purpose
 
         def edited(content: bytes, meta: Meta) -> None:
             # The admin changed the file since bootenv merged it: theirs stays, and the
             # merge that would have replaced it is a conflict for them to look at.
-            self._merged_temp(pfd, tmp, content, meta)
+            self._merged_temp(pfd, tmp, content, meta, like=base)
             self._conflict(m, pfd, base, tmp, EDITED)
             offered.append(True)
 
@@ -526,7 +539,9 @@ class TreeWriter:
         if (changed or not identical) and not offered:
             self.stats.merged.append(m.name)
 
-    def _merged_temp(self, pfd: int, tmp: str, content: bytes, meta: Meta) -> None:
+    def _merged_temp(self, pfd: int, tmp: str, content: bytes, meta: Meta, *, like: str) -> None:
+        """Write `content` to `tmp` with `meta` and the xattrs (ACLs) of `like`, the file
+        in place: a version is merged only if its own agree with them."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=pfd)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=pfd)
@@ -535,6 +550,8 @@ class TreeWriter:
             if self.privileged:
                 os.fchown(fd, meta.uid, meta.gid)
             os.fchmod(fd, meta.mode)
+            for key, value in _xattrs_of(pfd, like).items():
+                self._setxattr(fd, key, value)
             os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
             os.fsync(fd)  # it replaces a file in place: its data first (merge._atomic_write)
         finally:
@@ -662,6 +679,47 @@ def _same(pfd: int, a: str, b: str, sa: os.stat_result, sb: os.stat_result) -> b
     if not stat.S_ISREG(sa.st_mode) or sa.st_size != sb.st_size:
         return False
     return _starts(pfd, b, a)
+
+
+# Labels the security policy gives a file where it is, not part of what an archive ships.
+_LABELS = frozenset({"security.selinux", "security.apparmor", "security.SMACK64"})
+
+
+def _differ(pfd: int, a: str, b: str, sa: os.stat_result, sb: os.stat_result, *, owners: bool) -> list[str]:
+    """What of owner, group, mode and xattrs (ACLs and file capabilities among them)
+    differs between `a` and `b` in `pfd`, not followed. The owner and group count only if
+    `owners`: a layout that is not root cannot give a file the archive's."""
+    unlike = []
+    if owners and sa.st_uid != sb.st_uid:
+        unlike.append("owner")
+    if owners and sa.st_gid != sb.st_gid:
+        unlike.append("group")
+    if not stat.S_ISLNK(sa.st_mode) and stat.S_IMODE(sa.st_mode) != stat.S_IMODE(sb.st_mode):
+        unlike.append("mode")
+    if _xattrs_of(pfd, a) != _xattrs_of(pfd, b):
+        unlike.append("xattrs")
+    return unlike
+
+
+def _xattrs_of(pfd: int, name: str) -> dict[str, bytes]:
+    path = f"/proc/self/fd/{pfd}/{name}"
+    try:
+        keys = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            return {}
+        raise
+    out = {}
+    for key in keys:
+        if key not in _LABELS:
+            with contextlib.suppress(OSError):  # gone, or not readable by a layout that is not root
+                out[key] = os.getxattr(path, key, follow_symlinks=False)
+    return out
+
+
+def _words(items: list[str]) -> str:
+    """`a`, `a and b`, `a, b and c`."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
 
 
 def _cut_short(pfd: int, a: str, b: str, sa: os.stat_result, sb: os.stat_result) -> bool:

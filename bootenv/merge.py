@@ -1,17 +1,21 @@
 """The shared-path rule: what happens when a stream finds a path already taken.
 
 A stream never overwrites what another stream or the OS image put in place. When it
-finds its path taken:
+finds its path taken (extract.py decides which case it is):
 
-- **Identical** (same type; same bytes, symlink target or device number): nothing.
+- **Identical** (same type; same bytes, symlink target or device number; same owner,
+  group, mode and xattrs): nothing.
 - **Mergeable text config**: both versions are regular files under `/etc`, at most
   1 MiB each, and text: UTF-8 with no control bytes but whitespace (a key or other
-  binary file under /etc may hold no NUL byte). The result is the concatenation of the OS
-  version (the *base*, if the OS had the file) followed by every component's version
-  in component-name order, each piece ending in a newline, a piece equal to the base or
-  to an earlier piece included once. It depends only on *which* components provided
+  binary file under /etc may hold no NUL byte), with the same owner, group, mode and
+  xattrs (a component's 0600 file is never merged into a 0644 one). The result is the
+  concatenation of the OS version (the *base*, if the OS had the file) followed by every
+  component's version in component-name order, each piece ending in a newline, a piece
+  equal to the base or to an earlier piece included once. It depends only on *which* components provided
   the file, never on the order they arrived, so parallel and sequential layouts agree.
-- **Anything else** (binaries, differing types): a conflict, see `conflicts.py`.
+  The merged file keeps the owner, group and mode of the file in place.
+- **Anything else** (binaries, differing types, the same bytes or text with another
+  owner, group, mode or xattrs): a conflict, see `conflicts.py`.
 
 To rebuild the merge whatever the arrival order, every version is recorded under
 `/var/lib/bootenv/layout/merge/<hash of path>/` (the base and one part per component,
@@ -206,6 +210,10 @@ class MergeState:
         starting at the same moment either sees the mark or is seen here. A file in
         place that no merge wrote (the admin's edit) is left alone: the merge goes to
         `edited` instead (the conflict store), or nowhere.
+
+        The merged file gets the owner, group and mode of the file in place: the caller
+        merges only a version whose own agree with them (a component's 0600 secret is
+        never merged into a 0644 file), and an admin's chmod of a merged file stays.
         """
         with self.locked(relpath) as d:
             if identical and not (d / "init").exists():
@@ -223,7 +231,8 @@ class MergeState:
                 self._own(d, {_sha(current)})
                 _atomic_write(d / "init", b"")
             self._save(d, f"part.{component}", data, meta)
-            content, merged_meta = self._rebuild(d)
+            content, rebuilt = self._rebuild(d)
+            merged_meta = Meta(cur_meta.mode, cur_meta.uid, cur_meta.gid, rebuilt.mtime_ns)
             if content == current:
                 return False
             ours = self._ours(d)

@@ -240,7 +240,9 @@ def test_a_resolution_holds_for_its_version_only(tmp_path: Path) -> None:
     conflicts.resolve(root, cid, "existing", None)
     conflicts.write_record(root, found)  # what a re-run that finds it again writes
     assert conflicts.load(root, cid).resolution == {"keep": "existing", "at": ANY}
-    newer = make_image(tmp_path / "newer", [Comp("c", [d("etc"), f("etc/foo.conf", "from c, v2\n")])])
+    newer = make_image(
+        tmp_path / "newer", [Comp("c", [d("etc"), f("etc/foo.conf", "from c, v2\n", mode=0o640)])]
+    )
     res, _ = run(newer, root, ("c",))
     assert res.components[0].conflicts == (cid,)
     rec = conflicts.load(root, cid)

@@ -1,0 +1,167 @@
+"""The shared-path rule and metadata: a version whose owner, group, mode or xattrs are not
+those of the file in place is neither merged into it nor taken for it."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from bootenv import conflicts
+from bootenv.errors import UserError
+from bootenv.layout import LayoutConfig, LayoutResult, layout
+from tests.hostile.kit import ActivatedUnits, Comp, d, f, make_image
+
+ROOT = os.geteuid() == 0
+# A service user's: the owner is compared (and given) only by a layout that is root.
+OWNER = 999 if ROOT else os.getuid()
+SECRET = "[client]\nuser=app\npassword=hunter2\n"
+
+
+def run(image: Path, root: Path, comps: str | tuple[str, ...], streams: int = 1) -> LayoutResult:
+    return layout(LayoutConfig(str(image), comps, root, streams=streams), activator=ActivatedUnits())
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def test_a_secret_config_is_not_merged_into_a_file_others_may_read(tmp_path: Path) -> None:
+    """A component's 0600 client.cnf of its service user, holding a password, meets the
+    OS's 0644 root file: merged, the password would be world-readable."""
+    comp = Comp(
+        "db", [d("etc"), d("etc/db"), f("etc/db/client.cnf", SECRET, mode=0o600, uid=OWNER, gid=OWNER)]
+    )
+    image = make_image(tmp_path / "img", [comp])
+    root = tmp_path / "root"
+    conf = root / "etc/db/client.cnf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text("[client]\nsocket=/run/db.sock\n")
+    conf.chmod(0o644)
+    res = run(image, root, ("db",))
+    (db,) = res.components
+    assert res.ok and db.merged == () and len(db.conflicts) == 1
+    assert conf.read_text() == "[client]\nsocket=/run/db.sock\n" and _mode(conf) == 0o644
+    rec = conflicts.load(root, db.conflicts[0])
+    differ = "owner, group and mode" if ROOT else "mode"
+    assert rec.reason == f"not merged: different {differ}"
+    stored = root / rec.stored
+    assert stored.read_text() == SECRET and _mode(stored) == 0o600 and stored.stat().st_uid == OWNER
+    # Nor does `resolve --keep merged` give the password the file's mode.
+    with pytest.raises(UserError, match="owner, group or mode differ"):
+        conflicts.resolve(root, rec.id, "merged", None)
+    assert conf.read_text() == "[client]\nsocket=/run/db.sock\n"
+    conflicts.resolve(root, rec.id, "incoming", None)
+    assert conf.read_text() == SECRET and _mode(conf) == 0o600
+
+
+def test_a_merged_file_keeps_the_owner_mode_and_xattrs_of_the_file_in_place(tmp_path: Path) -> None:
+    """The OS's file, then an admin's chmod of the merge: each merge keeps what the file
+    in place has (it took the OS version's mode, whatever the file had since), and only
+    versions that agree with it merge."""
+    xattr = {"SCHILY.xattr.user.origin": "gold"}
+    comps = [
+        Comp("a", [d("etc"), f("etc/app.conf", "a=1\n", **xattr)]),
+        Comp("b", [d("etc"), f("etc/app.conf", "b=2\n", mode=0o640, **xattr)]),
+        Comp("c", [d("etc"), f("etc/app.conf", "c=3\n", **xattr)]),
+    ]
+    image = make_image(tmp_path / "img", comps)
+    root = tmp_path / "root"
+    conf = root / "etc/app.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text("os=0\n")
+    conf.chmod(0o644)
+    os.setxattr(conf, "user.origin", b"gold")
+    res = run(image, root, ("a",))
+    assert res.components[0].merged == ("etc/app.conf",) and conf.read_text() == "os=0\na=1\n"
+    assert os.getxattr(conf, "user.origin") == b"gold"
+    conf.chmod(0o640)  # the admin's
+    res = run(image, root, ("b",))
+    assert res.components[0].merged == ("etc/app.conf",) and conf.read_text() == "os=0\na=1\nb=2\n"
+    assert _mode(conf) == 0o640 and os.getxattr(conf, "user.origin") == b"gold"
+    res = run(image, root, ("c",))
+    (c,) = res.components
+    assert c.merged == () and conflicts.load(root, c.conflicts[0]).reason == "not merged: different mode"
+    assert conf.read_text() == "os=0\na=1\nb=2\n" and _mode(conf) == 0o640
+
+
+def test_a_config_whose_xattrs_differ_is_not_merged(tmp_path: Path) -> None:
+    comp = Comp("a", [d("etc"), f("etc/app.conf", "a=1\n", **{"SCHILY.xattr.user.origin": "a"})])
+    image = make_image(tmp_path / "img", [comp])
+    root = tmp_path / "root"
+    conf = root / "etc/app.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text("os=0\n")
+    conf.chmod(0o644)
+    (a,) = run(image, root, ("a",)).components
+    assert a.merged == () and conflicts.load(root, a.conflicts[0]).reason == "not merged: different xattrs"
+    assert conf.read_text() == "os=0\n" and os.listxattr(conf) == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "pax", "differ"),
+    [
+        (0o4755, {}, "mode"),
+        (0o755, {"SCHILY.xattr.user.flag": "1"}, "xattrs"),
+        (0o4755, {"SCHILY.xattr.user.flag": "1"}, "mode and xattrs"),
+    ],
+)
+def test_the_same_bytes_with_other_metadata_are_a_conflict_not_identical(
+    tmp_path: Path, mode: int, pax: dict[str, str], differ: str
+) -> None:
+    """The file in place holds the component's bytes, but not its setuid bit or its
+    xattrs: counted identical, they would be lost without a word."""
+    image = make_image(
+        tmp_path / "img", [Comp("web", [d("usr"), d("usr/bin"), f("usr/bin/pinger", "ELF", mode, **pax)])]
+    )
+    root = tmp_path / "root"
+    tool = root / "usr/bin/pinger"
+    tool.parent.mkdir(parents=True)
+    tool.write_text("ELF")
+    tool.chmod(0o755)
+    (web,) = run(image, root, ("web",)).components
+    assert web.identical == 0 and len(web.conflicts) == 1
+    rec = conflicts.load(root, web.conflicts[0])
+    assert rec.reason == f"same content, different {differ}"
+    assert _mode(tool) == 0o755 and os.listxattr(tool) == []  # the one in place stays as it was
+    stored = root / rec.stored
+    assert stored.read_text() == "ELF" and _mode(stored) == mode
+    assert os.listxattr(stored) == (["user.flag"] if pax else [])
+
+
+@pytest.mark.skipif(not ROOT, reason="a file capability and another owner need root")
+def test_a_file_capability_or_owner_missing_in_place_is_a_conflict(tmp_path: Path) -> None:
+    cap = "\x01\x00\x00\x02\x00\x20\x00\x00" + "\x00" * 12  # cap_net_raw+ep, as tar stores it
+    members = [
+        d("usr"),
+        d("usr/bin"),
+        f("usr/bin/pinger", "ELF", 0o755, **{"SCHILY.xattr.security.capability": cap}),
+        f("usr/bin/tool", "ELF", 0o755, uid=OWNER),
+    ]
+    image = make_image(tmp_path / "img", [Comp("web", members)])
+    root = tmp_path / "root"
+    (root / "usr/bin").mkdir(parents=True)
+    for name in ("pinger", "tool"):
+        (root / "usr/bin" / name).write_text("ELF")
+        (root / "usr/bin" / name).chmod(0o755)
+    (web,) = run(image, root, ("web",)).components
+    reasons = {(r.path, r.reason) for r in map(lambda cid: conflicts.load(root, cid), web.conflicts)}
+    assert reasons == {
+        ("usr/bin/pinger", "same content, different xattrs"),
+        ("usr/bin/tool", "same content, different owner"),
+    }
+    assert "security.capability" in os.listxattr(root / "var/lib/bootenv/conflicts/web/usr/bin/pinger")
+
+
+def test_the_same_file_with_the_same_metadata_is_still_identical(tmp_path: Path) -> None:
+    pax = {"SCHILY.xattr.user.flag": "1"}
+    image = make_image(tmp_path / "img", [Comp("web", [d("usr"), f("usr/tool", "ELF", 0o4755, **pax)])])
+    root = tmp_path / "root"
+    (root / "usr").mkdir(parents=True)
+    (root / "usr/tool").write_text("ELF")
+    (root / "usr/tool").chmod(0o4755)
+    os.setxattr(root / "usr/tool", "user.flag", b"1")
+    (web,) = run(image, root, ("web",)).components
+    assert (web.identical, web.conflicts) == (1, ())
