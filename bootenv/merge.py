@@ -29,7 +29,9 @@ A merge never replaces a file the admin has changed since: `ours` in the path's 
 holds the sha256 of every content bootenv put (or offered) there, written before the
 file is replaced, so a kill -9 at any point leaves the file in place one of them. A file
 that is none of them is the admin's: it stays, and the new merge goes to the conflict
-store as a conflict (extract.py), which `bootenv conflicts` shows and resolves.
+store as a conflict (extract.py), which `bootenv conflicts` shows and resolves. So does
+the first merge into a file a component placed (its marker says so) that no longer holds
+what that component placed: the admin edited it, and nothing of it is taken for the OS's.
 """
 
 from __future__ import annotations
@@ -163,16 +165,19 @@ class MergeState:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _markers(self, relpath: str, data: bytes) -> dict[str, bool]:
-        """Components that marked exactly this content at `relpath`: name -> placed."""
+    def _markers(self, relpath: str, data: bytes | None) -> dict[str, bool]:
+        """Components that marked exactly this content at `relpath` (any content if
+        `data` is None): name -> placed."""
         prefix = path_key(relpath) + "."
-        suffix = "." + content_key(data)
+        want = None if data is None else content_key(data)
         out: dict[str, bool] = {}
         for entry in os.scandir(self.owners):
-            if entry.name.startswith(prefix) and entry.name.endswith(suffix):  # not ".tmp"
-                comp = entry.name[len(prefix) : -len(suffix)]
+            if not entry.name.startswith(prefix) or entry.name.endswith(".tmp"):
+                continue
+            comp, _, key = entry.name[len(prefix) :].rpartition(".")
+            if want is None or key == want:
                 with open(entry.path, "rb") as f:
-                    out[comp] = f.read() == b"placed"
+                    out[comp] = f.read() == b"placed" or out.get(comp, False)
         return out
 
     def initialized(self, relpath: str) -> bool:
@@ -222,13 +227,19 @@ class MergeState:
             current, cur_meta = read_existing()
             if not (d / "init").exists():
                 owners = self._markers(relpath, current)
+                theirs = False
                 if any(owners.values()):
                     for comp in owners:
                         self._save(d, f"part.{comp}", current, cur_meta)
+                elif any(self._markers(relpath, None).values()):
+                    # A component placed the file, and it no longer holds what that
+                    # component placed: an edit of the admin's, neither the OS's base
+                    # nor bootenv's own. It stays; the merge is offered beside it.
+                    theirs = True
                 else:
                     self._save(d, "base", current, cur_meta)
                 _atomic_write(d / "path", relpath.encode(errors="surrogateescape"))
-                self._own(d, {_sha(current)})
+                self._own(d, set() if theirs else {_sha(current)})
                 _atomic_write(d / "init", b"")
             self._save(d, f"part.{component}", data, meta)
             content, rebuilt = self._rebuild(d)

@@ -161,6 +161,41 @@ def test_a_merged_config_the_admin_edited_is_kept_and_the_new_merge_is_a_conflic
     assert conf.read_text() == "from a\nfrom b\nfrom c\nfrom d\n"
 
 
+@pytest.mark.parametrize("edit", [False, True])
+def test_an_edit_of_a_config_bootenv_placed_is_kept_and_the_update_is_a_conflict(
+    tmp_path: Path, edit: bool
+) -> None:
+    """web v1 places /etc/web/web.conf, the admin adds a line, web v2 is laid out: the
+    admin's file was taken for the OS's and merged with v2 (v1, the edit, then v2). It
+    stays, and v2 is offered beside it; unedited, v2 replaces v1."""
+
+    def web(conf: str) -> Comp:
+        return Comp("web", [d("etc"), d("etc/web"), f("etc/web/web.conf", conf)])
+
+    v1 = make_image(tmp_path / "v1", [web("Listen 80\nTimeout 300\n")])
+    v2 = make_image(tmp_path / "v2", [web("Listen 80\nTimeout 60\n")])
+    root = tmp_path / "root"
+    root.mkdir()
+    conf = root / "etc/web/web.conf"
+    assert run(v1, root, ("web",))[0].ok
+    if edit:
+        conf.write_text(conf.read_text() + "ServerName web1\n")
+    res, _ = run(v2, root, ("web",))
+    (web2,) = res.components
+    if not edit:
+        assert (web2.merged, web2.conflicts) == (("etc/web/web.conf",), ())
+        assert conf.read_text() == "Listen 80\nTimeout 60\n"
+        return
+    assert res.ok and web2.merged == ()
+    assert conf.read_text() == "Listen 80\nTimeout 300\nServerName web1\n"
+    (cid,) = web2.conflicts
+    rec = conflicts.load(root, cid)
+    assert (rec.path, rec.reason) == ("etc/web/web.conf", EDITED)
+    assert (root / rec.stored).read_text() == "Listen 80\nTimeout 60\n"  # v2, nothing of the edit
+    conflicts.resolve(root, cid, "merged", None)
+    assert conf.read_text() == "Listen 80\nTimeout 300\nServerName web1\nListen 80\nTimeout 60\n"
+
+
 def _big(name: str) -> Comp:
     line = f"{name}: setting\n"
     return Comp(name, [d("etc"), f("etc/big.conf", line * ((600 << 10) // len(line)))])
