@@ -11,7 +11,8 @@ finds its path taken (extract.py decides which case it is):
   xattrs (a component's 0600 file is never merged into a 0644 one). The result is the
   concatenation of the OS version (the *base*, if the OS had the file) followed by every
   component's version in component-name order, each piece ending in a newline, a piece
-  equal to the base or to an earlier piece included once. It depends only on *which* components provided
+  equal to the base or to an earlier piece included once (equal but for CRLF line ends
+  or the newlines at its end included). It depends only on *which* components provided
   the file, never on the order they arrived, so parallel and sequential layouts agree.
   The merged file keeps the owner, group and mode of the file in place.
 - **Anything else** (binaries, differing types, the same bytes or text with another
@@ -82,12 +83,21 @@ def is_candidate(relpath: str, data: bytes) -> bool:
     return relpath.startswith("etc/") and len(data) <= MAX_MERGE and is_text(data)
 
 
+def normalized(piece: bytes) -> bytes:
+    """A piece as the duplicate check sees it: LF line ends, no newline at its end. A
+    copy saved with CRLF, or without its last newline, is the same config."""
+    return piece.replace(b"\r\n", b"\n").rstrip(b"\n")
+
+
 def concatenate(base: bytes | None, parts: dict[str, bytes]) -> bytes:
     """The merge of a base and per-component parts, in component-name order."""
     pieces: list[bytes] = []
+    seen: set[bytes] = set()
     for piece in ([base] if base is not None else []) + [parts[k] for k in sorted(parts)]:
-        if piece in pieces:
+        key = normalized(piece)
+        if key in seen:
             continue
+        seen.add(key)
         pieces.append(piece)
     if len(pieces) == 1:
         return pieces[0]

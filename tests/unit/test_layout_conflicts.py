@@ -196,6 +196,19 @@ def test_an_edit_of_a_config_bootenv_placed_is_kept_and_the_update_is_a_conflict
     assert conf.read_text() == "Listen 80\nTimeout 300\nServerName web1\nListen 80\nTimeout 60\n"
 
 
+@pytest.mark.parametrize("in_place", [b"Listen 80", b"Listen 80\r\n"])
+def test_a_config_in_place_that_differs_only_in_its_line_ends_is_not_appended_again(
+    tmp_path: Path, in_place: bytes
+) -> None:
+    image = make_image(tmp_path / "img", [Comp("web", [d("etc"), f("etc/httpd.conf", "Listen 80\n")])])
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/httpd.conf").write_bytes(in_place)
+    res, _ = run(image, root, ("web",))
+    assert res.ok and not res.components[0].conflicts
+    assert (root / "etc/httpd.conf").read_bytes() == in_place
+
+
 def _big(name: str) -> Comp:
     line = f"{name}: setting\n"
     return Comp(name, [d("etc"), f("etc/big.conf", line * ((600 << 10) // len(line)))])

@@ -32,6 +32,19 @@ def test_duplicates_and_base_copies_appear_once() -> None:
     assert concatenate(None, {"a": b"same\n", "b": b"same\n"}) == b"same\n"
 
 
+@pytest.mark.parametrize("copy", [b"Listen 80", b"Listen 80\r\n", b"Listen 80\n\n", b"Listen 80\r\n\r\n"])
+def test_a_copy_that_differs_only_in_its_line_ends_appears_once(copy: bytes) -> None:
+    """The OS's file saved without its last newline, or with CRLF: the component's
+    version is the same config, not a second copy of it."""
+    assert concatenate(copy, {"web": b"Listen 80\n"}) == copy
+    assert concatenate(b"# os\n", {"a": copy, "b": b"Listen 80\n"}) == b"# os\n" + copy + (
+        b"" if copy.endswith(b"\n") else b"\n"
+    )
+    # Only the line ends: another line, or the same lines in another order, is another piece.
+    assert concatenate(copy, {"web": b"Listen 80\nListen 80\n"}).count(b"Listen") == 3
+    assert concatenate(b"a\nb\n", {"x": b"b\na\n"}) == b"a\nb\nb\na\n"
+
+
 def test_result_does_not_depend_on_insertion_order() -> None:
     items = [("c", b"3"), ("a", b"1"), ("b", b"2")]
     results = {concatenate(b"0", dict(p)) for p in itertools.permutations(items)}
