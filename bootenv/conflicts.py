@@ -5,6 +5,14 @@ The file already in place is kept. The incoming version is stored under
 `/var/lib/bootenv/conflict-records/<id>.json`, where the id is derived from the
 component and the path, so a re-run rewrites the same record. `bootenv conflicts`
 lists, shows (with a unified diff for text) and resolves them; a resolution is recorded.
+
+A merged config is listed the same way, as a kind of its own (reason `merged: review`),
+once for each component whose version is in it: the merge is in place, the component's
+own version is stored beside it, and a
+concatenation may hold a directive twice (`Listen 80`), which only the admin can
+settle. It is not a conflict: the layout counts it as merged, not among its conflicts.
+`resolve` takes it as it takes a conflict: `existing` or `merged` keep the merge,
+`incoming` puts the component's version alone in its place, `--file` the admin's.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ KEEP = ("existing", "incoming", "merged")
 # The reason of a conflict whose incoming version is a whole merge (the base and every
 # component's part) that would have replaced a merged file the admin has edited since.
 EDITED = "edited here since bootenv merged it"
+# The reason of a merge listed for review: not a conflict, the merge is in place.
+MERGED = "merged: review"
 _ID = re.compile(r"[0-9a-f]{12}")
 _COMPONENT = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 # A record's fields and their types; resolution is None or one of these.
@@ -157,11 +167,11 @@ def load_all(root: Path) -> list[Conflict]:
 
 def open_ids(root: Path) -> dict[str, tuple[str, ...]]:
     """Each component's conflicts that are not resolved, by id: what a layout that finds
-    a component laid out by an earlier run reports again. A damaged record is left to
-    `bootenv conflicts`, which names it."""
+    a component laid out by an earlier run reports again (a merge listed for review is
+    not one). A damaged record is left to `bootenv conflicts`, which names it."""
     found: dict[str, list[str]] = {}
     for c in _records(root, skip_damaged=True):
-        if not c.resolution:
+        if not c.resolution and c.reason != MERGED:
             found.setdefault(c.component, []).append(c.id)
     return {name: tuple(ids) for name, ids in found.items()}
 
@@ -284,8 +294,8 @@ def resolve(root: Path, cid: str, keep: str | None, file: Path | None) -> Confli
         if file is not None:
             _replace_content(tfd, tname, file.read_bytes(), c.path)
             keep = "file"
-        elif keep == "existing":
-            _remove(sfd, sname)
+        elif keep == "existing" or (keep == "merged" and c.reason == MERGED):
+            _remove(sfd, sname)  # a merge listed for review: it is in place already
         elif keep == "incoming":
             _put_incoming(c, tfd, tname, sfd, sname)
         else:

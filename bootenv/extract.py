@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from bootenv.conflicts import EDITED, Conflict, conflict_id, describe, stored_path, write_record
+from bootenv.conflicts import EDITED, MERGED, Conflict, conflict_id, describe, stored_path, write_record
 from bootenv.journal import DirLog
-from bootenv.merge import MAX_MERGE, MergeState, Meta, is_candidate, is_text
+from bootenv.merge import MAX_MERGE, MergeState, Meta, is_candidate, is_text, normalized
 from bootenv.paxread import ArchiveError, Member, PaxReader
 from bootenv.writeback import write_all
 
@@ -530,14 +530,48 @@ class TreeWriter:
             self._conflict(m, pfd, base, tmp, EDITED)
             offered.append(True)
 
+        def review(content: bytes, parts: dict[str, bytes]) -> None:
+            # Every component whose version is in the merge, the one that placed the
+            # file first included, whatever the order they came in.
+            for comp, part in sorted(parts.items()):
+                if normalized(part) != normalized(content):
+                    self._review(comp, m.name, pfd, base, part)
+
         mine = Meta(m.mode, m.uid, m.gid, m.mtime_ns)
         changed = self.merge.merge_into(
-            m.name, self.component, data, mine, read_existing, apply, identical=identical, edited=edited
+            m.name,
+            self.component,
+            data,
+            mine,
+            read_existing,
+            apply,
+            identical=identical,
+            edited=edited,
+            review=review,
         )
         if changed:
             log.info("%s: merged its version of /%s", self.component, m.name)
         if (changed or not identical) and not offered:
             self.stats.merged.append(m.name)
+
+    def _review(self, component: str, relpath: str, pfd: int, base: str, part: bytes) -> None:
+        """List the merge at `relpath` for the admin (`bootenv conflicts`, `merged:
+        review`), `component`'s version beside it: a concatenation may hold a directive
+        twice, which only the admin can settle. Merged, the versions agree with the file
+        in place on owner, group, mode and xattrs: the copy gets them."""
+        tmp = f"{TMP_PREFIX}{self._tag}review"
+        st = os.lstat(base, dir_fd=pfd)
+        self._merged_temp(
+            pfd, tmp, part, Meta(st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_mtime_ns), like=base
+        )
+        _, store = self._keep_aside(component, relpath, pfd, base, tmp, MERGED)
+        log.info(
+            "%s: /%s is a merge, listed for review; %s's version is in /%s",
+            self.component,
+            relpath,
+            component,
+            store,
+        )
 
     def _merged_temp(self, pfd: int, tmp: str, content: bytes, meta: Meta, *, like: str) -> None:
         """Write `content` to `tmp` with `meta` and the xattrs (ACLs) of `like`, the file
@@ -558,21 +592,9 @@ class TreeWriter:
             os.close(fd)
 
     def _conflict(self, m: Member, pfd: int, base: str, tmp: str | None, reason: str) -> None:
-        cid = conflict_id(self.component, m.name)
-        store = stored_path(self.component, m.name)
-        sparent, _, sbase = store.rpartition("/")
-        sfd = self.dir_fd(sparent)
+        cid, store = self._keep_aside(self.component, m.name, pfd, base, tmp, reason)
         if tmp is not None:
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError, OSError):
-                os.unlink(sbase, dir_fd=sfd)
-            os.rename(tmp, sbase, src_dir_fd=pfd, dst_dir_fd=sfd)
             self._placed[m.name] = store
-        else:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(sbase, 0o755, dir_fd=sfd)
-        existing = describe(f"/proc/self/fd/{pfd}/{base}")
-        incoming = describe(f"/proc/self/fd/{sfd}/{sbase}")
-        write_record(self.root, Conflict(cid, self.component, m.name, reason, existing, incoming, store))
         self.stats.conflicts.append(cid)
         log.warning(
             "%s: conflict on /%s (%s); kept the existing one, yours is in /%s",
@@ -581,6 +603,27 @@ class TreeWriter:
             reason,
             store,
         )
+
+    def _keep_aside(
+        self, component: str, relpath: str, pfd: int, base: str, tmp: str | None, reason: str
+    ) -> tuple[str, str]:
+        """Move `tmp` (`component`'s version of `relpath`; None: a directory) to the
+        conflict store and record it beside the path in place: its id and where it is."""
+        cid = conflict_id(component, relpath)
+        store = stored_path(component, relpath)
+        sparent, _, sbase = store.rpartition("/")
+        sfd = self.dir_fd(sparent)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError, OSError):
+                os.unlink(sbase, dir_fd=sfd)
+            os.rename(tmp, sbase, src_dir_fd=pfd, dst_dir_fd=sfd)
+        else:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(sbase, 0o755, dir_fd=sfd)
+        existing = describe(f"/proc/self/fd/{pfd}/{base}")
+        incoming = describe(f"/proc/self/fd/{sfd}/{sbase}")
+        write_record(self.root, Conflict(cid, component, relpath, reason, existing, incoming, store))
+        return cid, store
 
     @property
     def created_dirs(self) -> list[tuple[str, int]]:

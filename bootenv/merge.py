@@ -14,7 +14,9 @@ finds its path taken (extract.py decides which case it is):
   equal to the base or to an earlier piece included once (equal but for CRLF line ends
   or the newlines at its end included). It depends only on *which* components provided
   the file, never on the order they arrived, so parallel and sequential layouts agree.
-  The merged file keeps the owner, group and mode of the file in place.
+  The merged file keeps the owner, group and mode of the file in place, and the merge is
+  listed for the admin's review (`merged: review`, conflicts.py): a directive both
+  versions hold is there twice.
 - **Anything else** (binaries, differing types, the same bytes or text with another
   owner, group, mode or xattrs): a conflict, see `conflicts.py`.
 
@@ -215,6 +217,7 @@ class MergeState:
         *,
         identical: bool = False,
         edited: Callable[[bytes, Meta], None] | None = None,
+        review: Callable[[bytes, dict[str, bytes]], None] | None = None,
     ) -> bool:
         """Record `component`'s version and rebuild the file; True if it changed.
 
@@ -229,6 +232,9 @@ class MergeState:
         The merged file gets the owner, group and mode of the file in place: the caller
         merges only a version whose own agree with them (a component's 0600 secret is
         never merged into a 0644 file), and an admin's chmod of a merged file stays.
+
+        Once the file in place is the merge, `review` gets it and every component's
+        part, still under the lock: the last merge lists them all, whichever came first.
         """
         with self.locked(relpath) as d:
             if identical and not (d / "init").exists():
@@ -252,9 +258,11 @@ class MergeState:
                 self._own(d, set() if theirs else {_sha(current)})
                 _atomic_write(d / "init", b"")
             self._save(d, f"part.{component}", data, meta)
-            content, rebuilt = self._rebuild(d)
+            content, rebuilt, parts = self._rebuild(d)
             merged_meta = Meta(cur_meta.mode, cur_meta.uid, cur_meta.gid, rebuilt.mtime_ns)
             if content == current:
+                if review is not None:
+                    review(content, parts)
                 return False
             ours = self._ours(d)
             if ours is not None and _sha(current) not in ours:
@@ -266,6 +274,8 @@ class MergeState:
             self._own(d, {_sha(current), _sha(content)})  # a kill during apply leaves either
             apply(content, merged_meta)
             self._own(d, {_sha(content)})
+            if review is not None:
+                review(content, parts)
             return True
 
     def _ours(self, d: Path) -> set[str] | None:
@@ -285,7 +295,8 @@ class MergeState:
         _atomic_write(d / name, data)
         _atomic_write(d / f"{name}.meta", json.dumps(asdict(meta)).encode())
 
-    def _rebuild(self, d: Path) -> tuple[bytes, Meta]:
+    def _rebuild(self, d: Path) -> tuple[bytes, Meta, dict[str, bytes]]:
+        """The merge, the metadata of its first piece, and each component's part."""
         base = (d / "base").read_bytes() if (d / "base").exists() else None
         parts: dict[str, bytes] = {}
         for entry in sorted(os.listdir(d)):
@@ -300,7 +311,7 @@ class MergeState:
             meta = Meta(**json.loads((d / f"{first}.meta").read_bytes()))
         except (ValueError, TypeError) as exc:  # not JSON, or not a Meta's fields
             raise _damaged(d, exc) from exc
-        return concatenate(base, parts), meta
+        return concatenate(base, parts), meta, parts
 
 
 def _damaged(d: Path, what: object) -> FatalError:

@@ -15,7 +15,7 @@ import pytest
 from bootenv import conflicts
 from bootenv import layout as layout_module
 from bootenv.cli import main
-from bootenv.conflicts import EDITED
+from bootenv.conflicts import EDITED, MERGED
 from bootenv.errors import UserError
 from bootenv.layout import LayoutConfig, LayoutResult, layout
 from bootenv.merge import MergeState, Meta
@@ -207,6 +207,76 @@ def test_a_config_in_place_that_differs_only_in_its_line_ends_is_not_appended_ag
     res, _ = run(image, root, ("web",))
     assert res.ok and not res.components[0].conflicts
     assert (root / "etc/httpd.conf").read_bytes() == in_place
+
+
+def _httpd(tmp_path: Path) -> tuple[Path, Path]:
+    """The OS's httpd.conf and web's, which both hold `Listen 80`."""
+    image = make_image(tmp_path / "img", [Comp("web", [d("etc"), f("etc/httpd.conf", "Listen 80\n")])])
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/httpd.conf").write_text("Listen 80\nServerName web1.example\n")
+    return image, root
+
+
+@pytest.mark.parametrize("keep", ["merged", "existing", "incoming"])
+def test_a_merge_is_listed_for_review_and_resolved_like_a_conflict(
+    tmp_path: Path, keep: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A concatenation may hold a directive twice: the admin sees every merge in
+    `bootenv conflicts`, as a kind of its own, with the component's version beside it.
+    It is not one of the layout's conflicts, nor reported again by a resumed layout."""
+    image, root = _httpd(tmp_path)
+    res, _ = run(image, root, ("web",))
+    (web,) = res.components
+    assert res.ok and (web.merged, web.conflicts) == (("etc/httpd.conf",), ())
+    merged = "Listen 80\nServerName web1.example\nListen 80\n"
+    assert (root / "etc/httpd.conf").read_text() == merged
+    (rec,) = conflicts.load_all(root)
+    assert (rec.component, rec.path, rec.reason, rec.resolution) == ("web", "etc/httpd.conf", MERGED, None)
+    assert (root / rec.stored).read_text() == "Listen 80\n"
+    assert main(["conflicts", "list", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert rec.id in out and "merged: review" in out and "open" in out
+    assert conflicts.diff(root, rec).count("-ServerName web1.example") == 1
+    again, _ = run(image, root, ("web",))
+    assert [(c.status, c.conflicts) for c in again.components] == [("resumed", ())]
+
+    assert main(["conflicts", "resolve", rec.id, "--keep", keep, "--root", str(root)]) == 0
+    want = "Listen 80\n" if keep == "incoming" else merged
+    assert (root / "etc/httpd.conf").read_text() == want
+    assert not (root / rec.stored).exists()
+    assert conflicts.load(root, rec.id).resolution == {"keep": keep, "at": ANY}
+
+
+def test_every_component_in_a_merge_is_listed_whatever_the_order(tmp_path: Path) -> None:
+    """The component that placed the file is in the merge too: listed by the one that
+    merged into it, so the records do not depend on which came first."""
+    image = make_image(tmp_path / "img", [_conf(n) for n in "abc"])
+    found = set()
+    for i, (order, streams) in enumerate([(("a", "b", "c"), 1), (("c", "b", "a"), 1), (("all",), 3)]):
+        root = tmp_path / f"root{i}"
+        root.mkdir()
+        for name in order:
+            assert run(image, root, name if name == "all" else (name,), streams=streams)[0].ok
+        recs = conflicts.load_all(root)
+        found.add(
+            tuple((r.component, r.reason, (root / r.stored).read_text(), r.existing["sha256"]) for r in recs)
+        )
+    ((a, b, c),) = found
+    assert [x[:3] for x in (a, b, c)] == [(n, MERGED, f"from {n}\n") for n in "abc"]
+
+
+def test_a_file_that_is_the_components_version_alone_is_not_listed(tmp_path: Path) -> None:
+    """No OS version, or one the component's equals: nothing to review."""
+    image, root = _httpd(tmp_path)
+    (root / "etc/httpd.conf").write_text("Listen 80")  # the same, but for its last newline
+    res, _ = run(image, root, ("web",))
+    assert res.ok and conflicts.load_all(root) == []
+    v1 = make_image(tmp_path / "v1", [Comp("app", [d("etc"), f("etc/app.conf", "v=1\n")])])
+    v2 = make_image(tmp_path / "v2", [Comp("app", [d("etc"), f("etc/app.conf", "v=2\n")])])
+    run(v1, root, ("app",))
+    res, _ = run(v2, root, ("app",))
+    assert res.components[0].merged == ("etc/app.conf",) and conflicts.load_all(root) == []
 
 
 def _big(name: str) -> Comp:
