@@ -7,7 +7,8 @@ directory, gets its owner, mode, xattrs and mtime, and is then renamed into plac
 RENAME_NOREPLACE: a kill -9 leaves either nothing or the finished entry, and a path
 someone else already took is never overwritten (the shared-path rule in merge.py
 decides what happens instead). Directories are created the same way, so a directory
-that exists is complete.
+that exists is complete; whose owner, group and mode one that several components ship
+keeps is decided by name, not by which stream came first (shareddirs.py).
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from bootenv import shareddirs
 from bootenv.conflicts import EDITED, MERGED, Conflict, conflict_id, describe, stored_path, write_record
 from bootenv.journal import DirLog
 from bootenv.merge import MAX_MERGE, MergeState, Meta, is_candidate, is_text, normalized
 from bootenv.paxread import ArchiveError, Member, PaxReader
+from bootenv.shareddirs import Owner
 from bootenv.writeback import write_all
 
 log = logging.getLogger(__name__)
@@ -186,6 +189,7 @@ class TreeWriter:
         self._redirect = set(redirect)  # dirs that conflicted: their contents go to the store
         self._index = 0
         self._xattr_warned = False
+        self._records: shareddirs.Records | None = None  # opened by the first directory made
         self.stats = Stats()
 
     def close(self) -> None:
@@ -193,6 +197,8 @@ class TreeWriter:
         for fd in self._dirs.values():
             os.close(fd)
         self._dirs.clear()
+        if self._records is not None:
+            os.close(self._records.fd)
         os.close(self.root_fd)
 
     # -- directories -------------------------------------------------------------
@@ -299,12 +305,15 @@ class TreeWriter:
             st = None
         if st is not None:
             if stat.S_ISDIR(st.st_mode):
-                # Directories merge; the existing one keeps its metadata. A run killed
+                # Directories merge; whose metadata the directory keeps is decided by
+                # name, not by which stream came first (shareddirs.py). A run killed
                 # between making this member's temp and renaming it left the temp (empty:
                 # nothing goes in before the rename), and another stream made the
                 # directory since: clear the temp here, or nothing would.
                 with contextlib.suppress(OSError):
                     os.rmdir(tmp, dir_fd=pfd)
+                if not store:
+                    self._shared_dir(m, pfd, base, st)
                 return
             if store:
                 return
@@ -317,9 +326,7 @@ class TreeWriter:
             self._meta(fd, m, inherits=parent in self._acl_dirs)
         finally:
             os.close(fd)
-        try:
-            rename_noreplace(pfd, tmp, pfd, base)
-        except FileExistsError:
+        if not self._put_dir(m, pfd, tmp, base, store=store):
             os.rmdir(tmp, dir_fd=pfd)  # another stream made it first
             self._make_dir(m, pfd, tmp, base, parent, store=store)
             return
@@ -327,6 +334,62 @@ class TreeWriter:
         self._created_dirs.append(made)
         if self._dirs_log is not None:
             self._dirs_log.add(*made)
+
+    def _put_dir(self, m: Member, pfd: int, tmp: str, base: str, *, store: bool) -> bool:
+        """Rename the directory made as `tmp` into place; False if the name is taken. Its
+        record, naming this component, comes first (shareddirs.py)."""
+        if store:  # the conflict store's: this component's alone
+            return _renamed(pfd, tmp, base)
+        records = self._dir_records()
+        with records.locked():
+            if _exists(base, pfd):
+                return False
+            records.write(m.name, self.component, Owner.of(os.lstat(tmp, dir_fd=pfd)))
+            return _renamed(pfd, tmp, base)
+
+    def _shared_dir(self, m: Member, pfd: int, base: str, st: os.stat_result) -> None:
+        """This component's directory is in place already: it keeps its metadata, or
+        takes this component's if bootenv made it for one that sorts after this one."""
+        records = self._dir_records()
+        rec = records.read(m.name)  # none (the OS's directory): no lock needed
+        if rec is not None:
+            with records.locked():
+                rec = records.read(m.name)
+                st = os.lstat(base, dir_fd=pfd)
+                if shareddirs.takes_over(self.component, rec, Owner.of(st)):
+                    self._take_dir(m, pfd, base)
+                    records.write(m.name, self.component, Owner.of(os.lstat(base, dir_fd=pfd)))
+                    return
+        current = Owner.of(st)
+        mine = Owner(m.mode, m.uid, m.gid) if self.privileged else Owner(m.mode, current.uid, current.gid)
+        if mine != current:
+            whose = f"{rec.maker}'s" if rec is not None and rec.owner == current else "its"
+            what = (
+                f"directory /{m.name} keeps {whose} owner and mode ({current}), not this component's ({mine})"
+            )
+            self.stats.warnings.append(what)
+            log.warning("%s: %s", self.component, what)
+
+    def _take_dir(self, m: Member, pfd: int, base: str) -> None:
+        """Give directory `base` this member's owner, mode and xattrs, and no others."""
+        fd = os.open(base, DIR_FLAGS, dir_fd=pfd)
+        try:
+            keep = {key for key, _ in self._xattrs(m)} | _LABELS
+            for key in set(_xattrs_of(fd, ".")) - keep:
+                with contextlib.suppress(OSError):  # one a layout that is not root may not remove
+                    os.removexattr(fd, key)
+            self._meta(fd, m)
+            if _has_default_acl(fd):  # what entries made in it take (dir_fd asks it once)
+                self._acl_dirs.add(m.name)
+            else:
+                self._acl_dirs.discard(m.name)
+        finally:
+            os.close(fd)
+
+    def _dir_records(self) -> shareddirs.Records:
+        if self._records is None:
+            self._records = shareddirs.Records(open_dir(self.root_fd, str(shareddirs.RECORDS), create=True))
+        return self._records
 
     def _make(
         self, m: Member, reader: PaxReader, pfd: int, tmp: str, data: bytes | None, *, inherits: bool
@@ -667,6 +730,14 @@ def _fresh(pfd: int, tmp: str, make: Callable[[], T]) -> T:
         except IsADirectoryError:
             os.rmdir(tmp, dir_fd=pfd)  # a temp directory is renamed before anything goes in it
         return make()
+
+
+def _renamed(pfd: int, tmp: str, base: str) -> bool:
+    try:
+        rename_noreplace(pfd, tmp, pfd, base)
+    except FileExistsError:
+        return False
+    return True
 
 
 def _exists(name: str, dir_fd: int) -> bool:

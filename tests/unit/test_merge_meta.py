@@ -165,3 +165,84 @@ def test_the_same_file_with_the_same_metadata_is_still_identical(tmp_path: Path)
     os.setxattr(root / "usr/tool", "user.flag", b"1")
     (web,) = run(image, root, ("web",)).components
     assert (web.identical, web.conflicts) == (1, ())
+
+
+def _sharing(name: str, mode: int, owner: int = 0, **pax: str) -> Comp:
+    """A component with /etc/shared of its own owner and mode, and a file in it."""
+    shared = d("etc/shared", mode=mode, uid=owner if ROOT else 0, gid=owner if ROOT else 0)
+    shared.pax_headers = dict(pax)
+    return Comp(name, [d("etc"), shared, f(f"etc/shared/{name}", name)])
+
+
+# One stream makes their directories in name order; two or four race for /etc/shared,
+# and gamma's xattr must not outlive its metadata.
+SHARING = [
+    _sharing("gamma", 0o700, OWNER, **{"SCHILY.xattr.user.by": "gamma"}),
+    _sharing("beta", 0o755),
+    _sharing("alpha", 0o750, 4),
+]
+
+
+def _shared(root: Path) -> tuple[int, int, int, list[str]]:
+    st = (root / "etc/shared").lstat()
+    return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, sorted(os.listxattr(root / "etc/shared"))
+
+
+ALPHA = (0o750, 4 if ROOT else os.getuid(), 4 if ROOT else os.getgid(), [])
+
+
+@pytest.mark.parametrize("streams", [1, 2, 4])
+def test_a_directory_components_make_has_the_first_by_names_metadata_whatever_the_streams(
+    tmp_path: Path, streams: int
+) -> None:
+    image = make_image(tmp_path / "img", SHARING)
+    for i in range(3):
+        root = tmp_path / f"root{i}"
+        root.mkdir()
+        res = run(image, root, "all", streams=streams)
+        assert res.ok and not any(c.conflicts for c in res.components)
+        assert _shared(root) == ALPHA
+        assert sorted(p.name for p in (root / "etc/shared").iterdir()) == ["alpha", "beta", "gamma"]
+        # Which of the others is told, and of whose metadata (beta's, before alpha came),
+        # depends on who came first: alpha, never.
+        warned = {c.name: c.warnings for c in res.components}
+        assert warned["alpha"] == ()
+        assert all(w.startswith("directory /etc/shared keeps ") for w in warned["beta"] + warned["gamma"])
+
+
+@pytest.mark.parametrize(
+    "order", [("gamma", "beta", "alpha"), ("beta", "alpha", "gamma"), ("alpha", "gamma", "beta")]
+)
+def test_a_directory_components_make_has_the_first_by_names_metadata_whatever_the_order(
+    tmp_path: Path, order: tuple[str, ...]
+) -> None:
+    """One layout per component, in any order: the same directory as all at once."""
+    image = make_image(tmp_path / "img", SHARING)
+    root = tmp_path / "root"
+    root.mkdir()
+    for name in order:
+        assert run(image, root, (name,)).ok
+    assert _shared(root) == ALPHA
+
+
+def test_a_directory_in_place_keeps_its_metadata_and_the_component_is_warned(tmp_path: Path) -> None:
+    """The OS's directory, and one bootenv made whose mode the admin changed since."""
+    image = make_image(tmp_path / "img", SHARING)
+    root = tmp_path / "root"
+    (root / "etc/shared").mkdir(parents=True)
+    (root / "etc/shared").chmod(0o711)
+    before = _shared(root)
+    (alpha,) = run(image, root, ("alpha",)).components
+    assert _shared(root) == before
+    assert alpha.warnings == (
+        f"directory /etc/shared keeps its owner and mode ({before[0]:04o} "
+        f"{before[1]}:{before[2]}), not this component's ({ALPHA[0]:04o} {ALPHA[1]}:{ALPHA[2]})",
+    )
+
+    root = tmp_path / "edited"
+    root.mkdir()
+    assert run(image, root, ("gamma",)).ok
+    (root / "etc/shared").chmod(0o711)  # the admin's
+    (alpha,) = run(image, root, ("alpha",)).components
+    assert _shared(root)[0] == 0o711 and _shared(root)[3] == ["user.by"]
+    assert alpha.warnings[0].startswith("directory /etc/shared keeps its owner and mode (0711")
