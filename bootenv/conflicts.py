@@ -8,9 +8,9 @@ lists, shows (with a unified diff for text) and resolves them; a resolution is r
 
 A merged config is listed the same way, as a kind of its own (reason `merged: review`),
 once for each component whose version is in it: the merge is in place, the component's
-own version is stored beside it, and a
-concatenation may hold a directive twice (`Listen 80`), which only the admin can
-settle. It is not a conflict: the layout counts it as merged, not among its conflicts.
+own version is stored beside it, and a concatenation may hold a directive twice
+(`Listen 80`), which only the admin can settle. It is not a conflict: the layout counts
+it as merged, not among its conflicts.
 `resolve` takes it as it takes a conflict: `existing` or `merged` keep the merge,
 `incoming` puts the component's version alone in its place, `--file` the admin's.
 """

@@ -1,5 +1,6 @@
 """The shared-path rule and metadata: a version whose owner, group, mode or xattrs are not
-those of the file in place is neither merged into it nor taken for it."""
+those of the file in place is neither merged into it nor taken for it; a directory several
+components ship ends with the first one's by name, whatever the streams or the order."""
 
 from __future__ import annotations
 
