@@ -641,13 +641,17 @@ class TreeWriter:
         in place: a version is merged only if its own agree with them."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=pfd)
+        xattrs = _xattrs_of(pfd, like)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=pfd)
         try:
+            # What it took from a default ACL of its directory goes first (as in _meta).
+            for key in set(_xattrs_of(pfd, tmp)) - set(xattrs):
+                os.removexattr(fd, key)
             write_all(fd, content)
             if self.privileged:
                 os.fchown(fd, meta.uid, meta.gid)
             os.fchmod(fd, meta.mode)
-            for key, value in _xattrs_of(pfd, like).items():
+            for key, value in xattrs.items():
                 self._setxattr(fd, key, value)
             os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
             os.fsync(fd)  # it replaces a file in place: its data first (merge._atomic_write)

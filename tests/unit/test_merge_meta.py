@@ -12,6 +12,7 @@ import pytest
 
 from bootenv import conflicts
 from bootenv.errors import UserError
+from bootenv.extract import acl_xattr
 from bootenv.layout import LayoutConfig, LayoutResult, layout
 from tests.hostile.kit import ActivatedUnits, Comp, d, f, make_image
 
@@ -86,6 +87,24 @@ def test_a_merged_file_keeps_the_owner_mode_and_xattrs_of_the_file_in_place(tmp_
     (c,) = res.components
     assert c.merged == () and conflicts.load(root, c.conflicts[0]).reason == "not merged: different mode"
     assert conf.read_text() == "os=0\na=1\nb=2\n" and _mode(conf) == 0o640
+
+
+def test_a_merged_file_takes_nothing_from_its_directorys_default_acl(tmp_path: Path) -> None:
+    """The merge is written to a new file in the config's directory: a default ACL there
+    would give it an ACL (user 4242 may read it) the file in place did not have."""
+    image = make_image(
+        tmp_path / "img", [Comp("a", [d("etc"), d("etc/app"), f("etc/app/app.conf", "a=1\n")])]
+    )
+    root = tmp_path / "root"
+    conf = root / "etc/app/app.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text("os=0\n")
+    conf.chmod(0o644)
+    acl = acl_xattr("user::rwx,user:4242:rwx,group::r-x,mask::rwx,other::r-x")
+    os.setxattr(conf.parent, "system.posix_acl_default", acl)
+    (a,) = run(image, root, ("a",)).components
+    assert a.merged == ("etc/app/app.conf",) and conf.read_text() == "os=0\na=1\n"
+    assert os.listxattr(conf) == [] and _mode(conf) == 0o644
 
 
 def test_a_config_whose_xattrs_differ_is_not_merged(tmp_path: Path) -> None:
