@@ -19,6 +19,7 @@ from bootenv.walk import Entry, Kind, scan
 from tests.conftest import require_root
 from tests.imagetools import archive_members, describe, load, mounted, restore_fs, tree_files
 from tests.unit.fakeroot import make_tree
+from tests.unit.test_walk import long_path
 
 SPECS = (
     ComponentSpec("web", ("httpd",)),
@@ -446,26 +447,6 @@ def test_a_mount_point_is_named_and_keeps_the_golds_own_directory(
         assert (mnt / "boot/vmlinuz-6.1.0-9-amd64").read_text() == "kernel"
 
 
-def _chain(top: Path, rel: str) -> str:
-    """A file about 4,080 bytes deep below `rel` of `top` (16 directories of 252 bytes):
-    a valid path in the gold, longer than PATH_MAX with ROOT in front of it."""
-    fd = os.open(top / rel.lstrip("/"), os.O_RDONLY | os.O_DIRECTORY)
-    path = rel
-    try:
-        for i in range(16):
-            name = f"{i:02d}" + "d" * 250
-            os.mkdir(name, dir_fd=fd)
-            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd, path = sub, f"{path}/{name}"
-        leaf = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-        os.write(leaf, b"deep")
-        os.close(leaf)
-    finally:
-        os.close(fd)
-    return f"{path}/leaf"
-
-
 def test_a_path_longer_than_path_max_with_root_in_front(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -473,7 +454,7 @@ def test_a_path_longer_than_path_max_with_root_in_front(
     needs ROOT/path whole, so it fails in one line that names it shortened and says what
     to do."""
     gold = make_tree(tmp_path / "gold")
-    deep = _chain(gold, "/var/lib/dbdata")  # db's data (rule 4)
+    deep = long_path(gold, "/var/lib/dbdata") + "/leaf"  # db's data (rule 4)
     assert len(os.fsencode(f"{gold}{deep}")) > 4096
     out = tmp_path / "image"
     assert main(["capture", str(gold), "-o", str(out), "--component", "db=dbserver"]) == 0

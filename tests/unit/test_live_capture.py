@@ -15,6 +15,7 @@ from bootenv.errors import FatalError
 from bootenv.fsimage import tree_usage
 from bootenv.staging import _link_farm
 from bootenv.tarstream import finish_create, sort_warnings, unquote
+from tests.unit.test_walk import small_tree
 
 # What GNU tar 1.34 writes with --ignore-failed-read in the C locale, for a listed file
 # that was gone, one whose parent directory was replaced by a file, one named with a
@@ -92,19 +93,11 @@ def test_names_come_back_as_tar_quoted_them() -> None:
     assert unquote(r"./raw\377") == "./raw" + os.fsdecode(b"\xff")
 
 
-def _tree(root: Path) -> None:
-    for d in ("etc/app", "var/cache/tmpdir", "var/log"):
-        (root / d).mkdir(parents=True)
-    for f in ("etc/app/keep.conf", "etc/app/gone.conf", "var/cache/tmpdir/x", "var/log/syslog"):
-        (root / f).write_text(f)
-    os.symlink("keep.conf", root / "etc/app/link")
-
-
 def test_staging_leaves_out_what_was_removed_since_the_scan(tmp_path: Path) -> None:
     """The hard-link farm, for paths listed but gone: a file, and a directory with its
     file. The rest is staged; the gone ones are named, and not in the staged tree."""
     root = tmp_path / "gold"
-    _tree(root)
+    small_tree(root)
     paths = ["/", *sorted("/" + str(p.relative_to(root)) for p in root.rglob("*"))]
     (root / "etc/app/gone.conf").unlink()
     shutil.rmtree(root / "var/cache/tmpdir")
@@ -123,7 +116,7 @@ def test_a_directory_removed_after_it_was_staged_is_left_out_when_empty(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = tmp_path / "gold"
-    _tree(root)
+    small_tree(root)
     (root / "var/cache/tmpdir/x").unlink()
     paths = ["/", *sorted("/" + str(p.relative_to(root)) for p in root.rglob("*"))]
     staging = tmp_path / "staging"

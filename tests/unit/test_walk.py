@@ -14,7 +14,7 @@ from bootenv.errors import FatalError
 from bootenv.walk import Entry, Kind, brief, exists_in, scan
 
 
-def _tree(root: Path) -> None:
+def small_tree(root: Path) -> None:
     for d in ("etc/app", "var/cache/tmpdir", "var/log"):
         (root / d).mkdir(parents=True)
     for f in ("etc/app/keep.conf", "etc/app/gone.conf", "var/cache/tmpdir/x", "var/log/syslog"):
@@ -32,7 +32,7 @@ def test_the_scan_leaves_out_what_is_removed_while_a_directory_is_read(
     """Removed after its directory was listed and before it was looked at: a file, a
     symlink (its readlink) and a directory (its own listing) are left out."""
     root = tmp_path / "gold"
-    _tree(root)
+    small_tree(root)
     real = os.scandir
 
     def scandir(fd: Any) -> Any:
@@ -75,7 +75,7 @@ def test_a_scan_that_cannot_read_a_directory_fails_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = tmp_path / "gold"
-    _tree(root)
+    small_tree(root)
     real = os.scandir
 
     def scandir(fd: Any) -> Any:
@@ -88,19 +88,19 @@ def test_a_scan_that_cannot_read_a_directory_fails_in_one_line(
         scan(root)
 
 
-def _long_path(root: Path) -> str:
-    """A directory chain under `root` whose deepest file's path in the tree is about
-    4,080 bytes: valid on the gold, longer than PATH_MAX with ROOT in front of it."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    path = ""
+def long_path(top: Path, rel: str = "") -> str:
+    """A directory chain below `rel` of `top` (16 directories of 252 bytes), with a file
+    `leaf` (4 bytes) and a symlink `link` to it at its end: the chain's path in the tree,
+    about 4,080 bytes, valid on the gold and longer than PATH_MAX with ROOT in front."""
+    fd = os.open(top / rel.lstrip("/"), os.O_RDONLY | os.O_DIRECTORY)
+    path = rel
     try:
         for i in range(16):
             name = f"{i:02d}" + "d" * 250
             os.mkdir(name, dir_fd=fd)
             sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
             os.close(fd)
-            fd = sub
-            path += "/" + name
+            fd, path = sub, f"{path}/{name}"
         leaf = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
         os.write(leaf, b"deep")
         os.close(leaf)
@@ -113,7 +113,7 @@ def _long_path(root: Path) -> str:
 def test_a_path_longer_than_path_max_with_root_in_front_is_scanned(tmp_path: Path) -> None:
     root = tmp_path / "gold"
     root.mkdir()
-    deep = _long_path(root)
+    deep = long_path(root)
     assert len(os.fsencode(f"{root}{deep}/leaf")) > 4096
     entries = {e.path: e for e in scan(root)}
     assert entries[f"{deep}/leaf"] == Entry(f"{deep}/leaf", Kind.FILE, size=4)
@@ -125,7 +125,7 @@ def test_a_tree_deeper_than_the_open_files_allowed_fails_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = tmp_path / "gold"
-    _tree(root)
+    small_tree(root)
     real = os.open
 
     def open_(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
