@@ -1,4 +1,4 @@
-"""Post provisioning events to the callback URL (`bootenv serve`'s /callback/<mac>).
+"""Post provisioning events to the callback URL (`bootenv serve`'s /callback/<mac>/<assignment>).
 
 The schema is `bootenv.machines.parse_event`'s: {"event": KIND, "source": "agent" |
 "layout", "step", "status": start|done|failed, "component", "elapsed", "bytes",
