@@ -262,10 +262,10 @@ def test_a_hard_link_deeper_than_path_max_with_root_in_front_is_kept_with_its_gr
     """The archive order keeps a hard-linked file's paths together (a chunk never starts
     at a link), read relative to ROOT: ROOT/path would be too long to stat."""
     from bootenv.capture import archive_order
-    from tests.unit.test_walk import _long_path
+    from tests.unit.test_walk import long_path
 
     tree = make_tree(tmp_path / "gold")
-    deep = "/var/lib/dbdata" + _long_path(tree / "var/lib/dbdata") + "/leaf"
+    deep = "/var/lib/dbdata" + long_path(tree / "var/lib/dbdata") + "/leaf"
     os.link(f"{tree}/var/lib/dbdata/ibdata1", f"{tree}/var/lib/dbdata/zlink", follow_symlinks=False)
     fd = os.open(tree / "var/lib/dbdata", os.O_RDONLY | os.O_DIRECTORY)
     try:
