@@ -37,6 +37,7 @@ from bootenv.log import step
 from bootenv.manifest import Component, resolve_components
 from bootenv.merge import STATE, clean_stale_markers
 from bootenv.schedule import ComponentResult, run_streams
+from bootenv.shareddirs import RECORDS as DIR_RECORDS
 from bootenv.signing import Trust
 from bootenv.source import load_manifest
 from bootenv.trusted import open_trusted
@@ -225,7 +226,16 @@ def _try(
 _STATE_DIRS = sorted(
     {
         str(parent)
-        for d in (STATE_DIR, DIRS_DIR, STATE / "merge", STATE / "owners", HELD_DIR, RECORDS, STORE)
+        for d in (
+            STATE_DIR,
+            DIRS_DIR,
+            STATE / "merge",
+            STATE / "owners",
+            HELD_DIR,
+            DIR_RECORDS,
+            RECORDS,
+            STORE,
+        )
         for parent in (d, *d.parents)
     }
     - {"."},

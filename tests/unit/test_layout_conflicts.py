@@ -397,7 +397,17 @@ def test_a_component_found_laid_out_reports_its_open_conflicts_again(
     assert [c.conflicts for c in res.components] == [(), ()]
 
 
-@pytest.mark.parametrize("link", ["var", "var/lib", "var/lib/bootenv", "var/lib/bootenv/layout/merge"])
+@pytest.mark.parametrize(
+    "link",
+    [
+        "var",
+        "var/lib",
+        "var/lib/bootenv",
+        "var/lib/bootenv/layout/merge",
+        "var/lib/bootenv/layout/dirmeta",
+        "var/lib/bootenv/layout/held",
+    ],
+)
 def test_a_symlink_on_the_way_to_bootenvs_records_is_refused_before_anything_is_written(
     tmp_path: Path, link: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
