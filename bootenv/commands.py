@@ -407,7 +407,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
 
 def cmd_machines(args: argparse.Namespace) -> int:
     from bootenv.machines import to_dict
-    from bootenv.state import Store, default_state_dir, timeline_rows
+    from bootenv.state import Damaged, Store, default_state_dir, timeline_rows
 
     state = args.state or default_state_dir()
     store = Store(state, readonly=True)  # a read: nothing is made, not even a lock file
@@ -417,18 +417,24 @@ def cmd_machines(args: argparse.Namespace) -> int:
             f"{state} is not a state directory ({why})",
             hint="see --state, and `bootenv assign`",
         )
-    machines = store.all()
+    entries = store.scan()
+    machines = [e for e in entries if not isinstance(e, Damaged)]
+    damaged = [e for e in entries if isinstance(e, Damaged)]
+    for d in damaged:  # each one line, naming the machine and its file; the others listed
+        log.warning("%s", d.error)
     if args.json:
-        print(_json([{**to_dict(m), "log": store.events(m.mac)} for m in machines]))
-        return 0
-    if not machines:
+        listed = [{**to_dict(m), "log": store.events(m.mac)} for m in machines]
+        print(_json(listed + [{"mac": d.name, "damaged": d.error.message} for d in damaged]))
+    elif machines:
+        print(_table(timeline_rows(machines)))
+        for m in machines:
+            if m.error or m.invalid:
+                print(f"{m.mac}: {m.error or ''}{f' ({m.invalid} invalid transitions)' if m.invalid else ''}")
+    elif not damaged:
         print("no machines yet (bootenv assign MAC IMAGE --components ...)")
-        return 0
-    print(_table(timeline_rows(machines)))
-    for m in machines:
-        if m.error or m.invalid:
-            print(f"{m.mac}: {m.error or ''}{f' ({m.invalid} invalid transitions)' if m.invalid else ''}")
-    return 0
+    # A record that does not read is the admin's to restore or remove: a script that
+    # checks the exit code must not take the listing for the whole fleet.
+    return UserError.exit_code if damaged else 0
 
 
 def _json(data: object) -> str:

@@ -738,8 +738,18 @@ def test_cli_machines_lists_the_others_and_names_the_damaged_record(
     damaged = state / "machines" / "52-54-00-ab-cd-ef.json"
     damaged.write_text(json.dumps({"mac": OTHER, "oops": 1}))
     capsys.readouterr()
-    for json_flag in ([], ["--json"]):
-        assert main(["machines", "--state", str(state), *json_flag]) == 0
-        out, err = capsys.readouterr()
-        assert MAC in out and OTHER not in out
-        assert f"the record of {OTHER} is damaged: it has no 'image' (hint: restore {damaged}" in err
+    # Listed, the others are; the damaged one is a line on stderr, and the exit code says
+    # the listing is not the whole fleet (a script checking it must not miss a machine).
+    assert main(["machines", "--state", str(state)]) == 2
+    out, err = capsys.readouterr()
+    assert MAC in out and OTHER not in out
+    assert f"the record of {OTHER} is damaged: it has no 'image' (hint: restore {damaged}" in err
+    assert main(["machines", "--state", str(state), "--json"]) == 2
+    out, err = capsys.readouterr()
+    assert [(m["mac"], m.get("damaged")) for m in json.loads(out)] == [
+        (MAC, None),
+        (OTHER, f"the record of {OTHER} is damaged: it has no 'image'"),
+    ]
+    assert f"(hint: restore {damaged}" in err
+    damaged.unlink()  # removed, as the hint says: the fleet lists whole again
+    assert main(["machines", "--state", str(state)]) == 0
