@@ -338,7 +338,8 @@ def cmd_build_ramdisk(args: argparse.Namespace) -> int:
     rd = build_ramdisk(output=args.output, trusted=args.trust)
     note = "cached" if rd.cached else "built"
     print(f"{rd.vmlinuz}  kernel {rd.kernel_version} ({human_bytes(rd.vmlinuz.stat().st_size)})")
-    print(f"{rd.initramfs}  {human_bytes(rd.size)} zstd cpio ({note}, key {rd.key})")
+    build = f", build {rd.build}" if rd.build else ""  # its dir in -o, which serve's scripts name
+    print(f"{rd.initramfs}  {human_bytes(rd.size)} zstd cpio ({note}, key {rd.key}{build})")
     if rd.size > SIZE_LIMIT:
         print(f"warning: the initramfs is over the {human_bytes(SIZE_LIMIT)} target", file=sys.stderr)
     return 0

@@ -95,10 +95,10 @@ def test_a_ramdisk_export_on_a_full_disk_keeps_the_old_pair(
         ramdisk._export(rd, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old
     monkeypatch.undo()
-    ramdisk._export(rd, out)
+    build = ramdisk._export(rd, out).build
     assert (out / "vmlinuz").read_bytes() == b"new kernel"
     assert (out / "initramfs.img").read_bytes() == b"new initramfs"
-    assert sorted(p.name for p in out.iterdir()) == ["initramfs.img", "ramdisk.json", "vmlinuz"]
+    assert sorted(p.name for p in out.iterdir()) == [build, "initramfs.img", "ramdisk.json", "vmlinuz"]
 
 
 def test_a_ramdisk_file_cut_short_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -13,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bootenv import ramdisk, writeback
+from bootenv import bootfiles, ramdisk, writeback
 from bootenv.errors import UserError
 from bootenv.ramdisk import default_initramfs_dir
 from bootenv.ramdisk_plan import (
@@ -483,8 +485,13 @@ def _restore(root: Path, tree: Tree) -> None:
 
 
 def _served(tree: Tree) -> tuple[bytes | None, ...]:
-    """What `bootenv serve --boot DIR` (or nginx) hands out: the files by their names."""
-    return tuple(tree.get(f"boot/{name}") for name in ("vmlinuz", "initramfs.img", "ramdisk.json"))
+    """What `bootenv serve --boot DIR` (or nginx) hands out: the files by their names, and
+    the pair under the build the note names (what serve's scripts fetch)."""
+    note = tree.get("boot/ramdisk.json")
+    build = json.loads(note)["build"] if note else None
+    return tuple(tree.get(f"boot/{name}") for name in ("vmlinuz", "initramfs.img", "ramdisk.json")) + tuple(
+        tree.get(f"boot/{build}/{name}") if build else None for name in ("vmlinuz", "initramfs.img")
+    )
 
 
 def _ramdisk(root: Path, tag: str) -> ramdisk.Ramdisk:
@@ -500,19 +507,21 @@ def test_a_power_cut_during_an_export_leaves_a_matching_pair(
     cut: int, exchange: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The power fails before the `cut`th step that changes a name on the disk (a rename,
-    a swap, a removal): the kernel, initramfs and note DIR holds then are the old three
-    or the new three, never a new kernel with the old initramfs (which iPXE would boot);
-    with no swap of two directories (NFS), DIR may be briefly gone, never mixed. The next
-    export puts the old three back if it fails, or makes the new three, and leaves
-    nothing else behind."""
+    a swap, a removal): the kernel, initramfs and note DIR holds then, and the pair under
+    the build the note names, are the old ones or the new ones, never a new kernel with
+    the old initramfs (which iPXE would boot); with no swap of two directories (NFS), DIR
+    may be briefly gone, never mixed. The next export puts the old ones back if it
+    fails, or makes the new ones, keeping the old build beside them, and leaves nothing
+    else behind."""
     cache, disk = tmp_path / "cache", tmp_path / "disk"
     old, new = _ramdisk(cache, "old"), _ramdisk(cache, "new")
     out = disk / "boot"
-    ramdisk._export(old, out)
+    old_id = ramdisk._export(old, out).build
     old_files = _served(_tree(disk))
-    ramdisk._export(new, tmp_path / "expected/boot")
+    new_id = ramdisk._export(new, tmp_path / "expected/boot").build
     new_files = _served(_tree(tmp_path / "expected"))
     assert old_files != new_files and None not in old_files + new_files
+    assert old_files[3:] == old_files[:2] and new_files[3:] == new_files[:2]
 
     crashed: list[Tree] = []
 
@@ -541,7 +550,7 @@ def test_a_power_cut_during_an_export_leaves_a_matching_pair(
             ramdisk._export(new, out)
     after = crashed[0] if crashed else _tree(disk)
     served = _served(after)
-    gone = (None, None, None)
+    gone = (None,) * 5
     assert served in ((old_files, new_files) if exchange else (old_files, new_files, gone))
 
     _restore(disk, after)  # the machine is back: the next run starts from that disk
@@ -552,7 +561,12 @@ def test_a_power_cut_during_an_export_leaves_a_matching_pair(
     assert _served(_tree(disk)) in (old_files, new_files)
     ramdisk._export(new, out)
     assert _served(_tree(disk)) == new_files
-    assert sorted(_tree(disk)) == ["boot", "boot/initramfs.img", "boot/ramdisk.json", "boot/vmlinuz"]
+    pairs = [
+        f"boot/{build}{name}" for build in (old_id, new_id) for name in ("", "/initramfs.img", "/vmlinuz")
+    ]
+    assert sorted(_tree(disk)) == sorted(
+        ["boot", "boot/initramfs.img", "boot/ramdisk.json", "boot/vmlinuz", *pairs]
+    )
 
 
 def test_an_export_refuses_a_directory_holding_other_files_before_the_build(
@@ -576,5 +590,70 @@ def test_an_export_refuses_a_directory_holding_other_files_before_the_build(
     assert sorted(os.listdir(out)) == [".vmlinuz.tmp", "undionly.kpxe"]
     assert sorted(os.listdir(tmp_path)) == ["cache", "tftp"]
     (out / "undionly.kpxe").unlink()
-    ramdisk._export(rd, out)  # an older bootenv's temp file is its own, and goes
-    assert sorted(os.listdir(out)) == ["initramfs.img", "ramdisk.json", "vmlinuz"]
+    build = ramdisk._export(rd, out).build  # an older bootenv's temp file is its own, and goes
+    assert sorted(os.listdir(out)) == [build, "initramfs.img", "ramdisk.json", "vmlinuz"]
+
+
+def test_an_export_refuses_a_build_directory_holding_other_files(tmp_path: Path) -> None:
+    """DIR holds its builds' directories too: one named like a build but holding another
+    file, or a symlink in a build's place, is someone else's, and refused."""
+    out = tmp_path / "boot"
+    rd = _ramdisk(tmp_path / "cache", "new")
+    build = ramdisk._export(rd, out).build
+    assert build is not None
+    (out / build / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=rf"holds 1 other entries \(first '{build}'\)"):
+        ramdisk._export(rd, out)
+    (out / build / "notes.txt").unlink()
+    (out / "0123456789abcdef").symlink_to(tmp_path / "cache" / "new")
+    with pytest.raises(UserError, match=r"holds 1 other entries \(first '0123456789abcdef'\)"):
+        ramdisk._export(rd, out)
+    assert (tmp_path / "cache/new/vmlinuz").read_bytes() == b"new kernel"
+    (out / "0123456789abcdef").unlink()
+    (out / "0123456789abcdef").mkdir()  # a build's, left with its kernel only: ours
+    (out / "0123456789abcdef/vmlinuz").write_bytes(b"some kernel")
+    ramdisk._export(rd, out)
+    assert sorted(os.listdir(out)) == [build, "initramfs.img", "ramdisk.json", "vmlinuz"]
+
+
+def _pair(tag: str) -> dict[str, bytes]:
+    return {
+        "vmlinuz": f"{tag} kernel".encode(),
+        "initramfs.img": f"{tag} initramfs, modules for the {tag} kernel".encode(),
+    }
+
+
+def test_an_export_keeps_the_build_before_it_and_no_older(tmp_path: Path) -> None:
+    """DIR holds the current build by the plain names and under its id (bootfiles), and
+    the build before under its id, for a machine that fetched one file of it before the
+    swap; the next build drops the oldest. The id is of the bytes, and the build before
+    is linked, not copied (an initramfs is 50 MB)."""
+    cache, out = tmp_path / "cache", tmp_path / "boot"
+
+    def layout(*tags: str) -> Tree:
+        tree: Tree = {"ramdisk.json": (out / "ramdisk.json").read_bytes(), **_pair(tags[0])}
+        for tag in tags:
+            tree[ids[tag]] = None
+            tree.update({f"{ids[tag]}/{name}": data for name, data in _pair(tag).items()})
+        return tree
+
+    ids: dict[str, str] = {}
+    for tag in ("one", "two", "three"):
+        build = ramdisk._export(_ramdisk(cache, tag), out).build
+        assert build is not None
+        ids[tag] = build
+        digests = [hashlib.sha256(data).digest() for data in _pair(tag).values()]
+        assert build == bootfiles.build_id(*digests)
+        assert json.loads((out / "ramdisk.json").read_bytes())["build"] == build
+    assert len(set(ids.values())) == 3
+    assert _tree(out) == layout("three", "two")
+    inode = (out / ids["three"] / "initramfs.img").stat().st_ino
+    assert (out / "initramfs.img").stat().st_ino == inode
+    ramdisk._export(_ramdisk(cache, "four"), out)
+    assert (out / ids["three"] / "initramfs.img").stat().st_ino == inode
+    # The current build exported again: the build kept is still the one before it.
+    ramdisk._export(
+        ramdisk.Ramdisk(cache / "four/vmlinuz", cache / "four/initramfs.img", "4", "k", True), out
+    )
+    ids["four"] = json.loads((out / "ramdisk.json").read_bytes())["build"]
+    assert _tree(out) == layout("four", "three")
