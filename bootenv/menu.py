@@ -38,6 +38,7 @@ class BootSpec:
     kernel_args: str = ""
     boot_url: str | None = None  # where vmlinuz and initramfs.img are; default BASE/boot
     assignment: str | None = None  # the assignment's id: its run's events name it
+    build: str | None = None  # the ramdisk build the URLs name (BOOT/ID/vmlinuz: bootfiles)
 
     @property
     def callback_url(self) -> str:
@@ -118,28 +119,38 @@ sleep {int(wait)}
 
 
 def provision_script(spec: BootSpec) -> str:
-    """Boot the ramdisk for `spec`, with no key press."""
+    """Boot the ramdisk for `spec`, with no key press.
+
+    A failed load fetches this machine's script again (`chain --replace`: it ends this
+    one) rather than the same URLs: the build they name may be gone (a 404, two
+    build-ramdisk -o since), and the new script names the current one. The count of
+    tries, `bootenv-loads`, carries over to it; it goes back to the same URLs only if
+    the script cannot be fetched.
+    """
     boot = _safe(spec.boot_url or f"{spec.base_url}/boot")
+    files = f"{boot}/{_safe(spec.build)}" if spec.build else boot
     cmdline = _safe(spec.kernel_cmdline())
     what = spec.components if spec.components not in ("all", "none") else f"{spec.components} components"
     return f"""#!ipxe
 # bootenv: provision {_safe(spec.mac)}
 echo bootenv: installing {_safe(spec.image_url)} ({_safe(what)}) on {_safe(spec.mac)}
 imgfree
-set bootenv-tries:int32 0
+isset ${{bootenv-loads}} || set bootenv-loads:int32 0
 :retry
-kernel {boot}/{RAMDISK_KERNEL} {cmdline} || goto failed
-initrd --name {RAMDISK_INITRD} {boot}/{RAMDISK_INITRD} || goto failed
+kernel {files}/{RAMDISK_KERNEL} {cmdline} || goto failed
+initrd --name {RAMDISK_INITRD} {files}/{RAMDISK_INITRD} || goto failed
 boot || goto failed
 :failed
 imgfree
-inc bootenv-tries
-iseq ${{bootenv-tries}} 3 && goto give_up ||
+inc bootenv-loads
+iseq ${{bootenv-loads}} 3 && goto give_up ||
 echo bootenv: could not load the ramdisk, retrying in 5 s
 sleep 5
+chain --replace --autofree {_safe(spec.base_url)}/ipxe/machine?mac={_safe(spec.mac)} ||
 goto retry
 :give_up
-echo bootenv: the ramdisk did not load; check {boot}/ answers
+clear bootenv-loads
+echo bootenv: the ramdisk did not load; check {files}/ answers
 prompt --timeout 60000 Press a key for the iPXE shell || reboot
 shell
 """

@@ -1,7 +1,8 @@
 """`bootenv serve`: images, the ramdisk, iPXE scripts and the callback endpoint over HTTP.
 
     GET  /images/<image>/<file>      static, with single-range support (206, 416), HEAD
-    GET  /boot/vmlinuz               the ramdisk kernel and initramfs.img (--boot DIR)
+    GET  /boot/[<build>/]vmlinuz     the ramdisk kernel and initramfs.img (--boot DIR), of
+                                     the build named (bootenv/bootfiles.py) or the current
     GET  /ipxe/boot.ipxe             the entry script: chains to /ipxe/machine?mac=...
     GET  /ipxe/machine?mac=MAC       this machine's script: provision, local disk or menu
     GET  /ipxe/select/<entry>?mac=   a menu choice: assign the entry, then provision
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
-from bootenv import ipxetext, menu
+from bootenv import bootfiles, ipxetext, menu
 from bootenv.catalog import Catalog, CatalogError, load_catalog
 from bootenv.errors import UserError
 from bootenv.httpfiles import UnsatisfiableError, parse_range, resolve_under
@@ -211,6 +212,7 @@ class BootenvServer(ThreadingHTTPServer):
             hostname=machine.hostname,
             kernel_args=machine.kernel_args,
             assignment=machine.assignment,
+            build=bootfiles.current(self.config.boot) if self.config.boot is not None else None,
         )
 
     def _check_image(self, machine: Machine) -> str | None:
@@ -398,6 +400,9 @@ class Handler(BaseHTTPRequestHandler):
             if path.startswith("/images/"):
                 self._static(srv.config.images, path[len("/images/") :], head)
             elif path.startswith("/boot/") and srv.config.boot is not None:
+                why = bootfiles.gone(srv.config.boot, path[len("/boot/") :])
+                if why is not None:
+                    raise _AnswerError(HTTPStatus.NOT_FOUND, why)
                 self._static(srv.config.boot, path[len("/boot/") :], head)
             elif path == "/ipxe/boot.ipxe":
                 self._text(menu.entry_script(srv.base_url), head)
@@ -652,6 +657,11 @@ def make_server(config: ServeConfig) -> BootenvServer:
         for name in (menu.RAMDISK_KERNEL, menu.RAMDISK_INITRD):
             if not (config.boot / name).is_file():
                 log.warning("--boot %s has no %s: assigned machines will not boot", config.boot, name)
+        build = bootfiles.noted(config.boot)
+        if build is not None and not bootfiles.complete(config.boot, build):
+            log.warning(
+                "--boot %s lacks build %s, its note's: scripts will name no build", config.boot, build
+            )
     try:
         server = BootenvServer(config)
     except OSError as exc:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from bootenv import ramdisk
 from bootenv.machines import State, assign
 from bootenv.nginxconf import NginxSite, render
 from bootenv.qemu import free_port
@@ -99,9 +100,13 @@ def rack(tmp_path: Path) -> Iterator[Rack]:
         pytest.skip("nginx is not installed: `make deps` installs Debian's nginx-light")
     images, boot, prefix = tmp_path / "images", tmp_path / "boot", tmp_path / "nginx"
     make_image(images, components={"apache": 3 * MiB + 17, "mysql": 5 * MiB + 3, "php": 2 * MiB})
-    boot.mkdir()
-    (boot / "vmlinuz").write_bytes(b"K" * 4096)
-    (boot / "initramfs.img").write_bytes(b"I" * 8192)
+    (tmp_path / "built").mkdir()
+    (tmp_path / "built/vmlinuz").write_bytes(b"K" * 4096)
+    (tmp_path / "built/initramfs.img").write_bytes(b"I" * 8192)
+    built = ramdisk.Ramdisk(
+        tmp_path / "built/vmlinuz", tmp_path / "built/initramfs.img", "6.1", "k" * 16, True
+    )
+    ramdisk._export(built, boot)  # build-ramdisk -o's layout: the pair, and the pair under the build's id
     for sub in ("tmp", "tmp/client_body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"):
         (prefix / sub).mkdir(parents=True)
     servers: list[BootenvServer] = []
@@ -223,3 +228,17 @@ def test_scripts_and_callbacks_pass_through_nginx_to_bootenv(rack: Rack) -> None
     machine = Store(rack.bootenv.config.state).get(MAC)
     assert machine is not None and machine.state is State.OS_WRITTEN
     assert "sanboot" in fetch(rack.nginx_port, f"/ipxe/machine?mac={MAC}")[2].decode()
+
+
+def test_nginx_serves_the_ramdisk_build_a_script_names(rack: Rack) -> None:
+    """The build's directory under --boot holds plain files (hard links, which nginx's
+    disable_symlinks lets through), so nginx serves the URLs bootenv's scripts name."""
+    Store(rack.bootenv.config.state).put(assign(MAC, "lamp", "all", now=time.time()))
+    text = fetch(rack.nginx_port, f"/ipxe/machine?mac={MAC}")[2].decode()
+    paths = re.findall(
+        rf"^(?:kernel|initrd --name initramfs.img) http://127.0.0.1:{rack.nginx_port}(\S+)", text, re.M
+    )
+    assert rack.bootenv.config.boot is not None
+    build = json.loads((rack.bootenv.config.boot / "ramdisk.json").read_text())["build"]
+    assert paths == [f"/boot/{build}/vmlinuz", f"/boot/{build}/initramfs.img"]
+    assert [fetch(rack.nginx_port, path)[:3:2] for path in paths] == [(200, b"K" * 4096), (200, b"I" * 8192)]

@@ -105,6 +105,26 @@ def test_provision_script_boots_the_ramdisk_with_the_agent_arguments_without_a_k
         assert not re.search(rf"^{waits}\b", script.split(":failed")[0], re.M)
 
 
+def test_a_provision_script_names_the_ramdisk_build_and_its_retry_fetches_the_script_again() -> None:
+    """The URLs name the build (bootenv/bootfiles.py), so a failed load is not retried as
+    it is: the build may be gone (a 404, two build-ramdisk -o since the script was made).
+    The retry fetches the machine's script again (`chain --replace` ends this one), which
+    names the current build, and counts on from this script's tries (set only where none
+    is), so three failed loads still give up; the same URLs again only if the script
+    cannot be fetched."""
+    script = provision_script(BootSpec(BASE, MAC, f"{BASE}/images/lamp", "all", build="0123456789abcdef"))
+    assert f"\nkernel {BASE}/boot/0123456789abcdef/vmlinuz initrd=initramfs.img " in script
+    assert (
+        f"\ninitrd --name initramfs.img {BASE}/boot/0123456789abcdef/initramfs.img || goto failed\n" in script
+    )
+    head, rest = script.split("\n:retry\n")
+    failed, give_up = rest.split("\n:failed\n")[1].split("\n:give_up\n")
+    assert head.endswith("\nimgfree\nisset ${bootenv-loads} || set bootenv-loads:int32 0")
+    assert failed.startswith("imgfree\ninc bootenv-loads\niseq ${bootenv-loads} 3 && goto give_up ||\n")
+    assert failed.endswith(f"\nchain --replace --autofree {BASE}/ipxe/machine?mac={MAC} ||\ngoto retry")
+    assert give_up.startswith("clear bootenv-loads\n")  # a chain typed in its shell counts anew
+
+
 def test_the_callback_url_names_the_assignment_and_the_agent_takes_it() -> None:
     """Its run's events name the assignment, so serve tells them from a replaced run's
     (docs/SERVE.md, "Callback events"); the layout service is handed the same URL."""
