@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bootenv.atfd import dir_under
 from bootenv.errors import UserError
 from bootenv.log import printable
 from bootenv.merge import MAX_MERGE, concatenate, is_text, record_dir
@@ -247,8 +248,6 @@ def _under(root: Path, relpath: str) -> Iterator[tuple[int | None, str]]:
     """The fd of the directory ROOT/`relpath` is in (None if it is missing) and its
     name there, every directory on the way reached without following a symlink: a
     symlink planted in the root must not lead a resolution outside it."""
-    from bootenv.extract import dir_under  # extract imports this module
-
     parent, _, name = relpath.rpartition("/")
     try:
         with dir_under(root, parent) as dfd:

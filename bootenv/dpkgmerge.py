@@ -19,7 +19,7 @@ apt and dpkg take them) while it reads and replaces it, a few milliseconds, so a
 dpkg run meanwhile neither loses the component's packages nor has its own lost. A lock
 held longer than LOCK_WAIT fails the component, retryably.
 
-Both files are reached from the root without following a symlink (bootenv/extract.py):
+Both files are reached from the root without following a symlink (bootenv/atfd.py):
 an archive may have placed one where the target had no /var/lib/dpkg yet, and the merge
 refuses it rather than write outside the root.
 """
@@ -35,9 +35,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from bootenv.atfd import dir_under
 from bootenv.dpkg import STATUS, parse_fields, parse_stanzas, render_status
 from bootenv.errors import RetryableError
-from bootenv.extract import dir_under
 from bootenv.paxread import ArchiveError
 from bootenv.split import COMPONENT_STATUS_DIR
 from bootenv.writeback import replace_at

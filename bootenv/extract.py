@@ -1,144 +1,53 @@
 """Lay out one component archive into a root directory, safely and crash-safely.
 
 Every path is reached from the root through directory file descriptors opened with
-O_NOFOLLOW, one component at a time, so no symlink (planted by the archive or already
-in the tree) can redirect a write. Every entry is built under a temp name in its final
-directory, gets its owner, mode, xattrs and mtime, and is then renamed into place with
-RENAME_NOREPLACE: a kill -9 leaves either nothing or the finished entry, and a path
-someone else already took is never overwritten (the shared-path rule in merge.py
-decides what happens instead). Directories are created the same way, so a directory
-that exists is complete; whose owner, group and mode one that several components ship
-keeps is decided by name, not by which stream came first (shareddirs.py).
+O_NOFOLLOW, one component at a time (atfd.py), so no symlink (planted by the archive or
+already in the tree) can redirect a write. Every entry is built under a temp name in its
+final directory, gets its owner, mode, xattrs and mtime, and is then renamed into place
+with RENAME_NOREPLACE: a kill -9 leaves either nothing or the finished entry, and a path
+someone else already took is never overwritten (the shared-path rule in merge.py decides
+what happens instead). Directories are created the same way, so a directory that exists
+is complete; whose owner, group and mode one that several components ship keeps is
+decided by name, not by which stream came first (shareddirs.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import fcntl
 import logging
 import os
-import resource
 import stat
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 from bootenv import shareddirs
+from bootenv.atfd import (
+    DIR_FLAGS,
+    TMP_PREFIX,
+    exists,
+    fresh,
+    open_child,
+    open_dir,
+    rename_noreplace,
+    renamed,
+    safe_to_create,
+    write_sparse,
+)
 from bootenv.conflicts import EDITED, MERGED, Conflict, conflict_id, describe, stored_path, write_record
 from bootenv.journal import DirLog
 from bootenv.merge import MAX_MERGE, MergeState, Meta, is_candidate, is_text, normalized
 from bootenv.paxread import ArchiveError, Member, PaxReader
 from bootenv.shareddirs import Owner
 from bootenv.writeback import write_all
+from bootenv.xattrs import ACCESS_ACL, DEFAULT_ACL, LABELS, acl_xattr, has_default_acl, xattrs_of
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-TMP_PREFIX = ".bootenv~"
 OWN = "var/lib/bootenv"
 _OWN_DIR = OWN + "/"
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_OPEN_DIRS = 256
-FD_TABLE = 512  # fds: MAX_OPEN_DIRS directories, and a stream's files and pieces
-_RENAME_NOREPLACE = 1
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_libc = ctypes.CDLL(None, use_errno=True)
-_ACL_TAGS = {"user": (1, 2), "group": (4, 8), "mask": (0x10, 0x10), "other": (0x20, 0x20)}
-_ACCESS_ACL = "system.posix_acl_access"
-_DEFAULT_ACL = "system.posix_acl_default"
-
-
-def rename_noreplace(src_fd: int, src: str, dst_fd: int, dst: str) -> None:
-    """renameat2(RENAME_NOREPLACE): FileExistsError if `dst` is taken."""
-    rc = _libc.renameat2(src_fd, os.fsencode(src), dst_fd, os.fsencode(dst), _RENAME_NOREPLACE)
-    if rc != 0:
-        err = ctypes.get_errno()
-        if err in (errno.EINVAL, errno.ENOSYS) and not stat.S_ISDIR(
-            os.lstat(src, dir_fd=src_fd).st_mode
-        ):  # a filesystem without RENAME_NOREPLACE: link() refuses to replace too
-            os.link(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
-            os.unlink(src, dir_fd=src_fd)
-            return
-        raise OSError(err, os.strerror(err), dst)
-
-
-def open_child(pfd: int, name: str, rel: str, *, create: bool) -> int:
-    """An fd of directory `name` in directory `pfd` (`rel`: its path from the root, for
-    the error), not followed if it is a symlink; made (0755) if missing and `create`."""
-    try:
-        try:
-            return os.open(name, DIR_FLAGS, dir_fd=pfd)
-        except FileNotFoundError:
-            if not create:
-                raise
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, 0o755, dir_fd=pfd)
-            return os.open(name, DIR_FLAGS, dir_fd=pfd)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise ArchiveError(f"refused: /{rel} is a symlink or not a directory") from exc
-        raise
-
-
-def open_dir(root_fd: int, rel: str, *, create: bool = False) -> int:
-    """A new fd of directory `rel` (relative to the root `root_fd`), every component of
-    it opened as open_child does: no symlink on the way is followed. The caller closes it."""
-    fd = os.dup(root_fd)
-    done = ""
-    for name in rel.split("/") if rel else ():
-        done = f"{done}/{name}" if done else name
-        try:
-            child = open_child(fd, name, done, create=create)
-        finally:
-            os.close(fd)
-        fd = child
-    return fd
-
-
-@contextlib.contextmanager
-def dir_under(root: Path, rel: str | Path, *, create: bool = False) -> Iterator[int | None]:
-    """An fd of ROOT/`rel`, every directory on the way opened as open_dir does (a symlink
-    one planted would lead outside the root): None if it is missing and not `create`."""
-    root_fd = os.open(root, DIR_FLAGS)
-    try:
-        fd: int | None = open_dir(root_fd, str(rel), create=create)
-    except FileNotFoundError:
-        fd = None
-    finally:
-        os.close(root_fd)
-    try:
-        yield fd
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def acl_xattr(text: str) -> bytes:
-    """SCHILY.acl.* text (`user::rw-,user:1000:r--,...`) to the posix_acl xattr format."""
-    entries = []
-    for item in text.replace("\n", ",").split(","):
-        fields = item.strip().split(":")
-        if len(fields) < 3 or fields[0] not in _ACL_TAGS:
-            continue
-        tag_obj, tag_named = _ACL_TAGS[fields[0]]
-        # isdigit() alone accepts "²", which int() refuses; ids are 32-bit.
-        qual = fields[3] if len(fields) > 3 and _is_id(fields[3]) else fields[1]
-        perm = sum(bit for ch, bit in zip(fields[2][:3], (4, 2, 1), strict=False) if ch != "-")
-        if qual and not _is_id(qual):
-            raise ArchiveError(f"ACL names a user by name or a bad id ({qual[:40]}); capture uses ids")
-        tag, ident = (tag_named, int(qual)) if qual else (tag_obj, 0xFFFFFFFF)
-        entries.append((tag, ident, perm))
-    out = (2).to_bytes(4, "little")
-    for tag, ident, perm in sorted(entries):
-        out += tag.to_bytes(2, "little") + perm.to_bytes(2, "little") + ident.to_bytes(4, "little")
-    return out
-
-
-def _is_id(text: str) -> bool:
-    return text.isascii() and text.isdigit() and int(text) < 0xFFFFFFFF
 
 
 @dataclass
@@ -178,7 +87,7 @@ class TreeWriter:
         # The open directories with a default ACL (by their _dirs name): what is made in
         # them inherits it, and is made so as to grant nobody anything until it has the
         # gold's own ACLs (or none). Asked once per directory opened, not per file.
-        self._acl_dirs: set[str] = {""} if _has_default_acl(self.root_fd) else set()
+        self._acl_dirs: set[str] = {""} if has_default_acl(self.root_fd) else set()
         self._retired: list[int] = []  # evicted from _dirs, closed once the member is placed
         self._seen: set[str] = set()
         self._placed: dict[str, str] = {}  # hardlink targets: name -> where it is now
@@ -210,7 +119,7 @@ class TreeWriter:
             return self._dirs[rel]
         parent, _, name = rel.rpartition("/")
         fd = open_child(self.dir_fd(parent, create=create), name, rel, create=create)
-        if _has_default_acl(fd):
+        if has_default_acl(fd):
             self._acl_dirs.add(rel)
         else:
             self._acl_dirs.discard(rel)
@@ -275,7 +184,7 @@ class TreeWriter:
         data = None
         if m.kind == "file" and m.sparse is None and m.name.startswith("etc/") and m.size <= 1 << 20:
             data = reader.read_all()
-            if not store and is_candidate(m.name, data) and not _exists(base, pfd):
+            if not store and is_candidate(m.name, data) and not exists(base, pfd):
                 self.merge.mark(m.name, self.component, data, placed=True)
         moved = False  # once the temp name is renamed, there is nothing to clean up
         try:
@@ -320,7 +229,7 @@ class TreeWriter:
             self._conflict(m, pfd, base, None, "a directory where something else is")
             self._redirect.add(m.name)
             return
-        _fresh(pfd, tmp, lambda: os.mkdir(tmp, 0o700, dir_fd=pfd))
+        fresh(pfd, tmp, lambda: os.mkdir(tmp, 0o700, dir_fd=pfd))
         fd = os.open(tmp, DIR_FLAGS, dir_fd=pfd)
         try:
             self._meta(fd, m, inherits=parent in self._acl_dirs)
@@ -339,13 +248,13 @@ class TreeWriter:
         """Rename the directory made as `tmp` into place; False if the name is taken. Its
         record, naming this component, comes first (shareddirs.py)."""
         if store:  # the conflict store's: this component's alone
-            return _renamed(pfd, tmp, base)
+            return renamed(pfd, tmp, base)
         records = self._dir_records()
         with records.locked():
-            if _exists(base, pfd):
+            if exists(base, pfd):
                 return False
             records.write(m.name, self.component, Owner.of(os.lstat(tmp, dir_fd=pfd)))
-            return _renamed(pfd, tmp, base)
+            return renamed(pfd, tmp, base)
 
     def _shared_dir(self, m: Member, pfd: int, base: str, st: os.stat_result) -> None:
         """This component's directory is in place already: it keeps its metadata, or
@@ -374,12 +283,12 @@ class TreeWriter:
         """Give directory `base` this member's owner, mode and xattrs, and no others."""
         fd = os.open(base, DIR_FLAGS, dir_fd=pfd)
         try:
-            keep = {key for key, _ in self._xattrs(m)} | _LABELS
-            for key in set(_xattrs_of(fd, ".")) - keep:
+            keep = {key for key, _ in self._xattrs(m)} | LABELS
+            for key in set(xattrs_of(fd, ".")) - keep:
                 with contextlib.suppress(OSError):  # one a layout that is not root may not remove
                     os.removexattr(fd, key)
             self._meta(fd, m)
-            if _has_default_acl(fd):  # what entries made in it take (dir_fd asks it once)
+            if has_default_acl(fd):  # what entries made in it take (dir_fd asks it once)
                 self._acl_dirs.add(m.name)
             else:
                 self._acl_dirs.discard(m.name)
@@ -399,13 +308,13 @@ class TreeWriter:
         if m.kind == "file":
             # Under a default ACL a file made 0600 has a mask of ---: the named users and
             # groups it inherits get nothing while its data goes in.
-            mode = m.mode if _safe_to_create(m.mode) and not inherits else 0o600
-            fd = _fresh(pfd, tmp, lambda: os.open(tmp, _NEW_FILE, mode, dir_fd=pfd))
+            mode = m.mode if safe_to_create(m.mode) and not inherits else 0o600
+            fd = fresh(pfd, tmp, lambda: os.open(tmp, _NEW_FILE, mode, dir_fd=pfd))
             try:
                 if data is not None:
                     write_all(fd, data)
                 elif m.sparse is not None:
-                    _write_sparse(fd, reader, m)
+                    write_sparse(fd, reader, m)
                 else:
                     for chunk in reader.chunks():
                         write_all(fd, chunk)
@@ -417,21 +326,21 @@ class TreeWriter:
                 os.close(fd)
             return
         if m.kind == "symlink":
-            _fresh(pfd, tmp, lambda: os.symlink(m.linkname, tmp, dir_fd=pfd))
+            fresh(pfd, tmp, lambda: os.symlink(m.linkname, tmp, dir_fd=pfd))
         elif m.kind == "hardlink":
             src_parent, _, src_base = self._placed[m.linkname].rpartition("/")
             sfd = self.dir_fd(src_parent)
-            _fresh(
+            fresh(
                 pfd,
                 tmp,
                 lambda: os.link(src_base, tmp, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False),
             )
             return  # a hardlink shares its target's metadata
         elif m.kind == "fifo":
-            _fresh(pfd, tmp, lambda: os.mkfifo(tmp, 0o600, dir_fd=pfd))
+            fresh(pfd, tmp, lambda: os.mkfifo(tmp, 0o600, dir_fd=pfd))
         else:
             kind = stat.S_IFCHR if m.kind == "chr" else stat.S_IFBLK
-            _fresh(pfd, tmp, lambda: os.mknod(tmp, kind | 0o600, os.makedev(*m.rdev), dir_fd=pfd))
+            fresh(pfd, tmp, lambda: os.mknod(tmp, kind | 0o600, os.makedev(*m.rdev), dir_fd=pfd))
         self._path_meta(pfd, tmp, m, inherits=inherits)
 
     # -- metadata ----------------------------------------------------------------
@@ -470,7 +379,7 @@ class TreeWriter:
     def _drop_inherited(self, target: int | str, m: Member) -> None:
         """Remove the ACLs a new entry took from its directory's default ACL: it is to
         carry the gold's ACLs, and none where the gold's had none."""
-        for key in (_ACCESS_ACL, _DEFAULT_ACL) if m.kind == "dir" else (_ACCESS_ACL,):
+        for key in (ACCESS_ACL, DEFAULT_ACL) if m.kind == "dir" else (ACCESS_ACL,):
             try:
                 if isinstance(target, int):
                     os.removexattr(target, key)
@@ -641,11 +550,11 @@ class TreeWriter:
         in place: a version is merged only if its own agree with them."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=pfd)
-        xattrs = _xattrs_of(pfd, like)
+        xattrs = xattrs_of(pfd, like)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=pfd)
         try:
             # What it took from a default ACL of its directory goes first (as in _meta).
-            for key in set(_xattrs_of(pfd, tmp)) - set(xattrs):
+            for key in set(xattrs_of(pfd, tmp)) - set(xattrs):
                 os.removexattr(fd, key)
             write_all(fd, content)
             if self.privileged:
@@ -714,64 +623,6 @@ class TreeWriter:
             self._close_retired()
 
 
-def _has_default_acl(fd: int) -> bool:
-    """Whether directory `fd` has a default ACL (a filesystem without ACLs has none)."""
-    try:
-        os.getxattr(fd, _DEFAULT_ACL)
-    except OSError as exc:
-        return exc.errno not in (errno.ENODATA, errno.ENOTSUP)  # unsure: drop what may be inherited
-    return True
-
-
-def _fresh(pfd: int, tmp: str, make: Callable[[], T]) -> T:
-    """Create a temp entry with `make`; if a killed run left one under that name, remove
-    it and create again (one syscall in the common case, not an unlink before each)."""
-    try:
-        return make()
-    except FileExistsError:
-        try:
-            os.unlink(tmp, dir_fd=pfd)
-        except IsADirectoryError:
-            os.rmdir(tmp, dir_fd=pfd)  # a temp directory is renamed before anything goes in it
-        return make()
-
-
-def _renamed(pfd: int, tmp: str, base: str) -> bool:
-    try:
-        rename_noreplace(pfd, tmp, pfd, base)
-    except FileExistsError:
-        return False
-    return True
-
-
-def _exists(name: str, dir_fd: int) -> bool:
-    try:
-        os.lstat(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _write_sparse(fd: int, reader: PaxReader, m: Member) -> None:
-    assert m.sparse is not None
-    os.ftruncate(fd, m.realsize)
-    chunks = reader.chunks()
-    pending: bytes | memoryview = b""
-    for offset, size in m.sparse:
-        pos, length = offset, size
-        while length > 0:
-            if not pending:
-                pending = next(chunks, b"")
-                if not pending:
-                    raise ArchiveError(f"sparse member /{m.name} is shorter than its map")
-            piece, pending = pending[:length], pending[length:]
-            os.pwrite(fd, piece, pos)
-            pos += len(piece)
-            length -= len(piece)
-    for _ in chunks:
-        pass
-
-
 def _read(pfd: int, name: str, *, limit: int) -> bytes | None:
     fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
     try:
@@ -799,10 +650,6 @@ def _same(pfd: int, a: str, b: str, sa: os.stat_result, sb: os.stat_result) -> b
     return _starts(pfd, b, a)
 
 
-# Labels the security policy gives a file where it is, not part of what an archive ships.
-_LABELS = frozenset({"security.selinux", "security.apparmor", "security.SMACK64"})
-
-
 def _differ(pfd: int, a: str, b: str, sa: os.stat_result, sb: os.stat_result, *, owners: bool) -> list[str]:
     """What of owner, group, mode and xattrs (ACLs and file capabilities among them)
     differs between `a` and `b` in `pfd`, not followed. The owner and group count only if
@@ -814,25 +661,9 @@ def _differ(pfd: int, a: str, b: str, sa: os.stat_result, sb: os.stat_result, *,
         unlike.append("group")
     if not stat.S_ISLNK(sa.st_mode) and stat.S_IMODE(sa.st_mode) != stat.S_IMODE(sb.st_mode):
         unlike.append("mode")
-    if _xattrs_of(pfd, a) != _xattrs_of(pfd, b):
+    if xattrs_of(pfd, a) != xattrs_of(pfd, b):
         unlike.append("xattrs")
     return unlike
-
-
-def _xattrs_of(pfd: int, name: str) -> dict[str, bytes]:
-    path = f"/proc/self/fd/{pfd}/{name}"
-    try:
-        keys = os.listxattr(path, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EPERM):
-            return {}
-        raise
-    out = {}
-    for key in keys:
-        if key not in _LABELS:
-            with contextlib.suppress(OSError):  # gone, or not readable by a layout that is not root
-                out[key] = os.getxattr(path, key, follow_symlinks=False)
-    return out
 
 
 def _words(items: list[str]) -> str:
@@ -873,30 +704,3 @@ def _starts(pfd: int, whole: str, part: str) -> bool:
     finally:
         os.close(fw)
         os.close(fp)
-
-
-def _safe_to_create(mode: int) -> bool:
-    """Whether a file may be created with its final `mode` rather than 0600, before it
-    has its owner: root's, until its chown, and left so if a kill -9 comes first. Then
-    root's group holds the group bits and the final owner and group are "others": safe
-    only if the group and others get the same and others no more than the owner. No
-    special bits (chown clears them). 0644, 0755, 0444 and 0600 qualify; 0640 does not."""
-    group, other = (mode >> 3) & 7, mode & 7
-    return not mode & 0o7000 and group == other and not other & ~(mode >> 6)
-
-
-def reserve_fd_table() -> None:
-    """Grow this process's table of file descriptors to FD_TABLE now, while it has one
-    thread. The kernel doubles the table when a new fd does not fit, and in a process
-    with threads it then waits for an RCU grace period first (10-30 ms here, measured);
-    a forked stream starts with 64 and grew it twice while laying out LAMP. A table
-    never shrinks, so one fd taken at the top and given back saves those waits. Best
-    effort: it only saves time."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with contextlib.suppress(OSError):  # no fd to spare, or a limit too low to matter
-        fd = os.open("/", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            # The lowest free fd from there: one the process holds is never touched.
-            os.close(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, min(FD_TABLE, soft) - 1))
-        finally:
-            os.close(fd)

@@ -45,8 +45,8 @@ from functools import cache
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from bootenv.atfd import TMP_PREFIX
 from bootenv.errors import FatalError, VerificationError
-from bootenv.extract import TMP_PREFIX
 from bootenv.log import human_bytes
 from bootenv.manifest import Chunk, Component
 from bootenv.source import ReadAbortedError, Source, open_source

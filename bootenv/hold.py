@@ -14,7 +14,7 @@ placed, each of its units gets a drop-in
 and the flag file it names, made durable together. Once the component is laid out, and
 before its units are started, the flag goes, then the drop-ins. A component that failed
 stays held: its units start once a layout of it succeeds, or the admin removes its flag.
-Every directory is reached without following a symlink (bootenv/extract.py), as the
+Every directory is reached without following a symlink (bootenv/atfd.py), as the
 dpkg merge's are: a component may have planted one.
 """
 
@@ -26,7 +26,7 @@ import os
 import re
 from pathlib import Path
 
-from bootenv.extract import dir_under
+from bootenv.atfd import dir_under
 from bootenv.merge import STATE
 from bootenv.writeback import replace_at, sync_filesystem
 

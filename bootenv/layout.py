@@ -270,7 +270,7 @@ def _retryable(failure: Exception, result: LayoutResult | None) -> bool:
 
 def _layout(cfg: LayoutConfig, poster: Callback, began: float, activator: Activator | None) -> LayoutResult:
     # Resolved first: a symlinked root (`--root /mnt/t -> /srv/t`) is the tree it names,
-    # which everything below reaches without following a symlink (extract's O_NOFOLLOW).
+    # which everything below reaches without following a symlink (atfd's O_NOFOLLOW).
     try:
         root = cfg.root.resolve()
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop

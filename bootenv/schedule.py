@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bootenv import stream
+from bootenv.atfd import reserve_fd_table
 from bootenv.callback import Callback, Event
 from bootenv.conflicts import open_ids
 from bootenv.errors import BootenvError, FatalError, RetryableError
-from bootenv.extract import Stats, TreeWriter, reserve_fd_table
+from bootenv.extract import Stats, TreeWriter
 from bootenv.fetchahead import FetchAhead, Fetched
 from bootenv.journal import Journal, syncfs
 from bootenv.log import human_bytes

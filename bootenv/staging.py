@@ -17,8 +17,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from bootenv.atfd import dir_under
 from bootenv.errors import FatalError
-from bootenv.extract import dir_under
 from bootenv.fsimage import BLOCK_SIZE, tree_usage
 from bootenv.intree import disk_links, resolve
 from bootenv.paxread import ArchiveError

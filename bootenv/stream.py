@@ -22,9 +22,10 @@ import zstandard
 
 from bootenv import inflate
 from bootenv.arriving import Arriving
+from bootenv.atfd import reserve_fd_table
 from bootenv.callback import Event
 from bootenv.errors import BootenvError, VerificationError
-from bootenv.extract import Stats, TreeWriter, reserve_fd_table
+from bootenv.extract import Stats, TreeWriter
 from bootenv.fetchahead import Draining, Readable, open_fetched
 from bootenv.journal import DirLog
 from bootenv.log import human_bytes

@@ -1,4 +1,4 @@
-"""The streaming pax reader and the ACL/xattr helpers, on archives built in Python."""
+"""The streaming pax reader and the TreeWriter, on archives built in Python."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 
 from bootenv import extract
-from bootenv.extract import TMP_PREFIX, TreeWriter, acl_xattr
+from bootenv.atfd import TMP_PREFIX
+from bootenv.extract import TreeWriter
 from bootenv.merge import MergeState
 from bootenv.paxread import ArchiveError, PaxReader, _num, safe_name
 from bootenv.prefetch import Prefetch
 from bootenv.writeback import write_all
+from bootenv.xattrs import acl_xattr
 from tests.hostile.kit import d, f, hard, sym, tar_bytes
 
 
@@ -163,12 +165,6 @@ def test_corrupt_header_checksum_is_an_error() -> None:
     data[0] ^= 1
     with pytest.raises(ArchiveError):
         list(PaxReader(io.BytesIO(bytes(data))))
-
-
-def test_acl_text_to_xattr() -> None:
-    value = acl_xattr("user::rw-,user:1000:rwx,group::r--,mask::rwx,other::r--")
-    assert value[:4] == (2).to_bytes(4, "little") and len(value) == 4 + 5 * 8
-    assert (1000).to_bytes(4, "little") in value
 
 
 def _lay_out(root: Path, archive: bytes, *, privileged: bool, component: str = "alpha") -> None:
@@ -333,72 +329,3 @@ def test_write_all_finishes_a_short_write(tmp_path: Path, monkeypatch: pytest.Mo
     with open(tmp_path / "out", "wb") as out:
         write_all(out.fileno(), b"0123456789")
     assert (tmp_path / "out").read_bytes() == b"0123456789"
-
-
-def _fd_table_size() -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("FDSize:")).split()[1])
-
-
-def test_a_stream_grows_its_fd_table_once_before_it_has_threads() -> None:
-    """A forked process starts with a small table (64 fds here, as a stream did); one call
-    grows it to FD_TABLE, so opening MAX_OPEN_DIRS directories later never grows it again
-    (a growth under threads waits for an RCU grace period). The table is the kernel's,
-    read from /proc in a forked child."""
-    import resource
-
-    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < extract.FD_TABLE:
-        pytest.skip("the soft limit on open files is under FD_TABLE here: nothing to reserve")
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child reports, and never returns into pytest
-        try:
-            before = _fd_table_size()
-            extract.reserve_fd_table()
-            after = _fd_table_size()
-            held = [os.open("/", os.O_RDONLY) for _ in range(extract.MAX_OPEN_DIRS + 20)]
-            os.write(write, f"{before} {after} {_fd_table_size()} {len(held)}".encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as r:
-        report = r.read()
-    os.waitpid(pid, 0)
-    before, after, later, _ = map(int, report.split())
-    assert before < extract.FD_TABLE <= extract.MAX_OPEN_DIRS * 2
-    assert after == later == extract.FD_TABLE
-
-
-def test_the_reservation_stays_under_the_fd_limit_touches_no_fd_and_leaks_none(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Under a soft limit of 32 fds it asks for the lowest free fd from 31, so an fd the
-    process holds there is never replaced; where even that fails (EMFILE) it goes on.
-    Either way it leaves no fd open."""
-    import fcntl
-    import resource
-
-    monkeypatch.setattr(resource, "getrlimit", lambda _: (32, 32))
-    held = os.open("/", os.O_RDONLY)
-    os.dup2(held, 31)  # an fd this process holds where the reservation would go
-    asked: list[int] = []
-    real_fcntl = fcntl.fcntl
-
-    def spy(fd: int, cmd: int, arg: int = 0) -> int:
-        if cmd == fcntl.F_DUPFD_CLOEXEC:
-            asked.append(arg)
-            if len(asked) > 1:
-                raise OSError(24, "Too many open files")
-        return real_fcntl(fd, cmd, arg)
-
-    monkeypatch.setattr(fcntl, "fcntl", spy)
-    try:
-        before = sorted(os.listdir("/proc/self/fd"))
-        extract.reserve_fd_table()
-        extract.reserve_fd_table()
-        assert asked == [31, 31]
-        assert sorted(os.listdir("/proc/self/fd")) == before
-        assert os.path.samestat(os.fstat(31), os.fstat(held))  # still the one it held
-    finally:
-        os.close(31)
-        os.close(held)

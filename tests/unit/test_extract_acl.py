@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from bootenv import extract
-from bootenv.extract import TreeWriter, acl_xattr
+from bootenv.extract import TreeWriter
 from bootenv.merge import MergeState
 from bootenv.paxread import ArchiveError, PaxReader
+from bootenv.xattrs import acl_xattr
 from tests.hostile.kit import d, f, special, tar_bytes
 
 ACCESS, DEFAULT = "system.posix_acl_access", "system.posix_acl_default"

@@ -12,8 +12,8 @@ import pytest
 
 from bootenv import conflicts
 from bootenv.errors import UserError
-from bootenv.extract import acl_xattr
 from bootenv.layout import LayoutConfig, LayoutResult, layout
+from bootenv.xattrs import acl_xattr
 from tests.hostile.kit import ActivatedUnits, Comp, d, f, make_image
 
 ROOT = os.geteuid() == 0

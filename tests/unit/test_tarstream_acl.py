@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from bootenv.extract import TreeWriter, acl_xattr
+from bootenv.extract import TreeWriter
 from bootenv.merge import MergeState
 from bootenv.paxread import PaxReader
 from bootenv.tarstream import finish_create, tar_create, tar_extract, write_list
+from bootenv.xattrs import acl_xattr
 
 ACCESS, DEFAULT = "system.posix_acl_access", "system.posix_acl_default"
 
