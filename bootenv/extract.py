@@ -5,10 +5,10 @@ O_NOFOLLOW, one component at a time (atfd.py), so no symlink (planted by the arc
 already in the tree) can redirect a write. Every entry is built under a temp name in its
 final directory, gets its owner, mode, xattrs and mtime, and is then renamed into place
 with RENAME_NOREPLACE: a kill -9 leaves either nothing or the finished entry, and a path
-someone else already took is never overwritten (the shared-path rule in merge.py decides
-what happens instead). Directories are created the same way, so a directory that exists
-is complete; whose owner, group and mode one that several components ship keeps is
-decided by name, not by which stream came first (shareddirs.py).
+someone else already took is never overwritten (sharedpaths.py decides what happens
+instead, by the shared-path rule in merge.py). Directories are created the same way, so
+a directory that exists is complete; whose owner, group and mode one that several
+components ship keeps is decided by name, not by which stream came first (shareddirs.py).
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ from bootenv.atfd import (
     safe_to_create,
     write_sparse,
 )
-from bootenv.conflicts import EDITED, MERGED, Conflict, conflict_id, describe, stored_path, write_record
+from bootenv.conflicts import stored_path
 from bootenv.journal import DirLog
-from bootenv.merge import MAX_MERGE, MergeState, Meta, is_candidate, is_text, normalized
+from bootenv.merge import MergeState, is_candidate
 from bootenv.paxread import ArchiveError, Member, PaxReader
 from bootenv.shareddirs import Owner
+from bootenv.sharedpaths import SharedPaths
 from bootenv.writeback import write_all
 from bootenv.xattrs import ACCESS_ACL, DEFAULT_ACL, LABELS, acl_xattr, has_default_acl, xattrs_of
 
@@ -201,7 +202,7 @@ class TreeWriter:
                 self.stats.files += 1
                 self.stats.bytes += m.size
             except FileExistsError:
-                self._shared(m, pfd, tmp, base, data)
+                self._shared_paths().place(m, pfd, tmp, base, data)
         finally:
             if not moved:
                 with contextlib.suppress(FileNotFoundError):
@@ -226,7 +227,7 @@ class TreeWriter:
                 return
             if store:
                 return
-            self._conflict(m, pfd, base, None, "a directory where something else is")
+            self._shared_paths().conflict(m, pfd, base, None, "a directory where something else is")
             self._redirect.add(m.name)
             return
         fresh(pfd, tmp, lambda: os.mkdir(tmp, 0o700, dir_fd=pfd))
@@ -294,6 +295,21 @@ class TreeWriter:
                 self._acl_dirs.discard(m.name)
         finally:
             os.close(fd)
+
+    def _shared_paths(self) -> SharedPaths:
+        """What places a member whose name is taken. Made for each, not kept: it holds this
+        writer's methods, a cycle that would outlive the writer until a garbage collection."""
+        return SharedPaths(
+            root=self.root,
+            component=self.component,
+            tag=self._tag,
+            privileged=self.privileged,
+            merge=self.merge,
+            stats=self.stats,
+            placed=self._placed,
+            dir_fd=self.dir_fd,
+            setxattr=self._setxattr,
+        )
 
     def _dir_records(self) -> shareddirs.Records:
         if self._records is None:
@@ -412,195 +428,6 @@ class TreeWriter:
                 log.warning("%s: cannot set xattr %s (%s); continuing", self.component, key, exc.strerror)
                 self._xattr_warned = True
 
-    # -- shared paths --------------------------------------------------------------
-    def _shared(self, m: Member, pfd: int, tmp: str, base: str, data: bytes | None) -> None:
-        old = os.lstat(base, dir_fd=pfd)
-        new = os.lstat(tmp, dir_fd=pfd)
-        self._placed[m.name] = m.name
-        if stat.S_IFMT(old.st_mode) == stat.S_IFMT(new.st_mode):
-            if _same(pfd, base, tmp, old, new):
-                # The same bytes with another owner, mode or xattrs (a setuid bit, a file
-                # capability) are not the same file: the one in place stays, and the
-                # admin is shown what it lacks.
-                unlike = _differ(pfd, base, tmp, old, new, owners=self.privileged)
-                if unlike:
-                    self._conflict(m, pfd, base, tmp, f"same content, different {_words(unlike)}")
-                    return
-                if data is not None and is_candidate(m.name, data):
-                    self._identical_text(m, pfd, base, data)
-                self.stats.identical += 1
-                return
-            if _cut_short(pfd, base, tmp, old, new):
-                os.rename(tmp, base, src_dir_fd=pfd, dst_dir_fd=pfd)  # it is this file, whole
-                log.warning(
-                    "%s: /%s was cut short (a power cut in an earlier run); laid out whole",
-                    self.component,
-                    m.name,
-                )
-                self.stats.files += 1
-                self.stats.bytes += m.size
-                return
-            if (
-                data is not None
-                and is_candidate(m.name, data)
-                and stat.S_ISREG(old.st_mode)
-                and self._mergeable_in_place(m.name, pfd, base)
-            ):
-                # Merged, this version would take the file's owner and mode (a 0600
-                # secret in a 0644 file): only a version whose own agree is merged.
-                unlike = _differ(pfd, base, tmp, old, new, owners=self.privileged)
-                if unlike:
-                    self._conflict(m, pfd, base, tmp, f"not merged: different {_words(unlike)}")
-                    return
-                self._merge(m, pfd, base, data)
-                return
-        self._conflict(
-            m,
-            pfd,
-            base,
-            tmp,
-            "different content"
-            if stat.S_IFMT(old.st_mode) == stat.S_IFMT(new.st_mode)
-            else "different file types",
-        )
-
-    def _mergeable_in_place(self, relpath: str, pfd: int, base: str) -> bool:
-        """Whether the file in place may take part in a merge. Once a merge has begun at
-        the path, the file is its product, or an edit of it, which the merge tells apart
-        (merge.py): each version was judged on its own, and their concatenation may be
-        over the limit one version is held to. Before, it is one version, judged so."""
-        if self.merge.initialized(relpath):
-            return True
-        existing = _read(pfd, base, limit=MAX_MERGE)
-        return existing is not None and is_text(existing)
-
-    def _identical_text(self, m: Member, pfd: int, base: str, data: bytes) -> None:
-        self._merge(m, pfd, base, data, identical=True)
-
-    def _merge(self, m: Member, pfd: int, base: str, data: bytes, *, identical: bool = False) -> None:
-        # A run killed between writing the merged file and renaming it left this behind;
-        # the merge itself is recorded, so it may not be applied again below.
-        tmp = f"{TMP_PREFIX}{self._tag}merge"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=pfd)
-        offered: list[bool] = []
-
-        def read_existing() -> tuple[bytes, Meta]:
-            st = os.lstat(base, dir_fd=pfd)
-            return _read(pfd, base, limit=1 << 30) or b"", Meta(
-                st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_mtime_ns
-            )
-
-        def apply(content: bytes, meta: Meta) -> None:
-            self._merged_temp(pfd, tmp, content, meta, like=base)
-            os.rename(tmp, base, src_dir_fd=pfd, dst_dir_fd=pfd)  # the merge replaces on purpose
-
-        def edited(content: bytes, meta: Meta) -> None:
-            # The admin changed the file since bootenv merged it: theirs stays, and the
-            # merge that would have replaced it is a conflict for them to look at.
-            self._merged_temp(pfd, tmp, content, meta, like=base)
-            self._conflict(m, pfd, base, tmp, EDITED)
-            offered.append(True)
-
-        def review(content: bytes, parts: dict[str, bytes]) -> None:
-            # Every component whose version is in the merge, the one that placed the
-            # file first included, whatever the order they came in.
-            for comp, part in sorted(parts.items()):
-                if normalized(part) != normalized(content):
-                    self._review(comp, m.name, pfd, base, part)
-
-        mine = Meta(m.mode, m.uid, m.gid, m.mtime_ns)
-        changed = self.merge.merge_into(
-            m.name,
-            self.component,
-            data,
-            mine,
-            read_existing,
-            apply,
-            identical=identical,
-            edited=edited,
-            review=review,
-        )
-        if changed:
-            log.info("%s: merged its version of /%s", self.component, m.name)
-        if (changed or not identical) and not offered:
-            self.stats.merged.append(m.name)
-
-    def _review(self, component: str, relpath: str, pfd: int, base: str, part: bytes) -> None:
-        """List the merge at `relpath` for the admin (`bootenv conflicts`, `merged:
-        review`), `component`'s version beside it: a concatenation may hold a directive
-        twice, which only the admin can settle. Merged, the versions agree with the file
-        in place on owner, group, mode and xattrs: the copy gets them."""
-        tmp = f"{TMP_PREFIX}{self._tag}review"
-        st = os.lstat(base, dir_fd=pfd)
-        self._merged_temp(
-            pfd, tmp, part, Meta(st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_mtime_ns), like=base
-        )
-        _, store = self._keep_aside(component, relpath, pfd, base, tmp, MERGED)
-        log.info(
-            "%s: /%s is a merge, listed for review; %s's version is in /%s",
-            self.component,
-            relpath,
-            component,
-            store,
-        )
-
-    def _merged_temp(self, pfd: int, tmp: str, content: bytes, meta: Meta, *, like: str) -> None:
-        """Write `content` to `tmp` with `meta` and the xattrs (ACLs) of `like`, the file
-        in place: a version is merged only if its own agree with them."""
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=pfd)
-        xattrs = xattrs_of(pfd, like)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=pfd)
-        try:
-            # What it took from a default ACL of its directory goes first (as in _meta).
-            for key in set(xattrs_of(pfd, tmp)) - set(xattrs):
-                os.removexattr(fd, key)
-            write_all(fd, content)
-            if self.privileged:
-                os.fchown(fd, meta.uid, meta.gid)
-            os.fchmod(fd, meta.mode)
-            for key, value in xattrs.items():
-                self._setxattr(fd, key, value)
-            os.utime(fd, ns=(meta.mtime_ns, meta.mtime_ns))
-            os.fsync(fd)  # it replaces a file in place: its data first (merge._atomic_write)
-        finally:
-            os.close(fd)
-
-    def _conflict(self, m: Member, pfd: int, base: str, tmp: str | None, reason: str) -> None:
-        cid, store = self._keep_aside(self.component, m.name, pfd, base, tmp, reason)
-        if tmp is not None:
-            self._placed[m.name] = store
-        self.stats.conflicts.append(cid)
-        log.warning(
-            "%s: conflict on /%s (%s); kept the existing one, yours is in /%s",
-            self.component,
-            m.name,
-            reason,
-            store,
-        )
-
-    def _keep_aside(
-        self, component: str, relpath: str, pfd: int, base: str, tmp: str | None, reason: str
-    ) -> tuple[str, str]:
-        """Move `tmp` (`component`'s version of `relpath`; None: a directory) to the
-        conflict store and record it beside the path in place: its id and where it is."""
-        cid = conflict_id(component, relpath)
-        store = stored_path(component, relpath)
-        sparent, _, sbase = store.rpartition("/")
-        sfd = self.dir_fd(sparent)
-        if tmp is not None:
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError, OSError):
-                os.unlink(sbase, dir_fd=sfd)
-            os.rename(tmp, sbase, src_dir_fd=pfd, dst_dir_fd=sfd)
-        else:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(sbase, 0o755, dir_fd=sfd)
-        existing = describe(f"/proc/self/fd/{pfd}/{base}")
-        incoming = describe(f"/proc/self/fd/{sfd}/{sbase}")
-        write_record(self.root, Conflict(cid, component, relpath, reason, existing, incoming, store))
-        return cid, store
-
     @property
     def created_dirs(self) -> list[tuple[str, int]]:
         """The directories this writer made, with the mtimes they should end with."""
@@ -621,86 +448,3 @@ class TreeWriter:
                     base, ns=(mtime, mtime), dir_fd=self.dir_fd(parent, create=False), follow_symlinks=False
                 )
             self._close_retired()
-
-
-def _read(pfd: int, name: str, *, limit: int) -> bytes | None:
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-    try:
-        if os.fstat(fd).st_size > limit:
-            return None
-        parts = []
-        while chunk := os.read(fd, 1 << 20):
-            parts.append(chunk)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
-
-
-def _same(pfd: int, a: str, b: str, sa: os.stat_result, sb: os.stat_result) -> bool:
-    if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
-        return True
-    if stat.S_ISLNK(sa.st_mode):
-        return os.readlink(a, dir_fd=pfd) == os.readlink(b, dir_fd=pfd)
-    if stat.S_ISFIFO(sa.st_mode):
-        return True
-    if stat.S_ISCHR(sa.st_mode) or stat.S_ISBLK(sa.st_mode):
-        return sa.st_rdev == sb.st_rdev
-    if not stat.S_ISREG(sa.st_mode) or sa.st_size != sb.st_size:
-        return False
-    return _starts(pfd, b, a)
-
-
-def _differ(pfd: int, a: str, b: str, sa: os.stat_result, sb: os.stat_result, *, owners: bool) -> list[str]:
-    """What of owner, group, mode and xattrs (ACLs and file capabilities among them)
-    differs between `a` and `b` in `pfd`, not followed. The owner and group count only if
-    `owners`: a layout that is not root cannot give a file the archive's."""
-    unlike = []
-    if owners and sa.st_uid != sb.st_uid:
-        unlike.append("owner")
-    if owners and sa.st_gid != sb.st_gid:
-        unlike.append("group")
-    if not stat.S_ISLNK(sa.st_mode) and stat.S_IMODE(sa.st_mode) != stat.S_IMODE(sb.st_mode):
-        unlike.append("mode")
-    if xattrs_of(pfd, a) != xattrs_of(pfd, b):
-        unlike.append("xattrs")
-    return unlike
-
-
-def _words(items: list[str]) -> str:
-    """`a`, `a and b`, `a, b and c`."""
-    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
-
-
-def _cut_short(pfd: int, a: str, b: str, sa: os.stat_result, sb: os.stat_result) -> bool:
-    """Whether file `a` in place is file `b` that a power cut cut short. A file is
-    renamed into place before its data is on the disk (the layout syncs as it goes, and
-    at the end), so a power cut may leave the name, the owner, the mode and the mtime of
-    a file this component placed in an earlier run, with its data empty or short (ext4
-    writes a size only with the data). Such a file is the incoming one to the nanosecond
-    of its mtime, and a strict prefix of it; no other file in place (the OS's, another
-    component's, an admin's edit) is both."""
-    if not (stat.S_ISREG(sa.st_mode) and stat.S_ISREG(sb.st_mode)) or sa.st_size >= sb.st_size:
-        return False
-    if (sa.st_mtime_ns, sa.st_mode, sa.st_uid, sa.st_gid) != (
-        sb.st_mtime_ns,
-        sb.st_mode,
-        sb.st_uid,
-        sb.st_gid,
-    ):
-        return False
-    return _starts(pfd, b, a)
-
-
-def _starts(pfd: int, whole: str, part: str) -> bool:
-    """Whether file `whole` begins with all of file `part` (both in `pfd`): for files of
-    one size, whether they hold the same bytes."""
-    fw = os.open(whole, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-    fp = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-    try:
-        while x := os.read(fp, 1 << 20):
-            if os.read(fw, len(x)) != x:
-                return False
-        return True
-    finally:
-        os.close(fw)
-        os.close(fp)

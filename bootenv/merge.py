@@ -1,7 +1,7 @@
 """The shared-path rule: what happens when a stream finds a path already taken.
 
 A stream never overwrites what another stream or the OS image put in place. When it
-finds its path taken (extract.py decides which case it is):
+finds its path taken (sharedpaths.py decides which case it is):
 
 - **Identical** (same type; same bytes, symlink target or device number; same owner,
   group, mode and xattrs): nothing.
@@ -32,9 +32,10 @@ A merge never replaces a file the admin has changed since: `ours` in the path's 
 holds the sha256 of every content bootenv put (or offered) there, written before the
 file is replaced, so a kill -9 at any point leaves the file in place one of them. A file
 that is none of them is the admin's: it stays, and the new merge goes to the conflict
-store as a conflict (extract.py), which `bootenv conflicts` shows and resolves. So does
-the first merge into a file a component placed (its marker says so) that no longer holds
-what that component placed: the admin edited it, and nothing of it is taken for the OS's.
+store as a conflict (sharedpaths.py), which `bootenv conflicts` shows and resolves. So
+does the first merge into a file a component placed (its marker says so) that no longer
+holds what that component placed: the admin edited it, and nothing of it is taken for
+the OS's.
 """
 
 from __future__ import annotations
