@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from bench import scenarios, timeline
-from bench.harness import Result, Stats, chart, fresh_ext4, save, table
+from bench.harness import Result, Stats, chart, cpu_facts, fresh_ext4, save, table
 from bootenv.cache import cache_root
 from bootenv.gold import gold_tree
 from bootenv.log import setup_logging
@@ -95,6 +95,8 @@ def main() -> int:
     if not cold:
         print("warning: cannot drop the page cache (not root): every run starts warm", file=sys.stderr)
     code = code_version()  # before the run: what is measured is what was there at its start
+    facts = cpu_facts()
+    print(f"cpu: {facts['cpu_model']}, sha256 {facts['sha256_mb_s']} MB/s (sha_ni: {facts['sha_ni']})")
     gold = gold_tree()
     images = cache_root() / "bench" / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -127,6 +129,7 @@ def main() -> int:
     meta = {
         "host": platform.node(),
         "cpus": os.cpu_count(),
+        **facts,
         "runs": args.runs,
         "vm_runs": args.vm_runs,
         "vm_firmware": args.vm_firmware,

@@ -489,3 +489,14 @@ def test_os_stream_and_capture_run_on_every_input(tmp_path: Path, monkeypatch: p
         scenarios, "_os_stream", lambda env, inp: (seen.append(inp.image), Result("x", ""))[1]
     )
     assert len(scenarios.os_stream(_env(tmp_path, 1))) == 2 and seen == ["lamp", "synth"]
+
+
+def test_cpu_facts_name_the_cpu_and_measure_sha256() -> None:
+    """Every result file says what CPU it ran on and how fast it hashes: what moves a
+    capture's or a layout's ratio to tar from one machine to the next, beside the disk."""
+    facts = harness.cpu_facts()
+    flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    assert facts["sha_ni"] == ("sha_ni" in flags.split())
+    assert isinstance(facts["cpu_model"], str) and facts["cpu_model"] != "?"
+    assert isinstance(facts["sha256_mb_s"], int) and facts["sha256_mb_s"] > 10
+    json.dumps(facts)  # it goes into the result file's meta
