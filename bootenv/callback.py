@@ -19,11 +19,17 @@ HTTP session. A server that is busy for a moment (a rack booting at once: `boote
 serve` answers 503 past its connection cap) or unreachable is tried again, up to
 ATTEMPTS times per event, after its Retry-After (at most RETRY_WAIT) or a backoff. An
 event the server answers otherwise (any other 4xx or 5xx), or one that cannot be sent
-at all, is not. Once the server has not answered any of an event's attempts, the next
-events are tried once each until it answers again, so a dead callback costs one failed
-attempt per event. `close()` waits up to CLOSE_WAIT, and the attempt under way,
-for what is queued (the last events, done or error, matter most), and logs what it
-could not post.
+at all, is not; the warning says why, with the reason the answer gives (`bootenv serve`'s
+`{"error": ...}`, at most MAX_ANSWER bytes of it read). Once the server has not answered
+any of an event's attempts, the next events are tried once each until it answers again,
+so a dead callback costs one failed attempt per event. `close()` waits up to
+CLOSE_WAIT, and the attempt under way, for what is queued (the last events, done or
+error, matter most), and logs what it could not post.
+
+A 409 is final for the run: serve answers it to every event of a run whose assignment
+was replaced since (the machine assigned again, or its record removed). The reason is
+kept (`superseded`), for the agent to stop at its next step, and what is queued or sent
+after it is dropped untried: serve would refuse it all the same.
 """
 
 from __future__ import annotations
@@ -35,7 +41,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from http import HTTPStatus
 from typing import Any
+
+from bootenv.log import printable
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +60,8 @@ _BUSY = frozenset({429, 502, 503, 504})
 MAX_TEXT = 4000
 MAX_TEXT_JSON = 8000
 MAX_BODY = 64_000
+MAX_ANSWER = 4096  # bytes of an answer's body read, for the reason of a refusal
+MAX_REASON = 400  # characters of that reason kept, once escaped
 Event = dict[str, Any]
 
 
@@ -79,8 +90,17 @@ class Callback:
         self._deadline = float("inf")  # set by close(): past it, what is left is dropped
         self._dropped = 0  # for a full queue, or given up on
         self._seq = 0  # the last event's number
+        self._superseded: str | None = None  # serve's reason, once it answered 409
         self._reachable = True  # the thread's own
         self._session: Any = None  # the thread's own
+
+    @property
+    def superseded(self) -> str | None:
+        """Why serve refused this run's events with a 409 (its reason, or "HTTP 409"
+        when it gave none): the machine was assigned again since the run started. None
+        while no answer said so; an event's answer comes a little after it is sent."""
+        with self._lock:
+            return self._superseded
 
     def post(self, event: str, **fields: Any) -> None:
         body: Event = {"event": event, "source": self.source, "time": time.time()}
@@ -98,7 +118,7 @@ class Callback:
                 self.emit(body)
             if not self.url or self._closed:
                 return
-            if len(self._queue) >= QUEUE:
+            if self._superseded is not None or len(self._queue) >= QUEUE:
                 self._dropped += 1
                 return
             self._queue.append(body)
@@ -172,22 +192,26 @@ class Callback:
 
         attempts = ATTEMPTS if self._reachable else 1
         answered = False
+        code, reason = 0, ""
         for attempt in range(1, attempts + 1):
             wait = 0.5 * 2 ** (attempt - 1)
             if self._session is None:
                 self._session = requests.Session()
             try:
-                answer = self._session.post(self.url, json=body, timeout=TIMEOUT)
+                # Streamed, so that no more of the answer is read than MAX_ANSWER.
+                answer = self._session.post(self.url, json=body, timeout=TIMEOUT, stream=True)
             except requests.exceptions.SSLError:
                 raise  # the same every time: it is not a busy server
             except (requests.ConnectionError, requests.Timeout) as exc:
                 why, busy = str(exc), True
             else:
-                answered = True
-                if answer.status_code < 400:
+                answered, code = True, answer.status_code
+                content = read_answer(answer)
+                if code < 400:
                     self._reachable = True
                     return
-                why, busy = f"HTTP {answer.status_code}", answer.status_code in _BUSY
+                reason = refusal_reason(content)
+                why, busy = f"HTTP {code}" + (f": {reason}" if reason else ""), code in _BUSY
                 wait = retry_after(answer.headers.get("Retry-After"), wait)
             wait = min(wait, RETRY_WAIT, self._deadline - time.monotonic())
             if not busy or attempt == attempts or wait < 0:
@@ -195,7 +219,17 @@ class Callback:
             time.sleep(wait)
         self._reachable = answered  # one that never answered gets one attempt per event
         self._drop()
+        if code == HTTPStatus.CONFLICT:
+            self._supersede(reason or why)
+            why += "; this run's assignment was replaced: its next events are not posted"
         log.warning("could not post %s to %s: %s", body.get("event"), self.url, why)
+
+    def _supersede(self, reason: str) -> None:
+        with self._lock:
+            if self._superseded is None:
+                self._superseded = reason
+            self._dropped += len(self._queue)
+            self._queue.clear()
 
     @contextmanager
     def step(self, name: str, **fields: Any) -> Iterator[None]:
@@ -240,6 +274,41 @@ def _text(value: str) -> str:
     while len(json.dumps(value[:keep])) > MAX_TEXT_JSON - len(tail):
         keep = keep * 3 // 4
     return value[:keep] + tail
+
+
+def read_answer(answer: Any) -> bytes:
+    """Up to MAX_ANSWER bytes of a streamed `requests` answer's body, which is then
+    closed: a body read to its end leaves the connection to the next event, a longer
+    one (or one that breaks off) closes it."""
+    import requests
+
+    got = b""
+    try:
+        for chunk in answer.iter_content(1024):
+            got += chunk
+            if len(got) > MAX_ANSWER:
+                break
+    except (requests.RequestException, OSError):
+        pass  # the status is the answer; its body is only the reason
+    finally:
+        answer.close()
+    return got[:MAX_ANSWER]
+
+
+def refusal_reason(body: bytes) -> str:
+    """The reason a JSON answer gives, as `bootenv serve` does (`{"error": REASON}`), as
+    one printable line of at most MAX_REASON characters; "" for any other body."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or cut at MAX_ANSWER
+        return ""
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(error, str):
+        return ""
+    reason = printable(error.strip())
+    if len(reason) > MAX_REASON:
+        reason = reason[: MAX_REASON - 6] + " [cut]"
+    return reason
 
 
 def retry_after(header: str | None, default: float) -> float:

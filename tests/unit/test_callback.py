@@ -11,7 +11,7 @@ import string
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -26,29 +26,41 @@ from bootenv.serve import ServeConfig, running
 from tests.conftest import serving
 from tests.serveimage import make_image
 
-Answer = Callable[[dict[str, object], int], tuple[int, dict[str, str]]]  # (event, request no.)
+# (event, request no.) -> (status, headers[, body])
+Answer = Callable[[dict[str, object], int], tuple[int, dict[str, str]] | tuple[int, dict[str, str], bytes]]
 
 
 @contextmanager
-def server(answer: Answer, delay: float = 0.0) -> Iterator[tuple[str, list[dict[str, object]], list[str]]]:
-    """(URL, the events it took, in order, and every event it was sent, taken or not)."""
+def server(
+    answer: Answer, delay: float = 0.0, connections: list[int] | None = None
+) -> Iterator[tuple[str, list[dict[str, object]], list[str]]]:
+    """(URL, the events it took, in order, and every event it was sent, taken or not).
+    `connections` counts the connections it accepted."""
     took: list[dict[str, object]] = []
     sent: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
+        def setup(self) -> None:
+            super().setup()
+            if connections is not None:
+                connections.append(1)
+
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             time.sleep(delay)
             sent.append(str(body["event"]))
-            code, headers = answer(body, len(sent))
+            code, headers, *rest = answer(body, len(sent))
+            content = rest[0] if rest else b""
             if code < 400:
                 took.append(body)
             self.send_response(code)
-            for k, v in {"Content-Length": "0", **headers}.items():
+            for k, v in {"Content-Length": str(len(content)), **headers}.items():
                 self.send_header(k, v)
             self.end_headers()
+            with suppress(ConnectionError):  # a client that read what it wanted, and left
+                self.wfile.write(content)
 
         def log_message(self, *args: object) -> None:
             pass
@@ -327,3 +339,111 @@ def test_the_cut_keeps_under_serves_limits() -> None:
         "event": "done",
         "message": "short\\x00",
     }
+
+
+def refusing(code: int, reason: bytes | str, first: str = "step") -> Answer:
+    """Refuse the event `first` with `code` and `reason` (text: as serve's JSON error)."""
+    content = json.dumps({"error": reason}).encode() if isinstance(reason, str) else reason
+
+    def answer(body: dict[str, object], n: int) -> tuple[int, dict[str, str], bytes]:
+        if body["event"] == first:
+            return code, {"Content-Type": "application/json"}, content
+        return 200, {"Content-Type": "application/json"}, b'{"state": "provisioning"}'
+
+    return answer
+
+
+REASON = (
+    "52:54:00:00:00:70 was assigned again since assignment 0123456789abcdef: its run's events are not taken"
+)
+
+
+def test_a_409_names_serves_reason_and_ends_the_runs_posting(caplog: pytest.LogCaptureFixture) -> None:
+    """Serve answers 409 to every event of a run whose assignment was replaced: the
+    warning said `HTTP 409` only, and the agent went on writing the old image. The
+    reason is kept for it now, and the events after are not sent, to be refused too."""
+    with server(refusing(409, REASON)) as (url, took, sent), caplog.at_level(logging.WARNING):
+        cb = Callback(url, "agent")
+        assert cb.superseded is None
+        cb.post("step", step="write-os", status="done")
+        deadline = time.monotonic() + 10
+        while cb.superseded is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cb.superseded == REASON
+        cb.post("error", message="stopped", fatal=True)
+        cb.close()
+    assert sent == ["step"] and took == []
+    assert (
+        f"could not post step to {url}: HTTP 409: {REASON}; this run's assignment was replaced" in caplog.text
+    )
+    assert "2 event(s) could not be posted" in caplog.text
+
+
+@pytest.mark.parametrize("code", [404, 500])
+def test_other_refusals_name_the_reason_and_spare_the_run(
+    code: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    with server(refusing(code, "no such machine")) as (url, took, sent), caplog.at_level(logging.WARNING):
+        cb = Callback(url, "agent")
+        cb.post("step")
+        cb.post("done")
+        cb.close()
+    assert cb.superseded is None
+    assert sent == ["step", "done"] and [e["event"] for e in took] == ["done"]
+    assert f"could not post step to {url}: HTTP {code}: no such machine" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        # Control characters escaped, as one line: the console is a terminal.
+        (json.dumps({"error": "refused\n\x1b[2Jnow\x00"}).encode(), r"refused\n\x1b[2Jnow\x00"),
+        (
+            json.dumps({"error": "x" * 3000}).encode(),
+            "x" * (callback.MAX_REASON - 6) + " [cut]",
+        ),  # < MAX_ANSWER
+        (b"<html>Conflict</html>", None),  # not JSON: the status only
+        (b'{"error": 409}', None),
+        (b"\xff\xfe{", None),
+        (b"[" * 100_000, None),  # read up to MAX_ANSWER, which is not JSON then
+        (json.dumps({"error": "big " * 250_000}).encode(), None),
+    ],
+)
+def test_an_answers_reason_is_one_short_line_whatever_the_body(
+    body: bytes, reason: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    with server(refusing(409, body)) as (url, _, sent), caplog.at_level(logging.WARNING):
+        cb = Callback(url, "agent")
+        cb.post("step")
+        cb.close()
+    said = "HTTP 409" + (f": {reason}" if reason else "")
+    assert sent == ["step"] and cb.superseded == (reason or "HTTP 409")
+    warning = caplog.records[0].getMessage()
+    assert warning.startswith(f"could not post step to {url}: {said}; ") and "\n" not in warning
+
+
+def test_a_huge_refusal_spares_the_next_event(caplog: pytest.LogCaptureFixture) -> None:
+    """The answer is read up to MAX_ANSWER: the connection it was cut on is closed, and
+    the next event goes over a new one."""
+    connections: list[int] = []
+    huge = json.dumps({"error": "x" * 5_000_000}).encode()
+    with server(refusing(400, huge), connections=connections) as (url, took, sent):
+        cb = Callback(url, "agent")
+        cb.post("step")
+        cb.post("done")
+        cb.close()
+    assert sent == ["step", "done"] and [e["event"] for e in took] == ["done"]
+    assert len(connections) == 2
+
+
+def test_answers_read_to_their_end_keep_the_connection() -> None:
+    """The answers are streamed to read no more than MAX_ANSWER: serve's short ones are
+    read whole, and every event goes over the one connection."""
+    connections: list[int] = []
+    with server(refusing(400, "bad"), connections=connections) as (url, took, sent):
+        cb = Callback(url, "agent")
+        for event in ("start", "step", "progress", "done"):
+            cb.post(event)
+        cb.close()
+    assert sent == ["start", "step", "progress", "done"] and len(took) == 3
+    assert len(connections) == 1
