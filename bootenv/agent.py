@@ -11,6 +11,11 @@ the disk was touched, its partition table and filesystem signatures are wiped so
 machine can never boot a half-written OS; the error goes to the callback and the
 console, and the agent exits non-zero (the ramdisk then drops to a shell; it never
 reboots, so a failure cannot become a reboot loop).
+
+A run whose assignment was replaced (the admin assigned the machine again while it
+ran: `bootenv serve` answers its events 409) fails so too, at the start of the step
+after the answer came, or before the hand-off, once the last events' answers are in:
+the new assignment is carried out by the next network boot, never the old image booted.
 """
 
 from __future__ import annotations
@@ -60,8 +65,22 @@ CALLBACK_TIMEOUT = 5.0
 TRUSTED_DIR = Path("/", ramdisk_plan.TRUSTED_DIR)  # keys built in with build-ramdisk --trust
 
 
+class SupersededError(FatalError):
+    """`bootenv serve` refused this run's events with a 409: the machine was assigned
+    again since the run started, and only a network boot provisions it as assigned."""
+
+    def __init__(self, reason: str, before: str) -> None:
+        super().__init__(
+            f"this machine was assigned again since this run started (bootenv serve: {reason}): "
+            f"stopped before {before}",
+            hint="reboot it by network boot to provision it with its new assignment",
+        )
+
+
 class Report:
-    """Timed steps, in the log and posted to the callback in `bootenv serve`'s schema."""
+    """Timed steps, in the log and posted to the callback in `bootenv serve`'s schema.
+    Each step starts only while serve has not said that the run's assignment was replaced.
+    """
 
     def __init__(self, callback: str | None, hostname: str = "") -> None:
         self.callback = Callback(callback, "agent")
@@ -76,8 +95,16 @@ class Report:
 
     @contextmanager
     def step(self, name: str, title: str) -> Iterator[None]:
+        self.check_assignment(f"the {name} step")
         with step(title), self.callback.step(name):
             yield
+
+    def check_assignment(self, before: str) -> None:
+        """Raise SupersededError if serve answered an event of this run 409 (`before`:
+        what the run stops before)."""
+        reason = self.callback.superseded
+        if reason is not None:
+            raise SupersededError(reason, before)
 
     def close(self) -> None:
         self.callback.close()
@@ -159,7 +186,9 @@ def run_agent(cfg: AgentConfig, *, ramdisk_cmdline: str = "") -> AgentResult:
     report = Report(cfg.callback, ident.hostname)
     report.post("start", data={"hostname": ident.hostname, "image": cfg.image})
     try:
-        return replace(_provision(cfg, ident, report, ramdisk_cmdline), timings=report.timings)
+        result = _provision(cfg, ident, report, ramdisk_cmdline)
+        before_handoff(report, result)
+        return replace(result, timings=report.timings)
     except Exception as exc:
         message = describe_error(exc)
         log.error("provisioning failed: %s", message)
@@ -218,6 +247,18 @@ def _provision(cfg: AgentConfig, ident: target.Identity, report: Report, cmdline
         },
     )
     return AgentResult(disk, plan, ident, install.installed, kexec, boot)
+
+
+def before_handoff(report: Report, result: AgentResult) -> None:
+    """The last chance not to boot the image of a replaced assignment: once the events
+    are all posted (the hand-off's start last), serve's answers to them are known. The
+    disk is written then: it is wiped, as after any failure."""
+    report.close()
+    try:
+        report.check_assignment("the hand-off")
+    except SupersededError:
+        wipe_disk(result.disk, result.plan)
+        raise
 
 
 def trust(cfg: AgentConfig, trusted_dir: Path = TRUSTED_DIR) -> Trust:
