@@ -496,7 +496,7 @@ def test_a_client_dripping_its_head_is_dropped(
     """A byte every 0.2 s keeps each read well within the socket timeout, but the whole
     head takes longer than HEAD_TIMEOUT: the server closes the connection, answering
     nothing."""
-    monkeypatch.setattr("bootenv.serve.HEAD_TIMEOUT", 1.0)
+    monkeypatch.setattr("bootenv.httpconn.HEAD_TIMEOUT", 1.0)
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
         s.sendall(b"GET /ipxe/boot.ipxe HTTP/1.1\r\n")
         s.settimeout(0.2)  # the pace of the drip: a read that times out means still open
@@ -515,7 +515,7 @@ def test_a_client_dripping_its_head_is_dropped(
 
 
 def test_connections_past_the_cap_get_503(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("bootenv.serve.MAX_CONNECTIONS", 2)
+    monkeypatch.setattr("bootenv.httpconn.MAX_CONNECTIONS", 2)
     ended = threading.Semaphore(0)  # released as each connection's thread has given back its slot
     handle = BootenvServer.process_request_thread
 
@@ -552,7 +552,7 @@ def test_if_range_with_a_date_sends_the_whole_file(server: BootenvServer) -> Non
 def test_a_file_that_shrinks_while_sent_ends_the_connection(
     server: BootenvServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bootenv.serve import Handler
+    from bootenv.endpoints import Handler
 
     path, data = blob(server)
     send = Handler._send_file

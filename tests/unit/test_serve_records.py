@@ -21,8 +21,9 @@ import pytest
 from bootenv import callback
 from bootenv import serve as serve_mod
 from bootenv.callback import Callback
+from bootenv.endpoints import Handler
 from bootenv.machines import State, assign, to_dict
-from bootenv.serve import BootenvServer, Handler
+from bootenv.serve import BootenvServer
 from bootenv.state import Store
 from tests.unit.test_serve import MAC, OTHER, callback_path, get, post, script, server
 
