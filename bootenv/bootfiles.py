@@ -1,7 +1,7 @@
 """The ramdisk's builds in a `--boot DIR`: the one iPXE scripts name, what a request for
 one that is gone is told, and which one `build-ramdisk -o DIR` keeps beside a new one.
 
-`build-ramdisk -o DIR` (bootenv/ramdisk.py `_export`) writes, and swaps in whole:
+`build-ramdisk -o DIR` (bootenv/ramdisk_export.py `export`) writes, and swaps in whole:
 
     vmlinuz, initramfs.img          the current build, for URLs that name none
     ramdisk.json                    {"build": ID, ...}

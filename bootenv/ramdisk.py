@@ -13,38 +13,26 @@ Each stage is built in a temporary directory beside its final place and renamed 
 place, so an interrupted build never leaves a half one behind.
 
 `-o DIR` (what `bootenv serve --boot` and nginx serve) gets vmlinuz, initramfs.img and
-ramdisk.json the same way: written to a new directory beside DIR, which then takes DIR's
-place in one step (renameat2 RENAME_EXCHANGE). iPXE fetches the kernel and the initramfs
-by fixed names, so two files renamed in turn could leave, after a power cut between
-them, a new kernel with the old initramfs (its modules for another kernel); a swapped
-directory holds either pair whole. The new directory also holds the pair under the
-build's id (DIR/ID/), and the build before under its own, which serve's scripts name
-(bootenv/bootfiles.py): a machine between its two fetches when DIR is swapped gets the
-pair its script named. DIR is replaced whole, so it must hold nothing else.
+ramdisk.json the same way, swapped in whole: bootenv/ramdisk_export.py.
 """
 
 from __future__ import annotations
 
 import compileall
 import dataclasses
-import errno
-import hashlib
-import json
 import logging
 import os
 import py_compile
 import shutil
-import stat
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import bootenv
-from bootenv import bootfiles
+from bootenv import ramdisk_export
 from bootenv.cache import cache_root, prune
 from bootenv.errors import FatalError, UserError
 from bootenv.log import human_bytes, step
@@ -62,7 +50,6 @@ from bootenv.ramdisk_plan import (
     select_modules,
 )
 from bootenv.run import popen, run, which
-from bootenv.writeback import fsync_dir, new_file, replace_dir, write_all
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +60,6 @@ ZSTD_LEVEL = 12
 KEEP_BUILDS = 4
 KEEP_BASES = 2
 SIZE_LIMIT = 60 * 1000 * 1000
-NOTE = bootfiles.NOTE
-KERNEL, INITRD = bootfiles.PAIR
-OUTPUT_FILES = (KERNEL, INITRD, NOTE)  # what `-o DIR` holds, besides its builds' dirs
-_NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)  # a filesystem without hard links
-_MOUNTED = (errno.EBUSY, errno.EXDEV)  # renaming a mount point, or across one
 
 
 @dataclass(frozen=True)
@@ -280,7 +262,7 @@ def build_ramdisk(
     """Return the cached kernel + initramfs for these inputs, building what is missing (root
     only). `trusted`: public keys (`bootenv keygen`'s KEY.pub) built in for the agent."""
     if output is not None:
-        _check_output(output)  # before a build of minutes
+        ramdisk_export.check_output(output)  # before a build of minutes
     inputs = inputs or load_inputs(default_initramfs_dir(), Path(bootenv.__file__).resolve().parent)
     if trusted:
         inputs = dataclasses.replace(inputs, trusted=trusted_keys(trusted))
@@ -313,7 +295,7 @@ def build_ramdisk(
     if result.size > SIZE_LIMIT:
         log.warning("initramfs is %s, over the %s target", human_bytes(result.size), human_bytes(SIZE_LIMIT))
     if output is not None:
-        result = _export(result, output)
+        result = ramdisk_export.export(result, output)
     return result
 
 
@@ -336,113 +318,3 @@ def _prune(current: Path, keep: int) -> None:
     stage, _, key = current.name.rpartition("-")
     for path in prune(current.parent, f"{stage}-{'?' * len(key)}", keep):
         log.debug("removed old ramdisk build %s", path.name)
-
-
-def _check_output(output: Path) -> None:
-    """`-o DIR` is replaced whole (`_export`): refuse one that holds anything an export
-    does not write there (its three files, and its builds' directories holding nothing
-    but a pair's files), which would be lost."""
-    try:
-        names = os.listdir(output)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise UserError(f"cannot read -o {output}: {exc.strerror}") from exc
-    ours = {*OUTPUT_FILES, *(f".{name}.tmp" for name in OUTPUT_FILES)}  # .tmp: an older bootenv's
-    other = sorted(name for name in set(names) - ours if not bootfiles.is_build_dir(output / name))
-    if other:
-        raise UserError(
-            f"-o {output} holds {len(other)} other entries (first {other[0]!r}): "
-            "build-ramdisk replaces the whole directory",
-            hint="give it a directory of its own",
-        )
-
-
-def _export(ramdisk: Ramdisk, output: Path) -> Ramdisk:
-    """Copy kernel and initramfs to `output` with a small JSON note, and link them under
-    the build's id (`output/ID/`, bootfiles.build_id over the bytes copied), beside the
-    build `output` served until now (`output/PREV/`, its files linked, not copied): all
-    are written to a new directory beside `output`, which then takes its place in one
-    step (writeback.replace_dir). Whatever a power cut, a full disk or a kill leaves, and
-    whenever a reader (`bootenv serve --boot`, nginx) looks, `output` holds the old files
-    or the new ones: never a new kernel with the old initramfs, which iPXE would boot.
-    Where the filesystem cannot swap two directories (NFS), `output` is briefly missing
-    instead. A machine between its two fetches when `output` is swapped fetched URLs
-    that name its build, which the new `output` still holds (bootenv/bootfiles.py).
-    `output` is replaced whole, so one that holds other files is refused."""
-    _check_output(output)
-    dest = output
-    try:
-        with replace_dir(output) as new:
-            dest = output / KERNEL
-            kernel = _write_temp(new / KERNEL, ramdisk.vmlinuz, None)
-            dest = output / INITRD
-            initrd = _write_temp(new / INITRD, ramdisk.initramfs, None)
-            build = bootfiles.build_id(kernel, initrd)
-            dest = output / build
-            _link_pair(new, new / build)
-            kept = bootfiles.previous(output, build)
-            if kept:
-                dest = output / kept
-                _link_pair(output / kept, new / kept)
-            info = {
-                "build": build,
-                "kernel": ramdisk.kernel_version,
-                "key": ramdisk.key,
-                "initramfs_size": ramdisk.size,
-            }
-            dest = output / NOTE
-            _write_temp(new / NOTE, None, (json.dumps(info, indent=2) + "\n").encode())
-            dest = output
-    except OSError as exc:
-        hint = "a mount point cannot be replaced: give a directory in it" if exc.errno in _MOUNTED else None
-        raise UserError(f"cannot write {dest}: {exc.strerror}", hint=hint) from exc
-    if kept:
-        log.info("%s keeps the build before (%s) for machines between their two fetches", output, kept)
-    return dataclasses.replace(ramdisk, vmlinuz=output / KERNEL, initramfs=output / INITRD, build=build)
-
-
-def _link_pair(src: Path, dest: Path) -> None:
-    """The directory `dest` with `src`'s kernel and initramfs, as hard links (both are
-    beside `output`, on its filesystem); copies where the filesystem has none. Fsynced."""
-    os.mkdir(dest, 0o755)
-    for name in bootfiles.PAIR:
-        try:
-            os.link(src / name, dest / name, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno not in _NO_LINKS:
-                raise
-            _write_temp(dest / name, src / name, None)
-    os.chmod(dest, 0o755)  # the umask took some of it
-    fsync_dir(dest)
-
-
-def _write_temp(tmp: Path, src: Path | None, data: bytes | None) -> bytes:
-    """`tmp`, made anew (writeback.new_file: one a killed run left is removed, never
-    written through), with a copy of `src` (its mode too) or `data`, fsynced; removed
-    again if that fails. Returns the sha256 of what it wrote."""
-    mode = 0o644 if src is None else stat.S_IMODE(src.stat().st_mode)
-    digest = hashlib.sha256()
-    with new_file(tmp, mode) as fd:
-        if src is not None:
-            with src.open("rb") as f, os.fdopen(fd, "wb", closefd=False) as out:
-                shutil.copyfileobj(_Hashed(f, digest.update), out, 1 << 20)
-        else:
-            assert data is not None
-            digest.update(data)
-            write_all(fd, data)
-        os.fchmod(fd, mode)  # the umask took some of it
-    return digest.digest()
-
-
-class _Hashed:
-    """A reader that hands what it reads to `update` too (a digest's): the build's id is
-    of the bytes written, read once."""
-
-    def __init__(self, f: BinaryIO, update: Callable[[bytes], object]) -> None:
-        self.f, self.update = f, update
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.f.read(size)
-        self.update(data)
-        return data

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bootenv import ramdisk
+from bootenv import ramdisk, ramdisk_export
 from bootenv.machines import State, assign
 from bootenv.nginxconf import NginxSite, render
 from bootenv.qemu import free_port
@@ -106,7 +106,9 @@ def rack(tmp_path: Path) -> Iterator[Rack]:
     built = ramdisk.Ramdisk(
         tmp_path / "built/vmlinuz", tmp_path / "built/initramfs.img", "6.1", "k" * 16, True
     )
-    ramdisk._export(built, boot)  # build-ramdisk -o's layout: the pair, and the pair under the build's id
+    ramdisk_export.export(
+        built, boot
+    )  # build-ramdisk -o's layout: the pair, and the pair under the build's id
     for sub in ("tmp", "tmp/client_body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"):
         (prefix / sub).mkdir(parents=True)
     servers: list[BootenvServer] = []

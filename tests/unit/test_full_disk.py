@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bootenv import merge, ramdisk, signing
+from bootenv import merge, ramdisk, ramdisk_export, signing
 from bootenv.cli import main
 from bootenv.merge import MergeState
 
@@ -89,13 +89,13 @@ def test_a_ramdisk_export_on_a_full_disk_keeps_the_old_pair(
     for name, data in old.items():
         (out / name).write_bytes(data)
     rd = ramdisk.Ramdisk(built / "vmlinuz", built / "initramfs.img", "6.1", "k" * 16, True)
-    real_write = ramdisk._write_temp
-    monkeypatch.setattr(ramdisk, "_write_temp", _full_after(calls, real_write))
-    with pytest.raises(ramdisk.UserError, match=f"cannot write {out}/.*: No space left on device"):
-        ramdisk._export(rd, out)
+    real_write = ramdisk_export._write_temp
+    monkeypatch.setattr(ramdisk_export, "_write_temp", _full_after(calls, real_write))
+    with pytest.raises(ramdisk_export.UserError, match=f"cannot write {out}/.*: No space left on device"):
+        ramdisk_export.export(rd, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == old
     monkeypatch.undo()
-    build = ramdisk._export(rd, out).build
+    build = ramdisk_export.export(rd, out).build
     assert (out / "vmlinuz").read_bytes() == b"new kernel"
     assert (out / "initramfs.img").read_bytes() == b"new initramfs"
     assert sorted(p.name for p in out.iterdir()) == [build, "initramfs.img", "ramdisk.json", "vmlinuz"]
@@ -104,9 +104,11 @@ def test_a_ramdisk_export_on_a_full_disk_keeps_the_old_pair(
 def test_a_ramdisk_file_cut_short_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "vmlinuz"
     src.write_bytes(b"k" * 100)
-    monkeypatch.setattr(ramdisk.shutil, "copyfileobj", _full_after(0, ramdisk.shutil.copyfileobj))
+    monkeypatch.setattr(
+        ramdisk_export.shutil, "copyfileobj", _full_after(0, ramdisk_export.shutil.copyfileobj)
+    )
     with pytest.raises(OSError, match="No space left"):
-        ramdisk._write_temp(tmp_path / ".vmlinuz.tmp", src, None)
+        ramdisk_export._write_temp(tmp_path / ".vmlinuz.tmp", src, None)
     assert os.listdir(tmp_path) == ["vmlinuz"]
 
 

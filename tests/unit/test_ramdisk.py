@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from bootenv import bootfiles, ramdisk, writeback
+from bootenv import bootfiles, ramdisk, ramdisk_export, writeback
 from bootenv.errors import UserError
 from bootenv.ramdisk import default_initramfs_dir
 from bootenv.ramdisk_plan import (
@@ -516,9 +516,9 @@ def test_a_power_cut_during_an_export_leaves_a_matching_pair(
     cache, disk = tmp_path / "cache", tmp_path / "disk"
     old, new = _ramdisk(cache, "old"), _ramdisk(cache, "new")
     out = disk / "boot"
-    old_id = ramdisk._export(old, out).build
+    old_id = ramdisk_export.export(old, out).build
     old_files = _served(_tree(disk))
-    new_id = ramdisk._export(new, tmp_path / "expected/boot").build
+    new_id = ramdisk_export.export(new, tmp_path / "expected/boot").build
     new_files = _served(_tree(tmp_path / "expected"))
     assert old_files != new_files and None not in old_files + new_files
     assert old_files[3:] == old_files[:2] and new_files[3:] == new_files[:2]
@@ -547,7 +547,7 @@ def test_a_power_cut_during_an_export_leaves_a_matching_pair(
             writeback, "exchange_at", step(real_exchange if exchange else unsupported), raising=False
         )
         with contextlib.suppress(PowerCut):
-            ramdisk._export(new, out)
+            ramdisk_export.export(new, out)
     after = crashed[0] if crashed else _tree(disk)
     served = _served(after)
     gone = (None,) * 5
@@ -555,11 +555,11 @@ def test_a_power_cut_during_an_export_leaves_a_matching_pair(
 
     _restore(disk, after)  # the machine is back: the next run starts from that disk
     with monkeypatch.context() as full:  # a run that fails puts back what was served
-        full.setattr(ramdisk, "_write_temp", unsupported)
+        full.setattr(ramdisk_export, "_write_temp", unsupported)
         with pytest.raises(UserError, match="cannot write"):
-            ramdisk._export(new, out)
+            ramdisk_export.export(new, out)
     assert _served(_tree(disk)) in (old_files, new_files)
-    ramdisk._export(new, out)
+    ramdisk_export.export(new, out)
     assert _served(_tree(disk)) == new_files
     pairs = [
         f"boot/{build}{name}" for build in (old_id, new_id) for name in ("", "/initramfs.img", "/vmlinuz")
@@ -586,11 +586,11 @@ def test_an_export_refuses_a_directory_holding_other_files_before_the_build(
         ramdisk.build_ramdisk(INPUTS, output=out)
     rd = _ramdisk(tmp_path / "cache", "new")
     with pytest.raises(UserError, match="replaces the whole directory"):
-        ramdisk._export(rd, out)
+        ramdisk_export.export(rd, out)
     assert sorted(os.listdir(out)) == [".vmlinuz.tmp", "undionly.kpxe"]
     assert sorted(os.listdir(tmp_path)) == ["cache", "tftp"]
     (out / "undionly.kpxe").unlink()
-    build = ramdisk._export(rd, out).build  # an older bootenv's temp file is its own, and goes
+    build = ramdisk_export.export(rd, out).build  # an older bootenv's temp file is its own, and goes
     assert sorted(os.listdir(out)) == [build, "initramfs.img", "ramdisk.json", "vmlinuz"]
 
 
@@ -599,20 +599,20 @@ def test_an_export_refuses_a_build_directory_holding_other_files(tmp_path: Path)
     file, or a symlink in a build's place, is someone else's, and refused."""
     out = tmp_path / "boot"
     rd = _ramdisk(tmp_path / "cache", "new")
-    build = ramdisk._export(rd, out).build
+    build = ramdisk_export.export(rd, out).build
     assert build is not None
     (out / build / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match=rf"holds 1 other entries \(first '{build}'\)"):
-        ramdisk._export(rd, out)
+        ramdisk_export.export(rd, out)
     (out / build / "notes.txt").unlink()
     (out / "0123456789abcdef").symlink_to(tmp_path / "cache" / "new")
     with pytest.raises(UserError, match=r"holds 1 other entries \(first '0123456789abcdef'\)"):
-        ramdisk._export(rd, out)
+        ramdisk_export.export(rd, out)
     assert (tmp_path / "cache/new/vmlinuz").read_bytes() == b"new kernel"
     (out / "0123456789abcdef").unlink()
     (out / "0123456789abcdef").mkdir()  # a build's, left with its kernel only: ours
     (out / "0123456789abcdef/vmlinuz").write_bytes(b"some kernel")
-    ramdisk._export(rd, out)
+    ramdisk_export.export(rd, out)
     assert sorted(os.listdir(out)) == [build, "initramfs.img", "ramdisk.json", "vmlinuz"]
 
 
@@ -639,7 +639,7 @@ def test_an_export_keeps_the_build_before_it_and_no_older(tmp_path: Path) -> Non
 
     ids: dict[str, str] = {}
     for tag in ("one", "two", "three"):
-        build = ramdisk._export(_ramdisk(cache, tag), out).build
+        build = ramdisk_export.export(_ramdisk(cache, tag), out).build
         assert build is not None
         ids[tag] = build
         digests = [hashlib.sha256(data).digest() for data in _pair(tag).values()]
@@ -649,10 +649,10 @@ def test_an_export_keeps_the_build_before_it_and_no_older(tmp_path: Path) -> Non
     assert _tree(out) == layout("three", "two")
     inode = (out / ids["three"] / "initramfs.img").stat().st_ino
     assert (out / "initramfs.img").stat().st_ino == inode
-    ramdisk._export(_ramdisk(cache, "four"), out)
+    ramdisk_export.export(_ramdisk(cache, "four"), out)
     assert (out / ids["three"] / "initramfs.img").stat().st_ino == inode
     # The current build exported again: the build kept is still the one before it.
-    ramdisk._export(
+    ramdisk_export.export(
         ramdisk.Ramdisk(cache / "four/vmlinuz", cache / "four/initramfs.img", "4", "k", True), out
     )
     ids["four"] = json.loads((out / "ramdisk.json").read_bytes())["build"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bootenv import bootfiles, ramdisk
+from bootenv import bootfiles, ramdisk, ramdisk_export
 from bootenv.machines import assign
 from bootenv.serve import BootenvServer, ServeConfig, running
 from bootenv.state import Store
@@ -39,7 +39,7 @@ def export(tmp_path: Path, tag: str) -> str:
     (cache / "vmlinuz").write_bytes(kernel)
     (cache / "initramfs.img").write_bytes(initrd)
     rd = ramdisk.Ramdisk(cache / "vmlinuz", cache / "initramfs.img", "6.1.0-" + tag, "k" * 16, True)
-    build = ramdisk._export(rd, tmp_path / "boot").build
+    build = ramdisk_export.export(rd, tmp_path / "boot").build
     assert build is not None
     return build
 
