@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from bootenv import cli, oswrite
+from bootenv import cli, ostarget, oswrite
 from bootenv.blockdev import _mounted_devnos, check_fits, check_not_in_use, open_destination
 from bootenv.blockmap import BlockMap, Range, data_extents, pack_image, parse_blockmap
 from bootenv.errors import FatalError, RetryableError, UserError, VerificationError
 from bootenv.manifest import MANIFEST, Manifest, OsImage, RootFs, Source, parse_manifest
-from bootenv.oswrite import HEADER, Target, WriteResult, write_os
+from bootenv.ostarget import HEADER, Target
+from bootenv.oswrite import WriteResult, write_os
 from bootenv.source import DirSource, HttpSource, RetryPolicy
 from bootenv.store import BlobWriter, write_blob
 from tests.unit.httpfault import Fault, FaultServer
@@ -258,7 +259,7 @@ def test_a_file_system_without_o_direct_is_written_through_the_page_cache(
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
         return real(fd, cmd, arg)
 
-    monkeypatch.setattr(oswrite.fcntl, "fcntl", refuse)
+    monkeypatch.setattr(ostarget.fcntl, "fcntl", refuse)
     out = tmp_path / "disk.img"
     result = write_to(out, built, DirSource(built.dir))
     assert not result.direct
@@ -687,7 +688,7 @@ def test_the_compressed_streams_hash_checks_on_its_thread_too(behind: bool) -> N
     import threading
 
     from bootenv.manifest import Blob
-    from bootenv.oswrite import HashingReader
+    from bootenv.osstream import HashingReader
 
     data = random.Random(5).randbytes(5 * 1024 * 1024 + 17)
     blob = Blob(file="x", sha256=hashlib.sha256(data).hexdigest(), size=len(data), raw_size=len(data))
@@ -736,18 +737,18 @@ def test_the_superblock_is_written_last_after_a_sync(
     metadata (blkid would call it the image's filesystem): the first 4 KiB go last, alone,
     after everything else is synced."""
     events: list[tuple[str, int, int]] = []
-    real_write, real_sync = oswrite.Target.write, oswrite.Target.sync
+    real_write, real_sync = Target.write, Target.sync
 
-    def write(self: oswrite.Target, buf: memoryview, offset: int) -> None:
+    def write(self: Target, buf: memoryview, offset: int) -> None:
         events.append(("write", offset, len(buf)))
         real_write(self, buf, offset)
 
-    def sync(self: oswrite.Target) -> None:
+    def sync(self: Target) -> None:
         events.append(("sync", 0, 0))
         real_sync(self)
 
-    monkeypatch.setattr(oswrite.Target, "write", write)
-    monkeypatch.setattr(oswrite.Target, "sync", sync)
+    monkeypatch.setattr(Target, "write", write)
+    monkeypatch.setattr(Target, "sync", sync)
     out = tmp_path / "disk.img"
     write_to(out, built, DirSource(built.dir))
     assert_image(out, built.raw, built.bmap)
