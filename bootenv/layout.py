@@ -36,10 +36,11 @@ from bootenv.journal import DIRS_DIR, STATE_DIR, Journal
 from bootenv.log import step
 from bootenv.manifest import Component, resolve_components
 from bootenv.merge import STATE, clean_stale_markers
-from bootenv.schedule import ComponentResult, run_streams
+from bootenv.schedule import ComponentResult
 from bootenv.shareddirs import RECORDS as DIR_RECORDS
 from bootenv.signing import Trust
 from bootenv.source import load_manifest
+from bootenv.streampool import run_streams
 from bootenv.trusted import open_trusted
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class LayoutConfig:
     image: str  # DIR or URL
     components: str | tuple[str, ...]  # "all", "none" or names
     root: Path
-    streams: int = 0  # 0: one per piece (a chunk, or a blob without chunks), up to schedule.MAX_STREAMS
+    streams: int = 0  # 0: one per piece (a chunk, or a blob without chunks), up to streampool.MAX_STREAMS
     callback: str | None = None
     trust: Trust | None = None  # None: the caller checked the signature already (tests)
     force: bool = False  # root / although bootenv did not provision this system
@@ -181,7 +182,7 @@ def _tries(
     """layout()'s tries: the first, and those its retries allow."""
     began = time.monotonic()
     for attempt in range(cfg.retries + 1):
-        # Its thread starts once the streams are forked (schedule.run_streams): none runs before.
+        # Its thread starts once the streams are forked (streampool.run_streams): none runs before.
         poster = Callback(cfg.callback, "layout", emit=emit, deferred=True)
         tried = time.monotonic()
         try:

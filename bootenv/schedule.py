@@ -1,35 +1,25 @@
-"""Schedule a layout's pieces over its streams, and run the streams.
+"""Schedule a layout's pieces over its streams (streampool.py runs the streams).
 
 A stream lays out one piece of a component at a time (stream.py): a chunk, or the whole
-blob when it has none. With two streams or more each is a process, forked before any
-thread of the layout's process runs; one stream is the layout's process itself. The
-scheduler starts the ready piece with the most work first, once it is fetched and
-verified (fetchahead.py): a stream is only ever given bytes that matched the manifest.
-When a component's pieces are all in, one more job restores its directories' mtimes and
-makes it durable, and the scheduler records it in the journal. It returns each
-component's result; the streams' progress events are summed per component on the way to
-the callback.
+blob when it has none. The scheduler starts the ready piece with the most work first,
+once it is fetched and verified (fetchahead.py): a stream is only ever given bytes that
+matched the manifest. When a component's pieces are all in, one more job restores its
+directories' mtimes and makes it durable, and the scheduler records it in the journal.
+It returns each component's result.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
-import os
-import queue
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Protocol
 
 from bootenv import stream
-from bootenv.atfd import reserve_fd_table
-from bootenv.callback import Callback, Event
 from bootenv.conflicts import open_ids
 from bootenv.errors import BootenvError, FatalError, RetryableError
 from bootenv.extract import Stats, TreeWriter
@@ -43,7 +33,6 @@ from bootenv.writeback import Flusher
 
 log = logging.getLogger(__name__)
 
-MAX_STREAMS = 4
 STREAM_DIED = "a layout stream process died (killed: out of memory?); a re-run resumes"
 
 
@@ -69,17 +58,13 @@ class ComponentResult:
     ready_after: float = 0.0
 
 
-def default_streams(n: int) -> int:
-    return max(1, min(n, MAX_STREAMS))
-
-
 class Pool(Protocol):
-    """Where the scheduler's jobs run: the stream processes, or this process (_Inline)."""
+    """Where the scheduler's jobs run: the stream processes, or this process (Inline)."""
 
     def submit(self, fn: Callable[..., Any], /, *args: Any) -> Future[Any]: ...
 
 
-class _Inline:
+class Inline:
     """An executor that runs each job at once, in this process: the one-stream case."""
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
@@ -89,84 +74,6 @@ class _Inline:
         except BaseException as exc:  # re-raised by result(), as a pool would
             fut.set_exception(exc)
         return fut
-
-
-def run_streams(
-    image: str, comps: list[Component], root: Path, streams: int, poster: Callback, began: float
-) -> list[ComponentResult]:
-    """Lay out every piece of every component on `streams` processes.
-
-    A component's first piece (its directories) goes first; its other pieces then join
-    the queue, so a large component is spread over all the streams. When a component's
-    pieces are all in, one more job restores its directory mtimes, syncs the filesystem
-    and records it in the journal.
-    """
-    pieces = sum(len(c.pieces()) for c in comps)
-    streams = streams or default_streams(pieces)
-    privileged = os.geteuid() == 0
-    progress = _ProgressSum(poster.send)
-    width = 1 if streams <= 1 or pieces <= 1 else min(streams, pieces)  # no idle processes
-    reserve_fd_table()  # before the fetch threads start
-    # The fetches stop only once the streams are done (the pool below has shut down):
-    # a stream may still be reading a chunk the parent holds.
-    ahead = FetchAhead(image, width, spill=root)
-    try:
-        if width == 1:
-            poster.start()
-            stream.SINK[:] = [progress]
-            try:
-                return _Scheduler(1, root, privileged, ahead, began).run(_Inline(), comps)
-            finally:
-                stream.SINK.clear()
-        return _run_pool(_Scheduler(width, root, privileged, ahead, began), comps, progress, poster.start)
-    finally:
-        ahead.close()
-
-
-def _run_pool(
-    sched: _Scheduler, comps: list[Component], progress: _ProgressSum, forked: Callable[[], None]
-) -> list[ComponentResult]:
-    """Run `sched` on `sched.width` stream processes (forked before any thread of this
-    process runs); call `forked` once they are."""
-    ctx = get_context("fork")
-    events: Any = ctx.Queue()
-    stop = threading.Event()
-    pump = threading.Thread(target=_pump, args=(events, progress, stop), daemon=True)
-    try:
-        with ProcessPoolExecutor(
-            sched.width, mp_context=ctx, initializer=stream.init_worker, initargs=(events,)
-        ) as pool:
-            # Fork every stream now, before any thread of this process runs (the pump,
-            # the callback's poster, the fetches, the flusher): a fork copies no thread,
-            # only the locks they hold.
-            # Frozen first: the streams' garbage collector then never walks (and so never
-            # writes to, and copies) the objects they share with this process. Measured on
-            # a layout of 4 GB on 2 streams: 138 MiB at its peak (every process's PSS
-            # and the chunks in memfds) without, 124 MiB with.
-            gc.freeze()
-            pool.submit(os.getpid).result()
-            forked()
-            pump.start()
-            try:
-                return sched.run(pool, comps)
-            except BaseException:
-                # Leaving the pool waits for the streams' pieces: one read as it arrives
-                # would wait for its download, which is stopped first.
-                sched.ahead.stop()
-                raise
-    finally:
-        gc.unfreeze()  # the streams are gone: what was frozen is collectable again
-        # The streams have exited, their events are all in the queue: this one comes last.
-        events.cancel_join_thread()  # exiting never waits to send it
-        events.put(None)
-        stop.set()
-        if pump.ident is not None:
-            pump.join()
-        # Its feeder thread then ends once it has written what is queued, so a layout
-        # tried again forks with no thread of it. Not always: a stream killed while it
-        # held the queue's write lock leaves the feeder blocked for good. That thread
-        # holds no lock of Python's, so a fork beside it is safe all the same.
-        events.close()
 
 
 def _fetch_error(fetch: Future[Fetched], *, strict: bool = False) -> BaseException | None:
@@ -185,7 +92,7 @@ _Ready = tuple[int, int, str, Component, int, tuple[str, ...]]  # priority, seq,
 _URGENT = -(1 << 62)
 
 
-class _Scheduler:
+class Scheduler:
     """Keep `width` jobs running, the ready piece with the most work first (so no big
     piece starts last); a component's first piece and its final job go ahead of any
     piece. Every piece is fetched and verified ahead (fetchahead.py) and handed to a
@@ -197,7 +104,7 @@ class _Scheduler:
     ) -> None:
         # The layout's start: components' ready_after counts from it.
         self.began = time.monotonic() if began is None else began
-        self.pool: Pool = _Inline()  # set by run()
+        self.pool: Pool = Inline()  # set by run()
         self.width, self.root = width, root
         self.depth = width  # jobs given to the pool at once (run() sets it)
         self.privileged, self.ahead = privileged, ahead
@@ -233,7 +140,7 @@ class _Scheduler:
         # it and picks one (1-8 ms per piece in a traced layout of LAMP on 2 streams, the
         # fetch threads holding the GIL; 60-100 ms of each stream's 0.4 s). The one-stream
         # executor runs each job as it is given.
-        self.depth = self.width if isinstance(pool, _Inline) else self.width + 1
+        self.depth = self.width if isinstance(pool, Inline) else self.width + 1
         journal = Journal(self.root)
         still_open: dict[str, tuple[str, ...]] | None = None  # read once, if a component is resumed
         for comp in comps:
@@ -487,35 +394,3 @@ def _finish(comp: Component, root: Path, privileged: bool, created: tuple[tuple[
     finally:
         writer.close()
     syncfs(root)
-
-
-class _ProgressSum:
-    """Turn per-piece progress into per-component totals before they are posted."""
-
-    def __init__(self, send: Callable[[Event], None]) -> None:
-        self.send = send
-        self.pieces: dict[tuple[str, int], tuple[int, int]] = {}
-
-    def __call__(self, event: Event) -> None:
-        if event.get("event") == "progress" and "piece" in event:
-            name = event["component"]
-            self.pieces[(name, event.pop("piece"))] = (event["files"], event["bytes"])
-            mine = [v for (n, _), v in self.pieces.items() if n == name]
-            event = {**event, "files": sum(f for f, _ in mine), "bytes": sum(b for _, b in mine)}
-        self.send(event)
-
-
-def _pump(events: Any, sink: Callable[[Event], None], stop: threading.Event) -> None:
-    """Hand the streams' events to `sink` until the None that comes after the last; or,
-    once `stop` is set, when none has come for a while (a stream killed while it held
-    the queue's lock would keep the None from ever coming)."""
-    while True:
-        try:
-            event = events.get(timeout=0.5)
-        except queue.Empty:
-            if stop.is_set():
-                return
-            continue
-        if event is None:
-            return
-        sink(event)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bootenv import conflicts
+from bootenv import conflicts, streampool
 from bootenv import layout as layout_mod
 from bootenv import schedule as schedule_mod
 from bootenv.cli import main
@@ -176,10 +176,10 @@ def test_the_objects_shared_with_forked_streams_are_frozen_first(
 
     calls: list[tuple[str, int]] = []
     monkeypatch.setattr(
-        schedule_mod.gc, "freeze", lambda: calls.append(("freeze", len(multiprocessing.active_children())))
+        streampool.gc, "freeze", lambda: calls.append(("freeze", len(multiprocessing.active_children())))
     )
     monkeypatch.setattr(
-        schedule_mod.gc,
+        streampool.gc,
         "unfreeze",
         lambda: calls.append(("unfreeze", len(multiprocessing.active_children()))),
     )

@@ -1,5 +1,5 @@
-"""The layout's scheduler: which piece a stream is given next, what is fetched ahead
-meanwhile, and the streams' events on their way to the callback."""
+"""The layout's scheduler: which piece a stream is given next, and what is fetched ahead
+meanwhile."""
 
 from __future__ import annotations
 
@@ -21,36 +21,12 @@ from bootenv import stream as stream_mod
 from bootenv.extract import Stats
 from bootenv.fetchahead import FetchAhead
 from bootenv.manifest import Blob, Chunk, Component
-from bootenv.schedule import ComponentResult, _pump, _Scheduler
+from bootenv.schedule import ComponentResult, Scheduler
 from tests.unit import test_layout_chunks as chunks
 from tests.unit.httpfault import Fault, FaultServer
 from tests.unit.test_layout_chunks import manifest
 
 images = chunks.images  # the chunked image, a fixture: pytest finds it by this name
-
-
-def test_the_event_pump_hands_on_every_event_then_ends_at_the_sentinel() -> None:
-    events: queue.Queue[dict[str, int] | None] = queue.Queue()
-    for item in ({"n": 0}, {"n": 1}, None, {"n": 99}):
-        events.put(item)
-    got: list[dict[str, int]] = []
-    _pump(events, got.append, threading.Event())
-    assert got == [{"n": 0}, {"n": 1}]
-
-
-def test_the_event_pump_ends_once_stopped_though_the_sentinel_never_comes() -> None:
-    """A stream killed while it held the queue's lock keeps the parent's None from being
-    sent: the layout must still end."""
-    events: queue.Queue[dict[str, int] | None] = queue.Queue()
-    events.put({"n": 1})
-    stop = threading.Event()
-    got: list[dict[str, int]] = []
-    pump = threading.Thread(target=_pump, args=(events, got.append, stop))
-    pump.start()
-    stop.set()
-    pump.join(5)
-    assert not pump.is_alive()
-    assert got == [{"n": 1}]
 
 
 class _Held:
@@ -81,7 +57,7 @@ def _held_run(
     """A 2-stream scheduler laying out `comp` on a thread, its jobs held in a `_Held` pool;
     on exit, whatever is left runs to the end, and `ahead` is closed."""
     pool = _Held()
-    sched = _Scheduler(2, root, os.geteuid() == 0, ahead)
+    sched = Scheduler(2, root, os.geteuid() == 0, ahead)
     results: list[list[ComponentResult]] = []
     runner = threading.Thread(target=lambda: results.append(sched.run(pool, [comp])), daemon=True)
     runner.start()
@@ -210,7 +186,7 @@ def test_pieces_of_a_component_that_failed_meanwhile_are_neither_queued_nor_fetc
     root.mkdir()
     ahead = FetchAhead(str(chunked), 2, spill=tmp_path)
     try:
-        sched = _Scheduler(2, root, os.geteuid() == 0, ahead)
+        sched = Scheduler(2, root, os.geteuid() == 0, ahead)
         sched.started[comp.name], sched.got[comp.name] = time.monotonic(), {}
         first: Future[Any] = Future()
         sched.jobs[first] = ("piece", comp, 0)
@@ -243,7 +219,7 @@ def test_pieces_start_in_order_of_the_work_they_are_not_of_their_download(tmp_pa
     comp = Component("db", Blob("d.tar.zst", "0" * 64, 30_400, 134_000), (), (), 9, (), chunks)
     ahead = FetchAhead(str(tmp_path), 2, spill=tmp_path)
     try:
-        sched = _Scheduler(2, tmp_path, False, ahead)
+        sched = Scheduler(2, tmp_path, False, ahead)
         sched.started[comp.name], sched.got[comp.name] = time.monotonic(), {}
         first: Future[Any] = Future()
         sched.jobs[first] = ("piece", comp, 0)
@@ -257,7 +233,7 @@ def test_pieces_start_in_order_of_the_work_they_are_not_of_their_download(tmp_pa
         ahead.close()
 
 
-def _later_order(sched: _Scheduler) -> list[tuple[int, int]]:
+def _later_order(sched: Scheduler) -> list[tuple[int, int]]:
     """(piece, bytes of memory asked for) of what fetch_ahead() starts, in order, while
     a component's first piece is laid out (with room for every piece)."""
     asked: list[int] = []
@@ -311,7 +287,7 @@ def test_slots_held_by_released_fetches_are_waited_for(
     timer = threading.Timer(0.3, ahead.gate.set_result, (None,))
     timer.start()
     try:
-        [res] = _Scheduler(2, root, os.geteuid() == 0, ahead).run(schedule_mod._Inline(), [comp])
+        [res] = Scheduler(2, root, os.geteuid() == 0, ahead).run(schedule_mod.Inline(), [comp])
     finally:
         timer.cancel()
         ahead.close()
