@@ -303,7 +303,8 @@ CMDLINE_MAX = 64 << 10
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from bootenv.agent import finish, report_bad_settings, run_agent
+    from bootenv.agent import finish, run_agent
+    from bootenv.agent_report import report_bad_settings
     from bootenv.cmdline import FLAGS, KEYS, CmdlineError, callback_of, parse_cmdline
 
     # The kernel passes its command line on as bytes, UTF-8 or not: a byte that does not

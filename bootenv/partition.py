@@ -205,7 +205,7 @@ def reread(path: str) -> None:
             except OSError as exc:
                 if exc.errno == errno.EINVAL:
                     # A loop device attached without -P cannot have partitions: callers
-                    # fall back to offset loop devices (see agent.partition_devices).
+                    # fall back to offset loop devices (see agent_disk.partition_devices).
                     log.info("%s does not support partitions in the kernel; using offsets", path)
                     return
                 if exc.errno != errno.EBUSY or attempt == 4:

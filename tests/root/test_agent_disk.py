@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from bootenv import bootloader
-from bootenv.agent import partition_devices, run_agent
+from bootenv.agent import run_agent
+from bootenv.agent_disk import partition_devices
 from bootenv.bootloader import GRUB_LIB, Firmware
 from bootenv.cmdline import parse_cmdline
 from bootenv.errors import FatalError, UserError, VerificationError

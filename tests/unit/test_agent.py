@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bootenv import agent, bootloader
+from bootenv import agent, agent_disk, agent_plan, bootloader
 from bootenv.blockmap import BlockMap, data_extents
 from bootenv.cmdline import parse_cmdline
 from bootenv.disks import DiskChoice, DiskInfo
@@ -81,9 +81,9 @@ def setup(monkeypatch: pytest.MonkeyPatch, disk: Path) -> list[str]:
         agent, "load_checked", lambda source, m, which: BlockMap(m.rootfs.image_size, 4096, ())
     )
     info = DiskInfo(str(disk), disk.stat().st_size)
-    monkeypatch.setattr(agent, "_choose", lambda cfg, need: DiskChoice(info, ()))
+    monkeypatch.setattr(agent_disk, "choose", lambda cfg, need: DiskChoice(info, ()))
     monkeypatch.setattr(bootloader, "check_available", lambda: None)
-    monkeypatch.setattr(agent, "wipe_disk", lambda d, plan: wiped.append(d))
+    monkeypatch.setattr(agent_disk, "wipe_disk", lambda d, plan: wiped.append(d))
     return wiped
 
 
@@ -91,15 +91,15 @@ def test_preflight_plans_a_disk_file(tmp_path: Path) -> None:
     path = tmp_path / "disk.img"
     with open(path, "wb") as f:
         f.truncate(1024 * MiB)
-    plan = agent.preflight(str(path), ROOT_MIN)
+    plan = agent_disk.preflight(str(path), ROOT_MIN)
     assert plan == plan_partitions(1024 * MiB, 512, ROOT_MIN)
 
 
 def test_preflight_refuses_what_is_not_a_disk(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
-        agent.preflight(str(tmp_path / "nope"), ROOT_MIN)
+        agent_disk.preflight(str(tmp_path / "nope"), ROOT_MIN)
     with pytest.raises(UserError, match="neither a disk"):
-        agent.preflight(str(tmp_path), ROOT_MIN)
+        agent_disk.preflight(str(tmp_path), ROOT_MIN)
 
 
 def test_too_small_disk_is_refused_before_any_write(
@@ -149,9 +149,9 @@ def test_wipe_disk_zeroes_tables_and_signatures(monkeypatch: pytest.MonkeyPatch,
     disk = fake_disk(tmp_path, size)
     plan = plan_partitions(size, 512, ROOT_MIN)
     ran: list[list[str]] = []
-    monkeypatch.setattr(agent, "run", lambda argv, **kw: ran.append([str(a) for a in argv]))
-    monkeypatch.setattr(agent, "which", lambda tool: tool)
-    agent.wipe_disk(str(disk), plan)
+    monkeypatch.setattr(agent_disk, "run", lambda argv, **kw: ran.append([str(a) for a in argv]))
+    monkeypatch.setattr(agent_disk, "which", lambda tool: tool)
+    agent_disk.wipe_disk(str(disk), plan)
     with open(disk, "rb") as f:
         for offset in (0, size - MiB, plan.bios.offset, plan.esp.offset, plan.root.offset):
             assert os.pread(f.fileno(), MiB, offset) == bytes(MiB)
@@ -197,15 +197,15 @@ def test_cli_agent_reads_the_cmdline_file_and_overrides(
 
 
 def test_plan_split_writes_the_os_and_lays_out_the_chosen_components() -> None:
-    plan = agent.plan_install(parse_cmdline(f"{HTTP_IMG} bootenv.components=php"), LAMP)
+    plan = agent_plan.plan_install(parse_cmdline(f"{HTTP_IMG} bootenv.components=php"), LAMP)
     assert (plan.which, plan.image) == ("os", LAMP.os)
     assert plan.layout == plan.installed == ("apache", "php")  # php needs apache
-    none = agent.plan_install(parse_cmdline("bootenv.image=/img bootenv.components=none"), LAMP)
+    none = agent_plan.plan_install(parse_cmdline("bootenv.image=/img bootenv.components=none"), LAMP)
     assert none.layout == none.installed == ()
 
 
 def test_plan_single_writes_the_single_image_and_lays_out_nothing() -> None:
-    plan = agent.plan_install(parse_cmdline("bootenv.image=/img bootenv.single=1"), LAMP)
+    plan = agent_plan.plan_install(parse_cmdline("bootenv.image=/img bootenv.single=1"), LAMP)
     assert (plan.which, plan.image) == ("single", SINGLE)
     assert plan.layout == ()  # the layout service only reports os_booted and done
     assert plan.installed == ("apache", "php")
@@ -259,9 +259,9 @@ def test_single_mode_writes_the_single_image_and_reports_like_split(
     monkeypatch.setattr(agent, "open_signed", lambda image, trust: (None, LAMP, None))
     bmap = BlockMap(2 * ROOT_MIN, 4096, ())
     monkeypatch.setattr(agent, "load_checked", lambda source, manifest, which: bmap)
-    seen: list[agent.Image] = []
+    seen: list[agent_plan.Image] = []
 
-    def write_disk(cfg: object, disk: str, layout: object, image: agent.Image, *rest: object) -> None:
+    def write_disk(cfg: object, disk: str, layout: object, image: agent_plan.Image, *rest: object) -> None:
         seen.append(image)
 
     monkeypatch.setattr(agent, "_write_disk", write_disk)
@@ -295,8 +295,8 @@ def test_first_boot_checks_the_image_with_the_key_the_agent_trusted(tmp_path: Pa
     source, manifest, signer = open_signed(str(image), agent.trust(cfg, builtin))
     assert signer is not None and signer.startswith("sha256:")
     bmap = BlockMap(manifest.rootfs.image_size, 4096, ())
-    opened = agent.Image(manifest, source, agent.plan_install(cfg, manifest), bmap, signer)
-    argv = layout_argv(agent.layout_handoff(cfg, opened, "web1"))
+    opened = agent_plan.Image(manifest, source, agent_plan.plan_install(cfg, manifest), bmap, signer)
+    argv = layout_argv(agent_plan.layout_handoff(cfg, opened, "web1"))
     assert argv[argv.index("--fingerprint") + 1] == signer and "--insecure" not in argv
     # What the target's layout then trusts: that fingerprint alone, and it verifies.
     assert open_signed(str(image), Trust(fingerprints=(signer,)))[2] == signer
@@ -320,7 +320,7 @@ def test_a_disk_that_fits_min_size_but_not_the_image_is_refused_untouched(
         asked.append(need)
         return DiskChoice(DiskInfo(str(disk), disk.stat().st_size), ())
 
-    monkeypatch.setattr(agent, "_choose", choose)
+    monkeypatch.setattr(agent_disk, "choose", choose)
     written: list[str] = []
     monkeypatch.setattr(agent, "_write_disk", lambda *a: written.append("x"))
     with pytest.raises(UserError, match="too small"):
@@ -340,7 +340,7 @@ def test_preflight_refuses_a_disk_of_a_partial_sector_untouched(
     disk = fake_disk(tmp_path, size)
     before = digest(disk)
     with pytest.raises(UserError, match=f"{size} bytes, not a whole number of its 512-byte sectors"):
-        agent.preflight(str(disk), ROOT_MIN)
+        agent_disk.preflight(str(disk), ROOT_MIN)
     wiped = setup(monkeypatch, disk)
     written: list[str] = []
     monkeypatch.setattr(agent, "_write_disk", lambda *a: written.append("x"))
@@ -367,9 +367,9 @@ def test_a_ramdisk_directory_image_with_components_is_refused_untouched(
     assert digest(disk) == before and written == [] and wiped == []
     # Nothing to lay out: allowed. Served over http: laid out on first boot.
     for words in ("bootenv.components=none", "bootenv.single"):
-        assert agent.plan_install(parse_cmdline(f"bootenv.image=/srv/img {words}"), LAMP).layout == ()
-    assert agent.plan_install(parse_cmdline("bootenv.image=/srv/img"), MANIFEST).layout == ()
-    served = agent.plan_install(parse_cmdline(f"{HTTP_IMG} bootenv.components=php"), LAMP)
+        assert agent_plan.plan_install(parse_cmdline(f"bootenv.image=/srv/img {words}"), LAMP).layout == ()
+    assert agent_plan.plan_install(parse_cmdline("bootenv.image=/srv/img"), MANIFEST).layout == ()
+    served = agent_plan.plan_install(parse_cmdline(f"{HTTP_IMG} bootenv.components=php"), LAMP)
     assert served.layout == ("apache", "php")
 
 
@@ -387,7 +387,7 @@ def test_a_passed_on_argument_that_is_not_ascii_is_refused_untouched(
     with pytest.raises(UserError, match=r"console=ttyS0,115200\\xe9 is not printable ASCII"):
         agent.run_agent(parse_cmdline(text), ramdisk_cmdline=text)
     assert digest(disk) == before and written == [] and wiped == []
-    agent.check_passed_on("bootenv.image=/img console=ttyS0 caf\udce9 nomodeset")  # not passed on
+    agent_plan.check_passed_on("bootenv.image=/img console=ttyS0 caf\udce9 nomodeset")  # not passed on
 
 
 @pytest.mark.parametrize(
@@ -396,8 +396,8 @@ def test_a_passed_on_argument_that_is_not_ascii_is_refused_untouched(
 def test_passed_on_arguments_grub_cfg_would_split_or_run_are_refused(arg: str) -> None:
     """They go unquoted into grub.cfg's linux line and kexec's --command-line."""
     with pytest.raises(UserError, match=r"grub\.cfg cannot take"):
-        agent.check_passed_on(f"bootenv.image=/img {arg}")
-    agent.check_passed_on("bootenv.image=/img console=ttyS0,115200n8 console=tty0 nomodeset")
+        agent_plan.check_passed_on(f"bootenv.image=/img {arg}")
+    agent_plan.check_passed_on("bootenv.image=/img console=ttyS0,115200n8 console=tty0 nomodeset")
 
 
 OLD_OS = b"\xeb\x63\x90old os boot sector".ljust(510, b"\0") + b"\x55\xaa"
@@ -456,8 +456,9 @@ def test_an_image_that_cannot_be_written_leaves_the_old_disk_untouched(
         if "losetup" in str(argv[0]):
             raise FatalError("no losetup in a unit test")
 
-    monkeypatch.setattr(agent, "run", run)
-    monkeypatch.setattr(agent, "which", lambda tool: tool)
+    for module in (agent, agent_disk):  # wipefs at the partition step; losetup, wipefs to wipe
+        monkeypatch.setattr(module, "run", run)
+        monkeypatch.setattr(module, "which", lambda tool: tool)
     with pytest.raises(BootenvError) as info:
         agent.run_agent(parse_cmdline(f"bootenv.image=/img bootenv.callback={url}"))
     assert digest(disk) == before and ran == [] and wiped == []
@@ -481,13 +482,13 @@ def test_a_disk_named_by_a_symlink_is_the_disk_it_points_to(
     (by_id / "wwn-0x5000").symlink_to("../../../sdb")  # udev's links are relative
     (tmp_path / "sdb").touch()
     disks = [DiskInfo("/dev/nvme0n1", 512 * MiB), DiskInfo(str(tmp_path / "sdb"), 512 * MiB)]
-    monkeypatch.setattr(agent, "read_disks", lambda: disks)
+    monkeypatch.setattr(agent_disk, "read_disks", lambda: disks)
     cfg = parse_cmdline("bootenv.image=/img")
     for link, node in (("nvme-Samsung_SSD_980_S64", "/dev/nvme0n1"), ("wwn-0x5000", str(tmp_path / "sdb"))):
         named = replace(cfg, disk=DiskSelector(DiskKind.DEVICE, str(by_id / link)))
-        choice = agent._choose(named, ROOT_MIN)
+        choice = agent_disk.choose(named, ROOT_MIN)
         assert choice.disk.devnode == node
         assert [r.disk.devnode for r in choice.rejected] == [d.devnode for d in disks if d.devnode != node]
     gone = replace(cfg, disk=DiskSelector(DiskKind.DEVICE, str(by_id / "ata-gone")))
     with pytest.raises(UserError, match=r"by-id/ata-gone: no such disk"):
-        agent._choose(gone, ROOT_MIN)
+        agent_disk.choose(gone, ROOT_MIN)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bootenv import agent, bootloader, cli, handoff, target
+from bootenv import agent, agent_report, bootloader, cli, handoff, target
 from bootenv.cmdline import AgentConfig, Handoff
 from bootenv.errors import CommandError, FatalError
 from bootenv.machines import State
@@ -100,7 +100,7 @@ def test_bad_settings_are_posted_to_a_callback_that_parsed(
 def provisioned(cfg: AgentConfig, *, ramdisk_cmdline: str = "") -> agent.AgentResult:
     """run_agent that wrote the disk: it posts what a real run posts up to the hand-off,
     and closes its callback, as a real run does before `finish`."""
-    report = agent.Report(cfg.callback)
+    report = agent_report.Report(cfg.callback)
     report.post("start", data={"hostname": "web1", "image": cfg.image})
     with report.step("write-os", "Streaming the OS sub-image to /dev/sdz3"):
         pass

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from bootenv import agent, bootloader, cli, handoff
+from bootenv import agent, agent_disk, bootloader, cli, handoff
 from bootenv.disks import DiskChoice, DiskInfo
 from bootenv.machines import Machine, State, assign
 from bootenv.partition import MiB, PartitionPlan, Role, plan_partitions, required_size
@@ -93,7 +93,7 @@ def run_reassigned(
     disk = tmp_path / "disk.img"
     plan = disk_file(disk, required_size(SIZE))
     monkeypatch.setattr(
-        agent, "_choose", lambda cfg, need: DiskChoice(DiskInfo(str(disk), plan.disk_size), ())
+        agent_disk, "choose", lambda cfg, need: DiskChoice(DiskInfo(str(disk), plan.disk_size), ())
     )
     monkeypatch.setattr(bootloader, "check_available", lambda: None)
     ran: list[list[str]] = []
@@ -144,7 +144,7 @@ def test_a_run_assigned_again_while_it_writes_stops_at_its_next_step(
             assert refused.wait(10), "serve's 409 never reached the agent"
             return write_os(*args, **kw)  # type: ignore[arg-type]
 
-        monkeypatch.setattr(agent, "partition_devices", partitions)
+        monkeypatch.setattr(agent_disk, "partition_devices", partitions)
         monkeypatch.setattr(agent, "write_os", write_after_the_answer)
 
     code, last, out, ran, old, new = run_reassigned(monkeypatch, tmp_path, capsys, fake)

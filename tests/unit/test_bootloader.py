@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bootenv import agent, bootloader, target
+from bootenv import agent, agent_disk, agent_plan, bootloader, target
 from bootenv.bootloader import BootPlan, Firmware, plan_boot, running_firmware
 from bootenv.cmdline import parse_cmdline
 from bootenv.errors import FatalError, UserError
@@ -74,7 +74,7 @@ def test_agent_refuses_a_4kn_disk_under_legacy_bios_before_any_write(
     disk = fake_disk(tmp_path, required_size(ROOT_MIN, 4096) + 64 * MiB)
     before = digest(disk)
     wiped = setup(monkeypatch, disk)
-    monkeypatch.setattr(agent, "sector_size", lambda fd: 4096)
+    monkeypatch.setattr(agent_disk, "sector_size", lambda fd: 4096)
     monkeypatch.setattr(bootloader, "running_firmware", lambda: Firmware.BIOS)
     written: list[str] = []
     monkeypatch.setattr(agent, "_write_disk", lambda *a: written.append("x"))
@@ -94,9 +94,9 @@ def test_agent_reports_a_4kn_disk_under_uefi_as_uefi_only(
     url, got = events
     disk = fake_disk(tmp_path, required_size(ROOT_MIN, 4096) + 64 * MiB)
     setup(monkeypatch, disk)
-    monkeypatch.setattr(agent, "sector_size", lambda fd: 4096)
+    monkeypatch.setattr(agent_disk, "sector_size", lambda fd: 4096)
     monkeypatch.setattr(bootloader, "running_firmware", lambda: Firmware.UEFI)
-    layouts: list[agent.Layout] = []
+    layouts: list[agent_plan.Layout] = []
     monkeypatch.setattr(agent, "_write_disk", lambda cfg, d, layout, *a: layouts.append(layout))
     result = agent.run_agent(parse_cmdline(f"bootenv.image=/img bootenv.callback={url}"))
     assert layouts[0].plan.sector_size == 4096 and layouts[0].boot == result.boot
@@ -144,7 +144,9 @@ def test_install_bootloader_on_a_4kn_disk_writes_no_bios_loader_and_says_why(
     boot = plan_boot("/dev/nvme0n1", 4096, Firmware.UEFI)
     root = _fake_target(tmp_path / "root")
     with caplog.at_level(logging.WARNING, logger="bootenv.agent"):
-        agent._install_bootloader("/dev/nvme0n1", agent.Layout(plan, boot), root, "/dev/nvme0n1p2", IDENT, "")
+        agent._install_bootloader(
+            "/dev/nvme0n1", agent_plan.Layout(plan, boot), root, "/dev/nvme0n1p2", IDENT, ""
+        )
     assert installed == ["efi /dev/nvme0n1p2"]
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warned == [boot.note]
@@ -161,6 +163,6 @@ def test_install_bootloader_on_512_byte_sectors_writes_both(
     )
     monkeypatch.setattr(bootloader, "install_efi", lambda esp, uuid: installed.append(f"efi {esp}"))
     plan = plan_partitions(1024 * MiB, 512, ROOT_MIN)
-    layout = agent.Layout(plan, plan_boot("/dev/sda", 512, Firmware.BIOS))
+    layout = agent_plan.Layout(plan, plan_boot("/dev/sda", 512, Firmware.BIOS))
     agent._install_bootloader("/dev/sda", layout, _fake_target(tmp_path / "root"), "/dev/sda2", IDENT, "")
     assert installed == [f"bios {MiB}", "efi /dev/sda2"]
