@@ -1,6 +1,6 @@
 """Post provisioning events to the callback URL (`bootenv serve`'s /callback/<mac>/<assignment>).
 
-The schema is `bootenv.machines.parse_event`'s: {"event": KIND, "source": "agent" |
+The schema is `bootenv.event_schema.parse_event`'s: {"event": KIND, "source": "agent" |
 "layout", "step", "status": start|done|failed, "component", "elapsed", "bytes",
 "total", "files", "path", "message", "fatal", "data", "time", "seq"}. "time" (when it
 was queued) and "seq" (1, 2, ... in this sender) name an event: an attempt made again,
@@ -54,7 +54,7 @@ RETRY_WAIT = 5.0  # at most between two attempts; a longer Retry-After is cut to
 CLOSE_WAIT = 15.0  # for the queued events, once provisioning is done (and the last attempt)
 QUEUE = 10_000  # events waiting at most; past that, new ones are dropped (and counted)
 _BUSY = frozenset({429, 502, 503, 504})
-# What `bootenv serve` takes (machines.MAX_TEXT, serve.MAX_BODY; tests/unit/test_callback.py
+# What `bootenv serve` takes (event_schema.MAX_TEXT, serve.MAX_BODY; tests/unit/test_callback.py
 # holds them together): characters of one text field, and bytes of one field and of the
 # body as JSON, which escapes what is not ASCII (a character can take 12 bytes).
 MAX_TEXT = 4000

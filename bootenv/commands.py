@@ -408,7 +408,7 @@ def cmd_assign(args: argparse.Namespace) -> int:
 
 
 def cmd_machines(args: argparse.Namespace) -> int:
-    from bootenv.machines import to_dict
+    from bootenv.machine_record import to_dict
     from bootenv.state import Damaged, Store, default_state_dir, timeline_rows
 
     state = args.state or default_state_dir()

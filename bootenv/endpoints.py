@@ -16,9 +16,11 @@ from urllib.parse import parse_qs, unquote
 
 from bootenv import bootfiles, menu
 from bootenv.errors import UserError
+from bootenv.event_schema import EventError, parse_event
 from bootenv.httpconn import AnswerError
 from bootenv.httpfiles import StaticHandler
-from bootenv.machines import FINAL, EventError, Machine, check_assignment, normalize_mac, parse_event, to_dict
+from bootenv.machine_record import to_dict
+from bootenv.machines import FINAL, Machine, check_assignment, normalize_mac
 from bootenv.state import Damaged, StoreFullError, SupersededError
 
 if TYPE_CHECKING:

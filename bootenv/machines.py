@@ -6,44 +6,28 @@
 A machine moves only forward. An event may skip states (a lost callback must not wedge
 a machine), but an event that would move it backwards, or out of `done`/`failed`, is an
 *invalid transition*: it is recorded on the machine and in the events log, and the state
-does not change. Nothing here raises on a well-formed event; only malformed input raises
-(`EventError`), and the server answers that with 400.
+does not change. Nothing here raises on an event: malformed input was refused when it
+was parsed (bootenv/event_schema.py: `EventError`, which the server answers with 400).
 
-The event format that the agent and the layout service post is documented in
-docs/SERVE.md ("Callback events").
+A machine is assigned here (`assign`, which checks what goes into its iPXE script), and
+an event of a run that another assignment replaced is told apart (`superseded`). Its
+stored JSON form is bootenv/machine_record.py's.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import secrets
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any
 
 from bootenv import ipxetext
 from bootenv.errors import UserError
+from bootenv.event_schema import NAME, Event, Kind, StepStatus
 
 _MAC = re.compile(r"^[0-9a-f]{2}([:-]?)[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _ASSIGNMENT = re.compile(r"^[0-9a-f]{16}$")
-MAX_TEXT = 4096  # characters of one message, path or step name
-MAX_DEPTH = 32  # levels of lists and objects in an event's data
-
-
-class EventError(UserError):
-    """A callback event is malformed."""
-
-
-class RecordError(UserError):
-    """A stored machine record does not hold a machine (edited by hand, or damaged)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"machine record is damaged: {reason}")
-        self.reason = reason
 
 
 class State(StrEnum):
@@ -68,21 +52,6 @@ FINAL = (State.DONE, State.FAILED)
 # States in which the OS is on the disk: the machine boots from it, never reinstalls.
 INSTALLED = (State.OS_WRITTEN, State.OS_BOOTED, State.COMPONENTS_LAID_OUT, State.DONE)
 
-
-class Kind(StrEnum):
-    """What an event says. Milestone kinds move the state; the others are the timeline."""
-
-    START = "start"  # the agent (-> provisioning) or the layout service (-> os_booted) is up
-    STEP = "step"  # a named step started, finished or failed (with its timing)
-    PROGRESS = "progress"  # bytes or files done of a step
-    CONFLICT = "conflict"  # the layout kept both versions of a path
-    OS_WRITTEN = "os_written"  # the OS sub-image is on the disk and verified
-    OS_BOOTED = "os_booted"  # the target OS is running (the layout service started)
-    COMPONENTS_LAID_OUT = "components_laid_out"
-    DONE = "done"  # everything finished
-    ERROR = "error"  # fatal unless "fatal": false -> failed
-
-
 MILESTONES: dict[Kind, State] = {
     Kind.OS_WRITTEN: State.OS_WRITTEN,
     Kind.OS_BOOTED: State.OS_BOOTED,
@@ -95,30 +64,6 @@ STEP_MILESTONES: dict[str, State] = {
     "write-os": State.OS_WRITTEN,
     "layout": State.COMPONENTS_LAID_OUT,
 }
-
-
-class StepStatus(StrEnum):
-    START = "start"
-    DONE = "done"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class Event:
-    kind: Kind
-    source: str = "agent"  # "agent" or "layout"
-    step: str | None = None
-    status: StepStatus | None = None
-    component: str | None = None
-    elapsed: float | None = None  # seconds the step took, by the sender's clock
-    bytes: int | None = None
-    total: int | None = None
-    files: int | None = None
-    path: str | None = None
-    message: str | None = None
-    fatal: bool = True
-    seq: int | None = None
-    data: Mapping[str, Any] | None = None  # free-form extras, stored as sent
 
 
 @dataclass(frozen=True)
@@ -194,7 +139,7 @@ def check_components(text: str) -> str:
         return text
     names = [n.strip() for n in text.split(",")]
     for name in names:
-        if not _NAME.fullmatch(name) or name in ("os", "all", "none"):
+        if not NAME.fullmatch(name) or name in ("os", "all", "none"):
             raise UserError(f"{name!r} is not a component name", hint="use a,b or all or none")
     if len(set(names)) != len(names):
         raise UserError("a component is named twice")
@@ -364,162 +309,3 @@ def _refusal(current: State, target: State) -> str | None:
     if ORDER.index(target) < ORDER.index(current):
         return f"cannot go back from {current.value} to {target.value}"
     return None
-
-
-def parse_event(doc: object) -> Event:
-    """Validate a decoded JSON callback body; anything wrong is one EventError line."""
-    if not isinstance(doc, dict):
-        raise EventError("an event must be a JSON object")
-    unknown = set(doc) - _FIELDS.keys() - {"event", "time"}
-    if unknown:
-        raise EventError(f"unknown key {sorted(unknown)[0]!r} in event", hint="put extras under 'data'")
-    try:
-        kind = Kind(str(doc.get("event")))
-    except ValueError:
-        raise EventError(
-            f"unknown event {doc.get('event')!r}", hint=f"one of {', '.join(k.value for k in Kind)}"
-        ) from None
-    if doc.get("time") is not None:
-        _field("time", doc["time"], float)  # the sender's clock: it names the event with seq
-    values: dict[str, Any] = {}
-    for key, typ in _FIELDS.items():
-        if key not in doc or doc[key] is None:
-            continue
-        values[key] = _field(key, doc[key], typ)
-    if "source" in values and values["source"] not in ("agent", "layout"):
-        raise EventError("event source must be 'agent' or 'layout'")
-    if "status" in values:
-        try:
-            values["status"] = StepStatus(values["status"])
-        except ValueError:
-            raise EventError("step status must be start, done or failed") from None
-    if kind is Kind.STEP and ("step" not in values or "status" not in values):
-        raise EventError("a step event needs 'step' and 'status'")
-    if "component" in values and not _NAME.fullmatch(values["component"]):
-        raise EventError(f"{values['component']!r} is not a component name")
-    return Event(kind=kind, **values)
-
-
-_FIELDS: dict[str, type] = {
-    "source": str,
-    "step": str,
-    "status": str,
-    "component": str,
-    "elapsed": float,
-    "bytes": int,
-    "total": int,
-    "files": int,
-    "path": str,
-    "message": str,
-    "fatal": bool,
-    "seq": int,  # the sender's sequence number: with "time", it names the event (state.py)
-    "data": dict,
-}
-
-
-def finite(value: object) -> float | None:
-    """A JSON number as a float, or None: not a number, NaN, infinite, or an integer too
-    big for a float (JSON has no bound on them)."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _field(key: str, value: object, typ: type) -> object:
-    if typ is float:
-        number = finite(value)
-        if number is None or number < 0:
-            raise EventError(f"event {key} must be a non-negative number")
-        return number
-    if typ is int:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise EventError(f"event {key} must be a non-negative integer")
-        return value
-    if not isinstance(value, typ):
-        raise EventError(f"event {key} must be {'an object' if typ is dict else typ.__name__}")
-    if isinstance(value, str) and (len(value) > MAX_TEXT or "\x00" in value):
-        raise EventError(f"event {key} is too long or holds a NUL")
-    if isinstance(value, dict) and _depth(value) > MAX_DEPTH:
-        # Stored, it would break every later read of the machine's events: the JSON
-        # encoder the API answers with recurses, and runs out of stack.
-        raise EventError(f"event {key} is nested more than {MAX_DEPTH} levels deep")
-    return value
-
-
-def _depth(value: object) -> int:
-    """How deeply lists and objects nest in a decoded JSON value (a scalar is 0). A loop,
-    not recursion: the value may be as deep as the JSON parser allowed."""
-    deepest, level = 0, [(value, 1)]
-    while level:
-        node, depth = level.pop()
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
-        if children is None:
-            continue
-        deepest = max(deepest, depth)
-        if deepest > MAX_DEPTH:
-            return deepest
-        level.extend((child, depth + 1) for child in children)
-    return deepest
-
-
-def to_dict(machine: Machine) -> dict[str, Any]:
-    """The JSON form stored on disk and printed by `bootenv machines --json`."""
-    return {
-        "mac": machine.mac,
-        "image": machine.image,
-        "components": machine.components,
-        "state": machine.state.value,
-        "timeline": [{"state": m.state.value, "at": m.at} for m in machine.timeline],
-        "hostname": machine.hostname,
-        "entry": machine.entry,
-        "kernel_args": machine.kernel_args,
-        "error": machine.error,
-        "conflicts": machine.conflicts,
-        "invalid": machine.invalid,
-        "events": machine.events,
-        "updated": machine.updated,
-        "assignment": machine.assignment,
-    }
-
-
-def from_dict(doc: Mapping[str, Any]) -> Machine:
-    """A machine from its record, which is held to what `assign` checks: a record edited
-    by hand (or by an older bootenv) whose host name or kernel arguments cannot go into
-    its iPXE script is damaged (RecordError), not a crash of the request that reads it."""
-    if not isinstance(doc, Mapping):
-        raise RecordError(f"it holds a JSON {type(doc).__name__}, not an object")
-    try:
-        machine = Machine(
-            mac=normalize_mac(doc["mac"]),
-            image=str(doc["image"]),
-            components=str(doc["components"]),
-            state=State(doc["state"]),
-            timeline=tuple(Mark(State(m["state"]), float(m["at"])) for m in doc["timeline"]),
-            hostname=doc.get("hostname"),
-            entry=doc.get("entry"),
-            kernel_args=str(doc.get("kernel_args", "")),
-            error=doc.get("error"),
-            conflicts=int(doc.get("conflicts", 0)),
-            invalid=int(doc.get("invalid", 0)),
-            events=int(doc.get("events", 0)),
-            updated=float(doc.get("updated", 0.0)),
-            assignment=doc.get("assignment"),
-        )
-        if machine.hostname is not None and not isinstance(machine.hostname, str):
-            raise TypeError(f"hostname {machine.hostname!r} is not a string")
-        if machine.assignment is not None:
-            if not isinstance(machine.assignment, str):
-                raise TypeError(f"assignment {machine.assignment!r} is not a string")
-            check_assignment(machine.assignment)
-        check_script_values(machine.hostname, machine.kernel_args)
-    except KeyError as exc:
-        raise RecordError(f"it has no {exc.args[0]!r}") from exc
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise RecordError(str(exc)) from exc
-    except UserError as exc:
-        raise RecordError(exc.message) from exc
-    return machine

@@ -43,19 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from bootenv.errors import UserError
-from bootenv.machines import (
-    Event,
-    Machine,
-    Outcome,
-    RecordError,
-    State,
-    apply,
-    finite,
-    from_dict,
-    normalize_mac,
-    superseded,
-    to_dict,
-)
+from bootenv.event_schema import Event, finite
+from bootenv.machine_record import RecordError, from_dict, to_dict
+from bootenv.machines import Machine, Outcome, State, apply, normalize_mac, superseded
 from bootenv.writeback import fsync_dir, write_all
 
 log = logging.getLogger(__name__)

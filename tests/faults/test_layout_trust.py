@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from bootenv.errors import BootenvError, VerificationError
+from bootenv.event_schema import Kind, parse_event
 from bootenv.layout import LayoutConfig, layout
-from bootenv.machines import Kind, parse_event
 from bootenv.signing import SIGNATURE, Trust, keygen, read_public_key, sign
 from tests.faults.conftest import Image
 from tests.faults.helpers import Recorder, tree

@@ -272,7 +272,7 @@ def test_agent_provisions_a_disk(tools: None, gold_image: Path, tmp_path: Path) 
         assert sh("blkid", "-o", "value", "-s", "UUID", espdev).strip() == ident.esp_uuid
     _check_bios_boot(path, plan.bios.offset)
 
-    from bootenv.machines import parse_event
+    from bootenv.event_schema import parse_event
 
     assert all(parse_event(e).source == "agent" for e in events)  # serve's schema
     done = [e["step"] for e in events if e["event"] == "step" and e["status"] == "done"]

@@ -42,7 +42,7 @@ LAMP = replace(
 
 def all_valid(events: list[dict[str, object]]) -> bool:
     """Every event the agent posts is one `bootenv serve` accepts."""
-    from bootenv.machines import parse_event
+    from bootenv.event_schema import parse_event
 
     return all(parse_event(e).source == "agent" for e in events)
 

@@ -81,7 +81,7 @@ def test_bad_settings_are_posted_to_a_callback_that_parsed(
     """docs/AGENT.md: the error of a failure before the first write, bad settings
     included, goes to the callback; the command line was parsed before the agent made
     its callback, so nobody heard of a typo."""
-    from bootenv.machines import parse_event
+    from bootenv.event_schema import parse_event
 
     url, got = events
     seen = no_provisioning(monkeypatch)

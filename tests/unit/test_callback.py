@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bootenv import callback, machines, serve
+from bootenv import callback, event_schema, serve
 from bootenv.callback import Callback, retry_after
 from bootenv.cmdline import DiskSelector
 from bootenv.disks import DiskInfo, choose_disk
@@ -294,7 +294,7 @@ def test_every_event_fits_what_serve_takes(tmp_path: Path) -> None:
     with pytest.raises(UserError) as info:
         choose_disk(disks, DiskSelector(), 8 << 30)
     message = str(info.value)
-    assert len(message) > machines.MAX_TEXT
+    assert len(message) > event_schema.MAX_TEXT
     make_image(tmp_path / "images")
     mac = "52:54:00:00:00:70"
     with running(ServeConfig(images=tmp_path / "images", state=tmp_path / "state", port=0)) as srv:
@@ -327,14 +327,14 @@ def test_every_event_fits_what_serve_takes(tmp_path: Path) -> None:
 def test_the_cut_keeps_under_serves_limits() -> None:
     """The worst an event can be: every text field as long as it may be, in characters
     JSON writes as 12 bytes each, and data too."""
-    assert callback.MAX_TEXT <= machines.MAX_TEXT
-    huge = "\U0001f4be" * machines.MAX_TEXT
-    body = {k: huge for k, typ in machines._FIELDS.items() if typ is str}
+    assert callback.MAX_TEXT <= event_schema.MAX_TEXT
+    huge = "\U0001f4be" * event_schema.MAX_TEXT
+    body = {k: huge for k, typ in event_schema._FIELDS.items() if typ is str}
     body.update(event=huge, data={"x": huge * 10}, time=time.time(), seq=10**9)
     sent = json.dumps(callback.fit(body))
     assert len(sent) <= serve.MAX_BODY
     fitted = json.loads(sent)
-    assert all(len(v) <= machines.MAX_TEXT for v in fitted.values() if isinstance(v, str))
+    assert all(len(v) <= event_schema.MAX_TEXT for v in fitted.values() if isinstance(v, str))
     assert callback.fit({"event": "done", "message": "short\x00"}) == {
         "event": "done",
         "message": "short\\x00",

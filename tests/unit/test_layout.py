@@ -18,9 +18,9 @@ from bootenv import layout as layout_mod
 from bootenv import schedule as schedule_mod
 from bootenv.cli import main
 from bootenv.errors import UserError
+from bootenv.event_schema import StepStatus, parse_event
 from bootenv.journal import STATE_DIR
 from bootenv.layout import LayoutConfig, LayoutResult, layout
-from bootenv.machines import StepStatus, parse_event
 from tests.hostile.kit import MTIME, Comp, d, f, hard, make_image, snapshot, special, sym
 
 ELF_A = b"\x7fELF\x02\x01\x01\0" + b"A" * 64

@@ -15,9 +15,10 @@ from bootenv import stream
 from bootenv.callback import Event
 from bootenv.cli import main
 from bootenv.errors import RetryableError, VerificationError
+from bootenv.event_schema import parse_event
 from bootenv.journal import STATE_DIR
 from bootenv.layout import LayoutConfig, LayoutResult, layout
-from bootenv.machines import Machine, State, apply, assign, parse_event
+from bootenv.machines import Machine, State, apply, assign
 from bootenv.schedule import STREAM_DIED, ComponentResult
 from tests.hostile.kit import ActivatedUnits, Comp, d, f, make_image
 

@@ -14,21 +14,18 @@ from hypothesis import strategies as st
 
 from bootenv import state
 from bootenv.errors import UserError
+from bootenv.event_schema import EventError, Kind, parse_event
+from bootenv.machine_record import from_dict, to_dict
 from bootenv.machines import (
     ORDER,
-    EventError,
-    Kind,
     Machine,
     State,
     apply,
     assign,
     check_components,
     check_image,
-    from_dict,
     normalize_mac,
-    parse_event,
     superseded,
-    to_dict,
 )
 from bootenv.serve import _unknown_machine
 from bootenv.state import Store

@@ -22,7 +22,8 @@ from bootenv import callback
 from bootenv import serve as serve_mod
 from bootenv.callback import Callback
 from bootenv.endpoints import Handler
-from bootenv.machines import State, assign, to_dict
+from bootenv.machine_record import to_dict
+from bootenv.machines import State, assign
 from bootenv.serve import BootenvServer
 from bootenv.state import Store
 from tests.unit.test_serve import MAC, OTHER, callback_path, get, post, script, server
@@ -194,7 +195,7 @@ def test_new_machines_are_counted_one_at_a_time(
 
 
 def test_the_store_caps_new_records_and_only_those(tmp_path: Path) -> None:
-    from bootenv.machines import parse_event
+    from bootenv.event_schema import parse_event
     from bootenv.serve import _unknown_machine
     from bootenv.state import StoreFullError
 
