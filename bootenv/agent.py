@@ -40,7 +40,6 @@ from bootenv.trusted import open_signed
 
 log = logging.getLogger(__name__)
 
-CALLBACK_TIMEOUT = 5.0
 TRUSTED_DIR = Path("/", ramdisk_plan.TRUSTED_DIR)  # keys built in with build-ramdisk --trust
 
 
@@ -90,6 +89,9 @@ def _provision(cfg: AgentConfig, ident: target.Identity, report: Report, cmdline
         bootloader.check_available()
         boot = bootloader.plan_boot(disk, plan.sector_size, bootloader.running_firmware())
         check_passed_on(cmdline)
+    # Asked here too, outside the wipe below: a run stopped before it writes anything
+    # leaves the disk as it was (the partition step's own check would be inside it).
+    report.check_assignment("the partition step")
     with ExitStack() as stack:
         try:
             kexec = _write_disk(

@@ -82,16 +82,20 @@ def run_reassigned(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     fake: Callable[[BootenvServer, threading.Event, Path], None],
+    *,
+    touched: bool = True,
 ) -> tuple[int, str, str, list[list[str]], Machine, Machine]:
     """Assign the machine, run `bootenv agent` on its callback URL (to a disk image file,
     which wipefs and parted write for real, handing off by reboot), once `fake` has put
     the test's stand-ins in (given serve, an event set once the agent has heard a 409,
     and the scratch directory): (exit code, the last line on stderr, stdout, what the
-    hand-off ran, the assignment the run was of, the one after)."""
+    hand-off ran, the assignment the run was of, the one after). `touched`: the run
+    stopped once it had written to the disk, which is wiped then; else it is as it was."""
     (tmp_path / "images").mkdir()
     build_image(tmp_path / "images")  # images/image: the OS sub-image, 24 MiB
     disk = tmp_path / "disk.img"
     plan = disk_file(disk, required_size(SIZE))
+    before = disk.read_bytes()
     monkeypatch.setattr(
         agent_disk, "choose", lambda cfg, need: DiskChoice(DiskInfo(str(disk), plan.disk_size), ())
     )
@@ -112,7 +116,10 @@ def run_reassigned(
         new = srv.store.get(MAC)
     assert new is not None and new.assignment != old.assignment
     out, err = capsys.readouterr()
-    assert wiped(disk, plan), "the disk can still boot what the run wrote"
+    if touched:
+        assert wiped(disk, plan), "the disk can still boot what the run wrote"
+    else:
+        assert disk.read_bytes() == before, "a run that wrote nothing wiped the disk"
     return code, err.splitlines()[-1], out, ran, old, new
 
 
@@ -171,4 +178,34 @@ def test_a_run_assigned_again_after_its_last_step_does_not_hand_off(
     code, last, out, ran, old, new = run_reassigned(monkeypatch, tmp_path, capsys, fake)
     assert code == 1 and ran == [] and "provisioned" not in out
     assert re.fullmatch(said(old, "the hand-off"), last), last
+    assert (new.state, new.events) == (State.ASSIGNED, 0)
+
+
+def test_a_run_assigned_again_before_it_writes_leaves_the_disk_as_it_was(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], allow_run: None
+) -> None:
+    """Assigned again while the agent checks the disk: it stops before the partition
+    step, and the disk (an old system, maybe a good one) is not wiped: the check inside
+    the partition step wiped a disk nothing had been written to."""
+    commands: list[list[str]] = []
+
+    def fake(srv: BootenvServer, refused: threading.Event, tmp: Path) -> None:
+        preflight, passed_on = agent_disk.preflight, agent.check_passed_on
+
+        def reassigned_meanwhile(disk: str, min_root: int) -> PartitionPlan:
+            reassign(srv)
+            return preflight(disk, min_root)
+
+        def after_the_answer(cmdline: str) -> None:
+            assert refused.wait(10), "serve's 409 never reached the agent"
+            passed_on(cmdline)
+
+        monkeypatch.setattr(agent_disk, "preflight", reassigned_meanwhile)
+        monkeypatch.setattr(agent, "check_passed_on", after_the_answer)
+        monkeypatch.setattr(agent, "run", lambda argv, **kw: commands.append([str(a) for a in argv]))
+        monkeypatch.setattr(agent_disk, "run", lambda argv, **kw: commands.append([str(a) for a in argv]))
+
+    code, last, out, ran, old, new = run_reassigned(monkeypatch, tmp_path, capsys, fake, touched=False)
+    assert code == 1 and ran == [] and commands == [] and "provisioned" not in out
+    assert re.fullmatch(said(old, "the partition step"), last), last
     assert (new.state, new.events) == (State.ASSIGNED, 0)
