@@ -26,10 +26,13 @@ so a dead callback costs one failed attempt per event. `close()` waits up to
 CLOSE_WAIT, and the attempt under way, for what is queued (the last events, done or
 error, matter most), and logs what it could not post.
 
-A 409 is final for the run: serve answers it to every event of a run whose assignment
-was replaced since (the machine assigned again, or its record removed). The reason is
-kept (`superseded`), for the agent to stop at its next step, and what is queued or sent
-after it is dropped untried: serve would refuse it all the same.
+A 409 that says `"replaced": true` is final for the run: serve answers so to every event
+of a run whose machine was assigned again since. The reason is kept (`superseded`), for
+the agent to stop at its next step, and what is queued or sent after it is dropped
+untried: serve would refuse it all the same. serve's other 409s (the machine has no
+record any more, as after serve was started on an empty --state; a URL that names no
+assignment, as an agent run by hand sends for an assigned machine) refuse that event
+only: the run is not told to stop, for nobody asked it to.
 """
 
 from __future__ import annotations
@@ -192,7 +195,7 @@ class Callback:
 
         attempts = ATTEMPTS if self._reachable else 1
         answered = False
-        code, reason = 0, ""
+        code, reason, replaced = 0, "", False
         for attempt in range(1, attempts + 1):
             wait = 0.5 * 2 ** (attempt - 1)
             if self._session is None:
@@ -211,6 +214,7 @@ class Callback:
                     self._reachable = True
                     return
                 reason = refusal_reason(content)
+                replaced = code == HTTPStatus.CONFLICT and run_replaced(content)
                 why, busy = f"HTTP {code}" + (f": {reason}" if reason else ""), code in _BUSY
                 wait = retry_after(answer.headers.get("Retry-After"), wait)
             wait = min(wait, RETRY_WAIT, self._deadline - time.monotonic())
@@ -219,7 +223,7 @@ class Callback:
             time.sleep(wait)
         self._reachable = answered  # one that never answered gets one attempt per event
         self._drop()
-        if code == HTTPStatus.CONFLICT:
+        if replaced:
             self._supersede(reason or why)
             why += "; this run's assignment was replaced: its next events are not posted"
         log.warning("could not post %s to %s: %s", body.get("event"), self.url, why)
@@ -309,6 +313,17 @@ def refusal_reason(body: bytes) -> str:
     if len(reason) > MAX_REASON:
         reason = reason[: MAX_REASON - 6] + " [cut]"
     return reason
+
+
+def run_replaced(body: bytes) -> bool:
+    """Whether a 409's answer says this run's assignment was replaced (`bootenv serve`'s
+    `"replaced": true`: the machine was assigned again). Its other 409s (no record any
+    more, a URL that names no assignment) only refuse the event: the run goes on."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and doc.get("replaced") is True
 
 
 def retry_after(header: str | None, default: float) -> float:

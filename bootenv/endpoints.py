@@ -102,7 +102,7 @@ class Handler(StaticHandler):
                 raise AnswerError(HTTPStatus.FORBIDDEN, exc.message) from exc
             except SupersededError as exc:
                 log.warning("%s: refused a %s event: %s", mac, event.kind.value, exc.message)
-                raise AnswerError(HTTPStatus.CONFLICT, exc.message) from exc
+                raise AnswerError(HTTPStatus.CONFLICT, exc.message, replaced=exc.replaced) from exc
             m = outcome.machine
             if outcome.changed:
                 log.info(
@@ -113,7 +113,7 @@ class Handler(StaticHandler):
                 answer["repeated"] = True
             self._json(HTTPStatus.OK, answer)
         except AnswerError as answer:
-            self._json(answer.status, {"error": answer.message})
+            self._json(answer.status, {"error": answer.message, **answer.fields})
         except (ConnectionError, TimeoutError):
             raise
         except (UserError, OSError) as exc:

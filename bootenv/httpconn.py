@@ -265,9 +265,11 @@ def _lengths(headers: Any) -> set[str]:
 
 
 class AnswerError(Exception):
-    """An answer with this status and `{"error": message}`, not a failure of the server."""
+    """An answer with this status and `{"error": message}` (and `fields`, where its
+    handler adds them), not a failure of the server."""
 
-    def __init__(self, status: HTTPStatus, message: str) -> None:
+    def __init__(self, status: HTTPStatus, message: str, **fields: object) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.fields = fields

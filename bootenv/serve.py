@@ -43,8 +43,9 @@ from bootenv import bootfiles, ipxetext, menu
 from bootenv.catalog import Catalog, CatalogError, load_catalog
 from bootenv.endpoints import Handler
 from bootenv.errors import UserError
+from bootenv.event_schema import Event
 from bootenv.httpconn import CappedServer
-from bootenv.machines import INSTALLED, Event, Machine, Mark, Outcome, State, assign
+from bootenv.machines import INSTALLED, Machine, Mark, Outcome, State, assign
 from bootenv.manifest import MANIFEST, MAX_MANIFEST, parse_manifest
 from bootenv.smallfile import read_capped
 from bootenv.state import Store, StoreFullError

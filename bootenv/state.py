@@ -64,7 +64,13 @@ class StoreFullError(UserError):
 
 
 class SupersededError(UserError):
-    """An event of a run that another assignment replaced: nothing is written."""
+    """An event this record does not take (`machines.superseded`): nothing is written.
+    `replaced`: the machine was assigned again since the run's assignment, so the run
+    must stop; otherwise (no record, a URL naming no assignment) it only goes unheard."""
+
+    def __init__(self, message: str, *, replaced: bool) -> None:
+        super().__init__(message)
+        self.replaced = replaced
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,8 @@ class Store:
             return None
         except ValueError as exc:  # not UTF-8
             raise _damaged(mac, path, str(exc)) from exc
+        except OSError as exc:  # a directory, a symlink loop, a file it may not read
+            raise _damaged(mac, path, exc.strerror or str(exc)) from exc
         try:
             machine = from_dict(json.loads(text))
         except RecordError as exc:
@@ -366,7 +374,8 @@ class Store:
 def _refuse_superseded(machine: Machine | None, assignment: str | None) -> None:
     why = superseded(machine, assignment)
     if why is not None:
-        raise SupersededError(why)
+        replaced = assignment is not None and machine is not None and machine.assignment is not None
+        raise SupersededError(why, replaced=replaced)
 
 
 def _damaged(mac: str, path: Path, why: str) -> UserError:

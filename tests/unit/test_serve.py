@@ -753,3 +753,14 @@ def test_cli_machines_lists_the_others_and_names_the_damaged_record(
     assert f"(hint: restore {damaged}" in err
     damaged.unlink()  # removed, as the hint says: the fleet lists whole again
     assert main(["machines", "--state", str(state)]) == 0
+    capsys.readouterr()
+    # A record that cannot be read at all (a directory in its place, a symlink loop: as a
+    # file nobody may read) is damaged as one that does not parse: it hid the whole list.
+    damaged.mkdir()
+    loop = state / "machines" / "52-54-00-ab-cd-f0.json"
+    loop.symlink_to(loop.name)
+    assert main(["machines", "--state", str(state)]) == 2
+    out, err = capsys.readouterr()
+    assert MAC in out and "Traceback" not in err
+    assert f"the record of {OTHER} is damaged: Is a directory" in err
+    assert "the record of 52:54:00:ab:cd:f0 is damaged: Too many levels of symbolic links" in err

@@ -55,9 +55,10 @@ def test_a_replaced_runs_events_do_not_touch_the_new_assignment(server: BootenvS
     make_rack(server)
     store.put(assign(MAC, "rack", "none", now=time.time()), note={"event": "assigned"})
     status, answer = post(server, MAC, WRITTEN, path=old)
-    assert status == 409 and "assigned again" in answer["error"]
+    assert status == 409 and "assigned again" in answer["error"] and answer["replaced"] is True
     status, answer = post(server, MAC, WRITTEN, path=f"/callback/{MAC}")  # a URL naming none
-    assert status == 409 and "names no assignment" in answer["error"]
+    # An agent run by hand is refused, not told its run was replaced: it is not stopped.
+    assert status == 409 and "names no assignment" in answer["error"] and answer["replaced"] is False
     machine = store.get(MAC)
     assert machine is not None and (machine.image, machine.state, machine.events) == (
         "rack",
@@ -97,7 +98,9 @@ def test_a_record_from_before_assignment_ids_hears_the_url_without_one(server: B
 def test_an_assignment_of_a_machine_with_no_record_makes_nothing(server: BootenvServer) -> None:
     """A run whose record was removed since (or an id made up): 409, and no file at all."""
     status, answer = post(server, OTHER, {"event": "start"}, path=f"/callback/{OTHER}/0123456789abcdef")
-    assert status == 409 and "no record" in answer["error"]
+    # Not "replaced": a serve restarted on an empty --state must not stop every agent
+    # running (each would wipe the disk it was writing).
+    assert status == 409 and "no record" in answer["error"] and answer["replaced"] is False
     assert not list(server.config.state.glob("*/52-54-00-ab-cd-ef*"))
 
 
