@@ -35,7 +35,7 @@ from bootenv.atfd import (
     write_sparse,
 )
 from bootenv.conflicts import stored_path
-from bootenv.journal import DirLog
+from bootenv.journal import DirLog, TempLog
 from bootenv.merge import MergeState, is_candidate
 from bootenv.paxread import ArchiveError, Member, PaxReader
 from bootenv.shareddirs import Owner
@@ -74,6 +74,7 @@ class TreeWriter:
         piece: int = 0,
         redirect: tuple[str, ...] = (),
         dirs: DirLog | None = None,
+        temps: TempLog | None = None,
     ) -> None:
         self.root = root
         self.component = component
@@ -97,6 +98,9 @@ class TreeWriter:
         self._dirs_log = dirs
         self._created_dirs: list[tuple[str, int]] = list(dirs.earlier) if dirs else []
         self._redirect = set(redirect)  # dirs that conflicted: their contents go to the store
+        # Where this writer makes temp names, logged before the first in each directory:
+        # the next layout removes those a kill left there (sweep.py).
+        self._temps = temps
         self._index = 0
         self._xattr_warned = False
         self._records: shareddirs.Records | None = None  # opened by the first directory made
@@ -179,6 +183,8 @@ class TreeWriter:
     def _place_at(self, m: Member, reader: PaxReader, parent: str, base: str, *, store: bool) -> None:
         pfd = self.dir_fd(parent)
         tmp = f"{TMP_PREFIX}{self._tag}{self._index}"
+        if self._temps is not None:  # the merged and review temps (sharedpaths.py) go there too
+            self._temps.note(parent)
         if m.kind == "dir":
             self._make_dir(m, pfd, tmp, base, parent, store=store)
             return

@@ -12,6 +12,11 @@ A component's directories get their mtimes last, once all its files are in. So t
 re-run can do that for the directories a killed run made (they exist by then, and the
 re-run makes none of them), the first piece logs each directory it makes in
 ROOT/var/lib/bootenv/layout/dirs/<component> until the component reaches `files`.
+
+Each piece also logs, before it makes its first temp name in a directory, that
+directory, in ROOT/var/lib/bootenv/layout/temps/<component> (TempLog): the next layout
+removes the temp names a killed run left by looking in those directories alone, not by
+walking the tree (sweep.py), also for a component it does not lay out.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from bootenv.writeback import sync_filesystem
 
 STATE_DIR = Path("var/lib/bootenv/layout/state")
 DIRS_DIR = Path("var/lib/bootenv/layout/dirs")
+TEMPS_DIR = Path("var/lib/bootenv/layout/temps")
 PHASES = ("files", "dpkg", "done")
 _fsync = os.fsync  # tests that only simulate kill -9 (not a power cut) may skip the flushes
 
@@ -78,8 +84,9 @@ class Journal:
             _fsync(dfd)
         finally:
             os.close(dfd)
-        if phase == "files":  # its directories have their mtimes: nobody needs the log
+        if phase == "files":  # its directories have their mtimes, its temps are gone: no log is needed
             (self.root / DIRS_DIR / component).unlink(missing_ok=True)
+            (self.root / TEMPS_DIR / component).unlink(missing_ok=True)
 
 
 class DirLog:
@@ -122,6 +129,62 @@ class DirLog:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class TempLog:
+    """Where a piece of a component makes temp names: each directory (its path from the
+    root) on a line of its own, written before the first temp name in it, so a kill -9
+    keeps the line if it keeps the temp. The component's pieces append to one file
+    (O_APPEND: each line whole), each piece every directory once; the file is made with
+    its first line. What the lines say is read by sweep.py."""
+
+    def __init__(self, root: Path, component: str) -> None:
+        self.path = root / TEMPS_DIR / component
+        self.fd: int | None = None
+        self.noted: set[str] = set()
+
+    def note(self, rel: str) -> None:
+        if rel in self.noted:
+            return
+        if self.fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            self.fd = os.open(self.path, flags, 0o600)
+        os.write(self.fd, json.dumps(rel).encode() + b"\n")
+        self.noted.add(rel)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> TempLog:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def logged_dirs(path: Path) -> list[str]:
+    """The directories a TempLog or a DirLog at `path` names (none if it is missing),
+    without the lines a kill cut short."""
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            doc = json.loads(line)
+        except ValueError:  # a line a kill cut short, or a DirLog's first (its blob)
+            continue
+        if isinstance(doc, str):
+            out.append(doc)
+        elif isinstance(doc, list) and doc and isinstance(doc[0], str):
+            out.append(doc[0])
+    return out
 
 
 def _dir_entry(line: bytes) -> tuple[str, int] | None:

@@ -32,7 +32,7 @@ from bootenv.conflicts import RECORDS, STORE, clean_stale
 from bootenv.dpkgmerge import merge_component_status
 from bootenv.errors import BootenvError, RetryableError, UserError
 from bootenv.hold import HELD_DIR, hold, release
-from bootenv.journal import DIRS_DIR, STATE_DIR, Journal
+from bootenv.journal import DIRS_DIR, STATE_DIR, TEMPS_DIR, Journal
 from bootenv.log import step
 from bootenv.manifest import Component, resolve_components
 from bootenv.merge import STATE, clean_stale_markers
@@ -41,6 +41,7 @@ from bootenv.shareddirs import RECORDS as DIR_RECORDS
 from bootenv.signing import Trust
 from bootenv.source import load_manifest
 from bootenv.streampool import run_streams
+from bootenv.sweep import sweep
 from bootenv.trusted import open_trusted
 
 log = logging.getLogger(__name__)
@@ -230,6 +231,7 @@ _STATE_DIRS = sorted(
         for d in (
             STATE_DIR,
             DIRS_DIR,
+            TEMPS_DIR,
             STATE / "merge",
             STATE / "owners",
             HELD_DIR,
@@ -293,6 +295,7 @@ def _layout(cfg: LayoutConfig, poster: Callback, began: float, activator: Activa
         poster.post("os_booted")  # the layout service runs in the freshly booted OS
     comps: list[Component] = []
     added: list[str] = []
+    offered: set[str] | None = None  # the image's components, once it is read
     # Nothing to lay out reads no image: the single image's first boot, or an image that
     # was a directory of the ramdisk's, which the installed system cannot reach.
     if cfg.components != "none":
@@ -302,8 +305,9 @@ def _layout(cfg: LayoutConfig, poster: Callback, began: float, activator: Activa
         if added:
             log.info("Added as dependencies: %s", ", ".join(added))
         comps = sorted((manifest.component(n) for n in order), key=lambda c: c.name)
+        offered = {c.name for c in manifest.components}
     with _alone(root):  # the first write to the root: after the image is trusted
-        return _lay_out(cfg, root, comps, added, poster, began, activator)
+        return _lay_out(cfg, root, comps, added, offered, poster, began, activator)
 
 
 @contextlib.contextmanager
@@ -336,12 +340,16 @@ def _lay_out(
     root: Path,
     comps: list[Component],
     added: list[str],
+    offered: set[str] | None,
     poster: Callback,
     began: float,
     activator: Activator | None,
 ) -> LayoutResult:
     clean_stale(root)  # a killed run's half-written conflict records ...
     clean_stale_markers(root)  # ... and owner markers
+    # ... and temp names, also of the components this run does not lay out: under the
+    # lock, so no other layout's temps are taken for a killed one's.
+    sweep(root, {c.name for c in comps}, offered)
     journal = Journal(root)
     _guarded(
         "not held back during the layout",

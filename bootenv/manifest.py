@@ -132,6 +132,11 @@ class Manifest:
         return json.dumps(body, indent=2, sort_keys=False) + "\n"
 
 
+def valid_name(name: str) -> bool:
+    """Whether `name` may name a component."""
+    return bool(_NAME.fullmatch(name)) and name not in ("os", "all", "none")
+
+
 def parse_manifest(text: str | bytes) -> Manifest:
     """Parse and validate a manifest; any problem is a one-line ManifestError."""
     if len(text) > MAX_MANIFEST:
@@ -239,7 +244,7 @@ def _component(value: Any, index: int) -> Component:
         {"name": str, "data": dict, "packages": list, "depends": list, "files": int, "units": list},
         {"chunks": list},
     )
-    if not _NAME.fullmatch(d["name"]) or d["name"] in ("os", "all", "none"):
+    if not valid_name(d["name"]):
         raise ManifestError(f"{where}.name {d['name']!r} is not a valid component name")
     data = _blob(d["data"], f"{where}.data")
     return Component(

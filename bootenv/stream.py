@@ -27,7 +27,7 @@ from bootenv.callback import Event
 from bootenv.errors import BootenvError, VerificationError
 from bootenv.extract import Stats, TreeWriter
 from bootenv.fetchahead import Draining, Readable, open_fetched
-from bootenv.journal import DirLog
+from bootenv.journal import DirLog, TempLog
 from bootenv.log import human_bytes
 from bootenv.manifest import Component
 from bootenv.merge import MergeState
@@ -99,6 +99,7 @@ def lay_out_piece(
         try:
             # Piece 0 makes the component's directories: it logs them for a re-run.
             dirs = held.enter_context(DirLog(root, comp.name, comp.data.sha256)) if index == 0 else None
+            temps = held.enter_context(TempLog(root, comp.name))  # where its temp names are, for a sweep
             writer = TreeWriter(
                 root,
                 comp.name,
@@ -107,6 +108,7 @@ def lay_out_piece(
                 piece=index,
                 redirect=redirect,
                 dirs=dirs,
+                temps=temps,
             )
             held.callback(writer.close)
             with open_fetched(*fetched) as f:
