@@ -59,7 +59,7 @@ def sweep(root: Path, laying_out: set[str], offered: set[str] | None) -> list[Sw
     _spill_files(root)
     done = []
     for name, dirs in sorted(_unfinished(root).items()):
-        swept = sweep_component(root, name, dirs)
+        swept = _sweep_component(root, name, dirs)
         _report(swept, laying_out, offered)
         done.append(swept)
     return done
@@ -92,7 +92,7 @@ def _listed(directory: Path) -> list[str]:
         return []
 
 
-def sweep_component(root: Path, component: str, dirs: list[str]) -> Swept:
+def _sweep_component(root: Path, component: str, dirs: list[str]) -> Swept:
     """Remove `component`'s temp names from the logged `dirs`, then mark it swept (its
     TempLog emptied), unless one could not be removed: the next layout tries again."""
     swept = Swept(component)
