@@ -21,12 +21,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from bootenv.errors import UserError
+from bootenv.ramdisk import Ramdisk, build_ramdisk
 from bootenv.run import Stream, popen
+from tests.conftest import require_root, require_tools
 
 OVMF_CANDIDATES = (
     (Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS_4M.fd")),
     (Path("/usr/share/OVMF/OVMF_CODE.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd")),
 )
+
+
+def cached_ramdisk() -> Ramdisk:
+    """The netboot ramdisk, instant when cached, as any user. A build needs root,
+    debootstrap, cpio and zstd: without them the test skips; with them, a build that
+    fails is the test failing."""
+    try:
+        return build_ramdisk()
+    except UserError:
+        require_root()
+        require_tools("debootstrap", "cpio", "zstd")
+        raise
 
 
 def ovmf() -> tuple[Path, Path]:

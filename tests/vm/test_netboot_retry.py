@@ -34,14 +34,14 @@ from typing import Literal
 
 import pytest
 
-from bootenv.errors import UserError
 from bootenv.lab import EMBED, EMBED_URL, GUEST_HOST
 from bootenv.machines import assign
 from bootenv.menu import RAMDISK_INITRD, RAMDISK_KERNEL
 from bootenv.qemu import Vm, VmSpec, free_port, ovmf_code
-from bootenv.ramdisk import Ramdisk, build_ramdisk
+from bootenv.ramdisk import Ramdisk
 from bootenv.serve import ServeConfig, running
-from tests.conftest import require_root, require_tools
+from tests.conftest import require_tools
+from tests.vm.qemu import cached_ramdisk
 
 MAC = "52:54:00:00:00:e5"
 OLD, NEW = "a0" * 8, "b1" * 8  # build ids: 16 hex digits, as bootenv/bootfiles.py has them
@@ -58,13 +58,7 @@ def ramdisk() -> Ramdisk:
     require_tools("qemu-system-x86_64")
     if not Path("/usr/lib/ipxe/qemu/efi-virtio.rom").exists():
         pytest.skip("QEMU's iPXE ROMs are missing (ipxe-qemu)")
-    # Cached, as the other VM tests have it; a build needs root, debootstrap, cpio and zstd.
-    try:
-        return build_ramdisk()
-    except UserError:
-        require_root()
-        require_tools("debootstrap", "cpio", "zstd")
-        raise
+    return cached_ramdisk()
 
 
 class Requests(logging.Handler):

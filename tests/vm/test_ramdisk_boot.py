@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from bootenv.errors import UserError
-from bootenv.ramdisk import SIZE_LIMIT, Ramdisk, build_ramdisk
+from bootenv.ramdisk import SIZE_LIMIT, Ramdisk
 from bootenv.run import run
-from tests.conftest import require_root, require_tools
-from tests.vm.qemu import Qemu, QemuConfig, have_qemu
+from tests.vm.qemu import Qemu, QemuConfig, cached_ramdisk, have_qemu
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +29,7 @@ STAMP = r"^\[\s*(\d+\.\d+)\] "
 def ramdisk() -> Ramdisk:
     if not have_qemu():
         pytest.skip("qemu-system-x86_64 is not installed (run `make deps`)")
-    # Instant when cached, as any user. A build needs root, debootstrap, cpio and zstd:
-    # without them the test skips; with them, a build that fails is the test failing.
-    try:
-        return build_ramdisk()
-    except UserError:
-        require_root()
-        require_tools("debootstrap", "cpio", "zstd")
-        raise
+    return cached_ramdisk()
 
 
 @pytest.fixture
