@@ -12,7 +12,7 @@ to the callback and the console, and the agent exits non-zero (the ramdisk then 
 to a shell; it never reboots, so a failure cannot become a reboot loop).
 
 A run whose assignment was replaced (the admin assigned the machine again while it
-ran: `bootenv serve` answers its events 409) fails so too, at the start of the step
+ran: `bootenv serve` answers its events 409 with `"replaced": true`) fails so too, at the start of the step
 after the answer came, or before the hand-off, once the last events' answers are in:
 the new assignment is carried out by the next network boot, never the old image booted.
 """

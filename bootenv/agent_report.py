@@ -4,7 +4,7 @@ callback, and its fatal errors.
 Every step is timed and posted to the callback (best effort, in the schema of
 `bootenv serve`'s /callback: see bootenv/callback.py). A run whose assignment was
 replaced (the admin assigned the machine again while it ran: `bootenv serve` answers
-its events 409) is told so by `Report.check_assignment` (`SupersededError`), at the
+its events 409 with `"replaced": true`) is told so by `Report.check_assignment` (`SupersededError`), at the
 start of the step after the answer came.
 """
 
@@ -19,8 +19,9 @@ from bootenv.log import step
 
 
 class SupersededError(FatalError):
-    """`bootenv serve` refused this run's events with a 409: the machine was assigned
-    again since the run started, and only a network boot provisions it as assigned."""
+    """`bootenv serve` refused this run's events with a 409 saying `"replaced": true`:
+    the machine was assigned again since the run started, and only a network boot
+    provisions it as assigned."""
 
     def __init__(self, reason: str, before: str) -> None:
         super().__init__(
@@ -53,7 +54,7 @@ class Report:
             yield
 
     def check_assignment(self, before: str) -> None:
-        """Raise SupersededError if serve answered an event of this run 409 (`before`:
+        """Raise SupersededError if serve answered an event of this run 409, replaced (`before`:
         what the run stops before)."""
         reason = self.callback.superseded
         if reason is not None:

@@ -5,8 +5,9 @@ decompresses and lays out one piece of a component at a time (stream.py, extract
 chunk, or the whole blob when it has none. The parent schedules the pieces (most work
 first, schedule.py), and fetches and verifies each one ahead of the streams
 (fetchahead.py): a stream is only ever given bytes that matched the manifest. Around the
-streams, this module resolves the components, holds the root's lock, tries a failure that
-may pass again, and stops at the deadline. When every stream is done, the parent merges
+streams (run by streampool.py), this module resolves the components, holds the root's
+lock and first removes what killed runs left under temp names (sweep.py), tries a
+failure that may pass again, and stops at the deadline. When every stream is done, the parent merges
 the dpkg status of the components that verified, in name order, and activates them:
 ldconfig, daemon-reload, units. Progress goes to the log and, best effort, to a callback
 URL as JSON events.

@@ -64,7 +64,7 @@ def check_output(output: Path) -> None:
 
 def export(ramdisk: Ramdisk, output: Path) -> Ramdisk:
     """Copy kernel and initramfs to `output` with a small JSON note, and link them under
-    the build's id (`output/ID/`, bootfiles.build_id over the bytes copied), beside the
+    the build's id (`output/ID/`, bootfiles.build_id over the sha256s of the bytes copied), beside the
     build `output` served until now (`output/PREV/`, its files linked, not copied): all
     are written to a new directory beside `output`, which then takes its place in one
     step (writeback.replace_dir). Whatever a power cut, a full disk or a kill leaves, and
