@@ -11,7 +11,7 @@ install, and is stopped as soon as the outcome is on record:
 - a build gone between the script and its fetch (build-ramdisk -o ran twice): the load
   is a 404, the script fetched again names the current build, whose kernel boots.
 
-What serve answered comes from its request log (`bootenv.serve` at debug level), which
+What serve answered comes from its request log (`bootenv.httpconn` at debug level), which
 is also where the second test swaps --boot DIR: the log line is written as the script's
 answer starts, before iPXE has read it, so the swap always falls between the script
 being made and its kernel being fetched. Each wait also ends on what a broken script
@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from typing import Literal
 
 import pytest
 
+from bootenv import httpconn
 from bootenv.lab import EMBED, EMBED_URL, GUEST_HOST
 from bootenv.machines import assign
 from bootenv.menu import RAMDISK_INITRD, RAMDISK_KERNEL
@@ -122,7 +124,7 @@ def netboot(
     """`bootenv serve --boot BOOT` on 127.0.0.1 with MAC assigned, and a VM that netboots
     from it; both stopped on exit."""
     requests = Requests(on_script)
-    served = logging.getLogger("bootenv.serve")
+    served = logging.getLogger(httpconn.__name__)  # where each request is logged
     level = served.level
     served.addHandler(requests)
     served.setLevel(logging.DEBUG)
@@ -159,6 +161,13 @@ def netboot(
         with running(config) as srv:
             # The image is never fetched: no agent gets that far.
             srv.store.put(assign(MAC, f"http://{GUEST_HOST}:9/lamp", "all", now=time.time()))
+            # The request log is what the test reads: if it moved (another logger), say
+            # so now, not after a VM's timeout.
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ipxe/boot.ipxe", timeout=10) as answer:
+                answer.read()
+            assert ("/ipxe/boot.ipxe", 200) in requests.seen, (
+                "serve's request log is not where the test reads it"
+            )
             with Vm(spec) as vm:
                 yield Netboot(vm, requests)
     finally:
