@@ -2,6 +2,10 @@
 
 `qemu_argv` is pure (a spec in, an argv out); `Vm` runs it as a context manager that
 always kills QEMU, and reads the serial console log to wait for patterns.
+
+Under SeaBIOS the console log holds iPXE's text too: iPXE's BIOS ROM writes to the
+screen only, and a VM here has none, so SeaBIOS's serial console (sercon) takes the
+screen's place on COM1. OVMF sends its console (iPXE's with it) to the serial port itself.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ OVMF_CANDIDATES = (
     ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
     ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
 )
+# SeaBIOS reads its serial console's I/O port from this fw_cfg file: the port as a
+# little-endian integer of the file's size (two bytes), COM1 here, where -serial goes.
+SERCON_PORT = (0x3F8).to_bytes(2, "little")
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,11 @@ class VmSpec:
     extra: tuple[str, ...] = field(default_factory=tuple)
 
 
+def sercon_file(spec: VmSpec) -> Path:
+    """Where `Vm` writes SERCON_PORT for a SeaBIOS guest: beside its console log."""
+    return spec.console_log.with_name(f"{spec.console_log.name}.sercon-port")
+
+
 def ovmf_code() -> tuple[Path, Path]:
     for code, vars_ in OVMF_CANDIDATES:
         if Path(code).exists() and Path(vars_).exists():
@@ -64,6 +76,8 @@ def qemu_argv(spec: VmSpec, qemu: str = "qemu-system-x86_64", ovmf: Path | None 
             raise UserError("UEFI needs OVMF code and a writable vars file")
         argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={ovmf}"]
         argv += ["-drive", f"if=pflash,format=raw,unit=1,file={spec.uefi_vars}"]
+    else:  # QEMU warns (on its stderr, which popen keeps) that the name is not opt/...
+        argv += ["-fw_cfg", f"name=etc/sercon-port,file={sercon_file(spec)}"]
     netdev = "user,id=n0"
     if spec.tftp_dir is not None:
         netdev += f",tftp={spec.tftp_dir}"
@@ -111,6 +125,8 @@ class Vm:
         if self.spec.firmware == "uefi":
             ovmf = ovmf_code()[0]
         self.spec.console_log.write_bytes(b"")
+        if self.spec.firmware == "bios":
+            sercon_file(self.spec).write_bytes(SERCON_PORT)
         argv = qemu_argv(self.spec, which("qemu-system-x86_64"), ovmf)
         self._proc = popen(argv, stdout=None)
         self.started = time.monotonic()

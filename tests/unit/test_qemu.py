@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bootenv.errors import UserError
-from bootenv.qemu import VmSpec, qemu_argv
+from bootenv.qemu import VmSpec, qemu_argv, sercon_file
 
 
 def test_netboot_bios(tmp_path: Path) -> None:
@@ -35,6 +35,10 @@ def test_netboot_bios(tmp_path: Path) -> None:
     assert "virtio-blk-pci,drive=d0,bootindex=1" in argv
     assert f"file={tmp_path / 'disk.img'},if=none,id=d0,format=raw,cache=unsafe" in argv
     assert "pflash" not in joined
+    # SeaBIOS's serial console, where iPXE's BIOS ROM writes: its port's file beside the log.
+    fw_cfg = argv[argv.index("-fw_cfg") + 1]
+    assert fw_cfg == f"name=etc/sercon-port,file={tmp_path / 'c.log.sercon-port'}"
+    assert sercon_file(spec) == tmp_path / "c.log.sercon-port"
 
 
 def test_uefi_needs_firmware_and_vars(tmp_path: Path) -> None:
@@ -44,6 +48,7 @@ def test_uefi_needs_firmware_and_vars(tmp_path: Path) -> None:
     argv = qemu_argv(spec, ovmf=Path("/usr/share/OVMF/OVMF_CODE_4M.fd"))
     assert "if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd" in argv
     assert f"if=pflash,format=raw,unit=1,file={tmp_path / 'vars.fd'}" in argv
+    assert "-fw_cfg" not in argv  # OVMF's console is on the serial port already
 
 
 def test_direct_kernel_boot(tmp_path: Path) -> None:

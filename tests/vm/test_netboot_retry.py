@@ -137,16 +137,11 @@ def netboot(
     tftp.mkdir()
     (tftp / "boot.ipxe").write_text(EMBED.read_text().replace(EMBED_URL, url))
     uefi_vars: Path | None = None
-    extra: tuple[str, ...] = ()
     if firmware == "uefi":
         uefi_vars = tmp_path / "OVMF_VARS.fd"
         shutil.copyfile(ovmf_code()[1], uefi_vars)
-    else:
-        # iPXE's BIOS ROM writes to the screen only: SeaBIOS's serial console (sercon)
-        # takes the screen's place, on COM1 (0x3f8, the fw_cfg file's two bytes).
-        sercon = tmp_path / "sercon-port"
-        sercon.write_bytes((0x3F8).to_bytes(2, "little"))
-        extra = ("-fw_cfg", f"name=etc/sercon-port,file={sercon}")
+    # Under SeaBIOS, iPXE's text reaches the console log through SeaBIOS's serial
+    # console, which bootenv/qemu.py turns on.
     spec = VmSpec(
         console_log=tmp_path / "console.log",
         firmware=firmware,
@@ -155,7 +150,6 @@ def netboot(
         bootfile="boot.ipxe",
         mac=MAC,
         uefi_vars=uefi_vars,
-        extra=extra,
     )
     try:
         with running(config) as srv:
