@@ -26,6 +26,7 @@ import json
 import os
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from bootenv.writeback import sync_filesystem
 
@@ -89,7 +90,40 @@ class Journal:
             (self.root / TEMPS_DIR / component).unlink(missing_ok=True)
 
 
-class DirLog:
+class _AppendLog:
+    """A component's log that lines are only ever added to: each with one write (O_APPEND:
+    a kill leaves no line half written but the last), to a file made (0600, never through
+    a symlink) with its directory when the log is opened. Closed at the end of the block."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def _open(self) -> int:
+        if self.fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            self.fd = os.open(self.path, flags, 0o600)
+        return self.fd
+
+    def _write(self, line: bytes) -> None:
+        os.write(self._open(), line)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class DirLog(_AppendLog):
     """The directories a component's first piece made, with the mtimes they end with:
     those of the runs before (killed before the component was in) and this one's, each
     line written as the directory is made (a kill -9 keeps it; a power cut may lose the
@@ -97,41 +131,26 @@ class DirLog:
     another one is started again."""
 
     def __init__(self, root: Path, component: str, sha256: str) -> None:
-        d = root / DIRS_DIR
-        d.mkdir(parents=True, exist_ok=True)
-        path = d / component
+        super().__init__(root / DIRS_DIR / component)
         try:
-            lines = path.read_bytes().split(b"\n")
+            lines = self.path.read_bytes().split(b"\n")
         except FileNotFoundError:
             lines = []
         if lines and lines[0] != sha256.encode():
-            path.unlink()
+            self.path.unlink()
             lines = []
         self.earlier = [e for e in map(_dir_entry, lines[1:]) if e is not None]
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        self.fd = os.open(path, flags, 0o600)
+        self._open()
         if not lines:
-            os.write(self.fd, sha256.encode() + b"\n")
+            self._write(sha256.encode() + b"\n")
         elif lines[-1]:  # a line a kill cut short: the next starts on a line of its own
-            os.write(self.fd, b"\n")
+            self._write(b"\n")
 
     def add(self, name: str, mtime_ns: int) -> None:
-        # One write of a whole line: a kill leaves no line half written but the last.
-        os.write(self.fd, json.dumps([name, mtime_ns]).encode() + b"\n")
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-    def __enter__(self) -> DirLog:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+        self._write(json.dumps([name, mtime_ns]).encode() + b"\n")
 
 
-class TempLog:
+class TempLog(_AppendLog):
     """Where a piece of a component makes temp names: each directory (its path from the
     root) on a line of its own, written before the first temp name in it, so a kill -9
     keeps the line if it keeps the temp. The component's pieces append to one file
@@ -139,32 +158,14 @@ class TempLog:
     its first line. What the lines say is read by sweep.py."""
 
     def __init__(self, root: Path, component: str) -> None:
-        self.path = root / TEMPS_DIR / component
-        self.fd: int | None = None
+        super().__init__(root / TEMPS_DIR / component)
         self.noted: set[str] = set()
 
     def note(self, rel: str) -> None:
         if rel in self.noted:
             return
-        if self.fd is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-            self.fd = os.open(self.path, flags, 0o600)
-        os.write(self.fd, json.dumps(rel).encode() + b"\n")
+        self._write(json.dumps(rel).encode() + b"\n")
         self.noted.add(rel)
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self) -> TempLog:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def logged_dirs(path: Path) -> list[str]:
