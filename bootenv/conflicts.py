@@ -13,6 +13,9 @@ own version is stored beside it, and a concatenation may hold a directive twice
 it as merged, not among its conflicts.
 `resolve` takes it as it takes a conflict: `existing` or `merged` keep the merge,
 `incoming` puts the component's version alone in its place, `--file` the admin's.
+
+A resolution that writes a file's bytes does so through a temp file beside it, which a
+resolve killed before its rename leaves: the next one removes it (resolvetemps.py).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from bootenv.errors import UserError
 from bootenv.log import printable
 from bootenv.merge import MAX_MERGE, concatenate, is_text, record_dir
 from bootenv.paxread import ArchiveError
+from bootenv.resolvetemps import remove_killed, resolving, temp_name
 from bootenv.smallfile import read_capped
 from bootenv.writeback import fsync_dir, replace_at, write_durably
 
@@ -231,7 +235,11 @@ def _check_relpath(value: str, name: str) -> None:
 
 
 def load(root: Path, cid: str) -> Conflict:
-    for c in load_all(root):
+    return _find(load_all(root), root, cid)
+
+
+def _find(found: list[Conflict], root: Path, cid: str) -> Conflict:
+    for c in found:
         if c.id == cid:
             return c
     raise UserError(f"no conflict {cid!r} under {root}", hint="see `bootenv conflicts list`")
@@ -284,9 +292,17 @@ def diff(root: Path, c: Conflict) -> str:
 def resolve(root: Path, cid: str, keep: str | None, file: Path | None) -> Conflict:
     """Apply and record a resolution: keep one side, keep the merge, or supply a file.
     Every file is reached from the root without following a symlink."""
-    c = load(root, cid)
+    load(root, cid)  # none: an error, and no lock file made
+    with resolving(root / RECORDS):
+        found = load_all(root)  # read again under the lock: another resolve may have been first
+        remove_killed(root, {c.path.rpartition("/")[0] for c in found})
+        return _resolve(root, _find(found, root, cid), keep, file)
+
+
+def _resolve(root: Path, c: Conflict, keep: str | None, file: Path | None) -> Conflict:
+    """Resolve `c`, under the lock: apply and record the resolution."""
     if c.resolution:
-        raise UserError(f"conflict {cid} is already resolved ({c.resolution.get('keep')})")
+        raise UserError(f"conflict {c.id} is already resolved ({c.resolution.get('keep')})")
     if file is None and keep not in KEEP:
         raise UserError("say --keep existing|incoming|merged or --file F")
     with _under(root, c.path) as (tfd, tname), _under(root, c.stored) as (sfd, sname):
@@ -312,7 +328,7 @@ def resolve(root: Path, cid: str, keep: str | None, file: Path | None) -> Confli
     if file is not None:
         res["file"] = str(file)
     done = Conflict(**{**c.__dict__, "resolution": res})
-    _write_record(root / RECORDS / f"{cid}.json", done.__dict__)
+    _write_record(root / RECORDS / f"{c.id}.json", done.__dict__)
     return done
 
 
@@ -397,5 +413,5 @@ def _replace_content(dfd: int | None, name: str, data: bytes, relpath: str) -> N
         raise UserError(f"/{relpath} is missing: resolve it by hand")
     if not stat.S_ISREG(st.st_mode):
         raise UserError(f"/{relpath} is not a regular file")
-    replace_at(dfd, name, data, like=st, tmp=f".bootenv~resolve.{os.getpid()}")
+    replace_at(dfd, name, data, like=st, tmp=temp_name())
     os.fsync(dfd)
