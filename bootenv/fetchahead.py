@@ -11,9 +11,10 @@ A piece of up to IN_MEMORY bytes waits in memory (a memfd). A larger one, a chun
 one big file or a large blob without chunks, waits in an unnamed temp file (O_TMPFILE) on
 the target's own filesystem, which vanishes when it is closed or the process dies. That
 takes room on the target: the compressed piece, for the few pieces the streams hold or
-have fetched ahead. A stream frees what it has read of its piece as it goes (Draining):
-a piece being laid out holds only what is still to be read of it. A blob without chunks is downloaded whole
-before its first file is placed (capture chunks every component larger than one chunk).
+have fetched ahead. A stream frees what it has read of its piece as it goes (Draining,
+draining.py): a piece being laid out holds only what is still to be read of it. A blob
+without chunks is downloaded whole before its first file is placed (capture chunks every
+component larger than one chunk).
 
 A chunk whose manifest entry pins each block of it (capture does for chunks over 32 MiB)
 is checked block by block instead: only a block that matched is appended to its file,
@@ -32,7 +33,6 @@ stream.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import logging
@@ -41,9 +41,8 @@ import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 from bootenv.atfd import TMP_PREFIX
 from bootenv.errors import FatalError, VerificationError
@@ -91,84 +90,6 @@ def open_fetched(path: str, ino: int, dev: int) -> BinaryIO:
         f.close()
         raise FatalError(f"{path} is not the fetched chunk any more")
     return f
-
-
-class Readable(Protocol):
-    """A piece's compressed bytes: its file, or the part of it checked so far."""
-
-    def read(self, n: int = -1, /) -> bytes: ...
-
-
-class Draining:
-    """A fetched piece read once, front to back, by the stream it was handed to, whose
-    file gives back what has been read as it goes (punched out, FALLOC_FL_PUNCH_HOLE):
-    a piece holds memory (a memfd) or room on the target's disk (a temp file) only for
-    what is still to be read, not all of it until its last file is placed. Measured on
-    a layout of 4 GB on 2 streams (chunks of 16 MiB of incompressible data): memfds at
-    their peak 64 MiB before, 35 MiB after. What is read is a copy, so nothing still
-    needs it. A file that cannot be punched (a filesystem without it) is left whole."""
-
-    def __init__(self, src: Readable, fd: int) -> None:
-        self._src = src
-        self._fd: int | None = fd
-        self._read = 0  # bytes read so far: [0, _read) may go
-        self._freed = 0
-        self._lock = threading.Lock()  # close() against a punch under way
-
-    def close(self) -> None:
-        """No more punching: call it before the file is closed. A read-ahead thread left
-        in a read (prefetch.Prefetch.close gave up on it) would otherwise punch, once its
-        read returns, whatever file has that fd number by then."""
-        with self._lock:
-            self._fd = None
-
-    @staticmethod
-    def of(src: Readable, fd: int) -> Draining:
-        """`src` (reading the file `fd`), draining: with `readinto` where `src` has it."""
-        return _DrainingInto(src, fd) if hasattr(src, "readinto") else Draining(src, fd)
-
-    def read(self, n: int = -1, /) -> bytes:
-        data = self._src.read(n)
-        self._advance(len(data))
-        return data
-
-    def _advance(self, n: int) -> None:
-        self._read += n
-        if self._read - self._freed < FREE_STEP:
-            return
-        with self._lock:
-            if self._fd is None:
-                return
-            if not punch_hole(self._fd, self._freed, self._read - self._freed):
-                self._fd = None  # not on this file's filesystem: leave it whole
-                return
-        self._freed = self._read
-
-
-class _DrainingInto(Draining):
-    def readinto(self, buf: bytearray | memoryview, /) -> int:
-        got: int = self._src.readinto(buf)  # type: ignore[attr-defined]
-        self._advance(got)
-        return got
-
-
-FREE_STEP = 1 << 20  # what a piece frees at a time
-_FALLOC_PUNCH = 0x01 | 0x02  # FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
-
-
-@cache
-def _fallocate() -> ctypes._NamedFuncPointer:
-    fn = ctypes.CDLL(None, use_errno=True).fallocate64  # 64-bit offsets on every ABI
-    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    return fn
-
-
-def punch_hole(fd: int, offset: int, length: int) -> bool:
-    """Free a range of a file (its size stays); False where the filesystem cannot."""
-    if _fallocate()(fd, _FALLOC_PUNCH, offset, length) == 0:
-        return True
-    log.debug("cannot free what was read of a piece: %s", os.strerror(ctypes.get_errno()))
-    return False
 
 
 class FetchAhead:

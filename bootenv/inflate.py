@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import zstandard
 
 if TYPE_CHECKING:
-    from bootenv.fetchahead import Readable  # no import at run time: fetchahead imports far more
+    from bootenv.draining import Readable  # a type only: no import at run time
 
 READ = 1 << 20  # compressed bytes zstd asks for at a time
 KEEP = 2  # idle inflaters kept: one per piece a process lays out at once, and a spare

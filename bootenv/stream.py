@@ -24,9 +24,10 @@ from bootenv import inflate
 from bootenv.arriving import Arriving
 from bootenv.atfd import reserve_fd_table
 from bootenv.callback import Event
+from bootenv.draining import Draining, Readable
 from bootenv.errors import BootenvError, VerificationError
 from bootenv.extract import Stats, TreeWriter
-from bootenv.fetchahead import Draining, Readable, open_fetched
+from bootenv.fetchahead import open_fetched
 from bootenv.journal import DirLog, TempLog
 from bootenv.log import human_bytes
 from bootenv.manifest import Component
