@@ -15,9 +15,9 @@ An event that names itself (its sender's "seq" and "time") and was already taken
 taken again: a callback attempt made again after a timeout, or after a 502 that came
 once the server had it, is answered, not logged or counted twice. A sender has one event
 in flight at a time, so the store remembers only the last REMEMBERED names of each
-sender (machine and source), for the SENDERS heard from last; a sender it does not know
-(first heard from since the store started, or forgotten since) has its last names read
-back from the end of its machine's log first.
+sender (machine and source), for the SENDERS heard from last (taken.py); a sender it
+does not know (first heard from since the store started, or forgotten since) has its
+last names read back from the end of its machine's log first.
 
 An event posted for an assignment the machine no longer has (its callback URL names
 another, `machines.superseded`) is refused (`SupersededError`): a run that an
@@ -34,9 +34,7 @@ import json
 import logging
 import os
 import tempfile
-import threading
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +44,7 @@ from bootenv.errors import UserError
 from bootenv.event_schema import Event, finite
 from bootenv.machine_record import RecordError, from_dict, to_dict
 from bootenv.machines import Machine, Outcome, State, apply, normalize_mac, superseded
+from bootenv.taken import Name, Taken, event_name
 from bootenv.writeback import fsync_dir, write_all
 
 log = logging.getLogger(__name__)
@@ -53,9 +52,6 @@ log = logging.getLogger(__name__)
 LOG_LIMIT = 4 << 20  # bytes of a machine's events log; past it, it is rotated to .jsonl.1
 RECALL = 256 << 10  # bytes at the end of a log read back for a sender's last names (a line
 # holds a callback body of up to 64 KiB)
-REMEMBERED = 16  # event names per sender: it has one in flight, tried for seconds
-SENDERS = 8192  # senders whose names are kept; the one heard from longest ago goes first
-_Name = tuple[int, float]  # seq, time
 CREATING = "new-records.lock"  # under locks/: held while a capped new record is counted and made
 
 
@@ -92,7 +88,7 @@ class Store:
     def __init__(self, root: Path, *, readonly: bool = False) -> None:
         self.root = root
         self.readonly = readonly
-        self._taken = _Taken()
+        self._taken = Taken()
         if readonly:
             return
         for sub in ("machines", "events", "locks"):
@@ -260,7 +256,7 @@ class Store:
             machine = self.get(mac)
             _refuse_superseded(machine, assignment)
             machine = machine or create(mac, now)
-            sender, name = (mac, event.source), _name(event, raw)
+            sender, name = (mac, event.source), event_name(event, raw)
             if name is not None and not self._taken.knows(sender):
                 # First heard from since this store started (or forgotten since): its
                 # last names are in its log, so a restart of serve takes no event twice.
@@ -321,7 +317,7 @@ class Store:
                 log.warning("%s: skipping a torn line in the events log", mac)  # a power cut mid-append
         return out
 
-    def _logged_names(self, mac: str, source: str) -> list[_Name]:
+    def _logged_names(self, mac: str, source: str) -> list[Name]:
         """The names of the sender's events among the last RECALL bytes of the log."""
         names = []
         for entry in self._read_events(mac, RECALL):  # under the lock already (update)
@@ -384,49 +380,6 @@ def _damaged(mac: str, path: Path, why: str) -> UserError:
     return UserError(
         f"the record of {normalize_mac(mac)} is damaged: {why}", hint=f"restore {path}, or remove it"
     )
-
-
-def _name(event: Event, raw: dict[str, Any]) -> _Name | None:
-    """What names an event across its sender's attempts: its number, and the time it was
-    made (a sender started again numbers from 1 again, at another time). `parse_event`
-    has checked that the time is a finite number."""
-    when = raw.get("time")
-    if event.seq is None or when is None:
-        return None
-    return (event.seq, float(when))
-
-
-class _Taken:
-    """The names of the last events taken from each sender (machine, source)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._names: OrderedDict[tuple[str, str], deque[_Name]] = OrderedDict()
-
-    def knows(self, sender: tuple[str, str]) -> bool:
-        with self._lock:
-            return sender in self._names
-
-    def has(self, sender: tuple[str, str], name: _Name) -> bool:
-        with self._lock:
-            return name in self._names.get(sender, ())
-
-    def add(self, sender: tuple[str, str], name: _Name) -> None:
-        self._keep(sender, [name])
-
-    def recall(self, sender: tuple[str, str], names: list[_Name]) -> None:
-        """Know these names of a sender (read back from its log), oldest first."""
-        self._keep(sender, names)
-
-    def _keep(self, sender: tuple[str, str], new: list[_Name]) -> None:
-        with self._lock:
-            names = self._names.pop(sender, None)
-            if names is None:
-                names = deque(maxlen=REMEMBERED)
-            names.extend(new)
-            self._names[sender] = names  # the last heard from, last
-            while len(self._names) > SENDERS:
-                self._names.popitem(last=False)
 
 
 def default_state_dir() -> Path:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bootenv import state
+from bootenv import state, taken
 from bootenv.errors import UserError
 from bootenv.event_schema import EventError, Kind, parse_event
 from bootenv.machine_record import from_dict, to_dict
@@ -281,8 +281,8 @@ def test_store_remembers_a_few_names_per_sender_for_the_last_senders(
     has one event in flight, so its attempts meet one of its last names; memory stays
     bounded however many MACs post, and a sender forgotten has its names read back from
     its log."""
-    monkeypatch.setattr(state, "SENDERS", 3)
-    monkeypatch.setattr(state, "REMEMBERED", 2)
+    monkeypatch.setattr(taken, "SENDERS", 3)
+    monkeypatch.setattr(taken, "REMEMBERED", 2)
     store = Store(tmp_path)
 
     def send(mac: str, seq: int) -> bool:
