@@ -6,7 +6,6 @@ Heavy modules are imported inside the handlers, so `bootenv --help` stays fast.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from bootenv.errors import UserError
 from bootenv.log import human_bytes, printable, setup_logging
+from bootenv.render import json_text, summary_rows, table
 from bootenv.smallfile import read_small
 
 if TYPE_CHECKING:
@@ -41,45 +41,6 @@ def trust_from_args(args: argparse.Namespace) -> Trust:
     )
 
 
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for n, row in enumerate(rows):
-        cells = [
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def summary_rows(manifest: object) -> list[list[str]]:
-    from bootenv.manifest import Manifest
-
-    assert isinstance(manifest, Manifest)
-    rows = [["sub-image", "packages", "files", "raw", "compressed", "ratio", "depends"]]
-
-    def row(name: str, pkgs: int, files: int, raw: int, size: int, deps: str) -> None:
-        ratio = f"{raw / size:.1f}x" if size else "-"
-        rows.append([name, str(pkgs), str(files), human_bytes(raw), human_bytes(size), ratio, deps])
-
-    m = manifest
-    row("os", len(m.os.packages), m.os.files, m.os.data.raw_size, m.os.data.size, "-")
-    for c in m.components:
-        row(c.name, len(c.packages), c.files, c.data.raw_size, c.data.size, ",".join(c.depends) or "-")
-    if m.single:
-        row(
-            "(single)",
-            len(m.single.packages),
-            m.single.files,
-            m.single.data.raw_size,
-            m.single.data.size,
-            "-",
-        )
-    return rows
-
-
 def cmd_capture(args: argparse.Namespace) -> int:
     from bootenv.capture import CaptureConfig, capture
     from bootenv.split import parse_component_arg
@@ -100,7 +61,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     if args.json:
         print(result.manifest.to_json(), end="")
     else:
-        print(_table(summary_rows(result.manifest)))
+        print(table(summary_rows(result.manifest)))
         print(f"{result.excluded} paths excluded on purpose; image written to {args.output}")
     return 0
 
@@ -163,7 +124,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"image of {host}: {os_name}, {arch}, kernel {kernel}")
     print(f"captured {printable(s.captured_at)}")
     print(f"root filesystem: {manifest.rootfs.type}, at least {human_bytes(manifest.rootfs.min_size)}")
-    print(_table(summary_rows(manifest)))
+    print(table(summary_rows(manifest)))
     for c in manifest.components:
         print(f"{c.name}: {printable(' '.join(c.packages))}")
         if c.units:
@@ -180,7 +141,7 @@ def cmd_write_os(args: argparse.Namespace) -> int:
         args.image, args.device, which="single" if args.single else "os", trust=trust_from_args(args)
     )
     if args.json:
-        print(_json({**asdict(result), "throughput": round(result.throughput)}))
+        print(json_text({**asdict(result), "throughput": round(result.throughput)}))
     else:
         print(result.summary())
     return 0
@@ -205,7 +166,7 @@ def cmd_layout(args: argparse.Namespace) -> int:
     )
     result = layout(cfg)
     if args.json:
-        print(_json(result.to_dict()))
+        print(json_text(result.to_dict()))
         return _layout_outcome(result)
     if result.added:
         print(f"added as dependencies: {', '.join(result.added)}")
@@ -223,7 +184,7 @@ def cmd_layout(args: argparse.Namespace) -> int:
                 f"{c.seconds:.1f}",
             ]
         )
-    print(_table(rows) if result.components else "no components to lay out")
+    print(table(rows) if result.components else "no components to lay out")
     for c in result.components:
         if c.error:
             print(f"{c.name}: FAILED: {c.error}")
@@ -255,7 +216,7 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
     if args.action == "list":
         found = conflicts.load_all(root)
         if args.json:
-            print(_json([asdict(c) for c in found]))
+            print(json_text([asdict(c) for c in found]))
         elif not found:
             print("no conflicts")
         else:
@@ -264,19 +225,19 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
                 res = (c.resolution or {}).get("keep", "open")
                 # A path is an archive member's name: any byte but NUL and "/" may be in it.
                 rows.append([c.id, c.component, printable("/" + c.path), printable(c.reason), str(res)])
-            print(_table(rows))
+            print(table(rows))
         return 0
     if not args.id:
         raise UserError(f"conflicts {args.action} needs an ID", hint="see `bootenv conflicts list`")
     if args.action == "show":
         c = conflicts.load(root, args.id)
         if args.json:
-            print(_json({**asdict(c), "diff": conflicts.diff(root, c)}))
+            print(json_text({**asdict(c), "diff": conflicts.diff(root, c)}))
             return 0
         path, reason = printable("/" + c.path), printable(c.reason)
         print(f"conflict {c.id}: {path} from component {c.component} ({reason})")
-        print(f"existing: {_json(c.existing)}")
-        print(f"incoming (kept in {printable('/' + c.stored)}): {_json(c.incoming)}")
+        print(f"existing: {json_text(c.existing)}")
+        print(f"incoming (kept in {printable('/' + c.stored)}): {json_text(c.incoming)}")
         print(conflicts.diff(root, c) or "(no text diff)", end="")
         if c.resolution:
             print(f"\nresolved: {_resolution(c.resolution)}")
@@ -287,7 +248,7 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
         raise UserError(f"--file {args.file}: no such file")
     done = conflicts.resolve(root, args.id, args.keep, args.file)
     res = done.resolution or {}
-    print(_json(asdict(done)) if args.json else f"conflict {done.id} resolved: {_resolution(res)}")
+    print(json_text(asdict(done)) if args.json else f"conflict {done.id} resolved: {_resolution(res)}")
     return 0
 
 
@@ -426,9 +387,9 @@ def cmd_machines(args: argparse.Namespace) -> int:
         log.warning("%s", d.error)
     if args.json:
         listed = [{**to_dict(m), "log": store.events(m.mac)} for m in machines]
-        print(_json(listed + [{"mac": d.name, "damaged": d.error.message} for d in damaged]))
+        print(json_text(listed + [{"mac": d.name, "damaged": d.error.message} for d in damaged]))
     elif machines:
-        print(_table(timeline_rows(machines)))
+        print(table(timeline_rows(machines)))
         for m in machines:
             if m.error or m.invalid:
                 print(f"{m.mac}: {m.error or ''}{f' ({m.invalid} invalid transitions)' if m.invalid else ''}")
@@ -437,7 +398,3 @@ def cmd_machines(args: argparse.Namespace) -> int:
     # A record that does not read is the admin's to restore or remove: a script that
     # checks the exit code must not take the listing for the whole fleet.
     return UserError.exit_code if damaged else 0
-
-
-def _json(data: object) -> str:
-    return json.dumps(data, indent=2)
