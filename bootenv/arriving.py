@@ -20,7 +20,7 @@ _FIRST_WAIT = 0.001
 _MAX_WAIT = 0.05
 # The fetcher touches the file (its mtime) at every read from the network. With no sign
 # of life for this long (longer than a fetch's retries and backoff can stay silent,
-# source.RetryPolicy), give up: the fetcher failed and could not mark the file.
+# httpreader.RetryPolicy), give up: the fetcher failed and could not mark the file.
 GIVE_UP = 600.0
 
 

@@ -46,9 +46,10 @@ from typing import BinaryIO
 
 from bootenv.atfd import TMP_PREFIX
 from bootenv.errors import FatalError, VerificationError
+from bootenv.httpreader import ReadAbortedError
 from bootenv.log import human_bytes
 from bootenv.manifest import Chunk, Component
-from bootenv.source import ReadAbortedError, Source, open_source
+from bootenv.source import Source, open_source
 from bootenv.writeback import write_all
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ class FetchAhead:
             self.release(key)
 
     def stop(self) -> None:
-        """Abort every download now (bootenv/source.py), freeing nothing: a stream reading
+        """Abort every download now (bootenv/httpreader.py), freeing nothing: a stream reading
         a piece as it arrives sees it fail at once, not after the rest of its download."""
         self._stop.set()
         with self._lock:

@@ -1,7 +1,7 @@
 """A requests session that tells a reader which socket its request is on.
 
 A reader aborted from another thread shuts its socket down, so that a read blocked on
-the network ends at once (bootenv/source.py). The response's connection gives that
+the network ends at once (bootenv/httpreader.py). The response's connection gives that
 socket only once the server's headers are in: a request still waiting for them
 would wait for its timeout. This session's connections report their socket to the
 `Watcher` of the thread that sends the request: a new connection once it is made, a

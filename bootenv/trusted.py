@@ -6,10 +6,11 @@ import hashlib
 import logging
 
 from bootenv.errors import VerificationError
+from bootenv.httpreader import MissingError
 from bootenv.log import Progress
 from bootenv.manifest import Blob, Manifest, parse_manifest
 from bootenv.signing import MAX_SIGNATURE, SIGNATURE, Trust, verify
-from bootenv.source import MissingError, Source, TooLargeError, open_source, read_manifest
+from bootenv.source import Source, TooLargeError, open_source, read_manifest
 
 log = logging.getLogger(__name__)
 

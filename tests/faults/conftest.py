@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import bootenv.httpreader as httpreader_mod
 import bootenv.source as source_mod
-from bootenv.source import RetryPolicy
+from bootenv.httpreader import RetryPolicy
 from tests.faults.helpers import FAST, build_image, run_layout, tree
 from tests.unit.httpfault import FaultServer
 
@@ -24,7 +25,7 @@ class _FastPolicy(RetryPolicy):
 
 
 class SleepLog:
-    """Stands in for bootenv.source's `backoff_wait`: records each delay, then waits it."""
+    """Stands in for bootenv.httpreader's `backoff_wait`: records each delay, then waits it."""
 
     def __init__(self) -> None:
         self.delays: list[float] = []
@@ -39,7 +40,7 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> SleepLog:
     """Every HttpSource made during the test (layout's own included) retries fast."""
     monkeypatch.setattr(source_mod, "RetryPolicy", _FastPolicy)
     sleeps = SleepLog()
-    monkeypatch.setattr(source_mod, "backoff_wait", sleeps.backoff_wait)
+    monkeypatch.setattr(httpreader_mod, "backoff_wait", sleeps.backoff_wait)
     return sleeps
 
 

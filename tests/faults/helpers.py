@@ -15,8 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from bootenv.httpreader import RetryPolicy
 from bootenv.layout import LayoutConfig, LayoutResult, layout
-from bootenv.source import RetryPolicy
 from tests.hostile.kit import Comp, d, f, make_image, snapshot, sym
 from tests.unit.httpfault import FaultServer, _Server
 

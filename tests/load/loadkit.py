@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bootenv.blockmap import pack_image
+from bootenv.httpreader import RetryPolicy
 from bootenv.manifest import MANIFEST, Component, Manifest, OsImage, RootFs, Source, parse_manifest
 from bootenv.oswrite import write_os
-from bootenv.source import HttpSource, RetryPolicy, read_manifest
+from bootenv.source import HttpSource, read_manifest
 from bootenv.store import BlobWriter, write_blob
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ import pytest
 
 import bootenv.arriving as arriving_mod
 import bootenv.fetchahead as fetchahead_mod
+import bootenv.httpreader as httpreader_mod
 import bootenv.source as source_mod
 from bench import throttle
 from bootenv.arriving import Arriving
@@ -31,8 +32,8 @@ from bootenv.fetchahead import (
     Key,
     open_fetched,
 )
+from bootenv.httpreader import RetryPolicy
 from bootenv.manifest import Blob, Chunk, Component, parse_manifest
-from bootenv.source import RetryPolicy
 from tests.faults.helpers import component
 from tests.hostile.kit import Comp, d, f, make_image
 from tests.unit.httpfault import Fault, FaultServer
@@ -210,7 +211,7 @@ def test_a_fetch_released_while_downloading_stops_and_keeps_its_slot_till_then(
 ) -> None:
     monkeypatch.setattr(fetchahead_mod, "READ", 1024)  # several reads per chunk
     # A download that cannot be cut short (as when its connection is still being set up).
-    monkeypatch.setattr(source_mod.HttpReader, "abort", lambda self: None)
+    monkeypatch.setattr(httpreader_mod.HttpReader, "abort", lambda self: None)
     comp = comp_of(image)
     chunk = comp.chunks[1]
     assert chunk.size > 4096
@@ -243,14 +244,14 @@ def test_a_download_stalled_on_the_network_is_cut_short_when_nobody_wants_it(
     monkeypatch.setattr(fetchahead_mod, "READ", 1024)
     # Released or closed once the fetch has all the server sent and reads on the socket.
     reading = threading.Event()
-    real_read = source_mod.HttpReader._read_raw
+    real_read = httpreader_mod.HttpReader._read_raw
 
-    def read_raw(self: source_mod.HttpReader, n: int) -> bytes:
+    def read_raw(self: httpreader_mod.HttpReader, n: int) -> bytes:
         if self.pos == 2048:
             reading.set()
         return real_read(self, n)
 
-    monkeypatch.setattr(source_mod.HttpReader, "_read_raw", read_raw)
+    monkeypatch.setattr(httpreader_mod.HttpReader, "_read_raw", read_raw)
     comp = comp_of(image)
     chunk = comp.chunks[1]
     with FaultServer(image) as srv:

@@ -18,10 +18,11 @@ from bootenv import cli, ostarget, oswrite
 from bootenv.blockdev import _mounted_devnos, check_fits, check_not_in_use, open_destination
 from bootenv.blockmap import BlockMap, Range, data_extents, pack_image, parse_blockmap
 from bootenv.errors import FatalError, RetryableError, UserError, VerificationError
+from bootenv.httpreader import RetryPolicy
 from bootenv.manifest import MANIFEST, Manifest, OsImage, RootFs, Source, parse_manifest
 from bootenv.ostarget import HEADER, Target
 from bootenv.oswrite import WriteResult, write_os
-from bootenv.source import DirSource, HttpSource, RetryPolicy
+from bootenv.source import DirSource, HttpSource
 from bootenv.store import BlobWriter, write_blob
 from tests.unit.httpfault import Fault, FaultServer
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from bootenv import source as source_mod
+from bootenv import httpreader as httpreader_mod
 from bootenv.errors import RetryableError
+from bootenv.httpreader import HttpReader, ReadAbortedError, RetryPolicy
 from bootenv.httpsession import new_session
-from bootenv.source import HttpReader, ReadAbortedError, RetryPolicy
 from tests.unit.httpfault import Fault, FaultServer
 
 # Seconds: shorter than the read timeout. A read that ends on its abort ends while the
@@ -145,13 +145,13 @@ def test_an_abort_during_a_retry_backoff_ends_it(blob: Path, monkeypatch: pytest
     """The abort lands once the reader waits to retry; a backoff of an hour that it did
     not cut short would leave the read hanging (the join below fails it)."""
     waiting = threading.Event()
-    real_wait = source_mod.backoff_wait
+    real_wait = httpreader_mod.backoff_wait
 
     def backoff_wait(stop: threading.Event, seconds: float) -> bool:
         waiting.set()
         return real_wait(stop, seconds)
 
-    monkeypatch.setattr(source_mod, "backoff_wait", backoff_wait)
+    monkeypatch.setattr(httpreader_mod, "backoff_wait", backoff_wait)
     hour = RetryPolicy(attempts=6, backoff=3600.0, max_backoff=3600.0, timeout=30.0)
     with FaultServer(blob) as srv:
         srv.faults["blob"] = Fault(errors=-1, status=503)
@@ -251,7 +251,7 @@ def test_a_file_of_no_known_size_cut_short_is_resumed_to_the_length_the_server_g
 
 
 def test_a_content_range_start_that_is_no_ascii_number_is_malformed_not_a_crash() -> None:
-    from bootenv.source import _range_start
+    from bootenv.httpreader import _range_start
 
     assert _range_start("bytes 204717-300000/300001") == 204717
     # str.isdigit() takes superscripts (which int() refuses) and other scripts' digits.
