@@ -16,7 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
-from bootenv import readahead
+from bootenv import altmerge, readahead
+from bootenv.alternatives import Shared
 from bootenv.assign import check_claims, plan_split
 from bootenv.blockmap import BlockMap, pack_image
 from bootenv.cancel import Cancel
@@ -116,10 +117,11 @@ def capture(cfg: CaptureConfig) -> CaptureResult:
             with step(f"Scanning {root}"):
                 entries = scan(root)
             split = plan_split(db, specs, entries, exclusions)
+            split, shared = altmerge.plan(root, entries, split)
             for problem in split_warnings(specs, entries, read_diversions(root), split, exclusions):
                 log.warning("%s", problem)
             try:
-                manifest = _pack_all(cfg, root, db, split, entries, partial, work)
+                manifest = _pack_all(cfg, root, db, split, entries, partial, work, shared=shared)
             except OSError as exc:
                 if exc.errno == errno.ENAMETOOLONG:
                     raise _too_long(root, exc) from exc
@@ -227,7 +229,15 @@ PACKERS = 2  # threads that pack components, each with its tar and zstd's own th
 
 
 def _pack_all(
-    cfg: CaptureConfig, root: Path, db: Database, split: Split, entries: list[Entry], out: Path, work: Path
+    cfg: CaptureConfig,
+    root: Path,
+    db: Database,
+    split: Split,
+    entries: list[Entry],
+    out: Path,
+    work: Path,
+    *,
+    shared: tuple[Shared, ...] = (),
 ) -> Manifest:
     sizes = {e.path: e.size for e in entries}
     regular = {e.path: e.size for e in entries if e.kind is Kind.FILE}
@@ -238,7 +248,7 @@ def _pack_all(
     def pack(name: str) -> Component:
         try:
             cancel.check()
-            return _pack_component(cfg, root, db, split, name, sizes, out, work, cancel)
+            return _pack_component(cfg, root, db, split, name, sizes, out, work, cancel, shared)
         except BaseException as exc:
             cancel.set(exc)  # the OS side and the other packer stop at their next step
             raise
@@ -254,7 +264,7 @@ def _pack_all(
         packing = {name: pool.submit(pack, name) for name in order}
         try:
             os_image, rootfs = _pack_os(
-                cfg, root, db, split, regular, mounts, out, work, cancel, single=False
+                cfg, root, db, split, regular, mounts, out, work, cancel, single=False, shared=shared
             )
         except BaseException as exc:
             cancel.set(exc)
@@ -325,15 +335,18 @@ def _pack_component(
     out: Path,
     work: Path,
     cancel: Cancel,
+    shared: tuple[Shared, ...] = (),
 ) -> Component:
     pkgs = split.packages(name)
     frag, status_rel = status_fragment(work, name, [db.packages[p].stanza for p in pkgs])
+    alternatives = altmerge.fragment_file(frag, name, shared)
     listing = work / f"{name}.list"
     write_list(listing, archive_order(root, split, name))
     # The tar stream's size, about: a header and the data padded to 512 bytes, per file.
     total = sum(512 + -(-sizes.get(p, 0) // 512) * 512 for p in split.files[name])
     with step(f"Packing component {name} ({len(pkgs)} packages, {len(split.files[name])} files)"):
-        tar = tar_create(root, listing, extra=((frag, "." + status_rel),))
+        extra = ((frag, "." + status_rel),) + (((frag, "." + alternatives),) if alternatives else ())
+        tar = tar_create(root, listing, extra=extra)
         with cancel.running(tar), BlobWriter(out, "tar.zst") as blob:
             progress = Progress(f"packing {name}", total)
             src = cast(TarSource, tar.stdout)  # a pipe Popen opened: a BufferedReader
@@ -389,6 +402,7 @@ def _pack_os(
     cancel: Cancel,
     *,
     single: bool,
+    shared: tuple[Shared, ...] = (),
 ) -> tuple[OsImage, RootFs]:
     what = "single image" if single else "OS sub-image"
     images = list(split.files) if single else [OS]
@@ -408,6 +422,7 @@ def _pack_os(
         if not single:
             check_kernel(root, staging, mounts)
             _rewrite_status(staging, db, split.packages(OS))
+            altmerge.write_os_view(staging, shared)
         size = image_size_for(staged.used, staged.inodes)
         memory = in_memory(cfg.scratch, size, mem_available())
         with scratch_image(work / f"{staging.name}.img", memory=memory) as image:

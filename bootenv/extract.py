@@ -172,7 +172,8 @@ class TreeWriter:
         if base.startswith(TMP_PREFIX):
             raise ArchiveError(f"refused: /{m.name} uses bootenv's temp-file prefix")
         if m.name == OWN or m.name.startswith(_OWN_DIR):
-            allowed = (OWN, f"{OWN}/dpkg", f"{OWN}/dpkg/{self.component}.status")
+            own = f"{OWN}/dpkg/{self.component}"  # its records: dpkg status, shared alternatives
+            allowed = (OWN, f"{OWN}/dpkg", f"{own}.status", f"{own}.alternatives")
             if m.name not in allowed:
                 raise ArchiveError(f"refused: /{m.name} is bootenv's own state")
         if m.kind == "hardlink" and m.linkname not in self._placed:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bootenv.activate import FAILED_UNIT, activate
+from bootenv.altmerge import merge_component_alternatives
 from bootenv.callback import Callback, Event
 from bootenv.conflicts import RECORDS, STORE, clean_stale
 from bootenv.dpkgmerge import merge_component_status
@@ -415,11 +416,13 @@ def _blocked_by_dependencies(comps: list[Component], results: list[ComponentResu
 
 
 def _merge_dpkg(root: Path, comp: Component, res: ComponentResult, journal: Journal) -> ComponentResult:
-    """Merge a laid-out component's dpkg paragraphs: its result, with its packages; or
-    failed (not activated) if the merge was refused (a symlink its archive planted)."""
+    """Merge a laid-out component's dpkg paragraphs and its shared alternatives: its
+    result, with its packages; or failed (not activated) if the merge was refused (a
+    symlink its archive planted)."""
     kept: list[str] = []
     try:
         pkgs = tuple(merge_component_status(root, comp.name, kept))
+        chosen = merge_component_alternatives(root, comp.name)  # warnings: the admin's groups kept
     except (BootenvError, OSError) as exc:
         log.error("%s: dpkg status not merged: %s", comp.name, exc)
         code = exc.exit_code if isinstance(exc, BootenvError) else 1
@@ -427,7 +430,7 @@ def _merge_dpkg(root: Path, comp: Component, res: ComponentResult, journal: Jour
         return ComponentResult(**{**asdict(res), "status": "failed", "error": error, "code": code})
     if not journal.reached(comp.name, comp.data.sha256, "dpkg"):
         journal.set(comp.name, comp.data.sha256, "dpkg")
-    warnings = (*res.warnings, *(f"dpkg database left as it was: {k}" for k in kept))
+    warnings = (*res.warnings, *(f"dpkg database left as it was: {k}" for k in kept), *chosen)
     return ComponentResult(**{**asdict(res), "packages": pkgs, "warnings": warnings})
 
 

@@ -52,6 +52,13 @@ CASES = {
         d("var/lib/bootenv"),
         f("var/lib/bootenv/conflict-records/x.json", "{}"),
     ],
+    "another-components-record": [
+        d("var"),
+        d("var/lib"),
+        d("var/lib/bootenv"),
+        d("var/lib/bootenv/dpkg"),
+        f("var/lib/bootenv/dpkg/web.alternatives", "{}"),
+    ],
     "temp-prefix": [sym(".bootenv~evil~2", "../victim"), f("a", "x")],
 }
 

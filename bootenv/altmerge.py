@@ -1,0 +1,246 @@
+"""Shared alternatives groups on disk: read at capture, written into the OS image's
+staged tree, and merged into a target when a component is laid out (alternatives.py
+says what a shared group is).
+
+Capture: the staged OS tree gets each shared group as the OS alone would have it: the
+entry replaced by a new file, the links by new links (staging.py: nothing is written
+into a staged file, which is the gold's own inode). Each component with candidates in
+one carries their `Fragment`s in /var/lib/bootenv/dpkg/<component>.alternatives.
+
+Layout: under dpkg's locks (as its status merge), each group of the component's file
+is set to the view of the candidates the target's entry lists and the component's own.
+The target's entry must be one bootenv made (the view of the candidates it lists) and
+each link as that view or the new one has it (a run killed between the two left some of
+each); anything else is the admin's doing (update-alternatives --set, a link made by
+hand): the group stays as it is, and the layout warns. The links go first, each a new
+link renamed over the old one, the entry last, so the entry says what is done. Every
+directory is reached from the root without following a symlink (atfd.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import posixpath
+from collections.abc import Callable
+from pathlib import Path
+
+from bootenv.alternatives import (
+    DB_DIR,
+    FormatError,
+    Fragment,
+    Group,
+    Shared,
+    View,
+    dump_fragments,
+    links,
+    load_fragments,
+    parse,
+    plan_shared,
+    render,
+    select,
+)
+from bootenv.assign import links_of
+from bootenv.atfd import dir_under
+from bootenv.dpkg import STATUS
+from bootenv.dpkgmerge import dpkg_locked
+from bootenv.errors import FatalError
+from bootenv.intree import Readlink, disk_links, resolve
+from bootenv.paxread import ArchiveError
+from bootenv.split import COMPONENT_STATUS_DIR, Split
+from bootenv.staging import replace_file
+from bootenv.walk import Entry, Kind
+from bootenv.writeback import replace_at
+
+log = logging.getLogger(__name__)
+
+FRAGMENT = COMPONENT_STATUS_DIR + "/{}.alternatives"
+_GONE = object()
+
+
+def plan(root: Path, entries: list[Entry], split: Split) -> tuple[Split, tuple[Shared, ...]]:
+    """The gold's shared groups, and the split with their paths in the OS (plan_shared).
+    An entry that does not parse is named in a warning and left as the split has it."""
+    readlink = links_of(entries).get
+    db_dir = resolve(DB_DIR, readlink)
+    groups: dict[str, Group] = {}
+    for e in entries:
+        if e.kind is Kind.FILE and posixpath.dirname(e.path) == db_dir:
+            name = posixpath.basename(e.path)
+            try:
+                text = (root / e.path.lstrip("/")).read_bytes().decode("utf-8", "surrogateescape")
+                groups[name] = parse(name, text)
+            except (OSError, FormatError) as exc:
+                log.warning("alternatives %s: not read (%s): it goes where its link goes", name, exc)
+    return plan_shared(split, groups, readlink, db_dir)
+
+
+def write_os_view(staging: Path, shared: tuple[Shared, ...]) -> None:
+    """Each shared group in the staged OS tree as the OS alone would have it."""
+    for group in shared:
+        view = group.os_view()
+        assert view is not None  # a shared group has a candidate in the OS
+        entry = render(view.group).encode("utf-8", "surrogateescape")
+        replace_file(staging, f"{DB_DIR}/{group.gold.name}", entry)
+        for link, target in links(group.gold, view).items():
+            try:
+                if not _set_link(staging, link, target, disk_links(staging)):
+                    log.warning("alternatives %s: %s is not a symlink: left as it is", group.gold.name, link)
+            except ArchiveError as exc:
+                raise FatalError(f"{link} is not written in the staged tree: {exc.message}") from exc
+
+
+def fragment_file(work: Path, component: str, shared: tuple[Shared, ...]) -> str | None:
+    """Write the component's fragments under `work` (its status fragment's tree); their
+    path in it, or None if it has no candidate in a shared group."""
+    mine = {s.gold.name: s.fragment(component) for s in shared if component in s.owners.values()}
+    if not mine:
+        return None
+    rel = FRAGMENT.format(component)
+    (work / rel.lstrip("/")).write_bytes(dump_fragments(mine))
+    return rel
+
+
+def _set_link(root: Path, path: str, target: str | None, readlink: Readlink) -> bool:
+    """Make `path` a symlink to `target` (None: no link), replacing a symlink there; a
+    missing directory is left so. A path that is something else stays: False."""
+    parent, name = posixpath.split(resolve(path, readlink, last=False))
+    with dir_under(root, parent.lstrip("/")) as dfd:
+        if dfd is None:
+            return True  # no directory to hold it (update-alternatives would fail): left
+        now = _readlink(dfd, name)
+        if now == target:
+            return True
+        if now is None and _exists(dfd, name):  # a file or a directory: not ours
+            return False
+        if target is None:
+            os.unlink(name, dir_fd=dfd)
+        else:
+            tmp = f".{name}.bootenv-tmp"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dfd)
+            os.symlink(target, tmp, dir_fd=dfd)
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        os.fsync(dfd)
+    return True
+
+
+def _readlink(dfd: int, name: str) -> str | None:
+    try:
+        return os.readlink(name, dir_fd=dfd)
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _exists(dfd: int, name: str) -> bool:
+    try:
+        os.lstat(name, dir_fd=dfd)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _link_now(root: Path, path: str, readlink: Readlink, views: tuple[str | None, ...]) -> object:
+    """What is at `path`: its symlink's target, None if nothing, _GONE for a file that
+    is not a symlink (never a view's); one of `views` if it has no directory (left)."""
+    parent, name = posixpath.split(resolve(path, readlink, last=False))
+    with dir_under(root, parent.lstrip("/")) as dfd:
+        if dfd is None:
+            return views[0]
+        target = _readlink(dfd, name)
+        if target is None and _exists(dfd, name):
+            return _GONE
+        return target
+
+
+def merge_component_alternatives(root: Path, component: str) -> list[str]:
+    """Merge `component`'s shared alternatives into ROOT's; return a warning for each
+    group left as the admin set it. ArchiveError if a directory on the way, or the
+    record, is a symlink; FatalError if the record is damaged."""
+    rel = FRAGMENT.format(component).lstrip("/")
+    src, name = posixpath.split(rel)
+    with dir_under(root, src) as sfd:
+        data = None if sfd is None else _read(sfd, name, rel)
+    if data is None:
+        return []
+    try:
+        fragments = load_fragments(data)
+    except FormatError as exc:
+        raise FatalError(f"/{rel}: {exc}") from exc
+    warnings: list[str] = []
+    with dir_under(root, str(STATUS.parent), create=True) as dfd:
+        assert dfd is not None
+        with dpkg_locked(dfd):
+            for group, fragment in sorted(fragments.items()):
+                why = _merge_group(root, group, fragment)
+                if why:
+                    warnings.append(f"alternatives {group} left as they were: {why}")
+                    log.warning("%s: %s", component, warnings[-1])
+    return warnings
+
+
+def _read(dfd: int, name: str, rel: str) -> bytes | None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ArchiveError(f"refused: /{rel} is a symlink") from exc
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _merge_group(root: Path, name: str, fragment: Fragment) -> str | None:
+    """Set group `name` to the view with the fragment's candidates; why not, if it stays."""
+    gold = fragment.gold(name)
+    db = DB_DIR.lstrip("/")
+    with dir_under(root, db) as dfd:
+        current = None if dfd is None else _read(dfd, name, f"{db}/{name}")
+    if current is None:
+        return "the target has no entry for them (removed?)"
+    text = current.decode("utf-8", "surrogateescape")
+    try:
+        listed = {c.path for c in parse(name, text).choices}
+    except FormatError as exc:
+        return f"the target's entry is not one bootenv wrote ({exc})"
+    known = {c.path for c in gold.choices}
+    old = select(gold, listed, fragment.selected)
+    if not listed <= known or old is None or render(old.group) != text:
+        return "the target's entry is not one bootenv wrote (changed with update-alternatives?)"
+    new = select(gold, listed | set(fragment.ours), fragment.selected)
+    assert new is not None
+    readlink = disk_links(root)
+    before, after = links(gold, old), links(gold, new)
+    for link in after:
+        views = (before[link], after[link])
+        if _link_now(root, link, readlink, views) not in views:
+            return f"{link} is not the link bootenv made (changed by hand?)"
+    return _apply(root, name, new, after, readlink, text)
+
+
+def _apply(
+    root: Path,
+    name: str,
+    new: View,
+    after: dict[str, str | None],
+    readlink: Callable[[str], str | None],
+    text: str,
+) -> str | None:
+    for link, target in after.items():
+        if not _set_link(root, link, target, readlink):
+            return f"{link} is not a symlink"
+    data = render(new.group)
+    if data != text:
+        db = DB_DIR.lstrip("/")
+        with dir_under(root, db) as dfd:
+            assert dfd is not None
+            st = os.lstat(name, dir_fd=dfd)
+            # Named as update-alternatives' own temp files, which it skips when it lists
+            # the groups: one a killed run left is not taken for a group.
+            replace_at(
+                dfd, name, data.encode("utf-8", "surrogateescape"), like=st, tmp=f".{name}.bootenv.dpkg-tmp"
+            )
+            os.fsync(dfd)
+        log.info("alternatives %s: %s selected (%s)", name, new.selected.path, new.group.mode)
+    return None

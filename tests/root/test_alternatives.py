@@ -1,0 +1,65 @@
+"""An alternatives group whose selected candidate is a component's, and whose others are
+the OS's: the real OS sub-image works alone, and laying out the component brings back
+the gold's selection (the synthetic gold, captured, restored and laid out)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bootenv.capture import CaptureConfig, capture
+from bootenv.intree import disk_links, resolve
+from bootenv.layout import LayoutConfig, layout
+from tests.conftest import require_root
+from tests.imagetools import archive_members, load
+from tests.root.test_layout import restored_os
+from tests.unit.test_alternatives import AWK, EDITOR, GOLD_LINKS, SPECS, shared_gold
+
+
+@pytest.fixture(autouse=True)
+def _root() -> None:
+    require_root()
+
+
+def _links(root: Path) -> dict[str, str | None]:
+    return {
+        p: os.readlink(root / p.lstrip("/")) if os.path.islink(root / p.lstrip("/")) else None
+        for p in GOLD_LINKS
+    }
+
+
+def test_the_os_image_selects_its_own_candidate_and_the_component_the_golds(tmp_path: Path) -> None:
+    gold = shared_gold(tmp_path / "gold")
+    out = tmp_path / "image"
+    capture(CaptureConfig(root=gold, output=out, components=SPECS))
+    with restored_os(out, tmp_path) as root:
+        db = root / "var/lib/dpkg/alternatives"
+        # (a) The OS alone: awk is mawk, the editor nano, and their entries list only those.
+        assert resolve("/usr/bin/awk", disk_links(root)) == "/usr/bin/mawk"
+        assert (root / "usr/bin/mawk").is_file() and not (root / "usr/bin/gawk").exists()
+        assert resolve("/usr/share/man/man1/nawk.1.gz", disk_links(root)) == "/usr/share/man/man1/mawk.1.gz"
+        assert os.readlink(root / "etc/alternatives/editor") == "/usr/bin/nano"
+        assert not os.path.lexists(root / "etc/alternatives/editor.fr.1.gz")
+        assert "/usr/bin/gawk" not in (db / "awk").read_text() and (db / "awk").read_text().startswith(
+            "auto\n"
+        )
+        assert "/usr/bin/vim.basic" not in (db / "editor").read_text()
+        assert (db / "php").exists() is False  # php's group is php's alone, as before
+        # The component carries gawk and its record of the groups, not their links.
+        m = load(out)
+        members = {
+            "/" + t.name.removeprefix("./") for t in archive_members(out / m.component("db").data.file)
+        }
+        assert "/usr/bin/gawk" in members and "/var/lib/bootenv/dpkg/db.alternatives" in members
+        assert not members & {*GOLD_LINKS, "/var/lib/dpkg/alternatives/awk"}  # the OS's now
+        web = {"/" + t.name.removeprefix("./") for t in archive_members(out / m.component("web").data.file)}
+        assert not any(p.endswith(".alternatives") for p in web)  # no candidate in a shared group
+        # (b) db laid out: the gold's links and entries.
+        res = layout(LayoutConfig(str(out), ("db",), root), activator=lambda root, units: [])
+        assert res.ok, res
+        assert res.components[0].warnings == ()
+        assert _links(root) == GOLD_LINKS
+        assert (db / "awk").read_text() == AWK and (db / "editor").read_text() == EDITOR
+        assert resolve("/usr/bin/awk", disk_links(root)) == "/usr/bin/gawk"

@@ -1,0 +1,349 @@
+"""Alternatives groups shared by the OS and a component: the database format, the
+selection, the capture's plan, the OS image's view and the layout's merge."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bootenv import altmerge
+from bootenv.alternatives import (
+    FormatError,
+    Fragment,
+    Shared,
+    dump_fragments,
+    links,
+    load_fragments,
+    parse,
+    render,
+    select,
+)
+from bootenv.assign import plan_split
+from bootenv.dpkg import read_database
+from bootenv.errors import FatalError
+from bootenv.exclude import Exclusions
+from bootenv.intree import disk_links, resolve
+from bootenv.split import OS, ComponentSpec, Split
+from bootenv.staging import stage
+from bootenv.walk import scan
+from tests.unit.fakeroot import make_tree
+
+# As update-alternatives wrote it on the LAMP gold (Debian 12).
+AWK = """auto
+/usr/bin/awk
+awk.1.gz
+/usr/share/man/man1/awk.1.gz
+nawk
+/usr/bin/nawk
+nawk.1.gz
+/usr/share/man/man1/nawk.1.gz
+
+/usr/bin/gawk
+10
+/usr/share/man/man1/gawk.1.gz
+/usr/bin/gawk
+/usr/share/man/man1/gawk.1.gz
+/usr/bin/mawk
+5
+/usr/share/man/man1/mawk.1.gz
+/usr/bin/mawk
+/usr/share/man/man1/mawk.1.gz
+
+"""
+
+# Manual on the component's vim; nano (the OS's) has the higher priority and lacks a slave.
+EDITOR = """manual
+/usr/bin/editor
+editor.1.gz
+/usr/share/man/man1/editor.1.gz
+editor.fr.1.gz
+/usr/share/man/fr/man1/editor.1.gz
+
+/usr/bin/nano
+40
+/usr/share/man/man1/nano.1.gz
+
+/usr/bin/vim.basic
+30
+/usr/share/man/man1/vim.1.gz
+/usr/share/man/fr/man1/vim.1.gz
+
+"""
+
+
+def test_an_entry_round_trips_byte_for_byte() -> None:
+    for name, text in (
+        ("awk", AWK),
+        ("editor", EDITOR),
+        ("php", "auto\n/usr/bin/php\n\n/usr/bin/php8\n50\n\n"),
+    ):
+        group = parse(name, text)
+        assert render(group) == text
+    awk = parse("awk", AWK)
+    assert awk.slaves[0] == ("awk.1.gz", "/usr/share/man/man1/awk.1.gz")
+    assert [(c.path, c.priority) for c in awk.choices] == [("/usr/bin/gawk", 10), ("/usr/bin/mawk", 5)]
+    assert parse("editor", EDITOR).choices[0].slaves == ("/usr/share/man/man1/nano.1.gz", "")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "says"),
+    [
+        ("awk", AWK.rstrip("\n"), "newline"),
+        ("awk", AWK.replace("auto", "automatic"), "mode"),
+        ("awk", AWK.replace("\n10\n", "\nten\n"), "priority"),
+        ("awk", AWK + "x\n", "after"),
+        ("awk", AWK[: AWK.index("/usr/bin/mawk\n5")], "ends before"),
+        ("a/b", AWK, "bad alternative name"),
+        ("awk", AWK.replace("/usr/bin/mawk\n5", "/usr/bin/gawk\n5"), "twice"),
+        ("awk", AWK.replace("\n/usr/bin/awk\n", "\nusr/bin/awk\n"), "absolute"),
+    ],
+)
+def test_a_damaged_entry_is_refused(name: str, text: str, says: str) -> None:
+    with pytest.raises(FormatError, match=says):
+        parse(name, text)
+
+
+def test_the_view_of_some_candidates_selects_as_update_alternatives_does() -> None:
+    awk, editor = parse("awk", AWK), parse("editor", EDITOR)
+    mawk = select(awk, {"/usr/bin/mawk"}, "/usr/bin/gawk")
+    assert mawk is not None and mawk.selected.path == "/usr/bin/mawk"
+    assert render(mawk.group) == "auto\n/usr/bin/awk\nawk.1.gz\n/usr/share/man/man1/awk.1.gz\nnawk\n" + (
+        "/usr/bin/nawk\nnawk.1.gz\n/usr/share/man/man1/nawk.1.gz\n\n/usr/bin/mawk\n5\n"
+        "/usr/share/man/man1/mawk.1.gz\n/usr/bin/mawk\n/usr/share/man/man1/mawk.1.gz\n\n"
+    )
+    assert select(awk, set(), "/usr/bin/gawk") is None
+    # Manual: the gold's choice when present, whatever the priorities; else auto.
+    nano = select(editor, {"/usr/bin/nano"}, "/usr/bin/vim.basic")
+    assert nano is not None and (nano.group.mode, nano.selected.path) == ("auto", "/usr/bin/nano")
+    both = {"/usr/bin/nano", "/usr/bin/vim.basic"}
+    vim = select(editor, both, "/usr/bin/vim.basic")
+    assert vim is not None and vim.selected.path == "/usr/bin/vim.basic" and render(vim.group) == EDITOR
+    # A tie goes to the first listed, as update-alternatives' best choice.
+    tied = parse("awk", AWK.replace("\n5\n", "\n10\n"))
+    assert (
+        view := select(tied, {"/usr/bin/gawk", "/usr/bin/mawk"}, "")
+    ) and view.selected.path == "/usr/bin/gawk"
+
+
+def test_the_links_follow_the_selected_candidate_slaves_included() -> None:
+    editor = parse("editor", EDITOR)
+    assert links(editor, select(editor, {"/usr/bin/nano"}, "")) == {
+        "/usr/bin/editor": "/etc/alternatives/editor",
+        "/etc/alternatives/editor": "/usr/bin/nano",
+        "/usr/share/man/man1/editor.1.gz": "/etc/alternatives/editor.1.gz",
+        "/etc/alternatives/editor.1.gz": "/usr/share/man/man1/nano.1.gz",
+        "/usr/share/man/fr/man1/editor.1.gz": None,  # nano has no French page
+        "/etc/alternatives/editor.fr.1.gz": None,
+    }
+    assert set(links(editor, None).values()) == {None}
+
+
+def test_fragments_round_trip_and_a_damaged_one_is_refused() -> None:
+    frag = Fragment(AWK, "/usr/bin/gawk", ("/usr/bin/gawk",))
+    assert load_fragments(dump_fragments({"awk": frag})) == {"awk": frag}
+    for bad in (
+        b"[]",
+        b'{"awk": {"entry": "auto\\n"}}',
+        b"{",
+        b'{"awk": {"entry": "x", "selected": "", "ours": []}}',
+    ):
+        with pytest.raises(FormatError):
+            load_fragments(bad)
+
+
+# The fake gold with two shared groups: awk (gawk in component db, selected; mawk in the
+# OS) and editor (manual on vim.basic in db; nano in the OS). php's group is php's alone.
+SPECS = (
+    ComponentSpec("web", ("httpd",)),
+    ComponentSpec("db", ("dbserver",)),
+    ComponentSpec("php", ("modphp",)),
+)
+OS_FILES = [
+    "/usr/bin/mawk",
+    "/usr/share/man/man1/mawk.1.gz",
+    "/usr/bin/nano",
+    "/usr/share/man/man1/nano.1.gz",
+]
+DB_FILES = [
+    "/usr/bin/gawk",
+    "/usr/share/man/man1/gawk.1.gz",
+    "/usr/bin/vim.basic",
+    "/usr/share/man/man1/vim.1.gz",
+    "/usr/share/man/fr/man1/vim.1.gz",
+]
+GOLD_LINKS = {
+    "/etc/alternatives/awk": "/usr/bin/gawk",
+    "/etc/alternatives/awk.1.gz": "/usr/share/man/man1/gawk.1.gz",
+    "/etc/alternatives/nawk": "/usr/bin/gawk",
+    "/etc/alternatives/nawk.1.gz": "/usr/share/man/man1/gawk.1.gz",
+    "/usr/bin/awk": "/etc/alternatives/awk",
+    "/usr/share/man/man1/awk.1.gz": "/etc/alternatives/awk.1.gz",
+    "/usr/bin/nawk": "/etc/alternatives/nawk",
+    "/usr/share/man/man1/nawk.1.gz": "/etc/alternatives/nawk.1.gz",
+    "/etc/alternatives/editor": "/usr/bin/vim.basic",
+    "/etc/alternatives/editor.1.gz": "/usr/share/man/man1/vim.1.gz",
+    "/etc/alternatives/editor.fr.1.gz": "/usr/share/man/fr/man1/vim.1.gz",
+    "/usr/bin/editor": "/etc/alternatives/editor",
+    "/usr/share/man/man1/editor.1.gz": "/etc/alternatives/editor.1.gz",
+    "/usr/share/man/fr/man1/editor.1.gz": "/etc/alternatives/editor.fr.1.gz",
+}
+
+
+def shared_gold(root: Path) -> Path:
+    """The fake gold, with the awk and editor groups (tests/root uses it too)."""
+    gold = make_tree(root)
+    info = gold / "var/lib/dpkg/info"
+    for pkg, paths in (("dpkg", OS_FILES), ("dbserver", DB_FILES)):
+        with open(info / f"{pkg}.list", "a") as f:
+            f.write("".join(p + "\n" for p in paths))
+        for p in paths:
+            (gold / p.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+            (gold / p.lstrip("/")).write_text(f"{pkg}:{p}\n")
+    for link, target in GOLD_LINKS.items():
+        os.symlink(target, gold / link.lstrip("/"))
+    (gold / "var/lib/dpkg/alternatives/awk").write_text(AWK)
+    (gold / "var/lib/dpkg/alternatives/editor").write_text(EDITOR)
+    return gold
+
+
+def _planned(gold: Path) -> tuple[Split, Split, tuple[Shared, ...]]:
+    entries = scan(gold)
+    split = plan_split(read_database(gold), SPECS, entries, Exclusions())
+    return (split, *altmerge.plan(gold, entries, split))
+
+
+def test_a_shared_groups_paths_go_to_the_os_and_others_stay(tmp_path: Path) -> None:
+    gold = shared_gold(tmp_path / "gold")
+    before, after, shared = _planned(gold)
+    assert [s.gold.name for s in shared] == ["awk", "editor"]
+    # The split alone gives the gold's selection's links and entry to db ...
+    for path in ("/etc/alternatives/awk", "/usr/bin/awk", "/var/lib/dpkg/alternatives/editor"):
+        assert before.image_of(path) == "db"
+    # ... and now every path of the two groups is the OS's, and only those moved.
+    for path in [*GOLD_LINKS, "/var/lib/dpkg/alternatives/awk", "/var/lib/dpkg/alternatives/editor"]:
+        assert after.image_of(path) == OS, path
+    moved = {p for p in before.files["db"] if after.image_of(p) != "db"}
+    assert moved == {p for s in shared for p in s.moved}
+    assert "/usr/share/man/fr/man1" in after.dirs[OS]
+    for path in ("/etc/alternatives/php", "/usr/bin/php", "/var/lib/dpkg/alternatives/php"):
+        assert before.image_of(path) == after.image_of(path) == "php"
+    # A gold whose groups are all in one sub-image has its split unchanged.
+    plain = make_tree(tmp_path / "plain")
+    split, same, none = _planned(plain)
+    assert same is split and none == ()
+
+
+def _links_of(root: Path) -> dict[str, str | None]:
+    return {
+        p: os.readlink(root / p.lstrip("/")) if os.path.islink(root / p.lstrip("/")) else None
+        for p in GOLD_LINKS
+    }
+
+
+def _os_target(tmp_path: Path) -> tuple[Path, Path, tuple[Shared, ...]]:
+    """The OS sub-image's tree as capture stages it (the hard-link farm), with its view."""
+    gold = shared_gold(tmp_path / "gold")
+    _, split, shared = _planned(gold)
+    target = tmp_path / "target"
+    target.mkdir()
+    stage(gold, sorted({*split.dirs[OS], *split.files[OS]}), target, tmp_path)
+    altmerge.write_os_view(target, shared)
+    return gold, target, shared
+
+
+def _lay_out_db(gold: Path, target: Path, shared: tuple[Shared, ...], tmp_path: Path) -> list[str]:
+    """Component db's files and fragment put in place, as its stream does; then merged."""
+    work = tmp_path / "frag"
+    (work / "var/lib/bootenv/dpkg").mkdir(parents=True, exist_ok=True)
+    rel = altmerge.fragment_file(work, "db", shared)
+    assert rel == "/var/lib/bootenv/dpkg/db.alternatives"
+    (target / rel.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(work / rel.lstrip("/"), target / rel.lstrip("/"))
+    for p in DB_FILES:
+        (target / p.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(gold / p.lstrip("/"), target / p.lstrip("/"))
+    return altmerge.merge_component_alternatives(target, "db")
+
+
+def test_the_os_alone_has_its_own_candidates_and_the_component_brings_the_golds_back(tmp_path: Path) -> None:
+    gold, target, shared = _os_target(tmp_path)
+    db = target / "var/lib/dpkg/alternatives"
+    # (a) The OS image alone: working links to its own candidates, entries listing them.
+    assert (
+        resolve("/usr/bin/awk", disk_links(target)) == "/usr/bin/mawk" and (target / "usr/bin/mawk").is_file()
+    )
+    assert os.readlink(target / "etc/alternatives/awk.1.gz") == "/usr/share/man/man1/mawk.1.gz"
+    assert os.readlink(target / "etc/alternatives/editor") == "/usr/bin/nano"
+    assert not os.path.lexists(target / "etc/alternatives/editor.fr.1.gz")
+    assert not os.path.lexists(target / "usr/share/man/fr/man1/editor.1.gz")
+    assert (db / "awk").read_text() == render(select(parse("awk", AWK), {"/usr/bin/mawk"}, "").group)  # type: ignore[union-attr]
+    assert (db / "editor").read_text().startswith("auto\n") and "vim" not in (db / "editor").read_text()
+    # The gold is untouched (the staged links and entries are new files).
+    assert _links_of(gold) == GOLD_LINKS and (gold / "var/lib/dpkg/alternatives/awk").read_text() == AWK
+    # (b) With component db laid out: the gold's links and entries, byte for byte.
+    assert _lay_out_db(gold, target, shared, tmp_path) == []
+    assert _links_of(target) == GOLD_LINKS
+    assert (db / "awk").read_text() == AWK and (db / "editor").read_text() == EDITOR
+    assert sorted(p.name for p in db.iterdir()) == ["awk", "editor"]  # no temp file left
+    # Again: nothing changes, nothing to say.
+    assert altmerge.merge_component_alternatives(target, "db") == []
+    assert _links_of(target) == GOLD_LINKS and (db / "editor").read_text() == EDITOR
+
+
+def test_a_run_killed_between_the_links_and_the_entry_is_finished_by_the_next(tmp_path: Path) -> None:
+    gold, target, shared = _os_target(tmp_path)
+    os.symlink("/usr/bin/gawk", target / "etc/alternatives/.awk.bootenv-tmp")
+    os.replace(target / "etc/alternatives/.awk.bootenv-tmp", target / "etc/alternatives/awk")  # one link done
+    (target / "var/lib/dpkg/alternatives/.awk.bootenv.dpkg-tmp").write_text("half")
+    assert _lay_out_db(gold, target, shared, tmp_path) == []
+    assert _links_of(target) == GOLD_LINKS
+    assert (target / "var/lib/dpkg/alternatives/awk").read_text() == AWK
+    assert sorted(p.name for p in (target / "var/lib/dpkg/alternatives").iterdir()) == ["awk", "editor"]
+
+
+def test_the_admins_choice_is_kept_and_named(tmp_path: Path) -> None:
+    gold, target, shared = _os_target(tmp_path)
+    db = target / "var/lib/dpkg/alternatives"
+    # update-alternatives --set awk /usr/bin/mawk: manual on mawk (the link is unchanged).
+    (db / "awk").write_text((db / "awk").read_text().replace("auto\n", "manual\n", 1))
+    # A link made by hand to the admin's own editor.
+    (target / "etc/alternatives/editor").unlink()
+    os.symlink("/usr/local/bin/ed", target / "etc/alternatives/editor")
+    admins = {p: os.readlink(target / p.lstrip("/")) for p in ("/etc/alternatives/awk", "/usr/bin/awk")}
+    warnings = _lay_out_db(gold, target, shared, tmp_path)
+    assert warnings == [
+        "alternatives awk left as they were: the target's entry is not one bootenv wrote"
+        " (changed with update-alternatives?)",
+        "alternatives editor left as they were: /etc/alternatives/editor is not the link bootenv made"
+        " (changed by hand?)",
+    ]
+    assert (db / "awk").read_text().startswith("manual\n/usr/bin/awk\n") and "gawk" not in (
+        db / "awk"
+    ).read_text()
+    assert {p: os.readlink(target / p.lstrip("/")) for p in admins} == admins
+    assert os.readlink(target / "etc/alternatives/editor") == "/usr/local/bin/ed"
+    assert "vim" not in (db / "editor").read_text()
+    # A group the admin removed stays removed.
+    (db / "awk").unlink()
+    assert altmerge.merge_component_alternatives(target, "db")[0] == (
+        "alternatives awk left as they were: the target has no entry for them (removed?)"
+    )
+    assert not (db / "awk").exists()
+
+
+def test_a_damaged_record_or_a_planted_symlink_is_refused(tmp_path: Path) -> None:
+    from bootenv.paxread import ArchiveError
+
+    gold, target, shared = _os_target(tmp_path)
+    _lay_out_db(gold, target, shared, tmp_path)
+    record = target / "var/lib/bootenv/dpkg/db.alternatives"
+    record.write_text("{")
+    with pytest.raises(FatalError, match="damaged alternatives record"):
+        altmerge.merge_component_alternatives(target, "db")
+    record.unlink()
+    os.symlink("/etc/passwd", record)
+    with pytest.raises(ArchiveError, match="symlink"):
+        altmerge.merge_component_alternatives(target, "db")
