@@ -8,7 +8,8 @@ first, schedule.py), and fetches and verifies each one ahead of the streams
 streams (run by streampool.py), this module resolves the components, holds the root's
 lock and first removes what killed runs left under temp names (sweep.py), tries a
 failure that may pass again, and stops at the deadline. When every stream is done, the parent merges
-the dpkg status of the components that verified, in name order, and activates them:
+the dpkg status (and the alternatives shared with the OS: altmerge.py) of the
+components that verified, in name order, and activates them:
 ldconfig, daemon-reload, units. Progress goes to the log and, best effort, to a callback
 URL as JSON events.
 """
