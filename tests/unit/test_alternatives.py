@@ -254,18 +254,25 @@ def _os_target(tmp_path: Path) -> tuple[Path, Path, tuple[Shared, ...]]:
     return gold, target, shared
 
 
-def _lay_out_db(gold: Path, target: Path, shared: tuple[Shared, ...], tmp_path: Path) -> list[str]:
-    """Component db's files and fragment put in place, as its stream does; then merged."""
+def _lay_out(
+    gold: Path,
+    target: Path,
+    shared: tuple[Shared, ...],
+    tmp_path: Path,
+    name: str = "db",
+    files: list[str] = DB_FILES,
+) -> list[str]:
+    """A component's files and fragment put in place, as its stream does; then merged."""
     work = tmp_path / "frag"
     (work / "var/lib/bootenv/dpkg").mkdir(parents=True, exist_ok=True)
-    rel = altmerge.fragment_file(work, "db", shared)
-    assert rel == "/var/lib/bootenv/dpkg/db.alternatives"
+    rel = altmerge.fragment_file(work, name, shared)
+    assert rel == f"/var/lib/bootenv/dpkg/{name}.alternatives"
     (target / rel.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(work / rel.lstrip("/"), target / rel.lstrip("/"))
-    for p in DB_FILES:
+    for p in files:
         (target / p.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(gold / p.lstrip("/"), target / p.lstrip("/"))
-    return altmerge.merge_component_alternatives(target, "db")
+    return altmerge.merge_component_alternatives(target, name)
 
 
 def test_the_os_alone_has_its_own_candidates_and_the_component_brings_the_golds_back(tmp_path: Path) -> None:
@@ -284,7 +291,7 @@ def test_the_os_alone_has_its_own_candidates_and_the_component_brings_the_golds_
     # The gold is untouched (the staged links and entries are new files).
     assert _links_of(gold) == GOLD_LINKS and (gold / "var/lib/dpkg/alternatives/awk").read_text() == AWK
     # (b) With component db laid out: the gold's links and entries, byte for byte.
-    assert _lay_out_db(gold, target, shared, tmp_path) == []
+    assert _lay_out(gold, target, shared, tmp_path) == []
     assert _links_of(target) == GOLD_LINKS
     assert (db / "awk").read_text() == AWK and (db / "editor").read_text() == EDITOR
     assert sorted(p.name for p in db.iterdir()) == ["awk", "editor"]  # no temp file left
@@ -293,12 +300,44 @@ def test_the_os_alone_has_its_own_candidates_and_the_component_brings_the_golds_
     assert _links_of(target) == GOLD_LINKS and (db / "editor").read_text() == EDITOR
 
 
+@pytest.mark.parametrize("order", [("db", "web"), ("web", "db")])
+def test_components_sharing_a_group_end_as_the_gold_in_any_order(
+    tmp_path: Path, order: tuple[str, str]
+) -> None:
+    """A third awk, in component web (the lowest priority): the OS with web alone keeps
+    mawk, and with both the group is the gold's, whichever comes first."""
+    gold = shared_gold(tmp_path / "gold")
+    awk = AWK[:-1] + "/usr/bin/original-awk\n1\n" + "\n" * 3 + "\n"  # none of the 3 slaves
+    assert [c.path for c in parse("awk", awk).choices][2] == "/usr/bin/original-awk"
+    (gold / "var/lib/dpkg/alternatives/awk").write_text(awk)
+    (gold / "usr/bin/original-awk").write_text("web's awk\n")
+    with open(gold / "var/lib/dpkg/info/httpd.list", "a") as f:
+        f.write("/usr/bin/original-awk\n")
+    _, split, shared = _planned(gold)
+    target = tmp_path / "target"
+    target.mkdir()
+    stage(gold, sorted({*split.dirs[OS], *split.files[OS]}), target, tmp_path)
+    altmerge.write_os_view(target, shared)
+    files = {"db": DB_FILES, "web": ["/usr/bin/original-awk"]}
+    first, second = order
+    assert _lay_out(gold, target, shared, tmp_path, first, files[first]) == []
+    got = (target / "var/lib/dpkg/alternatives/awk").read_text()
+    assert ("/usr/bin/original-awk" in got) == (first == "web") and ("/usr/bin/gawk" in got) == (
+        first == "db"
+    )
+    expect = "/usr/bin/gawk" if first == "db" else "/usr/bin/mawk"
+    assert os.readlink(target / "etc/alternatives/awk") == expect
+    assert _lay_out(gold, target, shared, tmp_path, second, files[second]) == []
+    assert (target / "var/lib/dpkg/alternatives/awk").read_text() == awk
+    assert _links_of(target) == GOLD_LINKS
+
+
 def test_a_run_killed_between_the_links_and_the_entry_is_finished_by_the_next(tmp_path: Path) -> None:
     gold, target, shared = _os_target(tmp_path)
     os.symlink("/usr/bin/gawk", target / "etc/alternatives/.awk.bootenv-tmp")
     os.replace(target / "etc/alternatives/.awk.bootenv-tmp", target / "etc/alternatives/awk")  # one link done
     (target / "var/lib/dpkg/alternatives/.awk.bootenv.dpkg-tmp").write_text("half")
-    assert _lay_out_db(gold, target, shared, tmp_path) == []
+    assert _lay_out(gold, target, shared, tmp_path) == []
     assert _links_of(target) == GOLD_LINKS
     assert (target / "var/lib/dpkg/alternatives/awk").read_text() == AWK
     assert sorted(p.name for p in (target / "var/lib/dpkg/alternatives").iterdir()) == ["awk", "editor"]
@@ -313,7 +352,7 @@ def test_the_admins_choice_is_kept_and_named(tmp_path: Path) -> None:
     (target / "etc/alternatives/editor").unlink()
     os.symlink("/usr/local/bin/ed", target / "etc/alternatives/editor")
     admins = {p: os.readlink(target / p.lstrip("/")) for p in ("/etc/alternatives/awk", "/usr/bin/awk")}
-    warnings = _lay_out_db(gold, target, shared, tmp_path)
+    warnings = _lay_out(gold, target, shared, tmp_path)
     assert warnings == [
         "alternatives awk left as they were: the target's entry is not one bootenv wrote"
         " (changed with update-alternatives?)",
@@ -338,7 +377,7 @@ def test_a_damaged_record_or_a_planted_symlink_is_refused(tmp_path: Path) -> Non
     from bootenv.paxread import ArchiveError
 
     gold, target, shared = _os_target(tmp_path)
-    _lay_out_db(gold, target, shared, tmp_path)
+    _lay_out(gold, target, shared, tmp_path)
     record = target / "var/lib/bootenv/dpkg/db.alternatives"
     record.write_text("{")
     with pytest.raises(FatalError, match="damaged alternatives record"):
