@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
 from collections.abc import Callable
 from pathlib import Path
+
+from bootenv.errors import UserError
 
 MAX_LINK_HOPS = 40  # as the kernel's ELOOP limit
 
@@ -61,4 +64,34 @@ def disk_links(root: Path) -> Readlink:
 def inside(root: Path, path: str | os.PathLike[str], readlink: Readlink | None = None) -> Path:
     """ROOT/`path` (relative, or absolute in the tree), symlinks resolved inside ROOT."""
     rel = resolve("/" + os.fspath(path).lstrip("/"), readlink or disk_links(root))
+    return root / rel.lstrip("/")
+
+
+def in_target(root: Path, path: str, *, last: bool = True) -> Path:
+    """ROOT/`path` for the agent, which reads, writes and removes in the OS image mounted
+    at ROOT: resolved inside it afresh, as the booted system will resolve it; its last
+    component too if `last` (a writer that replaces the entry passes False: a symlink
+    there is replaced, never written through). A path the booted system could not use
+    either is refused before anything goes through it: one that still leads through a
+    symlink (a loop, past MAX_LINK_HOPS), or through something not a directory."""
+    want = "/" + path.lstrip("/")
+    rel = resolve(want, disk_links(root), last=last)
+    parts = [p for p in rel.split("/") if p]
+    for i in range(len(parts)):
+        here = "/" + "/".join(parts[: i + 1])
+        try:
+            mode = os.lstat(f"{str(root).rstrip('/')}{here}").st_mode
+        except FileNotFoundError:
+            break  # made by the writer, as are the directories below it
+        final = i == len(parts) - 1
+        if stat.S_ISLNK(mode) and (last or not final):
+            why = f"a symlink loop at {here} (more than {MAX_LINK_HOPS} links followed)"
+        elif not final and not stat.S_ISDIR(mode):
+            why = f"it leads to {rel}, and {here} is not a directory"
+        else:
+            continue
+        raise UserError(
+            f"the OS image's {want} cannot be resolved inside it: {why}",
+            hint="fix that symlink on the gold machine and capture it again",
+        )
     return root / rel.lstrip("/")

@@ -4,7 +4,9 @@ The text of every file we write is built by a pure function (fstab, hosts, the
 layout hand-off, the units), and the `configure` step only places them. The order
 matters: the root filesystem gets its new UUID and is grown *before* it is mounted
 (tune2fs -U rewrites the metadata checksums only on an unmounted filesystem, and
-both tools want a freshly checked one).
+both tools want a freshly checked one). Every path in the mounted target is resolved
+inside it (intree.in_target), as the installed system will resolve it: the gold's
+absolute symlinks never lead the agent into the ramdisk.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from bootenv.intree import in_target, inside
 from bootenv.run import run, which
 from bootenv.runtime import RUNTIME, python_argv, unit_environment
 
@@ -39,6 +42,11 @@ SSH_UNIT = "bootenv-ssh-keygen.service"
 UNIT_DIR = "/etc/systemd/system"
 WANTS = f"{UNIT_DIR}/multi-user.target.wants"
 ESP_MOUNT = "/boot/efi"
+SSH_DIR = "/etc/ssh"
+ROOT_SSH = "/root/.ssh"
+AUTHORIZED_KEYS = f"{ROOT_SSH}/authorized_keys"
+# The gold's machine identity, removed if it is a file (capture leaves them out too).
+STALE = ("/var/lib/dbus/machine-id", "/var/lib/systemd/random-seed")
 
 
 @dataclass(frozen=True)
@@ -118,8 +126,7 @@ _CLEANUP = (
 def provisioned(root: Path) -> bool:
     """Whether bootenv provisioned the system at `root`: the agent left it the first-boot
     hand-off, renamed once the first layout was done."""
-    handoff = root / LAYOUT_JSON.lstrip("/")
-    return handoff.exists() or handoff.with_name(handoff.name + ".done").exists()
+    return inside(root, LAYOUT_JSON).exists() or inside(root, f"{LAYOUT_JSON}.done").exists()
 
 
 def layout_argv(handoff: LayoutHandoff) -> list[str]:
@@ -239,12 +246,13 @@ def mounted(device: str, *, options: str = "") -> Iterator[Path]:
 def _read(root: Path, rel: str) -> str:
     """A file of the gold's, or "" if it has none. Its bytes need not be UTF-8 (a Latin-1
     comment in /etc/hosts): they are kept as surrogates, and `_write` gives them back."""
-    path = root / rel.lstrip("/")
+    path = in_target(root, rel)
     return path.read_bytes().decode("utf-8", "surrogateescape") if path.exists() else ""
 
 
 def _write(root: Path, rel: str, text: str, mode: int = 0o644) -> None:
-    path = root / rel.lstrip("/")
+    """Replace the file (a symlink in its place too, never written through)."""
+    path = in_target(root, rel, last=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.bootenv")
     tmp.write_bytes(text.encode("utf-8", "surrogateescape"))
@@ -253,7 +261,7 @@ def _write(root: Path, rel: str, text: str, mode: int = 0o644) -> None:
 
 
 def _enable(root: Path, unit: str) -> None:
-    link = root / WANTS.lstrip("/") / unit
+    link = in_target(root, f"{WANTS}/{unit}", last=False)
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink() or link.exists():
         link.unlink()
@@ -263,16 +271,16 @@ def _enable(root: Path, unit: str) -> None:
 def configure(root: Path, ident: Identity, handoff: LayoutHandoff, ssh_key: str | None) -> None:
     """Give the mounted target its own identity and its first-boot work."""
     _write(root, "/etc/fstab", fstab_text(ident))
-    (root / ESP_MOUNT.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    in_target(root, ESP_MOUNT).mkdir(parents=True, exist_ok=True)
     _write(root, "/etc/hostname", ident.hostname + "\n")
     _write(root, "/etc/hosts", hosts_text(_read(root, "/etc/hosts"), ident.hostname))
     # An empty machine-id makes systemd generate a fresh one on first boot.
     _write(root, "/etc/machine-id", "", 0o444)
-    for stale in ("var/lib/dbus/machine-id", "var/lib/systemd/random-seed"):
-        p = root / stale
+    for stale in STALE:
+        p = in_target(root, stale, last=False)
         if p.is_file() and not p.is_symlink():
             p.unlink()
-    for key in (root / "etc/ssh").glob("ssh_host_*"):
+    for key in in_target(root, SSH_DIR).glob("ssh_host_*"):
         key.unlink()
     _write(root, f"{UNIT_DIR}/{SSH_UNIT}", ssh_keygen_unit_text())
     _enable(root, SSH_UNIT)
@@ -284,14 +292,14 @@ def configure(root: Path, ident: Identity, handoff: LayoutHandoff, ssh_key: str 
 
 
 def _authorize(root: Path, key: str) -> None:
-    ssh = root / "root/.ssh"
+    ssh = in_target(root, ROOT_SSH)
     ssh.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(ssh, 0o700)
-    old = _read(root, "/root/.ssh/authorized_keys")
+    old = _read(root, AUTHORIZED_KEYS)
     if key not in old.splitlines():
         _write(
             root,
-            "/root/.ssh/authorized_keys",
+            AUTHORIZED_KEYS,
             old + ("" if not old or old.endswith("\n") else "\n") + key + "\n",
             0o600,
         )

@@ -1,0 +1,113 @@
+"""The agent's reads, writes and removals in the mounted target resolve the gold's
+symlinks inside the target, as the booted system will: an absolute link (/opt ->
+/srv/opt) never leads into the ramdisk. Every link here points at OUTSIDE, a directory
+next to the root that stands for the ramdisk's own tree: it must be left as it was, and
+what the agent writes lands in ROOT/OUTSIDE, where the booted system finds it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bootenv.errors import UserError
+from bootenv.target import LAYOUT_UNIT, SSH_UNIT, Identity, LayoutHandoff, configure
+
+IDENT = Identity("0b0e9a55-1f2c-4d6e-8a9b-c0d1e2f3a4b5", "1a2b3c4d", "web1.example.org")
+HANDOFF = LayoutHandoff("http://10.0.2.2:8080/lamp", ("apache",), None, "web1.example.org")
+KEY = "ssh-ed25519 AAAA me@host"
+
+
+def tree(top: Path) -> dict[str, bytes | str | None]:
+    """Every entry under `top`: a file's bytes, a symlink's target, None for a directory."""
+    out: dict[str, bytes | str | None] = {}
+    for p in sorted(top.rglob("*")):
+        rel = str(p.relative_to(top))
+        out[rel] = str(p.readlink()) if p.is_symlink() else p.read_bytes() if p.is_file() else None
+    return out
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """The ramdisk's tree, as the links' absolute targets name it: files the agent must not touch."""
+    out = tmp_path / "outside"
+    for rel, text in {
+        "ssh/ssh_host_rsa_key": "the ramdisk's host key",
+        "var/lib/systemd/random-seed": "the ramdisk's seed",
+        "var/lib/dbus/machine-id": "the ramdisk's id",
+        "home/root/.ssh/authorized_keys": "the ramdisk's key\n",
+        "boot/grub/grub.cfg": "the ramdisk's menu",
+    }.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    (out / "opt").mkdir()
+    return out
+
+
+def link(root: Path, rel: str, target: str) -> None:
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (root / rel).symlink_to(target)
+
+
+def in_gold(root: Path, outside: Path, rel: str) -> Path:
+    """ROOT/OUTSIDE/`rel`: where a link to OUTSIDE/`rel` leads on the booted system."""
+    return root / str(outside).lstrip("/") / rel
+
+
+def test_configure_writes_and_removes_where_the_golds_absolute_links_lead_inside_it(
+    tmp_path: Path, outside: Path
+) -> None:
+    root = tmp_path / "root"
+    link(root, "etc/ssh", f"{outside}/ssh")  # exists on the "ramdisk"
+    link(root, "root", f"{outside}/home/root")
+    link(root, "etc/systemd", f"{outside}/systemd")  # does not: made inside the root
+    link(root, "etc/bootenv", f"{outside}/bootenv")
+    gold_ssh = in_gold(root, outside, "ssh")
+    gold_ssh.mkdir(parents=True)
+    (gold_ssh / "ssh_host_rsa_key").write_text("the gold's host key")
+    (gold_ssh / "sshd_config").write_text("PermitRootLogin prohibit-password\n")
+    before = tree(outside)
+    configure(root, IDENT, HANDOFF, KEY)
+    assert tree(outside) == before
+    assert sorted(p.name for p in gold_ssh.iterdir()) == ["sshd_config"]
+    keys = in_gold(root, outside, "home/root/.ssh/authorized_keys")
+    assert keys.read_text() == KEY + "\n" and keys.stat().st_mode & 0o777 == 0o600
+    units = in_gold(root, outside, "systemd/system")
+    assert (units / LAYOUT_UNIT).is_file() and (units / SSH_UNIT).is_file()
+    wants = units / "multi-user.target.wants"
+    assert sorted(p.name for p in wants.iterdir()) == [LAYOUT_UNIT, SSH_UNIT]
+    assert '"image": "http://10.0.2.2:8080/lamp"' in in_gold(root, outside, "bootenv/layout.json").read_text()
+    # The gold's links stay: its system finds the files through them.
+    assert (root / "etc/ssh").readlink() == Path(f"{outside}/ssh")
+
+
+def test_the_random_seed_under_a_linked_var_is_removed(tmp_path: Path, outside: Path) -> None:
+    """A gold whose /var links elsewhere kept its random seed and D-Bus machine id on
+    every machine provisioned from it (and the ramdisk's were removed, if it had any)."""
+    root = tmp_path / "root"
+    link(root, "var", f"{outside}/var")
+    gold_var = in_gold(root, outside, "var/lib")
+    for rel in ("systemd/random-seed", "dbus/machine-id"):
+        (gold_var / rel).parent.mkdir(parents=True)
+        (gold_var / rel).write_text("the gold's")
+    before = tree(outside)
+    configure(root, IDENT, HANDOFF, None)
+    assert tree(outside) == before
+    assert not (gold_var / "systemd/random-seed").exists()
+    assert not (gold_var / "dbus/machine-id").exists()
+    assert (gold_var / "systemd").is_dir()
+
+
+def test_a_symlink_loop_is_refused_before_anything_is_written(tmp_path: Path, outside: Path) -> None:
+    root = tmp_path / "root"
+    link(root, "etc", f"{outside}/loop")
+    link(root, str(outside / "loop").lstrip("/"), "/etc")
+    (root / "etc-keep").write_text("x")
+    before, before_root = tree(outside), tree(root)
+    with pytest.raises(UserError) as err:
+        configure(root, IDENT, HANDOFF, KEY)
+    assert str(err.value).startswith(
+        "the OS image's /etc/fstab cannot be resolved inside it: a symlink loop at "
+    )
+    assert "\n" not in str(err.value)
+    assert tree(outside) == before and tree(root) == before_root
