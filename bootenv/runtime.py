@@ -21,9 +21,11 @@ import re
 import shutil
 import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 from bootenv.errors import FatalError
+from bootenv.intree import in_target
 from bootenv.run import run, which
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 RUNTIME = "/opt/bootenv"
 LOADER = "ld-linux-x86-64.so.2"
 CA_BUNDLE = "ca-certificates.crt"  # in the runtime's directory
+TARGET_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 # bootenv and what it imports at run time; optional ones are copied when present.
 PACKAGES = ("bootenv", "zstandard", "requests", "urllib3", "idna", "certifi", "charset_normalizer")
 OPTIONAL = ("chardet", "cryptography", "cffi", "_cffi_backend", "six")
@@ -94,10 +97,13 @@ def _copy_module(name: str, site: Path) -> bool:
 
 
 def install_runtime(target: Path) -> Path:
-    """Copy the running interpreter and bootenv into `target`/opt/bootenv."""
-    dest = target / RUNTIME.lstrip("/")
-    if dest.exists():
+    """Copy the running interpreter and bootenv into `target`/opt/bootenv, where the
+    target's symlinks put it (a gold's /opt -> /srv/opt: `target`/srv/opt/bootenv)."""
+    dest = in_target(target, RUNTIME, last=False)
+    if dest.is_dir() and not dest.is_symlink():
         shutil.rmtree(dest)
+    elif os.path.lexists(dest):
+        dest.unlink()  # a file or symlink in its place: replaced, never followed
     (dest / "bin").mkdir(parents=True)
     lib = dest / "lib"
     site = dest / "site"
@@ -122,14 +128,19 @@ def _copy_ca_bundle(target: Path, dest: Path) -> None:
     """The CA certificates HTTPS is checked against in the layout service: those this
     ramdisk trusts (what it fetched the OS with), else the target's own; with neither,
     an empty bundle, so that HTTPS fails as untrusted, not as a missing file."""
-    import certifi
-
-    for bundle in (Path(certifi.where()), target / "etc/ssl/certs/ca-certificates.crt"):
+    for bundle in _ca_bundles(target):
         if bundle.is_file() and bundle.stat().st_size:
             shutil.copyfile(bundle, dest)
             return
     log.warning("no CA certificates here or in the target: the layout service can use plain HTTP only")
     dest.write_bytes(b"")
+
+
+def _ca_bundles(target: Path) -> Iterator[Path]:
+    import certifi
+
+    yield Path(certifi.where())
+    yield in_target(target, TARGET_CA_BUNDLE)  # looked up only if this ramdisk has none
 
 
 def _copy_libraries(dest: Path, elves: list[Path]) -> None:

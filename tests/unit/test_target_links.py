@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import certifi
 import pytest
 
 from bootenv.errors import UserError
+from bootenv.intree import inside
+from bootenv.runtime import RUNTIME, _copy_ca_bundle, install_runtime
 from bootenv.target import LAYOUT_UNIT, SSH_UNIT, Identity, LayoutHandoff, configure
 
 IDENT = Identity("0b0e9a55-1f2c-4d6e-8a9b-c0d1e2f3a4b5", "1a2b3c4d", "web1.example.org")
@@ -98,6 +101,27 @@ def test_the_random_seed_under_a_linked_var_is_removed(tmp_path: Path, outside: 
     assert (gold_var / "systemd").is_dir()
 
 
+@pytest.mark.parametrize("there", ["opt", "missing/opt"], ids=["link-to-a-dir", "dangling-link"])
+def test_the_runtime_goes_where_the_golds_opt_leads(
+    tmp_path: Path, outside: Path, there: str, allow_run: None
+) -> None:
+    """`opt -> /srv/opt` ended the agent in FileExistsError on a written disk; with a link
+    to a directory the ramdisk has, the runtime went there, and the first boot, not
+    finding /opt/bootenv/bin/python3, skipped the layout without a word."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "opt").symlink_to(f"{outside}/{there}")
+    before = tree(outside)
+    dest = install_runtime(root)
+    assert tree(outside) == before
+    assert dest == in_gold(root, outside, f"{there}/bootenv")
+    # The layout unit's ConditionPathExists, as the booted system resolves it.
+    assert inside(root, f"{RUNTIME}/bin/python3").is_file()
+    assert (dest / "lib/ld-linux-x86-64.so.2").is_file()
+    install_runtime(root)  # again: the old copy is replaced where it is
+    assert tree(outside) == before
+
+
 def test_a_symlink_loop_is_refused_before_anything_is_written(tmp_path: Path, outside: Path) -> None:
     root = tmp_path / "root"
     link(root, "etc", f"{outside}/loop")
@@ -111,3 +135,18 @@ def test_a_symlink_loop_is_refused_before_anything_is_written(tmp_path: Path, ou
     )
     assert "\n" not in str(err.value)
     assert tree(outside) == before and tree(root) == before_root
+
+
+def test_the_golds_ca_bundle_is_read_where_its_links_lead(
+    tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ramdisk without CA certificates brings the target's own: the gold's, not the
+    ramdisk's file of that name."""
+    monkeypatch.setattr(certifi, "where", lambda: str(tmp_path / "no-bundle.pem"))
+    root = tmp_path / "root"
+    link(root, "etc/ssl", f"{outside}/ssl")
+    for top, whose in ((outside, "the ramdisk's"), (in_gold(root, outside, ""), "the gold's")):
+        (top / "ssl/certs").mkdir(parents=True)
+        (top / "ssl/certs/ca-certificates.crt").write_text(f"{whose} bundle")
+    _copy_ca_bundle(root, tmp_path / "bundle.crt")
+    assert (tmp_path / "bundle.crt").read_text() == "the gold's bundle"
