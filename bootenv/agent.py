@@ -199,7 +199,7 @@ def _install_bootloader(
     args = handoff.kernel_args(ident.root_uuid, cmdline)
     cfg_text = bootloader.grub_cfg_text(ident.root_uuid, kernel, initrd, args, f"{ident.hostname} (bootenv)")
     bootloader.copy_modules(root)
-    (root / "boot/grub/grub.cfg").write_text(cfg_text)
+    bootloader.write_config(root, cfg_text)
     if layout.boot.bios:
         bootloader.install_bios(disk, root, ident.root_uuid, layout.plan.bios.offset, layout.plan.bios.size)
     if layout.boot.note:

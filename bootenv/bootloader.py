@@ -33,11 +33,14 @@ from pathlib import Path
 
 from bootenv.blockdev import sector_size
 from bootenv.errors import FatalError, UserError
+from bootenv.intree import in_target
 from bootenv.run import run, which
 
 log = logging.getLogger(__name__)
 
 GRUB_LIB = Path("/usr/lib/grub")
+GRUB_DIR = "/boot/grub"  # in the target: grub.cfg, and the modules per platform
+GRUB_CFG = f"{GRUB_DIR}/grub.cfg"
 BIOS = "i386-pc"
 EFI = "x86_64-efi"
 # The only logical sector size grub's BIOS boot code can load core.img from. What we
@@ -117,7 +120,7 @@ def plan_boot(disk: str, sector: int, firmware: Firmware) -> BootPlan:
 
 
 def early_config(root_uuid: str) -> str:
-    return f"search.fs_uuid {root_uuid} root\nset prefix=($root)/boot/grub\n"
+    return f"search.fs_uuid {root_uuid} root\nset prefix=($root){GRUB_DIR}\n"
 
 
 def grub_cfg_text(root_uuid: str, kernel: str, initrd: str | None, args: tuple[str, ...], title: str) -> str:
@@ -185,7 +188,7 @@ def _mkimage(platform: str, out: Path, root_uuid: str, modules: tuple[str, ...])
                 "-d",
                 GRUB_LIB / platform,
                 "-p",
-                "/boot/grub",
+                GRUB_DIR,
                 "-c",
                 cfg,
                 "-o",
@@ -205,12 +208,33 @@ def check_available() -> None:
 
 
 def copy_modules(root: Path) -> None:
+    """grub's modules into the target's /boot/grub/<platform>/, where the target's
+    symlinks put them (as grub, which resolves them on the root filesystem, finds them)."""
     for platform in (BIOS, EFI):
-        dest = root / "boot/grub" / platform
+        dest = in_target(root, f"{GRUB_DIR}/{platform}")
         dest.mkdir(parents=True, exist_ok=True)
         for f in (GRUB_LIB / platform).iterdir():
             if f.suffix in (".mod", ".lst"):
-                shutil.copy2(f, dest / f.name)
+                _copy_in(f, dest / f.name)
+
+
+def write_config(root: Path, text: str) -> None:
+    """The target's /boot/grub/grub.cfg (see grub_cfg_text)."""
+    path = _replaced(in_target(root, GRUB_CFG, last=False))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _replaced(path: Path) -> Path:
+    """`path`, with a symlink in its place removed: a file we write there replaces it,
+    never goes through it."""
+    if path.is_symlink():
+        path.unlink()
+    return path
+
+
+def _copy_in(src: Path, dest: Path) -> None:
+    shutil.copy2(src, _replaced(dest))
 
 
 def install_bios(disk: str, root: Path, root_uuid: str, bios_offset: int, bios_size: int) -> None:
@@ -223,12 +247,12 @@ def install_bios(disk: str, root: Path, root_uuid: str, bios_offset: int, bios_s
             raise FatalError(
                 f"{disk} has {size}-byte logical sectors: grub's BIOS boot code cannot load from it"
             )
-        core_path = root / "boot/grub" / BIOS / "core.img"
+        core_path = _replaced(in_target(root, f"{GRUB_DIR}/{BIOS}/core.img", last=False))
         _mkimage(BIOS, core_path, root_uuid, BIOS_MODULES)
         core_sector = bios_offset // SECTOR
         core = patch_core(core_path.read_bytes(), core_sector, bios_size)
         boot_img = (GRUB_LIB / BIOS / "boot.img").read_bytes()
-        shutil.copy2(GRUB_LIB / BIOS / "boot.img", root / "boot/grub" / BIOS / "boot.img")
+        _copy_in(GRUB_LIB / BIOS / "boot.img", core_path.with_name("boot.img"))
         old = os.pread(fd, SECTOR, 0)
         _pwrite(fd, core, bios_offset)
         _pwrite(fd, patch_mbr(boot_img, old, core_sector), 0)

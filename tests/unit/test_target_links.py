@@ -11,6 +11,7 @@ from pathlib import Path
 import certifi
 import pytest
 
+from bootenv import bootloader
 from bootenv.errors import UserError
 from bootenv.intree import inside
 from bootenv.runtime import RUNTIME, _copy_ca_bundle, install_runtime
@@ -150,3 +151,26 @@ def test_the_golds_ca_bundle_is_read_where_its_links_lead(
         (top / "ssl/certs/ca-certificates.crt").write_text(f"{whose} bundle")
     _copy_ca_bundle(root, tmp_path / "bundle.crt")
     assert (tmp_path / "bundle.crt").read_text() == "the gold's bundle"
+
+
+def test_grub_files_go_where_the_golds_boot_leads(
+    tmp_path: Path, outside: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grub_lib = tmp_path / "grub-lib"  # the ramdisk's grub files, wherever it has them
+    for platform in (bootloader.BIOS, bootloader.EFI):
+        (grub_lib / platform).mkdir(parents=True)
+        (grub_lib / platform / "normal.mod").write_bytes(b"module")
+    monkeypatch.setattr(bootloader, "GRUB_LIB", grub_lib)
+    root = tmp_path / "root"
+    link(root, "boot", f"{outside}/boot")
+    gold_grub = in_gold(root, outside, "boot/grub")
+    gold_grub.mkdir(parents=True)
+    (gold_grub / "grub.cfg").symlink_to("grub.cfg.gold")  # replaced, not written through
+    before = tree(outside)
+    bootloader.copy_modules(root)
+    bootloader.write_config(root, "menuentry 'x' {}\n")
+    assert tree(outside) == before
+    assert (gold_grub / "grub.cfg").read_text() == "menuentry 'x' {}\n"
+    assert not (gold_grub / "grub.cfg").is_symlink() and not (gold_grub / "grub.cfg.gold").exists()
+    for platform in (bootloader.BIOS, bootloader.EFI):
+        assert (gold_grub / platform / "normal.mod").is_file()
