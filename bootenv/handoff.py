@@ -16,7 +16,8 @@ from pathlib import Path
 
 from bootenv.cmdline import Handoff, shown, split_cmdline
 from bootenv.dpkg import version_key
-from bootenv.errors import FatalError
+from bootenv.errors import FatalError, UserError
+from bootenv.intree import in_target
 from bootenv.run import run, which
 
 log = logging.getLogger(__name__)
@@ -40,16 +41,30 @@ class KexecSpec:
 
 
 def find_kernel(root: Path) -> KernelFiles:
-    """The newest kernel under the target's /boot, and its initrd if there is one."""
-    boot = root / "boot"
-    versions = [p.name.removeprefix("vmlinuz-") for p in boot.glob("vmlinuz-*") if p.is_file()]
+    """The newest kernel under the target's /boot, and its initrd if there is one: the
+    target's symlinks resolved inside it, as its grub and its own system find them."""
+    boot = _resolved(root, "/boot")
+    names = [p.name for p in boot.glob("vmlinuz-*")] if boot else []
+    versions = [n.removeprefix("vmlinuz-") for n in names if _is_file(root, f"/boot/{n}")]
     if not versions:
         raise FatalError("the OS image has no kernel in /boot (vmlinuz-*)", hint="install linux-image-*")
     version = max(versions, key=version_key)
-    initrd = boot / f"initrd.img-{version}"
-    return KernelFiles(
-        f"/boot/vmlinuz-{version}", f"/boot/initrd.img-{version}" if initrd.is_file() else None, version
-    )
+    initrd = f"/boot/initrd.img-{version}"
+    return KernelFiles(f"/boot/vmlinuz-{version}", initrd if _is_file(root, initrd) else None, version)
+
+
+def _resolved(root: Path, path: str) -> Path | None:
+    """The target's `path` (see intree.in_target); None if it cannot be resolved (a
+    symlink loop), which neither grub nor the target's system could use either."""
+    try:
+        return in_target(root, path)
+    except UserError:
+        return None
+
+
+def _is_file(root: Path, path: str) -> bool:
+    found = _resolved(root, path)
+    return found is not None and found.is_file()
 
 
 def kernel_args(root_uuid: str, ramdisk_cmdline: str = "") -> tuple[str, ...]:
@@ -81,8 +96,8 @@ def passed_on_problem(ramdisk_cmdline: str) -> str | None:
 def kexec_spec(root: Path, root_uuid: str, ramdisk_cmdline: str = "") -> KexecSpec:
     files = find_kernel(root)
     return KexecSpec(
-        kernel=root / files.kernel.lstrip("/"),
-        initrd=root / files.initrd.lstrip("/") if files.initrd else None,
+        kernel=in_target(root, files.kernel),
+        initrd=in_target(root, files.initrd) if files.initrd else None,
         cmdline=" ".join(kernel_args(root_uuid, ramdisk_cmdline)),
     )
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import certifi
 import pytest
 
-from bootenv import bootloader
-from bootenv.errors import UserError
+from bootenv import bootloader, handoff
+from bootenv.errors import FatalError, UserError
 from bootenv.intree import inside
 from bootenv.runtime import RUNTIME, _copy_ca_bundle, install_runtime
 from bootenv.target import LAYOUT_UNIT, SSH_UNIT, Identity, LayoutHandoff, configure
@@ -174,3 +174,25 @@ def test_grub_files_go_where_the_golds_boot_leads(
     assert not (gold_grub / "grub.cfg").is_symlink() and not (gold_grub / "grub.cfg.gold").exists()
     for platform in (bootloader.BIOS, bootloader.EFI):
         assert (gold_grub / platform / "normal.mod").is_file()
+
+
+def test_the_kernel_is_found_where_the_golds_boot_leads(tmp_path: Path, outside: Path) -> None:
+    root = tmp_path / "root"
+    link(root, "boot", f"{outside}/boot")
+    (outside / "boot/vmlinuz-9.9.9-amd64").write_text("the ramdisk's kernel")
+    gold_boot = in_gold(root, outside, "boot")
+    gold_boot.mkdir(parents=True)
+    (gold_boot / "vmlinuz-6.1.0-50-amd64").write_text("the gold's kernel")
+    (gold_boot / "initrd.img-6.1.0-50-amd64").symlink_to(f"{outside}/boot/initrd.img")
+    (gold_boot / "initrd.img").write_text("the gold's initrd")
+    spec = handoff.kexec_spec(root, IDENT.root_uuid)
+    assert spec.kernel == gold_boot / "vmlinuz-6.1.0-50-amd64"
+    assert spec.initrd == gold_boot / "initrd.img"
+
+
+def test_a_boot_that_is_a_symlink_loop_has_no_kernel(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    link(root, "boot", "/boot2")
+    link(root, "boot2", "/boot")
+    with pytest.raises(FatalError, match="no kernel in /boot"):
+        handoff.find_kernel(root)
