@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from bootenv.bootloader import BIOS, EFI, GRUB_CFG, GRUB_DIR
 from bootenv.intree import in_target, inside
 from bootenv.run import run, which
 from bootenv.runtime import RUNTIME, python_argv, unit_environment
@@ -45,6 +46,7 @@ ESP_MOUNT = "/boot/efi"
 SSH_DIR = "/etc/ssh"
 ROOT_SSH = "/root/.ssh"
 AUTHORIZED_KEYS = f"{ROOT_SSH}/authorized_keys"
+FILES = ("/etc/fstab", "/etc/hostname", "/etc/hosts", "/etc/machine-id")  # replaced
 # The gold's machine identity, removed if it is a file (capture leaves them out too).
 STALE = ("/var/lib/dbus/machine-id", "/var/lib/systemd/random-seed")
 
@@ -268,8 +270,31 @@ def _enable(root: Path, unit: str) -> None:
     link.symlink_to(f"{UNIT_DIR}/{unit}")
 
 
+def target_paths() -> tuple[tuple[str, bool], ...]:
+    """Every path the agent reads, writes or removes in the target (configure, the
+    runtime, the bootloader), with whether a symlink at its end is followed (a file
+    read, a directory made) or replaced (see intree.in_target)."""
+    units = (SSH_UNIT, LAYOUT_UNIT)
+    written = (*FILES, *STALE, LAYOUT_JSON, AUTHORIZED_KEYS, RUNTIME, GRUB_CFG)
+    return (
+        *((path, False) for path in written),
+        *((f"{d}/{unit}", False) for d in (UNIT_DIR, WANTS) for unit in units),
+        *((path, True) for path in ("/etc/hosts", AUTHORIZED_KEYS, ESP_MOUNT, SSH_DIR, ROOT_SSH)),
+        *((f"{GRUB_DIR}/{platform}", True) for platform in (BIOS, EFI)),
+    )
+
+
+def check_target(root: Path) -> None:
+    """Refuse a target one of whose paths cannot be resolved inside it (a symlink loop,
+    a link through a file), before anything is written into it: the image's tree is
+    known only once it is on the disk."""
+    for path, last in target_paths():
+        in_target(root, path, last=last)
+
+
 def configure(root: Path, ident: Identity, handoff: LayoutHandoff, ssh_key: str | None) -> None:
     """Give the mounted target its own identity and its first-boot work."""
+    check_target(root)
     _write(root, "/etc/fstab", fstab_text(ident))
     in_target(root, ESP_MOUNT).mkdir(parents=True, exist_ok=True)
     _write(root, "/etc/hostname", ident.hostname + "\n")

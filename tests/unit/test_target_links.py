@@ -13,9 +13,9 @@ import pytest
 
 from bootenv import bootloader, handoff
 from bootenv.errors import FatalError, UserError
-from bootenv.intree import inside
+from bootenv.intree import in_target, inside
 from bootenv.runtime import RUNTIME, _copy_ca_bundle, install_runtime
-from bootenv.target import LAYOUT_UNIT, SSH_UNIT, Identity, LayoutHandoff, configure
+from bootenv.target import LAYOUT_UNIT, SSH_UNIT, Identity, LayoutHandoff, check_target, configure
 
 IDENT = Identity("0b0e9a55-1f2c-4d6e-8a9b-c0d1e2f3a4b5", "1a2b3c4d", "web1.example.org")
 HANDOFF = LayoutHandoff("http://10.0.2.2:8080/lamp", ("apache",), None, "web1.example.org")
@@ -196,3 +196,27 @@ def test_a_boot_that_is_a_symlink_loop_has_no_kernel(tmp_path: Path) -> None:
     link(root, "boot2", "/boot")
     with pytest.raises(FatalError, match="no kernel in /boot"):
         handoff.find_kernel(root)
+
+
+def test_a_link_through_a_file_is_refused_before_anything_is_written(tmp_path: Path, outside: Path) -> None:
+    """The runtime's directory cannot be made under /etc/hostname: the check that runs
+    before configure's first write finds it, not the runtime step after it."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/hostname").write_text("gold\n")
+    link(root, "opt", "/etc/hostname/opt")
+    before_root = tree(root)
+    with pytest.raises(UserError) as err:
+        configure(root, IDENT, HANDOFF, None)
+    assert str(err.value).startswith("the OS image's /opt/bootenv cannot be resolved inside it: ")
+    assert "it leads to /etc/hostname/opt/bootenv, and /etc/hostname is not a directory" in str(err.value)
+    assert tree(root) == before_root
+
+
+def test_a_target_whose_links_all_resolve_passes_the_check(tmp_path: Path, outside: Path) -> None:
+    root = tmp_path / "root"
+    for rel in ("opt", "var", "etc/ssh", "boot", "root"):
+        link(root, rel, f"{outside}/{rel}")
+    check_target(root)
+    assert in_target(root, "/opt/bootenv", last=False) == in_gold(root, outside, "opt/bootenv")
+    assert in_target(root, "/") == root
