@@ -125,54 +125,64 @@ def compress_tar(
     block_min: int = BLOCKS_OVER,
 ) -> tuple[int, tuple[Chunk, ...]]:
     """Compress the tar stream `src` into `sink` as chunked frames; return (raw size, chunks)."""
-    counting = _Counting(sink, block_size, block_min)
-    cctx = zstandard.ZstdCompressor(level=level, threads=-1)
-    writer = cctx.stream_writer(counting, closefd=False)  # type: ignore[arg-type]
-    chunks: list[Chunk] = []
-    raw = 0  # tar bytes in the current frame
-    total = 0
-    pending = bytearray()  # read ahead of the member being copied
-    buf = memoryview(bytearray(1 << 20))
+    frames = _Frames(_Counting(sink, block_size, block_min), level, progress)
+    _copy_members(src, frames, target)
+    chunks = frames.finish()
+    if len(chunks) == 1:
+        return frames.total, ()  # one piece: the blob itself says it all
+    return frames.total, tuple(chunks)
+
+
+class _Frames:
+    """The zstd frames written so far: tar bytes go into the current one, which `cut`
+    ends, recording its chunk. `emit` runs for every member and every MiB of data, so
+    it touches no more than it must: the total is summed once per frame."""
+
+    def __init__(self, counting: _Counting, level: int, progress: Callable[[int], None] | None) -> None:
+        self.counting = counting
+        cctx = zstandard.ZstdCompressor(level=level, threads=-1)
+        self.writer = cctx.stream_writer(counting, closefd=False)  # type: ignore[arg-type]
+        self.write = self.writer.write
+        self.progress = progress
+        self.chunks: list[Chunk] = []
+        self.raw = 0  # tar bytes in the current frame
+        self.total = 0  # ... in the frames before it
+
+    def emit(self, data: bytes | memoryview) -> None:
+        self.write(data)
+        self.raw += len(data)
+        if self.progress:
+            self.progress(len(data))
+
+    def cut(self) -> None:
+        if self.raw:
+            self.writer.flush(zstandard.FLUSH_FRAME)
+            self.chunks.append(self.counting.cut(self.raw))
+            self.total += self.raw
+            self.raw = 0
+
+    def finish(self) -> list[Chunk]:
+        """End the last frame: the chunks, all of them (`total` is then every tar byte)."""
+        self.writer.flush(zstandard.FLUSH_FRAME)
+        self.total += self.raw
+        if self.raw:
+            self.chunks.append(self.counting.cut(self.raw))
+        return self.chunks
+
+
+def _copy_members(src: TarSource, frames: _Frames, target: int) -> None:
+    """Copy each member of `src` whole into `frames`, cutting frames as the module
+    docstring says, then the end of the archive."""
+    take, pending, buf = _reader(src)
+    emit = frames.emit
     cuttable = True  # a global pax header would apply to later chunks: never cut after one
     in_dirs = False
-
-    def take(n: int) -> bytes:
-        while len(pending) < n:
-            got = src.readinto(buf)
-            if not got:
-                raise ArchiveError("tar stream is truncated")
-            pending.extend(buf[:got])
-        out = bytes(pending[:n])
-        del pending[:n]
-        return out
-
-    def emit(data: bytes | memoryview) -> None:
-        nonlocal raw, total
-        writer.write(data)
-        raw += len(data)
-        total += len(data)
-        if progress:
-            progress(len(data))
-
-    def cut() -> None:
-        nonlocal raw
-        if raw:
-            writer.flush(zstandard.FLUSH_FRAME)
-            chunks.append(counting.cut(raw))
-            raw = 0
-
     while True:
         # One member: its extended headers, its own header, its data.
         header = take(BLOCK)
         if header == bytes(BLOCK):  # end of archive: the rest (zero padding) ends the last chunk
-            emit(header)
-            while rest := src.read(1 << 20):
-                emit(bytes(pending) + rest)
-                pending.clear()
-            if pending:
-                emit(bytes(pending))
-                pending.clear()
-            break
+            _copy_end(src, header, pending, emit)
+            return
         member = [header]
         pax: dict[str, bytes] = {}
         while header[156:157] in _HEADERS:
@@ -193,8 +203,8 @@ def compress_tar(
         # Chunk 0 is the directory skeleton, whatever it weighs (a layout refuses a
         # directory in a later chunk): cut after it, and past the target before any
         # member but a directory (nor a hard link, which must be with its target).
-        if cuttable and typeflag != b"1" and not is_dir and (in_dirs or raw >= target):
-            cut()
+        if cuttable and typeflag != b"1" and not is_dir and (in_dirs or frames.raw >= target):
+            frames.cut()
         in_dirs = is_dir
         for part in member:
             emit(part)
@@ -210,12 +220,37 @@ def compress_tar(
                 raise ArchiveError("tar stream is truncated")
             emit(buf[:n])
             left -= n
-    writer.flush(zstandard.FLUSH_FRAME)
-    if raw:
-        chunks.append(counting.cut(raw))
-    if len(chunks) == 1:
-        return total, ()  # one piece: the blob itself says it all
-    return total, tuple(chunks)
+
+
+def _reader(src: TarSource) -> tuple[Callable[[int], bytes], bytearray, memoryview]:
+    """`take(n)`: the next `n` bytes of `src`; `pending`: what it read ahead of them;
+    `buf`: the buffer it reads into, which a member's data reuses."""
+    pending = bytearray()  # read ahead of the member being copied
+    buf = memoryview(bytearray(1 << 20))
+
+    def take(n: int) -> bytes:
+        while len(pending) < n:
+            got = src.readinto(buf)
+            if not got:
+                raise ArchiveError("tar stream is truncated")
+            pending.extend(buf[:got])
+        out = bytes(pending[:n])
+        del pending[:n]
+        return out
+
+    return take, pending, buf
+
+
+def _copy_end(src: TarSource, header: bytes, pending: bytearray, emit: Callable[[bytes], None]) -> None:
+    """The end of the archive, in the last frame: its first zero block (`header`), what
+    was read ahead of it, and the rest of the source (zero padding)."""
+    emit(header)
+    while rest := src.read(1 << 20):
+        emit(bytes(pending) + rest)
+        pending.clear()
+    if pending:
+        emit(bytes(pending))
+        pending.clear()
 
 
 def _size(header: bytes) -> int:
