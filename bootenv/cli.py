@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     # (`bootenv --bogus`); main() asks for the verb once the options are known good.
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
 
+    _add_image_verbs(verbs, common)
+    _add_install_verbs(verbs, common)
+    _add_netboot_verbs(verbs, common)
+    add_serve_verbs(verbs, common)
+    return parser
+
+
+def _add_image_verbs(verbs: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
+    """Make, sign, check and show a composite image."""
     p = verbs.add_parser("capture", parents=[common], help="capture a gold machine as a composite image")
     p.add_argument("root", type=Path, metavar="ROOT", help="the gold machine's root: / or a tree")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR")
@@ -109,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_inspect)
 
+
+def _add_install_verbs(verbs: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
+    """Put an image on a disk or into a root tree, and review what the layout left."""
     p = verbs.add_parser("write-os", parents=[common], help="stream the OS sub-image onto a disk or file")
     p.add_argument("--image", required=True, metavar="DIR|URL", help="the composite image")
     p.add_argument("--device", required=True, metavar="PATH", help="a disk, a partition or a regular file")
@@ -117,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_write_os)
 
+    _add_layout_verb(verbs, common)
+
+    p = verbs.add_parser("conflicts", parents=[common], help="review and resolve layout conflicts")
+    p.add_argument("action", choices=("list", "show", "resolve"))
+    p.add_argument("id", nargs="?", metavar="ID")
+    p.add_argument("--root", type=Path, required=True, metavar="PATH")
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument("--keep", choices=("existing", "incoming", "merged"))
+    keep.add_argument("--file", type=Path, metavar="F", help="resolve with this file's content")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_conflicts)
+
+
+def _add_layout_verb(verbs: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
+    """`layout`: a function of its own, as it has the most options."""
     p = verbs.add_parser("layout", parents=[common], help="lay out component sub-images in a root tree")
     p.add_argument("--image", required=True, metavar="DIR|URL", help="the composite image")
     p.add_argument("--components", required=True, metavar="a,b|all|none")
@@ -153,16 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_layout)
 
-    p = verbs.add_parser("conflicts", parents=[common], help="review and resolve layout conflicts")
-    p.add_argument("action", choices=("list", "show", "resolve"))
-    p.add_argument("id", nargs="?", metavar="ID")
-    p.add_argument("--root", type=Path, required=True, metavar="PATH")
-    keep = p.add_mutually_exclusive_group()
-    keep.add_argument("--keep", choices=("existing", "incoming", "merged"))
-    keep.add_argument("--file", type=Path, metavar="F", help="resolve with this file's content")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_conflicts)
 
+def _add_netboot_verbs(verbs: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
+    """The ramdisk a machine netboots, and its agent."""
     p = verbs.add_parser("agent", parents=[common], help="provision this machine's disk (ramdisk agent)")
     p.add_argument("--cmdline", type=Path, default=Path("/proc/cmdline"), metavar="FILE")
     for key in ("image", "components", "disk", "callback", "handoff", "hostname", "ssh-key", "trust"):
@@ -182,9 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="build this signing key in: the agent trusts images it signed (repeatable)",
     )
     p.set_defaults(handler=cmd_build_ramdisk)
-
-    add_serve_verbs(verbs, common)
-    return parser
 
 
 def add_serve_verbs(verbs: argparse._SubParsersAction[_Parser], common: _Parser) -> None:
