@@ -27,16 +27,11 @@ def activate(root: Path, units: list[str], *, live: bool | None = None) -> list[
 
     `live`: `root` is the running system (by default: it is /, and systemd runs it).
     """
-    notes: list[str] = []
     if live is None:
         live = root.resolve() == Path("/") and Path("/run/systemd/system").is_dir()
     if os.geteuid() != 0:
         return ["not root: ldconfig and systemctl skipped"]
-    try:
-        run([which("ldconfig")] if live else [which("ldconfig"), "-r", root])
-        notes.append("ldconfig done")
-    except BootenvError as exc:
-        notes.append(f"ldconfig skipped: {exc}")
+    notes = [_ldconfig(root, live=live)]
     if not units:
         return notes
     try:
@@ -62,15 +57,39 @@ def activate(root: Path, units: list[str], *, live: bool | None = None) -> list[
         proc = run([systemctl, "enable", "--no-reload", *missing], check=False)
         notes.append(f"enabled {' '.join(missing)}" if proc.returncode == 0 else "enable failed")
     run([systemctl, "daemon-reload"], check=False)
-    # What a package's postinst would have done: the runtime directories
-    # (tmpfiles.d, e.g. /run/mysqld) and system users (sysusers.d) of the new files.
-    # Boot ran systemd-tmpfiles before the component's configuration existed.
+    _postinst_tools()
+    waited = _start(systemctl, units)
+    queued = _queued(systemctl, units) if waited else []
+    for unit in queued:
+        notes.append(f"{QUEUED_UNIT}{unit}")
+    units = [u for u in units if u not in queued]
+    if not units:
+        return notes
+    return notes + _states(systemctl, units)
+
+
+def _ldconfig(root: Path, *, live: bool) -> str:
+    try:
+        run([which("ldconfig")] if live else [which("ldconfig"), "-r", root])
+    except BootenvError as exc:
+        return f"ldconfig skipped: {exc}"
+    return "ldconfig done"
+
+
+def _postinst_tools() -> None:
+    """What a package's postinst would have done: the runtime directories (tmpfiles.d,
+    e.g. /run/mysqld) and system users (sysusers.d) of the new files. Boot ran
+    systemd-tmpfiles before the component's configuration existed."""
     for tool in ("systemd-sysusers", "systemd-tmpfiles"):
         args = ["--create"] if tool == "systemd-tmpfiles" else []
         with contextlib.suppress(BootenvError):
             run([which(tool), *args], check=False)
-    # Sockets first, as at boot (sockets.target comes before multi-user.target): a
-    # socket refuses to start once its service is already running.
+
+
+def _start(systemctl: str, units: list[str]) -> bool:
+    """Start the units; True if a start was left waiting (its jobs still queued).
+    Sockets first, as at boot (sockets.target comes before multi-user.target): a
+    socket refuses to start once its service is already running."""
     sockets = [u for u in units if u.endswith(".socket")]
     waited = False
     for batch in (sockets, [u for u in units if u not in sockets]):
@@ -82,12 +101,13 @@ def activate(root: Path, units: list[str], *, live: bool | None = None) -> list[
                 # the boot to finish, which waits for this layout: it starts after it.
                 log.warning("systemctl start %s still waiting after %.0f s", " ".join(batch), START_WAIT)
                 waited = True
-    queued = _queued(systemctl, units) if waited else []
-    for unit in queued:
-        notes.append(f"{QUEUED_UNIT}{unit}")
-    units = [u for u in units if u not in queued]
-    if not units:
-        return notes
+    return waited
+
+
+def _states(systemctl: str, units: list[str]) -> list[str]:
+    """A note per unit, started or not; a unit that is not active has its journal's
+    last lines logged."""
+    notes = []
     # One state per line, in the order asked; systemctl stops at a unit it cannot look
     # up, and those after it are asked one by one.
     states = run([systemctl, "is-active", *units], check=False).stdout.decode(errors="replace").split()
