@@ -243,21 +243,7 @@ class MergeState:
                 return False
             current, cur_meta = read_existing()
             if not (d / "init").exists():
-                owners = self._markers(relpath, current)
-                theirs = False
-                if any(owners.values()):
-                    for comp in owners:
-                        self._save(d, f"part.{comp}", current, cur_meta)
-                elif any(self._markers(relpath, None).values()):
-                    # A component placed the file, and it no longer holds what that
-                    # component placed: an edit of the admin's, neither the OS's base
-                    # nor bootenv's own. It stays; the merge is offered beside it.
-                    theirs = True
-                else:
-                    self._save(d, "base", current, cur_meta)
-                _atomic_write(d / "path", relpath.encode(errors="surrogateescape"))
-                self._own(d, set() if theirs else {_sha(current)})
-                _atomic_write(d / "init", b"")
+                self._begin(d, relpath, current, cur_meta)
             self._save(d, f"part.{component}", data, meta)
             content, rebuilt, parts = self._rebuild(d)
             merged_meta = Meta(cur_meta.mode, cur_meta.uid, cur_meta.gid, rebuilt.mtime_ns)
@@ -265,19 +251,52 @@ class MergeState:
                 if review is not None:
                     review(content, parts)
                 return False
-            ours = self._ours(d)
-            if ours is not None and _sha(current) not in ours:
-                # Offered, and so bootenv's own should the admin take it (`--keep incoming`).
-                self._own(d, {*ours, _sha(content)})
-                if edited is not None:
-                    edited(content, merged_meta)
-                return False
-            self._own(d, {_sha(current), _sha(content)})  # a kill during apply leaves either
-            apply(content, merged_meta)
-            self._own(d, {_sha(content)})
-            if review is not None:
+            changed = self._put(d, current, content, merged_meta, apply, edited)
+            if changed and review is not None:
                 review(content, parts)
-            return True
+            return changed
+
+    def _begin(self, d: Path, relpath: str, current: bytes, cur_meta: Meta) -> None:
+        """The first merge at the path: the file in place is the base, a component's
+        part (those it holds what they placed of), or the admin's edit."""
+        owners = self._markers(relpath, current)
+        theirs = False
+        if any(owners.values()):
+            for comp in owners:
+                self._save(d, f"part.{comp}", current, cur_meta)
+        elif any(self._markers(relpath, None).values()):
+            # A component placed the file, and it no longer holds what that
+            # component placed: an edit of the admin's, neither the OS's base
+            # nor bootenv's own. It stays; the merge is offered beside it.
+            theirs = True
+        else:
+            self._save(d, "base", current, cur_meta)
+        _atomic_write(d / "path", relpath.encode(errors="surrogateescape"))
+        self._own(d, set() if theirs else {_sha(current)})
+        _atomic_write(d / "init", b"")
+
+    def _put(
+        self,
+        d: Path,
+        current: bytes,
+        content: bytes,
+        meta: Meta,
+        apply: Callable[[bytes, Meta], None],
+        edited: Callable[[bytes, Meta], None] | None,
+    ) -> bool:
+        """Put the merge `content` in place of `current`; True if it is there now, False if
+        `current` is the admin's edit (the merge goes to `edited`, or nowhere)."""
+        ours = self._ours(d)
+        if ours is not None and _sha(current) not in ours:
+            # Offered, and so bootenv's own should the admin take it (`--keep incoming`).
+            self._own(d, {*ours, _sha(content)})
+            if edited is not None:
+                edited(content, meta)
+            return False
+        self._own(d, {_sha(current), _sha(content)})  # a kill during apply leaves either
+        apply(content, meta)
+        self._own(d, {_sha(content)})
+        return True
 
     def _ours(self, d: Path) -> set[str] | None:
         """The sha256 of each content a merge put (or offered) at the path; None for
