@@ -147,26 +147,8 @@ def write_os(
     # 1.12 s, 6 pairs). A target that refuses O_DIRECT gets buffered writes (Target).
     target = Target(fd, direct=direct is not False, is_block=block, image_size=bmap.image_size)
     start = time.monotonic()
-    compressed = 0
     try:
-        with aligned_buffer(HEADER) as held:
-            pieces: list[tuple[int, int]] = []  # (offset, length) kept in `held`
-            with source.open(image.data.file, image.data.size) as raw:
-                reader = HashingReader(raw, image.data, source.describe(image.data.file), behind=True)
-                try:
-                    with Flusher(f"/proc/self/fd/{fd}"):  # synced as it goes
-                        stream(reader, bmap, target, Held(held, pieces), label if progress else None)
-                    reader.verify()
-                finally:
-                    reader.close()
-                compressed = reader.count
-            # Everything verified: now, and only now, make the filesystem visible. The
-            # data goes to the disk first, so the superblock never lands before it.
-            target.sync()
-            for batch in superblock_last(pieces):
-                for offset, length in batch:
-                    target.write(held[offset : offset + length], offset)
-                target.sync()
+        compressed = _write_verified(source, image.data, bmap, target, label if progress else None)
     except BaseException as exc:
         if target.touched:
             _wipe_after(target, label, exc)
@@ -181,6 +163,31 @@ def write_os(
         time.monotonic() - start,
         target.direct,
     )
+
+
+def _write_verified(source: Source, blob: Blob, bmap: BlockMap, target: Target, label: str | None) -> int:
+    """Stream the data blob onto `target`, holding its first MiB back, and write that
+    once every range and the whole blob have verified; the bytes read from the source.
+    `label`: the progress bar's, None for none."""
+    with aligned_buffer(HEADER) as held:
+        pieces: list[tuple[int, int]] = []  # (offset, length) kept in `held`
+        with source.open(blob.file, blob.size) as raw:
+            reader = HashingReader(raw, blob, source.describe(blob.file), behind=True)
+            try:
+                with Flusher(f"/proc/self/fd/{target.fd}"):  # synced as it goes
+                    stream(reader, bmap, target, Held(held, pieces), label)
+                reader.verify()
+            finally:
+                reader.close()
+            compressed = reader.count
+        # Everything verified: now, and only now, make the filesystem visible. The
+        # data goes to the disk first, so the superblock never lands before it.
+        target.sync()
+        for batch in superblock_last(pieces):
+            for offset, length in batch:
+                target.write(held[offset : offset + length], offset)
+            target.sync()
+    return compressed
 
 
 def _wipe_after(target: Target, label: str, exc: BaseException) -> None:
