@@ -3,18 +3,18 @@
 Every path is reached from the root through directory file descriptors opened with
 O_NOFOLLOW, one component at a time (atfd.py), so no symlink (planted by the archive or
 already in the tree) can redirect a write. Every entry is built under a temp name in its
-final directory, gets its owner, mode, xattrs and mtime, and is then renamed into place
-with RENAME_NOREPLACE: a kill -9 leaves either nothing or the finished entry, and a path
-someone else already took is never overwritten (sharedpaths.py decides what happens
-instead, by the shared-path rule in merge.py). Directories are created the same way, so
-a directory that exists is complete; whose owner, group and mode one that several
-components ship keeps is decided by name, not by which stream came first (shareddirs.py).
+final directory, gets its owner, mode, xattrs and mtime (entrymeta.py), and is then
+renamed into place with RENAME_NOREPLACE: a kill -9 leaves either nothing or the
+finished entry, and a path someone else already took is never overwritten
+(sharedpaths.py decides what happens instead, by the shared-path rule in merge.py).
+Directories are created the same way, so a directory that exists is complete; whose
+owner, group and mode one that several components ship keeps is decided by name, not
+by which stream came first (shareddirs.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import stat
@@ -35,13 +35,14 @@ from bootenv.atfd import (
     write_sparse,
 )
 from bootenv.conflicts import stored_path
+from bootenv.entrymeta import MetaSetter
 from bootenv.journal import DirLog, TempLog
 from bootenv.merge import MergeState, is_candidate
 from bootenv.paxread import ArchiveError, Member, PaxReader
 from bootenv.shareddirs import Owner
 from bootenv.sharedpaths import SharedPaths
 from bootenv.writeback import write_all
-from bootenv.xattrs import ACCESS_ACL, DEFAULT_ACL, LABELS, acl_xattr, has_default_acl, xattrs_of
+from bootenv.xattrs import LABELS, has_default_acl, xattrs_of
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class Stats:
     warnings: list[str] = field(default_factory=list)
 
 
-class TreeWriter:
+class TreeWriter(MetaSetter):
     """Places the members of one component's archive under `root`."""
 
     def __init__(
@@ -104,7 +105,7 @@ class TreeWriter:
         self._index = 0
         self._xattr_warned = False
         self._records: shareddirs.Records | None = None  # opened by the first directory made
-        self.stats = Stats()
+        self.stats: Stats = Stats()  # (MetaSetter needs only its warnings)
 
     def close(self) -> None:
         self._close_retired()
@@ -365,75 +366,6 @@ class TreeWriter:
             kind = stat.S_IFCHR if m.kind == "chr" else stat.S_IFBLK
             fresh(pfd, tmp, lambda: os.mknod(tmp, kind | 0o600, os.makedev(*m.rdev), dir_fd=pfd))
         self._path_meta(pfd, tmp, m, inherits=inherits)
-
-    # -- metadata ----------------------------------------------------------------
-    def _meta(
-        self, fd: int, m: Member, *, made: os.stat_result | None = None, inherits: bool = False
-    ) -> None:
-        """Owner, then mode (chown clears setuid), then xattrs (chown clears caps), then
-        mtime. `made`: the entry's stat as created; an owner or mode it has already is
-        not set again (each a journaled change of its inode, where the fstat only reads
-        it). `inherits`: made in a directory with a default ACL; the ACLs it took from it
-        go first, before a chmod can widen their mask (the gold's own are set below)."""
-        if inherits:
-            self._drop_inherited(fd, m)
-        chown = self.privileged and (made is None or (made.st_uid, made.st_gid) != (m.uid, m.gid))
-        if chown:
-            os.fchown(fd, m.uid, m.gid)
-        if made is None or stat.S_IMODE(made.st_mode) != m.mode:
-            os.fchmod(fd, m.mode)
-        if m.xattrs or m.acls:
-            for key, value in self._xattrs(m):
-                self._setxattr(fd, key, value)
-        if m.kind != "dir":
-            os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
-
-    def _path_meta(self, pfd: int, name: str, m: Member, *, inherits: bool) -> None:
-        if inherits and m.kind != "symlink":  # a symlink has no ACL
-            self._drop_inherited(f"/proc/self/fd/{pfd}/{name}", m)
-        if self.privileged:
-            os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
-        if m.kind != "symlink":
-            os.chmod(name, m.mode, dir_fd=pfd)
-        for key, value in self._xattrs(m):
-            self._setxattr(f"/proc/self/fd/{pfd}/{name}", key, value)
-        os.utime(name, ns=(m.mtime_ns, m.mtime_ns), dir_fd=pfd, follow_symlinks=False)
-
-    def _drop_inherited(self, target: int | str, m: Member) -> None:
-        """Remove the ACLs a new entry took from its directory's default ACL: it is to
-        carry the gold's ACLs, and none where the gold's had none."""
-        for key in (ACCESS_ACL, DEFAULT_ACL) if m.kind == "dir" else (ACCESS_ACL,):
-            try:
-                if isinstance(target, int):
-                    os.removexattr(target, key)
-                else:
-                    os.removexattr(target, key, follow_symlinks=False)
-            except OSError as exc:
-                if exc.errno not in (errno.ENODATA, errno.ENOTSUP):
-                    raise
-
-    def _xattrs(self, m: Member) -> list[tuple[str, bytes]]:
-        out = list(m.xattrs)
-        for which, text in m.acls:
-            if text.strip():
-                out.append((f"system.posix_acl_{which}", acl_xattr(text)))
-        return out
-
-    def _setxattr(self, target: int | str, key: str, value: bytes) -> None:
-        try:
-            if isinstance(target, int):
-                os.setxattr(target, key, value)
-            else:
-                os.setxattr(target, key, value, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno in (errno.EINVAL, errno.ERANGE, errno.E2BIG):  # the archive's name or value
-                raise ArchiveError(f"xattr {key[:80]!r} refused by the filesystem: {exc.strerror}") from exc
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
-                raise
-            if not self._xattr_warned:
-                self.stats.warnings.append(f"xattr {key} not set: {exc.strerror}")
-                log.warning("%s: cannot set xattr %s (%s); continuing", self.component, key, exc.strerror)
-                self._xattr_warned = True
 
     @property
     def created_dirs(self) -> list[tuple[str, int]]:
