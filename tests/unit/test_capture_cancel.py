@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import bootenv.capture as capture_mod
+from bootenv import capture_pack
 from bootenv.assign import plan_split
 from bootenv.cancel import Cancel
 from bootenv.dpkg import read_database
@@ -88,8 +89,8 @@ def test_a_failure_building_the_os_image_kills_the_component_being_packed(
         assert packing.wait(10)
         raise FatalError("mke2fs: No space left on device")
 
-    monkeypatch.setattr(capture_mod, "tar_create", tar_create)
-    monkeypatch.setattr(capture_mod, "_pack_os", pack_os)
+    monkeypatch.setattr(capture_pack, "tar_create", tar_create)
+    monkeypatch.setattr(capture_mod, "pack_os", pack_os)
     with pytest.raises(FatalError, match=r"^mke2fs: No space left on device$"):
         capture_mod._pack_all(*args)
     # Every tar started (one per packer at most, the largest component first) is killed;
@@ -114,7 +115,7 @@ def test_a_failed_component_stops_the_os_image_before_its_next_step(
         assert staging.wait(10)
         raise FatalError("tar exited with 2: ./srv: Cannot open: Input/output error")
 
-    real_stage = capture_mod.stage
+    real_stage = capture_pack.stage
 
     def stage(*a: Any) -> Any:  # the component fails while the OS tree is staged
         staging.set()
@@ -126,9 +127,9 @@ def test_a_failed_component_stops_the_os_image_before_its_next_step(
         steps.append("mke2fs")
 
     monkeypatch.setattr(capture_mod, "Cancel", Recorded)
-    monkeypatch.setattr(capture_mod, "tar_create", tar_create)
-    monkeypatch.setattr(capture_mod, "stage", stage)
-    monkeypatch.setattr(capture_mod, "make_ext4", make_ext4)
+    monkeypatch.setattr(capture_pack, "tar_create", tar_create)
+    monkeypatch.setattr(capture_pack, "stage", stage)
+    monkeypatch.setattr(capture_pack, "make_ext4", make_ext4)
     with pytest.raises(FatalError, match=r"^tar exited with 2: ./srv: Cannot open"):
         capture_mod._pack_all(*args)
     assert steps == ["staged"]

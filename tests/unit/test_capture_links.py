@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bootenv.assign import plan_split
-from bootenv.capture import _rewrite_status
+from bootenv.capture_pack import _rewrite_status
 from bootenv.dpkg import read_database
 from bootenv.errors import FatalError, UserError
 from bootenv.exclude import Exclusions

@@ -138,7 +138,7 @@ def test_a_status_paragraph_with_a_byte_not_utf8_reaches_the_targets_database(tm
     """A maintainer's name in Latin-1 (read with surrogateescape): the component's status
     fragment keeps the byte, and the layout's merge puts exactly it into the target's
     status."""
-    from bootenv.capture import status_fragment
+    from bootenv.capture_pack import status_fragment
     from bootenv.dpkgmerge import merge_component_status
 
     gold = make_tree(tmp_path / "gold")
@@ -261,7 +261,7 @@ def test_an_os_image_with_its_kernel_passes_and_one_without_any_is_warned(
 def test_a_hard_link_deeper_than_path_max_with_root_in_front_is_kept_with_its_group(tmp_path: Path) -> None:
     """The archive order keeps a hard-linked file's paths together (a chunk never starts
     at a link), read relative to ROOT: ROOT/path would be too long to stat."""
-    from bootenv.capture import archive_order
+    from bootenv.capture_pack import archive_order
     from tests.unit.test_walk import long_path
 
     tree = make_tree(tmp_path / "gold")
