@@ -6,8 +6,9 @@ chunk, or the whole blob when it has none. The parent schedules the pieces (most
 first, schedule.py), and fetches and verifies each one ahead of the streams
 (fetchahead.py): a stream is only ever given bytes that matched the manifest. Around the
 streams (run by streampool.py), this module resolves the components, holds the root's
-lock and first removes what killed runs left under temp names (sweep.py), tries a
-failure that may pass again, and stops at the deadline. When every stream is done, the parent merges
+lock and refuses a symlink on the way to bootenv's records (layout_root.py), first
+removes what killed runs left under temp names (sweep.py), tries a failure that may pass
+again, and stops at the deadline. When every stream is done, the parent merges
 the dpkg status (and the alternatives shared with the OS: altmerge.py) of the
 components that verified, in name order, and activates them:
 ldconfig, daemon-reload, units. Progress goes to the log and, best effort, to a callback
@@ -17,10 +18,7 @@ URL as JSON events.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -31,16 +29,16 @@ from typing import Any, Protocol
 from bootenv.activate import FAILED_UNIT, activate
 from bootenv.altmerge import merge_component_alternatives
 from bootenv.callback import Callback, Event
-from bootenv.conflicts import RECORDS, STORE, clean_stale
+from bootenv.conflicts import clean_stale
 from bootenv.dpkgmerge import merge_component_status
 from bootenv.errors import BootenvError, RetryableError, UserError
-from bootenv.hold import HELD_DIR, hold, release
-from bootenv.journal import DIRS_DIR, STATE_DIR, TEMPS_DIR, Journal
+from bootenv.hold import hold, release
+from bootenv.journal import Journal
+from bootenv.layout_root import alone, refuse_symlinked_state
 from bootenv.log import step
 from bootenv.manifest import Component, resolve_components
-from bootenv.merge import STATE, clean_stale_markers
+from bootenv.merge import clean_stale_markers
 from bootenv.schedule import ComponentResult
-from bootenv.shareddirs import RECORDS as DIR_RECORDS
 from bootenv.signing import Trust
 from bootenv.source import load_manifest
 from bootenv.streampool import run_streams
@@ -227,43 +225,6 @@ def _try(
     return result, result.failure()
 
 
-# bootenv's own records, parents first: the journal, the merge records, the conflicts.
-_STATE_DIRS = sorted(
-    {
-        str(parent)
-        for d in (
-            STATE_DIR,
-            DIRS_DIR,
-            TEMPS_DIR,
-            STATE / "merge",
-            STATE / "owners",
-            HELD_DIR,
-            DIR_RECORDS,
-            RECORDS,
-            STORE,
-        )
-        for parent in (d, *d.parents)
-    }
-    - {"."},
-    key=lambda rel: (rel.count("/"), rel),
-)
-
-
-def _refuse_symlinked_state(root: Path) -> None:
-    """The records are reached by path, so a symlink on the way to them (a `/var ->
-    /data/var` that the installed system resolves its own way) would take them outside
-    the root, into the machine running the layout. Refused before anything is written;
-    the tree writer and the dpkg merge would refuse the symlink later anyway."""
-    for rel in _STATE_DIRS:
-        path = root / rel
-        if path.is_symlink():
-            raise UserError(
-                f"/{rel} under {root} is a symlink (to {os.readlink(path)}): "
-                "bootenv's records would be written outside the root",
-                hint="make it a directory in the target",
-            )
-
-
 def _retryable(failure: Exception, result: LayoutResult | None) -> bool:
     """A failure that may pass if tried again: a RetryableError; or a result in which a
     component failed so, and none failed for what it is (data that did not verify, a
@@ -283,7 +244,7 @@ def _layout(cfg: LayoutConfig, poster: Callback, began: float, activator: Activa
         raise UserError(f"{cfg.root} is not a directory ({exc})") from exc
     if not root.is_dir():
         raise UserError(f"{cfg.root} is not a directory")
-    _refuse_symlinked_state(root)
+    refuse_symlinked_state(root)
     if root == Path("/") and not cfg.force:
         from bootenv.target import LAYOUT_JSON, provisioned
 
@@ -309,33 +270,8 @@ def _layout(cfg: LayoutConfig, poster: Callback, began: float, activator: Activa
             log.info("Added as dependencies: %s", ", ".join(added))
         comps = sorted((manifest.component(n) for n in order), key=lambda c: c.name)
         offered = {c.name for c in manifest.components}
-    with _alone(root):  # the first write to the root: after the image is trusted
+    with alone(root):  # the first write to the root: after the image is trusted
         return _lay_out(cfg, root, comps, added, offered, poster, began, activator)
-
-
-@contextlib.contextmanager
-def _alone(root: Path) -> Iterator[None]:
-    """Hold the root's layout lock for a layout: two at once (an admin's next to the
-    first-boot unit's) would take each other's temp files for a killed run's, and write
-    the same journal. A POSIX record lock (lockf), which belongs to this process alone:
-    its forked streams do not hold it, so it ends with the layout, even killed -9 (the
-    streams, which then die of it too, do so a moment later)."""
-    where = root / STATE
-    where.mkdir(parents=True, exist_ok=True)
-    fd = os.open(where / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                raise
-            raise UserError(
-                f"another layout is running on {root}",
-                hint="wait for it to end (systemctl status bootenv-layout)",
-            ) from None
-        yield
-    finally:
-        os.close(fd)
 
 
 def _lay_out(
