@@ -6,12 +6,15 @@ component (the OS sub-image, kexec, then the first-boot service lays out apache,
 and php), the split image with a subset (OS + MySQL: what a single image cannot give),
 and the single image (`bootenv.single=1`: one block stream holding everything; the
 first-boot service only reports). The milestones come from the callback events
-`bootenv serve` records; "services answer" is when the chosen components' services
-(HTTP GET /info.php, the MariaDB handshake) first answer through QEMU's 127.0.0.1
-forwards after done. Under TCG absolute times mean little, so every milestone and phase
-is also given as a ratio over the single image. With --runs N the three are repeated N
-times, in turn forwards and backwards. The VMs boot with SeaBIOS, or with OVMF (UEFI)
-under --vm-firmware uefi; the result's name says which.
+`bootenv serve` records: "OS written" is the end of the agent's write-os step; "disk
+bootable" is serve's os_written, once the root is grown, the ESP made, the target
+configured, the runtime and grub in and all synced, just before the kexec; "services
+answer" is when the chosen components' services (HTTP GET /info.php, the MariaDB
+handshake) first answer through QEMU's 127.0.0.1 forwards after done. Under TCG
+absolute times mean little, so every milestone and phase is also given as a ratio over
+the single image. With --runs N the three are repeated N times, in turn forwards and
+backwards. The VMs boot with SeaBIOS, or with OVMF (UEFI) under --vm-firmware uefi; the
+result's name says which.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ MIN_RATIO_BASE = 1.0  # seconds: no ratio over a shorter single-image figure
 # (key, label): milestones in seconds after power-on, in the order they happen.
 MILESTONES = (
     ("agent", "agent up (PXE done)"),
-    ("os_written", "OS written"),
+    ("written", "OS written"),  # the agent's write-os step done
+    ("bootable", "disk bootable"),  # serve's os_written: grown, configured, grub in, synced
     ("os_booted", "OS booted"),
     ("done", "done"),
     ("ready", "services answer"),
@@ -48,8 +52,9 @@ MILESTONES = (
 # Phases between consecutive milestones (power-on is 0).
 PHASES = (
     ("pxe", "PXE + ramdisk", "", "agent"),
-    ("write", "write", "agent", "os_written"),
-    ("boot", "configure + kexec + boot", "os_written", "os_booted"),
+    ("write", "write", "agent", "written"),
+    ("finish", "filesystems + configure + runtime + grub", "written", "bootable"),
+    ("boot", "kexec + boot", "bootable", "os_booted"),
     ("layout", "first-boot layout", "os_booted", "done"),
 )
 
@@ -108,7 +113,13 @@ def _netboot(the_lab: Lab, kind: str, n: int, firmware: Literal["bios", "uefi"])
             tl = timeline(the_lab.store, run.machine, run.t0)
     finally:
         (the_lab.work / f"{name}.img").unlink(missing_ok=True)  # 8 GB sparse, GBs written
-    at = {"agent": tl.agent, "os_written": tl.os_written, "os_booted": tl.os_booted, "done": tl.done}
+    at = {
+        "agent": tl.agent,
+        "written": tl.written,
+        "bootable": tl.bootable,
+        "os_booted": tl.os_booted,
+        "done": tl.done,
+    }
     missing = [k for k, v in at.items() if v is None]
     if missing:
         raise FatalError(f"{kind}: the timeline has no {', '.join(missing)}")

@@ -2,7 +2,10 @@
 
 read config → manifest → plan (which image, which components) → choose the disk →
 preflight (nothing written yet) → partition → stream the OS onto the root partition →
-configure the target → hand off. What is written is planned in bootenv/agent_plan.py;
+configure the target, install its boot loaders, sync → `os_written` → hand off. Only
+`os_written`, once the disk can boot, makes `bootenv serve` answer the machine's next
+network boot with its local disk: a run cut short before it (a power cut, a reset) is
+provisioned again. What is written is planned in bootenv/agent_plan.py;
 the disk is chosen, checked, reached and wiped in bootenv/agent_disk.py; the steps are
 told in bootenv/agent_report.py.
 
@@ -108,6 +111,10 @@ def _provision(cfg: AgentConfig, ident: target.Identity, report: Report, cmdline
             stack.close()  # detach offset loop devices before wiping the whole disk
             agent_disk.wipe_disk(disk, plan)
             raise
+    # The disk boots now: the boot loaders are in and all is synced (_write_disk's last).
+    # Only this tells serve to answer the machine's next network boot with its disk:
+    # a power cut or a reset before it leaves the machine provisioning, provisioned again.
+    report.post("os_written", data={"disk": disk})
     # Not "done": that is the layout service's, once the components are in place.
     report.post(
         "step",
@@ -157,11 +164,13 @@ def _write_disk(
     plan = layout.plan
     with report.step("partition", f"Partitioning {disk} (GPT: BIOS boot, ESP, root)"):
         run([which("wipefs"), "-a", disk])
+        agent_disk.clear_loaders(disk, plan)
         apply_plan(disk, plan)
         parts = agent_disk.partition_devices(disk, plan, stack)
     root_dev, esp_dev = parts[Role.ROOT], parts[Role.ESP]
     install = image.install
-    # Named write-os for both images: serve marks the machine os_written when it is done.
+    # Named write-os for both images. Its end is not serve's os_written: nothing can
+    # boot the disk before the steps below (grown filesystem, ESP, grub) are done.
     with report.step("write-os", f"Streaming the {install.describe()} to {root_dev}"):
         with open_destination(root_dev, image.bmap.image_size) as dest:
             result = write_os(
@@ -185,7 +194,7 @@ def _write_disk(
         if cfg.handoff is Handoff.KEXEC:
             kexec = handoff.kexec_spec(root, ident.root_uuid, cmdline)
             handoff.load(kexec)
-        run([which("sync")])
+        run([which("sync")])  # before os_written (the caller's): what it says is on the disk
     return kexec
 
 

@@ -3,6 +3,9 @@ reaching its partitions, and wiping it after a failure.
 
 If anything fails after the disk was touched, its partition table and filesystem
 signatures are wiped (`wipe_disk`) so the machine can never boot a half-written OS.
+Before the new table is written, the places of its boot partitions are cleared
+(`clear_loaders`), so that a run stopped short of its own loaders (a power cut) leaves
+none of an earlier install's there either.
 """
 
 from __future__ import annotations
@@ -102,6 +105,21 @@ def _no_partscan(disk: str) -> bool:
     name = Path(disk).name
     flag = Path(f"/sys/block/{name}/loop/partscan")
     return flag.exists() and flag.read_text().strip() == "0"
+
+
+def clear_loaders(disk: str, plan: PartitionPlan) -> None:
+    """Zero the first MiB of the BIOS boot partition (all of it) and of the ESP, where
+    the plan puts them, before the new table names them: an earlier install's loader
+    there (grub's core.img; a FAT with BOOTX64.EFI and a grub.cfg naming the old root)
+    would otherwise be found by the firmware, should the run stop (a power cut) before
+    it writes its own."""
+    fd = os.open(disk, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        for p in (plan.bios, plan.esp):
+            os.pwrite(fd, bytes(min(MiB, p.size)), p.offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def wipe_disk(disk: str, plan: PartitionPlan) -> None:

@@ -100,7 +100,8 @@ def report(tl: Timeline, machine: Machine) -> str:
 
     rows = [("milestone", "seconds after power-on")]
     rows.append(("agent running (PXE done)", secs(tl.agent)))
-    rows.append(("OS written", secs(tl.os_written)))
+    rows.append(("OS written", secs(tl.written)))
+    rows.append(("disk bootable", secs(tl.bootable)))
     rows.append(("OS booted", secs(tl.os_booted)))
     rows += [(f"component {name} ready", secs(at)) for name, at in tl.components]
     rows.append(("total (done)", secs(tl.done)))

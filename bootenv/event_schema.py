@@ -33,7 +33,7 @@ class Kind(StrEnum):
     STEP = "step"  # a named step started, finished or failed (with its timing)
     PROGRESS = "progress"  # bytes or files done of a step
     CONFLICT = "conflict"  # the layout kept both versions of a path
-    OS_WRITTEN = "os_written"  # the OS sub-image is on the disk and verified
+    OS_WRITTEN = "os_written"  # the disk boots: OS written and verified, boot loaders in, synced
     OS_BOOTED = "os_booted"  # the target OS is running (the layout service started)
     COMPONENTS_LAID_OUT = "components_laid_out"
     DONE = "done"  # everything finished

@@ -239,7 +239,8 @@ class Timeline:
     """Seconds after power-on at which a machine reached each milestone (None: never)."""
 
     agent: float | None  # the agent is up: DHCP, iPXE and the ramdisk's boot are behind
-    os_written: float | None  # the OS (or single) image is on the disk, verified
+    written: float | None  # the OS (or single) image is on the disk, verified (write-os done)
+    bootable: float | None  # the disk boots: grown, configured, grub in, synced (os_written)
     os_booted: float | None  # the installed OS runs (its layout service started)
     components: tuple[tuple[str, float], ...]  # each component laid out, in order
     done: float | None
@@ -250,12 +251,26 @@ def timeline(store: Store, machine: Machine, t0: float) -> Timeline:
         mark = machine.reached(state)
         return mark - t0 if mark else None
 
+    events = store.events(machine.mac)
     comps = tuple(
         (str(ev["component"]), float(ev["received"]) - t0)
-        for ev in store.events(machine.mac)
+        for ev in events
         if ev.get("source") == "layout" and ev.get("step") == "component" and ev.get("status") == "done"
     )
-    return Timeline(at(State.PROVISIONING), at(State.OS_WRITTEN), at(State.OS_BOOTED), comps, at(State.DONE))
+    # The write-os step's end moves no state (the disk cannot boot yet): its event says when.
+    written = next(
+        (
+            float(ev["received"]) - t0
+            for ev in events
+            if ev.get("source", "agent") == "agent"
+            and ev.get("step") == "write-os"
+            and ev.get("status") == "done"
+        ),
+        None,
+    )
+    return Timeline(
+        at(State.PROVISIONING), written, at(State.OS_WRITTEN), at(State.OS_BOOTED), comps, at(State.DONE)
+    )
 
 
 def follow(

@@ -3,6 +3,12 @@
     assigned -> provisioning -> os_written -> os_booted -> components_laid_out -> done
                       \\______________\\____________\\_______________\\___________> failed
 
+os_written means the disk boots: the agent says so once the OS is written, the target
+configured, its boot loaders installed and all synced, just before it hands off. From
+then on serve answers the machine's network boots with its local disk (`INSTALLED`);
+a machine cut off before (a power cut, a reset) is still provisioning, and is
+provisioned again.
+
 A machine moves only forward. An event may skip states (a lost callback must not wedge
 a machine), but an event that would move it backwards, or out of `done`/`failed`, is an
 *invalid transition*: it is recorded on the machine and in the events log, and the state
@@ -49,7 +55,7 @@ ORDER = (
     State.DONE,
 )
 FINAL = (State.DONE, State.FAILED)
-# States in which the OS is on the disk: the machine boots from it, never reinstalls.
+# States in which the disk boots: the machine boots from it, never reinstalls.
 INSTALLED = (State.OS_WRITTEN, State.OS_BOOTED, State.COMPONENTS_LAID_OUT, State.DONE)
 
 MILESTONES: dict[Kind, State] = {
@@ -59,11 +65,15 @@ MILESTONES: dict[Kind, State] = {
     Kind.DONE: State.DONE,
 }
 # A finished step with one of these names implies the milestone, so a sender that only
-# reports steps still drives the state.
+# reports steps still drives the state. Not the agent's write-os: its disk cannot boot
+# until the steps after it are done (os_written comes after them, below).
 STEP_MILESTONES: dict[str, State] = {
-    "write-os": State.OS_WRITTEN,
     "layout": State.COMPONENTS_LAID_OUT,
 }
+# The agent's hand-off starts once the disk boots (boot loaders in, synced), as its
+# os_written event is posted: it stands for that event, which an agent older than it
+# does not send.
+HANDOFF = "handoff"
 
 
 @dataclass(frozen=True)
@@ -253,6 +263,8 @@ def target_state(event: Event) -> State | None:
             return State.FAILED
         if event.status is StepStatus.DONE and event.step in STEP_MILESTONES:
             return STEP_MILESTONES[event.step]
+        if event.status is StepStatus.START and event.step == HANDOFF and event.source == "agent":
+            return State.OS_WRITTEN
         return _activity(event)
     if event.kind in (Kind.START, Kind.PROGRESS, Kind.CONFLICT):
         return _activity(event)
@@ -285,8 +297,8 @@ def apply(machine: Machine, event: Event, *, now: float) -> Outcome:
     why = _refusal(m.state, target)
     if why is not None:
         # Activity that merely implies an earlier state is normal chatter (the agent's
-        # kexec step after os_written); only a milestone or a failure that can't be
-        # applied counts as invalid.
+        # hand-off after its os_written, a late agent event once the OS booted); only a
+        # milestone or a failure that can't be applied counts as invalid.
         if _is_chatter(event) or (
             event.kind is Kind.STEP and target is not State.FAILED and event.step not in STEP_MILESTONES
         ):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench.timeline import Run, summarize
 
 
 def run(kind: str, agent: float, written: float, booted: float, done: float, ready: float) -> Run:
-    at = {"agent": agent, "os_written": written, "os_booted": booted, "done": done, "ready": ready}
-    return Run(kind, at)
+    """The disk is bootable 8 s after the OS is written."""
+    at = {"agent": agent, "written": written, "bootable": written + 8, "os_booted": booted}
+    return Run(kind, {**at, "done": done, "ready": ready})
 
 
 def test_summary_reports_both_kinds_and_the_ratios() -> None:
@@ -24,6 +27,9 @@ def test_summary_reports_both_kinds_and_the_ratios() -> None:
     assert r.measurements["split: OS booted (s)"].median == 205
     assert r.measurements["single: OS booted (s)"].median == 245
     assert r.measurements["split: phase write (s)"].median == 50
+    assert r.measurements["split: disk bootable (s)"].median == 103
+    assert r.measurements["split: phase filesystems + configure + runtime + grub (s)"].median == 8
+    assert r.measurements["split: phase kexec + boot (s)"].median == 102
     assert r.measurements["single: phase first-boot layout (s)"].median == 3
     assert r.measurements["split: services answer (s)"].runs == 2
     assert r.ratio == pytest.approx(205 / 245) and r.passed is None  # reported, not judged
@@ -63,3 +69,46 @@ def test_uefi_boots_are_a_row_of_their_own() -> None:
     assert (bios.name, uefi.name) == ("qemu-timeline", "qemu-timeline (uefi)")
     assert "SeaBIOS" in bios.what and "OVMF" in uefi.what
     assert uefi.ratio == bios.ratio == pytest.approx(200 / 250)
+
+
+def test_the_lab_timeline_has_the_os_written_and_the_disk_bootable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of write-os moves no state (the disk cannot boot yet): the timeline takes
+    "OS written" from its event, "disk bootable" from serve's os_written."""
+    from bootenv import state
+    from bootenv.event_schema import parse_event
+    from bootenv.lab import Timeline, timeline
+    from bootenv.machines import assign
+    from bootenv.serve import _unknown_machine
+
+    mac, clock = "52:54:00:12:34:56", [1000.0]
+    monkeypatch.setattr(state.time, "time", lambda: clock[0])
+    store = state.Store(tmp_path)
+    store.put(assign(mac, "lamp", "mysql", now=1000.0))
+    machine = store.get(mac)
+    assert machine is not None
+    for at, doc in [
+        (10, {"event": "start"}),
+        (20, {"event": "step", "step": "write-os", "status": "done"}),
+        (30, {"event": "step", "step": "bootloader", "status": "done"}),
+        (31, {"event": "os_written"}),
+        (32, {"event": "step", "step": "handoff", "status": "start"}),
+        (60, {"event": "os_booted", "source": "layout"}),
+        (
+            70,
+            {
+                "event": "step",
+                "source": "layout",
+                "step": "component",
+                "status": "done",
+                "component": "mysql",
+            },
+        ),
+        (80, {"event": "done", "source": "layout"}),
+    ]:
+        clock[0] = 1000.0 + at
+        store.update(mac, parse_event(doc), doc, create=_unknown_machine, assignment=machine.assignment)
+    machine = store.get(mac)
+    assert machine is not None
+    assert timeline(store, machine, 1000.0) == Timeline(10, 20, 31, 60, (("mysql", 70),), 80)

@@ -48,8 +48,8 @@ HAPPY = [
     {"event": "step", "step": "partition", "status": "start"},
     {"event": "step", "step": "partition", "status": "done", "elapsed": 0.4},
     {"event": "progress", "step": "write-os", "bytes": 10, "total": 100},
-    {"event": "os_written", "elapsed": 23.5},
-    {"event": "step", "step": "kexec", "status": "start"},
+    {"event": "os_written", "data": {"disk": "/dev/vda"}},
+    {"event": "step", "step": "handoff", "status": "start"},
     {"event": "os_booted", "source": "layout"},
     {"event": "step", "source": "layout", "step": "mysql", "status": "start", "component": "mysql"},
     {"event": "conflict", "source": "layout", "component": "mysql", "path": "/etc/x.conf"},
@@ -73,11 +73,45 @@ def test_the_happy_path_walks_every_state_in_order() -> None:
     assert machine.reached(State.OS_WRITTEN) == 101.0 + 0  # each feed restarts its clock at 101
 
 
+# What the agent posts up to its last step: the disk can boot only once they are done.
+AGENT_STEPS = [
+    {"event": "step", "step": step, "status": status}
+    for step in ("partition", "write-os", "filesystems", "configure", "runtime", "bootloader")
+    for status in ("start", "done")
+]
+
+
+def test_the_disk_is_not_taken_as_bootable_before_the_agent_says_so() -> None:
+    """The end of write-os was os_written, and serve answered the machine's network
+    boots with its disk from then on: cut off (a power cut, a reset) while the agent grew
+    the filesystem, made the ESP or installed grub, it booted nothing, was never
+    provisioned again, and showed no error."""
+    for n in range(1, len(AGENT_STEPS) + 1):
+        machine = feed(fresh(), {"event": "start"}, *AGENT_STEPS[:n])
+        assert (machine.state, machine.error) == (State.PROVISIONING, None), AGENT_STEPS[n - 1]
+    machine = feed(machine, {"event": "os_written", "data": {"disk": "/dev/vda"}})
+    assert machine.state is State.OS_WRITTEN and machine.invalid == 0
+    after = feed(machine, {"event": "step", "step": "handoff", "status": "start"})
+    assert (after.state, after.timeline, after.invalid) == (State.OS_WRITTEN, machine.timeline, 0)
+
+
+def test_an_agent_without_the_os_written_event_is_bootable_at_its_hand_off() -> None:
+    """An agent older than its os_written event (a ramdisk built before serve was
+    upgraded) starts its hand-off once the disk boots: that stands for the event, or a
+    reboot hand-off would find the machine provisioning, and provision it again."""
+    handoff = {"event": "step", "step": "handoff", "status": "start"}
+    machine = feed(fresh(), {"event": "start"}, *AGENT_STEPS, handoff)
+    assert machine.state is State.OS_WRITTEN and machine.invalid == 0
+    # The layout service's step of that name is its own.
+    assert feed(fresh(), {**handoff, "source": "layout"}).state is State.OS_BOOTED
+
+
 def test_steps_alone_drive_the_state() -> None:
     machine = feed(
         fresh(),
         {"event": "step", "step": "write-os", "status": "start"},
         {"event": "step", "step": "write-os", "status": "done"},
+        {"event": "step", "step": "handoff", "status": "start"},
         {"event": "progress", "source": "layout", "step": "mysql", "bytes": 5},
         {"event": "step", "source": "layout", "step": "layout", "status": "done"},
     )
@@ -123,9 +157,11 @@ def test_invalid_transitions_are_recorded_not_raised() -> None:
 
 
 def test_chatter_that_implies_an_earlier_state_is_not_invalid() -> None:
-    machine = feed(fresh(), {"event": "os_written"}, {"event": "step", "step": "kexec", "status": "start"})
+    machine = feed(fresh(), {"event": "os_written"}, {"event": "step", "step": "handoff", "status": "start"})
     assert machine.state is State.OS_WRITTEN
-    assert machine.invalid == 0
+    booted = feed(machine, {"event": "os_booted", "source": "layout"}, {"event": "progress", "bytes": 1})
+    assert booted.state is State.OS_BOOTED
+    assert machine.invalid == booted.invalid == 0
 
 
 @settings(deadline=None)  # the machine is shared and noisy; this is about logic, not speed

@@ -30,7 +30,8 @@ from tests.unit.test_serve import MAC, OTHER, callback_path, get, post, script, 
 
 __all__ = ["server"]  # the fixture, shared with test_serve.py
 
-WRITTEN = {"event": "step", "step": "write-os", "status": "done", "seq": 2, "time": 101.0}
+# The agent's word that the disk boots (once its boot loaders are in).
+WRITTEN = {"event": "os_written", "data": {"disk": "/dev/vda"}, "seq": 2, "time": 101.0}
 
 
 def test_the_ramdisk_posts_to_its_assignments_own_callback_url(server: BootenvServer) -> None:
@@ -47,7 +48,7 @@ def test_the_ramdisk_posts_to_its_assignments_own_callback_url(server: BootenvSe
 
 def test_a_replaced_runs_events_do_not_touch_the_new_assignment(server: BootenvServer) -> None:
     """/tmp/exp/h8/reassign_stale.sh: assign lamp, its agent starts, re-assign rack, then
-    the old agent's write-os done. The machine must still install rack."""
+    the old agent's os_written. The machine must still install rack."""
     store = Store(server.config.state)
     store.put(assign(MAC, "lamp", "all", now=time.time()))
     old = callback_path(server, MAC)
