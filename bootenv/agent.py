@@ -35,8 +35,9 @@ from bootenv.blockdev import open_destination
 from bootenv.cmdline import AgentConfig, Handoff
 from bootenv.disks import log_choice
 from bootenv.errors import FatalError
+from bootenv.log import human_bytes
 from bootenv.oswrite import load_checked, write_os
-from bootenv.partition import PartitionPlan, Role, apply_plan, required_size
+from bootenv.partition import PartitionPlan, Role, apply_plan, describe_need, required_size
 from bootenv.run import run, which
 from bootenv.signing import Trust, read_public_key
 from bootenv.trusted import open_signed
@@ -82,13 +83,15 @@ def _provision(cfg: AgentConfig, ident: target.Identity, report: Report, cmdline
         # Now, not once the disk is wiped: a block map that is missing or does not
         # verify, or a data blob out of reach, must leave the old system as it was.
         bmap = load_checked(source, manifest, install.which)
-    min_root = root_needs(manifest, install.which, bmap)
+    needs = root_needs(manifest, install, bmap)
+    log.info("the root needs %s: %s", human_bytes(needs.total), needs.describe())
     with report.step("disk", "Choosing the disk"):
-        choice = agent_disk.choose(cfg, required_size(min_root, 4096))
+        need = describe_need(needs.total, 4096, needs.describe())
+        choice = agent_disk.choose(cfg, required_size(needs.total, 4096), need)
         log_choice(choice)
         disk = choice.disk.devnode
     with report.step("preflight", f"Checking {disk} before writing"):
-        plan = agent_disk.preflight(disk, min_root)
+        plan = agent_disk.preflight(disk, needs.total, needs.describe())
         bootloader.check_available()
         boot = bootloader.plan_boot(disk, plan.sector_size, bootloader.running_firmware())
         check_passed_on(cmdline)

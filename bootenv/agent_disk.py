@@ -26,16 +26,20 @@ from bootenv.run import run, which
 log = logging.getLogger(__name__)
 
 
-def choose(cfg: AgentConfig, min_size: int) -> DiskChoice:
+def choose(cfg: AgentConfig, min_size: int, needs: str = "") -> DiskChoice:
+    """The disk to install on, of at least `min_size` bytes (`needs`: what for, told
+    when every disk is too small)."""
     disks = read_disks()
     sel = resolve_selector(cfg.disk)
     if sel.kind is DiskKind.DEVICE and not any(d.devnode == sel.value for d in disks):
         raise UserError(f"bootenv.disk={cfg.disk.value}: no such disk")
-    return choose_disk(disks, sel, min_size)
+    return choose_disk(disks, sel, min_size, needs)
 
 
-def preflight(disk: str, min_root: int) -> PartitionPlan:
-    """Every check that must pass before the first write; returns the partition plan."""
+def preflight(disk: str, min_root: int, what: str = "") -> PartitionPlan:
+    """Every check that must pass before the first write; returns the partition plan
+    (`min_root`: the bytes its root must hold, `what`: what for, told when the disk is
+    too small)."""
     try:
         st = os.stat(disk)
     except FileNotFoundError as exc:
@@ -62,7 +66,7 @@ def preflight(disk: str, min_root: int) -> PartitionPlan:
             f"{disk} is {size} bytes, not a whole number of its {sector}-byte sectors",
             hint="truncate or grow the disk image to a multiple of its sector size",
         )
-    return plan_partitions(size, sector, min_root)
+    return plan_partitions(size, sector, min_root, what)
 
 
 def partition_devices(disk: str, plan: PartitionPlan, stack: ExitStack) -> dict[Role, str]:

@@ -2,7 +2,7 @@
 
 The rule (also in docs/AGENT.md):
 
-1. A disk is never chosen if it is removable, read-only, smaller than the image needs,
+1. A disk is never chosen if it is removable, read-only, smaller than the layout needs,
    mounted or holding the running root or the boot media, or held by another device
    (RAID, LVM).
 2. `bootenv.disk=/dev/X` (or a symlink to it, such as /dev/disk/by-id/...: see
@@ -150,8 +150,9 @@ def sort_key(disk: DiskInfo) -> tuple[bool, int, str]:
     return (disk.rotational, disk.size, disk.id_path or disk.devnode)
 
 
-def choose_disk(disks: list[DiskInfo], sel: DiskSelector, min_size: int) -> DiskChoice:
-    """Apply the rule above; every disk not chosen comes back with the reason why."""
+def choose_disk(disks: list[DiskInfo], sel: DiskSelector, min_size: int, needs: str = "") -> DiskChoice:
+    """Apply the rule above; every disk not chosen comes back with the reason why.
+    `needs`: what `min_size` is made of, told once when a disk that would do is too small."""
     rejected: list[Rejection] = []
     ok: list[DiskInfo] = []
     for disk in sorted(disks, key=lambda d: d.devnode):
@@ -166,6 +167,8 @@ def choose_disk(disks: list[DiskInfo], sel: DiskSelector, min_size: int) -> Disk
     if not ok:
         relevant = [r for r in rejected if _matches(r.disk, sel)]
         detail = "; ".join(f"{r.disk.devnode}: {r.reason}" for r in relevant) or "no such disk"
+        if needs and any(0 < r.disk.size < min_size for r in relevant):
+            detail += f"; the disk needs {needs}"
         raise UserError(f"no disk to install on ({sel}): {detail}")
     if sel.kind is not DiskKind.AUTO and len(ok) > 1:
         names = ", ".join(d.devnode for d in ok)

@@ -104,16 +104,28 @@ def required_size(min_root: int, sector_size: int = 512) -> int:
     return FIRST + BIOS_SIZE + ESP_SIZE + root + backup_gpt_bytes(sector_size)
 
 
-def plan_partitions(disk_size: int, sector_size: int, min_root: int) -> PartitionPlan:
-    """Lay out a disk of `disk_size` bytes; the root partition gets everything left."""
+def describe_need(min_root: int, sector_size: int, what: str) -> str:
+    """How much disk a root of `min_root` bytes for `what` takes, and what for."""
+    need, root = required_size(min_root, sector_size), -(-min_root // MiB) * MiB
+    return (
+        f"{human_bytes(need)}: a root of {human_bytes(root)} for {what}; "
+        f"{human_bytes(need - root)} for the boot partitions and the partition tables"
+    )
+
+
+def plan_partitions(disk_size: int, sector_size: int, min_root: int, what: str = "") -> PartitionPlan:
+    """Lay out a disk of `disk_size` bytes; the root partition gets everything left.
+    `what`: what the root holds, for the error when the disk is too small."""
     if sector_size not in (512, 4096):
         raise UserError(f"unsupported logical sector size {sector_size}")
     need = required_size(min_root, sector_size)
     if disk_size < need:
-        raise UserError(
-            f"the disk is too small: {human_bytes(disk_size)}, the image needs {human_bytes(need)}",
-            hint="use a bigger disk",
+        needs = (
+            f"it needs {describe_need(min_root, sector_size, what)}"
+            if what
+            else f"the image needs {human_bytes(need)}"
         )
+        raise UserError(f"the disk is too small: {human_bytes(disk_size)}, {needs}", hint="use a bigger disk")
     # The root partition ends on the last MiB boundary that leaves room for the backup GPT.
     root_end = (disk_size - backup_gpt_bytes(sector_size)) // MiB * MiB
     bounds = [

@@ -29,6 +29,7 @@ from bootenv.runtime import python_argv, python_env
 from bootenv.source import load_manifest
 from bootenv.target import make_esp, new_identity
 from tests.conftest import require_root, require_tools, serving
+from tests.unit.test_agent import need
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBootenvTestKeyOnlyForTheAgentRootTest0000 me@host"
 BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
@@ -166,7 +167,7 @@ def test_a_4kn_disk_under_legacy_bios_is_refused_untouched(
     tools: None, gold_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manifest = load_manifest(str(gold_image))
-    path = disk_file(tmp_path / "disk4k.img", required_size(manifest.rootfs.min_size, 4096) + 64 * MiB)
+    path = disk_file(tmp_path / "disk4k.img", required_size(need(manifest.rootfs.min_size), 4096) + 64 * MiB)
     before = sha(path)
     monkeypatch.setattr(bootloader, "running_firmware", lambda: Firmware.BIOS)
     with loop(path, "--sector-size", "4096") as dev:
@@ -356,7 +357,7 @@ def test_too_small_disk_is_refused_untouched(tools: None, gold_image: Path, tmp_
 def test_mounted_disk_is_refused_untouched(tools: None, gold_image: Path, tmp_path: Path) -> None:
     manifest = load_manifest(str(gold_image))
     path = disk_file(
-        tmp_path / "busy.img", required_size(manifest.rootfs.min_size) + 64 * MiB, scribble=False
+        tmp_path / "busy.img", required_size(need(manifest.rootfs.min_size)) + 64 * MiB, scribble=False
     )
     sh("mkfs.ext4", "-q", "-F", path)
     with loop(path) as dev:
@@ -381,13 +382,13 @@ def test_corrupt_image_leaves_the_disk_unbootable(tools: None, gold_image: Path,
             (bad / blob.name).write_bytes(data)
         elif blob.is_file():
             os.link(blob, bad / blob.name)
-    path = disk_file(tmp_path / "disk.img", required_size(manifest.rootfs.min_size) + 64 * MiB)
+    path = disk_file(tmp_path / "disk.img", required_size(need(manifest.rootfs.min_size)) + 64 * MiB)
     with callback_server() as (url, events), loop(path) as dev:
         text = f"bootenv.image={bad} bootenv.disk={dev} bootenv.handoff=none bootenv.insecure "
         text += f"bootenv.callback={url} {NONE}"
         with pytest.raises(VerificationError):
             run_agent(parse_cmdline(text))
-    plan = plan_partitions(path.stat().st_size, 512, manifest.rootfs.min_size)
+    plan = plan_partitions(path.stat().st_size, 512, need(manifest.rootfs.min_size))
     # No partition table, no filesystem signature: nothing can boot or mount it.
     assert subprocess.run(["sfdisk", "--dump", path], check=False, capture_output=True).returncode != 0
     assert sh("wipefs", "--no-act", "--noheadings", path).strip() == ""
@@ -449,3 +450,41 @@ def test_agent_single_image_holds_every_component(
     last = events[-1]
     assert (last["step"], last["status"]) == ("handoff", "start")
     assert last["data"]["image"] == "single"  # type: ignore[index]
+
+
+def test_a_disk_of_the_size_the_agent_asks_for_takes_every_component(
+    tools: None, gold_image: Path, tmp_path: Path
+) -> None:
+    """The reviewer's run: the smallest disk the agent took was sized for the OS alone; it
+    was written and reported provisioned, and the first boot's layout of every component
+    (the default) failed with ENOSPC. That disk is refused now, untouched; one of the
+    smallest size the agent takes has room for all of them."""
+    from bootenv.agent_plan import plan_install, root_needs
+    from bootenv.layout import LayoutConfig, layout
+    from bootenv.oswrite import load_blockmap
+    from bootenv.source import open_source
+
+    manifest = load_manifest(str(gold_image))
+    small = disk_file(tmp_path / "small.img", required_size(manifest.rootfs.min_size, 4096))
+    before = sha(small)
+    with served(gold_image, tmp_path) as image:
+        text = f"bootenv.image={image} bootenv.handoff=none bootenv.insecure"  # every component
+        with loop(small) as dev, pytest.raises(UserError) as info:
+            run_agent(parse_cmdline(f"{text} bootenv.disk={dev}"))
+        assert sha(small) == before
+        assert "too small" in str(info.value) and "the components apache, mysql, php" in str(info.value)
+        small.unlink()
+        bmap = load_blockmap(open_source(str(gold_image)), manifest.os)
+        needs = root_needs(manifest, plan_install(parse_cmdline(text), manifest), bmap)
+        path = disk_file(tmp_path / "disk.img", required_size(needs.total, 4096))  # as the disk rule asks
+        with loop(path) as dev:
+            result = run_agent(parse_cmdline(f"{text} bootenv.disk={dev}"), ramdisk_cmdline=text)
+    assert result.components == ("apache", "mysql", "php")
+    at = ("--offset", str(result.plan.root.offset), "--sizelimit", str(result.plan.root.size))
+    with loop(path, *at) as rootdev, mounted(rootdev, tmp_path / "root") as mnt:
+        assert (mnt / "opt/bootenv/bin/python3").is_file()  # the runtime takes its room too
+        done = layout(LayoutConfig(str(gold_image), "all", mnt))
+        left = os.statvfs(mnt)
+    assert done.ok, done
+    assert {c.name for c in done.components} == {"apache", "mysql", "php"}
+    assert left.f_bfree * left.f_frsize > 0

@@ -40,6 +40,11 @@ LAMP = replace(
 )
 
 
+def need(image: int) -> int:
+    """The root the agent asks for, for an image of `image` bytes and no components."""
+    return agent_plan.RootNeeds(image, "the OS sub-image", (), 0, agent_plan.AGENT_ADDS).total
+
+
 def all_valid(events: list[dict[str, object]]) -> bool:
     """Every event the agent posts is one `bootenv serve` accepts."""
     from bootenv.event_schema import parse_event
@@ -81,7 +86,7 @@ def setup(monkeypatch: pytest.MonkeyPatch, disk: Path) -> list[str]:
         agent, "load_checked", lambda source, m, which: BlockMap(m.rootfs.image_size, 4096, ())
     )
     info = DiskInfo(str(disk), disk.stat().st_size)
-    monkeypatch.setattr(agent_disk, "choose", lambda cfg, need: DiskChoice(info, ()))
+    monkeypatch.setattr(agent_disk, "choose", lambda cfg, need, needs="": DiskChoice(info, ()))
     monkeypatch.setattr(bootloader, "check_available", lambda: None)
     monkeypatch.setattr(agent_disk, "wipe_disk", lambda d, plan: wiped.append(d))
     return wiped
@@ -106,7 +111,7 @@ def test_too_small_disk_is_refused_before_any_write(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, events: tuple[str, list[dict[str, object]]]
 ) -> None:
     url, got = events
-    disk = fake_disk(tmp_path, required_size(ROOT_MIN) - MiB)
+    disk = fake_disk(tmp_path, required_size(need(ROOT_MIN)) - MiB)
     before = digest(disk)
     wiped = setup(monkeypatch, disk)
     written: list[str] = []
@@ -126,7 +131,7 @@ def test_failure_after_touching_the_disk_wipes_and_reports(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, events: tuple[str, list[dict[str, object]]]
 ) -> None:
     url, got = events
-    disk = fake_disk(tmp_path, required_size(ROOT_MIN))
+    disk = fake_disk(tmp_path, required_size(need(ROOT_MIN)))
     wiped = setup(monkeypatch, disk)
 
     def broken(*args: object) -> None:
@@ -234,7 +239,7 @@ def test_single_mode_sizes_the_disk_by_the_single_image(
 ) -> None:
     """The single image is bigger than the OS sub-image; the disk must fit it."""
     url, _ = events
-    disk = fake_disk(tmp_path, required_size(ROOT_MIN))  # fits the OS sub-image only
+    disk = fake_disk(tmp_path, required_size(need(ROOT_MIN)))  # fits the OS sub-image only
     wiped = setup(monkeypatch, disk)
     monkeypatch.setattr(agent, "open_signed", lambda image, trust: (None, LAMP, None))
     asked: list[str] = []
@@ -254,7 +259,7 @@ def test_single_mode_writes_the_single_image_and_reports_like_split(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, events: tuple[str, list[dict[str, object]]]
 ) -> None:
     url, got = events
-    disk = fake_disk(tmp_path, required_size(2 * ROOT_MIN))
+    disk = fake_disk(tmp_path, required_size(need(2 * ROOT_MIN)))
     setup(monkeypatch, disk)
     monkeypatch.setattr(agent, "open_signed", lambda image, trust: (None, LAMP, None))
     bmap = BlockMap(2 * ROOT_MIN, 4096, ())
@@ -310,13 +315,13 @@ def test_a_disk_that_fits_min_size_but_not_the_image_is_refused_untouched(
     that was then wiped and failed."""
     url, got = events
     big = replace(MANIFEST, rootfs=RootFs("ext4", 4 * ROOT_MIN, ROOT_MIN, 4096))
-    disk = fake_disk(tmp_path, required_size(ROOT_MIN) + 4 * MiB)  # fits min_size only
+    disk = fake_disk(tmp_path, required_size(need(ROOT_MIN)) + 4 * MiB)  # fits min_size only
     before = digest(disk)
     wiped = setup(monkeypatch, disk)
     monkeypatch.setattr(agent, "open_signed", lambda image, trust: (None, big, None))
     asked: list[int] = []
 
-    def choose(cfg: object, need: int) -> DiskChoice:
+    def choose(cfg: object, need: int, needs: str = "") -> DiskChoice:
         asked.append(need)
         return DiskChoice(DiskInfo(str(disk), disk.stat().st_size), ())
 
@@ -327,7 +332,7 @@ def test_a_disk_that_fits_min_size_but_not_the_image_is_refused_untouched(
         agent.run_agent(parse_cmdline(f"bootenv.image=/img bootenv.callback={url}"))
     assert digest(disk) == before
     assert written == [] and wiped == []
-    assert asked == [required_size(4 * ROOT_MIN, 4096)]  # the disk rule is told the same
+    assert asked == [required_size(need(4 * ROOT_MIN), 4096)]  # the disk rule is told the same
     assert got[-1]["event"] == "error" and "too small" in str(got[-1]["message"])
 
 
@@ -378,7 +383,7 @@ def test_a_passed_on_argument_that_is_not_ascii_is_refused_untouched(
 ) -> None:
     """console= goes into grub.cfg and kexec's command line: a byte that is not UTF-8
     (kept as a surrogate) would only fail once grub.cfg is written, on a wiped disk."""
-    disk = fake_disk(tmp_path, required_size(ROOT_MIN))
+    disk = fake_disk(tmp_path, required_size(need(ROOT_MIN)))
     before = digest(disk)
     wiped = setup(monkeypatch, disk)
     written: list[str] = []

@@ -93,7 +93,7 @@ def run_agent(
     old_install(disk)
     did: list[str] = []
     monkeypatch.setattr(
-        agent_disk, "choose", lambda cfg, need: DiskChoice(DiskInfo(str(disk), DISK_SIZE), ())
+        agent_disk, "choose", lambda cfg, size, needs="": DiskChoice(DiskInfo(str(disk), DISK_SIZE), ())
     )
     monkeypatch.setattr(bootloader, "check_available", lambda: None)
     monkeypatch.setattr(agent_disk, "wipe_disk", lambda d, plan: did.append("wipe"))

@@ -25,6 +25,7 @@ from bootenv.disks import DiskChoice, DiskInfo
 from bootenv.machines import Machine, State, assign
 from bootenv.partition import MiB, PartitionPlan, Role, plan_partitions, required_size
 from bootenv.serve import BootenvServer, ServeConfig, running
+from tests.unit.test_agent import need
 from tests.unit.test_oswrite import SIZE, build_image
 
 MAC = "52:54:00:00:00:71"
@@ -94,10 +95,10 @@ def run_reassigned(
     (tmp_path / "images").mkdir()
     build_image(tmp_path / "images")  # images/image: the OS sub-image, 24 MiB
     disk = tmp_path / "disk.img"
-    plan = disk_file(disk, required_size(SIZE))
+    plan = disk_file(disk, required_size(need(SIZE)))
     before = disk.read_bytes()
     monkeypatch.setattr(
-        agent_disk, "choose", lambda cfg, need: DiskChoice(DiskInfo(str(disk), plan.disk_size), ())
+        agent_disk, "choose", lambda cfg, size, needs="": DiskChoice(DiskInfo(str(disk), plan.disk_size), ())
     )
     monkeypatch.setattr(bootloader, "check_available", lambda: None)
     ran: list[list[str]] = []
@@ -192,9 +193,9 @@ def test_a_run_assigned_again_before_it_writes_leaves_the_disk_as_it_was(
     def fake(srv: BootenvServer, refused: threading.Event, tmp: Path) -> None:
         preflight, passed_on = agent_disk.preflight, agent.check_passed_on
 
-        def reassigned_meanwhile(disk: str, min_root: int) -> PartitionPlan:
+        def reassigned_meanwhile(disk: str, min_root: int, what: str = "") -> PartitionPlan:
             reassign(srv)
-            return preflight(disk, min_root)
+            return preflight(disk, min_root, what)
 
         def after_the_answer(cmdline: str) -> None:
             assert refused.wait(10), "serve's 409 never reached the agent"

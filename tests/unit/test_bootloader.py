@@ -13,7 +13,7 @@ from bootenv.bootloader import BootPlan, Firmware, plan_boot, running_firmware
 from bootenv.cmdline import parse_cmdline
 from bootenv.errors import FatalError, UserError
 from bootenv.partition import MiB, plan_partitions, required_size
-from tests.unit.test_agent import ROOT_MIN, all_valid, digest, fake_disk, setup
+from tests.unit.test_agent import ROOT_MIN, all_valid, digest, fake_disk, need, setup
 
 IDENT = target.Identity("0f1e2d3c-4b5a-4968-8776-a5b4c3d2e1f0", "1A2B-3C4D", "web1")
 BIOS_WHY = "which grub cannot boot from under legacy BIOS"
@@ -71,7 +71,7 @@ def test_agent_refuses_a_4kn_disk_under_legacy_bios_before_any_write(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, events: tuple[str, list[dict[str, object]]]
 ) -> None:
     url, got = events
-    disk = fake_disk(tmp_path, required_size(ROOT_MIN, 4096) + 64 * MiB)
+    disk = fake_disk(tmp_path, required_size(need(ROOT_MIN), 4096) + 64 * MiB)
     before = digest(disk)
     wiped = setup(monkeypatch, disk)
     monkeypatch.setattr(agent_disk, "sector_size", lambda fd: 4096)
@@ -92,7 +92,7 @@ def test_agent_reports_a_4kn_disk_under_uefi_as_uefi_only(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, events: tuple[str, list[dict[str, object]]]
 ) -> None:
     url, got = events
-    disk = fake_disk(tmp_path, required_size(ROOT_MIN, 4096) + 64 * MiB)
+    disk = fake_disk(tmp_path, required_size(need(ROOT_MIN), 4096) + 64 * MiB)
     setup(monkeypatch, disk)
     monkeypatch.setattr(agent_disk, "sector_size", lambda fd: 4096)
     monkeypatch.setattr(bootloader, "running_firmware", lambda: Firmware.UEFI)
@@ -116,7 +116,7 @@ def test_agent_reports_both_loaders_on_512_byte_sectors(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, events: tuple[str, list[dict[str, object]]]
 ) -> None:
     url, got = events
-    disk = fake_disk(tmp_path, required_size(ROOT_MIN) + 64 * MiB)
+    disk = fake_disk(tmp_path, required_size(need(ROOT_MIN)) + 64 * MiB)
     setup(monkeypatch, disk)
     monkeypatch.setattr(bootloader, "running_firmware", lambda: Firmware.BIOS)
     monkeypatch.setattr(agent, "_write_disk", lambda *a: None)
