@@ -43,6 +43,7 @@ from bootenv.paxread import ArchiveError
 from bootenv.resolvetemps import remove_killed, resolving, temp_name
 from bootenv.smallfile import read_capped
 from bootenv.writeback import fsync_dir, replace_at, write_durably
+from bootenv.xattrs import xattrs_of
 
 RECORDS = Path("var/lib/bootenv/conflict-records")
 STORE = Path("var/lib/bootenv/conflicts")
@@ -320,7 +321,7 @@ def _resolve(root: Path, c: Conflict, keep: str | None, file: Path | None) -> Co
             old = _small_file(tfd, tname)
             if _text(old) is None or _text(mine) is None:
                 raise UserError(f"{c.path}: only two text files can be merged")
-            _same_owner_and_mode(c, tfd, tname, sfd, sname)
+            _same_metadata(c, tfd, tname, sfd, sname)
             assert old is not None and mine is not None
             _replace_content(tfd, tname, concatenate(old, {c.component: mine}), c.path)
             _remove(sfd, sname)
@@ -332,21 +333,28 @@ def _resolve(root: Path, c: Conflict, keep: str | None, file: Path | None) -> Co
     return done
 
 
-def _same_owner_and_mode(c: Conflict, tfd: int | None, tname: str, sfd: int | None, sname: str) -> None:
-    """Refuse to merge two versions whose owner, group or mode differ: the merge keeps
-    the file in place's, and would give them the incoming text (a 0600 file's password
-    in a 0644 file)."""
+def _same_metadata(c: Conflict, tfd: int | None, tname: str, sfd: int | None, sname: str) -> None:
+    """Refuse to merge two versions whose owner, group, mode or xattrs (an ACL) differ:
+    the merge keeps the file in place's, and would give them the incoming text (a 0600
+    file's password in a 0644 file), as a layout refuses to (sharedpaths.py)."""
     old, new = _lstat(tfd, tname), _lstat(sfd, sname)
-    if old is None or new is None:
+    if old is None or new is None or tfd is None or sfd is None:
         return
-    if (old.st_uid, old.st_gid, stat.S_IMODE(old.st_mode)) != (
-        new.st_uid,
-        new.st_gid,
-        stat.S_IMODE(new.st_mode),
-    ):
+    unlike = [
+        what
+        for what, a, b in (
+            ("owner", old.st_uid, new.st_uid),
+            ("group", old.st_gid, new.st_gid),
+            ("mode", stat.S_IMODE(old.st_mode), stat.S_IMODE(new.st_mode)),
+            ("xattrs", xattrs_of(tfd, tname), xattrs_of(sfd, sname)),
+        )
+        if a != b
+    ]
+    if unlike:
+        words = unlike[0] if len(unlike) == 1 else f"{', '.join(unlike[:-1])} and {unlike[-1]}"
         raise UserError(
-            f"{c.path}: the two versions' owner, group or mode differ; a merge keeps the existing one's",
-            hint="--keep existing or incoming, or merge them by hand (and give the file its owner and mode)",
+            f"/{c.path}: not merged: the two versions' {words} differ; a merge keeps the existing one's",
+            hint="--keep existing or incoming, or merge them by hand",
         )
 
 
@@ -407,11 +415,12 @@ def _remove(dfd: int | None, name: str) -> None:
 
 
 def _replace_content(dfd: int | None, name: str, data: bytes, relpath: str) -> None:
-    """Replace a regular file's bytes atomically and durably, keeping its owner and mode."""
+    """Replace a regular file's bytes atomically and durably, keeping its owner, mode and
+    xattrs (an ACL that lets a service read it, a file capability)."""
     st = _lstat(dfd, name)
     if dfd is None or st is None:
         raise UserError(f"/{relpath} is missing: resolve it by hand")
     if not stat.S_ISREG(st.st_mode):
         raise UserError(f"/{relpath} is not a regular file")
-    replace_at(dfd, name, data, like=st, tmp=temp_name())
+    replace_at(dfd, name, data, like=st, tmp=temp_name(), xattrs=xattrs_of(dfd, name))
     os.fsync(dfd)

@@ -22,9 +22,11 @@ import os
 import shutil
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
+
+from bootenv.xattrs import LABELS
 
 log = logging.getLogger(__name__)
 
@@ -99,19 +101,33 @@ def new_file(path: str | Path, mode: int, *, dir_fd: int | None = None, sync: bo
 
 
 def replace_at(
-    dfd: int, name: str, data: bytes, *, like: os.stat_result | None, tmp: str, sync: bool = True
+    dfd: int,
+    name: str,
+    data: bytes,
+    *,
+    like: os.stat_result | None,
+    tmp: str,
+    sync: bool = True,
+    xattrs: Mapping[str, bytes] | None = None,
 ) -> None:
     """Put `data` in place of `name` in the directory `dfd`, whole or not at all: written
     to `tmp` in the same directory (`new_file`: one a killed run left is removed, never
-    opened), given `like`'s owner (when root) and mode, fsynced (unless not `sync`: the
-    caller syncs the filesystem once for several), then renamed over `name`. Making the
-    rename durable (fsync of the directory) is the caller's."""
+    opened), given `like`'s owner (when root) and mode, and if `xattrs` is given exactly
+    those (an ACL it took from a default ACL of its directory dropped, the label the
+    security policy gave it kept), fsynced (unless not `sync`: the caller syncs the
+    filesystem once for several), then renamed over `name`. Making the rename durable
+    (fsync of the directory) is the caller's."""
     with new_file(tmp, 0o644 if like is None else 0o600, dir_fd=dfd, sync=sync) as fd:
+        if xattrs is not None:
+            for key in set(os.listxattr(fd)) - set(xattrs) - LABELS:
+                os.removexattr(fd, key)
         write_all(fd, data)
         if like is not None:
             if os.geteuid() == 0:
                 os.fchown(fd, like.st_uid, like.st_gid)
             os.fchmod(fd, stat.S_IMODE(like.st_mode))
+        for key, value in (xattrs or {}).items():  # after the owner: a chown drops a file capability
+            os.setxattr(fd, key, value)
     os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
 
 

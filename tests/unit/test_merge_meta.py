@@ -52,7 +52,7 @@ def test_a_secret_config_is_not_merged_into_a_file_others_may_read(tmp_path: Pat
     stored = root / rec.stored
     assert stored.read_text() == SECRET and _mode(stored) == 0o600 and stored.stat().st_uid == OWNER
     # Nor does `resolve --keep merged` give the password the file's mode.
-    with pytest.raises(UserError, match="owner, group or mode differ"):
+    with pytest.raises(UserError, match=r"not merged: the two versions' .*mode differ"):
         conflicts.resolve(root, rec.id, "merged", None)
     assert conf.read_text() == "[client]\nsocket=/run/db.sock\n"
     conflicts.resolve(root, rec.id, "incoming", None)
@@ -118,6 +118,46 @@ def test_a_config_whose_xattrs_differ_is_not_merged(tmp_path: Path) -> None:
     (a,) = run(image, root, ("a",)).components
     assert a.merged == () and conflicts.load(root, a.conflicts[0]).reason == "not merged: different xattrs"
     assert conf.read_text() == "os=0\n" and os.listxattr(conf) == []
+
+
+def test_resolve_merged_refuses_versions_whose_xattrs_differ(tmp_path: Path) -> None:
+    """The layout did not merge them (the ACL lets uid 33 read the file in place, and
+    would let it read the component's text): nor does `resolve --keep merged`."""
+    image = make_image(tmp_path / "img", [Comp("a", [d("etc"), f("etc/app.conf", "a=1\n", mode=0o640)])])
+    root = tmp_path / "root"
+    conf = root / "etc/app.conf"
+    conf.parent.mkdir(parents=True)
+    conf.write_text("os=0\n")
+    conf.chmod(0o640)
+    os.setxattr(conf, "user.acl", b"33:r")
+    (a,) = run(image, root, ("a",)).components
+    assert conflicts.load(root, a.conflicts[0]).reason == "not merged: different xattrs"
+    with pytest.raises(UserError, match=r"^/etc/app\.conf: not merged: the two versions' xattrs differ"):
+        conflicts.resolve(root, a.conflicts[0], "merged", None)
+    assert conf.read_text() == "os=0\n" and os.getxattr(conf, "user.acl") == b"33:r"
+    assert conflicts.load(root, a.conflicts[0]).resolution is None
+
+
+@pytest.mark.parametrize("how", ["merged", "file"])
+def test_a_resolution_that_writes_the_file_keeps_its_xattrs(tmp_path: Path, how: str) -> None:
+    """`--keep merged` and `--file` put new bytes in place of the file: its ACLs and
+    other xattrs stay (the file in place's, which a merge's versions share)."""
+    acl = {"SCHILY.xattr.user.acl": "33:r"}
+    image = make_image(tmp_path / "img", [Comp("a", [d("usr"), f("usr/notes.txt", "a=1\n", **acl)])])
+    root = tmp_path / "root"
+    notes = root / "usr/notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("os=0\n")
+    notes.chmod(0o644)
+    os.setxattr(notes, "user.acl", b"33:r")
+    (a,) = run(image, root, ("a",)).components
+    assert conflicts.load(root, a.conflicts[0]).reason == "different content"
+    mine = tmp_path / "mine"
+    mine.write_text("mine\n")
+    conflicts.resolve(root, a.conflicts[0], *(("merged", None) if how == "merged" else (None, mine)))
+    assert notes.read_text() == ("os=0\na=1\n" if how == "merged" else "mine\n")
+    assert os.listxattr(notes) == ["user.acl"] and os.getxattr(notes, "user.acl") == b"33:r"
+    assert _mode(notes) == 0o644
 
 
 @pytest.mark.parametrize(
