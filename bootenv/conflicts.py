@@ -151,6 +151,18 @@ def write_record(root: Path, conflict: Conflict) -> None:
     _write_record(path, body)
 
 
+def resolved_for(root: Path, cid: str, incoming: dict[str, Any]) -> dict[str, Any] | None:
+    """The resolution of conflict `cid` if it was made for this incoming version (which
+    write_record keeps: a layout that finds the conflict again neither reports it nor
+    stores that version again); else None. A damaged record is left to write_record."""
+    path = root / RECORDS / f"{cid}.json"
+    try:
+        old = _read(path)
+    except (UserError, OSError):
+        return None
+    return old.resolution if old.resolution and old.incoming == incoming else None
+
+
 def _write_record(path: Path, body: dict[str, Any]) -> None:
     """Write a conflict record whole and durably (a temp file renamed over it)."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")

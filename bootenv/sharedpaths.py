@@ -30,7 +30,16 @@ from pathlib import Path
 from typing import Protocol
 
 from bootenv.atfd import TMP_PREFIX
-from bootenv.conflicts import EDITED, MERGED, Conflict, conflict_id, describe, stored_path, write_record
+from bootenv.conflicts import (
+    EDITED,
+    MERGED,
+    Conflict,
+    conflict_id,
+    describe,
+    resolved_for,
+    stored_path,
+    write_record,
+)
 from bootenv.merge import MAX_MERGE, MergeState, Meta, is_candidate, is_text, normalized
 from bootenv.paxread import Member
 from bootenv.writeback import write_all
@@ -190,13 +199,15 @@ class SharedPaths:
         self._merged_temp(
             pfd, tmp, part, Meta(st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_mtime_ns), like=base
         )
-        _, store = self._keep_aside(component, relpath, pfd, base, tmp, MERGED)
+        kept = self._keep_aside(component, relpath, pfd, base, tmp, MERGED)
+        if kept is None:
+            return
         log.info(
             "%s: /%s is a merge, listed for review; %s's version is in /%s",
             self.component,
             relpath,
             component,
-            store,
+            kept[1],
         )
 
     def _merged_temp(self, pfd: int, tmp: str, content: bytes, meta: Meta, *, like: str) -> None:
@@ -222,7 +233,10 @@ class SharedPaths:
             os.close(fd)
 
     def conflict(self, m: Member, pfd: int, base: str, tmp: str | None, reason: str) -> None:
-        cid, store = self._keep_aside(self.component, m.name, pfd, base, tmp, reason)
+        kept = self._keep_aside(self.component, m.name, pfd, base, tmp, reason)
+        if kept is None:
+            return
+        cid, store = kept
         if tmp is not None:
             self.placed[m.name] = store
         self.stats.conflicts.append(cid)
@@ -236,11 +250,26 @@ class SharedPaths:
 
     def _keep_aside(
         self, component: str, relpath: str, pfd: int, base: str, tmp: str | None, reason: str
-    ) -> tuple[str, str]:
+    ) -> tuple[str, str] | None:
         """Move `tmp` (`component`'s version of `relpath`; None: a directory) to the
-        conflict store and record it beside the path in place: its id and where it is."""
+        conflict store and record it beside the path in place: its id and where it is.
+        None if the admin resolved the conflict for this very version (a re-run of the
+        component): it is not stored nor reported again, as it is not when a layout
+        finds the component done by an earlier run (conflicts.open_ids)."""
         cid = conflict_id(component, relpath)
         store = stored_path(component, relpath)
+        if tmp is not None:
+            done = resolved_for(self.root, cid, describe(f"/proc/self/fd/{pfd}/{tmp}"))
+            if done is not None:
+                os.unlink(tmp, dir_fd=pfd)
+                log.info(
+                    "%s: /%s: conflict %s again, resolved for this version (%s)",
+                    component,
+                    relpath,
+                    cid,
+                    done.get("keep"),
+                )
+                return None
         sparent, _, sbase = store.rpartition("/")
         sfd = self.dir_fd(sparent)
         if tmp is not None:
@@ -252,6 +281,8 @@ class SharedPaths:
                 os.mkdir(sbase, 0o755, dir_fd=sfd)
         existing = describe(f"/proc/self/fd/{pfd}/{base}")
         incoming = describe(f"/proc/self/fd/{sfd}/{sbase}")
+        if tmp is None and resolved_for(self.root, cid, incoming) is not None:
+            return None  # a directory: made again all the same, what it holds goes there (extract.py)
         write_record(self.root, Conflict(cid, component, relpath, reason, existing, incoming, store))
         return cid, store
 
