@@ -254,6 +254,8 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
 
 def _resolution(res: dict[str, object]) -> str:
     """`kept incoming at 2026-11-27T03:20:00Z`, or `kept the content of F at ...`."""
+    if res.get("keep") == "superseded":  # conflicts.retire's
+        return f"superseded at {res.get('at', '?')}: a later layout of the component found no conflict there"
     what = f"the content of {res['file']}" if res.get("file") else str(res.get("keep"))
     return f"kept {what} at {res.get('at', '?')}"
 

@@ -14,6 +14,11 @@ it as merged, not among its conflicts.
 `resolve` takes it as it takes a conflict: `existing` or `merged` keep the merge,
 `incoming` puts the component's version alone in its place, `--file` the admin's.
 
+A conflict a later layout of its component no longer finds (a newer image ships what is
+in place) is retired: its stored copy removed, its record marked resolved, `superseded`,
+so that no `resolve --keep incoming` puts the obsolete version in place. The record
+stays, for `conflicts list` to say what became of it.
+
 A resolution that writes a file's bytes does so through a temp file beside it, which a
 resolve killed before its rename leaves: the next one removes it (resolvetemps.py).
 """
@@ -29,7 +34,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,6 +58,8 @@ KEEP = ("existing", "incoming", "merged")
 EDITED = "edited here since bootenv merged it"
 # The reason of a merge listed for review: not a conflict, the merge is in place.
 MERGED = "merged: review"
+# The resolution of a conflict a later layout of its component no longer found (retire).
+SUPERSEDED = "superseded"
 _ID = re.compile(r"[0-9a-f]{12}")
 _COMPONENT = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 # A record's fields and their types; resolution is None or one of these.
@@ -144,7 +151,7 @@ def write_record(root: Path, conflict: Conflict) -> None:
         except UserError as exc:
             log.warning("%s: written again, without its resolution", exc)
         else:
-            if old.resolution and old.incoming == conflict.incoming:
+            if _holds(old, conflict.incoming):
                 body["resolution"] = old.resolution
             elif old.resolution:
                 log.info("conflict %s: another version of /%s, open again", conflict.id, conflict.path)
@@ -160,7 +167,43 @@ def resolved_for(root: Path, cid: str, incoming: dict[str, Any]) -> dict[str, An
         old = _read(path)
     except (UserError, OSError):
         return None
-    return old.resolution if old.resolution and old.incoming == incoming else None
+    return old.resolution if _holds(old, incoming) else None
+
+
+def _holds(old: Conflict, incoming: dict[str, Any]) -> bool:
+    """Whether `old`'s resolution holds for `incoming`: made for that version, by the
+    admin (a superseded one's version was not found at all, and may come back)."""
+    res = old.resolution or {}
+    return bool(res) and old.incoming == incoming and res.get("keep") != SUPERSEDED
+
+
+def retire(root: Path, component: str, found: Iterable[str]) -> None:
+    """Retire `component`'s open conflicts that its layout, just ended with all of its
+    files, did not `found` again: a later image of it ships what is in place, or nothing
+    there. Left open, `resolve --keep incoming` would put the obsolete version in place.
+    Its stored copy is removed, then the record marked resolved, `superseded`; called
+    before the journal says the component's files are in, so a kill in between leaves
+    the record open for the layout that runs again to retire. A merge listed for review
+    is not a conflict of the layout's: its record stays."""
+    seen = set(found)
+    gone = []
+    for c in _records(root, skip_damaged=True):
+        if c.component != component or c.resolution or c.reason == MERGED or c.id in seen:
+            continue
+        try:
+            with _under(root, c.stored) as (sfd, sname):
+                _remove(sfd, sname)
+        except UserError as exc:
+            log.warning("conflict %s: its stored copy is left: %s", c.id, exc)
+        res = {"keep": SUPERSEDED, "at": _now()}
+        _write_record(root / RECORDS / f"{c.id}.json", {**c.__dict__, "resolution": res})
+        gone.append(printable(f"/{c.path}"))
+    if gone:
+        log.info("%s: no conflict now on %s (superseded)", component, ", ".join(gone))
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _write_record(path: Path, body: dict[str, Any]) -> None:
@@ -337,7 +380,7 @@ def _resolve(root: Path, c: Conflict, keep: str | None, file: Path | None) -> Co
             assert old is not None and mine is not None
             _replace_content(tfd, tname, concatenate(old, {c.component: mine}), c.path)
             _remove(sfd, sname)
-    res = {"keep": keep, "at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    res = {"keep": keep, "at": _now()}
     if file is not None:
         res["file"] = str(file)
     done = Conflict(**{**c.__dict__, "resolution": res})

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bootenv import stream
-from bootenv.conflicts import open_ids
+from bootenv.conflicts import open_ids, retire
 from bootenv.errors import BootenvError, FatalError, RetryableError
 from bootenv.extract import Stats, TreeWriter
 from bootenv.fetchahead import FetchAhead, Fetched
@@ -306,6 +306,8 @@ class Scheduler:
                 # told of an error the flusher saw first: the flusher is asked too.
                 if self.flusher is not None:
                     self.flusher.check()
+                done = _done(comp, self.got[comp.name], took, self._since())
+                retire(self.root, comp.name, done.conflicts)  # what an older version left
                 Journal(self.root).set(comp.name, comp.data.sha256, "files")
             except BrokenProcessPool:
                 self.stream_died()
@@ -315,7 +317,7 @@ class Scheduler:
                     comp.name, "failed", error=str(exc), seconds=took, code=code, ready_after=self._since()
                 )
             else:
-                self.results[comp.name] = _done(comp, self.got[comp.name], took, self._since())
+                self.results[comp.name] = done
             return
         key = (comp.name, index)
         try:
