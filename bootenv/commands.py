@@ -208,7 +208,7 @@ def _layout_outcome(result: LayoutResult) -> int:
 def cmd_conflicts(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from bootenv import conflicts
+    from bootenv import conflicts, resolution
 
     root = args.root.absolute()
     if not root.is_dir():
@@ -246,7 +246,7 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
         raise UserError("resolve needs --keep existing|incoming|merged or --file F")
     if args.file is not None and not args.file.is_file():
         raise UserError(f"--file {args.file}: no such file")
-    done = conflicts.resolve(root, args.id, args.keep, args.file)
+    done = resolution.resolve(root, args.id, args.keep, args.file)
     res = done.resolution or {}
     print(json_text(asdict(done)) if args.json else f"conflict {done.id} resolved: {_resolution(res)}")
     return 0

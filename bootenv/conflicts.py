@@ -4,7 +4,8 @@ The file already in place is kept. The incoming version is stored under
 `/var/lib/bootenv/conflicts/<component>/<path>` and described by a JSON record in
 `/var/lib/bootenv/conflict-records/<id>.json`, where the id is derived from the
 component and the path, so a re-run rewrites the same record. `bootenv conflicts`
-lists, shows (with a unified diff for text) and resolves them; a resolution is recorded.
+lists, shows (with a unified diff for text) and resolves them (resolution.py); a
+resolution is recorded.
 
 A merged config is listed the same way, as a kind of its own (reason `merged: review`),
 once for each component whose version is in it: the merge is in place, the component's
@@ -18,9 +19,6 @@ A conflict a later layout of its component no longer finds (a newer image ships 
 in place) is retired: its stored copy removed, its record marked resolved, `superseded`,
 so that no `resolve --keep incoming` puts the obsolete version in place. The record
 stays, for `conflicts list` to say what became of it.
-
-A resolution that writes a file's bytes does so through a temp file beside it, which a
-resolve killed before its rename leaves: the next one removes it (resolvetemps.py).
 """
 
 from __future__ import annotations
@@ -43,12 +41,10 @@ from typing import Any
 from bootenv.atfd import dir_under
 from bootenv.errors import UserError
 from bootenv.log import printable
-from bootenv.merge import MAX_MERGE, concatenate, is_text, record_dir
+from bootenv.merge import MAX_MERGE, is_text
 from bootenv.paxread import ArchiveError
-from bootenv.resolvetemps import remove_killed, resolving, temp_name
 from bootenv.smallfile import read_capped
-from bootenv.writeback import fsync_dir, replace_at, write_durably
-from bootenv.xattrs import xattrs_of
+from bootenv.writeback import fsync_dir, write_durably
 
 RECORDS = Path("var/lib/bootenv/conflict-records")
 STORE = Path("var/lib/bootenv/conflicts")
@@ -155,7 +151,7 @@ def write_record(root: Path, conflict: Conflict) -> None:
                 body["resolution"] = old.resolution
             elif old.resolution:
                 log.info("conflict %s: another version of /%s, open again", conflict.id, conflict.path)
-    _write_record(path, body)
+    save(path, body)
 
 
 def resolved_for(root: Path, cid: str, incoming: dict[str, Any]) -> dict[str, Any] | None:
@@ -191,22 +187,22 @@ def retire(root: Path, component: str, found: Iterable[str]) -> None:
         if c.component != component or c.resolution or c.reason == MERGED or c.id in seen:
             continue
         try:
-            with _under(root, c.stored) as (sfd, sname):
-                _remove(sfd, sname)
+            with under(root, c.stored) as (sfd, sname):
+                remove_at(sfd, sname)
         except UserError as exc:
             log.warning("conflict %s: its stored copy is left: %s", c.id, exc)
-        res = {"keep": SUPERSEDED, "at": _now()}
-        _write_record(root / RECORDS / f"{c.id}.json", {**c.__dict__, "resolution": res})
+        res = {"keep": SUPERSEDED, "at": now()}
+        save(root / RECORDS / f"{c.id}.json", {**c.__dict__, "resolution": res})
         gone.append(printable(f"/{c.path}"))
     if gone:
         log.info("%s: no conflict now on %s (superseded)", component, ", ".join(gone))
 
 
-def _now() -> str:
+def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _write_record(path: Path, body: dict[str, Any]) -> None:
+def save(path: Path, body: dict[str, Any]) -> None:
     """Write a conflict record whole and durably (a temp file renamed over it)."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     write_durably(tmp, (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
@@ -291,24 +287,24 @@ def _check_relpath(value: str, name: str) -> None:
 
 
 def load(root: Path, cid: str) -> Conflict:
-    return _find(load_all(root), root, cid)
+    return find(load_all(root), root, cid)
 
 
-def _find(found: list[Conflict], root: Path, cid: str) -> Conflict:
+def find(found: list[Conflict], root: Path, cid: str) -> Conflict:
     for c in found:
         if c.id == cid:
             return c
     raise UserError(f"no conflict {cid!r} under {root}", hint="see `bootenv conflicts list`")
 
 
-def _text(data: bytes | None) -> list[str] | None:
+def text_lines(data: bytes | None) -> list[str] | None:
     if data is None or not is_text(data):
         return None
     return data.decode().splitlines(keepends=True)
 
 
 @contextlib.contextmanager
-def _under(root: Path, relpath: str) -> Iterator[tuple[int | None, str]]:
+def under(root: Path, relpath: str) -> Iterator[tuple[int | None, str]]:
     """The fd of the directory ROOT/`relpath` is in (None if it is missing) and its
     name there, every directory on the way reached without following a symlink: a
     symlink planted in the root must not lead a resolution outside it."""
@@ -320,7 +316,7 @@ def _under(root: Path, relpath: str) -> Iterator[tuple[int | None, str]]:
         raise UserError(f"{exc.message}; resolve /{relpath} by hand") from exc
 
 
-def _small_file(dfd: int | None, name: str) -> bytes | None:
+def small_file(dfd: int | None, name: str) -> bytes | None:
     """The bytes of `name` in `dfd` if it is a regular file (not followed if a symlink)
     of at most MAX_MERGE bytes, else None."""
     if dfd is None:
@@ -335,8 +331,8 @@ def _small_file(dfd: int | None, name: str) -> bytes | None:
 def diff(root: Path, c: Conflict) -> str:
     """A unified diff from the existing to the incoming version, or "" if not both text."""
     try:
-        with _under(root, c.path) as (tfd, tname), _under(root, c.stored) as (sfd, sname):
-            old, new = _text(_small_file(tfd, tname)), _text(_small_file(sfd, sname))
+        with under(root, c.path) as (tfd, tname), under(root, c.stored) as (sfd, sname):
+            old, new = text_lines(small_file(tfd, tname)), text_lines(small_file(sfd, sname))
     except (UserError, OSError):
         return ""
     if old is None or new is None:
@@ -345,110 +341,7 @@ def diff(root: Path, c: Conflict) -> str:
     return "".join(difflib.unified_diff(old, new, f"existing/{shown}", f"{c.component}/{shown}"))
 
 
-def resolve(root: Path, cid: str, keep: str | None, file: Path | None) -> Conflict:
-    """Apply and record a resolution: keep one side, keep the merge, or supply a file.
-    Every file is reached from the root without following a symlink."""
-    load(root, cid)  # none: an error, and no lock file made
-    with resolving(root / RECORDS):
-        found = load_all(root)  # read again under the lock: another resolve may have been first
-        remove_killed(root, {c.path.rpartition("/")[0] for c in found})
-        return _resolve(root, _find(found, root, cid), keep, file)
-
-
-def _resolve(root: Path, c: Conflict, keep: str | None, file: Path | None) -> Conflict:
-    """Resolve `c`, under the lock: apply and record the resolution."""
-    if c.resolution:
-        raise UserError(f"conflict {c.id} is already resolved ({c.resolution.get('keep')})")
-    if file is None and keep not in KEEP:
-        raise UserError("say --keep existing|incoming|merged or --file F")
-    with _under(root, c.path) as (tfd, tname), _under(root, c.stored) as (sfd, sname):
-        if file is not None:
-            _replace_content(tfd, tname, file.read_bytes(), c.path)
-            keep = "file"
-        elif keep == "existing" or (keep == "merged" and c.reason == MERGED):
-            _remove(sfd, sname)  # a merge listed for review: it is in place already
-        elif keep == "incoming":
-            _put_incoming(c, tfd, tname, sfd, sname)
-        else:
-            # An edited merge's incoming version is the whole merge, which the admin's
-            # file already holds most of: theirs takes only the component's own part.
-            mine = _own_part(root, c) if c.reason == EDITED else _small_file(sfd, sname)
-            old = _small_file(tfd, tname)
-            if _text(old) is None or _text(mine) is None:
-                raise UserError(f"{c.path}: only two text files can be merged")
-            _same_metadata(c, tfd, tname, sfd, sname)
-            assert old is not None and mine is not None
-            _replace_content(tfd, tname, concatenate(old, {c.component: mine}), c.path)
-            _remove(sfd, sname)
-    res = {"keep": keep, "at": _now()}
-    if file is not None:
-        res["file"] = str(file)
-    done = Conflict(**{**c.__dict__, "resolution": res})
-    _write_record(root / RECORDS / f"{c.id}.json", done.__dict__)
-    return done
-
-
-def _same_metadata(c: Conflict, tfd: int | None, tname: str, sfd: int | None, sname: str) -> None:
-    """Refuse to merge two versions whose owner, group, mode or xattrs (an ACL) differ:
-    the merge keeps the file in place's, and would give them the incoming text (a 0600
-    file's password in a 0644 file), as a layout refuses to (sharedpaths.py)."""
-    old, new = _lstat(tfd, tname), _lstat(sfd, sname)
-    if old is None or new is None or tfd is None or sfd is None:
-        return
-    unlike = [
-        what
-        for what, a, b in (
-            ("owner", old.st_uid, new.st_uid),
-            ("group", old.st_gid, new.st_gid),
-            ("mode", stat.S_IMODE(old.st_mode), stat.S_IMODE(new.st_mode)),
-            ("xattrs", xattrs_of(tfd, tname), xattrs_of(sfd, sname)),
-        )
-        if a != b
-    ]
-    if unlike:
-        words = unlike[0] if len(unlike) == 1 else f"{', '.join(unlike[:-1])} and {unlike[-1]}"
-        raise UserError(
-            f"/{c.path}: not merged: the two versions' {words} differ; a merge keeps the existing one's",
-            hint="--keep existing or incoming, or merge them by hand",
-        )
-
-
-def _put_incoming(c: Conflict, tfd: int | None, tname: str, sfd: int | None, sname: str) -> None:
-    """Rename the incoming version over the existing one (a directory is never replaced,
-    nor replaced by one: rename(2) cannot do either whole)."""
-    new = _lstat(sfd, sname)
-    if new is None:
-        raise UserError(f"the incoming version of /{c.path} (/{c.stored}) is missing")
-    if tfd is None:
-        raise UserError(f"/{c.path.rpartition('/')[0]} is missing: resolve /{c.path} by hand")
-    old = _lstat(tfd, tname)
-    if old is not None and stat.S_ISDIR(old.st_mode):
-        raise UserError(f"{c.path} is a directory; replace it by hand")
-    if old is not None and stat.S_ISDIR(new.st_mode):
-        raise UserError(
-            f"the incoming /{c.path} is a directory and the existing one is not",
-            hint=f"remove /{c.path}, then resolve again",
-        )
-    os.rename(sname, tname, src_dir_fd=sfd, dst_dir_fd=tfd)
-    os.fsync(tfd)
-    assert sfd is not None
-    os.fsync(sfd)
-
-
-def _own_part(root: Path, c: Conflict) -> bytes:
-    """`c.component`'s own version of `c.path`, from the merge records."""
-    rel = (record_dir(root, c.path) / f"part.{c.component}").relative_to(root)
-    with _under(root, str(rel)) as (dfd, name):
-        part = _small_file(dfd, name)
-    if part is None:
-        raise UserError(
-            f"{c.path}: {c.component}'s own version is not in the merge records",
-            hint="--keep existing or incoming, or --file F",
-        )
-    return part
-
-
-def _lstat(dfd: int | None, name: str) -> os.stat_result | None:
+def lstat_at(dfd: int | None, name: str) -> os.stat_result | None:
     """`name` in the directory `dfd`, not followed; None if it (or the directory) is missing."""
     if dfd is None:
         return None
@@ -458,24 +351,12 @@ def _lstat(dfd: int | None, name: str) -> os.stat_result | None:
         return None
 
 
-def _remove(dfd: int | None, name: str) -> None:
-    st = _lstat(dfd, name)
+def remove_at(dfd: int | None, name: str) -> None:
+    st = lstat_at(dfd, name)
     if dfd is None or st is None:
         return
     if stat.S_ISDIR(st.st_mode):
         shutil.rmtree(name, dir_fd=dfd)
     else:
         os.unlink(name, dir_fd=dfd)
-    os.fsync(dfd)
-
-
-def _replace_content(dfd: int | None, name: str, data: bytes, relpath: str) -> None:
-    """Replace a regular file's bytes atomically and durably, keeping its owner, mode and
-    xattrs (an ACL that lets a service read it, a file capability)."""
-    st = _lstat(dfd, name)
-    if dfd is None or st is None:
-        raise UserError(f"/{relpath} is missing: resolve it by hand")
-    if not stat.S_ISREG(st.st_mode):
-        raise UserError(f"/{relpath} is not a regular file")
-    replace_at(dfd, name, data, like=st, tmp=temp_name(), xattrs=xattrs_of(dfd, name))
     os.fsync(dfd)

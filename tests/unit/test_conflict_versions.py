@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bootenv import conflicts, schedule
+from bootenv import conflicts, resolution, schedule
 from bootenv import layout as layout_module
 from bootenv.cli import main
 from bootenv.journal import STATE_DIR
@@ -39,7 +39,7 @@ def test_a_resolved_conflict_laid_out_again_is_not_reported_nor_stored_again(tmp
     root = _root(tmp_path)
     (cid,) = run(image, root).components[0].conflicts
     stored = root / conflicts.load(root, cid).stored
-    conflicts.resolve(root, cid, "existing", None)
+    resolution.resolve(root, cid, "existing", None)
     assert not stored.exists()
     (root / STATE_DIR / "x.json").unlink()
     events: list[dict[str, Any]] = []

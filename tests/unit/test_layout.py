@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bootenv import conflicts, streampool
+from bootenv import conflicts, resolution, streampool
 from bootenv import layout as layout_mod
 from bootenv import schedule as schedule_mod
 from bootenv.cli import main
@@ -381,7 +381,7 @@ def test_text_conflict_show_has_a_diff(tmp_path: Path) -> None:
     (cid,) = run(image, root, ("x",)).components[0].conflicts
     text = conflicts.diff(root, conflicts.load(root, cid))
     assert "+two" in text
-    conflicts.resolve(root, cid, "merged", None)
+    resolution.resolve(root, cid, "merged", None)
     assert (root / "usr/notes.txt").read_text() == "one\none\ntwo\n"
 
 

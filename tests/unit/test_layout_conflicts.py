@@ -12,7 +12,7 @@ from unittest.mock import ANY
 
 import pytest
 
-from bootenv import conflicts
+from bootenv import conflicts, resolution
 from bootenv import layout as layout_module
 from bootenv.cli import main
 from bootenv.conflicts import EDITED, MERGED
@@ -154,7 +154,7 @@ def test_a_merged_config_the_admin_edited_is_kept_and_the_new_merge_is_a_conflic
     assert cid in capsys.readouterr().out
 
     # Taking bootenv's merge makes the file bootenv's again: the next component merges.
-    conflicts.resolve(root, cid, "incoming", None)
+    resolution.resolve(root, cid, "incoming", None)
     assert conf.read_text() == "from a\nfrom b\nfrom c\n"
     res, _ = run(image, root, ("d",))
     assert res.ok and res.components[0].merged == ("etc/foo.conf",) and not res.components[0].conflicts
@@ -192,7 +192,7 @@ def test_an_edit_of_a_config_bootenv_placed_is_kept_and_the_update_is_a_conflict
     rec = conflicts.load(root, cid)
     assert (rec.path, rec.reason) == ("etc/web/web.conf", EDITED)
     assert (root / rec.stored).read_text() == "Listen 80\nTimeout 60\n"  # v2, nothing of the edit
-    conflicts.resolve(root, cid, "merged", None)
+    resolution.resolve(root, cid, "merged", None)
     assert conf.read_text() == "Listen 80\nTimeout 300\nServerName web1\nListen 80\nTimeout 60\n"
 
 
@@ -345,7 +345,7 @@ def _edited_merge(tmp_path: Path) -> tuple[Path, Path, str]:
 
 def test_keeping_the_merge_of_an_edited_config_adds_only_the_components_part(tmp_path: Path) -> None:
     _, root, cid = _edited_merge(tmp_path)
-    conflicts.resolve(root, cid, "merged", None)
+    resolution.resolve(root, cid, "merged", None)
     assert (root / "etc/foo.conf").read_text() == "from a\nfrom b\nadmin: tuned\nfrom c\n"
     assert not (root / conflicts.load(root, cid).stored).exists()
 
@@ -355,7 +355,7 @@ def test_a_resolution_holds_for_its_version_only(tmp_path: Path) -> None:
     incoming version (a newer image of the component) is open again."""
     _, root, cid = _edited_merge(tmp_path)
     found = conflicts.load(root, cid)
-    conflicts.resolve(root, cid, "existing", None)
+    resolution.resolve(root, cid, "existing", None)
     conflicts.write_record(root, found)  # what a re-run that finds it again writes
     assert conflicts.load(root, cid).resolution == {"keep": "existing", "at": ANY}
     newer = make_image(
@@ -365,7 +365,7 @@ def test_a_resolution_holds_for_its_version_only(tmp_path: Path) -> None:
     assert res.components[0].conflicts == (cid,)
     rec = conflicts.load(root, cid)
     assert rec.resolution is None and (root / rec.stored).read_text() == "from a\nfrom b\nfrom c, v2\n"
-    conflicts.resolve(root, cid, "incoming", None)
+    resolution.resolve(root, cid, "incoming", None)
     assert (root / "etc/foo.conf").read_text() == "from a\nfrom b\nfrom c, v2\n"
 
 
@@ -392,7 +392,7 @@ def test_a_component_found_laid_out_reports_its_open_conflicts_again(
         ("a", "resumed", ()),
         ("b", "resumed", (rec.id,)),
     ]
-    conflicts.resolve(root, rec.id, "existing", None)
+    resolution.resolve(root, rec.id, "existing", None)
     res, _ = run(image, root, ("a", "b"))
     assert [c.conflicts for c in res.components] == [(), ()]
 

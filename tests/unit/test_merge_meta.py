@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bootenv import conflicts
+from bootenv import conflicts, resolution
 from bootenv.errors import UserError
 from bootenv.layout import LayoutConfig, LayoutResult, layout
 from bootenv.xattrs import acl_xattr
@@ -53,9 +53,9 @@ def test_a_secret_config_is_not_merged_into_a_file_others_may_read(tmp_path: Pat
     assert stored.read_text() == SECRET and _mode(stored) == 0o600 and stored.stat().st_uid == OWNER
     # Nor does `resolve --keep merged` give the password the file's mode.
     with pytest.raises(UserError, match=r"not merged: the two versions' .*mode differ"):
-        conflicts.resolve(root, rec.id, "merged", None)
+        resolution.resolve(root, rec.id, "merged", None)
     assert conf.read_text() == "[client]\nsocket=/run/db.sock\n"
-    conflicts.resolve(root, rec.id, "incoming", None)
+    resolution.resolve(root, rec.id, "incoming", None)
     assert conf.read_text() == SECRET and _mode(conf) == 0o600
 
 
@@ -133,7 +133,7 @@ def test_resolve_merged_refuses_versions_whose_xattrs_differ(tmp_path: Path) -> 
     (a,) = run(image, root, ("a",)).components
     assert conflicts.load(root, a.conflicts[0]).reason == "not merged: different xattrs"
     with pytest.raises(UserError, match=r"^/etc/app\.conf: not merged: the two versions' xattrs differ"):
-        conflicts.resolve(root, a.conflicts[0], "merged", None)
+        resolution.resolve(root, a.conflicts[0], "merged", None)
     assert conf.read_text() == "os=0\n" and os.getxattr(conf, "user.acl") == b"33:r"
     assert conflicts.load(root, a.conflicts[0]).resolution is None
 
@@ -154,7 +154,7 @@ def test_a_resolution_that_writes_the_file_keeps_its_xattrs(tmp_path: Path, how:
     assert conflicts.load(root, a.conflicts[0]).reason == "different content"
     mine = tmp_path / "mine"
     mine.write_text("mine\n")
-    conflicts.resolve(root, a.conflicts[0], *(("merged", None) if how == "merged" else (None, mine)))
+    resolution.resolve(root, a.conflicts[0], *(("merged", None) if how == "merged" else (None, mine)))
     assert notes.read_text() == ("os=0\na=1\n" if how == "merged" else "mine\n")
     assert os.listxattr(notes) == ["user.acl"] and os.getxattr(notes, "user.acl") == b"33:r"
     assert _mode(notes) == 0o644
