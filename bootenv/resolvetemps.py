@@ -1,4 +1,5 @@
-"""The temp files of `bootenv conflicts resolve`, and their removal when a kill left one.
+"""What a killed `bootenv conflicts resolve` leaves: its temp file, removed by the next
+resolve, and its intent, which the next one with the same choice finishes.
 
 A resolution that writes a file's bytes (`--file F`, `--keep merged`) writes them to a
 temp file beside it, `.bootenv~resolve.<pid>`, and renames that over it; a resolve killed
@@ -11,28 +12,59 @@ and nothing else. Under the lock no live resolve has one, so none is taken from 
 still writing it. Not a check of the pid in the name: a resolve in another pid namespace
 (a container, or the ramdisk, on the same root) would seem dead, and after a reboot a
 killed run's pid is often a live process's, whose temp would then stay for good.
+
+A resolution is decided, then applied, then recorded: several steps (the file replaced,
+the stored version removed, the record written), any of which a kill may come before.
+So it is first written down, durably, as an intent beside the record (`<id>.intent`):
+the choice, and what the path holds once it is applied (the sha256 of the bytes a merge
+or the admin's file puts there; the incoming version's type, owner, mode and sha256).
+A resolve of a conflict with an intent finishes it: it does again only the steps whose
+outcome is not there yet (a merge is never appended twice), records it, and removes the
+intent. One that asks for something else is refused, naming what was asked first.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import re
 import stat
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from bootenv.atfd import TMP_PREFIX, dir_under
+from bootenv.errors import UserError
 from bootenv.log import printable
 from bootenv.paxread import ArchiveError
+from bootenv.writeback import fsync_dir, write_durably
 
 log = logging.getLogger(__name__)
 
 PREFIX = f"{TMP_PREFIX}resolve."
 _KILLED = re.compile(re.escape(PREFIX) + r"[0-9]+")
 LOCK = ".resolve.lock"  # in the records' directory
+INTENT = ".intent"  # <id>.intent in the records' directory
+CHOICES = ("existing", "incoming", "merged", "file")
+
+
+@dataclass(frozen=True)
+class Intent:
+    """A resolution decided, not yet recorded: `keep` one of CHOICES, `file` the
+    admin's (absolute) for `file`, `put` what the path holds once it is applied
+    (nothing to check for `existing`), `at` when it was decided."""
+
+    keep: str
+    file: str | None
+    put: dict[str, Any]
+    at: str
+
+    def asked(self) -> str:
+        return f"--file {self.file}" if self.keep == "file" else f"--keep {self.keep}"
 
 
 def temp_name() -> str:
@@ -47,6 +79,8 @@ def resolving(records: Path) -> Iterator[None]:
     fd = os.open(records / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        for stale in records.glob(f".*{INTENT}.tmp.*"):  # a killed run's, half written
+            stale.unlink(missing_ok=True)
         yield
     finally:
         os.close(fd)
@@ -83,3 +117,40 @@ def _remove_in(dfd: int) -> list[str]:
     if removed:
         os.fsync(dfd)
     return removed
+
+
+def write_intent(records: Path, cid: str, intent: Intent) -> None:
+    """Write conflict `cid`'s intent whole and durably, before any of it is applied."""
+    tmp = records / f".{cid}{INTENT}.tmp.{os.getpid()}"
+    write_durably(tmp, (json.dumps(asdict(intent), indent=2, sort_keys=True) + "\n").encode())
+    os.replace(tmp, records / f"{cid}{INTENT}")
+    fsync_dir(records)
+
+
+def read_intent(records: Path, cid: str) -> Intent | None:
+    """Conflict `cid`'s intent, which a killed resolve left; None if there is none."""
+    path = records / f"{cid}{INTENT}"
+    try:
+        doc = json.loads(path.read_bytes())
+        intent = Intent(**doc)
+        if (
+            intent.keep not in CHOICES
+            or not isinstance(intent.file, str | None)
+            or not isinstance(intent.put, dict)
+            or not isinstance(intent.at, str)
+        ):
+            raise ValueError("a field of the wrong value or type")
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError) as exc:  # not JSON, or not an intent
+        raise UserError(
+            f"{path} is damaged: {exc}",
+            hint="look at the file and the stored version, remove it, resolve again",
+        ) from exc
+    return intent
+
+
+def drop_intent(records: Path, cid: str) -> None:
+    """Remove conflict `cid`'s intent once its resolution is recorded."""
+    (records / f"{cid}{INTENT}").unlink(missing_ok=True)
+    fsync_dir(records)
