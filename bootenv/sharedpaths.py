@@ -15,7 +15,8 @@ in place with RENAME_NOREPLACE, atfd.py). When the name is taken, the member is:
   each version that is not the whole file beside it; the admin's edit of a merged file
   stays, and the merge is a conflict beside it;
 - anything else: a **conflict**. This component's version goes to the conflict store
-  beside the record of both (conflicts.py); the entry in place stays.
+  beside the record of both (conflicts.py); the entry in place stays. A conflict the
+  admin resolved for this very version is neither stored nor reported again.
 """
 
 from __future__ import annotations
