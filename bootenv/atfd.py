@@ -129,6 +129,17 @@ def exists(name: str, dir_fd: int) -> bool:
 
 
 def write_sparse(fd: int, reader: PaxReader, m: Member) -> None:
+    """Write sparse member `m`'s data ranges at their offsets in new file `fd`, the
+    holes left unwritten, and make them durable before its caller renames it into place.
+
+    A file written in one pass reaches the disk with its size only as its data does
+    (ext4, XFS): a power cut leaves it under its name short, a prefix of itself, and
+    the next layout lays it out whole (sharedpaths._cut_short). This one gets its whole
+    size first (ftruncate, journaled at once), so a power cut could leave it its full
+    size with some or all of its data holes: zeros no later run can tell from the
+    file's own, kept as a conflict with the archive's version while a database starts
+    on it. Synced here, the file is whole under its name or not there at all. Sparse
+    members are few and large (a database's files): measured, see PERFORMANCE.md."""
     assert m.sparse is not None
     os.ftruncate(fd, m.realsize)
     chunks = reader.chunks()
@@ -146,6 +157,7 @@ def write_sparse(fd: int, reader: PaxReader, m: Member) -> None:
             length -= len(piece)
     for _ in chunks:
         pass
+    os.fdatasync(fd)
 
 
 def safe_to_create(mode: int) -> bool:

@@ -343,7 +343,9 @@ def _cut_short(pfd: int, a: str, b: str, sa: os.stat_result, sb: os.stat_result)
     a file this component placed in an earlier run, with its data empty or short (ext4
     writes a size only with the data). Such a file is the incoming one to the nanosecond
     of its mtime, and a strict prefix of it; no other file in place (the OS's, another
-    component's, an admin's edit) is both."""
+    component's, an admin's edit) is both. A sparse file gets its whole size before its
+    data, so it could not be told apart this way: its data is synced before its rename
+    instead (atfd.write_sparse)."""
     if not (stat.S_ISREG(sa.st_mode) and stat.S_ISREG(sb.st_mode)) or sa.st_size >= sb.st_size:
         return False
     if (sa.st_mtime_ns, sa.st_mode, sa.st_uid, sa.st_gid) != (
