@@ -39,7 +39,7 @@ from bootenv.entrymeta import MetaSetter
 from bootenv.journal import DirLog, TempLog
 from bootenv.merge import MergeState, is_candidate
 from bootenv.paxread import ArchiveError, Member, PaxReader
-from bootenv.shareddirs import Owner
+from bootenv.shareddirs import Found, Owner
 from bootenv.sharedpaths import SharedPaths
 from bootenv.writeback import write_all
 from bootenv.xattrs import LABELS, has_default_acl, xattrs_of
@@ -262,7 +262,7 @@ class TreeWriter(MetaSetter):
         with records.locked():
             if exists(base, pfd):
                 return False
-            records.write(m.name, self.component, Owner.of(os.lstat(tmp, dir_fd=pfd)))
+            records.write(m.name, self.component, Found.at(pfd, tmp, xattrs=bool(m.xattrs or m.acls)))
             return renamed(pfd, tmp, base)
 
     def _shared_dir(self, m: Member, pfd: int, base: str, st: os.stat_result) -> None:
@@ -270,15 +270,16 @@ class TreeWriter(MetaSetter):
         takes this component's if bootenv made it for one that sorts after this one."""
         records = self._dir_records()
         rec = records.read(m.name)  # none (the OS's directory): no lock needed
+        found = None
         if rec is not None:
             with records.locked():
                 rec = records.read(m.name)
-                st = os.lstat(base, dir_fd=pfd)
-                if shareddirs.takes_over(self.component, rec, Owner.of(st)):
+                found = Found.at(pfd, base)
+                if shareddirs.takes_over(self.component, rec, found):
                     self._take_dir(m, pfd, base)
-                    records.write(m.name, self.component, Owner.of(os.lstat(base, dir_fd=pfd)))
+                    records.write(m.name, self.component, Found.at(pfd, base))
                     return
-        current = Owner.of(st)
+        current = Owner.of(st) if found is None else found.owner
         mine = Owner(m.mode, m.uid, m.gid) if self.privileged else Owner(m.mode, current.uid, current.gid)
         if mine != current:
             whose = f"{rec.maker}'s" if rec is not None and rec.owner == current else "its"
@@ -287,6 +288,9 @@ class TreeWriter(MetaSetter):
             )
             self.stats.warnings.append(what)
             log.warning("%s: %s", self.component, what)
+        if kept := shareddirs.xattrs_kept(m.name, rec, found):  # an admin's default ACL
+            self.stats.warnings.append(kept)
+            log.warning("%s: %s", self.component, kept)
 
     def _take_dir(self, m: Member, pfd: int, base: str) -> None:
         """Give directory `base` this member's owner, mode and xattrs, and no others."""

@@ -7,19 +7,23 @@ first, so:
 - a directory in place before bootenv made it (the OS image's, the admin's) keeps its
   owner, group, mode and xattrs; a component whose own differ gets a warning;
 - a directory bootenv makes holds those of the first component, by name, that ships it.
-  The component that makes it records itself and the owner, group and mode it gave it
-  in ROOT/var/lib/bootenv/layout/dirmeta/<hash of the path>. One that sorts before it and
-  finds the directory later gives it its own owner, group, mode and xattrs and records
-  itself instead, unless the owner, group or mode are no longer the recorded ones (the
-  admin changed them since: they stay, and the component gets a warning).
+  The component that makes it records itself and the owner, group, mode and xattrs (a
+  digest of them) it gave it in ROOT/var/lib/bootenv/layout/dirmeta/<hash of the path>.
+  One that sorts before it and finds the directory later gives it its own owner, group,
+  mode and xattrs and records itself instead, unless any of them are no longer the
+  recorded ones (the admin changed them since, a chmod or a default ACL: they all stay,
+  and the component gets a warning).
 
 So a layout of alpha, beta and gamma gives the same directories with one stream or four,
 and so do three layouts of one component each, in any order. The mtime is not part of
 the rule: it is the maker's, and a file another component adds later changes it anyway.
 
-A record is a symlink whose target is the record (`alpha 750 0 4`): made, replaced
-(renamed over) and read in one system call each, never missing while it is replaced. It
-is written, and a directory is made or taken over, under an flock of the records'
+A record is a symlink whose target is the record (`alpha 750 0 4 -`: the last field is
+the digest of the xattrs, `-` for none, the labels a security policy gives left out as
+xattrs_of does): made, replaced (renamed over) and read in one system call each, never
+missing while it is replaced. One without the digest (an earlier build's) reads as no
+record: its directory keeps what it has, as one in place before does. A record is
+written, and a directory is made or taken over, under an flock of the records'
 directory; the maker writes the record before the rename that puts the directory in
 place, so whoever finds a directory bootenv made finds its record. A directory found
 with no record (the common case: the OS's) needs no lock.
@@ -30,12 +34,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from bootenv.merge import STATE, path_key
+from bootenv.xattrs import xattrs_of
 
 RECORDS = STATE / "dirmeta"
 
@@ -56,10 +62,40 @@ class Owner:
         return f"{self.mode:04o} {self.uid}:{self.gid}"
 
 
+def digest(xattrs: dict[str, bytes]) -> str:
+    """A record's field for a directory's xattrs: `-` for none, else a digest of them."""
+    if not xattrs:
+        return "-"
+    h = hashlib.sha256()
+    for key, value in sorted(xattrs.items()):
+        key_bytes = os.fsencode(key)
+        h.update(len(key_bytes).to_bytes(4, "big") + key_bytes + len(value).to_bytes(4, "big") + value)
+    return h.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Found:
+    """What directory `name` in `pfd` has now: its owner, group, mode and xattrs."""
+
+    owner: Owner
+    xattrs: dict[str, bytes]
+
+    @classmethod
+    def at(cls, pfd: int, name: str, *, xattrs: bool = True) -> Found:
+        """`xattrs`: False where the directory has none (made for a member with none,
+        what it inherited dropped): not asked, as a layout asks once per directory."""
+        return cls(Owner.of(os.lstat(name, dir_fd=pfd)), xattrs_of(pfd, name) if xattrs else {})
+
+    @property
+    def digest(self) -> str:
+        return digest(self.xattrs)
+
+
 @dataclass(frozen=True)
 class Record:
-    maker: str  # the component whose owner, group and mode the directory was given
+    maker: str  # the component whose owner, group, mode and xattrs the directory was given
     owner: Owner
+    xattrs: str  # their digest
 
 
 class Records:
@@ -76,14 +112,16 @@ class Records:
             if exc.errno in (errno.ENOENT, errno.EINVAL):  # none, or not a symlink
                 return None
             raise
-        if len(fields) != 4 or not all(f.isdigit() for f in fields[1:]):
+        if len(fields) != 5 or not all(f.isdigit() for f in fields[1:4]):
             return None
-        return Record(fields[0], Owner(int(fields[1], 8), int(fields[2]), int(fields[3])))
+        return Record(fields[0], Owner(int(fields[1], 8), int(fields[2]), int(fields[3])), fields[4])
 
-    def write(self, relpath: str, component: str, owner: Owner) -> None:
-        """Record `component` and `owner` for `relpath`; called under `locked`."""
+    def write(self, relpath: str, component: str, found: Found) -> None:
+        """Record `component` and what it gave `relpath` (`found` there after); called
+        under `locked`."""
         key = path_key(relpath)
-        text = f"{component} {owner.mode:o} {owner.uid} {owner.gid}"
+        owner = found.owner
+        text = f"{component} {owner.mode:o} {owner.uid} {owner.gid} {found.digest}"
         try:
             os.symlink(text, key, dir_fd=self.fd)
         except FileExistsError:  # one to replace (a killed run's, or the last maker's)
@@ -102,7 +140,22 @@ class Records:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
-def takes_over(component: str, record: Record | None, current: Owner) -> bool:
+def takes_over(component: str, record: Record | None, found: Found) -> bool:
     """Whether `component` gives a directory it found in place its own metadata: one
-    bootenv made for a component that sorts after it, unchanged since."""
-    return record is not None and component < record.maker and current == record.owner
+    bootenv made for a component that sorts after it, unchanged since (owner, group,
+    mode and xattrs)."""
+    return (
+        record is not None
+        and component < record.maker
+        and found.owner == record.owner
+        and found.digest == record.xattrs
+    )
+
+
+def xattrs_kept(relpath: str, record: Record | None, found: Found | None) -> str | None:
+    """The warning for a component that finds directory `relpath`, which bootenv made,
+    with xattrs other than those recorded (an admin's default ACL): they stay."""
+    if record is None or found is None or found.digest == record.xattrs:
+        return None
+    keys = ", ".join(sorted(found.xattrs)) or "none"
+    return f"directory /{relpath} keeps its xattrs ({keys}), changed since it was made, not this component's"

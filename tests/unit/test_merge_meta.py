@@ -306,3 +306,43 @@ def test_a_directory_in_place_keeps_its_metadata_and_the_component_is_warned(tmp
     (alpha,) = run(image, root, ("alpha",)).components
     assert _shared(root)[0] == 0o711 and _shared(root)[3] == ["user.by"]
     assert alpha.warnings[0].startswith("directory /etc/shared keeps its owner and mode (0711")
+
+
+def test_a_directory_whose_xattrs_the_admin_changed_keeps_them_and_the_component_is_warned(
+    tmp_path: Path,
+) -> None:
+    """A default ACL and an xattr the admin gave a directory bootenv made, its mode
+    unchanged: a component that sorts before its maker took it over, and they went
+    without a word. Now they stay, with the maker's owner and mode, and it is warned."""
+    # Unchanged, one with ACLs of its own (as the kernel holds them) is taken over.
+    acls = {"SCHILY.acl.access": "user::rwx,user:33:r-x,group::---,mask::r-x,other::---"}
+    acls["SCHILY.acl.default"] = acls["SCHILY.acl.access"]
+    image = make_image(tmp_path / "acl", [_sharing("gamma", 0o750, OWNER, **acls), SHARING[2]])
+    root = tmp_path / "unchanged"
+    root.mkdir()
+    assert run(image, root, ("gamma",)).ok
+    assert len(_shared(root)[3]) == 2
+    (alpha,) = run(image, root, ("alpha",)).components
+    assert _shared(root) == ALPHA and alpha.warnings == ()
+
+    image = make_image(tmp_path / "img", SHARING)
+    root = tmp_path / "root"
+    root.mkdir()
+    assert run(image, root, ("gamma",)).ok
+    shared = root / "etc/shared"
+    acl = acl_xattr("user::rwx,user:33:rwx,group::r-x,mask::rwx,other::r-x")
+    os.setxattr(shared, "system.posix_acl_default", acl)
+    os.setxattr(shared, "user.backup-policy", b"daily")
+    before = _shared(root)
+    assert before[0] == 0o700
+    (alpha,) = run(image, root, ("alpha",)).components
+    assert alpha.status == "done"
+    assert _shared(root) == before
+    assert os.getxattr(shared, "system.posix_acl_default") == acl
+    assert os.getxattr(shared, "user.backup-policy") == b"daily"
+    assert alpha.warnings == (
+        f"directory /etc/shared keeps gamma's owner and mode (0700 {before[1]}:{before[2]}), "
+        f"not this component's ({ALPHA[0]:04o} {ALPHA[1]}:{ALPHA[2]})",
+        "directory /etc/shared keeps its xattrs (system.posix_acl_default, user.backup-policy, "
+        "user.by), changed since it was made, not this component's",
+    )
