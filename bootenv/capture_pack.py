@@ -43,14 +43,13 @@ from bootenv.split import COMPONENT_STATUS_DIR, OS, Split
 from bootenv.staging import replace_file, stage
 from bootenv.store import BlobWriter, write_blob
 from bootenv.tarstream import finish_create, tar_create, write_list
+from bootenv.units import enabled_units
 from bootenv.walk import Entry
 
 if TYPE_CHECKING:  # a type only: capture imports this module
     from bootenv.capture import CaptureConfig
 
 log = logging.getLogger(__name__)
-
-WANTS_DIR = "/etc/systemd/system/"
 
 
 def archive_order(root: Path, split: Split, image: str) -> list[str]:
@@ -109,9 +108,7 @@ def pack_component(
                 raise FatalError(f"{frag}{status_rel} vanished while it was packed")
             data = blob.finish(raw)
     _report_vanished(name, vanished)
-    units = sorted(
-        {p.rsplit("/", 1)[1] for p in split.files[name] if p.startswith(WANTS_DIR) and ".wants/" in p}
-    )
+    units = enabled_units(split.files[name], (p for paths in split.files.values() for p in paths))
     files = _packed(split.files[name], vanished)
     return Component(name, data, pkgs, split.depends[name], files, tuple(units), chunks)
 

@@ -89,6 +89,30 @@ def test_synthetic_capture_round_trip(tmp_path: Path, scratch: str) -> None:
         assert os.getxattr(mnt / "usr/sbin/httpd", "user.bootenv") == b"kept"
 
 
+def test_a_components_units_are_those_its_requires_and_sysv_start_links_enable_too(tmp_path: Path) -> None:
+    """A layout holds back, and activation starts, a component's units (hold.py). They
+    were only those with a link in a .wants directory: a unit a .requires link enables,
+    and a SysV service (an init script and a start link in rc2.d, which
+    systemd-sysv-generator makes a unit of) started at the next boot from a half-laid-out
+    component. An init script with a native unit of its name is that unit."""
+    gold = make_tree(tmp_path / "gold")
+    units = gold / "etc/systemd/system"
+    (units / "multi-user.target.wants/dbd.service").unlink()
+    (units / "multi-user.target.requires").mkdir()
+    os.symlink("/lib/systemd/system/dbd.service", units / "multi-user.target.requires/dbd.service")
+    for script in ("legacyd", "httpd"):
+        (gold / "etc/init.d").mkdir(exist_ok=True)
+        (gold / f"etc/init.d/{script}").write_text("#!/bin/sh\n")
+        (gold / f"etc/init.d/{script}").chmod(0o755)
+        for rc, link in (("rc2.d", f"S01{script}"), ("rc0.d", f"K01{script}")):
+            (gold / "etc" / rc).mkdir(exist_ok=True)
+            os.symlink(f"../init.d/{script}", gold / "etc" / rc / link)
+    specs = (ComponentSpec("web", ("httpd",), ("/etc/init.d/legacyd", "/etc/init.d/httpd")), SPECS[1])
+    m = capture(CaptureConfig(root=gold, output=tmp_path / "image", components=specs)).manifest
+    assert m.component("web").units == ("httpd.service", "legacyd.service")
+    assert m.component("db").units == ("dbd.service",)
+
+
 def test_existing_output_is_refused_without_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     gold = make_tree(tmp_path / "gold")
     out = tmp_path / "image"

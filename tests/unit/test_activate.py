@@ -80,6 +80,20 @@ def test_live_activation_with_every_link_in_place_enables_nothing(
     assert notes == ["ldconfig done", "started web.service"]
 
 
+def test_a_sysv_service_with_its_start_link_is_not_enabled_again(
+    tmp_path: Path, systemctl: _Systemctl
+) -> None:
+    """An init script's start link is its service's enablement, as the gold had it:
+    `systemctl enable` would only run update-rc.d over it again."""
+    _enabled_tree(tmp_path)
+    (tmp_path / "etc/rc2.d").mkdir()
+    (tmp_path / "etc/rc2.d/S01legacyd").symlink_to("../init.d/legacyd")
+    notes = activate(tmp_path, ["web.service", "legacyd.service"], live=True)
+    assert not [c for c in systemctl.calls if "enable" in c]
+    assert ["systemctl", "start", "web.service", "legacyd.service"] in systemctl.calls
+    assert notes[0] == "ldconfig done"
+
+
 def test_offline_activation_enables_only_units_without_links(tmp_path: Path, systemctl: _Systemctl) -> None:
     _enabled_tree(tmp_path)
     notes = activate(tmp_path, ["web.service", "db.socket"], live=False)
