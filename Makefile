@@ -10,7 +10,7 @@ APT_PACKAGES := nginx-light python3 python3-venv python3-pip python3-parted pyth
 	busybox-static qemu-system-x86 qemu-utils ipxe-qemu ovmf dosfstools util-linux \
 	grub-pc-bin grub-efi-amd64-bin grub2-common mtools parted python3-cryptography fdisk time
 
-.PHONY: deps check test lint unit root vm demo bench clean initramfs
+.PHONY: deps check test lint unit slow root vm demo bench clean initramfs
 
 deps: $(VENV)/.stamp
 
@@ -33,12 +33,16 @@ lint: deps
 	$(PY) -m mypy --strict
 
 unit: deps
-	$(PYTEST) -q -m "not root and not vm"
+	$(PYTEST) -q -m "not root and not vm and not slow"
 
-# The fast tier: lint, types and pure unit tests, in seconds.
+# The fast tier: lint, types and the unit, fault and hostile-input tests but the slow ones.
 check: lint unit
 
-# Everything: lint, unit, root (loop devices, debootstrap) and vm (QEMU) tiers.
+# The unit tier's slow tests (load, kill -9 at random points, archive fuzzing), on their own.
+slow: deps
+	$(PYTEST) -q -m "slow and not root and not vm"
+
+# Everything: lint, unit (slow tests too), root (loop devices, debootstrap) and vm (QEMU) tiers.
 test: lint
 	BOOTENV_FUZZ=thorough $(PYTEST) -q
 

@@ -7,6 +7,9 @@
 - `root` tests need root (loop devices, debootstrap, chroot); they skip, saying why,
   when the machine lacks that ability.
 - `vm` tests boot QEMU (TCG).
+- `slow` tests need no root but take tens of seconds (the load tests, kill -9 at random
+  points, the archive fuzzers): `make test` runs them, `make check` leaves them out and
+  `make slow` runs them alone.
 """
 
 from __future__ import annotations
@@ -34,16 +37,18 @@ from bootenv.serve import on_thread
 PKG_DIR = Path(bootenv.__file__).parent
 TESTS_DIR = Path(__file__).resolve().parent
 
-# `make check` fuzzes briefly; `make test` (BOOTENV_FUZZ=thorough) long enough to matter.
+# `make check` and `make slow` fuzz briefly; `make test` (BOOTENV_FUZZ=thorough) long
+# enough to matter.
 settings.register_profile("quick", max_examples=60)
 # Derandomized: CI explores the same 2000 examples every run, so a red run is reproducible;
-# `make check` explores new ones each time, and anything it finds becomes a regression case.
+# the quick profile explores new ones each time, and anything it finds becomes a regression case.
 settings.register_profile("thorough", max_examples=2000, derandomize=True)
 settings.load_profile(os.environ.get("BOOTENV_FUZZ", "quick"))
 
 
 def seeds(quick: int, thorough: int) -> range:
-    """The seeds of a randomized fault test: a few in `make check`, all in `make test`."""
+    """The seeds of a randomized fault test: a few in `make check` (or `make slow`), all in
+    `make test`."""
     return range(thorough if os.environ.get("BOOTENV_FUZZ") == "thorough" else quick)
 
 

@@ -121,6 +121,7 @@ FUZZ = settings(
 )
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.binary(max_size=4096))
 def test_random_bytes(tmp_path: Path, data: bytes) -> None:
@@ -128,6 +129,7 @@ def test_random_bytes(tmp_path: Path, data: bytes) -> None:
     lay_out(data, _base(tmp_path), privileged=False)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.lists(st.tuples(st.integers(0, len(SEED) - 1), st.integers(1, 255)), min_size=1, max_size=8))
 def test_flipped_bytes(tmp_path: Path, flips: list[tuple[int, int]]) -> None:
@@ -161,6 +163,7 @@ FIELDS = {"name": (0, 100), "mode": (100, 8), "uid": (108, 8), "gid": (116, 8), 
           "devminor": (337, 8), "prefix": (345, 155)}  # fmt: skip
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     st.sampled_from(HEADERS),
@@ -208,6 +211,7 @@ PAX_VALUES = st.one_of(
 )  # fmt: skip
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     st.sampled_from(range(4)),

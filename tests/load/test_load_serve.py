@@ -15,6 +15,8 @@ CLIENTS = 32
 AGENTS = 200
 EVENTS = 10
 
+pytestmark = pytest.mark.slow
+
 
 def test_32_clients_stream_the_image_byte_identically(
     tmp_path: Path, caplog: pytest.LogCaptureFixture

@@ -84,6 +84,7 @@ def _finished(root: Path) -> bool:
     return all(p.exists() and '"done"' in p.read_text() for p in names)
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_converges(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # kill -9 keeps the page cache: skip the flushes meant for power cuts (slow on a busy disk)
     monkeypatch.setattr(journal, "_fsync", lambda fd: None)
