@@ -21,9 +21,11 @@ SPECS = (
 )
 
 
-@pytest.fixture
-def tree(tmp_path: Path) -> Path:
-    return make_tree(tmp_path / "gold")
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One synthetic gold tree for the module, which only reads it (a test that changes it
+    makes its own)."""
+    return make_tree(tmp_path_factory.mktemp("split") / "gold")
 
 
 @pytest.fixture
@@ -272,10 +274,11 @@ def test_a_package_installed_twice_otherwise_is_refused() -> None:
         parse_status(_stanza("libc6", "amd64") + "\n" + _stanza("libc6", "amd64"))
 
 
-def test_a_path_two_components_ship_goes_to_the_one_the_other_needs(tree: Path) -> None:
+def test_a_path_two_components_ship_goes_to_the_one_the_other_needs(tmp_path: Path) -> None:
     """/etc/httpd/mods shipped by httpd (web) and modphp (php, which depends on web): web
     owns it, and an admin's file in it follows (rule 6), so OS + db carries no trace of
     the web server. Two components that need neither leave it to the OS."""
+    tree = make_tree(tmp_path / "gold")  # its own: the test adds to its database
     info = tree / "var/lib/dpkg/info"
     for pkg in ("httpd", "modphp"):
         with open(info / f"{pkg}.list", "a") as f:
