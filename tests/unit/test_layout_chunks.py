@@ -27,18 +27,19 @@ from tests.hostile.kit import MTIME, Comp, RefusingWriter, blob, d, f, hard, mak
 from tests.unit.httpfault import Fault, FaultServer
 
 COUNTS: list[int] = []  # files placed and merged, laid out whole
-CHUNK = 24 << 10  # a few files per chunk: dozens of chunks for two small components
+CHUNK = 24 << 10  # the big components' chunks: a few small files, or a big file pinned by blocks
+SMALL_CHUNK = 12 << 10  # a few files per chunk: twenty chunks for each small component
 
 
 def comps() -> list[Comp]:
-    return [component("good", 7, files=80), component("bad", 8, files=80)]
+    return [component("good", 7, files=40), component("bad", 8, files=40)]
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, tuple[object, ...]]]:
     base = tmp_path_factory.mktemp("chunks")
     whole = make_image(base / "whole", comps())
-    chunked = make_image(base / "chunked", comps(), chunk=CHUNK)
+    chunked = make_image(base / "chunked", comps(), chunk=SMALL_CHUNK)
     res, _ = run_layout(str(whole), base / "ref")
     assert res.ok
     COUNTS[:] = [sum(c.files for c in res.components), sum(len(c.merged) for c in res.components)]
