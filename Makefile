@@ -38,7 +38,8 @@ unit: deps
 # The fast tier: lint, types and the unit, fault and hostile-input tests but the slow ones.
 check: lint unit
 
-# The unit tier's slow tests (load, kill -9 at random points, archive fuzzing), on their own.
+# The unit tier's slow tests (load, network faults and resumes in layout, kill -9 at random
+# points, archive fuzzing), on their own.
 slow: deps
 	$(PYTEST) -q -m "slow and not root and not vm"
 

@@ -7,9 +7,9 @@
 - `root` tests need root (loop devices, debootstrap, chroot); they skip, saying why,
   when the machine lacks that ability.
 - `vm` tests boot QEMU (TCG).
-- `slow` tests need no root but take tens of seconds (the load tests, kill -9 at random
-  points, the archive fuzzers): `make test` runs them, `make check` leaves them out and
-  `make slow` runs them alone.
+- `slow` tests need no root but take tens of seconds (the load tests, the layout's network
+  faults and resumes in tests/faults, kill -9 at random points, the archive fuzzers): `make
+  test` runs them, `make check` leaves them out and `make slow` runs them alone.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ from tests.faults.conftest import Image, SleepLog
 from tests.faults.helpers import FAST, RestartableServer, blob_of, run_layout, tree
 from tests.unit.httpfault import Fault, FaultServer
 
+# Tens of seconds of layouts over a faulty server: `make test` and `make slow` run them.
+pytestmark = pytest.mark.slow
+
 
 def test_server_restart_mid_stream_completes(image: Image, tmp_path: Path) -> None:
     file, size = blob_of(image.dir, "good")

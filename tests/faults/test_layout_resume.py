@@ -18,6 +18,10 @@ from tests.faults.helpers import blob_of, component, run_layout, tree
 from tests.hostile.kit import make_image
 from tests.unit.httpfault import Fault, FaultServer
 
+# Tens of seconds of layouts cut and resumed: `make test` and `make slow` run them (the unit
+# tier's test_layout_chunks cuts a chunk and test_oswrite a stream in `make check` too).
+pytestmark = pytest.mark.slow
+
 SEEDS = seeds(6, 24)
 
 
