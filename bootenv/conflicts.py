@@ -43,6 +43,7 @@ from bootenv.errors import UserError
 from bootenv.log import printable
 from bootenv.merge import MAX_MERGE, is_text
 from bootenv.paxread import ArchiveError
+from bootenv.resolvetemps import records_locked
 from bootenv.smallfile import read_capped
 from bootenv.writeback import fsync_dir, write_durably
 
@@ -136,7 +137,8 @@ def _kind(mode: int) -> str:
 def write_record(root: Path, conflict: Conflict) -> None:
     """Atomically (re)write a conflict record, keeping a resolution already made of the
     same incoming version (a re-run). Another version (a newer image of the component,
-    another merge) is a conflict the admin has not seen: it is open again."""
+    another merge) is a conflict the admin has not seen: it is open again. The caller
+    holds the records' lock (resolvetemps.records_locked)."""
     d = root / RECORDS
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{conflict.id}.json"
@@ -180,20 +182,33 @@ def retire(root: Path, component: str, found: Iterable[str]) -> None:
     Its stored copy is removed, then the record marked resolved, `superseded`; called
     before the journal says the component's files are in, so a kill in between leaves
     the record open for the layout that runs again to retire. A merge listed for review
-    is not a conflict of the layout's: its record stays."""
+    is not a conflict of the layout's: its record stays. Under the records' lock, taken
+    only if there is one to retire (resolvetemps.py)."""
     seen = set(found)
+
+    def stale(c: Conflict) -> bool:
+        return c.component == component and not c.resolution and c.reason != MERGED and c.id not in seen
+
+    candidates = [c.id for c in _records(root, skip_damaged=True) if stale(c)]
+    if not candidates:
+        return  # the common case: nothing written, no lock taken
     gone = []
-    for c in _records(root, skip_damaged=True):
-        if c.component != component or c.resolution or c.reason == MERGED or c.id in seen:
-            continue
-        try:
-            with under(root, c.stored) as (sfd, sname):
-                remove_at(sfd, sname)
-        except UserError as exc:
-            log.warning("conflict %s: its stored copy is left: %s", c.id, exc)
-        res = {"keep": SUPERSEDED, "at": now()}
-        save(root / RECORDS / f"{c.id}.json", {**c.__dict__, "resolution": res})
-        gone.append(printable(f"/{c.path}"))
+    with records_locked(root / RECORDS):
+        for cid in candidates:
+            try:  # read again under the lock: a resolve may have resolved it meanwhile
+                c = _read(root / RECORDS / f"{cid}.json")
+            except (UserError, FileNotFoundError):
+                continue
+            if not stale(c):
+                continue
+            try:
+                with under(root, c.stored) as (sfd, sname):
+                    remove_at(sfd, sname)
+            except UserError as exc:
+                log.warning("conflict %s: its stored copy is left: %s", c.id, exc)
+            res = {"keep": SUPERSEDED, "at": now()}
+            save(root / RECORDS / f"{c.id}.json", {**c.__dict__, "resolution": res})
+            gone.append(printable(f"/{c.path}"))
     if gone:
         log.info("%s: no conflict now on %s (superseded)", component, ", ".join(gone))
 

@@ -21,6 +21,16 @@ or the admin's file puts there; the incoming version's type, owner, mode and sha
 A resolve of a conflict with an intent finishes it: it does again only the steps whose
 outcome is not there yet (a merge is never appended twice), records it, and removes the
 intent. One that asks for something else is refused, naming what was asked first.
+
+A layout writes records too, under the same lock (records_locked): a conflict's version
+moved to the store and its record written (sharedpaths.py), a conflict it no longer finds
+retired (conflicts.retire). Taken only when it writes one, which is rare, and held for
+those few writes, so no layout takes a resolve's stored version or record from under
+it, nor a resolve a layout's. The order of the locks: a layout holds the root's layout
+lock (layout_root.alone, a lockf) and takes this one inside it, in its own process or a
+stream's; a resolve takes this one alone, never the layout lock. Neither waits for
+anything else while holding it, nor takes it twice, so a layout and a resolve cannot
+wait for each other.
 """
 
 from __future__ import annotations
@@ -73,17 +83,33 @@ def temp_name() -> str:
 
 
 @contextlib.contextmanager
-def resolving(records: Path) -> Iterator[None]:
-    """Hold the lock of the conflict records in `records`: one resolve at a time (one
-    takes a moment, so the next waits for it)."""
+def records_locked(records: Path) -> Iterator[None]:
+    """Hold the lock of the conflict records in `records` (a directory that exists),
+    waiting for it: a resolve's whole run, or a layout's few writes of one record. Not
+    to be taken again inside: a second flock of the file in one process waits for the
+    first."""
     fd = os.open(records / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            # Unlocked, not only closed: a layout's stream forked meanwhile holds a copy
+            # of the descriptor, and with it the lock, until it exits.
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def resolving(records: Path) -> Iterator[None]:
+    """Hold the lock of the conflict records in `records` for a resolve: one at a time
+    (one takes a moment, so the next waits for it), and no layout writes a record or a
+    stored version meanwhile."""
+    with records_locked(records):
         for stale in records.glob(f".*{INTENT}.tmp.*"):  # a killed run's, half written
             stale.unlink(missing_ok=True)
         yield
-    finally:
-        os.close(fd)
 
 
 def remove_killed(root: Path, parents: Iterable[str]) -> None:

@@ -34,6 +34,7 @@ from bootenv.atfd import TMP_PREFIX
 from bootenv.conflicts import (
     EDITED,
     MERGED,
+    RECORDS,
     Conflict,
     conflict_id,
     describe,
@@ -43,6 +44,7 @@ from bootenv.conflicts import (
 )
 from bootenv.merge import MAX_MERGE, MergeState, Meta, is_candidate, is_text, normalized
 from bootenv.paxread import Member
+from bootenv.resolvetemps import records_locked
 from bootenv.writeback import write_all
 from bootenv.xattrs import xattrs_of
 
@@ -259,33 +261,38 @@ class SharedPaths:
         finds the component done by an earlier run (conflicts.open_ids)."""
         cid = conflict_id(component, relpath)
         store = stored_path(component, relpath)
-        if tmp is not None:
-            done = resolved_for(self.root, cid, describe(f"/proc/self/fd/{pfd}/{tmp}"))
-            if done is not None:
-                os.unlink(tmp, dir_fd=pfd)
-                log.info(
-                    "%s: /%s: conflict %s again, resolved for this version (%s)",
-                    component,
-                    relpath,
-                    cid,
-                    done.get("keep"),
-                )
-                return None
-        sparent, _, sbase = store.rpartition("/")
-        sfd = self.dir_fd(sparent)
-        if tmp is not None:
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError, OSError):
-                os.unlink(sbase, dir_fd=sfd)
-            os.rename(tmp, sbase, src_dir_fd=pfd, dst_dir_fd=sfd)
-        else:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(sbase, 0o755, dir_fd=sfd)
-        existing = describe(f"/proc/self/fd/{pfd}/{base}")
-        incoming = describe(f"/proc/self/fd/{sfd}/{sbase}")
-        if tmp is None and resolved_for(self.root, cid, incoming) is not None:
-            return None  # a directory: made again all the same, what it holds goes there (extract.py)
-        write_record(self.root, Conflict(cid, component, relpath, reason, existing, incoming, store))
-        return cid, store
+        # Under the lock a resolve holds: it neither loses this version to a record it
+        # writes nor finds its own stored version replaced (resolvetemps.py). A conflict
+        # is rare: the lock is taken for each, not for every member.
+        (self.root / RECORDS).mkdir(parents=True, exist_ok=True)
+        with records_locked(self.root / RECORDS):
+            if tmp is not None:
+                done = resolved_for(self.root, cid, describe(f"/proc/self/fd/{pfd}/{tmp}"))
+                if done is not None:
+                    os.unlink(tmp, dir_fd=pfd)
+                    log.info(
+                        "%s: /%s: conflict %s again, resolved for this version (%s)",
+                        component,
+                        relpath,
+                        cid,
+                        done.get("keep"),
+                    )
+                    return None
+            sparent, _, sbase = store.rpartition("/")
+            sfd = self.dir_fd(sparent)
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError, OSError):
+                    os.unlink(sbase, dir_fd=sfd)
+                os.rename(tmp, sbase, src_dir_fd=pfd, dst_dir_fd=sfd)
+            else:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(sbase, 0o755, dir_fd=sfd)
+            existing = describe(f"/proc/self/fd/{pfd}/{base}")
+            incoming = describe(f"/proc/self/fd/{sfd}/{sbase}")
+            if tmp is None and resolved_for(self.root, cid, incoming) is not None:
+                return None  # a directory: made again all the same, what it holds goes there (extract.py)
+            write_record(self.root, Conflict(cid, component, relpath, reason, existing, incoming, store))
+            return cid, store
 
 
 def _read(pfd: int, name: str, *, limit: int) -> bytes | None:
