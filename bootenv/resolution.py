@@ -6,7 +6,9 @@ resolve killed before its rename leaves: the next one removes it (resolvetemps.p
 
 A resolution is an intent written durably first (the choice, and what the path holds
 once it is applied), then applied, then recorded: a resolve killed at any point is
-finished by the next one that asks for the same, which does only what is not done yet.
+finished by the next one that asks for the same, which does only what is not done yet;
+if its conflict was resolved another way since (a layout retired it), that one says so
+and fails, as its choice was never recorded.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from bootenv.conflicts import (
     KEEP,
     MERGED,
     RECORDS,
+    SUPERSEDED,
     Conflict,
     describe,
     find,
@@ -80,8 +83,10 @@ def _resolve(root: Path, c: Conflict, keep: str | None, file: Path | None) -> Co
     if c.resolution:
         if pending is None:
             raise UserError(f"conflict {c.id} is already resolved ({c.resolution.get('keep')})")
-        drop_intent(records, c.id)  # it was stopped once its record was written
-        return c
+        drop_intent(records, c.id)  # it can only have been stopped, or be, not finished
+        if (c.resolution.get("keep"), c.resolution.get("at")) != (pending.keep, pending.at):
+            raise _resolved_since(c, pending)
+        return c  # it was stopped once its record was written
     with under(root, c.path) as (tfd, tname), under(root, c.stored) as (sfd, sname):
         at = _Sides(root, c, tfd, tname, sfd, sname)
         data = None
@@ -97,6 +102,23 @@ def _resolve(root: Path, c: Conflict, keep: str | None, file: Path | None) -> Co
     save(records / f"{c.id}.json", done.__dict__)
     drop_intent(records, c.id)
     return done
+
+
+def _resolved_since(c: Conflict, pending: Intent) -> UserError:
+    """A resolve that was stopped, whose conflict was resolved another way since: a
+    layout that no longer found it retired it. Its choice was never recorded, and
+    perhaps never applied; the admin is told, not shown a success."""
+    res = c.resolution or {}
+    how = (
+        f"superseded: a later layout of {c.component} found no conflict there"
+        if res.get("keep") == SUPERSEDED
+        else f"{res.get('keep')}"
+    )
+    return UserError(
+        f"conflict {c.id}: the resolve {pending.asked()} that was stopped was not finished:"
+        f" the conflict was resolved since ({how}); /{c.path} is left as it is",
+        hint=f"see `bootenv conflicts show {c.id}`",
+    )
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,9 @@ the choice, and what the path holds once it is applied (the sha256 of the bytes 
 or the admin's file puts there; the incoming version's type, owner, mode and sha256).
 A resolve of a conflict with an intent finishes it: it does again only the steps whose
 outcome is not there yet (a merge is never appended twice), records it, and removes the
-intent. One that asks for something else is refused, naming what was asked first.
+intent. One that asks for something else is refused, naming what was asked first; one
+whose conflict was resolved another way since (a layout retired it after the run was
+killed) fails, saying how, and its intent is dropped.
 
 A layout writes records too, under the same lock (records_locked): a conflict's version
 moved to the store and its record written (sharedpaths.py), a conflict it no longer finds

@@ -1,7 +1,8 @@
 """A layout's writes of conflict records (a conflict stored and recorded, one retired)
 take the lock a `bootenv conflicts resolve` holds for its whole run, so neither takes
 the other's stored version or record from under it (bootenv/resolvetemps.py). A real
-resolve is paused in a process of its own after a step; a real layout runs meanwhile."""
+resolve is paused in a process of its own after a step; a real layout runs meanwhile.
+A resolve stopped before a layout retired its conflict says so when it is run again."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from typing import Any
 import pytest
 
 import bootenv
-from bootenv import conflicts
+from bootenv import conflicts, resolution
+from bootenv.cli import main
 from bootenv.conflicts import RECORDS
 from bootenv.journal import STATE_DIR
 from bootenv.layout import LayoutConfig, LayoutResult, layout
@@ -142,3 +144,34 @@ def test_a_layout_does_not_store_a_version_while_a_conflict_is_resolved(tmp_path
     tool, stored, keep, incoming = _state(root, cid)
     assert (tool, stored, keep) == (V1, V3, None)
     assert incoming["size"] == len(V3)
+
+
+def test_a_stopped_resolve_whose_conflict_a_layout_retired_since_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resolve --keep incoming stopped after its intent; then the layout of v2, which
+    ships what is in place, retires the conflict. Its re-run does not report success."""
+    root, cid = _conflict(tmp_path)
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(resolution, "_put_incoming", killed)
+        with pytest.raises(KeyboardInterrupt):
+            resolution.resolve(root, cid, "incoming", None)
+    assert _run(_image(tmp_path, "v2", b"os tool"), root).components[0].conflicts == ()
+    capsys.readouterr()
+    again = ["conflicts", "resolve", cid, "--keep", "incoming", "--root", str(root)]
+    assert main(again) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"conflict {cid}: the resolve --keep incoming that was stopped was not finished: the"
+        " conflict was resolved since (superseded: a later layout of x found no conflict there);"
+        " /usr/tool is left as it is" in err
+    )
+    assert err.count("\n") == 1
+    assert _state(root, cid)[:3] == (b"os tool", None, "superseded")
+    assert not (root / RECORDS / f"{cid}.intent").exists()
+    assert main(again) == 2
+    assert f"conflict {cid} is already resolved (superseded)" in capsys.readouterr().err
