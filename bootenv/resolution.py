@@ -7,8 +7,9 @@ resolve killed before its rename leaves: the next one removes it (resolvetemps.p
 A resolution is an intent written durably first (the choice, and what the path holds
 once it is applied), then applied, then recorded: a resolve killed at any point is
 finished by the next one that asks for the same, which does only what is not done yet;
-if its conflict was resolved another way since (a layout retired it), that one says so
-and fails, as its choice was never recorded.
+if its conflict was resolved another way since (a layout retired it), or holds another
+incoming version (a layout found a newer one), that one says so and fails, as its
+choice was never recorded, and was not made for that version.
 """
 
 from __future__ import annotations
@@ -87,12 +88,19 @@ def _resolve(root: Path, c: Conflict, keep: str | None, file: Path | None) -> Co
         if (c.resolution.get("keep"), c.resolution.get("at")) != (pending.keep, pending.at):
             raise _resolved_since(c, pending)
         return c  # it was stopped once its record was written
+    if pending is not None and pending.incoming not in (None, c.incoming):
+        drop_intent(records, c.id)
+        raise UserError(
+            f"conflict {c.id}: the resolve {pending.asked()} that was stopped was not finished:"
+            f" a layout has found another version of /{c.path} since, which it was not asked for",
+            hint=f"see `bootenv conflicts show {c.id}`, then resolve again",
+        )
     with under(root, c.path) as (tfd, tname), under(root, c.stored) as (sfd, sname):
         at = _Sides(root, c, tfd, tname, sfd, sname)
         data = None
         if pending is None:
             put, data = at.plan(want, file)
-            pending = Intent(want, admins, put, now())
+            pending = Intent(want, admins, put, now(), c.incoming)
             write_intent(records, c.id, pending)
         at.apply(pending, file, data)
     res = {"keep": want, "at": pending.at}

@@ -22,7 +22,8 @@ A resolve of a conflict with an intent finishes it: it does again only the steps
 outcome is not there yet (a merge is never appended twice), records it, and removes the
 intent. One that asks for something else is refused, naming what was asked first; one
 whose conflict was resolved another way since (a layout retired it after the run was
-killed) fails, saying how, and its intent is dropped.
+killed), or holds another incoming version (a layout found a newer one, which the
+admin has not seen), fails, saying so, and its intent is dropped.
 
 A layout writes records too, under the same lock (records_locked): a conflict's version
 moved to the store and its record written (sharedpaths.py), a conflict it no longer finds
@@ -68,12 +69,15 @@ CHOICES = ("existing", "incoming", "merged", "file")
 class Intent:
     """A resolution decided, not yet recorded: `keep` one of CHOICES, `file` the
     admin's (absolute) for `file`, `put` what the path holds once it is applied
-    (nothing to check for `existing`), `at` when it was decided."""
+    (nothing to check for `existing`), `at` when it was decided, `incoming` the
+    record's incoming version it was decided for (None in an intent written before
+    it was kept)."""
 
     keep: str
     file: str | None
     put: dict[str, Any]
     at: str
+    incoming: dict[str, Any] | None = None
 
     def asked(self) -> str:
         return f"--file {self.file}" if self.keep == "file" else f"--keep {self.keep}"
@@ -166,6 +170,7 @@ def read_intent(records: Path, cid: str) -> Intent | None:
             or not isinstance(intent.file, str | None)
             or not isinstance(intent.put, dict)
             or not isinstance(intent.at, str)
+            or not isinstance(intent.incoming, dict | None)
         ):
             raise ValueError("a field of the wrong value or type")
     except FileNotFoundError:

@@ -175,3 +175,34 @@ def test_a_stopped_resolve_whose_conflict_a_layout_retired_since_says_so(
     assert not (root / RECORDS / f"{cid}.intent").exists()
     assert main(again) == 2
     assert f"conflict {cid} is already resolved (superseded)" in capsys.readouterr().err
+
+
+def test_a_stopped_resolve_whose_conflict_holds_another_version_since_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resolve --keep existing stopped after its intent; then the layout of v3 stores
+    its version and records it. Run again, the resolve would remove v3's version, which
+    the admin has not seen, and record it resolved: it says so instead."""
+    root, cid = _conflict(tmp_path)
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(resolution, "remove_at", killed)
+        with pytest.raises(KeyboardInterrupt):
+            resolution.resolve(root, cid, "existing", None)
+    assert _run(_image(tmp_path, "v3", V3), root).components[0].conflicts == (cid,)
+    capsys.readouterr()
+    again = ["conflicts", "resolve", cid, "--keep", "existing", "--root", str(root)]
+    assert main(again) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"conflict {cid}: the resolve --keep existing that was stopped was not finished: a layout"
+        " has found another version of /usr/tool since, which it was not asked for" in err
+    )
+    assert err.count("\n") == 1
+    assert _state(root, cid)[:3] == (b"os tool", V3, None)
+    assert not (root / RECORDS / f"{cid}.intent").exists()
+    assert main(again) == 0  # asked for v3 now
+    assert _state(root, cid)[:3] == (b"os tool", None, "existing")
