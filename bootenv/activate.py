@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bootenv.errors import BootenvError, UserError
 from bootenv.run import run, which
-from bootenv.units import sysv_started
+from bootenv.units import ENABLING_SUFFIXES, sysv_started
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def _queued(systemctl: str, units: list[str]) -> list[str]:
 
 
 def not_enabled(root: Path, units: list[str]) -> list[str]:
-    """The units with no enablement link under ROOT/etc/systemd/system (in a .wants or
-    .requires directory of some unit), nor a SysV service's start link (units.py)."""
-    links = [d for d in (root / "etc/systemd/system").glob("*.*") if d.suffix in (".wants", ".requires")]
+    """The units with no enablement link under ROOT/etc/systemd/system (in a .wants,
+    .requires or .upholds directory of some unit), nor a SysV service's start link (units.py)."""
+    links = [d for d in (root / "etc/systemd/system").glob("*.*") if d.suffix in ENABLING_SUFFIXES]
     return [u for u in units if not (any(os.path.lexists(d / u) for d in links) or sysv_started(root, u))]

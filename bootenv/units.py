@@ -1,8 +1,9 @@
 """A component's systemd units: those its files enable, which a layout holds back until
 the component is laid out (hold.py) and activation starts (activate.py).
 
-A unit is enabled by a link in the `.wants/` or `.requires/` directory of another unit
-under /etc/systemd/system (multi-user.target.wants/mariadb.service: mariadb.service),
+A unit is enabled by a link in the `.wants/`, `.requires/` or `.upholds/` directory (the
+last since systemd 249, `UpheldBy=`) of another unit under /etc/systemd/system
+(multi-user.target.wants/mariadb.service: mariadb.service),
 and a SysV service by a start link in a runlevel's directory (/etc/rc2.d/S01legacyd ->
 ../init.d/legacyd). systemd-sysv-generator makes the unit legacyd.service of such a
 script at boot, unless a native unit of that name exists (then the script is passed
@@ -18,7 +19,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 UNIT_DIR = "/etc/systemd/system"
-_ENABLING = re.compile(re.escape(UNIT_DIR) + r"/[^/]+\.(?:wants|requires)/([^/]+)")
+# The directories of a unit whose links enable other units (`systemctl enable` makes them).
+ENABLING_SUFFIXES = (".wants", ".requires", ".upholds")
+_ENABLING = re.compile(
+    re.escape(UNIT_DIR) + r"/[^/]+(?:" + "|".join(map(re.escape, ENABLING_SUFFIXES)) + r")/([^/]+)"
+)
 # The runlevels systemd-sysv-generator starts services for (rc0.d and rc6.d stop them).
 _START_LINK = re.compile(r"/etc/rc[1-5]\.d/S[0-9]{2}([^/]+)")
 INIT_DIR = "/etc/init.d"

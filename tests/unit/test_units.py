@@ -1,7 +1,10 @@
-"""A component's units: the ones its .wants, .requires and SysV start links enable."""
+"""A component's units: the ones its .wants, .requires, .upholds and SysV start links enable."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from bootenv.activate import not_enabled
 from bootenv.units import enabled_units
 
 TREE = (
@@ -56,3 +59,23 @@ def test_links_that_start_nothing_are_not_units() -> None:
         "/etc/rc2.d/README",
     ]
     assert enabled_units(files, TREE) == ()
+
+
+def test_upholds_links_enable_their_units() -> None:
+    """systemd 249's `UpheldBy=`: `systemctl enable` links the unit into the upholder's
+    .upholds/ directory, and systemd then keeps it running."""
+    files = [
+        "/etc/systemd/system/multi-user.target.upholds/watchdogd.service",
+        "/etc/systemd/system/app.service.upholds/app-helper.service",
+        "/etc/systemd/system/a.upholds.d/x.service",  # not an .upholds directory
+    ]
+    assert enabled_units(files, TREE) == ("app-helper.service", "watchdogd.service")
+
+
+def test_an_upholds_link_in_place_is_the_units_enablement(tmp_path: Path) -> None:
+    """Activation enables only a unit with no link: one the component brought in an
+    .upholds/ directory is not `systemctl enable`d again."""
+    upholds = tmp_path / "etc/systemd/system/multi-user.target.upholds"
+    upholds.mkdir(parents=True)
+    (upholds / "watchdogd.service").symlink_to("/lib/systemd/system/watchdogd.service")
+    assert not_enabled(tmp_path, ["watchdogd.service", "other.service"]) == ["other.service"]
