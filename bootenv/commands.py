@@ -215,14 +215,15 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
         raise UserError(f"{args.root} is not a directory")
     if args.action == "list":
         found = conflicts.load_all(root)
+        stopped = conflicts.stopped(root, found)
         if args.json:
-            print(json_text([asdict(c) for c in found]))
+            print(json_text([{**asdict(c), "stopped": stopped.get(c.id)} for c in found]))
         elif not found:
             print("no conflicts")
         else:
             rows = [["id", "component", "path", "reason", "resolution"]]
             for c in found:
-                res = (c.resolution or {}).get("keep", "open")
+                res = (c.resolution or {}).get("keep", _open(stopped.get(c.id)))
                 # A path is an archive member's name: any byte but NUL and "/" may be in it.
                 rows.append([c.id, c.component, printable("/" + c.path), printable(c.reason), str(res)])
             print(table(rows))
@@ -231,11 +232,14 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
         raise UserError(f"conflicts {args.action} needs an ID", hint="see `bootenv conflicts list`")
     if args.action == "show":
         c = conflicts.load(root, args.id)
+        asked = conflicts.stopped(root, [c]).get(c.id)
         if args.json:
-            print(json_text({**asdict(c), "diff": conflicts.diff(root, c)}))
+            print(json_text({**asdict(c), "stopped": asked, "diff": conflicts.diff(root, c)}))
             return 0
         path, reason = printable("/" + c.path), printable(c.reason)
         print(f"conflict {c.id}: {path} from component {c.component} ({reason})")
+        if asked:
+            print(f"a resolve {printable(asked)} was stopped before it ended: run it again to finish it")
         print(f"existing: {json_text(c.existing)}")
         print(f"incoming (kept in {printable('/' + c.stored)}): {json_text(c.incoming)}")
         print(conflicts.diff(root, c) or "(no text diff)", end="")
@@ -250,6 +254,11 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
     res = done.resolution or {}
     print(json_text(asdict(done)) if args.json else f"conflict {done.id} resolved: {_resolution(res)}")
     return 0
+
+
+def _open(stopped: str | None) -> str:
+    """An open conflict's state: `open`, or `open (resolve --keep merged stopped: run it again)`."""
+    return "open" if stopped is None else f"open (resolve {printable(stopped)} stopped: run it again)"
 
 
 def _resolution(res: dict[str, object]) -> str:

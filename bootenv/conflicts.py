@@ -5,7 +5,8 @@ The file already in place is kept. The incoming version is stored under
 `/var/lib/bootenv/conflict-records/<id>.json`, where the id is derived from the
 component and the path, so a re-run rewrites the same record. `bootenv conflicts`
 lists, shows (with a unified diff for text) and resolves them (resolution.py); a
-resolution is recorded.
+resolution is recorded. One a resolve was stopped on (killed before it recorded its
+resolution) is listed open, with the resolve that finishes it (`stopped`).
 
 A merged config is listed the same way, as a kind of its own (reason `merged: review`),
 once for each component whose version is in it: the merge is in place, the component's
@@ -43,7 +44,7 @@ from bootenv.errors import UserError
 from bootenv.log import printable
 from bootenv.merge import MAX_MERGE, is_text
 from bootenv.paxread import ArchiveError
-from bootenv.resolvetemps import records_locked
+from bootenv.resolvetemps import read_intent, records_locked
 from bootenv.smallfile import read_capped
 from bootenv.writeback import fsync_dir, write_durably
 
@@ -246,6 +247,19 @@ def open_ids(root: Path) -> dict[str, tuple[str, ...]]:
         if not c.resolution and c.reason != MERGED:
             found.setdefault(c.component, []).append(c.id)
     return {name: tuple(ids) for name, ids in found.items()}
+
+
+def stopped(root: Path, found: Iterable[Conflict]) -> dict[str, str]:
+    """The open conflicts of `found` a resolve was stopped on (a kill, a power cut) before
+    it ended, by id: the resolve it was (`--keep merged`), which, run again, finishes it.
+    Its intent is there (resolvetemps.py); one beside a resolved record is not a stop:
+    only its removal was left, which changes nothing."""
+    records = root / RECORDS
+    return {
+        c.id: intent.asked()
+        for c in found
+        if not c.resolution and (intent := read_intent(records, c.id)) is not None
+    }
 
 
 def _records(root: Path, *, skip_damaged: bool) -> Iterator[Conflict]:

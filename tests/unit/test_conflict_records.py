@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from bootenv import resolution
 from bootenv.cli import main
 from bootenv.conflicts import RECORDS, STORE, conflict_id
 
@@ -206,3 +207,51 @@ def test_list_and_show_print_a_name_that_is_not_utf8_or_holds_a_newline_on_one_l
     assert f"incoming (kept in /{STORE}/c/{shown})" in out
     assert f"--- existing/{shown}" in lines and f"+++ c/{shown}" in lines
     assert "-a = 1" in lines and "+a = 2" in lines
+
+
+def test_a_conflict_a_killed_resolve_left_is_listed_as_stopped_until_it_is_run_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Killed after its intent and the merge, before the stored version went and the
+    record was written: the record is still open, but `list` and `show` say which
+    resolve to run again (the one that finishes it; another is refused)."""
+    root = _tree(tmp_path)
+    _record(root)
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(resolution, "remove_at", killed)
+        with pytest.raises(KeyboardInterrupt):
+            resolution.resolve(root, CID, "merged", None)
+    assert (root / "etc/f").read_text() == "existing\nincoming\n"
+    listing = ["conflicts", "list", "--root", str(root)]
+    assert main(listing) == 0
+    (row,) = capsys.readouterr().out.splitlines()[2:]
+    assert row.split(None, 4)[4] == "open (resolve --keep merged stopped: run it again)"
+    assert main([*listing, "--json"]) == 0
+    (doc,) = json.loads(capsys.readouterr().out)
+    assert (doc["resolution"], doc["stopped"]) == (None, "--keep merged")
+    assert main(["conflicts", "show", CID, "--root", str(root)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "a resolve --keep merged was stopped before it ended: run it again to finish it"
+    assert main(["conflicts", "resolve", CID, "--keep", "merged", "--root", str(root)]) == 0
+    capsys.readouterr()
+    assert main([*listing, "--json"]) == 0
+    (doc,) = json.loads(capsys.readouterr().out)
+    assert (doc["resolution"]["keep"], doc["stopped"]) == ("merged", None)
+    assert (root / "etc/f").read_text() == "existing\nincoming\n"
+    assert main(listing) == 0
+    assert capsys.readouterr().out.splitlines()[2].endswith(" merged")
+
+
+def test_an_open_conflict_no_resolve_was_stopped_on_is_listed_open(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _tree(tmp_path)
+    _record(root)
+    assert main(["conflicts", "list", "--root", str(root)]) == 0
+    assert capsys.readouterr().out.splitlines()[2].endswith(" open")
+    assert main(["conflicts", "list", "--json", "--root", str(root)]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["stopped"] is None
