@@ -42,7 +42,7 @@ from bootenv.paxread import ArchiveError, Member, PaxReader
 from bootenv.shareddirs import Found, Owner
 from bootenv.sharedpaths import SharedPaths
 from bootenv.writeback import write_all
-from bootenv.xattrs import LABELS, has_default_acl, xattrs_of
+from bootenv.xattrs import DEFAULT_ACL, LABELS, has_default_acl, xattrs_of
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,9 @@ class TreeWriter(MetaSetter):
         # them inherits it, and is made so as to grant nobody anything until it has the
         # gold's own ACLs (or none). Asked once per directory opened, not per file.
         self._acl_dirs: set[str] = {""} if has_default_acl(self.root_fd) else set()
+        # Directories in place whose xattrs _shared_dir listed, not yet opened: whether
+        # they have a default ACL is known, not asked again.
+        self._acl_listed: dict[str, bool] = {}
         self._retired: list[int] = []  # evicted from _dirs, closed once the member is placed
         self._seen: set[str] = set()
         self._placed: dict[str, str] = {}  # hardlink targets: name -> where it is now
@@ -125,7 +128,8 @@ class TreeWriter(MetaSetter):
             return self._dirs[rel]
         parent, _, name = rel.rpartition("/")
         fd = open_child(self.dir_fd(parent, create=create), name, rel, create=create)
-        if has_default_acl(fd):
+        listed = self._acl_listed.pop(rel, None)
+        if has_default_acl(fd) if listed is None else listed:
             self._acl_dirs.add(rel)
         else:
             self._acl_dirs.discard(rel)
@@ -288,9 +292,29 @@ class TreeWriter(MetaSetter):
             )
             self.stats.warnings.append(what)
             log.warning("%s: %s", self.component, what)
-        if kept := shareddirs.xattrs_kept(m.name, rec, found):  # an admin's default ACL
+        kept = shareddirs.xattrs_kept(m.name, rec, found)  # an admin's default ACL
+        if kept := kept or self._other_xattrs(m, pfd, base, rec, found):
             self.stats.warnings.append(kept)
             log.warning("%s: %s", self.component, kept)
+
+    def _other_xattrs(
+        self, m: Member, pfd: int, base: str, rec: shareddirs.Record | None, found: Found | None
+    ) -> str | None:
+        """The warning for a component whose xattrs the directory in place does not have.
+        Found with no record (the OS's), its xattrs' names are listed, in the one call that
+        also answers dir_fd's question, and their values read only if this member has some."""
+        mine = shareddirs.comparable(dict(self._xattrs(m)), privileged=self.privileged)
+        if found is not None:  # with a record, unchanged since it was made: its maker's
+            whose, have = (f"{rec.maker}'s" if rec is not None else "its"), found.xattrs
+        else:
+            names = shareddirs.xattr_names(pfd, base)
+            if names is not None and m.name not in self._dirs:
+                self._acl_listed[m.name] = DEFAULT_ACL in names
+            # Against none of its own, the names alone say whether they differ.
+            whose, have = "its", xattrs_of(pfd, base) if names and mine else dict.fromkeys(names or (), b"")
+        return shareddirs.xattrs_differ(
+            m.name, whose, shareddirs.comparable(have, privileged=self.privileged), mine
+        )
 
     def _take_dir(self, m: Member, pfd: int, base: str) -> None:
         """Give directory `base` this member's owner, mode and xattrs, and no others."""

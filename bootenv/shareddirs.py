@@ -5,14 +5,18 @@ replaces one (extract.py). What it ends with must not depend on which stream rea
 first, so:
 
 - a directory in place before bootenv made it (the OS image's, the admin's) keeps its
-  owner, group, mode and xattrs; a component whose own differ gets a warning;
+  owner, group, mode and xattrs; a component whose own differ gets a warning (its
+  owner and mode, its xattrs: one warning each). Whether such a directory has any
+  xattrs is asked once (xattr_names), which also tells the layout whether it has a
+  default ACL, the question it asks of each directory it puts files in;
 - a directory bootenv makes holds those of the first component, by name, that ships it.
   The component that makes it records itself and the owner, group, mode and xattrs (a
   digest of them) it gave it in ROOT/var/lib/bootenv/layout/dirmeta/<hash of the path>.
   One that sorts before it and finds the directory later gives it its own owner, group,
   mode and xattrs and records itself instead, unless any of them are no longer the
   recorded ones (the admin changed them since, a chmod or a default ACL: they all stay,
-  and the component gets a warning).
+  and the component gets a warning). One that sorts after it gets a warning if its own
+  differ from the maker's.
 
 So a layout of alpha, beta and gamma gives the same directories with one stream or four,
 and so do three layouts of one component each, in any order. The mtime is not part of
@@ -41,7 +45,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from bootenv.merge import STATE, path_key
-from bootenv.xattrs import xattrs_of
+from bootenv.xattrs import LABELS, xattrs_of
 
 RECORDS = STATE / "dirmeta"
 
@@ -150,6 +154,36 @@ def takes_over(component: str, record: Record | None, found: Found) -> bool:
         and found.owner == record.owner
         and found.digest == record.xattrs
     )
+
+
+def xattr_names(pfd: int, name: str) -> set[str] | None:
+    """The names of directory `name`'s xattrs, labels aside, in one call (the common
+    case: none, and nothing more to read); None if they cannot be listed."""
+    try:
+        return set(os.listxattr(f"/proc/self/fd/{pfd}/{name}", follow_symlinks=False)) - LABELS
+    except OSError as exc:
+        if exc.errno == errno.ENOTSUP:
+            return set()
+        return None
+
+
+def comparable(xattrs: dict[str, bytes], *, privileged: bool) -> dict[str, bytes]:
+    """Those of `xattrs` a layout compares: one that is not root can set neither
+    trusted.* nor security.* ones, so it leaves them out, as it leaves out the owner."""
+    if privileged:
+        return xattrs
+    return {k: v for k, v in xattrs.items() if not k.startswith(("trusted.", "security."))}
+
+
+def xattrs_differ(relpath: str, whose: str, have: dict[str, bytes], mine: dict[str, bytes]) -> str | None:
+    """The warning for a component whose xattrs (`mine`) directory `relpath` in place
+    does not have: it keeps `whose` (`have`), as it keeps its owner and mode."""
+    if have == mine:
+        return None
+    keys, own = ", ".join(sorted(have)) or "none", ", ".join(sorted(mine)) or "none"
+    if keys == own:
+        return f"directory /{relpath} keeps {whose} xattrs' values ({keys}), not this component's"
+    return f"directory /{relpath} keeps {whose} xattrs ({keys}), not this component's ({own})"
 
 
 def xattrs_kept(relpath: str, record: Record | None, found: Found | None) -> str | None:

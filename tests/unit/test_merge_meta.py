@@ -346,3 +346,87 @@ def test_a_directory_whose_xattrs_the_admin_changed_keeps_them_and_the_component
         "directory /etc/shared keeps its xattrs (system.posix_acl_default, user.backup-policy, "
         "user.by), changed since it was made, not this component's",
     )
+
+
+def _os_dir(root: Path, mode: int, uid: int, gid: int, **xattrs: bytes) -> Path:
+    """The OS's /etc/shared: in place before any layout, so with no record of who made it."""
+    shared = root / "etc/shared"
+    shared.mkdir(parents=True)
+    os.chown(shared, uid, gid)
+    shared.chmod(mode)
+    for key, value in xattrs.items():
+        os.setxattr(shared, key, value)
+    return shared
+
+
+def test_a_directory_in_place_with_no_record_keeps_its_xattrs_and_the_component_is_warned(
+    tmp_path: Path,
+) -> None:
+    """The OS's directory keeps its owner, mode and xattrs; a component whose owner or
+    mode differ was warned, one whose xattrs differ was not. Their owner and mode are the
+    same here: only the xattrs differ, either way."""
+    acl = acl_xattr("user::rwx,user:33:rwx,group::r-x,mask::rwx,other::r-x")
+    image = make_image(tmp_path / "img", SHARING)
+    root = tmp_path / "admins"
+    shared = _os_dir(root, *ALPHA[:3], **{"system.posix_acl_default": acl, "user.backup-policy": b"daily"})
+    (alpha,) = run(image, root, ("alpha",)).components
+    assert alpha.status == "done" and _shared(root)[3] == ["system.posix_acl_default", "user.backup-policy"]
+    assert alpha.warnings == (
+        "directory /etc/shared keeps its xattrs (system.posix_acl_default, user.backup-policy), "
+        "not this component's (none)",
+    )
+    # Its default ACL is not given to the component's file, as with no warning.
+    assert "system.posix_acl_access" not in os.listxattr(shared / "alpha")
+
+    gamma = (0o700, OWNER, OWNER)
+    root = tmp_path / "bare"
+    _os_dir(root, *gamma)
+    (comp,) = run(image, root, ("gamma",)).components
+    assert _shared(root) == (*gamma, [])
+    assert comp.warnings == ("directory /etc/shared keeps its xattrs (none), not this component's (user.by)",)
+
+    differ = "directory /etc/shared keeps its xattrs' values (user.by), not this component's"
+    for value, warned in ((b"gamma", ()), (b"other", (differ,))):  # the same name, another value
+        root = tmp_path / value.decode()
+        _os_dir(root, *gamma, **{"user.by": value})
+        (comp,) = run(image, root, ("gamma",)).components
+        assert os.getxattr(root / "etc/shared", "user.by") == value
+        assert comp.warnings == warned
+
+
+def test_a_directory_in_place_with_no_record_costs_one_xattr_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The common case, the OS's directories under a component's files: whether one has
+    xattrs other than the component's, and a default ACL, is asked in one call."""
+    dirs = ["etc", "etc/a", "etc/a/b", "etc/c"]
+    files = [f(f"{p}/f{i}", "x") for p in dirs[1:] for i in range(10)]
+    image = make_image(tmp_path / "img", [Comp("web", [*map(d, dirs), *files])])
+    root = tmp_path / "root"
+    for p in dirs:
+        (root / p).mkdir(parents=True)
+    calls: list[str] = []
+    for name in ("getxattr", "removexattr", "listxattr"):
+        real = getattr(os, name)
+        monkeypatch.setattr(
+            os, name, lambda *a, _real=real, _name=name, **kw: (calls.append(_name), _real(*a, **kw))[1]
+        )
+    (web,) = run(image, root, ("web",)).components
+    assert web.files == len(files) and web.warnings == ()
+    # The root, by the writer of the stream and the one that finishes, and each directory.
+    assert len(calls) <= 2 + len(dirs), calls
+
+
+def test_a_component_that_sorts_after_the_maker_is_warned_of_its_xattrs_too(tmp_path: Path) -> None:
+    """As of its owner and mode: gamma's user.by does not go on the directory alpha made."""
+    image = make_image(tmp_path / "img", SHARING)
+    root = tmp_path / "root"
+    root.mkdir()
+    assert run(image, root, ("alpha",)).ok
+    (gamma,) = run(image, root, ("gamma",)).components
+    assert _shared(root) == ALPHA
+    assert gamma.warnings == (
+        f"directory /etc/shared keeps alpha's owner and mode ({ALPHA[0]:04o} {ALPHA[1]}:{ALPHA[2]}), "
+        f"not this component's (0700 {OWNER}:{OWNER})",
+        "directory /etc/shared keeps alpha's xattrs (none), not this component's (user.by)",
+    )
