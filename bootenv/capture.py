@@ -1,7 +1,8 @@
 """`bootenv capture`: turn a gold machine's root tree into one composite image.
 
 This module checks the components it is given (or proposes them: --auto), stops the
-services of --stop, scans ROOT and plans the split, then packs the sub-images at once
+services of --stop, scans ROOT and plans the split (refusing an image whose paths the
+agent writes cannot be resolved inside it), then packs the sub-images at once
 (the components on PACKERS threads beside the OS image: capture_pack.py packs each one)
 into a temp directory that takes the output's place when all is written.
 """
@@ -12,6 +13,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -28,7 +30,7 @@ from bootenv.capture_pack import pack_component, pack_os
 from bootenv.dpkg import Database, Diversion, read_database, read_diversions, version_key
 from bootenv.errors import FatalError, UserError
 from bootenv.exclude import Exclusions
-from bootenv.intree import disk_links, inside, resolve
+from bootenv.intree import Mode, Readlink, disk_links, inside, resolve
 from bootenv.log import step
 from bootenv.manifest import MANIFEST, Component, Manifest, Source
 from bootenv.mounts import skipped_mounts
@@ -42,6 +44,7 @@ from bootenv.outdir import (
 )
 from bootenv.run import run, which
 from bootenv.split import OS, ComponentSpec, Split, assign_packages, validate_specs
+from bootenv.target import check_tree
 from bootenv.walk import Entry, Kind, brief, exists_in, scan
 from bootenv.writeback import fsync_dir, write_durably
 
@@ -100,6 +103,7 @@ def capture(cfg: CaptureConfig) -> CaptureResult:
                 entries = scan(root)
             split = plan_split(db, specs, entries, exclusions)
             split, shared = altmerge.plan(root, entries, split)
+            _check_agent_paths(entries, split, single=cfg.single)
             for problem in split_warnings(specs, entries, read_diversions(root), split, exclusions):
                 log.warning("%s", problem)
             try:
@@ -131,6 +135,35 @@ def _refuse_bad_specs(root: Path, db: Database, specs: tuple[ComponentSpec, ...]
     package_owner, _, _ = assign_packages(db, specs)
     if any(spec.paths for spec in specs):
         check_claims(db, specs, package_owner, links)
+
+
+def _check_agent_paths(entries: list[Entry], split: Split, *, single: bool) -> None:
+    """Refuse a gold whose image the agent could not configure (target.check_tree): a
+    path it writes (/etc/ssh, /opt/bootenv) that cannot be resolved inside the image, a
+    symlink loop or a link through a file, which the agent finds only once the disk is
+    written. Asked of the image's own tree, as staged from the scan: the OS sub-image's
+    entries (and every sub-image's, for --single's image), so an excluded path or a
+    component's does not count, and a mount point is the empty directory it is there."""
+    by_path = {e.path: e for e in entries}
+    for images in ((OS,), tuple(split.files)) if single else ((OS,),):
+        check_tree(*_tree_view(by_path, {p for i in images for p in (*split.dirs[i], *split.files[i])}))
+
+
+def _tree_view(by_path: dict[str, Entry], tree: set[str]) -> tuple[Readlink, Mode]:
+    """readlink() and the lstat mode of the image holding the paths `tree`."""
+
+    def readlink(path: str) -> str | None:
+        e = by_path.get(path) if path in tree else None
+        return e.target if e is not None and e.kind is Kind.SYMLINK else None
+
+    def mode_of(path: str) -> int | None:
+        e = by_path.get(path) if path in tree else None
+        return None if e is None else _MODES.get(e.kind, stat.S_IFREG)
+
+    return readlink, mode_of
+
+
+_MODES = {Kind.DIR: stat.S_IFDIR, Kind.SYMLINK: stat.S_IFLNK}
 
 
 def split_warnings(

@@ -16,6 +16,7 @@ from bootenv.errors import UserError
 MAX_LINK_HOPS = 40  # as the kernel's ELOOP limit
 
 Readlink = Callable[[str], str | None]  # a tree path's symlink target, or None
+Mode = Callable[[str], int | None]  # a tree path's lstat st_mode, or None if it is not there
 
 
 def resolve(path: str, readlink: Readlink, *, last: bool = True) -> str:
@@ -72,16 +73,30 @@ def in_target(root: Path, path: str, *, last: bool = True) -> Path:
     at ROOT: resolved inside it afresh, as the booted system will resolve it; its last
     component too if `last` (a writer that replaces the entry passes False: a symlink
     there is replaced, never written through). A path the booted system could not use
-    either is refused before anything goes through it: one that still leads through a
-    symlink (a loop, past MAX_LINK_HOPS), or through something not a directory."""
+    either is refused before anything goes through it: see usable."""
+    top = str(root).rstrip("/")
+
+    def mode_of(here: str) -> int | None:
+        try:
+            return os.lstat(top + here).st_mode
+        except FileNotFoundError:
+            return None
+
+    return root / usable(path, disk_links(root), mode_of, last=last).lstrip("/")
+
+
+def usable(path: str, readlink: Readlink, mode_of: Mode, *, last: bool = True) -> str:
+    """`path` resolved in a tree (its links read by `readlink`, its entries' lstat modes
+    by `mode_of`) as in_target resolves it, refused as the booted system could not use
+    it: one that still leads through a symlink (a loop, past MAX_LINK_HOPS), or through
+    something not a directory. Capture asks it of the image's tree before it is made."""
     want = "/" + path.lstrip("/")
-    rel = resolve(want, disk_links(root), last=last)
+    rel = resolve(want, readlink, last=last)
     parts = [p for p in rel.split("/") if p]
     for i in range(len(parts)):
         here = "/" + "/".join(parts[: i + 1])
-        try:
-            mode = os.lstat(f"{str(root).rstrip('/')}{here}").st_mode
-        except FileNotFoundError:
+        mode = mode_of(here)
+        if mode is None:
             break  # made by the writer, as are the directories below it
         final = i == len(parts) - 1
         if stat.S_ISLNK(mode) and (last or not final):
@@ -94,4 +109,4 @@ def in_target(root: Path, path: str, *, last: bool = True) -> Path:
             f"the OS image's {want} cannot be resolved inside it: {why}",
             hint="fix that symlink on the gold machine and capture it again",
         )
-    return root / rel.lstrip("/")
+    return rel

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bootenv.bootloader import BIOS, EFI, GRUB_CFG, GRUB_DIR
-from bootenv.intree import in_target, inside
+from bootenv.intree import Mode, Readlink, in_target, inside, usable
 from bootenv.run import run, which
 from bootenv.runtime import RUNTIME, python_argv, unit_environment
 
@@ -286,10 +286,18 @@ def target_paths() -> tuple[tuple[str, bool], ...]:
 
 def check_target(root: Path) -> None:
     """Refuse a target one of whose paths cannot be resolved inside it (a symlink loop,
-    a link through a file), before anything is written into it: the image's tree is
-    known only once it is on the disk."""
+    a link through a file), before anything is written into it: the manifest does not
+    list the image's tree, so it is known here only once it is on the disk. Capture
+    refuses such an image before it is made (check_tree)."""
     for path, last in target_paths():
         in_target(root, path, last=last)
+
+
+def check_tree(readlink: Readlink, mode_of: Mode) -> None:
+    """check_target of an image's tree not yet made: its links read by `readlink`, its
+    entries' modes by `mode_of` (capture's, from the gold's scan)."""
+    for path, last in target_paths():
+        usable(path, readlink, mode_of, last=last)
 
 
 def configure(root: Path, ident: Identity, handoff: LayoutHandoff, ssh_key: str | None) -> None:
