@@ -15,7 +15,11 @@ candidates); each component with candidates in it carries the gold's entry, sele
 and its own candidates (`Fragment`), and layout adds them (altmerge.py). The view of
 any set of the gold's candidates is one function of that set, so the OS's, every
 layout's in between, and the gold's (all candidates) agree, whatever the order the
-components come in, and a target's entry that is none of them is the admin's.
+components come in. A view is the entry as update-alternatives saves it (a slave none
+of its candidates has is dropped), and a target's entry is compared with one by what it
+means (`meaning`): a package's script runs update-alternatives at each upgrade, which
+writes the entry again. A target's entry that means none of them is the admin's; but a
+candidate the gold does not list (apt installed it there) is kept in every view.
 
 Pure: the database format (`man update-alternatives`, ADMINISTRATIVE DIRECTORY), the
 selection, and the capture's plan over a Split.
@@ -132,25 +136,51 @@ def render(group: Group) -> str:
     return "\n".join(out) + "\n"
 
 
-def select(gold: Group, present: Collection[str], selected: str) -> View | None:
-    """The group with only the gold's candidates in `present`, in the gold's order: in
-    manual mode on the gold's `selected` if it is present, else in auto mode on the first
-    of the highest priority (update-alternatives' choice). None without any candidate."""
-    choices = tuple(c for c in gold.choices if c.path in present)
-    if not choices:
+def select(gold: Group, present: Collection[str], selected: str, kept: Group | None = None) -> View | None:
+    """The group with the gold's candidates in `present`, in the gold's order, then those
+    of `kept` (a target's entry) the gold does not list, with their slaves (apt installed
+    them there), as update-alternatives saves it: a slave no candidate has is dropped. In
+    manual mode on the gold's `selected` if it is one of them, else in auto mode on the
+    first of the highest priority (update-alternatives' choice). None without any."""
+    known = {c.path for c in gold.choices}
+    slaves = list(gold.slaves)
+    pairs = [(c, _slave_map(gold, c)) for c in gold.choices if c.path in present]
+    if kept is not None:
+        names = {gold.name, *(s for s, _ in slaves)}
+        slaves += [s for s in kept.slaves if s[0] not in names]
+        pairs += [(c, _slave_map(kept, c)) for c in kept.choices if c.path not in known]
+    if not pairs:
         return None
+    used = tuple(s for s in slaves if any(m.get(s[0]) for _, m in pairs))
+    choices = tuple(Choice(c.path, c.priority, tuple(m.get(s, "") for s, _ in used)) for c, m in pairs)
     manual = next((c for c in choices if c.path == selected), None) if gold.mode == "manual" else None
     best = manual or max(choices, key=lambda c: c.priority)  # max keeps the first of equals
-    return View(replace(gold, mode="manual" if manual else "auto", choices=choices), best)
+    group = replace(gold, mode="manual" if manual else "auto", slaves=used, choices=choices)
+    return View(group, best)
+
+
+def _slave_map(group: Group, choice: Choice) -> dict[str, str]:
+    return {s: p for (s, _), p in zip(group.slaves, choice.slaves, strict=True) if p}
+
+
+def meaning(group: Group) -> tuple[object, ...]:
+    """What update-alternatives reads in an entry: its mode, its links, and each
+    candidate's priority and slaves; not their order, nor a slave no candidate has
+    (which it drops whenever it writes the entry)."""
+    choices = {c.path: (c.priority, _slave_map(group, c)) for c in group.choices}
+    used = {s for _, m in choices.values() for s in m}
+    return (group.mode, group.link, {s: link for s, link in group.slaves if s in used}, choices)
 
 
 def links(gold: Group, view: View | None) -> dict[str, str | None]:
     """Every link the group owns -> its target under `view` (None: no such link): the
-    generic links and /etc/alternatives' own, for the master and each slave, in order."""
-    out: dict[str, str | None] = {}
+    generic links and /etc/alternatives' own, for the master and each slave of the gold
+    or the view, in order. A slave the view lacks has no links: they are removed."""
+    slaves = [*gold.slaves, *(s for s in (view.group.slaves if view else ()) if s not in gold.slaves)]
+    chosen = _slave_map(view.group, view.selected) if view else {}
     names = [(gold.name, gold.link, view.selected.path if view else "")]
-    for i, (slave, link) in enumerate(gold.slaves):
-        names.append((slave, link, view.selected.slaves[i] if view else ""))
+    names += [(slave, link, chosen.get(slave, "")) for slave, link in slaves]
+    out: dict[str, str | None] = {}
     for name, link, target in names:
         admin = f"{ADMIN_DIR}/{name}"
         out[link] = admin if target else None

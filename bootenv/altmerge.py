@@ -9,10 +9,11 @@ one carries their `Fragment`s in /var/lib/bootenv/dpkg/<component>.alternatives.
 
 Layout: under dpkg's locks (as its status merge), each group of the component's file
 is set to the view of the candidates the target's entry lists and the component's own.
-The target's entry must be one bootenv made (the view of the candidates it lists) and
-each link as that view or the new one has it (a run killed between the two left some of
-each); anything else is the admin's doing (update-alternatives --set, a link made by
-hand): the group stays as it is, and the layout warns. The links go first, each a new
+The target's entry must mean what bootenv made (the view of the candidates it lists,
+those the gold does not list kept as they are) and each link be as that view or the new
+one has it (a run killed between the two left some of each); anything else is the
+admin's doing (update-alternatives --set, a link made by hand): the group stays as it
+is, and the layout warns. The links go first, each a new
 link renamed over the old one, the entry last, so the entry says what is done. Every
 directory is reached from the root without following a symlink (atfd.py).
 """
@@ -36,6 +37,7 @@ from bootenv.alternatives import (
     dump_fragments,
     links,
     load_fragments,
+    meaning,
     parse,
     plan_shared,
     render,
@@ -201,14 +203,16 @@ def _merge_group(root: Path, name: str, fragment: Fragment) -> str | None:
         return "the target has no entry for them (removed?)"
     text = current.decode("utf-8", "surrogateescape")
     try:
-        listed = {c.path for c in parse(name, text).choices}
+        target = parse(name, text)
     except FormatError as exc:
-        return f"the target's entry is not one bootenv wrote ({exc})"
-    known = {c.path for c in gold.choices}
-    old = select(gold, listed, fragment.selected)
-    if not listed <= known or old is None or render(old.group) != text:
-        return "the target's entry is not one bootenv wrote (changed with update-alternatives?)"
-    new = select(gold, listed | set(fragment.ours), fragment.selected)
+        return f"the target's entry is not one update-alternatives would read ({exc})"
+    listed = {c.path for c in target.choices}
+    # update-alternatives rewrites the entry whenever a package's script runs it (nano's
+    # postinst, at each upgrade), in its own way: compared by what it means, not bytes.
+    old = select(gold, listed, fragment.selected, target)
+    if old is None or meaning(old.group) != meaning(target):
+        return "the target's entry is not as bootenv left it (changed with update-alternatives --set?)"
+    new = select(gold, listed | set(fragment.ours), fragment.selected, target)
     assert new is not None
     readlink = disk_links(root)
     before, after = links(gold, old), links(gold, new)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,11 @@ def test_the_view_of_some_candidates_selects_as_update_alternatives_does() -> No
     # Manual: the gold's choice when present, whatever the priorities; else auto.
     nano = select(editor, {"/usr/bin/nano"}, "/usr/bin/vim.basic")
     assert nano is not None and (nano.group.mode, nano.selected.path) == ("auto", "/usr/bin/nano")
+    # As update-alternatives saves it: the French page's slave, which nano lacks, is dropped.
+    assert render(nano.group) == (
+        "auto\n/usr/bin/editor\neditor.1.gz\n/usr/share/man/man1/editor.1.gz\n\n"
+        "/usr/bin/nano\n40\n/usr/share/man/man1/nano.1.gz\n\n"
+    )
     both = {"/usr/bin/nano", "/usr/bin/vim.basic"}
     vim = select(editor, both, "/usr/bin/vim.basic")
     assert vim is not None and vim.selected.path == "/usr/bin/vim.basic" and render(vim.group) == EDITOR
@@ -354,8 +360,8 @@ def test_the_admins_choice_is_kept_and_named(tmp_path: Path) -> None:
     admins = {p: os.readlink(target / p.lstrip("/")) for p in ("/etc/alternatives/awk", "/usr/bin/awk")}
     warnings = _lay_out(gold, target, shared, tmp_path)
     assert warnings == [
-        "alternatives awk left as they were: the target's entry is not one bootenv wrote"
-        " (changed with update-alternatives?)",
+        "alternatives awk left as they were: the target's entry is not as bootenv left it"
+        " (changed with update-alternatives --set?)",
         "alternatives editor left as they were: /etc/alternatives/editor is not the link bootenv made"
         " (changed by hand?)",
     ]
@@ -386,3 +392,77 @@ def test_a_damaged_record_or_a_planted_symlink_is_refused(tmp_path: Path) -> Non
     os.symlink("/etc/passwd", record)
     with pytest.raises(ArchiveError, match="symlink"):
         altmerge.merge_component_alternatives(target, "db")
+
+
+def _update_alternatives(root: Path, *args: str) -> str:
+    """dpkg's own tool on the target's tree, as a package's maintainer script runs it."""
+    tool = shutil.which("update-alternatives")
+    if tool is None:
+        pytest.skip("update-alternatives (dpkg's) is not installed here")
+    return subprocess.run(
+        [tool, "--root", str(root), *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+NANO_INSTALL = (
+    *("--install", "/usr/bin/editor", "editor", "/usr/bin/nano", "40"),
+    *("--slave", "/usr/share/man/man1/editor.1.gz", "editor.1.gz", "/usr/share/man/man1/nano.1.gz"),
+)
+
+
+def test_a_group_update_alternatives_wrote_again_is_merged_all_the_same(
+    tmp_path: Path, allow_run: None
+) -> None:
+    """nano's postinst runs update-alternatives --install at each upgrade or reinstall,
+    which writes the OS's editor entry as dpkg does (a slave no candidate has dropped):
+    still bootenv's, and laying out db brings the gold's selection back."""
+    gold, target, shared = _os_target(tmp_path)
+    db = target / "var/lib/dpkg/alternatives"
+    _update_alternatives(target, *NANO_INSTALL)
+    mawk = ("/usr/bin/mawk", "/usr/share/man/man1/mawk.1.gz")
+    _update_alternatives(
+        target,
+        *("--install", "/usr/bin/awk", "awk", mawk[0], "5"),
+        *("--slave", "/usr/share/man/man1/awk.1.gz", "awk.1.gz", mawk[1]),
+        *("--slave", "/usr/bin/nawk", "nawk", mawk[0]),
+        *("--slave", "/usr/share/man/man1/nawk.1.gz", "nawk.1.gz", mawk[1]),
+    )
+    assert os.readlink(target / "etc/alternatives/editor") == "/usr/bin/nano"
+    assert _lay_out(gold, target, shared, tmp_path) == []
+    assert _links_of(target) == GOLD_LINKS
+    assert (db / "awk").read_text() == AWK and (db / "editor").read_text() == EDITOR
+
+
+def test_a_candidate_the_target_added_stays_beside_the_components(tmp_path: Path, allow_run: None) -> None:
+    """apt installed ed and busybox's awk on the OS alone (candidates the gold does not
+    list): they stay, the component's join them, and the selection is the gold's manual
+    one, or update-alternatives' best in auto mode (busybox's, the highest)."""
+    gold, target, shared = _os_target(tmp_path)
+    db = target / "var/lib/dpkg/alternatives"
+    for extra in ("usr/bin/ed", "usr/share/man/man1/ed.1.gz", "usr/bin/busybox"):
+        (target / extra).write_text("the target's own\n")
+    _update_alternatives(
+        target,
+        *("--install", "/usr/bin/editor", "editor", "/usr/bin/ed", "-100"),
+        *("--slave", "/usr/share/man/man1/editor.1.gz", "editor.1.gz", "/usr/share/man/man1/ed.1.gz"),
+    )
+    _update_alternatives(target, "--install", "/usr/bin/awk", "awk", "/usr/bin/busybox", "20")
+    assert _lay_out(gold, target, shared, tmp_path) == []
+    editor = parse("editor", (db / "editor").read_text())
+    assert [c.path for c in editor.choices] == ["/usr/bin/nano", "/usr/bin/vim.basic", "/usr/bin/ed"]
+    assert {p: t for p, t in _links_of(target).items() if "editor" in p} == {
+        p: t for p, t in GOLD_LINKS.items() if "editor" in p
+    }
+    awk = parse("awk", (db / "awk").read_text())
+    assert [c.path for c in awk.choices] == ["/usr/bin/gawk", "/usr/bin/mawk", "/usr/bin/busybox"]
+    assert awk.mode == "auto" and os.readlink(target / "etc/alternatives/awk") == "/usr/bin/busybox"
+    assert not os.path.lexists(target / "etc/alternatives/awk.1.gz")  # busybox has no page
+    # update-alternatives reads what the merge wrote, and agrees.
+    query = _update_alternatives(target, "--query", "editor")
+    assert "Status: manual\nBest: /usr/bin/nano\nValue: /usr/bin/vim.basic\n" in query
+    assert "Alternative: /usr/bin/ed\nPriority: -100\n" in query
+    assert "Value: /usr/bin/busybox\n" in _update_alternatives(target, "--query", "awk")
+    # Laid out again: nothing changes.
+    entries = {n: (db / n).read_text() for n in ("awk", "editor")}
+    assert altmerge.merge_component_alternatives(target, "db") == []
+    assert {n: (db / n).read_text() for n in ("awk", "editor")} == entries
