@@ -4,11 +4,16 @@ says what a shared group is).
 
 Capture: the staged OS tree gets each shared group as the OS alone would have it: the
 entry replaced by a new file, the links by new links (staging.py: nothing is written
-into a staged file, which is the gold's own inode). Each component with candidates in
-one carries their `Fragment`s in /var/lib/bootenv/dpkg/<component>.alternatives.
+into a staged file, which is the gold's own inode). Beside them, for each component with
+candidates in one, the record of their `Fragment`s: /var/lib/bootenv/alternatives/<component>.
+The OS image carries the records, not the components: a component's archive is as it
+was, which a layout of an earlier bootenv takes (its extract refuses any other file of
+bootenv's own state), and an earlier bootenv ignores the records.
 
-Layout: under dpkg's locks (as its status merge), each group of the component's file
-is set to the view of the candidates the target's entry lists and the component's own.
+Layout: under dpkg's locks (as its status merge), each group of the component's record
+is set to the view of the candidates the target's entry lists and the component's own
+that the target has (a component of another image may lack one: update-alternatives
+too refuses a candidate that is not there).
 The target's entry must mean what bootenv made (the view of the candidates it lists,
 those the gold does not list kept as they are) and each link be as that view or the new
 one has it (a run killed between the two left some of each); anything else is the
@@ -50,14 +55,14 @@ from bootenv.dpkgmerge import dpkg_locked
 from bootenv.errors import FatalError
 from bootenv.intree import Readlink, disk_links, resolve
 from bootenv.paxread import ArchiveError
-from bootenv.split import COMPONENT_STATUS_DIR, Split
+from bootenv.split import OS, Split
 from bootenv.staging import replace_file
 from bootenv.walk import Entry, Kind
 from bootenv.writeback import replace_at
 
 log = logging.getLogger(__name__)
 
-FRAGMENT = COMPONENT_STATUS_DIR + "/{}.alternatives"
+RECORDS = "/var/lib/bootenv/alternatives"  # in the OS image, one file per component
 _GONE = object()
 
 
@@ -79,7 +84,8 @@ def plan(root: Path, entries: list[Entry], split: Split) -> tuple[Split, tuple[S
 
 
 def write_os_view(staging: Path, shared: tuple[Shared, ...]) -> None:
-    """Each shared group in the staged OS tree as the OS alone would have it."""
+    """Each shared group in the staged OS tree as the OS alone would have it, and each
+    component's record of its candidates in them."""
     for group in shared:
         view = group.os_view()
         assert view is not None  # a shared group has a candidate in the OS
@@ -91,17 +97,54 @@ def write_os_view(staging: Path, shared: tuple[Shared, ...]) -> None:
                     log.warning("alternatives %s: %s is not a symlink: left as it is", group.gold.name, link)
             except ArchiveError as exc:
                 raise FatalError(f"{link} is not written in the staged tree: {exc.message}") from exc
+    _write_records(staging, shared)
 
 
-def fragment_file(work: Path, component: str, shared: tuple[Shared, ...]) -> str | None:
-    """Write the component's fragments under `work` (its status fragment's tree); their
-    path in it, or None if it has no candidate in a shared group."""
-    mine = {s.gold.name: s.fragment(component) for s in shared if component in s.owners.values()}
-    if not mine:
-        return None
-    rel = FRAGMENT.format(component)
-    (work / rel.lstrip("/")).write_bytes(dump_fragments(mine))
-    return rel
+def _write_records(staging: Path, shared: tuple[Shared, ...]) -> None:
+    """RECORDS/<component> in the staged tree (made with its directories: capture leaves
+    bootenv's own state out of an image), for each component with a candidate in a
+    shared group. Reached as a layout reaches it: from the root, no symlink followed."""
+    components = sorted({c for s in shared for c in s.owners.values() if c != OS})
+    if not components:
+        return
+    try:
+        made = _make_dirs(staging, RECORDS)
+    except ArchiveError as exc:  # a layout refuses such a root before it merges anything
+        log.warning("the alternatives records of %s are not written: %s", ", ".join(components), exc.message)
+        return
+    with dir_under(staging, RECORDS.lstrip("/")) as dfd:
+        assert dfd is not None
+        for component in components:
+            mine = {s.gold.name: s.fragment(component) for s in shared if component in s.owners.values()}
+            fd = os.open(
+                component,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o644,
+                dir_fd=dfd,
+            )
+            with os.fdopen(fd, "wb") as f:
+                f.write(dump_fragments(mine))
+    for parent, times in made:  # the gold's directories keep their times
+        os.utime(staging / parent, ns=times, follow_symlinks=False)
+
+
+def _make_dirs(staging: Path, path: str) -> list[tuple[str, tuple[int, int]]]:
+    """Make `path`'s missing directories in the staged tree (0755, no symlink followed);
+    the existing directories they were made in, with their times before. ArchiveError if
+    a symlink is on the way (a gold's /var -> /data/var)."""
+    made = []
+    parts = path.strip("/").split("/")
+    for i in range(1, len(parts) + 1):
+        with dir_under(staging, "/".join(parts[:i])) as dfd:  # ArchiveError: a symlink on the way
+            if dfd is not None:
+                continue
+        parent = "/".join(parts[: i - 1])
+        st = os.lstat(staging / parent) if parent else os.lstat(staging)
+        made.append((parent, (st.st_atime_ns, st.st_mtime_ns)))
+        with dir_under(staging, parent) as pfd:
+            assert pfd is not None
+            os.mkdir(parts[i - 1], 0o755, dir_fd=pfd)
+    return made
 
 
 def _set_link(root: Path, path: str, target: str | None, readlink: Readlink) -> bool:
@@ -160,7 +203,7 @@ def merge_component_alternatives(root: Path, component: str) -> list[str]:
     """Merge `component`'s shared alternatives into ROOT's; return a warning for each
     group left as the admin set it. ArchiveError if a directory on the way, or the
     record, is a symlink; FatalError if the record is damaged."""
-    rel = FRAGMENT.format(component).lstrip("/")
+    rel = f"{RECORDS}/{component}".lstrip("/")
     src, name = posixpath.split(rel)
     with dir_under(root, src) as sfd:
         data = None if sfd is None else _read(sfd, name, rel)
@@ -212,9 +255,10 @@ def _merge_group(root: Path, name: str, fragment: Fragment) -> str | None:
     old = select(gold, listed, fragment.selected, target)
     if old is None or meaning(old.group) != meaning(target):
         return "the target's entry is not as bootenv left it (changed with update-alternatives --set?)"
-    new = select(gold, listed | set(fragment.ours), fragment.selected, target)
-    assert new is not None
     readlink = disk_links(root)
+    ours = {p for p in fragment.ours if _link_now(root, p, readlink, (None,)) is not None}  # there
+    new = select(gold, listed | ours, fragment.selected, target)
+    assert new is not None
     before, after = links(gold, old), links(gold, new)
     for link in after:
         views = (before[link], after[link])

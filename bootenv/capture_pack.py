@@ -1,11 +1,11 @@
 """Packing one sub-image of a capture (bootenv/capture.py plans the split and runs these).
 
 A component is a tar of its files (directories first, each hard-linked group together)
-with its dpkg status paragraphs and shared alternatives beside them, compressed into
-chunks of one blob. The OS sub-image, or the single image, is its tree staged (the OS
-sub-image's with the OS packages' dpkg status and its view of the shared alternatives),
-built as an ext4 filesystem in memory or on disk, and compressed with its block map
-while e2fsck checks it. Paths a live machine removed after the scan are left out, and
+with its dpkg status paragraphs beside them, compressed into chunks of one blob. The OS
+sub-image, or the single image, is its tree staged (the OS sub-image's with the OS
+packages' dpkg status, its view of the shared alternatives and the components' records
+of them: altmerge.py), built as an ext4 filesystem in memory or on disk, and compressed
+with its block map while e2fsck checks it. Paths a live machine removed after the scan are left out, and
 named.
 """
 
@@ -86,18 +86,16 @@ def pack_component(
     out: Path,
     work: Path,
     cancel: Cancel,
-    shared: tuple[Shared, ...] = (),
+    shared: tuple[Shared, ...] = (),  # unused: their records go in the OS image (altmerge.py)
 ) -> Component:
     pkgs = split.packages(name)
     frag, status_rel = status_fragment(work, name, [db.packages[p].stanza for p in pkgs])
-    alternatives = altmerge.fragment_file(frag, name, shared)
     listing = work / f"{name}.list"
     write_list(listing, archive_order(root, split, name))
     # The tar stream's size, about: a header and the data padded to 512 bytes, per file.
     total = sum(512 + -(-sizes.get(p, 0) // 512) * 512 for p in split.files[name])
     with step(f"Packing component {name} ({len(pkgs)} packages, {len(split.files[name])} files)"):
-        extra = ((frag, "." + status_rel),) + (((frag, "." + alternatives),) if alternatives else ())
-        tar = tar_create(root, listing, extra=extra)
+        tar = tar_create(root, listing, extra=((frag, "." + status_rel),))
         with cancel.running(tar), BlobWriter(out, "tar.zst") as blob:
             progress = Progress(f"packing {name}", total)
             src = cast(TarSource, tar.stdout)  # a pipe Popen opened: a BufferedReader

@@ -177,8 +177,7 @@ class TreeWriter(MetaSetter):
         if base.startswith(TMP_PREFIX):
             raise ArchiveError(f"refused: /{m.name} uses bootenv's temp-file prefix")
         if m.name == OWN or m.name.startswith(_OWN_DIR):
-            own = f"{OWN}/dpkg/{self.component}"  # its records: dpkg status, shared alternatives
-            allowed = (OWN, f"{OWN}/dpkg", f"{own}.status", f"{own}.alternatives")
+            allowed = (OWN, f"{OWN}/dpkg", f"{OWN}/dpkg/{self.component}.status")
             if m.name not in allowed:
                 raise ArchiveError(f"refused: /{m.name} is bootenv's own state")
         if m.kind == "hardlink" and m.linkname not in self._placed:

@@ -52,12 +52,12 @@ CASES = {
         d("var/lib/bootenv"),
         f("var/lib/bootenv/conflict-records/x.json", "{}"),
     ],
-    "another-components-record": [
+    "alternatives-record": [
         d("var"),
         d("var/lib"),
         d("var/lib/bootenv"),
-        d("var/lib/bootenv/dpkg"),
-        f("var/lib/bootenv/dpkg/web.alternatives", "{}"),
+        d("var/lib/bootenv/alternatives"),
+        f("var/lib/bootenv/alternatives/web", "{}"),
     ],
     "temp-prefix": [sym(".bootenv~evil~2", "../victim"), f("a", "x")],
 }

@@ -268,13 +268,8 @@ def _lay_out(
     name: str = "db",
     files: list[str] = DB_FILES,
 ) -> list[str]:
-    """A component's files and fragment put in place, as its stream does; then merged."""
-    work = tmp_path / "frag"
-    (work / "var/lib/bootenv/dpkg").mkdir(parents=True, exist_ok=True)
-    rel = altmerge.fragment_file(work, name, shared)
-    assert rel == f"/var/lib/bootenv/dpkg/{name}.alternatives"
-    (target / rel.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(work / rel.lstrip("/"), target / rel.lstrip("/"))
+    """A component's files put in place, as its stream does; then merged with the record
+    the OS image carries."""
     for p in files:
         (target / p.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(gold / p.lstrip("/"), target / p.lstrip("/"))
@@ -296,6 +291,15 @@ def test_the_os_alone_has_its_own_candidates_and_the_component_brings_the_golds_
     assert (db / "editor").read_text().startswith("auto\n") and "vim" not in (db / "editor").read_text()
     # The gold is untouched (the staged links and entries are new files).
     assert _links_of(gold) == GOLD_LINKS and (gold / "var/lib/dpkg/alternatives/awk").read_text() == AWK
+    # The OS carries db's record of its candidates (web and php have none in a shared
+    # group), in directories made for it; the gold's /var/lib keeps its times.
+    records = target / "var/lib/bootenv/alternatives"
+    assert [p.name for p in records.iterdir()] == ["db"] and oct(records.stat().st_mode) == "0o40755"
+    assert load_fragments((records / "db").read_bytes()) == {
+        "awk": Fragment(AWK, "/usr/bin/gawk", ("/usr/bin/gawk",)),
+        "editor": Fragment(EDITOR, "/usr/bin/vim.basic", ("/usr/bin/vim.basic",)),
+    }
+    assert (target / "var/lib").stat().st_mtime_ns == (gold / "var/lib").stat().st_mtime_ns
     # (b) With component db laid out: the gold's links and entries, byte for byte.
     assert _lay_out(gold, target, shared, tmp_path) == []
     assert _links_of(target) == GOLD_LINKS
@@ -384,7 +388,7 @@ def test_a_damaged_record_or_a_planted_symlink_is_refused(tmp_path: Path) -> Non
 
     gold, target, shared = _os_target(tmp_path)
     _lay_out(gold, target, shared, tmp_path)
-    record = target / "var/lib/bootenv/dpkg/db.alternatives"
+    record = target / "var/lib/bootenv/alternatives/db"
     record.write_text("{")
     with pytest.raises(FatalError, match="damaged alternatives record"):
         altmerge.merge_component_alternatives(target, "db")
@@ -466,3 +470,33 @@ def test_a_candidate_the_target_added_stays_beside_the_components(tmp_path: Path
     entries = {n: (db / n).read_text() for n in ("awk", "editor")}
     assert altmerge.merge_component_alternatives(target, "db") == []
     assert {n: (db / n).read_text() for n in ("awk", "editor")} == entries
+
+
+def test_a_candidate_the_component_did_not_place_is_not_added(tmp_path: Path) -> None:
+    """db from another image, without vim (the OS image's record lists it): update-
+    alternatives would refuse a candidate that is not there, and so does the merge."""
+    gold, target, shared = _os_target(tmp_path)
+    db = target / "var/lib/dpkg/alternatives"
+    editor = (db / "editor").read_text()
+    without_vim = [p for p in DB_FILES if "vim" not in p]
+    assert _lay_out(gold, target, shared, tmp_path, files=without_vim) == []
+    assert (db / "awk").read_text() == AWK and (db / "editor").read_text() == editor
+    assert os.readlink(target / "etc/alternatives/editor") == "/usr/bin/nano"
+
+
+def test_no_record_is_written_through_a_symlink_in_the_staged_tree(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gold whose /var/lib/bootenv is a symlink (a layout refuses such a root): the OS
+    view is written, the records are not, there nor where the link points."""
+    gold = shared_gold(tmp_path / "gold")
+    _, split, shared = _planned(gold)
+    target, elsewhere = tmp_path / "target", tmp_path / "elsewhere"
+    target.mkdir()
+    elsewhere.mkdir()
+    stage(gold, sorted({*split.dirs[OS], *split.files[OS]}), target, tmp_path)
+    os.symlink(elsewhere, target / "var/lib/bootenv")
+    altmerge.write_os_view(target, shared)
+    assert os.readlink(target / "etc/alternatives/editor") == "/usr/bin/nano"
+    assert list(elsewhere.iterdir()) == []
+    assert "the alternatives records of db are not written" in caplog.text
