@@ -13,19 +13,20 @@ bootenv's own state), and an earlier bootenv ignores the records.
 Layout: under dpkg's locks (as its status merge), each group of the component's record
 is set to the view of the candidates the target's entry lists and the component's own
 that the target has (a component of another image may lack one: update-alternatives
-too refuses a candidate that is not there).
-The target's entry must mean what bootenv made (the view of the candidates it lists,
-those the gold does not list kept as they are) and each link be as that view or the new
-one has it (a run killed between the two left some of each); anything else is the
-admin's doing (update-alternatives --set, a link made by hand): the group stays as it
-is, and the layout warns. The links go first, each a new
-link renamed over the old one, the entry last, so the entry says what is done. Every
-directory is reached from the root without following a symlink (atfd.py).
+too refuses a candidate that is not there). The target's entry must mean what bootenv
+made (the view of the candidates it lists, those the gold does not list kept as they
+are) and each link be as that view or the new one has it (a run killed between the two
+left some of each); anything else is the admin's doing (update-alternatives --set, a
+link made by hand): the group stays as it is, and the layout warns. The links go first,
+each a new link renamed over the old one, the entry last, so the entry says what is
+done; their temp names are bootenv's, logged for the next layout's sweep (_Temps).
+Every directory is reached from the root without following a symlink (atfd.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import posixpath
@@ -49,11 +50,12 @@ from bootenv.alternatives import (
     select,
 )
 from bootenv.assign import links_of
-from bootenv.atfd import dir_under
+from bootenv.atfd import TMP_PREFIX, dir_under
 from bootenv.dpkg import STATUS
 from bootenv.dpkgmerge import dpkg_locked
 from bootenv.errors import FatalError
 from bootenv.intree import Readlink, disk_links, resolve
+from bootenv.journal import TempLog
 from bootenv.paxread import ArchiveError
 from bootenv.split import OS, Split
 from bootenv.staging import replace_file
@@ -147,9 +149,36 @@ def _make_dirs(staging: Path, path: str) -> list[tuple[str, tuple[int, int]]]:
     return made
 
 
-def _set_link(root: Path, path: str, target: str | None, readlink: Readlink) -> bool:
+class _Temps:
+    """The temp names of a component's merge: bootenv's (TMP_PREFIX and the component's
+    name), each directory logged in the component's TempLog before the first one there,
+    so that the next layout, whatever it lays out, removes one a kill left (sweep.py)
+    before a merge may leave its group alone. The component reached `files`, which
+    removed its log; once the merge is over, every temp renamed, the log goes again."""
+
+    def __init__(self, root: Path, component: str) -> None:
+        self.component = component
+        self.log = TempLog(root, component)
+
+    def name(self, rel: str, base: str) -> str:
+        self.log.note(rel)
+        name = f"{TMP_PREFIX}{self.component}~alt~{base}"
+        if len(os.fsencode(name)) > 240:  # a long link name: NAME_MAX is 255 bytes
+            name = f"{TMP_PREFIX}{self.component}~alt~{hashlib.sha256(os.fsencode(base)).hexdigest()[:16]}"
+        return name
+
+    def done(self) -> None:
+        if self.log.fd is not None:
+            self.log.close()
+            self.log.path.unlink(missing_ok=True)
+
+
+def _set_link(
+    root: Path, path: str, target: str | None, readlink: Readlink, temps: _Temps | None = None
+) -> bool:
     """Make `path` a symlink to `target` (None: no link), replacing a symlink there; a
-    missing directory is left so. A path that is something else stays: False."""
+    missing directory is left so. A path that is something else stays: False. `temps`:
+    the target's (a staged tree's temp needs no sweeping: a killed capture's goes whole)."""
     parent, name = posixpath.split(resolve(path, readlink, last=False))
     with dir_under(root, parent.lstrip("/")) as dfd:
         if dfd is None:
@@ -162,7 +191,7 @@ def _set_link(root: Path, path: str, target: str | None, readlink: Readlink) -> 
         if target is None:
             os.unlink(name, dir_fd=dfd)
         else:
-            tmp = f".{name}.bootenv-tmp"
+            tmp = f".{name}.bootenv-tmp" if temps is None else temps.name(parent.lstrip("/"), name)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=dfd)
             os.symlink(target, tmp, dir_fd=dfd)
@@ -214,14 +243,16 @@ def merge_component_alternatives(root: Path, component: str) -> list[str]:
     except FormatError as exc:
         raise FatalError(f"/{rel}: {exc}") from exc
     warnings: list[str] = []
+    temps = _Temps(root, component)
     with dir_under(root, str(STATUS.parent), create=True) as dfd:
         assert dfd is not None
         with dpkg_locked(dfd):
             for group, fragment in sorted(fragments.items()):
-                why = _merge_group(root, group, fragment)
+                why = _merge_group(root, group, fragment, temps)
                 if why:
                     warnings.append(f"alternatives {group} left as they were: {why}")
                     log.warning("%s: %s", component, warnings[-1])
+    temps.done()
     return warnings
 
 
@@ -236,7 +267,7 @@ def _read(dfd: int, name: str, rel: str) -> bytes | None:
         return f.read()
 
 
-def _merge_group(root: Path, name: str, fragment: Fragment) -> str | None:
+def _merge_group(root: Path, name: str, fragment: Fragment, temps: _Temps) -> str | None:
     """Set group `name` to the view with the fragment's candidates; why not, if it stays."""
     gold = fragment.gold(name)
     db = DB_DIR.lstrip("/")
@@ -264,7 +295,7 @@ def _merge_group(root: Path, name: str, fragment: Fragment) -> str | None:
         views = (before[link], after[link])
         if _link_now(root, link, readlink, views) not in views:
             return f"{link} is not the link bootenv made (changed by hand?)"
-    return _apply(root, name, new, after, readlink, text)
+    return _apply(root, name, new, after, readlink, text, temps)
 
 
 def _apply(
@@ -274,9 +305,10 @@ def _apply(
     after: dict[str, str | None],
     readlink: Callable[[str], str | None],
     text: str,
+    temps: _Temps,
 ) -> str | None:
     for link, target in after.items():
-        if not _set_link(root, link, target, readlink):
+        if not _set_link(root, link, target, readlink, temps):
             return f"{link} is not a symlink"
     data = render(new.group)
     if data != text:
@@ -284,11 +316,10 @@ def _apply(
         with dir_under(root, db) as dfd:
             assert dfd is not None
             st = os.lstat(name, dir_fd=dfd)
-            # Named as update-alternatives' own temp files, which it skips when it lists
+            # Ending as update-alternatives' own temp files, which it skips when it lists
             # the groups: one a killed run left is not taken for a group.
-            replace_at(
-                dfd, name, data.encode("utf-8", "surrogateescape"), like=st, tmp=f".{name}.bootenv.dpkg-tmp"
-            )
+            tmp = temps.name(db, f"{name}.dpkg-tmp")
+            replace_at(dfd, name, data.encode("utf-8", "surrogateescape"), like=st, tmp=tmp)
             os.fsync(dfd)
         log.info("alternatives %s: %s selected (%s)", name, new.selected.path, new.group.mode)
     return None

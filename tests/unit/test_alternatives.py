@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,10 @@ from bootenv.dpkg import read_database
 from bootenv.errors import FatalError
 from bootenv.exclude import Exclusions
 from bootenv.intree import disk_links, resolve
+from bootenv.journal import TEMPS_DIR
 from bootenv.split import OS, ComponentSpec, Split
 from bootenv.staging import stage
+from bootenv.sweep import sweep
 from bootenv.walk import scan
 from tests.unit.fakeroot import make_tree
 
@@ -342,15 +345,61 @@ def test_components_sharing_a_group_end_as_the_gold_in_any_order(
     assert _links_of(target) == GOLD_LINKS
 
 
-def test_a_run_killed_between_the_links_and_the_entry_is_finished_by_the_next(tmp_path: Path) -> None:
+class _Killed(BaseException):
+    """kill -9 at a syscall: nothing after it runs, no cleanup (the merge has none)."""
+
+
+def _killed_at(monkeypatch: pytest.MonkeyPatch, call: str, merge: Callable[[], object]) -> None:
+    """Run `merge`, killed at its first os.`call` (before it)."""
+
+    def kill(*args: object, **kwargs: object) -> None:
+        raise _Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(os, call, kill)
+        with pytest.raises(_Killed):
+            merge()
+
+
+def _temps(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob(".bootenv~*"))
+
+
+def test_a_run_killed_between_the_links_and_the_entry_is_finished_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     gold, target, shared = _os_target(tmp_path)
-    os.symlink("/usr/bin/gawk", target / "etc/alternatives/.awk.bootenv-tmp")
-    os.replace(target / "etc/alternatives/.awk.bootenv-tmp", target / "etc/alternatives/awk")  # one link done
-    (target / "var/lib/dpkg/alternatives/.awk.bootenv.dpkg-tmp").write_text("half")
-    assert _lay_out(gold, target, shared, tmp_path) == []
+    _killed_at(monkeypatch, "replace", lambda: _lay_out(gold, target, shared, tmp_path))  # the entry's rename
+    assert _links_of(target)["/etc/alternatives/awk"] == "/usr/bin/gawk"  # the links are done
+    assert _temps(target) == ["var/lib/dpkg/alternatives/.bootenv~db~alt~awk.dpkg-tmp"]
+    # The next layout: its sweep, then the merge.
+    sweep(target, {"db"}, None)
+    assert _temps(target) == []
+    assert altmerge.merge_component_alternatives(target, "db") == []
     assert _links_of(target) == GOLD_LINKS
     assert (target / "var/lib/dpkg/alternatives/awk").read_text() == AWK
     assert sorted(p.name for p in (target / "var/lib/dpkg/alternatives").iterdir()) == ["awk", "editor"]
+    assert _temps(target) == [] and not (target / TEMPS_DIR / "db").exists()  # nothing left to sweep
+
+
+def test_a_temp_link_a_kill_left_goes_though_the_group_is_left_to_the_admin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed between a new link and its rename; the admin then sets the group by hand,
+    which the next merge leaves alone: the temp link goes all the same, at the next
+    layout, whatever it lays out."""
+    gold, target, shared = _os_target(tmp_path)
+    _killed_at(monkeypatch, "rename", lambda: _lay_out(gold, target, shared, tmp_path))
+    assert _temps(target) == ["etc/alternatives/.bootenv~db~alt~awk"]
+    db = target / "var/lib/dpkg/alternatives"
+    (db / "awk").write_text((db / "awk").read_text().replace("auto\n", "manual\n", 1))
+    swept = sweep(target, set(), None)  # a layout of other components
+    assert [(s.component, s.removed) for s in swept] == [("db", 1)]
+    assert _temps(target) == [] and not (target / TEMPS_DIR / "db").exists()
+    assert altmerge.merge_component_alternatives(target, "db")[0].startswith(
+        "alternatives awk left as they were"
+    )
+    assert _temps(target) == []
 
 
 def test_the_admins_choice_is_kept_and_named(tmp_path: Path) -> None:
