@@ -263,7 +263,7 @@ def _pack_all(
     def pack(name: str) -> Component:
         try:
             cancel.check()
-            return pack_component(cfg, root, db, split, name, sizes, out, work, cancel, shared)
+            return pack_component(cfg, root, db, split, name, sizes, out, work, cancel)
         except BaseException as exc:
             cancel.set(exc)  # the OS side and the other packer stop at their next step
             raise

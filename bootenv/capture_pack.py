@@ -86,7 +86,6 @@ def pack_component(
     out: Path,
     work: Path,
     cancel: Cancel,
-    shared: tuple[Shared, ...] = (),  # unused: their records go in the OS image (altmerge.py)
 ) -> Component:
     pkgs = split.packages(name)
     frag, status_rel = status_fragment(work, name, [db.packages[p].stanza for p in pkgs])
