@@ -9,11 +9,13 @@ kernel); a swapped directory holds either pair whole. The new directory also hol
 pair under the build's id (DIR/ID/), and the build before under its own, which serve's
 scripts name (bootenv/bootfiles.py): a machine between its two fetches when DIR is
 swapped gets the pair its script named. DIR is replaced whole, so it must hold nothing
-else.
+else. Its files are 0644 and its directories 0755, whatever the umask and the cache's
+modes: nginx's worker, not root, reads them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -40,6 +42,9 @@ KERNEL, INITRD = bootfiles.PAIR
 OUTPUT_FILES = (KERNEL, INITRD, NOTE)  # what `-o DIR` holds, besides its builds' dirs
 _NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK)  # a filesystem without hard links
 _MOUNTED = (errno.EBUSY, errno.EXDEV)  # renaming a mount point, or across one
+# Whatever the umask and the cache's modes: nginx's worker (www-data), not root, reads
+# what `-o DIR` holds, and a file or directory it cannot read is a 403 to every machine.
+PUBLIC_FILE, PUBLIC_DIR = 0o644, 0o755
 
 
 def check_output(output: Path) -> None:
@@ -77,7 +82,8 @@ def export(ramdisk: Ramdisk, output: Path) -> Ramdisk:
     check_output(output)
     dest = output
     try:
-        with replace_dir(output) as new:
+        _make_parents(output)
+        with replace_dir(output, PUBLIC_DIR) as new:
             dest = output / KERNEL
             kernel = _write_temp(new / KERNEL, ramdisk.vmlinuz, None)
             dest = output / INITRD
@@ -109,7 +115,7 @@ def export(ramdisk: Ramdisk, output: Path) -> Ramdisk:
 def _link_pair(src: Path, dest: Path) -> None:
     """The directory `dest` with `src`'s kernel and initramfs, as hard links (both are
     beside `output`, on its filesystem); copies where the filesystem has none. Fsynced."""
-    os.mkdir(dest, 0o755)
+    os.mkdir(dest, PUBLIC_DIR)
     for name in bootfiles.PAIR:
         try:
             os.link(src / name, dest / name, follow_symlinks=False)
@@ -117,17 +123,33 @@ def _link_pair(src: Path, dest: Path) -> None:
             if exc.errno not in _NO_LINKS:
                 raise
             _write_temp(dest / name, src / name, None)
-    os.chmod(dest, 0o755)  # the umask took some of it
+            continue
+        # The build before may have been exported under a umask that took some of it;
+        # one another user exported stays as it was.
+        if stat.S_ISREG(os.lstat(dest / name).st_mode):
+            with contextlib.suppress(PermissionError):
+                os.chmod(dest / name, PUBLIC_FILE)
+    os.chmod(dest, PUBLIC_DIR)  # the umask took some of it
     fsync_dir(dest)
+
+
+def _make_parents(output: Path) -> None:
+    """`output`'s missing parent directories, each PUBLIC_DIR whatever the umask (nginx
+    goes through them); those already there are the admin's."""
+    missing = [p for p in output.absolute().parents if not p.exists()]
+    for parent in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(parent, PUBLIC_DIR)
+            os.chmod(parent, PUBLIC_DIR)
 
 
 def _write_temp(tmp: Path, src: Path | None, data: bytes | None) -> bytes:
     """`tmp`, made anew (writeback.new_file: one a killed run left is removed, never
-    written through), with a copy of `src` (its mode too) or `data`, fsynced; removed
-    again if that fails. Returns the sha256 of what it wrote."""
-    mode = 0o644 if src is None else stat.S_IMODE(src.stat().st_mode)
+    written through), with a copy of `src` or `data`, fsynced; removed again if that
+    fails. Its mode is PUBLIC_FILE, not `src`'s (the cache's follow the umask). Returns
+    the sha256 of what it wrote."""
     digest = hashlib.sha256()
-    with new_file(tmp, mode) as fd:
+    with new_file(tmp, PUBLIC_FILE) as fd:
         if src is not None:
             with src.open("rb") as f, os.fdopen(fd, "wb", closefd=False) as out:
                 shutil.copyfileobj(_Hashed(f, digest.update), out, 1 << 20)
@@ -135,7 +157,7 @@ def _write_temp(tmp: Path, src: Path | None, data: bytes | None) -> bytes:
             assert data is not None
             digest.update(data)
             write_all(fd, data)
-        os.fchmod(fd, mode)  # the umask took some of it
+        os.fchmod(fd, PUBLIC_FILE)  # the umask took some of it
     return digest.digest()
 
 

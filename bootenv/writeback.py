@@ -167,7 +167,7 @@ def exchange_at(dfd: int, a: str, b: str) -> None:
 
 
 @contextlib.contextmanager
-def replace_dir(final: Path) -> Iterator[Path]:
+def replace_dir(final: Path, mode: int | None = None) -> Iterator[Path]:
     """A new, empty directory for the block to fill, put in place of the directory `final`
     (made if missing) in one step when the block ends, and removed if the block fails: a
     reader of `final`, or a power cut at any point, finds the old directory's files or
@@ -175,7 +175,8 @@ def replace_dir(final: Path) -> Iterator[Path]:
 
     The new directory is made beside `final` as `.NAME.new`, fsynced, given `final`'s
     mode and owner (when root), and swapped with it (`exchange_at`); the parent is
-    fsynced and the old directory, now `.NAME.new`, removed. Where the filesystem cannot
+    fsynced and the old directory, now `.NAME.new`, removed (`mode`, if given, is the
+    new directory's instead of `final`'s). Where the filesystem cannot
     swap (NFS), `final` is renamed to `.NAME.old` and the new one to `final`: between the
     two renames, and after a power cut there, there is no `final` at all (never a mix),
     and the next run puts `.NAME.old` back before it starts. A symlink at `final` is
@@ -202,7 +203,7 @@ def replace_dir(final: Path) -> Iterator[Path]:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             if os.geteuid() == 0:
                 os.chown(new, st.st_uid, st.st_gid, dir_fd=dfd, follow_symlinks=False)
-            os.chmod(new, stat.S_IMODE(st.st_mode), dir_fd=dfd)
+            os.chmod(new, stat.S_IMODE(st.st_mode) if mode is None else mode, dir_fd=dfd)
             fsync_dir(parent / new)
             _swap(dfd, new, name, old)
             os.fsync(dfd)

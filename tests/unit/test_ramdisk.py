@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -657,3 +658,45 @@ def test_an_export_keeps_the_build_before_it_and_no_older(tmp_path: Path) -> Non
     )
     ids["four"] = json.loads((out / "ramdisk.json").read_bytes())["build"]
     assert _tree(out) == layout("four", "three")
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {
+        path.relative_to(root).as_posix(): stat.S_IMODE(path.lstat().st_mode)
+        for path in [root, *root.rglob("*")]
+    }
+
+
+def test_an_export_is_readable_by_nginx_whatever_the_umask(tmp_path: Path) -> None:
+    """nginx's worker (www-data) reads -o DIR, not root: exported under umask 027 from a
+    cache whose files the umask (or the kernel package: 0600) also took, DIR was 0750
+    and its files 0640, a 403 to every machine. Every file is 0644 and every directory
+    0755, a parent the export makes and the build before (exported under that umask) too."""
+    cache, out = tmp_path / "cache", tmp_path / "srv/boot"
+    old = os.umask(0o027)
+    try:
+        first = ramdisk_export.export(_ramdisk(cache, "one"), out).build
+        assert first is not None
+        for name in bootfiles.PAIR:  # as an export before this fix left it
+            (out / first / name).chmod(0o640)
+        new = _ramdisk(cache, "two")
+        new.vmlinuz.chmod(0o600)
+        new.initramfs.chmod(0o640)
+        build = ramdisk_export.export(new, out).build
+    finally:
+        os.umask(old)
+    assert build is not None
+    modes = _modes(out)
+    assert set(modes) == {
+        ".",
+        *ramdisk_export.OUTPUT_FILES,
+        build,
+        first,
+        *(f"{b}/{name}" for b in (build, first) for name in bootfiles.PAIR),
+    }
+    assert {path: mode for path, mode in modes.items() if mode != 0o644} == {
+        ".": 0o755,
+        build: 0o755,
+        first: 0o755,
+    }
+    assert stat.S_IMODE((tmp_path / "srv").stat().st_mode) == 0o755
