@@ -75,13 +75,26 @@ def parse_listen(text: str) -> tuple[str, int]:
         host, port = "", text
     host = host.strip("[]") or "127.0.0.1"
     try:
-        ipaddress.ip_address(host)
+        version = ipaddress.ip_address(host).version
         number = int(port)
     except ValueError:
         raise UserError(f"--listen {text}: expected ADDRESS:PORT, e.g. 127.0.0.1:8080") from None
+    if version != 4:
+        # The server's socket is AF_INET, and the scripts' URLs would need the brackets.
+        raise UserError(f"--listen {text}: serve listens on IPv4 only, e.g. 127.0.0.1:8080")
     if not 0 <= number <= 65535:
         raise UserError(f"--listen {text}: port out of range")
     return host, number
+
+
+def check_reachable(config: ServeConfig) -> None:
+    """Refuse to write a wildcard listen address into every script: iPXE clients and the
+    ramdisk cannot reach 0.0.0.0, so the URLs need --public-url."""
+    if config.public_url is None and ipaddress.ip_address(config.host).is_unspecified:
+        raise UserError(
+            f"--listen {config.host}:{config.port} is every address, which clients cannot reach: "
+            f"pass --public-url http://ADDRESS:{config.port or 'PORT'}, this server's address for them"
+        )
 
 
 def check_public_url(url: str) -> str:
@@ -103,6 +116,7 @@ class BootenvServer(CappedServer):
     machine gets, and the menu choices and callback events it records."""
 
     def __init__(self, config: ServeConfig) -> None:
+        check_reachable(config)  # before anything is bound or written
         self.config = config
         self.store = Store(config.state)
         self._catalog_lock = threading.Lock()

@@ -18,8 +18,9 @@ import pytest
 from bootenv import callback, menu
 from bootenv import serve as serve_mod
 from bootenv.callback import Callback
+from bootenv.errors import UserError
 from bootenv.machines import State, assign
-from bootenv.serve import BootenvServer, ServeConfig, parse_listen, running
+from bootenv.serve import BootenvServer, ServeConfig, check_reachable, parse_listen, running
 from bootenv.state import Store
 from tests.conftest import serving
 from tests.serveimage import make_image
@@ -424,6 +425,41 @@ def test_machines_api_lists_everyone(server: BootenvServer) -> None:
 )
 def test_parse_listen(text: str, want: tuple[str, int]) -> None:
     assert parse_listen(text) == want
+
+
+@pytest.mark.parametrize("text", ["[::1]:8080", "[::]:8080", "[fe80::1]:80", "[::ffff:127.0.0.1]:80"])
+def test_parse_listen_refuses_ipv6(text: str) -> None:
+    """The socket is AF_INET: [::1]:8080 passed here, then failed to bind with
+    "Address family for hostname not supported"."""
+    with pytest.raises(UserError, match=r"serve listens on IPv4 only, e\.g\. 127\.0\.0\.1:8080"):
+        parse_listen(text)
+
+
+def test_a_wildcard_listen_needs_a_public_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """0.0.0.0 went into every script (chain http://0.0.0.0:18431/..., bootenv.image=,
+    bootenv.callback=), which no client can reach. The refusal comes before any socket is
+    bound: a bind here fails the test, so it never listens on every address."""
+    from bootenv.cli import main
+
+    def no_bind(sock: socket.socket, address: object) -> None:
+        raise AssertionError(f"bound {address}")
+
+    monkeypatch.setattr(socket.socket, "bind", no_bind)
+    state = tmp_path / "state"
+    argv = ["serve", "--images", str(tmp_path), "--state", str(state), "--listen", "0.0.0.0:18431"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert lines == [
+        "bootenv: error: --listen 0.0.0.0:18431 is every address, which clients cannot reach: "
+        "pass --public-url http://ADDRESS:18431, this server's address for them"
+    ], captured.err
+    assert "chain" not in captured.out and not state.exists()
+    with pytest.raises(UserError, match="pass --public-url"):
+        BootenvServer(ServeConfig(tmp_path, state, host="0.0.0.0", port=0))
+    check_reachable(ServeConfig(tmp_path, state, host="0.0.0.0", public_url="http://10.20.0.1:8080"))
 
 
 def test_cli_assign_then_machines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
