@@ -25,6 +25,12 @@ _TRUST = re.compile(r"sha256:[0-9a-f]{64}")
 _KEY_TYPES = ("ssh-", "ecdsa-", "sk-ssh-", "sk-ecdsa-")
 _TRUE = ("1", "yes", "true", "on")
 _FALSE = ("0", "no", "false", "off")
+# The kernel's whitespace (isspace in lib/ctype.c), which initramfs/init's awk splits
+# on too. Not str.isspace: that also takes 0x1c-0x1f, U+0085, U+00A0 and the Unicode
+# spaces, which the kernel and init keep inside a word. The kernel's Latin-1 table also
+# has 0xA0; a raw 0xA0 byte reaches us as a surrogate and stays in the word here, as in
+# init, so a bootenv.* value holding one is refused as not printable ASCII.
+_SPACE = frozenset(" \t\n\v\f\r")
 
 
 class CmdlineError(UserError):
@@ -103,17 +109,19 @@ FLAGS = ("debug", "shell", "insecure", "single")
 def split_cmdline(text: str) -> list[tuple[str, str | None]]:
     """Split a command line into (param, value) pairs exactly as the kernel does.
 
-    Words are separated by whitespace outside double quotes. A quote toggles quoting
-    wherever it appears, but only a quote opening the word or the value, and the quote
-    closing the word, are removed (`next_arg` in the kernel's lib/cmdline.c): so
-    `"a=b c"`, `a="b c"` and `a=b" "c` are all one word. A word without `=` has no
-    value. Everything after a bare `--` belongs to init, not to the kernel, and is
-    ignored.
+    Words are separated by the kernel's whitespace (space, \\t, \\n, \\v, \\f, \\r)
+    outside double quotes; other control bytes and Unicode spaces stay in the word, as
+    in initramfs/init (and in the kernel, but for 0xA0: see _SPACE). A quote toggles
+    quoting wherever it appears, but only a quote opening the word or the value, and
+    the quote closing the word, are removed (`next_arg` in the kernel's
+    lib/cmdline.c): so `"a=b c"`, `a="b c"` and `a=b" "c` are all one word. A word
+    without `=` has no value. Everything after a bare `--` belongs to init, not to the
+    kernel, and is ignored.
     """
     out: list[tuple[str, str | None]] = []
     i, n = 0, len(text)
     while i < n:
-        while i < n and text[i].isspace():
+        while i < n and text[i] in _SPACE:
             i += 1
         if i >= n:
             break
@@ -122,7 +130,7 @@ def split_cmdline(text: str) -> list[tuple[str, str | None]]:
         in_quote = quoted
         j = start
         equals = -1
-        while j < n and (in_quote or not text[j].isspace()):
+        while j < n and (in_quote or text[j] not in _SPACE):
             if equals < 0 and text[j] == "=":
                 equals = j
             if text[j] == '"':

@@ -116,6 +116,39 @@ def test_split_like_the_kernel() -> None:
     assert split_cmdline("") == []
 
 
+@pytest.mark.parametrize("sep", [" ", "\t", "\n", "\v", "\f", "\r"])
+def test_split_at_the_kernels_whitespace(sep: str) -> None:
+    """lib/ctype.c's _S class: the only characters next_arg splits at (bar 0xA0)."""
+    assert split_cmdline(f"quiet=x{sep}bootenv.image=http://h/i{sep}") == [
+        ("quiet", "x"),
+        ("bootenv.image", "http://h/i"),
+    ]
+
+
+@pytest.mark.parametrize("byte", ["\x1c", "\x1d", "\x1e", "\x1f", "\x85", "\xa0", "\u2028", "\u3000"])
+def test_other_spaces_do_not_split(byte: str) -> None:
+    """str.isspace takes these, the kernel and init do not: the agent read a second
+    parameter hidden inside another's value, which init never saw."""
+    text = f"quiet=x{byte}bootenv.image=http://evil/i {IMG}"
+    assert split_cmdline(text) == [
+        ("quiet", f"x{byte}bootenv.image=http://evil/i"),
+        ("bootenv.image", IMG[14:]),
+    ]
+    assert parse_cmdline(text).image == "http://10.0.2.2:8080/img"
+    with pytest.raises(CmdlineError, match="not printable ASCII"):
+        parse_cmdline(f"{IMG}{byte}bootenv.insecure")
+
+
+def test_a_raw_a0_byte_stays_in_its_word() -> None:
+    """The kernel's Latin-1 table has 0xA0 as a space; init's awk and the agent keep it
+    in the word, where a bootenv.* value holding it is refused."""
+    raw = b"bootenv.image=http://h/i\xa0bootenv.insecure"
+    text = raw.decode("utf-8", "surrogateescape")
+    assert split_cmdline(text) == [("bootenv.image", "http://h/i\udca0bootenv.insecure")]
+    with pytest.raises(CmdlineError, match=r"http://h/i\\xa0bootenv.insecure is not printable ASCII"):
+        parse_cmdline(text)
+
+
 def test_quoted_values_reach_the_config() -> None:
     cfg = parse_cmdline(f'{IMG} "bootenv.ssh_key=ssh-rsa AAAAB3 root@admin" bootenv.hostname="db1"')
     assert cfg.ssh_key == "ssh-rsa AAAAB3 root@admin"

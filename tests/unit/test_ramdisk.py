@@ -418,6 +418,18 @@ def test_init_splits_words_as_the_agent_does(allow_run: None) -> None:
     assert words.splitlines() == [p if v is None else f"{p}={v}" for p, v in split_cmdline(text)]
 
 
+def test_init_splits_at_the_same_bytes_as_the_agent(allow_run: None) -> None:
+    """The kernel's whitespace splits, for both; 0x1c-0x1f and U+00A0 (which
+    str.isspace takes) split for neither."""
+    from bootenv.cmdline import split_cmdline
+
+    text = "a=1\x1cb=2\x1dc\x1ed\x1fe f=\u00a0g\vh\fi\rj\tk"
+    words = dash(init_functions("kernel_words") + 'printf "%s\\n" "$ARGS" | kernel_words\n', ARGS=text)
+    lines = words.split("\n")[:-1]  # not splitlines, which splits at 0x1c-0x1f too
+    assert lines == [p if v is None else f"{p}={v}" for p, v in split_cmdline(text)]
+    assert lines == ["a=1\x1cb=2\x1dc\x1ed\x1fe", "f=\u00a0g", "h", "i", "j", "k"]
+
+
 def test_init_sees_a_failed_command_fail_through_its_log(allow_run: None) -> None:
     """`udevd --daemon ... | out` tested out's status: a udevd that did not start was
     taken as started, and init never loaded every module in its place."""
