@@ -20,7 +20,11 @@ from urllib.parse import quote
 from bootenv import ipxetext
 from bootenv.catalog import LOCAL, Catalog
 
-MAC_VAR = "${net0/mac}"  # the booting NIC's MAC, expanded by iPXE
+# The booting NIC's MAC, expanded by iPXE. `netX` is iPXE's name for the network device
+# opened last (find_netdev, src/net/netdevice.c), the one whose DHCP answer led here;
+# `net0` is the first NIC, whatever port the machine booted from. An unscoped `${mac}`
+# follows netX too, but only while no other scope sets `mac`: netX says so outright.
+MAC_VAR = "${netX/mac}"
 RAMDISK_KERNEL = "vmlinuz"
 RAMDISK_INITRD = "initramfs.img"
 CONSOLE = "console=tty0 console=ttyS0,115200n8"

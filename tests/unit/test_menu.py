@@ -51,7 +51,7 @@ def test_every_script_is_ipxe_and_every_goto_has_its_label() -> None:
 
 def test_entry_script_chains_by_mac() -> None:
     script = entry_script(BASE)
-    assert f"chain --autofree {BASE}/ipxe/machine?mac=${{net0/mac}}" in script
+    assert f"chain --autofree {BASE}/ipxe/machine?mac=${{netX/mac}}" in script
 
 
 def test_menu_has_one_item_per_entry_plus_local_disk_with_default_and_timeout() -> None:
@@ -65,8 +65,8 @@ def test_menu_has_one_item_per_entry_plus_local_disk_with_default_and_timeout() 
         ("shell", "iPXE shell"),
     ]
     assert "choose --default e1 --timeout 7500 target && goto ${target} || goto local" in script
-    assert f"chain {BASE}/ipxe/select/lamp-web?mac=${{net0/mac}} || goto failed" in script
-    assert "\nmenu -- ACME rack 4 (${net0/mac})\n" in script
+    assert f"chain {BASE}/ipxe/select/lamp-web?mac=${{netX/mac}} || goto failed" in script
+    assert "\nmenu -- ACME rack 4 (${netX/mac})\n" in script
 
 
 @pytest.mark.parametrize("title", ["--- ACME rack 4 ---", "-d", "--help", "-n rack", "  -x rack"])

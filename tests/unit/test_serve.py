@@ -227,7 +227,7 @@ def test_boot_files_are_served(server: BootenvServer) -> None:
 def test_entry_script_chains_to_the_machine_script(server: BootenvServer) -> None:
     status, headers, body = get(server, "/ipxe/boot.ipxe")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
-    assert f"chain --autofree {server.base_url}/ipxe/machine?mac=${{net0/mac}}" in body.decode()
+    assert f"chain --autofree {server.base_url}/ipxe/machine?mac=${{netX/mac}}" in body.decode()
 
 
 def script(srv: BootenvServer, mac: str) -> str:
