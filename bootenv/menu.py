@@ -60,6 +60,9 @@ class BootSpec:
             f"bootenv.image={self.image_url}",
             f"bootenv.components={self.components}",
             f"bootenv.callback={self.callback_url}",
+            # The NIC the machine booted from, which the ramdisk's init tries first
+            # (pxelinux's and dracut's form: 01, Ethernet, then the MAC with dashes).
+            f"BOOTIF=01-{self.mac.replace(':', '-')}",
         ]
         if self.hostname:
             args.append(f"bootenv.hostname={self.hostname}")

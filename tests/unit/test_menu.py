@@ -315,3 +315,15 @@ def test_a_broken_image_is_left_out_of_the_generated_menu_and_said_so(
         catalog = load_catalog(tmp_path)
     assert {e.image for e in catalog.entries} == {"lamp"}
     assert "image broken is left out of the menu" in caplog.text
+
+
+def test_the_kernel_line_names_the_booting_nic_and_the_agent_ignores_it() -> None:
+    """BOOTIF=01-<mac with dashes> (pxelinux's and dracut's form) tells the ramdisk's
+    init which NIC to bring up first; the agent reads only bootenv.* and takes the rest."""
+    from bootenv.cmdline import parse_cmdline, split_cmdline
+
+    spec = BootSpec(BASE, "52:54:00:ab:cd:0e", f"{BASE}/images/lamp", "all")
+    words = dict(split_cmdline(spec.kernel_cmdline()))
+    assert words["BOOTIF"] == "01-52-54-00-ab-cd-0e"
+    assert " BOOTIF=01-52-54-00-ab-cd-0e " in provision_script(spec)
+    assert parse_cmdline(spec.kernel_cmdline()).image == f"{BASE}/images/lamp"

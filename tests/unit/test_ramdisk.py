@@ -712,3 +712,54 @@ def test_an_export_is_readable_by_nginx_whatever_the_umask(tmp_path: Path) -> No
         first: 0o755,
     }
     assert stat.S_IMODE((tmp_path / "srv").stat().st_mode) == 0o755
+
+
+def fake_nics(root: Path, nics: dict[str, str]) -> Path:
+    """A /sys/class/net of physical NICs (name: MAC) plus lo, which has no device link."""
+    for name, mac in {"lo": "00:00:00:00:00:00", **nics}.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "address").write_text(mac + "\n")
+        (root / name / "carrier").write_text("1\n")
+        if name != "lo":
+            (root / name / "device").mkdir()
+    return root
+
+
+def test_init_tries_the_nic_the_machine_booted_from_first(tmp_path: Path, allow_run: None) -> None:
+    """serve's BOOTIF names the NIC iPXE booted from: init brings it up before a
+    management NIC that sorts first and may get a lease that does not reach serve."""
+    from bootenv.menu import BootSpec
+
+    net = fake_nics(tmp_path / "net", {"eno1": "52:54:00:00:00:01", "eno2": "52:54:00:ab:cd:0e"})
+    cmdline = BootSpec("http://10.0.2.2:8080", "52:54:00:ab:cd:0e", "http://x/i", "all").kernel_cmdline()
+    script = init_functions("kernel_words", "boot_mac", "nic_order")
+    script += 'mac=$(printf "%s\\n" "$ARGS" | boot_mac); echo "$mac"; nic_order "$NET" "$mac"\n'
+    assert dash(script, ARGS=cmdline, NET=str(net)).splitlines() == ["52:54:00:ab:cd:0e", "eno2 eno1"]
+    # No BOOTIF (a ramdisk booted some other way), or one in upper case.
+    assert dash(script, ARGS="quiet", NET=str(net)).splitlines() == ["", "eno1 eno2"]
+    got = dash(script, ARGS="BOOTIF=01-52-54-00-AB-CD-0E", NET=str(net)).splitlines()
+    assert got == ["52:54:00:ab:cd:0e", "eno2 eno1"]
+    init = (default_initramfs_dir() / "init").read_text()
+    assert 'BOOT_MAC=$(boot_mac </proc/cmdline)\nNICS=$(nic_order "$SYS_NET" "$BOOT_MAC")' in init
+
+
+def test_init_retries_dhcp_until_a_lease(tmp_path: Path, allow_run: None) -> None:
+    """A switch port without portfast forwards nothing for about 30 s: a round of DHCP
+    with no answer is followed by another, until the time given is up."""
+    net = fake_nics(tmp_path / "net", {"eno1": "52:54:00:00:00:01"})
+    count = tmp_path / "rounds"
+    bb = tmp_path / "busybox"  # udhcpc answers at its third round
+    bb.write_text(f'#!/bin/sh\necho x >>{count}\n[ "$(wc -l <{count})" -ge 3 ]\n')
+    bb.chmod(0o755)
+    script = 'say() { echo "$*"; }\nout() { cat; }\nip() { [ "$1" != -4 ] || echo inet; }\n'
+    script += init_functions("logged", "uptime_s", "dhcp_on")
+    script += 'dhcp_on eno1 "$WAIT"; echo "status $? NIC=$NIC"\n'
+    got = dash(script, SYS_NET=str(net), BB=str(bb), WAIT="120").splitlines()
+    assert got[-1] == "status 0 NIC=eno1"
+    assert [line for line in got if line.startswith("DHCP on")][
+        -1
+    ] == "DHCP on eno1 (52:54:00:00:00:01), round 3"
+    count.unlink()
+    got = dash(script, SYS_NET=str(net), BB=str(bb), WAIT="0").splitlines()
+    assert got[-1] == "status 1 NIC="  # one round only, then init moves on
+    assert count.read_text() == "x\n"
