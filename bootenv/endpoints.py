@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote
 
 from bootenv import bootfiles, menu
+from bootenv.catalog import CatalogError
 from bootenv.errors import UserError
 from bootenv.event_schema import EventError, parse_event
 from bootenv.httpconn import AnswerError
 from bootenv.httpfiles import StaticHandler
 from bootenv.machine_record import to_dict
-from bootenv.machines import FINAL, Machine, check_assignment, normalize_mac
+from bootenv.machines import FINAL, Machine, check_assignment, check_boot_args, normalize_mac
 from bootenv.state import Damaged, StoreFullError, SupersededError
 
 if TYPE_CHECKING:
@@ -61,7 +62,8 @@ class Handler(StaticHandler):
                 self._text(srv.machine_script(mac), head)
             elif path.startswith("/ipxe/select/"):
                 mac = self._mac(query.get("mac", [""])[0])
-                self._text(srv.select(unquote(path[len("/ipxe/select/") :]), mac), head)
+                entry_id = unquote(path[len("/ipxe/select/") :])
+                self._text(_too_long(srv, entry_id, mac) or srv.select(entry_id, mac), head)
             elif path == "/api/machines":
                 self._json(HTTPStatus.OK, [_listed(m) for m in srv.store.scan()], head)
             elif path.startswith("/api/machines/"):
@@ -136,6 +138,20 @@ class Handler(StaticHandler):
             return self._mac(unquote(mac)), check_assignment(unquote(assignment))
         except UserError as exc:
             raise AnswerError(HTTPStatus.BAD_REQUEST, exc.message) from exc
+
+
+def _too_long(srv: BootenvServer, entry_id: str, mac: str) -> str | None:
+    """The script refusing a menu choice whose ramdisk command line, with this server's
+    URL, the kernel would cut (machines.check_boot_args), before select records it as
+    the machine's assignment; None for any other choice (select answers it)."""
+    try:
+        entry = srv.catalog().entry(entry_id)
+        check_boot_args(entry.image, entry.components, None, entry.kernel_args, base_url=srv.base_url)
+    except CatalogError:
+        return None
+    except UserError as exc:
+        return menu.message_script(mac, exc.message)
+    return None
 
 
 def _listed(entry: Machine | Damaged) -> dict[str, Any]:

@@ -171,15 +171,23 @@ def check_script_values(hostname: str | None, kernel_args: str) -> None:
         raise UserError(f"the kernel arguments {shown(kernel_args)} {why}: they go into an iPXE script")
 
 
-def check_boot_args(image: str, components: str, hostname: str | None, kernel_args: str) -> None:
+def check_boot_args(
+    image: str, components: str, hostname: str | None, kernel_args: str, *, base_url: str | None = None
+) -> None:
     """Read the ramdisk's bootenv.* arguments as its agent will (bootenv/menu.py builds
     them): a key it would refuse (unknown, given twice, a bad value) is refused now,
     not when the machine boots. An image by name stands for a URL of the server's.
     Both values go into an iPXE script and the kernel's command line: the host name is
     one argument's value (a space would add arguments of its own), and the kernel
-    arguments are printable ASCII that iPXE takes as it is."""
+    arguments are printable ASCII that iPXE takes as it is.
+
+    The whole command line must fit in what the kernel keeps (menu.MAX_CMDLINE): it is
+    built as serve builds it, with `base_url`, serve's URL (when not known, as for
+    `bootenv assign`, a short stand-in: serve's script refuses the rest), and an
+    assignment id, which is always 16 hex digits."""
     from bootenv.cmdline import parse_cmdline
     from bootenv.handoff import passed_on_problem
+    from bootenv.menu import BootSpec, cmdline_problem
 
     check_script_values(hostname, kernel_args)
     url = image if image.startswith(("http://", "https://")) else "http://server/image"
@@ -189,6 +197,12 @@ def check_boot_args(image: str, components: str, hostname: str | None, kernel_ar
         args.append(f"bootenv.hostname={hostname}")
     parse_cmdline(" ".join([*args, kernel_args]))
     why = passed_on_problem(kernel_args)  # what the agent passes on to grub.cfg and kexec
+    if why is not None:
+        raise UserError(why)
+    base = base_url or "http://server"
+    url = image if image.startswith(("http://", "https://")) else f"{base}/images/{image}"
+    spec = BootSpec(base, "00:00:00:00:00:00", url, components, hostname, kernel_args, assignment="0" * 16)
+    why = cmdline_problem(spec)
     if why is not None:
         raise UserError(why)
 
@@ -202,13 +216,14 @@ def assign(
     hostname: str | None = None,
     entry: str | None = None,
     kernel_args: str = "",
+    base_url: str | None = None,
 ) -> Machine:
     """A fresh assignment: the machine will be provisioned on its next network boot.
     It gets a new id (`Machine.assignment`), so the events of a run it replaces, which
     name the assignment before, are refused."""
     image = check_image(image)
     components = check_components(components)  # "a, b" is "a,b", as in the catalog
-    check_boot_args(image, components, hostname, kernel_args)
+    check_boot_args(image, components, hostname, kernel_args, base_url=base_url)
     return Machine(
         mac=normalize_mac(mac),
         image=image,

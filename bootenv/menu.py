@@ -28,6 +28,9 @@ MAC_VAR = "${netX/mac}"
 RAMDISK_KERNEL = "vmlinuz"
 RAMDISK_INITRD = "initramfs.img"
 CONSOLE = "console=tty0 console=ttyS0,115200n8"
+# x86's COMMAND_LINE_SIZE is 2048 with the NUL: the kernel keeps the first 2047 bytes and
+# drops the rest without a word, a bootenv.hostname= or the kernel arguments with it.
+MAX_CMDLINE = 2047
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,17 @@ class BootSpec:
         if self.kernel_args:
             args.append(self.kernel_args)
         return " ".join(args)
+
+
+def cmdline_problem(spec: BootSpec) -> str | None:
+    """Why `spec`'s kernel command line cannot go to the ramdisk (None if it can)."""
+    size = len(spec.kernel_cmdline().encode())
+    if size <= MAX_CMDLINE:
+        return None
+    return (
+        f"the ramdisk's kernel command line would be {size} bytes, over the {MAX_CMDLINE} "
+        "the kernel keeps (it drops the rest): shorten the image URL, the host name or the kernel arguments"
+    )
 
 
 def _safe(text: str) -> str:
@@ -133,7 +147,14 @@ def provision_script(spec: BootSpec) -> str:
     build-ramdisk -o since), and the new script names the current one. The count of
     tries, `bootenv-loads`, carries over to it; it goes back to the same URLs only if
     the script cannot be fetched.
+
+    A command line the kernel would cut (`cmdline_problem`) is not sent: the machine is
+    told why and boots from its disk. An assignment that long was refused already
+    (machines.check_boot_args); this is the last line of defence.
     """
+    too_long = cmdline_problem(spec)
+    if too_long is not None:
+        return message_script(spec.mac, too_long, wait=30)
     boot = _safe(spec.boot_url or f"{spec.base_url}/boot")
     files = f"{boot}/{_safe(spec.build)}" if spec.build else boot
     cmdline = _safe(spec.kernel_cmdline())

@@ -527,3 +527,31 @@ def test_only_the_run_of_the_current_assignment_moves_a_machine() -> None:
     assert superseded(replace(machine, assignment=None), None) is None  # an older bootenv's record
     assert superseded(None, None) is None  # a machine nobody assigned: tracked
     assert "no record" in (superseded(None, machine.assignment) or "")
+
+
+SIGNED = "https://cdn.example.com/images/lamp?sig=" + "A" * 1830  # a presigned URL
+
+
+def test_an_assignment_whose_kernel_line_the_kernel_would_cut_is_refused() -> None:
+    """x86 keeps 2047 bytes of the command line and drops the rest without a word: with a
+    long presigned image URL the host name was gone. The line is counted as serve builds
+    it, with serve's URL and a 16-digit assignment id."""
+    from bootenv.menu import MAX_CMDLINE, BootSpec
+
+    with pytest.raises(UserError, match=r"would be 2\d\d\d bytes, over the 2047 the kernel keeps") as exc:
+        assign("52:54:00:12:34:56", SIGNED, "all", now=0.0, hostname="web01.rack4.example.com")
+    assert "\n" not in exc.value.message
+    base = "http://10.0.2.2:8080"
+    room = MAX_CMDLINE - len(
+        BootSpec(
+            base, "52:54:00:12:34:56", f"{base}/images/lamp", "all", assignment="0" * 16
+        ).kernel_cmdline()
+    )
+    fits = "x=" + "y" * (room - 3)  # the kernel arguments add a space and themselves
+    machine = assign("52:54:00:12:34:56", "lamp", "all", now=0.0, kernel_args=fits, base_url=base)
+    assert machine.kernel_args == fits
+    with pytest.raises(UserError, match="over the 2047"):
+        assign("52:54:00:12:34:56", "lamp", "all", now=0.0, kernel_args=fits + "y", base_url=base)
+    # serve's URL counts: the same arguments with a longer one do not fit.
+    with pytest.raises(UserError, match="over the 2047"):
+        assign("52:54:00:12:34:56", "lamp", "all", now=0.0, kernel_args=fits, base_url=base + "/pxe")

@@ -327,3 +327,21 @@ def test_the_kernel_line_names_the_booting_nic_and_the_agent_ignores_it() -> Non
     assert words["BOOTIF"] == "01-52-54-00-ab-cd-0e"
     assert " BOOTIF=01-52-54-00-ab-cd-0e " in provision_script(spec)
     assert parse_cmdline(spec.kernel_cmdline()).image == f"{BASE}/images/lamp"
+
+
+def test_a_kernel_line_the_kernel_would_cut_is_never_sent() -> None:
+    """The last line of defence, behind the check at assignment: a line over the 2047
+    bytes x86 keeps (the rest dropped without a word) gets the machine a message and its
+    local disk, not a ramdisk missing its last settings."""
+    from bootenv.menu import MAX_CMDLINE
+
+    fits = BootSpec(BASE, MAC, f"{BASE}/images/lamp", "all", assignment="0" * 16)
+    pad = "x=" + "y" * (MAX_CMDLINE - len(fits.kernel_cmdline()) - 3)
+    fits = BootSpec(BASE, MAC, f"{BASE}/images/lamp", "all", kernel_args=pad, assignment="0" * 16)
+    assert len(fits.kernel_cmdline()) == MAX_CMDLINE
+    assert f" {pad} || goto failed\n" in provision_script(fits)
+    over = BootSpec(BASE, MAC, f"{BASE}/images/lamp", "all", kernel_args=pad + "y", assignment="0" * 16)
+    script = provision_script(over)
+    assert "\nkernel " not in script and "\ninitrd " not in script
+    assert "bootenv: the ramdisk's kernel command line would be 2048 bytes, over the 2047" in script
+    assert "exit 1" in script  # then the local disk

@@ -806,3 +806,25 @@ def test_cli_machines_lists_the_others_and_names_the_damaged_record(
     assert MAC in out and "Traceback" not in err
     assert f"the record of {OTHER} is damaged: Is a directory" in err
     assert "the record of 52:54:00:ab:cd:f0 is damaged: Too many levels of symbolic links" in err
+
+
+def test_a_menu_choice_whose_kernel_line_the_kernel_would_cut_is_refused(tmp_path: Path) -> None:
+    """Counted with this server's URL: the catalog was checked without it."""
+    from dataclasses import replace
+
+    from bootenv.menu import MAX_CMDLINE, BootSpec
+
+    images = tmp_path / "images"
+    make_image(images)
+    public = "http://boot.rack4.example.com:8080/pxe"
+    spec = BootSpec(public, OTHER, f"{public}/images/lamp", "all", assignment="0" * 16)
+    args = "x=" + "y" * (MAX_CMDLINE - len(spec.kernel_cmdline()) - 2)  # one byte over, with this URL
+    assert len(replace(spec, kernel_args=args).kernel_cmdline()) == MAX_CMDLINE + 1
+    entry = {"id": "long", "title": "long", "image": "lamp", "components": "all", "kernel_args": args}
+    (images / "catalog.json").write_text(json.dumps({"default": "long", "timeout": 3, "entries": [entry]}))
+    config = ServeConfig(images=images, state=tmp_path / "state", port=0, public_url=public)
+    with running(config) as srv:
+        status, _, body = get(srv, f"/ipxe/select/long?mac={OTHER}")
+        assert status == 200 and "\nkernel " not in body.decode()
+        assert "over the 2047 the kernel keeps" in body.decode()
+        assert Store(srv.config.state).get(OTHER) is None  # nothing recorded
