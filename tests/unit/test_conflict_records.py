@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from bootenv import resolution
 from bootenv.cli import main
 from bootenv.conflicts import RECORDS, STORE, conflict_id
+from tests.unit.resolvekit import stop_at
 
 CID = conflict_id("c", "etc/f")
 
@@ -218,13 +218,7 @@ def test_a_conflict_a_killed_resolve_left_is_listed_as_stopped_until_it_is_run_a
     root = _tree(tmp_path)
     _record(root)
 
-    def killed(*args: Any, **kwargs: Any) -> None:
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(resolution, "remove_at", killed)
-        with pytest.raises(KeyboardInterrupt):
-            resolution.resolve(root, CID, "merged", None)
+    stop_at(monkeypatch, "remove_at", root, CID, "merged", None)
     assert (root / "etc/f").read_text() == "existing\nincoming\n"
     listing = ["conflicts", "list", "--root", str(root)]
     assert main(listing) == 0

@@ -20,6 +20,7 @@ from bootenv.cli import main
 from bootenv.conflicts import RECORDS
 from bootenv.layout import LayoutConfig, layout
 from tests.hostile.kit import ActivatedUnits, Comp, d, f, make_image
+from tests.unit.resolvekit import stop_at
 
 OS, MINE = "os line\n", "component line\n"
 # The steps each choice goes through, in order, and what it leaves: the file, and
@@ -93,13 +94,7 @@ def test_another_choice_is_refused_while_one_was_stopped(
 ) -> None:
     root, cid = _conflict(tmp_path)
 
-    def killed(*args: Any, **kwargs: Any) -> None:
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(resolution, "remove_at", killed)
-        with pytest.raises(KeyboardInterrupt):
-            resolution.resolve(root, cid, "merged", None)
+    stop_at(monkeypatch, "remove_at", root, cid, "merged", None)
     for other in ("existing", "incoming", "file"):
         assert _resolve(tmp_path, root, cid, other) == 2
         err = capsys.readouterr().err
@@ -117,13 +112,7 @@ def test_a_stopped_resolve_whose_outcome_cannot_be_made_again_is_refused(
     changed: the bytes it decided on are gone, and no others are put in place."""
     root, cid = _conflict(tmp_path)
 
-    def killed(*args: Any, **kwargs: Any) -> None:
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(resolution, "_replace_content", killed)
-        with pytest.raises(KeyboardInterrupt):
-            resolution.resolve(root, cid, None, tmp_path / "mine")
+    stop_at(monkeypatch, "_replace_content", root, cid, None, tmp_path / "mine")
     (tmp_path / "mine").write_text("changed since\n")
     assert _resolve(tmp_path, root, cid, "file") == 2
     err = capsys.readouterr().err

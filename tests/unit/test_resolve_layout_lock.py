@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 
 import bootenv
-from bootenv import conflicts, resolution
+from bootenv import conflicts
 from bootenv.cli import main
 from bootenv.conflicts import RECORDS
 from bootenv.journal import STATE_DIR
 from bootenv.layout import LayoutConfig, LayoutResult, layout
 from bootenv.resolvetemps import LOCK
 from tests.hostile.kit import ActivatedUnits, Comp, d, f, make_image
+from tests.unit.resolvekit import stop_at
 
 V1, V3 = b"\x7fELF\x02\x01\x01\0version 1", b"\x7fELF\x02\x01\x01\0version 3"
 
@@ -153,13 +154,7 @@ def test_a_stopped_resolve_whose_conflict_a_layout_retired_since_says_so(
     ships what is in place, retires the conflict. Its re-run does not report success."""
     root, cid = _conflict(tmp_path)
 
-    def killed(*args: Any, **kwargs: Any) -> None:
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(resolution, "_put_incoming", killed)
-        with pytest.raises(KeyboardInterrupt):
-            resolution.resolve(root, cid, "incoming", None)
+    stop_at(monkeypatch, "_put_incoming", root, cid, "incoming", None)
     assert _run(_image(tmp_path, "v2", b"os tool"), root).components[0].conflicts == ()
     capsys.readouterr()
     again = ["conflicts", "resolve", cid, "--keep", "incoming", "--root", str(root)]
@@ -185,13 +180,7 @@ def test_a_stopped_resolve_whose_conflict_holds_another_version_since_says_so(
     the admin has not seen, and record it resolved: it says so instead."""
     root, cid = _conflict(tmp_path)
 
-    def killed(*args: Any, **kwargs: Any) -> None:
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(resolution, "remove_at", killed)
-        with pytest.raises(KeyboardInterrupt):
-            resolution.resolve(root, cid, "existing", None)
+    stop_at(monkeypatch, "remove_at", root, cid, "existing", None)
     assert _run(_image(tmp_path, "v3", V3), root).components[0].conflicts == (cid,)
     capsys.readouterr()
     again = ["conflicts", "resolve", cid, "--keep", "existing", "--root", str(root)]
