@@ -40,10 +40,10 @@ def activate(root: Path, units: list[str], *, live: bool | None = None) -> list[
     except UserError:
         return [*notes, "systemctl not found: units not started"]
     # A component brings its units' enablement links as the gold machine had them (its
-    # .wants symlinks and rc?.d links): `systemctl enable` is only for a unit without
-    # one. Run for all, it redid them, and Debian's systemctl then runs update-rc.d for
-    # each unit with an init script: 6.2 of the 9.9 s the activation of LAMP took in
-    # a VM under TCG.
+    # .wants/, .requires/ and .upholds/ symlinks and rc?.d links): `systemctl enable` is
+    # only for a unit without one. Run for all, it redid them, and Debian's systemctl
+    # then runs update-rc.d for each unit with an init script: 6.2 of the 9.9 s the
+    # activation of LAMP took in a VM under TCG.
     missing = not_enabled(root, units)
     if not live:
         if missing:

@@ -11,8 +11,10 @@ and no entry: /usr/bin/awk dangling, mawk forgotten.
 A **shared** group has candidates in the OS and in a component. Its entry, its
 /etc/alternatives links and its generic links (/usr/bin/awk -> /etc/alternatives/awk)
 go to the OS, written as the OS alone would have them (`select` of the OS's
-candidates); each component with candidates in it carries the gold's entry, selection
-and its own candidates (`Fragment`), and layout adds them (altmerge.py). The view of
+candidates); for each component with candidates in it, the OS image records the gold's
+entry, selection and that component's own candidates (`Fragment`, in
+/var/lib/bootenv/alternatives/<component>), and a layout of the component adds them
+(altmerge.py). The view of
 any set of the gold's candidates is one function of that set, so the OS's, every
 layout's in between, and the gold's (all candidates) agree, whatever the order the
 components come in. A view is the entry as update-alternatives saves it (a slave none
@@ -190,8 +192,9 @@ def links(gold: Group, view: View | None) -> dict[str, str | None]:
 
 @dataclass(frozen=True)
 class Fragment:
-    """What a component carries of a shared group: the gold's entry, the gold's selection
-    (the link's target: a manual mode's choice is nowhere else) and its own candidates."""
+    """What the OS image records for one component of a shared group: the gold's entry,
+    the gold's selection (the link's target: a manual mode's choice is nowhere else) and
+    the component's own candidates."""
 
     entry: str
     selected: str
