@@ -52,7 +52,7 @@ from bootenv.alternatives import (
 from bootenv.assign import links_of
 from bootenv.atfd import TMP_PREFIX, dir_under
 from bootenv.dpkg import STATUS
-from bootenv.dpkgmerge import dpkg_locked
+from bootenv.dpkgmerge import dpkg_locked, read_at
 from bootenv.errors import FatalError
 from bootenv.intree import Readlink, disk_links, resolve
 from bootenv.journal import TempLog
@@ -235,7 +235,7 @@ def merge_component_alternatives(root: Path, component: str) -> list[str]:
     rel = f"{RECORDS}/{component}".lstrip("/")
     src, name = posixpath.split(rel)
     with dir_under(root, src) as sfd:
-        data = None if sfd is None else _read(sfd, name, rel)
+        data = None if sfd is None else read_at(sfd, name, rel)
     if data is None:
         return []
     try:
@@ -256,23 +256,12 @@ def merge_component_alternatives(root: Path, component: str) -> list[str]:
     return warnings
 
 
-def _read(dfd: int, name: str, rel: str) -> bytes | None:
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ArchiveError(f"refused: /{rel} is a symlink") from exc
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
-
-
 def _merge_group(root: Path, name: str, fragment: Fragment, temps: _Temps) -> str | None:
     """Set group `name` to the view with the fragment's candidates; why not, if it stays."""
     gold = fragment.gold(name)
     db = DB_DIR.lstrip("/")
     with dir_under(root, db) as dfd:
-        current = None if dfd is None else _read(dfd, name, f"{db}/{name}")
+        current = None if dfd is None else read_at(dfd, name, f"{db}/{name}")
     if current is None:
         return "the target has no entry for them (removed?)"
     text = current.decode("utf-8", "surrogateescape")

@@ -116,8 +116,9 @@ def merged_status(current: str, incoming: str, kept: list[str] | None = None) ->
     return render_status(sorted((s for i, s in enumerate(stanzas) if i not in dropped), key=_key))
 
 
-def _read(dfd: int, name: str, rel: str) -> str | None:
-    """File `name` in directory `dfd`, not followed if it is a symlink; None if missing."""
+def read_at(dfd: int, name: str, rel: str) -> bytes | None:
+    """File `name` in directory `dfd` (`rel`: its path from the root, for errors), not
+    followed if it is a symlink (ArchiveError); None if missing."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
     except FileNotFoundError:
@@ -125,7 +126,12 @@ def _read(dfd: int, name: str, rel: str) -> str | None:
     except OSError as exc:
         raise _refused(exc, rel) from exc
     with os.fdopen(fd, "rb") as f:
-        return f.read().decode("utf-8", "surrogateescape")
+        return f.read()
+
+
+def _read(dfd: int, name: str, rel: str) -> str | None:
+    data = read_at(dfd, name, rel)
+    return None if data is None else data.decode("utf-8", "surrogateescape")
 
 
 def _refused(exc: OSError, rel: str) -> OSError | ArchiveError:
