@@ -50,7 +50,7 @@ from bootenv.alternatives import (
     select,
 )
 from bootenv.assign import links_of
-from bootenv.atfd import TMP_PREFIX, dir_under
+from bootenv.atfd import TMP_PREFIX, dir_under, exists
 from bootenv.dpkg import STATUS
 from bootenv.dpkgmerge import dpkg_locked, read_at
 from bootenv.errors import FatalError
@@ -186,7 +186,7 @@ def _set_link(
         now = _readlink(dfd, name)
         if now == target:
             return True
-        if now is None and _exists(dfd, name):  # a file or a directory: not ours
+        if now is None and exists(name, dfd):  # a file or a directory: not ours
             return False
         if target is None:
             os.unlink(name, dir_fd=dfd)
@@ -201,18 +201,11 @@ def _set_link(
 
 
 def _readlink(dfd: int, name: str) -> str | None:
+    """The target of symlink `name`, or None if it is missing or not a symlink."""
     try:
         return os.readlink(name, dir_fd=dfd)
-    except (FileNotFoundError, OSError):
+    except OSError:
         return None
-
-
-def _exists(dfd: int, name: str) -> bool:
-    try:
-        os.lstat(name, dir_fd=dfd)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def _link_now(root: Path, path: str, readlink: Readlink, views: tuple[str | None, ...]) -> object:
@@ -223,7 +216,7 @@ def _link_now(root: Path, path: str, readlink: Readlink, views: tuple[str | None
         if dfd is None:
             return views[0]
         target = _readlink(dfd, name)
-        if target is None and _exists(dfd, name):
+        if target is None and exists(name, dfd):
             return _GONE
         return target
 
